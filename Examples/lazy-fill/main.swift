@@ -1,0 +1,2 @@
+import Userfaultfd
+print("placeholder")

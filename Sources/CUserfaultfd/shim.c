@@ -1,0 +1,1 @@
+/* Header-only: every wrapper is static inline in include/CUserfaultfd.h. SwiftPM needs one source file. */

@@ -1,0 +1,218 @@
+import CUserfaultfd
+import Glibc
+import Synchronization
+import SystemPackage
+
+/// A userfaultfd: the Swift form of the seed's `UserfaultFD`.
+///
+/// A userfaultfd is bound to the address space (mm) of the process that created
+/// it; any process holding the descriptor may resolve that space's faults. This
+/// type owns the descriptor and closes it when deallocated, unless `release()`
+/// handed it on. All methods are safe to call from any thread: the kernel
+/// serializes them.
+///
+/// **Closing the last reference to a uffd stops interception**: registered pages
+/// that were never filled then read as zeros. Keep one open for as long as the
+/// registered memory lives.
+public final class UserfaultFD: Sendable {
+  private let descriptor: Atomic<CInt>
+  /// The features the kernel granted at `UFFDIO_API` (or that the creator reported).
+  public let features: Features
+  /// The ioctls the descriptor supports (as reported by `UFFDIO_API`).
+  public let ioctls: Ioctls
+
+  /// The descriptor, or -1 after `release()`.
+  public var fileDescriptor: FileDescriptor { FileDescriptor(rawValue: descriptor.load(ordering: .relaxed)) }
+  var fd: CInt { descriptor.load(ordering: .relaxed) }
+
+  private init(fd: CInt, features: Features, ioctls: Ioctls) {
+    self.descriptor = Atomic(fd)
+    self.features = features
+    self.ioctls = ioctls
+  }
+
+  deinit { closeDescriptor(descriptor.load(ordering: .relaxed)) }
+
+  /// Options of the descriptor itself (`userfaultfd(2)` flags).
+  public struct Options: Sendable {
+    /// Reads return EAGAIN instead of blocking (the dispatcher needs this).
+    public var nonBlocking = true
+    /// Handle only faults from user mode: permitted to unprivileged users even
+    /// when `vm.unprivileged_userfaultfd` is 0, but kernel-mode faults (a
+    /// `read(2)` into the range, for instance) then get EFAULT.
+    public var userModeOnly = false
+    public init(nonBlocking: Bool = true, userModeOnly: Bool = false) {
+      self.nonBlocking = nonBlocking
+      self.userModeOnly = userModeOnly
+    }
+  }
+
+  /// Creates a userfaultfd for the calling process and negotiates `UFFDIO_API`.
+  ///
+  /// Asks the kernel for `features`; the ones it grants are in `features` of the
+  /// result. If any of `required` (default: all of `features`) is not granted,
+  /// throws `.featureUnavailable` naming them. Tries `userfaultfd(2)` and falls
+  /// back to `/dev/userfaultfd`. EPERM is explained (the sysctl and the
+  /// user-mode-only flag).
+  public static func create(
+    features: Features = .nonCooperative, required: Features? = nil, options: Options = Options()
+  ) throws(UserfaultFDError) -> UserfaultFD {
+    var flags = O_CLOEXEC
+    if options.nonBlocking { flags |= O_NONBLOCK }
+    if options.userModeOnly { flags |= UFFD_USER_MODE_ONLY }
+    let fd: CInt
+    switch valueOrErrno(cuffd_create(flags)) {
+    case .success(let value): fd = value
+    case .failure(let errno):
+      switch errno {
+      case .notPermitted:
+        throw UserfaultFDError(
+          .notPermitted,
+          "userfaultfd is not permitted to this process: run as root (or with CAP_SYS_PTRACE), set sysctl vm.unprivileged_userfaultfd=1, grant access to /dev/userfaultfd, or create it with userModeOnly",
+          syscall: "userfaultfd", errno: errno)
+      case .noFunction:
+        throw UserfaultFDError(.unsupported, "this kernel has no userfaultfd (CONFIG_USERFAULTFD)", syscall: "userfaultfd", errno: errno)
+      default:
+        throw UserfaultFDError(.systemCall, "cannot create a userfaultfd", syscall: "userfaultfd", errno: errno)
+      }
+    }
+    var granted: UInt64 = 0
+    var ioctls: UInt64 = 0
+    let rc = cuffd_api_handshake(fd, features.rawValue, &granted, &ioctls)
+    if rc < 0 {
+      closeDescriptor(fd)
+      let errno = Errno(rawValue: -rc)
+      // The kernel refuses UFFDIO_API (EINVAL) when asked for a feature it lacks: say which.
+      let available = (try? probeFeatures()) ?? []
+      let missing = features.subtracting(available)
+      if !missing.isEmpty {
+        throw UserfaultFDError(.featureUnavailable(missing), "the kernel does not support userfaultfd features \(missing)", syscall: "UFFDIO_API", errno: errno)
+      }
+      throw UserfaultFDError(.systemCall, "UFFDIO_API failed for features \(features)", syscall: "UFFDIO_API", errno: errno)
+    }
+    let result = UserfaultFD(fd: fd, features: Features(rawValue: granted), ioctls: Ioctls(rawValue: ioctls))
+    let missing = (required ?? features).subtracting(result.features)
+    if !missing.isEmpty {
+      throw UserfaultFDError(.featureUnavailable(missing), "the kernel did not grant userfaultfd features \(missing)")
+    }
+    return result
+  }
+
+  /// The features this kernel offers, read from a throw-away descriptor (`UFFDIO_API` with no features).
+  public static func probeFeatures() throws(UserfaultFDError) -> Features {
+    let fd: CInt
+    switch valueOrErrno(cuffd_create(O_CLOEXEC | O_NONBLOCK)) {
+    case .success(let value): fd = value
+    case .failure(let errno): throw UserfaultFDError(.systemCall, "cannot create a userfaultfd", syscall: "userfaultfd", errno: errno)
+    }
+    defer { closeDescriptor(fd) }
+    var granted: UInt64 = 0
+    var ioctls: UInt64 = 0
+    let rc = cuffd_api_handshake(fd, 0, &granted, &ioctls)
+    guard rc == 0 else { throw UserfaultFDError(.systemCall, "UFFDIO_API failed", syscall: "UFFDIO_API", errno: Errno(rawValue: -rc)) }
+    return Features(rawValue: granted)
+  }
+
+  /// Whether this kernel supports userfaultfd and this process may create one.
+  public static var isSupported: Bool {
+    (try? create(features: [])) != nil
+  }
+
+  /// Takes ownership of a descriptor received from elsewhere (another process,
+  /// SCM_RIGHTS, a fork event). Refuses a descriptor that is not a userfaultfd.
+  /// `UFFDIO_API` was already negotiated by its creator, so `features` and
+  /// `ioctls` are what the creator reports it was granted. On failure the
+  /// descriptor is left open (the caller still owns it).
+  public init(adopting fileDescriptor: FileDescriptor, features: Features, ioctls: Ioctls = []) throws(UserfaultFDError) {
+    switch valueOrErrno(cuffd_is_userfaultfd(fileDescriptor.rawValue)) {
+    case .success(1): break
+    case .success: throw UserfaultFDError(.notAUserfaultfd, "descriptor \(fileDescriptor.rawValue) is not a userfaultfd")
+    case .failure(let errno):
+      throw UserfaultFDError(.notAUserfaultfd, "descriptor \(fileDescriptor.rawValue) cannot be inspected", syscall: "readlink(/proc/self/fd)", errno: errno)
+    }
+    // Reads must never block the caller's event loop.
+    let flags = fcntl(fileDescriptor.rawValue, F_GETFL)
+    if flags >= 0 && flags & O_NONBLOCK == 0 { _ = fcntl(fileDescriptor.rawValue, F_SETFL, flags | O_NONBLOCK) }
+    self.descriptor = Atomic(fileDescriptor.rawValue)
+    self.features = features
+    self.ioctls = ioctls
+  }
+
+  /// Gives up ownership: returns the descriptor, which this object will no longer use or close.
+  public func release() -> FileDescriptor {
+    FileDescriptor(rawValue: descriptor.exchange(-1, ordering: .relaxed))
+  }
+
+  // MARK: - Ranges
+
+  /// Registers `length` bytes at `address` (page aligned) for `mode`; returns the
+  /// ioctls the kernel allows on that range (for instance no `.zeropage` on hugetlbfs).
+  @discardableResult
+  public func register(address: UInt, length: Int, mode: RegisterMode = .missing) throws(UserfaultFDError) -> Ioctls {
+    var ioctls: UInt64 = 0
+    let rc = cuffd_register(fd, UInt64(address), UInt64(length), mode.rawValue, &ioctls)
+    if rc < 0 {
+      let errno = Errno(rawValue: -rc)
+      let code: UserfaultFDError.Code = errno == .invalidArgument ? .invalidRange : .systemCall
+      throw UserfaultFDError(code, "cannot register \(length) bytes at 0x\(String(address, radix: 16))", syscall: "UFFDIO_REGISTER", errno: errno)
+    }
+    return Ioctls(rawValue: ioctls)
+  }
+
+  /// Stops intercepting faults in the range. Faults already queued are still read.
+  public func unregister(address: UInt, length: Int) throws(UserfaultFDError) {
+    let rc = cuffd_unregister(fd, UInt64(address), UInt64(length))
+    if rc < 0 {
+      throw UserfaultFDError(.systemCall, "cannot unregister \(length) bytes at 0x\(String(address, radix: 16))", syscall: "UFFDIO_UNREGISTER", errno: Errno(rawValue: -rc))
+    }
+  }
+
+  // MARK: - Resolving faults
+
+  /// `UFFDIO_COPY`: atomically fills `length` bytes at `address` (page aligned,
+  /// in a registered missing-mode range) with the bytes at `source` (in this
+  /// process) and wakes the threads waiting on the range unless `wake` is false.
+  public func copy(to address: UInt, from source: UnsafeRawPointer, length: Int, wake: Bool = true, writeProtect: Bool = false) -> IoctlOutcome {
+    var done: Int64 = 0
+    var mode: UInt64 = wake ? 0 : UInt64(UFFDIO_COPY_MODE_DONTWAKE)
+    if writeProtect { mode |= UInt64(UFFDIO_COPY_MODE_WP) }
+    let rc = cuffd_copy(fd, UInt64(address), source, UInt64(length), mode, &done)
+    return IoctlOutcome.classify(rc: rc, result: done, length: length)
+  }
+
+  /// `UFFDIO_ZEROPAGE`: maps zero pages over the range (a later write takes a copy-on-write fault).
+  public func zero(address: UInt, length: Int, wake: Bool = true) -> IoctlOutcome {
+    var done: Int64 = 0
+    let rc = cuffd_zeropage(fd, UInt64(address), UInt64(length), wake ? 0 : UInt64(UFFDIO_ZEROPAGE_MODE_DONTWAKE), &done)
+    return IoctlOutcome.classify(rc: rc, result: done, length: length)
+  }
+
+  /// `UFFDIO_CONTINUE`: maps the page-cache pages already present (minor mode).
+  public func `continue`(address: UInt, length: Int, wake: Bool = true) -> IoctlOutcome {
+    var done: Int64 = 0
+    let rc = cuffd_continue(fd, UInt64(address), UInt64(length), wake ? 0 : UInt64(UFFDIO_CONTINUE_MODE_DONTWAKE), &done)
+    return IoctlOutcome.classify(rc: rc, result: done, length: length)
+  }
+
+  /// `UFFDIO_POISON`: marks the range so that accesses get SIGBUS (fail closed).
+  public func poison(address: UInt, length: Int, wake: Bool = true) -> IoctlOutcome {
+    var done: Int64 = 0
+    let rc = cuffd_poison(fd, UInt64(address), UInt64(length), wake ? 0 : 1, &done)
+    return IoctlOutcome.classify(rc: rc, result: done, length: length)
+  }
+
+  /// `UFFDIO_WAKE`: wakes the threads waiting on faults in the range (after
+  /// DONTWAKE fills, or when a fault's range went away). Wakes nobody harmlessly.
+  @discardableResult
+  public func wake(address: UInt, length: Int) -> Result<Void, Errno> {
+    valueOrErrno(cuffd_wake(fd, UInt64(address), UInt64(length))).map { _ in () }
+  }
+
+  /// `UFFDIO_WRITEPROTECT`: write-protects (or, with `protect: false`, unprotects
+  /// and wakes) the range, which must be registered with `.writeProtect`.
+  public func writeProtect(address: UInt, length: Int, protect: Bool, wake: Bool = true) -> Result<Void, Errno> {
+    var mode: UInt64 = protect ? UInt64(UFFDIO_WRITEPROTECT_MODE_WP) : 0
+    if !wake { mode |= UInt64(UFFDIO_WRITEPROTECT_MODE_DONTWAKE) }
+    return valueOrErrno(cuffd_writeprotect(fd, UInt64(address), UInt64(length), mode)).map { _ in () }
+  }
+}
