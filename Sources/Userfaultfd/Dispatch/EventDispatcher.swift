@@ -1,4 +1,5 @@
 import CUserfaultfd
+import Glibc
 import SystemPackage
 
 /// The ordering and redelivery engine of one userfaultfd, driven by its owner's

@@ -1,0 +1,201 @@
+import Userfaultfd
+
+/// The protocol version this build speaks (`Hello.version`).
+public let brokerProtocolVersion: UInt32 = 1
+
+/// Who is speaking on a connection.
+public enum Role: Int32, Sendable {
+  case client = 1
+  case plugin = 2
+  case broker = 3
+}
+
+/// The first message on every connection, in both directions.
+public struct Hello: Equatable, Sendable {
+  public var version: UInt32
+  public var role: Role
+  /// A plugin: the plugin name it serves. A client: a label for logs.
+  public var name: String
+
+  public init(role: Role, name: String, version: UInt32 = brokerProtocolVersion) {
+    self.version = version
+    self.role = role
+    self.name = name
+  }
+}
+
+/// A range of a client's memory, served by one plugin.
+public struct RegionSpec: Equatable, Hashable, Sendable {
+  /// Chosen by the client; unique per client.
+  public var id: UInt64
+  public var base: UInt
+  public var length: Int
+  public var pageSize: Int
+  /// The plugin that serves the region.
+  public var plugin: String
+  /// For the plugin: a file path, a store key...
+  public var argument: String
+  /// For the plugin: where the region starts in its backing.
+  public var backingOffset: UInt64
+
+  public init(id: UInt64, base: UInt, length: Int, pageSize: Int = systemPageSize, plugin: String, argument: String = "", backingOffset: UInt64 = 0) {
+    self.id = id
+    self.base = base
+    self.length = length
+    self.pageSize = pageSize
+    self.plugin = plugin
+    self.argument = argument
+    self.backingOffset = backingOffset
+  }
+
+  public var range: Range<UInt> { base..<base + UInt(length) }
+}
+
+/// Client → broker: the userfaultfd (attached) and its regions.
+public struct RegisterRequest: Equatable, Sendable {
+  public var pid: Int32
+  public var features: UserfaultFD.Features
+  public var ioctls: UserfaultFD.Ioctls
+  public var regions: [RegionSpec]
+
+  public init(pid: Int32, features: UserfaultFD.Features, ioctls: UserfaultFD.Ioctls, regions: [RegionSpec]) {
+    self.pid = pid
+    self.features = features
+    self.ioctls = ioctls
+    self.regions = regions
+  }
+}
+
+/// A message from a client to the broker.
+public struct ClientRequest: Equatable, Sendable {
+  public enum Body: Equatable, Sendable {
+    case hello(Hello)
+    case register(RegisterRequest)
+    case addRegions([RegionSpec])
+    case removeRegions([UInt64])
+  }
+  /// Echoed in the reply.
+  public var requestID: UInt64
+  public var body: Body
+
+  public init(requestID: UInt64, _ body: Body) {
+    self.requestID = requestID
+    self.body = body
+  }
+}
+
+/// A message from the broker to a client.
+public struct BrokerReply: Equatable, Sendable {
+  public enum Body: Equatable, Sendable {
+    case hello(Hello)
+    case ack(clientID: UInt64)
+    case error(BrokerError)
+  }
+  public var requestID: UInt64
+  public var body: Body
+
+  public init(requestID: UInt64, _ body: Body) {
+    self.requestID = requestID
+    self.body = body
+  }
+}
+
+// MARK: - Broker → plugin events
+
+/// A client thread faulted in a region the plugin serves.
+public struct PagefaultEvent: Equatable, Sendable {
+  public var faultID: UInt64
+  public var clientID: UInt64
+  public var regionID: UInt64
+  /// Page aligned.
+  public var address: UInt
+  /// `address` minus the region's base.
+  public var offset: UInt64
+  public var flags: Pagefault.Flags
+  public var threadID: Int32
+
+  public init(faultID: UInt64, clientID: UInt64, regionID: UInt64, address: UInt, offset: UInt64, flags: Pagefault.Flags, threadID: Int32) {
+    self.faultID = faultID
+    self.clientID = clientID
+    self.regionID = regionID
+    self.address = address
+    self.offset = offset
+    self.flags = flags
+    self.threadID = threadID
+  }
+}
+
+/// Pages of a region were removed (MADV_DONTNEED) or unmapped (munmap).
+public struct RangeEvent: Equatable, Sendable {
+  public var clientID: UInt64
+  public var regionID: UInt64
+  public var range: Range<UInt>
+  /// `range.lowerBound` minus the region's base.
+  public var startOffset: UInt64
+
+  public init(clientID: UInt64, regionID: UInt64, range: Range<UInt>, startOffset: UInt64) {
+    self.clientID = clientID
+    self.regionID = regionID
+    self.range = range
+    self.startOffset = startOffset
+  }
+}
+
+/// mremap moved part or all of a region.
+public struct RemapEvent: Equatable, Sendable {
+  public var clientID: UInt64
+  public var regionID: UInt64
+  public var from: UInt
+  public var to: UInt
+  public var length: Int
+  /// Where the region starts now.
+  public var newBase: UInt
+
+  public init(clientID: UInt64, regionID: UInt64, from: UInt, to: UInt, length: Int, newBase: UInt) {
+    self.clientID = clientID
+    self.regionID = regionID
+    self.from = from
+    self.to = to
+    self.length = length
+    self.newBase = newBase
+  }
+}
+
+/// An event the broker sends a plugin.
+public enum BrokerEvent: Equatable, Sendable {
+  case pagefault(PagefaultEvent)
+  case removed(RangeEvent)
+  case unmapped(RangeEvent)
+  case remapped(RemapEvent)
+  /// A client registered a region this plugin serves; answer with a region reply.
+  case regionOpened(clientID: UInt64, pid: Int32, region: RegionSpec)
+  case regionClosed(clientID: UInt64, regionID: UInt64)
+  /// The client is gone; last for that client.
+  case closed(clientID: UInt64, reason: String)
+}
+
+// MARK: - Plugin → broker decisions
+
+/// What a plugin wants done for a fault.
+public enum DecisionKind: Int32, Sendable {
+  /// Fill the range with the decision's bytes.
+  case copy = 0
+  /// Fill the range with zero pages.
+  case zero = 1
+  /// Not ready: deliver the fault again later.
+  case retry = 2
+}
+
+/// A plugin's answer to a region it was asked to serve.
+public struct RegionReply: Equatable, Sendable {
+  public var clientID: UInt64
+  public var regionID: UInt64
+  /// nil: accepted.
+  public var error: BrokerError?
+
+  public init(clientID: UInt64, regionID: UInt64, error: BrokerError?) {
+    self.clientID = clientID
+    self.regionID = regionID
+    self.error = error
+  }
+}

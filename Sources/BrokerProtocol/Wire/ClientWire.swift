@@ -1,0 +1,147 @@
+import CBrokerWire
+
+/// Encoding and decoding of the client ↔ broker messages (`ClientToBroker`,
+/// `BrokerToClient`). These are rare (registration), so they use Swift values.
+public enum ClientWire {
+  public static func encode(_ request: ClientRequest) -> [UInt8] {
+    let pool = CStringPool()
+    var message = Uffdbroker__ClientToBroker()
+    uffdbroker__client_to_broker__init(&message)
+    message.request_id = request.requestID
+    var hello = Uffdbroker__Hello()
+    var register = Uffdbroker__Register()
+    var add = Uffdbroker__AddRegions()
+    var remove = Uffdbroker__RemoveRegions()
+    var ids = [UInt64]()
+    return withUnsafeMutablePointer(to: &hello) { helloPointer in
+      withUnsafeMutablePointer(to: &register) { registerPointer in
+        withUnsafeMutablePointer(to: &add) { addPointer in
+          withUnsafeMutablePointer(to: &remove) { removePointer in
+            switch request.body {
+            case .hello(let value):
+              value.encode(into: &helloPointer.pointee, pool: pool)
+              message.body_case = UFFDBROKER__CLIENT_TO_BROKER__BODY_HELLO
+              message.hello = helloPointer
+            case .register(let value):
+              uffdbroker__register__init(registerPointer)
+              registerPointer.pointee.pid = value.pid
+              registerPointer.pointee.features = value.features.rawValue
+              registerPointer.pointee.ioctls = value.ioctls.rawValue
+              registerPointer.pointee.n_regions = value.regions.count
+              registerPointer.pointee.regions = pool.regionArray(value.regions)
+              message.body_case = UFFDBROKER__CLIENT_TO_BROKER__BODY_REGISTER
+              message.register_ = registerPointer
+            case .addRegions(let regions):
+              uffdbroker__add_regions__init(addPointer)
+              addPointer.pointee.n_regions = regions.count
+              addPointer.pointee.regions = pool.regionArray(regions)
+              message.body_case = UFFDBROKER__CLIENT_TO_BROKER__BODY_ADD_REGIONS
+              message.add_regions = addPointer
+            case .removeRegions(let values):
+              ids = values
+              uffdbroker__remove_regions__init(removePointer)
+              message.body_case = UFFDBROKER__CLIENT_TO_BROKER__BODY_REMOVE_REGIONS
+              message.remove_regions = removePointer
+            }
+            return ids.withUnsafeMutableBufferPointer { idBuffer in
+              removePointer.pointee.n_ids = idBuffer.count
+              removePointer.pointee.ids = idBuffer.baseAddress
+              var bytes = [UInt8](repeating: 0, count: uffdbroker__client_to_broker__get_packed_size(&message))
+              _ = uffdbroker__client_to_broker__pack(&message, &bytes)
+              return bytes
+            }
+          }
+        }
+      }
+    }
+  }
+
+  /// Decodes one packet from a client. Malformed input throws `.malformed`.
+  public static func decodeRequest(_ bytes: UnsafeRawBufferPointer, arena: WireArena) throws(BrokerError) -> ClientRequest {
+    arena.reset()
+    defer { arena.reset() }
+    guard let message = withUnsafePointer(to: arena.allocator, { allocator in
+      uffdbroker__client_to_broker__unpack(UnsafeMutablePointer(mutating: allocator), bytes.count, bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
+    }) else {
+      throw BrokerError(.malformed, "a client message could not be decoded")
+    }
+    let m = message.pointee
+    switch m.body_case {
+    case UFFDBROKER__CLIENT_TO_BROKER__BODY_HELLO:
+      return ClientRequest(requestID: m.request_id, .hello(try Hello(decoding: m.hello)))
+    case UFFDBROKER__CLIENT_TO_BROKER__BODY_REGISTER:
+      let r = m.register_.pointee
+      return ClientRequest(requestID: m.request_id, .register(RegisterRequest(
+        pid: r.pid, features: .init(rawValue: r.features), ioctls: .init(rawValue: r.ioctls),
+        regions: try regions(r.regions, count: r.n_regions))))
+    case UFFDBROKER__CLIENT_TO_BROKER__BODY_ADD_REGIONS:
+      let a = m.add_regions.pointee
+      return ClientRequest(requestID: m.request_id, .addRegions(try regions(a.regions, count: a.n_regions)))
+    case UFFDBROKER__CLIENT_TO_BROKER__BODY_REMOVE_REGIONS:
+      let r = m.remove_regions.pointee
+      return ClientRequest(requestID: m.request_id, .removeRegions(Array(UnsafeBufferPointer(start: r.ids, count: r.n_ids))))
+    default:
+      throw BrokerError(.malformed, "a client message has no body")
+    }
+  }
+
+  public static func encode(_ reply: BrokerReply) -> [UInt8] {
+    let pool = CStringPool()
+    var message = Uffdbroker__BrokerToClient()
+    uffdbroker__broker_to_client__init(&message)
+    message.request_id = reply.requestID
+    var hello = Uffdbroker__Hello()
+    var ack = Uffdbroker__Ack()
+    var error = Uffdbroker__Error()
+    return withUnsafeMutablePointer(to: &hello) { helloPointer in
+      withUnsafeMutablePointer(to: &ack) { ackPointer in
+        withUnsafeMutablePointer(to: &error) { errorPointer in
+          switch reply.body {
+          case .hello(let value):
+            value.encode(into: &helloPointer.pointee, pool: pool)
+            message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_HELLO
+            message.hello = helloPointer
+          case .ack(let clientID):
+            uffdbroker__ack__init(ackPointer)
+            ackPointer.pointee.client_id = clientID
+            message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_ACK
+            message.ack = ackPointer
+          case .error(let value):
+            value.encode(into: &errorPointer.pointee, pool: pool)
+            message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_ERROR
+            message.error = errorPointer
+          }
+          var bytes = [UInt8](repeating: 0, count: uffdbroker__broker_to_client__get_packed_size(&message))
+          _ = uffdbroker__broker_to_client__pack(&message, &bytes)
+          return bytes
+        }
+      }
+    }
+  }
+
+  public static func decodeReply(_ bytes: UnsafeRawBufferPointer, arena: WireArena) throws(BrokerError) -> BrokerReply {
+    arena.reset()
+    defer { arena.reset() }
+    guard let message = withUnsafePointer(to: arena.allocator, { allocator in
+      uffdbroker__broker_to_client__unpack(UnsafeMutablePointer(mutating: allocator), bytes.count, bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
+    }) else {
+      throw BrokerError(.malformed, "a broker reply could not be decoded")
+    }
+    let m = message.pointee
+    switch m.body_case {
+    case UFFDBROKER__BROKER_TO_CLIENT__BODY_HELLO: return BrokerReply(requestID: m.request_id, .hello(try Hello(decoding: m.hello)))
+    case UFFDBROKER__BROKER_TO_CLIENT__BODY_ACK: return BrokerReply(requestID: m.request_id, .ack(clientID: m.ack.pointee.client_id))
+    case UFFDBROKER__BROKER_TO_CLIENT__BODY_ERROR: return BrokerReply(requestID: m.request_id, .error(BrokerError(decoding: m.error)))
+    default: throw BrokerError(.malformed, "a broker reply has no body")
+    }
+  }
+
+  static func regions(_ pointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Region>?>?, count: Int) throws(BrokerError) -> [RegionSpec] {
+    var result: [RegionSpec] = []
+    for index in 0..<count {
+      guard let region = pointers?[index] else { throw BrokerError(.malformed, "a region is missing") }
+      result.append(try RegionSpec(decoding: region))
+    }
+    return result
+  }
+}

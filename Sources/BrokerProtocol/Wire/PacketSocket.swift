@@ -1,0 +1,146 @@
+import CUserfaultfd
+import Glibc
+import SystemPackage
+import Userfaultfd
+
+/// Who is at the other end of a Unix socket (SO_PEERCRED, taken at connect time).
+public struct PeerCredentials: Hashable, Sendable {
+  public var pid: Int32
+  public var uid: UInt32
+  public var gid: UInt32
+}
+
+/// One end of an AF_UNIX SOCK_SEQPACKET connection: each send is one packet,
+/// each receive one whole packet, with file descriptors riding along as
+/// SCM_RIGHTS. Owns its descriptor and closes it on deinit.
+public final class PacketSocket {
+  /// The largest packet either side sends (the schema's documented limit).
+  public static let maxPacketSize = 256 << 10
+  /// Kernel buffer asked for each direction: room for a burst of page-carrying packets.
+  static let bufferSize: CInt = 4 << 20
+
+  public let fd: CInt
+
+  /// Takes ownership of a connected SOCK_SEQPACKET descriptor.
+  public init(adopting fd: CInt) {
+    self.fd = fd
+    cuffd_set_socket_buffers(fd, Self.bufferSize)
+  }
+
+  deinit { closeDescriptor(fd) }
+
+  /// Connects to the listener at `path` (blocking socket).
+  public static func connect(path: String) throws(BrokerError) -> PacketSocket {
+    switch valueOrErrno(cuffd_connect_unix(path)) {
+    case .success(let fd): return PacketSocket(adopting: fd)
+    case .failure(let errno): throw BrokerError(.io, "cannot connect to \(path)", errno: errno)
+    }
+  }
+
+  /// A connected pair (for a spawned child or a test).
+  public static func pair() throws(BrokerError) -> (PacketSocket, PacketSocket) {
+    var fds: [CInt] = [-1, -1]
+    guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
+      throw BrokerError(.io, "socketpair failed", errno: Errno(rawValue: errno))
+    }
+    return (PacketSocket(adopting: fds[0]), PacketSocket(adopting: fds[1]))
+  }
+
+  /// The peer's pid, uid and gid.
+  public func peerCredentials() throws(BrokerError) -> PeerCredentials {
+    var pid: pid_t = 0
+    var uid: uid_t = 0
+    var gid: gid_t = 0
+    let rc = cuffd_peer_credentials(fd, &pid, &uid, &gid)
+    guard rc == 0 else { throw BrokerError(.io, "SO_PEERCRED failed", errno: Errno(rawValue: -rc)) }
+    return PeerCredentials(pid: pid, uid: uid, gid: gid)
+  }
+
+  public enum SendResult: Equatable {
+    case sent
+    /// The socket is non-blocking and its buffer is full: try again on EPOLLOUT.
+    case wouldBlock
+  }
+
+  /// Sends `bytes` as one packet, with `fds` attached (they stay open here).
+  @discardableResult
+  public func send(_ bytes: UnsafeRawBufferPointer, fds: UnsafeBufferPointer<CInt>? = nil) throws(BrokerError) -> SendResult {
+    let n = cuffd_send_with_fds(fd, bytes.baseAddress, bytes.count, fds?.baseAddress, CInt(fds?.count ?? 0))
+    if n >= 0 { return .sent }
+    let errno = Errno(rawValue: CInt(-n))
+    if errno == .resourceTemporarilyUnavailable { return .wouldBlock }
+    if errno == .brokenPipe || errno == .connectionReset { throw BrokerError(.disconnected, "the peer closed the connection", errno: errno) }
+    throw BrokerError(.io, "sending a packet failed", errno: errno)
+  }
+
+  public enum ReceiveResult: Equatable {
+    /// A packet of this many bytes arrived (descriptors, if any, appended to `fds`).
+    case packet(Int)
+    /// Non-blocking socket, nothing queued.
+    case wouldBlock
+    /// The peer closed the connection.
+    case closed
+  }
+
+  /// Receives one packet into `buffer`; descriptors that came with it are
+  /// appended to `fds` and are the caller's to close. A packet larger than
+  /// `buffer` (or with too many descriptors) is an error: its descriptors are closed.
+  public func receive(into buffer: UnsafeMutableRawBufferPointer, fds: inout [CInt], blocking: Bool = false) throws(BrokerError) -> ReceiveResult {
+    var received: (CInt, CInt, CInt, CInt, CInt, CInt, CInt, CInt) = (-1, -1, -1, -1, -1, -1, -1, -1)
+    var count: CInt = 0
+    var truncated: CInt = 0
+    let n = withUnsafeMutableBytes(of: &received) { raw in
+      cuffd_recv_with_fds(fd, buffer.baseAddress, buffer.count, raw.baseAddress!.assumingMemoryBound(to: CInt.self), &count, &truncated, blocking ? 0 : CInt(MSG_DONTWAIT))
+    }
+    if n < 0 {
+      let errno = Errno(rawValue: CInt(-n))
+      if errno == .resourceTemporarilyUnavailable { return .wouldBlock }
+      if errno == .connectionReset { return .closed }
+      throw BrokerError(.io, "receiving a packet failed", errno: errno)
+    }
+    let arrived = withUnsafeBytes(of: &received) { Array($0.bindMemory(to: CInt.self).prefix(Int(count))) }
+    if truncated != 0 {
+      arrived.forEach(closeDescriptor)
+      throw BrokerError(.malformed, "a packet larger than \(buffer.count) bytes or with too many descriptors was refused")
+    }
+    if n == 0 && arrived.isEmpty { return .closed }
+    fds.append(contentsOf: arrived)
+    return .packet(n)
+  }
+
+  /// Sets a receive timeout for blocking receives (0: none).
+  public func setReceiveTimeout(milliseconds: Int) {
+    var tv = timeval(tv_sec: milliseconds / 1000, tv_usec: (milliseconds % 1000) * 1000)
+    _ = setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+  }
+}
+
+/// A listening SOCK_SEQPACKET socket at a filesystem path, created with a
+/// given mode (so that no one else can connect in the window before chmod).
+public final class PacketListener {
+  public let fd: CInt
+  public let path: String
+
+  public init(path: String, mode: mode_t = 0o600, backlog: CInt = 128) throws(BrokerError) {
+    switch valueOrErrno(cuffd_listen_unix(path, mode, backlog)) {
+    case .success(let fd): self.fd = fd
+    case .failure(let errno): throw BrokerError(.io, "cannot listen on \(path)", errno: errno)
+    }
+    self.path = path
+  }
+
+  deinit {
+    closeDescriptor(fd)
+    unlink(path)
+  }
+
+  /// Accepts one pending connection (non-blocking); nil when none is pending.
+  public func accept() throws(BrokerError) -> PacketSocket? {
+    switch valueOrErrno(cuffd_accept(fd)) {
+    case .success(let connection): return PacketSocket(adopting: connection)
+    case .failure(let errno):
+      if errno == .resourceTemporarilyUnavailable || errno == .connectionAbort { return nil }
+      throw BrokerError(.io, "accept failed", errno: errno)
+    }
+  }
+}
