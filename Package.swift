@@ -7,9 +7,14 @@ let package = Package(
   products: [
     .library(name: "Userfaultfd", targets: ["Userfaultfd"]),
     .library(name: "BrokerProtocol", targets: ["BrokerProtocol"]),
+    .library(name: "ClientSDK", targets: ["ClientSDK"]),
+    .library(name: "PluginSDK", targets: ["PluginSDK"]),
+    .executable(name: "uffd-broker", targets: ["uffd-broker"]),
   ],
   dependencies: [
     .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+    .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+    .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
   ],
   targets: [
     // C shims: the only code that calls variadic syscalls, ioctls and CMSG macros.
@@ -21,8 +26,17 @@ let package = Package(
     .target(name: "CBrokerWire", dependencies: ["CProtobufC"]),
     // Typed messages, framing and fd passing on SOCK_SEQPACKET.
     .target(name: "BrokerProtocol", dependencies: ["CBrokerWire", "CUserfaultfd", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
+    // Sessions, regions, routing, redelivery, validation, supervision: the broker's logic.
+    .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "CUserfaultfd", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")]),
+    // For processes whose memory is brokered.
+    .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
+    // For plugins: a handler protocol and the run loop around it.
+    .target(name: "PluginSDK", dependencies: ["BrokerProtocol", "Userfaultfd"]),
+    .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
     .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd"], path: "Examples/lazy-fill"),
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
+    // The plugin and client processes of the integration tests.
+    .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd"], path: "Tests/Fixtures/broker-fixture"),
   ],
   swiftLanguageModes: [.v6]
 )

@@ -5,6 +5,8 @@
 #include <stdio.h>
 #include <string.h>
 #include <signal.h>
+#include <spawn.h>
+#include <sys/signalfd.h>
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -14,6 +16,7 @@
 #include <sys/timerfd.h>
 #include <sys/un.h>
 #include <time.h>
+#include <pthread.h>
 #include <unistd.h>
 #include "CUserfaultfd.h"
 
@@ -288,3 +291,47 @@ uint64_t cuffd_monotonic_ns(void) {
   return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
+int cuffd_termination_signalfd(void) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0) return -errno;
+  int fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+  return fd >= 0 ? fd : -errno;
+}
+
+int cuffd_read_signal(int fd) {
+  struct signalfd_siginfo info;
+  ssize_t n = read(fd, &info, sizeof info);
+  if (n < 0) return -errno;
+  return n == sizeof info ? (int)info.ssi_signo : -EIO;
+}
+
+void cuffd_unblock_signals(void) {
+  sigset_t set;
+  sigemptyset(&set);
+  pthread_sigmask(SIG_SETMASK, &set, NULL);
+}
+
+pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[]) {
+  posix_spawnattr_t attr;
+  sigset_t none, defaults;
+  pid_t pid;
+  sigemptyset(&none);
+  sigemptyset(&defaults);
+  sigaddset(&defaults, SIGINT);
+  sigaddset(&defaults, SIGTERM);
+  sigaddset(&defaults, SIGPIPE);
+  posix_spawnattr_init(&attr);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &defaults);
+  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  int rc = posix_spawn(&pid, path, NULL, &attr, argv, envp);
+  posix_spawnattr_destroy(&attr);
+  return rc == 0 ? pid : -rc;
+}
+void *cuffd_mremap(void *old_address, size_t old_size, size_t new_size, int flags, void *new_address) {
+  _Static_assert(MREMAP_MAYMOVE == 1 && MREMAP_FIXED == 2, "mremap flags differ from the header's constants");
+  return mremap(old_address, old_size, new_size, flags, new_address);
+}

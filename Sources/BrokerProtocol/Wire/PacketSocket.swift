@@ -98,13 +98,14 @@ public final class PacketSocket {
       if errno == .connectionReset { return .closed }
       throw BrokerError(.io, "receiving a packet failed", errno: errno)
     }
-    let arrived = withUnsafeBytes(of: &received) { Array($0.bindMemory(to: CInt.self).prefix(Int(count))) }
+    if count > 0 {  // rare: only registration packets carry descriptors
+      let arrived = withUnsafeBytes(of: &received) { Array($0.bindMemory(to: CInt.self).prefix(Int(count))) }
+      if truncated != 0 { arrived.forEach(closeDescriptor) } else { fds.append(contentsOf: arrived) }
+    }
     if truncated != 0 {
-      arrived.forEach(closeDescriptor)
       throw BrokerError(.malformed, "a packet larger than \(buffer.count) bytes or with too many descriptors was refused")
     }
-    if n == 0 && arrived.isEmpty { return .closed }
-    fds.append(contentsOf: arrived)
+    if n == 0 && count == 0 { return .closed }
     return .packet(n)
   }
 

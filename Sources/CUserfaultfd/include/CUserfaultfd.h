@@ -185,4 +185,25 @@ int cuffd_eventfd(void);
 
 uint64_t cuffd_monotonic_ns(void);
 
+/* ---- signals and children ---- */
+
+/* Blocks SIGINT and SIGTERM in the calling thread (and threads it creates later)
+ * and returns a signalfd that becomes readable when one arrives. */
+int cuffd_termination_signalfd(void);
+
+/* Reads one pending signal from a signalfd; returns its number or -errno. */
+int cuffd_read_signal(int fd);
+
+/* Unblocks every signal in the calling thread (for a child before exec). */
+void cuffd_unblock_signals(void);
+
+/* posix_spawn with SIGINT/SIGTERM unblocked and default in the child. Returns the pid or -errno. */
+pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[]);
+
+/* mremap(2) is a GNU extension: not visible to Swift without _GNU_SOURCE. Returns MAP_FAILED on error. */
+void *cuffd_mremap(void *old_address, size_t old_size, size_t new_size, int flags, void *new_address);
+static const int cuffd_mremap_maymove = 1;    /* MREMAP_MAYMOVE */
+static const int cuffd_mremap_fixed = 2;      /* MREMAP_FIXED */
+static const int cuffd_mremap_dontunmap = 4;  /* MREMAP_DONTUNMAP */
+
 #endif

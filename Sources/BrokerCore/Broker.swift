@@ -1,0 +1,738 @@
+import BrokerProtocol
+import CUserfaultfd
+import Glibc
+import Logging
+import SystemPackage
+import Userfaultfd
+
+/// The broker: owns every client's userfaultfd, routes its events to plugins,
+/// validates their decisions and applies them with its own ioctls.
+///
+/// Single-threaded by design: one epoll loop serves every socket and uffd, so
+/// the fault path takes no lock and no ioctl waits on another thread. Create
+/// it, then call `run()` on the thread that should serve; `stop()` may be
+/// called from any thread (or send SIGINT/SIGTERM when `handleSignals` is set).
+public final class Broker: @unchecked Sendable {
+  // @unchecked: all state below is confined to the thread in `run()`; `stop()`
+  // only writes to an eventfd.
+  public let configuration: BrokerConfiguration
+  let logger: Logger
+  private let loop: EventLoop
+  private let clientListener: PacketListener
+  private let pluginListener: PacketListener
+  private let wakeup: CInt
+  private var signals: CInt = -1
+  private var supervisor: PluginSupervisor?
+
+  private var nextID: UInt64 = 1
+  private var clients: [UInt64: ClientSession] = [:]
+  private var plugins: [UInt64: PluginConnection] = [:]
+  private var routes: [String: PluginRoute] = [:]
+  private var inFlight: [UInt64: InFlight] = [:]
+  private var nextFaultID: UInt64 = 1
+  private var dirtyPlugins: [PluginConnection] = []
+  private var stopping = false
+
+  private let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
+  private let decisions = DecisionBatchDecoder()
+  private let arena = WireArena(capacity: 1 << 20)
+  private var receivedFDs: [CInt] = []
+
+  /// A fault handed to a plugin and not yet answered.
+  private struct InFlight {
+    var session: ClientSession
+    var page: UInt
+    /// The dispatcher's `sequence` when it was sent: later overlapping events make its decision stale.
+    var sequence: UInt64
+    var plugin: ObjectIdentifier
+    var sentAt: UInt64
+  }
+
+  /// Counters for tests, logs and the benchmark.
+  public struct Statistics: Sendable {
+    public var faultsSent = 0
+    public var decisionsApplied = 0
+    public var staleDecisionsDropped = 0
+    public var invalidDecisions = 0
+    public var retries = 0
+  }
+  public private(set) var statistics = Statistics()
+
+  /// Binds both sockets (creating their directory with mode 0700 if needed).
+  public init(configuration: BrokerConfiguration, logger: Logger) throws(BrokerError) {
+    self.configuration = configuration
+    self.logger = logger
+    for path in [configuration.clientSocketPath, configuration.pluginSocketPath] {
+      let directory = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
+      if !directory.isEmpty { mkdir(directory, 0o700) }
+    }
+    loop = try EventLoop()
+    // Access is decided by SO_PEERCRED against the configured uids, so the
+    // socket files may be reachable by anyone; tighten further with the directory mode.
+    clientListener = try PacketListener(path: configuration.clientSocketPath, mode: 0o666)
+    pluginListener = try PacketListener(path: configuration.pluginSocketPath, mode: 0o666)
+    switch valueOrErrno(cuffd_eventfd()) {
+    case .success(let fd): wakeup = fd
+    case .failure(let errno): throw BrokerError(.io, "eventfd failed", errno: errno)
+    }
+    try loop.add(clientListener.fd, Token(.clientListener))
+    try loop.add(pluginListener.fd, Token(.pluginListener))
+    try loop.add(wakeup, Token(.wakeup))
+    inFlight.reserveCapacity(4096)
+    dirtyPlugins.reserveCapacity(64)
+    for plugin in configuration.plugins { _ = route(named: plugin.name) }
+  }
+
+  deinit {
+    packet.deallocate()
+    closeDescriptor(wakeup)
+    closeDescriptor(signals)
+  }
+
+  /// Asks `run()` to return (from any thread).
+  public func stop() {
+    var one: UInt64 = 1
+    _ = write(wakeup, &one, 8)
+  }
+
+  /// Serves until `stop()` or, with `handleSignals`, SIGINT/SIGTERM. Spawns
+  /// the configured plugins first and stops them (TERM, wait, KILL) last.
+  public func run(handleSignals: Bool = false) throws(BrokerError) {
+    if handleSignals {
+      switch valueOrErrno(cuffd_termination_signalfd()) {
+      case .success(let fd): signals = fd
+      case .failure(let errno): throw BrokerError(.io, "signalfd failed", errno: errno)
+      }
+      try loop.add(signals, Token(.signal))
+    }
+    if !configuration.plugins.isEmpty {
+      let supervisor = PluginSupervisor(plugins: configuration.plugins, pluginSocketPath: configuration.pluginSocketPath, logger: logger)
+      self.supervisor = supervisor
+      supervisor.startAll(loop: loop)
+    }
+    logger.info("broker serving", metadata: ["socket.client": "\(configuration.clientSocketPath)", "socket.plugin": "\(configuration.pluginSocketPath)"])
+    while !stopping {
+      loop.wait(timeout: nextTimeout()) { token, events in handle(token, events) }
+      housekeeping()
+      flushPlugins()
+    }
+    shutdown()
+  }
+
+  // MARK: - Dispatch of readiness
+
+  private func handle(_ token: Token, _ events: UInt32) {
+    switch token.kind {
+    case .clientListener: acceptClients()
+    case .pluginListener: acceptPlugins()
+    case .signal:
+      let signal = cuffd_read_signal(signals)
+      logger.info("stopping on signal", metadata: ["signal": "\(signal)"])
+      stopping = true
+    case .wakeup:
+      stopping = true
+    case .clientSocket:
+      if let session = clients[token.id] { readClient(session) }
+    case .clientUffd:
+      clients[token.id]?.dispatcher?.drain()
+    case .clientPidfd:
+      if let session = clients[token.id] { closeClient(session, reason: "the client process exited") }
+    case .plugin:
+      guard let plugin = plugins[token.id] else { return }
+      if events & cuffd_epollout != 0 { drainBacklog(plugin) }
+      if events & (cuffd_epollin | cuffd_epollhup | cuffd_epollerr) != 0 { readPlugin(plugin) }
+    case .child:
+      supervisor?.childExited(id: token.id, loop: loop)
+    }
+  }
+
+  private func nextTimeout() -> CInt {
+    var due: UInt64 = monotonicNanoseconds() + 100_000_000  // housekeeping tick
+    for session in clients.values {
+      if let deadline = session.dispatcher?.nextDeadline, deadline < due { due = deadline }
+    }
+    if let deadline = supervisor?.nextRestart, deadline < due { due = deadline }
+    let now = monotonicNanoseconds()
+    return due <= now ? 0 : CInt((due - now + 999_999) / 1_000_000)
+  }
+
+  /// Redelivers parked faults that are due, expires registrations and hung plugins, restarts plugins.
+  private func housekeeping() {
+    let now = monotonicNanoseconds()
+    for session in clients.values {
+      session.dispatcher?.redeliverDue(now: now)
+      if let pending = session.pendingOpen, pending.deadline <= now {
+        let names = Set(pending.regions.filter { pending.awaiting.contains($0.id) }.map(\.plugin)).sorted().joined(separator: ", ")
+        failOpen(session, BrokerError(.timedOut, "plugin \(names) did not accept the regions in time"))
+      }
+    }
+    let deadline = UInt64(configuration.pluginDeadlineMilliseconds) * 1_000_000
+    var hung: Set<ObjectIdentifier> = []
+    for entry in inFlight.values where now > entry.sentAt + deadline { hung.insert(entry.plugin) }
+    for plugin in plugins.values where hung.contains(ObjectIdentifier(plugin)) {
+      closePlugin(plugin, reason: "it did not answer a fault within \(configuration.pluginDeadlineMilliseconds) ms")
+    }
+    supervisor?.restartDue(loop: loop)
+  }
+
+  // MARK: - Clients
+
+  private func acceptClients() {
+    while true {
+      let socket: PacketSocket
+      do {
+        guard let accepted = try clientListener.accept() else { return }
+        socket = accepted
+      } catch {
+        logger.error("cannot accept a client", metadata: ["error": "\(error)"])  // EMFILE: existing clients keep being served
+        return
+      }
+      guard let peer = try? socket.peerCredentials() else { continue }
+      guard configuration.clientUIDs.contains(peer.uid) else {
+        refuse(socket, requestID: 0, BrokerError(.notAuthorized, "uid \(peer.uid) may not register memory with this broker"))
+        logger.warning("refused a client", metadata: ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
+        continue
+      }
+      guard clients.count < configuration.maxClients else {
+        refuse(socket, requestID: 0, BrokerError(.limit, "the broker serves its maximum of \(configuration.maxClients) clients"))
+        continue
+      }
+      let session = ClientSession(id: takeID(), socket: socket, peer: peer, broker: self)
+      do {
+        try loop.add(socket.fd, Token(.clientSocket, session.id))
+      } catch {
+        continue
+      }
+      clients[session.id] = session
+    }
+  }
+
+  private func refuse(_ socket: PacketSocket, requestID: UInt64, _ error: BrokerError) {
+    let bytes = ClientWire.encode(BrokerReply(requestID: requestID, .error(error)))
+    _ = bytes.withUnsafeBytes { try? socket.send($0) }
+  }
+
+  private func reply(_ session: ClientSession, _ reply: BrokerReply) {
+    let bytes = ClientWire.encode(reply)
+    do {
+      _ = try bytes.withUnsafeBytes { (raw) throws(BrokerError) in try session.socket.send(raw) }
+    } catch {
+      closeClient(session, reason: "its socket failed: \(error)")
+    }
+  }
+
+  private func readClient(_ session: ClientSession) {
+    while session.phase != .closed {
+      receivedFDs.removeAll(keepingCapacity: true)
+      let result: PacketSocket.ReceiveResult
+      do {
+        result = try session.socket.receive(into: packet, fds: &receivedFDs)
+      } catch {
+        receivedFDs.forEach(closeDescriptor)
+        reply(session, BrokerReply(requestID: 0, .error(error)))
+        closeClient(session, reason: "\(error)")
+        return
+      }
+      switch result {
+      case .wouldBlock: return
+      case .closed:
+        closeClient(session, reason: "the client closed its connection")
+        return
+      case .packet(let count):
+        let fds = receivedFDs
+        do {
+          let request = try ClientWire.decodeRequest(UnsafeRawBufferPointer(rebasing: packet[..<count]), arena: arena)
+          try handleRequest(request, fds: fds, session: session)
+        } catch {
+          fds.forEach(closeDescriptor)
+          logger.warning("refused a client request", metadata: ["client.id": "\(session.id)", "peer.pid": "\(session.peer.pid)", "reason": "\(error)"])
+          reply(session, BrokerReply(requestID: 0, .error(error)))
+          // A malformed or out-of-place message ends the connection; a refused registration too.
+          if error.code == .malformed || session.phase != .active { closeClient(session, reason: "\(error.message)") }
+        }
+      }
+    }
+  }
+
+  private func handleRequest(_ request: ClientRequest, fds: [CInt], session: ClientSession) throws(BrokerError) {
+    switch (session.phase, request.body) {
+    case (.awaitingHello, .hello(let hello)):
+      guard fds.isEmpty else { throw BrokerError(.malformed, "Hello must not carry descriptors") }
+      guard hello.version == brokerProtocolVersion, hello.role == .client else {
+        throw BrokerError(.version, "this broker speaks protocol \(brokerProtocolVersion) to clients; got version \(hello.version) role \(hello.role)")
+      }
+      session.phase = .awaitingRegister
+      reply(session, BrokerReply(requestID: request.requestID, .hello(Hello(role: .broker, name: "uffd-broker"))))
+    case (.awaitingRegister, .register(let register)):
+      try beginRegistration(session, register, fds: fds, requestID: request.requestID)
+    case (.active, .addRegions(let specs)):
+      guard fds.isEmpty else { throw BrokerError(.malformed, "AddRegions must not carry descriptors") }
+      guard session.pendingOpen == nil else { throw BrokerError(.malformed, "another request is still pending") }
+      guard session.regions.pieces.count + specs.count <= configuration.maxRegionsPerClient else {
+        throw BrokerError(.limit, "a client may register at most \(configuration.maxRegionsPerClient) regions")
+      }
+      try session.regions.validate(specs, pageSize: systemPageSize)
+      try openRegions(specs, session: session, requestID: request.requestID)
+    case (.active, .removeRegions(let ids)):
+      guard fds.isEmpty else { throw BrokerError(.malformed, "RemoveRegions must not carry descriptors") }
+      for id in ids {
+        let routesOfRegion = Set(session.regions.pieces.filter { $0.spec.id == id }.map { ObjectIdentifier($0.route) })
+        let route = session.regions.pieces.first { $0.spec.id == id }?.route
+        guard session.regions.remove(regionID: id) else { throw BrokerError(.badRegion, "region \(id) is not registered") }
+        if let route, !routesOfRegion.isEmpty { sendEvent(.regionClosed(clientID: session.id, regionID: id), to: route) }
+      }
+      reply(session, BrokerReply(requestID: request.requestID, .ack(clientID: session.id)))
+    default:
+      throw BrokerError(.malformed, "unexpected message in this state of the connection")
+    }
+  }
+
+  private func beginRegistration(_ session: ClientSession, _ register: RegisterRequest, fds: [CInt], requestID: UInt64) throws(BrokerError) {
+    guard fds.count == 1 else {
+      throw BrokerError(.notUserfaultfd, "Register must carry exactly one descriptor, the client's userfaultfd (got \(fds.count))")
+    }
+    let uffd: UserfaultFD
+    do {
+      uffd = try UserfaultFD(adopting: FileDescriptor(rawValue: fds[0]), features: register.features, ioctls: register.ioctls)
+    } catch {
+      throw BrokerError(.notUserfaultfd, "the attached descriptor is not a userfaultfd")
+    }
+    // From here the uffd object owns the descriptor.
+    guard register.pid == session.peer.pid else {
+      throw BrokerError(.notAuthorized, "Register names pid \(register.pid) but the connection is from pid \(session.peer.pid)")
+    }
+    guard register.regions.count <= configuration.maxRegionsPerClient else {
+      throw BrokerError(.limit, "a client may register at most \(configuration.maxRegionsPerClient) regions")
+    }
+    let needed: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap]
+    guard register.features.isSuperset(of: needed) else {
+      throw BrokerError(.notUserfaultfd, "the userfaultfd lacks features \(needed.subtracting(register.features)): the broker needs remove, unmap and remap events to keep memory correct")
+    }
+    try session.regions.validate(register.regions, pageSize: systemPageSize)
+    let pidfd: CInt
+    switch valueOrErrno(cuffd_pidfd_open(session.peer.pid)) {
+    case .success(let fd): pidfd = fd
+    case .failure(let errno): throw BrokerError(.io, "cannot watch the client process", errno: errno)
+    }
+    session.pidfd = pidfd
+    session.pid = register.pid
+    session.uffd = uffd
+    session.dispatcher = EventDispatcher(uffd: uffd, handler: session)
+    try openRegions(register.regions, session: session, requestID: requestID)
+    session.phase = .opening
+    if session.pendingOpen == nil { activate(session, requestID: requestID) }
+  }
+
+  /// Announces regions to their plugins; the reply to the client waits for theirs.
+  private func openRegions(_ specs: [RegionSpec], session: ClientSession, requestID: UInt64) throws(BrokerError) {
+    for spec in specs where routes[spec.plugin]?.connection == nil && !configuration.plugins.contains(where: { $0.name == spec.plugin }) {
+      throw BrokerError(.unknownPlugin, "region \(spec.id) names plugin \"\(spec.plugin)\", which is neither configured nor connected")
+    }
+    guard !specs.isEmpty else {
+      if session.phase == .active { reply(session, BrokerReply(requestID: requestID, .ack(clientID: session.id))) }
+      return
+    }
+    let deadline = monotonicNanoseconds() + UInt64(configuration.registrationTimeoutMilliseconds) * 1_000_000
+    session.pendingOpen = ClientSession.PendingOpen(requestID: requestID, regions: specs, awaiting: Set(specs.map(\.id)), deadline: deadline)
+    for spec in specs {
+      // A plugin that is away gets it when it connects (see `announceRegions`).
+      if let connection = route(named: spec.plugin).connection {
+        append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: spec), to: connection)
+      }
+    }
+  }
+
+  private func regionReply(_ reply: RegionReply, from plugin: PluginConnection) {
+    guard let session = clients[reply.clientID], var pending = session.pendingOpen,
+          pending.awaiting.contains(reply.regionID),
+          pending.regions.contains(where: { $0.id == reply.regionID && $0.plugin == plugin.name })
+    else {
+      if let error = reply.error {
+        logger.error("plugin refused a region it serves", metadata: ["plugin": "\(plugin.name)", "client.id": "\(reply.clientID)", "region.id": "\(reply.regionID)", "error": "\(error)"])
+      }
+      return
+    }
+    if let error = reply.error {
+      failOpen(session, BrokerError(.pluginRefused, "plugin \(plugin.name) refused region \(reply.regionID): \(error.message)"))
+      return
+    }
+    pending.awaiting.remove(reply.regionID)
+    session.pendingOpen = pending
+    guard pending.awaiting.isEmpty else { return }
+    session.pendingOpen = nil
+    for spec in pending.regions { session.regions.add(spec, route: route(named: spec.plugin)) }
+    if session.phase == .opening {
+      activate(session, requestID: pending.requestID)
+    } else {
+      self.reply(session, BrokerReply(requestID: pending.requestID, .ack(clientID: session.id)))
+    }
+  }
+
+  private func failOpen(_ session: ClientSession, _ error: BrokerError) {
+    guard let pending = session.pendingOpen else { return }
+    session.pendingOpen = nil
+    for spec in pending.regions { sendEvent(.regionClosed(clientID: session.id, regionID: spec.id), to: route(named: spec.plugin)) }
+    logger.warning("refused a client's regions", metadata: ["client.id": "\(session.id)", "reason": "\(error)"])
+    reply(session, BrokerReply(requestID: pending.requestID, .error(error)))
+    if session.phase == .opening { closeClient(session, reason: error.message, announce: false) }
+  }
+
+  private func activate(_ session: ClientSession, requestID: UInt64) {
+    guard let uffd = session.uffd else { return }
+    do throws(BrokerError) {
+      try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, session.id))
+      try loop.add(session.pidfd, Token(.clientPidfd, session.id))
+    } catch {
+      reply(session, BrokerReply(requestID: requestID, .error(error)))
+      closeClient(session, reason: "\(error)")
+      return
+    }
+    session.phase = .active
+    logger.info("client registered", metadata: ["client.id": "\(session.id)", "client.pid": "\(session.pid)", "regions": "\(session.regions.pieces.count)"])
+    reply(session, BrokerReply(requestID: requestID, .ack(clientID: session.id)))
+    session.dispatcher?.drain()  // faults may have queued before the ack
+  }
+
+  /// Cleans a client up: plugins are told Closed (once, last), its faults in
+  /// flight forgotten, its uffd and pidfd closed.
+  private func closeClient(_ session: ClientSession, reason: String, announce: Bool = true) {
+    guard session.phase != .closed else { return }
+    let wasActive = session.phase == .active
+    session.phase = .closed
+    loop.remove(session.socket.fd)
+    if let uffd = session.uffd { loop.remove(uffd.fileDescriptor.rawValue) }
+    if session.pidfd >= 0 { loop.remove(session.pidfd) }
+    session.dispatcher?.close()
+    let faults = inFlight.filter { $0.value.session === session }
+    for (faultID, entry) in faults {
+      inFlight[faultID] = nil
+      plugins.values.first { ObjectIdentifier($0) == entry.plugin }?.inFlight -= 1
+    }
+    if announce && (wasActive || session.pendingOpen != nil) {
+      var served = Set(session.regions.pieces.map(\.route.name))
+      session.pendingOpen.map { served.formUnion($0.regions.map(\.plugin)) }
+      for name in served.sorted() { sendEvent(.closed(clientID: session.id, reason: reason), to: route(named: name)) }
+    }
+    session.dispatcher = nil
+    session.uffd = nil  // the broker's reference closes here
+    clients[session.id] = nil
+    logger.info("client closed", metadata: ["client.id": "\(session.id)", "client.pid": "\(session.peer.pid)", "reason": "\(reason)"])
+  }
+
+  // MARK: - Plugins
+
+  private func acceptPlugins() {
+    while true {
+      let socket: PacketSocket
+      do {
+        guard let accepted = try pluginListener.accept() else { return }
+        socket = accepted
+      } catch {
+        logger.error("cannot accept a plugin", metadata: ["error": "\(error)"])
+        return
+      }
+      guard let peer = try? socket.peerCredentials() else { continue }
+      guard configuration.pluginUIDs.contains(peer.uid) else {
+        let bytes = EventBatchEncoder.encodeControl(hello: nil, error: BrokerError(.notAuthorized, "uid \(peer.uid) may not serve as a plugin of this broker"))
+        _ = bytes.withUnsafeBytes { try? socket.send($0) }
+        logger.warning("refused a plugin", metadata: ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
+        continue
+      }
+      let plugin = PluginConnection(id: takeID(), socket: socket, peer: peer)
+      do {
+        try loop.add(socket.fd, Token(.plugin, plugin.id))
+      } catch {
+        continue
+      }
+      plugins[plugin.id] = plugin
+    }
+  }
+
+  private func readPlugin(_ plugin: PluginConnection) {
+    while !plugin.isClosed {
+      receivedFDs.removeAll(keepingCapacity: true)
+      let result: PacketSocket.ReceiveResult
+      do {
+        result = try plugin.socket.receive(into: packet, fds: &receivedFDs)
+      } catch {
+        closePlugin(plugin, reason: "\(error)", tell: error)
+        return
+      }
+      switch result {
+      case .wouldBlock: return
+      case .closed:
+        closePlugin(plugin, reason: "the plugin closed its connection")
+        return
+      case .packet(let count):
+        if !receivedFDs.isEmpty {
+          receivedFDs.forEach(closeDescriptor)
+          closePlugin(plugin, reason: "it sent descriptors", tell: BrokerError(.malformed, "plugins must not send descriptors"))
+          return
+        }
+        do {
+          try decisions.decode(UnsafeRawBufferPointer(rebasing: packet[..<count]))
+          try handlePluginMessage(plugin)
+        } catch {
+          closePlugin(plugin, reason: "\(error)", tell: error)
+          return
+        }
+      }
+    }
+  }
+
+  private func handlePluginMessage(_ plugin: PluginConnection) throws(BrokerError) {
+    if plugin.route == nil {
+      guard let hello = try decisions.hello else { throw BrokerError(.malformed, "a plugin must start with Hello") }
+      guard hello.version == brokerProtocolVersion, hello.role == .plugin else {
+        throw BrokerError(.version, "this broker speaks protocol \(brokerProtocolVersion) to plugins; got version \(hello.version) role \(hello.role)")
+      }
+      guard !hello.name.isEmpty else { throw BrokerError(.malformed, "a plugin's Hello must name the plugin") }
+      let route = route(named: hello.name)
+      if route.connection != nil { throw BrokerError(.malformed, "plugin \"\(hello.name)\" is already connected") }
+      route.connection = plugin
+      plugin.route = route
+      logger.info("plugin connected", metadata: ["plugin": "\(hello.name)", "plugin.pid": "\(plugin.peer.pid)"])
+      let bytes = EventBatchEncoder.encodeControl(hello: Hello(role: .broker, name: "uffd-broker"), error: nil)
+      send(bytes, to: plugin)
+      announceRegions(to: plugin)
+      return
+    }
+    for index in 0..<decisions.decisionCount {
+      if let decision = decisions.decision(at: index) { apply(decision, from: plugin) }
+      if plugin.isClosed { return }
+    }
+    let replies = decisions.regionReplies
+    for reply in replies { regionReply(reply, from: plugin) }
+  }
+
+  /// A plugin (re)connected: it learns every region it serves, then the events it missed.
+  private func announceRegions(to plugin: PluginConnection) {
+    guard let route = plugin.route else { return }
+    for session in clients.values.sorted(by: { $0.id < $1.id }) {
+      var announced = Set<UInt64>()
+      for piece in session.regions.pieces where piece.route === route && announced.insert(piece.spec.id).inserted {
+        append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: piece.spec), to: plugin)
+      }
+      for spec in session.pendingOpen?.regions ?? [] where spec.plugin == route.name {
+        append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: spec), to: plugin)
+      }
+    }
+    let missed = route.missedEvents
+    route.missedEvents.removeAll()
+    for event in missed { append(event, to: plugin) }
+  }
+
+  /// Disconnects a plugin; its faults in flight are parked for its return (or a restart).
+  private func closePlugin(_ plugin: PluginConnection, reason: String, tell error: BrokerError? = nil) {
+    guard !plugin.isClosed else { return }
+    plugin.isClosed = true
+    if let error {
+      let bytes = EventBatchEncoder.encodeControl(hello: nil, error: error)
+      _ = bytes.withUnsafeBytes { try? plugin.socket.send($0) }
+    }
+    loop.remove(plugin.socket.fd)
+    plugins[plugin.id] = nil
+    if plugin.route?.connection === plugin { plugin.route?.connection = nil }
+    let id = ObjectIdentifier(plugin)
+    let orphaned = inFlight.filter { $0.value.plugin == id }
+    for (faultID, entry) in orphaned {
+      inFlight[faultID] = nil
+      entry.session.dispatcher?.complete(entry.page, .notNow)
+    }
+    let level: Logger.Level = error == nil && plugin.route != nil ? .notice : .warning
+    logger.log(level: level, "plugin disconnected", metadata: ["plugin": "\(plugin.name)", "plugin.pid": "\(plugin.peer.pid)", "reason": "\(reason)", "faults.parked": "\(orphaned.count)"])
+  }
+
+  private func route(named name: String) -> PluginRoute {
+    if let route = routes[name] { return route }
+    let route = PluginRoute(name: name)
+    routes[name] = route
+    return route
+  }
+
+  // MARK: - The fault path
+
+  /// Sends a fault to its region's plugin (or parks it while the plugin is away).
+  func sendFault(_ fault: Pagefault, piece: RegionTable.Piece, session: ClientSession) -> PagefaultResult {
+    guard let plugin = piece.route.connection, !plugin.isClosed, plugin.inFlight < configuration.maxInFlightPerPlugin,
+          let dispatcher = session.dispatcher
+    else { return .notNow }
+    let page = fault.address & ~UInt(piece.spec.pageSize - 1)
+    let faultID = nextFaultID
+    nextFaultID &+= 1
+    inFlight[faultID] = InFlight(session: session, page: page, sequence: dispatcher.sequence, plugin: ObjectIdentifier(plugin), sentAt: monotonicNanoseconds())
+    plugin.inFlight += 1
+    if plugin.events.isFull { flush(plugin) }
+    plugin.events.append(PagefaultEvent(
+      faultID: faultID, clientID: session.id, regionID: piece.spec.id, address: page,
+      offset: piece.offset(of: page), flags: fault.flags, threadID: fault.thread))
+    markDirty(plugin)
+    statistics.faultsSent += 1
+    return .inFlight
+  }
+
+  /// Sends a non-fault event, in order; kept for the plugin's return if it is away.
+  func sendEvent(_ event: BrokerEvent, to route: PluginRoute) {
+    if let plugin = route.connection, !plugin.isClosed {
+      append(event, to: plugin)
+    } else {
+      route.missedEvents.append(event)
+    }
+  }
+
+  private func append(_ event: BrokerEvent, to plugin: PluginConnection) {
+    if plugin.events.isFull { flush(plugin) }
+    plugin.events.append(event)
+    markDirty(plugin)
+  }
+
+  /// Validates a decision against the live region of the fault's client and applies it.
+  private func apply(_ decision: DecodedDecision, from plugin: PluginConnection) {
+    guard let entry = inFlight[decision.faultID] else { return }  // answered already, or its client is gone
+    guard entry.plugin == ObjectIdentifier(plugin) else {
+      refuse(decision, from: plugin, "it answers fault \(decision.faultID), which was not sent to it")
+      return
+    }
+    inFlight[decision.faultID] = nil
+    plugin.inFlight -= 1
+    let session = entry.session
+    guard let dispatcher = session.dispatcher, let uffd = session.uffd else { return }
+    let page = entry.page
+    guard let kind = decision.kind else {
+      refuse(decision, from: plugin, "unknown decision kind")
+      dispatcher.complete(page, .notNow)
+      return
+    }
+    if kind == .retry {
+      statistics.retries += 1
+      dispatcher.complete(page, .notNow)
+      return
+    }
+    guard let piece = session.regions.piece(containing: page) else {
+      // The range went away while the plugin decided: release the thread.
+      _ = uffd.wake(address: page, length: systemPageSize)
+      dispatcher.complete(page, .resolved)
+      return
+    }
+    let pageSize = piece.spec.pageSize
+    let start = decision.length == 0 ? page : decision.address
+    let length = decision.length == 0 ? pageSize : decision.length
+    let mask = UInt(pageSize - 1)
+    guard start & mask == 0, UInt(length) & mask == 0, start >= piece.live.lowerBound,
+          length <= piece.live.upperBound - start, page >= start, page - start < UInt(length)
+    else {
+      refuse(decision, from: plugin, "range 0x\(String(start, radix: 16)) + \(length) is misaligned, outside the live region 0x\(String(piece.live.lowerBound, radix: 16))..<0x\(String(piece.live.upperBound, radix: 16)), or misses the faulting page")
+      dispatcher.complete(page, .notNow)
+      return
+    }
+    if kind == .copy && decision.data.count != length {
+      refuse(decision, from: plugin, "copy of \(length) bytes carries \(decision.data.count)")
+      dispatcher.complete(page, .notNow)
+      return
+    }
+    let range = start..<start + UInt(length)
+    if dispatcher.isStale(range, since: entry.sequence) {
+      // A remove/unmap/remap of this range was read after the fault was sent:
+      // the plugin decided on old state. It has seen the event by now; ask again.
+      statistics.staleDecisionsDropped += 1
+      dispatcher.complete(page, .notNow)
+      return
+    }
+    var outcome = fill(kind, range: range, data: decision.data, uffd: uffd)
+    if length > pageSize && !outcome.isResolved {
+      // A prefetch stopped at a page that exists already: fill the faulting page alone.
+      let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: decision.data[Int(page - start)..<Int(page - start) + pageSize]) : decision.data
+      outcome = fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd)
+    }
+    statistics.decisionsApplied += 1
+    dispatcher.complete(page, PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd))
+  }
+
+  private func fill(_ kind: DecisionKind, range: Range<UInt>, data: UnsafeRawBufferPointer, uffd: UserfaultFD) -> IoctlOutcome {
+    kind == .copy
+      ? uffd.copy(to: range.lowerBound, from: data.baseAddress!, length: range.count)
+      : uffd.zero(address: range.lowerBound, length: range.count)
+  }
+
+  private func refuse(_ decision: DecodedDecision, from plugin: PluginConnection, _ reason: String) {
+    statistics.invalidDecisions += 1
+    plugin.invalidDecisions += 1
+    logger.warning("refused a plugin decision", metadata: ["plugin": "\(plugin.name)", "fault.id": "\(decision.faultID)", "reason": "\(reason)"])
+    if plugin.invalidDecisions > configuration.maxInvalidDecisions {
+      closePlugin(plugin, reason: "it sent \(plugin.invalidDecisions) invalid decisions", tell: BrokerError(.malformed, "too many invalid decisions"))
+    }
+  }
+
+  // MARK: - Sending to plugins
+
+  private func markDirty(_ plugin: PluginConnection) {
+    if !plugin.isDirty {
+      plugin.isDirty = true
+      dirtyPlugins.append(plugin)
+    }
+  }
+
+  private func flushPlugins() {
+    for plugin in dirtyPlugins {
+      plugin.isDirty = false
+      if !plugin.isClosed { flush(plugin) }
+    }
+    dirtyPlugins.removeAll(keepingCapacity: true)
+  }
+
+  private func flush(_ plugin: PluginConnection) {
+    guard !plugin.events.isEmpty else { return }
+    let count = plugin.events.encode(into: packet)
+    send(UnsafeRawBufferPointer(rebasing: packet[..<count]), to: plugin)
+  }
+
+  private func send(_ bytes: [UInt8], to plugin: PluginConnection) {
+    bytes.withUnsafeBytes { send($0, to: plugin) }
+  }
+
+  private func send(_ bytes: UnsafeRawBufferPointer, to plugin: PluginConnection) {
+    guard !plugin.isClosed else { return }
+    if plugin.backlog.isEmpty {
+      do {
+        if try plugin.socket.send(bytes) == .sent { return }
+      } catch {
+        closePlugin(plugin, reason: "\(error)")
+        return
+      }
+      loop.modify(plugin.socket.fd, Token(.plugin, plugin.id), events: cuffd_epollin | cuffd_epollout)
+    }
+    // The plugin is not reading: keep order by queueing behind what is waiting.
+    plugin.backlog.append(Array(bytes))
+    plugin.backlogBytes += bytes.count
+    if plugin.backlogBytes > 64 << 20 { closePlugin(plugin, reason: "it stopped reading its events") }
+  }
+
+  private func drainBacklog(_ plugin: PluginConnection) {
+    while let first = plugin.backlog.first {
+      do {
+        guard try first.withUnsafeBytes({ (raw) throws(BrokerError) in try plugin.socket.send(raw) }) == .sent else { return }
+      } catch {
+        closePlugin(plugin, reason: "\(error)")
+        return
+      }
+      plugin.backlog.removeFirst()
+      plugin.backlogBytes -= first.count
+    }
+    loop.modify(plugin.socket.fd, Token(.plugin, plugin.id), events: cuffd_epollin)
+  }
+
+  // MARK: - Shutdown
+
+  private func takeID() -> UInt64 {
+    defer { nextID += 1 }
+    return nextID
+  }
+
+  private func shutdown() {
+    logger.info("broker stopping", metadata: ["clients": "\(clients.count)", "plugins": "\(plugins.count)"])
+    for session in clients.values { closeClient(session, reason: "the broker is stopping") }
+    flushPlugins()
+    for plugin in plugins.values { closePlugin(plugin, reason: "the broker is stopping") }
+    supervisor?.stopAll()
+  }
+}

@@ -1,0 +1,137 @@
+import BrokerProtocol
+
+/// The plugin a region is routed to. One per plugin name, kept across the
+/// plugin's reconnects, so the fault path follows a reference, not a name lookup.
+public final class PluginRoute {
+  public let name: String
+  /// The live connection serving `name`, or nil while it is away.
+  var connection: PluginConnection?
+  /// Non-fault events that happened while no plugin was connected, for its return.
+  var missedEvents: [BrokerEvent] = []
+
+  init(name: String) { self.name = name }
+}
+
+/// The live regions of one client: which addresses are served, by which
+/// plugin, at which offset of the region's backing. Munmap and mremap cut and
+/// move the live pieces; offsets stay those of the region as registered.
+public struct RegionTable {
+  public struct Piece {
+    public var spec: RegionSpec
+    /// The addresses of this piece now.
+    public var live: Range<UInt>
+    /// The region offset of `live.lowerBound`.
+    public var offset: UInt64
+    let route: PluginRoute
+
+    /// The region offset of `address` (which must lie in `live`).
+    public func offset(of address: UInt) -> UInt64 { offset + UInt64(address - live.lowerBound) }
+    /// The address of region offset `offset`, if that offset is live in this piece.
+    public func address(ofOffset value: UInt64) -> UInt? {
+      guard value >= offset else { return nil }
+      let address = live.lowerBound + UInt(value - offset)
+      return live.contains(address) ? address : nil
+    }
+  }
+
+  /// Sorted by address, never overlapping.
+  public private(set) var pieces: [Piece] = []
+
+  public init() {}
+
+  public var isEmpty: Bool { pieces.isEmpty }
+  public var regionIDs: Set<UInt64> { Set(pieces.map(\.spec.id)) }
+
+  /// Checks new regions: page aligned, non-empty, page size this system's,
+  /// not overlapping each other or the table, ids unused.
+  public func validate(_ specs: [RegionSpec], pageSize: Int) throws(BrokerError) {
+    let used = regionIDs
+    var seen = Set<UInt64>()
+    var ranges = pieces.map(\.live)
+    for spec in specs {
+      let mask = UInt(pageSize - 1)
+      guard spec.pageSize == pageSize else {
+        throw BrokerError(.badRegion, "region \(spec.id): page size \(spec.pageSize) is not supported (only \(pageSize))")
+      }
+      guard spec.length > 0, spec.base & mask == 0, UInt(spec.length) & mask == 0, spec.base <= UInt.max - UInt(spec.length) else {
+        throw BrokerError(.badRegion, "region \(spec.id): base 0x\(String(spec.base, radix: 16)) and length \(spec.length) must be non-empty and page aligned")
+      }
+      guard !used.contains(spec.id), seen.insert(spec.id).inserted else {
+        throw BrokerError(.badRegion, "region id \(spec.id) is used twice")
+      }
+      guard !spec.plugin.isEmpty else { throw BrokerError(.badRegion, "region \(spec.id) names no plugin") }
+      if let other = ranges.first(where: { $0.overlaps(spec.range) }) {
+        throw BrokerError(.badRegion, "region \(spec.id) overlaps 0x\(String(other.lowerBound, radix: 16))..<0x\(String(other.upperBound, radix: 16))")
+      }
+      ranges.append(spec.range)
+    }
+  }
+
+  mutating func add(_ spec: RegionSpec, route: PluginRoute) {
+    pieces.append(Piece(spec: spec, live: spec.range, offset: 0, route: route))
+    pieces.sort { $0.live.lowerBound < $1.live.lowerBound }
+  }
+
+  /// Removes every piece of region `id`; returns whether there was one.
+  @discardableResult
+  public mutating func remove(regionID id: UInt64) -> Bool {
+    let before = pieces.count
+    pieces.removeAll { $0.spec.id == id }
+    return pieces.count != before
+  }
+
+  /// The piece serving `address` (binary search: the fault path).
+  public func piece(containing address: UInt) -> Piece? {
+    var low = 0
+    var high = pieces.count
+    while low < high {
+      let middle = (low + high) / 2
+      if pieces[middle].live.upperBound <= address { low = middle + 1 } else { high = middle }
+    }
+    return low < pieces.count && pieces[low].live.contains(address) ? pieces[low] : nil
+  }
+
+  /// The parts of pieces that `range` covers, each with its region offset.
+  public func overlapping(_ range: Range<UInt>) -> [(piece: Piece, range: Range<UInt>)] {
+    pieces.compactMap { piece in
+      piece.live.overlaps(range) ? (piece, piece.live.clamped(to: range)) : nil
+    }
+  }
+
+  /// Cuts `range` out of the table (munmap); returns what was cut.
+  @discardableResult
+  public mutating func cut(_ range: Range<UInt>) -> [(piece: Piece, range: Range<UInt>)] {
+    let cut = overlapping(range)
+    guard !cut.isEmpty else { return [] }
+    var result: [Piece] = []
+    for piece in pieces {
+      guard piece.live.overlaps(range) else {
+        result.append(piece)
+        continue
+      }
+      if piece.live.lowerBound < range.lowerBound {
+        result.append(Piece(spec: piece.spec, live: piece.live.lowerBound..<range.lowerBound, offset: piece.offset, route: piece.route))
+      }
+      if range.upperBound < piece.live.upperBound {
+        result.append(Piece(spec: piece.spec, live: range.upperBound..<piece.live.upperBound, offset: piece.offset(of: range.upperBound), route: piece.route))
+      }
+    }
+    pieces = result
+    return cut
+  }
+
+  /// Moves the pieces in `from..<from+length` to start at `to` (mremap);
+  /// whatever was live at the destination is replaced. Returns the moved parts (at their new place).
+  @discardableResult
+  public mutating func move(from: UInt, to: UInt, length: Int) -> [Piece] {
+    let source = from..<from + UInt(length)
+    let moved = cut(source).map { part in
+      Piece(spec: part.piece.spec, live: part.range.lowerBound - from + to..<part.range.upperBound - from + to,
+            offset: part.piece.offset(of: part.range.lowerBound), route: part.piece.route)
+    }
+    cut(to..<to + UInt(length))
+    pieces.append(contentsOf: moved)
+    pieces.sort { $0.live.lowerBound < $1.live.lowerBound }
+    return moved
+  }
+}

@@ -1,0 +1,388 @@
+import CBrokerWire
+import Userfaultfd
+
+// The broker ↔ plugin messages are the hot path: every fault crosses them
+// twice. The encoders below own their protobuf-c structs, initialised once
+// and reused for every batch; the decoders unpack into a `WireArena`. A batch
+// of page faults is encoded and decoded without a heap allocation.
+
+/// Broker side: collects events into one `BrokerToPlugin` packet.
+public final class EventBatchEncoder {
+  /// Most events in one packet.
+  public let capacity: Int
+  public private(set) var count = 0
+  private var estimatedSize = 0
+  private var message = Uffdbroker__BrokerToPlugin()
+  private let events: UnsafeMutablePointer<Uffdbroker__Event>
+  private let eventPointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Event>?>
+  private let pagefaults: UnsafeMutablePointer<Uffdbroker__Pagefault>
+  private let ranges: UnsafeMutablePointer<Uffdbroker__RangeEvent>
+  private let remaps: UnsafeMutablePointer<Uffdbroker__Remapped>
+  private let opened: UnsafeMutablePointer<Uffdbroker__RegionOpened>
+  private let regionsClosed: UnsafeMutablePointer<Uffdbroker__RegionClosed>
+  private let closed: UnsafeMutablePointer<Uffdbroker__Closed>
+  private let pool = CStringPool()
+
+  public init(capacity: Int = 512) {
+    self.capacity = capacity
+    events = .allocate(capacity: capacity)
+    eventPointers = .allocate(capacity: capacity)
+    pagefaults = .allocate(capacity: capacity)
+    ranges = .allocate(capacity: capacity)
+    remaps = .allocate(capacity: capacity)
+    opened = .allocate(capacity: capacity)
+    regionsClosed = .allocate(capacity: capacity)
+    closed = .allocate(capacity: capacity)
+    for index in 0..<capacity {
+      uffdbroker__event__init(events + index)
+      eventPointers[index] = events + index
+      uffdbroker__pagefault__init(pagefaults + index)
+      uffdbroker__range_event__init(ranges + index)
+      uffdbroker__remapped__init(remaps + index)
+      uffdbroker__region_opened__init(opened + index)
+      uffdbroker__region_closed__init(regionsClosed + index)
+      uffdbroker__closed__init(closed + index)
+    }
+    uffdbroker__broker_to_plugin__init(&message)
+    message.events = eventPointers
+  }
+
+  deinit {
+    for pointer in [UnsafeMutableRawPointer(events), UnsafeMutableRawPointer(eventPointers), UnsafeMutableRawPointer(pagefaults),
+                    UnsafeMutableRawPointer(ranges), UnsafeMutableRawPointer(remaps), UnsafeMutableRawPointer(opened),
+                    UnsafeMutableRawPointer(regionsClosed), UnsafeMutableRawPointer(closed)] {
+      pointer.deallocate()
+    }
+  }
+
+  public var isEmpty: Bool { count == 0 }
+  /// True when one more event might not fit the packet.
+  public var isFull: Bool { count == capacity || estimatedSize > PacketSocket.maxPacketSize - 16 << 10 }
+
+  /// Adds a page fault (the hot path: no allocation).
+  public func append(_ fault: PagefaultEvent) {
+    precondition(!isFull, "EventBatchEncoder overflow: check isFull")
+    let p = pagefaults + count
+    p.pointee.fault_id = fault.faultID
+    p.pointee.client_id = fault.clientID
+    p.pointee.region_id = fault.regionID
+    p.pointee.address = UInt64(fault.address)
+    p.pointee.offset = fault.offset
+    p.pointee.flags = UInt32(truncatingIfNeeded: fault.flags.rawValue)
+    p.pointee.thread_id = fault.threadID
+    events[count].kind_case = UFFDBROKER__EVENT__KIND_PAGEFAULT
+    events[count].pagefault = p
+    commit(64)
+  }
+
+  /// Adds any event.
+  public func append(_ event: BrokerEvent) {
+    precondition(!isFull, "EventBatchEncoder overflow: check isFull")
+    let e = events + count
+    switch event {
+    case .pagefault(let fault):
+      append(fault)
+      return
+    case .removed(let range), .unmapped(let range):
+      let r = ranges + count
+      r.pointee.client_id = range.clientID
+      r.pointee.region_id = range.regionID
+      r.pointee.start = UInt64(range.range.lowerBound)
+      r.pointee.end = UInt64(range.range.upperBound)
+      r.pointee.start_offset = range.startOffset
+      if case .removed = event {
+        e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REMOVED
+        e.pointee.removed = r
+      } else {
+        e.pointee.kind_case = UFFDBROKER__EVENT__KIND_UNMAPPED
+        e.pointee.unmapped = r
+      }
+      commit(64)
+    case .remapped(let remap):
+      let r = remaps + count
+      r.pointee.client_id = remap.clientID
+      r.pointee.region_id = remap.regionID
+      r.pointee.from = UInt64(remap.from)
+      r.pointee.to = UInt64(remap.to)
+      r.pointee.length = UInt64(remap.length)
+      r.pointee.new_base = UInt64(remap.newBase)
+      e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REMAPPED
+      e.pointee.remapped = r
+      commit(64)
+    case .regionOpened(let clientID, let pid, let region):
+      let o = opened + count
+      o.pointee.client_id = clientID
+      o.pointee.pid = pid
+      o.pointee.region = pool.region(region)
+      e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REGION_OPENED
+      e.pointee.region_opened = o
+      commit(96 + region.plugin.utf8.count + region.argument.utf8.count)
+    case .regionClosed(let clientID, let regionID):
+      let c = regionsClosed + count
+      c.pointee.client_id = clientID
+      c.pointee.region_id = regionID
+      e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REGION_CLOSED
+      e.pointee.region_closed = c
+      commit(32)
+    case .closed(let clientID, let reason):
+      let c = closed + count
+      c.pointee.client_id = clientID
+      c.pointee.reason = pool.string(reason)
+      e.pointee.kind_case = UFFDBROKER__EVENT__KIND_CLOSED
+      e.pointee.closed = c
+      commit(32 + reason.utf8.count)
+    }
+  }
+
+  private func commit(_ size: Int) {
+    count += 1
+    estimatedSize += size
+  }
+
+  /// Packs the batch into `buffer` (at least `PacketSocket.maxPacketSize`),
+  /// returns the packet's length and empties the batch.
+  public func encode(into buffer: UnsafeMutableRawBufferPointer) -> Int {
+    message.n_events = count
+    let size = uffdbroker__broker_to_plugin__get_packed_size(&message)
+    precondition(size <= buffer.count, "event batch of \(size) bytes exceeds the packet buffer")
+    let written = uffdbroker__broker_to_plugin__pack(&message, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self))
+    count = 0
+    estimatedSize = 0
+    pool.reset()
+    return written
+  }
+
+  /// A `BrokerToPlugin` carrying only a Hello and/or an Error.
+  public static func encodeControl(hello: Hello?, error: BrokerError?) -> [UInt8] {
+    let pool = CStringPool()
+    var message = Uffdbroker__BrokerToPlugin()
+    uffdbroker__broker_to_plugin__init(&message)
+    var helloMessage = Uffdbroker__Hello()
+    var errorMessage = Uffdbroker__Error()
+    return withUnsafeMutablePointer(to: &helloMessage) { h in
+      withUnsafeMutablePointer(to: &errorMessage) { e in
+        if let hello { hello.encode(into: &h.pointee, pool: pool); message.hello = h }
+        if let error { error.encode(into: &e.pointee, pool: pool); message.error = e }
+        var bytes = [UInt8](repeating: 0, count: uffdbroker__broker_to_plugin__get_packed_size(&message))
+        _ = uffdbroker__broker_to_plugin__pack(&message, &bytes)
+        return bytes
+      }
+    }
+  }
+}
+
+/// Plugin side: decodes one `BrokerToPlugin` packet. The accessors read the
+/// decoded packet, valid until the next `decode`.
+public final class EventBatchDecoder {
+  private let arena: WireArena
+  private var message: UnsafeMutablePointer<Uffdbroker__BrokerToPlugin>?
+
+  public init(arena: WireArena = WireArena()) { self.arena = arena }
+
+  /// Decodes a packet; malformed bytes throw `.malformed`.
+  public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
+    arena.reset()
+    message = withUnsafePointer(to: arena.allocator) { allocator in
+      uffdbroker__broker_to_plugin__unpack(UnsafeMutablePointer(mutating: allocator), bytes.count, bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
+    }
+    if message == nil { throw BrokerError(.malformed, "a broker message could not be decoded") }
+  }
+
+  public var hello: Hello? {
+    get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
+  }
+  public var error: BrokerError? { message?.pointee.error.map { BrokerError(decoding: $0) } }
+  public var eventCount: Int { message?.pointee.n_events ?? 0 }
+
+  /// The event at `index`; an event with no (or an unknown) kind throws `.malformed`.
+  public func event(at index: Int) throws(BrokerError) -> BrokerEvent {
+    guard let m = message, index < m.pointee.n_events, let e = m.pointee.events[index]?.pointee else {
+      throw BrokerError(.malformed, "event \(index) is missing")
+    }
+    switch e.kind_case {
+    case UFFDBROKER__EVENT__KIND_PAGEFAULT:
+      let p = e.pagefault.pointee
+      return .pagefault(PagefaultEvent(
+        faultID: p.fault_id, clientID: p.client_id, regionID: p.region_id, address: UInt(p.address),
+        offset: p.offset, flags: .init(rawValue: UInt64(p.flags)), threadID: p.thread_id))
+    case UFFDBROKER__EVENT__KIND_REMOVED: return .removed(RangeEvent(e.removed.pointee))
+    case UFFDBROKER__EVENT__KIND_UNMAPPED: return .unmapped(RangeEvent(e.unmapped.pointee))
+    case UFFDBROKER__EVENT__KIND_REMAPPED:
+      let r = e.remapped.pointee
+      return .remapped(RemapEvent(clientID: r.client_id, regionID: r.region_id, from: UInt(r.from), to: UInt(r.to), length: Int(r.length), newBase: UInt(r.new_base)))
+    case UFFDBROKER__EVENT__KIND_REGION_OPENED:
+      let o = e.region_opened.pointee
+      guard let region = o.region else { throw BrokerError(.malformed, "RegionOpened without a region") }
+      return .regionOpened(clientID: o.client_id, pid: o.pid, region: try RegionSpec(decoding: region))
+    case UFFDBROKER__EVENT__KIND_REGION_CLOSED:
+      return .regionClosed(clientID: e.region_closed.pointee.client_id, regionID: e.region_closed.pointee.region_id)
+    case UFFDBROKER__EVENT__KIND_CLOSED:
+      return .closed(clientID: e.closed.pointee.client_id, reason: String(cString: e.closed.pointee.reason))
+    default:
+      throw BrokerError(.malformed, "event \(index) has no kind")
+    }
+  }
+}
+
+extension RangeEvent {
+  init(_ m: Uffdbroker__RangeEvent) {
+    self.init(clientID: m.client_id, regionID: m.region_id, range: UInt(m.start)..<UInt(max(m.start, m.end)), startOffset: m.start_offset)
+  }
+}
+
+/// Plugin side: collects decisions (and region replies) into one `PluginToBroker` packet.
+public final class DecisionBatchEncoder {
+  public let capacity: Int
+  public private(set) var count = 0
+  private var payloadBytes = 0
+  private var message = Uffdbroker__PluginToBroker()
+  private let decisions: UnsafeMutablePointer<Uffdbroker__Decision>
+  private let decisionPointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Decision>?>
+  private var replies: [RegionReply] = []
+  private var hello: Hello?
+
+  public init(capacity: Int = 512) {
+    self.capacity = capacity
+    decisions = .allocate(capacity: capacity)
+    decisionPointers = .allocate(capacity: capacity)
+    for index in 0..<capacity {
+      uffdbroker__decision__init(decisions + index)
+      decisionPointers[index] = decisions + index
+    }
+    uffdbroker__plugin_to_broker__init(&message)
+    message.decisions = decisionPointers
+  }
+
+  deinit {
+    decisions.deallocate()
+    decisionPointers.deallocate()
+  }
+
+  public var isEmpty: Bool { count == 0 && replies.isEmpty && hello == nil }
+
+  /// Whether a decision carrying `dataLength` bytes still fits this packet.
+  public func canAppend(dataLength: Int) -> Bool {
+    count < capacity && payloadBytes + dataLength + 64 * (count + 1) <= PacketSocket.maxPacketSize - 4096
+  }
+
+  /// Adds a decision. `data` is borrowed until `encode` (it is copied into the packet there).
+  public func append(faultID: UInt64, kind: DecisionKind, address: UInt, length: Int, data: UnsafeRawBufferPointer? = nil) {
+    precondition(canAppend(dataLength: data?.count ?? 0), "DecisionBatchEncoder overflow: check canAppend")
+    let d = decisions + count
+    d.pointee.fault_id = faultID
+    d.pointee.kind = Uffdbroker__DecisionKind(rawValue: UInt32(kind.rawValue))
+    d.pointee.address = UInt64(address)
+    d.pointee.length = UInt64(length)
+    d.pointee.data.len = data?.count ?? 0
+    d.pointee.data.data = UnsafeMutablePointer(mutating: data?.baseAddress?.assumingMemoryBound(to: UInt8.self))
+    count += 1
+    payloadBytes += data?.count ?? 0
+  }
+
+  public func append(_ reply: RegionReply) { replies.append(reply) }
+  public func setHello(_ hello: Hello) { self.hello = hello }
+
+  /// Packs everything collected into `buffer`, returns the length, and empties the batch.
+  public func encode(into buffer: UnsafeMutableRawBufferPointer) -> Int {
+    message.n_decisions = count
+    let written: Int
+    if replies.isEmpty && hello == nil {
+      written = pack(into: buffer)
+    } else {
+      let pool = CStringPool()
+      var helloMessage = Uffdbroker__Hello()
+      let replyMessages = UnsafeMutablePointer<Uffdbroker__RegionReply>.allocate(capacity: max(replies.count, 1))
+      let replyPointers = UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__RegionReply>?>.allocate(capacity: max(replies.count, 1))
+      let errors = UnsafeMutablePointer<Uffdbroker__Error>.allocate(capacity: max(replies.count, 1))
+      defer {
+        replyMessages.deallocate()
+        replyPointers.deallocate()
+        errors.deallocate()
+      }
+      for (index, reply) in replies.enumerated() {
+        uffdbroker__region_reply__init(replyMessages + index)
+        replyMessages[index].client_id = reply.clientID
+        replyMessages[index].region_id = reply.regionID
+        if let error = reply.error {
+          error.encode(into: &errors[index], pool: pool)
+          replyMessages[index].error = errors + index
+        }
+        replyPointers[index] = replyMessages + index
+      }
+      message.n_region_replies = replies.count
+      message.region_replies = replyPointers
+      written = withUnsafeMutablePointer(to: &helloMessage) { h in
+        if let hello {
+          hello.encode(into: &h.pointee, pool: pool)
+          message.hello = h
+        }
+        return pack(into: buffer)
+      }
+      message.hello = nil
+      message.n_region_replies = 0
+      message.region_replies = nil
+      replies.removeAll(keepingCapacity: true)
+      hello = nil
+    }
+    for index in 0..<count { decisions[index].data = ProtobufCBinaryData(len: 0, data: nil) }
+    count = 0
+    payloadBytes = 0
+    return written
+  }
+
+  private func pack(into buffer: UnsafeMutableRawBufferPointer) -> Int {
+    let size = uffdbroker__plugin_to_broker__get_packed_size(&message)
+    precondition(size <= buffer.count, "decision batch of \(size) bytes exceeds the packet buffer")
+    return uffdbroker__plugin_to_broker__pack(&message, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self))
+  }
+}
+
+/// A decision as decoded by the broker. `data` points into the decoder's
+/// arena and is valid until the next `decode`.
+public struct DecodedDecision {
+  public var faultID: UInt64
+  /// nil for a kind this build does not know (the broker refuses it).
+  public var kind: DecisionKind?
+  public var address: UInt
+  public var length: Int
+  public var data: UnsafeRawBufferPointer
+}
+
+/// Broker side: decodes one `PluginToBroker` packet into its arena.
+public final class DecisionBatchDecoder {
+  private let arena: WireArena
+  private var message: UnsafeMutablePointer<Uffdbroker__PluginToBroker>?
+
+  public init(arena: WireArena = WireArena()) { self.arena = arena }
+
+  public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
+    arena.reset()
+    message = withUnsafePointer(to: arena.allocator) { allocator in
+      uffdbroker__plugin_to_broker__unpack(UnsafeMutablePointer(mutating: allocator), bytes.count, bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
+    }
+    if message == nil { throw BrokerError(.malformed, "a plugin message could not be decoded") }
+  }
+
+  public var hello: Hello? {
+    get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
+  }
+  public var decisionCount: Int { message?.pointee.n_decisions ?? 0 }
+
+  public func decision(at index: Int) -> DecodedDecision? {
+    guard let m = message, index < m.pointee.n_decisions, let d = m.pointee.decisions[index]?.pointee else { return nil }
+    guard d.length <= UInt64(Int.max), d.address <= UInt64(UInt.max) else {
+      return DecodedDecision(faultID: d.fault_id, kind: nil, address: 0, length: 0, data: UnsafeRawBufferPointer(start: nil, count: 0))
+    }
+    return DecodedDecision(
+      faultID: d.fault_id, kind: DecisionKind(rawValue: Int32(bitPattern: d.kind.rawValue)), address: UInt(d.address), length: Int(d.length),
+      data: UnsafeRawBufferPointer(start: d.data.data, count: d.data.len))
+  }
+
+  public var regionReplies: [RegionReply] {
+    guard let m = message, m.pointee.n_region_replies > 0 else { return [] }
+    return (0..<m.pointee.n_region_replies).compactMap { index in
+      guard let r = m.pointee.region_replies[index]?.pointee else { return nil }
+      return RegionReply(clientID: r.client_id, regionID: r.region_id, error: r.error.map { BrokerError(decoding: $0) })
+    }
+  }
+}

@@ -1,0 +1,92 @@
+import BrokerProtocol
+import Userfaultfd
+
+/// A region of a client's memory that this plugin serves.
+public final class PluginRegion {
+  public let clientID: UInt64
+  /// The client process (for logs; the broker has checked it with SO_PEERCRED).
+  public let pid: Int32
+  /// As the client registered it: id, base, length, page size, argument, backing offset.
+  public let spec: RegionSpec
+  /// Where region offset 0 is now (differs from `spec.base` after an mremap).
+  public internal(set) var base: UInt
+  /// Whatever the plugin wants to keep per region (an open file, a store...).
+  public var context: AnyObject?
+
+  init(clientID: UInt64, pid: Int32, spec: RegionSpec) {
+    self.clientID = clientID
+    self.pid = pid
+    self.spec = spec
+    self.base = spec.base
+  }
+
+  public var pageSize: Int { spec.pageSize }
+  public var length: Int { spec.length }
+}
+
+/// A page fault to decide.
+public struct PluginFault {
+  public var faultID: UInt64
+  /// Page aligned, in the client's address space.
+  public var address: UInt
+  /// Offset of the faulting page in the region (stable across mremap).
+  public var offset: UInt64
+  public var flags: Pagefault.Flags
+  public var threadID: Int32
+  public var isWrite: Bool { flags.contains(.write) }
+}
+
+/// A plugin's answer to a fault.
+public enum PluginDecision: Equatable {
+  /// Fill the faulting page with the first `pageSize` bytes of the buffer.
+  case copy
+  /// Fill `length` bytes of the region from `offset` (page aligned, containing
+  /// the faulting page) with the first `length` bytes of the buffer: prefetch.
+  case copyRange(offset: UInt64, length: Int)
+  /// Map a zero page at the faulting page.
+  case zero
+  /// Zero pages over a range of the region (containing the faulting page).
+  case zeroRange(offset: UInt64, length: Int)
+  /// Not ready: the broker delivers the fault again later.
+  case retry
+}
+
+/// The handler a plugin implements; `PluginRunner` calls it.
+///
+/// Contract: every method is called on the thread that called
+/// `PluginRunner.run`, one at a time, in the order the broker sent the events.
+/// For each client, remove/unmap/remap events come before any fault the
+/// broker read after them; a fault whose decision was made before such an
+/// event is sent again, so answer from the state you have now. `clientClosed`
+/// is the last call for a client.
+public protocol PagePlugin: AnyObject {
+  /// A client registered `region` with this plugin. Throw a `BrokerError` (or
+  /// any error) to refuse it: the client's Register fails with its message.
+  /// Called again for each live region after the plugin reconnects.
+  func regionOpened(_ region: PluginRegion) throws
+
+  /// Decide a fault. To copy, write the bytes into `buffer` (page aligned, at
+  /// least one page; `buffer.count` bounds a prefetch) and return `.copy` or
+  /// `.copyRange`.
+  func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision
+
+  /// The client dropped the pages at `offsets` (MADV_DONTNEED): they now read as zeros.
+  func removed(_ offsets: Range<UInt64>, in region: PluginRegion)
+  /// The client unmapped `offsets` of the region.
+  func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion)
+  /// The client moved part of the region; `region.base` is updated already.
+  func remapped(_ region: PluginRegion)
+  /// The region was removed by the client or the client is gone.
+  func regionClosed(_ region: PluginRegion)
+  /// The client is gone; nothing more comes for it.
+  func clientClosed(_ clientID: UInt64, reason: String)
+}
+
+extension PagePlugin {
+  public func regionOpened(_ region: PluginRegion) throws {}
+  public func removed(_ offsets: Range<UInt64>, in region: PluginRegion) {}
+  public func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion) {}
+  public func remapped(_ region: PluginRegion) {}
+  public func regionClosed(_ region: PluginRegion) {}
+  public func clientClosed(_ clientID: UInt64, reason: String) {}
+}

@@ -1,0 +1,164 @@
+import BrokerProtocol
+import Glibc
+import Userfaultfd
+
+/// The plugin's side of the broker connection: Hello, then a loop that
+/// decodes each batch of events, calls the `PagePlugin`, and answers with one
+/// batch of decisions. Page bytes are written by the handler straight into a
+/// page-aligned staging area that the packet is encoded from; nothing is
+/// allocated per fault.
+public final class PluginRunner {
+  private struct RegionKey: Hashable {
+    var client: UInt64
+    var region: UInt64
+  }
+
+  private let plugin: any PagePlugin
+  private let name: String
+  private let socket: PacketSocket
+  private let maxPrefetch: Int
+  private let pageSize = systemPageSize
+  private let events = EventBatchDecoder()
+  private let decisions = DecisionBatchEncoder()
+  private let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
+  private let staging: UnsafeMutableRawBufferPointer
+  private var staged = 0
+  private var regions: [RegionKey: PluginRegion] = [:]
+  private var fds: [CInt] = []
+
+  /// Faults answered so far (for logs and tests).
+  public private(set) var faultsServed = 0
+
+  /// Connects to the broker's plugin socket and says Hello as `name`.
+  /// - Parameter maxPrefetch: the largest range one decision may fill (the buffer handed to `pagefault`).
+  public init(plugin: any PagePlugin, name: String, socketPath: String = SocketPaths.plugin, maxPrefetch: Int = 128 << 10) throws(BrokerError) {
+    self.plugin = plugin
+    self.name = name
+    self.maxPrefetch = max(maxPrefetch / systemPageSize, 1) * systemPageSize
+    precondition(self.maxPrefetch <= PacketSocket.maxPacketSize / 2, "maxPrefetch must fit a packet")
+    staging = .allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
+    socket = try PacketSocket.connect(path: socketPath)
+    decisions.setHello(Hello(role: .plugin, name: name))
+    try flush()
+    try receive()
+    if let error = events.error { throw error }
+    guard let hello = try events.hello, hello.role == .broker else {
+      throw BrokerError(.version, "the broker did not answer Hello")
+    }
+  }
+
+  deinit {
+    packet.deallocate()
+    staging.deallocate()
+  }
+
+  /// Connects and serves until the broker closes the connection (returns) or
+  /// an error occurs (throws). The one-call form of a plugin's `main`.
+  public static func run(_ plugin: any PagePlugin, name: String, socketPath: String = SocketPaths.plugin, maxPrefetch: Int = 128 << 10) throws(BrokerError) {
+    try PluginRunner(plugin: plugin, name: name, socketPath: socketPath, maxPrefetch: maxPrefetch).serve()
+  }
+
+  /// Serves events until the broker closes the connection.
+  public func serve() throws(BrokerError) {
+    while true {
+      do {
+        try receive()
+      } catch where error.code == .disconnected {
+        return
+      }
+      if let error = events.error { throw error }
+      for index in 0..<events.eventCount {
+        try handle(try events.event(at: index))
+      }
+      try flush()
+    }
+  }
+
+  private func receive() throws(BrokerError) {
+    fds.removeAll(keepingCapacity: true)
+    switch try socket.receive(into: packet, fds: &fds, blocking: true) {
+    case .packet(let count):
+      fds.forEach(closeDescriptor)
+      try events.decode(UnsafeRawBufferPointer(rebasing: packet[..<count]))
+    case .closed, .wouldBlock:
+      throw BrokerError(.disconnected, "the broker closed the connection")
+    }
+  }
+
+  private func flush() throws(BrokerError) {
+    guard !decisions.isEmpty else { return }
+    let count = decisions.encode(into: packet)
+    staged = 0
+    try socket.send(UnsafeRawBufferPointer(rebasing: packet[..<count]))
+  }
+
+  private func handle(_ event: BrokerEvent) throws(BrokerError) {
+    switch event {
+    case .pagefault(let fault):
+      try serve(fault)
+    case .regionOpened(let clientID, let pid, let spec):
+      let region = PluginRegion(clientID: clientID, pid: pid, spec: spec)
+      var refusal: BrokerError?
+      do {
+        try plugin.regionOpened(region)
+        regions[RegionKey(client: clientID, region: spec.id)] = region
+      } catch let error as BrokerError {
+        refusal = error
+      } catch {
+        refusal = BrokerError(.pluginRefused, "\(error)")
+      }
+      decisions.append(RegionReply(clientID: clientID, regionID: spec.id, error: refusal))
+    case .removed(let range):
+      if let region = regions[RegionKey(client: range.clientID, region: range.regionID)] {
+        plugin.removed(range.startOffset..<range.startOffset + UInt64(range.range.count), in: region)
+      }
+    case .unmapped(let range):
+      if let region = regions[RegionKey(client: range.clientID, region: range.regionID)] {
+        plugin.unmapped(range.startOffset..<range.startOffset + UInt64(range.range.count), in: region)
+      }
+    case .remapped(let remap):
+      if let region = regions[RegionKey(client: remap.clientID, region: remap.regionID)] {
+        region.base = remap.newBase
+        plugin.remapped(region)
+      }
+    case .regionClosed(let clientID, let regionID):
+      if let region = regions.removeValue(forKey: RegionKey(client: clientID, region: regionID)) { plugin.regionClosed(region) }
+    case .closed(let clientID, let reason):
+      for key in regions.keys where key.client == clientID {
+        if let region = regions.removeValue(forKey: key) { plugin.regionClosed(region) }
+      }
+      plugin.clientClosed(clientID, reason: reason)
+    }
+  }
+
+  private func serve(_ event: PagefaultEvent) throws(BrokerError) {
+    if staging.count - staged < maxPrefetch || !decisions.canAppend(dataLength: maxPrefetch) { try flush() }
+    guard let region = regions[RegionKey(client: event.clientID, region: event.regionID)] else {
+      decisions.append(faultID: event.faultID, kind: .retry, address: event.address, length: 0)
+      return
+    }
+    let buffer = UnsafeMutableRawBufferPointer(rebasing: staging[staged..<staged + maxPrefetch])
+    let fault = PluginFault(faultID: event.faultID, address: event.address, offset: event.offset, flags: event.flags, threadID: event.threadID)
+    faultsServed += 1
+    switch plugin.pagefault(fault, in: region, buffer: buffer) {
+    case .copy:
+      decisions.append(faultID: event.faultID, kind: .copy, address: event.address, length: pageSize, data: UnsafeRawBufferPointer(rebasing: buffer[..<pageSize]))
+      staged += pageSize
+    case .copyRange(let offset, let length):
+      precondition(length > 0 && length <= buffer.count, "copyRange of \(length) bytes exceeds the buffer of \(buffer.count)")
+      decisions.append(faultID: event.faultID, kind: .copy, address: address(of: offset, for: event), length: length, data: UnsafeRawBufferPointer(rebasing: buffer[..<length]))
+      staged += (length + pageSize - 1) / pageSize * pageSize
+    case .zero:
+      decisions.append(faultID: event.faultID, kind: .zero, address: event.address, length: pageSize)
+    case .zeroRange(let offset, let length):
+      decisions.append(faultID: event.faultID, kind: .zero, address: address(of: offset, for: event), length: length)
+    case .retry:
+      decisions.append(faultID: event.faultID, kind: .retry, address: event.address, length: 0)
+    }
+  }
+
+  /// The address of region offset `offset`, in the same live piece as the fault.
+  private func address(of offset: UInt64, for event: PagefaultEvent) -> UInt {
+    event.address &- UInt(truncatingIfNeeded: event.offset) &+ UInt(truncatingIfNeeded: offset)
+  }
+}

@@ -1,0 +1,162 @@
+import BrokerProtocol
+import CUserfaultfd
+import ClientSDK
+import Glibc
+import Synchronization
+import Userfaultfd
+
+/// A client process with a scenario: registers memory with the broker, faults
+/// on it in a chosen way, and checks every byte. Returns the exit status.
+struct FixtureClient {
+  let scenario: String
+  let mib: Int
+  let threads: Int
+  let plugin: String
+  let loops: Int
+  let pageSize = systemPageSize
+
+  func run() -> Int32 {
+    do {
+      switch scenario {
+      case "touch": return try touch(expectZero: false)
+      case "zero": return try touch(expectZero: true)
+      case "dontneed-race": return try dontneedRace()
+      case "remap": return try remap()
+      case "unknown-plugin": return expectRefusal(plugin: "no-such-plugin")
+      case "refused": return expectRefusal(plugin: plugin)
+      case "exit-midway": return try exitMidway()
+      default:
+        print("unknown scenario \(scenario)")
+        return 2
+      }
+    } catch {
+      print("error: \(error)")
+      return 1
+    }
+  }
+
+  private func register(_ memory: AnonymousMemory, id: UInt64 = 1) throws(ClientError) -> BrokerClient {
+    try BrokerClient(regions: [RegionSpec(id: id, base: memory.address, length: memory.length, plugin: plugin)], name: "fixture-\(scenario)")
+  }
+
+  /// Every page touched once by `threads` threads (interleaved), then every byte checked.
+  private func touch(expectZero: Bool) throws -> Int32 {
+    let memory = try AnonymousMemory(length: mib << 20)
+    let client = try register(memory)
+    let pages = memory.length / pageSize
+    let base = UInt(bitPattern: memory.base)
+    let threadCount = threads
+    let workers = (0..<threadCount).map { index in
+      spawnThread {
+        var page = index
+        while page < pages {
+          // A write to one word, then a read of another: both kinds of fault.
+          let pointer = UnsafeMutableRawPointer(bitPattern: base + UInt(page * 4096))!
+          if page % 2 == 0 { _ = pointer.load(fromByteOffset: 8, as: UInt64.self) } else { _ = pointer.load(as: UInt8.self) }
+          page += threadCount
+        }
+      }
+    }
+    workers.forEach { pthread_join($0, nil) }
+    var bad = 0
+    for page in 0..<pages {
+      let bytes = UnsafeRawBufferPointer(start: memory.base + page * pageSize, count: pageSize)
+      let wrong = expectZero ? bytes.contains { $0 != 0 } : Pattern.mismatch(bytes, backingOffset: UInt64(page * pageSize)) != nil
+      if wrong { bad += 1 }
+    }
+    withExtendedLifetime(client) {}
+    print("verified \(pages) pages, \(bad) wrong")
+    return bad == 0 ? 0 : 1
+  }
+
+  /// A thread faults on a page while another drops it with MADV_DONTNEED; once
+  /// madvise has returned the page must read as zeros (the plugin serves zeros
+  /// for removed pages), never the old pattern.
+  private func dontneedRace() throws -> Int32 {
+    let count = max(loops, 1)
+    let memory = try AnonymousMemory(length: count * pageSize)
+    let client = try register(memory)
+    let base = UInt(bitPattern: memory.base)
+    let stale = Atomic<Int>(0)
+    for iteration in 0..<count {
+      let address = base + UInt(iteration * pageSize)
+      let start = Atomic<Bool>(false)
+      let reader = spawnThread {
+        while !start.load(ordering: .acquiring) {}
+        _ = UnsafeRawPointer(bitPattern: address)!.load(as: UInt64.self)
+      }
+      start.store(true, ordering: .releasing)
+      if iteration % 3 != 0 { sched_yield() }  // vary who wins the race
+      madvise(UnsafeMutableRawPointer(bitPattern: address), pageSize, MADV_DONTNEED)
+      // After madvise returned: zeros, whoever won.
+      let page = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: address), count: pageSize)
+      if page.contains(where: { $0 != 0 }) { stale.add(1, ordering: .relaxed) }
+      pthread_join(reader, nil)
+    }
+    withExtendedLifetime(client) {}
+    print("dontneed races \(count), stale pages \(stale.load(ordering: .relaxed))")
+    return stale.load(ordering: .relaxed) == 0 ? 0 : 1
+  }
+
+  /// mremap half of the region while a thread faults in the other half, then
+  /// munmap a quarter; the moved pages are served at their new address with
+  /// their original content.
+  private func remap() throws -> Int32 {
+    let length = max(mib, 4) << 20
+    let memory = try AnonymousMemory(length: length)
+    let client = try register(memory)
+    let base = memory.base
+    let address = memory.address
+    let quarter = length / 4
+    let toucher = spawnThread {
+      for page in stride(from: 0, to: quarter, by: 4096) { _ = UnsafeRawPointer(bitPattern: address + UInt(page))!.load(as: UInt8.self) }
+    }
+    // Reserve a destination, then move the upper half onto it.
+    let destination = mmap(nil, length / 2, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+    let moved = cuffd_mremap(base + length / 2, length / 2, length / 2, cuffd_mremap_maymove | cuffd_mremap_fixed, destination)
+    guard moved != MAP_FAILED, let moved else {
+      print("mremap failed: \(errno)")
+      return 1
+    }
+    munmap(base + quarter, quarter)  // the second quarter, while the toucher works on the first
+    pthread_join(toucher, nil)
+    var bad = 0
+    for page in stride(from: 0, to: length / 2, by: pageSize) {
+      if Pattern.mismatch(UnsafeRawBufferPointer(start: moved + page, count: pageSize), backingOffset: UInt64(length / 2 + page)) != nil { bad += 1 }
+    }
+    for page in stride(from: 0, to: quarter, by: pageSize) {
+      if Pattern.mismatch(UnsafeRawBufferPointer(start: base + page, count: pageSize), backingOffset: UInt64(page)) != nil { bad += 1 }
+    }
+    munmap(moved, length / 2)
+    withExtendedLifetime(client) {}
+    print("remapped \(length / 2) bytes, \(bad) wrong pages")
+    return bad == 0 ? 0 : 1
+  }
+
+  private func expectRefusal(plugin name: String) -> Int32 {
+    do {
+      let memory = try AnonymousMemory(length: 1 << 20)
+      _ = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: name)])
+      print("registered, but a refusal was expected")
+      return 1
+    } catch {
+      print("refused: \(error)")
+      return error.broker == nil ? 1 : 0
+    }
+  }
+
+  /// Faults from several threads, and the process exits while they are blocked.
+  private func exitMidway() throws -> Int32 {
+    let memory = try AnonymousMemory(length: mib << 20)
+    let client = try register(memory)
+    let address = memory.address
+    for index in 0..<threads {
+      _ = spawnThread { _ = UnsafeRawPointer(bitPattern: address + UInt(index * 4096))!.load(as: UInt8.self) }
+    }
+    usleep(200_000)
+    print("exiting with faults in flight")
+    fflush(nil)
+    withExtendedLifetime(client) {}
+    _exit(0)
+  }
+}

@@ -1,0 +1,80 @@
+import BrokerProtocol
+import Glibc
+import PluginSDK
+import Userfaultfd
+
+/// A plugin with selectable behaviour, for the integration tests.
+/// Modes: pattern (copy the pattern), zero, retry-once (retry each page once,
+/// then pattern), outside / misaligned / short (first answer per page is
+/// invalid, later ones correct), prefetch (64 KiB aligned blocks), hang (never
+/// answer), exit-after:N (exit after N faults), refuse (refuse every region).
+final class FixturePlugin: PagePlugin {
+  let mode: String
+  let eventLog: UnsafeMutablePointer<FILE>?
+  var retried = Set<UInt64>()
+  var removed: [ObjectIdentifier: [Range<UInt64>]] = [:]
+  var faults = 0
+  let exitAfter: Int?
+
+  init(mode: String, eventLogPath: String?) {
+    self.mode = mode
+    eventLog = eventLogPath.flatMap { fopen($0, "a") }
+    exitAfter = mode.hasPrefix("exit-after:") ? Int(mode.dropFirst("exit-after:".count)) : nil
+  }
+
+  func log(_ line: String) {
+    guard let eventLog else { return }
+    fputs(line + "\n", eventLog)
+    fflush(eventLog)
+  }
+
+  func regionOpened(_ region: PluginRegion) throws {
+    log("opened \(region.clientID) \(region.spec.id)")
+    if mode == "refuse" { throw BrokerError(.pluginRefused, "this fixture refuses every region") }
+  }
+
+  func removed(_ offsets: Range<UInt64>, in region: PluginRegion) {
+    log("removed \(region.clientID) \(offsets.lowerBound) \(offsets.upperBound)")
+    removed[ObjectIdentifier(region), default: []].append(offsets)
+  }
+
+  func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion) { log("unmapped \(region.clientID) \(offsets.lowerBound) \(offsets.upperBound)") }
+  func remapped(_ region: PluginRegion) { log("remapped \(region.clientID) \(region.spec.id) \(region.base)") }
+  func regionClosed(_ region: PluginRegion) { log("regionClosed \(region.clientID) \(region.spec.id)") }
+  func clientClosed(_ clientID: UInt64, reason: String) { log("closed \(clientID)") }
+
+  func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
+    faults += 1
+    if let exitAfter, faults > exitAfter { exit(3) }
+    let pageSize = region.pageSize
+    // Pages dropped with MADV_DONTNEED read as zeros from then on.
+    if let ranges = removed[ObjectIdentifier(region)], ranges.contains(where: { $0.contains(fault.offset) }) { return .zero }
+    let firstTime = retried.insert(fault.offset).inserted
+    switch mode {
+    case "zero":
+      return .zero
+    case "retry-once" where firstTime:
+      return .retry
+    case "outside" where firstTime:
+      Pattern.fill(UnsafeMutableRawBufferPointer(rebasing: buffer[..<pageSize]), backingOffset: 0)
+      return .copyRange(offset: UInt64(region.length), length: pageSize)  // just past the region's end
+    case "misaligned" where firstTime:
+      return .copyRange(offset: fault.offset + 8, length: pageSize)
+    case "short" where firstTime:
+      return .copyRange(offset: fault.offset, length: pageSize / 2)
+    case "hang":
+      return .retry  // a plugin that never resolves (the broker keeps redelivering)
+    case "prefetch":
+      let block = UInt64(64 << 10)
+      let start = fault.offset / block * block
+      let length = Int(min(block, UInt64(region.length) - start))
+      for page in stride(from: 0, to: length, by: pageSize) {
+        Pattern.fill(UnsafeMutableRawBufferPointer(rebasing: buffer[page..<page + pageSize]), backingOffset: region.spec.backingOffset + start + UInt64(page))
+      }
+      return .copyRange(offset: start, length: length)
+    default:
+      Pattern.fill(UnsafeMutableRawBufferPointer(rebasing: buffer[..<pageSize]), backingOffset: region.spec.backingOffset + fault.offset)
+      return .copy
+    }
+  }
+}

@@ -1,0 +1,40 @@
+import BrokerProtocol
+import ClientSDK
+import Glibc
+import PluginSDK
+import Userfaultfd
+
+// broker-fixture: the plugin and client processes of the integration tests.
+//   broker-fixture plugin NAME MODE [EVENT_LOG]
+//   broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]
+// Socket paths come from UFFD_BROKER_CLIENT_SOCKET / UFFD_BROKER_PLUGIN_SOCKET.
+// Exit status 0 means every checked byte was right; the last line of stdout says what was checked.
+
+let arguments = CommandLine.arguments
+func fail(_ message: String) -> Never {
+  var line = "broker-fixture: \(message)\n"
+  line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+  exit(1)
+}
+
+guard arguments.count >= 2 else { fail("usage: broker-fixture plugin|client ...") }
+switch arguments[1] {
+case "plugin":
+  guard arguments.count >= 4 else { fail("usage: broker-fixture plugin NAME MODE [EVENT_LOG]") }
+  let plugin = FixturePlugin(mode: arguments[3], eventLogPath: arguments.count > 4 ? arguments[4] : nil)
+  do {
+    try PluginRunner.run(plugin, name: arguments[2])
+  } catch {
+    fail("plugin: \(error)")
+  }
+case "client":
+  guard arguments.count >= 6, let mib = Int(arguments[3]), let threads = Int(arguments[4]) else {
+    fail("usage: broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]")
+  }
+  let loops = arguments.count > 6 ? Int(arguments[6]) ?? 1 : 1
+  let status = FixtureClient(scenario: arguments[2], mib: mib, threads: threads, plugin: arguments[5], loops: loops).run()
+  fflush(nil)
+  exit(status)
+default:
+  fail("unknown role \(arguments[1])")
+}
