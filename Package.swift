@@ -35,6 +35,8 @@ let package = Package(
     .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
     .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd"], path: "Examples/lazy-fill"),
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
+    // Real broker, plugin and client processes against real userfaultfds.
+    .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ClientSDK", "Userfaultfd", "CUserfaultfd", "broker-fixture", "uffd-broker"]),
     // The plugin and client processes of the integration tests.
     .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd"], path: "Tests/Fixtures/broker-fixture"),
   ],
