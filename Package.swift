@@ -33,6 +33,9 @@ let package = Package(
     // For plugins: a handler protocol and the run loop around it.
     .target(name: "PluginSDK", dependencies: ["BrokerProtocol", "Userfaultfd"]),
     .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
+    // Counts malloc calls (linked into the benchmark only) to prove the fault path allocates nothing.
+    .target(name: "CMallocCounter"),
+    .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CUserfaultfd", "CMallocCounter", .product(name: "Logging", package: "swift-log")]),
     .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd"], path: "Examples/lazy-fill"),
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
     // Real broker, plugin and client processes against real userfaultfds.

@@ -1,0 +1,1 @@
+print("uffd-bench: to be written")
