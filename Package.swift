@@ -36,6 +36,9 @@ let package = Package(
     // Counts malloc calls (linked into the benchmark only) to prove the fault path allocates nothing.
     .target(name: "CMallocCounter"),
     .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CUserfaultfd", "CMallocCounter", .product(name: "Logging", package: "swift-log")]),
+    // Sample plugins.
+    .executableTarget(name: "zero-fill-plugin", dependencies: ["PluginSDK"], path: "Examples/zero-fill-plugin"),
+    .executableTarget(name: "snapshot-plugin", dependencies: ["PluginSDK", "BrokerProtocol"], path: "Examples/snapshot-plugin"),
     .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd"], path: "Examples/lazy-fill"),
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
     // Real broker, plugin and client processes against real userfaultfds.

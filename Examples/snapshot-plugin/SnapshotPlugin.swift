@@ -1,0 +1,62 @@
+import BrokerProtocol
+import Glibc
+import PluginSDK
+
+/// Lazy snapshot restore (as Firecracker and CRIU do): a region maps onto a
+/// snapshot file (the region's argument) from its backing offset; each fault
+/// is served with `pread` from the file, optionally with the following pages
+/// of an aligned block in the same decision (prefetch).
+final class SnapshotPlugin: PagePlugin {
+  /// Pages per aligned prefetch block (1: no prefetch).
+  let prefetchPages: Int
+
+  /// The open snapshot file of one region.
+  final class Snapshot {
+    let fd: CInt
+    let size: UInt64
+    init(fd: CInt, size: UInt64) {
+      self.fd = fd
+      self.size = size
+    }
+    deinit { close(fd) }
+  }
+
+  init(prefetchPages: Int) { self.prefetchPages = max(prefetchPages, 1) }
+
+  /// The file must exist and cover every page of the region (the last page may
+  /// be partial: its tail reads as zeros). Checked now, so a bad snapshot fails
+  /// the client's Register instead of a fault later.
+  func regionOpened(_ region: PluginRegion) throws {
+    let path = region.spec.argument
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { throw BrokerError(.pluginRefused, "cannot open snapshot \(path): \(String(cString: strerror(errno)))") }
+    var info = stat()
+    fstat(fd, &info)
+    let size = UInt64(info.st_size)
+    let needed = region.spec.backingOffset + UInt64(region.length - region.pageSize) + 1
+    guard size >= needed else {
+      close(fd)
+      throw BrokerError(.pluginRefused, "snapshot \(path) has \(size) bytes; region \(region.spec.id) needs at least \(needed) from offset \(region.spec.backingOffset)")
+    }
+    region.context = Snapshot(fd: fd, size: size)
+  }
+
+  func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
+    guard let snapshot = region.context as? Snapshot else { return .retry }
+    let block = UInt64(min(prefetchPages * region.pageSize, buffer.count))
+    let start = fault.offset / block * block
+    let length = Int(min(block, UInt64(region.length) - start))
+    let fileOffset = region.spec.backingOffset + start
+    let available = fileOffset < snapshot.size ? Int(min(UInt64(length), snapshot.size - fileOffset)) : 0
+    var done = 0
+    while done < available {
+      let n = pread(snapshot.fd, buffer.baseAddress! + done, available - done, off_t(fileOffset) + off_t(done))
+      if n < 0 && errno == EINTR { continue }
+      if n <= 0 { break }
+      done += n
+    }
+    // Past the end of the file (the last partial page) the region reads zeros.
+    if done < length { (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: length - done) }
+    return length == region.pageSize ? .copy : .copyRange(offset: start, length: length)
+  }
+}
