@@ -39,6 +39,8 @@ let package = Package(
     // Sample plugins.
     .executableTarget(name: "zero-fill-plugin", dependencies: ["PluginSDK"], path: "Examples/zero-fill-plugin"),
     .executableTarget(name: "snapshot-plugin", dependencies: ["PluginSDK", "BrokerProtocol"], path: "Examples/snapshot-plugin"),
+    .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
+    .executableTarget(name: "swap-plugin", dependencies: ["PluginSDK", "BrokerProtocol", "CZlib"], path: "Examples/swap-plugin"),
     .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd"], path: "Examples/lazy-fill"),
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
     // Real broker, plugin and client processes against real userfaultfds.

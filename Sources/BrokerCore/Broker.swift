@@ -30,6 +30,9 @@ public final class Broker: @unchecked Sendable {
   private var routes: [String: PluginRoute] = [:]
   private var inFlight: [UInt64: InFlight] = [:]
   private var nextFaultID: UInt64 = 1
+  private var pendingStores: [UInt64: PendingStore] = [:]
+  /// A page of zeros, the source of write-protected zero fills.
+  private let zeroPage = UnsafeMutableRawBufferPointer.allocate(byteCount: systemPageSize, alignment: systemPageSize)
   private var dirtyPlugins: [PluginConnection] = []
   private var stopping = false
 
@@ -46,6 +49,14 @@ public final class Broker: @unchecked Sendable {
     var sequence: UInt64
     var plugin: ObjectIdentifier
     var sentAt: UInt64
+  }
+
+  /// A swap-out chunk handed to a plugin to store; the client waits for its reply.
+  private struct PendingStore {
+    var session: ClientSession
+    var requestID: UInt64
+    var range: Range<UInt>
+    var piece: RegionTable.Piece
   }
 
   /// Counters for tests, logs and the benchmark.
@@ -79,12 +90,14 @@ public final class Broker: @unchecked Sendable {
     try loop.add(pluginListener.fd, Token(.pluginListener))
     try loop.add(wakeup, Token(.wakeup))
     inFlight.reserveCapacity(4096)
+    zeroPage.initializeMemory(as: UInt8.self, repeating: 0)
     dirtyPlugins.reserveCapacity(64)
     for plugin in configuration.plugins { _ = route(named: plugin.name) }
   }
 
   deinit {
     packet.deallocate()
+    zeroPage.deallocate()
     closeDescriptor(wakeup)
     closeDescriptor(signals)
   }
@@ -282,6 +295,39 @@ public final class Broker: @unchecked Sendable {
         if let route, !routesOfRegion.isEmpty { sendEvent(.regionClosed(clientID: session.id, regionID: id), to: route) }
       }
       reply(session, BrokerReply(requestID: request.requestID, .ack(clientID: session.id)))
+    case (.active, .swapOut(let regionID, let offset, let length)):
+      let (range, _) = try session.liveRange(regionID: regionID, offset: offset, length: length)
+      guard !session.swapping.contains(where: { $0.overlaps(range) }) else { throw BrokerError(.badRegion, "a swap-out of this range is in progress") }
+      guard let uffd = session.uffd else { throw BrokerError(.internal, "the client has no userfaultfd") }
+      session.swapping.append(range)  // first: fills from now on are write-protected
+      if case .failure(let errno) = uffd.writeProtect(address: range.lowerBound, length: range.count, protect: true) {
+        session.swapping.removeLast()
+        throw BrokerError(.badRegion, "cannot write-protect region \(regionID) (register it with write-protect mode)", errno: errno)
+      }
+      reply(session, BrokerReply(requestID: request.requestID, .ack(clientID: session.id)))
+    case (.active, .swapOutData(let regionID, let offset, let data)):
+      let (range, piece) = try session.liveRange(regionID: regionID, offset: offset, length: data.count)
+      guard session.swapping.contains(where: { $0.lowerBound <= range.lowerBound && range.upperBound <= $0.upperBound }) else {
+        throw BrokerError(.badRegion, "SwapOutData outside a swap-out in progress")
+      }
+      guard piece.route.connection != nil else { throw BrokerError(.unknownPlugin, "plugin \(piece.route.name) is not connected") }
+      let storeID = takeID()
+      pendingStores[storeID] = PendingStore(session: session, requestID: request.requestID, range: range, piece: piece)
+      sendEvent(.store(StoreEvent(storeID: storeID, clientID: session.id, regionID: regionID, offset: offset, data: data)), to: piece.route)
+    case (.active, .swapOutDone(let regionID, let offset, let length)):
+      let (range, _) = try session.liveRange(regionID: regionID, offset: offset, length: length)
+      guard let index = session.swapping.firstIndex(of: range), let uffd = session.uffd else {
+        throw BrokerError(.badRegion, "no swap-out of this range is in progress")
+      }
+      session.swapping.remove(at: index)
+      // Unprotecting wakes the held writers: a kept page is now writable; a
+      // dropped one faults again and is filled from the plugin's copy.
+      _ = uffd.writeProtect(address: range.lowerBound, length: range.count, protect: false)
+      for page in session.heldWrites where range.contains(page) {
+        session.heldWrites.remove(page)
+        session.dispatcher?.complete(page, .resolved)
+      }
+      reply(session, BrokerReply(requestID: request.requestID, .ack(clientID: session.id)))
     default:
       throw BrokerError(.malformed, "unexpected message in this state of the connection")
     }
@@ -368,6 +414,16 @@ public final class Broker: @unchecked Sendable {
     }
   }
 
+  private func storeReply(_ storeReply: StoreReply) {
+    guard let pending = pendingStores.removeValue(forKey: storeReply.storeID), pending.session.phase == .active else { return }
+    if let error = storeReply.error {
+      reply(pending.session, BrokerReply(requestID: pending.requestID, .error(BrokerError(.pluginRefused, "the plugin did not store the pages: \(error.message)"))))
+      return
+    }
+    let busy = pending.session.heldWrites.filter { pending.range.contains($0) }.sorted().map { pending.piece.offset(of: $0) }
+    reply(pending.session, BrokerReply(requestID: pending.requestID, .ack(clientID: pending.session.id, busyOffsets: busy)))
+  }
+
   private func failOpen(_ session: ClientSession, _ error: BrokerError) {
     guard let pending = session.pendingOpen else { return }
     session.pendingOpen = nil
@@ -413,6 +469,7 @@ public final class Broker: @unchecked Sendable {
       session.pendingOpen.map { served.formUnion($0.regions.map(\.plugin)) }
       for name in served.sorted() { sendEvent(.closed(clientID: session.id, reason: reason), to: route(named: name)) }
     }
+    pendingStores = pendingStores.filter { $0.value.session !== session }
     session.dispatcher = nil
     session.uffd = nil  // the broker's reference closes here
     clients[session.id] = nil
@@ -503,6 +560,7 @@ public final class Broker: @unchecked Sendable {
     }
     let replies = decisions.regionReplies
     for reply in replies { regionReply(reply, from: plugin) }
+    for reply in decisions.storeReplies { storeReply(reply) }
   }
 
   /// A plugin (re)connected: it learns every region it serves, then the events it missed.
@@ -581,6 +639,7 @@ public final class Broker: @unchecked Sendable {
   }
 
   private func append(_ event: BrokerEvent, to plugin: PluginConnection) {
+    if case .store(let store) = event, !plugin.events.canAppend(size: store.data.count) { flush(plugin) }
     if plugin.events.isFull { flush(plugin) }
     plugin.events.append(event)
     markDirty(plugin)
@@ -638,20 +697,37 @@ public final class Broker: @unchecked Sendable {
       dispatcher.complete(page, .notNow)
       return
     }
-    var outcome = fill(kind, range: range, data: decision.data, uffd: uffd)
+    // While a swap-out runs, every fill in its range is write-protected, so no write escapes it.
+    let protect = session.isSwapping(page)
+    var outcome = fill(kind, range: range, data: decision.data, uffd: uffd, writeProtect: protect)
     if length > pageSize && !outcome.isResolved {
       // A prefetch stopped at a page that exists already: fill the faulting page alone.
       let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: decision.data[Int(page - start)..<Int(page - start) + pageSize]) : decision.data
-      outcome = fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd)
+      outcome = fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd, writeProtect: protect)
     }
     statistics.decisionsApplied += 1
     dispatcher.complete(page, PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd))
   }
 
-  private func fill(_ kind: DecisionKind, range: Range<UInt>, data: UnsafeRawBufferPointer, uffd: UserfaultFD) -> IoctlOutcome {
-    kind == .copy
-      ? uffd.copy(to: range.lowerBound, from: data.baseAddress!, length: range.count)
-      : uffd.zero(address: range.lowerBound, length: range.count)
+  private func fill(_ kind: DecisionKind, range: Range<UInt>, data: UnsafeRawBufferPointer, uffd: UserfaultFD, writeProtect: Bool) -> IoctlOutcome {
+    switch kind {
+    case .copy:
+      return uffd.copy(to: range.lowerBound, from: data.baseAddress!, length: range.count, writeProtect: writeProtect)
+    case .zero where writeProtect:
+      // The shared zero page is read-only to the kernel, not to uffd-wp: a write
+      // to it would escape the swap-out. Copy zeros, write-protected, instead.
+      for page in stride(from: range.lowerBound, to: range.upperBound, by: zeroPage.count) {
+        let outcome = uffd.copy(to: page, from: zeroPage.baseAddress!, length: zeroPage.count, writeProtect: true)
+        if !outcome.isResolved { return outcome }
+      }
+      return .done
+    case .zero:
+      return uffd.zero(address: range.lowerBound, length: range.count)
+    case .poison:
+      return uffd.poison(address: range.lowerBound, length: range.count)
+    case .retry:
+      return .notNow
+    }
   }
 
   private func refuse(_ decision: DecodedDecision, from plugin: PluginConnection, _ reason: String) {

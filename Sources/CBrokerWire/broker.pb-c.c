@@ -277,6 +277,141 @@ void   uffdbroker__remove_regions__free_unpacked
   assert(message->base.descriptor == &uffdbroker__remove_regions__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   uffdbroker__swap_out__init
+                     (Uffdbroker__SwapOut         *message)
+{
+  static const Uffdbroker__SwapOut init_value = UFFDBROKER__SWAP_OUT__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__swap_out__get_packed_size
+                     (const Uffdbroker__SwapOut *message)
+{
+  assert(message->base.descriptor == &uffdbroker__swap_out__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__swap_out__pack
+                     (const Uffdbroker__SwapOut *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__swap_out__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__swap_out__pack_to_buffer
+                     (const Uffdbroker__SwapOut *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__swap_out__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__SwapOut *
+       uffdbroker__swap_out__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__SwapOut *)
+     protobuf_c_message_unpack (&uffdbroker__swap_out__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__swap_out__free_unpacked
+                     (Uffdbroker__SwapOut *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__swap_out__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   uffdbroker__swap_out_data__init
+                     (Uffdbroker__SwapOutData         *message)
+{
+  static const Uffdbroker__SwapOutData init_value = UFFDBROKER__SWAP_OUT_DATA__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__swap_out_data__get_packed_size
+                     (const Uffdbroker__SwapOutData *message)
+{
+  assert(message->base.descriptor == &uffdbroker__swap_out_data__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__swap_out_data__pack
+                     (const Uffdbroker__SwapOutData *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__swap_out_data__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__swap_out_data__pack_to_buffer
+                     (const Uffdbroker__SwapOutData *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__swap_out_data__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__SwapOutData *
+       uffdbroker__swap_out_data__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__SwapOutData *)
+     protobuf_c_message_unpack (&uffdbroker__swap_out_data__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__swap_out_data__free_unpacked
+                     (Uffdbroker__SwapOutData *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__swap_out_data__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   uffdbroker__swap_out_done__init
+                     (Uffdbroker__SwapOutDone         *message)
+{
+  static const Uffdbroker__SwapOutDone init_value = UFFDBROKER__SWAP_OUT_DONE__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__swap_out_done__get_packed_size
+                     (const Uffdbroker__SwapOutDone *message)
+{
+  assert(message->base.descriptor == &uffdbroker__swap_out_done__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__swap_out_done__pack
+                     (const Uffdbroker__SwapOutDone *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__swap_out_done__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__swap_out_done__pack_to_buffer
+                     (const Uffdbroker__SwapOutDone *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__swap_out_done__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__SwapOutDone *
+       uffdbroker__swap_out_done__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__SwapOutDone *)
+     protobuf_c_message_unpack (&uffdbroker__swap_out_done__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__swap_out_done__free_unpacked
+                     (Uffdbroker__SwapOutDone *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__swap_out_done__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   uffdbroker__client_to_broker__init
                      (Uffdbroker__ClientToBroker         *message)
 {
@@ -637,6 +772,51 @@ void   uffdbroker__region_closed__free_unpacked
   assert(message->base.descriptor == &uffdbroker__region_closed__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   uffdbroker__store__init
+                     (Uffdbroker__Store         *message)
+{
+  static const Uffdbroker__Store init_value = UFFDBROKER__STORE__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__store__get_packed_size
+                     (const Uffdbroker__Store *message)
+{
+  assert(message->base.descriptor == &uffdbroker__store__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__store__pack
+                     (const Uffdbroker__Store *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__store__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__store__pack_to_buffer
+                     (const Uffdbroker__Store *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__store__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__Store *
+       uffdbroker__store__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__Store *)
+     protobuf_c_message_unpack (&uffdbroker__store__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__store__free_unpacked
+                     (Uffdbroker__Store *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__store__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   uffdbroker__closed__init
                      (Uffdbroker__Closed         *message)
 {
@@ -860,6 +1040,51 @@ void   uffdbroker__region_reply__free_unpacked
   if(!message)
     return;
   assert(message->base.descriptor == &uffdbroker__region_reply__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   uffdbroker__store_reply__init
+                     (Uffdbroker__StoreReply         *message)
+{
+  static const Uffdbroker__StoreReply init_value = UFFDBROKER__STORE_REPLY__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__store_reply__get_packed_size
+                     (const Uffdbroker__StoreReply *message)
+{
+  assert(message->base.descriptor == &uffdbroker__store_reply__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__store_reply__pack
+                     (const Uffdbroker__StoreReply *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__store_reply__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__store_reply__pack_to_buffer
+                     (const Uffdbroker__StoreReply *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__store_reply__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__StoreReply *
+       uffdbroker__store_reply__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__StoreReply *)
+     protobuf_c_message_unpack (&uffdbroker__store_reply__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__store_reply__free_unpacked
+                     (Uffdbroker__StoreReply *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__store_reply__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
 void   uffdbroker__plugin_to_broker__init
@@ -1291,7 +1516,199 @@ const ProtobufCMessageDescriptor uffdbroker__remove_regions__descriptor =
   (ProtobufCMessageInit) uffdbroker__remove_regions__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__client_to_broker__field_descriptors[5] =
+static const ProtobufCFieldDescriptor uffdbroker__swap_out__field_descriptors[3] =
+{
+  {
+    "region_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__SwapOut, region_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "offset",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__SwapOut, offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "length",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__SwapOut, length),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__swap_out__field_indices_by_name[] = {
+  2,   /* field[2] = length */
+  1,   /* field[1] = offset */
+  0,   /* field[0] = region_id */
+};
+static const ProtobufCIntRange uffdbroker__swap_out__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor uffdbroker__swap_out__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.SwapOut",
+  "SwapOut",
+  "Uffdbroker__SwapOut",
+  "uffdbroker",
+  sizeof(Uffdbroker__SwapOut),
+  3,
+  uffdbroker__swap_out__field_descriptors,
+  uffdbroker__swap_out__field_indices_by_name,
+  1,  uffdbroker__swap_out__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__swap_out__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__swap_out_data__field_descriptors[3] =
+{
+  {
+    "region_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__SwapOutData, region_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "offset",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__SwapOutData, offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "data",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__SwapOutData, data),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__swap_out_data__field_indices_by_name[] = {
+  2,   /* field[2] = data */
+  1,   /* field[1] = offset */
+  0,   /* field[0] = region_id */
+};
+static const ProtobufCIntRange uffdbroker__swap_out_data__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor uffdbroker__swap_out_data__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.SwapOutData",
+  "SwapOutData",
+  "Uffdbroker__SwapOutData",
+  "uffdbroker",
+  sizeof(Uffdbroker__SwapOutData),
+  3,
+  uffdbroker__swap_out_data__field_descriptors,
+  uffdbroker__swap_out_data__field_indices_by_name,
+  1,  uffdbroker__swap_out_data__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__swap_out_data__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__swap_out_done__field_descriptors[3] =
+{
+  {
+    "region_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__SwapOutDone, region_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "offset",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__SwapOutDone, offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "length",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__SwapOutDone, length),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__swap_out_done__field_indices_by_name[] = {
+  2,   /* field[2] = length */
+  1,   /* field[1] = offset */
+  0,   /* field[0] = region_id */
+};
+static const ProtobufCIntRange uffdbroker__swap_out_done__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor uffdbroker__swap_out_done__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.SwapOutDone",
+  "SwapOutDone",
+  "Uffdbroker__SwapOutDone",
+  "uffdbroker",
+  sizeof(Uffdbroker__SwapOutDone),
+  3,
+  uffdbroker__swap_out_done__field_descriptors,
+  uffdbroker__swap_out_done__field_indices_by_name,
+  1,  uffdbroker__swap_out_done__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__swap_out_done__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__client_to_broker__field_descriptors[8] =
 {
   {
     "request_id",
@@ -1353,6 +1770,42 @@ static const ProtobufCFieldDescriptor uffdbroker__client_to_broker__field_descri
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "swap_out",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__ClientToBroker, body_case),
+    offsetof(Uffdbroker__ClientToBroker, swap_out),
+    &uffdbroker__swap_out__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "swap_out_data",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__ClientToBroker, body_case),
+    offsetof(Uffdbroker__ClientToBroker, swap_out_data),
+    &uffdbroker__swap_out_data__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "swap_out_done",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__ClientToBroker, body_case),
+    offsetof(Uffdbroker__ClientToBroker, swap_out_done),
+    &uffdbroker__swap_out_done__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__client_to_broker__field_indices_by_name[] = {
   3,   /* field[3] = add_regions */
@@ -1360,11 +1813,14 @@ static const unsigned uffdbroker__client_to_broker__field_indices_by_name[] = {
   2,   /* field[2] = register */
   4,   /* field[4] = remove_regions */
   0,   /* field[0] = request_id */
+  5,   /* field[5] = swap_out */
+  6,   /* field[6] = swap_out_data */
+  7,   /* field[7] = swap_out_done */
 };
 static const ProtobufCIntRange uffdbroker__client_to_broker__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor uffdbroker__client_to_broker__descriptor =
 {
@@ -1374,14 +1830,14 @@ const ProtobufCMessageDescriptor uffdbroker__client_to_broker__descriptor =
   "Uffdbroker__ClientToBroker",
   "uffdbroker",
   sizeof(Uffdbroker__ClientToBroker),
-  5,
+  8,
   uffdbroker__client_to_broker__field_descriptors,
   uffdbroker__client_to_broker__field_indices_by_name,
   1,  uffdbroker__client_to_broker__number_ranges,
   (ProtobufCMessageInit) uffdbroker__client_to_broker__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__ack__field_descriptors[1] =
+static const ProtobufCFieldDescriptor uffdbroker__ack__field_descriptors[2] =
 {
   {
     "client_id",
@@ -1395,14 +1851,27 @@ static const ProtobufCFieldDescriptor uffdbroker__ack__field_descriptors[1] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "busy_offsets",
+    2,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_UINT64,
+    offsetof(Uffdbroker__Ack, n_busy_offsets),
+    offsetof(Uffdbroker__Ack, busy_offsets),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__ack__field_indices_by_name[] = {
+  1,   /* field[1] = busy_offsets */
   0,   /* field[0] = client_id */
 };
 static const ProtobufCIntRange uffdbroker__ack__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 1 }
+  { 0, 2 }
 };
 const ProtobufCMessageDescriptor uffdbroker__ack__descriptor =
 {
@@ -1412,7 +1881,7 @@ const ProtobufCMessageDescriptor uffdbroker__ack__descriptor =
   "Uffdbroker__Ack",
   "uffdbroker",
   sizeof(Uffdbroker__Ack),
-  1,
+  2,
   uffdbroker__ack__field_descriptors,
   uffdbroker__ack__field_indices_by_name,
   1,  uffdbroker__ack__number_ranges,
@@ -1612,7 +2081,7 @@ const ProtobufCMessageDescriptor uffdbroker__pagefault__descriptor =
   (ProtobufCMessageInit) uffdbroker__pagefault__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__range_event__field_descriptors[5] =
+static const ProtobufCFieldDescriptor uffdbroker__range_event__field_descriptors[6] =
 {
   {
     "client_id",
@@ -1674,6 +2143,18 @@ static const ProtobufCFieldDescriptor uffdbroker__range_event__field_descriptors
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "swapped_out",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__RangeEvent, swapped_out),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__range_event__field_indices_by_name[] = {
   0,   /* field[0] = client_id */
@@ -1681,11 +2162,12 @@ static const unsigned uffdbroker__range_event__field_indices_by_name[] = {
   1,   /* field[1] = region_id */
   2,   /* field[2] = start */
   4,   /* field[4] = start_offset */
+  5,   /* field[5] = swapped_out */
 };
 static const ProtobufCIntRange uffdbroker__range_event__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor uffdbroker__range_event__descriptor =
 {
@@ -1695,7 +2177,7 @@ const ProtobufCMessageDescriptor uffdbroker__range_event__descriptor =
   "Uffdbroker__RangeEvent",
   "uffdbroker",
   sizeof(Uffdbroker__RangeEvent),
-  5,
+  6,
   uffdbroker__range_event__field_descriptors,
   uffdbroker__range_event__field_indices_by_name,
   1,  uffdbroker__range_event__number_ranges,
@@ -1920,6 +2402,96 @@ const ProtobufCMessageDescriptor uffdbroker__region_closed__descriptor =
   (ProtobufCMessageInit) uffdbroker__region_closed__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
+static const ProtobufCFieldDescriptor uffdbroker__store__field_descriptors[5] =
+{
+  {
+    "client_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Store, client_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "region_id",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Store, region_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "offset",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Store, offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "data",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BYTES,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Store, data),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "store_id",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Store, store_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__store__field_indices_by_name[] = {
+  0,   /* field[0] = client_id */
+  3,   /* field[3] = data */
+  2,   /* field[2] = offset */
+  1,   /* field[1] = region_id */
+  4,   /* field[4] = store_id */
+};
+static const ProtobufCIntRange uffdbroker__store__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 5 }
+};
+const ProtobufCMessageDescriptor uffdbroker__store__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.Store",
+  "Store",
+  "Uffdbroker__Store",
+  "uffdbroker",
+  sizeof(Uffdbroker__Store),
+  5,
+  uffdbroker__store__field_descriptors,
+  uffdbroker__store__field_indices_by_name,
+  1,  uffdbroker__store__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__store__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
 static const ProtobufCFieldDescriptor uffdbroker__closed__field_descriptors[2] =
 {
   {
@@ -1971,7 +2543,7 @@ const ProtobufCMessageDescriptor uffdbroker__closed__descriptor =
   (ProtobufCMessageInit) uffdbroker__closed__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__event__field_descriptors[7] =
+static const ProtobufCFieldDescriptor uffdbroker__event__field_descriptors[8] =
 {
   {
     "pagefault",
@@ -2057,6 +2629,18 @@ static const ProtobufCFieldDescriptor uffdbroker__event__field_descriptors[7] =
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "store",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__Event, kind_case),
+    offsetof(Uffdbroker__Event, store),
+    &uffdbroker__store__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__event__field_indices_by_name[] = {
   6,   /* field[6] = closed */
@@ -2065,12 +2649,13 @@ static const unsigned uffdbroker__event__field_indices_by_name[] = {
   4,   /* field[4] = region_opened */
   3,   /* field[3] = remapped */
   1,   /* field[1] = removed */
+  7,   /* field[7] = store */
   2,   /* field[2] = unmapped */
 };
 static const ProtobufCIntRange uffdbroker__event__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 7 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor uffdbroker__event__descriptor =
 {
@@ -2080,7 +2665,7 @@ const ProtobufCMessageDescriptor uffdbroker__event__descriptor =
   "Uffdbroker__Event",
   "uffdbroker",
   sizeof(Uffdbroker__Event),
-  7,
+  8,
   uffdbroker__event__field_descriptors,
   uffdbroker__event__field_indices_by_name,
   1,  uffdbroker__event__number_ranges,
@@ -2305,7 +2890,58 @@ const ProtobufCMessageDescriptor uffdbroker__region_reply__descriptor =
   (ProtobufCMessageInit) uffdbroker__region_reply__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descriptors[3] =
+static const ProtobufCFieldDescriptor uffdbroker__store_reply__field_descriptors[2] =
+{
+  {
+    "store_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__StoreReply, store_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "error",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__StoreReply, error),
+    &uffdbroker__error__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__store_reply__field_indices_by_name[] = {
+  1,   /* field[1] = error */
+  0,   /* field[0] = store_id */
+};
+static const ProtobufCIntRange uffdbroker__store_reply__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor uffdbroker__store_reply__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.StoreReply",
+  "StoreReply",
+  "Uffdbroker__StoreReply",
+  "uffdbroker",
+  sizeof(Uffdbroker__StoreReply),
+  2,
+  uffdbroker__store_reply__field_descriptors,
+  uffdbroker__store_reply__field_indices_by_name,
+  1,  uffdbroker__store_reply__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__store_reply__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descriptors[4] =
 {
   {
     "hello",
@@ -2343,16 +2979,29 @@ static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descri
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "store_replies",
+    4,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__PluginToBroker, n_store_replies),
+    offsetof(Uffdbroker__PluginToBroker, store_replies),
+    &uffdbroker__store_reply__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__plugin_to_broker__field_indices_by_name[] = {
   1,   /* field[1] = decisions */
   0,   /* field[0] = hello */
   2,   /* field[2] = region_replies */
+  3,   /* field[3] = store_replies */
 };
 static const ProtobufCIntRange uffdbroker__plugin_to_broker__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor uffdbroker__plugin_to_broker__descriptor =
 {
@@ -2362,7 +3011,7 @@ const ProtobufCMessageDescriptor uffdbroker__plugin_to_broker__descriptor =
   "Uffdbroker__PluginToBroker",
   "uffdbroker",
   sizeof(Uffdbroker__PluginToBroker),
-  3,
+  4,
   uffdbroker__plugin_to_broker__field_descriptors,
   uffdbroker__plugin_to_broker__field_indices_by_name,
   1,  uffdbroker__plugin_to_broker__number_ranges,
@@ -2445,18 +3094,20 @@ const ProtobufCEnumDescriptor uffdbroker__error_code__descriptor =
   uffdbroker__error_code__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCEnumValue uffdbroker__decision_kind__enum_values_by_number[3] =
+static const ProtobufCEnumValue uffdbroker__decision_kind__enum_values_by_number[4] =
 {
   { "DECISION_COPY", "UFFDBROKER__DECISION_KIND__DECISION_COPY", 0 },
   { "DECISION_ZERO", "UFFDBROKER__DECISION_KIND__DECISION_ZERO", 1 },
   { "DECISION_RETRY", "UFFDBROKER__DECISION_KIND__DECISION_RETRY", 2 },
+  { "DECISION_POISON", "UFFDBROKER__DECISION_KIND__DECISION_POISON", 3 },
 };
 static const ProtobufCIntRange uffdbroker__decision_kind__value_ranges[] = {
-{0, 0},{0, 3}
+{0, 0},{0, 4}
 };
-static const ProtobufCEnumValueIndex uffdbroker__decision_kind__enum_values_by_name[3] =
+static const ProtobufCEnumValueIndex uffdbroker__decision_kind__enum_values_by_name[4] =
 {
   { "DECISION_COPY", 0 },
+  { "DECISION_POISON", 3 },
   { "DECISION_RETRY", 2 },
   { "DECISION_ZERO", 1 },
 };
@@ -2467,9 +3118,9 @@ const ProtobufCEnumDescriptor uffdbroker__decision_kind__descriptor =
   "DecisionKind",
   "Uffdbroker__DecisionKind",
   "uffdbroker",
-  3,
+  4,
   uffdbroker__decision_kind__enum_values_by_number,
-  3,
+  4,
   uffdbroker__decision_kind__enum_values_by_name,
   1,
   uffdbroker__decision_kind__value_ranges,

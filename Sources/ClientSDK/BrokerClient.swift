@@ -60,13 +60,7 @@ public final class BrokerClient: @unchecked Sendable {
     } catch {
       throw ClientError("cannot create a userfaultfd: \(error)")
     }
-    for region in regions {
-      do {
-        try uffd.register(address: region.base, length: region.length, mode: .missing)
-      } catch {
-        throw ClientError("cannot register region \(region.id): \(error)")
-      }
-    }
+    try Self.register(regions, with: uffd)
     do {
       socket = try PacketSocket.connect(path: socketPath)
     } catch {
@@ -76,20 +70,87 @@ public final class BrokerClient: @unchecked Sendable {
     _ = try Self.exchange(socket, arena, ClientRequest(requestID: 0, .hello(Hello(role: .client, name: name))), fds: [])
     let register = RegisterRequest(pid: getpid(), features: uffd.features, ioctls: uffd.ioctls, regions: regions)
     let reply = try Self.exchange(socket, arena, ClientRequest(requestID: 1, .register(register)), fds: [uffd.fileDescriptor.rawValue])
-    guard case .ack(let id) = reply else { throw ClientError("the broker answered Register with \(reply)") }
+    guard case .ack(let id, _) = reply else { throw ClientError("the broker answered Register with \(reply)") }
     clientID = id
   }
 
   /// Adds regions (registering their ranges with this client's uffd first).
   public func addRegions(_ regions: [RegionSpec]) throws(ClientError) {
+    try Self.register(regions, with: uffd)
+    _ = try request(.addRegions(regions))
+  }
+
+  /// Missing faults go to the broker; write-protect mode lets it swap pages out
+  /// without losing a concurrent write.
+  private static func register(_ regions: [RegionSpec], with uffd: UserfaultFD) throws(ClientError) {
     for region in regions {
       do {
-        try uffd.register(address: region.base, length: region.length, mode: .missing)
+        try uffd.register(address: region.base, length: region.length, mode: [.missing, .writeProtect])
       } catch {
         throw ClientError("cannot register region \(region.id): \(error)")
       }
     }
-    _ = try request(.addRegions(regions))
+  }
+
+  /// What a swap-out did.
+  public struct SwapOutReport: Sendable, Equatable {
+    /// Pages now held (compressed) by the plugin and released here.
+    public var pagesDropped: Int
+    /// Pages written during the swap-out: kept resident, their writes intact.
+    public var pagesKept: Int
+  }
+
+  /// Swaps out `length` bytes of `region` from `offset` (page aligned): the
+  /// region's plugin stores their content and the memory is released
+  /// (MADV_DONTNEED); the next touch of a page faults it back in from the
+  /// plugin. Other threads may keep reading and writing the range meanwhile:
+  /// a page written during the swap-out is kept resident, and no write is lost.
+  public func swapOut(_ region: RegionSpec, offset: Int = 0, length: Int? = nil) throws(ClientError) -> SwapOutReport {
+    let length = length ?? region.length - offset
+    let pageSize = systemPageSize
+    guard offset >= 0, length > 0, offset % pageSize == 0, length % pageSize == 0, offset + length <= region.length else {
+      throw ClientError("swap-out of \(length) bytes at offset \(offset) is not a page-aligned part of region \(region.id)")
+    }
+    _ = try request(.swapOut(regionID: region.id, offset: UInt64(offset), length: length))
+    var report = SwapOutReport(pagesDropped: 0, pagesKept: 0)
+    var failure: ClientError?
+    let chunk = 128 << 10
+    var bytes = [UInt8](repeating: 0, count: chunk)
+    var start = offset
+    while start < offset + length {
+      let count = min(chunk, offset + length - start)
+      let source = UnsafeRawPointer(bitPattern: region.base + UInt(start))!
+      // The range is write-protected: what is read here stays the page's content until the drop.
+      bytes.withUnsafeMutableBytes { $0.baseAddress!.copyMemory(from: source, byteCount: count) }
+      let reply: BrokerReply.Body
+      do {
+        reply = try request(.swapOutData(regionID: region.id, offset: UInt64(start), data: Array(bytes[..<count])))
+      } catch {
+        failure = error
+        break
+      }
+      guard case .ack(_, let busyOffsets) = reply else { break }
+      let busy = Set(busyOffsets)
+      var page = start
+      while page < start + count {
+        // Drop runs of pages nobody wrote to; a busy page stays.
+        if busy.contains(UInt64(page)) {
+          report.pagesKept += 1
+          page += pageSize
+          continue
+        }
+        var end = page + pageSize
+        while end < start + count && !busy.contains(UInt64(end)) { end += pageSize }
+        madvise(UnsafeMutableRawPointer(bitPattern: region.base + UInt(page)), end - page, MADV_DONTNEED)
+        report.pagesDropped += (end - page) / pageSize
+        page = end
+      }
+      start += count
+    }
+    // Always end the swap-out: it unprotects the range and releases held writers.
+    _ = try request(.swapOutDone(regionID: region.id, offset: UInt64(offset), length: length))
+    if let failure { throw failure }
+    return report
   }
 
   /// Removes regions from the broker, then unregisters their ranges (their pages stay as they are).

@@ -49,6 +49,9 @@ public enum PluginDecision: Equatable {
   case zeroRange(offset: UInt64, length: Int)
   /// Not ready: the broker delivers the fault again later.
   case retry
+  /// The page's content is lost (say a corrupt store): the faulting access
+  /// gets SIGBUS rather than wrong bytes (UFFDIO_POISON, fail closed).
+  case poison
 }
 
 /// The handler a plugin implements; `PluginRunner` calls it.
@@ -72,6 +75,13 @@ public protocol PagePlugin: AnyObject {
 
   /// The client dropped the pages at `offsets` (MADV_DONTNEED): they now read as zeros.
   func removed(_ offsets: Range<UInt64>, in region: PluginRegion)
+  /// Keep `data`, the content of the region from `offset` (a swap-out chunk).
+  /// Until the region closes, a fault on these pages must be answered with them.
+  /// Throw to refuse (the client's swap-out fails and its pages stay resident).
+  func store(_ data: UnsafeRawBufferPointer, at offset: UInt64, in region: PluginRegion) throws
+  /// A swap-out dropped the pages at `offsets` from the client; their content is
+  /// what `store` received.
+  func swappedOut(_ offsets: Range<UInt64>, in region: PluginRegion)
   /// The client unmapped `offsets` of the region.
   func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion)
   /// The client moved part of the region; `region.base` is updated already.
@@ -85,6 +95,10 @@ public protocol PagePlugin: AnyObject {
 extension PagePlugin {
   public func regionOpened(_ region: PluginRegion) throws {}
   public func removed(_ offsets: Range<UInt64>, in region: PluginRegion) {}
+  public func store(_ data: UnsafeRawBufferPointer, at offset: UInt64, in region: PluginRegion) throws {
+    throw BrokerError(.pluginRefused, "this plugin does not keep swapped-out pages")
+  }
+  public func swappedOut(_ offsets: Range<UInt64>, in region: PluginRegion) {}
   public func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion) {}
   public func remapped(_ region: PluginRegion) {}
   public func regionClosed(_ region: PluginRegion) {}

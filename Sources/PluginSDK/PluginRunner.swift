@@ -110,8 +110,23 @@ public final class PluginRunner {
       decisions.append(RegionReply(clientID: clientID, regionID: spec.id, error: refusal))
     case .removed(let range):
       if let region = regions[RegionKey(client: range.clientID, region: range.regionID)] {
-        plugin.removed(range.startOffset..<range.startOffset + UInt64(range.range.count), in: region)
+        let offsets = range.startOffset..<range.startOffset + UInt64(range.range.count)
+        if range.swappedOut { plugin.swappedOut(offsets, in: region) } else { plugin.removed(offsets, in: region) }
       }
+    case .store(let store):
+      var refusal: BrokerError?
+      if let region = regions[RegionKey(client: store.clientID, region: store.regionID)] {
+        do {
+          try store.data.withUnsafeBytes { try plugin.store($0, at: store.offset, in: region) }
+        } catch let error as BrokerError {
+          refusal = error
+        } catch {
+          refusal = BrokerError(.pluginRefused, "\(error)")
+        }
+      } else {
+        refusal = BrokerError(.badRegion, "region \(store.regionID) of client \(store.clientID) is not open here")
+      }
+      decisions.append(StoreReply(storeID: store.storeID, error: refusal))
     case .unmapped(let range):
       if let region = regions[RegionKey(client: range.clientID, region: range.regionID)] {
         plugin.unmapped(range.startOffset..<range.startOffset + UInt64(range.range.count), in: region)
@@ -154,6 +169,8 @@ public final class PluginRunner {
       decisions.append(faultID: event.faultID, kind: .zero, address: address(of: offset, for: event), length: length)
     case .retry:
       decisions.append(faultID: event.faultID, kind: .retry, address: event.address, length: 0)
+    case .poison:
+      decisions.append(faultID: event.faultID, kind: .poison, address: event.address, length: pageSize)
     }
   }
 

@@ -38,6 +38,12 @@ final class ClientSession: UserfaultFDHandler {
   var regions = RegionTable()
   var pidfd: CInt = -1
   var pendingOpen: PendingOpen?
+  /// Address ranges being swapped out: writes to them are held, fills are write-protected.
+  var swapping: [Range<UInt>] = []
+  /// Pages whose write-protect faults are held until their swap-out ends.
+  var heldWrites: Set<UInt> = []
+
+  func isSwapping(_ address: UInt) -> Bool { swapping.contains { $0.contains(address) } }
 
   init(id: UInt64, socket: PacketSocket, peer: PeerCredentials, broker: Broker) {
     self.id = id
@@ -51,6 +57,17 @@ final class ClientSession: UserfaultFDHandler {
   // MARK: UserfaultFDHandler
 
   func pagefault(_ fault: Pagefault, on uffd: UserfaultFD) -> PagefaultResult {
+    if fault.flags.contains(.writeProtect) {
+      // Only swap-outs write-protect: hold the writer until its page is either
+      // dropped (it then faults the stored copy back in) or kept and unprotected.
+      let page = fault.address & ~UInt(systemPageSize - 1)
+      if isSwapping(page) {
+        heldWrites.insert(page)
+        return .inFlight
+      }
+      _ = uffd.writeProtect(address: page, length: systemPageSize, protect: false)
+      return .resolved
+    }
     guard let piece = regions.piece(containing: fault.address) else {
       // Not in a live region: it was unmapped or removed just now. Wake the
       // thread; its access re-faults against the new mappings.
@@ -61,9 +78,25 @@ final class ClientSession: UserfaultFDHandler {
   }
 
   func removed(_ range: Range<UInt>) {
+    // A swap-out drops pages whose content the plugin has just stored.
+    let swappedOut = swapping.contains { $0.lowerBound <= range.lowerBound && range.upperBound <= $0.upperBound }
     for part in regions.overlapping(range) {
-      broker.sendEvent(.removed(RangeEvent(clientID: id, regionID: part.piece.spec.id, range: part.range, startOffset: part.piece.offset(of: part.range.lowerBound))), to: part.piece.route)
+      broker.sendEvent(.removed(RangeEvent(
+        clientID: id, regionID: part.piece.spec.id, range: part.range,
+        startOffset: part.piece.offset(of: part.range.lowerBound), swappedOut: swappedOut)), to: part.piece.route)
     }
+  }
+
+  /// The live range of region `regionID` at `offset` (page aligned, inside one live piece).
+  func liveRange(regionID: UInt64, offset: UInt64, length: Int) throws(BrokerError) -> (range: Range<UInt>, piece: RegionTable.Piece) {
+    let mask = UInt64(systemPageSize - 1)
+    guard length > 0, offset & mask == 0, UInt64(length) & mask == 0,
+          let piece = regions.pieces.first(where: { $0.spec.id == regionID && $0.address(ofOffset: offset) != nil }),
+          let start = piece.address(ofOffset: offset), UInt(length) <= piece.live.upperBound - start
+    else {
+      throw BrokerError(.badRegion, "offset \(offset) + \(length) is not a page-aligned live range of region \(regionID)")
+    }
+    return (start..<start + UInt(length), piece)
   }
 
   func unmapped(_ range: Range<UInt>) {

@@ -73,6 +73,12 @@ public struct ClientRequest: Equatable, Sendable {
     case register(RegisterRequest)
     case addRegions([RegionSpec])
     case removeRegions([UInt64])
+    /// Swap-out step 1: the broker write-protects the range (see the schema for the protocol).
+    case swapOut(regionID: UInt64, offset: UInt64, length: Int)
+    /// Swap-out step 2: bytes of a chunk of the range, for the region's plugin to keep.
+    case swapOutData(regionID: UInt64, offset: UInt64, data: [UInt8])
+    /// Swap-out step 3: the client dropped the pages that were not busy; unprotect the range.
+    case swapOutDone(regionID: UInt64, offset: UInt64, length: Int)
   }
   /// Echoed in the reply.
   public var requestID: UInt64
@@ -88,7 +94,8 @@ public struct ClientRequest: Equatable, Sendable {
 public struct BrokerReply: Equatable, Sendable {
   public enum Body: Equatable, Sendable {
     case hello(Hello)
-    case ack(clientID: UInt64)
+    /// Success. After a SwapOut, `busyOffsets` names the pages written meanwhile (keep them).
+    case ack(clientID: UInt64, busyOffsets: [UInt64] = [])
     case error(BrokerError)
   }
   public var requestID: UInt64
@@ -132,12 +139,15 @@ public struct RangeEvent: Equatable, Sendable {
   public var range: Range<UInt>
   /// `range.lowerBound` minus the region's base.
   public var startOffset: UInt64
+  /// Removed by a swap-out: the plugin holds the pages' content (it stored them).
+  public var swappedOut: Bool
 
-  public init(clientID: UInt64, regionID: UInt64, range: Range<UInt>, startOffset: UInt64) {
+  public init(clientID: UInt64, regionID: UInt64, range: Range<UInt>, startOffset: UInt64, swappedOut: Bool = false) {
     self.clientID = clientID
     self.regionID = regionID
     self.range = range
     self.startOffset = startOffset
+    self.swappedOut = swappedOut
   }
 }
 
@@ -172,6 +182,37 @@ public enum BrokerEvent: Equatable, Sendable {
   case regionClosed(clientID: UInt64, regionID: UInt64)
   /// The client is gone; last for that client.
   case closed(clientID: UInt64, reason: String)
+  /// Keep these bytes of the region (a swap-out); answer with a `StoreReply`.
+  case store(StoreEvent)
+}
+
+/// Bytes of a region for the plugin to keep (a swap-out chunk).
+public struct StoreEvent: Equatable, Sendable {
+  public var storeID: UInt64
+  public var clientID: UInt64
+  public var regionID: UInt64
+  public var offset: UInt64
+  public var data: [UInt8]
+
+  public init(storeID: UInt64, clientID: UInt64, regionID: UInt64, offset: UInt64, data: [UInt8]) {
+    self.storeID = storeID
+    self.clientID = clientID
+    self.regionID = regionID
+    self.offset = offset
+    self.data = data
+  }
+}
+
+/// A plugin's answer to a `StoreEvent`.
+public struct StoreReply: Equatable, Sendable {
+  public var storeID: UInt64
+  /// nil: stored.
+  public var error: BrokerError?
+
+  public init(storeID: UInt64, error: BrokerError?) {
+    self.storeID = storeID
+    self.error = error
+  }
 }
 
 // MARK: - Plugin → broker decisions
@@ -184,6 +225,8 @@ public enum DecisionKind: Int32, Sendable {
   case zero = 1
   /// Not ready: deliver the fault again later.
   case retry = 2
+  /// The content is lost: accesses to the range get SIGBUS (fail closed).
+  case poison = 3
 }
 
 /// A plugin's answer to a region it was asked to serve.

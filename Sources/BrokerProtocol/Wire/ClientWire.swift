@@ -12,7 +12,11 @@ public enum ClientWire {
     var register = Uffdbroker__Register()
     var add = Uffdbroker__AddRegions()
     var remove = Uffdbroker__RemoveRegions()
+    var swapOut = Uffdbroker__SwapOut()
+    var swapOutData = Uffdbroker__SwapOutData()
+    var swapOutDone = Uffdbroker__SwapOutDone()
     var ids = [UInt64]()
+    var payload = [UInt8]()
     return withUnsafeMutablePointer(to: &hello) { helloPointer in
       withUnsafeMutablePointer(to: &register) { registerPointer in
         withUnsafeMutablePointer(to: &add) { addPointer in
@@ -42,13 +46,46 @@ public enum ClientWire {
               uffdbroker__remove_regions__init(removePointer)
               message.body_case = UFFDBROKER__CLIENT_TO_BROKER__BODY_REMOVE_REGIONS
               message.remove_regions = removePointer
+            case .swapOut(let regionID, let offset, let length):
+              uffdbroker__swap_out__init(&swapOut)
+              swapOut.region_id = regionID
+              swapOut.offset = offset
+              swapOut.length = UInt64(length)
+              message.body_case = UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT
+            case .swapOutData(let regionID, let offset, let data):
+              payload = data
+              uffdbroker__swap_out_data__init(&swapOutData)
+              swapOutData.region_id = regionID
+              swapOutData.offset = offset
+              message.body_case = UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT_DATA
+            case .swapOutDone(let regionID, let offset, let length):
+              uffdbroker__swap_out_done__init(&swapOutDone)
+              swapOutDone.region_id = regionID
+              swapOutDone.offset = offset
+              swapOutDone.length = UInt64(length)
+              message.body_case = UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT_DONE
             }
             return ids.withUnsafeMutableBufferPointer { idBuffer in
-              removePointer.pointee.n_ids = idBuffer.count
-              removePointer.pointee.ids = idBuffer.baseAddress
-              var bytes = [UInt8](repeating: 0, count: uffdbroker__client_to_broker__get_packed_size(&message))
-              _ = uffdbroker__client_to_broker__pack(&message, &bytes)
-              return bytes
+              payload.withUnsafeMutableBufferPointer { payloadBuffer in
+                withUnsafeMutablePointer(to: &swapOut) { swapOutPointer in
+                  withUnsafeMutablePointer(to: &swapOutData) { swapOutDataPointer in
+                    withUnsafeMutablePointer(to: &swapOutDone) { swapOutDonePointer in
+                      removePointer.pointee.n_ids = idBuffer.count
+                      removePointer.pointee.ids = idBuffer.baseAddress
+                      swapOutDataPointer.pointee.data = ProtobufCBinaryData(len: payloadBuffer.count, data: payloadBuffer.baseAddress)
+                      switch message.body_case {
+                      case UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT: message.swap_out = swapOutPointer
+                      case UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT_DATA: message.swap_out_data = swapOutDataPointer
+                      case UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT_DONE: message.swap_out_done = swapOutDonePointer
+                      default: break
+                      }
+                      var bytes = [UInt8](repeating: 0, count: uffdbroker__client_to_broker__get_packed_size(&message))
+                      _ = uffdbroker__client_to_broker__pack(&message, &bytes)
+                      return bytes
+                    }
+                  }
+                }
+              }
             }
           }
         }
@@ -80,6 +117,17 @@ public enum ClientWire {
     case UFFDBROKER__CLIENT_TO_BROKER__BODY_REMOVE_REGIONS:
       let r = m.remove_regions.pointee
       return ClientRequest(requestID: m.request_id, .removeRegions(Array(UnsafeBufferPointer(start: r.ids, count: r.n_ids))))
+    case UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT:
+      let s = m.swap_out.pointee
+      guard s.length <= UInt64(Int.max) else { throw BrokerError(.badRegion, "SwapOut length too large") }
+      return ClientRequest(requestID: m.request_id, .swapOut(regionID: s.region_id, offset: s.offset, length: Int(s.length)))
+    case UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT_DATA:
+      let s = m.swap_out_data.pointee
+      return ClientRequest(requestID: m.request_id, .swapOutData(regionID: s.region_id, offset: s.offset, data: Array(UnsafeBufferPointer(start: s.data.data, count: s.data.len))))
+    case UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT_DONE:
+      let s = m.swap_out_done.pointee
+      guard s.length <= UInt64(Int.max) else { throw BrokerError(.badRegion, "SwapOutDone length too large") }
+      return ClientRequest(requestID: m.request_id, .swapOutDone(regionID: s.region_id, offset: s.offset, length: Int(s.length)))
     default:
       throw BrokerError(.malformed, "a client message has no body")
     }
@@ -93,6 +141,7 @@ public enum ClientWire {
     var hello = Uffdbroker__Hello()
     var ack = Uffdbroker__Ack()
     var error = Uffdbroker__Error()
+    var busy = [UInt64]()
     return withUnsafeMutablePointer(to: &hello) { helloPointer in
       withUnsafeMutablePointer(to: &ack) { ackPointer in
         withUnsafeMutablePointer(to: &error) { errorPointer in
@@ -101,9 +150,10 @@ public enum ClientWire {
             value.encode(into: &helloPointer.pointee, pool: pool)
             message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_HELLO
             message.hello = helloPointer
-          case .ack(let clientID):
+          case .ack(let clientID, let busyOffsets):
             uffdbroker__ack__init(ackPointer)
             ackPointer.pointee.client_id = clientID
+            busy = busyOffsets
             message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_ACK
             message.ack = ackPointer
           case .error(let value):
@@ -111,9 +161,13 @@ public enum ClientWire {
             message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_ERROR
             message.error = errorPointer
           }
-          var bytes = [UInt8](repeating: 0, count: uffdbroker__broker_to_client__get_packed_size(&message))
-          _ = uffdbroker__broker_to_client__pack(&message, &bytes)
-          return bytes
+          return busy.withUnsafeMutableBufferPointer { busyBuffer in
+            ackPointer.pointee.n_busy_offsets = busyBuffer.count
+            ackPointer.pointee.busy_offsets = busyBuffer.baseAddress
+            var bytes = [UInt8](repeating: 0, count: uffdbroker__broker_to_client__get_packed_size(&message))
+            _ = uffdbroker__broker_to_client__pack(&message, &bytes)
+            return bytes
+          }
         }
       }
     }
@@ -130,7 +184,9 @@ public enum ClientWire {
     let m = message.pointee
     switch m.body_case {
     case UFFDBROKER__BROKER_TO_CLIENT__BODY_HELLO: return BrokerReply(requestID: m.request_id, .hello(try Hello(decoding: m.hello)))
-    case UFFDBROKER__BROKER_TO_CLIENT__BODY_ACK: return BrokerReply(requestID: m.request_id, .ack(clientID: m.ack.pointee.client_id))
+    case UFFDBROKER__BROKER_TO_CLIENT__BODY_ACK:
+      let a = m.ack.pointee
+      return BrokerReply(requestID: m.request_id, .ack(clientID: a.client_id, busyOffsets: Array(UnsafeBufferPointer(start: a.busy_offsets, count: a.n_busy_offsets))))
     case UFFDBROKER__BROKER_TO_CLIENT__BODY_ERROR: return BrokerReply(requestID: m.request_id, .error(BrokerError(decoding: m.error)))
     default: throw BrokerError(.malformed, "a broker reply has no body")
     }

@@ -21,6 +21,9 @@ public final class EventBatchEncoder {
   private let opened: UnsafeMutablePointer<Uffdbroker__RegionOpened>
   private let regionsClosed: UnsafeMutablePointer<Uffdbroker__RegionClosed>
   private let closed: UnsafeMutablePointer<Uffdbroker__Closed>
+  private let stores: UnsafeMutablePointer<Uffdbroker__Store>
+  /// Store payloads, alive until the batch is encoded.
+  private var storeData: [[UInt8]] = []
   private let pool = CStringPool()
 
   public init(capacity: Int = 512) {
@@ -33,7 +36,9 @@ public final class EventBatchEncoder {
     opened = .allocate(capacity: capacity)
     regionsClosed = .allocate(capacity: capacity)
     closed = .allocate(capacity: capacity)
+    stores = .allocate(capacity: capacity)
     for index in 0..<capacity {
+      uffdbroker__store__init(stores + index)
       uffdbroker__event__init(events + index)
       eventPointers[index] = events + index
       uffdbroker__pagefault__init(pagefaults + index)
@@ -50,7 +55,7 @@ public final class EventBatchEncoder {
   deinit {
     for pointer in [UnsafeMutableRawPointer(events), UnsafeMutableRawPointer(eventPointers), UnsafeMutableRawPointer(pagefaults),
                     UnsafeMutableRawPointer(ranges), UnsafeMutableRawPointer(remaps), UnsafeMutableRawPointer(opened),
-                    UnsafeMutableRawPointer(regionsClosed), UnsafeMutableRawPointer(closed)] {
+                    UnsafeMutableRawPointer(regionsClosed), UnsafeMutableRawPointer(closed), UnsafeMutableRawPointer(stores)] {
       pointer.deallocate()
     }
   }
@@ -58,6 +63,9 @@ public final class EventBatchEncoder {
   public var isEmpty: Bool { count == 0 }
   /// True when one more event might not fit the packet.
   public var isFull: Bool { count == capacity || estimatedSize > PacketSocket.maxPacketSize - 16 << 10 }
+
+  /// Whether an event of about `size` bytes (a store's payload) still fits this packet.
+  public func canAppend(size: Int) -> Bool { count < capacity && estimatedSize + size + 64 <= PacketSocket.maxPacketSize - 4096 }
 
   /// Adds a page fault (the hot path: no allocation).
   public func append(_ fault: PagefaultEvent) {
@@ -90,6 +98,7 @@ public final class EventBatchEncoder {
       r.pointee.start = UInt64(range.range.lowerBound)
       r.pointee.end = UInt64(range.range.upperBound)
       r.pointee.start_offset = range.startOffset
+      r.pointee.swapped_out = range.swappedOut ? 1 : 0
       if case .removed = event {
         e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REMOVED
         e.pointee.removed = r
@@ -131,6 +140,17 @@ public final class EventBatchEncoder {
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_CLOSED
       e.pointee.closed = c
       commit(32 + reason.utf8.count)
+    case .store(let store):
+      let s = stores + count
+      s.pointee.store_id = store.storeID
+      s.pointee.client_id = store.clientID
+      s.pointee.region_id = store.regionID
+      s.pointee.offset = store.offset
+      storeData.append(store.data)
+      s.pointee.data = ProtobufCBinaryData(len: store.data.count, data: nil)
+      e.pointee.kind_case = UFFDBROKER__EVENT__KIND_STORE
+      e.pointee.store = s
+      commit(64 + store.data.count)
     }
   }
 
@@ -143,13 +163,30 @@ public final class EventBatchEncoder {
   /// returns the packet's length and empties the batch.
   public func encode(into buffer: UnsafeMutableRawBufferPointer) -> Int {
     message.n_events = count
-    let size = uffdbroker__broker_to_plugin__get_packed_size(&message)
-    precondition(size <= buffer.count, "event batch of \(size) bytes exceeds the packet buffer")
-    let written = uffdbroker__broker_to_plugin__pack(&message, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self))
+    let written = storeData.isEmpty ? pack(into: buffer) : packWithStores(into: buffer, index: 0, storeIndex: 0)
+    storeData.removeAll(keepingCapacity: true)
     count = 0
     estimatedSize = 0
     pool.reset()
     return written
+  }
+
+  private func pack(into buffer: UnsafeMutableRawBufferPointer) -> Int {
+    let size = uffdbroker__broker_to_plugin__get_packed_size(&message)
+    precondition(size <= buffer.count, "event batch of \(size) bytes exceeds the packet buffer")
+    return uffdbroker__broker_to_plugin__pack(&message, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self))
+  }
+
+  /// Points each store event at its payload for the duration of the pack.
+  private func packWithStores(into buffer: UnsafeMutableRawBufferPointer, index: Int, storeIndex: Int) -> Int {
+    guard index < count else { return pack(into: buffer) }
+    guard events[index].kind_case == UFFDBROKER__EVENT__KIND_STORE else {
+      return packWithStores(into: buffer, index: index + 1, storeIndex: storeIndex)
+    }
+    return storeData[storeIndex].withUnsafeBufferPointer { data in
+      events[index].store.pointee.data.data = UnsafeMutablePointer(mutating: data.baseAddress)
+      return packWithStores(into: buffer, index: index + 1, storeIndex: storeIndex + 1)
+    }
   }
 
   /// A `BrokerToPlugin` carrying only a Hello and/or an Error.
@@ -218,6 +255,9 @@ public final class EventBatchDecoder {
       return .regionClosed(clientID: e.region_closed.pointee.client_id, regionID: e.region_closed.pointee.region_id)
     case UFFDBROKER__EVENT__KIND_CLOSED:
       return .closed(clientID: e.closed.pointee.client_id, reason: String(cString: e.closed.pointee.reason))
+    case UFFDBROKER__EVENT__KIND_STORE:
+      let s = e.store.pointee
+      return .store(StoreEvent(storeID: s.store_id, clientID: s.client_id, regionID: s.region_id, offset: s.offset, data: Array(UnsafeBufferPointer(start: s.data.data, count: s.data.len))))
     default:
       throw BrokerError(.malformed, "event \(index) has no kind")
     }
@@ -226,7 +266,7 @@ public final class EventBatchDecoder {
 
 extension RangeEvent {
   init(_ m: Uffdbroker__RangeEvent) {
-    self.init(clientID: m.client_id, regionID: m.region_id, range: UInt(m.start)..<UInt(max(m.start, m.end)), startOffset: m.start_offset)
+    self.init(clientID: m.client_id, regionID: m.region_id, range: UInt(m.start)..<UInt(max(m.start, m.end)), startOffset: m.start_offset, swappedOut: m.swapped_out != 0)
   }
 }
 
@@ -239,6 +279,7 @@ public final class DecisionBatchEncoder {
   private let decisions: UnsafeMutablePointer<Uffdbroker__Decision>
   private let decisionPointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Decision>?>
   private var replies: [RegionReply] = []
+  private var storeReplies: [StoreReply] = []
   private var hello: Hello?
 
   public init(capacity: Int = 512) {
@@ -258,7 +299,7 @@ public final class DecisionBatchEncoder {
     decisionPointers.deallocate()
   }
 
-  public var isEmpty: Bool { count == 0 && replies.isEmpty && hello == nil }
+  public var isEmpty: Bool { count == 0 && replies.isEmpty && storeReplies.isEmpty && hello == nil }
 
   /// Whether a decision carrying `dataLength` bytes still fits this packet.
   public func canAppend(dataLength: Int) -> Bool {
@@ -280,13 +321,14 @@ public final class DecisionBatchEncoder {
   }
 
   public func append(_ reply: RegionReply) { replies.append(reply) }
+  public func append(_ reply: StoreReply) { storeReplies.append(reply) }
   public func setHello(_ hello: Hello) { self.hello = hello }
 
   /// Packs everything collected into `buffer`, returns the length, and empties the batch.
   public func encode(into buffer: UnsafeMutableRawBufferPointer) -> Int {
     message.n_decisions = count
     let written: Int
-    if replies.isEmpty && hello == nil {
+    if replies.isEmpty && storeReplies.isEmpty && hello == nil {
       written = pack(into: buffer)
     } else {
       let pool = CStringPool()
@@ -294,11 +336,28 @@ public final class DecisionBatchEncoder {
       let replyMessages = UnsafeMutablePointer<Uffdbroker__RegionReply>.allocate(capacity: max(replies.count, 1))
       let replyPointers = UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__RegionReply>?>.allocate(capacity: max(replies.count, 1))
       let errors = UnsafeMutablePointer<Uffdbroker__Error>.allocate(capacity: max(replies.count, 1))
+      let storeMessages = UnsafeMutablePointer<Uffdbroker__StoreReply>.allocate(capacity: max(storeReplies.count, 1))
+      let storePointers = UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__StoreReply>?>.allocate(capacity: max(storeReplies.count, 1))
+      let storeErrors = UnsafeMutablePointer<Uffdbroker__Error>.allocate(capacity: max(storeReplies.count, 1))
       defer {
         replyMessages.deallocate()
         replyPointers.deallocate()
         errors.deallocate()
+        storeMessages.deallocate()
+        storePointers.deallocate()
+        storeErrors.deallocate()
       }
+      for (index, reply) in storeReplies.enumerated() {
+        uffdbroker__store_reply__init(storeMessages + index)
+        storeMessages[index].store_id = reply.storeID
+        if let error = reply.error {
+          error.encode(into: &storeErrors[index], pool: pool)
+          storeMessages[index].error = storeErrors + index
+        }
+        storePointers[index] = storeMessages + index
+      }
+      message.n_store_replies = storeReplies.count
+      message.store_replies = storePointers
       for (index, reply) in replies.enumerated() {
         uffdbroker__region_reply__init(replyMessages + index)
         replyMessages[index].client_id = reply.clientID
@@ -321,7 +380,10 @@ public final class DecisionBatchEncoder {
       message.hello = nil
       message.n_region_replies = 0
       message.region_replies = nil
+      message.n_store_replies = 0
+      message.store_replies = nil
       replies.removeAll(keepingCapacity: true)
+      storeReplies.removeAll(keepingCapacity: true)
       hello = nil
     }
     for index in 0..<count { decisions[index].data = ProtobufCBinaryData(len: 0, data: nil) }
@@ -376,6 +438,14 @@ public final class DecisionBatchDecoder {
     return DecodedDecision(
       faultID: d.fault_id, kind: DecisionKind(rawValue: Int32(bitPattern: d.kind.rawValue)), address: UInt(d.address), length: Int(d.length),
       data: UnsafeRawBufferPointer(start: d.data.data, count: d.data.len))
+  }
+
+  public var storeReplies: [StoreReply] {
+    guard let m = message, m.pointee.n_store_replies > 0 else { return [] }
+    return (0..<m.pointee.n_store_replies).compactMap { index in
+      guard let r = m.pointee.store_replies[index]?.pointee else { return nil }
+      return StoreReply(storeID: r.store_id, error: r.error.map { BrokerError(decoding: $0) })
+    }
   }
 
   public var regionReplies: [RegionReply] {

@@ -21,6 +21,9 @@ typedef struct Uffdbroker__Region Uffdbroker__Region;
 typedef struct Uffdbroker__Register Uffdbroker__Register;
 typedef struct Uffdbroker__AddRegions Uffdbroker__AddRegions;
 typedef struct Uffdbroker__RemoveRegions Uffdbroker__RemoveRegions;
+typedef struct Uffdbroker__SwapOut Uffdbroker__SwapOut;
+typedef struct Uffdbroker__SwapOutData Uffdbroker__SwapOutData;
+typedef struct Uffdbroker__SwapOutDone Uffdbroker__SwapOutDone;
 typedef struct Uffdbroker__ClientToBroker Uffdbroker__ClientToBroker;
 typedef struct Uffdbroker__Ack Uffdbroker__Ack;
 typedef struct Uffdbroker__BrokerToClient Uffdbroker__BrokerToClient;
@@ -29,11 +32,13 @@ typedef struct Uffdbroker__RangeEvent Uffdbroker__RangeEvent;
 typedef struct Uffdbroker__Remapped Uffdbroker__Remapped;
 typedef struct Uffdbroker__RegionOpened Uffdbroker__RegionOpened;
 typedef struct Uffdbroker__RegionClosed Uffdbroker__RegionClosed;
+typedef struct Uffdbroker__Store Uffdbroker__Store;
 typedef struct Uffdbroker__Closed Uffdbroker__Closed;
 typedef struct Uffdbroker__Event Uffdbroker__Event;
 typedef struct Uffdbroker__BrokerToPlugin Uffdbroker__BrokerToPlugin;
 typedef struct Uffdbroker__Decision Uffdbroker__Decision;
 typedef struct Uffdbroker__RegionReply Uffdbroker__RegionReply;
+typedef struct Uffdbroker__StoreReply Uffdbroker__StoreReply;
 typedef struct Uffdbroker__PluginToBroker Uffdbroker__PluginToBroker;
 
 
@@ -95,7 +100,11 @@ typedef enum _Uffdbroker__DecisionKind {
   /*
    * not ready: deliver the fault again later
    */
-  UFFDBROKER__DECISION_KIND__DECISION_RETRY = 2
+  UFFDBROKER__DECISION_KIND__DECISION_RETRY = 2,
+  /*
+   * the content is lost: accesses to the range get SIGBUS (UFFDIO_POISON)
+   */
+  UFFDBROKER__DECISION_KIND__DECISION_POISON = 3
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__DECISION_KIND)
 } Uffdbroker__DecisionKind;
 
@@ -213,12 +222,63 @@ struct  Uffdbroker__RemoveRegions
     , 0,NULL }
 
 
+/*
+ * Swap-out of [offset, offset+length) of a region (the client must have
+ * registered the region with write-protect mode too), in three steps:
+ * 1. SwapOut: the broker write-protects the range. From then on a write to it
+ *    is held, and pages filled in it are mapped write-protected.
+ * 2. SwapOutData, per chunk: the client read these bytes (no write can have
+ *    changed them since step 1); the region's plugin stores them. The Ack
+ *    names the pages that took a write meanwhile: the client keeps those
+ *    resident and drops the others (MADV_DONTNEED).
+ * 3. SwapOutDone: the broker unprotects the range and releases the held
+ *    writers; a write to a dropped page faults it back in from the plugin.
+ */
+struct  Uffdbroker__SwapOut
+{
+  ProtobufCMessage base;
+  uint64_t region_id;
+  uint64_t offset;
+  uint64_t length;
+};
+#define UFFDBROKER__SWAP_OUT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__swap_out__descriptor) \
+    , 0, 0, 0 }
+
+
+struct  Uffdbroker__SwapOutData
+{
+  ProtobufCMessage base;
+  uint64_t region_id;
+  uint64_t offset;
+  ProtobufCBinaryData data;
+};
+#define UFFDBROKER__SWAP_OUT_DATA__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__swap_out_data__descriptor) \
+    , 0, 0, {0,NULL} }
+
+
+struct  Uffdbroker__SwapOutDone
+{
+  ProtobufCMessage base;
+  uint64_t region_id;
+  uint64_t offset;
+  uint64_t length;
+};
+#define UFFDBROKER__SWAP_OUT_DONE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__swap_out_done__descriptor) \
+    , 0, 0, 0 }
+
+
 typedef enum {
   UFFDBROKER__CLIENT_TO_BROKER__BODY__NOT_SET = 0,
   UFFDBROKER__CLIENT_TO_BROKER__BODY_HELLO = 2,
   UFFDBROKER__CLIENT_TO_BROKER__BODY_REGISTER = 3,
   UFFDBROKER__CLIENT_TO_BROKER__BODY_ADD_REGIONS = 4,
-  UFFDBROKER__CLIENT_TO_BROKER__BODY_REMOVE_REGIONS = 5
+  UFFDBROKER__CLIENT_TO_BROKER__BODY_REMOVE_REGIONS = 5,
+  UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT = 6,
+  UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT_DATA = 7,
+  UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT_DONE = 8
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__CLIENT_TO_BROKER__BODY__CASE)
 } Uffdbroker__ClientToBroker__BodyCase;
 
@@ -235,6 +295,9 @@ struct  Uffdbroker__ClientToBroker
     Uffdbroker__Register *register_;
     Uffdbroker__AddRegions *add_regions;
     Uffdbroker__RemoveRegions *remove_regions;
+    Uffdbroker__SwapOut *swap_out;
+    Uffdbroker__SwapOutData *swap_out_data;
+    Uffdbroker__SwapOutDone *swap_out_done;
   };
 };
 #define UFFDBROKER__CLIENT_TO_BROKER__INIT \
@@ -246,10 +309,15 @@ struct  Uffdbroker__Ack
 {
   ProtobufCMessage base;
   uint64_t client_id;
+  /*
+   * SwapOutData: region offsets of pages written during the swap-out
+   */
+  size_t n_busy_offsets;
+  uint64_t *busy_offsets;
 };
 #define UFFDBROKER__ACK__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__ack__descriptor) \
-    , 0 }
+    , 0, 0,NULL }
 
 
 typedef enum {
@@ -317,10 +385,14 @@ struct  Uffdbroker__RangeEvent
   uint64_t start;
   uint64_t end;
   uint64_t start_offset;
+  /*
+   * removed by a swap-out: the plugin holds the pages' content
+   */
+  protobuf_c_boolean swapped_out;
 };
 #define UFFDBROKER__RANGE_EVENT__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__range_event__descriptor) \
-    , 0, 0, 0, 0, 0 }
+    , 0, 0, 0, 0, 0, 0 }
 
 
 /*
@@ -372,6 +444,23 @@ struct  Uffdbroker__RegionClosed
 
 
 /*
+ * Keep these bytes of the region (a swap-out); answer with a StoreReply.
+ */
+struct  Uffdbroker__Store
+{
+  ProtobufCMessage base;
+  uint64_t client_id;
+  uint64_t region_id;
+  uint64_t offset;
+  ProtobufCBinaryData data;
+  uint64_t store_id;
+};
+#define UFFDBROKER__STORE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__store__descriptor) \
+    , 0, 0, 0, {0,NULL}, 0 }
+
+
+/*
  * The client is gone; delivered once, last for that client.
  */
 struct  Uffdbroker__Closed
@@ -393,7 +482,8 @@ typedef enum {
   UFFDBROKER__EVENT__KIND_REMAPPED = 4,
   UFFDBROKER__EVENT__KIND_REGION_OPENED = 5,
   UFFDBROKER__EVENT__KIND_REGION_CLOSED = 6,
-  UFFDBROKER__EVENT__KIND_CLOSED = 7
+  UFFDBROKER__EVENT__KIND_CLOSED = 7,
+  UFFDBROKER__EVENT__KIND_STORE = 8
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__EVENT__KIND__CASE)
 } Uffdbroker__Event__KindCase;
 
@@ -409,6 +499,7 @@ struct  Uffdbroker__Event
     Uffdbroker__RegionOpened *region_opened;
     Uffdbroker__RegionClosed *region_closed;
     Uffdbroker__Closed *closed;
+    Uffdbroker__Store *store;
   };
 };
 #define UFFDBROKER__EVENT__INIT \
@@ -466,6 +557,20 @@ struct  Uffdbroker__RegionReply
     , 0, 0, NULL }
 
 
+struct  Uffdbroker__StoreReply
+{
+  ProtobufCMessage base;
+  uint64_t store_id;
+  /*
+   * absent: stored
+   */
+  Uffdbroker__Error *error;
+};
+#define UFFDBROKER__STORE_REPLY__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__store_reply__descriptor) \
+    , 0, NULL }
+
+
 struct  Uffdbroker__PluginToBroker
 {
   ProtobufCMessage base;
@@ -474,10 +579,12 @@ struct  Uffdbroker__PluginToBroker
   Uffdbroker__Decision **decisions;
   size_t n_region_replies;
   Uffdbroker__RegionReply **region_replies;
+  size_t n_store_replies;
+  Uffdbroker__StoreReply **store_replies;
 };
 #define UFFDBROKER__PLUGIN_TO_BROKER__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__plugin_to_broker__descriptor) \
-    , NULL, 0,NULL, 0,NULL }
+    , NULL, 0,NULL, 0,NULL, 0,NULL }
 
 
 /* Uffdbroker__Hello methods */
@@ -593,6 +700,63 @@ Uffdbroker__RemoveRegions *
                       const uint8_t       *data);
 void   uffdbroker__remove_regions__free_unpacked
                      (Uffdbroker__RemoveRegions *message,
+                      ProtobufCAllocator *allocator);
+/* Uffdbroker__SwapOut methods */
+void   uffdbroker__swap_out__init
+                     (Uffdbroker__SwapOut         *message);
+size_t uffdbroker__swap_out__get_packed_size
+                     (const Uffdbroker__SwapOut   *message);
+size_t uffdbroker__swap_out__pack
+                     (const Uffdbroker__SwapOut   *message,
+                      uint8_t             *out);
+size_t uffdbroker__swap_out__pack_to_buffer
+                     (const Uffdbroker__SwapOut   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__SwapOut *
+       uffdbroker__swap_out__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__swap_out__free_unpacked
+                     (Uffdbroker__SwapOut *message,
+                      ProtobufCAllocator *allocator);
+/* Uffdbroker__SwapOutData methods */
+void   uffdbroker__swap_out_data__init
+                     (Uffdbroker__SwapOutData         *message);
+size_t uffdbroker__swap_out_data__get_packed_size
+                     (const Uffdbroker__SwapOutData   *message);
+size_t uffdbroker__swap_out_data__pack
+                     (const Uffdbroker__SwapOutData   *message,
+                      uint8_t             *out);
+size_t uffdbroker__swap_out_data__pack_to_buffer
+                     (const Uffdbroker__SwapOutData   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__SwapOutData *
+       uffdbroker__swap_out_data__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__swap_out_data__free_unpacked
+                     (Uffdbroker__SwapOutData *message,
+                      ProtobufCAllocator *allocator);
+/* Uffdbroker__SwapOutDone methods */
+void   uffdbroker__swap_out_done__init
+                     (Uffdbroker__SwapOutDone         *message);
+size_t uffdbroker__swap_out_done__get_packed_size
+                     (const Uffdbroker__SwapOutDone   *message);
+size_t uffdbroker__swap_out_done__pack
+                     (const Uffdbroker__SwapOutDone   *message,
+                      uint8_t             *out);
+size_t uffdbroker__swap_out_done__pack_to_buffer
+                     (const Uffdbroker__SwapOutDone   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__SwapOutDone *
+       uffdbroker__swap_out_done__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__swap_out_done__free_unpacked
+                     (Uffdbroker__SwapOutDone *message,
                       ProtobufCAllocator *allocator);
 /* Uffdbroker__ClientToBroker methods */
 void   uffdbroker__client_to_broker__init
@@ -746,6 +910,25 @@ Uffdbroker__RegionClosed *
 void   uffdbroker__region_closed__free_unpacked
                      (Uffdbroker__RegionClosed *message,
                       ProtobufCAllocator *allocator);
+/* Uffdbroker__Store methods */
+void   uffdbroker__store__init
+                     (Uffdbroker__Store         *message);
+size_t uffdbroker__store__get_packed_size
+                     (const Uffdbroker__Store   *message);
+size_t uffdbroker__store__pack
+                     (const Uffdbroker__Store   *message,
+                      uint8_t             *out);
+size_t uffdbroker__store__pack_to_buffer
+                     (const Uffdbroker__Store   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__Store *
+       uffdbroker__store__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__store__free_unpacked
+                     (Uffdbroker__Store *message,
+                      ProtobufCAllocator *allocator);
 /* Uffdbroker__Closed methods */
 void   uffdbroker__closed__init
                      (Uffdbroker__Closed         *message);
@@ -841,6 +1024,25 @@ Uffdbroker__RegionReply *
 void   uffdbroker__region_reply__free_unpacked
                      (Uffdbroker__RegionReply *message,
                       ProtobufCAllocator *allocator);
+/* Uffdbroker__StoreReply methods */
+void   uffdbroker__store_reply__init
+                     (Uffdbroker__StoreReply         *message);
+size_t uffdbroker__store_reply__get_packed_size
+                     (const Uffdbroker__StoreReply   *message);
+size_t uffdbroker__store_reply__pack
+                     (const Uffdbroker__StoreReply   *message,
+                      uint8_t             *out);
+size_t uffdbroker__store_reply__pack_to_buffer
+                     (const Uffdbroker__StoreReply   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__StoreReply *
+       uffdbroker__store_reply__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__store_reply__free_unpacked
+                     (Uffdbroker__StoreReply *message,
+                      ProtobufCAllocator *allocator);
 /* Uffdbroker__PluginToBroker methods */
 void   uffdbroker__plugin_to_broker__init
                      (Uffdbroker__PluginToBroker         *message);
@@ -880,6 +1082,15 @@ typedef void (*Uffdbroker__AddRegions_Closure)
 typedef void (*Uffdbroker__RemoveRegions_Closure)
                  (const Uffdbroker__RemoveRegions *message,
                   void *closure_data);
+typedef void (*Uffdbroker__SwapOut_Closure)
+                 (const Uffdbroker__SwapOut *message,
+                  void *closure_data);
+typedef void (*Uffdbroker__SwapOutData_Closure)
+                 (const Uffdbroker__SwapOutData *message,
+                  void *closure_data);
+typedef void (*Uffdbroker__SwapOutDone_Closure)
+                 (const Uffdbroker__SwapOutDone *message,
+                  void *closure_data);
 typedef void (*Uffdbroker__ClientToBroker_Closure)
                  (const Uffdbroker__ClientToBroker *message,
                   void *closure_data);
@@ -904,6 +1115,9 @@ typedef void (*Uffdbroker__RegionOpened_Closure)
 typedef void (*Uffdbroker__RegionClosed_Closure)
                  (const Uffdbroker__RegionClosed *message,
                   void *closure_data);
+typedef void (*Uffdbroker__Store_Closure)
+                 (const Uffdbroker__Store *message,
+                  void *closure_data);
 typedef void (*Uffdbroker__Closed_Closure)
                  (const Uffdbroker__Closed *message,
                   void *closure_data);
@@ -918,6 +1132,9 @@ typedef void (*Uffdbroker__Decision_Closure)
                   void *closure_data);
 typedef void (*Uffdbroker__RegionReply_Closure)
                  (const Uffdbroker__RegionReply *message,
+                  void *closure_data);
+typedef void (*Uffdbroker__StoreReply_Closure)
+                 (const Uffdbroker__StoreReply *message,
                   void *closure_data);
 typedef void (*Uffdbroker__PluginToBroker_Closure)
                  (const Uffdbroker__PluginToBroker *message,
@@ -937,6 +1154,9 @@ extern const ProtobufCMessageDescriptor uffdbroker__region__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__register__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__add_regions__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__remove_regions__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__swap_out__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__swap_out_data__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__swap_out_done__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__client_to_broker__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__ack__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor;
@@ -945,11 +1165,13 @@ extern const ProtobufCMessageDescriptor uffdbroker__range_event__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__remapped__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region_opened__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region_closed__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__store__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__closed__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__event__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__broker_to_plugin__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__decision__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region_reply__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__store_reply__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__plugin_to_broker__descriptor;
 
 PROTOBUF_C__END_DECLS

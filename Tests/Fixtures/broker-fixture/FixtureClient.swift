@@ -25,6 +25,8 @@ struct FixtureClient {
       case "unknown-plugin": return expectRefusal(plugin: "no-such-plugin")
       case "refused": return expectRefusal(plugin: plugin)
       case "exit-midway": return try exitMidway()
+      case "swap": return try swapLoop()
+      case "guarded": return try guarded()
       default:
         print("unknown scenario \(scenario)")
         return 2
@@ -131,6 +133,51 @@ struct FixtureClient {
     withExtendedLifetime(client) {}
     print("remapped \(length / 2) bytes, \(bad) wrong pages")
     return bad == 0 ? 0 : 1
+  }
+
+  /// A region of LOOPS pages (default 8) between two guard regions of 4 pages
+  /// each, registered with the same uffd and plugin (so that a decision the
+  /// broker wrongly let spill over would land in them). The middle is touched
+  /// by `threads` threads and checked; the guards are never touched and must
+  /// stay unpopulated (mincore, which does not fault).
+  private func guarded() throws -> Int32 {
+    let pages = max(loops, 1)
+    let guardPages = 4
+    let memory = try AnonymousMemory(length: (pages + 2 * guardPages) * pageSize)
+    let lower = memory.address
+    let middle = lower + UInt(guardPages * pageSize)
+    let upper = middle + UInt(pages * pageSize)
+    let client = try BrokerClient(regions: [
+      RegionSpec(id: 1, base: lower, length: guardPages * pageSize, plugin: plugin, backingOffset: 1 << 40),
+      RegionSpec(id: 2, base: middle, length: pages * pageSize, plugin: plugin),
+      RegionSpec(id: 3, base: upper, length: guardPages * pageSize, plugin: plugin, backingOffset: 2 << 40),
+    ], name: "fixture-guarded")
+    let threadCount = max(threads, 1)
+    let workers = (0..<threadCount).map { index in
+      spawnThread {
+        for page in stride(from: index, to: pages, by: threadCount) {
+          _ = UnsafeRawPointer(bitPattern: middle + UInt(page * 4096))!.load(as: UInt8.self)
+        }
+      }
+    }
+    workers.forEach { pthread_join($0, nil) }
+    var bad = 0
+    for page in 0..<pages {
+      let bytes = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: middle + UInt(page * pageSize)), count: pageSize)
+      if Pattern.mismatch(bytes, backingOffset: UInt64(page * pageSize)) != nil { bad += 1 }
+    }
+    var resident = 0
+    for base in [lower, upper] {
+      var vector = [UInt8](repeating: 0, count: guardPages)
+      guard mincore(UnsafeMutableRawPointer(bitPattern: base), guardPages * pageSize, &vector) == 0 else {
+        print("mincore failed: \(errno)")
+        return 1
+      }
+      resident += vector.filter { $0 & 1 != 0 }.count
+    }
+    withExtendedLifetime(client) {}
+    print("verified \(pages) pages, \(bad) wrong, \(resident) guard pages written")
+    return bad == 0 && resident == 0 ? 0 : 1
   }
 
   private func expectRefusal(plugin name: String) -> Int32 {

@@ -5,9 +5,14 @@ import Userfaultfd
 
 /// A plugin with selectable behaviour, for the integration tests.
 /// Modes: pattern (copy the pattern), zero, retry-once (retry each page once,
-/// then pattern), outside / misaligned / short (first answer per page is
-/// invalid, later ones correct), prefetch (64 KiB aligned blocks), hang (never
-/// answer), exit-after:N (exit after N faults), refuse (refuse every region).
+/// then pattern), outside / misaligned / short / below / overlong (first answer
+/// per page is invalid, later ones correct), prefetch (64 KiB aligned blocks),
+/// hang (never answer), exit-after:N (exit after N faults), refuse (refuse every region).
+///
+/// Event log lines (one per event, for the tests): `opened CLIENT REGION`,
+/// `removed|unmapped CLIENT START END` (region offsets), `remapped CLIENT REGION BASE`,
+/// `regionClosed CLIENT REGION`, `closed CLIENT`; in retry-once and the invalid
+/// modes also `retry|invalid|served CLIENT OFFSET FAULT_ID` per decision.
 final class FixturePlugin: PagePlugin {
   let mode: String
   let eventLog: UnsafeMutablePointer<FILE>?
@@ -46,10 +51,23 @@ final class FixturePlugin: PagePlugin {
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
     faults += 1
     if let exitAfter, faults > exitAfter { exit(3) }
-    let pageSize = region.pageSize
     // Pages dropped with MADV_DONTNEED read as zeros from then on.
     if let ranges = removed[ObjectIdentifier(region)], ranges.contains(where: { $0.contains(fault.offset) }) { return .zero }
     let firstTime = retried.insert(fault.offset).inserted
+    let decision = decide(fault, in: region, buffer: buffer, firstTime: firstTime)
+    if logsDecisions {
+      let what = decision == .retry ? "retry" : firstTime && mode != "retry-once" ? "invalid" : "served"
+      log("\(what) \(region.clientID) \(fault.offset) \(fault.faultID)")
+    }
+    return decision
+  }
+
+  private var logsDecisions: Bool {
+    ["retry-once", "outside", "misaligned", "short", "below", "overlong"].contains(mode)
+  }
+
+  private func decide(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer, firstTime: Bool) -> PluginDecision {
+    let pageSize = region.pageSize
     switch mode {
     case "zero":
       return .zero
@@ -62,6 +80,17 @@ final class FixturePlugin: PagePlugin {
       return .copyRange(offset: fault.offset + 8, length: pageSize)
     case "short" where firstTime:
       return .copyRange(offset: fault.offset, length: pageSize / 2)
+    case "below" where firstTime:
+      // The page just before the region's start (offset -pageSize, wrapping).
+      Pattern.fill(UnsafeMutableRawBufferPointer(rebasing: buffer[..<pageSize]), backingOffset: 0)
+      return .copyRange(offset: 0 &- UInt64(pageSize), length: pageSize)
+    case "overlong" where firstTime:
+      // From the faulting page through one page past the region's end.
+      let length = min(Int(UInt64(region.length) - fault.offset) + pageSize, buffer.count / pageSize * pageSize)
+      for page in stride(from: 0, to: length, by: pageSize) {
+        Pattern.fill(UnsafeMutableRawBufferPointer(rebasing: buffer[page..<page + pageSize]), backingOffset: region.spec.backingOffset + fault.offset + UInt64(page))
+      }
+      return .copyRange(offset: fault.offset, length: length)
     case "hang":
       return .retry  // a plugin that never resolves (the broker keeps redelivering)
     case "prefetch":

@@ -7,6 +7,9 @@ import Userfaultfd
 // broker-fixture: the plugin and client processes of the integration tests.
 //   broker-fixture plugin NAME MODE [EVENT_LOG]
 //   broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]
+// Plugin modes are listed on FixturePlugin; client scenarios: touch, zero,
+// dontneed-race (LOOPS pages), remap, unknown-plugin, refused, exit-midway,
+// guarded (LOOPS pages between guard regions).
 // Socket paths come from UFFD_BROKER_CLIENT_SOCKET / UFFD_BROKER_PLUGIN_SOCKET.
 // Exit status 0 means every checked byte was right; the last line of stdout says what was checked.
 

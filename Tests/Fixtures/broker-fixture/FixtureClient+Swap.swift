@@ -1,0 +1,61 @@
+import BrokerProtocol
+import ClientSDK
+import Glibc
+import Synchronization
+import Userfaultfd
+
+extension FixtureClient {
+  /// Writes the pattern, then swaps the region out `loops` times while a
+  /// thread keeps writing sequence numbers to pages; after each swap-out every
+  /// page must hold the pattern, except word 0 of written pages, which must
+  /// hold the last number written there. No write may be lost.
+  func swapLoop() throws -> Int32 {
+    let memory = try AnonymousMemory(length: mib << 20)
+    let spec = RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin)
+    let client = try BrokerClient(regions: [spec], name: "fixture-swap")
+    let pages = memory.length / pageSize
+    for page in 0..<pages {
+      Pattern.fill(UnsafeMutableRawBufferPointer(start: memory.base + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize))
+    }
+    let address = memory.address
+    let lastWritten = UnsafeMutablePointer<UInt64>.allocate(capacity: pages)
+    lastWritten.initialize(repeating: 0, count: pages)
+    let written = UInt(bitPattern: lastWritten)
+    var dropped = 0
+    var kept = 0
+    var bad = 0
+    for loop in 0..<max(loops, 1) {
+      let stop = Atomic<Bool>(false)
+      let writer = spawnThread {
+        var state = UInt64(loop + 1) &* 0x2545_F491_4F6C_DD1D
+        var sequence = UInt64(loop) << 32
+        while !stop.load(ordering: .relaxed) {
+          state ^= state << 13; state ^= state >> 7; state ^= state << 17
+          let page = Int(state % UInt64(pages))
+          sequence += 1
+          UnsafeMutablePointer<UInt64>(bitPattern: address + UInt(page * 4096))!.pointee = sequence
+          UnsafeMutablePointer<UInt64>(bitPattern: written)![page] = sequence
+        }
+      }
+      let report = try client.swapOut(spec)
+      stop.store(true, ordering: .relaxed)
+      pthread_join(writer, nil)
+      dropped += report.pagesDropped
+      kept += report.pagesKept
+      for page in 0..<pages {
+        let bytes = UnsafeRawBufferPointer(start: memory.base + page * pageSize, count: pageSize)
+        let words = bytes.bindMemory(to: UInt64.self)
+        let expectedFirst = lastWritten[page] != 0 ? lastWritten[page] : Pattern.word(backingOffset: UInt64(page * pageSize), wordIndex: 0)
+        var wrong = words[0] != expectedFirst
+        if !wrong, let index = Pattern.mismatch(UnsafeRawBufferPointer(rebasing: bytes[8...]), backingOffset: UInt64(page * pageSize) + 8) {
+          wrong = index >= 0
+        }
+        if wrong { bad += 1 }
+      }
+    }
+    lastWritten.deallocate()
+    withExtendedLifetime(client) {}
+    print("swap loops \(max(loops, 1)), pages dropped \(dropped), kept \(kept), \(bad) wrong")
+    return bad == 0 && dropped > 0 ? 0 : 1
+  }
+}
