@@ -26,8 +26,10 @@ let package = Package(
     .target(name: "CBrokerWire", dependencies: ["CProtobufC"]),
     // Typed messages, framing and fd passing on SOCK_SEQPACKET.
     .target(name: "BrokerProtocol", dependencies: ["CBrokerWire", "CUserfaultfd", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
+    // Spawning and explicit teardown of child processes (supervisor, demo, benchmark, tests).
+    .target(name: "ChildProcess", dependencies: ["CUserfaultfd", "Userfaultfd"]),
     // Sessions, regions, routing, redelivery, validation, supervision: the broker's logic.
-    .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "CUserfaultfd", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")]),
+    .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "ChildProcess", "CUserfaultfd", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")]),
     // For processes whose memory is brokered.
     .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
     // For plugins: a handler protocol and the run loop around it.
@@ -41,6 +43,8 @@ let package = Package(
     .executableTarget(name: "snapshot-plugin", dependencies: ["PluginSDK", "BrokerProtocol"], path: "Examples/snapshot-plugin"),
     .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
     .executableTarget(name: "swap-plugin", dependencies: ["PluginSDK", "BrokerProtocol", "CZlib"], path: "Examples/swap-plugin"),
+    // The demo: the README's first command.
+    .executableTarget(name: "uffd-demo", dependencies: ["ClientSDK", "BrokerProtocol", "ChildProcess", "Userfaultfd", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/uffd-demo"),
     .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd"], path: "Examples/lazy-fill"),
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
     // Real broker, plugin and client processes against real userfaultfds.

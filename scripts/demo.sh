@@ -3,5 +3,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-swift build -c release --product uffd-demo >&2
-exec swift run -c release --skip-build uffd-demo "$@"
+# The demo starts the broker and plugins from beside its own executable: build them all.
+for product in uffd-broker snapshot-plugin swap-plugin zero-fill-plugin uffd-demo; do
+  swift build -c release --product "$product" >&2
+done
+exec "$(swift build -c release --show-bin-path)/uffd-demo" "$@"

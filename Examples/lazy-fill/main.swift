@@ -1,7 +1,8 @@
 // lazy-fill: pages filled on first touch by an in-process userfaultfd handler.
 //
 //   swift run lazy-fill [--mib N] [--threads N]      (defaults: 64 MiB, 2 threads; needs root
-//                                                    or vm.unprivileged_userfaultfd=1)
+//                                                    or vm.unprivileged_userfaultfd=1;
+//                                                    add -c release for meaningful timings)
 //
 // Maps an anonymous region, registers it with a userfaultfd and starts a
 // UserfaultFDDispatcher. Nothing is in the region yet: the first access to each

@@ -22,7 +22,6 @@ final class SwapPlugin: PagePlugin {
 
   private var pages: [Key: Stored] = [:]
   private let scratch: UnsafeMutableRawBufferPointer
-  private let statsPath: String?
   /// Fault injection for the tests: corrupt the block stored at this offset.
   private let corruptOffset: UInt64?
   private(set) var rawBytes = 0
@@ -30,8 +29,7 @@ final class SwapPlugin: PagePlugin {
   private(set) var pagesStored = 0
   private(set) var pagesRestored = 0
 
-  init(statsPath: String?, corruptOffset: UInt64?) {
-    self.statsPath = statsPath
+  init(corruptOffset: UInt64?) {
     self.corruptOffset = corruptOffset
     scratch = .allocate(byteCount: Int(compressBound(uLong(65536))), alignment: 4096)
   }
@@ -54,7 +52,10 @@ final class SwapPlugin: PagePlugin {
       heldBytes += stored.bytes.count
       pagesStored += 1
     }
-    writeStats()
+  }
+
+  var statistics: [(name: String, value: Int)] {
+    [("pages_held", pages.count), ("raw_bytes", rawBytes), ("held_bytes", heldBytes), ("pages_stored", pagesStored), ("pages_restored", pagesRestored)]
   }
 
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
@@ -104,7 +105,6 @@ final class SwapPlugin: PagePlugin {
         }
       }
     }
-    writeStats()
   }
 
   private func account(removing stored: Stored, pageSize: Int) {
@@ -112,11 +112,4 @@ final class SwapPlugin: PagePlugin {
     heldBytes -= stored.bytes.count
   }
 
-  /// "pages_held raw_bytes held_bytes pages_stored pages_restored", rewritten after each change.
-  private func writeStats() {
-    guard let statsPath, let file = fopen(statsPath + ".tmp", "w") else { return }
-    fputs("\(pages.count) \(rawBytes) \(heldBytes) \(pagesStored) \(pagesRestored)\n", file)
-    fclose(file)
-    rename(statsPath + ".tmp", statsPath)
-  }
 }

@@ -14,7 +14,7 @@ while let argument = arguments.popFirst() {
   }
 }
 do {
-  try PluginRunner.run(SwapPlugin(statsPath: statsPath, corruptOffset: corruptOffset), name: name)
+  try PluginRunner.run(SwapPlugin(corruptOffset: corruptOffset), name: name, statsPath: statsPath)
 } catch {
   print("swap-plugin: \(error)")
   exit(1)

@@ -314,8 +314,9 @@ void cuffd_unblock_signals(void) {
   pthread_sigmask(SIG_SETMASK, &set, NULL);
 }
 
-pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[]) {
+pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], const char *stdout_path, const char *stderr_path) {
   posix_spawnattr_t attr;
+  posix_spawn_file_actions_t actions;
   sigset_t none, defaults;
   pid_t pid;
   sigemptyset(&none);
@@ -327,7 +328,11 @@ pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[]) {
   posix_spawnattr_setsigmask(&attr, &none);
   posix_spawnattr_setsigdefault(&attr, &defaults);
   posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
-  int rc = posix_spawn(&pid, path, NULL, &attr, argv, envp);
+  posix_spawn_file_actions_init(&actions);
+  if (stdout_path) posix_spawn_file_actions_addopen(&actions, 1, stdout_path, O_WRONLY | O_CREAT | O_APPEND, 0600);
+  if (stderr_path) posix_spawn_file_actions_addopen(&actions, 2, stderr_path, O_WRONLY | O_CREAT | O_APPEND, 0600);
+  int rc = posix_spawn(&pid, path, &actions, &attr, argv, envp);
+  posix_spawn_file_actions_destroy(&actions);
   posix_spawnattr_destroy(&attr);
   return rc == 0 ? pid : -rc;
 }

@@ -90,6 +90,8 @@ public protocol PagePlugin: AnyObject {
   func regionClosed(_ region: PluginRegion)
   /// The client is gone; nothing more comes for it.
   func clientClosed(_ clientID: UInt64, reason: String)
+  /// Counters of the plugin's own, written to the stats file beside the runner's.
+  var statistics: [(name: String, value: Int)] { get }
 }
 
 extension PagePlugin {
@@ -103,4 +105,5 @@ extension PagePlugin {
   public func remapped(_ region: PluginRegion) {}
   public func regionClosed(_ region: PluginRegion) {}
   public func clientClosed(_ clientID: UInt64, reason: String) {}
+  public var statistics: [(name: String, value: Int)] { [] }
 }

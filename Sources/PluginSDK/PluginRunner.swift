@@ -28,19 +28,27 @@ public final class PluginRunner {
 
   /// Faults answered so far (for logs and tests).
   public private(set) var faultsServed = 0
+  /// Where to write `name=value` lines of statistics (at most every 100 ms), if anywhere.
+  private let statsPath: String?
+  private var statsWrittenAt: UInt64 = 0
 
   /// Connects to the broker's plugin socket and says Hello as `name`.
   /// - Parameter maxPrefetch: the largest range one decision may fill (the buffer handed to `pagefault`).
-  public init(plugin: any PagePlugin, name: String, socketPath: String = SocketPaths.plugin, maxPrefetch: Int = 128 << 10) throws(BrokerError) {
+  /// - Parameter statsPath: a file to keep `faults=N` and the plugin's `statistics` in, for monitoring.
+  public init(plugin: any PagePlugin, name: String, socketPath: String = SocketPaths.plugin, maxPrefetch: Int = 128 << 10, statsPath: String? = nil) throws(BrokerError) {
     self.plugin = plugin
     self.name = name
+    self.statsPath = statsPath
     self.maxPrefetch = max(maxPrefetch / systemPageSize, 1) * systemPageSize
     precondition(self.maxPrefetch <= PacketSocket.maxPacketSize / 2, "maxPrefetch must fit a packet")
     staging = .allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
     socket = try PacketSocket.connect(path: socketPath)
     decisions.setHello(Hello(role: .plugin, name: name))
     try flush()
-    try receive()
+    socket.setReceiveTimeout(milliseconds: 10_000)
+    guard try receive() else { throw BrokerError(.timedOut, "the broker did not answer Hello") }
+    // With a stats file, wake up now and then to write it even when idle.
+    socket.setReceiveTimeout(milliseconds: statsPath == nil ? 0 : 200)
     if let error = events.error { throw error }
     guard let hello = try events.hello, hello.role == .broker else {
       throw BrokerError(.version, "the broker did not answer Hello")
@@ -54,15 +62,19 @@ public final class PluginRunner {
 
   /// Connects and serves until the broker closes the connection (returns) or
   /// an error occurs (throws). The one-call form of a plugin's `main`.
-  public static func run(_ plugin: any PagePlugin, name: String, socketPath: String = SocketPaths.plugin, maxPrefetch: Int = 128 << 10) throws(BrokerError) {
-    try PluginRunner(plugin: plugin, name: name, socketPath: socketPath, maxPrefetch: maxPrefetch).serve()
+  public static func run(_ plugin: any PagePlugin, name: String, socketPath: String = SocketPaths.plugin, maxPrefetch: Int = 128 << 10, statsPath: String? = nil) throws(BrokerError) {
+    try PluginRunner(plugin: plugin, name: name, socketPath: socketPath, maxPrefetch: maxPrefetch, statsPath: statsPath).serve()
   }
 
   /// Serves events until the broker closes the connection.
   public func serve() throws(BrokerError) {
+    defer { writeStatistics(force: true) }
     while true {
       do {
-        try receive()
+        guard try receive() else {
+          writeStatistics(force: true)
+          continue
+        }
       } catch where error.code == .disconnected {
         return
       }
@@ -71,16 +83,33 @@ public final class PluginRunner {
         try handle(try events.event(at: index))
       }
       try flush()
+      writeStatistics(force: false)
     }
   }
 
-  private func receive() throws(BrokerError) {
+  private func writeStatistics(force: Bool) {
+    guard let statsPath else { return }
+    let now = monotonicNanoseconds()
+    guard force || now - statsWrittenAt > 100_000_000 else { return }
+    statsWrittenAt = now
+    let text = ([("faults", faultsServed)] + plugin.statistics).map { "\($0.0)=\($0.1)\n" }.joined()
+    guard let file = fopen(statsPath + ".tmp", "w") else { return }
+    fputs(text, file)
+    fclose(file)
+    rename(statsPath + ".tmp", statsPath)
+  }
+
+  /// Receives and decodes one packet; false when the receive timeout passed first.
+  private func receive() throws(BrokerError) -> Bool {
     fds.removeAll(keepingCapacity: true)
     switch try socket.receive(into: packet, fds: &fds, blocking: true) {
     case .packet(let count):
       fds.forEach(closeDescriptor)
       try events.decode(UnsafeRawBufferPointer(rebasing: packet[..<count]))
-    case .closed, .wouldBlock:
+      return true
+    case .wouldBlock:
+      return false
+    case .closed:
       throw BrokerError(.disconnected, "the broker closed the connection")
     }
   }

@@ -197,8 +197,10 @@ int cuffd_read_signal(int fd);
 /* Unblocks every signal in the calling thread (for a child before exec). */
 void cuffd_unblock_signals(void);
 
-/* posix_spawn with SIGINT/SIGTERM unblocked and default in the child. Returns the pid or -errno. */
-pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[]);
+/* posix_spawn with signals unblocked and SIGINT/SIGTERM/SIGPIPE default in the child;
+ * stdout/stderr go to the given files (appended, created 0600) when not NULL.
+ * Returns the pid or -errno. */
+pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], const char *stdout_path, const char *stderr_path);
 
 /* mremap(2) is a GNU extension: not visible to Swift without _GNU_SOURCE. Returns MAP_FAILED on error. */
 void *cuffd_mremap(void *old_address, size_t old_size, size_t new_size, int flags, void *new_address);

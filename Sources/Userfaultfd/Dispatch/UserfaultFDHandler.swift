@@ -26,7 +26,8 @@ public protocol UserfaultFDHandler: AnyObject {
   /// it is no longer registered.
   func unmapped(_ range: Range<UInt>)
 
-  /// `mremap` moved `length` bytes from `from` to `to`; the registration moved too.
+  /// `mremap` moved `length` bytes from `from` to `to`; the registration moved
+  /// too. The kernel follows it with `unmapped` of the old range.
   func remapped(from: UInt, to: UInt, length: Int)
 
   /// The process forked (requires `.eventFork`); `child` intercepts the child's

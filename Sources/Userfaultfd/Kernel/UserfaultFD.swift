@@ -49,11 +49,11 @@ public final class UserfaultFD: Sendable {
 
   /// Creates a userfaultfd for the calling process and negotiates `UFFDIO_API`.
   ///
-  /// Asks the kernel for `features`; the ones it grants are in `features` of the
-  /// result. If any of `required` (default: all of `features`) is not granted,
-  /// throws `.featureUnavailable` naming them. Tries `userfaultfd(2)` and falls
-  /// back to `/dev/userfaultfd`. EPERM is explained (the sysctl and the
-  /// user-mode-only flag).
+  /// Enables those of `features` that this kernel offers; they are `features`
+  /// of the result. If any of `required` (default: all of `features`) is not
+  /// offered, throws `.featureUnavailable` naming them. Tries `userfaultfd(2)`
+  /// and falls back to `/dev/userfaultfd`. EPERM is explained (the sysctl and
+  /// the user-mode-only flag).
   public static func create(
     features: Features = .nonCooperative, required: Features? = nil, options: Options = Options()
   ) throws(UserfaultFDError) -> UserfaultFD {
@@ -76,26 +76,31 @@ public final class UserfaultFD: Sendable {
         throw UserfaultFDError(.systemCall, "cannot create a userfaultfd", syscall: "userfaultfd", errno: errno)
       }
     }
-    var granted: UInt64 = 0
+    // UFFDIO_API fails as a whole on a feature the kernel lacks, and on success
+    // reports every feature it supports, not the ones enabled: so ask only for
+    // what it offers, and remember what was asked.
+    let available: Features
+    do {
+      available = try probeFeatures()
+    } catch {
+      closeDescriptor(fd)
+      throw error
+    }
+    let missing = (required ?? features).subtracting(available)
+    if !missing.isEmpty {
+      closeDescriptor(fd)
+      throw UserfaultFDError(.featureUnavailable(missing), "the kernel does not support userfaultfd features \(missing)")
+    }
+    var enabled = features.intersection(available)
+    if enabled.contains(.wpAsync) { enabled.insert(.wpUnpopulated) }  // the kernel implies it
+    var offered: UInt64 = 0
     var ioctls: UInt64 = 0
-    let rc = cuffd_api_handshake(fd, features.rawValue, &granted, &ioctls)
+    let rc = cuffd_api_handshake(fd, enabled.rawValue, &offered, &ioctls)
     if rc < 0 {
       closeDescriptor(fd)
-      let errno = Errno(rawValue: -rc)
-      // The kernel refuses UFFDIO_API (EINVAL) when asked for a feature it lacks: say which.
-      let available = (try? probeFeatures()) ?? []
-      let missing = features.subtracting(available)
-      if !missing.isEmpty {
-        throw UserfaultFDError(.featureUnavailable(missing), "the kernel does not support userfaultfd features \(missing)", syscall: "UFFDIO_API", errno: errno)
-      }
-      throw UserfaultFDError(.systemCall, "UFFDIO_API failed for features \(features)", syscall: "UFFDIO_API", errno: errno)
+      throw UserfaultFDError(.systemCall, "UFFDIO_API failed for features \(enabled)", syscall: "UFFDIO_API", errno: Errno(rawValue: -rc))
     }
-    let result = UserfaultFD(fd: fd, features: Features(rawValue: granted), ioctls: Ioctls(rawValue: ioctls))
-    let missing = (required ?? features).subtracting(result.features)
-    if !missing.isEmpty {
-      throw UserfaultFDError(.featureUnavailable(missing), "the kernel did not grant userfaultfd features \(missing)")
-    }
-    return result
+    return UserfaultFD(fd: fd, features: enabled, ioctls: Ioctls(rawValue: ioctls))
   }
 
   /// The features this kernel offers, read from a throw-away descriptor (`UFFDIO_API` with no features).

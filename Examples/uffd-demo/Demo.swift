@@ -1,0 +1,99 @@
+import ArgumentParser
+import ChildProcess
+import Glibc
+
+/// The demo: a broker and two sample plugins as real processes, and a client
+/// workload that restores a snapshot lazily and swaps a working set out and in.
+@main
+struct Demo: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    commandName: "uffd-demo",
+    abstract: "Run uffd-broker with the snapshot and swap plugins on a real workload, and check every page.")
+
+  @Option(help: "Snapshot size to restore, in MiB.") var snapshotMib = 256
+  @Option(help: "Working set for the swap scenario, in MiB (half of it is swapped out).") var swapMib = 64
+  @Option(help: "Faulting threads.") var threads = 2
+  @Option(help: "Pages per prefetch block of the snapshot plugin (1: none).") var prefetch = 16
+  @Option(help: "Scenarios to run: restore, swap (comma separated).") var scenarios = "restore,swap"
+
+  func validate() throws {
+    guard snapshotMib >= 1, swapMib >= 1, threads >= 1, threads <= 64, prefetch >= 1, prefetch <= 32 else {
+      throw ValidationError("sizes must be positive, threads 1...64, prefetch 1...32")
+    }
+    let known: Set<Substring> = ["restore", "swap"]
+    for name in scenarios.split(separator: ",") where !known.contains(name) { throw ValidationError("unknown scenario \(name)") }
+  }
+
+  func run() throws {
+    let services = try DemoServices(prefetchPages: prefetch)
+    CleanupOnSignal.install(services)
+    defer { services.shutdown() }
+    try services.waitUntilReady()
+    print("uffd-demo: broker and plugins started in \(services.directory)")
+    var results: [PhaseResult] = []
+    do {
+      if scenarios.contains("restore") {
+        results.append(try restoreSnapshot(services: services, mib: snapshotMib, threads: threads, prefetchPages: prefetch))
+      }
+      if scenarios.contains("swap") {
+        results += try swapWorkingSet(services: services, mib: swapMib, threads: threads)
+      }
+    } catch {
+      print("uffd-demo: \(error)\n--- broker log ---\n\(services.brokerLog)")
+      throw ExitCode(1)
+    }
+    printSummary(results)
+    let wrong = results.reduce(0) { $0 + $1.wrongPages }
+    if wrong > 0 {
+      print("uffd-demo: FAILED: \(wrong) pages read back wrong")
+      throw ExitCode(1)
+    }
+    print("uffd-demo: every page verified")
+  }
+
+  private func printSummary(_ results: [PhaseResult]) {
+    func column(_ text: String, _ width: Int) -> String { text.count >= width ? text : text + String(repeating: " ", count: width - text.count) }
+    func right(_ text: String, _ width: Int) -> String { text.count >= width ? text : String(repeating: " ", count: width - text.count) + text }
+    print("")
+    print(column("phase", 10) + column("plugin", 10) + right("pages", 8) + right("faults", 8) + right("pages/s", 10) + right("p50 µs", 9) + right("p99 µs", 9) + right("wrong", 7) + "  notes")
+    for r in results {
+      let latency = r.latencies.isEmpty
+      print(column(r.name, 10) + column(r.plugin, 10) + right("\(r.pages)", 8) + right("\(r.faults)", 8) + right("\(Int(r.pagesPerSecond))", 10)
+        + right(latency ? "-" : String(format1: r.percentile(0.5)), 9) + right(latency ? "-" : String(format1: r.percentile(0.99)), 9)
+        + right("\(r.wrongPages)", 7) + "  " + r.note)
+    }
+    print("(latency: each page's first touch, as the faulting thread saw it; with prefetch most touches find the page already there)")
+  }
+}
+
+/// Ctrl-C or SIGTERM: stop the broker and its plugins, remove the temp
+/// directory, exit 130. A thread waits for the signals, blocked everywhere else.
+enum CleanupOnSignal {
+  nonisolated(unsafe) private static var services: DemoServices?
+
+  static func install(_ services: DemoServices) {
+    self.services = services
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, SIGINT)
+    sigaddset(&set, SIGTERM)
+    pthread_sigmask(SIG_BLOCK, &set, nil)
+    _ = spawnWaiter()
+  }
+
+  private static func spawnWaiter() -> pthread_t {
+    var thread = pthread_t()
+    pthread_create(&thread, nil, { _ in
+      var set = sigset_t()
+      sigemptyset(&set)
+      sigaddset(&set, SIGINT)
+      sigaddset(&set, SIGTERM)
+      var signal: CInt = 0
+      sigwait(&set, &signal)
+      "\nuffd-demo: interrupted, stopping the broker and its plugins\n".withCString { _ = write(2, $0, strlen($0)) }
+      CleanupOnSignal.services?.shutdown()
+      _exit(130)
+    }, nil)
+    return thread
+  }
+}

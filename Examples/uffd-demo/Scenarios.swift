@@ -1,0 +1,102 @@
+import BrokerProtocol
+import ClientSDK
+import Glibc
+import Userfaultfd
+
+/// Lazy snapshot restore: generate a snapshot file, register memory backed by
+/// it through the snapshot plugin, touch every page from several threads, and
+/// check every page against the checksum taken when the file was written.
+func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPages: Int) throws -> PhaseResult {
+  let pageSize = systemPageSize
+  // Not a whole number of pages: the last page's tail must read as zeros.
+  let fileSize = mib << 20 - 1000
+  let path = services.directory + "/snapshot.img"
+  let pages = (fileSize + pageSize - 1) / pageSize
+  var checksums = [UInt64](repeating: 0, count: pages)
+  let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
+  guard fd >= 0 else { throw DemoError("cannot create \(path)") }
+  let chunkPages = 256
+  let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkPages * pageSize, alignment: pageSize)
+  defer { chunk.deallocate() }
+  for first in stride(from: 0, to: pages, by: chunkPages) {
+    let count = min(chunkPages, pages - first)
+    let words = chunk.bindMemory(to: UInt64.self)
+    for index in 0..<count * pageSize / 8 { words[index] = Content.snapshotWord(UInt64(first * pageSize / 8 + index)) }
+    let bytes = min(count * pageSize, fileSize - first * pageSize)
+    if bytes < count * pageSize { (chunk.baseAddress! + bytes).initializeMemory(as: UInt8.self, repeating: 0, count: count * pageSize - bytes) }
+    for page in 0..<count {
+      checksums[first + page] = Content.checksum(UnsafeRawBufferPointer(rebasing: chunk[page * pageSize..<(page + 1) * pageSize]))
+    }
+    guard write(fd, chunk.baseAddress, bytes) == bytes else { throw DemoError("cannot write \(path)") }
+  }
+  close(fd)
+
+  let memory = try AnonymousMemory(length: pages * pageSize)
+  let faultsBefore = DemoServices.statistics(services.snapshotStats)["faults"] ?? 0
+  let client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: "snapshot", argument: path)], name: "demo-restore")
+  let (seconds, latencies) = touchAll(memory, threads: threads, label: "restore")
+  var wrong = 0
+  for page in 0..<pages where Content.checksum(UnsafeRawBufferPointer(start: memory.base + page * pageSize, count: pageSize)) != checksums[page] {
+    wrong += 1
+  }
+  withExtendedLifetime(client) {}
+  usleep(300_000)  // let the plugin's stats file catch up
+  let faults = (DemoServices.statistics(services.snapshotStats)["faults"] ?? 0) - faultsBefore
+  return PhaseResult(
+    name: "restore", plugin: "snapshot", pages: pages, faults: faults, seconds: seconds, latencies: latencies, wrongPages: wrong,
+    note: "\(mib) MiB snapshot, \(threads) threads, prefetch \(prefetchPages) pages")
+}
+
+/// Compressed swap: fill a working set, swap half of it out through the swap
+/// plugin, touch it all again and check every page.
+func swapWorkingSet(services: DemoServices, mib: Int, threads: Int) throws -> [PhaseResult] {
+  let pageSize = systemPageSize
+  let memory = try AnonymousMemory(length: mib << 20)
+  let pages = memory.length / pageSize
+  let spec = RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: "swap")
+  let client = try BrokerClient(regions: [spec], name: "demo-swap")
+  var checksums = [UInt64](repeating: 0, count: pages)
+  let fillStart = monotonicNanoseconds()
+  for page in 0..<pages {
+    let bytes = UnsafeMutableRawBufferPointer(start: memory.base + page * pageSize, count: pageSize)
+    Content.fillWorkingSetPage(bytes, number: page)
+    checksums[page] = Content.checksum(UnsafeRawBufferPointer(bytes))
+  }
+  let fillSeconds = Double(monotonicNanoseconds() - fillStart) / 1e9
+
+  let half = memory.length / 2
+  let swapStart = monotonicNanoseconds()
+  let report = try client.swapOut(spec, offset: 0, length: half)
+  let swapSeconds = Double(monotonicNanoseconds() - swapStart) / 1e9
+  usleep(300_000)
+  let stored = DemoServices.statistics(services.swapStats)
+  let faultsBefore = stored["faults"] ?? 0
+
+  let (seconds, latencies) = touchAll(memory, threads: threads, label: "swap-in")
+  var wrong = 0
+  for page in 0..<pages where Content.checksum(UnsafeRawBufferPointer(start: memory.base + page * pageSize, count: pageSize)) != checksums[page] {
+    wrong += 1
+  }
+  withExtendedLifetime(client) {}
+  usleep(300_000)
+  let faults = (DemoServices.statistics(services.swapStats)["faults"] ?? 0) - faultsBefore
+  let raw = stored["raw_bytes"] ?? 0
+  let held = stored["held_bytes"] ?? 0
+  let ratio = held > 0 ? Double(raw) / Double(held) : 0
+  return [
+    PhaseResult(name: "fill", plugin: "swap", pages: pages, faults: pages, seconds: fillSeconds, latencies: [], wrongPages: 0,
+                note: "\(mib) MiB working set written (first touch: zero pages)"),
+    PhaseResult(name: "swap-out", plugin: "swap", pages: half / pageSize, faults: 0, seconds: swapSeconds, latencies: [], wrongPages: 0,
+                note: "\(report.pagesDropped) pages dropped, \(report.pagesKept) kept; \(raw >> 20) MiB held in \(String(format1: Double(held) / 1048576)) MiB (\(String(format1: ratio))x)"),
+    PhaseResult(name: "swap-in", plugin: "swap", pages: pages, faults: faults, seconds: seconds, latencies: latencies, wrongPages: wrong,
+                note: "every page touched again, \(threads) threads"),
+  ]
+}
+
+extension String {
+  /// One decimal place, without Foundation.
+  init(format1 value: Double) {
+    let tenths = Int((value * 10).rounded())
+    self = "\(tenths / 10).\(abs(tenths % 10))"
+  }
+}

@@ -1,0 +1,108 @@
+import CUserfaultfd
+import Glibc
+import Userfaultfd
+
+/// A child process, spawned and torn down explicitly: `terminate()` sends
+/// SIGTERM, waits, then SIGKILLs, and always reaps. Used by the broker's
+/// plugin supervisor, the demo, the benchmark and the integration tests.
+public final class ChildProcess {
+  public enum Status: Equatable, Sendable, CustomStringConvertible {
+    case exited(Int32)
+    case signaled(Int32)
+
+    init(_ raw: CInt) {
+      self = raw & 0x7F == 0 ? .exited((raw >> 8) & 0xFF) : .signaled(raw & 0x7F)
+    }
+
+    public var description: String {
+      switch self {
+      case .exited(let code): return "exit \(code)"
+      case .signaled(let signal): return "signal \(signal)"
+      }
+    }
+  }
+
+  public struct SpawnError: Error, CustomStringConvertible {
+    public var executable: String
+    public var errno: CInt
+    public var description: String { "cannot start \(executable): \(String(cString: strerror(errno)))" }
+  }
+
+  public let pid: pid_t
+  /// Readable once the child exits (poll it, or hand it to an epoll loop).
+  public let pidfd: CInt
+  public let executable: String
+  public private(set) var status: Status?
+
+  /// Starts `executable` with `arguments`, this process's environment plus
+  /// `environment`, and stdout/stderr appended to files if given.
+  public init(_ executable: String, _ arguments: [String] = [], environment: [String: String] = [:], stdout: String? = nil, stderr: String? = nil) throws(SpawnError) {
+    var variables: [String] = []
+    var cursor = environ
+    while let entry = cursor.pointee {
+      let text = String(cString: entry)
+      if let name = text.split(separator: "=", maxSplits: 1).first, environment[String(name)] == nil { variables.append(text) }
+      cursor += 1
+    }
+    variables += environment.map { "\($0.key)=\($0.value)" }
+    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
+    let envp = variables.map { strdup($0) } + [nil]
+    defer {
+      argv.forEach { free($0) }
+      envp.forEach { free($0) }
+    }
+    let pid = cuffd_spawn(executable, argv, envp, stdout, stderr)
+    guard pid > 0 else { throw SpawnError(executable: executable, errno: -pid) }
+    self.pid = pid
+    self.pidfd = cuffd_pidfd_open(pid)
+    self.executable = executable
+  }
+
+  deinit {
+    if status == nil { terminate(graceMilliseconds: 500) }
+    closeDescriptor(pidfd)
+  }
+
+  /// Reaps the child if it has exited; nil while it runs.
+  @discardableResult
+  public func poll() -> Status? {
+    if let status { return status }
+    var raw: CInt = 0
+    guard waitpid(pid, &raw, WNOHANG) == pid else { return nil }
+    status = Status(raw)
+    return status
+  }
+
+  /// Waits up to `timeoutMilliseconds` (-1: forever) for the child to exit.
+  @discardableResult
+  public func wait(timeoutMilliseconds: Int = -1) -> Status? {
+    let deadline = timeoutMilliseconds < 0 ? UInt64.max : monotonicNanoseconds() + UInt64(timeoutMilliseconds) * 1_000_000
+    while poll() == nil {
+      let now = monotonicNanoseconds()
+      if now >= deadline { return nil }
+      var fd = pollfd(fd: pidfd, events: Int16(POLLIN), revents: 0)
+      let remaining = deadline == .max ? 1000 : CInt(min((deadline - now) / 1_000_000 + 1, 1000))
+      _ = Glibc.poll(&fd, 1, pidfd >= 0 ? remaining : 10)
+    }
+    return status
+  }
+
+  /// Sends `signal` (default SIGTERM), waits up to `graceMilliseconds`, then
+  /// SIGKILLs; returns how the child ended. Safe to call after it exited.
+  @discardableResult
+  public func terminate(signal: CInt = SIGTERM, graceMilliseconds: Int = 2000) -> Status {
+    if let status = poll() { return status }
+    kill(pid, signal)
+    if let status = wait(timeoutMilliseconds: graceMilliseconds) { return status }
+    kill(pid, SIGKILL)
+    return wait()!
+  }
+
+  /// The directory of this executable: where SwiftPM put its sibling products.
+  public static var productsDirectory: String {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    let path = count > 0 ? String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "."
+    return String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
+  }
+}

@@ -1,0 +1,92 @@
+/// How the bytes of a plugin's answer are produced (the `--mode` of a plugin role).
+enum PluginKind: String, Sendable {
+  /// One page per fault: `.copy` with the page's pattern.
+  case copy
+  /// The aligned 64 KiB block around the fault (clamped to the region): `.copyRange`.
+  case prefetch
+  // Mode 4 (shared-memory slot) adds its plugin kind here.
+}
+
+/// A plugin process the benchmark starts (once per run) and routes regions to.
+struct PluginInstance: Hashable, Sendable {
+  var name: String
+  var kind: PluginKind
+}
+
+/// Who resolves the faults of a round.
+enum Backend: Sendable {
+  /// No userfaultfd: the kernel's own first-touch fault.
+  case plain
+  /// A `UserfaultFDDispatcher` thread in this process (the seed's design).
+  case inProcess
+  /// The broker child process and its plugin processes.
+  case broker
+}
+
+enum AccessOrder: Sendable {
+  case sequential
+  /// A fixed random permutation of each thread's pages (same in every round).
+  case random
+}
+
+/// Everything that differs between modes; the round runner does the rest.
+struct Workload: Sendable {
+  var backend: Backend
+  var order: AccessOrder = .sequential
+  /// BrokerClient instances (each with its own userfaultfd); 1 for the non-broker backends.
+  var clients = 1
+  /// Regions per client; region i goes to plugin i % plugins.count.
+  var regionsPerClient = 1
+  /// Faulting threads per client, each on a contiguous share of its client's pages.
+  var threadsPerClient = 1
+  var plugins: [PluginInstance] = []
+  /// Pages one fault fills (16 for a 64 KiB prefetch): only the first touch of
+  /// each such aligned block of a region is a fault and is timed.
+  var pagesPerFault = 1
+}
+
+/// One benchmark mode: a name for `--modes`, the item number of issue 5, and its workload.
+struct ModeDefinition: Sendable {
+  var name: String
+  var item: Int
+  var summary: String
+  var workload: Workload
+  var usesBroker: Bool { workload.backend == .broker }
+}
+
+/// The mode table. Adding a mode is one entry here (plus a plugin kind if its
+/// plugin answers differently); the round runner is generic over `Workload`.
+enum Modes {
+  static let copyPlugin = PluginInstance(name: "bench-copy", kind: .copy)
+  static let prefetchPlugin = PluginInstance(name: "bench-prefetch", kind: .prefetch)
+  static let pluginA = PluginInstance(name: "bench-a", kind: .copy)
+  static let pluginB = PluginInstance(name: "bench-b", kind: .copy)
+
+  /// The baseline of every ratio.
+  static let baseline = "inprocess"
+  /// The baseline of the multi-client ratio.
+  static let singleClient = "brokered"
+
+  static let all: [ModeDefinition] = [
+    ModeDefinition(name: "plain", item: 1, summary: "first touch of anonymous memory, no userfaultfd (the floor)",
+                   workload: Workload(backend: .plain)),
+    ModeDefinition(name: "inprocess", item: 2, summary: "UserfaultFDDispatcher thread in this process, UFFDIO_COPY of one page (baseline)",
+                   workload: Workload(backend: .inProcess)),
+    ModeDefinition(name: "brokered", item: 3, summary: "broker + plugin processes, one page per fault, bytes in the decision",
+                   workload: Workload(backend: .broker, plugins: [copyPlugin])),
+    // Item 4, `shm-slot` (the plugin writes the page into a shared-memory slot and
+    // the decision names the slot): to be added by the lead, with its PluginKind.
+    ModeDefinition(name: "prefetch-seq", item: 5, summary: "plugin answers the aligned 64 KiB block (.copyRange), sequential access",
+                   workload: Workload(backend: .broker, plugins: [prefetchPlugin], pagesPerFault: 16)),
+    ModeDefinition(name: "prefetch-random", item: 5, summary: "as prefetch-seq, pages touched in a fixed random permutation",
+                   workload: Workload(backend: .broker, order: .random, plugins: [prefetchPlugin], pagesPerFault: 16)),
+    // Item 6, `broker-local` (the broker resolves from its own store without a
+    // plugin round trip): to be added by the lead.
+    ModeDefinition(name: "threads2", item: 7, summary: "brokered, two faulting threads on the halves of one client's region",
+                   workload: Workload(backend: .broker, threadsPerClient: 2, plugins: [copyPlugin])),
+    ModeDefinition(name: "clients64", item: 7, summary: "64 BrokerClients (own uffd each) x 16 regions over 2 plugins, a thread per client",
+                   workload: Workload(backend: .broker, clients: 64, regionsPerClient: 16, plugins: [pluginA, pluginB])),
+  ]
+
+  static func named(_ name: String) -> ModeDefinition? { all.first { $0.name == name } }
+}

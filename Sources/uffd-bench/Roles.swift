@@ -1,0 +1,106 @@
+import BrokerCore
+import BrokerProtocol
+import Glibc
+import Logging
+import PluginSDK
+import Synchronization
+import Userfaultfd
+
+// The child roles of the benchmark: the same executable, so both link the
+// malloc counter and report their own allocations per fault.
+
+/// `--role broker`: a real `Broker` from BrokerCore on this process's main thread.
+enum BrokerRole {
+  static func run(_ options: BrokerRoleOptions) -> Int32 {
+    // Warnings only: a registration per round per client would flood the output at info.
+    LoggingSystem.bootstrap { label in
+      var handler = StreamLogHandler.standardError(label: label)
+      handler.logLevel = .warning
+      return handler
+    }
+    let configuration = BrokerConfiguration(clientSocketPath: options.clientSocket, pluginSocketPath: options.pluginSocket)
+    let broker: Broker
+    do {
+      broker = try Broker(configuration: configuration, logger: Logger(label: "uffd-bench.broker"))
+    } catch {
+      Console.error("broker role: \(error)")
+      return 1
+    }
+    let control = ControlResponder(fd: options.controlFD)
+    // The listeners are bound in init: clients and plugins may connect from now on.
+    control.sendReady()
+    control.start(faults: { 0 }, onClose: { broker.stop() })
+    do {
+      try broker.run(handleSignals: true)
+    } catch {
+      Console.error("broker role: \(error)")
+      return 1
+    }
+    return 0
+  }
+}
+
+/// `--role plugin`: a PluginSDK plugin serving the pattern, a page or a 64 KiB block per fault.
+enum PluginRole {
+  static func run(_ options: PluginRoleOptions) -> Int32 {
+    let counters = PluginCounters()
+    let plugin = BenchPlugin(kind: options.kind, counters: counters)
+    let runner: PluginRunner
+    do {
+      runner = try PluginRunner(plugin: plugin, name: options.name, socketPath: options.pluginSocket)
+    } catch {
+      Console.error("plugin role \(options.name): \(error)")
+      return 1
+    }
+    let control = ControlResponder(fd: options.controlFD)
+    control.sendReady()
+    control.start(faults: { counters.faults.load(ordering: .relaxed) }, onClose: { _exit(0) })
+    do {
+      try runner.serve()
+    } catch {
+      Console.error("plugin role \(options.name): \(error)")
+      return 1
+    }
+    return 0
+  }
+}
+
+/// Read by the control thread while the plugin's loop counts.
+final class PluginCounters: Sendable {
+  let faults = Atomic<UInt64>(0)
+}
+
+/// Serves the benchmark's pattern (a function of the backing offset).
+final class BenchPlugin: PagePlugin {
+  private let kind: PluginKind
+  private let counters: PluginCounters
+  private static let block = UInt64(64 << 10)
+
+  init(kind: PluginKind, counters: PluginCounters) {
+    self.kind = kind
+    self.counters = counters
+  }
+
+  func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
+    counters.faults.add(1, ordering: .relaxed)
+    switch kind {
+    case .copy:
+      Pattern.fill(buffer.baseAddress!, bytes: region.pageSize, backingOffset: region.spec.backingOffset &+ fault.offset)
+      return .copy
+    case .prefetch:
+      // The aligned block (in region offsets) around the fault, clamped to the region's end.
+      let start = fault.offset / Self.block * Self.block
+      let length = Int(min(Self.block, UInt64(region.length) - start))
+      Pattern.fill(buffer.baseAddress!, bytes: length, backingOffset: region.spec.backingOffset &+ start)
+      return .copyRange(offset: start, length: length)
+    }
+  }
+}
+
+/// Writes to stderr without touching the C `stderr` global (not concurrency-safe in Swift 6).
+enum Console {
+  static func error(_ message: String) {
+    let line = "uffd-bench: " + message + "\n"
+    _ = line.utf8CString.withUnsafeBufferPointer { write(2, $0.baseAddress, $0.count - 1) }
+  }
+}
