@@ -44,7 +44,7 @@ let package = Package(
     .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
     .executableTarget(name: "swap-plugin", dependencies: ["PluginSDK", "BrokerProtocol", "CZlib"], path: "Examples/swap-plugin"),
     // The demo: the README's first command.
-    .executableTarget(name: "uffd-demo", dependencies: ["ClientSDK", "BrokerProtocol", "ChildProcess", "Userfaultfd", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/uffd-demo"),
+    .executableTarget(name: "uffd-demo", dependencies: ["ClientSDK", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "Userfaultfd", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/uffd-demo"),
     .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd"], path: "Examples/lazy-fill"),
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
     // Real broker, plugin and client processes against real userfaultfds.

@@ -1,4 +1,5 @@
 import BrokerProtocol
+import CUserfaultfd
 import ClientSDK
 import Glibc
 import Synchronization
@@ -65,7 +66,7 @@ func touchAll(_ memory: AnonymousMemory, threads: Int, label: String) -> (second
       let record = UnsafeMutablePointer<UInt32>(bitPattern: latencyAddress)!
       for page in first..<min(first + share, pages) {
         let before = monotonicNanoseconds()
-        _ = UnsafeRawPointer(bitPattern: base + UInt(page * 4096))!.load(as: UInt8.self)
+        _ = cuffd_touch(UnsafeRawPointer(bitPattern: base + UInt(page * 4096)))
         record[page] = UInt32(clamping: monotonicNanoseconds() - before)
         if page & 255 == 255 { done.value.add(256, ordering: .relaxed) }
       }

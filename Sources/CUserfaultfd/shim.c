@@ -336,6 +336,8 @@ pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], cons
   posix_spawnattr_destroy(&attr);
   return rc == 0 ? pid : -rc;
 }
+uint8_t cuffd_touch(const void *address) { return *(const volatile uint8_t *)address; }
+
 void *cuffd_mremap(void *old_address, size_t old_size, size_t new_size, int flags, void *new_address) {
   _Static_assert(MREMAP_MAYMOVE == 1 && MREMAP_FIXED == 2, "mremap flags differ from the header's constants");
   return mremap(old_address, old_size, new_size, flags, new_address);

@@ -202,6 +202,9 @@ void cuffd_unblock_signals(void);
  * Returns the pid or -errno. */
 pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], const char *stdout_path, const char *stderr_path);
 
+/* Reads one byte through a volatile pointer: a first touch the optimizer cannot remove. */
+uint8_t cuffd_touch(const void *address);
+
 /* mremap(2) is a GNU extension: not visible to Swift without _GNU_SOURCE. Returns MAP_FAILED on error. */
 void *cuffd_mremap(void *old_address, size_t old_size, size_t new_size, int flags, void *new_address);
 static const int cuffd_mremap_maymove = 1;    /* MREMAP_MAYMOVE */
