@@ -9,6 +9,8 @@ import PluginSDK
 final class SnapshotPlugin: PagePlugin {
   /// Pages per aligned prefetch block (1: no prefetch).
   let prefetchPages: Int
+  /// Hand each region to the broker to serve from the file itself (no round trip per fault).
+  let delegate: Bool
 
   /// The open snapshot file of one region.
   final class Snapshot {
@@ -21,7 +23,10 @@ final class SnapshotPlugin: PagePlugin {
     deinit { close(fd) }
   }
 
-  init(prefetchPages: Int) { self.prefetchPages = max(prefetchPages, 1) }
+  init(prefetchPages: Int, delegate: Bool) {
+    self.prefetchPages = max(prefetchPages, 1)
+    self.delegate = delegate
+  }
 
   /// The file must exist and cover every page of the region (the last page may
   /// be partial: its tail reads as zeros). Checked now, so a bad snapshot fails
@@ -39,6 +44,7 @@ final class SnapshotPlugin: PagePlugin {
       throw BrokerError(.pluginRefused, "snapshot \(path) has \(size) bytes; region \(region.spec.id) needs at least \(needed) from offset \(region.spec.backingOffset)")
     }
     region.context = Snapshot(fd: fd, size: size)
+    if delegate { region.delegate(file: fd, fileOffset: region.spec.backingOffset, prefetchPages: prefetchPages) }
   }
 
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {

@@ -15,6 +15,7 @@ struct Demo: ParsableCommand {
   @Option(help: "Faulting threads.") var threads = 2
   @Option(help: "Pages per prefetch block of the snapshot plugin (1: none).") var prefetch = 16
   @Option(help: "Scenarios to run: restore, swap (comma separated).") var scenarios = "restore,swap"
+  @Flag(help: "Let the snapshot plugin delegate its regions: the broker reads the snapshot itself (no round trip per fault).") var delegate = false
 
   func validate() throws {
     guard snapshotMib >= 1, swapMib >= 1, threads >= 1, threads <= 64, prefetch >= 1, prefetch <= 32 else {
@@ -25,7 +26,7 @@ struct Demo: ParsableCommand {
   }
 
   func run() throws {
-    let services = try DemoServices(prefetchPages: prefetch)
+    let services = try DemoServices(prefetchPages: prefetch, delegate: delegate)
     CleanupOnSignal.install(services)
     defer { services.shutdown() }
     try services.waitUntilReady()
@@ -33,7 +34,7 @@ struct Demo: ParsableCommand {
     var results: [PhaseResult] = []
     do {
       if scenarios.contains("restore") {
-        results.append(try restoreSnapshot(services: services, mib: snapshotMib, threads: threads, prefetchPages: prefetch))
+        results.append(try restoreSnapshot(services: services, mib: snapshotMib, threads: threads, prefetchPages: prefetch, delegated: delegate))
       }
       if scenarios.contains("swap") {
         results += try swapWorkingSet(services: services, mib: swapMib, threads: threads)

@@ -11,7 +11,7 @@ final class DemoServices {
   let swapStats: String
   private var broker: ChildProcess?
 
-  init(prefetchPages: Int) throws {
+  init(prefetchPages: Int, delegate: Bool) throws {
     var template = Array("/tmp/uffd-demo-XXXXXX".utf8CString)
     guard let made = mkdtemp(&template) else { throw DemoError("cannot create a temp directory") }
     directory = String(cString: made)
@@ -24,7 +24,7 @@ final class DemoServices {
     }
     let config = """
       {"plugins": [
-        {"name": "snapshot", "executable": "\(products)/snapshot-plugin", "arguments": ["snapshot", "--prefetch", "\(prefetchPages)", "--stats", "\(snapshotStats)"]},
+        {"name": "snapshot", "executable": "\(products)/snapshot-plugin", "arguments": ["snapshot", "--prefetch", "\(prefetchPages)", "--stats", "\(snapshotStats)"\(delegate ? ", \"--delegate\"" : "")]},
         {"name": "swap", "executable": "\(products)/swap-plugin", "arguments": ["swap", "--stats", "\(swapStats)"]}
       ]}
       """

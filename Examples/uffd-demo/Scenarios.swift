@@ -6,7 +6,7 @@ import Userfaultfd
 /// Lazy snapshot restore: generate a snapshot file, register memory backed by
 /// it through the snapshot plugin, touch every page from several threads, and
 /// check every page against the checksum taken when the file was written.
-func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPages: Int) throws -> PhaseResult {
+func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPages: Int, delegated: Bool) throws -> PhaseResult {
   let pageSize = systemPageSize
   // Not a whole number of pages: the last page's tail must read as zeros.
   let fileSize = mib << 20 - 1000
@@ -44,7 +44,7 @@ func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPag
   let faults = (DemoServices.statistics(services.snapshotStats)["faults"] ?? 0) - faultsBefore
   return PhaseResult(
     name: "restore", plugin: "snapshot", pages: pages, faults: faults, seconds: seconds, latencies: latencies, wrongPages: wrong,
-    note: "\(mib) MiB snapshot, \(threads) threads, prefetch \(prefetchPages) pages")
+    note: "\(mib) MiB snapshot, \(threads) threads, prefetch \(prefetchPages) pages" + (delegated ? ", served by the broker (delegated)" : ""))
 }
 
 /// Compressed swap: fill a working set, swap half of it out through the swap

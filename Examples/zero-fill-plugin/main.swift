@@ -1,11 +1,19 @@
 import Glibc
 import PluginSDK
 
-// zero-fill: the simplest plugin. Every page starts as zeros.
+// zero-fill [NAME] [--delegate]: the simplest plugin. Every page starts as zeros.
 // A read fault gets UFFDIO_ZEROPAGE (the shared zero page: no memory, no copy).
 // A write fault gets a copied page of zeros: with ZEROPAGE the write would take
 // a second, copy-on-write fault right after (see the README for the measurement).
+// With --delegate the broker serves the regions itself, the same way.
 final class ZeroFill: PagePlugin {
+  let delegate: Bool
+  init(delegate: Bool) { self.delegate = delegate }
+
+  func regionOpened(_ region: PluginRegion) throws {
+    if delegate { region.delegateZeroPages() }
+  }
+
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
     guard fault.isWrite else { return .zero }
     buffer.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: region.pageSize)
@@ -13,9 +21,10 @@ final class ZeroFill: PagePlugin {
   }
 }
 
-let name = CommandLine.arguments.dropFirst().first ?? "zero-fill"
+let arguments = CommandLine.arguments.dropFirst()
+let name = arguments.first { !$0.hasPrefix("--") } ?? "zero-fill"
 do {
-  try PluginRunner.run(ZeroFill(), name: name)
+  try PluginRunner.run(ZeroFill(delegate: arguments.contains("--delegate")), name: name)
 } catch {
   print("zero-fill: \(error)")
   exit(1)

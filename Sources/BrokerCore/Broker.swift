@@ -33,6 +33,9 @@ public final class Broker: @unchecked Sendable {
   private var pendingStores: [UInt64: PendingStore] = [:]
   /// A page of zeros, the source of write-protected zero fills.
   private let zeroPage = UnsafeMutableRawBufferPointer.allocate(byteCount: systemPageSize, alignment: systemPageSize)
+  /// Where delegated file pages are read before they are copied in.
+  private let localBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Broker.maxDelegatedPrefetch * systemPageSize, alignment: systemPageSize)
+  static let maxDelegatedPrefetch = 32
   private var dirtyPlugins: [PluginConnection] = []
   private var stopping = false
 
@@ -66,6 +69,8 @@ public final class Broker: @unchecked Sendable {
     public var staleDecisionsDropped = 0
     public var invalidDecisions = 0
     public var retries = 0
+    /// Faults resolved by the broker itself from a delegated range.
+    public var resolvedLocally = 0
   }
   public private(set) var statistics = Statistics()
 
@@ -98,6 +103,7 @@ public final class Broker: @unchecked Sendable {
   deinit {
     packet.deallocate()
     zeroPage.deallocate()
+    localBuffer.deallocate()
     closeDescriptor(wakeup)
     closeDescriptor(signals)
   }
@@ -292,6 +298,7 @@ public final class Broker: @unchecked Sendable {
         let routesOfRegion = Set(session.regions.pieces.filter { $0.spec.id == id }.map { ObjectIdentifier($0.route) })
         let route = session.regions.pieces.first { $0.spec.id == id }?.route
         guard session.regions.remove(regionID: id) else { throw BrokerError(.badRegion, "region \(id) is not registered") }
+        session.delegated.removeAll(regionID: id)
         if let route, !routesOfRegion.isEmpty { sendEvent(.regionClosed(clientID: session.id, regionID: id), to: route) }
       }
       reply(session, BrokerReply(requestID: request.requestID, .ack(clientID: session.id)))
@@ -427,7 +434,10 @@ public final class Broker: @unchecked Sendable {
   private func failOpen(_ session: ClientSession, _ error: BrokerError) {
     guard let pending = session.pendingOpen else { return }
     session.pendingOpen = nil
-    for spec in pending.regions { sendEvent(.regionClosed(clientID: session.id, regionID: spec.id), to: route(named: spec.plugin)) }
+    for spec in pending.regions {
+      session.delegated.removeAll(regionID: spec.id)
+      sendEvent(.regionClosed(clientID: session.id, regionID: spec.id), to: route(named: spec.plugin))
+    }
     logger.warning("refused a client's regions", metadata: ["client.id": "\(session.id)", "reason": "\(error)"])
     reply(session, BrokerReply(requestID: pending.requestID, .error(error)))
     if session.phase == .opening { closeClient(session, reason: error.message, announce: false) }
@@ -521,14 +531,11 @@ public final class Broker: @unchecked Sendable {
         closePlugin(plugin, reason: "the plugin closed its connection")
         return
       case .packet(let count):
-        if !receivedFDs.isEmpty {
-          receivedFDs.forEach(closeDescriptor)
-          closePlugin(plugin, reason: "it sent descriptors", tell: BrokerError(.malformed, "plugins must not send descriptors"))
-          return
-        }
+        var descriptors = receivedFDs
+        defer { descriptors.forEach(closeDescriptor) }  // those no delegation took
         do {
           try decisions.decode(UnsafeRawBufferPointer(rebasing: packet[..<count]))
-          try handlePluginMessage(plugin)
+          try handlePluginMessage(plugin, descriptors: &descriptors)
         } catch {
           closePlugin(plugin, reason: "\(error)", tell: error)
           return
@@ -537,7 +544,7 @@ public final class Broker: @unchecked Sendable {
     }
   }
 
-  private func handlePluginMessage(_ plugin: PluginConnection) throws(BrokerError) {
+  private func handlePluginMessage(_ plugin: PluginConnection, descriptors: inout [CInt]) throws(BrokerError) {
     if plugin.route == nil {
       guard let hello = try decisions.hello else { throw BrokerError(.malformed, "a plugin must start with Hello") }
       guard hello.version == brokerProtocolVersion, hello.role == .plugin else {
@@ -561,6 +568,13 @@ public final class Broker: @unchecked Sendable {
     let replies = decisions.regionReplies
     for reply in replies { regionReply(reply, from: plugin) }
     for reply in decisions.storeReplies { storeReply(reply) }
+    let delegations = try decisions.delegations(descriptors: descriptors)
+    for delegation in delegations {
+      if case .file(let fd, _) = delegation.source, let index = descriptors.firstIndex(of: fd) {
+        descriptors.remove(at: index)  // ownership moves to the delegation (or is closed on refusal)
+      }
+      delegate(delegation, from: plugin)
+    }
   }
 
   /// A plugin (re)connected: it learns every region it serves, then the events it missed.
@@ -643,6 +657,100 @@ public final class Broker: @unchecked Sendable {
     if plugin.events.isFull { flush(plugin) }
     plugin.events.append(event)
     markDirty(plugin)
+  }
+
+  /// Records a plugin's delegation (or revocation) after checking that the plugin
+  /// serves the region, the range is page aligned inside it, and a file is a regular file.
+  private func delegate(_ delegation: Delegation, from plugin: PluginConnection) {
+    var file: DelegatedRanges.File?
+    if case .file(let fd, _) = delegation.source { file = DelegatedRanges.File(fd: fd) }  // closes on every refusal path
+    guard let session = clients[delegation.clientID], session.phase == .active || session.phase == .opening else { return }
+    let spec = session.regions.pieces.first { $0.spec.id == delegation.regionID }?.spec
+      ?? session.pendingOpen?.regions.first { $0.id == delegation.regionID }
+    let mask = UInt64(systemPageSize - 1)
+    guard let spec, spec.plugin == plugin.name else {
+      refuseDelegation(plugin, "region \(delegation.regionID) of client \(delegation.clientID) is not served by it")
+      return
+    }
+    guard delegation.offsets.lowerBound & mask == 0, UInt64(delegation.offsets.count) & mask == 0,
+          delegation.offsets.upperBound <= UInt64(spec.length), !delegation.offsets.isEmpty
+    else {
+      refuseDelegation(plugin, "offsets \(delegation.offsets) are not a page-aligned part of region \(spec.id)")
+      return
+    }
+    if delegation.revoke {
+      session.delegated.cut(regionID: spec.id, delegation.offsets)
+      return
+    }
+    let source: DelegatedRanges.Source
+    switch delegation.source {
+    case .zero:
+      source = .zero
+    case .file(_, let offset):
+      var info = stat()
+      guard let file, fstat(file.fd, &info) == 0, info.st_mode & S_IFMT == S_IFREG, offset & mask == 0 else {
+        refuseDelegation(plugin, "a delegated file must be a regular file or memfd at a page-aligned offset")
+        return
+      }
+      source = .file(file, offset: offset)
+    }
+    session.delegated.add(.init(regionID: spec.id, offsets: delegation.offsets, source: source,
+                                prefetchPages: min(max(delegation.prefetchPages, 1), Self.maxDelegatedPrefetch)))
+  }
+
+  private func refuseDelegation(_ plugin: PluginConnection, _ reason: String) {
+    statistics.invalidDecisions += 1
+    plugin.invalidDecisions += 1
+    logger.warning("refused a delegation", metadata: ["plugin": "\(plugin.name)", "reason": "\(reason)"])
+  }
+
+  /// The broker-local fast path: fills a fault from a delegated range with no
+  /// round trip. Returns nil (send it to the plugin) if the file cannot be read.
+  func resolveLocally(_ fault: Pagefault, piece: RegionTable.Piece, delegated range: DelegatedRanges.Range, session: ClientSession) -> PagefaultResult? {
+    guard let uffd = session.uffd else { return nil }
+    let pageSize = piece.spec.pageSize
+    let page = fault.address & ~UInt(pageSize - 1)
+    let offset = piece.offset(of: page)
+    // An aligned block around the fault, inside the delegated range and the live piece.
+    let block = UInt64(range.prefetchPages * pageSize)
+    let pieceOffsets = piece.offset..<piece.offset + UInt64(piece.live.count)
+    let start = max(offset / block * block, range.offsets.lowerBound, pieceOffsets.lowerBound)
+    let end = min(offset / block * block + block, range.offsets.upperBound, pieceOffsets.upperBound)
+    guard let address = piece.address(ofOffset: start) else { return nil }
+    let protect = session.isSwapping(page)
+    var kind = DecisionKind.copy
+    var fillRange = address..<address + UInt(end - start)
+    var data = UnsafeRawBufferPointer(start: nil, count: 0)
+    switch range.source {
+    case .zero:
+      if fault.flags.contains(.write) {
+        // A write to a zero page would take a second, copy-on-write fault: copy zeros.
+        fillRange = page..<page + UInt(pageSize)
+        data = UnsafeRawBufferPointer(zeroPage)
+      } else {
+        kind = .zero
+      }
+    case .file(let file, _):
+      let length = Int(end - start)
+      var done = 0
+      while done < length {
+        let n = pread(file.fd, localBuffer.baseAddress! + done, length - done, off_t(range.fileOffset(of: start)! + UInt64(done)))
+        if n < 0 && errno == EINTR { continue }
+        if n < 0 { return nil }
+        if n == 0 { break }
+        done += n
+      }
+      // Past the end of the file the range reads zeros.
+      if done < length { (localBuffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: length - done) }
+      data = UnsafeRawBufferPointer(rebasing: localBuffer[..<length])
+    }
+    var outcome = fill(kind, range: fillRange, data: data, uffd: uffd, writeProtect: protect)
+    if fillRange.count > pageSize && !outcome.isResolved {
+      let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: data[Int(page - fillRange.lowerBound)..<Int(page - fillRange.lowerBound) + pageSize]) : data
+      outcome = fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd, writeProtect: protect)
+    }
+    statistics.resolvedLocally += 1
+    return PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd)
   }
 
   /// Validates a decision against the live region of the fault's client and applies it.

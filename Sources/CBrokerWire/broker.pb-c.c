@@ -1042,6 +1042,51 @@ void   uffdbroker__region_reply__free_unpacked
   assert(message->base.descriptor == &uffdbroker__region_reply__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   uffdbroker__delegation__init
+                     (Uffdbroker__Delegation         *message)
+{
+  static const Uffdbroker__Delegation init_value = UFFDBROKER__DELEGATION__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__delegation__get_packed_size
+                     (const Uffdbroker__Delegation *message)
+{
+  assert(message->base.descriptor == &uffdbroker__delegation__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__delegation__pack
+                     (const Uffdbroker__Delegation *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__delegation__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__delegation__pack_to_buffer
+                     (const Uffdbroker__Delegation *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__delegation__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__Delegation *
+       uffdbroker__delegation__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__Delegation *)
+     protobuf_c_message_unpack (&uffdbroker__delegation__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__delegation__free_unpacked
+                     (Uffdbroker__Delegation *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__delegation__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   uffdbroker__store_reply__init
                      (Uffdbroker__StoreReply         *message)
 {
@@ -2890,6 +2935,135 @@ const ProtobufCMessageDescriptor uffdbroker__region_reply__descriptor =
   (ProtobufCMessageInit) uffdbroker__region_reply__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
+static const ProtobufCFieldDescriptor uffdbroker__delegation__field_descriptors[8] =
+{
+  {
+    "client_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Delegation, client_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "region_id",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Delegation, region_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "offset",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Delegation, offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "length",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Delegation, length),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "kind",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Delegation, kind),
+    &uffdbroker__delegation_kind__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "file_offset",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Delegation, file_offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "prefetch_pages",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Delegation, prefetch_pages),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "revoke",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Delegation, revoke),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__delegation__field_indices_by_name[] = {
+  0,   /* field[0] = client_id */
+  5,   /* field[5] = file_offset */
+  4,   /* field[4] = kind */
+  3,   /* field[3] = length */
+  2,   /* field[2] = offset */
+  6,   /* field[6] = prefetch_pages */
+  1,   /* field[1] = region_id */
+  7,   /* field[7] = revoke */
+};
+static const ProtobufCIntRange uffdbroker__delegation__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 8 }
+};
+const ProtobufCMessageDescriptor uffdbroker__delegation__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.Delegation",
+  "Delegation",
+  "Uffdbroker__Delegation",
+  "uffdbroker",
+  sizeof(Uffdbroker__Delegation),
+  8,
+  uffdbroker__delegation__field_descriptors,
+  uffdbroker__delegation__field_indices_by_name,
+  1,  uffdbroker__delegation__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__delegation__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
 static const ProtobufCFieldDescriptor uffdbroker__store_reply__field_descriptors[2] =
 {
   {
@@ -2941,7 +3115,7 @@ const ProtobufCMessageDescriptor uffdbroker__store_reply__descriptor =
   (ProtobufCMessageInit) uffdbroker__store_reply__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descriptors[4] =
+static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descriptors[5] =
 {
   {
     "hello",
@@ -2991,9 +3165,22 @@ static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descri
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "delegations",
+    5,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__PluginToBroker, n_delegations),
+    offsetof(Uffdbroker__PluginToBroker, delegations),
+    &uffdbroker__delegation__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__plugin_to_broker__field_indices_by_name[] = {
   1,   /* field[1] = decisions */
+  4,   /* field[4] = delegations */
   0,   /* field[0] = hello */
   2,   /* field[2] = region_replies */
   3,   /* field[3] = store_replies */
@@ -3001,7 +3188,7 @@ static const unsigned uffdbroker__plugin_to_broker__field_indices_by_name[] = {
 static const ProtobufCIntRange uffdbroker__plugin_to_broker__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 5 }
 };
 const ProtobufCMessageDescriptor uffdbroker__plugin_to_broker__descriptor =
 {
@@ -3011,7 +3198,7 @@ const ProtobufCMessageDescriptor uffdbroker__plugin_to_broker__descriptor =
   "Uffdbroker__PluginToBroker",
   "uffdbroker",
   sizeof(Uffdbroker__PluginToBroker),
-  4,
+  5,
   uffdbroker__plugin_to_broker__field_descriptors,
   uffdbroker__plugin_to_broker__field_indices_by_name,
   1,  uffdbroker__plugin_to_broker__number_ranges,
@@ -3124,5 +3311,33 @@ const ProtobufCEnumDescriptor uffdbroker__decision_kind__descriptor =
   uffdbroker__decision_kind__enum_values_by_name,
   1,
   uffdbroker__decision_kind__value_ranges,
+  NULL,NULL,NULL,NULL   /* reserved[1234] */
+};
+static const ProtobufCEnumValue uffdbroker__delegation_kind__enum_values_by_number[2] =
+{
+  { "DELEGATE_ZERO", "UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO", 0 },
+  { "DELEGATE_FILE", "UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE", 1 },
+};
+static const ProtobufCIntRange uffdbroker__delegation_kind__value_ranges[] = {
+{0, 0},{0, 2}
+};
+static const ProtobufCEnumValueIndex uffdbroker__delegation_kind__enum_values_by_name[2] =
+{
+  { "DELEGATE_FILE", 1 },
+  { "DELEGATE_ZERO", 0 },
+};
+const ProtobufCEnumDescriptor uffdbroker__delegation_kind__descriptor =
+{
+  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
+  "uffdbroker.DelegationKind",
+  "DelegationKind",
+  "Uffdbroker__DelegationKind",
+  "uffdbroker",
+  2,
+  uffdbroker__delegation_kind__enum_values_by_number,
+  2,
+  uffdbroker__delegation_kind__enum_values_by_name,
+  1,
+  uffdbroker__delegation_kind__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };

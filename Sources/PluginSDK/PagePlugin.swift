@@ -1,4 +1,5 @@
 import BrokerProtocol
+import Glibc
 import Userfaultfd
 
 /// A region of a client's memory that this plugin serves.
@@ -12,6 +13,31 @@ public final class PluginRegion {
   public internal(set) var base: UInt
   /// Whatever the plugin wants to keep per region (an open file, a store...).
   public var context: AnyObject?
+  /// Delegations to send with the next batch.
+  var pendingDelegations: [Delegation] = []
+
+  /// Hands `offsets` (default: the whole region) to the broker to serve with
+  /// zero pages by itself: no round trip per fault. You are still told of
+  /// removes, unmaps and remaps; a removed or unmapped part comes back to you.
+  public func delegateZeroPages(_ offsets: Range<UInt64>? = nil) {
+    pendingDelegations.append(Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length), source: .zero))
+  }
+
+  /// Hands `offsets` (default: the whole region) to the broker to serve from
+  /// `fd` (a regular file or memfd; the broker gets its own duplicate) with
+  /// region offset `offsets.lowerBound` at `fileOffset`. Past the end of the
+  /// file pages read as zeros. `prefetchPages` (≤ 32) fills an aligned block per fault.
+  public func delegate(_ offsets: Range<UInt64>? = nil, file fd: CInt, fileOffset: UInt64, prefetchPages: Int = 1) {
+    let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
+    guard copy >= 0 else { return }
+    pendingDelegations.append(Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length),
+                                         source: .file(descriptor: copy, offset: fileOffset), prefetchPages: prefetchPages))
+  }
+
+  /// Takes back a delegated range: its faults come to the plugin again.
+  public func revokeDelegation(_ offsets: Range<UInt64>? = nil) {
+    pendingDelegations.append(Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length), source: .zero, revoke: true))
+  }
 
   init(clientID: UInt64, pid: Int32, spec: RegionSpec) {
     self.clientID = clientID

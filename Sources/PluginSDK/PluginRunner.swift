@@ -118,7 +118,16 @@ public final class PluginRunner {
     guard !decisions.isEmpty else { return }
     let count = decisions.encode(into: packet)
     staged = 0
-    try socket.send(UnsafeRawBufferPointer(rebasing: packet[..<count]))
+    let descriptors = decisions.descriptors
+    defer { descriptors.forEach(closeDescriptor) }  // the broker has its own copies now
+    if descriptors.isEmpty {
+      try socket.send(UnsafeRawBufferPointer(rebasing: packet[..<count]))
+    } else {
+      let sent = descriptors.withUnsafeBufferPointer { fds in
+        Result { () throws(BrokerError) in try socket.send(UnsafeRawBufferPointer(rebasing: packet[..<count]), fds: fds) }
+      }
+      _ = try sent.get()
+    }
   }
 
   private func handle(_ event: BrokerEvent) throws(BrokerError) {
@@ -131,6 +140,7 @@ public final class PluginRunner {
       do {
         try plugin.regionOpened(region)
         regions[RegionKey(client: clientID, region: spec.id)] = region
+        sendDelegations(of: region)
       } catch let error as BrokerError {
         refusal = error
       } catch {
@@ -184,7 +194,9 @@ public final class PluginRunner {
     let buffer = UnsafeMutableRawBufferPointer(rebasing: staging[staged..<staged + maxPrefetch])
     let fault = PluginFault(faultID: event.faultID, address: event.address, offset: event.offset, flags: event.flags, threadID: event.threadID)
     faultsServed += 1
-    switch plugin.pagefault(fault, in: region, buffer: buffer) {
+    let decision = plugin.pagefault(fault, in: region, buffer: buffer)
+    if !region.pendingDelegations.isEmpty { sendDelegations(of: region) }
+    switch decision {
     case .copy:
       decisions.append(faultID: event.faultID, kind: .copy, address: event.address, length: pageSize, data: UnsafeRawBufferPointer(rebasing: buffer[..<pageSize]))
       staged += pageSize
@@ -201,6 +213,15 @@ public final class PluginRunner {
     case .poison:
       decisions.append(faultID: event.faultID, kind: .poison, address: event.address, length: pageSize)
     }
+  }
+
+  private func sendDelegations(of region: PluginRegion) {
+    // At most CUFFD_MAX_FDS descriptors ride on one packet: flush in between.
+    for delegation in region.pendingDelegations {
+      if case .file = delegation.source, decisions.descriptorCount >= 8 { try? flush() }
+      decisions.append(delegation)
+    }
+    region.pendingDelegations.removeAll()
   }
 
   /// The address of region offset `offset`, in the same live piece as the fault.

@@ -42,6 +42,8 @@ final class ClientSession: UserfaultFDHandler {
   var swapping: [Range<UInt>] = []
   /// Pages whose write-protect faults are held until their swap-out ends.
   var heldWrites: Set<UInt> = []
+  /// Ranges plugins handed to the broker to serve by itself.
+  var delegated = DelegatedRanges()
 
   func isSwapping(_ address: UInt) -> Bool { swapping.contains { $0.contains(address) } }
 
@@ -74,6 +76,10 @@ final class ClientSession: UserfaultFDHandler {
       _ = uffd.wake(address: fault.address, length: systemPageSize)
       return .resolved
     }
+    if !delegated.isEmpty, let range = delegated.range(regionID: piece.spec.id, offset: piece.offset(of: fault.address)),
+       let result = broker.resolveLocally(fault, piece: piece, delegated: range, session: self) {
+      return result
+    }
     return broker.sendFault(fault, piece: piece, session: self)
   }
 
@@ -81,6 +87,8 @@ final class ClientSession: UserfaultFDHandler {
     // A swap-out drops pages whose content the plugin has just stored.
     let swappedOut = swapping.contains { $0.lowerBound <= range.lowerBound && range.upperBound <= $0.upperBound }
     for part in regions.overlapping(range) {
+      let start = part.piece.offset(of: part.range.lowerBound)
+      delegated.cut(regionID: part.piece.spec.id, start..<start + UInt64(part.range.count))
       broker.sendEvent(.removed(RangeEvent(
         clientID: id, regionID: part.piece.spec.id, range: part.range,
         startOffset: part.piece.offset(of: part.range.lowerBound), swappedOut: swappedOut)), to: part.piece.route)
@@ -101,6 +109,8 @@ final class ClientSession: UserfaultFDHandler {
 
   func unmapped(_ range: Range<UInt>) {
     for part in regions.cut(range) {
+      let start = part.piece.offset(of: part.range.lowerBound)
+      delegated.cut(regionID: part.piece.spec.id, start..<start + UInt64(part.range.count))
       broker.sendEvent(.unmapped(RangeEvent(clientID: id, regionID: part.piece.spec.id, range: part.range, startOffset: part.piece.offset(of: part.range.lowerBound))), to: part.piece.route)
     }
   }

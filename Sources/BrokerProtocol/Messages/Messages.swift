@@ -203,6 +203,34 @@ public struct StoreEvent: Equatable, Sendable {
   }
 }
 
+/// A range of a region the plugin hands to the broker to serve by itself (the
+/// broker-local fast path), or takes back (`revoke`).
+public struct Delegation: Equatable, Sendable {
+  public enum Source: Equatable, Sendable {
+    /// Zero pages.
+    case zero
+    /// Bytes of a regular file or memfd, from `offset` in it. The descriptor
+    /// travels with the packet and belongs to the receiver.
+    case file(descriptor: CInt, offset: UInt64)
+  }
+  public var clientID: UInt64
+  public var regionID: UInt64
+  public var offsets: Range<UInt64>
+  public var source: Source
+  /// Pages of an aligned block filled per fault (1: just the faulting page).
+  public var prefetchPages: Int
+  public var revoke: Bool
+
+  public init(clientID: UInt64, regionID: UInt64, offsets: Range<UInt64>, source: Source, prefetchPages: Int = 1, revoke: Bool = false) {
+    self.clientID = clientID
+    self.regionID = regionID
+    self.offsets = offsets
+    self.source = source
+    self.prefetchPages = prefetchPages
+    self.revoke = revoke
+  }
+}
+
 /// A plugin's answer to a `StoreEvent`.
 public struct StoreReply: Equatable, Sendable {
   public var storeID: UInt64

@@ -280,6 +280,7 @@ public final class DecisionBatchEncoder {
   private let decisionPointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Decision>?>
   private var replies: [RegionReply] = []
   private var storeReplies: [StoreReply] = []
+  private var delegations: [Delegation] = []
   private var hello: Hello?
 
   public init(capacity: Int = 512) {
@@ -299,7 +300,10 @@ public final class DecisionBatchEncoder {
     decisionPointers.deallocate()
   }
 
-  public var isEmpty: Bool { count == 0 && replies.isEmpty && storeReplies.isEmpty && hello == nil }
+  public var isEmpty: Bool { count == 0 && replies.isEmpty && storeReplies.isEmpty && delegations.isEmpty && hello == nil }
+
+  /// Descriptors to attach to the packet `encode` makes (one per file delegation, in order).
+  public private(set) var descriptors: [CInt] = []
 
   /// Whether a decision carrying `dataLength` bytes still fits this packet.
   public func canAppend(dataLength: Int) -> Bool {
@@ -322,13 +326,22 @@ public final class DecisionBatchEncoder {
 
   public func append(_ reply: RegionReply) { replies.append(reply) }
   public func append(_ reply: StoreReply) { storeReplies.append(reply) }
+  public func append(_ delegation: Delegation) { delegations.append(delegation) }
+  /// File delegations collected (each needs a descriptor on the packet).
+  public var descriptorCount: Int {
+    delegations.reduce(0) { count, delegation in
+      if case .file = delegation.source, !delegation.revoke { return count + 1 }
+      return count
+    }
+  }
   public func setHello(_ hello: Hello) { self.hello = hello }
 
   /// Packs everything collected into `buffer`, returns the length, and empties the batch.
   public func encode(into buffer: UnsafeMutableRawBufferPointer) -> Int {
     message.n_decisions = count
     let written: Int
-    if replies.isEmpty && storeReplies.isEmpty && hello == nil {
+    descriptors.removeAll(keepingCapacity: true)
+    if replies.isEmpty && storeReplies.isEmpty && delegations.isEmpty && hello == nil {
       written = pack(into: buffer)
     } else {
       let pool = CStringPool()
@@ -358,6 +371,30 @@ public final class DecisionBatchEncoder {
       }
       message.n_store_replies = storeReplies.count
       message.store_replies = storePointers
+      let delegationMessages = UnsafeMutablePointer<Uffdbroker__Delegation>.allocate(capacity: max(delegations.count, 1))
+      let delegationPointers = UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Delegation>?>.allocate(capacity: max(delegations.count, 1))
+      defer {
+        delegationMessages.deallocate()
+        delegationPointers.deallocate()
+      }
+      for (index, delegation) in delegations.enumerated() {
+        let d = delegationMessages + index
+        uffdbroker__delegation__init(d)
+        d.pointee.client_id = delegation.clientID
+        d.pointee.region_id = delegation.regionID
+        d.pointee.offset = delegation.offsets.lowerBound
+        d.pointee.length = UInt64(delegation.offsets.count)
+        d.pointee.prefetch_pages = UInt32(clamping: delegation.prefetchPages)
+        d.pointee.revoke = delegation.revoke ? 1 : 0
+        if case .file(let descriptor, let offset) = delegation.source, !delegation.revoke {
+          d.pointee.kind = UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE
+          d.pointee.file_offset = offset
+          descriptors.append(descriptor)
+        }
+        delegationPointers[index] = d
+      }
+      message.n_delegations = delegations.count
+      message.delegations = delegationPointers
       for (index, reply) in replies.enumerated() {
         uffdbroker__region_reply__init(replyMessages + index)
         replyMessages[index].client_id = reply.clientID
@@ -382,8 +419,11 @@ public final class DecisionBatchEncoder {
       message.region_replies = nil
       message.n_store_replies = 0
       message.store_replies = nil
+      message.n_delegations = 0
+      message.delegations = nil
       replies.removeAll(keepingCapacity: true)
       storeReplies.removeAll(keepingCapacity: true)
+      delegations.removeAll(keepingCapacity: true)
       hello = nil
     }
     for index in 0..<count { decisions[index].data = ProtobufCBinaryData(len: 0, data: nil) }
@@ -438,6 +478,32 @@ public final class DecisionBatchDecoder {
     return DecodedDecision(
       faultID: d.fault_id, kind: DecisionKind(rawValue: Int32(bitPattern: d.kind.rawValue)), address: UInt(d.address), length: Int(d.length),
       data: UnsafeRawBufferPointer(start: d.data.data, count: d.data.len))
+  }
+
+  /// The packet's delegations; file delegations take `descriptors` in order
+  /// (throws `.malformed` if there are fewer than they need).
+  public func delegations(descriptors: [CInt]) throws(BrokerError) -> [Delegation] {
+    guard let m = message, m.pointee.n_delegations > 0 else { return [] }
+    var result: [Delegation] = []
+    var next = 0
+    for index in 0..<m.pointee.n_delegations {
+      guard let d = m.pointee.delegations[index]?.pointee else { continue }
+      guard d.length <= UInt64(Int.max), d.offset <= UInt64.max - d.length else { throw BrokerError(.malformed, "delegation range overflows") }
+      var source = Delegation.Source.zero
+      if !(d.revoke != 0) {
+        switch d.kind {
+        case UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO: source = .zero
+        case UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE:
+          guard next < descriptors.count else { throw BrokerError(.malformed, "a file delegation without its descriptor") }
+          source = .file(descriptor: descriptors[next], offset: d.file_offset)
+          next += 1
+        default: throw BrokerError(.malformed, "unknown delegation kind \(d.kind.rawValue)")
+        }
+      }
+      result.append(Delegation(clientID: d.client_id, regionID: d.region_id, offsets: d.offset..<d.offset + d.length, source: source,
+                               prefetchPages: Int(d.prefetch_pages), revoke: d.revoke != 0))
+    }
+    return result
   }
 
   public var storeReplies: [StoreReply] {

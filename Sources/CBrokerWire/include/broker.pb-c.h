@@ -38,6 +38,7 @@ typedef struct Uffdbroker__Event Uffdbroker__Event;
 typedef struct Uffdbroker__BrokerToPlugin Uffdbroker__BrokerToPlugin;
 typedef struct Uffdbroker__Decision Uffdbroker__Decision;
 typedef struct Uffdbroker__RegionReply Uffdbroker__RegionReply;
+typedef struct Uffdbroker__Delegation Uffdbroker__Delegation;
 typedef struct Uffdbroker__StoreReply Uffdbroker__StoreReply;
 typedef struct Uffdbroker__PluginToBroker Uffdbroker__PluginToBroker;
 
@@ -107,6 +108,23 @@ typedef enum _Uffdbroker__DecisionKind {
   UFFDBROKER__DECISION_KIND__DECISION_POISON = 3
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__DECISION_KIND)
 } Uffdbroker__DecisionKind;
+/*
+ * Broker-local fast path: the plugin hands the broker a range of a region to
+ * serve on its own, with no round trip per fault. The plugin is still told of
+ * every remove/unmap/remap; a removed or unmapped part of a delegated range
+ * returns to the plugin. `revoke` takes the range back.
+ */
+typedef enum _Uffdbroker__DelegationKind {
+  /*
+   * zero pages (a zero page for reads, a copied zero page for writes)
+   */
+  UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO = 0,
+  /*
+   * bytes of a regular file or memfd, attached to the packet (SCM_RIGHTS)
+   */
+  UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE = 1
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__DELEGATION_KIND)
+} Uffdbroker__DelegationKind;
 
 /* --- messages --- */
 
@@ -557,6 +575,35 @@ struct  Uffdbroker__RegionReply
     , 0, 0, NULL }
 
 
+struct  Uffdbroker__Delegation
+{
+  ProtobufCMessage base;
+  uint64_t client_id;
+  uint64_t region_id;
+  /*
+   * region offset, page aligned
+   */
+  uint64_t offset;
+  /*
+   * page aligned
+   */
+  uint64_t length;
+  Uffdbroker__DelegationKind kind;
+  /*
+   * DELEGATE_FILE: where region offset `offset` lies in the file
+   */
+  uint64_t file_offset;
+  /*
+   * fill an aligned block of this many pages per fault (0 or 1: one page)
+   */
+  uint32_t prefetch_pages;
+  protobuf_c_boolean revoke;
+};
+#define UFFDBROKER__DELEGATION__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__delegation__descriptor) \
+    , 0, 0, 0, 0, UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO, 0, 0, 0 }
+
+
 struct  Uffdbroker__StoreReply
 {
   ProtobufCMessage base;
@@ -581,10 +628,15 @@ struct  Uffdbroker__PluginToBroker
   Uffdbroker__RegionReply **region_replies;
   size_t n_store_replies;
   Uffdbroker__StoreReply **store_replies;
+  /*
+   * Each DELEGATE_FILE delegation takes the next descriptor attached to the packet.
+   */
+  size_t n_delegations;
+  Uffdbroker__Delegation **delegations;
 };
 #define UFFDBROKER__PLUGIN_TO_BROKER__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__plugin_to_broker__descriptor) \
-    , NULL, 0,NULL, 0,NULL, 0,NULL }
+    , NULL, 0,NULL, 0,NULL, 0,NULL, 0,NULL }
 
 
 /* Uffdbroker__Hello methods */
@@ -1024,6 +1076,25 @@ Uffdbroker__RegionReply *
 void   uffdbroker__region_reply__free_unpacked
                      (Uffdbroker__RegionReply *message,
                       ProtobufCAllocator *allocator);
+/* Uffdbroker__Delegation methods */
+void   uffdbroker__delegation__init
+                     (Uffdbroker__Delegation         *message);
+size_t uffdbroker__delegation__get_packed_size
+                     (const Uffdbroker__Delegation   *message);
+size_t uffdbroker__delegation__pack
+                     (const Uffdbroker__Delegation   *message,
+                      uint8_t             *out);
+size_t uffdbroker__delegation__pack_to_buffer
+                     (const Uffdbroker__Delegation   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__Delegation *
+       uffdbroker__delegation__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__delegation__free_unpacked
+                     (Uffdbroker__Delegation *message,
+                      ProtobufCAllocator *allocator);
 /* Uffdbroker__StoreReply methods */
 void   uffdbroker__store_reply__init
                      (Uffdbroker__StoreReply         *message);
@@ -1133,6 +1204,9 @@ typedef void (*Uffdbroker__Decision_Closure)
 typedef void (*Uffdbroker__RegionReply_Closure)
                  (const Uffdbroker__RegionReply *message,
                   void *closure_data);
+typedef void (*Uffdbroker__Delegation_Closure)
+                 (const Uffdbroker__Delegation *message,
+                  void *closure_data);
 typedef void (*Uffdbroker__StoreReply_Closure)
                  (const Uffdbroker__StoreReply *message,
                   void *closure_data);
@@ -1148,6 +1222,7 @@ typedef void (*Uffdbroker__PluginToBroker_Closure)
 extern const ProtobufCEnumDescriptor    uffdbroker__role__descriptor;
 extern const ProtobufCEnumDescriptor    uffdbroker__error_code__descriptor;
 extern const ProtobufCEnumDescriptor    uffdbroker__decision_kind__descriptor;
+extern const ProtobufCEnumDescriptor    uffdbroker__delegation_kind__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__hello__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__error__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region__descriptor;
@@ -1171,6 +1246,7 @@ extern const ProtobufCMessageDescriptor uffdbroker__event__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__broker_to_plugin__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__decision__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region_reply__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__delegation__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__store_reply__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__plugin_to_broker__descriptor;
 
