@@ -33,7 +33,7 @@ let package = Package(
     // For processes whose memory is brokered.
     .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
     // For plugins: a handler protocol and the run loop around it.
-    .target(name: "PluginSDK", dependencies: ["BrokerProtocol", "Userfaultfd"]),
+    .target(name: "PluginSDK", dependencies: ["BrokerProtocol", "CUserfaultfd", "Userfaultfd"]),
     .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
     // Counts malloc calls (linked into the benchmark only) to prove the fault path allocates nothing.
     .target(name: "CMallocCounter"),

@@ -536,6 +536,7 @@ public final class Broker: @unchecked Sendable {
         do {
           try decisions.decode(UnsafeRawBufferPointer(rebasing: packet[..<count]))
           try handlePluginMessage(plugin, descriptors: &descriptors)
+          plugin.packetsApplied += 1
         } catch {
           closePlugin(plugin, reason: "\(error)", tell: error)
           return
@@ -553,6 +554,9 @@ public final class Broker: @unchecked Sendable {
       guard !hello.name.isEmpty else { throw BrokerError(.malformed, "a plugin's Hello must name the plugin") }
       let route = route(named: hello.name)
       if route.connection != nil { throw BrokerError(.malformed, "plugin \"\(hello.name)\" is already connected") }
+      if let fd = descriptors.first {
+        plugin.sharedArea = try SharedArea(fd: fd)
+      }
       route.connection = plugin
       plugin.route = route
       logger.info("plugin connected", metadata: ["plugin": "\(hello.name)", "plugin.pid": "\(plugin.peer.pid)"])
@@ -792,8 +796,16 @@ public final class Broker: @unchecked Sendable {
       dispatcher.complete(page, .notNow)
       return
     }
-    if kind == .copy && decision.data.count != length {
-      refuse(decision, from: plugin, "copy of \(length) bytes carries \(decision.data.count)")
+    var data = decision.data
+    if kind == .copy, let offset = decision.sharedOffset {
+      guard let area = plugin.sharedArea, offset & UInt64(mask) == 0, offset <= UInt64(area.bytes.count), UInt64(length) <= UInt64(area.bytes.count) - offset else {
+        refuse(decision, from: plugin, "shared bytes at \(offset) + \(length) are outside its shared area")
+        dispatcher.complete(page, .notNow)
+        return
+      }
+      data = UnsafeRawBufferPointer(rebasing: area.bytes[Int(offset)..<Int(offset) + length])
+    } else if kind == .copy && data.count != length {
+      refuse(decision, from: plugin, "copy of \(length) bytes carries \(data.count)")
       dispatcher.complete(page, .notNow)
       return
     }
@@ -807,10 +819,10 @@ public final class Broker: @unchecked Sendable {
     }
     // While a swap-out runs, every fill in its range is write-protected, so no write escapes it.
     let protect = session.isSwapping(page)
-    var outcome = fill(kind, range: range, data: decision.data, uffd: uffd, writeProtect: protect)
+    var outcome = fill(kind, range: range, data: data, uffd: uffd, writeProtect: protect)
     if length > pageSize && !outcome.isResolved {
       // A prefetch stopped at a page that exists already: fill the faulting page alone.
-      let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: decision.data[Int(page - start)..<Int(page - start) + pageSize]) : decision.data
+      let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: data[Int(page - start)..<Int(page - start) + pageSize]) : data
       outcome = fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd, writeProtect: protect)
     }
     statistics.decisionsApplied += 1
@@ -866,6 +878,7 @@ public final class Broker: @unchecked Sendable {
 
   private func flush(_ plugin: PluginConnection) {
     guard !plugin.events.isEmpty else { return }
+    plugin.events.packetsApplied = plugin.packetsApplied
     let count = plugin.events.encode(into: packet)
     send(UnsafeRawBufferPointer(rebasing: packet[..<count]), to: plugin)
   }

@@ -2717,7 +2717,7 @@ const ProtobufCMessageDescriptor uffdbroker__event__descriptor =
   (ProtobufCMessageInit) uffdbroker__event__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__broker_to_plugin__field_descriptors[3] =
+static const ProtobufCFieldDescriptor uffdbroker__broker_to_plugin__field_descriptors[4] =
 {
   {
     "hello",
@@ -2755,16 +2755,29 @@ static const ProtobufCFieldDescriptor uffdbroker__broker_to_plugin__field_descri
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "packets_applied",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__BrokerToPlugin, packets_applied),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__broker_to_plugin__field_indices_by_name[] = {
   1,   /* field[1] = error */
   2,   /* field[2] = events */
   0,   /* field[0] = hello */
+  3,   /* field[3] = packets_applied */
 };
 static const ProtobufCIntRange uffdbroker__broker_to_plugin__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor uffdbroker__broker_to_plugin__descriptor =
 {
@@ -2774,14 +2787,14 @@ const ProtobufCMessageDescriptor uffdbroker__broker_to_plugin__descriptor =
   "Uffdbroker__BrokerToPlugin",
   "uffdbroker",
   sizeof(Uffdbroker__BrokerToPlugin),
-  3,
+  4,
   uffdbroker__broker_to_plugin__field_descriptors,
   uffdbroker__broker_to_plugin__field_indices_by_name,
   1,  uffdbroker__broker_to_plugin__number_ranges,
   (ProtobufCMessageInit) uffdbroker__broker_to_plugin__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__decision__field_descriptors[5] =
+static const ProtobufCFieldDescriptor uffdbroker__decision__field_descriptors[7] =
 {
   {
     "fault_id",
@@ -2843,6 +2856,30 @@ static const ProtobufCFieldDescriptor uffdbroker__decision__field_descriptors[5]
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "shared",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Decision, shared),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "shared_offset",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Decision, shared_offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__decision__field_indices_by_name[] = {
   2,   /* field[2] = address */
@@ -2850,11 +2887,13 @@ static const unsigned uffdbroker__decision__field_indices_by_name[] = {
   0,   /* field[0] = fault_id */
   1,   /* field[1] = kind */
   3,   /* field[3] = length */
+  5,   /* field[5] = shared */
+  6,   /* field[6] = shared_offset */
 };
 static const ProtobufCIntRange uffdbroker__decision__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor uffdbroker__decision__descriptor =
 {
@@ -2864,7 +2903,7 @@ const ProtobufCMessageDescriptor uffdbroker__decision__descriptor =
   "Uffdbroker__Decision",
   "uffdbroker",
   sizeof(Uffdbroker__Decision),
-  5,
+  7,
   uffdbroker__decision__field_descriptors,
   uffdbroker__decision__field_indices_by_name,
   1,  uffdbroker__decision__number_ranges,

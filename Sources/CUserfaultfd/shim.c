@@ -336,6 +336,26 @@ pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], cons
   posix_spawnattr_destroy(&attr);
   return rc == 0 ? pid : -rc;
 }
+int cuffd_sealed_memfd(const char *name, uint64_t size) {
+  int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) return -errno;
+  if (ftruncate(fd, (off_t)size) != 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    int err = errno;
+    close(fd);
+    return -err;
+  }
+  return fd;
+}
+
+int64_t cuffd_sealed_memfd_size(int fd) {
+  int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0) return -errno;
+  if (!(seals & F_SEAL_SHRINK)) return -EPERM;
+  struct stat info;
+  if (fstat(fd, &info) != 0) return -errno;
+  return (int64_t)info.st_size;
+}
+
 uint8_t cuffd_touch(const void *address) { return *(const volatile uint8_t *)address; }
 
 void *cuffd_mremap(void *old_address, size_t old_size, size_t new_size, int flags, void *new_address) {

@@ -1,12 +1,18 @@
 import BrokerProtocol
+import CUserfaultfd
 import Glibc
 import Userfaultfd
 
 /// The plugin's side of the broker connection: Hello, then a loop that
 /// decodes each batch of events, calls the `PagePlugin`, and answers with one
 /// batch of decisions. Page bytes are written by the handler straight into a
-/// page-aligned staging area that the packet is encoded from; nothing is
-/// allocated per fault.
+/// page-aligned staging area; nothing is allocated per fault.
+///
+/// The staging area is, when possible, a memfd shared with the broker (sent
+/// with Hello, sealed so it cannot shrink): decisions then name where their
+/// bytes lie instead of carrying them. Its two halves alternate between
+/// packets; a half is reused only once the broker reports (`packets_applied`)
+/// that it applied the packet that last used it; otherwise bytes go inline.
 public final class PluginRunner {
   private struct RegionKey: Hashable {
     var client: UInt64
@@ -21,8 +27,17 @@ public final class PluginRunner {
   private let events = EventBatchDecoder()
   private let decisions = DecisionBatchEncoder()
   private let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
+  /// Private staging, for bytes sent inline.
   private let staging: UnsafeMutableRawBufferPointer
+  /// The memfd shared with the broker (two halves), if it was set up.
+  private let shared: UnsafeMutableRawBufferPointer?
+  /// Where the current packet's bytes go: `staging`, or a half of `shared` at `stageOffset`.
+  private var stage: UnsafeMutableRawBufferPointer
+  private var stageOffset: Int?
   private var staged = 0
+  private var packetsSent: UInt64 = 0
+  private var packetsApplied: UInt64 = 0
+  private static let sharedHalf = 1 << 20
   private var regions: [RegionKey: PluginRegion] = [:]
   private var fds: [CInt] = []
 
@@ -35,16 +50,35 @@ public final class PluginRunner {
   /// Connects to the broker's plugin socket and says Hello as `name`.
   /// - Parameter maxPrefetch: the largest range one decision may fill (the buffer handed to `pagefault`).
   /// - Parameter statsPath: a file to keep `faults=N` and the plugin's `statistics` in, for monitoring.
-  public init(plugin: any PagePlugin, name: String, socketPath: String = SocketPaths.plugin, maxPrefetch: Int = 128 << 10, statsPath: String? = nil) throws(BrokerError) {
+  /// - Parameter sharedMemory: offer the broker a shared memfd for page bytes (the fast path).
+  public init(plugin: any PagePlugin, name: String, socketPath: String = SocketPaths.plugin, maxPrefetch: Int = 128 << 10, statsPath: String? = nil, sharedMemory: Bool = true) throws(BrokerError) {
     self.plugin = plugin
     self.name = name
     self.statsPath = statsPath
     self.maxPrefetch = max(maxPrefetch / systemPageSize, 1) * systemPageSize
     precondition(self.maxPrefetch <= PacketSocket.maxPacketSize / 2, "maxPrefetch must fit a packet")
     staging = .allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
+    stage = staging
     socket = try PacketSocket.connect(path: socketPath)
+    var memfd: CInt = -1
+    var mapping: UnsafeMutableRawBufferPointer?
+    if sharedMemory {
+      memfd = cuffd_sealed_memfd("uffd-plugin-pages", UInt64(2 * Self.sharedHalf))
+      if memfd >= 0, let pointer = mmap(nil, 2 * Self.sharedHalf, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0), pointer != MAP_FAILED {
+        mapping = UnsafeMutableRawBufferPointer(start: pointer, count: 2 * Self.sharedHalf)
+      }
+    }
+    shared = mapping
+    defer { closeDescriptor(memfd) }
     decisions.setHello(Hello(role: .plugin, name: name))
-    try flush()
+    let count = decisions.encode(into: packet)
+    let attached = mapping == nil ? [] : [memfd]
+    let sent = attached.withUnsafeBufferPointer { fds in
+      Result { () throws(BrokerError) in try socket.send(UnsafeRawBufferPointer(rebasing: packet[..<count]), fds: fds) }
+    }
+    _ = try sent.get()
+    packetsSent = 1
+    chooseStage()
     socket.setReceiveTimeout(milliseconds: 10_000)
     guard try receive() else { throw BrokerError(.timedOut, "the broker did not answer Hello") }
     // With a stats file, wake up now and then to write it even when idle.
@@ -58,6 +92,7 @@ public final class PluginRunner {
   deinit {
     packet.deallocate()
     staging.deallocate()
+    if let shared { munmap(shared.baseAddress, shared.count) }
   }
 
   /// Connects and serves until the broker closes the connection (returns) or
@@ -106,6 +141,7 @@ public final class PluginRunner {
     case .packet(let count):
       fds.forEach(closeDescriptor)
       try events.decode(UnsafeRawBufferPointer(rebasing: packet[..<count]))
+      packetsApplied = max(packetsApplied, events.packetsApplied)
       return true
     case .wouldBlock:
       return false
@@ -117,7 +153,11 @@ public final class PluginRunner {
   private func flush() throws(BrokerError) {
     guard !decisions.isEmpty else { return }
     let count = decisions.encode(into: packet)
-    staged = 0
+    defer {
+      packetsSent += 1
+      staged = 0
+      chooseStage()
+    }
     let descriptors = decisions.descriptors
     defer { descriptors.forEach(closeDescriptor) }  // the broker has its own copies now
     if descriptors.isEmpty {
@@ -127,6 +167,20 @@ public final class PluginRunner {
         Result { () throws(BrokerError) in try socket.send(UnsafeRawBufferPointer(rebasing: packet[..<count]), fds: fds) }
       }
       _ = try sent.get()
+    }
+  }
+
+  /// Picks where the next packet's bytes go: the shared half it owns if the
+  /// broker has applied the packet before last (which used that half), else inline.
+  private func chooseStage() {
+    let next = packetsSent + 1
+    if let shared, packetsApplied + 2 >= next {
+      let offset = Int(next % 2) * Self.sharedHalf
+      stage = UnsafeMutableRawBufferPointer(rebasing: shared[offset..<offset + Self.sharedHalf])
+      stageOffset = offset
+    } else {
+      stage = staging
+      stageOffset = nil
     }
   }
 
@@ -186,23 +240,29 @@ public final class PluginRunner {
   }
 
   private func serve(_ event: PagefaultEvent) throws(BrokerError) {
-    if staging.count - staged < maxPrefetch || !decisions.canAppend(dataLength: maxPrefetch) { try flush() }
+    if stage.count - staged < maxPrefetch || !decisions.canAppend(dataLength: stageOffset == nil ? maxPrefetch : 0) {
+      try flush()
+      if staged == 0 && stageOffset == nil && shared != nil { chooseStage() }  // the broker may have caught up since
+    }
     guard let region = regions[RegionKey(client: event.clientID, region: event.regionID)] else {
       decisions.append(faultID: event.faultID, kind: .retry, address: event.address, length: 0)
       return
     }
-    let buffer = UnsafeMutableRawBufferPointer(rebasing: staging[staged..<staged + maxPrefetch])
+    let buffer = UnsafeMutableRawBufferPointer(rebasing: stage[staged..<staged + maxPrefetch])
+    let sharedOffset = stageOffset.map { UInt64($0 + staged) }
     let fault = PluginFault(faultID: event.faultID, address: event.address, offset: event.offset, flags: event.flags, threadID: event.threadID)
     faultsServed += 1
     let decision = plugin.pagefault(fault, in: region, buffer: buffer)
     if !region.pendingDelegations.isEmpty { sendDelegations(of: region) }
     switch decision {
     case .copy:
-      decisions.append(faultID: event.faultID, kind: .copy, address: event.address, length: pageSize, data: UnsafeRawBufferPointer(rebasing: buffer[..<pageSize]))
+      decisions.append(faultID: event.faultID, kind: .copy, address: event.address, length: pageSize,
+                       data: sharedOffset == nil ? UnsafeRawBufferPointer(rebasing: buffer[..<pageSize]) : nil, sharedOffset: sharedOffset)
       staged += pageSize
     case .copyRange(let offset, let length):
       precondition(length > 0 && length <= buffer.count, "copyRange of \(length) bytes exceeds the buffer of \(buffer.count)")
-      decisions.append(faultID: event.faultID, kind: .copy, address: address(of: offset, for: event), length: length, data: UnsafeRawBufferPointer(rebasing: buffer[..<length]))
+      decisions.append(faultID: event.faultID, kind: .copy, address: address(of: offset, for: event), length: length,
+                       data: sharedOffset == nil ? UnsafeRawBufferPointer(rebasing: buffer[..<length]) : nil, sharedOffset: sharedOffset)
       staged += (length + pageSize - 1) / pageSize * pageSize
     case .zero:
       decisions.append(faultID: event.faultID, kind: .zero, address: event.address, length: pageSize)

@@ -53,7 +53,7 @@ final class ChildProcess {
       environment.forEach { free($0) }
     }
     var pid: pid_t = 0
-    let rc = posix_spawn(&pid, "/proc/self/exe", &actions, &attributes, argv, environment)
+    let rc = posix_spawn(&pid, executablePath, &actions, &attributes, argv, environment)
     close(pair[1])
     guard rc == 0 else {
       close(pair[0])
@@ -67,6 +67,13 @@ final class ChildProcess {
     }
     return child
   }
+
+  /// This executable, resolved (spawning "/proc/self/exe" itself would name every child "exe" in ps and perf).
+  private static let executablePath: String = {
+    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    return count > 0 ? String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "/proc/self/exe"
+  }()
 
   /// This process's environment, for the child (reading `environ` is not concurrency-safe in Swift 6).
   private static func environment() -> [String] {

@@ -78,7 +78,7 @@ struct ResourceUsage {
 
   static func current() -> ResourceUsage {
     var usage = rusage()
-    getrusage(RUSAGE_SELF, &usage)
+    getrusage(RUSAGE_SELF.rawValue, &usage)
     func ns(_ time: timeval) -> UInt64 { UInt64(time.tv_sec) &* 1_000_000_000 &+ UInt64(time.tv_usec) &* 1_000 }
     return ResourceUsage(userNs: ns(usage.ru_utime), systemNs: ns(usage.ru_stime), minorFaults: UInt64(usage.ru_minflt))
   }

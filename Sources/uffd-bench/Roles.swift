@@ -12,6 +12,7 @@ import Userfaultfd
 /// `--role broker`: a real `Broker` from BrokerCore on this process's main thread.
 enum BrokerRole {
   static func run(_ options: BrokerRoleOptions) -> Int32 {
+    Console.nameProcess("bench-broker")
     // Warnings only: a registration per round per client would flood the output at info.
     LoggingSystem.bootstrap { label in
       var handler = StreamLogHandler.standardError(label: label)
@@ -43,6 +44,7 @@ enum BrokerRole {
 /// `--role plugin`: a PluginSDK plugin serving the pattern, a page or a 64 KiB block per fault.
 enum PluginRole {
   static func run(_ options: PluginRoleOptions) -> Int32 {
+    Console.nameProcess(options.name)
     let counters = PluginCounters()
     let plugin = BenchPlugin(kind: options.kind, counters: counters)
     let runner: PluginRunner
@@ -97,8 +99,19 @@ final class BenchPlugin: PagePlugin {
   }
 }
 
-/// Writes to stderr without touching the C `stderr` global (not concurrency-safe in Swift 6).
+/// Process naming and stderr without touching the C `stderr` global (not concurrency-safe in Swift 6).
 enum Console {
+  /// Sets the process's comm (the main thread's name, 15 bytes at most), so
+  /// the roles are told apart in ps, top and perf. (pthread_setname_np needs
+  /// _GNU_SOURCE, which the Glibc module does not expose.)
+  static func nameProcess(_ name: String) {
+    let fd = open("/proc/self/comm", O_WRONLY)
+    guard fd >= 0 else { return }
+    let bytes = Array(name.utf8.prefix(15))
+    _ = write(fd, bytes, bytes.count)
+    close(fd)
+  }
+
   static func error(_ message: String) {
     let line = "uffd-bench: " + message + "\n"
     _ = line.utf8CString.withUnsafeBufferPointer { write(2, $0.baseAddress, $0.count - 1) }

@@ -126,7 +126,7 @@ final class RoundRunner {
     }
     return RoundResult(
       mode: mode.name, round: round, pages: pages, faults: faults, wallNs: wallNs, latency: LatencySummary(&samples),
-      benchCPUNs: usageAfter.cpuNs - usageBefore.cpuNs, benchMallocCalls: mallocAfter - mallocBefore,
+      benchUserNs: usageAfter.userNs - usageBefore.userNs, benchSystemNs: usageAfter.systemNs - usageBefore.systemNs, benchMallocCalls: mallocAfter - mallocBefore,
       broker: mode.usesBroker ? broker : nil, plugins: plugins, wrongPages: wrong)
   }
 

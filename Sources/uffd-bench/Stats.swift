@@ -29,7 +29,8 @@ struct RoundResult {
   var wallNs: UInt64
   var latency: LatencySummary
   /// This process (faulting threads, and the handler thread in-process): CPU time and malloc calls in the timed window.
-  var benchCPUNs: UInt64
+  var benchUserNs: UInt64
+  var benchSystemNs: UInt64
   var benchMallocCalls: UInt64
   /// Deltas over the timed window, when a broker served the round.
   var broker: ChildStats?
@@ -39,12 +40,20 @@ struct RoundResult {
   var pagesPerSecond: Double { Double(pages) / (Double(wallNs) / 1e9) }
   var faultsPerSecond: Double { Double(faults) / (Double(wallNs) / 1e9) }
   /// Per fault, in µs / calls.
-  var benchCPUPerFault: Double { Double(benchCPUNs) / 1e3 / Double(max(faults, 1)) }
+  var benchCPUPerFault: Double { perFault(benchUserNs &+ benchSystemNs) }
+  var benchUserPerFault: Double { perFault(benchUserNs) }
+  var benchSystemPerFault: Double { perFault(benchSystemNs) }
   var benchMallocsPerFault: Double { Double(benchMallocCalls) / Double(max(faults, 1)) }
-  var brokerCPUPerFault: Double? { broker.map { Double($0.cpuNs) / 1e3 / Double(max(faults, 1)) } }
+  var brokerCPUPerFault: Double? { broker.map { perFault($0.cpuNs) } }
+  var brokerUserPerFault: Double? { broker.map { perFault($0.userNs) } }
+  var brokerSystemPerFault: Double? { broker.map { perFault($0.systemNs) } }
   var brokerMallocsPerFault: Double? { broker.map { Double($0.mallocCalls) / Double(max(faults, 1)) } }
-  var pluginCPUPerFault: Double? { plugins.map { Double($0.cpuNs) / 1e3 / Double(max(faults, 1)) } }
+  var pluginCPUPerFault: Double? { plugins.map { perFault($0.cpuNs) } }
+  var pluginUserPerFault: Double? { plugins.map { perFault($0.userNs) } }
+  var pluginSystemPerFault: Double? { plugins.map { perFault($0.systemNs) } }
   var pluginMallocsPerFault: Double? { plugins.map { Double($0.mallocCalls) / Double(max(faults, 1)) } }
+  /// ns → µs per fault.
+  private func perFault(_ ns: UInt64) -> Double { Double(ns) / 1e3 / Double(max(faults, 1)) }
   var totalCPUPerFault: Double { benchCPUPerFault + (brokerCPUPerFault ?? 0) + (pluginCPUPerFault ?? 0) }
 }
 

@@ -1,5 +1,27 @@
 import BrokerProtocol
+import CUserfaultfd
+import Glibc
 import Userfaultfd
+
+/// A plugin's shared page area, mapped read-only here: decisions name bytes in it.
+final class SharedArea {
+  let bytes: UnsafeRawBufferPointer
+
+  /// Maps `fd`, which must be a memfd sealed against shrinking (else a
+  /// truncation could make our copies fault). At most 256 MiB.
+  init(fd: CInt) throws(BrokerError) {
+    let size = cuffd_sealed_memfd_size(fd)
+    guard size > 0, size <= 256 << 20 else {
+      throw BrokerError(.malformed, "the shared area must be a memfd sealed against shrinking, of at most 256 MiB")
+    }
+    guard let pointer = mmap(nil, Int(size), PROT_READ, MAP_SHARED, fd, 0), pointer != MAP_FAILED else {
+      throw BrokerError(.io, "cannot map the plugin's shared area")
+    }
+    bytes = UnsafeRawBufferPointer(start: pointer, count: Int(size))
+  }
+
+  deinit { munmap(UnsafeMutableRawPointer(mutating: bytes.baseAddress), bytes.count) }
+}
 
 /// One connected plugin process: its socket, the batch of events being
 /// collected for it, and packets waiting for its socket to drain.
@@ -15,6 +37,9 @@ final class PluginConnection {
   var backlogBytes = 0
   var inFlight = 0
   var invalidDecisions = 0
+  /// Packets of this plugin handled so far (told back to it: shared bytes may be reused).
+  var packetsApplied: UInt64 = 0
+  var sharedArea: SharedArea?
   /// Queued for a flush at the end of this loop iteration.
   var isDirty = false
   var isClosed = false

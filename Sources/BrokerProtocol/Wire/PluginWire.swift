@@ -61,6 +61,8 @@ public final class EventBatchEncoder {
   }
 
   public var isEmpty: Bool { count == 0 }
+  /// Sent with every batch: how many of the plugin's packets the broker has applied.
+  public var packetsApplied: UInt64 = 0
   /// True when one more event might not fit the packet.
   public var isFull: Bool { count == capacity || estimatedSize > PacketSocket.maxPacketSize - 16 << 10 }
 
@@ -163,6 +165,7 @@ public final class EventBatchEncoder {
   /// returns the packet's length and empties the batch.
   public func encode(into buffer: UnsafeMutableRawBufferPointer) -> Int {
     message.n_events = count
+    message.packets_applied = packetsApplied
     let written = storeData.isEmpty ? pack(into: buffer) : packWithStores(into: buffer, index: 0, storeIndex: 0)
     storeData.removeAll(keepingCapacity: true)
     count = 0
@@ -230,6 +233,8 @@ public final class EventBatchDecoder {
   }
   public var error: BrokerError? { message?.pointee.error.map { BrokerError(decoding: $0) } }
   public var eventCount: Int { message?.pointee.n_events ?? 0 }
+  /// How many of the plugin's packets the broker had applied when it sent this one.
+  public var packetsApplied: UInt64 { message?.pointee.packets_applied ?? 0 }
 
   /// The event at `index`; an event with no (or an unknown) kind throws `.malformed`.
   public func event(at index: Int) throws(BrokerError) -> BrokerEvent {
@@ -310,8 +315,9 @@ public final class DecisionBatchEncoder {
     count < capacity && payloadBytes + dataLength + 64 * (count + 1) <= PacketSocket.maxPacketSize - 4096
   }
 
-  /// Adds a decision. `data` is borrowed until `encode` (it is copied into the packet there).
-  public func append(faultID: UInt64, kind: DecisionKind, address: UInt, length: Int, data: UnsafeRawBufferPointer? = nil) {
+  /// Adds a decision. `data` is borrowed until `encode` (it is copied into the
+  /// packet there); or `sharedOffset` names where the bytes lie in the shared area.
+  public func append(faultID: UInt64, kind: DecisionKind, address: UInt, length: Int, data: UnsafeRawBufferPointer? = nil, sharedOffset: UInt64? = nil) {
     precondition(canAppend(dataLength: data?.count ?? 0), "DecisionBatchEncoder overflow: check canAppend")
     let d = decisions + count
     d.pointee.fault_id = faultID
@@ -320,6 +326,8 @@ public final class DecisionBatchEncoder {
     d.pointee.length = UInt64(length)
     d.pointee.data.len = data?.count ?? 0
     d.pointee.data.data = UnsafeMutablePointer(mutating: data?.baseAddress?.assumingMemoryBound(to: UInt8.self))
+    d.pointee.shared = sharedOffset == nil ? 0 : 1
+    d.pointee.shared_offset = sharedOffset ?? 0
     count += 1
     payloadBytes += data?.count ?? 0
   }
@@ -448,6 +456,8 @@ public struct DecodedDecision {
   public var address: UInt
   public var length: Int
   public var data: UnsafeRawBufferPointer
+  /// Where the bytes lie in the plugin's shared area, instead of `data`.
+  public var sharedOffset: UInt64?
 }
 
 /// Broker side: decodes one `PluginToBroker` packet into its arena.
@@ -473,11 +483,11 @@ public final class DecisionBatchDecoder {
   public func decision(at index: Int) -> DecodedDecision? {
     guard let m = message, index < m.pointee.n_decisions, let d = m.pointee.decisions[index]?.pointee else { return nil }
     guard d.length <= UInt64(Int.max), d.address <= UInt64(UInt.max) else {
-      return DecodedDecision(faultID: d.fault_id, kind: nil, address: 0, length: 0, data: UnsafeRawBufferPointer(start: nil, count: 0))
+      return DecodedDecision(faultID: d.fault_id, kind: nil, address: 0, length: 0, data: UnsafeRawBufferPointer(start: nil, count: 0), sharedOffset: nil)
     }
     return DecodedDecision(
       faultID: d.fault_id, kind: DecisionKind(rawValue: Int32(bitPattern: d.kind.rawValue)), address: UInt(d.address), length: Int(d.length),
-      data: UnsafeRawBufferPointer(start: d.data.data, count: d.data.len))
+      data: UnsafeRawBufferPointer(start: d.data.data, count: d.data.len), sharedOffset: d.shared != 0 ? d.shared_offset : nil)
   }
 
   /// The packet's delegations; file delegations take `descriptors` in order

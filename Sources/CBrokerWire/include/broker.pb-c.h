@@ -532,10 +532,15 @@ struct  Uffdbroker__BrokerToPlugin
   Uffdbroker__Error *error;
   size_t n_events;
   Uffdbroker__Event **events;
+  /*
+   * How many PluginToBroker packets the broker has applied so far: shared-memory
+   * bytes named by those packets may be reused.
+   */
+  uint64_t packets_applied;
 };
 #define UFFDBROKER__BROKER_TO_PLUGIN__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__broker_to_plugin__descriptor) \
-    , NULL, NULL, 0,NULL }
+    , NULL, NULL, 0,NULL, 0 }
 
 
 /*
@@ -551,13 +556,18 @@ struct  Uffdbroker__Decision
   uint64_t address;
   uint64_t length;
   /*
-   * DECISION_COPY: exactly length bytes
+   * DECISION_COPY: exactly length bytes, or:
    */
   ProtobufCBinaryData data;
+  /*
+   * DECISION_COPY: the bytes are in the shared area at shared_offset
+   */
+  protobuf_c_boolean shared;
+  uint64_t shared_offset;
 };
 #define UFFDBROKER__DECISION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__decision__descriptor) \
-    , 0, UFFDBROKER__DECISION_KIND__DECISION_COPY, 0, 0, {0,NULL} }
+    , 0, UFFDBROKER__DECISION_KIND__DECISION_COPY, 0, 0, {0,NULL}, 0, 0 }
 
 
 struct  Uffdbroker__RegionReply
@@ -618,6 +628,11 @@ struct  Uffdbroker__StoreReply
     , 0, NULL }
 
 
+/*
+ * Shared-memory page path: the packet carrying a plugin's Hello may attach a
+ * memfd sealed against shrinking (F_SEAL_SHRINK); the broker maps it read-only
+ * and copies pages for `shared` decisions straight from it.
+ */
 struct  Uffdbroker__PluginToBroker
 {
   ProtobufCMessage base;

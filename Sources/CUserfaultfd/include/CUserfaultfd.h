@@ -202,6 +202,14 @@ void cuffd_unblock_signals(void);
  * Returns the pid or -errno. */
 pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], const char *stdout_path, const char *stderr_path);
 
+/* A memfd of `size` bytes that can never shrink or grow (sealed): safe for
+ * another process to map and copy from. Returns the fd or -errno. */
+int cuffd_sealed_memfd(const char *name, uint64_t size);
+
+/* Checks that fd is a memfd sealed against shrinking; returns its size, or -errno
+ * (-EPERM when it is not sealed). */
+int64_t cuffd_sealed_memfd_size(int fd);
+
 /* Reads one byte through a volatile pointer: a first touch the optimizer cannot remove. */
 uint8_t cuffd_touch(const void *address);
 

@@ -1,0 +1,97 @@
+import Glibc
+import Userfaultfd
+
+/// The benchmark driver: this process is the client. It starts the broker and
+/// plugin roles once, runs every mode round-robin for R rounds on fresh
+/// memory, verifies every page, and reports medians.
+enum Bench {
+  static func main(_ arguments: [String]) -> Int32 {
+    let invocation: Invocation
+    do {
+      invocation = try Options.parse(arguments)
+    } catch {
+      Console.error("\(error)\n\(Options.usage)")
+      return 2
+    }
+    switch invocation {
+    case .help:
+      print(Options.usage)
+      return 0
+    case .broker(let options):
+      return BrokerRole.run(options)
+    case .plugin(let options):
+      return PluginRole.run(options)
+    case .bench(let options):
+      return run(options, arguments: arguments)
+    }
+  }
+
+  private static func run(_ options: BenchOptions, arguments: [String]) -> Int32 {
+    print("# command: " + arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " "))
+    print("# \(options.pages) pages x 4 KiB per round, \(options.rounds) rounds, modes interleaved round-robin:")
+    for mode in options.modes { print("#   \(Format.left(mode.name, 16)) (item \(mode.item)) \(mode.summary)") }
+    fflush(nil)
+    guard systemPageSize == 4096 else {
+      Console.error("this benchmark assumes 4 KiB pages (the system's are \(systemPageSize))")
+      return 1
+    }
+    if options.modes.contains(where: { $0.workload.backend != .plain }) && !UserfaultFD.isSupported {
+      Console.error("userfaultfd is not available to this process (run as root or set vm.unprivileged_userfaultfd=1)")
+      return 1
+    }
+
+    var plugins: [PluginInstance] = []
+    for mode in options.modes where mode.usesBroker {
+      for plugin in mode.workload.plugins where !plugins.contains(plugin) { plugins.append(plugin) }
+    }
+    let processes: BenchProcesses?
+    do {
+      processes = plugins.isEmpty ? nil : try BenchProcesses(plugins: plugins)
+    } catch {
+      Console.error("cannot start the broker and plugins: \(error)")
+      return 1
+    }
+    let watchdog = Watchdog(children: processes?.all ?? [])
+    let runner = RoundRunner(pages: options.pages, modes: options.modes, processes: processes, watchdog: watchdog)
+
+    var results: [RoundResult] = []
+    var failure: BenchError?
+    rounds: for round in 1...options.rounds {
+      for mode in options.modes {
+        do {
+          let result = try runner.run(mode, round: round)
+          results.append(result)
+          print(Report.roundLine(result, rounds: options.rounds))
+          fflush(nil)
+        } catch {
+          failure = error
+          break rounds
+        }
+      }
+    }
+    watchdog.stop()
+    processes?.shutdown()
+    if let failure {
+      Console.error("FAILED: \(failure)")
+      return 1
+    }
+
+    Report.summary(results, modes: options.modes, options: options)
+    if options.microIterations > 0 {
+      do {
+        Report.micro(try Micro.run(iterations: options.microIterations), iterations: options.microIterations)
+      } catch {
+        Console.error("FAILED: \(error)")
+        return 1
+      }
+    }
+    Report.machine()
+    let wrong = results.reduce(0) { $0 + $1.wrongPages }
+    if wrong > 0 {
+      print("FAILED: \(wrong) pages read back wrong (see WRONG PAGE lines)")
+      return 1
+    }
+    print("all pages verified in every round")
+    return 0
+  }
+}
