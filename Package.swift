@@ -31,7 +31,7 @@ let package = Package(
     // Sessions, regions, routing, redelivery, validation, supervision: the broker's logic.
     .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "ChildProcess", "CUserfaultfd", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")]),
     // For processes whose memory is brokered.
-    .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
+    .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "CUserfaultfd", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
     // For plugins: a handler protocol and the run loop around it.
     .target(name: "PluginSDK", dependencies: ["BrokerProtocol", "CUserfaultfd", "Userfaultfd"]),
     .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),

@@ -454,6 +454,9 @@ public final class Broker: @unchecked Sendable {
       return
     }
     session.phase = .active
+    // A client re-attaching after a broker restart may have threads blocked on
+    // faults the old broker read and never answered: wake them to fault again.
+    for piece in session.regions.pieces { _ = uffd.wake(address: piece.live.lowerBound, length: piece.live.count) }
     logger.info("client registered", metadata: ["client.id": "\(session.id)", "client.pid": "\(session.pid)", "regions": "\(session.regions.pieces.count)"])
     reply(session, BrokerReply(requestID: requestID, .ack(clientID: session.id)))
     session.dispatcher?.drain()  // faults may have queued before the ack

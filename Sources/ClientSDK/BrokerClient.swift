@@ -1,6 +1,5 @@
 import BrokerProtocol
 import Glibc
-import Synchronization
 import SystemPackage
 import Userfaultfd
 
@@ -35,17 +34,19 @@ public struct ClientError: Error, CustomStringConvertible, Sendable {
 /// **This object keeps its own reference to the userfaultfd** for as long as
 /// it lives. If the broker dies, faulting threads stay blocked (they are not
 /// released onto zero pages): unfilled memory never silently reads as zeros.
+/// A monitor thread then re-attaches to the broker when it is back (same uffd,
+/// same regions; the broker wakes the blocked threads so their faults come
+/// again). If no broker comes back within the policy's time, the client fails
+/// closed as the policy says (see `BrokerLossPolicy`), never onto zeros.
 /// Keep the client alive as long as the memory is in use; release the memory
 /// (munmap) before the client.
-public final class BrokerClient: @unchecked Sendable {
-  // @unchecked: requests are serialized by `nextRequest`'s mutex; the rest is immutable after init.
+public final class BrokerClient: Sendable {
   public let uffd: UserfaultFD
-  /// The id the broker gave this client (in its logs and plugin events).
-  public let clientID: UInt64
-  private let socket: PacketSocket
-  private let arena = WireArena(capacity: 64 << 10)
-  private let nextRequest = Mutex<UInt64>(2)
-  private let timeoutMilliseconds: Int
+  private let connection: Connection
+  private let monitor: Monitor
+
+  /// The id the broker gave this client (in its logs and plugin events); it changes on re-attach.
+  public var clientID: UInt64 { connection.withLock { $0.clientID } }
 
   /// The features the broker needs to keep memory exact while the client changes its mappings.
   public static let features: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap, .threadID]
@@ -53,31 +54,40 @@ public final class BrokerClient: @unchecked Sendable {
   /// Registers `regions` with the broker at `socketPath`. Throws if the broker
   /// is unreachable, refuses (unknown plugin, bad region, not authorized...), or
   /// does not answer within `timeoutMilliseconds`.
-  public init(regions: [RegionSpec], socketPath: String = SocketPaths.client, name: String = "client", timeoutMilliseconds: Int = 10_000) throws(ClientError) {
-    self.timeoutMilliseconds = timeoutMilliseconds
+  public init(
+    regions: [RegionSpec], socketPath: String = SocketPaths.client, name: String = "client",
+    timeoutMilliseconds: Int = 10_000, onBrokerLoss policy: BrokerLossPolicy = .reattach(withinMilliseconds: 30_000, otherwise: .terminate)
+  ) throws(ClientError) {
     do {
       uffd = try UserfaultFD.create(features: Self.features)
     } catch {
       throw ClientError("cannot create a userfaultfd: \(error)")
     }
     try Self.register(regions, with: uffd)
-    do {
-      socket = try PacketSocket.connect(path: socketPath)
-    } catch {
-      throw ClientError("cannot reach the broker at \(socketPath)", broker: error)
-    }
-    socket.setReceiveTimeout(milliseconds: timeoutMilliseconds)
-    _ = try Self.exchange(socket, arena, ClientRequest(requestID: 0, .hello(Hello(role: .client, name: name))), fds: [])
-    let register = RegisterRequest(pid: getpid(), features: uffd.features, ioctls: uffd.ioctls, regions: regions)
-    let reply = try Self.exchange(socket, arena, ClientRequest(requestID: 1, .register(register)), fds: [uffd.fileDescriptor.rawValue])
-    guard case .ack(let id, _) = reply else { throw ClientError("the broker answered Register with \(reply)") }
-    clientID = id
+    connection = Connection(uffd: uffd, regions: regions, socketPath: socketPath, name: name, timeoutMilliseconds: timeoutMilliseconds)
+    try connection.withLock { (state) throws(ClientError) in try state.attach() }
+    monitor = Monitor(connection: connection, policy: policy)
   }
+
+  deinit { monitor.stop() }
 
   /// Adds regions (registering their ranges with this client's uffd first).
   public func addRegions(_ regions: [RegionSpec]) throws(ClientError) {
     try Self.register(regions, with: uffd)
     _ = try request(.addRegions(regions))
+    connection.withLock { $0.regions += regions }
+  }
+
+  /// Removes regions from the broker, then unregisters their ranges (their pages stay as they are).
+  public func removeRegions(_ regions: [RegionSpec]) throws(ClientError) {
+    _ = try request(.removeRegions(regions.map(\.id)))
+    let ids = Set(regions.map(\.id))
+    connection.withLock { $0.regions.removeAll { ids.contains($0.id) } }
+    for region in regions { try? uffd.unregister(address: region.base, length: region.length) }
+  }
+
+  private func request(_ body: ClientRequest.Body) throws(ClientError) -> BrokerReply.Body {
+    try connection.withLock { (state) throws(ClientError) in try state.request(body) }
   }
 
   /// Missing faults go to the broker; write-protect mode lets it swap pages out
@@ -151,51 +161,5 @@ public final class BrokerClient: @unchecked Sendable {
     _ = try request(.swapOutDone(regionID: region.id, offset: UInt64(offset), length: length))
     if let failure { throw failure }
     return report
-  }
-
-  /// Removes regions from the broker, then unregisters their ranges (their pages stay as they are).
-  public func removeRegions(_ regions: [RegionSpec]) throws(ClientError) {
-    _ = try request(.removeRegions(regions.map(\.id)))
-    for region in regions { try? uffd.unregister(address: region.base, length: region.length) }
-  }
-
-  private func request(_ body: ClientRequest.Body) throws(ClientError) -> BrokerReply.Body {
-    let result: Result<BrokerReply.Body, ClientError> = nextRequest.withLock { next in
-      let id = next
-      next += 1
-      return Result { () throws(ClientError) in try Self.exchange(socket, arena, ClientRequest(requestID: id, body), fds: []) }
-    }
-    return try result.get()
-  }
-
-  private static func exchange(_ socket: PacketSocket, _ arena: WireArena, _ request: ClientRequest, fds: [CInt]) throws(ClientError) -> BrokerReply.Body {
-    let bytes = ClientWire.encode(request)
-    let sent = bytes.withUnsafeBytes { raw in
-      fds.withUnsafeBufferPointer { fdBuffer in Result { () throws(BrokerError) in try socket.send(raw, fds: fdBuffer) } }
-    }
-    if case .failure(let error) = sent { throw ClientError("cannot send to the broker", broker: error) }
-    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
-    defer { buffer.deallocate() }
-    var received: [CInt] = []
-    let result: PacketSocket.ReceiveResult
-    do {
-      result = try socket.receive(into: buffer, fds: &received, blocking: true)
-    } catch {
-      throw ClientError("cannot read the broker's reply", broker: error)
-    }
-    received.forEach(closeDescriptor)
-    switch result {
-    case .wouldBlock: throw ClientError("the broker did not answer", broker: BrokerError(.timedOut, "no reply"))
-    case .closed: throw ClientError("the broker closed the connection")
-    case .packet(let count):
-      let reply: BrokerReply
-      do {
-        reply = try ClientWire.decodeReply(UnsafeRawBufferPointer(rebasing: buffer[..<count]), arena: arena)
-      } catch {
-        throw ClientError("the broker's reply is malformed", broker: error)
-      }
-      if case .error(let error) = reply.body { throw ClientError("the broker refused the request", broker: error) }
-      return reply.body
-    }
   }
 }

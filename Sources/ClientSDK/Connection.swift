@@ -1,0 +1,89 @@
+import BrokerProtocol
+import Glibc
+import Userfaultfd
+
+/// The client's connection to the broker, shared by the caller's requests and
+/// the monitor thread (which replaces the socket on re-attach).
+final class Connection: @unchecked Sendable {
+  // @unchecked: `state` is only touched with `mutex` held.
+  struct State {
+    let uffd: UserfaultFD
+    var regions: [RegionSpec]
+    let socketPath: String
+    let name: String
+    let timeoutMilliseconds: Int
+    var socket: PacketSocket?
+    var clientID: UInt64 = 0
+    var nextRequest: UInt64 = 1
+    let arena = WireArena(capacity: 64 << 10)
+
+    /// Connects, says Hello and registers the uffd with the current regions.
+    mutating func attach() throws(ClientError) {
+      socket = nil
+      let fresh: PacketSocket
+      do {
+        fresh = try PacketSocket.connect(path: socketPath)
+      } catch {
+        throw ClientError("cannot reach the broker at \(socketPath)", broker: error)
+      }
+      fresh.setReceiveTimeout(milliseconds: timeoutMilliseconds)
+      socket = fresh
+      _ = try request(.hello(Hello(role: .client, name: name)))
+      let register = RegisterRequest(pid: getpid(), features: uffd.features, ioctls: uffd.ioctls, regions: regions)
+      let reply = try request(.register(register), fds: [uffd.fileDescriptor.rawValue])
+      guard case .ack(let id, _) = reply else { throw ClientError("the broker answered Register with \(reply)") }
+      clientID = id
+    }
+
+    /// Sends one request and waits for its reply; an Error reply throws.
+    mutating func request(_ body: ClientRequest.Body, fds: [CInt] = []) throws(ClientError) -> BrokerReply.Body {
+      guard let socket else { throw ClientError("not connected to the broker") }
+      let id = nextRequest
+      nextRequest += 1
+      let bytes = ClientWire.encode(ClientRequest(requestID: id, body))
+      let sent = bytes.withUnsafeBytes { raw in
+        fds.withUnsafeBufferPointer { fdBuffer in Result { () throws(BrokerError) in try socket.send(raw, fds: fdBuffer) } }
+      }
+      if case .failure(let error) = sent { throw ClientError("cannot send to the broker", broker: error) }
+      let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
+      defer { buffer.deallocate() }
+      var received: [CInt] = []
+      let result: PacketSocket.ReceiveResult
+      do {
+        result = try socket.receive(into: buffer, fds: &received, blocking: true)
+      } catch {
+        throw ClientError("cannot read the broker's reply", broker: error)
+      }
+      received.forEach(closeDescriptor)
+      switch result {
+      case .wouldBlock: throw ClientError("the broker did not answer", broker: BrokerError(.timedOut, "no reply within \(timeoutMilliseconds) ms"))
+      case .closed: throw ClientError("the broker closed the connection")
+      case .packet(let count):
+        let reply: BrokerReply
+        do {
+          reply = try ClientWire.decodeReply(UnsafeRawBufferPointer(rebasing: buffer[..<count]), arena: arena)
+        } catch {
+          throw ClientError("the broker's reply is malformed", broker: error)
+        }
+        if case .error(let error) = reply.body { throw ClientError("the broker refused the request", broker: error) }
+        return reply.body
+      }
+    }
+  }
+
+  private var mutex = pthread_mutex_t()
+  private var state: State
+
+  init(uffd: UserfaultFD, regions: [RegionSpec], socketPath: String, name: String, timeoutMilliseconds: Int) {
+    state = State(uffd: uffd, regions: regions, socketPath: socketPath, name: name, timeoutMilliseconds: timeoutMilliseconds)
+    pthread_mutex_init(&mutex, nil)
+  }
+
+  deinit { pthread_mutex_destroy(&mutex) }
+
+  func withLock<Result, Failure: Error>(_ body: (inout State) throws(Failure) -> Result) throws(Failure) -> Result {
+    pthread_mutex_lock(&mutex)
+    defer { pthread_mutex_unlock(&mutex) }
+    return try body(&state)
+  }
+}
