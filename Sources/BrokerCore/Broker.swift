@@ -258,14 +258,16 @@ public final class Broker: @unchecked Sendable {
         closeClient(session, reason: "the client closed its connection")
         return
       case .packet(let count):
-        let fds = receivedFDs
+        var fds = receivedFDs
+        defer { fds.forEach(closeDescriptor) }  // those no one took over
+        var requestID: UInt64 = 0
         do {
           let request = try ClientWire.decodeRequest(UnsafeRawBufferPointer(rebasing: packet[..<count]), arena: arena)
-          try handleRequest(request, fds: fds, session: session)
+          requestID = request.requestID
+          try handleRequest(request, fds: &fds, session: session)
         } catch {
-          fds.forEach(closeDescriptor)
           logger.warning("refused a client request", metadata: ["client.id": "\(session.id)", "peer.pid": "\(session.peer.pid)", "reason": "\(error)"])
-          reply(session, BrokerReply(requestID: 0, .error(error)))
+          reply(session, BrokerReply(requestID: requestID, .error(error)))
           // A malformed or out-of-place message ends the connection; a refused registration too.
           if error.code == .malformed || session.phase != .active { closeClient(session, reason: "\(error.message)") }
         }
@@ -273,7 +275,8 @@ public final class Broker: @unchecked Sendable {
     }
   }
 
-  private func handleRequest(_ request: ClientRequest, fds: [CInt], session: ClientSession) throws(BrokerError) {
+  /// Handles one client request; a descriptor it takes over is removed from `fds`.
+  private func handleRequest(_ request: ClientRequest, fds: inout [CInt], session: ClientSession) throws(BrokerError) {
     switch (session.phase, request.body) {
     case (.awaitingHello, .hello(let hello)):
       guard fds.isEmpty else { throw BrokerError(.malformed, "Hello must not carry descriptors") }
@@ -283,7 +286,7 @@ public final class Broker: @unchecked Sendable {
       session.phase = .awaitingRegister
       reply(session, BrokerReply(requestID: request.requestID, .hello(Hello(role: .broker, name: "uffd-broker"))))
     case (.awaitingRegister, .register(let register)):
-      try beginRegistration(session, register, fds: fds, requestID: request.requestID)
+      try beginRegistration(session, register, fds: &fds, requestID: request.requestID)
     case (.active, .addRegions(let specs)):
       guard fds.isEmpty else { throw BrokerError(.malformed, "AddRegions must not carry descriptors") }
       guard session.pendingOpen == nil else { throw BrokerError(.malformed, "another request is still pending") }
@@ -340,17 +343,17 @@ public final class Broker: @unchecked Sendable {
     }
   }
 
-  private func beginRegistration(_ session: ClientSession, _ register: RegisterRequest, fds: [CInt], requestID: UInt64) throws(BrokerError) {
+  private func beginRegistration(_ session: ClientSession, _ register: RegisterRequest, fds: inout [CInt], requestID: UInt64) throws(BrokerError) {
     guard fds.count == 1 else {
       throw BrokerError(.notUserfaultfd, "Register must carry exactly one descriptor, the client's userfaultfd (got \(fds.count))")
     }
     let uffd: UserfaultFD
     do {
       uffd = try UserfaultFD(adopting: FileDescriptor(rawValue: fds[0]), features: register.features, ioctls: register.ioctls)
+      fds.removeAll()  // the uffd object owns (and closes) the descriptor now
     } catch {
       throw BrokerError(.notUserfaultfd, "the attached descriptor is not a userfaultfd")
     }
-    // From here the uffd object owns the descriptor.
     guard register.pid == session.peer.pid else {
       throw BrokerError(.notAuthorized, "Register names pid \(register.pid) but the connection is from pid \(session.peer.pid)")
     }

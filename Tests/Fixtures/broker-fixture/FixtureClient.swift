@@ -21,12 +21,14 @@ struct FixtureClient {
       case "touch": return try touch(expectZero: false)
       case "zero": return try touch(expectZero: true)
       case "dontneed-race": return try dontneedRace()
+      case "dontneed-late": return try dontneedRace(lateMicroseconds: 2000)
       case "remap": return try remap()
       case "unknown-plugin": return expectRefusal(plugin: "no-such-plugin")
       case "refused": return expectRefusal(plugin: plugin)
       case "exit-midway": return try exitMidway()
       case "swap": return try swapLoop()
       case "guarded": return try guarded()
+      case "foreign-uid": return foreignUID()
       default:
         print("unknown scenario \(scenario)")
         return 2
@@ -74,7 +76,10 @@ struct FixtureClient {
   /// A thread faults on a page while another drops it with MADV_DONTNEED; once
   /// madvise has returned the page must read as zeros (the plugin serves zeros
   /// for removed pages), never the old pattern.
-  private func dontneedRace() throws -> Int32 {
+  ///
+  /// `lateMicroseconds`: madvise that long after starting the reader, every
+  /// time, so that its fault usually reaches the plugin before the removal.
+  private func dontneedRace(lateMicroseconds: UInt32? = nil) throws -> Int32 {
     let count = max(loops, 1)
     let memory = try AnonymousMemory(length: count * pageSize)
     let client = try register(memory)
@@ -88,7 +93,11 @@ struct FixtureClient {
         _ = UnsafeRawPointer(bitPattern: address)!.load(as: UInt64.self)
       }
       start.store(true, ordering: .releasing)
-      if iteration % 3 != 0 { sched_yield() }  // vary who wins the race
+      if let lateMicroseconds {
+        usleep(lateMicroseconds)
+      } else if iteration % 3 != 0 {
+        sched_yield()  // vary who wins the race
+      }
       madvise(UnsafeMutableRawPointer(bitPattern: address), pageSize, MADV_DONTNEED)
       // After madvise returned: zeros, whoever won.
       let page = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: address), count: pageSize)

@@ -12,7 +12,7 @@ import Userfaultfd
 /// Event log lines (one per event, for the tests): `opened CLIENT REGION`,
 /// `removed|unmapped CLIENT START END` (region offsets), `remapped CLIENT REGION BASE`,
 /// `regionClosed CLIENT REGION`, `closed CLIENT`; in retry-once and the invalid
-/// modes also `retry|invalid|served CLIENT OFFSET FAULT_ID` per decision.
+/// modes and hang also `retry|invalid|served CLIENT OFFSET FAULT_ID` per decision.
 final class FixturePlugin: PagePlugin {
   let mode: String
   let eventLog: UnsafeMutablePointer<FILE>?
@@ -56,14 +56,14 @@ final class FixturePlugin: PagePlugin {
     let firstTime = retried.insert(fault.offset).inserted
     let decision = decide(fault, in: region, buffer: buffer, firstTime: firstTime)
     if logsDecisions {
-      let what = decision == .retry ? "retry" : firstTime && mode != "retry-once" ? "invalid" : "served"
+      let what = decision == .retry ? "retry" : firstTime && mode != "retry-once" && mode != "hang" ? "invalid" : "served"
       log("\(what) \(region.clientID) \(fault.offset) \(fault.faultID)")
     }
     return decision
   }
 
   private var logsDecisions: Bool {
-    ["retry-once", "outside", "misaligned", "short", "below", "overlong"].contains(mode)
+    ["retry-once", "hang", "outside", "misaligned", "short", "below", "overlong"].contains(mode)
   }
 
   private func decide(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer, firstTime: Bool) -> PluginDecision {

@@ -8,8 +8,8 @@ import Userfaultfd
 //   broker-fixture plugin NAME MODE [EVENT_LOG]
 //   broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]
 // Plugin modes are listed on FixturePlugin; client scenarios: touch, zero,
-// dontneed-race (LOOPS pages), remap, unknown-plugin, refused, exit-midway,
-// guarded (LOOPS pages between guard regions).
+// dontneed-race and dontneed-late (LOOPS pages), remap, unknown-plugin, refused, exit-midway,
+// guarded (LOOPS pages between guard regions), foreign-uid (as nobody: must be refused).
 // Socket paths come from UFFD_BROKER_CLIENT_SOCKET / UFFD_BROKER_PLUGIN_SOCKET.
 // Exit status 0 means every checked byte was right; the last line of stdout says what was checked.
 

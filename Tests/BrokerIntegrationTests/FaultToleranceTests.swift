@@ -1,0 +1,212 @@
+import BrokerProtocol
+import Glibc
+import Testing
+
+extension BrokerIntegrationTests {
+  /// Clients and plugins that go away mid-workload (DESIGN §3.3, §3.6).
+  @Suite("Fault tolerance")
+  struct FaultTolerance {
+    @Test("A client exiting with faults in flight: the plugin is told Closed, the broker's descriptors return to before")
+    func clientExitsMidway() throws {
+      try Harness.run("exit-midway") { h in
+        // hang: every fault is answered "retry", so the broker keeps redelivering them.
+        try h.startPlugin(name: "slow", mode: "hang")
+        let baseline = h.brokerDescriptorCount()
+        let outcome = try h.runClient("exit-midway", mib: 1, threads: 4, plugin: "slow")
+        #expect(outcome.status == .exited(0), h.diagnostics)
+        #expect(outcome.summary == "exiting with faults in flight", h.diagnostics)
+        let client = try #require(openedClients(h.eventLog("slow")).first, h.diagnostics)
+        #expect(waitUntil(timeout: 5) { h.eventLog("slow").contains("closed \(client)") }, h.diagnostics)
+        let events = h.eventLog("slow")
+        // The faulting threads' pages (one each, 4 at most) were being retried when the client went away...
+        let retried = Set(events.compactMap(DecisionLine.init).filter { $0.client == client }.map(\.offset))
+        #expect((1...4).contains(retried.count) && retried.isSubset(of: (0..<4).map { UInt64($0 * pageSize) }), h.diagnostics("pages retried: \(retried.sorted())"))
+        // ...and `closed` is the last word about that client.
+        if let closedIndex = events.firstIndex(of: "closed \(client)") {
+          let after = events[(closedIndex + 1)...].filter { $0.split(separator: " ").dropFirst().first == Substring("\(client)") }
+          #expect(after.isEmpty, h.diagnostics("after closed: \(after)"))
+        }
+        #expect(h.waitForBrokerDescriptors(baseline), h.diagnostics("descriptors: \(h.brokerDescriptorCount()), before: \(baseline)"))
+      }
+    }
+
+    @Test("A client exiting while a plugin holds its faults unanswered: Closed, late answers ignored, no leak")
+    func clientExitsWithFaultsHeldByPlugin() throws {
+      try Harness.run("exit-held") { h in
+        let plugin = try ManualPlugin(socketPath: h.pluginSocket, name: "silent")
+        let baseline = h.brokerDescriptorCount()
+        let client = try h.startClient("exit-midway", mib: 1, threads: 4, plugin: "silent")
+        var faults: [PagefaultEvent] = []
+        var closedClient: UInt64?
+        var clientID: UInt64?
+        let deadline = now() + 10
+        while closedClient == nil && now() < deadline {
+          guard case .message(let batch) = try plugin.receive(milliseconds: 20) else { continue }
+          var replies: [RegionReply] = []
+          for event in batch.events {
+            switch event {
+            case .regionOpened(let id, _, let region):
+              clientID = id
+              replies.append(RegionReply(clientID: id, regionID: region.id, error: nil))
+            case .pagefault(let fault): faults.append(fault)  // never answered
+            case .closed(let id, _): closedClient = id
+            default: break
+            }
+          }
+          if !replies.isEmpty { try plugin.send([], replies: replies) }
+        }
+        #expect(client.wait(timeout: 5) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(clientID != nil && closedClient == clientID, h.diagnostics)
+        // One fault per faulting thread's page (4 at most), each sent once: held, so never redelivered.
+        #expect((1...4).contains(faults.count) && Set(faults.map(\.address)).count == faults.count, h.diagnostics("faults: \(faults)"))
+        // Late answers for the dead client's faults are dropped without harm.
+        try plugin.send(faults.map { .init(faultID: $0.faultID, kind: .copy, address: $0.address, length: pageSize, data: Pattern.page(backingOffset: $0.offset)) })
+        #expect(h.waitForBrokerDescriptors(baseline), h.diagnostics("descriptors: \(h.brokerDescriptorCount()), before: \(baseline)"))
+        // The plugin keeps its connection (no deadline tripped, nothing refused).
+        usleep(100_000)
+        if case .closed = try plugin.receive(milliseconds: 100) { Issue.record(h.diagnostics("the broker dropped the plugin")) }
+        #expect(h.brokerLogLines(containing: "plugin disconnected").isEmpty, h.diagnostics)
+        #expect(h.brokerLogLines(containing: "refused a plugin decision").isEmpty, h.diagnostics)
+      }
+    }
+
+    @Test("A fault the plugin holds does not delay faults on other pages (no head-of-line blocking)")
+    func noHeadOfLineBlocking() throws {
+      try Harness.run("hol") { h in
+        let plugin = try ManualPlugin(socketPath: h.pluginSocket, name: "hol")
+        let client = try h.startClient("touch", mib: 1, threads: 2, plugin: "hol")
+        var regions: [UInt64: RegionSpec] = [:]
+        var held: PagefaultEvent?
+        var servedWhileHeld = 0
+        var released = false
+        func answer(_ fault: PagefaultEvent) -> ManualPlugin.Decision {
+          .init(faultID: fault.faultID, kind: .copy, address: fault.address, length: pageSize,
+                data: Pattern.page(backingOffset: (regions[fault.clientID]?.backingOffset ?? 0) + fault.offset, pageSize: pageSize))
+        }
+        let deadline = now() + 20
+        while client.isRunning && now() < deadline {
+          guard case .message(let batch) = try plugin.receive(milliseconds: 10) else { continue }
+          var decisions: [ManualPlugin.Decision] = []
+          var replies: [RegionReply] = []
+          for event in batch.events {
+            switch event {
+            case .regionOpened(let id, _, let region):
+              regions[id] = region
+              replies.append(RegionReply(clientID: id, regionID: region.id, error: nil))
+            case .pagefault(let fault):
+              if held == nil && !released {
+                held = fault  // the first fault: its thread waits; the other thread must not
+              } else {
+                decisions.append(answer(fault))
+                if held != nil { servedWhileHeld += 1 }
+              }
+            default: break
+            }
+          }
+          // Half a MiB of the other thread's pages served while one fault waits: release it.
+          if let fault = held, servedWhileHeld >= pages(mib: 1) / 4 {
+            decisions.append(answer(fault))
+            held = nil
+            released = true
+          }
+          if !decisions.isEmpty || !replies.isEmpty { try plugin.send(decisions, replies: replies) }
+        }
+        #expect(released, h.diagnostics("faults served while one was held: \(servedWhileHeld)"))
+        #expect(client.wait(timeout: 5) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("verified \(pages(mib: 1)) pages, 0 wrong\n"), h.diagnostics(client.stdout))
+      }
+    }
+
+    @Test("A plugin that stops answering is dropped at its deadline; its parked faults go to its replacement")
+    func hungPluginDeadline() throws {
+      let deadlineMilliseconds = 300
+      try Harness.run("deadline", pluginDeadlineMilliseconds: deadlineMilliseconds) { h in
+        let stuck = try ManualPlugin(socketPath: h.pluginSocket, name: "stuck")
+        let started = now()
+        let client = try h.startClient("touch", mib: 1, threads: 2, plugin: "stuck")
+        var faults: [PagefaultEvent] = []
+        var firstFault: Double?
+        var closedAt: Double?
+        let deadline = now() + 10
+        while closedAt == nil && now() < deadline {
+          switch try stuck.receive(milliseconds: 10) {
+          case .message(let batch):
+            var replies: [RegionReply] = []
+            for event in batch.events {
+              switch event {
+              case .regionOpened(let id, _, let region): replies.append(RegionReply(clientID: id, regionID: region.id, error: nil))
+              case .pagefault(let fault):
+                faults.append(fault)  // never answered
+                if firstFault == nil { firstFault = now() }
+              default: break
+              }
+            }
+            if !replies.isEmpty { try stuck.send([], replies: replies) }
+          case .closed: closedAt = now()
+          case .timedOut: continue
+          }
+        }
+        let closed = try #require(closedAt, h.diagnostics("the broker kept a plugin that does not answer"))
+        let held = try #require(firstFault, h.diagnostics("no fault reached the plugin"))
+        // Not before the deadline (no fault can have been sent before the client started),
+        // and not long after the plugin got its first fault (the broker checks every 100 ms).
+        #expect(closed - started >= Double(deadlineMilliseconds) / 1000, h.diagnostics("dropped \(closed - started) s after the client started"))
+        #expect(closed - held < 3, h.diagnostics("dropped \(closed - held) s after the first fault"))
+        #expect(h.waitForBrokerLog("plugin disconnected", "plugin=stuck", "did not answer a fault within \(deadlineMilliseconds) ms"), h.diagnostics)
+        // The client waits (its faults are parked, not released onto zero pages)...
+        #expect(client.isRunning, h.diagnostics)
+        // ...until a plugin of that name serves them.
+        try h.startPlugin(name: "stuck", mode: "pattern")
+        #expect(client.wait(timeout: 10) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("verified \(pages(mib: 1)) pages, 0 wrong\n"), h.diagnostics(client.stdout))
+      }
+    }
+
+    @Test("A plugin that exits every 2000 faults, restarted by the test: a 32 MiB client gets every page right")
+    func pluginRestartedByTest() throws {
+      try Harness.run("restart") { h in
+        var plugin = try h.startPlugin(name: "pattern", mode: "exit-after:2000")
+        let client = try h.startClient("touch", mib: 32, threads: 2, plugin: "pattern")
+        var exits = 0
+        let deadline = now() + 60
+        while client.isRunning && now() < deadline {
+          if let status = plugin.poll() {
+            #expect(status == .exited(3), h.diagnostics(plugin.stderr))
+            exits += 1
+            plugin = try h.startPlugin(name: "pattern", mode: "exit-after:2000")
+          }
+          usleep(1000)
+        }
+        let status = client.wait(timeout: max(1, deadline - now()))
+        #expect(status == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("verified \(pages(mib: 32)) pages, 0 wrong\n"), h.diagnostics(client.stdout))
+        // 8192 faults at most 2000 per incarnation: at least 4 exits mid-workload.
+        #expect(exits >= pages(mib: 32) / 2000, h.diagnostics("plugin exits: \(exits)"))
+        #expect(h.brokerLogLines(containing: "plugin disconnected", "plugin=pattern").count >= exits, h.diagnostics)
+        #expect(h.brokerLogLines(containing: "plugin connected", "plugin=pattern").count == exits + 1, h.diagnostics)
+      }
+    }
+
+    @Test("A configured plugin that exits every 2000 faults is restarted by the broker; all pages right; stopped with the broker")
+    func pluginRestartedByBroker() throws {
+      try Harness.run("supervised", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "exit-after:2000"])]) { h in
+        let outcome = try h.runClient("touch", mib: 32, threads: 2, plugin: "pattern", timeout: 60)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "verified \(pages(mib: 32)) pages, 0 wrong", h.diagnostics)
+        let exits = h.brokerLogLines(containing: "plugin exited", "plugin=pattern").count
+        let spawned = h.brokerLogLines(containing: "plugin spawned", "plugin=pattern")
+        #expect(exits >= pages(mib: 32) / 2000, h.diagnostics("plugin exits: \(exits)"))
+        #expect(spawned.count == exits + 1, h.diagnostics)
+        // Stopping the broker stops (and reaps) the plugin it spawned last.
+        let pids = spawned.compactMap { line in
+          line.split(separator: " ").first { $0.hasPrefix("plugin.pid=") }.flatMap { pid_t($0.dropFirst("plugin.pid=".count)) }
+        }
+        #expect(pids.count == spawned.count, h.diagnostics)
+        #expect(h.stopBroker() == .exited(0), h.diagnostics)
+        for pid in pids {
+          #expect(kill(pid, 0) == -1 && errno == ESRCH, h.diagnostics("plugin \(pid) is still there after the broker stopped"))
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,236 @@
+import BrokerProtocol
+import ClientSDK
+import Glibc
+import Testing
+import Userfaultfd
+
+extension BrokerIntegrationTests {
+  /// Malformed input and refused registrations harm nobody else (DESIGN §3.5).
+  @Suite("Isolation and authority")
+  struct Isolation {
+    /// What the broker did with a connection it should drop: the Error it sent (if any), and whether it closed.
+    struct Dropped {
+      var error: BrokerError?
+      var closed = false
+    }
+
+    /// Reads a plugin connection until it closes (up to 5 s), keeping the broker's Error.
+    static func dropped(_ socket: PacketSocket) throws -> Dropped {
+      var result = Dropped()
+      let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 16)
+      defer { buffer.deallocate() }
+      let decoder = EventBatchDecoder()
+      let deadline = now() + 5
+      while now() < deadline {
+        var entry = pollfd(fd: socket.fd, events: Int16(POLLIN), revents: 0)
+        guard Glibc.poll(&entry, 1, 50) > 0 else { continue }
+        var fds: [CInt] = []
+        switch try socket.receive(into: buffer, fds: &fds) {
+        case .packet(let count):
+          try decoder.decode(UnsafeRawBufferPointer(rebasing: buffer[..<count]))
+          if let error = decoder.error { result.error = error }
+        case .closed:
+          result.closed = true
+          return result
+        case .wouldBlock:
+          continue
+        }
+      }
+      return result
+    }
+
+    /// Reads a client connection until it closes (up to 5 s), keeping the broker's Error reply.
+    static func dropped(_ client: ManualClient) throws -> (reply: BrokerReply?, closed: Bool) {
+      var reply: BrokerReply?
+      let deadline = now() + 5
+      while now() < deadline {
+        switch try client.receive(milliseconds: 50) {
+        case .message(let message): reply = message
+        case .closed: return (reply, true)
+        case .timedOut: continue
+        }
+      }
+      return (reply, false)
+    }
+
+    @Test("Garbage on the plugin and client sockets (and a plugin name already taken) closes that connection with a logged reason; others are served")
+    func garbageOnSockets() throws {
+      try Harness.run("garbage") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let baseline = h.brokerDescriptorCount()
+        // A client at work while the garbage arrives.
+        let busy = try h.startClient("touch", mib: 16, threads: 2, plugin: "pattern")
+
+        // A plugin connection whose first packet is not a message.
+        do {
+          let socket = try PacketSocket.connect(path: h.pluginSocket)
+          _ = try garbageBytes(count: 512).withUnsafeBytes { try socket.send($0) }
+          let outcome = try Self.dropped(socket)
+          #expect(outcome.closed, h.diagnostics)
+          #expect(outcome.error?.code == .malformed, h.diagnostics("error: \(String(describing: outcome.error))"))
+        }
+        #expect(h.waitForBrokerLog("plugin disconnected", "could not be decoded"), h.diagnostics)
+
+        // A plugin that said Hello, then sends garbage.
+        do {
+          let plugin = try ManualPlugin(socketPath: h.pluginSocket, name: "garbler")
+          try plugin.sendRaw(garbageBytes(count: 4096))
+          let outcome = try Self.dropped(plugin.socket)
+          #expect(outcome.closed, h.diagnostics)
+          #expect(outcome.error?.code == .malformed, h.diagnostics)
+        }
+        #expect(h.waitForBrokerLog("plugin disconnected", "plugin=garbler", "could not be decoded"), h.diagnostics)
+
+        // A client connection whose first packet is not a message.
+        do {
+          let client = try ManualClient(socketPath: h.clientSocket)
+          try client.sendRaw(garbageBytes(count: 512))
+          let (reply, closed) = try Self.dropped(client)
+          #expect(closed, h.diagnostics)
+          guard case .error(let error)? = reply?.body else {
+            Issue.record(h.diagnostics("no Error reply to garbage: \(String(describing: reply))"))
+            return
+          }
+          #expect(error.code == .malformed, h.diagnostics)
+        }
+        #expect(h.waitForBrokerLog("refused a client request", "could not be decoded"), h.diagnostics)
+
+        // A client that said Hello, then sends a packet larger than any message.
+        do {
+          let client = try ManualClient(socketPath: h.clientSocket)
+          try client.hello()
+          try client.sendRaw(garbageBytes(count: PacketSocket.maxPacketSize + 4096))
+          let (reply, closed) = try Self.dropped(client)
+          #expect(closed, h.diagnostics)
+          if case .error(let error)? = reply?.body {
+            #expect(error.code == .malformed, h.diagnostics)
+          } else {
+            Issue.record(h.diagnostics("no Error reply to an oversized packet: \(String(describing: reply))"))
+          }
+        }
+        #expect(h.waitForBrokerLog("client closed", "larger than"), h.diagnostics)
+
+        // A second plugin claiming the name of the connected one is refused; the first keeps serving.
+        do {
+          _ = try ManualPlugin(socketPath: h.pluginSocket, name: "pattern")
+          Issue.record(h.diagnostics("a second plugin named pattern was accepted"))
+        } catch let error as BrokerError {
+          #expect(error.code == .malformed && error.message.contains("already connected"), h.diagnostics("\(error)"))
+        }
+
+        // The busy client was not disturbed.
+        #expect(busy.wait(timeout: 30) == .exited(0), h.diagnostics(busy.stdout + busy.stderr))
+        #expect(busy.stdout.hasSuffix("verified \(pages(mib: 16)) pages, 0 wrong\n"), h.diagnostics(busy.stdout))
+        // Nothing of those connections is left in the broker, and it still serves.
+        #expect(h.waitForBrokerDescriptors(baseline), h.diagnostics("descriptors: \(h.brokerDescriptorCount()), before: \(baseline)"))
+        let outcome = try h.runClient("touch", mib: 4, threads: 2, plugin: "pattern")
+        #expect(outcome.status == .exited(0), h.diagnostics)
+        #expect(outcome.summary == "verified \(pages(mib: 4)) pages, 0 wrong", h.diagnostics)
+      }
+    }
+
+    @Test("A peer whose uid is not allowed (SO_PEERCRED) is refused on both sockets; the broker keeps serving",
+          .enabled(if: getuid() == 0, "needs root to run a client as another uid"))
+    func foreignUIDRefused() throws {
+      try Harness.run("foreign-uid") { h in
+        chmod(h.directory, 0o755)  // nobody may reach the sockets; the broker decides
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let baseline = h.brokerDescriptorCount()
+        let outcome = try h.runClient("foreign-uid", mib: 0, threads: 0, plugin: "pattern")
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "foreign uid refused on 2 of 2 sockets", h.diagnostics(outcome.stdout))
+        #expect(h.waitForBrokerLog("refused a client", "peer.uid=65534", "uid not allowed"), h.diagnostics)
+        #expect(h.waitForBrokerLog("refused a plugin", "peer.uid=65534", "uid not allowed"), h.diagnostics)
+        #expect(h.waitForBrokerDescriptors(baseline), h.diagnostics("descriptors: \(h.brokerDescriptorCount()), before: \(baseline)"))
+        let touch = try h.runClient("touch", mib: 1, threads: 1, plugin: "pattern")
+        #expect(touch.status == .exited(0), h.diagnostics)
+      }
+    }
+
+    @Test("Register naming an unknown plugin, or refused by its plugin, fails with a clear error")
+    func refusedRegistrations() throws {
+      try Harness.run("refusals") { h in
+        try h.startPlugin(name: "refuser", mode: "refuse")
+        let baseline = h.brokerDescriptorCount()
+        let unknown = try h.runClient("unknown-plugin", mib: 1, threads: 1, plugin: "unused")
+        #expect(unknown.status == .exited(0), h.diagnostics(unknown.stdout))
+        #expect(unknown.summary.contains("refused"), h.diagnostics(unknown.stdout))
+        #expect(unknown.summary.contains("\"no-such-plugin\", which is neither configured nor connected"), h.diagnostics(unknown.stdout))
+
+        let refused = try h.runClient("refused", mib: 1, threads: 1, plugin: "refuser")
+        #expect(refused.status == .exited(0), h.diagnostics(refused.stdout))
+        #expect(refused.summary.contains("plugin refuser refused region 1: this fixture refuses every region"), h.diagnostics(refused.stdout))
+        // The plugin was asked (and refused); the broker logged why it refused the client.
+        #expect(openedClients(h.eventLog("refuser")).count == 1, h.diagnostics)
+        #expect(!h.brokerLogLines(containing: "refused a client's regions", "this fixture refuses every region").isEmpty, h.diagnostics)
+        // Every descriptor of both clients (socket, uffd, pidfd) is closed.
+        #expect(h.waitForBrokerDescriptors(baseline), h.diagnostics("descriptors: \(h.brokerDescriptorCount()), before: \(baseline)"))
+      }
+    }
+
+    @Test("Register with a descriptor that is not a userfaultfd, none, two, or another pid's: refused, no hang, no leak")
+    func registerWithWrongDescriptors() throws {
+      try Harness.run("not-uffd") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let baseline = h.brokerDescriptorCount()
+        let memory = try AnonymousMemory(length: 1 << 20)
+        let region = RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: "pattern")
+        var pipeFDs: [CInt] = [-1, -1]
+        #expect(pipe(&pipeFDs) == 0)
+        defer { pipeFDs.forEach { close($0) } }
+        let uffd = try UserfaultFD.create(features: BrokerClient.features)
+
+        func register(pid: Int32, fds: [CInt], requestID: UInt64 = 1) throws -> (BrokerReply?, Bool) {
+          let client = try ManualClient(socketPath: h.clientSocket)
+          try client.hello()
+          let request = RegisterRequest(pid: pid, features: uffd.features, ioctls: uffd.ioctls, regions: [region])
+          try client.send(ClientRequest(requestID: requestID, .register(request)), fds: fds)
+          return try Self.dropped(client)
+        }
+
+        for (label, pid, fds, code) in [
+          ("a pipe", getpid(), [pipeFDs[0]], BrokerError.Code.notUserfaultfd),
+          ("no descriptor", getpid(), [], .notUserfaultfd),
+          ("two descriptors", getpid(), [uffd.fileDescriptor.rawValue, pipeFDs[1]], .notUserfaultfd),
+          ("another pid", getpid() + 1, [uffd.fileDescriptor.rawValue], .notAuthorized),
+        ] {
+          let (reply, closed) = try register(pid: pid, fds: fds)
+          #expect(closed, h.diagnostics(label))
+          if case .error(let error)? = reply?.body {
+            #expect(error.code == code, h.diagnostics("\(label): \(error)"))
+          } else {
+            Issue.record(h.diagnostics("\(label): no Error reply: \(String(describing: reply))"))
+          }
+        }
+        // Our own descriptors are untouched; the broker's copies are closed.
+        #expect(fcntl(pipeFDs[0], F_GETFD) >= 0 && fcntl(pipeFDs[1], F_GETFD) >= 0)
+        #expect(h.waitForBrokerDescriptors(baseline), h.diagnostics("descriptors: \(h.brokerDescriptorCount()), before: \(baseline)"))
+        #expect(h.brokerLogLines(containing: "refused a client request", "not a userfaultfd").count >= 1, h.diagnostics)
+        // The broker still registers a real client.
+        let outcome = try h.runClient("touch", mib: 1, threads: 1, plugin: "pattern")
+        #expect(outcome.status == .exited(0), h.diagnostics)
+      }
+    }
+
+    @Test("An Error reply echoes the request id of the request it refuses (schema: request_id is echoed in the reply)")
+    func errorReplyEchoesRequestID() throws {
+      try Harness.run("request-id") { h in
+        let client = try ManualClient(socketPath: h.clientSocket)
+        try client.hello()
+        var pipeFDs: [CInt] = [-1, -1]
+        #expect(pipe(&pipeFDs) == 0)
+        defer { pipeFDs.forEach { close($0) } }
+        let request = RegisterRequest(pid: getpid(), features: BrokerClient.features, ioctls: [], regions: [])
+        try client.send(ClientRequest(requestID: 41, .register(request)), fds: [pipeFDs[0]])
+        let (reply, _) = try Self.dropped(client)
+        let answer = try #require(reply, h.diagnostics)
+        guard case .error(let error) = answer.body else {
+          Issue.record(h.diagnostics("not an Error: \(answer)"))
+          return
+        }
+        #expect(error.code == .notUserfaultfd, h.diagnostics)
+        #expect(answer.requestID == 41, h.diagnostics("the Error reply carries request id \(answer.requestID)"))
+      }
+    }
+  }
+}

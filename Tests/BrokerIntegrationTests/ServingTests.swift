@@ -1,0 +1,66 @@
+import Testing
+
+extension BrokerIntegrationTests {
+  /// Faults served by out-of-process plugins: copy, zero, prefetch, retry.
+  @Suite("Serving faults")
+  struct Serving {
+    @Test("64 MiB touched from 2 threads through the pattern plugin: every byte is right")
+    func touch64MiB() throws {
+      try Harness.run("touch") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let outcome = try h.runClient("touch", mib: 64, threads: 2, plugin: "pattern", timeout: 60)
+        #expect(outcome.status == .exited(0), h.diagnostics)
+        #expect(outcome.summary == "verified \(pages(mib: 64)) pages, 0 wrong", h.diagnostics)
+        // The plugin learned of the client once, and of its end.
+        let clients = openedClients(h.eventLog("pattern"))
+        #expect(clients.count == 1, h.diagnostics)
+        if let client = clients.first {
+          #expect(waitUntil(timeout: 5) { h.eventLog("pattern").contains("closed \(client)") }, h.diagnostics)
+        }
+      }
+    }
+
+    @Test("Zero decisions map zero pages")
+    func zeroDecisions() throws {
+      try Harness.run("zero") { h in
+        try h.startPlugin(name: "zero", mode: "zero")
+        let outcome = try h.runClient("zero", mib: 8, threads: 2, plugin: "zero")
+        #expect(outcome.status == .exited(0), h.diagnostics)
+        #expect(outcome.summary == "verified \(pages(mib: 8)) pages, 0 wrong", h.diagnostics)
+      }
+    }
+
+    @Test("Prefetch decisions (64 KiB copies) fill every page right")
+    func prefetchDecisions() throws {
+      try Harness.run("prefetch") { h in
+        try h.startPlugin(name: "prefetch", mode: "prefetch")
+        let outcome = try h.runClient("touch", mib: 8, threads: 2, plugin: "prefetch")
+        #expect(outcome.status == .exited(0), h.diagnostics)
+        #expect(outcome.summary == "verified \(pages(mib: 8)) pages, 0 wrong", h.diagnostics)
+      }
+    }
+
+    @Test("Retry decisions: the broker redelivers each fault (a new fault id), then it is served")
+    func retryDecisions() throws {
+      try Harness.run("retry") { h in
+        try h.startPlugin(name: "retry", mode: "retry-once")
+        let outcome = try h.runClient("touch", mib: 2, threads: 2, plugin: "retry")
+        #expect(outcome.status == .exited(0), h.diagnostics)
+        #expect(outcome.summary == "verified \(pages(mib: 2)) pages, 0 wrong", h.diagnostics)
+
+        let lines = h.eventLog("retry").compactMap(DecisionLine.init)
+        var byOffset: [UInt64: [DecisionLine]] = [:]
+        for line in lines { byOffset[line.offset, default: []].append(line) }
+        // Every page: exactly one retry, then exactly one serve of a redelivery.
+        #expect(byOffset.count == pages(mib: 2), h.diagnostics)
+        var wrongSequences: [UInt64] = []
+        for (offset, decisions) in byOffset {
+          let ok = decisions.count == 2 && decisions[0].what == "retry" && decisions[1].what == "served"
+            && decisions[1].faultID > decisions[0].faultID
+          if !ok { wrongSequences.append(offset) }
+        }
+        #expect(wrongSequences.isEmpty, h.diagnostics("pages without exactly retry-then-redelivered-serve: \(wrongSequences.sorted().prefix(10))"))
+      }
+    }
+  }
+}

@@ -1,0 +1,272 @@
+import Glibc
+import Testing
+
+/// One broker daemon with its fixture plugins and clients, in a private temp
+/// directory (sockets, broker log, plugin event logs, child stdout/stderr).
+///
+/// Use `Harness.run { harness in ... }`: it starts the broker, runs the body,
+/// and tears everything down in every path (children: SIGTERM → wait →
+/// SIGKILL; then the broker, which must exit 0 on SIGTERM; then its process
+/// group). The temp directory is removed when the test passed, kept (and
+/// named in the issue) when it did not.
+final class Harness {
+  /// Where the test bundle, `uffd-broker` and `broker-fixture` were built.
+  static let binDirectory: String = {
+    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
+    let n = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    precondition(n > 0, "cannot read /proc/self/exe")
+    let path = String(decoding: buffer[..<n].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    return String(path[..<path.lastIndex(of: "/")!])
+  }()
+  static var brokerExecutable: String { binDirectory + "/uffd-broker" }
+  static var fixtureExecutable: String { binDirectory + "/broker-fixture" }
+
+  let directory: String
+  let clientSocket: String
+  let pluginSocket: String
+  let brokerLogPath: String
+  private(set) var broker: FixtureProcess!
+  private var children: [FixtureProcess] = []
+  private var counter = 0
+
+  /// A configured plugin the broker spawns itself (written to the config file).
+  struct SpawnedPlugin {
+    var name: String
+    var arguments: [String]
+  }
+
+  /// Starts a broker (debug logging), with a config file if any field is given,
+  /// and waits for it to serve.
+  private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?) throws {
+    var template = Array("/tmp/uffd-it-\(label)-XXXXXX".utf8CString)
+    guard let made = mkdtemp(&template) else { throw HarnessError("mkdtemp failed: \(errno)") }
+    directory = String(cString: made)
+    clientSocket = directory + "/client.sock"
+    pluginSocket = directory + "/plugin.sock"
+    brokerLogPath = directory + "/broker.log"
+    for executable in [Self.brokerExecutable, Self.fixtureExecutable] where access(executable, X_OK) != 0 {
+      throw HarnessError("\(executable) is missing: build with `swift build --build-tests`")
+    }
+    var arguments = ["--client-socket", clientSocket, "--plugin-socket", pluginSocket, "--log-level", "debug"]
+    if !spawned.isEmpty || pluginDeadlineMilliseconds != nil {
+      var fields: [String] = []
+      if !spawned.isEmpty {
+        let plugins = spawned.map { plugin in
+          let args = plugin.arguments.map(jsonString).joined(separator: ", ")
+          return "{\"name\": \(jsonString(plugin.name)), \"executable\": \(jsonString(Self.fixtureExecutable)), \"arguments\": [\(args)]}"
+        }
+        fields.append("\"plugins\": [\(plugins.joined(separator: ", "))]")
+      }
+      if let pluginDeadlineMilliseconds { fields.append("\"pluginDeadlineMilliseconds\": \(pluginDeadlineMilliseconds)") }
+      let path = directory + "/config.json"
+      try writeTextFile(path, "{\(fields.joined(separator: ", "))}\n")
+      arguments += ["--config", path]
+    }
+    broker = try FixtureProcess(
+      label: "uffd-broker", executable: Self.brokerExecutable, arguments: arguments, environment: environment,
+      stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath)
+    let serving = waitUntil(timeout: 10) {
+      !broker.isRunning || (access(clientSocket, F_OK) == 0 && access(pluginSocket, F_OK) == 0 && brokerLog.contains("broker serving"))
+    }
+    guard serving, broker.isRunning else {
+      broker.stop()
+      throw HarnessError("the broker did not start serving: \(broker.status.map { "\($0)" } ?? "timed out"); log:\n\(brokerLog)")
+    }
+  }
+
+  /// The environment of every fixture process.
+  var environment: [String: String] {
+    ["UFFD_BROKER_CLIENT_SOCKET": clientSocket, "UFFD_BROKER_PLUGIN_SOCKET": pluginSocket]
+  }
+
+  /// Runs `body` against a fresh broker and tears everything down afterwards,
+  /// whatever happens. The broker must still be alive at the end and exit 0 on SIGTERM.
+  static func run(
+    _ label: String, spawning spawned: [SpawnedPlugin] = [], pluginDeadlineMilliseconds: Int? = nil,
+    sourceLocation: SourceLocation = #_sourceLocation, _ body: (Harness) throws -> Void
+  ) throws {
+    let harness = try Harness(label: label, spawned: spawned, pluginDeadlineMilliseconds: pluginDeadlineMilliseconds)
+    var finished = false
+    defer { harness.tearDown(keep: !finished, sourceLocation: sourceLocation) }
+    try body(harness)
+    finished = true
+  }
+
+  /// Set when a failure message was built: the temp directory is kept for a look.
+  private var keepDirectory = false
+
+  /// A comment for `#expect`/`#require` (evaluated only when they fail): the
+  /// temp directory, which is then kept, and the tail of the broker log.
+  var diagnostics: Comment { diagnostics("") }
+
+  /// `diagnostics` after a note of the test's own.
+  func diagnostics(_ note: String) -> Comment {
+    keepDirectory = true
+    return Comment(rawValue: (note.isEmpty ? "" : note + "\n") + "kept \(directory)\n--- broker log (tail):\n\(tail(brokerLog, lines: 40))")
+  }
+
+  private var brokerStoppedByTest = false
+
+  /// Stops every child, then the broker (SIGTERM, up to 5 s, then SIGKILL); for
+  /// tests that check what the broker leaves behind. Teardown still checks the status.
+  @discardableResult
+  func stopBroker() -> ExitStatus {
+    for child in children.reversed() { child.stop(grace: 2) }
+    brokerStoppedByTest = broker.isRunning
+    return broker.stop(grace: 5)
+  }
+
+  private func tearDown(keep: Bool, sourceLocation: SourceLocation) {
+    let brokerAlive = broker.isRunning || brokerStoppedByTest
+    for child in children.reversed() { child.stop(grace: 2) }
+    let status = broker.stop(grace: 5)
+    // Anything the broker spawned and left behind.
+    kill(-broker.pid, SIGKILL)
+    var ok = !keep
+    if !brokerAlive {
+      ok = false
+      Issue.record("the broker died during the test: \(status)\n--- \(directory)\n--- broker log (tail):\n\(tail(brokerLog, lines: 40))", sourceLocation: sourceLocation)
+    } else if status != .exited(0) {
+      ok = false
+      Issue.record("the broker did not exit cleanly on SIGTERM: \(status)\n--- \(directory)\n--- broker log (tail):\n\(tail(brokerLog, lines: 40))", sourceLocation: sourceLocation)
+    }
+    if ok && !keepDirectory && getenv("UFFD_IT_KEEP") == nil { removeDirectory(directory) }
+  }
+
+  // MARK: - Processes
+
+  private func nextLabel(_ kind: String) -> String {
+    counter += 1
+    return "\(kind)-\(counter)"
+  }
+
+  /// Starts `broker-fixture plugin NAME MODE EVENTLOG` and, unless told not to,
+  /// waits until the broker logs its connection.
+  @discardableResult
+  func startPlugin(name: String, mode: String, waitForConnection: Bool = true, sourceLocation: SourceLocation = #_sourceLocation) throws -> FixtureProcess {
+    let label = nextLabel("plugin-\(name)")
+    let plugin = try FixtureProcess(
+      label: label, executable: Self.fixtureExecutable, arguments: ["plugin", name, mode, eventLogPath(name)],
+      environment: environment, stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr")
+    children.append(plugin)
+    if waitForConnection {
+      // Connected is enough: a plugin may legitimately exit soon after (exit-after:N).
+      waitUntil(timeout: 10) { pluginConnected(pid: plugin.pid) || !plugin.isRunning }
+      guard pluginConnected(pid: plugin.pid) else {
+        throw HarnessError("plugin \(name) (\(mode)) did not connect: \(plugin.status.map { "\($0)" } ?? "timed out"); stderr: \(plugin.stderr)\nbroker log:\n\(tail(brokerLog, lines: 20))")
+      }
+    }
+    return plugin
+  }
+
+  /// Whether the broker logged "plugin connected" for this pid.
+  func pluginConnected(pid: pid_t) -> Bool {
+    brokerLogLines.contains { $0.contains("plugin connected") && $0.contains("plugin.pid=\(pid) ") }
+  }
+
+  /// Starts `broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]`.
+  func startClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil) throws -> FixtureProcess {
+    let label = nextLabel("client-\(scenario)")
+    var arguments = ["client", scenario, "\(mib)", "\(threads)", plugin]
+    if let loops { arguments.append("\(loops)") }
+    let client = try FixtureProcess(
+      label: label, executable: Self.fixtureExecutable, arguments: arguments, environment: environment,
+      stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr")
+    children.append(client)
+    return client
+  }
+
+  struct ClientOutcome {
+    /// nil: it timed out (and was killed; an issue was recorded).
+    var status: ExitStatus?
+    var stdout: String
+    var stderr: String
+    var pid: pid_t
+    /// The last line of stdout: what the client checked.
+    var summary: String { stdout.split(separator: "\n").last.map(String.init) ?? "" }
+  }
+
+  /// Runs a fixture client to its end (killing it after `timeout` seconds).
+  func runClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil, timeout: Double = 30, sourceLocation: SourceLocation = #_sourceLocation) throws -> ClientOutcome {
+    let client = try startClient(scenario, mib: mib, threads: threads, plugin: plugin, loops: loops)
+    let status = client.wait(timeout: timeout, sourceLocation: sourceLocation)
+    if status == nil { keepDirectory = true }
+    return ClientOutcome(status: status, stdout: client.stdout, stderr: client.stderr, pid: client.pid)
+  }
+
+  // MARK: - Logs and descriptors
+
+  var brokerLog: String { readTextFile(brokerLogPath) }
+  var brokerLogLines: [Substring] { brokerLog.split(separator: "\n") }
+
+  /// Lines of the broker log containing every one of `fragments`.
+  func brokerLogLines(containing fragments: String...) -> [Substring] {
+    brokerLogLines.filter { line in fragments.allSatisfy { line.contains($0) } }
+  }
+
+  func eventLogPath(_ plugin: String) -> String { "\(directory)/events-\(plugin).log" }
+
+  /// The fixture plugin's event log (all its incarnations), one event per line.
+  func eventLog(_ plugin: String) -> [String] {
+    readTextFile(eventLogPath(plugin)).split(separator: "\n").map(String.init)
+  }
+
+  /// Open descriptors of the broker process.
+  func brokerDescriptorCount() -> Int { descriptorCount(pid: broker.pid) }
+
+  /// Polls until the broker's descriptor count is `expected` (true) or `timeout` passes (false).
+  func waitForBrokerDescriptors(_ expected: Int, timeout: Double = 5) -> Bool {
+    waitUntil(timeout: timeout, interval: 0.02) { brokerDescriptorCount() == expected }
+  }
+
+  /// Waits until the broker log has a line with every fragment.
+  func waitForBrokerLog(_ fragments: String..., timeout: Double = 5) -> Bool {
+    waitUntil(timeout: timeout, interval: 0.01) { brokerLogLines.contains { line in fragments.allSatisfy { line.contains($0) } } }
+  }
+}
+
+/// Entries of /proc/PID/fd (-1 if unreadable).
+func descriptorCount(pid: pid_t) -> Int {
+  guard let dir = opendir("/proc/\(pid)/fd") else { return -1 }
+  defer { closedir(dir) }
+  var count = 0
+  while let entry = readdir(dir) {
+    let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    if name != "." && name != ".." { count += 1 }
+  }
+  return count
+}
+
+func tail(_ text: String, lines: Int) -> String {
+  text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
+}
+
+func jsonString(_ text: String) -> String {
+  var out = "\""
+  for scalar in text.unicodeScalars {
+    switch scalar {
+    case "\"": out += "\\\""
+    case "\\": out += "\\\\"
+    case "\n": out += "\\n"
+    default: out.unicodeScalars.append(scalar)
+    }
+  }
+  return out + "\""
+}
+
+func writeTextFile(_ path: String, _ text: String) throws {
+  guard let file = fopen(path, "w") else { throw HarnessError("cannot write \(path): \(errno)") }
+  defer { fclose(file) }
+  fputs(text, file)
+}
+
+/// rm -r of a directory of plain files and sockets (no subdirectories are made).
+func removeDirectory(_ path: String) {
+  guard let dir = opendir(path) else { return }
+  while let entry = readdir(dir) {
+    let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+    if name != "." && name != ".." { unlink("\(path)/\(name)") }
+  }
+  closedir(dir)
+  rmdir(path)
+}
