@@ -48,7 +48,7 @@ let package = Package(
     .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd"], path: "Examples/lazy-fill"),
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
     // Real broker, plugin and client processes against real userfaultfds.
-    .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ClientSDK", "Userfaultfd", "CUserfaultfd", "broker-fixture", "uffd-broker"]),
+    .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ClientSDK", "Userfaultfd", "CUserfaultfd", "broker-fixture", "uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"]),
     // The plugin and client processes of the integration tests.
     .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd"], path: "Tests/Fixtures/broker-fixture"),
   ],

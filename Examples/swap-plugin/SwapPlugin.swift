@@ -14,10 +14,12 @@ final class SwapPlugin: PagePlugin {
     var offset: UInt64
   }
 
-  /// One stored page: zlib-compressed, or raw when compression did not pay.
+  /// One stored page: zlib-compressed, or raw when compression did not pay,
+  /// with the page's CRC-32 to catch a damaged copy before it reaches the client.
   private struct Stored {
     var bytes: [UInt8]
     var compressed: Bool
+    var crc: UInt
   }
 
   private var pages: [Key: Stored] = [:]
@@ -42,11 +44,12 @@ final class SwapPlugin: PagePlugin {
       let page = UnsafeRawBufferPointer(rebasing: data[start..<min(start + pageSize, data.count)])
       var length = uLongf(scratch.count)
       let rc = compress2(scratch.baseAddress!.assumingMemoryBound(to: Bytef.self), &length, page.baseAddress!.assumingMemoryBound(to: Bytef.self), uLong(page.count), 1)
+      let crc = crc32(0, page.baseAddress!.assumingMemoryBound(to: Bytef.self), uInt(page.count))
       var stored = rc == Z_OK && Int(length) < page.count
-        ? Stored(bytes: Array(UnsafeRawBufferPointer(rebasing: scratch[..<Int(length)])), compressed: true)
-        : Stored(bytes: Array(page), compressed: false)
+        ? Stored(bytes: Array(UnsafeRawBufferPointer(rebasing: scratch[..<Int(length)])), compressed: true, crc: crc)
+        : Stored(bytes: Array(page), compressed: false, crc: crc)
       let key = Key(client: region.clientID, region: region.spec.id, offset: offset + UInt64(start))
-      if key.offset == corruptOffset, stored.compressed { stored.bytes[stored.bytes.count / 2] ^= 0xFF }
+      if key.offset == corruptOffset { stored.bytes[stored.bytes.count / 2] ^= 0xFF }
       if let old = pages.updateValue(stored, forKey: key) { account(removing: old, pageSize: pageSize) }
       rawBytes += page.count
       heldBytes += stored.bytes.count
@@ -68,15 +71,17 @@ final class SwapPlugin: PagePlugin {
       return .copy
     }
     pagesRestored += 1
-    guard stored.compressed else {
-      stored.bytes.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: pageSize) }
-      return .copy
-    }
     var length = uLongf(pageSize)
-    let rc = stored.bytes.withUnsafeBytes { source in
-      uncompress(buffer.baseAddress!.assumingMemoryBound(to: Bytef.self), &length, source.baseAddress!.assumingMemoryBound(to: Bytef.self), uLong(source.count))
+    var rc = Z_OK
+    if stored.compressed {
+      rc = stored.bytes.withUnsafeBytes { source in
+        uncompress(buffer.baseAddress!.assumingMemoryBound(to: Bytef.self), &length, source.baseAddress!.assumingMemoryBound(to: Bytef.self), uLong(source.count))
+      }
+    } else {
+      stored.bytes.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: pageSize) }
     }
-    guard rc == Z_OK, Int(length) == pageSize else {
+    let crc = crc32(0, buffer.baseAddress!.assumingMemoryBound(to: Bytef.self), uInt(pageSize))
+    guard rc == Z_OK, Int(length) == pageSize, crc == stored.crc else {
       // The stored copy is damaged: the page's content is lost. Fail closed:
       // the client's access gets SIGBUS instead of wrong memory.
       let message = "swap-plugin: corrupt block for client \(region.clientID) region \(region.spec.id) offset \(fault.offset) (zlib \(rc)): poisoning the page\n"

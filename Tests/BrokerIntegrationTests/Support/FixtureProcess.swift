@@ -52,7 +52,8 @@ final class FixtureProcess {
   let stderrPath: String
   private(set) var status: ExitStatus?
 
-  init(label: String, executable: String, arguments: [String], environment: [String: String], stdoutPath: String, stderrPath: String) throws {
+  /// - Parameter appendOutput: append to the output files instead of truncating them (a restarted process).
+  init(label: String, executable: String, arguments: [String], environment: [String: String], stdoutPath: String, stderrPath: String, appendOutput: Bool = false) throws {
     self.label = label
     self.stdoutPath = stdoutPath
     self.stderrPath = stderrPath
@@ -61,8 +62,9 @@ final class FixtureProcess {
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, stdoutPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    posix_spawn_file_actions_addopen(&actions, 2, stderrPath, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    let mode = O_WRONLY | O_CREAT | (appendOutput ? O_APPEND : O_TRUNC)
+    posix_spawn_file_actions_addopen(&actions, 1, stdoutPath, mode, 0o644)
+    posix_spawn_file_actions_addopen(&actions, 2, stderrPath, mode, 0o644)
 
     var attributes = posix_spawnattr_t()
     posix_spawnattr_init(&attributes)

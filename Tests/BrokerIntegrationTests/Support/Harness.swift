@@ -33,6 +33,8 @@ final class Harness {
   struct SpawnedPlugin {
     var name: String
     var arguments: [String]
+    /// A product beside the test bundle; nil: `broker-fixture`.
+    var product: String? = nil
   }
 
   /// Starts a broker (debug logging), with a config file if any field is given,
@@ -53,7 +55,8 @@ final class Harness {
       if !spawned.isEmpty {
         let plugins = spawned.map { plugin in
           let args = plugin.arguments.map(jsonString).joined(separator: ", ")
-          return "{\"name\": \(jsonString(plugin.name)), \"executable\": \(jsonString(Self.fixtureExecutable)), \"arguments\": [\(args)]}"
+          let executable = plugin.product.map { Self.binDirectory + "/" + $0 } ?? Self.fixtureExecutable
+          return "{\"name\": \(jsonString(plugin.name)), \"executable\": \(jsonString(executable)), \"arguments\": [\(args)]}"
         }
         fields.append("\"plugins\": [\(plugins.joined(separator: ", "))]")
       }
@@ -62,16 +65,33 @@ final class Harness {
       try writeTextFile(path, "{\(fields.joined(separator: ", "))}\n")
       arguments += ["--config", path]
     }
+    brokerArguments = arguments
+    try startBroker()
+  }
+
+  private var brokerArguments: [String] = []
+
+  /// Starts the broker and waits until it logs that it serves.
+  private func startBroker() throws {
+    let servingBefore = brokerLogLines(containing: "broker serving").count
     broker = try FixtureProcess(
-      label: "uffd-broker", executable: Self.brokerExecutable, arguments: arguments, environment: environment,
-      stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath)
+      label: "uffd-broker", executable: Self.brokerExecutable, arguments: brokerArguments, environment: environment,
+      stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
     let serving = waitUntil(timeout: 10) {
-      !broker.isRunning || (access(clientSocket, F_OK) == 0 && access(pluginSocket, F_OK) == 0 && brokerLog.contains("broker serving"))
+      !broker.isRunning || (access(clientSocket, F_OK) == 0 && access(pluginSocket, F_OK) == 0 && brokerLogLines(containing: "broker serving").count > servingBefore)
     }
     guard serving, broker.isRunning else {
       broker.stop()
       throw HarnessError("the broker did not start serving: \(broker.status.map { "\($0)" } ?? "timed out"); log:\n\(brokerLog)")
     }
+  }
+
+  /// Kills the broker with SIGKILL (no cleanup of its own) and starts a new one
+  /// on the same sockets and config; its log continues in the same file.
+  func killAndRestartBroker() throws {
+    kill(broker.pid, SIGKILL)
+    _ = broker.stop(grace: 5)
+    try startBroker()
   }
 
   /// The environment of every fixture process.
@@ -144,16 +164,26 @@ final class Harness {
   /// waits until the broker logs its connection.
   @discardableResult
   func startPlugin(name: String, mode: String, waitForConnection: Bool = true, sourceLocation: SourceLocation = #_sourceLocation) throws -> FixtureProcess {
+    try startPluginProcess(name: name, executable: Self.fixtureExecutable, arguments: ["plugin", name, mode, eventLogPath(name)], waitForConnection: waitForConnection)
+  }
+
+  /// Starts one of the sample plugins of `Examples/` (`product` names its executable).
+  @discardableResult
+  func startSamplePlugin(_ product: String, name: String, arguments: [String] = []) throws -> FixtureProcess {
+    try startPluginProcess(name: name, executable: Self.binDirectory + "/" + product, arguments: [name] + arguments, waitForConnection: true)
+  }
+
+  private func startPluginProcess(name: String, executable: String, arguments: [String], waitForConnection: Bool) throws -> FixtureProcess {
     let label = nextLabel("plugin-\(name)")
     let plugin = try FixtureProcess(
-      label: label, executable: Self.fixtureExecutable, arguments: ["plugin", name, mode, eventLogPath(name)],
+      label: label, executable: executable, arguments: arguments,
       environment: environment, stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr")
     children.append(plugin)
     if waitForConnection {
       // Connected is enough: a plugin may legitimately exit soon after (exit-after:N).
       waitUntil(timeout: 10) { pluginConnected(pid: plugin.pid) || !plugin.isRunning }
       guard pluginConnected(pid: plugin.pid) else {
-        throw HarnessError("plugin \(name) (\(mode)) did not connect: \(plugin.status.map { "\($0)" } ?? "timed out"); stderr: \(plugin.stderr)\nbroker log:\n\(tail(brokerLog, lines: 20))")
+        throw HarnessError("plugin \(name) did not connect: \(plugin.status.map { "\($0)" } ?? "timed out"); stderr: \(plugin.stderr)\nbroker log:\n\(tail(brokerLog, lines: 20))")
       }
     }
     return plugin
@@ -164,13 +194,13 @@ final class Harness {
     brokerLogLines.contains { $0.contains("plugin connected") && $0.contains("plugin.pid=\(pid) ") }
   }
 
-  /// Starts `broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]`.
-  func startClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil) throws -> FixtureProcess {
+  /// Starts `broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]`, with `extraEnvironment` added.
+  func startClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil, extraEnvironment: [String: String] = [:]) throws -> FixtureProcess {
     let label = nextLabel("client-\(scenario)")
     var arguments = ["client", scenario, "\(mib)", "\(threads)", plugin]
     if let loops { arguments.append("\(loops)") }
     let client = try FixtureProcess(
-      label: label, executable: Self.fixtureExecutable, arguments: arguments, environment: environment,
+      label: label, executable: Self.fixtureExecutable, arguments: arguments, environment: environment.merging(extraEnvironment) { $1 },
       stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr")
     children.append(client)
     return client
@@ -187,8 +217,8 @@ final class Harness {
   }
 
   /// Runs a fixture client to its end (killing it after `timeout` seconds).
-  func runClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil, timeout: Double = 30, sourceLocation: SourceLocation = #_sourceLocation) throws -> ClientOutcome {
-    let client = try startClient(scenario, mib: mib, threads: threads, plugin: plugin, loops: loops)
+  func runClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil, timeout: Double = 30, extraEnvironment: [String: String] = [:], sourceLocation: SourceLocation = #_sourceLocation) throws -> ClientOutcome {
+    let client = try startClient(scenario, mib: mib, threads: threads, plugin: plugin, loops: loops, extraEnvironment: extraEnvironment)
     let status = client.wait(timeout: timeout, sourceLocation: sourceLocation)
     if status == nil { keepDirectory = true }
     return ClientOutcome(status: status, stdout: client.stdout, stderr: client.stderr, pid: client.pid)

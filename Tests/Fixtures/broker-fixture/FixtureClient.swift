@@ -27,6 +27,8 @@ struct FixtureClient {
       case "refused": return expectRefusal(plugin: plugin)
       case "exit-midway": return try exitMidway()
       case "swap": return try swapLoop()
+      case "snapshot": return try snapshot()
+      case "swap-corrupt": return try swapCorrupt()
       case "guarded": return try guarded()
       case "foreign-uid": return foreignUID()
       default:
