@@ -210,3 +210,39 @@ extension BrokerIntegrationTests {
     }
   }
 }
+
+extension BrokerIntegrationTests {
+  /// The broker itself dies (issue 6): clients must never read zeros.
+  @Suite("Broker restart")
+  struct BrokerRestart {
+    @Test("broker kill -9 mid-workload, restarted: the client re-attaches and every page is exact", arguments: [1, 2, 3])
+    func killAndRestart(round: Int) throws {
+      try Harness.run("broker-restart-\(round)", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])]) { h in
+        let client = try h.startClient("touch", mib: 128, threads: 2, plugin: "pattern")
+        // Let it get going (debug builds serve a few thousand pages in this time), then pull the broker.
+        usleep(UInt32(150_000 * round))
+        #expect(client.isRunning, h.diagnostics("the client finished before the broker was killed"))
+        try h.killAndRestartBroker()
+        let status = client.wait(timeout: 60)
+        #expect(status == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.contains("verified 32768 pages, 0 wrong"), h.diagnostics(client.stdout))
+        // The new broker saw the same client register again.
+        #expect(h.brokerLogLines(containing: "client registered").count >= 2, h.diagnostics)
+      }
+    }
+
+    @Test("no broker comes back: the poison policy fails the faulting access with SIGBUS, never zeros")
+    func brokerGoneForGood() throws {
+      try Harness.run("broker-gone") { h in
+        try h.startPlugin(name: "slow", mode: "hang")  // faults stay outstanding while the broker dies
+        // (The Swift runtime's crash backtracer tries to suspend the other threads, which are
+        // blocked in page faults nobody serves: turn it off so SIGBUS ends the process at once.)
+        let client = try h.startClient("touch", mib: 1, threads: 2, plugin: "slow", extraEnvironment: ["FIXTURE_LOSS_POLICY": "poison:300", "SWIFT_BACKTRACE": "enable=no"])
+        #expect(waitUntil(timeout: 5) { h.eventLog("slow").contains { $0.hasPrefix("retry") } }, h.diagnostics)
+        h.killBroker()
+        let status = client.wait(timeout: 10)
+        #expect(status == .signaled(SIGBUS), h.diagnostics("client: \(String(describing: status)) \(client.stdout) \(client.stderr)"))
+      }
+    }
+  }
+}

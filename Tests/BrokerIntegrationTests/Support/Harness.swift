@@ -89,9 +89,16 @@ final class Harness {
   /// Kills the broker with SIGKILL (no cleanup of its own) and starts a new one
   /// on the same sockets and config; its log continues in the same file.
   func killAndRestartBroker() throws {
+    killBroker()
+    try startBroker()
+    brokerKilledByTest = false
+  }
+
+  /// Kills the broker with SIGKILL, for good.
+  func killBroker() {
     kill(broker.pid, SIGKILL)
     _ = broker.stop(grace: 5)
-    try startBroker()
+    brokerKilledByTest = true
   }
 
   /// The environment of every fixture process.
@@ -126,6 +133,8 @@ final class Harness {
   }
 
   private var brokerStoppedByTest = false
+  /// The test killed the broker on purpose (`killBroker`): its status is not checked.
+  private var brokerKilledByTest = false
 
   /// Stops every child, then the broker (SIGTERM, up to 5 s, then SIGKILL); for
   /// tests that check what the broker leaves behind. Teardown still checks the status.
@@ -143,7 +152,9 @@ final class Harness {
     // Anything the broker spawned and left behind.
     kill(-broker.pid, SIGKILL)
     var ok = !keep
-    if !brokerAlive {
+    if brokerKilledByTest {
+      // Killed on purpose; nothing to check.
+    } else if !brokerAlive {
       ok = false
       Issue.record("the broker died during the test: \(status)\n--- \(directory)\n--- broker log (tail):\n\(tail(brokerLog, lines: 40))", sourceLocation: sourceLocation)
     } else if status != .exited(0) {

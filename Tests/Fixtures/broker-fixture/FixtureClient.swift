@@ -41,8 +41,15 @@ struct FixtureClient {
     }
   }
 
+  /// FIXTURE_LOSS_POLICY=poison:MS (or terminate:MS) sets what the client does when the broker is gone for MS.
   private func register(_ memory: AnonymousMemory, id: UInt64 = 1) throws(ClientError) -> BrokerClient {
-    try BrokerClient(regions: [RegionSpec(id: id, base: memory.address, length: memory.length, plugin: plugin)], name: "fixture-\(scenario)")
+    var policy = BrokerLossPolicy.reattach(withinMilliseconds: 30_000, otherwise: .terminate)
+    if let text = getenv("FIXTURE_LOSS_POLICY").map({ String(cString: $0) }) {
+      let parts = text.split(separator: ":")
+      let milliseconds = parts.count > 1 ? Int(parts[1]) ?? 1000 : 1000
+      policy = .reattach(withinMilliseconds: milliseconds, otherwise: parts.first == "poison" ? .poison : .terminate)
+    }
+    return try BrokerClient(regions: [RegionSpec(id: id, base: memory.address, length: memory.length, plugin: plugin)], name: "fixture-\(scenario)", onBrokerLoss: policy)
   }
 
   /// Every page touched once by `threads` threads (interleaved), then every byte checked.
