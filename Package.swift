@@ -49,6 +49,8 @@ let package = Package(
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
     // Real broker, plugin and client processes against real userfaultfds.
     .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ClientSDK", "Userfaultfd", "CUserfaultfd", "broker-fixture", "uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"]),
+    // libFuzzer target over the protocol decoders (built by scripts/fuzz.sh with -sanitize=fuzzer).
+    .executableTarget(name: "uffd-fuzz", dependencies: ["BrokerProtocol"], path: "Tests/Fuzz/uffd-fuzz", swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
     // The plugin and client processes of the integration tests.
     .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd"], path: "Tests/Fixtures/broker-fixture"),
   ],
