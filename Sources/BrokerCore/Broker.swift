@@ -38,6 +38,9 @@ public final class Broker: @unchecked Sendable {
   static let maxDelegatedPrefetch = 32
   private var dirtyPlugins: [PluginConnection] = []
   private var stopping = false
+  /// Held in reserve: when descriptors run out (EMFILE), it is closed to accept
+  /// and refuse the waiting connection, so the listener does not spin.
+  private var spareDescriptor: CInt = -1
 
   private let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
   private let decisions = DecisionBatchDecoder()
@@ -74,19 +77,23 @@ public final class Broker: @unchecked Sendable {
   }
   public private(set) var statistics = Statistics()
 
-  /// Binds both sockets (creating their directory with mode 0700 if needed).
+  /// Binds both sockets. A socket (and the directory it creates for it) is
+  /// private to the broker's uid (0600/0700) unless the config lets others in;
+  /// either way SO_PEERCRED decides who may do what.
   public init(configuration: BrokerConfiguration, logger: Logger) throws(BrokerError) {
     self.configuration = configuration
     self.logger = logger
-    for path in [configuration.clientSocketPath, configuration.pluginSocketPath] {
+    let ownerOnly = { (uids: Set<UInt32>, gids: Set<UInt32>) in uids.subtracting([getuid()]).isEmpty && gids.isEmpty }
+    let clientPrivate = ownerOnly(configuration.clientUIDs, configuration.clientGIDs)
+    let pluginPrivate = ownerOnly(configuration.pluginUIDs, configuration.pluginGIDs)
+    for (path, isPrivate) in [(configuration.clientSocketPath, clientPrivate), (configuration.pluginSocketPath, pluginPrivate)] {
       let directory = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
-      if !directory.isEmpty { mkdir(directory, 0o700) }
+      if !directory.isEmpty { mkdir(directory, isPrivate && clientPrivate && pluginPrivate ? 0o700 : 0o755) }
     }
     loop = try EventLoop()
-    // Access is decided by SO_PEERCRED against the configured uids, so the
-    // socket files may be reachable by anyone; tighten further with the directory mode.
-    clientListener = try PacketListener(path: configuration.clientSocketPath, mode: 0o666)
-    pluginListener = try PacketListener(path: configuration.pluginSocketPath, mode: 0o666)
+    clientListener = try PacketListener(path: configuration.clientSocketPath, mode: clientPrivate ? 0o600 : 0o666)
+    pluginListener = try PacketListener(path: configuration.pluginSocketPath, mode: pluginPrivate ? 0o600 : 0o666)
+    spareDescriptor = open("/dev/null", O_RDONLY | O_CLOEXEC)
     switch valueOrErrno(cuffd_eventfd()) {
     case .success(let fd): wakeup = fd
     case .failure(let errno): throw BrokerError(.io, "eventfd failed", errno: errno)
@@ -106,6 +113,7 @@ public final class Broker: @unchecked Sendable {
     localBuffer.deallocate()
     closeDescriptor(wakeup)
     closeDescriptor(signals)
+    closeDescriptor(spareDescriptor)
   }
 
   /// Asks `run()` to return (from any thread).
@@ -192,22 +200,48 @@ public final class Broker: @unchecked Sendable {
       closePlugin(plugin, reason: "it did not answer a fault within \(configuration.pluginDeadlineMilliseconds) ms")
     }
     supervisor?.restartDue(loop: loop)
+    for route in routes.values where route.connection == nil && route.failover == nil && !route.failed {
+      guard let policy = configuration.policies[route.name], policy.fallback != nil || policy.onFailure != .wait, let lostAt = route.lostAt else { continue }
+      if now >= lostAt + UInt64(policy.failAfterMilliseconds) * 1_000_000 || supervisor?.hasGivenUp(route.name) == true {
+        fail(route, policy)
+      }
+    }
   }
 
   // MARK: - Clients
 
+  /// Accepts one connection; nil when none is waiting. Out of descriptors, it
+  /// uses the spare one to accept the connection and refuse it with `refusal`,
+  /// and keeps serving everyone already connected.
+  private func accept(from listener: PacketListener, role: String, refusal: (PacketSocket, BrokerError) -> Void) -> PacketSocket? {
+    do {
+      return try listener.accept()
+    } catch where error.errno == .tooManyOpenFiles || error.errno == .tooManyOpenFilesInSystem {
+      // accept(2) fails for want of a descriptor before it looks for a connection:
+      // refuse one (if any) and let the next wakeup handle the rest.
+      closeDescriptor(spareDescriptor)
+      if let socket = try? listener.accept() {
+        logger.error("out of descriptors: refusing a new connection", metadata: ["role": "\(role)"])
+        refusal(socket, BrokerError(.limit, "the broker is out of file descriptors; try again later"))
+      }
+      spareDescriptor = open("/dev/null", O_RDONLY | O_CLOEXEC)
+      return nil
+    } catch {
+      logger.error("cannot accept a connection", metadata: ["role": "\(role)", "error": "\(error)"])
+      return nil
+    }
+  }
+
+  /// Whether credentials are allowed by uid, or by primary gid.
+  private static func allowed(_ peer: PeerCredentials, uids: Set<UInt32>, gids: Set<UInt32>) -> Bool {
+    uids.contains(peer.uid) || gids.contains(peer.gid)
+  }
+
   private func acceptClients() {
     while true {
-      let socket: PacketSocket
-      do {
-        guard let accepted = try clientListener.accept() else { return }
-        socket = accepted
-      } catch {
-        logger.error("cannot accept a client", metadata: ["error": "\(error)"])  // EMFILE: existing clients keep being served
-        return
-      }
+      guard let socket = accept(from: clientListener, role: "client", refusal: { refuse($0, requestID: 0, $1) }) else { return }
       guard let peer = try? socket.peerCredentials() else { continue }
-      guard configuration.clientUIDs.contains(peer.uid) else {
+      guard Self.allowed(peer, uids: configuration.clientUIDs, gids: configuration.clientGIDs) else {
         refuse(socket, requestID: 0, BrokerError(.notAuthorized, "uid \(peer.uid) may not register memory with this broker"))
         logger.warning("refused a client", metadata: ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
         continue
@@ -381,8 +415,12 @@ public final class Broker: @unchecked Sendable {
 
   /// Announces regions to their plugins; the reply to the client waits for theirs.
   private func openRegions(_ specs: [RegionSpec], session: ClientSession, requestID: UInt64) throws(BrokerError) {
-    for spec in specs where routes[spec.plugin]?.connection == nil && !configuration.plugins.contains(where: { $0.name == spec.plugin }) {
-      throw BrokerError(.unknownPlugin, "region \(spec.id) names plugin \"\(spec.plugin)\", which is neither configured nor connected")
+    for spec in specs {
+      let route = routes[spec.plugin]?.effective
+      if route?.failed == true { throw BrokerError(.unknownPlugin, "plugin \"\(spec.plugin)\" has failed and serves no new regions") }
+      if route?.connection == nil && !configuration.plugins.contains(where: { $0.name == spec.plugin }) && route?.failover == nil {
+        throw BrokerError(.unknownPlugin, "region \(spec.id) names plugin \"\(spec.plugin)\", which is neither configured nor connected")
+      }
     }
     guard !specs.isEmpty else {
       if session.phase == .active { reply(session, BrokerReply(requestID: requestID, .ack(clientID: session.id))) }
@@ -392,7 +430,7 @@ public final class Broker: @unchecked Sendable {
     session.pendingOpen = ClientSession.PendingOpen(requestID: requestID, regions: specs, awaiting: Set(specs.map(\.id)), deadline: deadline)
     for spec in specs {
       // A plugin that is away gets it when it connects (see `announceRegions`).
-      if let connection = route(named: spec.plugin).connection {
+      if let connection = route(named: spec.plugin).effective.connection {
         append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: spec), to: connection)
       }
     }
@@ -401,7 +439,7 @@ public final class Broker: @unchecked Sendable {
   private func regionReply(_ reply: RegionReply, from plugin: PluginConnection) {
     guard let session = clients[reply.clientID], var pending = session.pendingOpen,
           pending.awaiting.contains(reply.regionID),
-          pending.regions.contains(where: { $0.id == reply.regionID && $0.plugin == plugin.name })
+          pending.regions.contains(where: { $0.id == reply.regionID && route(named: $0.plugin).effective === plugin.route })
     else {
       if let error = reply.error {
         logger.error("plugin refused a region it serves", metadata: ["plugin": "\(plugin.name)", "client.id": "\(reply.clientID)", "region.id": "\(reply.regionID)", "error": "\(error)"])
@@ -496,16 +534,12 @@ public final class Broker: @unchecked Sendable {
 
   private func acceptPlugins() {
     while true {
-      let socket: PacketSocket
-      do {
-        guard let accepted = try pluginListener.accept() else { return }
-        socket = accepted
-      } catch {
-        logger.error("cannot accept a plugin", metadata: ["error": "\(error)"])
-        return
+      let refusal = { (socket: PacketSocket, error: BrokerError) in
+        _ = EventBatchEncoder.encodeControl(hello: nil, error: error).withUnsafeBytes { try? socket.send($0) }
       }
+      guard let socket = accept(from: pluginListener, role: "plugin", refusal: refusal) else { return }
       guard let peer = try? socket.peerCredentials() else { continue }
-      guard configuration.pluginUIDs.contains(peer.uid) else {
+      guard Self.allowed(peer, uids: configuration.pluginUIDs, gids: configuration.pluginGIDs) else {
         let bytes = EventBatchEncoder.encodeControl(hello: nil, error: BrokerError(.notAuthorized, "uid \(peer.uid) may not serve as a plugin of this broker"))
         _ = bytes.withUnsafeBytes { try? socket.send($0) }
         logger.warning("refused a plugin", metadata: ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
@@ -564,6 +598,7 @@ public final class Broker: @unchecked Sendable {
         plugin.sharedArea = try SharedArea(fd: fd)
       }
       route.connection = plugin
+      route.lostAt = nil
       plugin.route = route
       logger.info("plugin connected", metadata: ["plugin": "\(hello.name)", "plugin.pid": "\(plugin.peer.pid)"])
       let bytes = EventBatchEncoder.encodeControl(hello: Hello(role: .broker, name: "uffd-broker"), error: nil)
@@ -592,10 +627,10 @@ public final class Broker: @unchecked Sendable {
     guard let route = plugin.route else { return }
     for session in clients.values.sorted(by: { $0.id < $1.id }) {
       var announced = Set<UInt64>()
-      for piece in session.regions.pieces where piece.route === route && announced.insert(piece.spec.id).inserted {
+      for piece in session.regions.pieces where piece.route.effective === route && announced.insert(piece.spec.id).inserted {
         append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: piece.spec), to: plugin)
       }
-      for spec in session.pendingOpen?.regions ?? [] where spec.plugin == route.name {
+      for spec in session.pendingOpen?.regions ?? [] where self.route(named: spec.plugin).effective === route {
         append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: spec), to: plugin)
       }
     }
@@ -614,7 +649,10 @@ public final class Broker: @unchecked Sendable {
     }
     loop.remove(plugin.socket.fd)
     plugins[plugin.id] = nil
-    if plugin.route?.connection === plugin { plugin.route?.connection = nil }
+    if plugin.route?.connection === plugin {
+      plugin.route?.connection = nil
+      plugin.route?.lostAt = monotonicNanoseconds()
+    }
     let id = ObjectIdentifier(plugin)
     let orphaned = inFlight.filter { $0.value.plugin == id }
     for (faultID, entry) in orphaned {
@@ -623,6 +661,28 @@ public final class Broker: @unchecked Sendable {
     }
     let level: Logger.Level = error == nil && plugin.route != nil ? .notice : .warning
     logger.log(level: level, "plugin disconnected", metadata: ["plugin": "\(plugin.name)", "plugin.pid": "\(plugin.peer.pid)", "reason": "\(reason)", "faults.parked": "\(orphaned.count)"])
+  }
+
+  /// A plugin is gone for good: its regions fail over to the fallback, or fail closed.
+  private func fail(_ route: PluginRoute, _ policy: BrokerConfiguration.PluginPolicy) {
+    if let name = policy.fallback, name != route.name {
+      let fallback = self.route(named: name)
+      route.failover = fallback
+      logger.error("plugin failed over", metadata: ["plugin": "\(route.name)", "fallback": "\(name)"])
+      // The fallback learns the regions, then what the failed plugin missed.
+      if let connection = fallback.connection { announceRegions(to: connection) }
+      let missed = route.missedEvents
+      route.missedEvents.removeAll()
+      for event in missed { sendEvent(event, to: fallback) }
+      return
+    }
+    route.failed = true
+    logger.error("plugin failed: its regions fail closed", metadata: ["plugin": "\(route.name)", "policy": "\(policy.onFailure.rawValue)"])
+    guard policy.onFailure == .kill else { return }  // poison: each fault is poisoned as it comes
+    for session in clients.values where session.regions.pieces.contains(where: { $0.route.effective === route }) {
+      logger.error("killing a client whose plugin failed", metadata: ["client.id": "\(session.id)", "client.pid": "\(session.pid)", "plugin": "\(route.name)"])
+      _ = cuffd_pidfd_send_signal(session.pidfd, SIGKILL)
+    }
   }
 
   private func route(named name: String) -> PluginRoute {
@@ -636,7 +696,13 @@ public final class Broker: @unchecked Sendable {
 
   /// Sends a fault to its region's plugin (or parks it while the plugin is away).
   func sendFault(_ fault: Pagefault, piece: RegionTable.Piece, session: ClientSession) -> PagefaultResult {
-    guard let plugin = piece.route.connection, !plugin.isClosed, plugin.inFlight < configuration.maxInFlightPerPlugin,
+    let route = piece.route.effective
+    if route.failed, let uffd = session.uffd {
+      // Failed closed: the access gets SIGBUS, never memory the plugin did not provide.
+      let page = fault.address & ~UInt(piece.spec.pageSize - 1)
+      return PagefaultResult(settling: uffd.poison(address: page, length: piece.spec.pageSize), address: page, length: piece.spec.pageSize, on: uffd)
+    }
+    guard let plugin = route.connection, !plugin.isClosed, plugin.inFlight < configuration.maxInFlightPerPlugin,
           let dispatcher = session.dispatcher
     else { return .notNow }
     let page = fault.address & ~UInt(piece.spec.pageSize - 1)
@@ -654,7 +720,8 @@ public final class Broker: @unchecked Sendable {
   }
 
   /// Sends a non-fault event, in order; kept for the plugin's return if it is away.
-  func sendEvent(_ event: BrokerEvent, to route: PluginRoute) {
+  func sendEvent(_ event: BrokerEvent, to primary: PluginRoute) {
+    let route = primary.effective
     if let plugin = route.connection, !plugin.isClosed {
       append(event, to: plugin)
     } else {

@@ -8,20 +8,51 @@ public struct BrokerConfiguration: Sendable {
     public var name: String
     public var executable: String
     public var arguments: [String]
-    public init(name: String, executable: String, arguments: [String] = []) {
+    /// Restarts in a row (each after less than 30 s of life) before the broker
+    /// gives the plugin up; its regions then fail over or fail closed (`PluginPolicy`).
+    public var maxRestarts: Int
+    public init(name: String, executable: String, arguments: [String] = [], maxRestarts: Int = 10) {
       self.name = name
       self.executable = executable
       self.arguments = arguments
+      self.maxRestarts = maxRestarts
+    }
+  }
+
+  /// What happens to a plugin's regions when it is gone for good: given up by
+  /// the supervisor, or away longer than `failAfterMilliseconds`.
+  public struct PluginPolicy: Sendable, Equatable {
+    public enum OnFailure: String, Sendable, Equatable {
+      /// Keep the faults parked (the faulting threads wait for the plugin).
+      case wait
+      /// Fail closed: every fault of its regions is poisoned (the access gets SIGBUS).
+      case poison
+      /// Fail closed: kill the client processes that have regions on it.
+      case kill
+    }
+    /// A plugin that takes the regions over (it is told of them with RegionOpened).
+    public var fallback: String?
+    public var onFailure: OnFailure
+    public var failAfterMilliseconds: Int
+    public init(fallback: String? = nil, onFailure: OnFailure = .wait, failAfterMilliseconds: Int = 30_000) {
+      self.fallback = fallback
+      self.onFailure = onFailure
+      self.failAfterMilliseconds = failAfterMilliseconds
     }
   }
 
   public var clientSocketPath: String
   public var pluginSocketPath: String
   public var plugins: [SpawnedPlugin] = []
+  /// Per plugin name; a plugin without an entry waits forever for its return.
+  public var policies: [String: PluginPolicy] = [:]
   /// uids allowed to register memory (default: the broker's own uid).
   public var clientUIDs: Set<UInt32>
   /// uids allowed to serve as plugins (default: the broker's own uid).
   public var pluginUIDs: Set<UInt32>
+  /// gids whose members may also register memory / serve as plugins (default: none).
+  public var clientGIDs: Set<UInt32> = []
+  public var pluginGIDs: Set<UInt32> = []
   /// A plugin with faults in flight longer than this is considered hung and disconnected.
   public var pluginDeadlineMilliseconds = 5_000
   /// How long a Register may wait for its plugins' replies.

@@ -10,6 +10,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -354,6 +355,11 @@ int64_t cuffd_sealed_memfd_size(int fd) {
   struct stat info;
   if (fstat(fd, &info) != 0) return -errno;
   return (int64_t)info.st_size;
+}
+
+int cuffd_set_descriptor_limit(pid_t pid, uint64_t limit) {
+  struct rlimit value = { .rlim_cur = limit, .rlim_max = limit };
+  return prlimit(pid, RLIMIT_NOFILE, &value, NULL) == 0 ? 0 : -errno;
 }
 
 uint8_t cuffd_touch(const void *address) { return *(const volatile uint8_t *)address; }

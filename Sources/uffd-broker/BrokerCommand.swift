@@ -62,12 +62,21 @@ struct ConfigFile: Decodable {
     var name: String
     var executable: String
     var arguments: [String]?
+    var maxRestarts: Int?
+  }
+  struct Policy: Decodable {
+    var fallback: String?
+    var onFailure: String?
+    var failAfterMilliseconds: Int?
   }
   var clientSocket: String?
   var pluginSocket: String?
   var plugins: [Plugin]?
+  var policies: [String: Policy]?
   var clientUIDs: [UInt32]?
   var pluginUIDs: [UInt32]?
+  var clientGIDs: [UInt32]?
+  var pluginGIDs: [UInt32]?
   var pluginDeadlineMilliseconds: Int?
   var registrationTimeoutMilliseconds: Int?
   var maxClients: Int?
@@ -78,12 +87,22 @@ struct ConfigFile: Decodable {
     try JSONDecoder().decode(ConfigFile.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
   }
 
-  func apply(to configuration: inout BrokerConfiguration) {
+  func apply(to configuration: inout BrokerConfiguration) throws {
     if let clientSocket { configuration.clientSocketPath = clientSocket }
     if let pluginSocket { configuration.pluginSocketPath = pluginSocket }
-    if let plugins { configuration.plugins = plugins.map { .init(name: $0.name, executable: $0.executable, arguments: $0.arguments ?? []) } }
+    if let plugins {
+      configuration.plugins = plugins.map { .init(name: $0.name, executable: $0.executable, arguments: $0.arguments ?? [], maxRestarts: $0.maxRestarts ?? 10) }
+    }
+    for (name, policy) in policies ?? [:] {
+      guard let onFailure = BrokerConfiguration.PluginPolicy.OnFailure(rawValue: policy.onFailure ?? "wait") else {
+        throw ValidationError("policy of \(name): onFailure must be wait, poison or kill")
+      }
+      configuration.policies[name] = .init(fallback: policy.fallback, onFailure: onFailure, failAfterMilliseconds: policy.failAfterMilliseconds ?? 30_000)
+    }
     if let clientUIDs { configuration.clientUIDs = Set(clientUIDs) }
     if let pluginUIDs { configuration.pluginUIDs = Set(pluginUIDs) }
+    if let clientGIDs { configuration.clientGIDs = Set(clientGIDs) }
+    if let pluginGIDs { configuration.pluginGIDs = Set(pluginGIDs) }
     if let pluginDeadlineMilliseconds { configuration.pluginDeadlineMilliseconds = pluginDeadlineMilliseconds }
     if let registrationTimeoutMilliseconds { configuration.registrationTimeoutMilliseconds = registrationTimeoutMilliseconds }
     if let maxClients { configuration.maxClients = maxClients }

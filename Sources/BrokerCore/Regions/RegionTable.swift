@@ -1,4 +1,5 @@
 import BrokerProtocol
+import Userfaultfd
 
 /// The plugin a region is routed to. One per plugin name, kept across the
 /// plugin's reconnects, so the fault path follows a reference, not a name lookup.
@@ -8,8 +9,27 @@ public final class PluginRoute {
   var connection: PluginConnection?
   /// Non-fault events that happened while no plugin was connected, for its return.
   var missedEvents: [BrokerEvent] = []
+  /// When the connection went away (or the route was made without one); nil while connected.
+  var lostAt: UInt64?
+  /// The plugin that took over this one's regions when it failed (its policy's fallback).
+  var failover: PluginRoute?
+  /// Gone for good with no fallback: faults of its regions fail closed.
+  var failed = false
 
-  init(name: String) { self.name = name }
+  init(name: String) {
+    self.name = name
+    lostAt = monotonicNanoseconds()
+  }
+
+  /// The route that serves this one's regions now: itself, or its failover (followed a few levels).
+  var effective: PluginRoute {
+    var route = self
+    for _ in 0..<4 {
+      guard let next = route.failover else { break }
+      route = next
+    }
+    return route
+  }
 }
 
 /// The live regions of one client: which addresses are served, by which

@@ -13,7 +13,9 @@ final class PluginSupervisor {
     var startedAt: UInt64 = 0
     var restartAt: UInt64?
     var backoff: UInt64 = 250_000_000
-    var restarts = 0
+    /// Exits in a row after less than 30 s of life.
+    var quickExits = 0
+    var givenUp = false
   }
 
   private var children: [Child]
@@ -55,14 +57,28 @@ final class PluginSupervisor {
     children[index].process = nil
     logger.warning("plugin exited", metadata: ["plugin": "\(children[index].plugin.name)", "plugin.pid": "\(process.pid)", "status": "\(status)"])
     // A plugin that ran a while starts again at the shortest backoff.
-    if monotonicNanoseconds() - children[index].startedAt > 30_000_000_000 { children[index].backoff = 250_000_000 }
+    if monotonicNanoseconds() - children[index].startedAt > 30_000_000_000 {
+      children[index].backoff = 250_000_000
+      children[index].quickExits = 0
+    } else {
+      children[index].quickExits += 1
+    }
+    guard children[index].quickExits <= children[index].plugin.maxRestarts else {
+      children[index].givenUp = true
+      logger.error("plugin given up", metadata: ["plugin": "\(children[index].plugin.name)", "restarts": "\(children[index].plugin.maxRestarts)"])
+      return
+    }
     scheduleRestart(index)
+  }
+
+  /// Whether the supervisor stopped restarting the plugin `name`.
+  func hasGivenUp(_ name: String) -> Bool {
+    children.contains { $0.plugin.name == name && $0.givenUp }
   }
 
   private func scheduleRestart(_ index: Int) {
     children[index].restartAt = monotonicNanoseconds() + children[index].backoff
     children[index].backoff = min(children[index].backoff * 2, 8_000_000_000)
-    children[index].restarts += 1
   }
 
   func restartDue(loop: EventLoop) {

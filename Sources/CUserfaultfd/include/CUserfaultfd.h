@@ -210,6 +210,9 @@ int cuffd_sealed_memfd(const char *name, uint64_t size);
  * (-EPERM when it is not sealed). */
 int64_t cuffd_sealed_memfd_size(int fd);
 
+/* prlimit(2) of RLIMIT_NOFILE for another process (a GNU function): 0 or -errno. */
+int cuffd_set_descriptor_limit(pid_t pid, uint64_t limit);
+
 /* Reads one byte through a volatile pointer: a first touch the optimizer cannot remove. */
 uint8_t cuffd_touch(const void *address);
 

@@ -39,7 +39,7 @@ final class Harness {
 
   /// Starts a broker (debug logging), with a config file if any field is given,
   /// and waits for it to serve.
-  private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?) throws {
+  private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?, configFields: [String]) throws {
     var template = Array("/tmp/uffd-it-\(label)-XXXXXX".utf8CString)
     guard let made = mkdtemp(&template) else { throw HarnessError("mkdtemp failed: \(errno)") }
     directory = String(cString: made)
@@ -50,8 +50,8 @@ final class Harness {
       throw HarnessError("\(executable) is missing: build with `swift build --build-tests`")
     }
     var arguments = ["--client-socket", clientSocket, "--plugin-socket", pluginSocket, "--log-level", "debug"]
-    if !spawned.isEmpty || pluginDeadlineMilliseconds != nil {
-      var fields: [String] = []
+    if !spawned.isEmpty || pluginDeadlineMilliseconds != nil || !configFields.isEmpty {
+      var fields: [String] = configFields
       if !spawned.isEmpty {
         let plugins = spawned.map { plugin in
           let args = plugin.arguments.map(jsonString).joined(separator: ", ")
@@ -109,10 +109,10 @@ final class Harness {
   /// Runs `body` against a fresh broker and tears everything down afterwards,
   /// whatever happens. The broker must still be alive at the end and exit 0 on SIGTERM.
   static func run(
-    _ label: String, spawning spawned: [SpawnedPlugin] = [], pluginDeadlineMilliseconds: Int? = nil,
+    _ label: String, spawning spawned: [SpawnedPlugin] = [], pluginDeadlineMilliseconds: Int? = nil, configFields: [String] = [],
     sourceLocation: SourceLocation = #_sourceLocation, _ body: (Harness) throws -> Void
   ) throws {
-    let harness = try Harness(label: label, spawned: spawned, pluginDeadlineMilliseconds: pluginDeadlineMilliseconds)
+    let harness = try Harness(label: label, spawned: spawned, pluginDeadlineMilliseconds: pluginDeadlineMilliseconds, configFields: configFields)
     var finished = false
     defer { harness.tearDown(keep: !finished, sourceLocation: sourceLocation) }
     try body(harness)
