@@ -38,6 +38,7 @@ public final class Broker: @unchecked Sendable {
   static let maxDelegatedPrefetch = 32
   private var dirtyPlugins: [PluginConnection] = []
   private var stopping = false
+  private var nextSweep: UInt64 = 0
   /// Held in reserve: when descriptors run out (EMFILE), it is closed to accept
   /// and refuse the waiting connection, so the listener does not spin.
   private var spareDescriptor: CInt = -1
@@ -186,8 +187,11 @@ public final class Broker: @unchecked Sendable {
   /// Redelivers parked faults that are due, expires registrations and hung plugins, restarts plugins.
   private func housekeeping() {
     let now = monotonicNanoseconds()
+    for session in clients.values { session.dispatcher?.redeliverDue(now: now) }
+    // The rest scans tables: at most every 20 ms, off the per-batch path.
+    guard now >= nextSweep else { return }
+    nextSweep = now + 20_000_000
     for session in clients.values {
-      session.dispatcher?.redeliverDue(now: now)
       if let pending = session.pendingOpen, pending.deadline <= now {
         let names = Set(pending.regions.filter { pending.awaiting.contains($0.id) }.map(\.plugin)).sorted().joined(separator: ", ")
         failOpen(session, BrokerError(.timedOut, "plugin \(names) did not accept the regions in time"))
