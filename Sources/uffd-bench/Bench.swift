@@ -1,3 +1,4 @@
+import CUserfaultfd
 import Glibc
 import Userfaultfd
 
@@ -27,6 +28,7 @@ enum Bench {
   }
 
   private static func run(_ options: BenchOptions, arguments: [String]) -> Int32 {
+    let loadBefore = Report.loadAverage()
     print("# command: " + arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " "))
     print("# \(options.pages) pages x 4 KiB per round, \(options.rounds) rounds, modes interleaved round-robin:")
     for mode in options.modes { print("#   \(Format.left(mode.name, 16)) (item \(mode.item)) \(mode.summary)") }
@@ -35,11 +37,18 @@ enum Bench {
       Console.error("this benchmark assumes 4 KiB pages (the system's are \(systemPageSize))")
       return 1
     }
+    if let mode = options.modes.first(where: { $0.workload.clients * $0.workload.regionsPerClient * $0.workload.threadsPerClient > options.pages }) {
+      Console.error("mode \(mode.name) needs at least \(mode.workload.clients * mode.workload.regionsPerClient * mode.workload.threadsPerClient) pages")
+      return 2
+    }
     if options.modes.contains(where: { $0.workload.backend != .plain }) && !UserfaultFD.isSupported {
       Console.error("userfaultfd is not available to this process (run as root or set vm.unprivileged_userfaultfd=1)")
       return 1
     }
 
+    // Before any thread exists: SIGINT/SIGTERM are blocked in every thread and
+    // read by the watchdog, which cleans up (children, sockets) and exits.
+    let signals = cuffd_termination_signalfd()
     var plugins: [PluginInstance] = []
     for mode in options.modes where mode.usesBroker {
       for plugin in mode.workload.plugins where !plugins.contains(plugin) { plugins.append(plugin) }
@@ -51,7 +60,7 @@ enum Bench {
       Console.error("cannot start the broker and plugins: \(error)")
       return 1
     }
-    let watchdog = Watchdog(children: processes?.all ?? [])
+    let watchdog = Watchdog(processes: processes, signals: signals)
     let runner = RoundRunner(pages: options.pages, modes: options.modes, processes: processes, watchdog: watchdog)
 
     var results: [RoundResult] = []
@@ -71,6 +80,12 @@ enum Bench {
     }
     watchdog.stop()
     processes?.shutdown()
+    // Nothing is left to clean up: SIGINT/SIGTERM may end the process again.
+    var termination = sigset_t()
+    sigemptyset(&termination)
+    sigaddset(&termination, SIGINT)
+    sigaddset(&termination, SIGTERM)
+    pthread_sigmask(SIG_UNBLOCK, &termination, nil)
     if let failure {
       Console.error("FAILED: \(failure)")
       return 1
@@ -85,7 +100,7 @@ enum Bench {
         return 1
       }
     }
-    Report.machine()
+    Report.machine(loadBefore: loadBefore)
     let wrong = results.reduce(0) { $0 + $1.wrongPages }
     if wrong > 0 {
       print("FAILED: \(wrong) pages read back wrong (see WRONG PAGE lines)")

@@ -1,3 +1,4 @@
+import CUserfaultfd
 import Glibc
 import Synchronization
 import Userfaultfd
@@ -7,8 +8,8 @@ struct BenchError: Error, CustomStringConvertible {
   init(_ description: String) { self.description = description }
 }
 
-/// A child role of this executable: spawned with posix_spawn from
-/// /proc/self/exe, its control socket on fd 3.
+/// A child role of this executable (the file /proc/self/exe points to),
+/// spawned with posix_spawn, its control socket on fd 3.
 final class ChildProcess {
   let label: String
   let pid: pid_t
@@ -210,18 +211,26 @@ final class Watchdog: Sendable {
   private let controls: [CInt]
   private let pids: [pid_t]
   private let labels: [String]
+  /// Removed (files, then the directory) before exiting on failure.
+  private let leftovers: [String]
   private let thread = Mutex<pthread_t?>(nil)
 
-  init(children: [ChildProcess]) {
+  /// A signalfd for SIGINT/SIGTERM (blocked in every thread), or -1.
+  private let signals: CInt
+
+  init(processes: BenchProcesses?, signals: CInt) {
+    self.signals = signals
+    let children = processes?.all ?? []
     controls = children.map(\.control)
     pids = children.map(\.pid)
     labels = children.map(\.label)
+    leftovers = processes.map { [$0.clientSocket, $0.pluginSocket, $0.directory] } ?? []
     let handle = spawnThread { [self] in watch() }
     thread.withLock { $0 = handle }
   }
 
   /// Fails the run if `disarm` is not called within `seconds`.
-  func arm(seconds: UInt64, what: String) {
+  func arm(seconds: UInt64) {
     deadline.store(monotonicNanoseconds() + seconds * 1_000_000_000, ordering: .relaxed)
   }
 
@@ -234,17 +243,19 @@ final class Watchdog: Sendable {
 
   private func watch() {
     let count = controls.count
-    let descriptors = UnsafeMutablePointer<pollfd>.allocate(capacity: max(count, 1))
+    let descriptors = UnsafeMutablePointer<pollfd>.allocate(capacity: count + 1)
     defer { descriptors.deallocate() }
     while !stopping.load(ordering: .relaxed) {
+      // Only hang-ups are asked for on the control sockets (events 0): the main thread owns their data.
       for index in 0..<count { descriptors[index] = pollfd(fd: controls[index], events: 0, revents: 0) }
-      // Only hang-ups are asked for (events 0): the main thread owns the data on these sockets.
-      let ready = count > 0 ? poll(descriptors, nfds_t(count), 100) : { usleep(100_000); return 0 }()
+      descriptors[count] = pollfd(fd: signals, events: Int16(POLLIN), revents: 0)  // fd -1 is ignored by poll
+      let ready = poll(descriptors, nfds_t(count + 1), 100)
       if stopping.load(ordering: .relaxed) { return }
       if ready > 0 {
         for index in 0..<count where descriptors[index].revents & Int16(POLLHUP | POLLERR) != 0 {
           die("the \(labels[index]) process (pid \(pids[index])) exited unexpectedly")
         }
+        if descriptors[count].revents != 0 { die("interrupted by signal \(cuffd_read_signal(signals))") }
       }
       let due = deadline.load(ordering: .relaxed)
       if due != 0 && monotonicNanoseconds() > due { die("a round did not finish within its deadline (a fault was never resolved?)") }
@@ -255,6 +266,7 @@ final class Watchdog: Sendable {
     let line = "uffd-bench: FAILED: \(message)\n"
     _ = line.utf8CString.withUnsafeBufferPointer { write(2, $0.baseAddress, $0.count - 1) }
     for pid in pids { kill(pid, SIGKILL) }
+    for path in leftovers { _ = unlink(path) == 0 || rmdir(path) == 0 }
     _exit(1)
   }
 }

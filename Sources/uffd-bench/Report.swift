@@ -89,7 +89,17 @@ enum Report {
       + "\(Format.fixed(decision.nanosecondsPerOperation, 1)) ns/decision, \(Format.fixed(decision.mallocCallsPerOperation, 3)) mallocs/decision")
   }
 
-  static func machine() {
+  /// The first three fields of /proc/loadavg: how busy the (shared) machine was.
+  static func loadAverage() -> String {
+    guard let file = fopen("/proc/loadavg", "r") else { return "?" }
+    defer { fclose(file) }
+    var buffer = [CChar](repeating: 0, count: 128)
+    guard fgets(&buffer, Int32(buffer.count), file) != nil else { return "?" }
+    return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+      .split(separator: " ").prefix(3).joined(separator: " ")
+  }
+
+  static func machine(loadBefore: String) {
     print("")
     print("== machine ==")
     var names = utsname()
@@ -99,6 +109,7 @@ enum Report {
     }
     print("nproc \(sysconf(Int32(_SC_NPROCESSORS_ONLN))); kernel \(field(&names.sysname)) \(field(&names.release)) \(field(&names.version)) \(field(&names.machine))")
     if let model = cpuModel() { print("cpu \(model)") }
+    print("load average (1/5/15 min) before the run \(loadBefore), after \(loadAverage())")
   }
 
   private static func cpuModel() -> String? {

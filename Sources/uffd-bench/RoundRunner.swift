@@ -67,22 +67,28 @@ final class RoundRunner {
       throw BenchError("\(mode.name): cannot set up the fault handler: \(error)")
     }
 
-    // The faulting threads wait at the start gate, and at the end gate once done
-    // (so the window closes before thread exit, which frees memory).
+    // The faulting threads wait at the start gate, pass the end gate once done,
+    // and exit only after the exit gate: the window closes while they still
+    // exist (thread exit frees memory, which is no fault's doing).
     let start = Gate(parties: prepared.plans.count + 1)
     let end = Gate(parties: prepared.plans.count + 1)
+    let exit = Gate(parties: prepared.plans.count + 1)
     let workers = zip(prepared.plans, prepared.latencies).map { plan, latencies in
       spawnThread {
         start.pass()
         Toucher.run(plan, base: address, latencies: latencies)
         end.pass()
+        exit.pass()
       }
     }
 
+    // The children's counters are read just outside the window (a control round trip each).
+    let children = mode.usesBroker ? processes : nil
     let pluginNames = Array(Set(workload.plugins.map(\.name))).sorted()
-    let brokerBefore = try processes.map { (p) throws(BenchError) in try p.broker.stats() }
-    let pluginsBefore = mode.usesBroker ? try processes?.pluginStats(pluginNames) : nil
-    watchdog.arm(seconds: 120 + UInt64(pages / 1_000), what: mode.name)
+    if let children { try settle(children) }
+    let brokerBefore = try children.map { (p) throws(BenchError) in try p.broker.stats() }
+    let pluginsBefore = try children.map { (p) throws(BenchError) in try p.pluginStats(pluginNames) }
+    watchdog.arm(seconds: 120 + UInt64(pages / 1_000))
     let usageBefore = ResourceUsage.current()
     let mallocBefore = malloc_counter_calls()
     start.pass()
@@ -91,8 +97,9 @@ final class RoundRunner {
     let wallNs = monotonicNanoseconds() - startTime
     let mallocAfter = malloc_counter_calls()
     let usageAfter = ResourceUsage.current()
-    let brokerAfter = try processes.map { (p) throws(BenchError) in try p.broker.stats() }
-    let pluginsAfter = mode.usesBroker ? try processes?.pluginStats(pluginNames) : nil
+    exit.pass()
+    let brokerAfter = try children.map { (p) throws(BenchError) in try p.broker.stats() }
+    let pluginsAfter = try children.map { (p) throws(BenchError) in try p.pluginStats(pluginNames) }
     for worker in workers { pthread_join(worker, nil) }
 
     // Verify every page while its handler still serves (a missing page would be faulted in, not hang).
@@ -127,7 +134,20 @@ final class RoundRunner {
     return RoundResult(
       mode: mode.name, round: round, pages: pages, faults: faults, wallNs: wallNs, latency: LatencySummary(&samples),
       benchUserNs: usageAfter.userNs - usageBefore.userNs, benchSystemNs: usageAfter.systemNs - usageBefore.systemNs, benchMallocCalls: mallocAfter - mallocBefore,
-      broker: mode.usesBroker ? broker : nil, plugins: plugins, wrongPages: wrong)
+      broker: broker, plugins: plugins, wrongPages: wrong)
+  }
+
+  /// Waits (up to 250 ms) until the broker's malloc count holds still for 5 ms:
+  /// the previous round's clients are closed asynchronously (unmap events,
+  /// socket close, Closed to the plugins), and that work belongs to no window.
+  private func settle(_ processes: BenchProcesses) throws(BenchError) {
+    var last = try processes.broker.stats().mallocCalls
+    for _ in 0..<50 {
+      usleep(5_000)
+      let now = try processes.broker.stats().mallocCalls
+      if now == last { return }
+      last = now
+    }
   }
 
   /// Checks every word of every page; prints the first few wrong pages.
