@@ -2,6 +2,7 @@ import BrokerProtocol
 import CUserfaultfd
 import Glibc
 import Logging
+import Synchronization
 import SystemPackage
 import Userfaultfd
 
@@ -21,32 +22,32 @@ public final class Broker: @unchecked Sendable {
   private let clientListener: PacketListener
   private let pluginListener: PacketListener
   private let wakeup: CInt
-  private var signals: CInt = -1
-  private var supervisor: PluginSupervisor?
+  @exclusivity(unchecked) private var signals: CInt = -1
+  @exclusivity(unchecked) private var supervisor: PluginSupervisor?
 
-  private var nextID: UInt64 = 1
-  private var clients: [UInt64: ClientSession] = [:]
-  private var plugins: [UInt64: PluginConnection] = [:]
-  private var routes: [String: PluginRoute] = [:]
-  private var inFlight: [UInt64: InFlight] = [:]
-  private var nextFaultID: UInt64 = 1
-  private var pendingStores: [UInt64: PendingStore] = [:]
+  @exclusivity(unchecked) private var nextID: UInt64 = 1
+  @exclusivity(unchecked) private var clients: [UInt64: ClientSession] = [:]
+  @exclusivity(unchecked) private var plugins: [UInt64: PluginConnection] = [:]
+  @exclusivity(unchecked) private var routes: [String: PluginRoute] = [:]
+  @exclusivity(unchecked) private var inFlight: [UInt64: InFlight] = [:]
+  @exclusivity(unchecked) private var nextFaultID: UInt64 = 1
+  @exclusivity(unchecked) private var pendingStores: [UInt64: PendingStore] = [:]
   /// A page of zeros, the source of write-protected zero fills.
   private let zeroPage = UnsafeMutableRawBufferPointer.allocate(byteCount: systemPageSize, alignment: systemPageSize)
   /// Where delegated file pages are read before they are copied in.
   private let localBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Broker.maxDelegatedPrefetch * systemPageSize, alignment: systemPageSize)
   static let maxDelegatedPrefetch = 32
-  private var dirtyPlugins: [PluginConnection] = []
-  private var stopping = false
-  private var nextSweep: UInt64 = 0
+  @exclusivity(unchecked) private var dirtyPlugins: [PluginConnection] = []
+  @exclusivity(unchecked) private var stopping = false
+  @exclusivity(unchecked) private var nextSweep: UInt64 = 0
   /// Held in reserve: when descriptors run out (EMFILE), it is closed to accept
   /// and refuse the waiting connection, so the listener does not spin.
-  private var spareDescriptor: CInt = -1
+  @exclusivity(unchecked) private var spareDescriptor: CInt = -1
 
   private let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
   private let decisions = DecisionBatchDecoder()
   private let arena = WireArena(capacity: 1 << 20)
-  private var receivedFDs: [CInt] = []
+  @exclusivity(unchecked) private var receivedFDs: [CInt] = []
 
   /// A fault handed to a plugin and not yet answered.
   private struct InFlight {
@@ -76,7 +77,10 @@ public final class Broker: @unchecked Sendable {
     /// Faults resolved by the broker itself from a delegated range.
     public var resolvedLocally = 0
   }
-  public private(set) var statistics = Statistics()
+  @exclusivity(unchecked) public private(set) var statistics = Statistics()
+  private let resolvedCounter = Atomic<UInt64>(0)
+  /// Faults resolved so far (by plugin decisions or locally); readable from any thread.
+  public var faultsResolved: UInt64 { resolvedCounter.load(ordering: .relaxed) }
 
   /// Binds both sockets. A socket (and the directory it creates for it) is
   /// private to the broker's uid (0600/0700) unless the config lets others in;
@@ -176,7 +180,7 @@ public final class Broker: @unchecked Sendable {
 
   private func nextTimeout() -> CInt {
     var due: UInt64 = monotonicNanoseconds() + 100_000_000  // housekeeping tick
-    for session in clients.values {
+    for session in clients.values where session.dispatcher?.parkedCount ?? 0 > 0 {
       if let deadline = session.dispatcher?.nextDeadline, deadline < due { due = deadline }
     }
     if let deadline = supervisor?.nextRestart, deadline < due { due = deadline }
@@ -187,7 +191,7 @@ public final class Broker: @unchecked Sendable {
   /// Redelivers parked faults that are due, expires registrations and hung plugins, restarts plugins.
   private func housekeeping() {
     let now = monotonicNanoseconds()
-    for session in clients.values { session.dispatcher?.redeliverDue(now: now) }
+    for session in clients.values where session.dispatcher?.parkedCount ?? 0 > 0 { session.dispatcher?.redeliverDue(now: now) }
     // The rest scans tables: at most every 20 ms, off the per-batch path.
     guard now >= nextSweep else { return }
     nextSweep = now + 20_000_000
@@ -559,8 +563,11 @@ public final class Broker: @unchecked Sendable {
     }
   }
 
+  /// Handles one packet of a plugin. One per wakeup: epoll is level-triggered,
+  /// so more wake us again, and a drain-until-EAGAIN would cost a failing
+  /// recvmsg per packet.
   private func readPlugin(_ plugin: PluginConnection) {
-    while !plugin.isClosed {
+    if !plugin.isClosed {
       receivedFDs.removeAll(keepingCapacity: true)
       let result: PacketSocket.ReceiveResult
       do {
@@ -831,6 +838,7 @@ public final class Broker: @unchecked Sendable {
       outcome = fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd, writeProtect: protect)
     }
     statistics.resolvedLocally += 1
+    resolvedCounter.add(1, ordering: .relaxed)
     return PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd)
   }
 
@@ -903,6 +911,7 @@ public final class Broker: @unchecked Sendable {
       outcome = fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd, writeProtect: protect)
     }
     statistics.decisionsApplied += 1
+    resolvedCounter.add(1, ordering: .relaxed)
     dispatcher.complete(page, PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd))
   }
 

@@ -1,10 +1,13 @@
 /// How the bytes of a plugin's answer are produced (the `--mode` of a plugin role).
 enum PluginKind: String, Sendable {
-  /// One page per fault: `.copy` with the page's pattern.
+  /// One page per fault: `.copy` with the page's pattern, the bytes inside the decision.
+  case bytes
+  /// One page per fault: `.copy`, the bytes in the shared-memory area (the SDK's default).
   case copy
   /// The aligned 64 KiB block around the fault (clamped to the region): `.copyRange`.
   case prefetch
-  // Mode 4 (shared-memory slot) adds its plugin kind here.
+  /// No faults at all: each region is delegated to the broker, backed by a memfd of the pattern.
+  case delegate
 }
 
 /// A plugin process the benchmark starts (once per run) and routes regions to.
@@ -57,7 +60,9 @@ struct ModeDefinition: Sendable {
 /// The mode table. Adding a mode is one entry here (plus a plugin kind if its
 /// plugin answers differently); the round runner is generic over `Workload`.
 enum Modes {
+  static let bytesPlugin = PluginInstance(name: "bench-bytes", kind: .bytes)
   static let copyPlugin = PluginInstance(name: "bench-copy", kind: .copy)
+  static let delegatePlugin = PluginInstance(name: "bench-delegate", kind: .delegate)
   static let prefetchPlugin = PluginInstance(name: "bench-prefetch", kind: .prefetch)
   static let pluginA = PluginInstance(name: "bench-a", kind: .copy)
   static let pluginB = PluginInstance(name: "bench-b", kind: .copy)
@@ -73,15 +78,15 @@ enum Modes {
     ModeDefinition(name: "inprocess", item: 2, summary: "UserfaultFDDispatcher thread in this process, UFFDIO_COPY of one page (baseline)",
                    workload: Workload(backend: .inProcess)),
     ModeDefinition(name: "brokered", item: 3, summary: "broker + plugin processes, one page per fault, bytes in the decision",
+                   workload: Workload(backend: .broker, plugins: [bytesPlugin])),
+    ModeDefinition(name: "shared", item: 4, summary: "as brokered, the page in the plugin's shared memory, the decision names its offset",
                    workload: Workload(backend: .broker, plugins: [copyPlugin])),
-    // Item 4, `shm-slot` (the plugin writes the page into a shared-memory slot and
-    // the decision names the slot): to be added by the lead, with its PluginKind.
     ModeDefinition(name: "prefetch-seq", item: 5, summary: "plugin answers the aligned 64 KiB block (.copyRange), sequential access",
                    workload: Workload(backend: .broker, plugins: [prefetchPlugin], pagesPerFault: 16)),
     ModeDefinition(name: "prefetch-random", item: 5, summary: "as prefetch-seq, pages touched in a fixed random permutation",
                    workload: Workload(backend: .broker, order: .random, plugins: [prefetchPlugin], pagesPerFault: 16)),
-    // Item 6, `broker-local` (the broker resolves from its own store without a
-    // plugin round trip): to be added by the lead.
+    ModeDefinition(name: "local", item: 6, summary: "broker-local fast path: the plugin delegated the region (a memfd of the pattern)",
+                   workload: Workload(backend: .broker, plugins: [delegatePlugin])),
     ModeDefinition(name: "threads2", item: 7, summary: "brokered, two faulting threads on the halves of one client's region",
                    workload: Workload(backend: .broker, threadsPerClient: 2, plugins: [copyPlugin])),
     ModeDefinition(name: "clients64", item: 7, summary: "64 BrokerClients (own uffd each) x 16 regions over 2 plugins, a thread per client",

@@ -1,5 +1,6 @@
 import BrokerCore
 import BrokerProtocol
+import CUserfaultfd
 import Glibc
 import Logging
 import PluginSDK
@@ -30,7 +31,7 @@ enum BrokerRole {
     let control = ControlResponder(fd: options.controlFD)
     // The listeners are bound in init: clients and plugins may connect from now on.
     control.sendReady()
-    control.start(faults: { 0 }, onClose: { broker.stop() })
+    control.start(faults: { broker.faultsResolved }, onClose: { broker.stop() })
     do {
       try broker.run(handleSignals: true)
     } catch {
@@ -49,7 +50,7 @@ enum PluginRole {
     let plugin = BenchPlugin(kind: options.kind, counters: counters)
     let runner: PluginRunner
     do {
-      runner = try PluginRunner(plugin: plugin, name: options.name, socketPath: options.pluginSocket)
+      runner = try PluginRunner(plugin: plugin, name: options.name, socketPath: options.pluginSocket, sharedMemory: options.kind != .bytes)
     } catch {
       Console.error("plugin role \(options.name): \(error)")
       return 1
@@ -83,10 +84,23 @@ final class BenchPlugin: PagePlugin {
     self.counters = counters
   }
 
+  /// `delegate`: hands the region to the broker, backed by a memfd holding its pattern.
+  func regionOpened(_ region: PluginRegion) throws {
+    guard kind == .delegate else { return }
+    let fd = cuffd_sealed_memfd("bench-delegate", UInt64(region.length))
+    guard fd >= 0, let pointer = mmap(nil, region.length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), pointer != MAP_FAILED else {
+      throw BrokerError(.pluginRefused, "cannot make the delegated memfd")
+    }
+    Pattern.fill(pointer, bytes: region.length, backingOffset: region.spec.backingOffset)
+    munmap(pointer, region.length)
+    region.delegate(file: fd, fileOffset: 0)
+    close(fd)
+  }
+
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
     counters.faults.add(1, ordering: .relaxed)
     switch kind {
-    case .copy:
+    case .copy, .bytes, .delegate:
       Pattern.fill(buffer.baseAddress!, bytes: region.pageSize, backingOffset: region.spec.backingOffset &+ fault.offset)
       return .copy
     case .prefetch:

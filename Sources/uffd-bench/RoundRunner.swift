@@ -129,7 +129,8 @@ final class RoundRunner {
     switch workload.backend {
     case .plain: faults = Int(usageAfter.minorFaults - usageBefore.minorFaults)
     case .inProcess: break
-    case .broker: faults = Int(plugins?.faults ?? 0)
+    // Delegated regions fault in the broker only.
+    case .broker: faults = Int(plugins?.faults ?? 0) > 0 ? Int(plugins?.faults ?? 0) : Int(broker?.faults ?? 0)
     }
     return RoundResult(
       mode: mode.name, round: round, pages: pages, faults: faults, wallNs: wallNs, latency: LatencySummary(&samples),

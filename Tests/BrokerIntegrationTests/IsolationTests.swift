@@ -132,8 +132,9 @@ extension BrokerIntegrationTests {
     @Test("A peer whose uid is not allowed (SO_PEERCRED) is refused on both sockets; the broker keeps serving",
           .enabled(if: getuid() == 0, "needs root to run a client as another uid"))
     func foreignUIDRefused() throws {
-      try Harness.run("foreign-uid") { h in
-        chmod(h.directory, 0o755)  // nobody may reach the sockets; the broker decides
+      // Another uid is allowed, so the sockets are open to all (0666) and SO_PEERCRED decides.
+      try Harness.run("foreign-uid", configFields: ["\"clientUIDs\": [0, 4242]", "\"pluginUIDs\": [0, 4242]"]) { h in
+        chmod(h.directory, 0o755)  // anybody may reach the sockets; the broker decides
         try h.startPlugin(name: "pattern", mode: "pattern")
         let baseline = h.brokerDescriptorCount()
         let outcome = try h.runClient("foreign-uid", mib: 0, threads: 0, plugin: "pattern")
@@ -144,6 +145,16 @@ extension BrokerIntegrationTests {
         #expect(h.waitForBrokerDescriptors(baseline), h.diagnostics("descriptors: \(h.brokerDescriptorCount()), before: \(baseline)"))
         let touch = try h.runClient("touch", mib: 1, threads: 1, plugin: "pattern")
         #expect(touch.status == .exited(0), h.diagnostics)
+      }
+    }
+
+    @Test("By default the sockets are private to the broker's uid (0600)")
+    func privateSocketsByDefault() throws {
+      try Harness.run("socket-modes") { h in
+        var info = stat()
+        for path in [h.clientSocket, h.pluginSocket] {
+          #expect(stat(path, &info) == 0 && info.st_mode & 0o777 == 0o600, h.diagnostics("\(path): \(String(info.st_mode & 0o777, radix: 8))"))
+        }
       }
     }
 

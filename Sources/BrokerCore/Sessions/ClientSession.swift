@@ -31,19 +31,19 @@ final class ClientSession: UserfaultFDHandler {
   let socket: PacketSocket
   let peer: PeerCredentials
   unowned let broker: Broker
-  var phase = Phase.awaitingHello
-  var pid: Int32 = 0
-  var uffd: UserfaultFD?
-  var dispatcher: EventDispatcher?
-  var regions = RegionTable()
-  var pidfd: CInt = -1
-  var pendingOpen: PendingOpen?
+  @exclusivity(unchecked) var phase = Phase.awaitingHello
+  @exclusivity(unchecked) var pid: Int32 = 0
+  @exclusivity(unchecked) var uffd: UserfaultFD?
+  @exclusivity(unchecked) var dispatcher: EventDispatcher?
+  @exclusivity(unchecked) var regions = RegionTable()
+  @exclusivity(unchecked) var pidfd: CInt = -1
+  @exclusivity(unchecked) var pendingOpen: PendingOpen?
   /// Address ranges being swapped out: writes to them are held, fills are write-protected.
-  var swapping: [Range<UInt>] = []
+  @exclusivity(unchecked) var swapping: [Range<UInt>] = []
   /// Pages whose write-protect faults are held until their swap-out ends.
-  var heldWrites: Set<UInt> = []
+  @exclusivity(unchecked) var heldWrites: Set<UInt> = []
   /// Ranges plugins handed to the broker to serve by itself.
-  var delegated = DelegatedRanges()
+  @exclusivity(unchecked) var delegated = DelegatedRanges()
 
   func isSwapping(_ address: UInt) -> Bool { swapping.contains { $0.contains(address) } }
 

@@ -30,19 +30,19 @@ final class PluginConnection {
   let socket: PacketSocket
   let peer: PeerCredentials
   /// Set once its Hello was accepted.
-  var route: PluginRoute?
+  @exclusivity(unchecked) var route: PluginRoute?
   let events = EventBatchEncoder()
   /// Packets the socket refused (EAGAIN), sent first on EPOLLOUT. Empty on the fast path.
-  var backlog: [[UInt8]] = []
-  var backlogBytes = 0
-  var inFlight = 0
-  var invalidDecisions = 0
+  @exclusivity(unchecked) var backlog: [[UInt8]] = []
+  @exclusivity(unchecked) var backlogBytes = 0
+  @exclusivity(unchecked) var inFlight = 0
+  @exclusivity(unchecked) var invalidDecisions = 0
   /// Packets of this plugin handled so far (told back to it: shared bytes may be reused).
-  var packetsApplied: UInt64 = 0
-  var sharedArea: SharedArea?
+  @exclusivity(unchecked) var packetsApplied: UInt64 = 0
+  @exclusivity(unchecked) var sharedArea: SharedArea?
   /// Queued for a flush at the end of this loop iteration.
-  var isDirty = false
-  var isClosed = false
+  @exclusivity(unchecked) var isDirty = false
+  @exclusivity(unchecked) var isClosed = false
 
   init(id: UInt64, socket: PacketSocket, peer: PeerCredentials) {
     self.id = id

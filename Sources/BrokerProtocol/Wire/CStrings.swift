@@ -61,8 +61,11 @@ extension RegionSpec {
 
 extension Hello {
   init(decoding message: UnsafePointer<Uffdbroker__Hello>) throws(BrokerError) {
-    guard let role = Role(rawValue: Int32(message.pointee.role.rawValue)) else {
-      throw BrokerError(.version, "unknown role \(message.pointee.role.rawValue) in Hello")
+    // protobuf-c stores any 32-bit value for an enum: a peer's -1 arrives as
+    // 0xFFFFFFFF, which `Int32(_:)` would trap on (found by fuzzing).
+    let raw = Int32(bitPattern: message.pointee.role.rawValue)
+    guard let role = Role(rawValue: raw) else {
+      throw BrokerError(.version, "unknown role \(raw) in Hello")
     }
     self.init(role: role, name: String(cString: message.pointee.name), version: message.pointee.version)
   }
@@ -77,7 +80,11 @@ extension Hello {
 
 extension BrokerError {
   init(decoding message: UnsafePointer<Uffdbroker__Error>) {
-    self.init(Code(rawValue: Int32(message.pointee.code.rawValue)) ?? .unspecified, String(cString: message.pointee.message))
+    // Any 32-bit value may arrive (see Hello); the transport-only codes (100
+    // and up) never go on the wire, so they read as unknown too, not as
+    // `.disconnected` & co. (both found by fuzzing).
+    let code = Code(rawValue: Int32(bitPattern: message.pointee.code.rawValue)).flatMap { $0.rawValue < 100 ? $0 : nil }
+    self.init(code ?? .unspecified, String(cString: message.pointee.message))
   }
 
   func encode(into message: inout Uffdbroker__Error, pool: CStringPool) {

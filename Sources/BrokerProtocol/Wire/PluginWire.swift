@@ -10,9 +10,9 @@ import Userfaultfd
 public final class EventBatchEncoder {
   /// Most events in one packet.
   public let capacity: Int
-  public private(set) var count = 0
-  private var estimatedSize = 0
-  private var message = Uffdbroker__BrokerToPlugin()
+  @exclusivity(unchecked) public private(set) var count = 0
+  @exclusivity(unchecked) private var estimatedSize = 0
+  @exclusivity(unchecked) private var message = Uffdbroker__BrokerToPlugin()
   private let events: UnsafeMutablePointer<Uffdbroker__Event>
   private let eventPointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Event>?>
   private let pagefaults: UnsafeMutablePointer<Uffdbroker__Pagefault>
@@ -23,7 +23,7 @@ public final class EventBatchEncoder {
   private let closed: UnsafeMutablePointer<Uffdbroker__Closed>
   private let stores: UnsafeMutablePointer<Uffdbroker__Store>
   /// Store payloads, alive until the batch is encoded.
-  private var storeData: [[UInt8]] = []
+  @exclusivity(unchecked) private var storeData: [[UInt8]] = []
   private let pool = CStringPool()
 
   public init(capacity: Int = 512) {
@@ -62,7 +62,7 @@ public final class EventBatchEncoder {
 
   public var isEmpty: Bool { count == 0 }
   /// Sent with every batch: how many of the plugin's packets the broker has applied.
-  public var packetsApplied: UInt64 = 0
+  @exclusivity(unchecked) public var packetsApplied: UInt64 = 0
   /// True when one more event might not fit the packet.
   public var isFull: Bool { count == capacity || estimatedSize > PacketSocket.maxPacketSize - 16 << 10 }
 
@@ -215,7 +215,7 @@ public final class EventBatchEncoder {
 /// decoded packet, valid until the next `decode`.
 public final class EventBatchDecoder {
   private let arena: WireArena
-  private var message: UnsafeMutablePointer<Uffdbroker__BrokerToPlugin>?
+  @exclusivity(unchecked) private var message: UnsafeMutablePointer<Uffdbroker__BrokerToPlugin>?
 
   public init(arena: WireArena = WireArena()) { self.arena = arena }
 
@@ -278,15 +278,15 @@ extension RangeEvent {
 /// Plugin side: collects decisions (and region replies) into one `PluginToBroker` packet.
 public final class DecisionBatchEncoder {
   public let capacity: Int
-  public private(set) var count = 0
-  private var payloadBytes = 0
-  private var message = Uffdbroker__PluginToBroker()
+  @exclusivity(unchecked) public private(set) var count = 0
+  @exclusivity(unchecked) private var payloadBytes = 0
+  @exclusivity(unchecked) private var message = Uffdbroker__PluginToBroker()
   private let decisions: UnsafeMutablePointer<Uffdbroker__Decision>
   private let decisionPointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Decision>?>
-  private var replies: [RegionReply] = []
-  private var storeReplies: [StoreReply] = []
-  private var delegations: [Delegation] = []
-  private var hello: Hello?
+  @exclusivity(unchecked) private var replies: [RegionReply] = []
+  @exclusivity(unchecked) private var storeReplies: [StoreReply] = []
+  @exclusivity(unchecked) private var delegations: [Delegation] = []
+  @exclusivity(unchecked) private var hello: Hello?
 
   public init(capacity: Int = 512) {
     self.capacity = capacity
@@ -308,7 +308,7 @@ public final class DecisionBatchEncoder {
   public var isEmpty: Bool { count == 0 && replies.isEmpty && storeReplies.isEmpty && delegations.isEmpty && hello == nil }
 
   /// Descriptors to attach to the packet `encode` makes (one per file delegation, in order).
-  public private(set) var descriptors: [CInt] = []
+  @exclusivity(unchecked) public private(set) var descriptors: [CInt] = []
 
   /// Whether a decision carrying `dataLength` bytes still fits this packet.
   public func canAppend(dataLength: Int) -> Bool {
@@ -463,7 +463,7 @@ public struct DecodedDecision {
 /// Broker side: decodes one `PluginToBroker` packet into its arena.
 public final class DecisionBatchDecoder {
   private let arena: WireArena
-  private var message: UnsafeMutablePointer<Uffdbroker__PluginToBroker>?
+  @exclusivity(unchecked) private var message: UnsafeMutablePointer<Uffdbroker__PluginToBroker>?
 
   public init(arena: WireArena = WireArena()) { self.arena = arena }
 

@@ -12,12 +12,12 @@ import Glibc
 public final class WireArena {
   private let base: UnsafeMutableRawPointer
   private let capacity: Int
-  private var used = 0
-  private var overflow: [UnsafeMutableRawPointer] = []
+  @exclusivity(unchecked) private var used = 0
+  @exclusivity(unchecked) private var overflow: [UnsafeMutableRawPointer] = []
   private static let overflowLimit = 64
   private static let overflowBlockLimit = 8 << 20
   /// The allocator to pass to `*__unpack`; valid while this arena lives.
-  public private(set) var allocator = ProtobufCAllocator()
+  @exclusivity(unchecked) public private(set) var allocator = ProtobufCAllocator()
 
   public init(capacity: Int = 4 << 20) {
     self.capacity = capacity

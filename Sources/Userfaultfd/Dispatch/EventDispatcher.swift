@@ -29,12 +29,12 @@ public final class EventDispatcher {
 
   /// Number of non-pagefault events read so far: a fault handed out at `sequence`
   /// is stale if an overlapping event was read after it.
-  public private(set) var sequence: UInt64 = 0
-  public private(set) var isClosed = false
+  @exclusivity(unchecked) public private(set) var sequence: UInt64 = 0
+  @exclusivity(unchecked) public private(set) var isClosed = false
   /// Counters, for tests and metrics.
-  public private(set) var faultsRead = 0
-  public private(set) var faultsMerged = 0
-  public private(set) var redeliveries = 0
+  @exclusivity(unchecked) public private(set) var faultsRead = 0
+  @exclusivity(unchecked) public private(set) var faultsMerged = 0
+  @exclusivity(unchecked) public private(set) var redeliveries = 0
 
   private struct Outstanding {
     var fault: Pagefault
@@ -45,15 +45,15 @@ public final class EventDispatcher {
   }
 
   private let readBuffer: UnsafeMutablePointer<cuffd_event>
-  private var newFaults: [Pagefault] = []
-  private var outstanding: [UInt: Outstanding] = [:]
-  private var parked: [UInt] = []
-  private var parkedSpare: [UInt] = []
+  @exclusivity(unchecked) private var newFaults: [Pagefault] = []
+  @exclusivity(unchecked) private var outstanding: [UInt: Outstanding] = [:]
+  @exclusivity(unchecked) private var parked: [UInt] = []
+  @exclusivity(unchecked) private var parkedSpare: [UInt] = []
   /// Remove/unmap/remap ranges read while faults were in flight, oldest first;
   /// bounded: a fault handed out before `invalidationFloor` is conservatively stale.
-  private var invalidations: [(sequence: UInt64, range: Range<UInt>)] = []
-  private var invalidationFloor: UInt64 = 0
-  private var inFlightCount = 0
+  @exclusivity(unchecked) private var invalidations: [(sequence: UInt64, range: Range<UInt>)] = []
+  @exclusivity(unchecked) private var invalidationFloor: UInt64 = 0
+  @exclusivity(unchecked) private var inFlightCount = 0
   private static let invalidationLimit = 4096
   private static let backoffBase: UInt64 = 1_000_000
   private static let backoffCap: UInt64 = 64_000_000
