@@ -8,6 +8,10 @@ enum PluginKind: String, Sendable {
   case prefetch
   /// No faults at all: each region is delegated to the broker, backed by a memfd of the pattern.
   case delegate
+  /// Zero-fill answering UFFDIO_ZEROPAGE even for a write fault (which then takes a copy-on-write fault).
+  case zeroPage = "zero-page"
+  /// Zero-fill answering a write fault with a copied page of zeros (the zero-fill plugin's choice).
+  case zeroCopy = "zero-copy"
 }
 
 /// A plugin process the benchmark starts (once per run) and routes regions to.
@@ -46,6 +50,8 @@ struct Workload: Sendable {
   /// Pages one fault fills (16 for a 64 KiB prefetch): only the first touch of
   /// each such aligned block of a region is a fault and is timed.
   var pagesPerFault = 1
+  /// Pages start as zeros (zero-fill plugins): only the touch's own store holds the pattern.
+  var zeroFilled = false
 }
 
 /// One benchmark mode: a name for `--modes`, the item number of issue 5, and its workload.
@@ -87,6 +93,10 @@ enum Modes {
                    workload: Workload(backend: .broker, order: .random, plugins: [prefetchPlugin], pagesPerFault: 16)),
     ModeDefinition(name: "local", item: 6, summary: "broker-local fast path: the plugin delegated the region (a memfd of the pattern)",
                    workload: Workload(backend: .broker, plugins: [delegatePlugin])),
+    ModeDefinition(name: "zero-page", item: 0, summary: "zero-fill, write faults answered with UFFDIO_ZEROPAGE (then a copy-on-write fault)",
+                   workload: Workload(backend: .broker, plugins: [PluginInstance(name: "bench-zero-page", kind: .zeroPage)], zeroFilled: true)),
+    ModeDefinition(name: "zero-copy", item: 0, summary: "zero-fill, write faults answered with a copied page of zeros",
+                   workload: Workload(backend: .broker, plugins: [PluginInstance(name: "bench-zero-copy", kind: .zeroCopy)], zeroFilled: true)),
     ModeDefinition(name: "threads2", item: 7, summary: "brokered, two faulting threads on the halves of one client's region",
                    workload: Workload(backend: .broker, threadsPerClient: 2, plugins: [copyPlugin])),
     ModeDefinition(name: "clients64", item: 7, summary: "64 BrokerClients (own uffd each) x 16 regions over 2 plugins, a thread per client",

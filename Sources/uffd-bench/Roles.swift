@@ -100,6 +100,12 @@ final class BenchPlugin: PagePlugin {
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
     counters.faults.add(1, ordering: .relaxed)
     switch kind {
+    case .zeroPage:
+      return .zero
+    case .zeroCopy:
+      guard fault.isWrite else { return .zero }
+      buffer.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: region.pageSize)
+      return .copy
     case .copy, .bytes, .delegate:
       Pattern.fill(buffer.baseAddress!, bytes: region.pageSize, backingOffset: region.spec.backingOffset &+ fault.offset)
       return .copy
