@@ -37,7 +37,7 @@ let package = Package(
     .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
     // Counts malloc calls (linked into the benchmark only) to prove the fault path allocates nothing.
     .target(name: "CMallocCounter"),
-    .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CUserfaultfd", "CMallocCounter", .product(name: "Logging", package: "swift-log")]),
+    .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "ChildProcess", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CUserfaultfd", "CMallocCounter", .product(name: "Logging", package: "swift-log")]),
     // Sample plugins.
     .executableTarget(name: "zero-fill-plugin", dependencies: ["PluginSDK"], path: "Examples/zero-fill-plugin"),
     .executableTarget(name: "snapshot-plugin", dependencies: ["PluginSDK", "BrokerProtocol"], path: "Examples/snapshot-plugin"),

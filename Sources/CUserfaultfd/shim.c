@@ -315,7 +315,7 @@ void cuffd_unblock_signals(void) {
   pthread_sigmask(SIG_SETMASK, &set, NULL);
 }
 
-pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], const char *stdout_path, const char *stderr_path) {
+pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], const cuffd_spawn_options *options) {
   posix_spawnattr_t attr;
   posix_spawn_file_actions_t actions;
   sigset_t none, defaults;
@@ -328,10 +328,19 @@ pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], cons
   posix_spawnattr_init(&attr);
   posix_spawnattr_setsigmask(&attr, &none);
   posix_spawnattr_setsigdefault(&attr, &defaults);
-  posix_spawnattr_setflags(&attr, POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
+  short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
+  if (options->new_process_group) {
+    flags |= POSIX_SPAWN_SETPGROUP;
+    posix_spawnattr_setpgroup(&attr, 0);
+  }
+  posix_spawnattr_setflags(&attr, flags);
   posix_spawn_file_actions_init(&actions);
-  if (stdout_path) posix_spawn_file_actions_addopen(&actions, 1, stdout_path, O_WRONLY | O_CREAT | O_APPEND, 0600);
-  if (stderr_path) posix_spawn_file_actions_addopen(&actions, 2, stderr_path, O_WRONLY | O_CREAT | O_APPEND, 0600);
+  int mode = O_WRONLY | O_CREAT | (options->truncate ? O_TRUNC : O_APPEND);
+  if (options->stdin_path) posix_spawn_file_actions_addopen(&actions, 0, options->stdin_path, O_RDONLY, 0);
+  if (options->stdout_path) posix_spawn_file_actions_addopen(&actions, 1, options->stdout_path, mode, 0644);
+  if (options->stderr_path) posix_spawn_file_actions_addopen(&actions, 2, options->stderr_path, mode, 0644);
+  /* dup2 onto 3 clears close-on-exec there: only the child keeps that descriptor. */
+  if (options->descriptor3 >= 0) posix_spawn_file_actions_adddup2(&actions, options->descriptor3, 3);
   int rc = posix_spawn(&pid, path, &actions, &attr, argv, envp);
   posix_spawn_file_actions_destroy(&actions);
   posix_spawnattr_destroy(&attr);

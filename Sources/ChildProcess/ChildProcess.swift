@@ -28,6 +28,27 @@ public final class ChildProcess {
     public var description: String { "cannot start \(executable): \(String(cString: strerror(errno)))" }
   }
 
+  /// Where the child's descriptors come from.
+  public struct Options: Sendable {
+    public var stdin: String?
+    public var stdout: String?
+    public var stderr: String?
+    /// Truncate the stdout/stderr files (default: append).
+    public var truncate = false
+    /// A descriptor of ours that becomes the child's fd 3 (a control socket, say).
+    public var descriptor3: CInt?
+    /// The child leads a process group of its own (kill(-pid) reaches its children too).
+    public var newProcessGroup = false
+    public init(stdin: String? = nil, stdout: String? = nil, stderr: String? = nil, truncate: Bool = false, descriptor3: CInt? = nil, newProcessGroup: Bool = false) {
+      self.stdin = stdin
+      self.stdout = stdout
+      self.stderr = stderr
+      self.truncate = truncate
+      self.descriptor3 = descriptor3
+      self.newProcessGroup = newProcessGroup
+    }
+  }
+
   public let pid: pid_t
   /// Readable once the child exits (poll it, or hand it to an epoll loop).
   public let pidfd: CInt
@@ -36,7 +57,13 @@ public final class ChildProcess {
 
   /// Starts `executable` with `arguments`, this process's environment plus
   /// `environment`, and stdout/stderr appended to files if given.
-  public init(_ executable: String, _ arguments: [String] = [], environment: [String: String] = [:], stdout: String? = nil, stderr: String? = nil) throws(SpawnError) {
+  public convenience init(_ executable: String, _ arguments: [String] = [], environment: [String: String] = [:], stdout: String? = nil, stderr: String? = nil) throws(SpawnError) {
+    try self.init(executable, arguments, environment: environment, options: Options(stdout: stdout, stderr: stderr))
+  }
+
+  /// Starts `executable` with `arguments` (argv[0] is the executable), this
+  /// process's environment plus `environment`, descriptors as `options` say.
+  public init(_ executable: String, _ arguments: [String] = [], environment: [String: String] = [:], options: Options) throws(SpawnError) {
     var variables: [String] = []
     var cursor = environ
     while let entry = cursor.pointee {
@@ -51,7 +78,16 @@ public final class ChildProcess {
       argv.forEach { free($0) }
       envp.forEach { free($0) }
     }
-    let pid = cuffd_spawn(executable, argv, envp, stdout, stderr)
+    let pid = options.stdin.withOptionalCString { stdin in
+      options.stdout.withOptionalCString { stdout in
+        options.stderr.withOptionalCString { stderr in
+          var spawn = cuffd_spawn_options(
+            stdin_path: stdin, stdout_path: stdout, stderr_path: stderr, truncate: options.truncate ? 1 : 0,
+            descriptor3: options.descriptor3 ?? -1, new_process_group: options.newProcessGroup ? 1 : 0)
+          return cuffd_spawn(executable, argv, envp, &spawn)
+        }
+      }
+    }
     guard pid > 0 else { throw SpawnError(executable: executable, errno: -pid) }
     self.pid = pid
     self.pidfd = cuffd_pidfd_open(pid)
@@ -98,11 +134,26 @@ public final class ChildProcess {
     return wait()!
   }
 
-  /// The directory of this executable: where SwiftPM put its sibling products.
-  public static var productsDirectory: String {
+  /// The path of this executable.
+  public static var currentExecutable: String {
     var buffer = [CChar](repeating: 0, count: 4096)
     let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-    let path = count > 0 ? String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "."
+    return count > 0 ? String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "/proc/self/exe"
+  }
+
+  /// The directory of this executable: where SwiftPM put its sibling products.
+  public static var productsDirectory: String {
+    let path = currentExecutable
     return String(path[..<(path.lastIndex(of: "/") ?? path.endIndex)])
+  }
+}
+
+extension Optional<String> {
+  /// Calls `body` with a C string, or with nil.
+  func withOptionalCString<Result>(_ body: (UnsafePointer<CChar>?) -> Result) -> Result {
+    switch self {
+    case .some(let text): return text.withCString { body($0) }
+    case .none: return body(nil)
+    }
   }
 }

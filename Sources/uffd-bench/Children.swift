@@ -1,3 +1,4 @@
+import ChildProcess
 import CUserfaultfd
 import Glibc
 import Synchronization
@@ -8,91 +9,44 @@ struct BenchError: Error, CustomStringConvertible {
   init(_ description: String) { self.description = description }
 }
 
-/// A child role of this executable (the file /proc/self/exe points to),
-/// spawned with posix_spawn, its control socket on fd 3.
-final class ChildProcess {
+/// A child role of this executable, its control socket on fd 3.
+final class RoleProcess {
   let label: String
-  let pid: pid_t
+  private let process: ChildProcess
   /// The bench's end of the control socket (-1 once closed).
   private(set) var control: CInt
-  private var reaped = false
 
-  private init(label: String, pid: pid_t, control: CInt) {
+  var pid: pid_t { process.pid }
+
+  private init(label: String, process: ChildProcess, control: CInt) {
     self.label = label
-    self.pid = pid
+    self.process = process
     self.control = control
   }
 
   /// Starts `uffd-bench <arguments>` and waits for its ready byte.
-  static func spawn(label: String, arguments: [String], readyTimeoutMilliseconds: Int32 = 15_000) throws(BenchError) -> ChildProcess {
+  static func spawn(label: String, arguments: [String], readyTimeoutMilliseconds: Int32 = 15_000) throws(BenchError) -> RoleProcess {
     var pair: [CInt] = [-1, -1]
     guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &pair) == 0 else {
       throw BenchError("socketpair failed: errno \(errno)")
     }
-    var actions = posix_spawn_file_actions_t()
-    posix_spawn_file_actions_init(&actions)
-    defer { posix_spawn_file_actions_destroy(&actions) }
-    // dup2 onto 3 clears close-on-exec there; the bench's end stays close-on-exec,
-    // so only this child holds the other end and sees end-of-stream when the bench goes.
-    posix_spawn_file_actions_adddup2(&actions, pair[1], 3)
-    var attributes = posix_spawnattr_t()
-    posix_spawnattr_init(&attributes)
-    defer { posix_spawnattr_destroy(&attributes) }
-    var none = sigset_t()
-    sigemptyset(&none)
-    var defaults = sigset_t()
-    sigemptyset(&defaults)
-    for signal in [SIGINT, SIGTERM, SIGPIPE] { sigaddset(&defaults, signal) }
-    posix_spawnattr_setsigmask(&attributes, &none)
-    posix_spawnattr_setsigdefault(&attributes, &defaults)
-    posix_spawnattr_setflags(&attributes, Int16(POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-
-    let argv = (["uffd-bench"] + arguments).map { strdup($0) } + [nil]
-    let environment = Self.environment().map { strdup($0) } + [nil]
-    defer {
-      argv.forEach { free($0) }
-      environment.forEach { free($0) }
-    }
-    var pid: pid_t = 0
-    let rc = posix_spawn(&pid, executablePath, &actions, &attributes, argv, environment)
-    close(pair[1])
-    guard rc == 0 else {
+    // Our end stays close-on-exec: only the child holds the other, and sees
+    // end-of-stream when the bench goes away.
+    defer { close(pair[1]) }
+    let process: ChildProcess
+    do {
+      process = try ChildProcess(ChildProcess.currentExecutable, arguments, options: .init(descriptor3: pair[1]))
+    } catch {
       close(pair[0])
-      throw BenchError("cannot spawn the \(label) role: posix_spawn errno \(rc)")
+      throw BenchError("cannot spawn the \(label) role: \(error)")
     }
-    let child = ChildProcess(label: label, pid: pid, control: pair[0])
+    let child = RoleProcess(label: label, process: process, control: pair[0])
     var byte: UInt8 = 0
     guard child.receive(&byte, count: 1, timeoutMilliseconds: readyTimeoutMilliseconds) == 1, byte == UInt8(ascii: "R") else {
       child.terminate()
       throw BenchError("the \(label) role did not become ready (see its messages above)")
     }
     return child
-  }
-
-  /// This executable, resolved (spawning "/proc/self/exe" itself would name every child "exe" in ps and perf).
-  private static let executablePath: String = {
-    var buffer = [CChar](repeating: 0, count: Int(PATH_MAX) + 1)
-    let count = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-    return count > 0 ? String(decoding: buffer[..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "/proc/self/exe"
-  }()
-
-  /// This process's environment, for the child (reading `environ` is not concurrency-safe in Swift 6).
-  private static func environment() -> [String] {
-    guard let file = fopen("/proc/self/environ", "r") else { return [] }
-    defer { fclose(file) }
-    var entries: [String] = []
-    var current: [UInt8] = []
-    while true {
-      let c = getc(file)
-      if c == EOF { break }
-      if c == 0 {
-        entries.append(String(decoding: current, as: UTF8.self))
-        current.removeAll(keepingCapacity: true)
-      } else {
-        current.append(UInt8(c))
-      }
-    }
-    return entries
   }
 
   /// Asks the child for its counters.
@@ -130,19 +84,7 @@ final class ChildProcess {
       close(control)
       control = -1
     }
-    guard !reaped else { return }
-    var status: CInt = 0
-    kill(pid, SIGTERM)
-    for _ in 0..<max(graceMilliseconds / 5, 1) {
-      if waitpid(pid, &status, WNOHANG) != 0 {
-        reaped = true
-        return
-      }
-      usleep(5_000)
-    }
-    kill(pid, SIGKILL)
-    waitpid(pid, &status, 0)
-    reaped = true
+    process.terminate(graceMilliseconds: graceMilliseconds)
   }
 }
 
@@ -152,10 +94,10 @@ final class BenchProcesses {
   let directory: String
   let clientSocket: String
   let pluginSocket: String
-  let broker: ChildProcess
-  private(set) var plugins: [String: ChildProcess] = [:]
+  let broker: RoleProcess
+  private(set) var plugins: [String: RoleProcess] = [:]
 
-  var all: [ChildProcess] { [broker] + plugins.keys.sorted().compactMap { plugins[$0] } }
+  var all: [RoleProcess] { [broker] + plugins.keys.sorted().compactMap { plugins[$0] } }
 
   /// Starts the broker, then each plugin (they connect to it and say Hello before reporting ready).
   init(plugins instances: [PluginInstance]) throws(BenchError) {
@@ -165,14 +107,14 @@ final class BenchProcesses {
     clientSocket = directory + "/client.sock"
     pluginSocket = directory + "/plugin.sock"
     do {
-      broker = try ChildProcess.spawn(label: "broker", arguments: ["--role", "broker", "--client-socket", clientSocket, "--plugin-socket", pluginSocket])
+      broker = try RoleProcess.spawn(label: "broker", arguments: ["--role", "broker", "--client-socket", clientSocket, "--plugin-socket", pluginSocket])
     } catch {
       rmdir(directory)
       throw error
     }
     do {
       for instance in instances {
-        plugins[instance.name] = try ChildProcess.spawn(
+        plugins[instance.name] = try RoleProcess.spawn(
           label: "plugin \(instance.name)",
           arguments: ["--role", "plugin", "--name", instance.name, "--mode", instance.kind.rawValue, "--plugin-socket", pluginSocket])
       }

@@ -197,10 +197,19 @@ int cuffd_read_signal(int fd);
 /* Unblocks every signal in the calling thread (for a child before exec). */
 void cuffd_unblock_signals(void);
 
-/* posix_spawn with signals unblocked and SIGINT/SIGTERM/SIGPIPE default in the child;
- * stdout/stderr go to the given files (appended, created 0600) when not NULL.
- * Returns the pid or -errno. */
-pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], const char *stdout_path, const char *stderr_path);
+/* Where a spawned child's standard descriptors come from (NULL: inherited). */
+typedef struct {
+  const char *stdin_path;
+  const char *stdout_path;   /* created 0644 */
+  const char *stderr_path;
+  int truncate;              /* truncate stdout/stderr files instead of appending */
+  int descriptor3;           /* if >= 0: becomes the child's fd 3 */
+  int new_process_group;     /* the child leads a process group of its own */
+} cuffd_spawn_options;
+
+/* posix_spawn with signals unblocked and SIGINT/SIGTERM/SIGPIPE default in the
+ * child, descriptors as `options` say. Returns the pid or -errno. */
+pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], const cuffd_spawn_options *options);
 
 /* A memfd of `size` bytes that can never shrink or grow (sealed): safe for
  * another process to map and copy from. Returns the fd or -errno. */
