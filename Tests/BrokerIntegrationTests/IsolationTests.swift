@@ -148,6 +148,47 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("A Hello of another version or role, and a truncated Register, are refused with a clear Error and the connection closed")
+    func wrongVersionAndTruncated() throws {
+      try Harness.run("versions") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        // A client saying version 2.
+        let client = try ManualClient(socketPath: h.clientSocket)
+        try client.send(ClientRequest(requestID: 7, .hello(Hello(role: .client, name: "future", version: 2))))
+        let clientDropped = try Self.dropped(client)
+        #expect(clientDropped.closed, h.diagnostics)
+        if case .error(let error)? = clientDropped.reply?.body { #expect(error.code == .version && error.message.contains("version 2")) } else { Issue.record("no Error for version 2") }
+        #expect(clientDropped.reply?.requestID == 7, h.diagnostics)
+        // A client claiming to be a plugin.
+        let impostor = try ManualClient(socketPath: h.clientSocket)
+        try impostor.send(ClientRequest(requestID: 1, .hello(Hello(role: .plugin, name: "impostor"))))
+        if case .error(let error)? = try Self.dropped(impostor).reply?.body { #expect(error.code == .version) } else { Issue.record("no Error for a wrong role") }
+        // A plugin saying version 9.
+        let plugin = try PacketSocket.connect(path: h.pluginSocket)
+        let encoder = DecisionBatchEncoder()
+        encoder.setHello(Hello(role: .plugin, name: "future-plugin", version: 9))
+        let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 16)
+        defer { packet.deallocate() }
+        let count = encoder.encode(into: packet)
+        _ = try plugin.send(UnsafeRawBufferPointer(rebasing: packet[..<count]))
+        let pluginDropped = try Self.dropped(plugin)
+        #expect(pluginDropped.closed && pluginDropped.error?.code == .version, h.diagnostics("\(String(describing: pluginDropped.error))"))
+        // A Register cut short in the middle of its regions.
+        let truncated = try ManualClient(socketPath: h.clientSocket)
+        try truncated.hello()
+        let register = ClientWire.encode(ClientRequest(requestID: 2, .register(RegisterRequest(
+          pid: getpid(), features: [], ioctls: [], regions: [RegionSpec(id: 1, base: 0x7000_0000_0000, length: 1 << 20, plugin: "pattern", argument: "some argument")]))))
+        try truncated.sendRaw(Array(register.prefix(register.count - 9)))
+        let truncatedDropped = try Self.dropped(truncated)
+        if case .error(let error)? = truncatedDropped.reply?.body { #expect(error.code == .malformed) } else { Issue.record("no Error for a truncated Register") }
+        #expect(truncatedDropped.closed, h.diagnostics)
+        #expect(h.brokerLogLines(containing: "refused a client request").count >= 3, h.diagnostics)
+        // Everyone else is still served.
+        let outcome = try h.runClient("touch", mib: 2, threads: 2, plugin: "pattern")
+        #expect(outcome.status == .exited(0) && outcome.summary == "verified 512 pages, 0 wrong", h.diagnostics)
+      }
+    }
+
     @Test("By default the sockets are private to the broker's uid (0600)")
     func privateSocketsByDefault() throws {
       try Harness.run("socket-modes") { h in
