@@ -48,7 +48,7 @@ let package = Package(
     .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd"], path: "Examples/lazy-fill"),
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
     // Real broker, plugin and client processes against real userfaultfds.
-    .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ClientSDK", "Userfaultfd", "CUserfaultfd", "broker-fixture", "uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"]),
+    .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ChildProcess", "ClientSDK", "Userfaultfd", "CUserfaultfd", "broker-fixture", "uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"]),
     // libFuzzer target over the protocol decoders (built by scripts/fuzz.sh with -sanitize=fuzzer).
     .executableTarget(name: "uffd-fuzz", dependencies: ["BrokerProtocol"], path: "Tests/Fuzz/uffd-fuzz", swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
     // The plugin and client processes of the integration tests.
