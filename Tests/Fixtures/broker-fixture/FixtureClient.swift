@@ -31,6 +31,7 @@ struct FixtureClient {
       case "swap-corrupt": return try swapCorrupt()
       case "guarded": return try guarded()
       case "foreign-uid": return foreignUID()
+      case "soak": return try soak()
       default:
         print("unknown scenario \(scenario)")
         return 2

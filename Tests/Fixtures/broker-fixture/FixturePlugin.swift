@@ -17,7 +17,7 @@ final class FixturePlugin: PagePlugin {
   let mode: String
   let eventLog: UnsafeMutablePointer<FILE>?
   var retried = Set<UInt64>()
-  var removed: [ObjectIdentifier: [Range<UInt64>]] = [:]
+  var removed: [ObjectIdentifier: RemovedOffsets] = [:]
   var faults = 0
   let exitAfter: Int?
 
@@ -40,7 +40,7 @@ final class FixturePlugin: PagePlugin {
 
   func removed(_ offsets: Range<UInt64>, in region: PluginRegion) {
     log("removed \(region.clientID) \(offsets.lowerBound) \(offsets.upperBound)")
-    removed[ObjectIdentifier(region), default: []].append(offsets)
+    removed[ObjectIdentifier(region), default: RemovedOffsets()].insert(offsets, pageSize: region.pageSize)
   }
 
   func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion) { log("unmapped \(region.clientID) \(offsets.lowerBound) \(offsets.upperBound)") }
@@ -52,7 +52,7 @@ final class FixturePlugin: PagePlugin {
     faults += 1
     if let exitAfter, faults > exitAfter { exit(3) }
     // Pages dropped with MADV_DONTNEED read as zeros from then on.
-    if let ranges = removed[ObjectIdentifier(region)], ranges.contains(where: { $0.contains(fault.offset) }) { return .zero }
+    if removed[ObjectIdentifier(region)]?.contains(fault.offset, pageSize: region.pageSize) == true { return .zero }
     let firstTime = retried.insert(fault.offset).inserted
     let decision = decide(fault, in: region, buffer: buffer, firstTime: firstTime)
     if logsDecisions {
