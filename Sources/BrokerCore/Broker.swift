@@ -874,10 +874,12 @@ public final class Broker: @unchecked Sendable {
     let start = decision.length == 0 ? page : decision.address
     let length = decision.length == 0 ? pageSize : decision.length
     let mask = UInt(pageSize - 1)
-    guard start & mask == 0, UInt(length) & mask == 0, start >= piece.live.lowerBound,
-          length <= piece.live.upperBound - start, page >= start, page - start < UInt(length)
+    // In region offsets (stable across munmap and mremap), the range must lie inside the region as registered.
+    let startOffset = Int(bitPattern: UInt(truncatingIfNeeded: piece.offset) &+ (start &- piece.live.lowerBound))
+    guard start & mask == 0, UInt(length) & mask == 0, page >= start, page - start < UInt(length),
+          startOffset >= 0, length <= piece.spec.length - startOffset
     else {
-      refuse(decision, from: plugin, "range 0x\(String(start, radix: 16)) + \(length) is misaligned, outside the live region 0x\(String(piece.live.lowerBound, radix: 16))..<0x\(String(piece.live.upperBound, radix: 16)), or misses the faulting page")
+      refuse(decision, from: plugin, "range 0x\(String(start, radix: 16)) + \(length) is misaligned, outside region \(piece.spec.id), or misses the faulting page")
       dispatcher.complete(page, .notNow)
       return
     }
@@ -894,7 +896,10 @@ public final class Broker: @unchecked Sendable {
       dispatcher.complete(page, .notNow)
       return
     }
-    let range = start..<start + UInt(length)
+    // A prefetch may reach parts of the region that were unmapped or moved
+    // away since: fill only what is live here, around the faulting page.
+    let range = (start..<start + UInt(length)).clamped(to: piece.live)
+    if kind == .copy { data = UnsafeRawBufferPointer(rebasing: data[Int(range.lowerBound - start)..<Int(range.upperBound - start)]) }
     if dispatcher.isStale(range, since: entry.sequence) {
       // A remove/unmap/remap of this range was read after the fault was sent:
       // the plugin decided on old state. It has seen the event by now; ask again.
@@ -905,9 +910,10 @@ public final class Broker: @unchecked Sendable {
     // While a swap-out runs, every fill in its range is write-protected, so no write escapes it.
     let protect = session.isSwapping(page)
     var outcome = fill(kind, range: range, data: data, uffd: uffd, writeProtect: protect)
-    if length > pageSize && !outcome.isResolved {
+    if range.count > pageSize && !outcome.isResolved {
       // A prefetch stopped at a page that exists already: fill the faulting page alone.
-      let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: data[Int(page - start)..<Int(page - start) + pageSize]) : data
+      let at = Int(page - range.lowerBound)
+      let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: data[at..<at + pageSize]) : data
       outcome = fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd, writeProtect: protect)
     }
     statistics.decisionsApplied += 1

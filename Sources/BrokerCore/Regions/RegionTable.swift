@@ -102,41 +102,50 @@ public struct RegionTable {
 
   /// The piece serving `address` (binary search: the fault path).
   public func piece(containing address: UInt) -> Piece? {
+    let index = firstIndex(endingAfter: address)
+    return index < pieces.count && pieces[index].live.contains(address) ? pieces[index] : nil
+  }
+
+  /// The index of the first piece whose end is after `address` (binary search).
+  private func firstIndex(endingAfter address: UInt) -> Int {
     var low = 0
     var high = pieces.count
     while low < high {
       let middle = (low + high) / 2
       if pieces[middle].live.upperBound <= address { low = middle + 1 } else { high = middle }
     }
-    return low < pieces.count && pieces[low].live.contains(address) ? pieces[low] : nil
+    return low
+  }
+
+  /// The indices of the pieces that `range` overlaps.
+  private func indices(overlapping range: Range<UInt>) -> Range<Int> {
+    let first = firstIndex(endingAfter: range.lowerBound)
+    var end = first
+    while end < pieces.count && pieces[end].live.lowerBound < range.upperBound { end += 1 }
+    return first..<end
   }
 
   /// The parts of pieces that `range` covers, each with its region offset.
   public func overlapping(_ range: Range<UInt>) -> [(piece: Piece, range: Range<UInt>)] {
-    pieces.compactMap { piece in
-      piece.live.overlaps(range) ? (piece, piece.live.clamped(to: range)) : nil
-    }
+    indices(overlapping: range).map { (pieces[$0], pieces[$0].live.clamped(to: range)) }
   }
 
   /// Cuts `range` out of the table (munmap); returns what was cut.
   @discardableResult
   public mutating func cut(_ range: Range<UInt>) -> [(piece: Piece, range: Range<UInt>)] {
-    let cut = overlapping(range)
-    guard !cut.isEmpty else { return [] }
-    var result: [Piece] = []
-    for piece in pieces {
-      guard piece.live.overlaps(range) else {
-        result.append(piece)
-        continue
-      }
-      if piece.live.lowerBound < range.lowerBound {
-        result.append(Piece(spec: piece.spec, live: piece.live.lowerBound..<range.lowerBound, offset: piece.offset, route: piece.route))
-      }
-      if range.upperBound < piece.live.upperBound {
-        result.append(Piece(spec: piece.spec, live: range.upperBound..<piece.live.upperBound, offset: piece.offset(of: range.upperBound), route: piece.route))
-      }
+    let hit = indices(overlapping: range)
+    guard !hit.isEmpty else { return [] }
+    let cut = hit.map { (pieces[$0], pieces[$0].live.clamped(to: range)) }
+    var kept: [Piece] = []
+    let first = pieces[hit.lowerBound]
+    let last = pieces[hit.upperBound - 1]
+    if first.live.lowerBound < range.lowerBound {
+      kept.append(Piece(spec: first.spec, live: first.live.lowerBound..<range.lowerBound, offset: first.offset, route: first.route))
     }
-    pieces = result
+    if range.upperBound < last.live.upperBound {
+      kept.append(Piece(spec: last.spec, live: range.upperBound..<last.live.upperBound, offset: last.offset(of: range.upperBound), route: last.route))
+    }
+    pieces.replaceSubrange(hit, with: kept)
     return cut
   }
 
@@ -144,14 +153,34 @@ public struct RegionTable {
   /// whatever was live at the destination is replaced. Returns the moved parts (at their new place).
   @discardableResult
   public mutating func move(from: UInt, to: UInt, length: Int) -> [Piece] {
-    let source = from..<from + UInt(length)
-    let moved = cut(source).map { part in
+    let moved = cut(from..<from + UInt(length)).map { part in
       Piece(spec: part.piece.spec, live: part.range.lowerBound - from + to..<part.range.upperBound - from + to,
             offset: part.piece.offset(of: part.range.lowerBound), route: part.piece.route)
     }
     cut(to..<to + UInt(length))
-    pieces.append(contentsOf: moved)
-    pieces.sort { $0.live.lowerBound < $1.live.lowerBound }
+    for piece in moved { insert(piece) }
     return moved
+  }
+
+  /// Inserts a piece at its place, merged with neighbours that continue it
+  /// (same region, contiguous addresses and offsets): mremap swaps back and
+  /// forth would otherwise fragment the table for good.
+  private mutating func insert(_ piece: Piece) {
+    var index = firstIndex(endingAfter: piece.live.lowerBound)
+    pieces.insert(piece, at: index)
+    if index > 0 && Self.continues(pieces[index - 1], with: pieces[index]) {
+      pieces[index - 1].live = pieces[index - 1].live.lowerBound..<pieces[index].live.upperBound
+      pieces.remove(at: index)
+      index -= 1
+    }
+    if index + 1 < pieces.count && Self.continues(pieces[index], with: pieces[index + 1]) {
+      pieces[index].live = pieces[index].live.lowerBound..<pieces[index + 1].live.upperBound
+      pieces.remove(at: index + 1)
+    }
+  }
+
+  private static func continues(_ a: Piece, with b: Piece) -> Bool {
+    a.spec.id == b.spec.id && a.route === b.route && a.live.upperBound == b.live.lowerBound
+      && a.offset + UInt64(a.live.count) == b.offset
   }
 }

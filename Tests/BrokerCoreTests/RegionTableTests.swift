@@ -1,0 +1,81 @@
+import BrokerProtocol
+import Testing
+@testable import BrokerCore
+
+/// The region table's bookkeeping, in isolation (the integration tests cover it against the kernel).
+@Suite("Region table")
+struct RegionTableTests {
+  let page = UInt(4096)
+  let route = PluginRoute(name: "p")
+
+  func table(_ specs: [RegionSpec]) -> RegionTable {
+    var table = RegionTable()
+    for spec in specs { table.add(spec, route: route) }
+    return table
+  }
+
+  func spec(_ id: UInt64, at base: UInt, pages: Int) -> RegionSpec {
+    RegionSpec(id: id, base: base, length: pages * 4096, pageSize: 4096, plugin: "p")
+  }
+
+  @Test("lookup finds the piece and the offset of an address")
+  func lookup() {
+    let t = table([spec(1, at: 0x10_0000, pages: 4), spec(2, at: 0x20_0000, pages: 2)])
+    #expect(t.piece(containing: 0x10_0000 + 3 * page)?.spec.id == 1)
+    #expect(t.piece(containing: 0x10_0000 + 3 * page)?.offset(of: 0x10_0000 + 3 * page) == UInt64(3 * page))
+    #expect(t.piece(containing: 0x10_0000 + 4 * page) == nil)
+    #expect(t.piece(containing: 0x20_0000 + page)?.spec.id == 2)
+    #expect(t.piece(containing: 0x0F_F000) == nil)
+  }
+
+  @Test("munmap of the middle leaves two pieces that keep their offsets")
+  func cutMiddle() {
+    var t = table([spec(1, at: 0x10_0000, pages: 8)])
+    let cut = t.cut(0x10_0000 + 2 * page..<0x10_0000 + 5 * page)
+    #expect(cut.count == 1 && cut[0].range.count == Int(3 * page))
+    #expect(t.pieces.count == 2)
+    #expect(t.piece(containing: 0x10_0000 + 3 * page) == nil)
+    #expect(t.piece(containing: 0x10_0000 + 6 * page)?.offset(of: 0x10_0000 + 6 * page) == UInt64(6 * page))
+  }
+
+  @Test("mremap moves pieces with their offsets; swapping back merges them again")
+  func moveAndMerge() {
+    var t = table([spec(1, at: 0x10_0000, pages: 8)])
+    let a = 0x10_0000 + 2 * page, b = 0x10_0000 + 6 * page, scratch = UInt(0x50_0000)
+    // Swap two 2-page ranges through a scratch address, twice: back where they started.
+    for _ in 0..<2 {
+      t.move(from: a, to: scratch, length: Int(2 * page))
+      t.move(from: b, to: a, length: Int(2 * page))
+      t.move(from: scratch, to: b, length: Int(2 * page))
+    }
+    #expect(t.pieces.count == 1, "pieces: \(t.pieces.map(\.live))")
+    #expect(t.piece(containing: b)?.offset(of: b) == UInt64(6 * page))
+    // One swap: offsets follow the pages.
+    t.move(from: a, to: scratch, length: Int(2 * page))
+    t.move(from: b, to: a, length: Int(2 * page))
+    t.move(from: scratch, to: b, length: Int(2 * page))
+    #expect(t.piece(containing: a)?.offset(of: a) == UInt64(6 * page))
+    #expect(t.piece(containing: b)?.offset(of: b) == UInt64(2 * page))
+    #expect(t.piece(containing: scratch) == nil)
+  }
+
+  @Test("validation refuses misaligned, empty, overlapping and duplicate regions")
+  func validation() {
+    let t = table([spec(1, at: 0x10_0000, pages: 4)])
+    #expect(throws: BrokerError.self) { try t.validate([spec(2, at: 0x10_0000 + 2 * page, pages: 4)], pageSize: 4096) }
+    #expect(throws: BrokerError.self) { try t.validate([spec(1, at: 0x40_0000, pages: 1)], pageSize: 4096) }
+    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0010, length: 4096, pageSize: 4096, plugin: "p")], pageSize: 4096) }
+    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 0, pageSize: 4096, plugin: "p")], pageSize: 4096) }
+    #expect(throws: Never.self) { try t.validate([spec(3, at: 0x40_0000, pages: 2)], pageSize: 4096) }
+  }
+
+  @Test("delegated ranges: a remove cuts them, the tail keeps its file offset")
+  func delegations() {
+    var ranges = DelegatedRanges()
+    ranges.add(.init(regionID: 1, offsets: 0..<UInt64(8 * page), source: .file(.init(fd: -1), offset: 0x1000), prefetchPages: 1))
+    ranges.cut(regionID: 1, UInt64(2 * page)..<UInt64(4 * page))
+    #expect(ranges.range(regionID: 1, offset: UInt64(3 * page)) == nil)
+    #expect(ranges.range(regionID: 1, offset: UInt64(5 * page))?.fileOffset(of: UInt64(5 * page)) == 0x1000 + UInt64(5 * page))
+    #expect(ranges.range(regionID: 1, offset: UInt64(page))?.fileOffset(of: UInt64(page)) == 0x1000 + UInt64(page))
+  }
+}
