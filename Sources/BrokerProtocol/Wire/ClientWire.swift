@@ -95,13 +95,8 @@ public enum ClientWire {
 
   /// Decodes one packet from a client. Malformed input throws `.malformed`.
   public static func decodeRequest(_ bytes: UnsafeRawBufferPointer, arena: WireArena) throws(BrokerError) -> ClientRequest {
-    arena.reset()
     defer { arena.reset() }
-    guard let message = withUnsafePointer(to: arena.allocator, { allocator in
-      uffdbroker__client_to_broker__unpack(UnsafeMutablePointer(mutating: allocator), bytes.count, bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
-    }) else {
-      throw BrokerError(.malformed, "a client message could not be decoded")
-    }
+    let message = try arena.unpack(bytes, what: "a client message", with: uffdbroker__client_to_broker__unpack)
     let m = message.pointee
     switch m.body_case {
     case UFFDBROKER__CLIENT_TO_BROKER__BODY_HELLO:
@@ -174,13 +169,8 @@ public enum ClientWire {
   }
 
   public static func decodeReply(_ bytes: UnsafeRawBufferPointer, arena: WireArena) throws(BrokerError) -> BrokerReply {
-    arena.reset()
     defer { arena.reset() }
-    guard let message = withUnsafePointer(to: arena.allocator, { allocator in
-      uffdbroker__broker_to_client__unpack(UnsafeMutablePointer(mutating: allocator), bytes.count, bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
-    }) else {
-      throw BrokerError(.malformed, "a broker reply could not be decoded")
-    }
+    let message = try arena.unpack(bytes, what: "a broker reply", with: uffdbroker__broker_to_client__unpack)
     let m = message.pointee
     switch m.body_case {
     case UFFDBROKER__BROKER_TO_CLIENT__BODY_HELLO: return BrokerReply(requestID: m.request_id, .hello(try Hello(decoding: m.hello)))

@@ -221,11 +221,8 @@ public final class EventBatchDecoder {
 
   /// Decodes a packet; malformed bytes throw `.malformed`.
   public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
-    arena.reset()
-    message = withUnsafePointer(to: arena.allocator) { allocator in
-      uffdbroker__broker_to_plugin__unpack(UnsafeMutablePointer(mutating: allocator), bytes.count, bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
-    }
-    if message == nil { throw BrokerError(.malformed, "a broker message could not be decoded") }
+    message = nil
+    message = try arena.unpack(bytes, what: "a broker message", with: uffdbroker__broker_to_plugin__unpack)
   }
 
   public var hello: Hello? {
@@ -251,6 +248,8 @@ public final class EventBatchDecoder {
     case UFFDBROKER__EVENT__KIND_UNMAPPED: return .unmapped(RangeEvent(e.unmapped.pointee))
     case UFFDBROKER__EVENT__KIND_REMAPPED:
       let r = e.remapped.pointee
+      // `Int(_:)` would trap on a length past Int.max (found by fuzzing).
+      guard r.length <= UInt64(Int.max) else { throw BrokerError(.malformed, "event \(index): Remapped length too large") }
       return .remapped(RemapEvent(clientID: r.client_id, regionID: r.region_id, from: UInt(r.from), to: UInt(r.to), length: Int(r.length), newBase: UInt(r.new_base)))
     case UFFDBROKER__EVENT__KIND_REGION_OPENED:
       let o = e.region_opened.pointee
@@ -468,11 +467,8 @@ public final class DecisionBatchDecoder {
   public init(arena: WireArena = WireArena()) { self.arena = arena }
 
   public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
-    arena.reset()
-    message = withUnsafePointer(to: arena.allocator) { allocator in
-      uffdbroker__plugin_to_broker__unpack(UnsafeMutablePointer(mutating: allocator), bytes.count, bytes.baseAddress?.assumingMemoryBound(to: UInt8.self))
-    }
-    if message == nil { throw BrokerError(.malformed, "a plugin message could not be decoded") }
+    message = nil
+    message = try arena.unpack(bytes, what: "a plugin message", with: uffdbroker__plugin_to_broker__unpack)
   }
 
   public var hello: Hello? {

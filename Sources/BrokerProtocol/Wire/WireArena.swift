@@ -42,6 +42,18 @@ public final class WireArena {
     overflow.removeAll(keepingCapacity: true)
   }
 
+  /// Resets the arena and unpacks `bytes` into it with a generated `*__unpack`
+  /// function; `what` names the message in the error for malformed bytes.
+  func unpack<Message>(
+    _ bytes: UnsafeRawBufferPointer, what: String,
+    with unpack: (UnsafeMutablePointer<ProtobufCAllocator>?, Int, UnsafePointer<UInt8>?) -> UnsafeMutablePointer<Message>?
+  ) throws(BrokerError) -> UnsafeMutablePointer<Message> {
+    reset()
+    let message = withUnsafeMutablePointer(to: &allocator) { unpack($0, bytes.count, bytes.baseAddress?.assumingMemoryBound(to: UInt8.self)) }
+    guard let message else { throw BrokerError(.malformed, "\(what) could not be decoded") }
+    return message
+  }
+
   private func allocate(_ size: Int) -> UnsafeMutableRawPointer? {
     let alignment = size >= 4096 ? 4096 : 16
     let start = (used + alignment - 1) & ~(alignment - 1)
