@@ -735,9 +735,25 @@ public final class Broker: @unchecked Sendable {
     let route = primary.effective
     if let plugin = route.connection, !plugin.isClosed {
       append(event, to: plugin)
-    } else {
-      route.missedEvents.append(event)
+      return
     }
+    guard route.missedEvents.count < Self.maxMissedEvents else {
+      // Dropping an event could make the plugin serve stale memory later: instead the
+      // client that keeps changing its mappings while its plugin is away is failed closed.
+      if case .removed(let range) = event, let session = clients[range.clientID] { killForOverflow(session, route) }
+      if case .unmapped(let range) = event, let session = clients[range.clientID] { killForOverflow(session, route) }
+      if case .remapped(let remap) = event, let session = clients[remap.clientID] { killForOverflow(session, route) }
+      return
+    }
+    route.missedEvents.append(event)
+  }
+
+  /// Events kept for a plugin that is away; past this a client is failed closed.
+  static let maxMissedEvents = 1 << 20
+
+  private func killForOverflow(_ session: ClientSession, _ route: PluginRoute) {
+    logger.error("killing a client: too many events for an absent plugin", metadata: ["client.id": "\(session.id)", "client.pid": "\(session.pid)", "plugin": "\(route.name)"])
+    _ = cuffd_pidfd_send_signal(session.pidfd, SIGKILL)
   }
 
   private func append(_ event: BrokerEvent, to plugin: PluginConnection) {
