@@ -91,11 +91,19 @@ public final class BrokerClient: Sendable {
   }
 
   /// Missing faults go to the broker; write-protect mode lets it swap pages out
-  /// without losing a concurrent write.
+  /// without losing a concurrent write. Where the kernel cannot write-protect
+  /// this memory, the region is registered for missing faults only (and a
+  /// swap-out of it is refused by the broker).
   private static func register(_ regions: [RegionSpec], with uffd: UserfaultFD) throws(ClientError) {
     for region in regions {
       do {
         try uffd.register(address: region.base, length: region.length, mode: [.missing, .writeProtect])
+      } catch where error.code == .invalidRange {
+        do {
+          try uffd.register(address: region.base, length: region.length, mode: .missing)
+        } catch {
+          throw ClientError("cannot register region \(region.id): \(error)")
+        }
       } catch {
         throw ClientError("cannot register region \(region.id): \(error)")
       }
