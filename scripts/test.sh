@@ -5,3 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 swift test "$@"
+# The fuzzing corpus (seeds and past crash inputs) replayed through the decoders: a regression test.
+swift build --product uffd-fuzz >/dev/null
+"$(swift build --show-bin-path)/uffd-fuzz" Tests/Fuzz/corpus
