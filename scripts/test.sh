@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The test command of the README: set-up, then the whole test suite.
+# The test command of the README: set-up, the fuzzing corpus (seeds and past
+# crash inputs) replayed through the decoders, then the whole test suite.
 # Tests use real userfaultfds: run as root (or with vm.unprivileged_userfaultfd=1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-swift test "$@"
-# The fuzzing corpus (seeds and past crash inputs) replayed through the decoders: a regression test.
 swift build --product uffd-fuzz >/dev/null
 "$(swift build --show-bin-path)/uffd-fuzz" Tests/Fuzz/corpus
+swift test "$@"
