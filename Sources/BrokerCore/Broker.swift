@@ -740,9 +740,7 @@ public final class Broker: @unchecked Sendable {
     guard route.missedEvents.count < Self.maxMissedEvents else {
       // Dropping an event could make the plugin serve stale memory later: instead the
       // client that keeps changing its mappings while its plugin is away is failed closed.
-      if case .removed(let range) = event, let session = clients[range.clientID] { killForOverflow(session, route) }
-      if case .unmapped(let range) = event, let session = clients[range.clientID] { killForOverflow(session, route) }
-      if case .remapped(let remap) = event, let session = clients[remap.clientID] { killForOverflow(session, route) }
+      if let session = clients[event.clientID] { killForOverflow(session, route) }
       return
     }
     route.missedEvents.append(event)
@@ -1034,7 +1032,12 @@ public final class Broker: @unchecked Sendable {
   }
 
   private func shutdown() {
-    logger.info("broker stopping", metadata: ["clients": "\(clients.count)", "plugins": "\(plugins.count)"])
+    logger.info("broker stopping", metadata: [
+      "clients": "\(clients.count)", "plugins": "\(plugins.count)",
+      "faults.sent": "\(statistics.faultsSent)", "decisions.applied": "\(statistics.decisionsApplied)",
+      "faults.local": "\(statistics.resolvedLocally)", "decisions.stale": "\(statistics.staleDecisionsDropped)",
+      "decisions.invalid": "\(statistics.invalidDecisions)", "decisions.retry": "\(statistics.retries)",
+    ])
     for session in clients.values { closeClient(session, reason: "the broker is stopping") }
     flushPlugins()
     for plugin in plugins.values { closePlugin(plugin, reason: "the broker is stopping") }

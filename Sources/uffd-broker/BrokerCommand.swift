@@ -14,7 +14,8 @@ struct BrokerCommand: ParsableCommand {
       Clients register memory on the client socket (passing their userfaultfd); plugins connect \
       to the plugin socket and decide how each fault is filled. The config file (JSON) may list \
       plugins to spawn and restart, and the uids allowed to connect:
-        {"plugins": [{"name": "pattern", "executable": "/path/to/plugin", "arguments": []}],
+        {"plugins": [{"name": "pattern", "executable": "/path/to/plugin", "arguments": [], "maxRestarts": 10}],
+         "policies": {"pattern": {"fallback": "other", "onFailure": "poison", "failAfterMilliseconds": 30000}},
          "clientUIDs": [1000], "pluginUIDs": [0], "pluginDeadlineMilliseconds": 5000}
       """)
 

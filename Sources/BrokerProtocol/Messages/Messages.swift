@@ -186,6 +186,19 @@ public enum BrokerEvent: Equatable, Sendable {
   case store(StoreEvent)
 }
 
+extension BrokerEvent {
+  /// The client the event is about.
+  public var clientID: UInt64 {
+    switch self {
+    case .pagefault(let fault): return fault.clientID
+    case .removed(let range), .unmapped(let range): return range.clientID
+    case .remapped(let remap): return remap.clientID
+    case .regionOpened(let clientID, _, _), .regionClosed(let clientID, _), .closed(let clientID, _): return clientID
+    case .store(let store): return store.clientID
+    }
+  }
+}
+
 /// Bytes of a region for the plugin to keep (a swap-out chunk).
 public struct StoreEvent: Equatable, Sendable {
   public var storeID: UInt64
