@@ -46,13 +46,15 @@ extension BrokerIntegrationTests {
       try Harness.run("emfile") { h in
         try h.startPlugin(name: "pattern", mode: "pattern")
         let busy = try h.startClient("touch", mib: 32, threads: 1, plugin: "pattern")
+        // The limit must not catch the busy client half-registered (its pidfd is opened at Register).
+        #expect(h.waitForBrokerLog("client registered", "client.pid=\(busy.pid)"), h.diagnostics)
         // Leave the broker a few descriptors of headroom, then connect more raw clients than that.
         #expect(cuffd_set_descriptor_limit(h.broker.pid, UInt64(h.brokerDescriptorCount() + 3)) == 0)
         var refused = 0
         var sockets: [PacketSocket] = []
         for _ in 0..<8 {
           guard let socket = try? PacketSocket.connect(path: h.clientSocket) else { continue }
-          socket.setReceiveTimeout(milliseconds: 2000)
+          socket.setReceiveTimeout(milliseconds: 500)
           sockets.append(socket)
           let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 16)
           defer { buffer.deallocate() }
