@@ -29,8 +29,9 @@ public final class Broker: @unchecked Sendable {
   @exclusivity(unchecked) private var clients: [UInt64: ClientSession] = [:]
   @exclusivity(unchecked) private var plugins: [UInt64: PluginConnection] = [:]
   @exclusivity(unchecked) private var routes: [String: PluginRoute] = [:]
-  @exclusivity(unchecked) private var inFlight: [UInt64: InFlight] = [:]
-  @exclusivity(unchecked) private var nextFaultID: UInt64 = 1
+  @exclusivity(unchecked) private var inFlight = InFlightTable<InFlight>(reservingCapacity: 4096)
+  /// The time the loop last woke up: timestamps on the fault path without a clock read per fault.
+  @exclusivity(unchecked) private var loopTime: UInt64 = 0
   @exclusivity(unchecked) private var pendingStores: [UInt64: PendingStore] = [:]
   /// A page of zeros, the source of write-protected zero fills.
   private let zeroPage = UnsafeMutableRawBufferPointer.allocate(byteCount: systemPageSize, alignment: systemPageSize)
@@ -38,6 +39,9 @@ public final class Broker: @unchecked Sendable {
   private let localBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Broker.maxDelegatedPrefetch * systemPageSize, alignment: systemPageSize)
   static let maxDelegatedPrefetch = 32
   @exclusivity(unchecked) private var dirtyPlugins: [PluginConnection] = []
+  /// The sessions whose dispatcher has parked faults (each listed once): the
+  /// loop's timeout and redelivery look at these only, not at every client.
+  @exclusivity(unchecked) private var parkedSessions: [ClientSession] = []
   @exclusivity(unchecked) private var stopping = false
   @exclusivity(unchecked) private var nextSweep: UInt64 = 0
   /// Held in reserve: when descriptors run out (EMFILE), it is closed to accept
@@ -106,7 +110,6 @@ public final class Broker: @unchecked Sendable {
     try loop.add(clientListener.fd, Token(.clientListener))
     try loop.add(pluginListener.fd, Token(.pluginListener))
     try loop.add(wakeup, Token(.wakeup))
-    inFlight.reserveCapacity(4096)
     zeroPage.initializeMemory(as: UInt8.self, repeating: 0)
     dirtyPlugins.reserveCapacity(64)
     for plugin in configuration.plugins { _ = route(named: plugin.name) }
@@ -143,8 +146,14 @@ public final class Broker: @unchecked Sendable {
       supervisor.startAll(loop: loop)
     }
     logger.info("broker serving", metadata: ["socket.client": "\(configuration.clientSocketPath)", "socket.plugin": "\(configuration.pluginSocketPath)"])
+    loopTime = monotonicNanoseconds()
     while !stopping {
-      loop.wait(timeout: nextTimeout()) { token, events in handle(token, events) }
+      let readyCount = loop.wait(timeout: nextTimeout())
+      loopTime = monotonicNanoseconds()
+      for index in 0..<readyCount {
+        let (token, events) = loop.ready(at: index)
+        if let token { handle(token, events) }
+      }
       housekeeping()
       flushPlugins()
     }
@@ -179,19 +188,19 @@ public final class Broker: @unchecked Sendable {
   }
 
   private func nextTimeout() -> CInt {
-    var due: UInt64 = monotonicNanoseconds() + 100_000_000  // housekeeping tick
-    for session in clients.values where session.dispatcher?.parkedCount ?? 0 > 0 {
+    let now = loopTime
+    var due: UInt64 = now + 100_000_000  // housekeeping tick
+    for session in parkedSessions {
       if let deadline = session.dispatcher?.nextDeadline, deadline < due { due = deadline }
     }
     if let deadline = supervisor?.nextRestart, deadline < due { due = deadline }
-    let now = monotonicNanoseconds()
     return due <= now ? 0 : CInt((due - now + 999_999) / 1_000_000)
   }
 
   /// Redelivers parked faults that are due, expires registrations and hung plugins, restarts plugins.
   private func housekeeping() {
-    let now = monotonicNanoseconds()
-    for session in clients.values where session.dispatcher?.parkedCount ?? 0 > 0 { session.dispatcher?.redeliverDue(now: now) }
+    let now = loopTime
+    if !parkedSessions.isEmpty { redeliverParked(now: now) }
     // The rest scans tables: at most every 20 ms, off the per-batch path.
     guard now >= nextSweep else { return }
     nextSweep = now + 20_000_000
@@ -203,7 +212,7 @@ public final class Broker: @unchecked Sendable {
     }
     let deadline = UInt64(configuration.pluginDeadlineMilliseconds) * 1_000_000
     var hung: Set<ObjectIdentifier> = []
-    for entry in inFlight.values where now > entry.sentAt + deadline { hung.insert(entry.plugin) }
+    for entry in inFlight.entries where now > entry.sentAt + deadline { hung.insert(entry.plugin) }
     for plugin in plugins.values where hung.contains(ObjectIdentifier(plugin)) {
       closePlugin(plugin, reason: "it did not answer a fault within \(configuration.pluginDeadlineMilliseconds) ms")
     }
@@ -213,6 +222,20 @@ public final class Broker: @unchecked Sendable {
       if now >= lostAt + UInt64(policy.failAfterMilliseconds) * 1_000_000 || supervisor?.hasGivenUp(route.name) == true {
         fail(route, policy)
       }
+    }
+  }
+
+  /// Redelivers the due parked faults of every session that has some, and
+  /// forgets the sessions left with none.
+  private func redeliverParked(now: UInt64) {
+    let sessions = parkedSessions
+    parkedSessions.removeAll(keepingCapacity: true)
+    for session in sessions { session.hasParkedFaults = false }
+    for session in sessions { session.dispatcher?.redeliverDue(now: now) }
+    // Faults parked again (or still waiting) re-listed their session through `onPark`; the rest:
+    for session in sessions where !session.hasParkedFaults && session.dispatcher?.parkedCount ?? 0 > 0 {
+      session.hasParkedFaults = true
+      parkedSessions.append(session)
     }
   }
 
@@ -415,7 +438,14 @@ public final class Broker: @unchecked Sendable {
     session.pidfd = pidfd
     session.pid = register.pid
     session.uffd = uffd
-    session.dispatcher = EventDispatcher(uffd: uffd, handler: session)
+    let dispatcher = EventDispatcher(uffd: uffd, handler: session)
+    dispatcher.onPark = { [unowned self, weak session] in
+      if let session, !session.hasParkedFaults {
+        session.hasParkedFaults = true
+        parkedSessions.append(session)
+      }
+    }
+    session.dispatcher = dispatcher
     try openRegions(register.regions, session: session, requestID: requestID)
     session.phase = .opening
     if session.pendingOpen == nil { activate(session, requestID: requestID) }
@@ -521,9 +551,7 @@ public final class Broker: @unchecked Sendable {
     if let uffd = session.uffd { loop.remove(uffd.fileDescriptor.rawValue) }
     if session.pidfd >= 0 { loop.remove(session.pidfd) }
     session.dispatcher?.close()
-    let faults = inFlight.filter { $0.value.session === session }
-    for (faultID, entry) in faults {
-      inFlight[faultID] = nil
+    for entry in inFlight.removeAll(where: { $0.session === session }) {
       plugins.values.first { ObjectIdentifier($0) == entry.plugin }?.inFlight -= 1
     }
     if announce && (wasActive || session.pendingOpen != nil) {
@@ -582,11 +610,10 @@ public final class Broker: @unchecked Sendable {
         closePlugin(plugin, reason: "the plugin closed its connection")
         return
       case .packet(let count):
-        var descriptors = receivedFDs
-        defer { descriptors.forEach(closeDescriptor) }  // those no delegation took
+        defer { receivedFDs.forEach(closeDescriptor) }  // those no delegation took
         do {
           try decisions.decode(UnsafeRawBufferPointer(rebasing: packet[..<count]))
-          try handlePluginMessage(plugin, descriptors: &descriptors)
+          try handlePluginMessage(plugin, descriptors: &receivedFDs)
           plugin.packetsApplied += 1
         } catch {
           closePlugin(plugin, reason: "\(error)", tell: error)
@@ -665,11 +692,8 @@ public final class Broker: @unchecked Sendable {
       plugin.route?.lostAt = monotonicNanoseconds()
     }
     let id = ObjectIdentifier(plugin)
-    let orphaned = inFlight.filter { $0.value.plugin == id }
-    for (faultID, entry) in orphaned {
-      inFlight[faultID] = nil
-      entry.session.dispatcher?.complete(entry.page, .notNow)
-    }
+    let orphaned = inFlight.removeAll { $0.plugin == id }
+    for entry in orphaned { entry.session.dispatcher?.complete(entry.page, .notNow) }
     let level: Logger.Level = error == nil && plugin.route != nil ? .notice : .warning
     logger.log(level: level, "plugin disconnected", metadata: ["plugin": "\(plugin.name)", "plugin.pid": "\(plugin.peer.pid)", "reason": "\(reason)", "faults.parked": "\(orphaned.count)"])
   }
@@ -717,9 +741,7 @@ public final class Broker: @unchecked Sendable {
           let dispatcher = session.dispatcher
     else { return .notNow }
     let page = fault.address & ~UInt(piece.spec.pageSize - 1)
-    let faultID = nextFaultID
-    nextFaultID &+= 1
-    inFlight[faultID] = InFlight(session: session, page: page, sequence: dispatcher.sequence, plugin: ObjectIdentifier(plugin), sentAt: monotonicNanoseconds())
+    let faultID = inFlight.insert(InFlight(session: session, page: page, sequence: dispatcher.sequence, plugin: ObjectIdentifier(plugin), sentAt: loopTime))
     plugin.inFlight += 1
     if plugin.events.isFull { flush(plugin) }
     plugin.events.append(PagefaultEvent(
@@ -858,12 +880,12 @@ public final class Broker: @unchecked Sendable {
 
   /// Validates a decision against the live region of the fault's client and applies it.
   private func apply(_ decision: DecodedDecision, from plugin: PluginConnection) {
-    guard let entry = inFlight[decision.faultID] else { return }  // answered already, or its client is gone
+    guard let entry = inFlight.entry(decision.faultID) else { return }  // answered already, or its client is gone
     guard entry.plugin == ObjectIdentifier(plugin) else {
       refuse(decision, from: plugin, "it answers fault \(decision.faultID), which was not sent to it")
       return
     }
-    inFlight[decision.faultID] = nil
+    inFlight.remove(decision.faultID)
     plugin.inFlight -= 1
     let session = entry.session
     guard let dispatcher = session.dispatcher, let uffd = session.uffd else { return }

@@ -38,7 +38,11 @@ public final class PluginRunner {
   @exclusivity(unchecked) private var packetsSent: UInt64 = 0
   @exclusivity(unchecked) private var packetsApplied: UInt64 = 0
   private static let sharedHalf = 1 << 20
-  @exclusivity(unchecked) private var regions: [RegionKey: PluginRegion] = [:]
+  @exclusivity(unchecked) private var regions: [RegionKey: PluginRegion] = [:] {
+    didSet { lastRegion = nil }
+  }
+  /// The region of the last fault: runs of faults in one region skip the hashing.
+  @exclusivity(unchecked) private var lastRegion: PluginRegion?
   @exclusivity(unchecked) private var fds: [CInt] = []
 
   /// Faults answered so far (for logs and tests).
@@ -244,7 +248,7 @@ public final class PluginRunner {
       try flush()
       if staged == 0 && stageOffset == nil && shared != nil { chooseStage() }  // the broker may have caught up since
     }
-    guard let region = regions[RegionKey(client: event.clientID, region: event.regionID)] else {
+    guard let region = region(of: event) else {
       decisions.append(faultID: event.faultID, kind: .retry, address: event.address, length: 0)
       return
     }
@@ -273,6 +277,12 @@ public final class PluginRunner {
     case .poison:
       decisions.append(faultID: event.faultID, kind: .poison, address: event.address, length: pageSize)
     }
+  }
+
+  private func region(of fault: PagefaultEvent) -> PluginRegion? {
+    if let last = lastRegion, last.clientID == fault.clientID, last.spec.id == fault.regionID { return last }
+    lastRegion = regions[RegionKey(client: fault.clientID, region: fault.regionID)]
+    return lastRegion
   }
 
   private func sendDelegations(of region: PluginRegion) {

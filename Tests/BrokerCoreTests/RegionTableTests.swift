@@ -59,7 +59,7 @@ struct RegionTableTests {
     #expect(t.piece(containing: scratch) == nil)
   }
 
-  @Test("validation refuses misaligned, empty, overlapping and duplicate regions")
+  @Test("validation refuses misaligned, empty, overlapping and duplicate regions, and overlong names and arguments")
   func validation() {
     let t = table([spec(1, at: 0x10_0000, pages: 4)])
     #expect(throws: BrokerError.self) { try t.validate([spec(2, at: 0x10_0000 + 2 * page, pages: 4)], pageSize: 4096) }
@@ -67,6 +67,11 @@ struct RegionTableTests {
     #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0010, length: 4096, pageSize: 4096, plugin: "p")], pageSize: 4096) }
     #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 0, pageSize: 4096, plugin: "p")], pageSize: 4096) }
     #expect(throws: Never.self) { try t.validate([spec(3, at: 0x40_0000, pages: 2)], pageSize: 4096) }
+    // Names and arguments are bounded, so every region event fits one packet.
+    let long = String(repeating: "x", count: RegionSpec.maxArgumentBytes + 1)
+    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 4096, pageSize: 4096, plugin: "p", argument: long)], pageSize: 4096) }
+    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 4096, pageSize: 4096, plugin: long)], pageSize: 4096) }
+    #expect(throws: Never.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 4096, pageSize: 4096, plugin: "p", argument: String(long.dropLast()))], pageSize: 4096) }
   }
 
   @Test("delegated ranges: a remove cuts them, the tail keeps its file offset")

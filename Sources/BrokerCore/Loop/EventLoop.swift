@@ -55,12 +55,13 @@ final class EventLoop {
     _ = cuffd_epoll_ctl(epoll, cuffd_epoll_del, fd, 0, 0)
   }
 
-  /// Waits up to `timeout` ms (-1: forever) and calls `body` for each ready registration.
-  func wait(timeout: CInt, _ body: (Token, UInt32) -> Void) {
-    let count = cuffd_epoll_wait(epoll, ready, CInt(Self.batch), timeout)
-    guard count > 0 else { return }
-    for index in 0..<Int(count) {
-      if let token = Token(rawValue: ready[index].token) { body(token, ready[index].events) }
-    }
+  /// Waits up to `timeout` ms (-1: forever); returns how many registrations are ready.
+  func wait(timeout: CInt) -> Int {
+    max(Int(cuffd_epoll_wait(epoll, ready, CInt(Self.batch), timeout)), 0)
+  }
+
+  /// The `index`th ready registration of the last `wait` and its epoll events.
+  func ready(at index: Int) -> (token: Token?, events: UInt32) {
+    (Token(rawValue: ready[index].token), ready[index].events)
   }
 }

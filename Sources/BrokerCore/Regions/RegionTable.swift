@@ -80,6 +80,9 @@ public struct RegionTable {
         throw BrokerError(.badRegion, "region id \(spec.id) is used twice")
       }
       guard !spec.plugin.isEmpty else { throw BrokerError(.badRegion, "region \(spec.id) names no plugin") }
+      guard spec.plugin.utf8.count <= RegionSpec.maxPluginNameBytes, spec.argument.utf8.count <= RegionSpec.maxArgumentBytes else {
+        throw BrokerError(.badRegion, "region \(spec.id): a plugin name is at most \(RegionSpec.maxPluginNameBytes) bytes, an argument at most \(RegionSpec.maxArgumentBytes)")
+      }
       if let other = ranges.first(where: { $0.overlaps(spec.range) }) {
         throw BrokerError(.badRegion, "region \(spec.id) overlaps 0x\(String(other.lowerBound, radix: 16))..<0x\(String(other.upperBound, radix: 16))")
       }

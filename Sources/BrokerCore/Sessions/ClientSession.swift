@@ -32,6 +32,8 @@ final class ClientSession: UserfaultFDHandler {
   let peer: PeerCredentials
   unowned let broker: Broker
   @exclusivity(unchecked) var phase = Phase.awaitingHello
+  /// Listed in the broker's sessions with parked faults.
+  @exclusivity(unchecked) var hasParkedFaults = false
   @exclusivity(unchecked) var pid: Int32 = 0
   @exclusivity(unchecked) var uffd: UserfaultFD?
   @exclusivity(unchecked) var dispatcher: EventDispatcher?

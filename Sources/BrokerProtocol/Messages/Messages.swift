@@ -38,6 +38,11 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
   /// For the plugin: where the region starts in its backing.
   public var backingOffset: UInt64
 
+  /// The longest plugin name and argument a broker accepts: every region
+  /// event must fit one packet however long the client made them.
+  public static let maxPluginNameBytes = 255
+  public static let maxArgumentBytes = 4096
+
   public init(id: UInt64, base: UInt, length: Int, pageSize: Int = systemPageSize, plugin: String, argument: String = "", backingOffset: UInt64 = 0) {
     self.id = id
     self.base = base

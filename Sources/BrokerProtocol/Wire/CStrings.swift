@@ -10,6 +10,7 @@ final class CStringPool {
   deinit { reset() }
 
   func reset() {
+    guard !(strings.isEmpty && regions.isEmpty && arrays.isEmpty) else { return }  // every batch of faults
     strings.forEach { free($0) }
     regions.forEach { $0.deallocate() }
     arrays.forEach { $0.deallocate() }

@@ -67,7 +67,7 @@ public final class EventBatchEncoder {
   public var isFull: Bool { count == capacity || estimatedSize > PacketSocket.maxPacketSize - 16 << 10 }
 
   /// Whether an event of about `size` bytes (a store's payload) still fits this packet.
-  public func canAppend(size: Int) -> Bool { count < capacity && estimatedSize + size + 64 <= PacketSocket.maxPacketSize - 4096 }
+  public func canAppend(size: Int) -> Bool { count < capacity && estimatedSize + size + 96 <= PacketSocket.maxPacketSize - 4096 }
 
   /// Adds a page fault (the hot path: no allocation).
   public func append(_ fault: PagefaultEvent) {
@@ -82,7 +82,7 @@ public final class EventBatchEncoder {
     p.pointee.thread_id = fault.threadID
     events[count].kind_case = UFFDBROKER__EVENT__KIND_PAGEFAULT
     events[count].pagefault = p
-    commit(64)
+    commit(96)
   }
 
   /// Adds any event.
@@ -108,7 +108,7 @@ public final class EventBatchEncoder {
         e.pointee.kind_case = UFFDBROKER__EVENT__KIND_UNMAPPED
         e.pointee.unmapped = r
       }
-      commit(64)
+      commit(96)
     case .remapped(let remap):
       let r = remaps + count
       r.pointee.client_id = remap.clientID
@@ -119,7 +119,7 @@ public final class EventBatchEncoder {
       r.pointee.new_base = UInt64(remap.newBase)
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REMAPPED
       e.pointee.remapped = r
-      commit(64)
+      commit(96)
     case .regionOpened(let clientID, let pid, let region):
       let o = opened + count
       o.pointee.client_id = clientID
@@ -127,7 +127,7 @@ public final class EventBatchEncoder {
       o.pointee.region = pool.region(region)
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REGION_OPENED
       e.pointee.region_opened = o
-      commit(96 + region.plugin.utf8.count + region.argument.utf8.count)
+      commit(160 + region.plugin.utf8.count + region.argument.utf8.count)
     case .regionClosed(let clientID, let regionID):
       let c = regionsClosed + count
       c.pointee.client_id = clientID
@@ -141,7 +141,7 @@ public final class EventBatchEncoder {
       c.pointee.reason = pool.string(reason)
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_CLOSED
       e.pointee.closed = c
-      commit(32 + reason.utf8.count)
+      commit(48 + reason.utf8.count)
     case .store(let store):
       let s = stores + count
       s.pointee.store_id = store.storeID
@@ -152,10 +152,12 @@ public final class EventBatchEncoder {
       s.pointee.data = ProtobufCBinaryData(len: store.data.count, data: nil)
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_STORE
       e.pointee.store = s
-      commit(64 + store.data.count)
+      commit(96 + store.data.count)
     }
   }
 
+  /// `size` bounds the event's encoded size from above (every varint at its
+  /// longest, framing included), so the batch packs without measuring it first.
   private func commit(_ size: Int) {
     count += 1
     estimatedSize += size
@@ -175,8 +177,10 @@ public final class EventBatchEncoder {
   }
 
   private func pack(into buffer: UnsafeMutableRawBufferPointer) -> Int {
-    let size = uffdbroker__broker_to_plugin__get_packed_size(&message)
-    precondition(size <= buffer.count, "event batch of \(size) bytes exceeds the packet buffer")
+    // `isFull` keeps the bound well inside the buffer; measuring the batch costs
+    // as much as packing it, so only debug builds check the bound.
+    precondition(estimatedSize + 16 <= buffer.count, "event batch may exceed the packet buffer")
+    assert(uffdbroker__broker_to_plugin__get_packed_size(&message) <= estimatedSize + 16, "event size bound too small")
     return uffdbroker__broker_to_plugin__pack(&message, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self))
   }
 
@@ -311,8 +315,11 @@ public final class DecisionBatchEncoder {
 
   /// Whether a decision carrying `dataLength` bytes still fits this packet.
   public func canAppend(dataLength: Int) -> Bool {
-    count < capacity && payloadBytes + dataLength + 64 * (count + 1) <= PacketSocket.maxPacketSize - 4096
+    count < capacity && payloadBytes + dataLength + Self.decisionBound * (count + 1) <= PacketSocket.maxPacketSize - 4096
   }
+
+  /// A decision's encoded size, its bytes aside, at most (every varint at its longest, framing included).
+  private static let decisionBound = 96
 
   /// Adds a decision. `data` is borrowed until `encode` (it is copied into the
   /// packet there); or `sharedOffset` names where the bytes lie in the shared area.
@@ -349,7 +356,11 @@ public final class DecisionBatchEncoder {
     let written: Int
     descriptors.removeAll(keepingCapacity: true)
     if replies.isEmpty && storeReplies.isEmpty && delegations.isEmpty && hello == nil {
-      written = pack(into: buffer)
+      // Only decisions: `canAppend` bounded the size, so it is not measured first.
+      let bound = payloadBytes + Self.decisionBound * count + 16
+      precondition(bound <= buffer.count, "decision batch may exceed the packet buffer")
+      assert(uffdbroker__plugin_to_broker__get_packed_size(&message) <= bound, "decision size bound too small")
+      written = uffdbroker__plugin_to_broker__pack(&message, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self))
     } else {
       let pool = CStringPool()
       var helloMessage = Uffdbroker__Hello()

@@ -10,36 +10,43 @@ import Glibc
 /// on reset); past that, allocation fails and so does the decode, which bounds
 /// what a hostile peer can make us allocate.
 public final class WireArena {
-  private let base: UnsafeMutableRawPointer
-  private let capacity: Int
-  @exclusivity(unchecked) private var used = 0
-  @exclusivity(unchecked) private var overflow: [UnsafeMutableRawPointer] = []
+  /// The allocator's state lives outside the object: protobuf-c calls back
+  /// with a raw pointer to it, and no reference is retained per allocation.
+  private struct State {
+    var base: UnsafeMutableRawPointer
+    var capacity: Int
+    var used = 0
+    var overflow: UnsafeMutablePointer<UnsafeMutableRawPointer>
+    var overflowCount = 0
+  }
+  private let state: UnsafeMutablePointer<State>
   private static let overflowLimit = 64
   private static let overflowBlockLimit = 8 << 20
   /// The allocator to pass to `*__unpack`; valid while this arena lives.
   @exclusivity(unchecked) public private(set) var allocator = ProtobufCAllocator()
 
   public init(capacity: Int = 4 << 20) {
-    self.capacity = capacity
-    base = UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096)
-    overflow.reserveCapacity(Self.overflowLimit)
-    allocator.alloc = { data, size in
-      Unmanaged<WireArena>.fromOpaque(data!).takeUnretainedValue().allocate(size)
-    }
+    state = .allocate(capacity: 1)
+    state.initialize(to: State(
+      base: UnsafeMutableRawPointer.allocate(byteCount: capacity, alignment: 4096), capacity: capacity,
+      overflow: .allocate(capacity: Self.overflowLimit)))
+    allocator.alloc = { data, size in WireArena.allocate(size, in: data!.assumingMemoryBound(to: State.self)) }
     allocator.free = { _, _ in }
-    allocator.allocator_data = Unmanaged.passUnretained(self).toOpaque()
+    allocator.allocator_data = UnsafeMutableRawPointer(state)
   }
 
   deinit {
     reset()
-    base.deallocate()
+    state.pointee.base.deallocate()
+    state.pointee.overflow.deallocate()
+    state.deallocate()
   }
 
   /// Releases every allocation; pointers into earlier decodes become invalid.
   public func reset() {
-    used = 0
-    for block in overflow { free(block) }
-    overflow.removeAll(keepingCapacity: true)
+    state.pointee.used = 0
+    for index in 0..<state.pointee.overflowCount { free(state.pointee.overflow[index]) }
+    state.pointee.overflowCount = 0
   }
 
   /// Resets the arena and unpacks `bytes` into it with a generated `*__unpack`
@@ -54,17 +61,18 @@ public final class WireArena {
     return message
   }
 
-  private func allocate(_ size: Int) -> UnsafeMutableRawPointer? {
+  private static func allocate(_ size: Int, in state: UnsafeMutablePointer<State>) -> UnsafeMutableRawPointer? {
     let alignment = size >= 4096 ? 4096 : 16
-    let start = (used + alignment - 1) & ~(alignment - 1)
-    if start + size <= capacity {
-      used = start + size
-      return base + start
+    let start = (state.pointee.used + alignment - 1) & ~(alignment - 1)
+    if start + size <= state.pointee.capacity {
+      state.pointee.used = start + size
+      return state.pointee.base + start
     }
-    guard overflow.count < Self.overflowLimit, size <= Self.overflowBlockLimit else { return nil }
+    guard state.pointee.overflowCount < overflowLimit, size <= overflowBlockLimit else { return nil }
     var block: UnsafeMutableRawPointer?
     guard posix_memalign(&block, alignment, max(size, 1)) == 0, let block else { return nil }
-    overflow.append(block)
+    state.pointee.overflow[state.pointee.overflowCount] = block
+    state.pointee.overflowCount += 1
     return block
   }
 }

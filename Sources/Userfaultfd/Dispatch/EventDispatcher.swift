@@ -73,6 +73,9 @@ public final class EventDispatcher {
 
   /// Number of faults parked for redelivery.
   public var parkedCount: Int { parked.count }
+  /// Called whenever a fault is parked: an owner serving many uffds keeps a
+  /// list of the dispatchers with a deadline instead of asking them all.
+  @exclusivity(unchecked) public var onPark: (() -> Void)?
   /// Number of faults handed out with `.inFlight` and not yet completed.
   public var inFlightFaults: Int { inFlightCount }
 
@@ -110,7 +113,7 @@ public final class EventDispatcher {
     }
     faultsRead += newFaults.count
     // Parked faults first (they are older), all of them if an event may have unblocked them.
-    redeliver(now: monotonicNanoseconds(), all: readNonFaultEvent)
+    redeliver(now: nil, all: readNonFaultEvent)
     for fault in newFaults {
       let page = fault.address & ~(pageSize - 1)
       if outstanding[page] != nil {
@@ -227,10 +230,13 @@ public final class EventDispatcher {
     entry.notBefore = now + min(Self.backoffBase << UInt64(shift), Self.backoffCap)
     outstanding[page] = entry
     parked.append(page)
+    onPark?()
   }
 
-  private func redeliver(now: UInt64, all: Bool) {
+  /// `now` nil: read the clock only if something is parked (not on every drain).
+  private func redeliver(now: UInt64?, all: Bool) {
     guard !parked.isEmpty else { return }
+    let now = now ?? monotonicNanoseconds()
     swap(&parked, &parkedSpare)  // `parked` refills with faults answered "not now" again
     for page in parkedSpare {
       guard let entry = outstanding[page], !entry.inFlight else { continue }
