@@ -188,7 +188,7 @@ public final class Broker: @unchecked Sendable {
   }
 
   private func nextTimeout() -> CInt {
-    let now = loopTime
+    let now = monotonicNanoseconds()  // not `loopTime`: handling the last wake took time
     var due: UInt64 = now + 100_000_000  // housekeeping tick
     for session in parkedSessions {
       if let deadline = session.dispatcher?.nextDeadline, deadline < due { due = deadline }
@@ -610,7 +610,10 @@ public final class Broker: @unchecked Sendable {
         closePlugin(plugin, reason: "the plugin closed its connection")
         return
       case .packet(let count):
-        defer { receivedFDs.forEach(closeDescriptor) }  // those no delegation took
+        defer {  // those no delegation took
+          receivedFDs.forEach(closeDescriptor)
+          receivedFDs.removeAll(keepingCapacity: true)
+        }
         do {
           try decisions.decode(UnsafeRawBufferPointer(rebasing: packet[..<count]))
           try handlePluginMessage(plugin, descriptors: &receivedFDs)
