@@ -41,19 +41,16 @@ extension BrokerIntegrationTests {
         var clientID: UInt64?
         let deadline = now() + 10
         while closedClient == nil && now() < deadline {
-          guard case .message(let batch) = try plugin.receive(milliseconds: 20) else { continue }
-          var replies: [RegionReply] = []
-          for event in batch.events {
-            switch event {
-            case .regionOpened(let id, _, let region):
-              clientID = id
-              replies.append(RegionReply(clientID: id, regionID: region.id, error: nil))
-            case .pagefault(let fault): faults.append(fault)  // never answered
-            case .closed(let id, _): closedClient = id
-            default: break
+          try plugin.serveOnce(milliseconds: 20) { batch, _ in
+            for event in batch.events {
+              switch event {
+              case .regionOpened(let id, _, _): clientID = id
+              case .pagefault(let fault): faults.append(fault)  // never answered
+              case .closed(let id, _): closedClient = id
+              default: break
+              }
             }
           }
-          if !replies.isEmpty { try plugin.send([], replies: replies) }
         }
         #expect(client.wait(timeout: 5) == .exited(0), h.diagnostics(client.stdout + client.stderr))
         #expect(clientID != nil && closedClient == clientID, h.diagnostics)
@@ -85,31 +82,27 @@ extension BrokerIntegrationTests {
         }
         let deadline = now() + 20
         while client.isRunning && now() < deadline {
-          guard case .message(let batch) = try plugin.receive(milliseconds: 10) else { continue }
-          var decisions: [ManualPlugin.Decision] = []
-          var replies: [RegionReply] = []
-          for event in batch.events {
-            switch event {
-            case .regionOpened(let id, _, let region):
-              regions[id] = region
-              replies.append(RegionReply(clientID: id, regionID: region.id, error: nil))
-            case .pagefault(let fault):
-              if held == nil && !released {
-                held = fault  // the first fault: its thread waits; the other thread must not
-              } else {
-                decisions.append(answer(fault))
-                if held != nil { servedWhileHeld += 1 }
+          try plugin.serveOnce(milliseconds: 10) { batch, decisions in
+            for event in batch.events {
+              switch event {
+              case .regionOpened(let id, _, let region): regions[id] = region
+              case .pagefault(let fault):
+                if held == nil && !released {
+                  held = fault  // the first fault: its thread waits; the other thread must not
+                } else {
+                  decisions.append(answer(fault))
+                  if held != nil { servedWhileHeld += 1 }
+                }
+              default: break
               }
-            default: break
+            }
+            // Half a MiB of the other thread's pages served while one fault waits: release it.
+            if let fault = held, servedWhileHeld >= pages(mib: 1) / 4 {
+              decisions.append(answer(fault))
+              held = nil
+              released = true
             }
           }
-          // Half a MiB of the other thread's pages served while one fault waits: release it.
-          if let fault = held, servedWhileHeld >= pages(mib: 1) / 4 {
-            decisions.append(answer(fault))
-            held = nil
-            released = true
-          }
-          if !decisions.isEmpty || !replies.isEmpty { try plugin.send(decisions, replies: replies) }
         }
         #expect(released, h.diagnostics("faults served while one was held: \(servedWhileHeld)"))
         #expect(client.wait(timeout: 5) == .exited(0), h.diagnostics(client.stdout + client.stderr))
@@ -129,22 +122,13 @@ extension BrokerIntegrationTests {
         var closedAt: Double?
         let deadline = now() + 10
         while closedAt == nil && now() < deadline {
-          switch try stuck.receive(milliseconds: 10) {
-          case .message(let batch):
-            var replies: [RegionReply] = []
-            for event in batch.events {
-              switch event {
-              case .regionOpened(let id, _, let region): replies.append(RegionReply(clientID: id, regionID: region.id, error: nil))
-              case .pagefault(let fault):
-                faults.append(fault)  // never answered
-                if firstFault == nil { firstFault = now() }
-              default: break
-              }
+          let arrival = try stuck.serveOnce(milliseconds: 10) { batch, _ in
+            for case .pagefault(let fault) in batch.events {
+              faults.append(fault)  // never answered
+              if firstFault == nil { firstFault = now() }
             }
-            if !replies.isEmpty { try stuck.send([], replies: replies) }
-          case .closed: closedAt = now()
-          case .timedOut: continue
           }
+          if case .closed = arrival { closedAt = now() }
         }
         let closed = try #require(closedAt, h.diagnostics("the broker kept a plugin that does not answer"))
         let held = try #require(firstFault, h.diagnostics("no fault reached the plugin"))

@@ -45,36 +45,32 @@ extension BrokerIntegrationTests {
         var redeliveredOffsets = Set<UInt64>()
         let deadline = now() + 30
         while client.isRunning && now() < deadline {
-          guard case .message(let batch) = try plugin.receive(milliseconds: 10) else { continue }
-          var decisions: [ManualPlugin.Decision] = []
-          var replies: [RegionReply] = []
-          for event in batch.events {
-            switch event {
-            case .regionOpened(let id, _, let region):
-              replies.append(RegionReply(clientID: id, regionID: region.id, error: nil))
-            case .removed(let range):
-              for offset in stride(from: range.startOffset, to: range.startOffset + UInt64(range.range.count), by: pageSize) {
-                removed.insert(offset)
-                if let fault = held.removeValue(forKey: offset) {
-                  decisions.append(.init(faultID: fault.faultID, kind: .copy, address: fault.address, length: pageSize, data: Pattern.page(backingOffset: offset, pageSize: pageSize)))
-                  staleSent += 1
-                  staleIDs.insert(fault.faultID)
-                  staleOffsets.insert(offset)
+          try plugin.serveOnce(milliseconds: 10) { batch, decisions in
+            for event in batch.events {
+              switch event {
+              case .removed(let range):
+                for offset in stride(from: range.startOffset, to: range.startOffset + UInt64(range.range.count), by: pageSize) {
+                  removed.insert(offset)
+                  if let fault = held.removeValue(forKey: offset) {
+                    decisions.append(.init(faultID: fault.faultID, kind: .copy, address: fault.address, length: pageSize, data: Pattern.page(backingOffset: offset, pageSize: pageSize)))
+                    staleSent += 1
+                    staleIDs.insert(fault.faultID)
+                    staleOffsets.insert(offset)
+                  }
                 }
+              case .pagefault(let fault):
+                if removed.contains(fault.offset) {
+                  // Seen after the removal (invariant 1): the page reads as zeros now.
+                  decisions.append(.init(faultID: fault.faultID, kind: .zero, address: fault.address, length: pageSize))
+                  #expect(!staleIDs.contains(fault.faultID), "a redelivery reuses a fault id")
+                  if staleOffsets.contains(fault.offset) { redeliveredOffsets.insert(fault.offset) }
+                } else {
+                  held[fault.offset] = fault
+                }
+              default: break
               }
-            case .pagefault(let fault):
-              if removed.contains(fault.offset) {
-                // Seen after the removal (invariant 1): the page reads as zeros now.
-                decisions.append(.init(faultID: fault.faultID, kind: .zero, address: fault.address, length: pageSize))
-                #expect(!staleIDs.contains(fault.faultID), "a redelivery reuses a fault id")
-                if staleOffsets.contains(fault.offset) { redeliveredOffsets.insert(fault.offset) }
-              } else {
-                held[fault.offset] = fault
-              }
-            default: break
             }
           }
-          if !decisions.isEmpty || !replies.isEmpty { try plugin.send(decisions, replies: replies) }
         }
         #expect(client.wait(timeout: 1) == .exited(0), h.diagnostics(client.stdout + client.stderr))
         #expect(client.stdout.hasSuffix("dontneed races \(loops), stale pages 0\n"), h.diagnostics(client.stdout))

@@ -86,39 +86,36 @@ extension BrokerIntegrationTests {
         var closedSeen: Set<String> = []
 
         func serve(_ plugin: ManualPlugin, milliseconds: Int) throws {
-          guard case .message(let batch) = try plugin.receive(milliseconds: milliseconds) else { return }
-          #expect(batch.error == nil, h.diagnostics)
-          eventsOf[plugin.name, default: []].append(contentsOf: batch.events)
-          var decisions: [ManualPlugin.Decision] = []
-          var replies: [RegionReply] = []
-          for event in batch.events {
-            switch event {
-            case .regionOpened(let clientID, let pid, let region):
-              regions[clientID] = region
-              pids[clientID] = pid
-              replies.append(RegionReply(clientID: clientID, regionID: region.id, error: nil))
-            case .pagefault(let fault):
-              let region = try #require(regions[fault.clientID], h.diagnostics)
-              let right = ManualPlugin.Decision(
-                faultID: fault.faultID, kind: .copy, address: fault.address, length: pageSize,
-                data: Pattern.page(backingOffset: region.backingOffset + fault.offset, pageSize: pageSize))
-              if plugin === a {
-                // First a decision naming a fault id the broker never sent, with wrong bytes for this very page.
-                decisions.append(.init(faultID: neverSent + fault.faultID, kind: .copy, address: fault.address, length: pageSize, data: garbage))
-              } else if crossFaultID == nil {
-                // Plugin A answers B's fault (client 2's memory) with wrong bytes, before B does.
-                crossFaultID = fault.faultID
-                try a.send([.init(faultID: fault.faultID, kind: .copy, address: fault.address, length: pageSize, data: garbage)])
-                crossRefusalLogged = h.waitForBrokerLog("refused a plugin decision", "plugin=manual-a", "fault.id=\(fault.faultID) ", "not sent to it")
+          try plugin.serveOnce(milliseconds: milliseconds) { batch, decisions in
+            #expect(batch.error == nil, h.diagnostics)
+            eventsOf[plugin.name, default: []].append(contentsOf: batch.events)
+            for event in batch.events {
+              switch event {
+              case .regionOpened(let clientID, let pid, let region):
+                regions[clientID] = region
+                pids[clientID] = pid
+              case .pagefault(let fault):
+                let region = try #require(regions[fault.clientID], h.diagnostics)
+                let right = ManualPlugin.Decision(
+                  faultID: fault.faultID, kind: .copy, address: fault.address, length: pageSize,
+                  data: Pattern.page(backingOffset: region.backingOffset + fault.offset, pageSize: pageSize))
+                if plugin === a {
+                  // First a decision naming a fault id the broker never sent, with wrong bytes for this very page.
+                  decisions.append(.init(faultID: neverSent + fault.faultID, kind: .copy, address: fault.address, length: pageSize, data: garbage))
+                } else if crossFaultID == nil {
+                  // Plugin A answers B's fault (client 2's memory) with wrong bytes, before B does.
+                  crossFaultID = fault.faultID
+                  try a.send([.init(faultID: fault.faultID, kind: .copy, address: fault.address, length: pageSize, data: garbage)])
+                  crossRefusalLogged = h.waitForBrokerLog("refused a plugin decision", "plugin=manual-a", "fault.id=\(fault.faultID) ", "not sent to it")
+                }
+                decisions.append(right)
+              case .closed:
+                closedSeen.insert(plugin.name)
+              default:
+                break
               }
-              decisions.append(right)
-            case .closed:
-              closedSeen.insert(plugin.name)
-            default:
-              break
             }
           }
-          if !decisions.isEmpty || !replies.isEmpty { try plugin.send(decisions, replies: replies) }
         }
 
         let deadline = now() + 20

@@ -93,6 +93,23 @@ final class ManualPlugin {
     }
   }
 
+  /// Receives one packet and answers it in one packet: every region the
+  /// packet opens is accepted, and `answer` appends decisions for its events.
+  /// Returns what arrived.
+  @discardableResult
+  func serveOnce(milliseconds: Int, _ answer: (Batch, inout [Decision]) throws -> Void) throws -> Arrival<Batch> {
+    let arrival = try receive(milliseconds: milliseconds)
+    guard case .message(let batch) = arrival else { return arrival }
+    var decisions: [Decision] = []
+    try answer(batch, &decisions)
+    let replies = batch.events.compactMap { event -> RegionReply? in
+      guard case .regionOpened(let clientID, _, let region) = event else { return nil }
+      return RegionReply(clientID: clientID, regionID: region.id, error: nil)
+    }
+    if !decisions.isEmpty || !replies.isEmpty { try send(decisions, replies: replies) }
+    return arrival
+  }
+
   /// Sends decisions and region replies in one packet.
   func send(_ decisions: [Decision], replies: [RegionReply] = []) throws {
     var staged = 0
