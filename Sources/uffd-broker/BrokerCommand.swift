@@ -19,11 +19,11 @@ struct BrokerCommand: ParsableCommand {
          "clientUIDs": [1000], "pluginUIDs": [0], "pluginDeadlineMilliseconds": 5000}
       """)
 
-  @Option(help: "The socket clients register on.")
-  var clientSocket: String = SocketPaths.client
+  @Option(help: "The socket clients register on (default: the config's clientSocket, else \(SocketPaths.client)).")
+  var clientSocket: String?
 
-  @Option(help: "The socket plugins connect to.")
-  var pluginSocket: String = SocketPaths.plugin
+  @Option(help: "The socket plugins connect to (default: the config's pluginSocket, else \(SocketPaths.plugin)).")
+  var pluginSocket: String?
 
   @Option(help: "A JSON config file (plugins to spawn, allowed uids, limits).")
   var config: String?
@@ -44,7 +44,7 @@ struct BrokerCommand: ParsableCommand {
       return handler
     }
     let logger = Logger(label: "uffd-broker")
-    var configuration = BrokerConfiguration(clientSocketPath: clientSocket, pluginSocketPath: pluginSocket)
+    var configuration = BrokerConfiguration(clientSocketPath: SocketPaths.client, pluginSocketPath: SocketPaths.plugin)
     if let config {
       do {
         try ConfigFile.load(path: config).apply(to: &configuration)
@@ -52,23 +52,30 @@ struct BrokerCommand: ParsableCommand {
         throw ValidationError("config file \(config): \(error)")
       }
     }
+    // The command line wins over the config file.
+    if let clientSocket { configuration.clientSocketPath = clientSocket }
+    if let pluginSocket { configuration.pluginSocketPath = pluginSocket }
     let broker = try Broker(configuration: configuration, logger: logger)
     try broker.run(handleSignals: true)
   }
 }
 
-/// The JSON config file; every field is optional.
+/// The JSON config file; every field is optional, and a field it does not
+/// know is an error (a misspelt `clientUIDs` must not silently fall back to
+/// the defaults).
 struct ConfigFile: Decodable {
   struct Plugin: Decodable {
     var name: String
     var executable: String
     var arguments: [String]?
     var maxRestarts: Int?
+    enum CodingKeys: String, CodingKey, CaseIterable { case name, executable, arguments, maxRestarts }
   }
   struct Policy: Decodable {
     var fallback: String?
     var onFailure: String?
     var failAfterMilliseconds: Int?
+    enum CodingKeys: String, CodingKey, CaseIterable { case fallback, onFailure, failAfterMilliseconds }
   }
   var clientSocket: String?
   var pluginSocket: String?
@@ -83,9 +90,34 @@ struct ConfigFile: Decodable {
   var maxClients: Int?
   var maxRegionsPerClient: Int?
   var maxInFlightPerPlugin: Int?
+  enum CodingKeys: String, CodingKey, CaseIterable {
+    case clientSocket, pluginSocket, plugins, policies, clientUIDs, pluginUIDs, clientGIDs, pluginGIDs
+    case pluginDeadlineMilliseconds, registrationTimeoutMilliseconds, maxClients, maxRegionsPerClient, maxInFlightPerPlugin
+  }
 
   static func load(path: String) throws -> ConfigFile {
-    try JSONDecoder().decode(ConfigFile.self, from: Data(contentsOf: URL(fileURLWithPath: path)))
+    let data = try Data(contentsOf: URL(fileURLWithPath: path))
+    try rejectUnknownFields(in: data)
+    return try JSONDecoder().decode(ConfigFile.self, from: data)
+  }
+
+  /// Throws naming every field (top level, in `plugins`, in `policies`) that no `CodingKeys` lists.
+  private static func rejectUnknownFields(in data: Data) throws {
+    guard let top = try JSONSerialization.jsonObject(with: data) as? [String: Any] else { return }  // the decoder says why
+    var unknown = unknownKeys(of: top, known: CodingKeys.self, at: "")
+    for (index, plugin) in (top["plugins"] as? [Any] ?? []).enumerated() {
+      unknown += unknownKeys(of: plugin, known: Plugin.CodingKeys.self, at: "plugins[\(index)].")
+    }
+    for (name, policy) in top["policies"] as? [String: Any] ?? [:] {
+      unknown += unknownKeys(of: policy, known: Policy.CodingKeys.self, at: "policies.\(name).")
+    }
+    guard unknown.isEmpty else { throw ValidationError("unknown field\(unknown.count == 1 ? "" : "s") \(unknown.sorted().joined(separator: ", "))") }
+  }
+
+  private static func unknownKeys<Keys: CodingKey & CaseIterable>(of object: Any, known: Keys.Type, at path: String) -> [String] {
+    guard let object = object as? [String: Any] else { return [] }
+    let names = Set(Keys.allCases.map(\.stringValue))
+    return object.keys.filter { !names.contains($0) }.map { path + $0 }
   }
 
   func apply(to configuration: inout BrokerConfiguration) throws {

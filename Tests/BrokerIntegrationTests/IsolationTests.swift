@@ -199,6 +199,32 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("A config file with a field the broker does not know is refused at start, naming it; command-line sockets win over the config's")
+    func configFileChecked() throws {
+      try Harness.run("config") { h in
+        let dir = h.directory
+        let bad = dir + "/bad.json"
+        try writeTextFile(bad, #"{"clientUids": [1000], "plugins": [{"name": "x", "executable": "/bin/true", "args": []}]}"#)
+        let refused = try FixtureProcess(
+          label: "broker-bad-config", executable: Harness.brokerExecutable,
+          arguments: ["--config", bad, "--client-socket", dir + "/bad-c.sock", "--plugin-socket", dir + "/bad-p.sock"],
+          environment: [:], stdoutPath: dir + "/bad.stdout", stderrPath: dir + "/bad.stderr")
+        #expect(refused.wait(timeout: 10) == .exited(64), h.diagnostics(refused.stderr))
+        #expect(refused.stderr.contains("unknown fields clientUids, plugins[0].args"), h.diagnostics(refused.stderr))
+        #expect(access(dir + "/bad-c.sock", F_OK) != 0, h.diagnostics)
+
+        let config = dir + "/sockets.json"
+        try writeTextFile(config, #"{"clientSocket": "\#(dir)/from-config.sock"}"#)
+        let broker = try FixtureProcess(
+          label: "broker-flags", executable: Harness.brokerExecutable,
+          arguments: ["--config", config, "--client-socket", dir + "/from-flag.sock", "--plugin-socket", dir + "/flag-p.sock"],
+          environment: [:], stdoutPath: dir + "/flags.stdout", stderrPath: dir + "/flags.stderr")
+        #expect(waitUntil(timeout: 10) { access(dir + "/from-flag.sock", F_OK) == 0 }, h.diagnostics(broker.stderr))
+        #expect(access(dir + "/from-config.sock", F_OK) != 0, h.diagnostics(broker.stderr))
+        #expect(broker.stop() == .exited(0), h.diagnostics(broker.stderr))
+      }
+    }
+
     @Test("Register naming an unknown plugin, or refused by its plugin, fails with a clear error")
     func refusedRegistrations() throws {
       try Harness.run("refusals") { h in
