@@ -42,7 +42,7 @@ enum Options {
       --micro-iterations K  protobuf encode/decode iterations per repetition (default 200000, 0 skips)
     child roles (spawned by the benchmark from its own executable; fd 3 is the control socket):
       uffd-bench --role broker --client-socket P --plugin-socket Q
-      uffd-bench --role plugin --name NAME --mode copy|prefetch --plugin-socket Q
+      uffd-bench --role plugin --name NAME --mode bytes|copy|prefetch|delegate|zero-page|zero-copy --plugin-socket Q
     """
 
   static func parse(_ arguments: [String]) throws(UsageError) -> Invocation {
