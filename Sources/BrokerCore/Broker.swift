@@ -69,6 +69,8 @@ public final class Broker: @unchecked Sendable {
     var requestID: UInt64
     var range: Range<UInt>
     var piece: RegionTable.Piece
+    /// The plugin asked to store it: only its reply counts.
+    var plugin: ObjectIdentifier
   }
 
   /// Counters for tests, logs and the benchmark.
@@ -385,9 +387,11 @@ public final class Broker: @unchecked Sendable {
       guard session.swapping.contains(where: { $0.lowerBound <= range.lowerBound && range.upperBound <= $0.upperBound }) else {
         throw BrokerError(.badRegion, "SwapOutData outside a swap-out in progress")
       }
-      guard piece.route.connection != nil else { throw BrokerError(.unknownPlugin, "plugin \(piece.route.name) is not connected") }
+      guard let plugin = piece.route.effective.connection, !plugin.isClosed else {
+        throw BrokerError(.unknownPlugin, "plugin \(piece.route.effective.name) is not connected")
+      }
       let storeID = takeID()
-      pendingStores[storeID] = PendingStore(session: session, requestID: request.requestID, range: range, piece: piece)
+      pendingStores[storeID] = PendingStore(session: session, requestID: request.requestID, range: range, piece: piece, plugin: ObjectIdentifier(plugin))
       sendEvent(.store(StoreEvent(storeID: storeID, clientID: session.id, regionID: regionID, offset: offset, data: data)), to: piece.route)
     case (.active, .swapOutDone(let regionID, let offset, let length)):
       let (range, _) = try session.liveRange(regionID: regionID, offset: offset, length: length)
@@ -500,8 +504,16 @@ public final class Broker: @unchecked Sendable {
     }
   }
 
-  private func storeReply(_ storeReply: StoreReply) {
-    guard let pending = pendingStores.removeValue(forKey: storeReply.storeID), pending.session.phase == .active else { return }
+  private func storeReply(_ storeReply: StoreReply, from plugin: PluginConnection) {
+    guard let pending = pendingStores[storeReply.storeID] else { return }
+    guard pending.plugin == ObjectIdentifier(plugin) else {
+      // Acknowledging another plugin's store would let the client drop pages nobody kept.
+      logger.warning("refused a store reply", metadata: ["plugin": "\(plugin.name)", "store.id": "\(storeReply.storeID)", "reason": "the store was not sent to it"])
+      countInvalid(from: plugin)
+      return
+    }
+    pendingStores[storeReply.storeID] = nil
+    guard pending.session.phase == .active else { return }
     if let error = storeReply.error {
       reply(pending.session, BrokerReply(requestID: pending.requestID, .error(BrokerError(.pluginRefused, "the plugin did not store the pages: \(error.message)"))))
       return
@@ -653,9 +665,10 @@ public final class Broker: @unchecked Sendable {
     }
     let replies = decisions.regionReplies
     for reply in replies { regionReply(reply, from: plugin) }
-    for reply in decisions.storeReplies { storeReply(reply) }
+    for reply in decisions.storeReplies where !plugin.isClosed { storeReply(reply, from: plugin) }
     let delegations = try decisions.delegations(descriptors: descriptors)
     for delegation in delegations {
+      if plugin.isClosed { return }  // too many refusals: the rest are not looked at
       if case .file(let fd, _) = delegation.source, let index = descriptors.firstIndex(of: fd) {
         descriptors.remove(at: index)  // ownership moves to the delegation (or is closed on refusal)
       }
@@ -697,6 +710,13 @@ public final class Broker: @unchecked Sendable {
     let id = ObjectIdentifier(plugin)
     let orphaned = inFlight.removeAll { $0.plugin == id }
     for entry in orphaned { entry.session.dispatcher?.complete(entry.page, .notNow) }
+    // A swap-out chunk it had not stored yet fails: the client keeps those pages.
+    for (storeID, pending) in pendingStores where pending.plugin == id {
+      pendingStores[storeID] = nil
+      if pending.session.phase == .active {
+        reply(pending.session, BrokerReply(requestID: pending.requestID, .error(BrokerError(.pluginRefused, "the plugin went away before it stored the pages"))))
+      }
+    }
     let level: Logger.Level = error == nil && plugin.route != nil ? .notice : .warning
     logger.log(level: level, "plugin disconnected", metadata: ["plugin": "\(plugin.name)", "plugin.pid": "\(plugin.peer.pid)", "reason": "\(reason)", "faults.parked": "\(orphaned.count)"])
   }
@@ -744,9 +764,12 @@ public final class Broker: @unchecked Sendable {
           let dispatcher = session.dispatcher
     else { return .notNow }
     let page = fault.address & ~UInt(piece.spec.pageSize - 1)
+    if plugin.events.isFull {
+      flush(plugin)
+      if plugin.isClosed { return .notNow }  // the send failed: park it for the plugin's return
+    }
     let faultID = inFlight.insert(InFlight(session: session, page: page, sequence: dispatcher.sequence, plugin: ObjectIdentifier(plugin), sentAt: loopTime))
     plugin.inFlight += 1
-    if plugin.events.isFull { flush(plugin) }
     plugin.events.append(PagefaultEvent(
       faultID: faultID, clientID: session.id, regionID: piece.spec.id, address: page,
       offset: piece.offset(of: page), flags: fault.flags, threadID: fault.thread))
@@ -815,8 +838,11 @@ public final class Broker: @unchecked Sendable {
       source = .zero
     case .file(_, let offset):
       var info = stat()
-      guard let file, fstat(file.fd, &info) == 0, info.st_mode & S_IFMT == S_IFREG, offset & mask == 0 else {
-        refuseDelegation(plugin, "a delegated file must be a regular file or memfd at a page-aligned offset")
+      // pread takes an off_t: the whole range must lie below 2^63 in the file.
+      guard let file, fstat(file.fd, &info) == 0, info.st_mode & S_IFMT == S_IFREG, offset & mask == 0,
+            offset <= UInt64(Int64.max) - UInt64(delegation.offsets.count)
+      else {
+        refuseDelegation(plugin, "a delegated file must be a regular file or memfd at a page-aligned offset below 2^63")
         return
       }
       source = .file(file, offset: offset)
@@ -826,9 +852,8 @@ public final class Broker: @unchecked Sendable {
   }
 
   private func refuseDelegation(_ plugin: PluginConnection, _ reason: String) {
-    statistics.invalidDecisions += 1
-    plugin.invalidDecisions += 1
     logger.warning("refused a delegation", metadata: ["plugin": "\(plugin.name)", "reason": "\(reason)"])
+    countInvalid(from: plugin)
   }
 
   /// The broker-local fast path: fills a fault from a delegated range with no
@@ -844,7 +869,6 @@ public final class Broker: @unchecked Sendable {
     let start = max(offset / block * block, range.offsets.lowerBound, pieceOffsets.lowerBound)
     let end = min(offset / block * block + block, range.offsets.upperBound, pieceOffsets.upperBound)
     guard let address = piece.address(ofOffset: start) else { return nil }
-    let protect = session.isSwapping(page)
     var kind = DecisionKind.copy
     var fillRange = address..<address + UInt(end - start)
     var data = UnsafeRawBufferPointer(start: nil, count: 0)
@@ -871,6 +895,7 @@ public final class Broker: @unchecked Sendable {
       if done < length { (localBuffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: length - done) }
       data = UnsafeRawBufferPointer(rebasing: localBuffer[..<length])
     }
+    let protect = session.isSwapping(fillRange)
     var outcome = fill(kind, range: fillRange, data: data, uffd: uffd, writeProtect: protect)
     if fillRange.count > pageSize && !outcome.isResolved {
       let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: data[Int(page - fillRange.lowerBound)..<Int(page - fillRange.lowerBound) + pageSize]) : data
@@ -947,7 +972,7 @@ public final class Broker: @unchecked Sendable {
       return
     }
     // While a swap-out runs, every fill in its range is write-protected, so no write escapes it.
-    let protect = session.isSwapping(page)
+    let protect = session.isSwapping(range)
     var outcome = fill(kind, range: range, data: data, uffd: uffd, writeProtect: protect)
     if range.count > pageSize && !outcome.isResolved {
       // A prefetch stopped at a page that exists already: fill the faulting page alone.
@@ -982,9 +1007,14 @@ public final class Broker: @unchecked Sendable {
   }
 
   private func refuse(_ decision: DecodedDecision, from plugin: PluginConnection, _ reason: String) {
+    logger.warning("refused a plugin decision", metadata: ["plugin": "\(plugin.name)", "fault.id": "\(decision.faultID)", "reason": "\(reason)"])
+    countInvalid(from: plugin)
+  }
+
+  /// Counts an invalid decision or delegation; a plugin that keeps sending them is dropped.
+  private func countInvalid(from plugin: PluginConnection) {
     statistics.invalidDecisions += 1
     plugin.invalidDecisions += 1
-    logger.warning("refused a plugin decision", metadata: ["plugin": "\(plugin.name)", "fault.id": "\(decision.faultID)", "reason": "\(reason)"])
     if plugin.invalidDecisions > configuration.maxInvalidDecisions {
       closePlugin(plugin, reason: "it sent \(plugin.invalidDecisions) invalid decisions", tell: BrokerError(.malformed, "too many invalid decisions"))
     }

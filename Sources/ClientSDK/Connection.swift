@@ -47,26 +47,31 @@ final class Connection: @unchecked Sendable {
       if case .failure(let error) = sent { throw ClientError("cannot send to the broker", broker: error) }
       let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
       defer { buffer.deallocate() }
-      var received: [CInt] = []
-      let result: PacketSocket.ReceiveResult
-      do {
-        result = try socket.receive(into: buffer, fds: &received, blocking: true)
-      } catch {
-        throw ClientError("cannot read the broker's reply", broker: error)
-      }
-      received.forEach(closeDescriptor)
-      switch result {
-      case .wouldBlock: throw ClientError("the broker did not answer", broker: BrokerError(.timedOut, "no reply within \(timeoutMilliseconds) ms"))
-      case .closed: throw ClientError("the broker closed the connection")
-      case .packet(let count):
-        let reply: BrokerReply
+      while true {
+        var received: [CInt] = []
+        let result: PacketSocket.ReceiveResult
         do {
-          reply = try ClientWire.decodeReply(UnsafeRawBufferPointer(rebasing: buffer[..<count]), arena: arena)
+          result = try socket.receive(into: buffer, fds: &received, blocking: true)
         } catch {
-          throw ClientError("the broker's reply is malformed", broker: error)
+          throw ClientError("cannot read the broker's reply", broker: error)
         }
-        if case .error(let error) = reply.body { throw ClientError("the broker refused the request", broker: error) }
-        return reply.body
+        received.forEach(closeDescriptor)
+        switch result {
+        case .wouldBlock: throw ClientError("the broker did not answer", broker: BrokerError(.timedOut, "no reply within \(timeoutMilliseconds) ms"))
+        case .closed: throw ClientError("the broker closed the connection")
+        case .packet(let count):
+          let reply: BrokerReply
+          do {
+            reply = try ClientWire.decodeReply(UnsafeRawBufferPointer(rebasing: buffer[..<count]), arena: arena)
+          } catch {
+            throw ClientError("the broker's reply is malformed", broker: error)
+          }
+          // The late reply to a request that timed out earlier answers that request, not this one
+          // (id 0: the broker refuses the connection itself, before reading any request).
+          guard reply.requestID == id || reply.requestID == 0 else { continue }
+          if case .error(let error) = reply.body { throw ClientError("the broker refused the request", broker: error) }
+          return reply.body
+        }
       }
     }
   }

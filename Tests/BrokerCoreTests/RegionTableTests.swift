@@ -59,6 +59,16 @@ struct RegionTableTests {
     #expect(t.piece(containing: scratch) == nil)
   }
 
+  @Test("an offset past the piece, however large, has no address (no overflow)")
+  func addressOfFarOffset() {
+    let t = table([spec(1, at: 0x10_0000, pages: 4)])
+    let piece = t.pieces[0]
+    #expect(piece.address(ofOffset: 3 * UInt64(page)) == 0x10_0000 + 3 * page)
+    #expect(piece.address(ofOffset: 4 * UInt64(page)) == nil)
+    #expect(piece.address(ofOffset: 0xFFFF_F000_0000_0000) == nil)
+    #expect(piece.address(ofOffset: UInt64.max) == nil)
+  }
+
   @Test("validation refuses misaligned, empty, overlapping and duplicate regions, and overlong names and arguments")
   func validation() {
     let t = table([spec(1, at: 0x10_0000, pages: 4)])

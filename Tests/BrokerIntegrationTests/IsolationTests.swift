@@ -290,6 +290,41 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("Swap-out requests with offsets far past their region are refused with a clear Error; the broker keeps serving")
+    func swapOutOffsetsOutOfRange() throws {
+      try Harness.run("swap-offsets") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let memory = try AnonymousMemory(length: 1 << 20)
+        let region = RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: "pattern")
+        let uffd = try UserfaultFD.create(features: BrokerClient.features)
+        let client = try ManualClient(socketPath: h.clientSocket)
+        try client.hello()
+        try client.send(ClientRequest(requestID: 1, .register(RegisterRequest(pid: getpid(), features: uffd.features, ioctls: uffd.ioctls, regions: [region]))),
+                        fds: [uffd.fileDescriptor.rawValue])
+        guard case .message(let registered) = try client.receive(), case .ack = registered.body else {
+          Issue.record(h.diagnostics("Register was not acknowledged"))
+          return
+        }
+        // Page aligned, so only the bounds check stands between them and an overflowing address.
+        let far: UInt64 = 0xFFFF_F000_0000_0000
+        for (index, body) in [ClientRequest.Body.swapOut(regionID: 1, offset: far, length: 4096),
+                              .swapOutData(regionID: 1, offset: far, data: [UInt8](repeating: 1, count: 4096)),
+                              .swapOutDone(regionID: 1, offset: far, length: 4096),
+                              .swapOut(regionID: 1, offset: UInt64(memory.length), length: 4096)].enumerated() {
+          let requestID = UInt64(index + 2)
+          try client.send(ClientRequest(requestID: requestID, body))
+          guard case .message(let reply) = try client.receive(), case .error(let error) = reply.body else {
+            Issue.record(h.diagnostics("request \(requestID) was not refused"))
+            continue
+          }
+          #expect(reply.requestID == requestID && error.code == .badRegion, h.diagnostics("\(error)"))
+        }
+        #expect(h.broker.isRunning, h.diagnostics)
+        let outcome = try h.runClient("touch", mib: 1, threads: 1, plugin: "pattern")
+        #expect(outcome.status == .exited(0) && outcome.summary == "verified 256 pages, 0 wrong", h.diagnostics)
+      }
+    }
+
     @Test("An Error reply echoes the request id of the request it refuses (schema: request_id is echoed in the reply)")
     func errorReplyEchoesRequestID() throws {
       try Harness.run("request-id") { h in

@@ -48,9 +48,9 @@ public struct RegionTable {
     public func offset(of address: UInt) -> UInt64 { offset + UInt64(address - live.lowerBound) }
     /// The address of region offset `offset`, if that offset is live in this piece.
     public func address(ofOffset value: UInt64) -> UInt? {
-      guard value >= offset else { return nil }
-      let address = live.lowerBound + UInt(value - offset)
-      return live.contains(address) ? address : nil
+      // Compared before adding: a client's offset may be anything up to 2^64 - 1.
+      guard value >= offset, value - offset < UInt64(live.count) else { return nil }
+      return live.lowerBound + UInt(value - offset)
     }
   }
 

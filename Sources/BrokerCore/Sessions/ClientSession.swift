@@ -47,7 +47,9 @@ final class ClientSession: UserfaultFDHandler {
   /// Ranges plugins handed to the broker to serve by itself.
   @exclusivity(unchecked) var delegated = DelegatedRanges()
 
-  func isSwapping(_ address: UInt) -> Bool { swapping.contains { $0.contains(address) } }
+  /// Whether a swap-out covers any of `range`: every page filled there must be
+  /// write-protected (a prefetch around a page outside it may reach into it).
+  func isSwapping(_ range: Range<UInt>) -> Bool { swapping.contains { $0.overlaps(range) } }
 
   init(id: UInt64, socket: PacketSocket, peer: PeerCredentials, broker: Broker) {
     self.id = id
@@ -65,7 +67,7 @@ final class ClientSession: UserfaultFDHandler {
       // Only swap-outs write-protect: hold the writer until its page is either
       // dropped (it then faults the stored copy back in) or kept and unprotected.
       let page = fault.address & ~UInt(systemPageSize - 1)
-      if isSwapping(page) {
+      if isSwapping(page..<page + UInt(systemPageSize)) {
         heldWrites.insert(page)
         return .inFlight
       }
