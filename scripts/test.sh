@@ -7,4 +7,6 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 swift build --product uffd-fuzz >/dev/null
 "$(swift build --show-bin-path)/uffd-fuzz" Tests/Fuzz/corpus
-swift test "$@"
+# Serial: the kernel tests time blocked threads, and the integration tests run
+# whole processes; on a 2-core machine they must not share the cores.
+swift test --no-parallel "$@"

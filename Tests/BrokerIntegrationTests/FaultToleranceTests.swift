@@ -203,8 +203,9 @@ extension BrokerIntegrationTests {
     func killAndRestart(round: Int) throws {
       try Harness.run("broker-restart-\(round)", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])]) { h in
         let client = try h.startClient("touch", mib: 128, threads: 2, plugin: "pattern")
-        // Let it get going (debug builds serve a few thousand pages in this time), then pull the broker.
-        usleep(UInt32(150_000 * round))
+        // Once it is registered and under way (a few thousand pages in a debug build), pull the broker.
+        #expect(h.waitForBrokerLog("client registered", "client.pid=\(client.pid)", timeout: 10), h.diagnostics)
+        usleep(UInt32(50_000 * round))
         #expect(client.isRunning, h.diagnostics("the client finished before the broker was killed"))
         try h.killAndRestartBroker()
         let status = client.wait(timeout: 60)

@@ -90,8 +90,9 @@ extension BrokerIntegrationTests {
         let outcome = try h.runClient("remap", mib: mib, threads: 1, plugin: "pattern")
         #expect(outcome.status == .exited(0), h.diagnostics)
         #expect(outcome.summary == "remapped \((mib << 20) / 2) bytes, 0 wrong pages", h.diagnostics)
+        let client = try #require(openedClients(h.eventLog("pattern")).first, h.diagnostics)
+        #expect(waitUntil(timeout: 5) { h.eventLog("pattern").contains("closed \(client)") }, h.diagnostics)
         let events = h.eventLog("pattern")
-        let client = try #require(openedClients(events).first, h.diagnostics)
         let quarter = (mib << 20) / 4
         // The upper half moved (region 1 now has a piece elsewhere); the second quarter was unmapped.
         #expect(events.contains { $0.hasPrefix("remapped \(client) 1 ") }, h.diagnostics)
@@ -99,7 +100,7 @@ extension BrokerIntegrationTests {
         // Order: the remap and the unmap reach the plugin before the client is closed.
         let closedIndex = events.firstIndex(of: "closed \(client)")
         let remapIndex = events.firstIndex { $0.hasPrefix("remapped \(client) ") }
-        if let closedIndex, let remapIndex { #expect(remapIndex < closedIndex, h.diagnostics) }
+        #expect(remapIndex != nil && closedIndex != nil && remapIndex! < closedIndex!, h.diagnostics)
       }
     }
   }

@@ -64,9 +64,15 @@ struct FixtureClient {
       spawnThread {
         var page = index
         while page < pages {
-          // A write to one word, then a read of another: both kinds of fault.
+          // Even pages take a write fault, odd pages a read fault. The write stores the
+          // word the page must hold anyway, so the check below still sees every byte.
           let pointer = UnsafeMutableRawPointer(bitPattern: base + UInt(page * 4096))!
-          if page % 2 == 0 { _ = pointer.load(fromByteOffset: 8, as: UInt64.self) } else { _ = pointer.load(as: UInt8.self) }
+          if page % 2 == 0 {
+            let word = expectZero ? 0 : Pattern.word(backingOffset: UInt64(page * 4096), wordIndex: 1)
+            pointer.storeBytes(of: word, toByteOffset: 8, as: UInt64.self)
+          } else {
+            _ = pointer.load(as: UInt8.self)
+          }
           page += threadCount
         }
       }
