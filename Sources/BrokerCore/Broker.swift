@@ -42,6 +42,7 @@ public final class Broker: @unchecked Sendable {
   /// The sessions whose dispatcher has parked faults (each listed once): the
   /// loop's timeout and redelivery look at these only, not at every client.
   @exclusivity(unchecked) private var parkedSessions: [ClientSession] = []
+  @exclusivity(unchecked) private var parkedSpare: [ClientSession] = []
   @exclusivity(unchecked) private var stopping = false
   @exclusivity(unchecked) private var nextSweep: UInt64 = 0
   /// Held in reserve: when descriptors run out (EMFILE), it is closed to accept
@@ -59,7 +60,7 @@ public final class Broker: @unchecked Sendable {
     var page: UInt
     /// The dispatcher's `sequence` when it was sent: later overlapping events make its decision stale.
     var sequence: UInt64
-    var plugin: ObjectIdentifier
+    var plugin: PluginConnection
     var sentAt: UInt64
   }
 
@@ -70,7 +71,7 @@ public final class Broker: @unchecked Sendable {
     var range: Range<UInt>
     var piece: RegionTable.Piece
     /// The plugin asked to store it: only its reply counts.
-    var plugin: ObjectIdentifier
+    var plugin: PluginConnection
   }
 
   /// Counters for tests, logs and the benchmark.
@@ -213,9 +214,8 @@ public final class Broker: @unchecked Sendable {
       }
     }
     let deadline = UInt64(configuration.pluginDeadlineMilliseconds) * 1_000_000
-    var hung: Set<ObjectIdentifier> = []
-    for entry in inFlight.entries where now > entry.sentAt + deadline { hung.insert(entry.plugin) }
-    for plugin in plugins.values where hung.contains(ObjectIdentifier(plugin)) {
+    let hung = inFlight.entries.filter { now > $0.sentAt + deadline }.map(\.plugin)
+    for plugin in hung {
       closePlugin(plugin, reason: "it did not answer a fault within \(configuration.pluginDeadlineMilliseconds) ms")
     }
     supervisor?.restartDue(loop: loop)
@@ -230,15 +230,15 @@ public final class Broker: @unchecked Sendable {
   /// Redelivers the due parked faults of every session that has some, and
   /// forgets the sessions left with none.
   private func redeliverParked(now: UInt64) {
-    let sessions = parkedSessions
-    parkedSessions.removeAll(keepingCapacity: true)
-    for session in sessions { session.hasParkedFaults = false }
-    for session in sessions { session.dispatcher?.redeliverDue(now: now) }
-    // Faults parked again (or still waiting) re-listed their session through `onPark`; the rest:
-    for session in sessions where !session.hasParkedFaults && session.dispatcher?.parkedCount ?? 0 > 0 {
+    swap(&parkedSessions, &parkedSpare)  // `parkedSessions` refills through `onPark`
+    for session in parkedSpare { session.hasParkedFaults = false }
+    for session in parkedSpare { session.dispatcher?.redeliverDue(now: now) }
+    // Faults parked again re-listed their session through `onPark`; those still waiting for their deadline:
+    for session in parkedSpare where !session.hasParkedFaults && session.dispatcher?.parkedCount ?? 0 > 0 {
       session.hasParkedFaults = true
       parkedSessions.append(session)
     }
+    parkedSpare.removeAll(keepingCapacity: true)
   }
 
   // MARK: - Clients
@@ -365,16 +365,17 @@ public final class Broker: @unchecked Sendable {
     case (.active, .removeRegions(let ids)):
       guard fds.isEmpty else { throw BrokerError(.malformed, "RemoveRegions must not carry descriptors") }
       for id in ids {
-        let routesOfRegion = Set(session.regions.pieces.filter { $0.spec.id == id }.map { ObjectIdentifier($0.route) })
-        let route = session.regions.pieces.first { $0.spec.id == id }?.route
-        guard session.regions.remove(regionID: id) else { throw BrokerError(.badRegion, "region \(id) is not registered") }
+        guard let route = session.regions.pieces.first(where: { $0.spec.id == id })?.route else {
+          throw BrokerError(.badRegion, "region \(id) is not registered")
+        }
+        session.regions.remove(regionID: id)
         session.delegated.removeAll(regionID: id)
-        if let route, !routesOfRegion.isEmpty { sendEvent(.regionClosed(clientID: session.id, regionID: id), to: route) }
+        sendEvent(.regionClosed(clientID: session.id, regionID: id), to: route)
       }
       reply(session, BrokerReply(requestID: request.requestID, .ack(clientID: session.id)))
     case (.active, .swapOut(let regionID, let offset, let length)):
       let (range, _) = try session.liveRange(regionID: regionID, offset: offset, length: length)
-      guard !session.swapping.contains(where: { $0.overlaps(range) }) else { throw BrokerError(.badRegion, "a swap-out of this range is in progress") }
+      guard !session.isSwapping(range) else { throw BrokerError(.badRegion, "a swap-out of this range is in progress") }
       guard let uffd = session.uffd else { throw BrokerError(.internal, "the client has no userfaultfd") }
       session.swapping.append(range)  // first: fills from now on are write-protected
       if case .failure(let errno) = uffd.writeProtect(address: range.lowerBound, length: range.count, protect: true) {
@@ -384,14 +385,14 @@ public final class Broker: @unchecked Sendable {
       reply(session, BrokerReply(requestID: request.requestID, .ack(clientID: session.id)))
     case (.active, .swapOutData(let regionID, let offset, let data)):
       let (range, piece) = try session.liveRange(regionID: regionID, offset: offset, length: data.count)
-      guard session.swapping.contains(where: { $0.lowerBound <= range.lowerBound && range.upperBound <= $0.upperBound }) else {
+      guard session.isSwappingAll(of: range) else {
         throw BrokerError(.badRegion, "SwapOutData outside a swap-out in progress")
       }
       guard let plugin = piece.route.effective.connection, !plugin.isClosed else {
         throw BrokerError(.unknownPlugin, "plugin \(piece.route.effective.name) is not connected")
       }
       let storeID = takeID()
-      pendingStores[storeID] = PendingStore(session: session, requestID: request.requestID, range: range, piece: piece, plugin: ObjectIdentifier(plugin))
+      pendingStores[storeID] = PendingStore(session: session, requestID: request.requestID, range: range, piece: piece, plugin: plugin)
       sendEvent(.store(StoreEvent(storeID: storeID, clientID: session.id, regionID: regionID, offset: offset, data: data)), to: piece.route)
     case (.active, .swapOutDone(let regionID, let offset, let length)):
       let (range, _) = try session.liveRange(regionID: regionID, offset: offset, length: length)
@@ -506,7 +507,7 @@ public final class Broker: @unchecked Sendable {
 
   private func storeReply(_ storeReply: StoreReply, from plugin: PluginConnection) {
     guard let pending = pendingStores[storeReply.storeID] else { return }
-    guard pending.plugin == ObjectIdentifier(plugin) else {
+    guard pending.plugin === plugin else {
       // Acknowledging another plugin's store would let the client drop pages nobody kept.
       logger.warning("refused a store reply", metadata: ["plugin": "\(plugin.name)", "store.id": "\(storeReply.storeID)", "reason": "the store was not sent to it"])
       countInvalid(from: plugin)
@@ -563,9 +564,7 @@ public final class Broker: @unchecked Sendable {
     if let uffd = session.uffd { loop.remove(uffd.fileDescriptor.rawValue) }
     if session.pidfd >= 0 { loop.remove(session.pidfd) }
     session.dispatcher?.close()
-    for entry in inFlight.removeAll(where: { $0.session === session }) {
-      plugins.values.first { ObjectIdentifier($0) == entry.plugin }?.inFlight -= 1
-    }
+    for entry in inFlight.removeAll(where: { $0.session === session }) { entry.plugin.inFlight -= 1 }
     if announce && (wasActive || session.pendingOpen != nil) {
       var served = Set(session.regions.pieces.map(\.route.name))
       session.pendingOpen.map { served.formUnion($0.regions.map(\.plugin)) }
@@ -582,14 +581,10 @@ public final class Broker: @unchecked Sendable {
 
   private func acceptPlugins() {
     while true {
-      let refusal = { (socket: PacketSocket, error: BrokerError) in
-        _ = EventBatchEncoder.encodeControl(hello: nil, error: error).withUnsafeBytes { try? socket.send($0) }
-      }
-      guard let socket = accept(from: pluginListener, role: "plugin", refusal: refusal) else { return }
+      guard let socket = accept(from: pluginListener, role: "plugin", refusal: tellPlugin) else { return }
       guard let peer = try? socket.peerCredentials() else { continue }
       guard Self.allowed(peer, uids: configuration.pluginUIDs, gids: configuration.pluginGIDs) else {
-        let bytes = EventBatchEncoder.encodeControl(hello: nil, error: BrokerError(.notAuthorized, "uid \(peer.uid) may not serve as a plugin of this broker"))
-        _ = bytes.withUnsafeBytes { try? socket.send($0) }
+        tellPlugin(socket, BrokerError(.notAuthorized, "uid \(peer.uid) may not serve as a plugin of this broker"))
         logger.warning("refused a plugin", metadata: ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
         continue
       }
@@ -601,6 +596,11 @@ public final class Broker: @unchecked Sendable {
       }
       plugins[plugin.id] = plugin
     }
+  }
+
+  /// Sends a plugin connection an Error, best effort (it is about to be closed).
+  private func tellPlugin(_ socket: PacketSocket, _ error: BrokerError) {
+    _ = EventBatchEncoder.encodeControl(hello: nil, error: error).withUnsafeBytes { try? socket.send($0) }
   }
 
   /// Handles one packet of a plugin. One per wakeup: epoll is level-triggered,
@@ -663,9 +663,8 @@ public final class Broker: @unchecked Sendable {
       if let decision = decisions.decision(at: index) { apply(decision, from: plugin) }
       if plugin.isClosed { return }
     }
-    let replies = decisions.regionReplies
-    for reply in replies { regionReply(reply, from: plugin) }
-    for reply in decisions.storeReplies where !plugin.isClosed { storeReply(reply, from: plugin) }
+    // Delegations before region replies: a reply may activate the client, whose
+    // first faults must already find the ranges its plugin handed over.
     let delegations = try decisions.delegations(descriptors: descriptors)
     for delegation in delegations {
       if plugin.isClosed { return }  // too many refusals: the rest are not looked at
@@ -674,6 +673,8 @@ public final class Broker: @unchecked Sendable {
       }
       delegate(delegation, from: plugin)
     }
+    for reply in decisions.regionReplies where !plugin.isClosed { regionReply(reply, from: plugin) }
+    for reply in decisions.storeReplies where !plugin.isClosed { storeReply(reply, from: plugin) }
   }
 
   /// A plugin (re)connected: it learns every region it serves, then the events it missed.
@@ -688,30 +689,24 @@ public final class Broker: @unchecked Sendable {
         append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: spec), to: plugin)
       }
     }
-    let missed = route.missedEvents
-    route.missedEvents.removeAll()
-    for event in missed { append(event, to: plugin) }
+    for event in route.takeMissedEvents() { append(event, to: plugin) }
   }
 
   /// Disconnects a plugin; its faults in flight are parked for its return (or a restart).
   private func closePlugin(_ plugin: PluginConnection, reason: String, tell error: BrokerError? = nil) {
     guard !plugin.isClosed else { return }
     plugin.isClosed = true
-    if let error {
-      let bytes = EventBatchEncoder.encodeControl(hello: nil, error: error)
-      _ = bytes.withUnsafeBytes { try? plugin.socket.send($0) }
-    }
+    if let error { tellPlugin(plugin.socket, error) }
     loop.remove(plugin.socket.fd)
     plugins[plugin.id] = nil
     if plugin.route?.connection === plugin {
       plugin.route?.connection = nil
       plugin.route?.lostAt = monotonicNanoseconds()
     }
-    let id = ObjectIdentifier(plugin)
-    let orphaned = inFlight.removeAll { $0.plugin == id }
+    let orphaned = inFlight.removeAll { $0.plugin === plugin }
     for entry in orphaned { entry.session.dispatcher?.complete(entry.page, .notNow) }
     // A swap-out chunk it had not stored yet fails: the client keeps those pages.
-    for (storeID, pending) in pendingStores where pending.plugin == id {
+    for (storeID, pending) in pendingStores where pending.plugin === plugin {
       pendingStores[storeID] = nil
       if pending.session.phase == .active {
         reply(pending.session, BrokerReply(requestID: pending.requestID, .error(BrokerError(.pluginRefused, "the plugin went away before it stored the pages"))))
@@ -729,17 +724,14 @@ public final class Broker: @unchecked Sendable {
       logger.error("plugin failed over", metadata: ["plugin": "\(route.name)", "fallback": "\(name)"])
       // The fallback learns the regions, then what the failed plugin missed.
       if let connection = fallback.connection { announceRegions(to: connection) }
-      let missed = route.missedEvents
-      route.missedEvents.removeAll()
-      for event in missed { sendEvent(event, to: fallback) }
+      for event in route.takeMissedEvents() { sendEvent(event, to: fallback) }
       return
     }
     route.failed = true
     logger.error("plugin failed: its regions fail closed", metadata: ["plugin": "\(route.name)", "policy": "\(policy.onFailure.rawValue)"])
     guard policy.onFailure == .kill else { return }  // poison: each fault is poisoned as it comes
     for session in clients.values where session.regions.pieces.contains(where: { $0.route.effective === route }) {
-      logger.error("killing a client whose plugin failed", metadata: ["client.id": "\(session.id)", "client.pid": "\(session.pid)", "plugin": "\(route.name)"])
-      _ = cuffd_pidfd_send_signal(session.pidfd, SIGKILL)
+      kill(session, "killing a client whose plugin failed", plugin: route)
     }
   }
 
@@ -768,7 +760,7 @@ public final class Broker: @unchecked Sendable {
       flush(plugin)
       if plugin.isClosed { return .notNow }  // the send failed: park it for the plugin's return
     }
-    let faultID = inFlight.insert(InFlight(session: session, page: page, sequence: dispatcher.sequence, plugin: ObjectIdentifier(plugin), sentAt: loopTime))
+    let faultID = inFlight.insert(InFlight(session: session, page: page, sequence: dispatcher.sequence, plugin: plugin, sentAt: loopTime))
     plugin.inFlight += 1
     plugin.events.append(PagefaultEvent(
       faultID: faultID, clientID: session.id, regionID: piece.spec.id, address: page,
@@ -788,7 +780,7 @@ public final class Broker: @unchecked Sendable {
     guard route.missedEvents.count < Self.maxMissedEvents else {
       // Dropping an event could make the plugin serve stale memory later: instead the
       // client that keeps changing its mappings while its plugin is away is failed closed.
-      if let session = clients[event.clientID] { killForOverflow(session, route) }
+      if let session = clients[event.clientID] { kill(session, "killing a client: too many events for an absent plugin", plugin: route) }
       return
     }
     route.missedEvents.append(event)
@@ -797,8 +789,9 @@ public final class Broker: @unchecked Sendable {
   /// Events kept for a plugin that is away; past this a client is failed closed.
   static let maxMissedEvents = 1 << 20
 
-  private func killForOverflow(_ session: ClientSession, _ route: PluginRoute) {
-    logger.error("killing a client: too many events for an absent plugin", metadata: ["client.id": "\(session.id)", "client.pid": "\(session.pid)", "plugin": "\(route.name)"])
+  /// Fails a client closed: SIGKILL through its pidfd (never a recycled pid), with the reason logged.
+  private func kill(_ session: ClientSession, _ message: Logger.Message, plugin route: PluginRoute) {
+    logger.error(message, metadata: ["client.id": "\(session.id)", "client.pid": "\(session.pid)", "plugin": "\(route.name)"])
     _ = cuffd_pidfd_send_signal(session.pidfd, SIGKILL)
   }
 
@@ -895,12 +888,7 @@ public final class Broker: @unchecked Sendable {
       if done < length { (localBuffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: length - done) }
       data = UnsafeRawBufferPointer(rebasing: localBuffer[..<length])
     }
-    let protect = session.isSwapping(fillRange)
-    var outcome = fill(kind, range: fillRange, data: data, uffd: uffd, writeProtect: protect)
-    if fillRange.count > pageSize && !outcome.isResolved {
-      let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: data[Int(page - fillRange.lowerBound)..<Int(page - fillRange.lowerBound) + pageSize]) : data
-      outcome = fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd, writeProtect: protect)
-    }
+    let outcome = fill(kind, range: fillRange, around: page, pageSize: pageSize, data: data, session: session, uffd: uffd)
     statistics.resolvedLocally += 1
     resolvedCounter.add(1, ordering: .relaxed)
     return PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd)
@@ -909,7 +897,7 @@ public final class Broker: @unchecked Sendable {
   /// Validates a decision against the live region of the fault's client and applies it.
   private func apply(_ decision: DecodedDecision, from plugin: PluginConnection) {
     guard let entry = inFlight.entry(decision.faultID) else { return }  // answered already, or its client is gone
-    guard entry.plugin == ObjectIdentifier(plugin) else {
+    guard entry.plugin === plugin else {
       refuse(decision, from: plugin, "it answers fault \(decision.faultID), which was not sent to it")
       return
     }
@@ -971,18 +959,23 @@ public final class Broker: @unchecked Sendable {
       dispatcher.complete(page, .notNow)
       return
     }
-    // While a swap-out runs, every fill in its range is write-protected, so no write escapes it.
-    let protect = session.isSwapping(range)
-    var outcome = fill(kind, range: range, data: data, uffd: uffd, writeProtect: protect)
-    if range.count > pageSize && !outcome.isResolved {
-      // A prefetch stopped at a page that exists already: fill the faulting page alone.
-      let at = Int(page - range.lowerBound)
-      let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: data[at..<at + pageSize]) : data
-      outcome = fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd, writeProtect: protect)
-    }
+    let outcome = fill(kind, range: range, around: page, pageSize: pageSize, data: data, session: session, uffd: uffd)
     statistics.decisionsApplied += 1
     resolvedCounter.add(1, ordering: .relaxed)
     dispatcher.complete(page, PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd))
+  }
+
+  /// Fills `range` (the faulting `page` and maybe neighbours). While a swap-out
+  /// runs, every fill reaching into it is write-protected, so no write escapes it.
+  /// A prefetch that stops at a page that exists already falls back to the faulting page alone.
+  private func fill(_ kind: DecisionKind, range: Range<UInt>, around page: UInt, pageSize: Int, data: UnsafeRawBufferPointer,
+                    session: ClientSession, uffd: UserfaultFD) -> IoctlOutcome {
+    let protect = session.isSwapping(range)
+    let outcome = fill(kind, range: range, data: data, uffd: uffd, writeProtect: protect)
+    guard range.count > pageSize && !outcome.isResolved else { return outcome }
+    let at = Int(page - range.lowerBound)
+    let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: data[at..<at + pageSize]) : data
+    return fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd, writeProtect: protect)
   }
 
   private func fill(_ kind: DecisionKind, range: Range<UInt>, data: UnsafeRawBufferPointer, uffd: UserfaultFD, writeProtect: Bool) -> IoctlOutcome {

@@ -21,6 +21,12 @@ public final class PluginRoute {
     lostAt = monotonicNanoseconds()
   }
 
+  /// The events kept for the plugin's return, handed over once.
+  func takeMissedEvents() -> [BrokerEvent] {
+    defer { missedEvents.removeAll() }
+    return missedEvents
+  }
+
   /// The route that serves this one's regions now: itself, or its failover (followed a few levels).
   var effective: PluginRoute {
     var route = self
@@ -59,7 +65,6 @@ public struct RegionTable {
 
   public init() {}
 
-  public var isEmpty: Bool { pieces.isEmpty }
   public var regionIDs: Set<UInt64> { Set(pieces.map(\.spec.id)) }
 
   /// Checks new regions: page aligned, non-empty, page size this system's,

@@ -89,13 +89,22 @@ final class ClientSession: UserfaultFDHandler {
 
   func removed(_ range: Range<UInt>) {
     // A swap-out drops pages whose content the plugin has just stored.
-    let swappedOut = swapping.contains { $0.lowerBound <= range.lowerBound && range.upperBound <= $0.upperBound }
-    for part in regions.overlapping(range) {
+    report(regions.overlapping(range), swappedOut: isSwappingAll(of: range), as: BrokerEvent.removed)
+  }
+
+  /// Whether one swap-out covers all of `range`.
+  func isSwappingAll(of range: Range<UInt>) -> Bool {
+    swapping.contains { $0.lowerBound <= range.lowerBound && range.upperBound <= $0.upperBound }
+  }
+
+  /// Takes removed or unmapped parts back from delegations (their next faults go
+  /// to the plugin) and tells each part's plugin, in order.
+  private func report(_ parts: [(piece: RegionTable.Piece, range: Range<UInt>)], swappedOut: Bool = false, as event: (RangeEvent) -> BrokerEvent) {
+    for part in parts {
       let start = part.piece.offset(of: part.range.lowerBound)
       delegated.cut(regionID: part.piece.spec.id, start..<start + UInt64(part.range.count))
-      broker.sendEvent(.removed(RangeEvent(
-        clientID: id, regionID: part.piece.spec.id, range: part.range,
-        startOffset: part.piece.offset(of: part.range.lowerBound), swappedOut: swappedOut)), to: part.piece.route)
+      broker.sendEvent(event(RangeEvent(clientID: id, regionID: part.piece.spec.id, range: part.range, startOffset: start, swappedOut: swappedOut)),
+                       to: part.piece.route)
     }
   }
 
@@ -112,11 +121,7 @@ final class ClientSession: UserfaultFDHandler {
   }
 
   func unmapped(_ range: Range<UInt>) {
-    for part in regions.cut(range) {
-      let start = part.piece.offset(of: part.range.lowerBound)
-      delegated.cut(regionID: part.piece.spec.id, start..<start + UInt64(part.range.count))
-      broker.sendEvent(.unmapped(RangeEvent(clientID: id, regionID: part.piece.spec.id, range: part.range, startOffset: part.piece.offset(of: part.range.lowerBound))), to: part.piece.route)
-    }
+    report(regions.cut(range), as: BrokerEvent.unmapped)
   }
 
   func remapped(from: UInt, to: UInt, length: Int) {

@@ -28,7 +28,12 @@ final class PluginSupervisor {
     self.logger = logger
   }
 
-  var nextRestart: UInt64? { children.compactMap(\.restartAt).min() }
+  /// The earliest restart due (read on every loop wakeup: no array built).
+  var nextRestart: UInt64? {
+    var earliest: UInt64?
+    for child in children { if let due = child.restartAt, due < earliest ?? .max { earliest = due } }
+    return earliest
+  }
 
   func startAll(loop: EventLoop) {
     for index in children.indices { start(index, loop: loop) }
