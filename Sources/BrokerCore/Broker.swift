@@ -677,19 +677,25 @@ public final class Broker: @unchecked Sendable {
     for reply in decisions.storeReplies where !plugin.isClosed { storeReply(reply, from: plugin) }
   }
 
-  /// A plugin (re)connected: it learns every region it serves, then the events it missed.
-  private func announceRegions(to plugin: PluginConnection) {
+  /// A plugin (re)connected: it learns every region it serves, then the events it
+  /// missed. With `origin` (a failed plugin whose regions it takes over): only
+  /// that plugin's regions; its own are open already, and opening them again
+  /// would reset whatever it keeps for them.
+  private func announceRegions(to plugin: PluginConnection, of origin: PluginRoute? = nil) {
     guard let route = plugin.route else { return }
+    let announces = { (candidate: PluginRoute) in
+      candidate.effective === route && (origin.map { candidate.passes(through: $0) } ?? true)
+    }
     for session in clients.values.sorted(by: { $0.id < $1.id }) {
       var announced = Set<UInt64>()
-      for piece in session.regions.pieces where piece.route.effective === route && announced.insert(piece.spec.id).inserted {
+      for piece in session.regions.pieces where announces(piece.route) && announced.insert(piece.spec.id).inserted {
         append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: piece.spec), to: plugin)
       }
-      for spec in session.pendingOpen?.regions ?? [] where self.route(named: spec.plugin).effective === route {
+      for spec in session.pendingOpen?.regions ?? [] where announces(self.route(named: spec.plugin)) {
         append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: spec), to: plugin)
       }
     }
-    for event in route.takeMissedEvents() { append(event, to: plugin) }
+    if origin == nil { for event in route.takeMissedEvents() { append(event, to: plugin) } }
   }
 
   /// Disconnects a plugin; its faults in flight are parked for its return (or a restart).
@@ -723,7 +729,7 @@ public final class Broker: @unchecked Sendable {
       route.failover = fallback
       logger.error("plugin failed over", metadata: ["plugin": "\(route.name)", "fallback": "\(name)"])
       // The fallback learns the regions, then what the failed plugin missed.
-      if let connection = fallback.connection { announceRegions(to: connection) }
+      if let connection = fallback.connection { announceRegions(to: connection, of: route) }
       for event in route.takeMissedEvents() { sendEvent(event, to: fallback) }
       return
     }

@@ -59,6 +59,16 @@ struct RegionTableTests {
     #expect(t.piece(containing: scratch) == nil)
   }
 
+  @Test("a route's failover chain: effective is its end, passes(through:) names the routes on it")
+  func failoverChain() {
+    let a = PluginRoute(name: "a"), b = PluginRoute(name: "b"), c = PluginRoute(name: "c")
+    #expect(a.effective === a && a.passes(through: a) && !a.passes(through: b))
+    a.failover = b
+    b.failover = c
+    #expect(a.effective === c && b.effective === c)
+    #expect(a.passes(through: b) && a.passes(through: c) && !b.passes(through: a) && !c.passes(through: b))
+  }
+
   @Test("an offset past the piece, however large, has no address (no overflow)")
   func addressOfFarOffset() {
     let t = table([spec(1, at: 0x10_0000, pages: 4)])

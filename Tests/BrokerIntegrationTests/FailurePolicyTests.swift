@@ -14,6 +14,9 @@ extension BrokerIntegrationTests {
       try Harness.run("failover", configFields: [policy]) { h in
         let primary = try h.startPlugin(name: "pattern", mode: "exit-after:1500")
         try h.startPlugin(name: "backup", mode: "pattern")
+        // A client of the fallback's own, registered throughout the failover.
+        let own = try h.startClient("soak", mib: 4, threads: 1, plugin: "backup", loops: 1_000_000, extraEnvironment: ["FIXTURE_SOAK_SECONDS": "5"])
+        #expect(h.waitForBrokerLog("client registered", "client.pid=\(own.pid)"), h.diagnostics)
         let outcome = try h.runClient("touch", mib: 16, threads: 2, plugin: "pattern", timeout: 60)
         #expect(primary.wait(timeout: 5) == .exited(3), h.diagnostics("the primary should have exited after 1500 faults"))
         #expect(outcome.status == .exited(0) && outcome.summary == "verified 4096 pages, 0 wrong", h.diagnostics(outcome.stdout + outcome.stderr))
@@ -21,6 +24,10 @@ extension BrokerIntegrationTests {
         // The fallback was told of the region before it served faults of it.
         let backup = h.eventLog("backup")
         #expect(backup.contains { $0.hasPrefix("opened ") }, h.diagnostics("backup events: \(backup.prefix(5))"))
+        // ...and not told again of its own client's region (a plugin's state for it would be lost).
+        let opened = openedClients(backup)
+        #expect(opened.count == 2 && Set(opened).count == 2, h.diagnostics("backup opened regions of clients \(opened)"))
+        #expect(own.wait(timeout: 30) == .exited(0), h.diagnostics(own.stdout + own.stderr))
       }
     }
 

@@ -30,12 +30,25 @@ public final class PluginRoute {
   /// The route that serves this one's regions now: itself, or its failover (followed a few levels).
   var effective: PluginRoute {
     var route = self
-    for _ in 0..<4 {
+    for _ in 0..<Self.failoverDepth {
       guard let next = route.failover else { break }
       route = next
     }
     return route
   }
+
+  /// Whether `other` is this route or on its way to `effective`.
+  func passes(through other: PluginRoute) -> Bool {
+    var route = self
+    for _ in 0...Self.failoverDepth {
+      if route === other { return true }
+      guard let next = route.failover else { return false }
+      route = next
+    }
+    return false
+  }
+
+  private static let failoverDepth = 4
 }
 
 /// The live regions of one client: which addresses are served, by which
