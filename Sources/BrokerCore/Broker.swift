@@ -1059,9 +1059,8 @@ public final class Broker: @unchecked Sendable {
       loop.modify(plugin.socket.fd, Token(.plugin, plugin.id), events: cuffd_epollin | cuffd_epollout)
     }
     // The plugin is not reading: keep order by queueing behind what is waiting.
-    plugin.backlog.append(Array(bytes))
-    plugin.backlogBytes += bytes.count
-    if plugin.backlogBytes > 64 << 20 { closePlugin(plugin, reason: "it stopped reading its events") }
+    plugin.backlog.append(bytes)
+    if plugin.backlog.bytes > 64 << 20 { closePlugin(plugin, reason: "it stopped reading its events") }
   }
 
   private func drainBacklog(_ plugin: PluginConnection) {
@@ -1073,7 +1072,6 @@ public final class Broker: @unchecked Sendable {
         return
       }
       plugin.backlog.removeFirst()
-      plugin.backlogBytes -= first.count
     }
     loop.modify(plugin.socket.fd, Token(.plugin, plugin.id), events: cuffd_epollin)
   }

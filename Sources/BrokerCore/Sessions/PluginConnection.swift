@@ -33,8 +33,7 @@ final class PluginConnection {
   @exclusivity(unchecked) var route: PluginRoute?
   let events = EventBatchEncoder()
   /// Packets the socket refused (EAGAIN), sent first on EPOLLOUT. Empty on the fast path.
-  @exclusivity(unchecked) var backlog: [[UInt8]] = []
-  @exclusivity(unchecked) var backlogBytes = 0
+  @exclusivity(unchecked) var backlog = PacketQueue()
   @exclusivity(unchecked) var inFlight = 0
   @exclusivity(unchecked) var invalidDecisions = 0
   /// Packets of this plugin handled so far (told back to it: shared bytes may be reused).
@@ -51,4 +50,33 @@ final class PluginConnection {
   }
 
   var name: String { route?.name ?? "(unnamed)" }
+}
+
+/// Packets in order, each taken from the front in O(1) (amortized).
+struct PacketQueue {
+  private var packets: [[UInt8]] = []
+  private var head = 0
+  /// Bytes queued.
+  private(set) var bytes = 0
+
+  var isEmpty: Bool { head == packets.count }
+  var first: [UInt8]? { isEmpty ? nil : packets[head] }
+
+  mutating func append(_ packet: UnsafeRawBufferPointer) {
+    packets.append(Array(packet))
+    bytes += packet.count
+  }
+
+  mutating func removeFirst() {
+    bytes -= packets[head].count
+    head += 1
+    // Compact once the sent half dominates, so the array does not grow while it never empties.
+    if head == packets.count {
+      packets.removeAll(keepingCapacity: true)
+      head = 0
+    } else if head > 1024 && head * 2 > packets.count {
+      packets.removeFirst(head)
+      head = 0
+    }
+  }
 }
