@@ -966,6 +966,12 @@ public final class Broker: @unchecked Sendable {
       return
     }
     let outcome = fill(kind, range: range, around: page, pageSize: pageSize, data: data, session: session, uffd: uffd)
+    if case .failed(.badAddress) = outcome {
+      // The kernel could not read the bytes: a shared area the plugin cannot back (a hugetlb pool run dry).
+      refuse(decision, from: plugin, "its bytes could not be read (EFAULT)")
+      dispatcher.complete(page, .notNow)
+      return
+    }
     statistics.decisionsApplied += 1
     resolvedCounter.add(1, ordering: .relaxed)
     dispatcher.complete(page, PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd))

@@ -20,6 +20,20 @@ extension UserfaultfdKernelTests {
       }
     }
 
+    @Test("A copy whose source cannot be read is .failed(EFAULT), not a crash (sources may be a plugin's memory)")
+    func copyFromUnreadableSource() throws {
+      try withFixture(pages: 1, features: []) { f in
+        let source = try #require(mmap(nil, pageSize, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0))
+        defer { munmap(source, pageSize) }
+        #expect(f.uffd.copy(to: f.region.page(0), from: UnsafeRawPointer(source), length: pageSize) == .failed(.badAddress))
+        // Nothing was mapped: a good copy still fills the page.
+        let buffer = PageBuffer(pages: 1)
+        buffer.preparePattern(for: f.region.page(0), pages: 1)
+        #expect(f.uffd.copy(to: f.region.page(0), from: buffer.pointer, length: pageSize) == .done)
+        #expect(content(ofPage: f.region.page(0)) == .pattern)
+      }
+    }
+
     @Test("UFFDIO_ZEROPAGE maps zeros; a later write copies on write")
     func zeroMapsZeros() throws {
       try withFixture(pages: 2, features: []) { f in

@@ -47,8 +47,8 @@ public enum IoctlOutcome: Equatable, Sendable {
     case .fileExists: return .alreadyPresent
     case .noSuchFileOrDirectory: return .rangeGone
     case .noSuchProcess, .noSpace: return .targetExited
-    case .badAddress, .badFileDescriptor:
-      // EFAULT means our own source buffer is bad, EBADF a descriptor we closed: bugs, not races.
+    case .badFileDescriptor:
+      // A descriptor we closed: a bug, not a race.
       preconditionFailure("userfaultfd ioctl failed with \(errno): a bug in the caller")
     default: return .failed(errno)
     }
