@@ -20,6 +20,24 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("Regions added after Register are served with their own backing; an overlapping one is refused; a removed one is closed for the plugin")
+    func addAndRemoveRegions() throws {
+      try Harness.run("regions") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let outcome = try h.runClient("add-remove", mib: 2, threads: 1, plugin: "pattern")
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "regions: added 1, overlap refused: bad region, verified 1024 pages, 0 wrong, removed region reads zeros: true", h.diagnostics)
+        let client = try #require(openedClients(h.eventLog("pattern")).first, h.diagnostics)
+        #expect(waitUntil(timeout: 5) { h.eventLog("pattern").contains("closed \(client)") }, h.diagnostics)
+        let events = h.eventLog("pattern")
+        #expect(events.filter { $0.hasPrefix("opened \(client) ") } == ["opened \(client) 1", "opened \(client) 2"], h.diagnostics)
+        // RemoveRegions closed region 1 while the client went on (a remove in region 2 came after).
+        let closedAt = events.firstIndex(of: "regionClosed \(client) 1")
+        let laterRemoveAt = events.firstIndex(of: "removed \(client) 0 4096")
+        #expect(closedAt != nil && laterRemoveAt != nil && closedAt! < laterRemoveAt!, h.diagnostics)
+      }
+    }
+
     @Test("Zero decisions map zero pages")
     func zeroDecisions() throws {
       try Harness.run("zero") { h in

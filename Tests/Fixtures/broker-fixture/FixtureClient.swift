@@ -32,6 +32,7 @@ struct FixtureClient {
       case "guarded": return try guarded()
       case "foreign-uid": return foreignUID()
       case "soak": return try soak()
+      case "add-remove": return try addAndRemoveRegions()
       default:
         print("unknown scenario \(scenario)")
         return 2
