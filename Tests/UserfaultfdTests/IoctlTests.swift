@@ -44,6 +44,40 @@ extension UserfaultfdKernelTests {
       }
     }
 
+    @Test("UFFDIO_WRITEPROTECT, and a copy in write-protect mode: a write blocks in the kernel until the page is unprotected, then lands")
+    func writeProtect() throws {
+      try withFixture(pages: 2, features: [], register: false) { f in
+        try f.uffd.register(address: f.region.lowerBound, length: 2 * pageSize, mode: [.missing, .writeProtect])
+        let buffer = PageBuffer(pages: 2)
+        buffer.preparePattern(for: f.region.page(0), pages: 2)
+        #expect(f.uffd.copy(to: f.region.page(0), from: buffer.pointer, length: pageSize) == .done)
+        #expect(throws: Never.self) { try f.uffd.writeProtect(address: f.region.page(0), length: pageSize, protect: true).get() }
+        #expect(f.uffd.copy(to: f.region.page(1), from: buffer.pointer + pageSize, length: pageSize, writeProtect: true) == .done)
+        for page in [f.region.page(0), f.region.page(1)] {
+          #expect(content(ofPage: page) == .pattern)  // reads pass
+          let writer = f.spawn { store(42, at: page + 8) }
+          try #require(waitUntil("the writer to block in its write-protect fault") { isBlockedInUserfaultfd(writer.tid) })
+          #expect(load(page + 8) != 42)
+          #expect(throws: Never.self) { try f.uffd.writeProtect(address: page, length: pageSize, protect: false).get() }
+          try #require(f.join(writer))
+          #expect(load(page + 8) == 42)
+        }
+      }
+    }
+
+    @Test("UFFDIO_POISON marks a missing page: poisoning it again is EEXIST; a later copy replaces the marker")
+    func poisonMarksPage() throws {
+      try withFixture(pages: 2, features: []) { f in
+        #expect(f.uffd.poison(address: f.region.page(0), length: pageSize) == .done)
+        #expect(f.uffd.poison(address: f.region.page(0), length: pageSize) == .alreadyPresent)
+        // The kernel lets a fill replace the marker (a region failed closed can be served again).
+        let buffer = PageBuffer()
+        buffer.preparePattern(for: f.region.page(0))
+        #expect(f.uffd.copy(to: f.region.page(0), from: buffer.pointer, length: pageSize) == .done)
+        #expect(content(ofPage: f.region.page(0)) == .pattern)
+      }
+    }
+
     @Test("A DONTWAKE copy fills without waking; UFFDIO_WAKE releases the faulting thread")
     func dontWakeThenWake() throws {
       try withFixture(pages: 2, features: []) { f in
