@@ -1,5 +1,6 @@
 import BrokerProtocol
 import ClientSDK
+import CUserfaultfd
 import Glibc
 import Testing
 import Userfaultfd
@@ -186,6 +187,37 @@ extension BrokerIntegrationTests {
         // Everyone else is still served.
         let outcome = try h.runClient("touch", mib: 2, threads: 2, plugin: "pattern")
         #expect(outcome.status == .exited(0) && outcome.summary == "verified 512 pages, 0 wrong", h.diagnostics)
+      }
+    }
+
+    @Test("A plugin's shared area must be a memfd sealed against shrinking: a pipe or a plain file with Hello is refused, a sealed memfd accepted")
+    func sharedAreaChecked() throws {
+      try Harness.run("shared-area") { h in
+        var pipeFDs: [CInt] = [-1, -1]
+        #expect(pipe(&pipeFDs) == 0)
+        defer { pipeFDs.forEach { close($0) } }
+        let file = open(h.directory + "/plain", O_RDWR | O_CREAT, 0o600)
+        defer { close(file) }
+        #expect(ftruncate(file, 1 << 20) == 0)
+        let sealed = cuffd_sealed_memfd("test-area", 1 << 20)
+        defer { close(sealed) }
+        let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 16)
+        defer { packet.deallocate() }
+        for (label, fd, accepted) in [("a pipe", pipeFDs[0], false), ("a plain file", file, false), ("a sealed memfd", sealed, true)] {
+          let plugin = try PacketSocket.connect(path: h.pluginSocket)
+          let encoder = DecisionBatchEncoder()
+          encoder.setHello(Hello(role: .plugin, name: "area-\(accepted)"))
+          let count = encoder.encode(into: packet)
+          _ = try [fd].withUnsafeBufferPointer { fds in try plugin.send(UnsafeRawBufferPointer(rebasing: packet[..<count]), fds: fds) }
+          if accepted {
+            #expect(h.waitForBrokerLog("plugin connected", "plugin=area-true"), h.diagnostics(label))
+          } else {
+            let dropped = try Self.dropped(plugin)
+            #expect(dropped.closed && dropped.error?.code == .malformed && dropped.error?.message.contains("sealed") == true,
+                    h.diagnostics("\(label): \(String(describing: dropped.error))"))
+          }
+        }
+        #expect(h.brokerLogLines(containing: "plugin connected", "plugin=area-false").isEmpty, h.diagnostics)
       }
     }
 
