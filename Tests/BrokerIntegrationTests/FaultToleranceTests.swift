@@ -67,6 +67,33 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("A plugin that goes away before storing a swap-out chunk: the client's swap-out fails clearly and drops no page")
+    func pluginLostDuringSwapOut() throws {
+      try Harness.run("swap-lost") { h in
+        var plugin: ManualPlugin? = try ManualPlugin(socketPath: h.pluginSocket, name: "keeper")
+        let client = try h.startClient("swap-plugin-lost", mib: 1, threads: 1, plugin: "keeper")
+        var stores = 0
+        let deadline = now() + 10
+        while stores == 0 && now() < deadline {
+          try plugin?.serveOnce(milliseconds: 20) { batch, decisions in
+            for event in batch.events {
+              switch event {
+              case .pagefault(let fault):  // the client writes every page first
+                decisions.append(.init(faultID: fault.faultID, kind: .zero, address: fault.address, length: pageSize))
+              case .store: stores += 1  // never answered: the plugin goes away instead
+              default: break
+              }
+            }
+          }
+        }
+        #expect(stores > 0, h.diagnostics("no Store reached the plugin"))
+        plugin = nil  // its connection closes
+        #expect(client.wait(timeout: 10) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("swap-out failed: pluginRefused: the plugin went away before it stored the pages; verified 256 pages, 0 wrong\n"),
+                h.diagnostics(client.stdout))
+      }
+    }
+
     @Test("A fault the plugin holds does not delay faults on other pages (no head-of-line blocking)")
     func noHeadOfLineBlocking() throws {
       try Harness.run("hol") { h in

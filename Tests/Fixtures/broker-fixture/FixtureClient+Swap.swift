@@ -59,3 +59,30 @@ extension FixtureClient {
     return bad == 0 && dropped > 0 ? 0 : 1
   }
 }
+
+extension FixtureClient {
+  /// Fills the region, then swaps it out while its plugin goes away before
+  /// storing: the swap-out must fail with a clear error and drop nothing.
+  func swapPluginLost() throws -> Int32 {
+    let memory = try AnonymousMemory(length: mib << 20)
+    let spec = RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin)
+    let client = try BrokerClient(regions: [spec], name: "fixture-swap-lost")
+    let pages = memory.length / pageSize
+    for page in 0..<pages {
+      Pattern.fill(UnsafeMutableRawBufferPointer(start: memory.base + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize))
+    }
+    var failure = "none"
+    do {
+      _ = try client.swapOut(spec)
+    } catch {
+      failure = error.broker.map { "\($0.code): \($0.message)" } ?? "\(error)"
+    }
+    var bad = 0
+    for page in 0..<pages where Pattern.mismatch(UnsafeRawBufferPointer(start: memory.base + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize)) != nil {
+      bad += 1
+    }
+    withExtendedLifetime(client) {}
+    print("swap-out failed: \(failure); verified \(pages) pages, \(bad) wrong")
+    return bad == 0 ? 0 : 1
+  }
+}
