@@ -53,6 +53,8 @@ nonisolated(unsafe) private let decisionEncoder = DecisionBatchEncoder()
 /// Re-encoded packets may exceed the 256 KiB packet limit (invalid UTF-8 in a
 /// string is repaired to U+FFFD, 3 bytes), so the round trip packs into more.
 nonisolated(unsafe) private let packBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 4 << 20, alignment: 4096)
+/// Packets that decoded (the replay checks that every seed still does).
+nonisolated(unsafe) private var packetsDecoded = 0
 /// Stand-ins for the descriptors of a packet (never used as descriptors).
 private let fakeDescriptors: [CInt] = [1000, 1001, 1002, 1003, 1004, 1005, 1006]
 
@@ -86,6 +88,7 @@ private func show<T>(_ value: T) -> String {
 private func clientToBroker(_ packet: UnsafeRawBufferPointer) {
   let request: ClientRequest
   do { request = try ClientWire.decodeRequest(packet, arena: requestArena) } catch { return }
+  packetsDecoded += 1
   let bytes = ClientWire.encode(request)
   let again = bytes.withUnsafeBytes { (b) -> Result<ClientRequest, BrokerError> in
     Result { () throws(BrokerError) in try ClientWire.decodeRequest(b, arena: checkArena) }
@@ -96,6 +99,7 @@ private func clientToBroker(_ packet: UnsafeRawBufferPointer) {
 private func brokerToClient(_ packet: UnsafeRawBufferPointer) {
   let reply: BrokerReply
   do { reply = try ClientWire.decodeReply(packet, arena: replyArena) } catch { return }
+  packetsDecoded += 1
   let bytes = ClientWire.encode(reply)
   let again = bytes.withUnsafeBytes { (b) -> Result<BrokerReply, BrokerError> in
     Result { () throws(BrokerError) in try ClientWire.decodeReply(b, arena: checkArena) }
@@ -131,6 +135,7 @@ private struct Decision: Equatable {
 private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt]) {
   let decoder = decisionDecoder
   do { try decoder.decode(packet) } catch { return }
+  packetsDecoded += 1
   // What the broker reads, in its order (Broker.handlePluginMessage), but every
   // item even after a bad one.
   let hello = Result { () throws(BrokerError) in try decoder.hello }
@@ -196,6 +201,7 @@ private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt
 private func brokerToPlugin(_ packet: UnsafeRawBufferPointer) {
   let decoder = eventDecoder
   do { try decoder.decode(packet) } catch { return }
+  packetsDecoded += 1
   // What PluginRunner reads, but every event even after a bad one.
   let hello = Result { () throws(BrokerError) in try decoder.hello }
   let error = decoder.error
@@ -636,7 +642,12 @@ struct Replay {
         arguments.insert(contentsOf: Files.entries(of: path), at: 0)
       } else {
         let bytes = Files.readFile(path)
+        let decodedBefore = packetsDecoded
         _ = bytes.withUnsafeBufferPointer { fuzz($0.baseAddress, $0.count) }
+        // A seed is a valid packet of its type: one that no longer decodes means a decoder refuses good input.
+        if path.split(separator: "/").last?.hasPrefix("seed-") == true && packetsDecoded == decodedBefore {
+          Files.fail("\(path): a seed that no longer decodes")
+        }
         count += 1
       }
     }
