@@ -70,7 +70,8 @@ extension BrokerIntegrationTests {
 
     @Test("A decision for a fault id never sent is ignored; one for another plugin's fault (another client) is refused")
     func decisionsForOtherFaults() throws {
-      try Harness.run("manual-plugins") { h in
+      // A long plugin deadline: the loop below waits for a log line while plugin A holds a fault.
+      try Harness.run("manual-plugins", pluginDeadlineMilliseconds: 30_000) { h in
         let a = try ManualPlugin(socketPath: h.pluginSocket, name: "manual-a")
         let b = try ManualPlugin(socketPath: h.pluginSocket, name: "manual-b")
         let client1 = try h.startClient("touch", mib: 1, threads: 1, plugin: "manual-a")
