@@ -71,7 +71,7 @@ extension BrokerIntegrationTests {
     func pluginLostDuringSwapOut() throws {
       try Harness.run("swap-lost") { h in
         var plugin: ManualPlugin? = try ManualPlugin(socketPath: h.pluginSocket, name: "keeper")
-        let client = try h.startClient("swap-plugin-lost", mib: 1, threads: 1, plugin: "keeper")
+        let client = try h.startClient("swap-once", mib: 1, threads: 1, plugin: "keeper")
         var stores = 0
         let deadline = now() + 10
         while stores == 0 && now() < deadline {
@@ -91,6 +91,43 @@ extension BrokerIntegrationTests {
         #expect(client.wait(timeout: 10) == .exited(0), h.diagnostics(client.stdout + client.stderr))
         #expect(client.stdout.hasSuffix("swap-out failed: pluginRefused: the plugin went away before it stored the pages; verified 256 pages, 0 wrong\n"),
                 h.diagnostics(client.stdout))
+      }
+    }
+
+    @Test("A store reply from a plugin the store was not sent to is refused; the client drops its pages only on its own plugin's reply")
+    func storeReplyFromAnotherPlugin() throws {
+      try Harness.run("store-spoof") { h in
+        let keeper = try ManualPlugin(socketPath: h.pluginSocket, name: "keeper")
+        let other = try ManualPlugin(socketPath: h.pluginSocket, name: "other")
+        let client = try h.startClient("swap-once", mib: 1, threads: 1, plugin: "keeper")
+        var stored: [UInt64: [UInt8]] = [:]  // region offset -> page
+        var spoofed = 0
+        let deadline = now() + 20
+        while client.isRunning && now() < deadline {
+          try keeper.serveOnce(milliseconds: 10) { batch, decisions in
+            var replies: [StoreReply] = []
+            for event in batch.events {
+              switch event {
+              case .pagefault(let fault):  // zeros before the swap-out, the stored bytes after
+                let page = stored[fault.offset]
+                decisions.append(.init(faultID: fault.faultID, kind: page == nil ? .zero : .copy, address: fault.address, length: pageSize, data: page))
+              case .store(let store):
+                // First the other plugin claims to have stored it: refused, so nothing may be dropped yet.
+                try other.send([], storeReplies: [StoreReply(storeID: store.storeID, error: nil)])
+                if h.waitForBrokerLog("refused a store reply", "plugin=other", "store.id=\(store.storeID)") { spoofed += 1 }
+                for start in stride(from: 0, to: store.data.count, by: pageSize) {
+                  stored[store.offset + UInt64(start)] = Array(store.data[start..<start + pageSize])
+                }
+                replies.append(StoreReply(storeID: store.storeID, error: nil))
+              default: break
+              }
+            }
+            if !replies.isEmpty { try keeper.send([], storeReplies: replies) }
+          }
+        }
+        #expect(client.wait(timeout: 5) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("swap-out dropped 256, kept 0; verified 256 pages, 0 wrong\n"), h.diagnostics(client.stdout))
+        #expect(spoofed > 0 && spoofed == h.brokerLogLines(containing: "refused a store reply").count, h.diagnostics("spoofed \(spoofed)"))
       }
     }
 

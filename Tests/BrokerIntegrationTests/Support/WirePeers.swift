@@ -110,8 +110,8 @@ final class ManualPlugin {
     return arrival
   }
 
-  /// Sends decisions and region replies in one packet.
-  func send(_ decisions: [Decision], replies: [RegionReply] = []) throws {
+  /// Sends decisions, region replies and store replies in one packet.
+  func send(_ decisions: [Decision], replies: [RegionReply] = [], storeReplies: [StoreReply] = []) throws {
     var staged = 0
     for decision in decisions {
       var data: UnsafeRawBufferPointer?
@@ -124,6 +124,7 @@ final class ManualPlugin {
       encoder.append(faultID: decision.faultID, kind: decision.kind, address: decision.address, length: decision.length, data: data)
     }
     for reply in replies { encoder.append(reply) }
+    for reply in storeReplies { encoder.append(reply) }
     try flush()
   }
 

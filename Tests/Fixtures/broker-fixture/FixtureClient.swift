@@ -27,7 +27,7 @@ struct FixtureClient {
       case "refused": return expectRefusal(plugin: plugin)
       case "exit-midway": return try exitMidway()
       case "swap": return try swapLoop()
-      case "swap-plugin-lost": return try swapPluginLost()
+      case "swap-once": return try swapOnce()
       case "snapshot": return try snapshot()
       case "swap-corrupt": return try swapCorrupt()
       case "guarded": return try guarded()
