@@ -10,13 +10,8 @@ extension FixtureClient {
   /// page must hold the pattern, except word 0 of written pages, which must
   /// hold the last number written there. No write may be lost.
   func swapLoop() throws -> Int32 {
-    let memory = try AnonymousMemory(length: mib << 20)
-    let spec = RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin)
-    let client = try BrokerClient(regions: [spec], name: "fixture-swap")
+    let (memory, spec, client) = try patternedRegion(name: "fixture-swap")
     let pages = memory.length / pageSize
-    for page in 0..<pages {
-      Pattern.fill(UnsafeMutableRawBufferPointer(start: memory.base + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize))
-    }
     let address = memory.address
     let lastWritten = UnsafeMutablePointer<UInt64>.allocate(capacity: pages)
     lastWritten.initialize(repeating: 0, count: pages)
@@ -65,13 +60,8 @@ extension FixtureClient {
   /// every page (read back through the plugin if it was dropped). Prints how
   /// the swap-out ended: its report, or its error.
   func swapOnce() throws -> Int32 {
-    let memory = try AnonymousMemory(length: mib << 20)
-    let spec = RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin)
-    let client = try BrokerClient(regions: [spec], name: "fixture-swap-once")
+    let (memory, spec, client) = try patternedRegion(name: "fixture-swap-once")
     let pages = memory.length / pageSize
-    for page in 0..<pages {
-      Pattern.fill(UnsafeMutableRawBufferPointer(start: memory.base + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize))
-    }
     let result: String
     do {
       let report = try client.swapOut(spec)
@@ -86,5 +76,16 @@ extension FixtureClient {
     withExtendedLifetime(client) {}
     print("\(result); verified \(pages) pages, \(bad) wrong")
     return bad == 0 ? 0 : 1
+  }
+
+  /// A registered region of `mib` MiB whose every page its writes filled with the pattern.
+  private func patternedRegion(name: String) throws -> (AnonymousMemory, RegionSpec, BrokerClient) {
+    let memory = try AnonymousMemory(length: mib << 20)
+    let spec = RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin)
+    let client = try BrokerClient(regions: [spec], name: name)
+    for page in 0..<memory.length / pageSize {
+      Pattern.fill(UnsafeMutableRawBufferPointer(start: memory.base + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize))
+    }
+    return (memory, spec, client)
   }
 }
