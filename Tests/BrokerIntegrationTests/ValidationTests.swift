@@ -68,6 +68,33 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("Invalid delegations count toward the same limit: past it the plugin is dropped and its faults go to its replacement")
+    func tooManyInvalidDelegations() throws {
+      let limit = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "").maxInvalidDecisions
+      try Harness.run("invalid-delegations") { h in
+        let plugin = try ManualPlugin(socketPath: h.pluginSocket, name: "delegator")
+        let client = try h.startClient("touch", mib: 1, threads: 1, plugin: "delegator")
+        var opened: (clientID: UInt64, region: RegionSpec)?
+        let deadline = now() + 10
+        while opened == nil && now() < deadline {
+          try plugin.serveOnce(milliseconds: 20) { batch, _ in
+            for case .regionOpened(let clientID, _, let region) in batch.events { opened = (clientID, region) }
+          }
+        }
+        let (clientID, region) = try #require(opened, h.diagnostics("no region reached the plugin"))
+        // Each names a range past the region's end: refused, and counted.
+        let past = UInt64(region.length)
+        try plugin.send([], delegations: (0..<limit + 4).map { index in
+          Delegation(clientID: clientID, regionID: region.id, offsets: past + UInt64(index * pageSize)..<past + UInt64((index + 1) * pageSize), source: .zero)
+        })
+        #expect(h.waitForBrokerLog("plugin disconnected", "plugin=delegator", "invalid decisions"), h.diagnostics)
+        #expect(h.brokerLogLines(containing: "refused a delegation", "plugin=delegator").count == limit + 1, h.diagnostics)
+        try h.startPlugin(name: "delegator", mode: "pattern")
+        #expect(client.wait(timeout: 20) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("verified \(pages(mib: 1)) pages, 0 wrong\n"), h.diagnostics(client.stdout))
+      }
+    }
+
     @Test("A decision for a fault id never sent is ignored; one for another plugin's fault (another client) is refused")
     func decisionsForOtherFaults() throws {
       // A long plugin deadline: the loop below waits for a log line while plugin A holds a fault.

@@ -110,8 +110,8 @@ final class ManualPlugin {
     return arrival
   }
 
-  /// Sends decisions, region replies and store replies in one packet.
-  func send(_ decisions: [Decision], replies: [RegionReply] = [], storeReplies: [StoreReply] = []) throws {
+  /// Sends decisions, region replies, store replies and (zero-page) delegations in one packet.
+  func send(_ decisions: [Decision], replies: [RegionReply] = [], storeReplies: [StoreReply] = [], delegations: [Delegation] = []) throws {
     var staged = 0
     for decision in decisions {
       var data: UnsafeRawBufferPointer?
@@ -125,6 +125,7 @@ final class ManualPlugin {
     }
     for reply in replies { encoder.append(reply) }
     for reply in storeReplies { encoder.append(reply) }
+    for delegation in delegations { encoder.append(delegation) }
     try flush()
   }
 
