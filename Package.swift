@@ -47,6 +47,7 @@ let package = Package(
     .executableTarget(name: "uffd-demo", dependencies: ["ClientSDK", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "Userfaultfd", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/uffd-demo"),
     .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd"], path: "Examples/lazy-fill"),
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
+    .testTarget(name: "BrokerProtocolTests", dependencies: ["BrokerProtocol", "CBrokerWire", "Userfaultfd"]),
     .testTarget(name: "BrokerCoreTests", dependencies: ["BrokerCore", "BrokerProtocol"]),
     // Real broker, plugin and client processes against real userfaultfds.
     .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ChildProcess", "ClientSDK", "Userfaultfd", "CUserfaultfd", "broker-fixture", "uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"]),

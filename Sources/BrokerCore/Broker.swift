@@ -191,12 +191,16 @@ public final class Broker: @unchecked Sendable {
   }
 
   private func nextTimeout() -> CInt {
+    let tick: UInt64 = 100_000_000  // housekeeping
+    let restart = supervisor?.nextRestart
+    // The fault path's usual case: nothing is due before the tick, no clock read needed.
+    if parkedSessions.isEmpty && restart == nil { return CInt(tick / 1_000_000) }
     let now = monotonicNanoseconds()  // not `loopTime`: handling the last wake took time
-    var due: UInt64 = now + 100_000_000  // housekeeping tick
+    var due: UInt64 = now + tick
     for session in parkedSessions {
       if let deadline = session.dispatcher?.nextDeadline, deadline < due { due = deadline }
     }
-    if let deadline = supervisor?.nextRestart, deadline < due { due = deadline }
+    if let restart, restart < due { due = restart }
     return due <= now ? 0 : CInt((due - now + 999_999) / 1_000_000)
   }
 
@@ -444,8 +448,10 @@ public final class Broker: @unchecked Sendable {
     session.pid = register.pid
     session.uffd = uffd
     let dispatcher = EventDispatcher(uffd: uffd, handler: session)
-    dispatcher.onPark = { [unowned self, weak session] in
-      if let session, !session.hasParkedFaults {
+    // By id, not a weak reference: a weak one would give the session a side
+    // table, and every retain of it on the fault path would take the slow path.
+    dispatcher.onPark = { [unowned self, sessionID = session.id] in
+      if let session = clients[sessionID], !session.hasParkedFaults {
         session.hasParkedFaults = true
         parkedSessions.append(session)
       }

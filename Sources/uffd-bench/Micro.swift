@@ -2,7 +2,7 @@ import BrokerProtocol
 import CMallocCounter
 import Userfaultfd
 
-/// The protobuf-c hot path in isolation: one page-fault event through
+/// The wire codecs' hot path in isolation: one page-fault event through
 /// `EventBatchEncoder` → `EventBatchDecoder` (what the broker and a plugin do
 /// per fault), and one 4 KiB copy decision back through `DecisionBatchEncoder`
 /// → `DecisionBatchDecoder`. Each is timed over a tight loop and its malloc

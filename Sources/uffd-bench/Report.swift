@@ -79,9 +79,9 @@ enum Report {
 
   static func micro(_ result: (event: Micro.Result, decision: Micro.Result), iterations: Int) {
     print("")
-    print("== micro: protobuf-c, medians of 5 x \(iterations) iterations ==")
+    print("== micro: the wire codecs, medians of 5 x \(iterations) iterations ==")
     let event = result.event
-    print("pagefault event encode+decode (EventBatchEncoder.append+encode, EventBatchDecoder.decode+event(at:)): "
+    print("pagefault event encode+decode (EventBatchEncoder.append+encode [FaultBatchWriter], EventBatchDecoder.decode+event(at:) [protobuf-c]): "
       + "\(Format.fixed(event.nanosecondsPerOperation, 1)) ns/event (target <= 1000: \(event.nanosecondsPerOperation <= 1000 ? "met" : "MISSED")), "
       + "\(Format.fixed(event.mallocCallsPerOperation, 3)) mallocs/event")
     let decision = result.decision
@@ -91,12 +91,8 @@ enum Report {
 
   /// The first three fields of /proc/loadavg: how busy the (shared) machine was.
   static func loadAverage() -> String {
-    guard let file = fopen("/proc/loadavg", "r") else { return "?" }
-    defer { fclose(file) }
-    var buffer = [CChar](repeating: 0, count: 128)
-    guard fgets(&buffer, Int32(buffer.count), file) != nil else { return "?" }
-    return String(decoding: buffer.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
-      .split(separator: " ").prefix(3).joined(separator: " ")
+    guard let line = firstLine(of: "/proc/loadavg") else { return "?" }
+    return line.split(separator: " ").prefix(3).joined(separator: " ")
   }
 
   static func machine(loadBefore: String) {
@@ -110,6 +106,19 @@ enum Report {
     print("nproc \(sysconf(Int32(_SC_NPROCESSORS_ONLN))); kernel \(field(&names.sysname)) \(field(&names.release)) \(field(&names.version)) \(field(&names.machine))")
     if let model = cpuModel() { print("cpu \(model)") }
     print("load average (1/5/15 min) before the run \(loadBefore), after \(loadAverage())")
+    // In a VM, how an idle vCPU waits decides what a cross-CPU wakeup costs, and
+    // every brokered fault takes several: halting (poll 0 ns) makes them slow.
+    let governor = firstLine(of: "/sys/devices/system/cpu/cpuidle/current_governor") ?? "?"
+    let haltPoll = firstLine(of: "/sys/module/haltpoll/parameters/guest_halt_poll_ns").map { "\($0) ns" } ?? "n/a"
+    print("cpuidle governor \(governor); guest halt polling \(haltPoll)")
+  }
+
+  private static func firstLine(of path: String) -> String? {
+    guard let file = fopen(path, "r") else { return nil }
+    defer { fclose(file) }
+    var buffer = [CChar](repeating: 0, count: 256)
+    guard fgets(&buffer, Int32(buffer.count), file) != nil else { return nil }
+    return String(decoding: buffer.prefix { $0 != 0 && $0 != 10 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
   }
 
   private static func cpuModel() -> String? {

@@ -6,15 +6,15 @@ import Userfaultfd
 public final class PluginRoute {
   public let name: String
   /// The live connection serving `name`, or nil while it is away.
-  var connection: PluginConnection?
+  @exclusivity(unchecked) var connection: PluginConnection?
   /// Non-fault events that happened while no plugin was connected, for its return.
-  var missedEvents: [BrokerEvent] = []
+  @exclusivity(unchecked) var missedEvents: [BrokerEvent] = []
   /// When the connection went away (or the route was made without one); nil while connected.
-  var lostAt: UInt64?
+  @exclusivity(unchecked) var lostAt: UInt64?
   /// The plugin that took over this one's regions when it failed (its policy's fallback).
-  var failover: PluginRoute?
+  @exclusivity(unchecked) var failover: PluginRoute?
   /// Gone for good with no fallback: faults of its regions fail closed.
-  var failed = false
+  @exclusivity(unchecked) var failed = false
 
   init(name: String) {
     self.name = name

@@ -3,9 +3,9 @@ import Glibc
 
 /// C strings (and region structs) that must outlive one `pack` call: freed together.
 final class CStringPool {
-  private var strings: [UnsafeMutablePointer<CChar>] = []
-  private var regions: [UnsafeMutablePointer<Uffdbroker__Region>] = []
-  private var arrays: [UnsafeMutableRawPointer] = []
+  @exclusivity(unchecked) private var strings: [UnsafeMutablePointer<CChar>] = []
+  @exclusivity(unchecked) private var regions: [UnsafeMutablePointer<Uffdbroker__Region>] = []
+  @exclusivity(unchecked) private var arrays: [UnsafeMutableRawPointer] = []
 
   deinit { reset() }
 

@@ -12,6 +12,8 @@ public final class EventBatchEncoder {
   public let capacity: Int
   @exclusivity(unchecked) public private(set) var count = 0
   @exclusivity(unchecked) private var estimatedSize = 0
+  /// Only page faults so far: the batch is written by `FaultBatchWriter`.
+  @exclusivity(unchecked) private var faultsOnly = true
   @exclusivity(unchecked) private var message = Uffdbroker__BrokerToPlugin()
   private let events: UnsafeMutablePointer<Uffdbroker__Event>
   private let eventPointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Event>?>
@@ -89,10 +91,14 @@ public final class EventBatchEncoder {
   public func append(_ event: BrokerEvent) {
     precondition(!isFull, "EventBatchEncoder overflow: check isFull")
     let e = events + count
-    switch event {
-    case .pagefault(let fault):
+    if case .pagefault(let fault) = event {
       append(fault)
       return
+    }
+    faultsOnly = false
+    switch event {
+    case .pagefault:
+      preconditionFailure("handled above")
     case .removed(let range), .unmapped(let range):
       let r = ranges + count
       r.pointee.client_id = range.clientID
@@ -168,10 +174,16 @@ public final class EventBatchEncoder {
   public func encode(into buffer: UnsafeMutableRawBufferPointer) -> Int {
     message.n_events = count
     message.packets_applied = packetsApplied
-    let written = storeData.isEmpty ? pack(into: buffer) : packWithStores(into: buffer, index: 0, storeIndex: 0)
+    let written: Int
+    if faultsOnly {
+      written = writeFaults(into: buffer)
+    } else {
+      written = storeData.isEmpty ? pack(into: buffer) : packWithStores(into: buffer, index: 0, storeIndex: 0)
+    }
     storeData.removeAll(keepingCapacity: true)
     count = 0
     estimatedSize = 0
+    faultsOnly = true
     pool.reset()
     return written
   }
@@ -182,6 +194,22 @@ public final class EventBatchEncoder {
     precondition(estimatedSize + 16 <= buffer.count, "event batch may exceed the packet buffer")
     assert(uffdbroker__broker_to_plugin__get_packed_size(&message) <= estimatedSize + 16, "event size bound too small")
     return uffdbroker__broker_to_plugin__pack(&message, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self))
+  }
+
+  private func writeFaults(into buffer: UnsafeMutableRawBufferPointer) -> Int {
+    precondition(count * FaultBatchWriter.maxBytesPerFault + 11 <= buffer.count, "fault batch may exceed the packet buffer")
+    let out = buffer.baseAddress!.assumingMemoryBound(to: UInt8.self)
+    let written = FaultBatchWriter.write(pagefaults, count: count, packetsApplied: packetsApplied, into: out)
+    assert(Array(UnsafeBufferPointer(start: out, count: written)) == Self.packedByProtobufC(message), "FaultBatchWriter differs from protobuf-c")
+    return written
+  }
+
+  /// protobuf-c's bytes for `message`, for checking `FaultBatchWriter` in debug builds and tests.
+  static func packedByProtobufC(_ message: Uffdbroker__BrokerToPlugin) -> [UInt8] {
+    var message = message
+    var bytes = [UInt8](repeating: 0, count: uffdbroker__broker_to_plugin__get_packed_size(&message))
+    _ = uffdbroker__broker_to_plugin__pack(&message, &bytes)
+    return bytes
   }
 
   /// Points each store event at its payload for the duration of the pack.
