@@ -850,6 +850,7 @@ public final class Broker: @unchecked Sendable {
         refuseDelegation(plugin, "a delegated file must be a regular file or memfd at a page-aligned offset below 2^63")
         return
       }
+      file.map(offset..<offset + UInt64(delegation.offsets.count), size: UInt64(max(info.st_size, 0)))
       source = .file(file, offset: offset)
     }
     session.delegated.add(.init(regionID: spec.id, offsets: delegation.offsets, source: source,
@@ -887,23 +888,39 @@ public final class Broker: @unchecked Sendable {
         kind = .zero
       }
     case .file(let file, _):
+      let fileStart = range.fileOffset(of: start)!
       let length = Int(end - start)
-      var done = 0
-      while done < length {
-        let n = pread(file.fd, localBuffer.baseAddress! + done, length - done, off_t(range.fileOffset(of: start)! + UInt64(done)))
-        if n < 0 && errno == EINTR { continue }
-        if n < 0 { return nil }
-        if n == 0 { break }
-        done += n
+      if let mapped = file.bytes(at: fileStart..<fileStart + UInt64(length)) {
+        data = mapped
+      } else {
+        guard let read = read(file, at: fileStart, length: length) else { return nil }
+        data = read
       }
-      // Past the end of the file the range reads zeros.
-      if done < length { (localBuffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: length - done) }
-      data = UnsafeRawBufferPointer(rebasing: localBuffer[..<length])
     }
-    let outcome = fill(kind, range: fillRange, around: page, pageSize: pageSize, data: data, session: session, uffd: uffd)
+    var outcome = fill(kind, range: fillRange, around: page, pageSize: pageSize, data: data, session: session, uffd: uffd)
+    if case .failed(.badAddress) = outcome, case .file(let file, _) = range.source {
+      // The file shrank under the mapping: what is gone now reads as zeros.
+      guard let read = read(file, at: range.fileOffset(of: start)!, length: Int(end - start)) else { return nil }
+      outcome = fill(kind, range: fillRange, around: page, pageSize: pageSize, data: read, session: session, uffd: uffd)
+    }
     statistics.resolvedLocally += 1
     resolvedCounter.add(1, ordering: .relaxed)
     return PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd)
+  }
+
+  /// Reads `length` bytes of a delegated file at `offset` into `localBuffer`;
+  /// past the end of the file they read as zeros. Nil if the file cannot be read.
+  private func read(_ file: DelegatedRanges.File, at offset: UInt64, length: Int) -> UnsafeRawBufferPointer? {
+    var done = 0
+    while done < length {
+      let n = pread(file.fd, localBuffer.baseAddress! + done, length - done, off_t(offset + UInt64(done)))
+      if n < 0 && errno == EINTR { continue }
+      if n < 0 { return nil }
+      if n == 0 { break }
+      done += n
+    }
+    if done < length { (localBuffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: length - done) }
+    return UnsafeRawBufferPointer(rebasing: localBuffer[..<length])
   }
 
   /// Validates a decision against the live region of the fault's client and applies it.
