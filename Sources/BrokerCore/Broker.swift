@@ -50,6 +50,9 @@ public final class Broker: @unchecked Sendable {
   @exclusivity(unchecked) private var spareDescriptor: CInt = -1
 
   private let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
+  /// Plugin packets only: decisions are read in place, so their bytes must
+  /// outlive the sends (into `packet`) that applying them may cause.
+  private let pluginPacket = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
   private let decisions = DecisionBatchDecoder()
   private let arena = WireArena(capacity: 1 << 20)
   @exclusivity(unchecked) private var receivedFDs: [CInt] = []
@@ -120,6 +123,7 @@ public final class Broker: @unchecked Sendable {
 
   deinit {
     packet.deallocate()
+    pluginPacket.deallocate()
     zeroPage.deallocate()
     localBuffer.deallocate()
     closeDescriptor(wakeup)
@@ -617,7 +621,7 @@ public final class Broker: @unchecked Sendable {
       receivedFDs.removeAll(keepingCapacity: true)
       let result: PacketSocket.ReceiveResult
       do {
-        result = try plugin.socket.receive(into: packet, fds: &receivedFDs)
+        result = try plugin.socket.receive(into: pluginPacket, fds: &receivedFDs)
       } catch {
         closePlugin(plugin, reason: "\(error)", tell: error)
         return
@@ -633,7 +637,7 @@ public final class Broker: @unchecked Sendable {
           receivedFDs.removeAll(keepingCapacity: true)
         }
         do {
-          try decisions.decode(UnsafeRawBufferPointer(rebasing: packet[..<count]))
+          try decisions.decode(UnsafeRawBufferPointer(rebasing: pluginPacket[..<count]))
           try handlePluginMessage(plugin, descriptors: &receivedFDs)
           plugin.packetsApplied += 1
         } catch {

@@ -485,8 +485,8 @@ public final class DecisionBatchEncoder {
   }
 }
 
-/// A decision as decoded by the broker. `data` points into the decoder's
-/// arena and is valid until the next `decode`.
+/// A decision as decoded by the broker. `data` points into the packet or the
+/// decoder's arena and is valid until the next `decode`.
 public struct DecodedDecision {
   public var faultID: UInt64
   /// nil for a kind this build does not know (the broker refuses it).
@@ -496,33 +496,98 @@ public struct DecodedDecision {
   public var data: UnsafeRawBufferPointer
   /// Where the bytes lie in the plugin's shared area, instead of `data`.
   public var sharedOffset: UInt64?
+
+  /// From the wire's values: a length or address this platform cannot hold makes it a decision of no known kind (refused).
+  init(faultID: UInt64, kind: UInt32, address: UInt64, length: UInt64, data: UnsafeRawBufferPointer, sharedOffset: UInt64?) {
+    self.faultID = faultID
+    guard length <= UInt64(Int.max), address <= UInt64(UInt.max) else {
+      self.kind = nil
+      self.address = 0
+      self.length = 0
+      self.data = UnsafeRawBufferPointer(start: nil, count: 0)
+      self.sharedOffset = nil
+      return
+    }
+    self.kind = DecisionKind(rawValue: Int32(bitPattern: kind))
+    self.address = UInt(address)
+    self.length = Int(length)
+    self.data = data
+    self.sharedOffset = sharedOffset
+  }
 }
 
-/// Broker side: decodes one `PluginToBroker` packet into its arena.
+/// Broker side: decodes one `PluginToBroker` packet, a packet of decisions
+/// only in place (`DecisionBatchReader`), any other into its arena.
 public final class DecisionBatchDecoder {
   private let arena: WireArena
   @exclusivity(unchecked) private var message: UnsafeMutablePointer<Uffdbroker__PluginToBroker>?
+  /// Whether packets of decisions only are read in place (`DecisionBatchReader`).
+  public let readsInPlace: Bool
+  private let readDecisions: UnsafeMutablePointer<DecodedDecision>
+  /// How many decisions `DecisionBatchReader` read from the current packet; nil when protobuf-c decoded it.
+  @exclusivity(unchecked) private var readCount: Int?
+  private static let readCapacity = 1024
+  /// Whether `DecisionBatchReader` read the current packet (for tests).
+  var wasReadInPlace: Bool { readCount != nil }
 
-  public init(arena: WireArena = WireArena()) { self.arena = arena }
+  public init(arena: WireArena = WireArena(), readsInPlace: Bool = true) {
+    self.arena = arena
+    self.readsInPlace = readsInPlace
+    readDecisions = .allocate(capacity: readsInPlace ? Self.readCapacity : 0)
+  }
 
+  deinit { readDecisions.deallocate() }
+
+  /// Decodes a packet; malformed bytes throw `.malformed`. Read in place, the
+  /// decisions' bytes point into `bytes`, which must not change until the next `decode`.
   public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
     message = nil
+    readCount = nil
+    if readsInPlace, let count = DecisionBatchReader.read(bytes, into: readDecisions, capacity: Self.readCapacity) {
+      readCount = count
+      assert(Self.sameDecisions((0..<count).map { readDecisions[$0] }, Self.decodedByProtobufC(bytes)), "DecisionBatchReader differs from protobuf-c")
+      return
+    }
     message = try arena.unpack(bytes, what: "a plugin message", with: uffdbroker__plugin_to_broker__unpack)
+  }
+
+  /// protobuf-c's decisions for `bytes` (nil if it refuses them), for checking `DecisionBatchReader`.
+  static func decodedByProtobufC(_ bytes: UnsafeRawBufferPointer) -> [DecodedDecision]? {
+    let decoder = DecisionBatchDecoder(readsInPlace: false)
+    guard (try? decoder.decode(bytes)) != nil, decoder.regionReplies.isEmpty, decoder.storeReplies.isEmpty,
+          (try? decoder.hello) == nil, (try? decoder.delegations(descriptors: [])) == []
+    else { return nil }
+    // The bytes live in the decoder's arena, which goes with it: copied out.
+    return (0..<decoder.decisionCount).compactMap { index in
+      decoder.decision(at: index).map { decision in
+        var copy = decision
+        copy.data = UnsafeRawBufferPointer(UnsafeMutableRawBufferPointer.allocate(byteCount: decision.data.count, alignment: 1))
+        UnsafeMutableRawBufferPointer(mutating: copy.data).copyMemory(from: decision.data)
+        return copy
+      }
+    }
+  }
+
+  /// Whether two decodings agree on every field and byte (frees `other`'s copied bytes).
+  static func sameDecisions(_ these: [DecodedDecision], _ other: [DecodedDecision]?) -> Bool {
+    guard let other else { return false }
+    defer { for decision in other { decision.data.deallocate() } }
+    return these.count == other.count && zip(these, other).allSatisfy { a, b in
+      a.faultID == b.faultID && a.kind == b.kind && a.address == b.address && a.length == b.length
+        && a.sharedOffset == b.sharedOffset && a.data.elementsEqual(b.data)
+    }
   }
 
   public var hello: Hello? {
     get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
   }
-  public var decisionCount: Int { message?.pointee.n_decisions ?? 0 }
+  public var decisionCount: Int { readCount ?? message?.pointee.n_decisions ?? 0 }
 
   public func decision(at index: Int) -> DecodedDecision? {
+    if let readCount { return index < readCount ? readDecisions[index] : nil }
     guard let m = message, index < m.pointee.n_decisions, let d = m.pointee.decisions[index]?.pointee else { return nil }
-    guard d.length <= UInt64(Int.max), d.address <= UInt64(UInt.max) else {
-      return DecodedDecision(faultID: d.fault_id, kind: nil, address: 0, length: 0, data: UnsafeRawBufferPointer(start: nil, count: 0), sharedOffset: nil)
-    }
-    return DecodedDecision(
-      faultID: d.fault_id, kind: DecisionKind(rawValue: Int32(bitPattern: d.kind.rawValue)), address: UInt(d.address), length: Int(d.length),
-      data: UnsafeRawBufferPointer(start: d.data.data, count: d.data.len), sharedOffset: d.shared != 0 ? d.shared_offset : nil)
+    return DecodedDecision(faultID: d.fault_id, kind: d.kind.rawValue, address: d.address, length: d.length,
+                           data: UnsafeRawBufferPointer(start: d.data.data, count: d.data.len), sharedOffset: d.shared != 0 ? d.shared_offset : nil)
   }
 
   /// The packet's delegations; file delegations take `descriptors` in order

@@ -41,10 +41,12 @@ import Glibc
 nonisolated(unsafe) private let requestArena = WireArena(capacity: 1 << 20)   // BrokerCore/Broker.swift
 nonisolated(unsafe) private let replyArena = WireArena(capacity: 64 << 10)    // ClientSDK/Connection.swift
 nonisolated(unsafe) private let decisionDecoder = DecisionBatchDecoder()     // BrokerCore/Broker.swift
+/// protobuf-c alone: the broker's in-place reading of decision packets must agree with it on every input.
+nonisolated(unsafe) private let protobufDecisionDecoder = DecisionBatchDecoder(readsInPlace: false)
 nonisolated(unsafe) private let eventDecoder = EventBatchDecoder()           // PluginSDK/PluginRunner.swift
 
 // The round trip's own encoders and decoders (the ones above stay valid while
-// they run: decisions borrow their bytes from `decisionDecoder`'s arena).
+// they run: decisions borrow their bytes from the packet or `decisionDecoder`'s arena).
 nonisolated(unsafe) private let checkArena = WireArena()
 nonisolated(unsafe) private let checkDecisions = DecisionBatchDecoder()
 nonisolated(unsafe) private let checkEvents = EventBatchDecoder()
@@ -134,7 +136,16 @@ private struct Decision: Equatable {
 
 private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt]) {
   let decoder = decisionDecoder
-  do { try decoder.decode(packet) } catch { return }
+  let reference = protobufDecisionDecoder
+  let referenceDecodes = (try? reference.decode(packet)) != nil
+  do { try decoder.decode(packet) } catch {
+    check(!referenceDecodes, "the broker refuses a PluginToBroker that protobuf-c decodes")
+    return
+  }
+  check(referenceDecodes, "the broker decodes a PluginToBroker that protobuf-c refuses")
+  check(decoder.decisionCount == reference.decisionCount
+          && (0..<decoder.decisionCount).allSatisfy { index in decoder.decision(at: index).map(Decision.init) == reference.decision(at: index).map(Decision.init) },
+        "the decisions read in place differ from protobuf-c's")
   packetsDecoded += 1
   // What the broker reads, in its order (Broker.handlePluginMessage), but every
   // item even after a bad one.
