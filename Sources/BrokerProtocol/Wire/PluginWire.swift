@@ -248,25 +248,60 @@ public final class EventBatchEncoder {
 public final class EventBatchDecoder {
   private let arena: WireArena
   @exclusivity(unchecked) private var message: UnsafeMutablePointer<Uffdbroker__BrokerToPlugin>?
+  /// Whether packets of page faults only are read by `FaultBatchReader`.
+  public let readsInPlace: Bool
+  private let readFaults: UnsafeMutablePointer<PagefaultEvent>
+  /// How many faults `FaultBatchReader` read from the current packet; nil when protobuf-c decoded it.
+  @exclusivity(unchecked) private var readCount: Int?
+  @exclusivity(unchecked) private var readPacketsApplied: UInt64 = 0
+  private static let readCapacity = 1024
+  /// Whether `FaultBatchReader` read the current packet (for tests).
+  var wasReadInPlace: Bool { readCount != nil }
 
-  public init(arena: WireArena = WireArena()) { self.arena = arena }
+  public init(arena: WireArena = WireArena(), readsInPlace: Bool = true) {
+    self.arena = arena
+    self.readsInPlace = readsInPlace
+    readFaults = .allocate(capacity: readsInPlace ? Self.readCapacity : 0)
+  }
+
+  deinit { readFaults.deallocate() }
 
   /// Decodes a packet; malformed bytes throw `.malformed`.
   public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
     message = nil
+    readCount = nil
+    if readsInPlace, let (count, packetsApplied) = FaultBatchReader.read(bytes, into: readFaults, capacity: Self.readCapacity) {
+      readCount = count
+      readPacketsApplied = packetsApplied
+      assert(Self.sameAsProtobufC(bytes, faults: (0..<count).map { readFaults[$0] }, packetsApplied: packetsApplied), "FaultBatchReader differs from protobuf-c")
+      return
+    }
     message = try arena.unpack(bytes, what: "a broker message", with: uffdbroker__broker_to_plugin__unpack)
+  }
+
+  /// Whether protobuf-c decodes `bytes` to exactly these faults and nothing else.
+  static func sameAsProtobufC(_ bytes: UnsafeRawBufferPointer, faults: [PagefaultEvent], packetsApplied: UInt64) -> Bool {
+    let decoder = EventBatchDecoder(readsInPlace: false)
+    guard (try? decoder.decode(bytes)) != nil, (try? decoder.hello) == nil, decoder.error == nil,
+          decoder.packetsApplied == packetsApplied, decoder.eventCount == faults.count
+    else { return false }
+    return faults.indices.allSatisfy { index in (try? decoder.event(at: index)) == .pagefault(faults[index]) }
   }
 
   public var hello: Hello? {
     get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
   }
   public var error: BrokerError? { message?.pointee.error.map { BrokerError(decoding: $0) } }
-  public var eventCount: Int { message?.pointee.n_events ?? 0 }
+  public var eventCount: Int { readCount ?? message?.pointee.n_events ?? 0 }
   /// How many of the plugin's packets the broker had applied when it sent this one.
-  public var packetsApplied: UInt64 { message?.pointee.packets_applied ?? 0 }
+  public var packetsApplied: UInt64 { readCount == nil ? message?.pointee.packets_applied ?? 0 : readPacketsApplied }
 
   /// The event at `index`; an event with no (or an unknown) kind throws `.malformed`.
   public func event(at index: Int) throws(BrokerError) -> BrokerEvent {
+    if let readCount {
+      guard index < readCount else { throw BrokerError(.malformed, "event \(index) is missing") }
+      return .pagefault(readFaults[index])
+    }
     guard let m = message, index < m.pointee.n_events, let e = m.pointee.events[index]?.pointee else {
       throw BrokerError(.malformed, "event \(index) is missing")
     }
@@ -347,7 +382,15 @@ public final class DecisionBatchEncoder {
   }
 
   /// A decision's encoded size, its bytes aside, at most (every varint at its longest, framing included).
-  private static let decisionBound = 96
+  static let decisionBound = 96
+
+  /// protobuf-c's bytes for `message`, for checking `DecisionBatchWriter` in debug builds and tests.
+  static func packedByProtobufC(_ message: Uffdbroker__PluginToBroker) -> [UInt8] {
+    var message = message
+    var bytes = [UInt8](repeating: 0, count: uffdbroker__plugin_to_broker__get_packed_size(&message))
+    _ = uffdbroker__plugin_to_broker__pack(&message, &bytes)
+    return bytes
+  }
 
   /// Adds a decision. `data` is borrowed until `encode` (it is copied into the
   /// packet there); or `sharedOffset` names where the bytes lie in the shared area.
@@ -387,8 +430,9 @@ public final class DecisionBatchEncoder {
       // Only decisions: `canAppend` bounded the size, so it is not measured first.
       let bound = payloadBytes + Self.decisionBound * count + 16
       precondition(bound <= buffer.count, "decision batch may exceed the packet buffer")
-      assert(uffdbroker__plugin_to_broker__get_packed_size(&message) <= bound, "decision size bound too small")
-      written = uffdbroker__plugin_to_broker__pack(&message, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self))
+      let out = buffer.baseAddress!.assumingMemoryBound(to: UInt8.self)
+      written = DecisionBatchWriter.write(decisions, count: count, into: out)
+      assert(Array(UnsafeBufferPointer(start: out, count: written)) == Self.packedByProtobufC(message), "DecisionBatchWriter differs from protobuf-c")
     } else {
       let pool = CStringPool()
       var helloMessage = Uffdbroker__Hello()

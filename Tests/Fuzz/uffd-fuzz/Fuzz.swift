@@ -44,6 +44,8 @@ nonisolated(unsafe) private let decisionDecoder = DecisionBatchDecoder()     // 
 /// protobuf-c alone: the broker's in-place reading of decision packets must agree with it on every input.
 nonisolated(unsafe) private let protobufDecisionDecoder = DecisionBatchDecoder(readsInPlace: false)
 nonisolated(unsafe) private let eventDecoder = EventBatchDecoder()           // PluginSDK/PluginRunner.swift
+/// protobuf-c alone: the SDK's reading of fault packets without it must agree with it on every input.
+nonisolated(unsafe) private let protobufEventDecoder = EventBatchDecoder(readsInPlace: false)
 
 // The round trip's own encoders and decoders (the ones above stay valid while
 // they run: decisions borrow their bytes from the packet or `decisionDecoder`'s arena).
@@ -211,7 +213,18 @@ private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt
 
 private func brokerToPlugin(_ packet: UnsafeRawBufferPointer) {
   let decoder = eventDecoder
-  do { try decoder.decode(packet) } catch { return }
+  let reference = protobufEventDecoder
+  let referenceDecodes = (try? reference.decode(packet)) != nil
+  do { try decoder.decode(packet) } catch {
+    check(!referenceDecodes, "the plugin SDK refuses a BrokerToPlugin that protobuf-c decodes")
+    return
+  }
+  check(referenceDecodes, "the plugin SDK decodes a BrokerToPlugin that protobuf-c refuses")
+  let sameEvents = (0..<decoder.eventCount).allSatisfy { index in
+    Result { () throws(BrokerError) in try decoder.event(at: index) } == Result { () throws(BrokerError) in try reference.event(at: index) }
+  }
+  check(decoder.eventCount == reference.eventCount && decoder.packetsApplied == reference.packetsApplied && sameEvents,
+        "the faults read without protobuf-c differ from protobuf-c's")
   packetsDecoded += 1
   // What PluginRunner reads, but every event even after a bad one.
   let hello = Result { () throws(BrokerError) in try decoder.hello }
