@@ -34,6 +34,24 @@ extension UserfaultfdKernelTests {
       }
     }
 
+    @Test("A copy from a file mapping past the file's end is .failed(EFAULT), not SIGBUS (the broker's delegated file that shrank)")
+    func copyFromShrunkFile() throws {
+      try withFixture(pages: 2, features: []) { f in
+        var template = Array("/tmp/uffd-shrunk-XXXXXX".utf8CString)
+        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
+        try #require(fd >= 0)
+        defer { close(fd); template.withUnsafeBufferPointer { _ = unlink($0.baseAddress!) } }
+        let page = [UInt8](repeating: 0x5A, count: pageSize)
+        #expect(write(fd, page, pageSize) == pageSize && write(fd, page, pageSize) == pageSize)
+        let mapping = try #require(mmap(nil, 2 * pageSize, PROT_READ, MAP_SHARED, fd, 0))
+        defer { munmap(mapping, 2 * pageSize) }
+        #expect(ftruncate(fd, off_t(pageSize)) == 0)
+        #expect(f.uffd.copy(to: f.region.page(1), from: UnsafeRawPointer(mapping + pageSize), length: pageSize) == .failed(.badAddress))
+        #expect(f.uffd.copy(to: f.region.page(0), from: UnsafeRawPointer(mapping), length: pageSize) == .done)
+        #expect(load(f.region.page(0)) == UInt64(0x5A5A_5A5A_5A5A_5A5A))
+      }
+    }
+
     @Test("UFFDIO_ZEROPAGE maps zeros; a later write copies on write")
     func zeroMapsZeros() throws {
       try withFixture(pages: 2, features: []) { f in
