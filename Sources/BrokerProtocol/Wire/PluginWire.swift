@@ -4,7 +4,9 @@ import Userfaultfd
 // The broker ↔ plugin messages are the hot path: every fault crosses them
 // twice. The encoders below own their protobuf-c structs, initialised once
 // and reused for every batch; the decoders unpack into a `WireArena`. A batch
-// of page faults is encoded and decoded without a heap allocation.
+// of only page faults, or of only decisions, is written and read by hand in
+// the same wire format (FaultBatchWriter/Reader, DecisionBatchWriter/Reader);
+// every other packet goes through protobuf-c. Nothing is allocated per fault.
 
 /// Broker side: collects events into one `BrokerToPlugin` packet.
 public final class EventBatchEncoder {
