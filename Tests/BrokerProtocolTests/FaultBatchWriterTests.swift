@@ -90,9 +90,7 @@ struct FaultBatchWriterTests {
           message.n_events = faults.count
           message.events = pointers.baseAddress
           message.packets_applied = packetsApplied
-          var bytes = [UInt8](repeating: 0, count: uffdbroker__broker_to_plugin__get_packed_size(&message))
-          _ = uffdbroker__broker_to_plugin__pack(&message, &bytes)
-          return bytes
+          return EventBatchEncoder.packedByProtobufC(message)
         }
       }
     }

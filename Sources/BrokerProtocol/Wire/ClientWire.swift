@@ -79,9 +79,7 @@ public enum ClientWire {
                       case UFFDBROKER__CLIENT_TO_BROKER__BODY_SWAP_OUT_DONE: message.swap_out_done = swapOutDonePointer
                       default: break
                       }
-                      var bytes = [UInt8](repeating: 0, count: uffdbroker__client_to_broker__get_packed_size(&message))
-                      _ = uffdbroker__client_to_broker__pack(&message, &bytes)
-                      return bytes
+                      return protobufCPacked(message, size: uffdbroker__client_to_broker__get_packed_size, pack: uffdbroker__client_to_broker__pack)
                     }
                   }
                 }
@@ -159,9 +157,7 @@ public enum ClientWire {
           return busy.withUnsafeMutableBufferPointer { busyBuffer in
             ackPointer.pointee.n_busy_offsets = busyBuffer.count
             ackPointer.pointee.busy_offsets = busyBuffer.baseAddress
-            var bytes = [UInt8](repeating: 0, count: uffdbroker__broker_to_client__get_packed_size(&message))
-            _ = uffdbroker__broker_to_client__pack(&message, &bytes)
-            return bytes
+            return protobufCPacked(message, size: uffdbroker__broker_to_client__get_packed_size, pack: uffdbroker__broker_to_client__pack)
           }
         }
       }

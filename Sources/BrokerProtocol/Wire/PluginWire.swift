@@ -208,10 +208,7 @@ public final class EventBatchEncoder {
 
   /// protobuf-c's bytes for `message`, for checking `FaultBatchWriter` in debug builds and tests.
   static func packedByProtobufC(_ message: Uffdbroker__BrokerToPlugin) -> [UInt8] {
-    var message = message
-    var bytes = [UInt8](repeating: 0, count: uffdbroker__broker_to_plugin__get_packed_size(&message))
-    _ = uffdbroker__broker_to_plugin__pack(&message, &bytes)
-    return bytes
+    protobufCPacked(message, size: uffdbroker__broker_to_plugin__get_packed_size, pack: uffdbroker__broker_to_plugin__pack)
   }
 
   /// Points each store event at its payload for the duration of the pack.
@@ -237,9 +234,7 @@ public final class EventBatchEncoder {
       withUnsafeMutablePointer(to: &errorMessage) { e in
         if let hello { hello.encode(into: &h.pointee, pool: pool); message.hello = h }
         if let error { error.encode(into: &e.pointee, pool: pool); message.error = e }
-        var bytes = [UInt8](repeating: 0, count: uffdbroker__broker_to_plugin__get_packed_size(&message))
-        _ = uffdbroker__broker_to_plugin__pack(&message, &bytes)
-        return bytes
+        return packedByProtobufC(message)
       }
     }
   }
@@ -250,32 +245,29 @@ public final class EventBatchEncoder {
 public final class EventBatchDecoder {
   private let arena: WireArena
   @exclusivity(unchecked) private var message: UnsafeMutablePointer<Uffdbroker__BrokerToPlugin>?
-  /// Whether packets of page faults only are read by `FaultBatchReader`.
-  public let readsInPlace: Bool
-  private let readFaults: UnsafeMutablePointer<PagefaultEvent>
-  /// How many faults `FaultBatchReader` read from the current packet; nil when protobuf-c decoded it.
-  @exclusivity(unchecked) private var readCount: Int?
+  /// Packets of page faults only, read by `FaultBatchReader`.
+  @exclusivity(unchecked) private var read: ReadInPlace<PagefaultEvent>
   @exclusivity(unchecked) private var readPacketsApplied: UInt64 = 0
-  private static let readCapacity = 1024
+  /// Whether packets of page faults only are read by `FaultBatchReader`.
+  public var readsInPlace: Bool { read.items != nil }
   /// Whether `FaultBatchReader` read the current packet (for tests).
-  var wasReadInPlace: Bool { readCount != nil }
+  var wasReadInPlace: Bool { read.count != nil }
 
   public init(arena: WireArena = WireArena(), readsInPlace: Bool = true) {
     self.arena = arena
-    self.readsInPlace = readsInPlace
-    readFaults = .allocate(capacity: readsInPlace ? Self.readCapacity : 0)
+    read = ReadInPlace(enabled: readsInPlace)
   }
 
-  deinit { readFaults.deallocate() }
+  deinit { read.deallocate() }
 
   /// Decodes a packet; malformed bytes throw `.malformed`.
   public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
     message = nil
-    readCount = nil
-    if readsInPlace, let (count, packetsApplied) = FaultBatchReader.read(bytes, into: readFaults, capacity: Self.readCapacity) {
-      readCount = count
+    read.count = nil
+    if let items = read.items, let (count, packetsApplied) = FaultBatchReader.read(bytes, into: items, capacity: ReadInPlace<PagefaultEvent>.capacity) {
+      read.count = count
       readPacketsApplied = packetsApplied
-      assert(Self.sameAsProtobufC(bytes, faults: (0..<count).map { readFaults[$0] }, packetsApplied: packetsApplied), "FaultBatchReader differs from protobuf-c")
+      assert(Self.sameAsProtobufC(bytes, faults: (0..<count).map { items[$0] }, packetsApplied: packetsApplied), "FaultBatchReader differs from protobuf-c")
       return
     }
     message = try arena.unpack(bytes, what: "a broker message", with: uffdbroker__broker_to_plugin__unpack)
@@ -294,15 +286,15 @@ public final class EventBatchDecoder {
     get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
   }
   public var error: BrokerError? { message?.pointee.error.map { BrokerError(decoding: $0) } }
-  public var eventCount: Int { readCount ?? message?.pointee.n_events ?? 0 }
+  public var eventCount: Int { read.count ?? message?.pointee.n_events ?? 0 }
   /// How many of the plugin's packets the broker had applied when it sent this one.
-  public var packetsApplied: UInt64 { readCount == nil ? message?.pointee.packets_applied ?? 0 : readPacketsApplied }
+  public var packetsApplied: UInt64 { read.count == nil ? message?.pointee.packets_applied ?? 0 : readPacketsApplied }
 
   /// The event at `index`; an event with no (or an unknown) kind throws `.malformed`.
   public func event(at index: Int) throws(BrokerError) -> BrokerEvent {
-    if let readCount {
-      guard index < readCount else { throw BrokerError(.malformed, "event \(index) is missing") }
-      return .pagefault(readFaults[index])
+    if read.count != nil {
+      guard let fault = read.item(at: index) else { throw BrokerError(.malformed, "event \(index) is missing") }
+      return .pagefault(fault)
     }
     guard let m = message, index < m.pointee.n_events, let e = m.pointee.events[index]?.pointee else {
       throw BrokerError(.malformed, "event \(index) is missing")
@@ -388,10 +380,7 @@ public final class DecisionBatchEncoder {
 
   /// protobuf-c's bytes for `message`, for checking `DecisionBatchWriter` in debug builds and tests.
   static func packedByProtobufC(_ message: Uffdbroker__PluginToBroker) -> [UInt8] {
-    var message = message
-    var bytes = [UInt8](repeating: 0, count: uffdbroker__plugin_to_broker__get_packed_size(&message))
-    _ = uffdbroker__plugin_to_broker__pack(&message, &bytes)
-    return bytes
+    protobufCPacked(message, size: uffdbroker__plugin_to_broker__get_packed_size, pack: uffdbroker__plugin_to_broker__pack)
   }
 
   /// Adds a decision. `data` is borrowed until `encode` (it is copied into the
@@ -533,7 +522,7 @@ public final class DecisionBatchEncoder {
 
 /// A decision as decoded by the broker. `data` points into the packet or the
 /// decoder's arena and is valid until the next `decode`.
-public struct DecodedDecision {
+public struct DecodedDecision: Equatable {
   public var faultID: UInt64
   /// nil for a kind this build does not know (the broker refuses it).
   public var kind: DecisionKind?
@@ -542,6 +531,12 @@ public struct DecodedDecision {
   public var data: UnsafeRawBufferPointer
   /// Where the bytes lie in the plugin's shared area, instead of `data`.
   public var sharedOffset: UInt64?
+
+  /// Equal fields and equal bytes (wherever they lie).
+  public static func == (a: DecodedDecision, b: DecodedDecision) -> Bool {
+    a.faultID == b.faultID && a.kind == b.kind && a.address == b.address && a.length == b.length
+      && a.sharedOffset == b.sharedOffset && a.data.elementsEqual(b.data)
+  }
 
   /// From the wire's values: a length or address this platform cannot hold makes it a decision of no known kind (refused).
   init(faultID: UInt64, kind: UInt32, address: UInt64, length: UInt64, data: UnsafeRawBufferPointer, sharedOffset: UInt64?) {
@@ -567,70 +562,49 @@ public struct DecodedDecision {
 public final class DecisionBatchDecoder {
   private let arena: WireArena
   @exclusivity(unchecked) private var message: UnsafeMutablePointer<Uffdbroker__PluginToBroker>?
+  /// Packets of decisions only, read in place by `DecisionBatchReader`.
+  @exclusivity(unchecked) private var read: ReadInPlace<DecodedDecision>
   /// Whether packets of decisions only are read in place (`DecisionBatchReader`).
-  public let readsInPlace: Bool
-  private let readDecisions: UnsafeMutablePointer<DecodedDecision>
-  /// How many decisions `DecisionBatchReader` read from the current packet; nil when protobuf-c decoded it.
-  @exclusivity(unchecked) private var readCount: Int?
-  private static let readCapacity = 1024
+  public var readsInPlace: Bool { read.items != nil }
   /// Whether `DecisionBatchReader` read the current packet (for tests).
-  var wasReadInPlace: Bool { readCount != nil }
+  var wasReadInPlace: Bool { read.count != nil }
 
   public init(arena: WireArena = WireArena(), readsInPlace: Bool = true) {
     self.arena = arena
-    self.readsInPlace = readsInPlace
-    readDecisions = .allocate(capacity: readsInPlace ? Self.readCapacity : 0)
+    read = ReadInPlace(enabled: readsInPlace)
   }
 
-  deinit { readDecisions.deallocate() }
+  deinit { read.deallocate() }
 
   /// Decodes a packet; malformed bytes throw `.malformed`. Read in place, the
   /// decisions' bytes point into `bytes`, which must not change until the next `decode`.
   public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
     message = nil
-    readCount = nil
-    if readsInPlace, let count = DecisionBatchReader.read(bytes, into: readDecisions, capacity: Self.readCapacity) {
-      readCount = count
-      assert(Self.sameDecisions((0..<count).map { readDecisions[$0] }, Self.decodedByProtobufC(bytes)), "DecisionBatchReader differs from protobuf-c")
+    read.count = nil
+    if let items = read.items, let count = DecisionBatchReader.read(bytes, into: items, capacity: ReadInPlace<DecodedDecision>.capacity) {
+      read.count = count
+      assert(Self.sameAsProtobufC(bytes, decisions: (0..<count).map { items[$0] }), "DecisionBatchReader differs from protobuf-c")
       return
     }
     message = try arena.unpack(bytes, what: "a plugin message", with: uffdbroker__plugin_to_broker__unpack)
   }
 
-  /// protobuf-c's decisions for `bytes` (nil if it refuses them), for checking `DecisionBatchReader`.
-  static func decodedByProtobufC(_ bytes: UnsafeRawBufferPointer) -> [DecodedDecision]? {
+  /// Whether protobuf-c decodes `bytes` to exactly these decisions and nothing else.
+  static func sameAsProtobufC(_ bytes: UnsafeRawBufferPointer, decisions: [DecodedDecision]) -> Bool {
     let decoder = DecisionBatchDecoder(readsInPlace: false)
     guard (try? decoder.decode(bytes)) != nil, decoder.regionReplies.isEmpty, decoder.storeReplies.isEmpty,
-          (try? decoder.hello) == nil, (try? decoder.delegations(descriptors: [])) == []
-    else { return nil }
-    // The bytes live in the decoder's arena, which goes with it: copied out.
-    return (0..<decoder.decisionCount).compactMap { index in
-      decoder.decision(at: index).map { decision in
-        var copy = decision
-        copy.data = UnsafeRawBufferPointer(UnsafeMutableRawBufferPointer.allocate(byteCount: decision.data.count, alignment: 1))
-        UnsafeMutableRawBufferPointer(mutating: copy.data).copyMemory(from: decision.data)
-        return copy
-      }
-    }
-  }
-
-  /// Whether two decodings agree on every field and byte (frees `other`'s copied bytes).
-  static func sameDecisions(_ these: [DecodedDecision], _ other: [DecodedDecision]?) -> Bool {
-    guard let other else { return false }
-    defer { for decision in other { decision.data.deallocate() } }
-    return these.count == other.count && zip(these, other).allSatisfy { a, b in
-      a.faultID == b.faultID && a.kind == b.kind && a.address == b.address && a.length == b.length
-        && a.sharedOffset == b.sharedOffset && a.data.elementsEqual(b.data)
-    }
+          (try? decoder.hello) == nil, (try? decoder.delegations(descriptors: [])) == [], decoder.decisionCount == decisions.count
+    else { return false }
+    return decisions.indices.allSatisfy { index in decoder.decision(at: index) == decisions[index] }
   }
 
   public var hello: Hello? {
     get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
   }
-  public var decisionCount: Int { readCount ?? message?.pointee.n_decisions ?? 0 }
+  public var decisionCount: Int { read.count ?? message?.pointee.n_decisions ?? 0 }
 
   public func decision(at index: Int) -> DecodedDecision? {
-    if let readCount { return index < readCount ? readDecisions[index] : nil }
+    if read.count != nil { return read.item(at: index) }
     guard let m = message, index < m.pointee.n_decisions, let d = m.pointee.decisions[index]?.pointee else { return nil }
     return DecodedDecision(faultID: d.fault_id, kind: d.kind.rawValue, address: d.address, length: d.length,
                            data: UnsafeRawBufferPointer(start: d.data.data, count: d.data.len), sharedOffset: d.shared != 0 ? d.shared_offset : nil)

@@ -76,3 +76,14 @@ public final class WireArena {
     return block
   }
 }
+
+/// protobuf-c's bytes for `message`: measured, then packed into an array of that size.
+func protobufCPacked<Message>(
+  _ message: Message, size: (UnsafePointer<Message>?) -> Int, pack: (UnsafePointer<Message>?, UnsafeMutablePointer<UInt8>?) -> Int
+) -> [UInt8] {
+  withUnsafePointer(to: message) { pointer in
+    var bytes = [UInt8](repeating: 0, count: size(pointer))
+    _ = pack(pointer, &bytes)
+    return bytes
+  }
+}

@@ -105,3 +105,22 @@ struct WireReader {
   /// The bytes of this reader.
   var bytes: UnsafeRawBufferPointer { UnsafeRawBufferPointer(start: position, count: position.distance(to: end)) }
 }
+
+/// What a hand-written reader read from a decoder's current packet, in place
+/// of protobuf-c's message. `count` is nil when protobuf-c decoded the packet.
+struct ReadInPlace<Item> {
+  /// More items than this in one packet go to protobuf-c.
+  static var capacity: Int { 1024 }
+  /// nil for a decoder that leaves every packet to protobuf-c.
+  let items: UnsafeMutablePointer<Item>?
+  var count: Int?
+
+  init(enabled: Bool) { items = enabled ? .allocate(capacity: Self.capacity) : nil }
+
+  func deallocate() { items?.deallocate() }
+
+  func item(at index: Int) -> Item? {
+    guard let items, let count, index < count else { return nil }
+    return items[index]
+  }
+}

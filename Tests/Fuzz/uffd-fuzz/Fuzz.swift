@@ -87,6 +87,15 @@ private func show<T>(_ value: T) -> String {
   return text
 }
 
+/// Decodes with a decoder that may read in place and with protobuf-c alone:
+/// both must decode the packet, or both refuse it. Whether they decoded it.
+private func decodeAlike(_ what: String, _ decode: () throws(BrokerError) -> Void, reference: () throws(BrokerError) -> Void) -> Bool {
+  let referenceDecodes = (try? reference()) != nil
+  let decodes = (try? decode()) != nil
+  check(decodes == referenceDecodes, "a \(what) that protobuf-c \(referenceDecodes ? "decodes" : "refuses") is \(decodes ? "decoded" : "refused") here")
+  return decodes
+}
+
 // MARK: - Client socket
 
 private func clientToBroker(_ packet: UnsafeRawBufferPointer) {
@@ -113,51 +122,23 @@ private func brokerToClient(_ packet: UnsafeRawBufferPointer) {
 
 // MARK: - Plugin socket, broker side
 
-private struct Decision: Equatable {
-  var faultID: UInt64
-  var kind: DecisionKind?
-  var address: UInt
-  var length: Int
-  var data: UnsafeRawBufferPointer
-  var sharedOffset: UInt64?
-
-  init(_ d: DecodedDecision) {
-    faultID = d.faultID
-    kind = d.kind
-    address = d.address
-    length = d.length
-    data = d.data
-    sharedOffset = d.sharedOffset
-  }
-
-  static func == (a: Decision, b: Decision) -> Bool {
-    a.faultID == b.faultID && a.kind == b.kind && a.address == b.address && a.length == b.length
-      && a.sharedOffset == b.sharedOffset && a.data.elementsEqual(b.data)
-  }
-}
-
 private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt]) {
   let decoder = decisionDecoder
   let reference = protobufDecisionDecoder
-  let referenceDecodes = (try? reference.decode(packet)) != nil
-  do { try decoder.decode(packet) } catch {
-    check(!referenceDecodes, "the broker refuses a PluginToBroker that protobuf-c decodes")
-    return
-  }
-  check(referenceDecodes, "the broker decodes a PluginToBroker that protobuf-c refuses")
+  guard decodeAlike("PluginToBroker", { () throws(BrokerError) in try decoder.decode(packet) }, reference: { () throws(BrokerError) in try reference.decode(packet) }) else { return }
   check(decoder.decisionCount == reference.decisionCount
-          && (0..<decoder.decisionCount).allSatisfy { index in decoder.decision(at: index).map(Decision.init) == reference.decision(at: index).map(Decision.init) },
+          && (0..<decoder.decisionCount).allSatisfy { index in decoder.decision(at: index) == reference.decision(at: index) },
         "the decisions read in place differ from protobuf-c's")
   packetsDecoded += 1
   // What the broker reads, in its order (Broker.handlePluginMessage), but every
   // item even after a bad one.
   let hello = Result { () throws(BrokerError) in try decoder.hello }
-  var decisions: [Decision] = []
+  var decisions: [DecodedDecision] = []
   var checksum: UInt8 = 0
   for index in 0..<decoder.decisionCount {
     guard let decision = decoder.decision(at: index) else { continue }
     for byte in decision.data { checksum &+= byte }  // every byte of the payload is readable
-    decisions.append(Decision(decision))
+    decisions.append(decision)
   }
   check(decoder.decision(at: decoder.decisionCount) == nil, "a decision past the end")
   let regionReplies = decoder.regionReplies
@@ -179,14 +160,14 @@ private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt
   let expectedDelegations = (try? delegations.get()) ?? []
   expectedDelegations.forEach(encoder.append)
   var first = true
-  var pending: [Decision] = []
+  var pending: [DecodedDecision] = []
   func flush() {
     let length = encoder.encode(into: packBuffer)
     let sent = encoder.descriptors
     do { try checkDecisions.decode(UnsafeRawBufferPointer(rebasing: packBuffer[..<length])) } catch {
       fatalError("uffd-fuzz: a re-encoded PluginToBroker does not decode: \(error)")
     }
-    let back = (0..<checkDecisions.decisionCount).compactMap { checkDecisions.decision(at: $0).map(Decision.init) }
+    let back = (0..<checkDecisions.decisionCount).compactMap { checkDecisions.decision(at: $0) }
     check(back == pending, "decisions round trip: \(pending.count) came back as \(back.count) different ones")
     if first {
       check((try? checkDecisions.hello) == (try? hello.get()), "PluginToBroker hello round trip: \(show(hello)) came back as \(show(Result { () throws(BrokerError) in try checkDecisions.hello }))")
@@ -214,12 +195,7 @@ private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt
 private func brokerToPlugin(_ packet: UnsafeRawBufferPointer) {
   let decoder = eventDecoder
   let reference = protobufEventDecoder
-  let referenceDecodes = (try? reference.decode(packet)) != nil
-  do { try decoder.decode(packet) } catch {
-    check(!referenceDecodes, "the plugin SDK refuses a BrokerToPlugin that protobuf-c decodes")
-    return
-  }
-  check(referenceDecodes, "the plugin SDK decodes a BrokerToPlugin that protobuf-c refuses")
+  guard decodeAlike("BrokerToPlugin", { () throws(BrokerError) in try decoder.decode(packet) }, reference: { () throws(BrokerError) in try reference.decode(packet) }) else { return }
   let sameEvents = (0..<decoder.eventCount).allSatisfy { index in
     Result { () throws(BrokerError) in try decoder.event(at: index) } == Result { () throws(BrokerError) in try reference.event(at: index) }
   }
