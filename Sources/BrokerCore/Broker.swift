@@ -86,6 +86,10 @@ public final class Broker: @unchecked Sendable {
     public var retries = 0
     /// Faults resolved by the broker itself from a delegated range.
     public var resolvedLocally = 0
+    /// Faults in new memory (a grown tail, a `DONTUNMAP` source) filled with zeros.
+    public var newMemoryFills = 0
+    /// Faults the broker could not place, failed closed (poison or kill).
+    public var failedClosed = 0
   }
   @exclusivity(unchecked) public private(set) var statistics = Statistics()
   private let resolvedCounter = Atomic<UInt64>(0)
@@ -378,6 +382,7 @@ public final class Broker: @unchecked Sendable {
         }
         session.regions.remove(regionID: id)
         session.delegated.removeAll(regionID: id)
+        session.announcedRegions[id] = nil
         sendEvent(.regionClosed(clientID: session.id, regionID: id), to: route)
       }
       reply(session, BrokerReply(requestID: request.requestID, .ack(clientID: session.id)))
@@ -482,6 +487,8 @@ public final class Broker: @unchecked Sendable {
     let deadline = monotonicNanoseconds() + UInt64(configuration.registrationTimeoutMilliseconds) * 1_000_000
     session.pendingOpen = ClientSession.PendingOpen(requestID: requestID, regions: specs, awaiting: Set(specs.map(\.id)), deadline: deadline)
     for spec in specs {
+      session.announcedRegions[spec.id] = spec.plugin
+      session.servedBy.insert(spec.plugin)
       // A plugin that is away gets it when it connects (see `announceRegions`).
       if let connection = route(named: spec.plugin).effective.connection {
         append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: spec), to: connection)
@@ -538,11 +545,12 @@ public final class Broker: @unchecked Sendable {
     session.pendingOpen = nil
     for spec in pending.regions {
       session.delegated.removeAll(regionID: spec.id)
+      session.announcedRegions[spec.id] = nil
       sendEvent(.regionClosed(clientID: session.id, regionID: spec.id), to: route(named: spec.plugin))
     }
     logger.warning("refused a client's regions", metadata: ["client.id": "\(session.id)", "reason": "\(error)"])
     reply(session, BrokerReply(requestID: pending.requestID, .error(error)))
-    if session.phase == .opening { closeClient(session, reason: error.message, announce: false) }
+    if session.phase == .opening { closeClient(session, reason: error.message) }
   }
 
   private func activate(_ session: ClientSession, requestID: UInt64) {
@@ -564,22 +572,23 @@ public final class Broker: @unchecked Sendable {
     session.dispatcher?.drain()  // faults may have queued before the ack
   }
 
-  /// Cleans a client up: plugins are told Closed (once, last), its faults in
-  /// flight forgotten, its uffd and pidfd closed.
-  private func closeClient(_ session: ClientSession, reason: String, announce: Bool = true) {
+  /// Cleans a client up: every region still open is closed for its plugin, and
+  /// every plugin a region was ever announced to is told Closed, once, last
+  /// (whatever the client unmapped first); its faults in flight are forgotten,
+  /// its uffd and pidfd closed.
+  private func closeClient(_ session: ClientSession, reason: String) {
     guard session.phase != .closed else { return }
-    let wasActive = session.phase == .active
     session.phase = .closed
     loop.remove(session.socket.fd)
     if let uffd = session.uffd { loop.remove(uffd.fileDescriptor.rawValue) }
     if session.pidfd >= 0 { loop.remove(session.pidfd) }
     session.dispatcher?.close()
     for entry in inFlight.removeAll(where: { $0.session === session }) { entry.plugin.inFlight -= 1 }
-    if announce && (wasActive || session.pendingOpen != nil) {
-      var served = Set(session.regions.pieces.map(\.route.name))
-      session.pendingOpen.map { served.formUnion($0.regions.map(\.plugin)) }
-      for name in served.sorted() { sendEvent(.closed(clientID: session.id, reason: reason), to: route(named: name)) }
+    for (id, plugin) in session.announcedRegions.sorted(by: { $0.key < $1.key }) {
+      sendEvent(.regionClosed(clientID: session.id, regionID: id), to: route(named: plugin))
     }
+    session.announcedRegions.removeAll()
+    for name in session.servedBy.sorted() { sendEvent(.closed(clientID: session.id, reason: reason), to: route(named: name)) }
     pendingStores = pendingStores.filter { $0.value.session !== session }
     session.dispatcher = nil
     session.uffd = nil  // the broker's reference closes here
@@ -866,6 +875,41 @@ public final class Broker: @unchecked Sendable {
     countInvalid(from: plugin)
   }
 
+  /// Fills a fault in new memory (a grown tail, a `DONTUNMAP` source) with
+  /// zeros, as the kernel would fill fresh anonymous memory: an aligned block
+  /// of up to `maxDelegatedPrefetch` pages around it, inside the piece.
+  func fillNewMemory(_ fault: Pagefault, piece: RegionTable.Piece, session: ClientSession) -> PagefaultResult {
+    guard let uffd = session.uffd else { return .notNow }
+    let pageSize = piece.spec.pageSize
+    let page = fault.address & ~UInt(pageSize - 1)
+    let block = UInt(Self.maxDelegatedPrefetch * pageSize)
+    let range = (page / block * block..<page / block * block + block).clamped(to: piece.live)
+    let outcome = fill(.zero, range: range, around: page, pageSize: pageSize, data: UnsafeRawBufferPointer(zeroPage), session: session, uffd: uffd)
+    if outcome.isResolved { statistics.newMemoryFills += 1 }
+    return PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd)
+  }
+
+  /// Fails a fault the broker cannot place closed: the page is poisoned, so the
+  /// access gets SIGBUS instead of zeros or a thread woken forever; where the
+  /// uffd cannot poison, the client is killed. Logged and counted. EAGAIN (a
+  /// map change not yet read) parks it: the events may place it after all.
+  func failClosed(_ page: UInt, session: ClientSession, cause: String) -> PagefaultResult {
+    guard let uffd = session.uffd else { return .notNow }
+    let outcome = uffd.poison(address: page, length: systemPageSize)
+    switch outcome {
+    case .notNow, .partial: return .notNow
+    case .rangeGone, .alreadyPresent: break  // not ours after all, or filled meanwhile: the wake settles it
+    case .done, .targetExited, .failed:
+      statistics.failedClosed += 1
+      logger.error("failed a fault closed", metadata: [
+        "client.id": "\(session.id)", "client.pid": "\(session.pid)", "fault.address": "0x\(String(page, radix: 16))",
+        "cause": "\(cause)", "action": "\(outcome == .done ? "poisoned (SIGBUS at the access)" : "client killed")",
+      ])
+      if case .failed = outcome { _ = cuffd_pidfd_send_signal(session.pidfd, SIGKILL) }
+    }
+    return PagefaultResult(settling: outcome, address: page, length: systemPageSize, on: uffd)
+  }
+
   /// The broker-local fast path: fills a fault from a delegated range with no
   /// round trip. Returns nil (send it to the plugin) if the file cannot be read.
   func resolveLocally(_ fault: Pagefault, piece: RegionTable.Piece, delegated range: DelegatedRanges.Range, session: ClientSession) -> PagefaultResult? {
@@ -949,10 +993,10 @@ public final class Broker: @unchecked Sendable {
       dispatcher.complete(page, .notNow)
       return
     }
-    guard let piece = session.regions.piece(containing: page) else {
-      // The range went away while the plugin decided: release the thread.
-      _ = uffd.wake(address: page, length: systemPageSize)
-      dispatcher.complete(page, .resolved)
+    guard let piece = session.regions.piece(containing: page), !piece.isNewMemory else {
+      // The range went away (or changed) while the plugin decided: the
+      // redelivery finds out what the page is now (`ClientSession.pagefault`).
+      dispatcher.complete(page, .notNow)
       return
     }
     let pageSize = piece.spec.pageSize
@@ -1006,12 +1050,17 @@ public final class Broker: @unchecked Sendable {
 
   /// Fills `range` (the faulting `page` and maybe neighbours). While a swap-out
   /// runs, every fill reaching into it is write-protected, so no write escapes it.
-  /// A prefetch that stops at a page that exists already falls back to the faulting page alone.
+  ///
+  /// A range fill stops at the first page already present (EEXIST) or after a
+  /// partial copy, and neither says anything of the faulting page further in
+  /// (a page dropped by MADV_DONTNEED behind a present one: a balloon). Unless
+  /// the whole range was filled, or nothing could be (EAGAIN), the faulting page
+  /// is filled alone, and only its own outcome settles the fault.
   private func fill(_ kind: DecisionKind, range: Range<UInt>, around page: UInt, pageSize: Int, data: UnsafeRawBufferPointer,
                     session: ClientSession, uffd: UserfaultFD) -> IoctlOutcome {
     let protect = session.isSwapping(range)
     let outcome = fill(kind, range: range, data: data, uffd: uffd, writeProtect: protect)
-    guard range.count > pageSize && !outcome.isResolved else { return outcome }
+    guard range.count > pageSize, outcome != .done, outcome != .notNow else { return outcome }
     let at = Int(page - range.lowerBound)
     let slice = kind == .copy ? UnsafeRawBufferPointer(rebasing: data[at..<at + pageSize]) : data
     return fill(kind, range: page..<page + UInt(pageSize), data: slice, uffd: uffd, writeProtect: protect)
@@ -1121,6 +1170,7 @@ public final class Broker: @unchecked Sendable {
       "clients": "\(clients.count)", "plugins": "\(plugins.count)",
       "faults.sent": "\(statistics.faultsSent)", "decisions.applied": "\(statistics.decisionsApplied)",
       "faults.local": "\(statistics.resolvedLocally)", "decisions.stale": "\(statistics.staleDecisionsDropped)",
+      "faults.newMemory": "\(statistics.newMemoryFills)", "faults.failedClosed": "\(statistics.failedClosed)",
       "decisions.invalid": "\(statistics.invalidDecisions)", "decisions.retry": "\(statistics.retries)",
     ])
     for session in clients.values { closeClient(session, reason: "the broker is stopping") }

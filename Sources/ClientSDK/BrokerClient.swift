@@ -72,17 +72,30 @@ public final class BrokerClient: Sendable {
   deinit { monitor.stop() }
 
   /// Adds regions (registering their ranges with this client's uffd first).
+  /// If the broker refuses them, their ranges are unregistered again: plain
+  /// memory, never a range whose faults nobody serves.
   public func addRegions(_ regions: [RegionSpec]) throws(ClientError) {
     try Self.register(regions, with: uffd)
-    _ = try request(.addRegions(regions))
+    do {
+      _ = try request(.addRegions(regions))
+    } catch {
+      unregister(regions)
+      throw error
+    }
     connection.withLock { $0.regions += regions }
   }
 
-  /// Removes regions from the broker, then unregisters their ranges (their pages stay as they are).
+  /// Unregisters the regions' ranges, then removes them from the broker (their
+  /// pages stay as they are; the unfilled ones read as zeros from then on). In
+  /// that order, no fault on them reaches the broker after it forgot them.
   public func removeRegions(_ regions: [RegionSpec]) throws(ClientError) {
+    unregister(regions)
     _ = try request(.removeRegions(regions.map(\.id)))
     let ids = Set(regions.map(\.id))
     connection.withLock { $0.regions.removeAll { ids.contains($0.id) } }
+  }
+
+  private func unregister(_ regions: [RegionSpec]) {
     for region in regions { try? uffd.unregister(address: region.base, length: region.length) }
   }
 

@@ -236,9 +236,8 @@ public final class PluginRunner {
     case .regionClosed(let clientID, let regionID):
       if let region = regions.removeValue(forKey: RegionKey(client: clientID, region: regionID)) { plugin.regionClosed(region) }
     case .closed(let clientID, let reason):
-      for key in regions.keys where key.client == clientID {
-        if let region = regions.removeValue(forKey: key) { plugin.regionClosed(region) }
-      }
+      // The broker closed every region of the client before (RegionClosed on the wire).
+      for key in regions.keys where key.client == clientID { regions[key] = nil }
       plugin.clientClosed(clientID, reason: reason)
     }
   }

@@ -59,6 +59,46 @@ struct RegionTableTests {
     #expect(t.piece(containing: scratch) == nil)
   }
 
+  @Test("a trailing UNMAP read after another thread's REMAP into its hole cuts nothing; a plain munmap still cuts")
+  func trailingUnmapAfterNewcomer() {
+    let x = UInt(0x10_0000), z = x + 4 * page, y = UInt(0x50_0000), length = Int(4 * page)
+    var t = table([spec(1, at: x, pages: 8)])
+    // A: mremap X → Y; B: mremap Z → X (the hole A left); then A's and B's trailing UNMAPs.
+    t.move(from: x, to: y, length: length)
+    t.move(from: z, to: x, length: length)
+    #expect(t.unmap(x..<x + UInt(length)).isEmpty)
+    #expect(t.unmap(z..<z + UInt(length)).isEmpty)
+    #expect(t.piece(containing: x)?.offset(of: x) == UInt64(4 * page), "B's pages are where B put them")
+    #expect(t.piece(containing: y)?.offset(of: y) == 0)
+    #expect(t.piece(containing: z) == nil)
+    #expect(t.movedAway.isEmpty)
+    // A munmap that no move announced cuts as always.
+    #expect(t.unmap(x..<x + page).count == 1)
+    #expect(t.piece(containing: x) == nil && t.piece(containing: x + page) != nil)
+  }
+
+  @Test("new memory: a tail the kernel grew past a piece, and the source of a move with no trailing UNMAP")
+  func newMemory() {
+    let a = UInt(0x10_0000), far = UInt(0x90_0000)
+    var t = table([spec(1, at: a, pages: 4), spec(2, at: a + 16 * page, pages: 4)])
+    // Grown in place: the kernel's mapping now runs 4 pages past region 1.
+    let mapping = a..<a + 8 * page
+    #expect(t.newMemory(around: a + 5 * page, in: mapping) == a + 4 * page..<a + 8 * page)
+    t.addNewMemory(a + 4 * page..<a + 8 * page)
+    #expect(t.piece(containing: a + 6 * page)?.isNewMemory == true)
+    #expect(t.piece(containing: a + 3 * page)?.isNewMemory == false)
+    // It moves with its region (mremap of the whole mapping), and stays new memory.
+    t.move(from: a, to: far, length: Int(8 * page))
+    #expect(t.piece(containing: far + 6 * page)?.isNewMemory == true)
+    #expect(t.piece(containing: far + page)?.offset(of: far + page) == UInt64(page))
+    // A mapping that holds no piece and was no move's source: the table lost track of it.
+    #expect(t.newMemory(around: 0x70_0000, in: 0x70_0000..<0x70_0000 + 4 * page) == nil)
+    // A region's own gap below its first page is not a tail.
+    #expect(t.newMemory(around: a + 15 * page, in: a + 12 * page..<a + 20 * page) == nil)
+    // A move's source with no trailing UNMAP yet (MREMAP_DONTUNMAP) is new memory.
+    #expect(t.newMemory(around: a + page, in: a..<a + 8 * page) == a..<a + 8 * page)
+  }
+
   @Test("a route's failover chain: effective is its end, passes(through:) names the routes on it")
   func failoverChain() {
     let a = PluginRoute(name: "a"), b = PluginRoute(name: "b"), c = PluginRoute(name: "c")

@@ -54,6 +54,27 @@ public final class PluginRoute {
 /// The live regions of one client: which addresses are served, by which
 /// plugin, at which offset of the region's backing. Munmap and mremap cut and
 /// move the live pieces; offsets stay those of the region as registered.
+///
+/// **The kernel's event model**, which the table follows (each sequence is
+/// recorded against the real kernel in `KernelEventSequenceTests`):
+/// - `munmap` (and `mmap(MAP_FIXED)` over registered memory): UNMAP(range).
+/// - `MADV_DONTNEED`/`MADV_REMOVE`: REMOVE(range); the range stays registered.
+/// - `mremap` shrink: UNMAP(the cut-off tail).
+/// - `mremap` move (`MAYMOVE`, with or without `FIXED`): [UNMAP(destination), if
+///   `FIXED` replaced registered memory] REMAP(old → new, old length), then a
+///   trailing UNMAP(old range); with `MREMAP_DONTUNMAP` no trailing UNMAP.
+/// - `mremap` grow, in place or moved: no event for the new tail, which the
+///   kernel keeps registered. The table learns of it from a fault (`newMemory`).
+///
+/// What the kernel does **not** guarantee: events are queued after the mmap
+/// lock is dropped, so the sequences of two threads interleave in the uffd. A
+/// trailing UNMAP can arrive after another thread's REMAP moved something new
+/// into the range it names. The REMAP already took everything out of its source,
+/// so the trailing UNMAP carries nothing: `unmap(_:)` recognises it and cuts
+/// nothing (`movedAway`). Stale pieces the table keeps longer than the kernel
+/// are harmless (no fault comes from unmapped memory, and a later move there
+/// cuts them); a piece it lacks is what `newMemory(around:in:)` and the
+/// session's fail-closed path deal with.
 public struct RegionTable {
   public struct Piece {
     public var spec: RegionSpec
@@ -62,6 +83,10 @@ public struct RegionTable {
     /// The region offset of `live.lowerBound`.
     public var offset: UInt64
     let route: PluginRoute
+    /// Memory the kernel registered without an event (a tail grown by mremap, a
+    /// `MREMAP_DONTUNMAP` source): new anonymous memory, zero until written. The
+    /// broker fills it itself; plugins never hear of it.
+    public var isNewMemory = false
 
     /// The region offset of `address` (which must lie in `live`).
     public func offset(of address: UInt) -> UInt64 { offset + UInt64(address - live.lowerBound) }
@@ -75,6 +100,10 @@ public struct RegionTable {
 
   /// Sorted by address, never overlapping.
   public private(set) var pieces: [Piece] = []
+  /// Sources of REMAPs whose trailing UNMAP has not been read yet, oldest first.
+  public private(set) var movedAway: [Range<UInt>] = []
+  /// A `MREMAP_DONTUNMAP` move has no trailing UNMAP: its entry stays until pushed out.
+  static let movedAwayLimit = 64
 
   public init() {}
 
@@ -111,6 +140,43 @@ public struct RegionTable {
   mutating func add(_ spec: RegionSpec, route: PluginRoute) {
     pieces.append(Piece(spec: spec, live: spec.range, offset: 0, route: route))
     pieces.sort { $0.live.lowerBound < $1.live.lowerBound }
+  }
+
+  /// An UNMAP event: cuts `range`, unless it is the trailing UNMAP of a move
+  /// read earlier (see the type's doc), which cuts nothing. Returns what was cut.
+  public mutating func unmap(_ range: Range<UInt>) -> [(piece: Piece, range: Range<UInt>)] {
+    if let index = movedAway.firstIndex(of: range) {
+      movedAway.remove(at: index)
+      return []
+    }
+    return cut(range)
+  }
+
+  /// Where a fault with no piece lies in memory the kernel registered without
+  /// telling (`mapping`: the kernel's mapping around `address`): the tail of a
+  /// piece that grew in place or while moving (the mapping continues past the
+  /// piece's end), or the source of a move whose trailing UNMAP never came
+  /// (`MREMAP_DONTUNMAP`). Returns the unknown stretch around `address`, or nil
+  /// when the fault is in neither (then the table has lost track of it).
+  public func newMemory(around address: UInt, in mapping: Range<UInt>) -> Range<UInt>? {
+    guard mapping.contains(address), piece(containing: address) == nil else { return nil }
+    let next = firstIndex(endingAfter: address)
+    let previous = next - 1
+    var lower = max(mapping.lowerBound, previous >= 0 ? pieces[previous].live.upperBound : 0)
+    let upper = min(mapping.upperBound, next < pieces.count ? pieces[next].live.lowerBound : .max)
+    let grown = previous >= 0 && pieces[previous].live.upperBound > mapping.lowerBound
+    if grown { return lower..<upper }
+    guard let source = movedAway.first(where: { $0.contains(address) }) else { return nil }
+    lower = max(lower, source.lowerBound)
+    return lower..<min(upper, source.upperBound)
+  }
+
+  /// Records `range` as new memory of the region whose piece precedes it (or,
+  /// for a move's source, of no region in particular: `spec` names the nearest).
+  mutating func addNewMemory(_ range: Range<UInt>) {
+    let index = firstIndex(endingAfter: range.lowerBound)
+    guard let neighbour = index > 0 ? pieces[index - 1] : pieces.first else { return }
+    insert(Piece(spec: neighbour.spec, live: range, offset: UInt64(neighbour.spec.length), route: neighbour.route, isNewMemory: true))
   }
 
   /// Removes every piece of region `id`; returns whether there was one.
@@ -161,10 +227,10 @@ public struct RegionTable {
     let first = pieces[hit.lowerBound]
     let last = pieces[hit.upperBound - 1]
     if first.live.lowerBound < range.lowerBound {
-      kept.append(Piece(spec: first.spec, live: first.live.lowerBound..<range.lowerBound, offset: first.offset, route: first.route))
+      kept.append(Piece(spec: first.spec, live: first.live.lowerBound..<range.lowerBound, offset: first.offset, route: first.route, isNewMemory: first.isNewMemory))
     }
     if range.upperBound < last.live.upperBound {
-      kept.append(Piece(spec: last.spec, live: range.upperBound..<last.live.upperBound, offset: last.offset(of: range.upperBound), route: last.route))
+      kept.append(Piece(spec: last.spec, live: range.upperBound..<last.live.upperBound, offset: last.offset(of: range.upperBound), route: last.route, isNewMemory: last.isNewMemory))
     }
     pieces.replaceSubrange(hit, with: kept)
     return cut
@@ -176,10 +242,12 @@ public struct RegionTable {
   public mutating func move(from: UInt, to: UInt, length: Int) -> [Piece] {
     let moved = cut(from..<from + UInt(length)).map { part in
       Piece(spec: part.piece.spec, live: part.range.lowerBound - from + to..<part.range.upperBound - from + to,
-            offset: part.piece.offset(of: part.range.lowerBound), route: part.piece.route)
+            offset: part.piece.offset(of: part.range.lowerBound), route: part.piece.route, isNewMemory: part.piece.isNewMemory)
     }
     cut(to..<to + UInt(length))
     for piece in moved { insert(piece) }
+    movedAway.append(from..<from + UInt(length))
+    if movedAway.count > Self.movedAwayLimit { movedAway.removeFirst() }
     return moved
   }
 
@@ -201,7 +269,7 @@ public struct RegionTable {
   }
 
   private static func continues(_ a: Piece, with b: Piece) -> Bool {
-    a.spec.id == b.spec.id && a.route === b.route && a.live.upperBound == b.live.lowerBound
-      && a.offset + UInt64(a.live.count) == b.offset
+    a.spec.id == b.spec.id && a.route === b.route && a.isNewMemory == b.isNewMemory && a.live.upperBound == b.live.lowerBound
+      && (a.isNewMemory || a.offset + UInt64(a.live.count) == b.offset)
   }
 }

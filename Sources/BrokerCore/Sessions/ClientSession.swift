@@ -44,6 +44,11 @@ final class ClientSession: UserfaultFDHandler {
   @exclusivity(unchecked) var swapping: [Range<UInt>] = []
   /// Pages whose write-protect faults are held until their swap-out ends.
   @exclusivity(unchecked) var heldWrites: Set<UInt> = []
+  /// Regions announced to plugins (RegionOpened) and not closed yet, by id, with
+  /// their plugin's name: each gets RegionClosed when the client goes.
+  @exclusivity(unchecked) var announcedRegions: [UInt64: String] = [:]
+  /// Every plugin a region was ever announced to: each is told Closed, last.
+  @exclusivity(unchecked) var servedBy: Set<String> = []
   /// Ranges plugins handed to the broker to serve by itself.
   @exclusivity(unchecked) var delegated = DelegatedRanges()
 
@@ -74,17 +79,38 @@ final class ClientSession: UserfaultFDHandler {
       _ = uffd.writeProtect(address: page, length: systemPageSize, protect: false)
       return .resolved
     }
-    guard let piece = regions.piece(containing: fault.address) else {
-      // Not in a live region: it was unmapped or removed just now. Wake the
-      // thread; its access re-faults against the new mappings.
-      _ = uffd.wake(address: fault.address, length: systemPageSize)
-      return .resolved
-    }
+    guard let piece = regions.piece(containing: fault.address) else { return placeUnknown(fault, on: uffd) }
+    if piece.isNewMemory { return broker.fillNewMemory(fault, piece: piece, session: self) }
     if !delegated.isEmpty, let range = delegated.range(regionID: piece.spec.id, offset: piece.offset(of: fault.address)),
        let result = broker.resolveLocally(fault, piece: piece, delegated: range, session: self) {
       return result
     }
     return broker.sendFault(fault, piece: piece, session: self)
+  }
+
+  /// A fault where the table has no piece. Waking it blindly would livelock a
+  /// thread whose memory the kernel still has registered (it faults again at
+  /// once), so the kernel's mappings decide:
+  /// - unmapped, or replaced by memory this uffd does not serve: wake it; the
+  ///   access re-faults against what is there now (SIGSEGV, or plain memory);
+  /// - a region still being opened: park it until its plugin accepts;
+  /// - memory registered without an event (a grown tail, a `DONTUNMAP` source):
+  ///   new memory, filled with zeros from now on;
+  /// - anything else: the table lost track of it. Fail closed (poison).
+  /// Each fill checks with the kernel that no map change is pending (EAGAIN
+  /// while one is queued), so an event not yet read only delays the decision.
+  private func placeUnknown(_ fault: Pagefault, on uffd: UserfaultFD) -> PagefaultResult {
+    let page = fault.address & ~UInt(systemPageSize - 1)
+    if pendingOpen?.regions.contains(where: { $0.range.contains(page) }) == true { return .notNow }
+    guard let mapping = ProcessMappings.mapping(containing: page, pid: pid) else {
+      _ = uffd.wake(address: page, length: systemPageSize)
+      return .resolved
+    }
+    if let range = regions.newMemory(around: page, in: mapping) {
+      regions.addNewMemory(range)
+      if let piece = regions.piece(containing: page) { return broker.fillNewMemory(fault, piece: piece, session: self) }
+    }
+    return broker.failClosed(page, session: self, cause: "the fault is in registered memory the broker's region table does not cover")
   }
 
   func removed(_ range: Range<UInt>) {
@@ -100,7 +126,7 @@ final class ClientSession: UserfaultFDHandler {
   /// Takes removed or unmapped parts back from delegations (their next faults go
   /// to the plugin) and tells each part's plugin, in order.
   private func report(_ parts: [(piece: RegionTable.Piece, range: Range<UInt>)], swappedOut: Bool = false, as event: (RangeEvent) -> BrokerEvent) {
-    for part in parts {
+    for part in parts where !part.piece.isNewMemory {
       let start = part.piece.offset(of: part.range.lowerBound)
       delegated.cut(regionID: part.piece.spec.id, start..<start + UInt64(part.range.count))
       broker.sendEvent(event(RangeEvent(clientID: id, regionID: part.piece.spec.id, range: part.range, startOffset: start, swappedOut: swappedOut)),
@@ -112,7 +138,7 @@ final class ClientSession: UserfaultFDHandler {
   func liveRange(regionID: UInt64, offset: UInt64, length: Int) throws(BrokerError) -> (range: Range<UInt>, piece: RegionTable.Piece) {
     let mask = UInt64(systemPageSize - 1)
     guard length > 0, offset & mask == 0, UInt64(length) & mask == 0,
-          let piece = regions.pieces.first(where: { $0.spec.id == regionID && $0.address(ofOffset: offset) != nil }),
+          let piece = regions.pieces.first(where: { $0.spec.id == regionID && !$0.isNewMemory && $0.address(ofOffset: offset) != nil }),
           let start = piece.address(ofOffset: offset), UInt(length) <= piece.live.upperBound - start
     else {
       throw BrokerError(.badRegion, "offset \(offset) + \(length) is not a page-aligned live range of region \(regionID)")
@@ -121,11 +147,11 @@ final class ClientSession: UserfaultFDHandler {
   }
 
   func unmapped(_ range: Range<UInt>) {
-    report(regions.cut(range), as: BrokerEvent.unmapped)
+    report(regions.unmap(range), as: BrokerEvent.unmapped)
   }
 
   func remapped(from: UInt, to: UInt, length: Int) {
-    for piece in regions.move(from: from, to: to, length: length) {
+    for piece in regions.move(from: from, to: to, length: length) where !piece.isNewMemory {
       let newBase = piece.live.lowerBound &- UInt(piece.offset)
       broker.sendEvent(.remapped(RemapEvent(clientID: id, regionID: piece.spec.id, from: from + (piece.live.lowerBound - to), to: piece.live.lowerBound, length: piece.live.count, newBase: newBase)), to: piece.route)
     }

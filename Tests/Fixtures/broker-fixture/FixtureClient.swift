@@ -34,6 +34,10 @@ struct FixtureClient {
       case "foreign-uid": return foreignUID()
       case "soak": return try soak()
       case "add-remove": return try addAndRemoveRegions()
+      case "prefetch-dontneed": return try prefetchDontneed()
+      case "grow": return try grow()
+      case "concurrent-movers": return try concurrentMovers()
+      case "unmap-exit": return try unmapThenExit()
       default:
         print("unknown scenario \(scenario)")
         return 2
@@ -45,7 +49,7 @@ struct FixtureClient {
   }
 
   /// FIXTURE_LOSS_POLICY=poison:MS (or terminate:MS) sets what the client does when the broker is gone for MS.
-  private func register(_ memory: AnonymousMemory, id: UInt64 = 1) throws(ClientError) -> BrokerClient {
+  func register(_ memory: AnonymousMemory, id: UInt64 = 1) throws(ClientError) -> BrokerClient {
     var policy = BrokerLossPolicy.reattach(withinMilliseconds: 30_000, otherwise: .terminate)
     if let text = getenv("FIXTURE_LOSS_POLICY").map({ String(cString: $0) }) {
       let parts = text.split(separator: ":")

@@ -7,6 +7,7 @@ import Userfaultfd
 /// Modes: pattern (copy the pattern), zero, retry-once (retry each page once,
 /// then pattern), outside / misaligned / short / below / overlong (first answer
 /// per page is invalid, later ones correct), prefetch (64 KiB aligned blocks),
+/// prefetch-refill (the same, and removed pages get the pattern again, as a snapshot would),
 /// hang (never answer), exit-after:N (exit after N faults), refuse (refuse every region).
 ///
 /// Event log lines (one per event, for the tests): `opened CLIENT REGION`,
@@ -52,7 +53,7 @@ final class FixturePlugin: PagePlugin {
     faults += 1
     if let exitAfter, faults > exitAfter { exit(3) }
     // Pages dropped with MADV_DONTNEED read as zeros from then on.
-    if removed[ObjectIdentifier(region)]?.contains(fault.offset, pageSize: region.pageSize) == true { return .zero }
+    if mode != "prefetch-refill", removed[ObjectIdentifier(region)]?.contains(fault.offset, pageSize: region.pageSize) == true { return .zero }
     let firstTime = retried.insert(fault.offset).inserted
     let decision = decide(fault, in: region, buffer: buffer, firstTime: firstTime)
     if logsDecisions {
@@ -93,7 +94,7 @@ final class FixturePlugin: PagePlugin {
       return .copyRange(offset: fault.offset, length: length)
     case "hang":
       return .retry  // a plugin that never resolves (the broker keeps redelivering)
-    case "prefetch":
+    case "prefetch", "prefetch-refill":
       let block = UInt64(64 << 10)
       let start = fault.offset / block * block
       let length = Int(min(block, UInt64(region.length) - start))

@@ -1,0 +1,70 @@
+import Glibc
+import Testing
+
+extension BrokerIntegrationTests {
+  /// Where the broker's region table and the kernel's registrations could part
+  /// (DESIGN §2, §3.6): each page reads what it must, or the access fails
+  /// loudly; no thread is woken forever.
+  @Suite("The broker's view of memory agrees with the kernel's")
+  struct MemoryTruth {
+    @Test("prefetch over pages dropped behind a present one: the range copy's EEXIST does not settle the faulting page")
+    func prefetchOverDroppedPages() throws {
+      try Harness.run("prefetch-dontneed") { h in
+        try h.startPlugin(name: "blocks", mode: "prefetch-refill")
+        let outcome = try h.runClient("prefetch-dontneed", mib: 0, threads: 1, plugin: "blocks", timeout: 20)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "prefetch over dropped pages: 64 pages, 0 wrong", h.diagnostics)
+      }
+    }
+
+    @Test("the same with the snapshot plugin, prefetching and delegated to the broker")
+    func prefetchOverDroppedPagesSnapshot() throws {
+      try Harness.run("prefetch-dontneed-snapshot") { h in
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--delegate", "--prefetch", "16"])
+        let path = try SamplePlugins.writeSnapshot(h, size: 64 * pageSize)
+        let outcome = try h.runClient("prefetch-dontneed", mib: 0, threads: 1, plugin: "snapshot", timeout: 20, extraEnvironment: ["FIXTURE_FILE": path])
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "prefetch over dropped pages: 64 pages, 0 wrong", h.diagnostics)
+      }
+    }
+
+    @Test("a region grown by mremap in place, or moved while growing: the old part keeps its bytes, the new tail reads zeros", arguments: [0, 1])
+    func grownRegion(moving: Int) throws {
+      try Harness.run("grow") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let outcome = try h.runClient("grow", mib: 1, threads: 1, plugin: "pattern", loops: moving, timeout: 20)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "grown \(moving == 1 ? "with a move" : "in place") to \(2 << 20) bytes, 0 wrong", h.diagnostics)
+        // The tail is the broker's (new memory): the plugin never saw a fault past the region.
+        #expect(h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics)
+      }
+    }
+
+    @Test("two threads moving memory into each other's holes (300 rounds): a late trailing UNMAP never cuts the newcomer")
+    func concurrentMovers() throws {
+      try Harness.run("movers") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let rounds = 300
+        let outcome = try h.runClient("concurrent-movers", mib: 0, threads: 2, plugin: "pattern", loops: rounds, timeout: 60)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "concurrent movers: \(rounds) rounds, 0 wrong pages", h.diagnostics)
+        #expect(h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics)
+      }
+    }
+
+    @Test("a client that unmaps its regions before it goes: RegionClosed for each, then Closed, last")
+    func closedAfterUnmap() throws {
+      try Harness.run("unmap-exit") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let outcome = try h.runClient("unmap-exit", mib: 0, threads: 1, plugin: "pattern")
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        let client = try #require(openedClients(h.eventLog("pattern")).first, h.diagnostics)
+        #expect(waitUntil(timeout: 5) { h.eventLog("pattern").contains("closed \(client)") }, h.diagnostics)
+        let events = h.eventLog("pattern").filter { $0.split(separator: " ").dropFirst().first == Substring("\(client)") }
+        #expect(events.filter { $0.hasPrefix("regionClosed ") }.sorted() == ["regionClosed \(client) 1", "regionClosed \(client) 2"], h.diagnostics("\(events)"))
+        #expect(events.last == "closed \(client)", h.diagnostics("\(events)"))
+        #expect(events.filter { $0 == "closed \(client)" }.count == 1, h.diagnostics("\(events)"))
+      }
+    }
+  }
+}

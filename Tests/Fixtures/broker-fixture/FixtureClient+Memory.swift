@@ -1,0 +1,149 @@
+import BrokerProtocol
+import CUserfaultfd
+import ClientSDK
+import Glibc
+import Synchronization
+import Userfaultfd
+
+// Scenarios where the broker's view of the client's memory and the kernel's
+// could part: prefetch over dropped pages, grown regions, concurrent movers.
+extension FixtureClient {
+  /// 4 blocks of 16 pages, served by a plugin that fills whole blocks (its
+  /// content: the pattern, or the file named by FIXTURE_FILE). Per block: read
+  /// its first page (the block arrives whole), drop pages 4 and 5 with
+  /// MADV_DONTNEED, read page 4 again: the block's range copy now meets a
+  /// present first page (EEXIST), and the broker must still fill page 4.
+  func prefetchDontneed() throws -> Int32 {
+    let blocks = 4
+    let memory = try AnonymousMemory(length: blocks * 16 * pageSize)
+    let client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin, argument: fixtureFile ?? "")], name: "fixture-prefetch-dontneed")
+    for block in 0..<blocks {
+      let first = memory.base + block * 16 * pageSize
+      _ = cuffd_touch(first)
+      madvise(first + 4 * pageSize, 2 * pageSize, MADV_DONTNEED)
+      _ = cuffd_touch(first + 4 * pageSize)
+      _ = cuffd_touch(first + 5 * pageSize)
+    }
+    let wrong = (0..<blocks * 16).filter { !holdsBacking(memory.base + $0 * pageSize, offset: UInt64($0 * pageSize)) }.count
+    withExtendedLifetime(client) {}
+    print("prefetch over dropped pages: \(blocks * 16) pages, \(wrong) wrong")
+    return wrong == 0 ? 0 : 1
+  }
+
+  /// A region of MIB MiB (at least 1), half of it read, grown to twice its size
+  /// by mremap: in place (LOOPS = 0) or moved while growing (LOOPS = 1). The
+  /// kernel keeps the new tail registered without telling the broker; it must
+  /// read as zeros (new memory), the old part as before.
+  func grow() throws -> Int32 {
+    let length = max(mib, 1) << 20
+    let moving = loops == 1
+    // Reserve twice the length, so that growing in place has room (or, when
+    // moving, block it with a mapping right after the region).
+    guard let reserved = mmap(nil, 2 * length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), reserved != MAP_FAILED else {
+      print("mmap failed: \(errno)")
+      return 1
+    }
+    if !moving { munmap(reserved + length, length) }
+    let client = try BrokerClient(regions: [RegionSpec(id: 1, base: UInt(bitPattern: reserved), length: length, plugin: plugin)], name: "fixture-grow")
+    for page in stride(from: 0, to: length / 2, by: pageSize) { _ = cuffd_touch(reserved + page) }
+    let flags = moving ? cuffd_mremap_maymove : 0
+    guard let grown = cuffd_mremap(reserved, length, 2 * length, flags, nil), grown != MAP_FAILED else {
+      print("mremap failed: \(errno)")
+      return 1
+    }
+    var wrong = 0
+    for page in stride(from: 0, to: 2 * length, by: pageSize) {
+      let bytes = UnsafeRawBufferPointer(start: grown + page, count: pageSize)
+      let right = page < length ? Pattern.mismatch(bytes, backingOffset: UInt64(page)) == nil : !bytes.contains { $0 != 0 }
+      if !right { wrong += 1 }
+    }
+    // Written and dropped again, the tail reads zeros, as fresh memory does.
+    let tail = grown + length
+    tail.storeBytes(of: 0xFEED, as: UInt64.self)
+    madvise(tail, pageSize, MADV_DONTNEED)
+    if tail.load(as: UInt64.self) != 0 { wrong += 1 }
+    munmap(grown, 2 * length)
+    if moving { munmap(reserved + length, length) }
+    withExtendedLifetime(client) {}
+    print("grown \(moving ? "with a move" : "in place") to \(2 * length) bytes, \(wrong) wrong")
+    return wrong == 0 ? 0 : 1
+  }
+
+  /// LOOPS rounds of two threads moving memory into each other's holes: A
+  /// moves range X of the region away (mremap FIXED to a reserved address), B
+  /// waits for the hole and moves range Z into it. The kernel may queue A's
+  /// trailing UNMAP(X) after B's REMAP(Z → X); taken at face value it cuts B's
+  /// pages out of the broker's table. Every page is then checked at its new place.
+  func concurrentMovers() throws -> Int32 {
+    let rounds = max(loops, 1)
+    let slot = 4 * pageSize
+    let memory = try AnonymousMemory(length: rounds * 2 * slot)
+    let client = try register(memory)
+    var wrong = 0
+    for round in 0..<rounds {
+      let x = memory.base + 2 * round * slot
+      let z = x + slot
+      // Half of each slot is resident before the moves, half is filled after.
+      _ = cuffd_touch(x)
+      _ = cuffd_touch(z + pageSize)
+      guard let y = mmap(nil, slot, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), y != MAP_FAILED else {
+        print("mmap failed: \(errno)")
+        return 1
+      }
+      let xAddress = UInt(bitPattern: x), zAddress = UInt(bitPattern: z), yAddress = UInt(bitPattern: y)
+      let mover = spawnThread {
+        _ = cuffd_mremap(UnsafeMutableRawPointer(bitPattern: xAddress), slot, slot, cuffd_mremap_maymove | cuffd_mremap_fixed, UnsafeMutableRawPointer(bitPattern: yAddress))
+      }
+      // The hole: mincore fails with ENOMEM once X is unmapped.
+      var vector: UInt8 = 0
+      while mincore(x, pageSize, &vector) == 0 { sched_yield() }
+      guard cuffd_mremap(UnsafeMutableRawPointer(bitPattern: zAddress), slot, slot, cuffd_mremap_maymove | cuffd_mremap_fixed, x) != MAP_FAILED else {
+        print("mremap failed: \(errno)")
+        return 1
+      }
+      pthread_join(mover, nil)
+      let xOffset = UInt64(2 * round * slot)
+      for page in stride(from: 0, to: slot, by: pageSize) {
+        if Pattern.mismatch(UnsafeRawBufferPointer(start: y + page, count: pageSize), backingOffset: xOffset + UInt64(page)) != nil { wrong += 1 }
+        if Pattern.mismatch(UnsafeRawBufferPointer(start: x + page, count: pageSize), backingOffset: xOffset + UInt64(slot + page)) != nil { wrong += 1 }
+      }
+      munmap(y, slot)
+    }
+    withExtendedLifetime(client) {}
+    print("concurrent movers: \(rounds) rounds, \(wrong) wrong pages")
+    return wrong == 0 ? 0 : 1
+  }
+
+  /// Registers two regions, unmaps both (as `AnonymousMemory`'s deinit does),
+  /// then closes its connection: each plugin must still hear RegionClosed for
+  /// both, then Closed.
+  func unmapThenExit() throws -> Int32 {
+    let first = mmap(nil, 8 * pageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+    let second = mmap(nil, 8 * pageSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
+    var client: BrokerClient? = try BrokerClient(regions: [
+      RegionSpec(id: 1, base: UInt(bitPattern: first), length: 8 * pageSize, plugin: plugin),
+      RegionSpec(id: 2, base: UInt(bitPattern: second), length: 8 * pageSize, plugin: plugin),
+    ], name: "fixture-unmap-exit")
+    _ = cuffd_touch(first)
+    munmap(first, 8 * pageSize)
+    munmap(second, 8 * pageSize)
+    withExtendedLifetime(client) {}
+    client = nil
+    print("unmapped both regions, then closed")
+    return 0
+  }
+
+  private var fixtureFile: String? { getenv("FIXTURE_FILE").map { String(cString: $0) } }
+
+  /// Whether the page at `address` holds region offset `offset` of the backing:
+  /// the FIXTURE_FILE's bytes (zeros past its end), or the pattern.
+  private func holdsBacking(_ address: UnsafeMutableRawPointer, offset: UInt64) -> Bool {
+    let bytes = UnsafeRawBufferPointer(start: address, count: pageSize)
+    guard let path = fixtureFile else { return Pattern.mismatch(bytes, backingOffset: offset) == nil }
+    var expected = [UInt8](repeating: 0, count: pageSize)
+    let fd = open(path, O_RDONLY)
+    defer { close(fd) }
+    _ = pread(fd, &expected, pageSize, off_t(offset))
+    return expected.withUnsafeBytes { memcmp($0.baseAddress!, address, pageSize) == 0 }
+  }
+}
