@@ -5,7 +5,10 @@ import PluginSDK
 /// Lazy snapshot restore (as Firecracker and CRIU do): a region maps onto a
 /// snapshot file (the region's argument) from its backing offset; each fault
 /// is served with `pread` from the file, optionally with the following pages
-/// of an aligned block in the same decision (prefetch).
+/// of an aligned block in the same decision (prefetch). Pages the client
+/// dropped (MADV_DONTNEED, a balloon) read as zeros from then on, as fresh
+/// anonymous memory does; a forked child gets the same file and the same
+/// dropped pages.
 final class SnapshotPlugin: PagePlugin {
   /// Pages per aligned prefetch block (1: no prefetch).
   let prefetchPages: Int
@@ -21,6 +24,16 @@ final class SnapshotPlugin: PagePlugin {
       self.size = size
     }
     deinit { close(fd) }
+  }
+
+  /// What a region restores from: its file, and the pages dropped since.
+  final class Restore {
+    let snapshot: Snapshot
+    var removed: RemovedPages
+    init(snapshot: Snapshot, removed: RemovedPages = RemovedPages()) {
+      self.snapshot = snapshot
+      self.removed = removed
+    }
   }
 
   init(prefetchPages: Int, delegate: Bool) {
@@ -43,12 +56,25 @@ final class SnapshotPlugin: PagePlugin {
       close(fd)
       throw BrokerError(.pluginRefused, "snapshot \(path) has \(size) bytes; region \(region.spec.id) needs at least \(needed) from offset \(region.spec.backingOffset)")
     }
-    region.context = Snapshot(fd: fd, size: size)
+    region.context = Restore(snapshot: Snapshot(fd: fd, size: size))
     if delegate { region.delegate(file: fd, fileOffset: region.spec.backingOffset, prefetchPages: prefetchPages) }
   }
 
+  func regionForked(_ child: PluginRegion, from parent: PluginRegion) throws {
+    guard let restore = parent.context as? Restore else { throw BrokerError(.pluginRefused, "the parent's region has no snapshot") }
+    child.context = Restore(snapshot: restore.snapshot, removed: restore.removed)
+  }
+
+  /// The broker takes a dropped range back from a delegation, so its faults come here.
+  func removed(_ offsets: Range<UInt64>, in region: PluginRegion) {
+    (region.context as? Restore)?.removed.insert(offsets, pageSize: region.pageSize)
+  }
+
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
-    guard let snapshot = region.context as? Snapshot else { return .retry }
+    guard let restore = region.context as? Restore else { return .retry }
+    let snapshot = restore.snapshot
+    let pageSize = region.pageSize
+    if restore.removed.contains(fault.offset, pageSize: pageSize) { return .zero }
     let block = UInt64(min(prefetchPages * region.pageSize, buffer.count))
     let start = fault.offset / block * block
     let length = Int(min(block, UInt64(region.length) - start))
@@ -63,6 +89,12 @@ final class SnapshotPlugin: PagePlugin {
     }
     // Past the end of the file (the last partial page) the region reads zeros.
     if done < length { (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: length - done) }
+    // So do dropped pages the block reaches over.
+    if !restore.removed.isEmpty {
+      for page in stride(from: 0, to: length, by: pageSize) where restore.removed.contains(start + UInt64(page), pageSize: pageSize) {
+        (buffer.baseAddress! + page).initializeMemory(as: UInt8.self, repeating: 0, count: pageSize)
+      }
+    }
     return length == region.pageSize ? .copy : .copyRange(offset: start, length: length)
   }
 }

@@ -91,6 +91,16 @@ final class SwapPlugin: PagePlugin {
     return .copy
   }
 
+  /// A forked child's pages read what the parent's held at the fork: it gets
+  /// the parent's stored pages (their bytes shared, copy-on-write).
+  func regionForked(_ child: PluginRegion, from parent: PluginRegion) throws {
+    for (key, stored) in pages where key.client == parent.clientID && key.region == parent.spec.id {
+      pages[Key(client: child.clientID, region: key.region, offset: key.offset)] = stored
+      rawBytes += parent.pageSize
+      heldBytes += stored.bytes.count
+    }
+  }
+
   /// Pages the client dropped itself read as zeros from now on: forget their copies.
   func removed(_ offsets: Range<UInt64>, in region: PluginRegion) { forget(region, offsets) }
   func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion) { forget(region, offsets) }

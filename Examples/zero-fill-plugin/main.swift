@@ -14,6 +14,9 @@ final class ZeroFill: PagePlugin {
     if delegate { region.delegateZeroPages() }
   }
 
+  /// A forked child's pages are zeros too (its delegations are the parent's, copied by the broker).
+  func regionForked(_ child: PluginRegion, from parent: PluginRegion) throws {}
+
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
     guard fault.isWrite else { return .zero }
     buffer.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: region.pageSize)

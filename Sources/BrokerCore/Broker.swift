@@ -225,6 +225,7 @@ public final class Broker: @unchecked Sendable {
         failOpen(session, BrokerError(.timedOut, "plugin \(names) did not accept the regions in time"))
       }
     }
+    probeForkedChildren()
     let deadline = UInt64(configuration.pluginDeadlineMilliseconds) * 1_000_000
     let hung = inFlight.entries.filter { now > $0.sentAt + deadline }.map(\.plugin)
     for plugin in hung {
@@ -252,6 +253,23 @@ public final class Broker: @unchecked Sendable {
     }
     parkedSpare.removeAll(keepingCapacity: true)
   }
+
+  /// A forked child has no pidfd (the kernel does not name it): its exit (or
+  /// exec) is seen as ESRCH from a zero-page request at an address it has not
+  /// registered, which fills nothing while its memory lives.
+  private func probeForkedChildren() {
+    for session in clients.values where session.isForkedChild && session.phase != .closed {
+      guard let uffd = session.uffd else { continue }
+      let probe = UInt(Self.probeAddress)
+      guard session.regions.piece(containing: probe) == nil else { continue }
+      if uffd.zero(address: probe, length: systemPageSize) == .targetExited {
+        closeClient(session, reason: "the forked child exited")
+      }
+    }
+  }
+
+  /// The lowest address a process may map (the default `vm.mmap_min_addr`).
+  static let probeAddress = 65536
 
   // MARK: - Clients
 
@@ -313,7 +331,7 @@ public final class Broker: @unchecked Sendable {
   private func reply(_ session: ClientSession, _ reply: BrokerReply) {
     let bytes = ClientWire.encode(reply)
     do {
-      _ = try bytes.withUnsafeBytes { (raw) throws(BrokerError) in try session.socket.send(raw) }
+      _ = try bytes.withUnsafeBytes { (raw) throws(BrokerError) in try session.socket?.send(raw) }
     } catch {
       closeClient(session, reason: "its socket failed: \(error)")
     }
@@ -324,7 +342,8 @@ public final class Broker: @unchecked Sendable {
       receivedFDs.removeAll(keepingCapacity: true)
       let result: PacketSocket.ReceiveResult
       do {
-        result = try session.socket.receive(into: packet, fds: &receivedFDs)
+        guard let socket = session.socket else { return }
+        result = try socket.receive(into: packet, fds: &receivedFDs)
       } catch {
         receivedFDs.forEach(closeDescriptor)
         reply(session, BrokerReply(requestID: 0, .error(error)))
@@ -455,6 +474,14 @@ public final class Broker: @unchecked Sendable {
     }
     session.pidfd = pidfd
     session.pid = register.pid
+    attach(uffd, to: session)
+    try openRegions(register.regions, session: session, requestID: requestID)
+    session.phase = .opening
+    if session.pendingOpen == nil { activate(session, requestID: requestID) }
+  }
+
+  /// Gives a session its uffd and the dispatcher that orders its events.
+  private func attach(_ uffd: UserfaultFD, to session: ClientSession) {
     session.uffd = uffd
     let dispatcher = EventDispatcher(uffd: uffd, handler: session)
     // By id, not a weak reference: a weak one would give the session a side
@@ -466,9 +493,56 @@ public final class Broker: @unchecked Sendable {
       }
     }
     session.dispatcher = dispatcher
-    try openRegions(register.regions, session: session, requestID: requestID)
+  }
+
+  /// A client forked; `child` (from the fork event) intercepts the child's copy
+  /// of the registered memory. The child gets a session of its own with the
+  /// parent's table as of the fork, and each region is offered to its plugin as
+  /// the parent's copy (RegionOpened naming the parent). Its uffd is read at
+  /// once (its faults wait until the plugins answer); a region refused, or of a
+  /// plugin that has failed, fails closed in the child. The kernel does not
+  /// name the child: it has no pid here, and its exit is found by probing its
+  /// uffd (`probeForkedChildren`).
+  func adoptFork(_ child: UserfaultFD, of parent: ClientSession) {
+    let session = ClientSession(id: takeID(), socket: nil, peer: parent.peer, broker: self)
+    session.parentID = parent.id
     session.phase = .opening
-    if session.pendingOpen == nil { activate(session, requestID: requestID) }
+    session.regions = parent.regions
+    session.delegated = parent.delegated
+    session.refusedRegions = parent.refusedRegions
+    attach(child, to: session)
+    clients[session.id] = session
+    do {
+      try loop.add(child.fileDescriptor.rawValue, Token(.clientUffd, session.id))
+    } catch {
+      // Unread, the child's faults would hang: fail them closed instead.
+      logger.error("cannot watch a forked child's userfaultfd: its memory fails closed", metadata: ["client.id": "\(parent.id)", "error": "\(error)"])
+      for piece in session.regions.pieces { poisonMissing(piece.live, uffd: child) }
+      closeClient(session, reason: "its userfaultfd could not be watched")
+      return
+    }
+    var seen = Set<UInt64>()
+    let specs = session.regions.pieces.filter { !$0.isNewMemory && seen.insert($0.spec.id).inserted }.map(\.spec)
+    logger.info("client forked", metadata: ["client.id": "\(parent.id)", "child.id": "\(session.id)", "regions": "\(specs.count)"])
+    do {
+      try openRegions(specs, session: session, requestID: 0)
+    } catch {
+      failOpen(session, error)
+    }
+    if session.pendingOpen == nil { activate(session, requestID: 0) }
+  }
+
+  /// Poisons every missing page of `range` (present pages keep their bytes):
+  /// memory no one will serve any more fails loudly instead of reading zeros.
+  private func poisonMissing(_ range: Range<UInt>, uffd: UserfaultFD) {
+    var start = range.lowerBound
+    while start < range.upperBound {
+      switch uffd.poison(address: start, length: Int(range.upperBound - start)) {
+      case .done, .targetExited, .rangeGone, .failed, .notNow: return
+      case .partial(let bytes): start += UInt(bytes)
+      case .alreadyPresent: start += UInt(systemPageSize)
+      }
+    }
   }
 
   /// Announces regions to their plugins; the reply to the client waits for theirs.
@@ -491,7 +565,7 @@ public final class Broker: @unchecked Sendable {
       session.servedBy.insert(spec.plugin)
       // A plugin that is away gets it when it connects (see `announceRegions`).
       if let connection = route(named: spec.plugin).effective.connection {
-        append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: spec), to: connection)
+        append(.regionOpened(clientID: session.id, pid: session.pid, region: spec, forkedFrom: session.parentID), to: connection)
       }
     }
   }
@@ -507,14 +581,19 @@ public final class Broker: @unchecked Sendable {
       return
     }
     if let error = reply.error {
-      failOpen(session, BrokerError(.pluginRefused, "plugin \(plugin.name) refused region \(reply.regionID): \(error.message)"))
-      return
+      let refusal = BrokerError(.pluginRefused, "plugin \(plugin.name) refused region \(reply.regionID): \(error.message)")
+      guard session.isForkedChild else {
+        failOpen(session, refusal)
+        return
+      }
+      refuseForChild([reply.regionID], of: session, refusal)
     }
     pending.awaiting.remove(reply.regionID)
     session.pendingOpen = pending
     guard pending.awaiting.isEmpty else { return }
     session.pendingOpen = nil
-    for spec in pending.regions { session.regions.add(spec, route: route(named: spec.plugin)) }
+    // A forked child's table is its parent's copy already.
+    if !session.isForkedChild { for spec in pending.regions { session.regions.add(spec, route: route(named: spec.plugin)) } }
     if session.phase == .opening {
       activate(session, requestID: pending.requestID)
     } else {
@@ -540,8 +619,25 @@ public final class Broker: @unchecked Sendable {
     reply(pending.session, BrokerReply(requestID: pending.requestID, .ack(clientID: pending.session.id, busyOffsets: busy)))
   }
 
+  /// Regions of a forked child that will not be served there: their faults fail closed.
+  private func refuseForChild(_ ids: [UInt64], of session: ClientSession, _ error: BrokerError) {
+    session.refusedRegions.formUnion(ids)
+    logger.warning("a forked child's regions fail closed", metadata: ["client.id": "\(session.id)", "client.parent": "\(session.parentID)", "regions": "\(ids)", "reason": "\(error)"])
+  }
+
   private func failOpen(_ session: ClientSession, _ error: BrokerError) {
-    guard let pending = session.pendingOpen else { return }
+    guard let pending = session.pendingOpen else {
+      // A forked child's regions that could not even be offered.
+      if session.isForkedChild { refuseForChild(session.regions.pieces.map(\.spec.id), of: session, error) }
+      return
+    }
+    if session.isForkedChild {
+      // Never closed: its uffd is the only thing between the child and zeros.
+      session.pendingOpen = nil
+      refuseForChild(Array(pending.awaiting), of: session, error)
+      activate(session, requestID: 0)
+      return
+    }
     session.pendingOpen = nil
     for spec in pending.regions {
       session.delegated.removeAll(regionID: spec.id)
@@ -555,6 +651,12 @@ public final class Broker: @unchecked Sendable {
 
   private func activate(_ session: ClientSession, requestID: UInt64) {
     guard let uffd = session.uffd else { return }
+    if session.isForkedChild {
+      // Watched since its fork; its faults were parked until now.
+      session.phase = .active
+      session.dispatcher?.redeliverDue(now: .max)
+      return
+    }
     do throws(BrokerError) {
       try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, session.id))
       try loop.add(session.pidfd, Token(.clientPidfd, session.id))
@@ -579,7 +681,7 @@ public final class Broker: @unchecked Sendable {
   private func closeClient(_ session: ClientSession, reason: String) {
     guard session.phase != .closed else { return }
     session.phase = .closed
-    loop.remove(session.socket.fd)
+    if let socket = session.socket { loop.remove(socket.fd) }
     if let uffd = session.uffd { loop.remove(uffd.fileDescriptor.rawValue) }
     if session.pidfd >= 0 { loop.remove(session.pidfd) }
     session.dispatcher?.close()
@@ -593,7 +695,7 @@ public final class Broker: @unchecked Sendable {
     session.dispatcher = nil
     session.uffd = nil  // the broker's reference closes here
     clients[session.id] = nil
-    logger.info("client closed", metadata: ["client.id": "\(session.id)", "client.pid": "\(session.peer.pid)", "reason": "\(reason)"])
+    logger.info("client closed", metadata: ["client.id": "\(session.id)", "client.pid": "\(session.pid)", "reason": "\(reason)"])
   }
 
   // MARK: - Plugins
@@ -707,11 +809,11 @@ public final class Broker: @unchecked Sendable {
     }
     for session in clients.values.sorted(by: { $0.id < $1.id }) {
       var announced = Set<UInt64>()
-      for piece in session.regions.pieces where announces(piece.route) && announced.insert(piece.spec.id).inserted {
-        append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: piece.spec), to: plugin)
+      for piece in session.regions.pieces where !piece.isNewMemory && announces(piece.route) && announced.insert(piece.spec.id).inserted {
+        append(.regionOpened(clientID: session.id, pid: session.pid, region: piece.spec, forkedFrom: session.parentID), to: plugin)
       }
       for spec in session.pendingOpen?.regions ?? [] where announces(self.route(named: spec.plugin)) {
-        append(.regionOpened(clientID: session.id, pid: session.peer.pid, region: spec), to: plugin)
+        append(.regionOpened(clientID: session.id, pid: session.pid, region: spec, forkedFrom: session.parentID), to: plugin)
       }
     }
     if origin == nil { for event in route.takeMissedEvents() { append(event, to: plugin) } }
@@ -1173,7 +1275,11 @@ public final class Broker: @unchecked Sendable {
       "faults.newMemory": "\(statistics.newMemoryFills)", "faults.failedClosed": "\(statistics.failedClosed)",
       "decisions.invalid": "\(statistics.invalidDecisions)", "decisions.retry": "\(statistics.retries)",
     ])
-    for session in clients.values { closeClient(session, reason: "the broker is stopping") }
+    for session in clients.values {
+      // A forked child cannot re-attach: what was never filled fails closed.
+      if session.isForkedChild, let uffd = session.uffd { for piece in session.regions.pieces { poisonMissing(piece.live, uffd: uffd) } }
+      closeClient(session, reason: "the broker is stopping")
+    }
     flushPlugins()
     for plugin in plugins.values { closePlugin(plugin, reason: "the broker is stopping") }
     supervisor?.stopAll()

@@ -2332,7 +2332,7 @@ const ProtobufCMessageDescriptor uffdbroker__remapped__descriptor =
   (ProtobufCMessageInit) uffdbroker__remapped__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__region_opened__field_descriptors[3] =
+static const ProtobufCFieldDescriptor uffdbroker__region_opened__field_descriptors[4] =
 {
   {
     "client_id",
@@ -2370,16 +2370,29 @@ static const ProtobufCFieldDescriptor uffdbroker__region_opened__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "parent_client_id",
+    4,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__RegionOpened, parent_client_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__region_opened__field_indices_by_name[] = {
   0,   /* field[0] = client_id */
+  3,   /* field[3] = parent_client_id */
   1,   /* field[1] = pid */
   2,   /* field[2] = region */
 };
 static const ProtobufCIntRange uffdbroker__region_opened__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor uffdbroker__region_opened__descriptor =
 {
@@ -2389,7 +2402,7 @@ const ProtobufCMessageDescriptor uffdbroker__region_opened__descriptor =
   "Uffdbroker__RegionOpened",
   "uffdbroker",
   sizeof(Uffdbroker__RegionOpened),
-  3,
+  4,
   uffdbroker__region_opened__field_descriptors,
   uffdbroker__region_opened__field_indices_by_name,
   1,  uffdbroker__region_opened__number_ranges,

@@ -51,6 +51,16 @@ public final class BrokerClient: Sendable {
   /// The features the broker needs to keep memory exact while the client changes its mappings.
   public static let features: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap, .threadID]
 
+  /// Whether a child forked from this process gets its own brokered copy of
+  /// the regions. With `UFFD_FEATURE_EVENT_FORK` (which the kernel grants only
+  /// with CAP_SYS_PTRACE) the broker adopts the child's userfaultfd and the
+  /// child's pages read what the parent's held at the fork. Without it the
+  /// regions are marked `MADV_DONTFORK`: a child has no mapping there and its
+  /// access faults with SIGSEGV, rather than reading zeros.
+  public let servesForkedChildren: Bool
+  /// The process that created this client: a forked child must not use it.
+  private let owner = getpid()
+
   /// Registers `regions` with the broker at `socketPath`. Throws if the broker
   /// is unreachable, refuses (unknown plugin, bad region, not authorized...), or
   /// does not answer within `timeoutMilliseconds`.
@@ -59,23 +69,32 @@ public final class BrokerClient: Sendable {
     timeoutMilliseconds: Int = 10_000, onBrokerLoss policy: BrokerLossPolicy = .reattach(withinMilliseconds: 30_000, otherwise: .terminate)
   ) throws(ClientError) {
     do {
-      uffd = try UserfaultFD.create(features: Self.features)
+      uffd = try UserfaultFD.create(features: Self.features.union(.eventFork))
+      servesForkedChildren = true
     } catch {
-      throw ClientError("cannot create a userfaultfd: \(error)")
+      do {
+        uffd = try UserfaultFD.create(features: Self.features)
+      } catch {
+        throw ClientError("cannot create a userfaultfd: \(error)")
+      }
+      servesForkedChildren = false
     }
-    try Self.register(regions, with: uffd)
+    try Self.register(regions, with: uffd, dontFork: !servesForkedChildren)
     connection = Connection(uffd: uffd, regions: regions, socketPath: socketPath, name: name, timeoutMilliseconds: timeoutMilliseconds)
     try connection.withLock { (state) throws(ClientError) in try state.attach() }
     monitor = Monitor(connection: connection, policy: policy)
   }
 
-  deinit { monitor.stop() }
+  deinit {
+    // In a forked child, this object and its monitor thread are the parent's.
+    if getpid() == owner { monitor.stop() }
+  }
 
   /// Adds regions (registering their ranges with this client's uffd first).
   /// If the broker refuses them, their ranges are unregistered again: plain
   /// memory, never a range whose faults nobody serves.
   public func addRegions(_ regions: [RegionSpec]) throws(ClientError) {
-    try Self.register(regions, with: uffd)
+    try Self.register(regions, with: uffd, dontFork: !servesForkedChildren)
     do {
       _ = try request(.addRegions(regions))
     } catch {
@@ -100,15 +119,17 @@ public final class BrokerClient: Sendable {
   }
 
   private func request(_ body: ClientRequest.Body) throws(ClientError) -> BrokerReply.Body {
-    try connection.withLock { (state) throws(ClientError) in try state.request(body) }
+    guard getpid() == owner else { throw ClientError("this BrokerClient belongs to the parent process; a forked child cannot use its connection") }
+    return try connection.withLock { (state) throws(ClientError) in try state.request(body) }
   }
 
   /// Missing faults go to the broker; write-protect mode lets it swap pages out
   /// without losing a concurrent write. Where the kernel cannot write-protect
   /// this memory, the region is registered for missing faults only (and a
   /// swap-out of it is refused by the broker).
-  private static func register(_ regions: [RegionSpec], with uffd: UserfaultFD) throws(ClientError) {
+  private static func register(_ regions: [RegionSpec], with uffd: UserfaultFD, dontFork: Bool) throws(ClientError) {
     for region in regions {
+      if dontFork { madvise(UnsafeMutableRawPointer(bitPattern: region.base), region.length, MADV_DONTFORK) }
       do {
         try uffd.register(address: region.base, length: region.length, mode: [.missing, .writeProtect])
       } catch where error.code == .invalidRange {

@@ -112,6 +112,15 @@ public protocol PagePlugin: AnyObject {
   func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion)
   /// The client moved part of the region; `region.base` is updated already.
   func remapped(_ region: PluginRegion)
+  /// A client forked: `child` is the child's copy of `parent` (same spec, its
+  /// own client id; not yet given to `regionOpened`). Its faults must be
+  /// answered with what the parent's would have been at this moment: set
+  /// `child.context` to a copy of the parent's state (the same file, the same
+  /// dropped pages, a copy-on-write view of stored pages). Throw to refuse: the
+  /// child's faults in this region then fail closed (SIGBUS), never zeros. The
+  /// default refuses, so a plugin that keeps per-client data never serves a
+  /// child by accident.
+  func regionForked(_ child: PluginRegion, from parent: PluginRegion) throws
   /// The region was removed by the client or the client is gone.
   func regionClosed(_ region: PluginRegion)
   /// The client is gone; nothing more comes for it.
@@ -129,6 +138,9 @@ extension PagePlugin {
   public func swappedOut(_ offsets: Range<UInt64>, in region: PluginRegion) {}
   public func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion) {}
   public func remapped(_ region: PluginRegion) {}
+  public func regionForked(_ child: PluginRegion, from parent: PluginRegion) throws {
+    throw BrokerError(.pluginRefused, "this plugin does not serve forked children")
+  }
   public func regionClosed(_ region: PluginRegion) {}
   public func clientClosed(_ clientID: UInt64, reason: String) {}
   public var statistics: [(name: String, value: Int)] { [] }

@@ -192,11 +192,18 @@ public final class PluginRunner {
     switch event {
     case .pagefault(let fault):
       try serve(fault)
-    case .regionOpened(let clientID, let pid, let spec):
+    case .regionOpened(let clientID, let pid, let spec, let parentID):
       let region = PluginRegion(clientID: clientID, pid: pid, spec: spec)
       var refusal: BrokerError?
       do {
-        try plugin.regionOpened(region)
+        if parentID == 0 {
+          try plugin.regionOpened(region)
+        } else if let parent = regions[RegionKey(client: parentID, region: spec.id)] {
+          region.base = parent.base
+          try plugin.regionForked(region, from: parent)
+        } else {
+          throw BrokerError(.pluginRefused, "the parent's region \(spec.id) of client \(parentID) is not open here")
+        }
         regions[RegionKey(client: clientID, region: spec.id)] = region
         sendDelegations(of: region)
       } catch let error as BrokerError {

@@ -52,6 +52,30 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("fork: the child's pages read what the parent's held (copied, dropped, never read), its plugin is told, and the child is closed when it exits")
+    func forkedChild() throws {
+      try Harness.run("fork") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let outcome = try h.runClient("fork", mib: 0, threads: 1, plugin: "pattern", timeout: 20)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "forked: child exit 0, parent wrong 0", h.diagnostics)
+        let forked = h.eventLog("pattern").first { $0.hasPrefix("forked ") }.map { $0.split(separator: " ") }
+        let child = try #require(forked.map { String($0[1]) }, h.diagnostics("no forked event"))
+        #expect(waitUntil(timeout: 5) { h.eventLog("pattern").contains("closed \(child)") }, h.diagnostics("the child's exit was not noticed"))
+        #expect(h.eventLog("pattern").contains("regionClosed \(child) 1"), h.diagnostics)
+      }
+    }
+
+    @Test("fork with a plugin that does not serve children: the child's unfilled pages fail closed (SIGBUS), never zeros")
+    func forkedChildRefused() throws {
+      try Harness.run("fork-refused") { h in
+        try h.startPlugin(name: "pattern", mode: "no-fork")
+        let outcome = try h.runClient("fork", mib: 0, threads: 1, plugin: "pattern", timeout: 20)
+        #expect(outcome.summary == "forked: child signal \(SIGBUS), parent wrong 0", h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(!h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics)
+      }
+    }
+
     @Test("a client that unmaps its regions before it goes: RegionClosed for each, then Closed, last")
     func closedAfterUnmap() throws {
       try Harness.run("unmap-exit") { h in

@@ -28,7 +28,8 @@ final class ClientSession: UserfaultFDHandler {
   }
 
   let id: UInt64
-  let socket: PacketSocket
+  /// Nil for a forked child, which never connected.
+  let socket: PacketSocket?
   let peer: PeerCredentials
   unowned let broker: Broker
   @exclusivity(unchecked) var phase = Phase.awaitingHello
@@ -56,7 +57,13 @@ final class ClientSession: UserfaultFDHandler {
   /// write-protected (a prefetch around a page outside it may reach into it).
   func isSwapping(_ range: Range<UInt>) -> Bool { swapping.contains { $0.overlaps(range) } }
 
-  init(id: UInt64, socket: PacketSocket, peer: PeerCredentials, broker: Broker) {
+  /// The client this one was forked from (0: it connected itself).
+  @exclusivity(unchecked) var parentID: UInt64 = 0
+  var isForkedChild: Bool { parentID != 0 }
+  /// Regions of a forked child its plugin would not serve: their faults fail closed.
+  @exclusivity(unchecked) var refusedRegions: Set<UInt64> = []
+
+  init(id: UInt64, socket: PacketSocket?, peer: PeerCredentials, broker: Broker) {
     self.id = id
     self.socket = socket
     self.peer = peer
@@ -79,8 +86,13 @@ final class ClientSession: UserfaultFDHandler {
       _ = uffd.writeProtect(address: page, length: systemPageSize, protect: false)
       return .resolved
     }
+    // A forked child's faults wait until its plugins have taken its regions.
+    if phase == .opening { return .notNow }
     guard let piece = regions.piece(containing: fault.address) else { return placeUnknown(fault, on: uffd) }
     if piece.isNewMemory { return broker.fillNewMemory(fault, piece: piece, session: self) }
+    if !refusedRegions.isEmpty && refusedRegions.contains(piece.spec.id) {
+      return broker.failClosed(fault.address & ~UInt(systemPageSize - 1), session: self, cause: "its plugin does not serve this forked child")
+    }
     if !delegated.isEmpty, let range = delegated.range(regionID: piece.spec.id, offset: piece.offset(of: fault.address)),
        let result = broker.resolveLocally(fault, piece: piece, delegated: range, session: self) {
       return result
@@ -102,6 +114,8 @@ final class ClientSession: UserfaultFDHandler {
   private func placeUnknown(_ fault: Pagefault, on uffd: UserfaultFD) -> PagefaultResult {
     let page = fault.address & ~UInt(systemPageSize - 1)
     if pendingOpen?.regions.contains(where: { $0.range.contains(page) }) == true { return .notNow }
+    // A forked child has no pid to read the mappings of: poison tells (ENOENT where unregistered).
+    if isForkedChild { return broker.failClosed(page, session: self, cause: "a forked child's fault outside its table") }
     guard let mapping = ProcessMappings.mapping(containing: page, pid: pid) else {
       _ = uffd.wake(address: page, length: systemPageSize)
       return .resolved
@@ -158,9 +172,7 @@ final class ClientSession: UserfaultFDHandler {
   }
 
   func forked(_ child: UserfaultFD) {
-    // Fork events are not requested by the client SDK; a child uffd we did not
-    // ask for is dropped (its ranges then fault as plain anonymous memory).
-    broker.logger.notice("client forked; the child's userfaultfd is not served", metadata: ["client.id": "\(id)"])
+    broker.adoptFork(child, of: self)
   }
 
   func closed(_ error: UserfaultFDError?) {

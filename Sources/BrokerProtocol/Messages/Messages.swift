@@ -183,7 +183,9 @@ public enum BrokerEvent: Equatable, Sendable {
   case unmapped(RangeEvent)
   case remapped(RemapEvent)
   /// A client registered a region this plugin serves; answer with a region reply.
-  case regionOpened(clientID: UInt64, pid: Int32, region: RegionSpec)
+  /// `forkedFrom` (non-zero): the client is a child forked from that client,
+  /// and the region holds what the parent's held at the fork.
+  case regionOpened(clientID: UInt64, pid: Int32, region: RegionSpec, forkedFrom: UInt64 = 0)
   case regionClosed(clientID: UInt64, regionID: UInt64)
   /// The client is gone; last for that client.
   case closed(clientID: UInt64, reason: String)
@@ -198,7 +200,7 @@ extension BrokerEvent {
     case .pagefault(let fault): return fault.clientID
     case .removed(let range), .unmapped(let range): return range.clientID
     case .remapped(let remap): return remap.clientID
-    case .regionOpened(let clientID, _, _), .regionClosed(let clientID, _), .closed(let clientID, _): return clientID
+    case .regionOpened(let clientID, _, _, _), .regionClosed(let clientID, _), .closed(let clientID, _): return clientID
     case .store(let store): return store.clientID
     }
   }

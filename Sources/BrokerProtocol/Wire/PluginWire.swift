@@ -128,14 +128,15 @@ public final class EventBatchEncoder {
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REMAPPED
       e.pointee.remapped = r
       commit(96)
-    case .regionOpened(let clientID, let pid, let region):
+    case .regionOpened(let clientID, let pid, let region, let parent):
       let o = opened + count
       o.pointee.client_id = clientID
       o.pointee.pid = pid
+      o.pointee.parent_client_id = parent
       o.pointee.region = pool.region(region)
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REGION_OPENED
       e.pointee.region_opened = o
-      commit(160 + region.plugin.utf8.count + region.argument.utf8.count)
+      commit(171 + region.plugin.utf8.count + region.argument.utf8.count)
     case .regionClosed(let clientID, let regionID):
       let c = regionsClosed + count
       c.pointee.client_id = clientID
@@ -315,7 +316,7 @@ public final class EventBatchDecoder {
     case UFFDBROKER__EVENT__KIND_REGION_OPENED:
       let o = e.region_opened.pointee
       guard let region = o.region else { throw BrokerError(.malformed, "RegionOpened without a region") }
-      return .regionOpened(clientID: o.client_id, pid: o.pid, region: try RegionSpec(decoding: region))
+      return .regionOpened(clientID: o.client_id, pid: o.pid, region: try RegionSpec(decoding: region), forkedFrom: o.parent_client_id)
     case UFFDBROKER__EVENT__KIND_REGION_CLOSED:
       return .regionClosed(clientID: e.region_closed.pointee.client_id, regionID: e.region_closed.pointee.region_id)
     case UFFDBROKER__EVENT__KIND_CLOSED:

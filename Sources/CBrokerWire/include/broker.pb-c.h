@@ -434,6 +434,13 @@ struct  Uffdbroker__Remapped
 /*
  * A client registered a region this plugin serves. Answer with a RegionReply
  * before any fault of it is sent; an error refuses the client's Register.
+ * With parent_client_id set, client_id is a child that client forked: the
+ * child's region holds, at the fork, what the parent's region held (pages
+ * the parent had were copied by the kernel; the others fault to the plugin,
+ * which must answer what it would have answered the parent at that moment,
+ * e.g. the same file, the same dropped pages, the same stored pages). A
+ * plugin that cannot refuses it: the child's faults then fail closed (SIGBUS).
+ * A child's pid is 0 (the kernel does not name it).
  */
 struct  Uffdbroker__RegionOpened
 {
@@ -441,10 +448,14 @@ struct  Uffdbroker__RegionOpened
   uint64_t client_id;
   int32_t pid;
   Uffdbroker__Region *region;
+  /*
+   * 0: not a forked child
+   */
+  uint64_t parent_client_id;
 };
 #define UFFDBROKER__REGION_OPENED__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__region_opened__descriptor) \
-    , 0, 0, NULL }
+    , 0, 0, NULL, 0 }
 
 
 /*

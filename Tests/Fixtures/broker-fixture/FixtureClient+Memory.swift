@@ -133,6 +133,44 @@ extension FixtureClient {
     return 0
   }
 
+  /// A region of 256 pages: 128 read, 10 of them dropped again, then fork().
+  /// The child reads every page (read before: copied by the kernel; dropped:
+  /// zeros; never read: served to the child's own uffd), writes one, and exits
+  /// 0 if all were right. The parent then checks its own pages, untouched by
+  /// the child's write. Prints how the child ended: `child exit N` or `child signal N`.
+  func forkChild() throws -> Int32 {
+    let pages = 256
+    let memory = try AnonymousMemory(length: pages * pageSize)
+    let client = try register(memory)
+    for page in 0..<128 { _ = cuffd_touch(memory.base + page * pageSize) }
+    madvise(memory.base + 10 * pageSize, 10 * pageSize, MADV_DONTNEED)
+    let base = memory.base
+    let size = pageSize
+    let expect = { (page: Int) -> Bool in
+      let bytes = UnsafeRawBufferPointer(start: base + page * size, count: size)
+      return (10..<20).contains(page) ? !bytes.contains { $0 != 0 } : Pattern.mismatch(bytes, backingOffset: UInt64(page * size)) == nil
+    }
+    let child = fork()
+    if child == 0 {
+      // The child: plain memory accesses only, then _exit.
+      var wrong = 0
+      for page in (0..<pages).reversed() where !expect(page) { wrong += 1 }
+      (base + 200 * size).storeBytes(of: 0xC41D, as: UInt64.self)
+      _exit(wrong == 0 ? 0 : 1)
+    }
+    guard child > 0 else {
+      print("fork failed: \(errno)")
+      return 1
+    }
+    var status: Int32 = 0
+    waitpid(child, &status, 0)
+    let parentWrong = (0..<pages).filter { !expect($0) }.count
+    let ending = status & 0x7F == 0 ? "child exit \((status >> 8) & 0xFF)" : "child signal \(status & 0x7F)"
+    withExtendedLifetime(client) {}
+    print("forked: \(ending), parent wrong \(parentWrong)")
+    return parentWrong == 0 ? 0 : 1
+  }
+
   private var fixtureFile: String? { getenv("FIXTURE_FILE").map { String(cString: $0) } }
 
   /// Whether the page at `address` holds region offset `offset` of the backing:

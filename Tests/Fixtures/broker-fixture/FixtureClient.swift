@@ -38,6 +38,7 @@ struct FixtureClient {
       case "grow": return try grow()
       case "concurrent-movers": return try concurrentMovers()
       case "unmap-exit": return try unmapThenExit()
+      case "fork": return try forkChild()
       default:
         print("unknown scenario \(scenario)")
         return 2

@@ -7,18 +7,19 @@ import Userfaultfd
 /// Modes: pattern (copy the pattern), zero, retry-once (retry each page once,
 /// then pattern), outside / misaligned / short / below / overlong (first answer
 /// per page is invalid, later ones correct), prefetch (64 KiB aligned blocks),
-/// prefetch-refill (the same, and removed pages get the pattern again, as a snapshot would),
+/// prefetch-refill (the same, and removed pages get the pattern again),
+/// no-fork (pattern, refusing forked children),
 /// hang (never answer), exit-after:N (exit after N faults), refuse (refuse every region).
 ///
 /// Event log lines (one per event, for the tests): `opened CLIENT REGION`,
 /// `removed|unmapped CLIENT START END` (region offsets), `remapped CLIENT REGION BASE`,
-/// `regionClosed CLIENT REGION`, `closed CLIENT`; in retry-once and the invalid
+/// `regionClosed CLIENT REGION`, `closed CLIENT`, `forked CHILD PARENT REGION`; in retry-once and the invalid
 /// modes and hang also `retry|invalid|served CLIENT OFFSET FAULT_ID` per decision.
 final class FixturePlugin: PagePlugin {
   let mode: String
   let eventLog: UnsafeMutablePointer<FILE>?
   var retried = Set<UInt64>()
-  var removed: [ObjectIdentifier: RemovedOffsets] = [:]
+  var removed: [ObjectIdentifier: RemovedPages] = [:]
   var faults = 0
   let exitAfter: Int?
 
@@ -41,12 +42,23 @@ final class FixturePlugin: PagePlugin {
 
   func removed(_ offsets: Range<UInt64>, in region: PluginRegion) {
     log("removed \(region.clientID) \(offsets.lowerBound) \(offsets.upperBound)")
-    removed[ObjectIdentifier(region), default: RemovedOffsets()].insert(offsets, pageSize: region.pageSize)
+    removed[ObjectIdentifier(region), default: RemovedPages()].insert(offsets, pageSize: region.pageSize)
   }
 
   func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion) { log("unmapped \(region.clientID) \(offsets.lowerBound) \(offsets.upperBound)") }
   func remapped(_ region: PluginRegion) { log("remapped \(region.clientID) \(region.spec.id) \(region.base)") }
-  func regionClosed(_ region: PluginRegion) { log("regionClosed \(region.clientID) \(region.spec.id)") }
+  func regionClosed(_ region: PluginRegion) {
+    log("regionClosed \(region.clientID) \(region.spec.id)")
+    removed[ObjectIdentifier(region)] = nil
+  }
+
+  /// The child's pages read what the parent's would: the same pattern, the same
+  /// dropped pages. In mode no-fork it refuses (the child's faults fail closed).
+  func regionForked(_ child: PluginRegion, from parent: PluginRegion) throws {
+    log("forked \(child.clientID) \(parent.clientID) \(child.spec.id)")
+    if mode == "no-fork" { throw BrokerError(.pluginRefused, "this fixture serves no forked child") }
+    removed[ObjectIdentifier(child)] = removed[ObjectIdentifier(parent)]
+  }
   func clientClosed(_ clientID: UInt64, reason: String) { log("closed \(clientID)") }
 
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {

@@ -401,7 +401,7 @@ enum Seeds {
     broker("removed", [.removed(removed)])
     broker("unmapped", [.unmapped(unmapped)])
     broker("remapped", [.remapped(remap)])
-    broker("region-opened", [.regionOpened(clientID: 7, pid: 4242, region: regionA)])
+    broker("region-opened", [.regionOpened(clientID: 7, pid: 4242, region: regionA), .regionOpened(clientID: 8, pid: 0, region: regionA, forkedFrom: 7)])
     broker("region-closed", [.regionClosed(clientID: 7, regionID: 2)])
     broker("closed", [.closed(clientID: 7, reason: "client exited")])
     broker("store", [.store(store)])
