@@ -94,11 +94,15 @@ public final class BrokerClient: Sendable {
   /// If the broker refuses them, their ranges are unregistered again: plain
   /// memory, never a range whose faults nobody serves.
   public func addRegions(_ regions: [RegionSpec]) throws(ClientError) {
-    try Self.register(regions, with: uffd, dontFork: !servesForkedChildren)
+    // A range that overlaps a region already served is left alone (the broker
+    // refuses it): unregistering it on refusal would take the served one's pages.
+    let current = connection.withLock { $0.regions }
+    let fresh = regions.filter { region in !current.contains { $0.range.overlaps(region.range) } }
+    try Self.register(fresh, with: uffd, dontFork: !servesForkedChildren)
     do {
       _ = try request(.addRegions(regions))
     } catch {
-      unregister(regions)
+      unregister(fresh)
       throw error
     }
     connection.withLock { $0.regions += regions }
