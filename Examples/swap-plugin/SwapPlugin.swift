@@ -6,23 +6,14 @@ import PluginSDK
 /// Compressed userspace swap (the seed's purpose, as Chromium's userspace
 /// swap): the client swaps a range out, this plugin keeps each page
 /// compressed, and the next touch of a page faults it back in, decompressed.
-/// Pages never stored (or dropped by the client) read as zeros.
+/// Pages never stored (or dropped by the client) read as zeros. The pages live
+/// in memfds the broker keeps for the plugin (`SwapStore`): a crash or
+/// `kill -9` of the plugin loses none of them.
 final class SwapPlugin: PagePlugin {
-  private struct Key: Hashable {
-    var client: UInt64
-    var region: UInt64
-    var offset: UInt64
-  }
+  private typealias Key = SwapStore.Key
 
-  /// One stored page: zlib-compressed, or raw when compression did not pay,
-  /// with the page's CRC-32 to catch a damaged copy before it reaches the client.
-  private struct Stored {
-    var bytes: [UInt8]
-    var compressed: Bool
-    var crc: UInt
-  }
-
-  private var pages: [Key: Stored] = [:]
+  /// Set once connected: the pages live in memfds the broker keeps for us.
+  private var store: SwapStore!
   private let scratch: UnsafeMutableRawBufferPointer
   /// Fault injection for the tests: corrupt the block stored at this offset.
   private let corruptOffset: UInt64?
@@ -38,32 +29,46 @@ final class SwapPlugin: PagePlugin {
 
   deinit { scratch.deallocate() }
 
+  /// Opens the store, or finds it again after a crash: what the broker kept
+  /// for us holds every page stored before.
+  func connected(_ descriptors: DescriptorStore) {
+    do {
+      store = try SwapStore(store: descriptors)
+    } catch {
+      fatalError("swap-plugin: cannot open its store: \(error)")
+    }
+    for entry in store.entries.values { account(adding: entry) }
+    if store.recovered {
+      let message = "swap-plugin: recovered \(store.entries.count) stored pages\n"
+      message.withCString { _ = write(2, $0, strlen($0)) }
+    }
+  }
+
   func store(_ data: UnsafeRawBufferPointer, at offset: UInt64, in region: PluginRegion) throws {
     let pageSize = region.pageSize
     for start in stride(from: 0, to: data.count, by: pageSize) {
       let page = UnsafeRawBufferPointer(rebasing: data[start..<min(start + pageSize, data.count)])
       var length = uLongf(scratch.count)
       let rc = compress2(scratch.baseAddress!.assumingMemoryBound(to: Bytef.self), &length, page.baseAddress!.assumingMemoryBound(to: Bytef.self), uLong(page.count), 1)
-      let crc = crc32(0, page.baseAddress!.assumingMemoryBound(to: Bytef.self), uInt(page.count))
-      var stored = rc == Z_OK && Int(length) < page.count
-        ? Stored(bytes: Array(UnsafeRawBufferPointer(rebasing: scratch[..<Int(length)])), compressed: true, crc: crc)
-        : Stored(bytes: Array(page), compressed: false, crc: crc)
+      let crc = UInt32(crc32(0, page.baseAddress!.assumingMemoryBound(to: Bytef.self), uInt(page.count)))
+      let compressed = rc == Z_OK && Int(length) < page.count
+      let image = compressed ? UnsafeRawBufferPointer(rebasing: scratch[..<Int(length)]) : page
       let key = Key(client: region.clientID, region: region.spec.id, offset: offset + UInt64(start))
-      if key.offset == corruptOffset { stored.bytes[stored.bytes.count / 2] ^= 0xFF }
-      if let old = pages.updateValue(stored, forKey: key) { account(removing: old, pageSize: pageSize) }
-      rawBytes += page.count
-      heldBytes += stored.bytes.count
+      if let old = store.entries[key] { account(removing: old) }
+      let entry = try store.put(key, image: image, compressed: compressed, crc: crc)
+      if key.offset == corruptOffset { store.image(of: entry)[Int(entry.length) / 2] ^= 0xFF }
+      account(adding: entry)
       pagesStored += 1
     }
   }
 
   var statistics: [(name: String, value: Int)] {
-    [("pages_held", pages.count), ("raw_bytes", rawBytes), ("held_bytes", heldBytes), ("pages_stored", pagesStored), ("pages_restored", pagesRestored)]
+    [("pages_held", store?.entries.count ?? 0), ("raw_bytes", rawBytes), ("held_bytes", heldBytes), ("pages_stored", pagesStored), ("pages_restored", pagesRestored)]
   }
 
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
     let pageSize = region.pageSize
-    guard let stored = pages[Key(client: region.clientID, region: region.spec.id, offset: fault.offset)] else {
+    guard let entry = store.entries[Key(client: region.clientID, region: region.spec.id, offset: fault.offset)] else {
       // Never swapped out: a fresh page of zeros (copied for a write, which would
       // otherwise take a second, copy-on-write fault).
       guard fault.isWrite else { return .zero }
@@ -71,17 +76,18 @@ final class SwapPlugin: PagePlugin {
       return .copy
     }
     pagesRestored += 1
+    let image = store.image(of: entry)
     var length = uLongf(pageSize)
     var rc = Z_OK
-    if stored.compressed {
-      rc = stored.bytes.withUnsafeBytes { source in
-        uncompress(buffer.baseAddress!.assumingMemoryBound(to: Bytef.self), &length, source.baseAddress!.assumingMemoryBound(to: Bytef.self), uLong(source.count))
-      }
+    if entry.compressed {
+      rc = uncompress(buffer.baseAddress!.assumingMemoryBound(to: Bytef.self), &length, image.baseAddress!.assumingMemoryBound(to: Bytef.self), uLong(image.count))
+    } else if image.count == pageSize {
+      buffer.baseAddress!.copyMemory(from: image.baseAddress!, byteCount: pageSize)
     } else {
-      stored.bytes.withUnsafeBytes { buffer.baseAddress!.copyMemory(from: $0.baseAddress!, byteCount: pageSize) }
+      rc = Z_DATA_ERROR
     }
-    let crc = crc32(0, buffer.baseAddress!.assumingMemoryBound(to: Bytef.self), uInt(pageSize))
-    guard rc == Z_OK, Int(length) == pageSize, crc == stored.crc else {
+    let crc = UInt32(crc32(0, buffer.baseAddress!.assumingMemoryBound(to: Bytef.self), uInt(pageSize)))
+    guard rc == Z_OK, Int(length) == pageSize, crc == entry.crc else {
       // The stored copy is damaged: the page's content is lost. Fail closed:
       // the client's access gets SIGBUS instead of wrong memory.
       let message = "swap-plugin: corrupt block for client \(region.clientID) region \(region.spec.id) offset \(fault.offset) (zlib \(rc)): poisoning the page\n"
@@ -91,13 +97,19 @@ final class SwapPlugin: PagePlugin {
     return .copy
   }
 
+  /// After a restart: whether every page of `offsets` is still stored.
+  func holds(_ offsets: Range<UInt64>, in region: PluginRegion) -> Bool {
+    stride(from: offsets.lowerBound, to: offsets.upperBound, by: region.pageSize).allSatisfy {
+      store.entries[Key(client: region.clientID, region: region.spec.id, offset: $0)] != nil
+    }
+  }
+
   /// A forked child's pages read what the parent's held at the fork: it gets
-  /// the parent's stored pages (their bytes shared, copy-on-write).
+  /// the parent's stored pages (the same images in the log, copy-on-write).
   func regionForked(_ child: PluginRegion, from parent: PluginRegion) throws {
-    for (key, stored) in pages where key.client == parent.clientID && key.region == parent.spec.id {
-      pages[Key(client: child.clientID, region: key.region, offset: key.offset)] = stored
-      rawBytes += parent.pageSize
-      heldBytes += stored.bytes.count
+    for (key, entry) in store.entries where key.client == parent.clientID && key.region == parent.spec.id {
+      try store.share(entry, as: Key(client: child.clientID, region: key.region, offset: key.offset))
+      account(adding: entry)
     }
   }
 
@@ -108,23 +120,28 @@ final class SwapPlugin: PagePlugin {
 
   private func forget(_ region: PluginRegion, _ offsets: Range<UInt64>) {
     let pageSize = UInt64(region.pageSize)
-    if UInt64(offsets.count) / pageSize > UInt64(pages.count) {
-      for (key, stored) in pages where key.client == region.clientID && key.region == region.spec.id && offsets.contains(key.offset) {
-        pages[key] = nil
-        account(removing: stored, pageSize: region.pageSize)
-      }
+    let keys: [Key]
+    if UInt64(offsets.count) / pageSize > UInt64(store.entries.count) {
+      keys = store.entries.keys.filter { $0.client == region.clientID && $0.region == region.spec.id && offsets.contains($0.offset) }
     } else {
-      for offset in stride(from: offsets.lowerBound, to: offsets.upperBound, by: Int(pageSize)) {
-        if let stored = pages.removeValue(forKey: Key(client: region.clientID, region: region.spec.id, offset: offset)) {
-          account(removing: stored, pageSize: region.pageSize)
-        }
-      }
+      keys = stride(from: offsets.lowerBound, to: offsets.upperBound, by: Int(pageSize)).map { Key(client: region.clientID, region: region.spec.id, offset: $0) }
+    }
+    for key in keys {
+      guard let entry = store.entries[key] else { continue }
+      account(removing: entry)
+      store.forget(key)
     }
   }
 
-  private func account(removing stored: Stored, pageSize: Int) {
-    rawBytes -= pageSize
-    heldBytes -= stored.bytes.count
+  private func account(adding entry: SwapStore.Entry) {
+    rawBytes += systemPageSizeForStats
+    heldBytes += Int(entry.length)
   }
 
+  private func account(removing entry: SwapStore.Entry) {
+    rawBytes -= systemPageSizeForStats
+    heldBytes -= Int(entry.length)
+  }
+
+  private let systemPageSizeForStats = Int(sysconf(Int32(_SC_PAGESIZE)))
 }

@@ -90,6 +90,8 @@ public final class Broker: @unchecked Sendable {
     public var newMemoryFills = 0
     /// Faults the broker could not place, failed closed (poison or kill).
     public var failedClosed = 0
+    /// Swapped-out bytes a plugin came back without (their faults fail closed).
+    public var swappedBytesLost: UInt64 = 0
   }
   @exclusivity(unchecked) public private(set) var statistics = Statistics()
   private let resolvedCounter = Atomic<UInt64>(0)
@@ -510,6 +512,8 @@ public final class Broker: @unchecked Sendable {
     session.regions = parent.regions
     session.delegated = parent.delegated
     session.refusedRegions = parent.refusedRegions
+    session.swappedOutPages = parent.swappedOutPages
+    session.lostPages = parent.lostPages
     attach(child, to: session)
     clients[session.id] = session
     do {
@@ -563,14 +567,17 @@ public final class Broker: @unchecked Sendable {
     for spec in specs {
       session.announcedRegions[spec.id] = spec.plugin
       session.servedBy.insert(spec.plugin)
+      // A client re-attaching says what it swapped out: the plugin is asked whether it still holds it.
+      if !spec.swappedOut.isEmpty { session.swappedOutPages[spec.id] = OffsetRanges(spec.swappedOut) }
       // A plugin that is away gets it when it connects (see `announceRegions`).
       if let connection = route(named: spec.plugin).effective.connection {
-        append(.regionOpened(clientID: session.id, pid: session.pid, region: spec, forkedFrom: session.parentID), to: connection)
+        append(.regionOpened(clientID: session.id, pid: session.pid, region: session.announced(spec), forkedFrom: session.parentID), to: connection)
       }
     }
   }
 
   private func regionReply(_ reply: RegionReply, from plugin: PluginConnection) {
+    if !reply.lost.isEmpty { recordLost(reply, from: plugin) }
     guard let session = clients[reply.clientID], var pending = session.pendingOpen,
           pending.awaiting.contains(reply.regionID),
           pending.regions.contains(where: { $0.id == reply.regionID && route(named: $0.plugin).effective === plugin.route })
@@ -599,6 +606,25 @@ public final class Broker: @unchecked Sendable {
     } else {
       self.reply(session, BrokerReply(requestID: pending.requestID, .ack(clientID: session.id)))
     }
+  }
+
+  /// A plugin (re)opened a region without some of the swapped-out pages it was
+  /// to hold: from now on their faults fail closed (SIGBUS), never zeros.
+  private func recordLost(_ reply: RegionReply, from plugin: PluginConnection) {
+    guard let session = clients[reply.clientID], let record = session.swappedOutPages[reply.regionID],
+          session.announcedRegions[reply.regionID].map({ route(named: $0).effective === plugin.route }) == true
+    else { return }
+    var lost = OffsetRanges()
+    for range in reply.lost { for part in record.clamped(to: range) { lost.insert(part) } }
+    guard !lost.isEmpty else { return }
+    for range in lost.ranges {
+      session.swappedOutPages[reply.regionID]?.subtract(range)
+      session.lostPages[reply.regionID, default: OffsetRanges()].insert(range)
+    }
+    statistics.swappedBytesLost += lost.count
+    logger.error("a plugin lost swapped-out pages: they fail closed", metadata: [
+      "plugin": "\(plugin.name)", "client.id": "\(session.id)", "region.id": "\(reply.regionID)", "bytes": "\(lost.count)",
+    ])
   }
 
   private func storeReply(_ storeReply: StoreReply, from plugin: PluginConnection) {
@@ -774,9 +800,14 @@ public final class Broker: @unchecked Sendable {
       route.connection = plugin
       route.lostAt = nil
       plugin.route = route
-      logger.info("plugin connected", metadata: ["plugin": "\(hello.name)", "plugin.pid": "\(plugin.peer.pid)"])
-      let bytes = EventBatchEncoder.encodeControl(hello: Hello(role: .broker, name: "uffd-broker"), error: nil)
-      send(bytes, to: plugin)
+      logger.info("plugin connected", metadata: ["plugin": "\(hello.name)", "plugin.pid": "\(plugin.peer.pid)", "store.descriptors": "\(route.store.names.count)"])
+      // The first packet to the plugin: nothing can be queued before it.
+      let bytes = EventBatchEncoder.encodeControl(hello: Hello(role: .broker, name: "uffd-broker"), error: nil, kept: route.store.names)
+      let kept = route.store.descriptors
+      let sent = bytes.withUnsafeBytes { raw in
+        kept.withUnsafeBufferPointer { fds in Result { () throws(BrokerError) in try plugin.socket.send(raw, fds: fds) } }
+      }
+      _ = try sent.get()
       announceRegions(to: plugin)
       return
     }
@@ -794,7 +825,14 @@ public final class Broker: @unchecked Sendable {
       }
       delegate(delegation, from: plugin)
     }
-    for reply in decisions.regionReplies where !plugin.isClosed { regionReply(reply, from: plugin) }
+    // Then the descriptors to keep, in order (file delegations took theirs).
+    let keep = try decisions.keepNames
+    guard descriptors.count >= keep.count else { throw BrokerError(.malformed, "\(keep.count) descriptors to keep, \(descriptors.count) attached") }
+    for name in keep {
+      let fd = descriptors.removeFirst()
+      try plugin.route?.store.keep(fd, as: name)
+    }
+    for reply in try decisions.regionReplies where !plugin.isClosed { regionReply(reply, from: plugin) }
     for reply in decisions.storeReplies where !plugin.isClosed { storeReply(reply, from: plugin) }
   }
 
@@ -810,10 +848,10 @@ public final class Broker: @unchecked Sendable {
     for session in clients.values.sorted(by: { $0.id < $1.id }) {
       var announced = Set<UInt64>()
       for piece in session.regions.pieces where !piece.isNewMemory && announces(piece.route) && announced.insert(piece.spec.id).inserted {
-        append(.regionOpened(clientID: session.id, pid: session.pid, region: piece.spec, forkedFrom: session.parentID), to: plugin)
+        append(.regionOpened(clientID: session.id, pid: session.pid, region: session.announced(piece.spec), forkedFrom: session.parentID), to: plugin)
       }
       for spec in session.pendingOpen?.regions ?? [] where announces(self.route(named: spec.plugin)) {
-        append(.regionOpened(clientID: session.id, pid: session.pid, region: spec, forkedFrom: session.parentID), to: plugin)
+        append(.regionOpened(clientID: session.id, pid: session.pid, region: session.announced(spec), forkedFrom: session.parentID), to: plugin)
       }
     }
     if origin == nil { for event in route.takeMissedEvents() { append(event, to: plugin) } }
@@ -1273,6 +1311,7 @@ public final class Broker: @unchecked Sendable {
       "faults.sent": "\(statistics.faultsSent)", "decisions.applied": "\(statistics.decisionsApplied)",
       "faults.local": "\(statistics.resolvedLocally)", "decisions.stale": "\(statistics.staleDecisionsDropped)",
       "faults.newMemory": "\(statistics.newMemoryFills)", "faults.failedClosed": "\(statistics.failedClosed)",
+      "swapped.lostBytes": "\(statistics.swappedBytesLost)",
       "decisions.invalid": "\(statistics.invalidDecisions)", "decisions.retry": "\(statistics.retries)",
     ])
     for session in clients.values {

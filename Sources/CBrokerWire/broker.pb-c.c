@@ -97,6 +97,51 @@ void   uffdbroker__error__free_unpacked
   assert(message->base.descriptor == &uffdbroker__error__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   uffdbroker__extent__init
+                     (Uffdbroker__Extent         *message)
+{
+  static const Uffdbroker__Extent init_value = UFFDBROKER__EXTENT__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__extent__get_packed_size
+                     (const Uffdbroker__Extent *message)
+{
+  assert(message->base.descriptor == &uffdbroker__extent__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__extent__pack
+                     (const Uffdbroker__Extent *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__extent__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__extent__pack_to_buffer
+                     (const Uffdbroker__Extent *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__extent__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__Extent *
+       uffdbroker__extent__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__Extent *)
+     protobuf_c_message_unpack (&uffdbroker__extent__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__extent__free_unpacked
+                     (Uffdbroker__Extent *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__extent__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   uffdbroker__region__init
                      (Uffdbroker__Region         *message)
 {
@@ -1042,6 +1087,51 @@ void   uffdbroker__region_reply__free_unpacked
   assert(message->base.descriptor == &uffdbroker__region_reply__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   uffdbroker__descriptor_store__init
+                     (Uffdbroker__DescriptorStore         *message)
+{
+  static const Uffdbroker__DescriptorStore init_value = UFFDBROKER__DESCRIPTOR_STORE__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__descriptor_store__get_packed_size
+                     (const Uffdbroker__DescriptorStore *message)
+{
+  assert(message->base.descriptor == &uffdbroker__descriptor_store__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__descriptor_store__pack
+                     (const Uffdbroker__DescriptorStore *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__descriptor_store__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__descriptor_store__pack_to_buffer
+                     (const Uffdbroker__DescriptorStore *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__descriptor_store__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__DescriptorStore *
+       uffdbroker__descriptor_store__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__DescriptorStore *)
+     protobuf_c_message_unpack (&uffdbroker__descriptor_store__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__descriptor_store__free_unpacked
+                     (Uffdbroker__DescriptorStore *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__descriptor_store__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   uffdbroker__delegation__init
                      (Uffdbroker__Delegation         *message)
 {
@@ -1292,7 +1382,58 @@ const ProtobufCMessageDescriptor uffdbroker__error__descriptor =
   (ProtobufCMessageInit) uffdbroker__error__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[7] =
+static const ProtobufCFieldDescriptor uffdbroker__extent__field_descriptors[2] =
+{
+  {
+    "offset",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Extent, offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "length",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Extent, length),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__extent__field_indices_by_name[] = {
+  1,   /* field[1] = length */
+  0,   /* field[0] = offset */
+};
+static const ProtobufCIntRange uffdbroker__extent__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor uffdbroker__extent__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.Extent",
+  "Extent",
+  "Uffdbroker__Extent",
+  "uffdbroker",
+  sizeof(Uffdbroker__Extent),
+  2,
+  uffdbroker__extent__field_descriptors,
+  uffdbroker__extent__field_indices_by_name,
+  1,  uffdbroker__extent__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__extent__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[8] =
 {
   {
     "id",
@@ -1378,6 +1519,18 @@ static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[7] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "swapped_out",
+    8,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__Region, n_swapped_out),
+    offsetof(Uffdbroker__Region, swapped_out),
+    &uffdbroker__extent__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__region__field_indices_by_name[] = {
   1,   /* field[1] = address */
@@ -1387,11 +1540,12 @@ static const unsigned uffdbroker__region__field_indices_by_name[] = {
   2,   /* field[2] = length */
   3,   /* field[3] = page_size */
   4,   /* field[4] = plugin */
+  7,   /* field[7] = swapped_out */
 };
 static const ProtobufCIntRange uffdbroker__region__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 7 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor uffdbroker__region__descriptor =
 {
@@ -1401,7 +1555,7 @@ const ProtobufCMessageDescriptor uffdbroker__region__descriptor =
   "Uffdbroker__Region",
   "uffdbroker",
   sizeof(Uffdbroker__Region),
-  7,
+  8,
   uffdbroker__region__field_descriptors,
   uffdbroker__region__field_indices_by_name,
   1,  uffdbroker__region__number_ranges,
@@ -2730,7 +2884,7 @@ const ProtobufCMessageDescriptor uffdbroker__event__descriptor =
   (ProtobufCMessageInit) uffdbroker__event__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__broker_to_plugin__field_descriptors[4] =
+static const ProtobufCFieldDescriptor uffdbroker__broker_to_plugin__field_descriptors[5] =
 {
   {
     "hello",
@@ -2780,17 +2934,30 @@ static const ProtobufCFieldDescriptor uffdbroker__broker_to_plugin__field_descri
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "kept",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__BrokerToPlugin, kept),
+    &uffdbroker__descriptor_store__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__broker_to_plugin__field_indices_by_name[] = {
   1,   /* field[1] = error */
   2,   /* field[2] = events */
   0,   /* field[0] = hello */
+  4,   /* field[4] = kept */
   3,   /* field[3] = packets_applied */
 };
 static const ProtobufCIntRange uffdbroker__broker_to_plugin__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 5 }
 };
 const ProtobufCMessageDescriptor uffdbroker__broker_to_plugin__descriptor =
 {
@@ -2800,7 +2967,7 @@ const ProtobufCMessageDescriptor uffdbroker__broker_to_plugin__descriptor =
   "Uffdbroker__BrokerToPlugin",
   "uffdbroker",
   sizeof(Uffdbroker__BrokerToPlugin),
-  4,
+  5,
   uffdbroker__broker_to_plugin__field_descriptors,
   uffdbroker__broker_to_plugin__field_indices_by_name,
   1,  uffdbroker__broker_to_plugin__number_ranges,
@@ -2923,7 +3090,7 @@ const ProtobufCMessageDescriptor uffdbroker__decision__descriptor =
   (ProtobufCMessageInit) uffdbroker__decision__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__region_reply__field_descriptors[3] =
+static const ProtobufCFieldDescriptor uffdbroker__region_reply__field_descriptors[4] =
 {
   {
     "client_id",
@@ -2961,16 +3128,29 @@ static const ProtobufCFieldDescriptor uffdbroker__region_reply__field_descriptor
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "lost",
+    4,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__RegionReply, n_lost),
+    offsetof(Uffdbroker__RegionReply, lost),
+    &uffdbroker__extent__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__region_reply__field_indices_by_name[] = {
   0,   /* field[0] = client_id */
   2,   /* field[2] = error */
+  3,   /* field[3] = lost */
   1,   /* field[1] = region_id */
 };
 static const ProtobufCIntRange uffdbroker__region_reply__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 3 }
+  { 0, 4 }
 };
 const ProtobufCMessageDescriptor uffdbroker__region_reply__descriptor =
 {
@@ -2980,11 +3160,49 @@ const ProtobufCMessageDescriptor uffdbroker__region_reply__descriptor =
   "Uffdbroker__RegionReply",
   "uffdbroker",
   sizeof(Uffdbroker__RegionReply),
-  3,
+  4,
   uffdbroker__region_reply__field_descriptors,
   uffdbroker__region_reply__field_indices_by_name,
   1,  uffdbroker__region_reply__number_ranges,
   (ProtobufCMessageInit) uffdbroker__region_reply__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__descriptor_store__field_descriptors[1] =
+{
+  {
+    "names",
+    1,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_STRING,
+    offsetof(Uffdbroker__DescriptorStore, n_names),
+    offsetof(Uffdbroker__DescriptorStore, names),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__descriptor_store__field_indices_by_name[] = {
+  0,   /* field[0] = names */
+};
+static const ProtobufCIntRange uffdbroker__descriptor_store__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 1 }
+};
+const ProtobufCMessageDescriptor uffdbroker__descriptor_store__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.DescriptorStore",
+  "DescriptorStore",
+  "Uffdbroker__DescriptorStore",
+  "uffdbroker",
+  sizeof(Uffdbroker__DescriptorStore),
+  1,
+  uffdbroker__descriptor_store__field_descriptors,
+  uffdbroker__descriptor_store__field_indices_by_name,
+  1,  uffdbroker__descriptor_store__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__descriptor_store__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor uffdbroker__delegation__field_descriptors[8] =
@@ -3167,7 +3385,7 @@ const ProtobufCMessageDescriptor uffdbroker__store_reply__descriptor =
   (ProtobufCMessageInit) uffdbroker__store_reply__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descriptors[5] =
+static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descriptors[6] =
 {
   {
     "hello",
@@ -3229,18 +3447,31 @@ static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descri
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "keep",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__PluginToBroker, keep),
+    &uffdbroker__descriptor_store__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__plugin_to_broker__field_indices_by_name[] = {
   1,   /* field[1] = decisions */
   4,   /* field[4] = delegations */
   0,   /* field[0] = hello */
+  5,   /* field[5] = keep */
   2,   /* field[2] = region_replies */
   3,   /* field[3] = store_replies */
 };
 static const ProtobufCIntRange uffdbroker__plugin_to_broker__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor uffdbroker__plugin_to_broker__descriptor =
 {
@@ -3250,7 +3481,7 @@ const ProtobufCMessageDescriptor uffdbroker__plugin_to_broker__descriptor =
   "Uffdbroker__PluginToBroker",
   "uffdbroker",
   sizeof(Uffdbroker__PluginToBroker),
-  5,
+  6,
   uffdbroker__plugin_to_broker__field_descriptors,
   uffdbroker__plugin_to_broker__field_indices_by_name,
   1,  uffdbroker__plugin_to_broker__number_ranges,

@@ -357,6 +357,11 @@ int cuffd_sealed_memfd(const char *name, uint64_t size) {
   return fd;
 }
 
+int cuffd_memfd(const char *name) {
+  int fd = memfd_create(name, MFD_CLOEXEC);
+  return fd < 0 ? -errno : fd;
+}
+
 int64_t cuffd_sealed_memfd_size(int fd) {
   int seals = fcntl(fd, F_GET_SEALS);
   if (seals < 0) return -errno;

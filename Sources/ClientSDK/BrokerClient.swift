@@ -170,6 +170,17 @@ public final class BrokerClient: Sendable {
     _ = try request(.swapOut(regionID: region.id, offset: UInt64(offset), length: length))
     var report = SwapOutReport(pagesDropped: 0, pagesKept: 0)
     var failure: ClientError?
+    // Remembered for a re-attach: a restarted broker asks the plugin whether it
+    // still holds them, and what it lost fails closed instead of reading zeros.
+    var dropped = OffsetRanges()
+    defer {
+      connection.withLock { state in
+        guard let index = state.regions.firstIndex(where: { $0.id == region.id }) else { return }
+        var record = OffsetRanges(state.regions[index].swappedOut)
+        for range in dropped.ranges { record.insert(range) }
+        state.regions[index].swappedOut = record.coarsened(to: RegionSpec.maxSwappedExtents)
+      }
+    }
     let chunk = 128 << 10
     var bytes = [UInt8](repeating: 0, count: chunk)
     var start = offset
@@ -198,6 +209,7 @@ public final class BrokerClient: Sendable {
         var end = page + pageSize
         while end < start + count && !busy.contains(UInt64(end)) { end += pageSize }
         madvise(UnsafeMutableRawPointer(bitPattern: region.base + UInt(page)), end - page, MADV_DONTNEED)
+        dropped.insert(UInt64(page)..<UInt64(end))
         report.pagesDropped += (end - page) / pageSize
         page = end
       }

@@ -89,6 +89,9 @@ public enum PluginDecision: Equatable {
 /// event is sent again, so answer from the state you have now. `clientClosed`
 /// is the last call for a client.
 public protocol PagePlugin: AnyObject {
+  /// The plugin is connected; `store` holds what the broker kept for this
+  /// plugin's name from its earlier connections. Called once, before any event.
+  func connected(_ store: DescriptorStore)
   /// A client registered `region` with this plugin. Throw a `BrokerError` (or
   /// any error) to refuse it: the client's Register fails with its message.
   /// Called again for each live region after the plugin reconnects.
@@ -108,6 +111,13 @@ public protocol PagePlugin: AnyObject {
   /// A swap-out dropped the pages at `offsets` from the client; their content is
   /// what `store` received.
   func swappedOut(_ offsets: Range<UInt64>, in region: PluginRegion)
+  /// Whether this plugin still holds every stored page of `offsets`: asked when
+  /// a region is opened again (this plugin restarted, or the client re-attached
+  /// to a restarted broker) for the pages the client released in swap-outs.
+  /// Those it does not hold fail closed (SIGBUS) in the client instead of
+  /// reading zeros. The default says no: keep data in the broker's descriptor
+  /// store (`connected(_:)`) to survive a restart.
+  func holds(_ offsets: Range<UInt64>, in region: PluginRegion) -> Bool
   /// The client unmapped `offsets` of the region.
   func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion)
   /// The client moved part of the region; `region.base` is updated already.
@@ -130,12 +140,14 @@ public protocol PagePlugin: AnyObject {
 }
 
 extension PagePlugin {
+  public func connected(_ store: DescriptorStore) {}
   public func regionOpened(_ region: PluginRegion) throws {}
   public func removed(_ offsets: Range<UInt64>, in region: PluginRegion) {}
   public func store(_ data: UnsafeRawBufferPointer, at offset: UInt64, in region: PluginRegion) throws {
     throw BrokerError(.pluginRefused, "this plugin does not keep swapped-out pages")
   }
   public func swappedOut(_ offsets: Range<UInt64>, in region: PluginRegion) {}
+  public func holds(_ offsets: Range<UInt64>, in region: PluginRegion) -> Bool { false }
   public func unmapped(_ offsets: Range<UInt64>, in region: PluginRegion) {}
   public func remapped(_ region: PluginRegion) {}
   public func regionForked(_ child: PluginRegion, from parent: PluginRegion) throws {

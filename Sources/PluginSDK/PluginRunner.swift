@@ -44,6 +44,8 @@ public final class PluginRunner {
   /// The region of the last fault: runs of faults in one region skip the hashing.
   @exclusivity(unchecked) private var lastRegion: PluginRegion?
   @exclusivity(unchecked) private var fds: [CInt] = []
+  /// The descriptors the broker kept for this name, received with its Hello.
+  @exclusivity(unchecked) private var restored: [String: CInt] = [:]
 
   /// Faults answered so far (for logs and tests).
   @exclusivity(unchecked) public private(set) var faultsServed = 0
@@ -91,6 +93,9 @@ public final class PluginRunner {
     guard let hello = try events.hello, hello.role == .broker else {
       throw BrokerError(.version, "the broker did not answer Hello")
     }
+    plugin.connected(DescriptorStore(restored: restored, encoder: decisions))
+    restored = [:]
+    try flush()
   }
 
   deinit {
@@ -143,8 +148,13 @@ public final class PluginRunner {
     fds.removeAll(keepingCapacity: true)
     switch try socket.receive(into: packet, fds: &fds, blocking: true) {
     case .packet(let count):
-      fds.forEach(closeDescriptor)
+      defer { fds.forEach(closeDescriptor) }  // those not taken as restored
       try events.decode(UnsafeRawBufferPointer(rebasing: packet[..<count]))
+      let kept = try events.keptNames
+      if !kept.isEmpty && kept.count <= fds.count {
+        for (index, name) in kept.enumerated() { restored[name] = fds[index] }
+        fds.removeFirst(kept.count)
+      }
       packetsApplied = max(packetsApplied, events.packetsApplied)
       return true
     case .wouldBlock:
@@ -211,7 +221,9 @@ public final class PluginRunner {
       } catch {
         refusal = BrokerError(.pluginRefused, "\(error)")
       }
-      decisions.append(RegionReply(clientID: clientID, regionID: spec.id, error: refusal))
+      // A forked child's stored pages are its parent's (regionForked copied them).
+      let lost = refusal == nil && parentID == 0 ? spec.swappedOut.filter { !plugin.holds($0, in: region) } : []
+      decisions.append(RegionReply(clientID: clientID, regionID: spec.id, error: refusal, lost: lost))
     case .removed(let range):
       if let region = regions[RegionKey(client: range.clientID, region: range.regionID)] {
         let offsets = range.startOffset..<range.startOffset + UInt64(range.range.count)

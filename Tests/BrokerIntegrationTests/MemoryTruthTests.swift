@@ -92,3 +92,45 @@ extension BrokerIntegrationTests {
     }
   }
 }
+
+extension BrokerIntegrationTests {
+  /// Swapped-out pages live only with their plugin: they survive it, or fail closed.
+  @Suite("Swapped-out data outlives its plugin")
+  struct SwappedData {
+    @Test("the swap plugin killed (-9) after a swap-out: its restart finds every page in the broker's descriptor store")
+    func swapPluginKilled() throws {
+      try Harness.run("swap-kill") { h in
+        let plugin = try h.startSamplePlugin("swap-plugin", name: "swap")
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("swap-hold", mib: 4, threads: 1, plugin: "swap", extraEnvironment: gate.environment)
+        let step = gate.awaitClient()
+        #expect(step == "swapped 1024", h.diagnostics("client: \(String(describing: step)) \(client.stdout) \(client.stderr)"))
+        kill(plugin.pid, SIGKILL)
+        _ = plugin.wait(timeout: 5)
+        let restarted = try h.startSamplePlugin("swap-plugin", name: "swap")
+        gate.release()
+        #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("swap held: dropped 1024; verified 1024 pages, 0 wrong\n"), h.diagnostics(client.stdout))
+        #expect(restarted.stderr.contains("recovered 1024 stored pages"), h.diagnostics(restarted.stderr))
+        #expect(h.brokerLogLines(containing: "lost swapped-out pages").isEmpty, h.diagnostics)
+      }
+    }
+
+    @Test("the broker killed (-9) after a swap-out: the client re-attaches, and the pages no plugin holds any more fail closed (SIGBUS), never zeros")
+    func brokerKilledAfterSwapOut() throws {
+      try Harness.run("swap-broker-kill") { h in
+        let plugin = try h.startSamplePlugin("swap-plugin", name: "swap")
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("swap-hold", mib: 1, threads: 1, plugin: "swap", extraEnvironment: gate.environment.merging(["SWIFT_BACKTRACE": "enable=no"]) { $1 })
+        #expect(gate.awaitClient() == "swapped 256", h.diagnostics(client.stdout + client.stderr))
+        try h.killAndRestartBroker()
+        _ = plugin.wait(timeout: 5)  // its connection went with the broker
+        try h.startSamplePlugin("swap-plugin", name: "swap")
+        // Re-attached: the new broker asked the new plugin for the pages, and it has none.
+        #expect(h.waitForBrokerLog("lost swapped-out pages", "bytes=\(1 << 20)", timeout: 20), h.diagnostics)
+        gate.release()
+        #expect(client.wait(timeout: 30) == .signaled(SIGBUS), h.diagnostics(client.stdout + client.stderr))
+      }
+    }
+  }
+}

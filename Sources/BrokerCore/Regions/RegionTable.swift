@@ -15,6 +15,8 @@ public final class PluginRoute {
   @exclusivity(unchecked) var failover: PluginRoute?
   /// Gone for good with no fallback: faults of its regions fail closed.
   @exclusivity(unchecked) var failed = false
+  /// What the plugin keeps with the broker across its connections.
+  let store = DescriptorStore()
 
   init(name: String) {
     self.name = name
@@ -129,6 +131,11 @@ public struct RegionTable {
       guard !spec.plugin.isEmpty else { throw BrokerError(.badRegion, "region \(spec.id) names no plugin") }
       guard spec.plugin.utf8.count <= RegionSpec.maxPluginNameBytes, spec.argument.utf8.count <= RegionSpec.maxArgumentBytes else {
         throw BrokerError(.badRegion, "region \(spec.id): a plugin name is at most \(RegionSpec.maxPluginNameBytes) bytes, an argument at most \(RegionSpec.maxArgumentBytes)")
+      }
+      guard spec.swappedOut.count <= RegionSpec.maxSwappedExtents,
+            spec.swappedOut.allSatisfy({ $0.lowerBound & UInt64(mask) == 0 && $0.upperBound & UInt64(mask) == 0 && $0.upperBound <= UInt64(spec.length) })
+      else {
+        throw BrokerError(.badRegion, "region \(spec.id): swapped-out extents must be page aligned, inside the region, at most \(RegionSpec.maxSwappedExtents)")
       }
       if let other = ranges.first(where: { $0.overlaps(spec.range) }) {
         throw BrokerError(.badRegion, "region \(spec.id) overlaps 0x\(String(other.lowerBound, radix: 16))..<0x\(String(other.upperBound, radix: 16))")

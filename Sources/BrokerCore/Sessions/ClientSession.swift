@@ -50,6 +50,12 @@ final class ClientSession: UserfaultFDHandler {
   @exclusivity(unchecked) var announcedRegions: [UInt64: String] = [:]
   /// Every plugin a region was ever announced to: each is told Closed, last.
   @exclusivity(unchecked) var servedBy: Set<String> = []
+  /// Per region: offsets a swap-out released, whose only copy the plugin holds.
+  /// A plugin that comes back without them (`RegionReply.lost`) moves them to `lostPages`.
+  @exclusivity(unchecked) var swappedOutPages: [UInt64: OffsetRanges] = [:]
+  /// Per region: swapped-out offsets their plugin lost. Their faults fail closed
+  /// (never zeros) until the client drops or unmaps them itself.
+  @exclusivity(unchecked) var lostPages: [UInt64: OffsetRanges] = [:]
   /// Ranges plugins handed to the broker to serve by itself.
   @exclusivity(unchecked) var delegated = DelegatedRanges()
 
@@ -90,6 +96,9 @@ final class ClientSession: UserfaultFDHandler {
     if phase == .opening { return .notNow }
     guard let piece = regions.piece(containing: fault.address) else { return placeUnknown(fault, on: uffd) }
     if piece.isNewMemory { return broker.fillNewMemory(fault, piece: piece, session: self) }
+    if !lostPages.isEmpty, lostPages[piece.spec.id]?.contains(piece.offset(of: fault.address)) == true {
+      return broker.failClosed(fault.address & ~UInt(systemPageSize - 1), session: self, cause: "its swapped-out content was lost with its plugin")
+    }
     if !refusedRegions.isEmpty && refusedRegions.contains(piece.spec.id) {
       return broker.failClosed(fault.address & ~UInt(systemPageSize - 1), session: self, cause: "its plugin does not serve this forked child")
     }
@@ -132,6 +141,13 @@ final class ClientSession: UserfaultFDHandler {
     report(regions.overlapping(range), swappedOut: isSwappingAll(of: range), as: BrokerEvent.removed)
   }
 
+  /// `spec` as announced to its plugin now: with the swapped-out pages it must hold.
+  func announced(_ spec: RegionSpec) -> RegionSpec {
+    var spec = spec
+    spec.swappedOut = swappedOutPages[spec.id]?.coarsened(to: RegionSpec.maxSwappedExtents) ?? []
+    return spec
+  }
+
   /// Whether one swap-out covers all of `range`.
   func isSwappingAll(of range: Range<UInt>) -> Bool {
     swapping.contains { $0.lowerBound <= range.lowerBound && range.upperBound <= $0.upperBound }
@@ -142,6 +158,16 @@ final class ClientSession: UserfaultFDHandler {
   private func report(_ parts: [(piece: RegionTable.Piece, range: Range<UInt>)], swappedOut: Bool = false, as event: (RangeEvent) -> BrokerEvent) {
     for part in parts where !part.piece.isNewMemory {
       let start = part.piece.offset(of: part.range.lowerBound)
+      let offsets = start..<start + UInt64(part.range.count)
+      let regionID = part.piece.spec.id
+      if swappedOut {
+        swappedOutPages[regionID, default: OffsetRanges()].insert(offsets)
+      } else {
+        // Dropped or unmapped by the client itself: they read as zeros (or are gone) now.
+        swappedOutPages[regionID]?.subtract(offsets)
+        lostPages[regionID]?.subtract(offsets)
+        if lostPages[regionID]?.isEmpty == true { lostPages[regionID] = nil }
+      }
       delegated.cut(regionID: part.piece.spec.id, start..<start + UInt64(part.range.count))
       broker.sendEvent(event(RangeEvent(clientID: id, regionID: part.piece.spec.id, range: part.range, startOffset: start, swappedOut: swappedOut)),
                        to: part.piece.route)

@@ -37,13 +37,21 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
   public var argument: String
   /// For the plugin: where the region starts in its backing.
   public var backingOffset: UInt64
+  /// Region offsets a swap-out released whose only copy the plugin holds (see
+  /// `Region.swapped_out` in the proto): what a re-attaching client released, or
+  /// what a plugin must still hold when a region is opened again.
+  public var swappedOut: [Range<UInt64>]
 
   /// The longest plugin name and argument a broker accepts: every region
   /// event must fit one packet however long the client made them.
   public static let maxPluginNameBytes = 255
   public static let maxArgumentBytes = 4096
+  /// Extents of `swappedOut` a region may carry (a record longer than this is coarsened).
+  public static let maxSwappedExtents = 4096
 
-  public init(id: UInt64, base: UInt, length: Int, pageSize: Int = systemPageSize, plugin: String, argument: String = "", backingOffset: UInt64 = 0) {
+  public init(id: UInt64, base: UInt, length: Int, pageSize: Int = systemPageSize, plugin: String, argument: String = "", backingOffset: UInt64 = 0,
+              swappedOut: [Range<UInt64>] = []) {
+    self.swappedOut = swappedOut
     self.id = id
     self.base = base
     self.length = length
@@ -226,6 +234,10 @@ public struct StoreEvent: Equatable, Sendable {
 /// A range of a region the plugin hands to the broker to serve by itself (the
 /// broker-local fast path), or takes back (`revoke`).
 public struct Delegation: Equatable, Sendable {
+  /// The broker's descriptor store keeps at most this many descriptors per plugin name.
+  public static let maxStoredDescriptors = 16
+  public static let maxStoredNameBytes = 64
+
   public enum Source: Equatable, Sendable {
     /// Zero pages.
     case zero
@@ -283,10 +295,13 @@ public struct RegionReply: Equatable, Sendable {
   public var regionID: UInt64
   /// nil: accepted.
   public var error: BrokerError?
+  /// Of the region's `swappedOut` extents, those the plugin no longer holds.
+  public var lost: [Range<UInt64>]
 
-  public init(clientID: UInt64, regionID: UInt64, error: BrokerError?) {
+  public init(clientID: UInt64, regionID: UInt64, error: BrokerError?, lost: [Range<UInt64>] = []) {
     self.clientID = clientID
     self.regionID = regionID
     self.error = error
+    self.lost = lost
   }
 }

@@ -36,8 +36,34 @@ final class CStringPool {
     message.pointee.plugin = string(spec.plugin)
     message.pointee.argument = string(spec.argument)
     message.pointee.backing_offset = spec.backingOffset
+    (message.pointee.n_swapped_out, message.pointee.swapped_out) = extents(spec.swappedOut)
     regions.append(message)
     return message
+  }
+
+  /// A repeated `string` field; freed with the pool.
+  func strings(_ values: [String]) -> (Int, UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) {
+    guard !values.isEmpty else { return (0, nil) }
+    let array = UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>.allocate(capacity: values.count)
+    for (index, value) in values.enumerated() { array[index] = string(value) }
+    arrays.append(UnsafeMutableRawPointer(array))
+    return (values.count, array)
+  }
+
+  /// A repeated `Extent` field for `ranges`; freed with the pool.
+  func extents(_ ranges: [Range<UInt64>]) -> (Int, UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Extent>?>?) {
+    guard !ranges.isEmpty else { return (0, nil) }
+    let messages = UnsafeMutablePointer<Uffdbroker__Extent>.allocate(capacity: ranges.count)
+    let pointers = UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Extent>?>.allocate(capacity: ranges.count)
+    for (index, range) in ranges.enumerated() {
+      uffdbroker__extent__init(messages + index)
+      messages[index].offset = range.lowerBound
+      messages[index].length = UInt64(range.count)
+      pointers[index] = messages + index
+    }
+    arrays.append(UnsafeMutableRawPointer(messages))
+    arrays.append(UnsafeMutableRawPointer(pointers))
+    return (ranges.count, pointers)
   }
 
   /// A pointer array for a repeated field; freed with the pool.
@@ -56,8 +82,23 @@ extension RegionSpec {
     guard m.length <= UInt64(Int.max), m.address <= UInt64(UInt.max) else { throw BrokerError(.badRegion, "region \(m.id) does not fit the address space") }
     self.init(
       id: m.id, base: UInt(m.address), length: Int(m.length), pageSize: Int(m.page_size),
-      plugin: String(cString: m.plugin), argument: String(cString: m.argument), backingOffset: m.backing_offset)
+      plugin: String(cString: m.plugin), argument: String(cString: m.argument), backingOffset: m.backing_offset,
+      swappedOut: try decodeExtents(m.n_swapped_out, m.swapped_out, of: "region \(m.id)"))
   }
+}
+
+/// Reads a repeated `Extent` field: at most `RegionSpec.maxSwappedExtents`, none wrapping past 2^64.
+func decodeExtents(_ count: Int, _ extents: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Extent>?>?, of what: String) throws(BrokerError) -> [Range<UInt64>] {
+  guard count <= RegionSpec.maxSwappedExtents else { throw BrokerError(.limit, "\(what): more than \(RegionSpec.maxSwappedExtents) extents") }
+  var ranges: [Range<UInt64>] = []
+  ranges.reserveCapacity(count)
+  for index in 0..<count {
+    guard let extent = extents?[index]?.pointee, extent.offset <= UInt64.max - extent.length else {
+      throw BrokerError(.malformed, "\(what): extent \(index) is empty or wraps")
+    }
+    ranges.append(extent.offset..<extent.offset + extent.length)
+  }
+  return ranges
 }
 
 extension Hello {
@@ -95,4 +136,22 @@ extension BrokerError {
     message.code = Uffdbroker__ErrorCode(rawValue: UInt32(wire.rawValue))
     message.message = pool.string(self.message)
   }
+}
+
+/// The names of a `DescriptorStore`: at most `maxStoredDescriptors`, each 1 to 64 bytes.
+func decodeStoreNames(_ store: UnsafeMutablePointer<Uffdbroker__DescriptorStore>?) throws(BrokerError) -> [String] {
+  guard let store = store?.pointee else { return [] }
+  guard store.n_names <= Delegation.maxStoredDescriptors else {
+    throw BrokerError(.limit, "a descriptor store holds at most \(Delegation.maxStoredDescriptors) descriptors")
+  }
+  var names: [String] = []
+  for index in 0..<store.n_names {
+    guard let raw = store.names[index] else { throw BrokerError(.malformed, "a descriptor store name is missing") }
+    let name = String(cString: raw)
+    guard !name.isEmpty, name.utf8.count <= Delegation.maxStoredNameBytes else {
+      throw BrokerError(.malformed, "a descriptor store name must have 1 to \(Delegation.maxStoredNameBytes) bytes")
+    }
+    names.append(name)
+  }
+  return names
 }

@@ -225,17 +225,27 @@ public final class EventBatchEncoder {
   }
 
   /// A `BrokerToPlugin` carrying only a Hello and/or an Error.
-  public static func encodeControl(hello: Hello?, error: BrokerError?) -> [UInt8] {
+  /// A Hello or Error packet; with the Hello, the names of the descriptors
+  /// kept for the plugin (`kept`, attached to the packet in that order).
+  public static func encodeControl(hello: Hello?, error: BrokerError?, kept: [String] = []) -> [UInt8] {
     let pool = CStringPool()
     var message = Uffdbroker__BrokerToPlugin()
     uffdbroker__broker_to_plugin__init(&message)
     var helloMessage = Uffdbroker__Hello()
     var errorMessage = Uffdbroker__Error()
+    var store = Uffdbroker__DescriptorStore()
+    uffdbroker__descriptor_store__init(&store)
     return withUnsafeMutablePointer(to: &helloMessage) { h in
       withUnsafeMutablePointer(to: &errorMessage) { e in
-        if let hello { hello.encode(into: &h.pointee, pool: pool); message.hello = h }
-        if let error { error.encode(into: &e.pointee, pool: pool); message.error = e }
-        return packedByProtobufC(message)
+        withUnsafeMutablePointer(to: &store) { k in
+          if let hello { hello.encode(into: &h.pointee, pool: pool); message.hello = h }
+          if let error { error.encode(into: &e.pointee, pool: pool); message.error = e }
+          if !kept.isEmpty {
+            (k.pointee.n_names, k.pointee.names) = pool.strings(kept)
+            message.kept = k
+          }
+          return packedByProtobufC(message)
+        }
       }
     }
   }
@@ -287,6 +297,13 @@ public final class EventBatchDecoder {
     get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
   }
   public var error: BrokerError? { message?.pointee.error.map { BrokerError(decoding: $0) } }
+  /// With the broker's Hello: the names of the descriptors it kept for this plugin, in the order attached.
+  public var keptNames: [String] {
+    get throws(BrokerError) {
+      guard let message else { return [] }
+      return try decodeStoreNames(message.pointee.kept)
+    }
+  }
   public var eventCount: Int { read.count ?? message?.pointee.n_events ?? 0 }
   /// How many of the plugin's packets the broker had applied when it sent this one.
   public var packetsApplied: UInt64 { read.count == nil ? message?.pointee.packets_applied ?? 0 : readPacketsApplied }
@@ -348,6 +365,8 @@ public final class DecisionBatchEncoder {
   @exclusivity(unchecked) private var storeReplies: [StoreReply] = []
   @exclusivity(unchecked) private var delegations: [Delegation] = []
   @exclusivity(unchecked) private var hello: Hello?
+  /// Descriptors for the broker's store: name and descriptor (closed after the send by the caller).
+  @exclusivity(unchecked) private var keeps: [(name: String, fd: CInt)] = []
 
   public init(capacity: Int = 512) {
     self.capacity = capacity
@@ -366,7 +385,7 @@ public final class DecisionBatchEncoder {
     decisionPointers.deallocate()
   }
 
-  public var isEmpty: Bool { count == 0 && replies.isEmpty && storeReplies.isEmpty && delegations.isEmpty && hello == nil }
+  public var isEmpty: Bool { count == 0 && replies.isEmpty && storeReplies.isEmpty && delegations.isEmpty && hello == nil && keeps.isEmpty }
 
   /// Descriptors to attach to the packet `encode` makes (one per file delegation, in order).
   @exclusivity(unchecked) public private(set) var descriptors: [CInt] = []
@@ -412,13 +431,15 @@ public final class DecisionBatchEncoder {
     }
   }
   public func setHello(_ hello: Hello) { self.hello = hello }
+  /// Asks the broker to keep `fd` as `name` (the descriptor is attached after those of file delegations).
+  public func keep(_ fd: CInt, as name: String) { keeps.append((name, fd)) }
 
   /// Packs everything collected into `buffer`, returns the length, and empties the batch.
   public func encode(into buffer: UnsafeMutableRawBufferPointer) -> Int {
     message.n_decisions = count
     let written: Int
     descriptors.removeAll(keepingCapacity: true)
-    if replies.isEmpty && storeReplies.isEmpty && delegations.isEmpty && hello == nil {
+    if replies.isEmpty && storeReplies.isEmpty && delegations.isEmpty && hello == nil && keeps.isEmpty {
       // Only decisions: `canAppend` bounded the size, so it is not measured first.
       let bound = payloadBytes + Self.decisionBound * count + 16
       precondition(bound <= buffer.count, "decision batch may exceed the packet buffer")
@@ -485,17 +506,29 @@ public final class DecisionBatchEncoder {
           error.encode(into: &errors[index], pool: pool)
           replyMessages[index].error = errors + index
         }
+        (replyMessages[index].n_lost, replyMessages[index].lost) = pool.extents(reply.lost)
         replyPointers[index] = replyMessages + index
       }
       message.n_region_replies = replies.count
       message.region_replies = replyPointers
+      var store = Uffdbroker__DescriptorStore()
+      uffdbroker__descriptor_store__init(&store)
+      descriptors += keeps.map(\.fd)
       written = withUnsafeMutablePointer(to: &helloMessage) { h in
-        if let hello {
-          hello.encode(into: &h.pointee, pool: pool)
-          message.hello = h
+        withUnsafeMutablePointer(to: &store) { k in
+          if let hello {
+            hello.encode(into: &h.pointee, pool: pool)
+            message.hello = h
+          }
+          if !keeps.isEmpty {
+            (k.pointee.n_names, k.pointee.names) = pool.strings(keeps.map(\.name))
+            message.keep = k
+          }
+          return pack(into: buffer)
         }
-        return pack(into: buffer)
       }
+      message.keep = nil
+      keeps.removeAll(keepingCapacity: true)
       message.hello = nil
       message.n_region_replies = 0
       message.region_replies = nil
@@ -593,7 +626,7 @@ public final class DecisionBatchDecoder {
   /// Whether protobuf-c decodes `bytes` to exactly these decisions and nothing else.
   static func sameAsProtobufC(_ bytes: UnsafeRawBufferPointer, decisions: [DecodedDecision]) -> Bool {
     let decoder = DecisionBatchDecoder(readsInPlace: false)
-    guard (try? decoder.decode(bytes)) != nil, decoder.regionReplies.isEmpty, decoder.storeReplies.isEmpty,
+    guard (try? decoder.decode(bytes)) != nil, (try? decoder.regionReplies)?.isEmpty == true, decoder.storeReplies.isEmpty,
           (try? decoder.hello) == nil, (try? decoder.delegations(descriptors: [])) == [], decoder.decisionCount == decisions.count
     else { return false }
     return decisions.indices.allSatisfy { index in decoder.decision(at: index) == decisions[index] }
@@ -603,6 +636,13 @@ public final class DecisionBatchDecoder {
     get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
   }
   public var decisionCount: Int { read.count ?? message?.pointee.n_decisions ?? 0 }
+  /// Names of descriptors to keep in the broker's store, attached after those of file delegations.
+  public var keepNames: [String] {
+    get throws(BrokerError) {
+      guard let message else { return [] }
+      return try decodeStoreNames(message.pointee.keep)
+    }
+  }
 
   public func decision(at index: Int) -> DecodedDecision? {
     if read.count != nil { return read.item(at: index) }
@@ -646,10 +686,15 @@ public final class DecisionBatchDecoder {
   }
 
   public var regionReplies: [RegionReply] {
-    guard let m = message, m.pointee.n_region_replies > 0 else { return [] }
-    return (0..<m.pointee.n_region_replies).compactMap { index in
-      guard let r = m.pointee.region_replies[index]?.pointee else { return nil }
-      return RegionReply(clientID: r.client_id, regionID: r.region_id, error: r.error.map { BrokerError(decoding: $0) })
+    get throws(BrokerError) {
+      guard let m = message, m.pointee.n_region_replies > 0 else { return [] }
+      var replies: [RegionReply] = []
+      for index in 0..<m.pointee.n_region_replies {
+        guard let r = m.pointee.region_replies[index]?.pointee else { continue }
+        let lost = try decodeExtents(r.n_lost, r.lost, of: "the reply for region \(r.region_id)")
+        replies.append(RegionReply(clientID: r.client_id, regionID: r.region_id, error: r.error.map { BrokerError(decoding: $0) }, lost: lost))
+      }
+      return replies
     }
   }
 }

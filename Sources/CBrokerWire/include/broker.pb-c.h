@@ -17,6 +17,7 @@ PROTOBUF_C__BEGIN_DECLS
 
 typedef struct Uffdbroker__Hello Uffdbroker__Hello;
 typedef struct Uffdbroker__Error Uffdbroker__Error;
+typedef struct Uffdbroker__Extent Uffdbroker__Extent;
 typedef struct Uffdbroker__Region Uffdbroker__Region;
 typedef struct Uffdbroker__Register Uffdbroker__Register;
 typedef struct Uffdbroker__AddRegions Uffdbroker__AddRegions;
@@ -38,6 +39,7 @@ typedef struct Uffdbroker__Event Uffdbroker__Event;
 typedef struct Uffdbroker__BrokerToPlugin Uffdbroker__BrokerToPlugin;
 typedef struct Uffdbroker__Decision Uffdbroker__Decision;
 typedef struct Uffdbroker__RegionReply Uffdbroker__RegionReply;
+typedef struct Uffdbroker__DescriptorStore Uffdbroker__DescriptorStore;
 typedef struct Uffdbroker__Delegation Uffdbroker__Delegation;
 typedef struct Uffdbroker__StoreReply Uffdbroker__StoreReply;
 typedef struct Uffdbroker__PluginToBroker Uffdbroker__PluginToBroker;
@@ -158,6 +160,20 @@ struct  Uffdbroker__Error
 
 
 /*
+ * Region offsets [offset, offset + length), page aligned.
+ */
+struct  Uffdbroker__Extent
+{
+  ProtobufCMessage base;
+  uint64_t offset;
+  uint64_t length;
+};
+#define UFFDBROKER__EXTENT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__extent__descriptor) \
+    , 0, 0 }
+
+
+/*
  * A range of a client's memory served by one plugin.
  */
 struct  Uffdbroker__Region
@@ -188,10 +204,17 @@ struct  Uffdbroker__Region
    * for the plugin: where the region starts in its backing
    */
   uint64_t backing_offset;
+  /*
+   * Pages a swap-out released whose only copy the plugin holds (at most 4096
+   * extents). In Register, a client re-attaching says what it released; in
+   * RegionOpened, the broker tells the plugin what it must still hold.
+   */
+  size_t n_swapped_out;
+  Uffdbroker__Extent **swapped_out;
 };
 #define UFFDBROKER__REGION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__region__descriptor) \
-    , 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0 }
+    , 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL }
 
 
 /*
@@ -548,10 +571,11 @@ struct  Uffdbroker__BrokerToPlugin
    * bytes named by those packets may be reused.
    */
   uint64_t packets_applied;
+  Uffdbroker__DescriptorStore *kept;
 };
 #define UFFDBROKER__BROKER_TO_PLUGIN__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__broker_to_plugin__descriptor) \
-    , NULL, NULL, 0,NULL, 0 }
+    , NULL, NULL, 0,NULL, 0, NULL }
 
 
 /*
@@ -590,10 +614,36 @@ struct  Uffdbroker__RegionReply
    * absent: accepted
    */
   Uffdbroker__Error *error;
+  /*
+   * Of the region's swapped_out extents, those the plugin no longer holds
+   * (it restarted without them): faults there fail closed (SIGBUS).
+   */
+  size_t n_lost;
+  Uffdbroker__Extent **lost;
 };
 #define UFFDBROKER__REGION_REPLY__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__region_reply__descriptor) \
-    , 0, 0, NULL }
+    , 0, 0, NULL, 0,NULL }
+
+
+/*
+ * A plugin's descriptor store (as systemd's FDSTORE): memfds or regular files
+ * the broker keeps for the plugin name and hands back to the next connection
+ * under that name, so that data survives the plugin process. In
+ * PluginToBroker: descriptors to keep, attached in order of `names` after those
+ * of file delegations (a name given again replaces its descriptor; at most 16
+ * names of at most 64 bytes). In BrokerToPlugin (with the broker's Hello): the
+ * descriptors kept, attached in order of `names`.
+ */
+struct  Uffdbroker__DescriptorStore
+{
+  ProtobufCMessage base;
+  size_t n_names;
+  char **names;
+};
+#define UFFDBROKER__DESCRIPTOR_STORE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__descriptor_store__descriptor) \
+    , 0,NULL }
 
 
 struct  Uffdbroker__Delegation
@@ -659,10 +709,11 @@ struct  Uffdbroker__PluginToBroker
    */
   size_t n_delegations;
   Uffdbroker__Delegation **delegations;
+  Uffdbroker__DescriptorStore *keep;
 };
 #define UFFDBROKER__PLUGIN_TO_BROKER__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__plugin_to_broker__descriptor) \
-    , NULL, 0,NULL, 0,NULL, 0,NULL, 0,NULL }
+    , NULL, 0,NULL, 0,NULL, 0,NULL, 0,NULL, NULL }
 
 
 /* Uffdbroker__Hello methods */
@@ -702,6 +753,25 @@ Uffdbroker__Error *
                       const uint8_t       *data);
 void   uffdbroker__error__free_unpacked
                      (Uffdbroker__Error *message,
+                      ProtobufCAllocator *allocator);
+/* Uffdbroker__Extent methods */
+void   uffdbroker__extent__init
+                     (Uffdbroker__Extent         *message);
+size_t uffdbroker__extent__get_packed_size
+                     (const Uffdbroker__Extent   *message);
+size_t uffdbroker__extent__pack
+                     (const Uffdbroker__Extent   *message,
+                      uint8_t             *out);
+size_t uffdbroker__extent__pack_to_buffer
+                     (const Uffdbroker__Extent   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__Extent *
+       uffdbroker__extent__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__extent__free_unpacked
+                     (Uffdbroker__Extent *message,
                       ProtobufCAllocator *allocator);
 /* Uffdbroker__Region methods */
 void   uffdbroker__region__init
@@ -1102,6 +1172,25 @@ Uffdbroker__RegionReply *
 void   uffdbroker__region_reply__free_unpacked
                      (Uffdbroker__RegionReply *message,
                       ProtobufCAllocator *allocator);
+/* Uffdbroker__DescriptorStore methods */
+void   uffdbroker__descriptor_store__init
+                     (Uffdbroker__DescriptorStore         *message);
+size_t uffdbroker__descriptor_store__get_packed_size
+                     (const Uffdbroker__DescriptorStore   *message);
+size_t uffdbroker__descriptor_store__pack
+                     (const Uffdbroker__DescriptorStore   *message,
+                      uint8_t             *out);
+size_t uffdbroker__descriptor_store__pack_to_buffer
+                     (const Uffdbroker__DescriptorStore   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__DescriptorStore *
+       uffdbroker__descriptor_store__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__descriptor_store__free_unpacked
+                     (Uffdbroker__DescriptorStore *message,
+                      ProtobufCAllocator *allocator);
 /* Uffdbroker__Delegation methods */
 void   uffdbroker__delegation__init
                      (Uffdbroker__Delegation         *message);
@@ -1167,6 +1256,9 @@ typedef void (*Uffdbroker__Hello_Closure)
 typedef void (*Uffdbroker__Error_Closure)
                  (const Uffdbroker__Error *message,
                   void *closure_data);
+typedef void (*Uffdbroker__Extent_Closure)
+                 (const Uffdbroker__Extent *message,
+                  void *closure_data);
 typedef void (*Uffdbroker__Region_Closure)
                  (const Uffdbroker__Region *message,
                   void *closure_data);
@@ -1230,6 +1322,9 @@ typedef void (*Uffdbroker__Decision_Closure)
 typedef void (*Uffdbroker__RegionReply_Closure)
                  (const Uffdbroker__RegionReply *message,
                   void *closure_data);
+typedef void (*Uffdbroker__DescriptorStore_Closure)
+                 (const Uffdbroker__DescriptorStore *message,
+                  void *closure_data);
 typedef void (*Uffdbroker__Delegation_Closure)
                  (const Uffdbroker__Delegation *message,
                   void *closure_data);
@@ -1251,6 +1346,7 @@ extern const ProtobufCEnumDescriptor    uffdbroker__decision_kind__descriptor;
 extern const ProtobufCEnumDescriptor    uffdbroker__delegation_kind__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__hello__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__error__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__extent__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__register__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__add_regions__descriptor;
@@ -1272,6 +1368,7 @@ extern const ProtobufCMessageDescriptor uffdbroker__event__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__broker_to_plugin__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__decision__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region_reply__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__descriptor_store__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__delegation__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__store_reply__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__plugin_to_broker__descriptor;

@@ -214,6 +214,8 @@ pid_t cuffd_spawn(const char *path, char *const argv[], char *const envp[], cons
 /* A memfd of `size` bytes that can never shrink or grow (sealed): safe for
  * another process to map and copy from. Returns the fd or -errno. */
 int cuffd_sealed_memfd(const char *name, uint64_t size);
+/* memfd_create(2) with MFD_CLOEXEC: a growable anonymous file (not visible to Swift without _GNU_SOURCE). Returns the fd or -errno. */
+int cuffd_memfd(const char *name);
 
 /* Checks that fd is a memfd sealed against shrinking; returns its size, or -errno
  * (-EPERM when it is not sealed). */

@@ -91,3 +91,45 @@ func readTextFile(_ path: String) -> String {
   }
   return String(decoding: bytes, as: UTF8.self)
 }
+
+/// A handshake with a fixture client through two FIFOs: the client writes a
+/// line to `ready` when it reaches a step (`FixtureClient.gate`), then waits
+/// until the test opens `go`. Pass `environment` to the client.
+struct Gate {
+  let ready: String
+  let go: String
+  var environment: [String: String] { ["FIXTURE_READY": ready, "FIXTURE_GO": go] }
+
+  init(in directory: String) throws {
+    ready = directory + "/gate-ready"
+    go = directory + "/gate-go"
+    guard mkfifo(ready, 0o600) == 0, mkfifo(go, 0o600) == 0 else { throw HarnessError("mkfifo failed: \(errno)") }
+  }
+
+  /// The step the client reached, or nil if it did not within `timeout` seconds.
+  func awaitClient(timeout: Double = 20) -> String? {
+    let fd = open(ready, O_RDONLY | O_NONBLOCK)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var text = ""
+    let deadline = now() + timeout
+    while now() < deadline {
+      var poller = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+      guard poll(&poller, 1, 100) >= 0 else { return nil }
+      var buffer = [UInt8](repeating: 0, count: 256)
+      let n = read(fd, &buffer, buffer.count)
+      if n > 0 { text += String(decoding: buffer[..<n], as: UTF8.self) }
+      if text.hasSuffix("\n") { return String(text.dropLast()) }
+    }
+    return nil
+  }
+
+  /// Lets the client go on.
+  func release() {
+    let fd = open(go, O_WRONLY | O_NONBLOCK)
+    if fd >= 0 {
+      _ = write(fd, "go\n", 3)
+      close(fd)
+    }
+  }
+}

@@ -78,6 +78,24 @@ extension FixtureClient {
     return bad == 0 ? 0 : 1
   }
 
+  /// Fills the region with the pattern, swaps all of it out, passes the gate
+  /// ("swapped": the test may kill the plugin or the broker meanwhile), then
+  /// checks every page. A page whose stored copy was lost must fail with
+  /// SIGBUS, so this either prints its count of wrong pages or dies.
+  func swapHold() throws -> Int32 {
+    let (memory, spec, client) = try patternedRegion(name: "fixture-swap-hold")
+    let pages = memory.length / pageSize
+    let report = try client.swapOut(spec)
+    gate("swapped \(report.pagesDropped)")
+    var bad = 0
+    for page in 0..<pages where Pattern.mismatch(UnsafeRawBufferPointer(start: memory.base + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize)) != nil {
+      bad += 1
+    }
+    withExtendedLifetime(client) {}
+    print("swap held: dropped \(report.pagesDropped); verified \(pages) pages, \(bad) wrong")
+    return bad == 0 ? 0 : 1
+  }
+
   /// A registered region of `mib` MiB whose every page its writes filled with the pattern.
   private func patternedRegion(name: String) throws -> (AnonymousMemory, RegionSpec, BrokerClient) {
     let memory = try AnonymousMemory(length: mib << 20)

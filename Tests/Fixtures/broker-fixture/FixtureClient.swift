@@ -39,6 +39,7 @@ struct FixtureClient {
       case "concurrent-movers": return try concurrentMovers()
       case "unmap-exit": return try unmapThenExit()
       case "fork": return try forkChild()
+      case "swap-hold": return try swapHold()
       default:
         print("unknown scenario \(scenario)")
         return 2
@@ -47,6 +48,21 @@ struct FixtureClient {
       print("error: \(error)")
       return 1
     }
+  }
+
+  /// The test's handshake (`Gate`): says `step` on FIXTURE_READY, then waits
+  /// for the test to open FIXTURE_GO. Without the variables it goes straight on.
+  func gate(_ step: String) {
+    guard let ready = getenv("FIXTURE_READY").map({ String(cString: $0) }), let go = getenv("FIXTURE_GO").map({ String(cString: $0) }) else { return }
+    // Open for reading first, so the test's open for writing never finds no reader.
+    let wait = open(go, O_RDONLY | O_NONBLOCK)
+    let out = open(ready, O_WRONLY)
+    let line = step + "\n"
+    _ = line.withCString { write(out, $0, strlen($0)) }
+    close(out)
+    var poller = pollfd(fd: wait, events: Int16(POLLIN), revents: 0)
+    _ = poll(&poller, 1, -1)
+    close(wait)
   }
 
   /// FIXTURE_LOSS_POLICY=poison:MS (or terminate:MS) sets what the client does when the broker is gone for MS.
