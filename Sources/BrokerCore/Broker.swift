@@ -227,7 +227,7 @@ public final class Broker: @unchecked Sendable {
         failOpen(session, BrokerError(.timedOut, "plugin \(names) did not accept the regions in time"))
       }
     }
-    probeForkedChildren()
+    sweepClients()
     let deadline = UInt64(configuration.pluginDeadlineMilliseconds) * 1_000_000
     let hung = inFlight.entries.filter { now > $0.sentAt + deadline }.map(\.plugin)
     for plugin in hung {
@@ -256,10 +256,12 @@ public final class Broker: @unchecked Sendable {
     parkedSpare.removeAll(keepingCapacity: true)
   }
 
-  /// A forked child has no pidfd (the kernel does not name it): its exit (or
-  /// exec) is seen as ESRCH from a zero-page request at an address it has not
-  /// registered, which fills nothing while its memory lives.
-  private func probeForkedChildren() {
+  /// Retries layouts a full socket held back, and looks for forked children
+  /// that are gone. A forked child has no pidfd (the kernel does not name it):
+  /// its exit (or exec) is seen as ESRCH from a zero-page request at an address
+  /// it has not registered, which fills nothing while its memory lives.
+  private func sweepClients() {
+    for session in clients.values where !session.layoutUnsent.isEmpty { sendLayouts(session) }
     for session in clients.values where session.isForkedChild && session.phase != .closed {
       guard let uffd = session.uffd else { continue }
       let probe = UInt(Self.probeAddress)
@@ -328,6 +330,25 @@ public final class Broker: @unchecked Sendable {
   private func refuse(_ socket: PacketSocket, requestID: UInt64, _ error: BrokerError) {
     let bytes = ClientWire.encode(BrokerReply(requestID: requestID, .error(error)))
     _ = bytes.withUnsafeBytes { try? socket.send($0) }
+  }
+
+  /// An mremap or munmap moved or cut regions of the client: it is told where
+  /// they lie now, so that it re-attaches to a restarted broker with the
+  /// layout of the moment. A full socket (a client that makes no request for
+  /// a long while) keeps them for the next try; the client is never closed for it.
+  func layoutChanged(of session: ClientSession, regions ids: [UInt64]) {
+    guard session.socket != nil, !ids.isEmpty else { return }
+    session.layoutUnsent.formUnion(ids)
+    sendLayouts(session)
+  }
+
+  private func sendLayouts(_ session: ClientSession) {
+    guard let socket = session.socket else { return }
+    for id in session.layoutUnsent.sorted() {
+      let bytes = ClientWire.encode(BrokerReply(requestID: 0, .layout(regionID: id, pieces: session.regions.layout(of: id))))
+      guard (try? bytes.withUnsafeBytes { (raw) throws(BrokerError) in try socket.send(raw) }) == .sent else { return }
+      session.layoutUnsent.remove(id)
+    }
   }
 
   private func reply(_ session: ClientSession, _ reply: BrokerReply) {
@@ -504,7 +525,7 @@ public final class Broker: @unchecked Sendable {
   /// once (its faults wait until the plugins answer); a region refused, or of a
   /// plugin that has failed, fails closed in the child. The kernel does not
   /// name the child: it has no pid here, and its exit is found by probing its
-  /// uffd (`probeForkedChildren`).
+  /// uffd (`sweepClients`).
   func adoptFork(_ child: UserfaultFD, of parent: ClientSession) {
     let session = ClientSession(id: takeID(), socket: nil, peer: parent.peer, broker: self)
     session.parentID = parent.id

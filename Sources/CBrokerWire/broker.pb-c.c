@@ -142,6 +142,51 @@ void   uffdbroker__extent__free_unpacked
   assert(message->base.descriptor == &uffdbroker__extent__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   uffdbroker__piece__init
+                     (Uffdbroker__Piece         *message)
+{
+  static const Uffdbroker__Piece init_value = UFFDBROKER__PIECE__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__piece__get_packed_size
+                     (const Uffdbroker__Piece *message)
+{
+  assert(message->base.descriptor == &uffdbroker__piece__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__piece__pack
+                     (const Uffdbroker__Piece *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__piece__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__piece__pack_to_buffer
+                     (const Uffdbroker__Piece *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__piece__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__Piece *
+       uffdbroker__piece__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__Piece *)
+     protobuf_c_message_unpack (&uffdbroker__piece__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__piece__free_unpacked
+                     (Uffdbroker__Piece *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__piece__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   uffdbroker__region__init
                      (Uffdbroker__Region         *message)
 {
@@ -545,6 +590,51 @@ void   uffdbroker__ack__free_unpacked
   if(!message)
     return;
   assert(message->base.descriptor == &uffdbroker__ack__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   uffdbroker__layout__init
+                     (Uffdbroker__Layout         *message)
+{
+  static const Uffdbroker__Layout init_value = UFFDBROKER__LAYOUT__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__layout__get_packed_size
+                     (const Uffdbroker__Layout *message)
+{
+  assert(message->base.descriptor == &uffdbroker__layout__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__layout__pack
+                     (const Uffdbroker__Layout *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__layout__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__layout__pack_to_buffer
+                     (const Uffdbroker__Layout *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__layout__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__Layout *
+       uffdbroker__layout__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__Layout *)
+     protobuf_c_message_unpack (&uffdbroker__layout__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__layout__free_unpacked
+                     (Uffdbroker__Layout *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__layout__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
 void   uffdbroker__broker_to_client__init
@@ -1433,7 +1523,71 @@ const ProtobufCMessageDescriptor uffdbroker__extent__descriptor =
   (ProtobufCMessageInit) uffdbroker__extent__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[8] =
+static const ProtobufCFieldDescriptor uffdbroker__piece__field_descriptors[3] =
+{
+  {
+    "address",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Piece, address),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "offset",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Piece, offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "length",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Piece, length),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__piece__field_indices_by_name[] = {
+  0,   /* field[0] = address */
+  2,   /* field[2] = length */
+  1,   /* field[1] = offset */
+};
+static const ProtobufCIntRange uffdbroker__piece__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor uffdbroker__piece__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.Piece",
+  "Piece",
+  "Uffdbroker__Piece",
+  "uffdbroker",
+  sizeof(Uffdbroker__Piece),
+  3,
+  uffdbroker__piece__field_descriptors,
+  uffdbroker__piece__field_indices_by_name,
+  1,  uffdbroker__piece__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__piece__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[9] =
 {
   {
     "id",
@@ -1531,6 +1685,18 @@ static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[8] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "pieces",
+    9,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__Region, n_pieces),
+    offsetof(Uffdbroker__Region, pieces),
+    &uffdbroker__piece__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__region__field_indices_by_name[] = {
   1,   /* field[1] = address */
@@ -1539,13 +1705,14 @@ static const unsigned uffdbroker__region__field_indices_by_name[] = {
   0,   /* field[0] = id */
   2,   /* field[2] = length */
   3,   /* field[3] = page_size */
+  8,   /* field[8] = pieces */
   4,   /* field[4] = plugin */
   7,   /* field[7] = swapped_out */
 };
 static const ProtobufCIntRange uffdbroker__region__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 8 }
+  { 0, 9 }
 };
 const ProtobufCMessageDescriptor uffdbroker__region__descriptor =
 {
@@ -1555,7 +1722,7 @@ const ProtobufCMessageDescriptor uffdbroker__region__descriptor =
   "Uffdbroker__Region",
   "uffdbroker",
   sizeof(Uffdbroker__Region),
-  8,
+  9,
   uffdbroker__region__field_descriptors,
   uffdbroker__region__field_indices_by_name,
   1,  uffdbroker__region__number_ranges,
@@ -2087,7 +2254,58 @@ const ProtobufCMessageDescriptor uffdbroker__ack__descriptor =
   (ProtobufCMessageInit) uffdbroker__ack__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__broker_to_client__field_descriptors[4] =
+static const ProtobufCFieldDescriptor uffdbroker__layout__field_descriptors[2] =
+{
+  {
+    "region_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Layout, region_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "pieces",
+    2,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__Layout, n_pieces),
+    offsetof(Uffdbroker__Layout, pieces),
+    &uffdbroker__piece__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__layout__field_indices_by_name[] = {
+  1,   /* field[1] = pieces */
+  0,   /* field[0] = region_id */
+};
+static const ProtobufCIntRange uffdbroker__layout__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor uffdbroker__layout__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.Layout",
+  "Layout",
+  "Uffdbroker__Layout",
+  "uffdbroker",
+  sizeof(Uffdbroker__Layout),
+  2,
+  uffdbroker__layout__field_descriptors,
+  uffdbroker__layout__field_indices_by_name,
+  1,  uffdbroker__layout__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__layout__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__broker_to_client__field_descriptors[5] =
 {
   {
     "request_id",
@@ -2137,17 +2355,30 @@ static const ProtobufCFieldDescriptor uffdbroker__broker_to_client__field_descri
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "layout",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__BrokerToClient, body_case),
+    offsetof(Uffdbroker__BrokerToClient, layout),
+    &uffdbroker__layout__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__broker_to_client__field_indices_by_name[] = {
   2,   /* field[2] = ack */
   3,   /* field[3] = error */
   1,   /* field[1] = hello */
+  4,   /* field[4] = layout */
   0,   /* field[0] = request_id */
 };
 static const ProtobufCIntRange uffdbroker__broker_to_client__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 5 }
 };
 const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor =
 {
@@ -2157,7 +2388,7 @@ const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor =
   "Uffdbroker__BrokerToClient",
   "uffdbroker",
   sizeof(Uffdbroker__BrokerToClient),
-  4,
+  5,
   uffdbroker__broker_to_client__field_descriptors,
   uffdbroker__broker_to_client__field_indices_by_name,
   1,  uffdbroker__broker_to_client__number_ranges,

@@ -112,14 +112,22 @@ public final class BrokerClient: Sendable {
   /// pages stay as they are; the unfilled ones read as zeros from then on). In
   /// that order, no fault on them reaches the broker after it forgot them.
   public func removeRegions(_ regions: [RegionSpec]) throws(ClientError) {
-    unregister(regions)
-    _ = try request(.removeRegions(regions.map(\.id)))
     let ids = Set(regions.map(\.id))
-    connection.withLock { $0.regions.removeAll { ids.contains($0.id) } }
+    // Where they lie now: an mremap may have moved them.
+    unregister(connection.withLock { state in state.currentRegions.filter { ids.contains($0.id) } })
+    _ = try request(.removeRegions(regions.map(\.id)))
+    connection.withLock { state in
+      state.regions.removeAll { ids.contains($0.id) }
+      for id in ids { state.layouts[id] = nil }
+    }
   }
 
   private func unregister(_ regions: [RegionSpec]) {
-    for region in regions { try? uffd.unregister(address: region.base, length: region.length) }
+    for region in regions {
+      for range in region.pieces.isEmpty ? [region.range] : region.pieces.map(\.range) {
+        try? uffd.unregister(address: range.lowerBound, length: range.count)
+      }
+    }
   }
 
   private func request(_ body: ClientRequest.Body) throws(ClientError) -> BrokerReply.Body {

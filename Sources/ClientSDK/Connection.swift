@@ -16,9 +16,24 @@ final class Connection: @unchecked Sendable {
     var clientID: UInt64 = 0
     var nextRequest: UInt64 = 1
     let arena = WireArena(capacity: 64 << 10)
+    /// Where the broker last said each region lies, after an mremap or munmap
+    /// moved or cut it (empty: nothing of it is left). A re-attach registers them there.
+    var layouts: [UInt64: [RegionPiece]] = [:]
+
+    /// The regions as they lie now, for Register: moved ones with their pieces, gone ones left out.
+    var currentRegions: [RegionSpec] {
+      regions.compactMap { spec in
+        guard let pieces = layouts[spec.id] else { return spec }
+        guard !pieces.isEmpty else { return nil }
+        var moved = spec
+        moved.pieces = pieces
+        return moved
+      }
+    }
 
     /// Connects, says Hello and registers the uffd with the current regions.
     mutating func attach() throws(ClientError) {
+      readNotifications()  // layouts the old broker sent before it went
       socket = nil
       let fresh: PacketSocket
       do {
@@ -29,10 +44,25 @@ final class Connection: @unchecked Sendable {
       fresh.setReceiveTimeout(milliseconds: timeoutMilliseconds)
       socket = fresh
       _ = try request(.hello(Hello(role: .client, name: name)))
-      let register = RegisterRequest(pid: getpid(), features: uffd.features, ioctls: uffd.ioctls, regions: regions)
+      let register = RegisterRequest(pid: getpid(), features: uffd.features, ioctls: uffd.ioctls, regions: currentRegions)
       let reply = try request(.register(register), fds: [uffd.fileDescriptor.rawValue])
       guard case .ack(let id, _) = reply else { throw ClientError("the broker answered Register with \(reply)") }
       clientID = id
+    }
+
+    /// Reads what the broker sent unasked (layouts) without waiting.
+    mutating func readNotifications() {
+      guard let socket else { return }
+      let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
+      defer { buffer.deallocate() }
+      while true {
+        var received: [CInt] = []
+        guard case .packet(let count) = try? socket.receive(into: buffer, fds: &received) else { return }
+        received.forEach(closeDescriptor)
+        if case .layout(let region, let pieces)? = (try? ClientWire.decodeReply(UnsafeRawBufferPointer(rebasing: buffer[..<count]), arena: arena))?.body {
+          layouts[region] = pieces
+        }
+      }
     }
 
     /// Sends one request and waits for its reply; an Error reply throws.
@@ -65,6 +95,10 @@ final class Connection: @unchecked Sendable {
             reply = try ClientWire.decodeReply(UnsafeRawBufferPointer(rebasing: buffer[..<count]), arena: arena)
           } catch {
             throw ClientError("the broker's reply is malformed", broker: error)
+          }
+          if case .layout(let region, let pieces) = reply.body {
+            layouts[region] = pieces
+            continue
           }
           // The late reply to a request that timed out earlier answers that request, not this one
           // (id 0: the broker refuses the connection itself, before reading any request).

@@ -34,9 +34,14 @@ final class Monitor: @unchecked Sendable {
 
   /// Waits up to `milliseconds` for the socket to hang up (or for stop); true if stopping.
   private func wait(socket: CInt, milliseconds: CInt) -> (stopping: Bool, hungUp: Bool) {
-    var fds = [pollfd(fd: stopEvent, events: Int16(POLLIN), revents: 0), pollfd(fd: socket, events: 0x2000 /* POLLRDHUP, a GNU name */, revents: 0)]
+    var fds = [pollfd(fd: stopEvent, events: Int16(POLLIN), revents: 0), pollfd(fd: socket, events: Int16(POLLIN) | 0x2000 /* POLLRDHUP, a GNU name */, revents: 0)]
     if poll(&fds, socket >= 0 ? 2 : 1, milliseconds) < 0 { return (false, false) }
-    return (fds[0].revents != 0, socket >= 0 && fds[1].revents != 0)
+    let hungUp = socket >= 0 && fds[1].revents & ~Int16(POLLIN) != 0
+    if socket >= 0 && fds[1].revents & Int16(POLLIN) != 0 && !hungUp {
+      // The broker said where regions lie now; a request in progress reads its own reply first.
+      connection.withLock { $0.readNotifications() }
+    }
+    return (fds[0].revents != 0, hungUp)
   }
 
   private func run() {

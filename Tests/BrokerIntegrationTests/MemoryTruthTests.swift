@@ -76,6 +76,20 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("re-attach after an mremap moved part of a region: the restarted broker serves it where it lies now")
+    func reattachAfterMove() throws {
+      try Harness.run("remap-reattach", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])]) { h in
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("remap-reattach", mib: 2, threads: 1, plugin: "pattern", extraEnvironment: gate.environment)
+        #expect(gate.awaitClient() == "moved", h.diagnostics(client.stdout + client.stderr))
+        try h.killAndRestartBroker()
+        gate.release()
+        #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("re-attached after a move: 511 pages, 0 wrong\n"), h.diagnostics(client.stdout))
+        #expect(h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics)
+      }
+    }
+
     @Test("a client that unmaps its regions before it goes: RegionClosed for each, then Closed, last")
     func closedAfterUnmap() throws {
       try Harness.run("unmap-exit") { h in

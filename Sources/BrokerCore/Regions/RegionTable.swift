@@ -137,16 +137,34 @@ public struct RegionTable {
       else {
         throw BrokerError(.badRegion, "region \(spec.id): swapped-out extents must be page aligned, inside the region, at most \(RegionSpec.maxSwappedExtents)")
       }
-      if let other = ranges.first(where: { $0.overlaps(spec.range) }) {
-        throw BrokerError(.badRegion, "region \(spec.id) overlaps 0x\(String(other.lowerBound, radix: 16))..<0x\(String(other.upperBound, radix: 16))")
+      for piece in spec.pieces {
+        guard piece.length > 0, piece.address & mask == 0, UInt(piece.length) & mask == 0, piece.offset & UInt64(mask) == 0,
+              piece.offset <= UInt64(spec.length), UInt64(piece.length) <= UInt64(spec.length) - piece.offset
+        else {
+          throw BrokerError(.badRegion, "region \(spec.id): a piece must be page aligned and inside the region's offsets")
+        }
       }
-      ranges.append(spec.range)
+      for range in spec.pieces.isEmpty ? [spec.range] : spec.pieces.map(\.range) {
+        if let other = ranges.first(where: { $0.overlaps(range) }) {
+          throw BrokerError(.badRegion, "region \(spec.id) overlaps 0x\(String(other.lowerBound, radix: 16))..<0x\(String(other.upperBound, radix: 16))")
+        }
+        ranges.append(range)
+      }
     }
   }
 
+  /// Adds a region where it lies: at its base, or (re-attached after an mremap) in its pieces.
   mutating func add(_ spec: RegionSpec, route: PluginRoute) {
-    pieces.append(Piece(spec: spec, live: spec.range, offset: 0, route: route))
-    pieces.sort { $0.live.lowerBound < $1.live.lowerBound }
+    if spec.pieces.isEmpty {
+      insert(Piece(spec: spec, live: spec.range, offset: 0, route: route))
+    } else {
+      for piece in spec.pieces { insert(Piece(spec: spec, live: piece.range, offset: piece.offset, route: route)) }
+    }
+  }
+
+  /// Where region `id` lies now (its pieces, new memory aside), for the client.
+  public func layout(of id: UInt64) -> [RegionPiece] {
+    pieces.filter { $0.spec.id == id && !$0.isNewMemory }.map { RegionPiece(address: $0.live.lowerBound, offset: $0.offset, length: $0.live.count) }
   }
 
   /// An UNMAP event: cuts `range`, unless it is the trailing UNMAP of a move

@@ -66,6 +66,8 @@ final class ClientSession: UserfaultFDHandler {
   /// The client this one was forked from (0: it connected itself).
   @exclusivity(unchecked) var parentID: UInt64 = 0
   var isForkedChild: Bool { parentID != 0 }
+  /// Regions whose new layout the client has not been sent yet (its socket was full).
+  @exclusivity(unchecked) var layoutUnsent: Set<UInt64> = []
   /// Regions of a forked child its plugin would not serve: their faults fail closed.
   @exclusivity(unchecked) var refusedRegions: Set<UInt64> = []
 
@@ -187,11 +189,15 @@ final class ClientSession: UserfaultFDHandler {
   }
 
   func unmapped(_ range: Range<UInt>) {
-    report(regions.unmap(range), as: BrokerEvent.unmapped)
+    let parts = regions.unmap(range)
+    report(parts, as: BrokerEvent.unmapped)
+    broker.layoutChanged(of: self, regions: parts.filter { !$0.piece.isNewMemory }.map(\.piece.spec.id))
   }
 
   func remapped(from: UInt, to: UInt, length: Int) {
-    for piece in regions.move(from: from, to: to, length: length) where !piece.isNewMemory {
+    let moved = regions.move(from: from, to: to, length: length).filter { !$0.isNewMemory }
+    broker.layoutChanged(of: self, regions: moved.map(\.spec.id))
+    for piece in moved {
       let newBase = piece.live.lowerBound &- UInt(piece.offset)
       broker.sendEvent(.remapped(RemapEvent(clientID: id, regionID: piece.spec.id, from: from + (piece.live.lowerBound - to), to: piece.live.lowerBound, length: piece.live.count, newBase: newBase)), to: piece.route)
     }

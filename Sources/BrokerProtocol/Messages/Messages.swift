@@ -41,6 +41,9 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
   /// `Region.swapped_out` in the proto): what a re-attaching client released, or
   /// what a plugin must still hold when a region is opened again.
   public var swappedOut: [Range<UInt64>]
+  /// Where the region lies now, when an mremap moved or cut it (a client
+  /// re-attaching says so); empty: all of it at `base`.
+  public var pieces: [RegionPiece]
 
   /// The longest plugin name and argument a broker accepts: every region
   /// event must fit one packet however long the client made them.
@@ -50,8 +53,9 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
   public static let maxSwappedExtents = 4096
 
   public init(id: UInt64, base: UInt, length: Int, pageSize: Int = systemPageSize, plugin: String, argument: String = "", backingOffset: UInt64 = 0,
-              swappedOut: [Range<UInt64>] = []) {
+              swappedOut: [Range<UInt64>] = [], pieces: [RegionPiece] = []) {
     self.swappedOut = swappedOut
+    self.pieces = pieces
     self.id = id
     self.base = base
     self.length = length
@@ -62,6 +66,21 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
   }
 
   public var range: Range<UInt> { base..<base + UInt(length) }
+}
+
+/// Where part of a region lies: region offsets `offset..<offset + length` at `address`.
+public struct RegionPiece: Equatable, Hashable, Sendable {
+  public var address: UInt
+  public var offset: UInt64
+  public var length: Int
+
+  public init(address: UInt, offset: UInt64, length: Int) {
+    self.address = address
+    self.offset = offset
+    self.length = length
+  }
+
+  public var range: Range<UInt> { address..<address + UInt(length) }
 }
 
 /// Client → broker: the userfaultfd (attached) and its regions.
@@ -110,6 +129,8 @@ public struct BrokerReply: Equatable, Sendable {
     /// Success. After a SwapOut, `busyOffsets` names the pages written meanwhile (keep them).
     case ack(clientID: UInt64, busyOffsets: [UInt64] = [])
     case error(BrokerError)
+    /// Unsolicited: where region `regionID` lies now, after an mremap or munmap.
+    case layout(regionID: UInt64, pieces: [RegionPiece])
   }
   public var requestID: UInt64
   public var body: Body

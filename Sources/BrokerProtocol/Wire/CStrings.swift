@@ -37,6 +37,7 @@ final class CStringPool {
     message.pointee.argument = string(spec.argument)
     message.pointee.backing_offset = spec.backingOffset
     (message.pointee.n_swapped_out, message.pointee.swapped_out) = extents(spec.swappedOut)
+    (message.pointee.n_pieces, message.pointee.pieces) = pieces(spec.pieces)
     regions.append(message)
     return message
   }
@@ -48,6 +49,23 @@ final class CStringPool {
     for (index, value) in values.enumerated() { array[index] = string(value) }
     arrays.append(UnsafeMutableRawPointer(array))
     return (values.count, array)
+  }
+
+  /// A repeated `Piece` field; freed with the pool.
+  func pieces(_ pieces: [RegionPiece]) -> (Int, UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Piece>?>?) {
+    guard !pieces.isEmpty else { return (0, nil) }
+    let messages = UnsafeMutablePointer<Uffdbroker__Piece>.allocate(capacity: pieces.count)
+    let pointers = UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Piece>?>.allocate(capacity: pieces.count)
+    for (index, piece) in pieces.enumerated() {
+      uffdbroker__piece__init(messages + index)
+      messages[index].address = UInt64(piece.address)
+      messages[index].offset = piece.offset
+      messages[index].length = UInt64(piece.length)
+      pointers[index] = messages + index
+    }
+    arrays.append(UnsafeMutableRawPointer(messages))
+    arrays.append(UnsafeMutableRawPointer(pointers))
+    return (pieces.count, pointers)
   }
 
   /// A repeated `Extent` field for `ranges`; freed with the pool.
@@ -83,8 +101,22 @@ extension RegionSpec {
     self.init(
       id: m.id, base: UInt(m.address), length: Int(m.length), pageSize: Int(m.page_size),
       plugin: String(cString: m.plugin), argument: String(cString: m.argument), backingOffset: m.backing_offset,
-      swappedOut: try decodeExtents(m.n_swapped_out, m.swapped_out, of: "region \(m.id)"))
+      swappedOut: try decodeExtents(m.n_swapped_out, m.swapped_out, of: "region \(m.id)"),
+      pieces: try decodePieces(m.n_pieces, m.pieces, of: "region \(m.id)"))
   }
+}
+
+/// Reads a repeated `Piece` field: at most `RegionSpec.maxSwappedExtents`, each fitting the address space.
+func decodePieces(_ count: Int, _ pieces: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Piece>?>?, of what: String) throws(BrokerError) -> [RegionPiece] {
+  guard count <= RegionSpec.maxSwappedExtents else { throw BrokerError(.limit, "\(what): more than \(RegionSpec.maxSwappedExtents) pieces") }
+  var result: [RegionPiece] = []
+  for index in 0..<count {
+    guard let piece = pieces?[index]?.pointee, piece.length <= UInt64(Int.max), piece.address <= UInt64(UInt.max) - piece.length,
+          piece.offset <= UInt64.max - piece.length
+    else { throw BrokerError(.malformed, "\(what): piece \(index) does not fit the address space") }
+    result.append(RegionPiece(address: UInt(piece.address), offset: piece.offset, length: Int(piece.length)))
+  }
+  return result
 }
 
 /// Reads a repeated `Extent` field: at most `RegionSpec.maxSwappedExtents`, none wrapping past 2^64.

@@ -134,10 +134,12 @@ public enum ClientWire {
     var hello = Uffdbroker__Hello()
     var ack = Uffdbroker__Ack()
     var error = Uffdbroker__Error()
+    var layout = Uffdbroker__Layout()
     var busy = [UInt64]()
     return withUnsafeMutablePointer(to: &hello) { helloPointer in
       withUnsafeMutablePointer(to: &ack) { ackPointer in
         withUnsafeMutablePointer(to: &error) { errorPointer in
+          withUnsafeMutablePointer(to: &layout) { layoutPointer in
           switch reply.body {
           case .hello(let value):
             value.encode(into: &helloPointer.pointee, pool: pool)
@@ -153,11 +155,18 @@ public enum ClientWire {
             value.encode(into: &errorPointer.pointee, pool: pool)
             message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_ERROR
             message.error = errorPointer
+          case .layout(let regionID, let pieces):
+            uffdbroker__layout__init(layoutPointer)
+            layoutPointer.pointee.region_id = regionID
+            (layoutPointer.pointee.n_pieces, layoutPointer.pointee.pieces) = pool.pieces(pieces)
+            message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_LAYOUT
+            message.layout = layoutPointer
           }
           return busy.withUnsafeMutableBufferPointer { busyBuffer in
             ackPointer.pointee.n_busy_offsets = busyBuffer.count
             ackPointer.pointee.busy_offsets = busyBuffer.baseAddress
             return protobufCPacked(message, size: uffdbroker__broker_to_client__get_packed_size, pack: uffdbroker__broker_to_client__pack)
+          }
           }
         }
       }
@@ -174,6 +183,9 @@ public enum ClientWire {
       let a = m.ack.pointee
       return BrokerReply(requestID: m.request_id, .ack(clientID: a.client_id, busyOffsets: Array(UnsafeBufferPointer(start: a.busy_offsets, count: a.n_busy_offsets))))
     case UFFDBROKER__BROKER_TO_CLIENT__BODY_ERROR: return BrokerReply(requestID: m.request_id, .error(BrokerError(decoding: m.error)))
+    case UFFDBROKER__BROKER_TO_CLIENT__BODY_LAYOUT:
+      let l = m.layout.pointee
+      return BrokerReply(requestID: m.request_id, .layout(regionID: l.region_id, pieces: try decodePieces(l.n_pieces, l.pieces, of: "layout of region \(l.region_id)")))
     default: throw BrokerError(.malformed, "a broker reply has no body")
     }
   }

@@ -18,6 +18,7 @@ PROTOBUF_C__BEGIN_DECLS
 typedef struct Uffdbroker__Hello Uffdbroker__Hello;
 typedef struct Uffdbroker__Error Uffdbroker__Error;
 typedef struct Uffdbroker__Extent Uffdbroker__Extent;
+typedef struct Uffdbroker__Piece Uffdbroker__Piece;
 typedef struct Uffdbroker__Region Uffdbroker__Region;
 typedef struct Uffdbroker__Register Uffdbroker__Register;
 typedef struct Uffdbroker__AddRegions Uffdbroker__AddRegions;
@@ -27,6 +28,7 @@ typedef struct Uffdbroker__SwapOutData Uffdbroker__SwapOutData;
 typedef struct Uffdbroker__SwapOutDone Uffdbroker__SwapOutDone;
 typedef struct Uffdbroker__ClientToBroker Uffdbroker__ClientToBroker;
 typedef struct Uffdbroker__Ack Uffdbroker__Ack;
+typedef struct Uffdbroker__Layout Uffdbroker__Layout;
 typedef struct Uffdbroker__BrokerToClient Uffdbroker__BrokerToClient;
 typedef struct Uffdbroker__Pagefault Uffdbroker__Pagefault;
 typedef struct Uffdbroker__RangeEvent Uffdbroker__RangeEvent;
@@ -174,6 +176,22 @@ struct  Uffdbroker__Extent
 
 
 /*
+ * Where part of a region lies now: region offsets [offset, offset + length)
+ * at address (page aligned).
+ */
+struct  Uffdbroker__Piece
+{
+  ProtobufCMessage base;
+  uint64_t address;
+  uint64_t offset;
+  uint64_t length;
+};
+#define UFFDBROKER__PIECE__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__piece__descriptor) \
+    , 0, 0, 0 }
+
+
+/*
  * A range of a client's memory served by one plugin.
  */
 struct  Uffdbroker__Region
@@ -211,10 +229,16 @@ struct  Uffdbroker__Region
    */
   size_t n_swapped_out;
   Uffdbroker__Extent **swapped_out;
+  /*
+   * In Register, from a client re-attaching after an mremap moved or cut the
+   * region: where it lies now. Empty: all of it at address.
+   */
+  size_t n_pieces;
+  Uffdbroker__Piece **pieces;
 };
 #define UFFDBROKER__REGION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__region__descriptor) \
-    , 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL }
+    , 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL }
 
 
 /*
@@ -361,11 +385,29 @@ struct  Uffdbroker__Ack
     , 0, 0,NULL }
 
 
+/*
+ * Broker → client, unsolicited (request_id 0): an mremap or munmap moved or
+ * cut a region; this is where it lies now (no pieces: nothing of it is left).
+ * A client keeps it to re-attach with the layout of the moment.
+ */
+struct  Uffdbroker__Layout
+{
+  ProtobufCMessage base;
+  uint64_t region_id;
+  size_t n_pieces;
+  Uffdbroker__Piece **pieces;
+};
+#define UFFDBROKER__LAYOUT__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__layout__descriptor) \
+    , 0, 0,NULL }
+
+
 typedef enum {
   UFFDBROKER__BROKER_TO_CLIENT__BODY__NOT_SET = 0,
   UFFDBROKER__BROKER_TO_CLIENT__BODY_HELLO = 2,
   UFFDBROKER__BROKER_TO_CLIENT__BODY_ACK = 3,
-  UFFDBROKER__BROKER_TO_CLIENT__BODY_ERROR = 4
+  UFFDBROKER__BROKER_TO_CLIENT__BODY_ERROR = 4,
+  UFFDBROKER__BROKER_TO_CLIENT__BODY_LAYOUT = 5
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__BROKER_TO_CLIENT__BODY__CASE)
 } Uffdbroker__BrokerToClient__BodyCase;
 
@@ -378,6 +420,7 @@ struct  Uffdbroker__BrokerToClient
     Uffdbroker__Hello *hello;
     Uffdbroker__Ack *ack;
     Uffdbroker__Error *error;
+    Uffdbroker__Layout *layout;
   };
 };
 #define UFFDBROKER__BROKER_TO_CLIENT__INIT \
@@ -773,6 +816,25 @@ Uffdbroker__Extent *
 void   uffdbroker__extent__free_unpacked
                      (Uffdbroker__Extent *message,
                       ProtobufCAllocator *allocator);
+/* Uffdbroker__Piece methods */
+void   uffdbroker__piece__init
+                     (Uffdbroker__Piece         *message);
+size_t uffdbroker__piece__get_packed_size
+                     (const Uffdbroker__Piece   *message);
+size_t uffdbroker__piece__pack
+                     (const Uffdbroker__Piece   *message,
+                      uint8_t             *out);
+size_t uffdbroker__piece__pack_to_buffer
+                     (const Uffdbroker__Piece   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__Piece *
+       uffdbroker__piece__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__piece__free_unpacked
+                     (Uffdbroker__Piece *message,
+                      ProtobufCAllocator *allocator);
 /* Uffdbroker__Region methods */
 void   uffdbroker__region__init
                      (Uffdbroker__Region         *message);
@@ -943,6 +1005,25 @@ Uffdbroker__Ack *
                       const uint8_t       *data);
 void   uffdbroker__ack__free_unpacked
                      (Uffdbroker__Ack *message,
+                      ProtobufCAllocator *allocator);
+/* Uffdbroker__Layout methods */
+void   uffdbroker__layout__init
+                     (Uffdbroker__Layout         *message);
+size_t uffdbroker__layout__get_packed_size
+                     (const Uffdbroker__Layout   *message);
+size_t uffdbroker__layout__pack
+                     (const Uffdbroker__Layout   *message,
+                      uint8_t             *out);
+size_t uffdbroker__layout__pack_to_buffer
+                     (const Uffdbroker__Layout   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__Layout *
+       uffdbroker__layout__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__layout__free_unpacked
+                     (Uffdbroker__Layout *message,
                       ProtobufCAllocator *allocator);
 /* Uffdbroker__BrokerToClient methods */
 void   uffdbroker__broker_to_client__init
@@ -1259,6 +1340,9 @@ typedef void (*Uffdbroker__Error_Closure)
 typedef void (*Uffdbroker__Extent_Closure)
                  (const Uffdbroker__Extent *message,
                   void *closure_data);
+typedef void (*Uffdbroker__Piece_Closure)
+                 (const Uffdbroker__Piece *message,
+                  void *closure_data);
 typedef void (*Uffdbroker__Region_Closure)
                  (const Uffdbroker__Region *message,
                   void *closure_data);
@@ -1285,6 +1369,9 @@ typedef void (*Uffdbroker__ClientToBroker_Closure)
                   void *closure_data);
 typedef void (*Uffdbroker__Ack_Closure)
                  (const Uffdbroker__Ack *message,
+                  void *closure_data);
+typedef void (*Uffdbroker__Layout_Closure)
+                 (const Uffdbroker__Layout *message,
                   void *closure_data);
 typedef void (*Uffdbroker__BrokerToClient_Closure)
                  (const Uffdbroker__BrokerToClient *message,
@@ -1347,6 +1434,7 @@ extern const ProtobufCEnumDescriptor    uffdbroker__delegation_kind__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__hello__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__error__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__extent__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__piece__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__register__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__add_regions__descriptor;
@@ -1356,6 +1444,7 @@ extern const ProtobufCMessageDescriptor uffdbroker__swap_out_data__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__swap_out_done__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__client_to_broker__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__ack__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__layout__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__pagefault__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__range_event__descriptor;

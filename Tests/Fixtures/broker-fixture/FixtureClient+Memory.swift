@@ -177,6 +177,36 @@ extension FixtureClient {
     return parentWrong == 0 ? 0 : 1
   }
 
+  /// A region of MIB MiB (at least 2), its first quarter read; its upper half
+  /// moved elsewhere (mremap FIXED) and a page of the lower half unmapped.
+  /// At the gate ("moved") the test restarts the broker; the client re-attaches
+  /// and must be served where its pages lie now. Every page is then checked.
+  func remapThenReattach() throws -> Int32 {
+    let length = max(mib, 2) << 20
+    let memory = try AnonymousMemory(length: length)
+    let client = try register(memory)
+    let base = memory.base
+    for page in stride(from: 0, to: length / 4, by: pageSize) { _ = cuffd_touch(base + page) }
+    guard let destination = mmap(nil, length / 2, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), destination != MAP_FAILED,
+          let moved = cuffd_mremap(base + length / 2, length / 2, length / 2, cuffd_mremap_maymove | cuffd_mremap_fixed, destination), moved != MAP_FAILED
+    else {
+      print("mremap failed: \(errno)")
+      return 1
+    }
+    munmap(base + length / 4, pageSize)
+    try client.addRegions([])  // a round trip: the broker has sent the new layout before its reply
+    gate("moved")
+    var wrong = 0
+    for page in stride(from: 0, to: length / 2, by: pageSize) where page != length / 4 {
+      if Pattern.mismatch(UnsafeRawBufferPointer(start: base + page, count: pageSize), backingOffset: UInt64(page)) != nil { wrong += 1 }
+      if Pattern.mismatch(UnsafeRawBufferPointer(start: moved + page, count: pageSize), backingOffset: UInt64(length / 2 + page)) != nil { wrong += 1 }
+    }
+    munmap(moved, length / 2)
+    withExtendedLifetime(client) {}
+    print("re-attached after a move: \(length / pageSize - 1) pages, \(wrong) wrong")
+    return wrong == 0 ? 0 : 1
+  }
+
   private var fixtureFile: String? { getenv("FIXTURE_FILE").map { String(cString: $0) } }
 
   /// Whether the page at `address` holds region offset `offset` of the backing:

@@ -40,6 +40,7 @@ struct FixtureClient {
       case "unmap-exit": return try unmapThenExit()
       case "fork": return try forkChild()
       case "swap-hold": return try swapHold()
+      case "remap-reattach": return try remapThenReattach()
       default:
         print("unknown scenario \(scenario)")
         return 2
