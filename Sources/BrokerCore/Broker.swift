@@ -229,9 +229,18 @@ public final class Broker: @unchecked Sendable {
     }
     sweepClients()
     let deadline = UInt64(configuration.pluginDeadlineMilliseconds) * 1_000_000
-    let hung = inFlight.entries.filter { now > $0.sentAt + deadline }.map(\.plugin)
-    for plugin in hung {
-      closePlugin(plugin, reason: "it did not answer a fault within \(configuration.pluginDeadlineMilliseconds) ms")
+    var hung = inFlight.entries.filter { now > $0.sentAt + deadline }.map(\.plugin)
+    for session in clients.values {
+      guard let pending = session.pendingOpen, now > pending.sentAt + deadline else { continue }
+      for spec in pending.regions where pending.awaiting.contains(spec.id) {
+        // A plugin that connected since got the regions then.
+        if let plugin = route(named: spec.plugin).effective.connection, !plugin.isClosed, now > plugin.connectedAt + deadline { hung.append(plugin) }
+      }
+    }
+    for plugin in hung where !plugin.isClosed {
+      let reason = "it did not answer a fault within \(configuration.pluginDeadlineMilliseconds) ms"
+      closePlugin(plugin, reason: reason)
+      supervisor?.killChild(pid: plugin.peer.pid, reason: reason)
     }
     supervisor?.restartDue(loop: loop)
     for route in routes.values where route.connection == nil && route.failover == nil && !route.failed {
@@ -583,8 +592,9 @@ public final class Broker: @unchecked Sendable {
       if session.phase == .active { reply(session, BrokerReply(requestID: requestID, .ack(clientID: session.id))) }
       return
     }
-    let deadline = monotonicNanoseconds() + UInt64(configuration.registrationTimeoutMilliseconds) * 1_000_000
-    session.pendingOpen = ClientSession.PendingOpen(requestID: requestID, regions: specs, awaiting: Set(specs.map(\.id)), deadline: deadline)
+    let now = monotonicNanoseconds()
+    let deadline = now + UInt64(configuration.registrationTimeoutMilliseconds) * 1_000_000
+    session.pendingOpen = ClientSession.PendingOpen(requestID: requestID, regions: specs, awaiting: Set(specs.map(\.id)), deadline: deadline, sentAt: now)
     for spec in specs {
       session.announcedRegions[spec.id] = spec.plugin
       session.servedBy.insert(spec.plugin)
@@ -936,7 +946,7 @@ public final class Broker: @unchecked Sendable {
     if route.failed, let uffd = session.uffd {
       // Failed closed: the access gets SIGBUS, never memory the plugin did not provide.
       let page = fault.address & ~UInt(piece.spec.pageSize - 1)
-      return PagefaultResult(settling: uffd.poison(address: page, length: piece.spec.pageSize), address: page, length: piece.spec.pageSize, on: uffd)
+      return settle(uffd.poison(address: page, length: piece.spec.pageSize), page: page, pageSize: piece.spec.pageSize, session: session, uffd: uffd)
     }
     guard let plugin = route.connection, !plugin.isClosed, plugin.inFlight < configuration.maxInFlightPerPlugin,
           let dispatcher = session.dispatcher
@@ -1036,6 +1046,15 @@ public final class Broker: @unchecked Sendable {
     countInvalid(from: plugin)
   }
 
+  /// What an ioctl's outcome means for the fault on `page`. An outcome that
+  /// only wakes the thread (the page exists, or the range is gone) is counted:
+  /// a page woken again and again without an event in between is not
+  /// progressing, and its next fault fails closed (`ClientSession.pagefault`).
+  private func settle(_ outcome: IoctlOutcome, page: UInt, pageSize: Int, session: ClientSession, uffd: UserfaultFD) -> PagefaultResult {
+    if outcome == .alreadyPresent || outcome == .rangeGone { session.noteWoken(page) }
+    return PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd)
+  }
+
   /// Fills a fault in new memory (a grown tail, a `DONTUNMAP` source) with
   /// zeros, as the kernel would fill fresh anonymous memory: an aligned block
   /// of up to `maxDelegatedPrefetch` pages around it, inside the piece.
@@ -1047,7 +1066,7 @@ public final class Broker: @unchecked Sendable {
     let range = (page / block * block..<page / block * block + block).clamped(to: piece.live)
     let outcome = fill(.zero, range: range, around: page, pageSize: pageSize, data: UnsafeRawBufferPointer(zeroPage), session: session, uffd: uffd)
     if outcome.isResolved { statistics.newMemoryFills += 1 }
-    return PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd)
+    return settle(outcome, page: page, pageSize: pageSize, session: session, uffd: uffd)
   }
 
   /// Fails a fault the broker cannot place closed: the page is poisoned, so the
@@ -1068,7 +1087,7 @@ public final class Broker: @unchecked Sendable {
       ])
       if case .failed = outcome { _ = cuffd_pidfd_send_signal(session.pidfd, SIGKILL) }
     }
-    return PagefaultResult(settling: outcome, address: page, length: systemPageSize, on: uffd)
+    return settle(outcome, page: page, pageSize: systemPageSize, session: session, uffd: uffd)
   }
 
   /// The broker-local fast path: fills a fault from a delegated range with no
@@ -1114,7 +1133,7 @@ public final class Broker: @unchecked Sendable {
     }
     statistics.resolvedLocally += 1
     resolvedCounter.add(1, ordering: .relaxed)
-    return PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd)
+    return settle(outcome, page: page, pageSize: pageSize, session: session, uffd: uffd)
   }
 
   /// Reads `length` bytes of a delegated file at `offset` into `localBuffer`;
@@ -1206,7 +1225,7 @@ public final class Broker: @unchecked Sendable {
     }
     statistics.decisionsApplied += 1
     resolvedCounter.add(1, ordering: .relaxed)
-    dispatcher.complete(page, PagefaultResult(settling: outcome, address: page, length: pageSize, on: uffd))
+    dispatcher.complete(page, settle(outcome, page: page, pageSize: pageSize, session: session, uffd: uffd))
   }
 
   /// Fills `range` (the faulting `page` and maybe neighbours). While a swap-out

@@ -210,6 +210,20 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("A spawned plugin that stops (SIGSTOP) is killed at its deadline and replaced; the client gets every page")
+    func stoppedSpawnedPluginReplaced() throws {
+      try Harness.run("stopped", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])], pluginDeadlineMilliseconds: 300) { h in
+        let spawned = h.brokerLogLines(containing: "plugin spawned", "plugin=pattern")
+        let pid = try #require(spawned.first?.split(separator: " ").first { $0.hasPrefix("plugin.pid=") }.flatMap { pid_t($0.dropFirst("plugin.pid=".count)) }, h.diagnostics)
+        #expect(waitUntil(timeout: 10) { h.pluginConnected(pid: pid) }, h.diagnostics)
+        kill(pid, SIGSTOP)
+        let outcome = try h.runClient("touch", mib: 1, threads: 2, plugin: "pattern", timeout: 30)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "verified \(pages(mib: 1)) pages, 0 wrong", h.diagnostics)
+        #expect(kill(pid, 0) == -1 && errno == ESRCH, h.diagnostics("the stopped plugin \(pid) is still there"))
+      }
+    }
+
     @Test("A plugin that exits every 2000 faults, restarted by the test: a 32 MiB client gets every page right")
     func pluginRestartedByTest() throws {
       try Harness.run("restart") { h in

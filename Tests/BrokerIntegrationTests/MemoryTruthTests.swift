@@ -90,6 +90,17 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("the mover race (100 rounds): movers into each other's holes while a reader faults, a dropper drops and children fork; every page of parent and children exact")
+    func moverRace() throws {
+      try Harness.run("mover-race") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let outcome = try h.runClient("mover-race", mib: 0, threads: 4, plugin: "pattern", loops: 100, timeout: 120)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "mover race: 100 rounds, 4 children, 0 wrong", h.diagnostics)
+        #expect(h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics)
+      }
+    }
+
     @Test("a client that unmaps its regions before it goes: RegionClosed for each, then Closed, last")
     func closedAfterUnmap() throws {
       try Harness.run("unmap-exit") { h in

@@ -25,6 +25,9 @@ final class ClientSession: UserfaultFDHandler {
     var regions: [RegionSpec]
     var awaiting: Set<UInt64>
     var deadline: UInt64
+    /// When the regions were announced: a connected plugin that has not answered
+    /// within its deadline is hung, as one that does not answer a fault.
+    var sentAt: UInt64
   }
 
   let id: UInt64
@@ -66,6 +69,22 @@ final class ClientSession: UserfaultFDHandler {
   /// The client this one was forked from (0: it connected itself).
   @exclusivity(unchecked) var parentID: UInt64 = 0
   var isForkedChild: Bool { parentID != 0 }
+  /// Pages woken with nothing filled (EEXIST, ENOENT, unmapped), and how often
+  /// since the last event over them: the livelock guard.
+  @exclusivity(unchecked) private var wokenPages: [UInt: Int] = [:]
+  /// A page woken this often without an event in between fails closed.
+  static let wakeLimit = 3
+
+  func noteWoken(_ page: UInt) {
+    if wokenPages.count >= 4096 { wokenPages.removeAll(keepingCapacity: true) }  // bounded; a livelock counts up again
+    wokenPages[page, default: 0] += 1
+  }
+
+  /// An event over `range` may explain a new fault there: the count starts again.
+  private func forgetWakes(in range: Range<UInt>) {
+    if !wokenPages.isEmpty { wokenPages = wokenPages.filter { !range.contains($0.key) } }
+  }
+
   /// Regions whose new layout the client has not been sent yet (its socket was full).
   @exclusivity(unchecked) var layoutUnsent: Set<UInt64> = []
   /// Regions of a forked child its plugin would not serve: their faults fail closed.
@@ -96,6 +115,11 @@ final class ClientSession: UserfaultFDHandler {
     }
     // A forked child's faults wait until its plugins have taken its regions.
     if phase == .opening { return .notNow }
+    if !wokenPages.isEmpty, let wakes = wokenPages[fault.address & ~UInt(systemPageSize - 1)], wakes >= Self.wakeLimit {
+      let page = fault.address & ~UInt(systemPageSize - 1)
+      wokenPages[page] = nil
+      return broker.failClosed(page, session: self, cause: "it was woken \(wakes) times and faulted again each time")
+    }
     guard let piece = regions.piece(containing: fault.address) else { return placeUnknown(fault, on: uffd) }
     if piece.isNewMemory { return broker.fillNewMemory(fault, piece: piece, session: self) }
     if !lostPages.isEmpty, lostPages[piece.spec.id]?.contains(piece.offset(of: fault.address)) == true {
@@ -129,6 +153,7 @@ final class ClientSession: UserfaultFDHandler {
     if isForkedChild { return broker.failClosed(page, session: self, cause: "a forked child's fault outside its table") }
     guard let mapping = ProcessMappings.mapping(containing: page, pid: pid) else {
       _ = uffd.wake(address: page, length: systemPageSize)
+      noteWoken(page)
       return .resolved
     }
     if let range = regions.newMemory(around: page, in: mapping) {
@@ -139,6 +164,7 @@ final class ClientSession: UserfaultFDHandler {
   }
 
   func removed(_ range: Range<UInt>) {
+    forgetWakes(in: range)
     // A swap-out drops pages whose content the plugin has just stored.
     report(regions.overlapping(range), swappedOut: isSwappingAll(of: range), as: BrokerEvent.removed)
   }
@@ -189,12 +215,15 @@ final class ClientSession: UserfaultFDHandler {
   }
 
   func unmapped(_ range: Range<UInt>) {
+    forgetWakes(in: range)
     let parts = regions.unmap(range)
     report(parts, as: BrokerEvent.unmapped)
     broker.layoutChanged(of: self, regions: parts.filter { !$0.piece.isNewMemory }.map(\.piece.spec.id))
   }
 
   func remapped(from: UInt, to: UInt, length: Int) {
+    forgetWakes(in: from..<from + UInt(length))
+    forgetWakes(in: to..<to + UInt(length))
     let moved = regions.move(from: from, to: to, length: length).filter { !$0.isNewMemory }
     broker.layoutChanged(of: self, regions: moved.map(\.spec.id))
     for piece in moved {

@@ -27,6 +27,8 @@ final class SharedArea {
 /// collected for it, and packets waiting for its socket to drain.
 final class PluginConnection {
   let id: UInt64
+  /// When it connected: regions announced before then reached it at connection.
+  let connectedAt = monotonicNanoseconds()
   let socket: PacketSocket
   let peer: PeerCredentials
   /// Set once its Hello was accepted.

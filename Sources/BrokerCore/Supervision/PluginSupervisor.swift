@@ -1,3 +1,4 @@
+import CUserfaultfd
 import ChildProcess
 import Glibc
 import Logging
@@ -74,6 +75,17 @@ final class PluginSupervisor {
       return
     }
     scheduleRestart(index)
+  }
+
+  /// Kills the spawned plugin with pid `pid` (through its pidfd, never a
+  /// recycled pid): a plugin that stopped answering is replaced, not left
+  /// hanging (or stopped) with its name. Its exit restarts it as any exit does.
+  /// Returns false if no child of ours has that pid.
+  @discardableResult
+  func killChild(pid: pid_t, reason: String) -> Bool {
+    guard let process = children.lazy.compactMap(\.process).first(where: { $0.pid == pid }), process.pidfd >= 0 else { return false }
+    logger.warning("killing a spawned plugin", metadata: ["plugin.pid": "\(pid)", "reason": "\(reason)"])
+    return cuffd_pidfd_send_signal(process.pidfd, SIGKILL) == 0
   }
 
   /// Whether the supervisor stopped restarting the plugin `name`.

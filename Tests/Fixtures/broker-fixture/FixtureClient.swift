@@ -41,6 +41,7 @@ struct FixtureClient {
       case "fork": return try forkChild()
       case "swap-hold": return try swapHold()
       case "remap-reattach": return try remapThenReattach()
+      case "mover-race": return try moverRace()
       default:
         print("unknown scenario \(scenario)")
         return 2
