@@ -551,9 +551,17 @@ public final class Broker: @unchecked Sendable {
     } catch {
       // Unread, the child's faults would hang: fail them closed instead.
       logger.error("cannot watch a forked child's userfaultfd: its memory fails closed", metadata: ["client.id": "\(parent.id)", "error": "\(error)"])
-      for piece in session.regions.pieces { poisonMissing(piece.live, uffd: child) }
+      for piece in session.regions.pieces { child.poisonMissing(address: piece.live.lowerBound, length: piece.live.count) }
       closeClient(session, reason: "its userfaultfd could not be watched")
       return
+    }
+    // The parent keeps a copy of the child's uffd, which otherwise lives only here.
+    let notice = ClientWire.encode(BrokerReply(requestID: 0, .forked(childID: session.id, pieces: session.regions.layout())))
+    let kept = [child.fileDescriptor.rawValue].withUnsafeBufferPointer { fds in
+      notice.withUnsafeBytes { raw in (try? parent.socket?.send(raw, fds: fds)) == .sent }
+    }
+    if !kept {
+      logger.warning("the parent cannot keep its forked child's userfaultfd: a broker killed now leaves the child's unfilled pages reading zeros", metadata: ["client.id": "\(parent.id)", "child.id": "\(session.id)"])
     }
     var seen = Set<UInt64>()
     let specs = session.regions.pieces.filter { !$0.isNewMemory && seen.insert($0.spec.id).inserted }.map(\.spec)
@@ -564,19 +572,6 @@ public final class Broker: @unchecked Sendable {
       failOpen(session, error)
     }
     if session.pendingOpen == nil { activate(session, requestID: 0) }
-  }
-
-  /// Poisons every missing page of `range` (present pages keep their bytes):
-  /// memory no one will serve any more fails loudly instead of reading zeros.
-  private func poisonMissing(_ range: Range<UInt>, uffd: UserfaultFD) {
-    var start = range.lowerBound
-    while start < range.upperBound {
-      switch uffd.poison(address: start, length: Int(range.upperBound - start)) {
-      case .done, .targetExited, .rangeGone, .failed, .notNow: return
-      case .partial(let bytes): start += UInt(bytes)
-      case .alreadyPresent: start += UInt(systemPageSize)
-      }
-    }
   }
 
   /// Announces regions to their plugins; the reply to the client waits for theirs.
@@ -747,6 +742,9 @@ public final class Broker: @unchecked Sendable {
       sendEvent(.regionClosed(clientID: session.id, regionID: id), to: route(named: plugin))
     }
     session.announcedRegions.removeAll()
+    if session.isForkedChild, let parent = clients[session.parentID], let socket = parent.socket {
+      _ = ClientWire.encode(BrokerReply(requestID: 0, .childClosed(childID: session.id))).withUnsafeBytes { try? socket.send($0) }
+    }
     for name in session.servedBy.sorted() { sendEvent(.closed(clientID: session.id, reason: reason), to: route(named: name)) }
     pendingStores = pendingStores.filter { $0.value.session !== session }
     session.dispatcher = nil
@@ -1356,7 +1354,7 @@ public final class Broker: @unchecked Sendable {
     ])
     for session in clients.values {
       // A forked child cannot re-attach: what was never filled fails closed.
-      if session.isForkedChild, let uffd = session.uffd { for piece in session.regions.pieces { poisonMissing(piece.live, uffd: uffd) } }
+      if session.isForkedChild, let uffd = session.uffd { for piece in session.regions.pieces { uffd.poisonMissing(address: piece.live.lowerBound, length: piece.live.count) } }
       closeClient(session, reason: "the broker is stopping")
     }
     flushPlugins()

@@ -637,6 +637,96 @@ void   uffdbroker__layout__free_unpacked
   assert(message->base.descriptor == &uffdbroker__layout__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   uffdbroker__forked__init
+                     (Uffdbroker__Forked         *message)
+{
+  static const Uffdbroker__Forked init_value = UFFDBROKER__FORKED__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__forked__get_packed_size
+                     (const Uffdbroker__Forked *message)
+{
+  assert(message->base.descriptor == &uffdbroker__forked__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__forked__pack
+                     (const Uffdbroker__Forked *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__forked__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__forked__pack_to_buffer
+                     (const Uffdbroker__Forked *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__forked__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__Forked *
+       uffdbroker__forked__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__Forked *)
+     protobuf_c_message_unpack (&uffdbroker__forked__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__forked__free_unpacked
+                     (Uffdbroker__Forked *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__forked__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   uffdbroker__child_closed__init
+                     (Uffdbroker__ChildClosed         *message)
+{
+  static const Uffdbroker__ChildClosed init_value = UFFDBROKER__CHILD_CLOSED__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__child_closed__get_packed_size
+                     (const Uffdbroker__ChildClosed *message)
+{
+  assert(message->base.descriptor == &uffdbroker__child_closed__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__child_closed__pack
+                     (const Uffdbroker__ChildClosed *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__child_closed__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__child_closed__pack_to_buffer
+                     (const Uffdbroker__ChildClosed *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__child_closed__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__ChildClosed *
+       uffdbroker__child_closed__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__ChildClosed *)
+     protobuf_c_message_unpack (&uffdbroker__child_closed__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__child_closed__free_unpacked
+                     (Uffdbroker__ChildClosed *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__child_closed__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   uffdbroker__broker_to_client__init
                      (Uffdbroker__BrokerToClient         *message)
 {
@@ -2305,7 +2395,96 @@ const ProtobufCMessageDescriptor uffdbroker__layout__descriptor =
   (ProtobufCMessageInit) uffdbroker__layout__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__broker_to_client__field_descriptors[5] =
+static const ProtobufCFieldDescriptor uffdbroker__forked__field_descriptors[2] =
+{
+  {
+    "child_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Forked, child_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "pieces",
+    2,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__Forked, n_pieces),
+    offsetof(Uffdbroker__Forked, pieces),
+    &uffdbroker__piece__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__forked__field_indices_by_name[] = {
+  0,   /* field[0] = child_id */
+  1,   /* field[1] = pieces */
+};
+static const ProtobufCIntRange uffdbroker__forked__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor uffdbroker__forked__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.Forked",
+  "Forked",
+  "Uffdbroker__Forked",
+  "uffdbroker",
+  sizeof(Uffdbroker__Forked),
+  2,
+  uffdbroker__forked__field_descriptors,
+  uffdbroker__forked__field_indices_by_name,
+  1,  uffdbroker__forked__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__forked__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__child_closed__field_descriptors[1] =
+{
+  {
+    "child_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__ChildClosed, child_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__child_closed__field_indices_by_name[] = {
+  0,   /* field[0] = child_id */
+};
+static const ProtobufCIntRange uffdbroker__child_closed__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 1 }
+};
+const ProtobufCMessageDescriptor uffdbroker__child_closed__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.ChildClosed",
+  "ChildClosed",
+  "Uffdbroker__ChildClosed",
+  "uffdbroker",
+  sizeof(Uffdbroker__ChildClosed),
+  1,
+  uffdbroker__child_closed__field_descriptors,
+  uffdbroker__child_closed__field_indices_by_name,
+  1,  uffdbroker__child_closed__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__child_closed__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__broker_to_client__field_descriptors[7] =
 {
   {
     "request_id",
@@ -2367,10 +2546,36 @@ static const ProtobufCFieldDescriptor uffdbroker__broker_to_client__field_descri
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "forked",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__BrokerToClient, body_case),
+    offsetof(Uffdbroker__BrokerToClient, forked),
+    &uffdbroker__forked__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "child_closed",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__BrokerToClient, body_case),
+    offsetof(Uffdbroker__BrokerToClient, child_closed),
+    &uffdbroker__child_closed__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__broker_to_client__field_indices_by_name[] = {
   2,   /* field[2] = ack */
+  6,   /* field[6] = child_closed */
   3,   /* field[3] = error */
+  5,   /* field[5] = forked */
   1,   /* field[1] = hello */
   4,   /* field[4] = layout */
   0,   /* field[0] = request_id */
@@ -2378,7 +2583,7 @@ static const unsigned uffdbroker__broker_to_client__field_indices_by_name[] = {
 static const ProtobufCIntRange uffdbroker__broker_to_client__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor =
 {
@@ -2388,7 +2593,7 @@ const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor =
   "Uffdbroker__BrokerToClient",
   "uffdbroker",
   sizeof(Uffdbroker__BrokerToClient),
-  5,
+  7,
   uffdbroker__broker_to_client__field_descriptors,
   uffdbroker__broker_to_client__field_indices_by_name,
   1,  uffdbroker__broker_to_client__number_ranges,

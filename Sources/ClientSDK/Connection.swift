@@ -1,5 +1,6 @@
 import BrokerProtocol
 import Glibc
+import SystemPackage
 import Userfaultfd
 
 /// The client's connection to the broker, shared by the caller's requests and
@@ -19,6 +20,9 @@ final class Connection: @unchecked Sendable {
     /// Where the broker last said each region lies, after an mremap or munmap
     /// moved or cut it (empty: nothing of it is left). A re-attach registers them there.
     var layouts: [UInt64: [RegionPiece]] = [:]
+    /// Children this process forked, served by the broker: their uffds (the
+    /// broker's copies are the only others) and where their regions lay.
+    var children: [UInt64: (uffd: UserfaultFD, pieces: [RegionPiece])] = [:]
 
     /// The regions as they lie now, for Register: moved ones with their pieces, gone ones left out.
     var currentRegions: [RegionSpec] {
@@ -33,7 +37,13 @@ final class Connection: @unchecked Sendable {
 
     /// Connects, says Hello and registers the uffd with the current regions.
     mutating func attach() throws(ClientError) {
-      readNotifications()  // layouts the old broker sent before it went
+      readNotifications()  // what the old broker sent before it went
+      // The broker that served the children is gone, and a new one does not
+      // know them: what they never had filled fails closed instead of reading zeros.
+      for child in children.values {
+        for piece in child.pieces { child.uffd.poisonMissing(address: piece.address, length: piece.length) }
+      }
+      children.removeAll()
       socket = nil
       let fresh: PacketSocket
       do {
@@ -58,11 +68,29 @@ final class Connection: @unchecked Sendable {
       while true {
         var received: [CInt] = []
         guard case .packet(let count) = try? socket.receive(into: buffer, fds: &received) else { return }
-        received.forEach(closeDescriptor)
-        if case .layout(let region, let pieces)? = (try? ClientWire.decodeReply(UnsafeRawBufferPointer(rebasing: buffer[..<count]), arena: arena))?.body {
-          layouts[region] = pieces
+        defer { received.forEach(closeDescriptor) }
+        if let reply = try? ClientWire.decodeReply(UnsafeRawBufferPointer(rebasing: buffer[..<count]), arena: arena) {
+          _ = take(reply.body, fds: &received)
         }
       }
+    }
+
+    /// Takes in what the broker sends unasked; false for anything else (a reply).
+    /// A descriptor it keeps is removed from `fds`.
+    mutating func take(_ body: BrokerReply.Body, fds: inout [CInt]) -> Bool {
+      switch body {
+      case .layout(let region, let pieces):
+        layouts[region] = pieces
+      case .forked(let childID, let pieces):
+        guard let fd = fds.first, let child = try? UserfaultFD(adopting: FileDescriptor(rawValue: fd), features: uffd.features, ioctls: uffd.ioctls) else { return true }
+        fds.removeFirst()
+        children[childID] = (child, pieces)
+      case .childClosed(let childID):
+        children[childID] = nil
+      case .hello, .ack, .error:
+        return false
+      }
+      return true
     }
 
     /// Sends one request and waits for its reply; an Error reply throws.
@@ -85,7 +113,7 @@ final class Connection: @unchecked Sendable {
         } catch {
           throw ClientError("cannot read the broker's reply", broker: error)
         }
-        received.forEach(closeDescriptor)
+        defer { received.forEach(closeDescriptor) }
         switch result {
         case .wouldBlock: throw ClientError("the broker did not answer", broker: BrokerError(.timedOut, "no reply within \(timeoutMilliseconds) ms"))
         case .closed: throw ClientError("the broker closed the connection")
@@ -96,10 +124,7 @@ final class Connection: @unchecked Sendable {
           } catch {
             throw ClientError("the broker's reply is malformed", broker: error)
           }
-          if case .layout(let region, let pieces) = reply.body {
-            layouts[region] = pieces
-            continue
-          }
+          if take(reply.body, fds: &received) { continue }
           // The late reply to a request that timed out earlier answers that request, not this one
           // (id 0: the broker refuses the connection itself, before reading any request).
           guard reply.requestID == id || reply.requestID == 0 else { continue }

@@ -66,11 +66,26 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("fork, then the broker killed (-9): the parent kept the child's uffd and poisons its unfilled pages; the child gets SIGBUS, never zeros")
+    func forkedChildBrokerLoss() throws {
+      try Harness.run("fork-broker-loss", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])]) { h in
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("fork-broker-loss", mib: 0, threads: 1, plugin: "pattern", extraEnvironment: gate.environment.merging(["SWIFT_BACKTRACE": "enable=no"]) { $1 })
+        #expect(gate.awaitClient() == "forked", h.diagnostics(client.stdout + client.stderr))
+        try h.killAndRestartBroker()
+        // The parent re-attached (and poisoned the child's unfilled pages on the way).
+        #expect(h.waitForBrokerLog("client registered", "client.pid=\(client.pid)", timeout: 20), h.diagnostics)
+        gate.release()
+        #expect(client.wait(timeout: 20) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("child signal \(SIGBUS)\n"), h.diagnostics(client.stdout))
+      }
+    }
+
     @Test("fork with a plugin that does not serve children: the child's unfilled pages fail closed (SIGBUS), never zeros")
     func forkedChildRefused() throws {
       try Harness.run("fork-refused") { h in
         try h.startPlugin(name: "pattern", mode: "no-fork")
-        let outcome = try h.runClient("fork", mib: 0, threads: 1, plugin: "pattern", timeout: 20)
+        let outcome = try h.runClient("fork", mib: 0, threads: 1, plugin: "pattern", timeout: 20, extraEnvironment: ["SWIFT_BACKTRACE": "enable=no"])
         #expect(outcome.summary == "forked: child signal \(SIGBUS), parent wrong 0", h.diagnostics(outcome.stdout + outcome.stderr))
         #expect(!h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics)
       }

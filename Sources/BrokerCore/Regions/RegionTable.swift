@@ -162,9 +162,9 @@ public struct RegionTable {
     }
   }
 
-  /// Where region `id` lies now (its pieces, new memory aside), for the client.
-  public func layout(of id: UInt64) -> [RegionPiece] {
-    pieces.filter { $0.spec.id == id && !$0.isNewMemory }.map { RegionPiece(address: $0.live.lowerBound, offset: $0.offset, length: $0.live.count) }
+  /// Where region `id` (nil: every region) lies now, new memory aside, for the client.
+  public func layout(of id: UInt64? = nil) -> [RegionPiece] {
+    pieces.filter { piece in !piece.isNewMemory && (id == nil || piece.spec.id == id) }.map { RegionPiece(address: $0.live.lowerBound, offset: $0.offset, length: $0.live.count) }
   }
 
   /// An UNMAP event: cuts `range`, unless it is the trailing UNMAP of a move

@@ -131,6 +131,10 @@ public struct BrokerReply: Equatable, Sendable {
     case error(BrokerError)
     /// Unsolicited: where region `regionID` lies now, after an mremap or munmap.
     case layout(regionID: UInt64, pieces: [RegionPiece])
+    /// Unsolicited: a forked child served as `childID` (its uffd attached), and where its regions lie.
+    case forked(childID: UInt64, pieces: [RegionPiece])
+    /// Unsolicited: the forked child `childID` is gone.
+    case childClosed(childID: UInt64)
   }
   public var requestID: UInt64
   public var body: Body

@@ -135,11 +135,15 @@ public enum ClientWire {
     var ack = Uffdbroker__Ack()
     var error = Uffdbroker__Error()
     var layout = Uffdbroker__Layout()
+    var forked = Uffdbroker__Forked()
+    var childClosed = Uffdbroker__ChildClosed()
     var busy = [UInt64]()
     return withUnsafeMutablePointer(to: &hello) { helloPointer in
       withUnsafeMutablePointer(to: &ack) { ackPointer in
         withUnsafeMutablePointer(to: &error) { errorPointer in
           withUnsafeMutablePointer(to: &layout) { layoutPointer in
+          withUnsafeMutablePointer(to: &forked) { forkedPointer in
+          withUnsafeMutablePointer(to: &childClosed) { childClosedPointer in
           switch reply.body {
           case .hello(let value):
             value.encode(into: &helloPointer.pointee, pool: pool)
@@ -161,11 +165,24 @@ public enum ClientWire {
             (layoutPointer.pointee.n_pieces, layoutPointer.pointee.pieces) = pool.pieces(pieces)
             message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_LAYOUT
             message.layout = layoutPointer
+          case .forked(let childID, let pieces):
+            uffdbroker__forked__init(forkedPointer)
+            forkedPointer.pointee.child_id = childID
+            (forkedPointer.pointee.n_pieces, forkedPointer.pointee.pieces) = pool.pieces(pieces)
+            message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_FORKED
+            message.forked = forkedPointer
+          case .childClosed(let childID):
+            uffdbroker__child_closed__init(childClosedPointer)
+            childClosedPointer.pointee.child_id = childID
+            message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_CHILD_CLOSED
+            message.child_closed = childClosedPointer
           }
           return busy.withUnsafeMutableBufferPointer { busyBuffer in
             ackPointer.pointee.n_busy_offsets = busyBuffer.count
             ackPointer.pointee.busy_offsets = busyBuffer.baseAddress
             return protobufCPacked(message, size: uffdbroker__broker_to_client__get_packed_size, pack: uffdbroker__broker_to_client__pack)
+          }
+          }
           }
           }
         }
@@ -186,6 +203,11 @@ public enum ClientWire {
     case UFFDBROKER__BROKER_TO_CLIENT__BODY_LAYOUT:
       let l = m.layout.pointee
       return BrokerReply(requestID: m.request_id, .layout(regionID: l.region_id, pieces: try decodePieces(l.n_pieces, l.pieces, of: "layout of region \(l.region_id)")))
+    case UFFDBROKER__BROKER_TO_CLIENT__BODY_FORKED:
+      let f = m.forked.pointee
+      return BrokerReply(requestID: m.request_id, .forked(childID: f.child_id, pieces: try decodePieces(f.n_pieces, f.pieces, of: "forked child \(f.child_id)")))
+    case UFFDBROKER__BROKER_TO_CLIENT__BODY_CHILD_CLOSED:
+      return BrokerReply(requestID: m.request_id, .childClosed(childID: m.child_closed.pointee.child_id))
     default: throw BrokerError(.malformed, "a broker reply has no body")
     }
   }

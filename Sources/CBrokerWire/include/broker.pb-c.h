@@ -29,6 +29,8 @@ typedef struct Uffdbroker__SwapOutDone Uffdbroker__SwapOutDone;
 typedef struct Uffdbroker__ClientToBroker Uffdbroker__ClientToBroker;
 typedef struct Uffdbroker__Ack Uffdbroker__Ack;
 typedef struct Uffdbroker__Layout Uffdbroker__Layout;
+typedef struct Uffdbroker__Forked Uffdbroker__Forked;
+typedef struct Uffdbroker__ChildClosed Uffdbroker__ChildClosed;
 typedef struct Uffdbroker__BrokerToClient Uffdbroker__BrokerToClient;
 typedef struct Uffdbroker__Pagefault Uffdbroker__Pagefault;
 typedef struct Uffdbroker__RangeEvent Uffdbroker__RangeEvent;
@@ -402,12 +404,46 @@ struct  Uffdbroker__Layout
     , 0, 0,NULL }
 
 
+/*
+ * Broker → client, unsolicited: a child the client forked is served as client
+ * child_id; its userfaultfd is attached. The uffd lives only in the broker, so
+ * the client keeps this copy: should the broker die, the client poisons the
+ * pages of these pieces that were never filled, and the child fails closed
+ * (SIGBUS) instead of reading zeros.
+ */
+struct  Uffdbroker__Forked
+{
+  ProtobufCMessage base;
+  uint64_t child_id;
+  size_t n_pieces;
+  Uffdbroker__Piece **pieces;
+};
+#define UFFDBROKER__FORKED__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__forked__descriptor) \
+    , 0, 0,NULL }
+
+
+/*
+ * Broker → client, unsolicited: the forked child is gone; close its copy.
+ */
+struct  Uffdbroker__ChildClosed
+{
+  ProtobufCMessage base;
+  uint64_t child_id;
+};
+#define UFFDBROKER__CHILD_CLOSED__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__child_closed__descriptor) \
+    , 0 }
+
+
 typedef enum {
   UFFDBROKER__BROKER_TO_CLIENT__BODY__NOT_SET = 0,
   UFFDBROKER__BROKER_TO_CLIENT__BODY_HELLO = 2,
   UFFDBROKER__BROKER_TO_CLIENT__BODY_ACK = 3,
   UFFDBROKER__BROKER_TO_CLIENT__BODY_ERROR = 4,
-  UFFDBROKER__BROKER_TO_CLIENT__BODY_LAYOUT = 5
+  UFFDBROKER__BROKER_TO_CLIENT__BODY_LAYOUT = 5,
+  UFFDBROKER__BROKER_TO_CLIENT__BODY_FORKED = 6,
+  UFFDBROKER__BROKER_TO_CLIENT__BODY_CHILD_CLOSED = 7
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__BROKER_TO_CLIENT__BODY__CASE)
 } Uffdbroker__BrokerToClient__BodyCase;
 
@@ -421,6 +457,8 @@ struct  Uffdbroker__BrokerToClient
     Uffdbroker__Ack *ack;
     Uffdbroker__Error *error;
     Uffdbroker__Layout *layout;
+    Uffdbroker__Forked *forked;
+    Uffdbroker__ChildClosed *child_closed;
   };
 };
 #define UFFDBROKER__BROKER_TO_CLIENT__INIT \
@@ -1025,6 +1063,44 @@ Uffdbroker__Layout *
 void   uffdbroker__layout__free_unpacked
                      (Uffdbroker__Layout *message,
                       ProtobufCAllocator *allocator);
+/* Uffdbroker__Forked methods */
+void   uffdbroker__forked__init
+                     (Uffdbroker__Forked         *message);
+size_t uffdbroker__forked__get_packed_size
+                     (const Uffdbroker__Forked   *message);
+size_t uffdbroker__forked__pack
+                     (const Uffdbroker__Forked   *message,
+                      uint8_t             *out);
+size_t uffdbroker__forked__pack_to_buffer
+                     (const Uffdbroker__Forked   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__Forked *
+       uffdbroker__forked__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__forked__free_unpacked
+                     (Uffdbroker__Forked *message,
+                      ProtobufCAllocator *allocator);
+/* Uffdbroker__ChildClosed methods */
+void   uffdbroker__child_closed__init
+                     (Uffdbroker__ChildClosed         *message);
+size_t uffdbroker__child_closed__get_packed_size
+                     (const Uffdbroker__ChildClosed   *message);
+size_t uffdbroker__child_closed__pack
+                     (const Uffdbroker__ChildClosed   *message,
+                      uint8_t             *out);
+size_t uffdbroker__child_closed__pack_to_buffer
+                     (const Uffdbroker__ChildClosed   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__ChildClosed *
+       uffdbroker__child_closed__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__child_closed__free_unpacked
+                     (Uffdbroker__ChildClosed *message,
+                      ProtobufCAllocator *allocator);
 /* Uffdbroker__BrokerToClient methods */
 void   uffdbroker__broker_to_client__init
                      (Uffdbroker__BrokerToClient         *message);
@@ -1373,6 +1449,12 @@ typedef void (*Uffdbroker__Ack_Closure)
 typedef void (*Uffdbroker__Layout_Closure)
                  (const Uffdbroker__Layout *message,
                   void *closure_data);
+typedef void (*Uffdbroker__Forked_Closure)
+                 (const Uffdbroker__Forked *message,
+                  void *closure_data);
+typedef void (*Uffdbroker__ChildClosed_Closure)
+                 (const Uffdbroker__ChildClosed *message,
+                  void *closure_data);
 typedef void (*Uffdbroker__BrokerToClient_Closure)
                  (const Uffdbroker__BrokerToClient *message,
                   void *closure_data);
@@ -1445,6 +1527,8 @@ extern const ProtobufCMessageDescriptor uffdbroker__swap_out_done__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__client_to_broker__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__ack__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__layout__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__forked__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__child_closed__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__pagefault__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__range_event__descriptor;

@@ -206,6 +206,23 @@ public final class UserfaultFD: Sendable {
     return IoctlOutcome.classify(rc: rc, result: done, length: length)
   }
 
+  /// Poisons every missing page of the range; present pages keep their bytes
+  /// (`UFFDIO_POISON` stops at each with EEXIST, and goes on after it). For
+  /// memory no one will serve any more: it fails with SIGBUS at the access
+  /// instead of reading zeros once the uffd is closed. Best effort: it stops
+  /// where the range is gone, the process exited or a map change is pending.
+  public func poisonMissing(address: UInt, length: Int) {
+    let end = address + UInt(length)
+    var start = address
+    while start < end {
+      switch poison(address: start, length: Int(end - start)) {
+      case .done, .targetExited, .rangeGone, .failed, .notNow: return
+      case .partial(let bytes): start += UInt(bytes)
+      case .alreadyPresent: start += UInt(systemPageSize)
+      }
+    }
+  }
+
   /// `UFFDIO_WAKE`: wakes the threads waiting on faults in the range (after
   /// DONTWAKE fills, or when a fault's range went away). Wakes nobody harmlessly.
   @discardableResult

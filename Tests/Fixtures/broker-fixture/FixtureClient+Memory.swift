@@ -207,6 +207,27 @@ extension FixtureClient {
     return wrong == 0 ? 0 : 1
   }
 
+  /// A region of 256 pages, the first 128 read, then fork(). The child passes
+  /// the gate ("forked": the test kills and restarts the broker meanwhile),
+  /// then reads page 200, which no one filled: it must die with SIGBUS, never
+  /// read zeros (exit 7) or anything else (exit 8). Prints how the child ended.
+  func forkThenBrokerLoss() throws -> Int32 {
+    let memory = try AnonymousMemory(length: 256 * pageSize)
+    let client = try register(memory)
+    for page in 0..<128 { _ = cuffd_touch(memory.base + page * pageSize) }
+    let child = fork()
+    if child == 0 {
+      gate("forked")
+      let word = (memory.base + 200 * pageSize).load(as: UInt64.self)
+      _exit(word == 0 ? 7 : 8)
+    }
+    var status: Int32 = 0
+    waitpid(child, &status, 0)
+    withExtendedLifetime(client) {}
+    print(status & 0x7F == 0 ? "child exit \((status >> 8) & 0xFF)" : "child signal \(status & 0x7F)")
+    return 0
+  }
+
   private var fixtureFile: String? { getenv("FIXTURE_FILE").map { String(cString: $0) } }
 
   /// Whether the page at `address` holds region offset `offset` of the backing:

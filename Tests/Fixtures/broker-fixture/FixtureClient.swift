@@ -42,6 +42,7 @@ struct FixtureClient {
       case "swap-hold": return try swapHold()
       case "remap-reattach": return try remapThenReattach()
       case "mover-race": return try moverRace()
+      case "fork-broker-loss": return try forkThenBrokerLoss()
       default:
         print("unknown scenario \(scenario)")
         return 2
