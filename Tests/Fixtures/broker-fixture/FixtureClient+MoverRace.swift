@@ -46,14 +46,17 @@ extension FixtureClient {
           let word = UnsafePointer<UInt64>(bitPattern: w + UInt(page * size))!.pointee
           if word != 0 && word != Pattern.word(backingOffset: wOffset + UInt64(page * size), wordIndex: 0) { readerWrong.add(1, ordering: .relaxed) }
         } else {
-          // A round no mover touches yet: it still holds its own offsets.
+          // A round no mover touches yet (its lock keeps the movers out while
+          // it is read): it still holds its own offsets.
           let ahead = current.load(ordering: .acquiring) + 2
           guard ahead < rounds else { continue }
           let round = ahead + Int(state >> 8) % (rounds - ahead)
           let page = Int(state >> 40) % 8
           let offset = UInt64(2 * round * slot + page * size)
-          if UnsafePointer<UInt64>(bitPattern: base + UInt(offset))!.pointee != Pattern.word(backingOffset: offset, wordIndex: 0) {
-            readerWrong.add(1, ordering: .relaxed)
+          model.reading(round) {
+            if UnsafePointer<UInt64>(bitPattern: base + UInt(offset))!.pointee != Pattern.word(backingOffset: offset, wordIndex: 0) {
+              readerWrong.add(1, ordering: .relaxed)
+            }
           }
         }
       }
@@ -77,6 +80,8 @@ extension FixtureClient {
     var destinations: [UnsafeMutableRawPointer] = []
     for round in 0..<rounds {
       current.store(round, ordering: .releasing)
+      model.lock(round)  // a reader that picked this round before it was current finishes first
+      defer { model.unlock(round) }
       let x = memory.base + 2 * round * slot
       let z = x + slot
       _ = cuffd_touch(x)
@@ -108,10 +113,11 @@ extension FixtureClient {
     stop.store(true, ordering: .relaxed)
     pthread_join(reader, nil)
     pthread_join(dropper, nil)
-    wrong += readerWrong.load(ordering: .relaxed)
-    wrong += Self.moverRaceWrong(base: base, w: w, destinations: destinations, model: model, done: rounds, slot: slot, pageSize: size)
+    let final = Self.moverRaceWrong(base: base, w: w, destinations: destinations, model: model, done: rounds, slot: slot, pageSize: size)
+    wrong += readerWrong.load(ordering: .relaxed) + final
     destinations.forEach { munmap($0, slot) }
     withExtendedLifetime(client) {}
+    if wrong > 0 { print("children wrong \(wrong / 1000), reads wrong \(readerWrong.load(ordering: .relaxed)), final pages wrong \(final)") }
     print("mover race: \(rounds) rounds, \(children) children, \(wrong) wrong")
     return wrong == 0 ? 0 : 1
   }
@@ -153,13 +159,26 @@ final class MoverModel: @unchecked Sendable {
   let wPages: Int
   var dropped: [Bool]
   private var wLock = pthread_mutex_t()
+  /// Per round: read-locked by the reader while it reads the round, write-locked while it moves.
+  private let roundLocks: UnsafeMutablePointer<pthread_rwlock_t>
 
   init(rounds: Int, wPages: Int) {
     self.rounds = rounds
     self.wPages = wPages
     dropped = Array(repeating: false, count: wPages)
     pthread_mutex_init(&wLock, nil)
+    roundLocks = .allocate(capacity: rounds)
+    for round in 0..<rounds { pthread_rwlock_init(roundLocks + round, nil) }
   }
+
+  func reading(_ round: Int, _ body: () -> Void) {
+    pthread_rwlock_rdlock(roundLocks + round)
+    defer { pthread_rwlock_unlock(roundLocks + round) }
+    body()
+  }
+
+  func lock(_ round: Int) { pthread_rwlock_wrlock(roundLocks + round) }
+  func unlock(_ round: Int) { pthread_rwlock_unlock(roundLocks + round) }
 
   func withWLock<T>(_ body: () -> T) -> T {
     pthread_mutex_lock(&wLock)

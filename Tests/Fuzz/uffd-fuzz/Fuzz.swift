@@ -143,6 +143,7 @@ private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt
   check(decoder.decision(at: decoder.decisionCount) == nil, "a decision past the end")
   let regionReplies = (try? decoder.regionReplies) ?? []
   let storeReplies = decoder.storeReplies
+  let keepNames = (try? decoder.keepNames) ?? []
   let delegations = Result { () throws(BrokerError) in try decoder.delegations(descriptors: descriptors) }
   if case .success(let list) = delegations {
     let files = list.filter { if case .file = $0.source { true } else { false } }
@@ -157,6 +158,7 @@ private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt
   if case .success(let hello?) = hello { encoder.setHello(hello) }
   regionReplies.forEach(encoder.append)
   storeReplies.forEach(encoder.append)
+  for name in keepNames { encoder.keep(-1, as: name) }
   let expectedDelegations = (try? delegations.get()) ?? []
   expectedDelegations.forEach(encoder.append)
   var first = true
@@ -173,6 +175,7 @@ private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt
       check((try? checkDecisions.hello) == (try? hello.get()), "PluginToBroker hello round trip: \(show(hello)) came back as \(show(Result { () throws(BrokerError) in try checkDecisions.hello }))")
       let backReplies = (try? checkDecisions.regionReplies) ?? []
       check(backReplies == regionReplies, "region replies round trip: \(show(regionReplies)) came back as \(show(backReplies))")
+      check(((try? checkDecisions.keepNames) ?? []) == keepNames, "descriptor store names round trip: \(keepNames)")
       check(checkDecisions.storeReplies == storeReplies, "store replies round trip: \(show(storeReplies)) came back as \(show(checkDecisions.storeReplies))")
       let backDelegations = Result { () throws(BrokerError) in try checkDecisions.delegations(descriptors: sent) }
       check(backDelegations == .success(expectedDelegations), "delegations round trip: \(show(expectedDelegations)) came back as \(show(backDelegations))")
@@ -207,6 +210,7 @@ private func brokerToPlugin(_ packet: UnsafeRawBufferPointer) {
   let hello = Result { () throws(BrokerError) in try decoder.hello }
   let error = decoder.error
   let applied = decoder.packetsApplied
+  let kept = (try? decoder.keptNames) ?? []
   var events: [BrokerEvent] = []
   for index in 0..<decoder.eventCount {
     if let event = try? decoder.event(at: index) { events.append(event) }
@@ -214,10 +218,11 @@ private func brokerToPlugin(_ packet: UnsafeRawBufferPointer) {
   check((try? decoder.event(at: decoder.eventCount)) == nil, "an event past the end")
 
   // Round trip: the control part, then the events in as many packets as needed.
-  let control = EventBatchEncoder.encodeControl(hello: try? hello.get(), error: error)
+  let control = EventBatchEncoder.encodeControl(hello: try? hello.get(), error: error, kept: kept)
   control.withUnsafeBytes { bytes in
     do { try checkEvents.decode(bytes) } catch { fatalError("uffd-fuzz: a re-encoded control BrokerToPlugin does not decode: \(error)") }
   }
+  check((try? checkEvents.keptNames) == kept, "BrokerToPlugin kept names round trip: \(kept) came back as \(String(describing: try? checkEvents.keptNames))")
   check((try? checkEvents.hello) == (try? hello.get()), "BrokerToPlugin hello round trip: \(show(hello)) came back as \(show(Result { () throws(BrokerError) in try checkEvents.hello }))")
   check(checkEvents.error == error, "BrokerToPlugin error round trip: \(show(error)) came back as \(show(checkEvents.error))")
 
@@ -313,12 +318,16 @@ enum Seeds {
     }
     let page = 4096
     let regionA = RegionSpec(id: 1, base: 0x7f00_0000_0000, length: 16 * page, pageSize: page, plugin: "snapshot", argument: "/var/lib/image.bin", backingOffset: 8192)
+    // As a client re-attaching names it: moved in two pieces, with pages swapped out.
+    let movedA = RegionSpec(id: 1, base: 0x7f00_0000_0000, length: 16 * page, pageSize: page, plugin: "swap", swappedOut: [0..<8192, 16384..<65536],
+                            pieces: [RegionPiece(address: 0x7f00_0000_0000, offset: 0, length: 8 * page), RegionPiece(address: 0x7f20_0000_0000, offset: 32768, length: 8 * page)])
     let regionB = RegionSpec(id: 2, base: 0x7f00_0100_0000, length: 2 << 20, pageSize: 2 << 20, plugin: "zero-fill")
 
     // ClientToBroker
     let requests: [(String, ClientRequest.Body)] = [
       ("hello", .hello(Hello(role: .client, name: "demo-client"))),
       ("register", .register(RegisterRequest(pid: 4242, features: .init(rawValue: 0x1ff), ioctls: .init(rawValue: 0x3f), regions: [regionA, regionB]))),
+      ("register-moved", .register(RegisterRequest(pid: 4242, features: .init(rawValue: 0x1ff), ioctls: .init(rawValue: 0x3f), regions: [movedA]))),
       ("add-regions", .addRegions([regionB])),
       ("remove-regions", .removeRegions([1, 2, 77])),
       ("swap-out", .swapOut(regionID: 1, offset: 4096, length: 8 * page)),
@@ -335,6 +344,10 @@ enum Seeds {
       ("ack", .ack(clientID: 7)),
       ("ack-busy", .ack(clientID: 7, busyOffsets: [0, 4096, 65536])),
       ("error", .error(BrokerError(.badRegion, "region 3 overlaps region 1"))),
+      ("layout", .layout(regionID: 1, pieces: movedA.pieces)),
+      ("layout-gone", .layout(regionID: 2, pieces: [])),
+      ("forked", .forked(childID: 9, pieces: movedA.pieces)),
+      ("child-closed", .childClosed(childID: 9)),
     ]
     for (index, (name, body)) in replies.enumerated() {
       seed("b2c-" + name, 1, ClientWire.encode(BrokerReply(requestID: UInt64(index + 1), body)))
@@ -364,6 +377,11 @@ enum Seeds {
     plugin("region-replies") {
       $0.append(RegionReply(clientID: 7, regionID: 1, error: nil))
       $0.append(RegionReply(clientID: 7, regionID: 2, error: BrokerError(.pluginRefused, "no such file: /var/lib/image.bin")))
+      $0.append(RegionReply(clientID: 7, regionID: 3, error: nil, lost: [0..<4096, 65536..<131072]))
+    }
+    plugin("keep", descriptors: 2) {
+      $0.keep(5, as: "swap-data")
+      $0.keep(6, as: "swap-index")
     }
     plugin("store-replies") {
       $0.append(StoreReply(storeID: 3, error: nil))
@@ -386,6 +404,7 @@ enum Seeds {
     // BrokerToPlugin
     seed("b2p-hello", 3, EventBatchEncoder.encodeControl(hello: Hello(role: .broker, name: "uffd-broker"), error: nil))
     seed("b2p-error", 3, EventBatchEncoder.encodeControl(hello: nil, error: BrokerError(.notAuthorized, "uid 1000 may not serve as a plugin")))
+    seed("b2p-hello-kept", 3, EventBatchEncoder.encodeControl(hello: Hello(role: .broker, name: "uffd-broker"), error: nil, kept: ["swap-data", "swap-index"]))
     let events = EventBatchEncoder()
     func broker(_ name: String, _ list: [BrokerEvent], applied: UInt64 = 0) {
       events.packetsApplied = applied
@@ -402,7 +421,8 @@ enum Seeds {
     broker("removed", [.removed(removed)])
     broker("unmapped", [.unmapped(unmapped)])
     broker("remapped", [.remapped(remap)])
-    broker("region-opened", [.regionOpened(clientID: 7, pid: 4242, region: regionA), .regionOpened(clientID: 8, pid: 0, region: regionA, forkedFrom: 7)])
+    broker("region-opened", [.regionOpened(clientID: 7, pid: 4242, region: regionA), .regionOpened(clientID: 8, pid: 0, region: regionA, forkedFrom: 7),
+                             .regionOpened(clientID: 7, pid: 4242, region: movedA)])
     broker("region-closed", [.regionClosed(clientID: 7, regionID: 2)])
     broker("closed", [.closed(clientID: 7, reason: "client exited")])
     broker("store", [.store(store)])
