@@ -11,7 +11,7 @@ public struct OffsetRanges: Equatable, Sendable {
   public var isEmpty: Bool { ranges.isEmpty }
 
   /// The bytes covered.
-  public var count: UInt64 { ranges.reduce(0) { $0 + UInt64($1.count) } }
+  public var count: UInt64 { ranges.reduce(0) { $0 &+ ($1.upperBound - $1.lowerBound) } }
 
   public mutating func insert(_ range: Range<UInt64>) {
     guard !range.isEmpty else { return }

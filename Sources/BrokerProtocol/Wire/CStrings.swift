@@ -51,37 +51,36 @@ final class CStringPool {
     return (values.count, array)
   }
 
-  /// A repeated `Piece` field; freed with the pool.
-  func pieces(_ pieces: [RegionPiece]) -> (Int, UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Piece>?>?) {
-    guard !pieces.isEmpty else { return (0, nil) }
-    let messages = UnsafeMutablePointer<Uffdbroker__Piece>.allocate(capacity: pieces.count)
-    let pointers = UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Piece>?>.allocate(capacity: pieces.count)
-    for (index, piece) in pieces.enumerated() {
-      uffdbroker__piece__init(messages + index)
-      messages[index].address = UInt64(piece.address)
-      messages[index].offset = piece.offset
-      messages[index].length = UInt64(piece.length)
+  /// A repeated message field, one message per value (`initialize`d, then `fill`ed); freed with the pool.
+  func repeated<Value, Message>(
+    _ values: [Value], initialize: (UnsafeMutablePointer<Message>) -> Void, _ fill: (inout Message, Value) -> Void
+  ) -> (Int, UnsafeMutablePointer<UnsafeMutablePointer<Message>?>?) {
+    guard !values.isEmpty else { return (0, nil) }
+    let messages = UnsafeMutablePointer<Message>.allocate(capacity: values.count)
+    let pointers = UnsafeMutablePointer<UnsafeMutablePointer<Message>?>.allocate(capacity: values.count)
+    for (index, value) in values.enumerated() {
+      initialize(messages + index)
+      fill(&messages[index], value)
       pointers[index] = messages + index
     }
     arrays.append(UnsafeMutableRawPointer(messages))
     arrays.append(UnsafeMutableRawPointer(pointers))
-    return (pieces.count, pointers)
+    return (values.count, pointers)
   }
 
-  /// A repeated `Extent` field for `ranges`; freed with the pool.
-  func extents(_ ranges: [Range<UInt64>]) -> (Int, UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Extent>?>?) {
-    guard !ranges.isEmpty else { return (0, nil) }
-    let messages = UnsafeMutablePointer<Uffdbroker__Extent>.allocate(capacity: ranges.count)
-    let pointers = UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Extent>?>.allocate(capacity: ranges.count)
-    for (index, range) in ranges.enumerated() {
-      uffdbroker__extent__init(messages + index)
-      messages[index].offset = range.lowerBound
-      messages[index].length = UInt64(range.count)
-      pointers[index] = messages + index
+  func pieces(_ pieces: [RegionPiece]) -> (Int, UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Piece>?>?) {
+    repeated(pieces, initialize: uffdbroker__piece__init) { message, piece in
+      message.address = UInt64(piece.address)
+      message.offset = piece.offset
+      message.length = UInt64(piece.length)
     }
-    arrays.append(UnsafeMutableRawPointer(messages))
-    arrays.append(UnsafeMutableRawPointer(pointers))
-    return (ranges.count, pointers)
+  }
+
+  func extents(_ ranges: [Range<UInt64>]) -> (Int, UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Extent>?>?) {
+    repeated(ranges, initialize: uffdbroker__extent__init) { message, range in
+      message.offset = range.lowerBound
+      message.length = range.upperBound - range.lowerBound
+    }
   }
 
   /// A pointer array for a repeated field; freed with the pool.
@@ -125,8 +124,9 @@ func decodeExtents(_ count: Int, _ extents: UnsafeMutablePointer<UnsafeMutablePo
   var ranges: [Range<UInt64>] = []
   ranges.reserveCapacity(count)
   for index in 0..<count {
-    guard let extent = extents?[index]?.pointee, extent.offset <= UInt64.max - extent.length else {
-      throw BrokerError(.malformed, "\(what): extent \(index) is empty or wraps")
+    // No region is longer than Int.max: a longer extent would also trap `Range.count` (found by fuzzing).
+    guard let extent = extents?[index]?.pointee, extent.length <= UInt64(Int.max), extent.offset <= UInt64.max - extent.length else {
+      throw BrokerError(.malformed, "\(what): extent \(index) is too long or wraps")
     }
     ranges.append(extent.offset..<extent.offset + extent.length)
   }

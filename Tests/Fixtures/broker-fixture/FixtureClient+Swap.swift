@@ -69,10 +69,7 @@ extension FixtureClient {
     } catch {
       result = "swap-out failed: " + (error.broker.map { "\($0.code): \($0.message)" } ?? "\(error)")
     }
-    var bad = 0
-    for page in 0..<pages where Pattern.mismatch(UnsafeRawBufferPointer(start: memory.base + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize)) != nil {
-      bad += 1
-    }
+    let bad = wrongPages(memory)
     withExtendedLifetime(client) {}
     print("\(result); verified \(pages) pages, \(bad) wrong")
     return bad == 0 ? 0 : 1
@@ -87,13 +84,17 @@ extension FixtureClient {
     let pages = memory.length / pageSize
     let report = try client.swapOut(spec)
     gate("swapped \(report.pagesDropped)")
-    var bad = 0
-    for page in 0..<pages where Pattern.mismatch(UnsafeRawBufferPointer(start: memory.base + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize)) != nil {
-      bad += 1
-    }
+    let bad = wrongPages(memory)
     withExtendedLifetime(client) {}
     print("swap held: dropped \(report.pagesDropped); verified \(pages) pages, \(bad) wrong")
     return bad == 0 ? 0 : 1
+  }
+
+  /// Pages of `memory` that do not hold the pattern (each read, so faulted in if need be).
+  private func wrongPages(_ memory: AnonymousMemory) -> Int {
+    (0..<memory.length / pageSize).filter { page in
+      Pattern.mismatch(UnsafeRawBufferPointer(start: memory.base + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize)) != nil
+    }.count
   }
 
   /// A registered region of `mib` MiB whose every page its writes filled with the pattern.
