@@ -26,7 +26,7 @@ extension BrokerIntegrationTests {
         try h.startPlugin(name: "pattern", mode: "pattern")
         let outcome = try h.runClient("add-remove", mib: 2, threads: 1, plugin: "pattern")
         #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
-        #expect(outcome.summary == "regions: added 1, overlap refused: bad region, verified 1024 pages, 0 wrong, removed region reads zeros: true", h.diagnostics)
+        #expect(outcome.summary == "regions: added 1, overlap refused: bad region, refused range plain: true, verified 1024 pages, 0 wrong, removed region reads zeros: true", h.diagnostics)
         let client = try #require(openedClients(h.eventLog("pattern")).first, h.diagnostics)
         #expect(waitUntil(timeout: 5) { h.eventLog("pattern").contains("closed \(client)") }, h.diagnostics)
         let events = h.eventLog("pattern")
