@@ -17,13 +17,16 @@ final class SwapPlugin: PagePlugin {
   private let scratch: UnsafeMutableRawBufferPointer
   /// Fault injection for the tests: corrupt the block stored at this offset.
   private let corruptOffset: UInt64?
+  /// Where the store's files live (they then outlive the broker too); nil: memfds in the broker.
+  private let stateDirectory: String?
   private(set) var rawBytes = 0
   private(set) var heldBytes = 0
   private(set) var pagesStored = 0
   private(set) var pagesRestored = 0
 
-  init(corruptOffset: UInt64?) {
+  init(corruptOffset: UInt64?, stateDirectory: String?) {
     self.corruptOffset = corruptOffset
+    self.stateDirectory = stateDirectory
     scratch = .allocate(byteCount: Int(compressBound(uLong(65536))), alignment: 4096)
   }
 
@@ -33,7 +36,7 @@ final class SwapPlugin: PagePlugin {
   /// for us holds every page stored before.
   func connected(_ descriptors: DescriptorStore) {
     do {
-      store = try SwapStore(store: descriptors)
+      store = try SwapStore(store: descriptors, directory: stateDirectory)
     } catch {
       fatalError("swap-plugin: cannot open its store: \(error)")
     }
@@ -53,7 +56,7 @@ final class SwapPlugin: PagePlugin {
       let crc = UInt32(crc32(0, page.baseAddress!.assumingMemoryBound(to: Bytef.self), uInt(page.count)))
       let compressed = rc == Z_OK && Int(length) < page.count
       let image = compressed ? UnsafeRawBufferPointer(rebasing: scratch[..<Int(length)]) : page
-      let key = Key(client: region.clientID, region: region.spec.id, offset: offset + UInt64(start))
+      let key = Key(client: region.clientToken, region: region.spec.id, offset: offset + UInt64(start))
       if let old = store.entries[key] { account(removing: old) }
       let entry = try store.put(key, image: image, compressed: compressed, crc: crc)
       if key.offset == corruptOffset { store.image(of: entry)[Int(entry.length) / 2] ^= 0xFF }
@@ -68,7 +71,7 @@ final class SwapPlugin: PagePlugin {
 
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
     let pageSize = region.pageSize
-    guard let entry = store.entries[Key(client: region.clientID, region: region.spec.id, offset: fault.offset)] else {
+    guard let entry = store.entries[Key(client: region.clientToken, region: region.spec.id, offset: fault.offset)] else {
       // Never swapped out: a fresh page of zeros (copied for a write, which would
       // otherwise take a second, copy-on-write fault).
       guard fault.isWrite else { return .zero }
@@ -100,15 +103,15 @@ final class SwapPlugin: PagePlugin {
   /// After a restart: whether every page of `offsets` is still stored.
   func holds(_ offsets: Range<UInt64>, in region: PluginRegion) -> Bool {
     stride(from: offsets.lowerBound, to: offsets.upperBound, by: region.pageSize).allSatisfy {
-      store.entries[Key(client: region.clientID, region: region.spec.id, offset: $0)] != nil
+      store.entries[Key(client: region.clientToken, region: region.spec.id, offset: $0)] != nil
     }
   }
 
   /// A forked child's pages read what the parent's held at the fork: it gets
   /// the parent's stored pages (the same images in the log, copy-on-write).
   func regionForked(_ child: PluginRegion, from parent: PluginRegion) throws {
-    for (key, entry) in store.entries where key.client == parent.clientID && key.region == parent.spec.id {
-      try store.share(entry, as: Key(client: child.clientID, region: key.region, offset: key.offset))
+    for (key, entry) in store.entries where key.client == parent.clientToken && key.region == parent.spec.id {
+      try store.share(entry, as: Key(client: child.clientToken, region: key.region, offset: key.offset))
       account(adding: entry)
     }
   }
@@ -122,9 +125,9 @@ final class SwapPlugin: PagePlugin {
     let pageSize = UInt64(region.pageSize)
     let keys: [Key]
     if UInt64(offsets.count) / pageSize > UInt64(store.entries.count) {
-      keys = store.entries.keys.filter { $0.client == region.clientID && $0.region == region.spec.id && offsets.contains($0.offset) }
+      keys = store.entries.keys.filter { $0.client == region.clientToken && $0.region == region.spec.id && offsets.contains($0.offset) }
     } else {
-      keys = stride(from: offsets.lowerBound, to: offsets.upperBound, by: Int(pageSize)).map { Key(client: region.clientID, region: region.spec.id, offset: $0) }
+      keys = stride(from: offsets.lowerBound, to: offsets.upperBound, by: Int(pageSize)).map { Key(client: region.clientToken, region: region.spec.id, offset: $0) }
     }
     for key in keys {
       guard let entry = store.entries[key] else { continue }

@@ -3,14 +3,16 @@ import Glibc
 import PluginSDK
 
 /// Where the swap plugin keeps pages: two memfds that the broker also keeps
-/// (its descriptor store), so a crash or `kill -9` of the plugin loses nothing.
+/// (its descriptor store), so a crash or `kill -9` of the plugin loses nothing;
+/// or, with a state directory, two files there, which also outlive the broker.
+/// Pages are keyed by the client's token, which survives its re-attaches.
 /// `data` is an append-only log of page images (compressed or raw); `index` an
 /// append-only log of fixed-size records (a page stored, a page forgotten),
 /// replayed on start-up to rebuild the table. When dead bytes outgrow live
-/// ones, both are rewritten into new memfds and kept again under the same names.
+/// ones, both are rewritten into new logs (kept again under the same names).
 final class SwapStore {
   struct Key: Hashable {
-    var client: UInt64
+    var client: UInt128
     var region: UInt64
     var offset: UInt64
   }
@@ -28,7 +30,8 @@ final class SwapStore {
     static let forget: UInt32 = 2
     var operation: UInt32
     var length: UInt32
-    var client: UInt64
+    var clientHigh: UInt64
+    var clientLow: UInt64
     var region: UInt64
     var offset: UInt64
     var location: UInt64
@@ -40,23 +43,51 @@ final class SwapStore {
   private var data: Log
   private var index: Log
   private let store: DescriptorStore
+  private let directory: String?
   /// Bytes of page images no entry refers to any more.
   private var deadBytes: UInt64 = 0
-  /// Whether the table was rebuilt from the broker's copies (a restart).
+  /// Whether the table was rebuilt from logs written before (a restart).
   let recovered: Bool
 
-  init(store: DescriptorStore) throws {
+  /// With `directory`, the logs are files there; else memfds in the broker's `store`.
+  init(store: DescriptorStore, directory: String?) throws {
     self.store = store
-    if let dataFD = store.restored["swap-data"], let indexFD = store.restored["swap-index"],
-       let data = Log(adopting: dataFD), let index = Log(adopting: indexFD) {
+    self.directory = directory
+    let restored: (Log, Log)?
+    if let directory {
+      restored = Log(adopting: try Log.openFile(directory + "/swap-data")).flatMap { data in
+        Log(adopting: try? Log.openFile(directory + "/swap-index")).map { (data, $0) }
+      }
+    } else {
+      restored = Log(adopting: store.restored["swap-data"]).flatMap { data in Log(adopting: store.restored["swap-index"]).map { (data, $0) } }
+    }
+    if let (data, index) = restored {
       self.data = data
       self.index = index
       recovered = true
       replay()
     } else {
-      data = try Log(named: "swap-data")
-      index = try Log(named: "swap-index")
+      (data, index) = try Self.newLogs(directory: directory)
       recovered = false
+      keep()
+    }
+  }
+
+  /// Empty logs: files in `directory` (replacing what was there), or memfds.
+  private static func newLogs(directory: String?) throws -> (Log, Log) {
+    guard let directory else { return (try Log(fd: Log.memfd("swap-data")), try Log(fd: Log.memfd("swap-index"))) }
+    // Written aside and renamed over the old ones, so a crash never leaves half a store.
+    let data = try Log(fd: Log.openFile(directory + "/swap-data.new", truncate: true))
+    let index = try Log(fd: Log.openFile(directory + "/swap-index.new", truncate: true))
+    return (data, index)
+  }
+
+  /// Makes the current logs the ones found after a restart.
+  private func keep() {
+    if let directory {
+      rename(directory + "/swap-data.new", directory + "/swap-data")
+      rename(directory + "/swap-index.new", directory + "/swap-index")
+    } else {
       store.keep(data.fd, as: "swap-data")
       store.keep(index.fd, as: "swap-index")
     }
@@ -80,7 +111,8 @@ final class SwapStore {
   func forget(_ key: Key) {
     guard let old = entries.removeValue(forKey: key) else { return }
     deadBytes += UInt64(old.length)
-    var record = Record(operation: Record.forget, length: 0, client: key.client, region: key.region, offset: key.offset, location: 0, crc: 0, compressed: 0)
+    var record = Record(operation: Record.forget, length: 0, clientHigh: UInt64(truncatingIfNeeded: key.client >> 64), clientLow: UInt64(truncatingIfNeeded: key.client),
+                        region: key.region, offset: key.offset, location: 0, crc: 0, compressed: 0)
     _ = try? withUnsafeBytes(of: &record) { try index.append($0) }
     compactIfWasteful()
   }
@@ -91,7 +123,8 @@ final class SwapStore {
   }
 
   private func record(_ key: Key, _ entry: Entry) throws {
-    var record = Record(operation: Record.put, length: entry.length, client: key.client, region: key.region, offset: key.offset,
+    var record = Record(operation: Record.put, length: entry.length, clientHigh: UInt64(truncatingIfNeeded: key.client >> 64),
+                        clientLow: UInt64(truncatingIfNeeded: key.client), region: key.region, offset: key.offset,
                         location: entry.location, crc: entry.crc, compressed: entry.compressed ? 1 : 0)
     _ = try withUnsafeBytes(of: &record) { try index.append($0) }
   }
@@ -102,7 +135,7 @@ final class SwapStore {
     while position + UInt64(size) <= index.end {
       let record = index.bytes(at: position, count: size).load(as: Record.self)
       position += UInt64(size)
-      let key = Key(client: record.client, region: record.region, offset: record.offset)
+      let key = Key(client: UInt128(record.clientHigh) << 64 | UInt128(record.clientLow), region: record.region, offset: record.offset)
       let old: Entry?
       if record.operation == Record.put {
         old = entries.updateValue(Entry(location: record.location, length: record.length, compressed: record.compressed != 0, crc: record.crc), forKey: key)
@@ -118,7 +151,7 @@ final class SwapStore {
   private func compactIfWasteful() {
     let live = data.end - Log.headerSize - deadBytes
     guard deadBytes > max(live, 16 << 20) else { return }
-    guard let newData = try? Log(named: "swap-data"), let newIndex = try? Log(named: "swap-index") else { return }
+    guard let (newData, newIndex) = try? Self.newLogs(directory: directory) else { return }
     let old = (data, index)
     data = newData
     index = newIndex
@@ -128,8 +161,7 @@ final class SwapStore {
     for (key, entry) in current {
       _ = try? put(key, image: UnsafeRawBufferPointer(old.0.bytes(at: entry.location, count: Int(entry.length))), compressed: entry.compressed, crc: entry.crc)
     }
-    store.keep(data.fd, as: "swap-data")
-    store.keep(index.fd, as: "swap-index")
+    keep()
     withExtendedLifetime(old) {}
   }
 }
@@ -138,15 +170,25 @@ final class SwapStore {
 /// end) so that a restarted plugin finds where the log ends.
 private final class Log {
   static let headerSize: UInt64 = 16
-  private static let magic: UInt64 = 0x7577_6170_6C6F_6701
+  private static let magic: UInt64 = 0x7577_6170_6C6F_6702
   let fd: CInt
   private var mapping: UnsafeMutableRawPointer
   private var capacity: Int
 
-  /// A new, empty log.
-  init(named name: String) throws {
+  static func memfd(_ name: String) throws -> CInt {
     let fd = cuffd_memfd(name)
     guard fd >= 0 else { throw SwapStoreError("memfd_create failed: \(-fd)") }
+    return fd
+  }
+
+  static func openFile(_ path: String, truncate: Bool = false) throws -> CInt {
+    let fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | (truncate ? O_TRUNC : 0), 0o600)
+    guard fd >= 0 else { throw SwapStoreError("cannot open \(path): \(String(cString: strerror(errno)))") }
+    return fd
+  }
+
+  /// A new, empty log in `fd` (a memfd or a file, truncated to nothing or new).
+  init(fd: CInt) throws {
     self.fd = fd
     capacity = 1 << 20
     guard ftruncate(fd, off_t(capacity)) == 0, let pointer = mmap(nil, capacity, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), pointer != MAP_FAILED else {
@@ -158,8 +200,9 @@ private final class Log {
     end = Self.headerSize
   }
 
-  /// A log kept by the broker; nil (and closed) if it is not one of ours.
-  init?(adopting fd: CInt) {
+  /// A log written before (kept by the broker, or a file); nil (and closed) if it is not one of ours.
+  init?(adopting descriptor: CInt?) {
+    guard let fd = descriptor else { return nil }
     var info = stat()
     guard fstat(fd, &info) == 0, info.st_size >= Int(Self.headerSize),
           let pointer = mmap(nil, Int(info.st_size), PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), pointer != MAP_FAILED

@@ -354,7 +354,14 @@ public final class Broker: @unchecked Sendable {
   private func sendLayouts(_ session: ClientSession) {
     guard let socket = session.socket else { return }
     for id in session.layoutUnsent.sorted() {
-      let bytes = ClientWire.encode(BrokerReply(requestID: 0, .layout(regionID: id, pieces: session.regions.layout(of: id))))
+      let pieces = session.regions.layout(of: id)
+      guard pieces.count <= RegionSpec.maxPieces else {
+        // It could not re-attach in that many pieces anyway: what moved fails closed after a broker restart.
+        logger.warning("a region is cut in too many pieces to tell the client", metadata: ["client.id": "\(session.id)", "region.id": "\(id)", "pieces": "\(pieces.count)"])
+        session.layoutUnsent.remove(id)
+        continue
+      }
+      let bytes = ClientWire.encode(BrokerReply(requestID: 0, .layout(regionID: id, pieces: pieces)))
       guard (try? bytes.withUnsafeBytes { (raw) throws(BrokerError) in try socket.send(raw) }) == .sent else { return }
       session.layoutUnsent.remove(id)
     }
@@ -506,6 +513,7 @@ public final class Broker: @unchecked Sendable {
     }
     session.pidfd = pidfd
     session.pid = register.pid
+    session.token = register.token != 0 ? register.token : .randomToken()
     attach(uffd, to: session)
     try openRegions(register.regions, session: session, requestID: requestID)
     session.phase = .opening
@@ -538,6 +546,7 @@ public final class Broker: @unchecked Sendable {
   func adoptFork(_ child: UserfaultFD, of parent: ClientSession) {
     let session = ClientSession(id: takeID(), socket: nil, peer: parent.peer, broker: self)
     session.parentID = parent.id
+    session.token = .randomToken()
     session.phase = .opening
     session.regions = parent.regions
     session.delegated = parent.delegated
@@ -597,7 +606,7 @@ public final class Broker: @unchecked Sendable {
       if !spec.swappedOut.isEmpty { session.swappedOutPages[spec.id] = OffsetRanges(spec.swappedOut) }
       // A plugin that is away gets it when it connects (see `announceRegions`).
       if let connection = route(named: spec.plugin).effective.connection {
-        append(.regionOpened(clientID: session.id, pid: session.pid, region: session.announced(spec), forkedFrom: session.parentID), to: connection)
+        append(.regionOpened(clientID: session.id, pid: session.pid, region: session.announced(spec), forkedFrom: session.parentID, token: session.token), to: connection)
       }
     }
   }
@@ -877,10 +886,10 @@ public final class Broker: @unchecked Sendable {
     for session in clients.values.sorted(by: { $0.id < $1.id }) {
       var announced = Set<UInt64>()
       for piece in session.regions.pieces where !piece.isNewMemory && announces(piece.route) && announced.insert(piece.spec.id).inserted {
-        append(.regionOpened(clientID: session.id, pid: session.pid, region: session.announced(piece.spec), forkedFrom: session.parentID), to: plugin)
+        append(.regionOpened(clientID: session.id, pid: session.pid, region: session.announced(piece.spec), forkedFrom: session.parentID, token: session.token), to: plugin)
       }
       for spec in session.pendingOpen?.regions ?? [] where announces(self.route(named: spec.plugin)) {
-        append(.regionOpened(clientID: session.id, pid: session.pid, region: session.announced(spec), forkedFrom: session.parentID), to: plugin)
+        append(.regionOpened(clientID: session.id, pid: session.pid, region: session.announced(spec), forkedFrom: session.parentID, token: session.token), to: plugin)
       }
     }
     if origin == nil { for event in route.takeMissedEvents() { append(event, to: plugin) } }

@@ -1819,7 +1819,7 @@ const ProtobufCMessageDescriptor uffdbroker__region__descriptor =
   (ProtobufCMessageInit) uffdbroker__region__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__register__field_descriptors[4] =
+static const ProtobufCFieldDescriptor uffdbroker__register__field_descriptors[6] =
 {
   {
     "pid",
@@ -1869,17 +1869,43 @@ static const ProtobufCFieldDescriptor uffdbroker__register__field_descriptors[4]
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "token_high",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_FIXED64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Register, token_high),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "token_low",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_FIXED64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Register, token_low),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__register__field_indices_by_name[] = {
   1,   /* field[1] = features */
   2,   /* field[2] = ioctls */
   0,   /* field[0] = pid */
   3,   /* field[3] = regions */
+  4,   /* field[4] = token_high */
+  5,   /* field[5] = token_low */
 };
 static const ProtobufCIntRange uffdbroker__register__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor uffdbroker__register__descriptor =
 {
@@ -1889,7 +1915,7 @@ const ProtobufCMessageDescriptor uffdbroker__register__descriptor =
   "Uffdbroker__Register",
   "uffdbroker",
   sizeof(Uffdbroker__Register),
-  4,
+  6,
   uffdbroker__register__field_descriptors,
   uffdbroker__register__field_indices_by_name,
   1,  uffdbroker__register__number_ranges,
@@ -2922,7 +2948,7 @@ const ProtobufCMessageDescriptor uffdbroker__remapped__descriptor =
   (ProtobufCMessageInit) uffdbroker__remapped__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__region_opened__field_descriptors[4] =
+static const ProtobufCFieldDescriptor uffdbroker__region_opened__field_descriptors[6] =
 {
   {
     "client_id",
@@ -2972,17 +2998,43 @@ static const ProtobufCFieldDescriptor uffdbroker__region_opened__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "token_high",
+    5,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_FIXED64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__RegionOpened, token_high),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "token_low",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_FIXED64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__RegionOpened, token_low),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__region_opened__field_indices_by_name[] = {
   0,   /* field[0] = client_id */
   3,   /* field[3] = parent_client_id */
   1,   /* field[1] = pid */
   2,   /* field[2] = region */
+  4,   /* field[4] = token_high */
+  5,   /* field[5] = token_low */
 };
 static const ProtobufCIntRange uffdbroker__region_opened__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 4 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor uffdbroker__region_opened__descriptor =
 {
@@ -2992,7 +3044,7 @@ const ProtobufCMessageDescriptor uffdbroker__region_opened__descriptor =
   "Uffdbroker__RegionOpened",
   "uffdbroker",
   sizeof(Uffdbroker__RegionOpened),
-  4,
+  6,
   uffdbroker__region_opened__field_descriptors,
   uffdbroker__region_opened__field_indices_by_name,
   1,  uffdbroker__region_opened__number_ranges,

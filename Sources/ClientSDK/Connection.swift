@@ -20,6 +20,8 @@ final class Connection: @unchecked Sendable {
     /// Where the broker last said each region lies, after an mremap or munmap
     /// moved or cut it (empty: nothing of it is left). A re-attach registers them there.
     var layouts: [UInt64: [RegionPiece]] = [:]
+    /// Who this client is across re-attaches: a plugin keeps its data (a swap store) under it.
+    let token = UInt128.randomToken()
     /// Children this process forked, served by the broker: their uffds (the
     /// broker's copies are the only others) and where their regions lay.
     var children: [UInt64: (uffd: UserfaultFD, pieces: [RegionPiece])] = [:]
@@ -54,7 +56,7 @@ final class Connection: @unchecked Sendable {
       fresh.setReceiveTimeout(milliseconds: timeoutMilliseconds)
       socket = fresh
       _ = try request(.hello(Hello(role: .client, name: name)))
-      let register = RegisterRequest(pid: getpid(), features: uffd.features, ioctls: uffd.ioctls, regions: currentRegions)
+      let register = RegisterRequest(pid: getpid(), features: uffd.features, ioctls: uffd.ioctls, regions: currentRegions, token: token)
       let reply = try request(.register(register), fds: [uffd.fileDescriptor.rawValue])
       guard case .ack(let id, _) = reply else { throw ClientError("the broker answered Register with \(reply)") }
       clientID = id

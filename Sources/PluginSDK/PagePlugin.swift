@@ -7,6 +7,10 @@ public final class PluginRegion {
   public let clientID: UInt64
   /// The client process (for logs; the broker has checked it with SO_PEERCRED).
   public let pid: Int32
+  /// The client's identity across broker restarts (its client id changes, this
+  /// does not): the key for data a plugin keeps beyond the broker's life.
+  /// Secret to the client, the broker and its plugins.
+  public let clientToken: UInt128
   /// As the client registered it: id, base, length, page size, argument, backing offset.
   public let spec: RegionSpec
   /// Where region offset 0 is now (differs from `spec.base` after an mremap).
@@ -39,9 +43,10 @@ public final class PluginRegion {
     pendingDelegations.append(Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length), source: .zero, revoke: true))
   }
 
-  init(clientID: UInt64, pid: Int32, spec: RegionSpec) {
+  init(clientID: UInt64, pid: Int32, spec: RegionSpec, clientToken: UInt128) {
     self.clientID = clientID
     self.pid = pid
+    self.clientToken = clientToken
     self.spec = spec
     self.base = spec.base
   }

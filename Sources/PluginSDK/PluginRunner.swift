@@ -202,8 +202,8 @@ public final class PluginRunner {
     switch event {
     case .pagefault(let fault):
       try serve(fault)
-    case .regionOpened(let clientID, let pid, let spec, let parentID):
-      let region = PluginRegion(clientID: clientID, pid: pid, spec: spec)
+    case .regionOpened(let clientID, let pid, let spec, let parentID, let token):
+      let region = PluginRegion(clientID: clientID, pid: pid, spec: spec, clientToken: token)
       var refusal: BrokerError?
       do {
         if parentID == 0 {

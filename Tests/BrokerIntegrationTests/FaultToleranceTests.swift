@@ -44,7 +44,7 @@ extension BrokerIntegrationTests {
           try plugin.serveOnce(milliseconds: 20) { batch, _ in
             for event in batch.events {
               switch event {
-              case .regionOpened(let id, _, _, _): clientID = id
+              case .regionOpened(let id, _, _, _, _): clientID = id
               case .pagefault(let fault): faults.append(fault)  // never answered
               case .closed(let id, _): closedClient = id
               default: break
@@ -149,7 +149,7 @@ extension BrokerIntegrationTests {
           try plugin.serveOnce(milliseconds: 10) { batch, decisions in
             for event in batch.events {
               switch event {
-              case .regionOpened(let id, _, let region, _): regions[id] = region
+              case .regionOpened(let id, _, let region, _, _): regions[id] = region
               case .pagefault(let fault):
                 if held == nil && !released {
                   held = fault  // the first fault: its thread waits; the other thread must not

@@ -156,6 +156,26 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("the broker killed (-9) after a swap-out, the swap plugin with a state directory: the client re-attaches under its token and every page comes back")
+    func brokerKilledSwapStateDirectory() throws {
+      try Harness.run("swap-state-dir") { h in
+        let state = h.directory + "/swap-state"
+        let plugin = try h.startSamplePlugin("swap-plugin", name: "swap", arguments: ["--state-dir", state])
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("swap-hold", mib: 1, threads: 1, plugin: "swap", extraEnvironment: gate.environment)
+        #expect(gate.awaitClient() == "swapped 256", h.diagnostics(client.stdout + client.stderr))
+        try h.killAndRestartBroker()
+        _ = plugin.wait(timeout: 5)  // its connection went with the broker
+        let restarted = try h.startSamplePlugin("swap-plugin", name: "swap", arguments: ["--state-dir", state])
+        #expect(h.waitForBrokerLog("client registered", "client.pid=\(client.pid)", timeout: 20), h.diagnostics)
+        gate.release()
+        #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("swap held: dropped 256; verified 256 pages, 0 wrong\n"), h.diagnostics(client.stdout))
+        #expect(restarted.stderr.contains("recovered 256 stored pages"), h.diagnostics(restarted.stderr))
+        #expect(h.brokerLogLines(containing: "lost swapped-out pages").isEmpty, h.diagnostics)
+      }
+    }
+
     @Test("the broker killed (-9) after a swap-out: the client re-attaches, and the pages no plugin holds any more fail closed (SIGBUS), never zeros")
     func brokerKilledAfterSwapOut() throws {
       try Harness.run("swap-broker-kill") { h in

@@ -78,7 +78,7 @@ extension BrokerIntegrationTests {
         let deadline = now() + 10
         while opened == nil && now() < deadline {
           try plugin.serveOnce(milliseconds: 20) { batch, _ in
-            for case .regionOpened(let clientID, _, let region, _) in batch.events { opened = (clientID, region) }
+            for case .regionOpened(let clientID, _, let region, _, _) in batch.events { opened = (clientID, region) }
           }
         }
         let (clientID, region) = try #require(opened, h.diagnostics("no region reached the plugin"))
@@ -119,7 +119,7 @@ extension BrokerIntegrationTests {
             eventsOf[plugin.name, default: []].append(contentsOf: batch.events)
             for event in batch.events {
               switch event {
-              case .regionOpened(let clientID, let pid, let region, _):
+              case .regionOpened(let clientID, let pid, let region, _, _):
                 regions[clientID] = region
                 pids[clientID] = pid
               case .pagefault(let fault):
@@ -181,7 +181,7 @@ func clientID(of event: BrokerEvent) -> UInt64? {
   case .pagefault(let fault): fault.clientID
   case .removed(let range), .unmapped(let range): range.clientID
   case .remapped(let remap): remap.clientID
-  case .regionOpened(let clientID, _, _, _), .regionClosed(let clientID, _), .closed(let clientID, _): clientID
+  case .regionOpened(let clientID, _, _, _, _), .regionClosed(let clientID, _), .closed(let clientID, _): clientID
   case .store(let store): store.clientID
   }
 }

@@ -66,6 +66,8 @@ final class ClientSession: UserfaultFDHandler {
   /// write-protected (a prefetch around a page outside it may reach into it).
   func isSwapping(_ range: Range<UInt>) -> Bool { swapping.contains { $0.overlaps(range) } }
 
+  /// The client's identity across re-attaches (its Register's, or one of the broker's).
+  @exclusivity(unchecked) var token: UInt128 = 0
   /// The client this one was forked from (0: it connected itself).
   @exclusivity(unchecked) var parentID: UInt64 = 0
   var isForkedChild: Bool { parentID != 0 }

@@ -49,8 +49,12 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
   /// event must fit one packet however long the client made them.
   public static let maxPluginNameBytes = 255
   public static let maxArgumentBytes = 4096
-  /// Extents of `swappedOut` a region may carry (a record longer than this is coarsened).
-  public static let maxSwappedExtents = 4096
+  /// Extents of `swappedOut` a region may carry: a record longer than this is
+  /// coarsened (the gaps merged in), so that a client's Register with every
+  /// region still fits one packet.
+  public static let maxSwappedExtents = 32
+  /// Pieces a region may be re-registered in (a region cut finer cannot re-attach).
+  public static let maxPieces = 256
 
   public init(id: UInt64, base: UInt, length: Int, pageSize: Int = systemPageSize, plugin: String, argument: String = "", backingOffset: UInt64 = 0,
               swappedOut: [Range<UInt64>] = [], pieces: [RegionPiece] = []) {
@@ -89,13 +93,28 @@ public struct RegisterRequest: Equatable, Sendable {
   public var features: UserfaultFD.Features
   public var ioctls: UserfaultFD.Ioctls
   public var regions: [RegionSpec]
+  /// The client's identity across re-attaches (0: none).
+  public var token: UInt128
 
-  public init(pid: Int32, features: UserfaultFD.Features, ioctls: UserfaultFD.Ioctls, regions: [RegionSpec]) {
+  public init(pid: Int32, features: UserfaultFD.Features, ioctls: UserfaultFD.Ioctls, regions: [RegionSpec], token: UInt128 = 0) {
     self.pid = pid
     self.features = features
     self.ioctls = ioctls
     self.regions = regions
+    self.token = token
   }
+}
+
+extension UInt128 {
+  /// A client token: 128 bits from the system's random source (never 0).
+  public static func randomToken() -> UInt128 {
+    var generator = SystemRandomNumberGenerator()
+    return UInt128(generator.next() as UInt64) << 64 | UInt128(generator.next() as UInt64) | 1
+  }
+
+  init(high: UInt64, low: UInt64) { self = UInt128(high) << 64 | UInt128(low) }
+  var high: UInt64 { UInt64(truncatingIfNeeded: self >> 64) }
+  var low: UInt64 { UInt64(truncatingIfNeeded: self) }
 }
 
 /// A message from a client to the broker.
@@ -218,7 +237,7 @@ public enum BrokerEvent: Equatable, Sendable {
   /// A client registered a region this plugin serves; answer with a region reply.
   /// `forkedFrom` (non-zero): the client is a child forked from that client,
   /// and the region holds what the parent's held at the fork.
-  case regionOpened(clientID: UInt64, pid: Int32, region: RegionSpec, forkedFrom: UInt64 = 0)
+  case regionOpened(clientID: UInt64, pid: Int32, region: RegionSpec, forkedFrom: UInt64 = 0, token: UInt128 = 0)
   case regionClosed(clientID: UInt64, regionID: UInt64)
   /// The client is gone; last for that client.
   case closed(clientID: UInt64, reason: String)
@@ -233,7 +252,7 @@ extension BrokerEvent {
     case .pagefault(let fault): return fault.clientID
     case .removed(let range), .unmapped(let range): return range.clientID
     case .remapped(let remap): return remap.clientID
-    case .regionOpened(let clientID, _, _, _), .regionClosed(let clientID, _), .closed(let clientID, _): return clientID
+    case .regionOpened(let clientID, _, _, _, _), .regionClosed(let clientID, _), .closed(let clientID, _): return clientID
     case .store(let store): return store.clientID
     }
   }

@@ -107,7 +107,7 @@ extension RegionSpec {
 
 /// Reads a repeated `Piece` field: at most `RegionSpec.maxSwappedExtents`, each fitting the address space.
 func decodePieces(_ count: Int, _ pieces: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Piece>?>?, of what: String) throws(BrokerError) -> [RegionPiece] {
-  guard count <= RegionSpec.maxSwappedExtents else { throw BrokerError(.limit, "\(what): more than \(RegionSpec.maxSwappedExtents) pieces") }
+  guard count <= RegionSpec.maxPieces else { throw BrokerError(.limit, "\(what): more than \(RegionSpec.maxPieces) pieces") }
   var result: [RegionPiece] = []
   for index in 0..<count {
     guard let piece = pieces?[index]?.pointee, piece.length <= UInt64(Int.max), piece.address <= UInt64(UInt.max) - piece.length,

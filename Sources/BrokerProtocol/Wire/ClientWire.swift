@@ -33,6 +33,8 @@ public enum ClientWire {
               registerPointer.pointee.ioctls = value.ioctls.rawValue
               registerPointer.pointee.n_regions = value.regions.count
               registerPointer.pointee.regions = pool.regionArray(value.regions)
+              registerPointer.pointee.token_high = value.token.high
+              registerPointer.pointee.token_low = value.token.low
               message.body_case = UFFDBROKER__CLIENT_TO_BROKER__BODY_REGISTER
               message.register_ = registerPointer
             case .addRegions(let regions):
@@ -103,7 +105,7 @@ public enum ClientWire {
       let r = m.register_.pointee
       return ClientRequest(requestID: m.request_id, .register(RegisterRequest(
         pid: r.pid, features: .init(rawValue: r.features), ioctls: .init(rawValue: r.ioctls),
-        regions: try regions(r.regions, count: r.n_regions))))
+        regions: try regions(r.regions, count: r.n_regions), token: UInt128(high: r.token_high, low: r.token_low))))
     case UFFDBROKER__CLIENT_TO_BROKER__BODY_ADD_REGIONS:
       let a = m.add_regions.pointee
       return ClientRequest(requestID: m.request_id, .addRegions(try regions(a.regions, count: a.n_regions)))

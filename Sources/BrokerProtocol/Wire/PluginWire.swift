@@ -128,15 +128,18 @@ public final class EventBatchEncoder {
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REMAPPED
       e.pointee.remapped = r
       commit(96)
-    case .regionOpened(let clientID, let pid, let region, let parent):
+    case .regionOpened(let clientID, let pid, let region, let parent, let token):
       let o = opened + count
       o.pointee.client_id = clientID
       o.pointee.pid = pid
       o.pointee.parent_client_id = parent
+      o.pointee.token_high = token.high
+      o.pointee.token_low = token.low
       o.pointee.region = pool.region(region)
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REGION_OPENED
       e.pointee.region_opened = o
-      commit(171 + region.plugin.utf8.count + region.argument.utf8.count)
+      // An Extent is at most 24 bytes on the wire, a Piece 36.
+      commit(189 + region.plugin.utf8.count + region.argument.utf8.count + 24 * region.swappedOut.count + 36 * region.pieces.count)
     case .regionClosed(let clientID, let regionID):
       let c = regionsClosed + count
       c.pointee.client_id = clientID
@@ -333,7 +336,8 @@ public final class EventBatchDecoder {
     case UFFDBROKER__EVENT__KIND_REGION_OPENED:
       let o = e.region_opened.pointee
       guard let region = o.region else { throw BrokerError(.malformed, "RegionOpened without a region") }
-      return .regionOpened(clientID: o.client_id, pid: o.pid, region: try RegionSpec(decoding: region), forkedFrom: o.parent_client_id)
+      return .regionOpened(clientID: o.client_id, pid: o.pid, region: try RegionSpec(decoding: region), forkedFrom: o.parent_client_id,
+                           token: UInt128(high: o.token_high, low: o.token_low))
     case UFFDBROKER__EVENT__KIND_REGION_CLOSED:
       return .regionClosed(clientID: e.region_closed.pointee.client_id, regionID: e.region_closed.pointee.region_id)
     case UFFDBROKER__EVENT__KIND_CLOSED:

@@ -261,10 +261,18 @@ struct  Uffdbroker__Register
   uint64_t ioctls;
   size_t n_regions;
   Uffdbroker__Region **regions;
+  /*
+   * The client's identity across re-attaches, 128 random bits it chose once
+   * (0: none; the broker then picks one). Client ids change when a broker
+   * restarts; the token does not, so a plugin keeps data under it. Secret: the
+   * plugins (and only they) learn it, in RegionOpened.
+   */
+  uint64_t token_high;
+  uint64_t token_low;
 };
 #define UFFDBROKER__REGISTER__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__register__descriptor) \
-    , 0, 0, 0, 0,NULL }
+    , 0, 0, 0, 0,NULL, 0, 0 }
 
 
 struct  Uffdbroker__AddRegions
@@ -556,10 +564,16 @@ struct  Uffdbroker__RegionOpened
    * 0: not a forked child
    */
   uint64_t parent_client_id;
+  /*
+   * The client's token (see Register): the key for data a plugin keeps across
+   * broker restarts. A forked child has a token of its own.
+   */
+  uint64_t token_high;
+  uint64_t token_low;
 };
 #define UFFDBROKER__REGION_OPENED__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__region_opened__descriptor) \
-    , 0, 0, NULL, 0 }
+    , 0, 0, NULL, 0, 0, 0 }
 
 
 /*

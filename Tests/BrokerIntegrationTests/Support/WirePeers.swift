@@ -103,7 +103,7 @@ final class ManualPlugin {
     var decisions: [Decision] = []
     try answer(batch, &decisions)
     let replies = batch.events.compactMap { event -> RegionReply? in
-      guard case .regionOpened(let clientID, _, let region, _) = event else { return nil }
+      guard case .regionOpened(let clientID, _, let region, _, _) = event else { return nil }
       return RegionReply(clientID: clientID, regionID: region.id, error: nil)
     }
     if !decisions.isEmpty || !replies.isEmpty { try send(decisions, replies: replies) }

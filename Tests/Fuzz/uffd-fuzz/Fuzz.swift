@@ -327,7 +327,8 @@ enum Seeds {
     let requests: [(String, ClientRequest.Body)] = [
       ("hello", .hello(Hello(role: .client, name: "demo-client"))),
       ("register", .register(RegisterRequest(pid: 4242, features: .init(rawValue: 0x1ff), ioctls: .init(rawValue: 0x3f), regions: [regionA, regionB]))),
-      ("register-moved", .register(RegisterRequest(pid: 4242, features: .init(rawValue: 0x1ff), ioctls: .init(rawValue: 0x3f), regions: [movedA]))),
+      ("register-moved", .register(RegisterRequest(pid: 4242, features: .init(rawValue: 0x1ff), ioctls: .init(rawValue: 0x3f), regions: [movedA],
+                                                   token: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3211))),
       ("add-regions", .addRegions([regionB])),
       ("remove-regions", .removeRegions([1, 2, 77])),
       ("swap-out", .swapOut(regionID: 1, offset: 4096, length: 8 * page)),
@@ -422,7 +423,7 @@ enum Seeds {
     broker("unmapped", [.unmapped(unmapped)])
     broker("remapped", [.remapped(remap)])
     broker("region-opened", [.regionOpened(clientID: 7, pid: 4242, region: regionA), .regionOpened(clientID: 8, pid: 0, region: regionA, forkedFrom: 7),
-                             .regionOpened(clientID: 7, pid: 4242, region: movedA)])
+                             .regionOpened(clientID: 7, pid: 4242, region: movedA, token: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3211)])
     broker("region-closed", [.regionClosed(clientID: 7, regionID: 2)])
     broker("closed", [.closed(clientID: 7, reason: "client exited")])
     broker("store", [.store(store)])
