@@ -117,18 +117,18 @@ final class ClientSession: UserfaultFDHandler {
     }
     // A forked child's faults wait until its plugins have taken its regions.
     if phase == .opening { return .notNow }
+    // The rare cases first, each behind one emptiness test: the fault path pays no lookup for them.
     if !wokenPages.isEmpty, let wakes = wokenPages[fault.address & ~UInt(systemPageSize - 1)], wakes >= Self.wakeLimit {
-      let page = fault.address & ~UInt(systemPageSize - 1)
-      wokenPages[page] = nil
-      return broker.failClosed(page, session: self, cause: "it was woken \(wakes) times and faulted again each time")
+      wokenPages[fault.address & ~UInt(systemPageSize - 1)] = nil
+      return failClosed(fault, "it was woken \(wakes) times and faulted again each time")
     }
     guard let piece = regions.piece(containing: fault.address) else { return placeUnknown(fault, on: uffd) }
     if piece.isNewMemory { return broker.fillNewMemory(fault, piece: piece, session: self) }
     if !lostPages.isEmpty, lostPages[piece.spec.id]?.contains(piece.offset(of: fault.address)) == true {
-      return broker.failClosed(fault.address & ~UInt(systemPageSize - 1), session: self, cause: "its swapped-out content was lost with its plugin")
+      return failClosed(fault, "its swapped-out content was lost with its plugin")
     }
     if !refusedRegions.isEmpty && refusedRegions.contains(piece.spec.id) {
-      return broker.failClosed(fault.address & ~UInt(systemPageSize - 1), session: self, cause: "its plugin does not serve this forked child")
+      return failClosed(fault, "its plugin does not serve this forked child")
     }
     if !delegated.isEmpty, let range = delegated.range(regionID: piece.spec.id, offset: piece.offset(of: fault.address)),
        let result = broker.resolveLocally(fault, piece: piece, delegated: range, session: self) {
@@ -152,7 +152,7 @@ final class ClientSession: UserfaultFDHandler {
     let page = fault.address & ~UInt(systemPageSize - 1)
     if pendingOpen?.regions.contains(where: { $0.range.contains(page) }) == true { return .notNow }
     // A forked child has no pid to read the mappings of: poison tells (ENOENT where unregistered).
-    if isForkedChild { return broker.failClosed(page, session: self, cause: "a forked child's fault outside its table") }
+    if isForkedChild { return failClosed(fault, "a forked child's fault outside its table") }
     guard let mapping = ProcessMappings.mapping(containing: page, pid: pid) else {
       _ = uffd.wake(address: page, length: systemPageSize)
       noteWoken(page)
@@ -162,7 +162,11 @@ final class ClientSession: UserfaultFDHandler {
       regions.addNewMemory(range)
       if let piece = regions.piece(containing: page) { return broker.fillNewMemory(fault, piece: piece, session: self) }
     }
-    return broker.failClosed(page, session: self, cause: "the fault is in registered memory the broker's region table does not cover")
+    return failClosed(fault, "the fault is in registered memory the broker's region table does not cover")
+  }
+
+  private func failClosed(_ fault: Pagefault, _ cause: String) -> PagefaultResult {
+    broker.failClosed(fault.address & ~UInt(systemPageSize - 1), session: self, cause: cause)
   }
 
   func removed(_ range: Range<UInt>) {
