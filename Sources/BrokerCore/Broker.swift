@@ -545,10 +545,22 @@ public final class Broker: @unchecked Sendable {
   /// uffd (`sweepClients`).
   func adoptFork(_ child: UserfaultFD, of parent: ClientSession) {
     let session = ClientSession(id: takeID(), socket: nil, peer: parent.peer, broker: self)
+    // First of all (the window in which a broker killed leaves the child
+    // unprotected stays microseconds): the parent keeps a copy of the child's
+    // uffd, which otherwise lives only here.
+    let notice = ClientWire.encode(BrokerReply(requestID: 0, .forked(childID: session.id, pieces: parent.regions.layout())))
+    let kept = [child.fileDescriptor.rawValue].withUnsafeBufferPointer { fds in
+      notice.withUnsafeBytes { raw in (try? parent.socket?.send(raw, fds: fds)) == .sent }
+    }
+    if !kept {
+      logger.warning("the parent cannot keep its forked child's userfaultfd: a broker killed now leaves the child's unfilled pages reading zeros", metadata: ["client.id": "\(parent.id)", "child.id": "\(session.id)"])
+    }
     session.parentID = parent.id
     session.token = .randomToken()
     session.phase = .opening
     session.regions = parent.regions
+    // The kernel gives a child's copy of a WIPEONFORK mapping fresh pages, which fault to its uffd.
+    for wiped in ProcessMappings.wipedOnFork(pid: parent.pid) { session.regions.makeNewMemory(wiped) }
     session.delegated = parent.delegated
     session.refusedRegions = parent.refusedRegions
     session.swappedOutPages = parent.swappedOutPages
@@ -563,14 +575,6 @@ public final class Broker: @unchecked Sendable {
       for piece in session.regions.pieces { child.poisonMissing(address: piece.live.lowerBound, length: piece.live.count) }
       closeClient(session, reason: "its userfaultfd could not be watched")
       return
-    }
-    // The parent keeps a copy of the child's uffd, which otherwise lives only here.
-    let notice = ClientWire.encode(BrokerReply(requestID: 0, .forked(childID: session.id, pieces: session.regions.layout())))
-    let kept = [child.fileDescriptor.rawValue].withUnsafeBufferPointer { fds in
-      notice.withUnsafeBytes { raw in (try? parent.socket?.send(raw, fds: fds)) == .sent }
-    }
-    if !kept {
-      logger.warning("the parent cannot keep its forked child's userfaultfd: a broker killed now leaves the child's unfilled pages reading zeros", metadata: ["client.id": "\(parent.id)", "child.id": "\(session.id)"])
     }
     var seen = Set<UInt64>()
     let specs = session.regions.pieces.filter { !$0.isNewMemory && seen.insert($0.spec.id).inserted }.map(\.spec)

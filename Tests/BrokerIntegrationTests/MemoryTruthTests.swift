@@ -52,7 +52,7 @@ extension BrokerIntegrationTests {
       }
     }
 
-    @Test("fork: the child's pages read what the parent's held (copied, dropped, never read), its plugin is told, and the child is closed when it exits")
+    @Test("fork: the child's pages read what the parent's held (copied, dropped, never read, zeros where WIPEONFORK), its plugin is told, and the child is closed when it exits")
     func forkedChild() throws {
       try Harness.run("fork") { h in
         try h.startPlugin(name: "pattern", mode: "pattern")

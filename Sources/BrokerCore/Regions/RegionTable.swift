@@ -204,6 +204,14 @@ public struct RegionTable {
     insert(Piece(spec: neighbour.spec, live: range, offset: UInt64(neighbour.spec.length), route: neighbour.route, isNewMemory: true))
   }
 
+  /// Turns what the table serves in `range` into new memory (a forked child's
+  /// copy of a `MADV_WIPEONFORK` mapping): zeros, filled by the broker.
+  mutating func makeNewMemory(_ range: Range<UInt>) {
+    for part in cut(range) {
+      insert(Piece(spec: part.piece.spec, live: part.range, offset: UInt64(part.piece.spec.length), route: part.piece.route, isNewMemory: true))
+    }
+  }
+
   /// Removes every piece of region `id`; returns whether there was one.
   @discardableResult
   public mutating func remove(regionID id: UInt64) -> Bool {

@@ -1,14 +1,42 @@
 import Glibc
 
 /// The kernel's own view of a client's address space, read from
-/// `/proc/PID/maps`: the ground truth the broker consults when a fault lands
-/// where its region table has nothing (a rare path; never per routine fault).
+/// `/proc/PID/maps` and `/proc/PID/smaps`: the ground truth the broker consults
+/// on rare paths (a fault where its table has nothing, a fork), never per
+/// routine fault.
 enum ProcessMappings {
   /// The mapping (VMA) of process `pid` containing `address`, or nil if none
   /// does or the file cannot be read (the process is gone).
   static func mapping(containing address: UInt, pid: Int32) -> Range<UInt>? {
-    let fd = open("/proc/\(pid)/maps", O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { return nil }
+    var found: Range<UInt>?
+    forEachLine(of: "/proc/\(pid)/maps") { line in
+      guard let range = parse(line) else { return true }
+      if range.contains(address) { found = range }
+      return range.upperBound <= address  // the file is sorted by address
+    }
+    return found
+  }
+
+  /// The mappings of process `pid` marked `MADV_WIPEONFORK` (VmFlags `wf`): a
+  /// forked child's copy of them is new memory, zero until written.
+  static func wipedOnFork(pid: Int32) -> [Range<UInt>] {
+    var wiped: [Range<UInt>] = []
+    var current: Range<UInt>?
+    forEachLine(of: "/proc/\(pid)/smaps") { line in
+      if let range = parse(line) {
+        current = range
+      } else if let current, line.starts(with: "VmFlags:".utf8), contains(line, word: "wf") {
+        wiped.append(current)
+      }
+      return true
+    }
+    return wiped
+  }
+
+  /// Calls `body` with each line (without its newline) until it returns false.
+  private static func forEachLine(of path: String, _ body: (UnsafeRawBufferPointer) -> Bool) {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return }
     defer { close(fd) }
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 1 << 16, alignment: 8)
     defer { buffer.deallocate() }
@@ -16,20 +44,22 @@ enum ProcessMappings {
     while true {
       let n = read(fd, buffer.baseAddress! + kept, buffer.count - kept)
       if n < 0 && errno == EINTR { continue }
-      if n <= 0 { return nil }
+      if n <= 0 { return }
       let end = kept + n
       var lineStart = 0
       for index in 0..<end where buffer[index] == UInt8(ascii: "\n") {
-        if let range = parse(UnsafeRawBufferPointer(rebasing: buffer[lineStart..<index])) {
-          if range.contains(address) { return range }
-          if range.lowerBound > address { return nil }  // the file is sorted by address
-        }
+        guard body(UnsafeRawBufferPointer(rebasing: buffer[lineStart..<index])) else { return }
         lineStart = index + 1
       }
       kept = end - lineStart
-      if kept == buffer.count { return nil }  // a line longer than the buffer: not a maps file
-      if kept > 0 { (buffer.baseAddress!).copyMemory(from: buffer.baseAddress! + lineStart, byteCount: kept) }
+      if kept == buffer.count { return }  // a line longer than the buffer: not a maps file
+      if kept > 0 { buffer.baseAddress!.copyMemory(from: buffer.baseAddress! + lineStart, byteCount: kept) }
     }
+  }
+
+  /// Whether the space-separated `line` has `word` among its fields.
+  private static func contains(_ line: UnsafeRawBufferPointer, word: String) -> Bool {
+    line.split(separator: UInt8(ascii: " ")).contains { $0.elementsEqual(word.utf8) }
   }
 
   /// `start-end` (hex) at the head of a maps line.

@@ -7,6 +7,10 @@ extension UserfaultFD {
     public init(rawValue: UInt64) { self.rawValue = rawValue }
 
     public static let pagefaultFlagWP = Features(rawValue: 1 << 0)
+    /// Fork events (needs CAP_SYS_PTRACE). `fork()` returns only once the FORK
+    /// message is read, and glibc's `fork()` holds every malloc lock meanwhile:
+    /// a reader in the *same* process that allocates (any Swift code) deadlocks
+    /// it. Read such a uffd from another process (the broker does), or fork with `_Fork()`.
     public static let eventFork = Features(rawValue: 1 << 1)
     public static let eventRemap = Features(rawValue: 1 << 2)
     public static let eventRemove = Features(rawValue: 1 << 3)

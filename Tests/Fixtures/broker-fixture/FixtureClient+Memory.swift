@@ -139,28 +139,32 @@ extension FixtureClient {
     return 0
   }
 
-  /// A region of 256 pages: 128 read, 10 of them dropped again, then fork().
-  /// The child reads every page (read before: copied by the kernel; dropped:
-  /// zeros; never read: served to the child's own uffd), writes one, and exits
-  /// 0 if all were right. The parent then checks its own pages, untouched by
-  /// the child's write. Prints how the child ended: `child exit N` or `child signal N`.
+  /// A region of 256 pages: 128 read, 10 of them dropped again, the last 16
+  /// (one read) marked MADV_WIPEONFORK, then fork(). The child reads every page
+  /// (read before: copied by the kernel; dropped: zeros; never read: served to
+  /// the child's own uffd; wiped: zeros), writes one, and exits 0 if all were
+  /// right. The parent then checks its own pages, untouched by the child's
+  /// write. Prints how the child ended: `child exit N` or `child signal N`.
   func forkChild() throws -> Int32 {
     let pages = 256
     let memory = try AnonymousMemory(length: pages * pageSize)
     let client = try register(memory)
     for page in 0..<128 { _ = cuffd_touch(memory.base + page * pageSize) }
+    _ = cuffd_touch(memory.base + 250 * pageSize)
     madvise(memory.base + 10 * pageSize, 10 * pageSize, MADV_DONTNEED)
+    madvise(memory.base + 240 * pageSize, 16 * pageSize, 18 /* MADV_WIPEONFORK */)
     let base = memory.base
     let size = pageSize
-    let expect = { (page: Int) -> Bool in
+    let expect = { (page: Int, inChild: Bool) -> Bool in
       let bytes = UnsafeRawBufferPointer(start: base + page * size, count: size)
-      return (10..<20).contains(page) ? !bytes.contains { $0 != 0 } : Pattern.mismatch(bytes, backingOffset: UInt64(page * size)) == nil
+      let zeros = (10..<20).contains(page) || (inChild && page >= 240)
+      return zeros ? !bytes.contains { $0 != 0 } : Pattern.mismatch(bytes, backingOffset: UInt64(page * size)) == nil
     }
     let child = fork()
     if child == 0 {
       // The child: plain memory accesses only, then _exit.
       var wrong = 0
-      for page in (0..<pages).reversed() where !expect(page) { wrong += 1 }
+      for page in (0..<pages).reversed() where !expect(page, true) { wrong += 1 }
       (base + 200 * size).storeBytes(of: 0xC41D, as: UInt64.self)
       _exit(wrong == 0 ? 0 : 1)
     }
@@ -170,7 +174,7 @@ extension FixtureClient {
     }
     var status: Int32 = 0
     waitpid(child, &status, 0)
-    let parentWrong = (0..<pages).filter { !expect($0) }.count
+    let parentWrong = (0..<pages).filter { !expect($0, false) }.count
     let ending = status & 0x7F == 0 ? "child exit \((status >> 8) & 0xFF)" : "child signal \(status & 0x7F)"
     withExtendedLifetime(client) {}
     print("forked: \(ending), parent wrong \(parentWrong)")
@@ -215,12 +219,19 @@ extension FixtureClient {
     let memory = try AnonymousMemory(length: 256 * pageSize)
     let client = try register(memory)
     for page in 0..<128 { _ = cuffd_touch(memory.base + page * pageSize) }
+    var ready: [CInt] = [-1, -1]
+    guard pipe(&ready) == 0 else { return 1 }
     let child = fork()
     if child == 0 {
+      var byte: UInt8 = 0
+      _ = read(ready[0], &byte, 1)  // the parent holds the child's uffd by then
       gate("forked")
       let word = (memory.base + 200 * pageSize).load(as: UInt64.self)
       _exit(word == 0 ? 7 : 8)
     }
+    // A round trip: the broker adopted the child, and sent its uffd here, before it answers.
+    try client.addRegions([])
+    _ = write(ready[1], "1", 1)
     var status: Int32 = 0
     waitpid(child, &status, 0)
     withExtendedLifetime(client) {}
