@@ -102,6 +102,7 @@ public final class Broker: @unchecked Sendable {
   /// private to the broker's uid (0600/0700) unless the config lets others in;
   /// either way SO_PEERCRED decides who may do what.
   public init(configuration: BrokerConfiguration, logger: Logger) throws(BrokerError) {
+    try configuration.validate()
     self.configuration = configuration
     self.logger = logger
     let ownerOnly = { (uids: Set<UInt32>, gids: Set<UInt32>) in uids.subtracting([getuid()]).isEmpty && gids.isEmpty }

@@ -69,4 +69,33 @@ public struct BrokerConfiguration: Sendable {
     clientUIDs = [getuid()]
     pluginUIDs = [getuid()]
   }
+
+  /// Checks every value against its rule; the error names the field, the value
+  /// and the rule (a negative deadline once trapped the running broker).
+  public func validate() throws(BrokerError) {
+    let day = 86_400_000
+    let ranges: [(String, Int, ClosedRange<Int>)] = [
+      ("pluginDeadlineMilliseconds", pluginDeadlineMilliseconds, 1...day),
+      ("registrationTimeoutMilliseconds", registrationTimeoutMilliseconds, 1...day),
+      ("maxClients", maxClients, 1...1 << 20),
+      ("maxRegionsPerClient", maxRegionsPerClient, 1...1 << 16),
+      ("maxInFlightPerPlugin", maxInFlightPerPlugin, 1...1 << 24),
+    ] + plugins.enumerated().map { ("plugins[\($0.offset)].maxRestarts", $0.element.maxRestarts, 0...1_000_000) }
+      + policies.sorted { $0.key < $1.key }.map { ("policies.\($0.key).failAfterMilliseconds", $0.value.failAfterMilliseconds, 0...day) }
+    for (field, value, range) in ranges where !range.contains(value) {
+      throw BrokerError(.malformed, "\(field) is \(value); it must be from \(range.lowerBound) to \(range.upperBound)")
+    }
+    var names = Set<String>()
+    for (index, plugin) in plugins.enumerated() {
+      guard !plugin.name.isEmpty, names.insert(plugin.name).inserted else {
+        throw BrokerError(.malformed, "plugins[\(index)].name \"\(plugin.name)\" is empty or used twice")
+      }
+      guard access(plugin.executable, X_OK) == 0 else {
+        throw BrokerError(.malformed, "plugins[\(index)].executable \(plugin.executable) is not an executable file")
+      }
+    }
+    for (name, policy) in policies.sorted(by: { $0.key < $1.key }) where policy.fallback == name {
+      throw BrokerError(.malformed, "policies.\(name).fallback names the plugin itself")
+    }
+  }
 }

@@ -45,12 +45,13 @@ struct BrokerCommand: ParsableCommand {
     }
     let logger = Logger(label: "uffd-broker")
     var configuration = BrokerConfiguration(clientSocketPath: SocketPaths.client, pluginSocketPath: SocketPaths.plugin)
-    if let config {
-      do {
-        try ConfigFile.load(path: config).apply(to: &configuration)
-      } catch {
-        throw ValidationError("config file \(config): \(error)")
-      }
+    do {
+      if let config { try ConfigFile.load(path: config).apply(to: &configuration) }
+      try configuration.validate()
+    } catch {
+      // A bad config is no usage error: the reason alone, and EX_CONFIG.
+      FileHandle.standardError.write(Data("uffd-broker: config file \(config ?? "(none)"): \(ConfigFile.describe(error))\n".utf8))
+      throw ExitCode(78)
     }
     // The command line wins over the config file.
     if let clientSocket { configuration.clientSocketPath = clientSocket }
@@ -93,6 +94,27 @@ struct ConfigFile: Decodable {
   enum CodingKeys: String, CodingKey, CaseIterable {
     case clientSocket, pluginSocket, plugins, policies, clientUIDs, pluginUIDs, clientGIDs, pluginGIDs
     case pluginDeadlineMilliseconds, registrationTimeoutMilliseconds, maxClients, maxRegionsPerClient, maxInFlightPerPlugin
+  }
+
+  /// An error of loading a config, for a person: JSON errors say where, type errors which field.
+  static func describe(_ error: any Error) -> String {
+    switch error {
+    case let error as BrokerError: return error.message
+    case DecodingError.typeMismatch(let type, let context), DecodingError.valueNotFound(let type, let context):
+      return "\(path(context.codingPath)) must be \(type == Int.self || type == UInt32.self ? "a whole number" : "\(type)")"
+    case DecodingError.keyNotFound(let key, let context):
+      return "\(path(context.codingPath + [key])) is missing"
+    case DecodingError.dataCorrupted(let context):
+      let underlying = (context.underlyingError as NSError?)?.userInfo[NSDebugDescriptionErrorKey] as? String
+      return "not valid JSON\(context.codingPath.isEmpty ? "" : " at \(path(context.codingPath))"): \(underlying ?? context.debugDescription)"
+    case let error as NSError where error.domain == NSCocoaErrorDomain:
+      return "not valid JSON: \(error.userInfo[NSDebugDescriptionErrorKey] as? String ?? error.localizedDescription)"
+    default: return "\(error)"
+    }
+  }
+
+  private static func path(_ keys: [any CodingKey]) -> String {
+    keys.map { $0.intValue.map { "[\($0)]" } ?? ".\($0.stringValue)" }.joined().drop { $0 == "." }.description
   }
 
   static func load(path: String) throws -> ConfigFile {

@@ -257,9 +257,29 @@ extension BrokerIntegrationTests {
           label: "broker-bad-config", executable: Harness.brokerExecutable,
           arguments: ["--config", bad, "--client-socket", dir + "/bad-c.sock", "--plugin-socket", dir + "/bad-p.sock"],
           environment: [:], stdoutPath: dir + "/bad.stdout", stderrPath: dir + "/bad.stderr")
-        #expect(refused.wait(timeout: 10) == .exited(64), h.diagnostics(refused.stderr))
+        #expect(refused.wait(timeout: 10) == .exited(78), h.diagnostics(refused.stderr))
         #expect(refused.stderr.contains("unknown fields clientUids, plugins[0].args"), h.diagnostics(refused.stderr))
         #expect(access(dir + "/bad-c.sock", F_OK) != 0, h.diagnostics)
+
+        // Values against their rules, types and syntax: each refused with the field (or place) named, no usage banner.
+        let cases: [(String, String)] = [
+          (#"{"pluginDeadlineMilliseconds": -1}"#, "pluginDeadlineMilliseconds is -1; it must be from 1 to 86400000"),
+          (#"{"maxClients": 0}"#, "maxClients is 0; it must be from 1 to"),
+          (#"{"plugins": [{"name": "a", "executable": "/bin/true"}, {"name": "a", "executable": "/bin/true"}]}"#, #"plugins[1].name "a" is empty or used twice"#),
+          (#"{"plugins": [{"name": "a", "executable": "/no/such/plugin"}]}"#, "plugins[0].executable /no/such/plugin is not an executable file"),
+          (#"{"maxClients": "many"}"#, "maxClients must be a whole number"),
+          (#"{"maxClients": 3,"#, "not valid JSON"),
+        ]
+        for (index, (text, message)) in cases.enumerated() {
+          let path = dir + "/bad-\(index).json"
+          try writeTextFile(path, text)
+          let process = try FixtureProcess(
+            label: "broker-bad-\(index)", executable: Harness.brokerExecutable,
+            arguments: ["--config", path, "--client-socket", dir + "/bad-c.sock", "--plugin-socket", dir + "/bad-p.sock"],
+            environment: [:], stdoutPath: dir + "/bad-\(index).stdout", stderrPath: dir + "/bad-\(index).stderr")
+          #expect(process.wait(timeout: 10) == .exited(78), h.diagnostics(text + ": " + process.stderr))
+          #expect(process.stderr.contains(message) && !process.stderr.contains("USAGE"), h.diagnostics(text + ": " + process.stderr))
+        }
 
         let config = dir + "/sockets.json"
         try writeTextFile(config, #"{"clientSocket": "\#(dir)/from-config.sock"}"#)
