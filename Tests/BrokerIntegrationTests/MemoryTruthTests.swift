@@ -7,14 +7,25 @@ extension BrokerIntegrationTests {
   /// loudly; no thread is woken forever.
   @Suite("The broker's view of memory agrees with the kernel's")
   struct MemoryTruth {
+    /// Runs fixture client `scenario` against a fresh broker and a fixture
+    /// plugin in `mode`: it must exit 0 with `summary`, and nothing may have
+    /// failed closed (each of these workloads is right, so none may need to).
+    private func expectExact(
+      _ scenario: String, mode: String = "pattern", mib: Int = 0, threads: Int = 1, loops: Int? = nil, timeout: Double = 20, summary: String,
+      sourceLocation: SourceLocation = #_sourceLocation
+    ) throws {
+      try Harness.run(scenario, sourceLocation: sourceLocation) { h in
+        try h.startPlugin(name: "fixture", mode: mode)
+        let outcome = try h.runClient(scenario, mib: mib, threads: threads, plugin: "fixture", loops: loops, timeout: timeout, sourceLocation: sourceLocation)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr), sourceLocation: sourceLocation)
+        #expect(outcome.summary == summary, h.diagnostics, sourceLocation: sourceLocation)
+        #expect(h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics, sourceLocation: sourceLocation)
+      }
+    }
+
     @Test("prefetch over pages dropped behind a present one: the range copy's EEXIST does not settle the faulting page")
     func prefetchOverDroppedPages() throws {
-      try Harness.run("prefetch-dontneed") { h in
-        try h.startPlugin(name: "blocks", mode: "prefetch-refill")
-        let outcome = try h.runClient("prefetch-dontneed", mib: 0, threads: 1, plugin: "blocks", timeout: 20)
-        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
-        #expect(outcome.summary == "prefetch over dropped pages: 64 pages, 0 wrong", h.diagnostics)
-      }
+      try expectExact("prefetch-dontneed", mode: "prefetch-refill", summary: "prefetch over dropped pages: 64 pages, 0 wrong")
     }
 
     @Test("the same with the snapshot plugin, prefetching and delegated to the broker")
@@ -30,26 +41,13 @@ extension BrokerIntegrationTests {
 
     @Test("a region grown by mremap in place, or moved while growing: the old part keeps its bytes, the new tail reads zeros", arguments: [0, 1])
     func grownRegion(moving: Int) throws {
-      try Harness.run("grow") { h in
-        try h.startPlugin(name: "pattern", mode: "pattern")
-        let outcome = try h.runClient("grow", mib: 1, threads: 1, plugin: "pattern", loops: moving, timeout: 20)
-        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
-        #expect(outcome.summary == "grown \(moving == 1 ? "with a move" : "in place") to \(2 << 20) bytes, 0 wrong", h.diagnostics)
-        // The tail is the broker's (new memory): the plugin never saw a fault past the region.
-        #expect(h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics)
-      }
+      // The tail is the broker's (new memory): no plugin decides it, nothing fails closed.
+      try expectExact("grow", mib: 1, loops: moving, summary: "grown \(moving == 1 ? "with a move" : "in place") to \(2 << 20) bytes, 0 wrong")
     }
 
     @Test("two threads moving memory into each other's holes (300 rounds): a late trailing UNMAP never cuts the newcomer")
     func concurrentMovers() throws {
-      try Harness.run("movers") { h in
-        try h.startPlugin(name: "pattern", mode: "pattern")
-        let rounds = 300
-        let outcome = try h.runClient("concurrent-movers", mib: 0, threads: 2, plugin: "pattern", loops: rounds, timeout: 60)
-        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
-        #expect(outcome.summary == "concurrent movers: \(rounds) rounds, 0 wrong pages", h.diagnostics)
-        #expect(h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics)
-      }
+      try expectExact("concurrent-movers", threads: 2, loops: 300, timeout: 60, summary: "concurrent movers: 300 rounds, 0 wrong pages")
     }
 
     @Test("fork: the child's pages read what the parent's held (copied, dropped, never read, zeros where WIPEONFORK), its plugin is told, and the child is closed when it exits")
@@ -107,13 +105,7 @@ extension BrokerIntegrationTests {
 
     @Test("the mover race (100 rounds): movers into each other's holes while a reader faults, a dropper drops and children fork; every page of parent and children exact")
     func moverRace() throws {
-      try Harness.run("mover-race") { h in
-        try h.startPlugin(name: "pattern", mode: "pattern")
-        let outcome = try h.runClient("mover-race", mib: 0, threads: 4, plugin: "pattern", loops: 100, timeout: 120)
-        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
-        #expect(outcome.summary == "mover race: 100 rounds, 4 children, 0 wrong", h.diagnostics)
-        #expect(h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics)
-      }
+      try expectExact("mover-race", threads: 4, loops: 100, timeout: 120, summary: "mover race: 100 rounds, 4 children, 0 wrong")
     }
 
     @Test("a client that unmaps its regions before it goes: RegionClosed for each, then Closed, last")
