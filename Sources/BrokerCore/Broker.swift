@@ -545,6 +545,13 @@ public final class Broker: @unchecked Sendable {
   /// name the child: it has no pid here, and its exit is found by probing its
   /// uffd (`sweepClients`).
   func adoptFork(_ child: UserfaultFD, of parent: ClientSession) {
+    guard clients.count < configuration.maxClients else {
+      // Forked children count as clients: past the limit, one is not served, so
+      // what it never had fails closed (poisoned, and its uffd let go).
+      logger.error("a forked child exceeds maxClients: its unfilled pages fail closed", metadata: ["client.id": "\(parent.id)", "clients": "\(clients.count)"])
+      for piece in parent.regions.pieces { child.poisonMissing(address: piece.live.lowerBound, length: piece.live.count) }
+      return
+    }
     let session = ClientSession(id: takeID(), socket: nil, peer: parent.peer, broker: self)
     // First of all (the window in which a broker killed leaves the child
     // unprotected stays microseconds): the parent keeps a copy of the child's

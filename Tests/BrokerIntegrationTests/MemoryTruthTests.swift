@@ -79,6 +79,16 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("fork past maxClients: the child is not served, and its unfilled pages fail closed (SIGBUS), never zeros")
+    func forkedChildPastLimit() throws {
+      try Harness.run("fork-limit", configFields: [#""maxClients": 1"#]) { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let outcome = try h.runClient("fork", mib: 0, threads: 1, plugin: "pattern", timeout: 20, extraEnvironment: ["SWIFT_BACKTRACE": "enable=no"])
+        #expect(outcome.summary == "forked: child signal \(SIGBUS), parent wrong 0", h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(h.waitForBrokerLog("a forked child exceeds maxClients"), h.diagnostics)
+      }
+    }
+
     @Test("fork with a plugin that does not serve children: the child's unfilled pages fail closed (SIGBUS), never zeros")
     func forkedChildRefused() throws {
       try Harness.run("fork-refused") { h in

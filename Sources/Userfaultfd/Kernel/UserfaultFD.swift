@@ -209,16 +209,25 @@ public final class UserfaultFD: Sendable {
   /// Poisons every missing page of the range; present pages keep their bytes
   /// (`UFFDIO_POISON` stops at each with EEXIST, and goes on after it). For
   /// memory no one will serve any more: it fails with SIGBUS at the access
-  /// instead of reading zeros once the uffd is closed. Best effort: it stops
-  /// where the range is gone, the process exited or a map change is pending.
+  /// instead of reading zeros once the uffd is closed. A fill must lie in one
+  /// mapping (ENOENT otherwise), so a range that spans several is halved until
+  /// each part does. Best effort: it stops where the process exited or a map
+  /// change is pending.
   public func poisonMissing(address: UInt, length: Int) {
     let end = address + UInt(length)
     var start = address
     while start < end {
       switch poison(address: start, length: Int(end - start)) {
-      case .done, .targetExited, .rangeGone, .failed, .notNow: return
+      case .done, .targetExited, .failed, .notNow: return
       case .partial(let bytes): start += UInt(bytes)
       case .alreadyPresent: start += UInt(systemPageSize)
+      case .rangeGone:
+        let pages = Int(end - start) / systemPageSize
+        guard pages > 1 else { return }  // unmapped, or not this uffd's
+        let middle = start + UInt(pages / 2 * systemPageSize)
+        poisonMissing(address: start, length: Int(middle - start))
+        poisonMissing(address: middle, length: Int(end - middle))
+        return
       }
     }
   }
