@@ -174,7 +174,15 @@ public struct RegionTable {
       movedAway.remove(at: index)
       return []
     }
+    forgetMovedAway(overlapping: range)
     return cut(range)
+  }
+
+  /// A move's source that is unmapped in part, or moved again, is no longer
+  /// waiting for its trailing UNMAP (a `DONTUNMAP` source, which has none, the
+  /// program has since changed): a later UNMAP of exactly that range is real.
+  private mutating func forgetMovedAway(overlapping range: Range<UInt>) {
+    movedAway.removeAll { $0.overlaps(range) }
   }
 
   /// Where a fault with no piece lies in memory the kernel registered without
@@ -279,6 +287,7 @@ public struct RegionTable {
     }
     cut(to..<to + UInt(length))
     for piece in moved { insert(piece) }
+    forgetMovedAway(overlapping: from..<from + UInt(length))
     movedAway.append(from..<from + UInt(length))
     if movedAway.count > Self.movedAwayLimit { movedAway.removeFirst() }
     return moved
