@@ -77,6 +77,19 @@ struct RegionTableTests {
     #expect(t.piece(containing: x) == nil && t.piece(containing: x + page) != nil)
   }
 
+  @Test("a DONTUNMAP source unmapped in two pieces, memory moved back there, then unmapped exactly: that UNMAP is real")
+  func dontUnmapSourceReused() {
+    let b = UInt(0x10_0000), y = UInt(0x50_0000), half = Int(8 * page)
+    var t = table([spec(1, at: b, pages: 16)])
+    t.move(from: b + 8 * page, to: y, length: half)  // DONTUNMAP: no trailing UNMAP follows
+    #expect(t.unmap(b + 8 * page..<b + 12 * page).isEmpty)
+    #expect(t.unmap(b + 12 * page..<b + 16 * page).isEmpty)
+    t.move(from: y, to: b + 8 * page, length: half)
+    #expect(t.unmap(y..<y + UInt(half)).isEmpty, "the trailing UNMAP of the move back")
+    #expect(t.unmap(b + 8 * page..<b + 16 * page).count == 1, "a real munmap of what came back")
+    #expect(t.piece(containing: b + 10 * page) == nil)
+  }
+
   @Test("new memory: a tail the kernel grew past a piece, and the source of a move with no trailing UNMAP")
   func newMemory() {
     let a = UInt(0x10_0000), far = UInt(0x90_0000)
