@@ -556,9 +556,12 @@ public final class Broker: @unchecked Sendable {
     // First of all (the window in which a broker killed leaves the child
     // unprotected stays microseconds): the parent keeps a copy of the child's
     // uffd, which otherwise lives only here.
+    // A grandchild's goes to the nearest ancestor that is connected (a child has no socket).
+    var keeper = parent
+    while keeper.socket == nil, let up = clients[keeper.parentID] { keeper = up }
     let notice = ClientWire.encode(BrokerReply(requestID: 0, .forked(childID: session.id, pieces: parent.regions.layout())))
     let kept = [child.fileDescriptor.rawValue].withUnsafeBufferPointer { fds in
-      notice.withUnsafeBytes { raw in (try? parent.socket?.send(raw, fds: fds)) == .sent }
+      notice.withUnsafeBytes { raw in (try? keeper.socket?.send(raw, fds: fds)) == .sent }
     }
     if !kept {
       logger.warning("the parent cannot keep its forked child's userfaultfd: a broker killed now leaves the child's unfilled pages reading zeros", metadata: ["client.id": "\(parent.id)", "child.id": "\(session.id)"])
@@ -763,8 +766,13 @@ public final class Broker: @unchecked Sendable {
       sendEvent(.regionClosed(clientID: session.id, regionID: id), to: route(named: plugin))
     }
     session.announcedRegions.removeAll()
-    if session.isForkedChild, let parent = clients[session.parentID], let socket = parent.socket {
-      _ = ClientWire.encode(BrokerReply(requestID: 0, .childClosed(childID: session.id))).withUnsafeBytes { try? socket.send($0) }
+    if session.isForkedChild {
+      // Whichever ancestor keeps the child's uffd lets it go.
+      var keeper = clients[session.parentID]
+      while let current = keeper, current.socket == nil { keeper = clients[current.parentID] }
+      if let socket = keeper?.socket {
+        _ = ClientWire.encode(BrokerReply(requestID: 0, .childClosed(childID: session.id))).withUnsafeBytes { try? socket.send($0) }
+      }
     }
     for name in session.servedBy.sorted() { sendEvent(.closed(clientID: session.id, reason: reason), to: route(named: name)) }
     pendingStores = pendingStores.filter { $0.value.session !== session }

@@ -79,6 +79,20 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("a grandchild, then the broker killed (-9): the root client kept its uffd too; SIGBUS, never zeros")
+    func forkedGrandchildBrokerLoss() throws {
+      try Harness.run("fork-tree-broker-loss", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])]) { h in
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("fork-tree-broker-loss", mib: 0, threads: 1, plugin: "pattern", extraEnvironment: gate.environment.merging(["SWIFT_BACKTRACE": "enable=no"]) { $1 })
+        #expect(gate.awaitClient() == "forked", h.diagnostics(client.stdout + client.stderr))
+        try h.killAndRestartBroker()
+        #expect(h.waitForBrokerLog("client registered", "client.pid=\(client.pid)", timeout: 20), h.diagnostics)
+        gate.release()
+        #expect(client.wait(timeout: 20) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("grandchild signal \(SIGBUS)\n"), h.diagnostics(client.stdout))
+      }
+    }
+
     @Test("fork past maxClients: the child is not served, and its unfilled pages fail closed (SIGBUS), never zeros")
     func forkedChildPastLimit() throws {
       try Harness.run("fork-limit", configFields: [#""maxClients": 1"#]) { h in

@@ -239,6 +239,43 @@ extension FixtureClient {
     return 0
   }
 
+  /// As `forkThenBrokerLoss`, one generation deeper: the child forks a
+  /// grandchild, which reads page 200 (never filled) after the broker was
+  /// killed and the client re-attached. Prints how the grandchild ended.
+  func forkTreeThenBrokerLoss() throws -> Int32 {
+    let memory = try AnonymousMemory(length: 256 * pageSize)
+    let client = try register(memory)
+    for page in 0..<128 { _ = cuffd_touch(memory.base + page * pageSize) }
+    var forked: [CInt] = [-1, -1], go: [CInt] = [-1, -1]
+    guard pipe(&forked) == 0, pipe(&go) == 0 else { return 1 }
+    let child = fork()
+    if child == 0 {
+      let grandchild = fork()
+      if grandchild == 0 {
+        var byte: UInt8 = 0
+        _ = read(go[0], &byte, 1)
+        let word = (memory.base + 200 * pageSize).load(as: UInt64.self)
+        _exit(word == 0 ? 7 : 8)
+      }
+      _ = write(forked[1], "1", 1)
+      var status: Int32 = 0
+      waitpid(grandchild, &status, 0)
+      _exit(status & 0x7F == 0 ? 100 + (status >> 8) & 0xFF : status & 0x7F)  // a signal's number, or 100 + the exit code
+    }
+    var byte: UInt8 = 0
+    _ = read(forked[0], &byte, 1)
+    // A round trip: the broker adopted the grandchild, and sent its uffd here, before it answers.
+    try client.addRegions([])
+    gate("forked")
+    _ = write(go[1], "1", 1)
+    var status: Int32 = 0
+    waitpid(child, &status, 0)
+    let code = (status >> 8) & 0xFF
+    withExtendedLifetime(client) {}
+    print(code >= 100 ? "grandchild exit \(code - 100)" : "grandchild signal \(code)")
+    return 0
+  }
+
   private var fixtureFile: String? { getenv("FIXTURE_FILE").map { String(cString: $0) } }
 
   /// Whether the page at `address` holds region offset `offset` of the backing:

@@ -43,6 +43,7 @@ struct FixtureClient {
       case "remap-reattach": return try remapThenReattach()
       case "mover-race": return try moverRace()
       case "fork-broker-loss": return try forkThenBrokerLoss()
+      case "fork-tree-broker-loss": return try forkTreeThenBrokerLoss()
       default:
         print("unknown scenario \(scenario)")
         return 2
