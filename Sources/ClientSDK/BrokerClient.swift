@@ -176,6 +176,12 @@ public final class BrokerClient: Sendable {
       throw ClientError("swap-out of \(length) bytes at offset \(offset) is not a page-aligned part of region \(region.id)")
     }
     _ = try request(.swapOut(regionID: region.id, offset: UInt64(offset), length: length))
+    // Where those offsets lie now (an mremap may have moved them; the broker's
+    // layout notices were read with its reply). The broker checked they are live.
+    guard let base = connection.withLock({ $0.address(ofRegion: region, offset: offset, length: length) }) else {
+      _ = try? request(.swapOutDone(regionID: region.id, offset: UInt64(offset), length: length))
+      throw ClientError("offsets \(offset) + \(length) of region \(region.id) do not lie in one piece of it (an mremap moved or cut it): swap out each piece")
+    }
     var report = SwapOutReport(pagesDropped: 0, pagesKept: 0)
     var failure: ClientError?
     // Remembered for a re-attach: a restarted broker asks the plugin whether it
@@ -194,7 +200,7 @@ public final class BrokerClient: Sendable {
     var start = offset
     while start < offset + length {
       let count = min(chunk, offset + length - start)
-      let source = UnsafeRawPointer(bitPattern: region.base + UInt(start))!
+      let source = UnsafeRawPointer(bitPattern: base + UInt(start - offset))!
       // The range is write-protected: what is read here stays the page's content until the drop.
       bytes.withUnsafeMutableBytes { $0.baseAddress!.copyMemory(from: source, byteCount: count) }
       let reply: BrokerReply.Body
@@ -216,7 +222,7 @@ public final class BrokerClient: Sendable {
         }
         var end = page + pageSize
         while end < start + count && !busy.contains(UInt64(end)) { end += pageSize }
-        madvise(UnsafeMutableRawPointer(bitPattern: region.base + UInt(page)), end - page, MADV_DONTNEED)
+        madvise(UnsafeMutableRawPointer(bitPattern: base + UInt(page - offset)), end - page, MADV_DONTNEED)
         dropped.insert(UInt64(page)..<UInt64(end))
         report.pagesDropped += (end - page) / pageSize
         page = end

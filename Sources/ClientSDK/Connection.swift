@@ -26,6 +26,15 @@ final class Connection: @unchecked Sendable {
     /// broker's copies are the only others) and where their regions lay.
     var children: [UInt64: (uffd: UserfaultFD, pieces: [RegionPiece])] = [:]
 
+    /// Where `offset..<offset + length` of `region` lies now: at its base, or
+    /// (after an mremap) in one of the pieces the broker said; nil if in none.
+    func address(ofRegion region: RegionSpec, offset: Int, length: Int) -> UInt? {
+      guard let pieces = layouts[region.id] else { return region.base + UInt(offset) }
+      let start = UInt64(offset)
+      return pieces.first { start >= $0.offset && start + UInt64(length) <= $0.offset + UInt64($0.length) }
+        .map { $0.address + UInt(start - $0.offset) }
+    }
+
     /// The regions as they lie now, for Register: moved ones with their pieces, gone ones left out.
     var currentRegions: [RegionSpec] {
       regions.compactMap { spec in

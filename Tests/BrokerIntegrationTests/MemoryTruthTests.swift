@@ -172,6 +172,16 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("a swap-out after the region was moved works where it lies now, and leaves what is at its old address alone")
+    func swapAfterMove() throws {
+      try Harness.run("swap-moved") { h in
+        try h.startSamplePlugin("swap-plugin", name: "swap")
+        let outcome = try h.runClient("swap-moved", mib: 1, threads: 1, plugin: "swap")
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "swap after a move: dropped 256; moved pages wrong 0; buffer intact true", h.diagnostics)
+      }
+    }
+
     @Test("the broker killed (-9) after a swap-out, the swap plugin with a state directory: the client re-attaches under its token and every page comes back")
     func brokerKilledSwapStateDirectory() throws {
       try Harness.run("swap-state-dir") { h in

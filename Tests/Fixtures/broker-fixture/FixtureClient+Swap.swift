@@ -1,4 +1,5 @@
 import BrokerProtocol
+import CUserfaultfd
 import ClientSDK
 import Glibc
 import Synchronization
@@ -88,6 +89,32 @@ extension FixtureClient {
     withExtendedLifetime(client) {}
     print("swap held: dropped \(report.pagesDropped); verified \(pages) pages, \(bad) wrong")
     return bad == 0 ? 0 : 1
+  }
+
+  /// Fills the region with the pattern, moves all of it elsewhere (mremap), maps
+  /// a buffer of 0x5A bytes at its old address, then swaps the region out: the
+  /// swap-out must work where the region lies now, and leave the buffer alone.
+  func swapAfterMove() throws -> Int32 {
+    let (memory, spec, client) = try patternedRegion(name: "fixture-swap-moved")
+    let length = memory.length
+    guard let reserved = mmap(nil, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), reserved != MAP_FAILED,
+          let moved = cuffd_mremap(memory.base, length, length, cuffd_mremap_maymove | cuffd_mremap_fixed, reserved), moved != MAP_FAILED,
+          let buffer = mmap(memory.base, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0), buffer != MAP_FAILED
+    else {
+      print("mremap or mmap failed: \(errno)")
+      return 1
+    }
+    buffer.initializeMemory(as: UInt8.self, repeating: 0x5A, count: length)
+    let report = try client.swapOut(spec)
+    let pages = length / pageSize
+    let wrong = (0..<pages).filter { page in
+      Pattern.mismatch(UnsafeRawBufferPointer(start: moved + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize)) != nil
+    }.count
+    let intact = !UnsafeRawBufferPointer(start: buffer, count: length).contains { $0 != 0x5A }
+    munmap(moved, length)
+    withExtendedLifetime(client) {}
+    print("swap after a move: dropped \(report.pagesDropped); moved pages wrong \(wrong); buffer intact \(intact)")
+    return wrong == 0 && intact ? 0 : 1
   }
 
   /// Pages of `memory` that do not hold the pattern (each read, so faulted in if need be).

@@ -40,6 +40,7 @@ struct FixtureClient {
       case "unmap-exit": return try unmapThenExit()
       case "fork": return try forkChild()
       case "swap-hold": return try swapHold()
+      case "swap-moved": return try swapAfterMove()
       case "remap-reattach": return try remapThenReattach()
       case "mover-race": return try moverRace()
       case "fork-broker-loss": return try forkThenBrokerLoss()

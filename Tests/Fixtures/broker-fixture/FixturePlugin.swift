@@ -110,8 +110,15 @@ final class FixturePlugin: PagePlugin {
       let block = UInt64(64 << 10)
       let start = fault.offset / block * block
       let length = Int(min(block, UInt64(region.length) - start))
+      // In mode prefetch a removed page in the block gets zeros, as it would alone.
+      let removed = mode == "prefetch" ? self.removed[ObjectIdentifier(region)] : nil
       for page in stride(from: 0, to: length, by: pageSize) {
-        Pattern.fill(UnsafeMutableRawBufferPointer(rebasing: buffer[page..<page + pageSize]), backingOffset: region.spec.backingOffset + start + UInt64(page))
+        let bytes = UnsafeMutableRawBufferPointer(rebasing: buffer[page..<page + pageSize])
+        if removed?.contains(start + UInt64(page), pageSize: pageSize) == true {
+          bytes.initializeMemory(as: UInt8.self, repeating: 0)
+        } else {
+          Pattern.fill(bytes, backingOffset: region.spec.backingOffset + start + UInt64(page))
+        }
       }
       return .copyRange(offset: start, length: length)
     default:
