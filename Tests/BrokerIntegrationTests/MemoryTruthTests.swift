@@ -23,6 +23,23 @@ extension BrokerIntegrationTests {
       }
     }
 
+    /// Runs fixture client `scenario` (the broker spawning the pattern plugin)
+    /// to its gate `step`, kills and restarts the broker, waits for the client
+    /// to re-attach, lets it go on: it must exit 0, its last line `summary`.
+    private func acrossBrokerKill(_ scenario: String, step: String, mib: Int = 0, summary: String, sourceLocation: SourceLocation = #_sourceLocation) throws {
+      try Harness.run(scenario, spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])], sourceLocation: sourceLocation) { h in
+        let gate = try Gate(in: h.directory)
+        // SIGBUS, where expected, ends the process at once (no backtracer).
+        let client = try h.startClient(scenario, mib: mib, threads: 1, plugin: "pattern", extraEnvironment: gate.environment.merging(["SWIFT_BACKTRACE": "enable=no"]) { $1 })
+        #expect(gate.awaitClient() == step, h.diagnostics(client.stdout + client.stderr), sourceLocation: sourceLocation)
+        try h.killAndRestartBroker()
+        #expect(h.waitForBrokerLog("client registered", "client.pid=\(client.pid)", timeout: 20), h.diagnostics, sourceLocation: sourceLocation)
+        gate.release()
+        #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr), sourceLocation: sourceLocation)
+        #expect(client.stdout.hasSuffix(summary + "\n"), h.diagnostics(client.stdout), sourceLocation: sourceLocation)
+      }
+    }
+
     @Test("prefetch over pages dropped behind a present one: the range copy's EEXIST does not settle the faulting page")
     func prefetchOverDroppedPages() throws {
       try expectExact("prefetch-dontneed", mode: "prefetch-refill", summary: "prefetch over dropped pages: 64 pages, 0 wrong")
@@ -66,31 +83,13 @@ extension BrokerIntegrationTests {
 
     @Test("fork, then the broker killed (-9): the parent kept the child's uffd and poisons its unfilled pages; the child gets SIGBUS, never zeros")
     func forkedChildBrokerLoss() throws {
-      try Harness.run("fork-broker-loss", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])]) { h in
-        let gate = try Gate(in: h.directory)
-        let client = try h.startClient("fork-broker-loss", mib: 0, threads: 1, plugin: "pattern", extraEnvironment: gate.environment.merging(["SWIFT_BACKTRACE": "enable=no"]) { $1 })
-        #expect(gate.awaitClient() == "forked", h.diagnostics(client.stdout + client.stderr))
-        try h.killAndRestartBroker()
-        // The parent re-attached (and poisoned the child's unfilled pages on the way).
-        #expect(h.waitForBrokerLog("client registered", "client.pid=\(client.pid)", timeout: 20), h.diagnostics)
-        gate.release()
-        #expect(client.wait(timeout: 20) == .exited(0), h.diagnostics(client.stdout + client.stderr))
-        #expect(client.stdout.hasSuffix("child signal \(SIGBUS)\n"), h.diagnostics(client.stdout))
-      }
+      // The parent re-attaching poisons the child's unfilled pages on the way.
+      try acrossBrokerKill("fork-broker-loss", step: "forked", summary: "child signal \(SIGBUS)")
     }
 
     @Test("a grandchild, then the broker killed (-9): the root client kept its uffd too; SIGBUS, never zeros")
     func forkedGrandchildBrokerLoss() throws {
-      try Harness.run("fork-tree-broker-loss", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])]) { h in
-        let gate = try Gate(in: h.directory)
-        let client = try h.startClient("fork-tree-broker-loss", mib: 0, threads: 1, plugin: "pattern", extraEnvironment: gate.environment.merging(["SWIFT_BACKTRACE": "enable=no"]) { $1 })
-        #expect(gate.awaitClient() == "forked", h.diagnostics(client.stdout + client.stderr))
-        try h.killAndRestartBroker()
-        #expect(h.waitForBrokerLog("client registered", "client.pid=\(client.pid)", timeout: 20), h.diagnostics)
-        gate.release()
-        #expect(client.wait(timeout: 20) == .exited(0), h.diagnostics(client.stdout + client.stderr))
-        #expect(client.stdout.hasSuffix("grandchild signal \(SIGBUS)\n"), h.diagnostics(client.stdout))
-      }
+      try acrossBrokerKill("fork-tree-broker-loss", step: "forked", summary: "grandchild signal \(SIGBUS)")
     }
 
     @Test("fork past maxClients: the child is not served, and its unfilled pages fail closed (SIGBUS), never zeros")
@@ -115,16 +114,7 @@ extension BrokerIntegrationTests {
 
     @Test("re-attach after an mremap moved part of a region: the restarted broker serves it where it lies now")
     func reattachAfterMove() throws {
-      try Harness.run("remap-reattach", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])]) { h in
-        let gate = try Gate(in: h.directory)
-        let client = try h.startClient("remap-reattach", mib: 2, threads: 1, plugin: "pattern", extraEnvironment: gate.environment)
-        #expect(gate.awaitClient() == "moved", h.diagnostics(client.stdout + client.stderr))
-        try h.killAndRestartBroker()
-        gate.release()
-        #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
-        #expect(client.stdout.hasSuffix("re-attached after a move: 511 pages, 0 wrong\n"), h.diagnostics(client.stdout))
-        #expect(h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics)
-      }
+      try acrossBrokerKill("remap-reattach", step: "moved", mib: 2, summary: "re-attached after a move: 511 pages, 0 wrong")
     }
 
     @Test("the mover race (100 rounds): movers into each other's holes while a reader faults, a dropper drops and children fork; every page of parent and children exact")
