@@ -491,11 +491,13 @@ public final class Broker: @unchecked Sendable {
     }
     let uffd: UserfaultFD
     do {
-      uffd = try UserfaultFD(adopting: FileDescriptor(rawValue: fds[0]), features: register.features, ioctls: register.ioctls)
+      // Its features as the kernel enabled them, not as the message says.
+      uffd = try UserfaultFD(adopting: FileDescriptor(rawValue: fds[0]), features: nil, ioctls: register.ioctls)
       fds.removeAll()  // the uffd object owns (and closes) the descriptor now
     } catch {
-      throw BrokerError(.notUserfaultfd, "the attached descriptor is not a userfaultfd")
+      throw BrokerError(.notUserfaultfd, "the attached descriptor: \(error.message)")
     }
+    let granted = uffd.features
     guard register.pid == session.peer.pid else {
       throw BrokerError(.notAuthorized, "Register names pid \(register.pid) but the connection is from pid \(session.peer.pid)")
     }
@@ -503,8 +505,8 @@ public final class Broker: @unchecked Sendable {
       throw BrokerError(.limit, "a client may register at most \(configuration.maxRegionsPerClient) regions")
     }
     let needed: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap]
-    guard register.features.isSuperset(of: needed) else {
-      throw BrokerError(.notUserfaultfd, "the userfaultfd lacks features \(needed.subtracting(register.features)): the broker needs remove, unmap and remap events to keep memory correct")
+    guard granted.isSuperset(of: needed) else {
+      throw BrokerError(.notUserfaultfd, "the userfaultfd lacks features \(needed.subtracting(granted)): the broker needs remove, unmap and remap events to keep memory correct")
     }
     try session.regions.validate(register.regions, pageSize: systemPageSize)
     let pidfd: CInt

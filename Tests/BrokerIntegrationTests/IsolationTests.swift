@@ -314,7 +314,7 @@ extension BrokerIntegrationTests {
       }
     }
 
-    @Test("Register with a descriptor that is not a userfaultfd, none, two, or another pid's: refused, no hang, no leak")
+    @Test("Register with a descriptor that is not a userfaultfd, none, two, another pid's, one that never negotiated its API, or one without the events it claims: refused, no hang, no leak")
     func registerWithWrongDescriptors() throws {
       try Harness.run("not-uffd") { h in
         try h.startPlugin(name: "pattern", mode: "pattern")
@@ -325,6 +325,12 @@ extension BrokerIntegrationTests {
         #expect(pipe(&pipeFDs) == 0)
         defer { pipeFDs.forEach { close($0) } }
         let uffd = try UserfaultFD.create(features: BrokerClient.features)
+        // Never had UFFDIO_API: its reads fail with EINVAL (a broker polling it would spin).
+        let raw = cuffd_create(O_CLOEXEC | O_NONBLOCK)
+        #expect(raw >= 0)
+        defer { close(raw) }
+        // API done, but none of the events the Register below claims (the message is not trusted).
+        let bare = try UserfaultFD.create(features: [])
 
         func register(pid: Int32, fds: [CInt], requestID: UInt64 = 1) throws -> (BrokerReply?, Bool) {
           let client = try ManualClient(socketPath: h.clientSocket)
@@ -339,6 +345,8 @@ extension BrokerIntegrationTests {
           ("no descriptor", getpid(), [], .notUserfaultfd),
           ("two descriptors", getpid(), [uffd.fileDescriptor.rawValue, pipeFDs[1]], .notUserfaultfd),
           ("another pid", getpid() + 1, [uffd.fileDescriptor.rawValue], .notAuthorized),
+          ("a userfaultfd without UFFDIO_API", getpid(), [raw], .notUserfaultfd),
+          ("a userfaultfd without the events it claims", getpid(), [bare.fileDescriptor.rawValue], .notUserfaultfd),
         ] {
           let (reply, closed) = try register(pid: pid, fds: fds)
           #expect(closed, h.diagnostics(label))

@@ -128,12 +128,19 @@ public final class UserfaultFD: Sendable {
   /// `UFFDIO_API` was already negotiated by its creator, so `features` and
   /// `ioctls` are what the creator reports it was granted. On failure the
   /// descriptor is left open (the caller still owns it).
-  public init(adopting fileDescriptor: FileDescriptor, features: Features, ioctls: Ioctls = []) throws(UserfaultFDError) {
+  ///
+  /// With `features` nil they are read from the kernel (`negotiatedFeatures(of:)`),
+  /// and a userfaultfd that has not negotiated its API is refused: trust the
+  /// kernel, not the sender.
+  public init(adopting fileDescriptor: FileDescriptor, features: Features?, ioctls: Ioctls = []) throws(UserfaultFDError) {
     switch valueOrErrno(cuffd_is_userfaultfd(fileDescriptor.rawValue)) {
     case .success(1): break
     case .success: throw UserfaultFDError(.notAUserfaultfd, "descriptor \(fileDescriptor.rawValue) is not a userfaultfd")
     case .failure(let errno):
       throw UserfaultFDError(.notAUserfaultfd, "descriptor \(fileDescriptor.rawValue) cannot be inspected", syscall: "readlink(/proc/self/fd)", errno: errno)
+    }
+    guard let features = features ?? Self.negotiatedFeatures(of: fileDescriptor) else {
+      throw UserfaultFDError(.notAUserfaultfd, "descriptor \(fileDescriptor.rawValue) is a userfaultfd that has not negotiated its API (UFFDIO_API)")
     }
     // Reads must never block the caller's event loop.
     let flags = fcntl(fileDescriptor.rawValue, F_GETFL)
@@ -141,6 +148,26 @@ public final class UserfaultFD: Sendable {
     self.descriptor = Atomic(fileDescriptor.rawValue)
     self.features = features
     self.ioctls = ioctls
+  }
+
+  /// The features a userfaultfd's `UFFDIO_API` enabled, as the kernel reports
+  /// them (`/proc/self/fdinfo`), not as whoever sent the descriptor claims;
+  /// nil if it has not negotiated its API yet (its reads would fail with
+  /// EINVAL: a reader polling it would spin) or cannot be inspected.
+  public static func negotiatedFeatures(of fileDescriptor: FileDescriptor) -> Features? {
+    let fd = open("/proc/self/fdinfo/\(fileDescriptor.rawValue)", O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var buffer = [UInt8](repeating: 0, count: 4096)
+    let count = read(fd, &buffer, buffer.count)
+    guard count > 0 else { return nil }
+    // "API:\t<api>:<features>:<ioctls>", in hex; the features carry the kernel's "initialized" bit.
+    let text = String(decoding: buffer[..<count], as: UTF8.self)
+    guard let line = text.split(separator: "\n").first(where: { $0.hasPrefix("API:") }) else { return nil }
+    let fields = line.dropFirst(4).trimmingPrefix(while: { $0 == "\t" || $0 == " " }).split(separator: ":")
+    let initialized: UInt64 = 1 << 31
+    guard fields.count == 3, let features = UInt64(fields[1], radix: 16), features & initialized != 0 else { return nil }
+    return Features(rawValue: features & ~initialized)
   }
 
   /// Gives up ownership: returns the descriptor, which this object will no longer use or close.
