@@ -48,6 +48,17 @@ public final class BrokerClient: Sendable {
   /// The id the broker gave this client (in its logs and plugin events); it changes on re-attach.
   public var clientID: UInt64 { connection.withLock { $0.clientID } }
 
+  /// How many times this client has attached to a broker: 1 after `init`, one
+  /// more after each re-attach to a restarted broker.
+  public var attachments: Int { connection.withLock { $0.attachments } }
+
+  /// Waits until the client has attached more than `count` times (see
+  /// `attachments`): after a broker restart, until it is served again.
+  /// Returns false if `timeoutMilliseconds` passed first.
+  public func waitForAttachment(beyond count: Int, timeoutMilliseconds: Int) -> Bool {
+    connection.waitForAttachment(beyond: count, milliseconds: timeoutMilliseconds)
+  }
+
   /// The features the broker needs to keep memory exact while the client changes its mappings.
   public static let features: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap, .threadID]
 

@@ -15,6 +15,8 @@ final class Connection: @unchecked Sendable {
     let timeoutMilliseconds: Int
     var socket: PacketSocket?
     var clientID: UInt64 = 0
+    /// How many times it attached (the first Register, then each re-attach).
+    var attachments = 0
     var nextRequest: UInt64 = 1
     let arena = WireArena(capacity: 64 << 10)
     /// Where the broker last said each region lies, after an mremap or munmap
@@ -69,6 +71,7 @@ final class Connection: @unchecked Sendable {
       let reply = try request(.register(register), fds: [uffd.fileDescriptor.rawValue])
       guard case .ack(let id, _) = reply else { throw ClientError("the broker answered Register with \(reply)") }
       clientID = id
+      attachments += 1
     }
 
     /// Reads what the broker sent unasked (layouts) without waiting.
@@ -147,18 +150,47 @@ final class Connection: @unchecked Sendable {
   }
 
   private var mutex = pthread_mutex_t()
+  /// Signalled when `attachments` grows.
+  private var attached = pthread_cond_t()
   private var state: State
 
   init(uffd: UserfaultFD, regions: [RegionSpec], socketPath: String, name: String, timeoutMilliseconds: Int) {
     state = State(uffd: uffd, regions: regions, socketPath: socketPath, name: name, timeoutMilliseconds: timeoutMilliseconds)
     pthread_mutex_init(&mutex, nil)
+    var attributes = pthread_condattr_t()
+    pthread_condattr_init(&attributes)
+    pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
+    pthread_cond_init(&attached, &attributes)
+    pthread_condattr_destroy(&attributes)
   }
 
-  deinit { pthread_mutex_destroy(&mutex) }
+  deinit {
+    pthread_cond_destroy(&attached)
+    pthread_mutex_destroy(&mutex)
+  }
 
   func withLock<Result, Failure: Error>(_ body: (inout State) throws(Failure) -> Result) throws(Failure) -> Result {
     pthread_mutex_lock(&mutex)
-    defer { pthread_mutex_unlock(&mutex) }
+    let before = state.attachments
+    defer {
+      if state.attachments != before { pthread_cond_broadcast(&attached) }
+      pthread_mutex_unlock(&mutex)
+    }
     return try body(&state)
+  }
+
+  /// Waits until it has attached more than `count` times; false if `milliseconds` passed first.
+  func waitForAttachment(beyond count: Int, milliseconds: Int) -> Bool {
+    var deadline = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &deadline)
+    let nanoseconds = Int(deadline.tv_nsec) + (milliseconds % 1000) * 1_000_000
+    deadline.tv_sec += milliseconds / 1000 + nanoseconds / 1_000_000_000
+    deadline.tv_nsec = nanoseconds % 1_000_000_000
+    pthread_mutex_lock(&mutex)
+    defer { pthread_mutex_unlock(&mutex) }
+    while state.attachments <= count {
+      if pthread_cond_timedwait(&attached, &mutex, &deadline) == ETIMEDOUT { return state.attachments > count }
+    }
+    return true
   }
 }

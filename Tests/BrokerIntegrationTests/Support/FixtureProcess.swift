@@ -99,6 +99,8 @@ struct Gate {
   let ready: String
   let go: String
   var environment: [String: String] { ["FIXTURE_READY": ready, "FIXTURE_GO": go] }
+  /// The same, for a client the test restarts the broker under: past the gate it waits for its re-attach.
+  var reattaching: [String: String] { environment.merging(["FIXTURE_REATTACH": "1"]) { $1 } }
 
   init(in directory: String) throws {
     ready = directory + "/gate-ready"

@@ -199,7 +199,7 @@ extension FixtureClient {
     }
     munmap(base + length / 4, pageSize)
     try client.addRegions([])  // a round trip: the broker has sent the new layout before its reply
-    gate("moved")
+    gate("moved", client: client)
     var wrong = 0
     for page in stride(from: 0, to: length / 2, by: pageSize) where page != length / 4 {
       if Pattern.mismatch(UnsafeRawBufferPointer(start: base + page, count: pageSize), backingOffset: UInt64(page)) != nil { wrong += 1 }
@@ -211,10 +211,11 @@ extension FixtureClient {
     return wrong == 0 ? 0 : 1
   }
 
-  /// A region of 256 pages, the first 128 read, then fork(). The child passes
-  /// the gate ("forked": the test kills and restarts the broker meanwhile),
-  /// then reads page 200, which no one filled: it must die with SIGBUS, never
-  /// read zeros (exit 7) or anything else (exit 8). Prints how the child ended.
+  /// A region of 256 pages, the first 128 read, then fork(). The parent passes
+  /// the gate ("forked": the test kills and restarts the broker meanwhile) and,
+  /// re-attached, lets the child read page 200, which no one filled: it must die
+  /// with SIGBUS, never read zeros (exit 7) or anything else (exit 8). Prints
+  /// how the child ended.
   func forkThenBrokerLoss() throws -> Int32 {
     let memory = try AnonymousMemory(length: 256 * pageSize)
     let client = try register(memory)
@@ -224,13 +225,13 @@ extension FixtureClient {
     let child = fork()
     if child == 0 {
       var byte: UInt8 = 0
-      _ = read(ready[0], &byte, 1)  // the parent holds the child's uffd by then
-      gate("forked")
+      _ = read(ready[0], &byte, 1)  // the parent has re-attached by then
       let word = (memory.base + 200 * pageSize).load(as: UInt64.self)
       _exit(word == 0 ? 7 : 8)
     }
     // A round trip: the broker adopted the child, and sent its uffd here, before it answers.
     try client.addRegions([])
+    gate("forked", client: client)
     _ = write(ready[1], "1", 1)
     var status: Int32 = 0
     waitpid(child, &status, 0)
@@ -266,7 +267,7 @@ extension FixtureClient {
     _ = read(forked[0], &byte, 1)
     // A round trip: the broker adopted the grandchild, and sent its uffd here, before it answers.
     try client.addRegions([])
-    gate("forked")
+    gate("forked", client: client)
     _ = write(go[1], "1", 1)
     var status: Int32 = 0
     waitpid(child, &status, 0)

@@ -84,7 +84,7 @@ extension FixtureClient {
     let (memory, spec, client) = try patternedRegion(name: "fixture-swap-hold")
     let pages = memory.length / pageSize
     let report = try client.swapOut(spec)
-    gate("swapped \(report.pagesDropped)")
+    gate("swapped \(report.pagesDropped)", client: client)
     let bad = wrongPages(memory)
     withExtendedLifetime(client) {}
     print("swap held: dropped \(report.pagesDropped); verified \(pages) pages, \(bad) wrong")

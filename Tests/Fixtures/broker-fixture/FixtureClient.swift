@@ -57,7 +57,18 @@ struct FixtureClient {
 
   /// The test's handshake (`Gate`): says `step` on FIXTURE_READY, then waits
   /// for the test to open FIXTURE_GO. Without the variables it goes straight on.
-  func gate(_ step: String) {
+  /// With FIXTURE_REATTACH set (the test restarts the broker at this step), it
+  /// then waits until `client` has re-attached: served again, whatever it touches next.
+  func gate(_ step: String, client: BrokerClient) {
+    let before = client.attachments
+    passGate(step)
+    if getenv("FIXTURE_REATTACH") != nil && !client.waitForAttachment(beyond: before, timeoutMilliseconds: 30_000) {
+      print("no re-attach within 30 s")
+      exit(1)
+    }
+  }
+
+  private func passGate(_ step: String) {
     guard let ready = getenv("FIXTURE_READY").map({ String(cString: $0) }), let go = getenv("FIXTURE_GO").map({ String(cString: $0) }) else { return }
     // Open for reading first, so the test's open for writing never finds no reader.
     let wait = open(go, O_RDONLY | O_NONBLOCK)
