@@ -21,7 +21,7 @@ final class DescriptorStore {
   /// Takes ownership of `fd` as `name`, replacing what that name held. Only a
   /// regular file or memfd is kept (a socket or pipe could hand the next
   /// plugin something else entirely); the store holds at most
-  /// `Delegation.maxStoredDescriptors`. On a throw `fd` is closed.
+  /// `DescriptorStoreLimits.descriptors`. On a throw `fd` is closed.
   func keep(_ fd: CInt, as name: String) throws(BrokerError) {
     let owned = Owned(fd)
     var info = stat()
@@ -32,8 +32,8 @@ final class DescriptorStore {
       entries[index].descriptor = owned
       return
     }
-    guard entries.count < Delegation.maxStoredDescriptors else {
-      throw BrokerError(.limit, "a plugin may keep at most \(Delegation.maxStoredDescriptors) descriptors with the broker")
+    guard entries.count < DescriptorStoreLimits.descriptors else {
+      throw BrokerError(.limit, "a plugin may keep at most \(DescriptorStoreLimits.descriptors) descriptors with the broker")
     }
     entries.append((name, owned))
   }

@@ -277,11 +277,15 @@ public struct StoreEvent: Equatable, Sendable {
 
 /// A range of a region the plugin hands to the broker to serve by itself (the
 /// broker-local fast path), or takes back (`revoke`).
-public struct Delegation: Equatable, Sendable {
-  /// The broker's descriptor store keeps at most this many descriptors per plugin name.
-  public static let maxStoredDescriptors = 16
-  public static let maxStoredNameBytes = 64
+/// Bounds of a plugin's descriptor store in the broker (`DescriptorStore` in the proto).
+public enum DescriptorStoreLimits {
+  /// Descriptors kept per plugin name.
+  public static let descriptors = 16
+  /// Bytes of one descriptor's name.
+  public static let nameBytes = 64
+}
 
+public struct Delegation: Equatable, Sendable {
   public enum Source: Equatable, Sendable {
     /// Zero pages.
     case zero

@@ -170,18 +170,18 @@ extension BrokerError {
   }
 }
 
-/// The names of a `DescriptorStore`: at most `maxStoredDescriptors`, each 1 to 64 bytes.
+/// The names of a `DescriptorStore`: at most `DescriptorStoreLimits.descriptors`, each 1 to `nameBytes` bytes.
 func decodeStoreNames(_ store: UnsafeMutablePointer<Uffdbroker__DescriptorStore>?) throws(BrokerError) -> [String] {
   guard let store = store?.pointee else { return [] }
-  guard store.n_names <= Delegation.maxStoredDescriptors else {
-    throw BrokerError(.limit, "a descriptor store holds at most \(Delegation.maxStoredDescriptors) descriptors")
+  guard store.n_names <= DescriptorStoreLimits.descriptors else {
+    throw BrokerError(.limit, "a descriptor store holds at most \(DescriptorStoreLimits.descriptors) descriptors")
   }
   var names: [String] = []
   for index in 0..<store.n_names {
     guard let raw = store.names[index] else { throw BrokerError(.malformed, "a descriptor store name is missing") }
     let name = String(cString: raw)
-    guard !name.isEmpty, name.utf8.count <= Delegation.maxStoredNameBytes else {
-      throw BrokerError(.malformed, "a descriptor store name must have 1 to \(Delegation.maxStoredNameBytes) bytes")
+    guard !name.isEmpty, name.utf8.count <= DescriptorStoreLimits.nameBytes else {
+      throw BrokerError(.malformed, "a descriptor store name must have 1 to \(DescriptorStoreLimits.nameBytes) bytes")
     }
     names.append(name)
   }
