@@ -28,16 +28,18 @@ let package = Package(
     .target(name: "BrokerProtocol", dependencies: ["CBrokerWire", "CUserfaultfd", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
     // Spawning and explicit teardown of child processes (supervisor, demo, benchmark, tests).
     .target(name: "ChildProcess", dependencies: ["CUserfaultfd", "Userfaultfd"]),
-    // Sessions, regions, routing, redelivery, validation, supervision: the broker's logic.
-    .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "ChildProcess", "CUserfaultfd", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")]),
+    // The broker's logic without I/O: a state machine from inputs to actions (sans-I/O).
+    .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")]),
+    // The broker's I/O: the epoll loop, sockets, uffd reads and ioctls, supervision; it performs the core's actions.
+    .target(name: "BrokerRuntime", dependencies: ["BrokerCore", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")]),
     // For processes whose memory is brokered.
     .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "CUserfaultfd", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
     // For plugins: a handler protocol and the run loop around it.
     .target(name: "PluginSDK", dependencies: ["BrokerProtocol", "CUserfaultfd", "Userfaultfd"]),
-    .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
+    .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", "BrokerRuntime", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
     // Counts malloc calls (linked into the benchmark only) to prove the fault path allocates nothing.
     .target(name: "CMallocCounter"),
-    .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "ChildProcess", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CUserfaultfd", "CMallocCounter", .product(name: "Logging", package: "swift-log")]),
+    .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "BrokerRuntime", "ChildProcess", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CUserfaultfd", "CMallocCounter", .product(name: "Logging", package: "swift-log")]),
     // Sample plugins.
     .executableTarget(name: "zero-fill-plugin", dependencies: ["PluginSDK"], path: "Examples/zero-fill-plugin"),
     .executableTarget(name: "snapshot-plugin", dependencies: ["PluginSDK", "BrokerProtocol"], path: "Examples/snapshot-plugin"),
@@ -49,6 +51,7 @@ let package = Package(
     .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
     .testTarget(name: "BrokerProtocolTests", dependencies: ["BrokerProtocol", "CBrokerWire", "Userfaultfd"]),
     .testTarget(name: "BrokerCoreTests", dependencies: ["BrokerCore", "BrokerProtocol"]),
+    .testTarget(name: "BrokerRuntimeTests", dependencies: ["BrokerRuntime"]),
     // Real broker, plugin and client processes against real userfaultfds.
     .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ChildProcess", "ClientSDK", "Userfaultfd", "CUserfaultfd", "broker-fixture", "uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"]),
     // libFuzzer target over the protocol decoders (built by scripts/fuzz.sh with -sanitize=fuzzer).

@@ -1,5 +1,4 @@
 import BrokerProtocol
-import Glibc
 
 /// Everything the broker is told at start-up (from flags and the config file).
 public struct BrokerConfiguration: Sendable {
@@ -63,15 +62,17 @@ public struct BrokerConfiguration: Sendable {
   /// Invalid decisions a plugin may send before it is disconnected.
   public var maxInvalidDecisions = 16
 
-  public init(clientSocketPath: String, pluginSocketPath: String) {
+  /// Clients and plugins are allowed by default to `owner` alone (the broker's uid).
+  public init(clientSocketPath: String, pluginSocketPath: String, owner: UInt32) {
     self.clientSocketPath = clientSocketPath
     self.pluginSocketPath = pluginSocketPath
-    clientUIDs = [getuid()]
-    pluginUIDs = [getuid()]
+    clientUIDs = [owner]
+    pluginUIDs = [owner]
   }
 
   /// Checks every value against its rule; the error names the field, the value
-  /// and the rule (a negative deadline once trapped the running broker).
+  /// and the rule (a negative deadline once trapped the running broker). The
+  /// runtime checks the plugins' executables besides.
   public func validate() throws(BrokerError) {
     let day = 86_400_000
     let ranges: [(String, Int, ClosedRange<Int>)] = [
@@ -89,9 +90,6 @@ public struct BrokerConfiguration: Sendable {
     for (index, plugin) in plugins.enumerated() {
       guard !plugin.name.isEmpty, names.insert(plugin.name).inserted else {
         throw BrokerError(.malformed, "plugins[\(index)].name \"\(plugin.name)\" is empty or used twice")
-      }
-      guard access(plugin.executable, X_OK) == 0 else {
-        throw BrokerError(.malformed, "plugins[\(index)].executable \(plugin.executable) is not an executable file")
       }
     }
     for (name, policy) in policies.sorted(by: { $0.key < $1.key }) where policy.fallback == name {

@@ -1,4 +1,5 @@
 import BrokerCore
+import BrokerRuntime
 import BrokerProtocol
 import CUserfaultfd
 import Glibc
@@ -10,7 +11,7 @@ import Userfaultfd
 // The child roles of the benchmark: the same executable, so both link the
 // malloc counter and report their own allocations per fault.
 
-/// `--role broker`: a real `Broker` from BrokerCore on this process's main thread.
+/// `--role broker`: a real `BrokerRuntime` on this process's main thread.
 enum BrokerRole {
   static func run(_ options: BrokerRoleOptions) -> Int32 {
     Console.nameProcess("bench-broker")
@@ -21,9 +22,9 @@ enum BrokerRole {
       return handler
     }
     let configuration = BrokerConfiguration(clientSocketPath: options.clientSocket, pluginSocketPath: options.pluginSocket)
-    let broker: Broker
+    let broker: BrokerRuntime
     do {
-      broker = try Broker(configuration: configuration, logger: Logger(label: "uffd-bench.broker"))
+      broker = try BrokerRuntime(configuration: configuration, logger: Logger(label: "uffd-bench.broker"))
     } catch {
       Console.error("broker role: \(error)")
       return 1

@@ -1,5 +1,6 @@
 import ArgumentParser
 import BrokerCore
+import BrokerRuntime
 import BrokerProtocol
 import Foundation
 import Logging
@@ -48,6 +49,7 @@ struct BrokerCommand: ParsableCommand {
     do {
       if let config { try ConfigFile.load(path: config).apply(to: &configuration) }
       try configuration.validate()
+      try configuration.checkExecutables()
     } catch {
       // A bad config is no usage error: the reason alone, and EX_CONFIG.
       FileHandle.standardError.write(Data("uffd-broker: config file \(config ?? "(none)"): \(ConfigFile.describe(error))\n".utf8))
@@ -56,7 +58,7 @@ struct BrokerCommand: ParsableCommand {
     // The command line wins over the config file.
     if let clientSocket { configuration.clientSocketPath = clientSocket }
     if let pluginSocket { configuration.pluginSocketPath = pluginSocket }
-    let broker = try Broker(configuration: configuration, logger: logger)
+    let broker = try BrokerRuntime(configuration: configuration, logger: logger)
     try broker.run(handleSignals: true)
   }
 }

@@ -19,13 +19,15 @@ struct InFlightTableTests {
     #expect(table.entry(0) == nil && table.entry(UInt64.max) == nil)
   }
 
-  @Test("removeAll(where:) takes exactly the matching entries and frees their slots")
-  func removeWhere() {
+  @Test("ids(where:) finds exactly the matching entries; update replaces one in place")
+  func idsWhere() {
     var table = InFlightTable<Int>(reservingCapacity: 8)
     let ids = (0..<8).map { table.insert($0) }
-    let removed = table.removeAll { $0 % 2 == 0 }
-    #expect(removed.sorted() == [0, 2, 4, 6] && table.count == 4)
-    #expect(ids.enumerated().allSatisfy { index, id in (table.entry(id) != nil) == (index % 2 == 1) })
-    #expect(Array(table.entries).sorted() == [1, 3, 5, 7])
+    let even = table.ids { $0 % 2 == 0 }
+    #expect(even == [ids[0], ids[2], ids[4], ids[6]])
+    table.update(ids[1], 10)
+    table.remove(ids[3])
+    table.update(ids[3], 30)  // gone: not brought back
+    #expect(table.entry(ids[1]) == 10 && table.entry(ids[3]) == nil && table.count == 7)
   }
 }

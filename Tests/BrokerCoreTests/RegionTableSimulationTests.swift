@@ -78,7 +78,7 @@ struct RegionTableSimulationTests {
     var random = Generator(state: seed)
     var kernel = [Content](repeating: .unmapped, count: pages)
     var table = RegionTable()
-    let route = PluginRoute(name: "p")
+    let route = PluginRoute(name: "p", now: 0)
     var trace: [String] = []
     func note(_ line: String) { if tracing { trace.append(line) } }
     func address(_ page: Int) -> UInt { base + UInt(page) * Self.page }

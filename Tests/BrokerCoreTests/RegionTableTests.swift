@@ -6,7 +6,7 @@ import Testing
 @Suite("Region table")
 struct RegionTableTests {
   let page = UInt(4096)
-  let route = PluginRoute(name: "p")
+  let route = PluginRoute(name: "p", now: 0)
 
   func table(_ specs: [RegionSpec]) -> RegionTable {
     var table = RegionTable()
@@ -114,7 +114,7 @@ struct RegionTableTests {
 
   @Test("a route's failover chain: effective is its end, passes(through:) names the routes on it")
   func failoverChain() {
-    let a = PluginRoute(name: "a"), b = PluginRoute(name: "b"), c = PluginRoute(name: "c")
+    let a = PluginRoute(name: "a", now: 0), b = PluginRoute(name: "b", now: 0), c = PluginRoute(name: "c", now: 0)
     #expect(a.effective === a && a.passes(through: a) && !a.passes(through: b))
     a.failover = b
     b.failover = c
@@ -150,7 +150,7 @@ struct RegionTableTests {
   @Test("delegated ranges: a remove cuts them, the tail keeps its file offset")
   func delegations() {
     var ranges = DelegatedRanges()
-    ranges.add(.init(regionID: 1, offsets: 0..<UInt64(8 * page), source: .file(.init(fd: -1), offset: 0x1000), prefetchPages: 1))
+    ranges.add(.init(regionID: 1, offsets: 0..<UInt64(8 * page), source: .file(FileHandle(1), offset: 0x1000), prefetchPages: 1))
     ranges.cut(regionID: 1, UInt64(2 * page)..<UInt64(4 * page))
     #expect(ranges.range(regionID: 1, offset: UInt64(3 * page)) == nil)
     #expect(ranges.range(regionID: 1, offset: UInt64(5 * page))?.fileOffset(of: UInt64(5 * page)) == 0x1000 + UInt64(5 * page))

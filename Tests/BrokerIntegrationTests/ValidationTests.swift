@@ -47,7 +47,7 @@ extension BrokerIntegrationTests {
 
     @Test("A plugin sending too many invalid decisions is disconnected; its faults go to its replacement")
     func tooManyInvalidDecisions() throws {
-      let limit = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "").maxInvalidDecisions
+      let limit = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "", owner: 0).maxInvalidDecisions
       try Harness.run("invalid-many") { h in
         let faulty = try h.startPlugin(name: "flaky", mode: "outside")
         let client = try h.startClient("touch", mib: 1, threads: 2, plugin: "flaky")
@@ -70,7 +70,7 @@ extension BrokerIntegrationTests {
 
     @Test("Invalid delegations count toward the same limit: past it the plugin is dropped and its faults go to its replacement")
     func tooManyInvalidDelegations() throws {
-      let limit = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "").maxInvalidDecisions
+      let limit = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "", owner: 0).maxInvalidDecisions
       try Harness.run("invalid-delegations") { h in
         let plugin = try ManualPlugin(socketPath: h.pluginSocket, name: "delegator")
         let client = try h.startClient("touch", mib: 1, threads: 1, plugin: "delegator")

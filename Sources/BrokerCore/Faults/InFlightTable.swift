@@ -54,19 +54,15 @@ struct InFlightTable<Entry> {
     return entry
   }
 
-  /// Removes and returns every entry for which `isIncluded` holds (off the fault path).
-  mutating func removeAll(where isIncluded: (Entry) -> Bool) -> [Entry] {
-    var removed: [Entry] = []
-    for index in slots.indices {
-      guard let entry = slots[index].entry, isIncluded(entry) else { continue }
-      slots[index].entry = nil
-      free.append(UInt32(index))
-      count -= 1
-      removed.append(entry)
-    }
-    return removed
+  /// Replaces the entry of `faultID`, if it is still in flight.
+  mutating func update(_ faultID: UInt64, _ entry: Entry) {
+    let index = Int(truncatingIfNeeded: faultID & 0xFFFF_FFFF)
+    guard index < slots.count, slots[index].faultID == faultID, slots[index].entry != nil else { return }
+    slots[index].entry = entry
   }
 
-  /// Every entry in flight (off the fault path).
-  var entries: some Sequence<Entry> { slots.lazy.compactMap(\.entry) }
+  /// The ids of every entry for which `isIncluded` holds (off the fault path).
+  func ids(where isIncluded: (Entry) -> Bool) -> [UInt64] {
+    slots.compactMap { slot in slot.entry.map(isIncluded) == true ? slot.faultID : nil }
+  }
 }

@@ -1,58 +1,6 @@
 import BrokerProtocol
 import Userfaultfd
 
-/// The plugin a region is routed to. One per plugin name, kept across the
-/// plugin's reconnects, so the fault path follows a reference, not a name lookup.
-public final class PluginRoute {
-  public let name: String
-  /// The live connection serving `name`, or nil while it is away.
-  @exclusivity(unchecked) var connection: PluginConnection?
-  /// Non-fault events that happened while no plugin was connected, for its return.
-  @exclusivity(unchecked) var missedEvents: [BrokerEvent] = []
-  /// When the connection went away (or the route was made without one); nil while connected.
-  @exclusivity(unchecked) var lostAt: UInt64?
-  /// The plugin that took over this one's regions when it failed (its policy's fallback).
-  @exclusivity(unchecked) var failover: PluginRoute?
-  /// Gone for good with no fallback: faults of its regions fail closed.
-  @exclusivity(unchecked) var failed = false
-  /// What the plugin keeps with the broker across its connections.
-  let store = DescriptorStore()
-
-  init(name: String) {
-    self.name = name
-    lostAt = monotonicNanoseconds()
-  }
-
-  /// The events kept for the plugin's return, handed over once.
-  func takeMissedEvents() -> [BrokerEvent] {
-    defer { missedEvents.removeAll() }
-    return missedEvents
-  }
-
-  /// The route that serves this one's regions now: itself, or its failover (followed a few levels).
-  var effective: PluginRoute {
-    var route = self
-    for _ in 0..<Self.failoverDepth {
-      guard let next = route.failover else { break }
-      route = next
-    }
-    return route
-  }
-
-  /// Whether `other` is this route or on its way to `effective`.
-  func passes(through other: PluginRoute) -> Bool {
-    var route = self
-    for _ in 0...Self.failoverDepth {
-      if route === other { return true }
-      guard let next = route.failover else { return false }
-      route = next
-    }
-    return false
-  }
-
-  private static let failoverDepth = 4
-}
-
 /// The live regions of one client: which addresses are served, by which
 /// plugin, at which offset of the region's backing. Munmap and mremap cut and
 /// move the live pieces; offsets stay those of the region as registered.

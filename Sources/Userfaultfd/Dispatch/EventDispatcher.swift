@@ -29,7 +29,7 @@ public final class EventDispatcher {
 
   /// Number of non-pagefault events read so far: a fault handed out at `sequence`
   /// is stale if an overlapping event was read after it.
-  @exclusivity(unchecked) public private(set) var sequence: UInt64 = 0
+  public var sequence: UInt64 { invalidations.sequence }
   @exclusivity(unchecked) public private(set) var isClosed = false
   /// Counters, for tests and metrics.
   @exclusivity(unchecked) public private(set) var faultsRead = 0
@@ -49,12 +49,8 @@ public final class EventDispatcher {
   @exclusivity(unchecked) private var outstanding: [UInt: Outstanding] = [:]
   @exclusivity(unchecked) private var parked: [UInt] = []
   @exclusivity(unchecked) private var parkedSpare: [UInt] = []
-  /// Remove/unmap/remap ranges read while faults were in flight, oldest first;
-  /// bounded: a fault handed out before `invalidationFloor` is conservatively stale.
-  @exclusivity(unchecked) private var invalidations: [(sequence: UInt64, range: Range<UInt>)] = []
-  @exclusivity(unchecked) private var invalidationFloor: UInt64 = 0
+  @exclusivity(unchecked) private var invalidations = Invalidations()
   @exclusivity(unchecked) private var inFlightCount = 0
-  private static let invalidationLimit = 4096
   private static let backoffBase: UInt64 = 1_000_000
   private static let backoffCap: UInt64 = 64_000_000
 
@@ -137,7 +133,7 @@ public final class EventDispatcher {
     guard var entry = outstanding[page], entry.inFlight else { return }
     entry.inFlight = false
     inFlightCount -= 1
-    if inFlightCount == 0 { clearInvalidations() }
+    if inFlightCount == 0 { invalidations.clear() }
     switch result {
     case .resolved: outstanding[page] = nil
     case .notNow, .inFlight: park(&entry, page: page, now: monotonicNanoseconds())
@@ -147,13 +143,7 @@ public final class EventDispatcher {
   /// True if a remove/unmap/remap overlapping `range` was read after `since`
   /// (a value of `sequence` taken when the fault was handed out).
   public func isStale(_ range: Range<UInt>, since: UInt64) -> Bool {
-    if since >= sequence { return false }
-    if since < invalidationFloor { return true }
-    for entry in invalidations.reversed() {
-      if entry.sequence <= since { break }
-      if entry.range.overlaps(range) { return true }
-    }
-    return false
+    invalidations.isStale(range, since: since)
   }
 
   /// Stops the dispatcher: delivers `closed(error)` once; later calls do nothing.
@@ -170,22 +160,22 @@ public final class EventDispatcher {
   // MARK: - Internals
 
   private func deliverNonFault(_ event: cuffd_event) {
-    sequence += 1
+    let faultsOut = inFlightCount > 0
     switch event.event {
     case cuffd_event_remove:
       let range = UInt(event.a)..<UInt(event.b)
-      recordInvalidation(range)
+      invalidations.record(range, faultsOut: faultsOut)
       handler.removed(range)
     case cuffd_event_unmap:
       let range = UInt(event.a)..<UInt(event.b)
-      recordInvalidation(range)
+      invalidations.record(range, faultsOut: faultsOut)
       handler.unmapped(range)
     case cuffd_event_remap:
       let length = UInt(event.length)
-      recordInvalidation(UInt(event.a)..<UInt(event.a) + length)
-      recordInvalidation(UInt(event.b)..<UInt(event.b) + length)
+      invalidations.record(UInt(event.a)..<UInt(event.a) + length, UInt(event.b)..<UInt(event.b) + length, faultsOut: faultsOut)
       handler.remapped(from: UInt(event.a), to: UInt(event.b), length: Int(length))
     case cuffd_event_fork:
+      invalidations.record(faultsOut: false)
       do {
         let child = try UserfaultFD(adopting: FileDescriptor(rawValue: event.fd), features: uffd.features, ioctls: uffd.ioctls)
         handler.forked(child)
@@ -195,19 +185,6 @@ public final class EventDispatcher {
     default:
       break  // an event this build does not know: nothing to deliver
     }
-  }
-
-  private func recordInvalidation(_ range: Range<UInt>) {
-    guard inFlightCount > 0 else { return }  // nothing handed out can be made stale
-    if invalidations.count == Self.invalidationLimit {
-      invalidationFloor = invalidations.removeFirst().sequence
-    }
-    invalidations.append((sequence, range))
-  }
-
-  private func clearInvalidations() {
-    invalidations.removeAll(keepingCapacity: true)
-    invalidationFloor = sequence
   }
 
   private func deliver(_ entry: Outstanding, page: UInt) {

@@ -1,3 +1,4 @@
+import BrokerCore
 import CUserfaultfd
 import ChildProcess
 import Glibc

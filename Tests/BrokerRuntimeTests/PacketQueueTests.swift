@@ -1,5 +1,5 @@
 import Testing
-@testable import BrokerCore
+@testable import BrokerRuntime
 
 /// The backlog of packets for a plugin that stopped reading: order and byte count through compactions.
 @Suite("Packet queue")

@@ -1,54 +1,14 @@
 import BrokerProtocol
-import Glibc
-import Userfaultfd
 
 /// The ranges of a client's regions that plugins handed to the broker to serve
 /// by itself (the broker-local fast path). Offsets are region offsets, stable
 /// across mremap. A removed or unmapped part leaves the table: its next fault
 /// goes to the plugin again, which has seen the event first.
 struct DelegatedRanges {
-  /// A descriptor shared by the pieces of one delegation; closed with the last.
-  ///
-  /// The part of the file inside the delegation is also mapped read-only, so a
-  /// fault is filled by one UFFDIO_COPY straight from the page cache: no pread
-  /// and no copy through a buffer. What lay past the end of the file when it
-  /// was delegated is read with pread (it reads as zeros), and so is anything
-  /// the kernel cannot read through the mapping because the file shrank since.
-  final class File {
-    let fd: CInt
-    private var mapping: UnsafeMutableRawPointer?
-    /// The file offsets the mapping covers: a page-aligned start, the file's size at delegation time as the end.
-    private var mapped: Swift.Range<UInt64> = 0..<0
-
-    init(fd: CInt) { self.fd = fd }
-
-    deinit {
-      if let mapping { munmap(mapping, Int(mapped.count)) }
-      closeDescriptor(fd)
-    }
-
-    /// Maps file offsets `offsets` (page aligned), clipped to the file's `size`; without a mapping, faults use pread.
-    func map(_ offsets: Swift.Range<UInt64>, size: UInt64) {
-      let end = min(offsets.upperBound, size)
-      guard mapping == nil, end > offsets.lowerBound, end - offsets.lowerBound <= UInt64(Int.max),
-            let pointer = mmap(nil, Int(end - offsets.lowerBound), PROT_READ, MAP_SHARED, fd, off_t(offsets.lowerBound)),
-            pointer != MAP_FAILED
-      else { return }
-      mapping = pointer
-      mapped = offsets.lowerBound..<end
-    }
-
-    /// The broker's mapping of file offsets `offsets`, if all of them are mapped.
-    func bytes(at offsets: Swift.Range<UInt64>) -> UnsafeRawBufferPointer? {
-      guard let mapping, mapped.lowerBound <= offsets.lowerBound, offsets.upperBound <= mapped.upperBound else { return nil }
-      return UnsafeRawBufferPointer(start: mapping + Int(offsets.lowerBound - mapped.lowerBound), count: offsets.count)
-    }
-  }
-
   enum Source {
     case zero
-    /// `offset`: where the range's first byte lies in the file.
-    case file(File, offset: UInt64)
+    /// `offset`: where the range's first byte lies in the file (which the runtime holds).
+    case file(FileHandle, offset: UInt64)
   }
 
   struct Range {
@@ -107,5 +67,10 @@ struct DelegatedRanges {
 
   mutating func removeAll(regionID: UInt64) {
     ranges.removeAll { $0.regionID == regionID }
+  }
+
+  /// The files some range still reads from.
+  var files: Set<FileHandle> {
+    Set(ranges.compactMap { if case .file(let file, _) = $0.source { file } else { nil } })
   }
 }

@@ -1,3 +1,4 @@
+import BrokerCore
 import Glibc
 
 /// The kernel's own view of a client's address space, read from

@@ -1,3 +1,4 @@
+import BrokerCore
 import BrokerProtocol
 import CUserfaultfd
 import Glibc
@@ -23,35 +24,24 @@ final class SharedArea {
   deinit { munmap(UnsafeMutableRawPointer(mutating: bytes.baseAddress), bytes.count) }
 }
 
-/// One connected plugin process: its socket, the batch of events being
-/// collected for it, and packets waiting for its socket to drain.
-final class PluginConnection {
-  let id: UInt64
-  /// When it connected: regions announced before then reached it at connection.
-  let connectedAt = monotonicNanoseconds()
+/// The runtime's side of one plugin connection: its socket, the batch of
+/// events being collected for it, packets waiting for its socket to drain.
+final class PluginLink {
+  let id: PluginID
   let socket: PacketSocket
-  let peer: PeerCredentials
-  /// Set once its Hello was accepted.
-  @exclusivity(unchecked) var route: PluginRoute?
   let events = EventBatchEncoder()
   /// Packets the socket refused (EAGAIN), sent first on EPOLLOUT. Empty on the fast path.
-  @exclusivity(unchecked) var backlog = PacketQueue()
-  @exclusivity(unchecked) var inFlight = 0
-  @exclusivity(unchecked) var invalidDecisions = 0
+  var backlog = PacketQueue()
   /// Packets of this plugin handled so far (told back to it: shared bytes may be reused).
-  @exclusivity(unchecked) var packetsApplied: UInt64 = 0
-  @exclusivity(unchecked) var sharedArea: SharedArea?
+  var packetsApplied: UInt64 = 0
+  var sharedArea: SharedArea?
   /// Queued for a flush at the end of this loop iteration.
-  @exclusivity(unchecked) var isDirty = false
-  @exclusivity(unchecked) var isClosed = false
+  var isDirty = false
 
-  init(id: UInt64, socket: PacketSocket, peer: PeerCredentials) {
+  init(id: PluginID, socket: PacketSocket) {
     self.id = id
     self.socket = socket
-    self.peer = peer
   }
-
-  var name: String { route?.name ?? "(unnamed)" }
 }
 
 /// Packets in order, each taken from the front in O(1) (amortized).

@@ -1,0 +1,312 @@
+import BrokerProtocol
+import Userfaultfd
+
+/// The descriptors a client request carried, as the runtime found them.
+public enum AttachedDescriptors: Sendable {
+  case none
+  /// One userfaultfd, with the features the kernel enabled on it.
+  case userfaultfd(UserfaultFD.Features)
+  /// One descriptor that is not a userfaultfd that ran UFFDIO_API (why, said by the error).
+  case notUserfaultfd(BrokerError)
+  case several(Int)
+}
+
+extension BrokerEngine {
+  // MARK: - Inputs
+
+  /// A client connected with `peer`'s credentials. Returns its id, or the
+  /// error to refuse it with (the runtime sends it and closes the socket).
+  public func clientConnected(_ peer: PeerCredentials, now: UInt64) -> Result<ClientID, BrokerError> {
+    self.now = now
+    guard configuration.clientUIDs.contains(peer.uid) || configuration.clientGIDs.contains(peer.gid) else {
+      log(.warning, "refused a client", ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
+      return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not register memory with this broker"))
+    }
+    guard clients.count < configuration.maxClients else {
+      return .failure(BrokerError(.limit, "the broker serves its maximum of \(configuration.maxClients) clients"))
+    }
+    let client = Client(id: takeID(), peer: peer, hasSocket: true)
+    clients[client.id] = client
+    return .success(client.id)
+  }
+
+  /// A request from a client. A malformed or out-of-place one is refused and
+  /// ends the connection; so does a refused registration.
+  public func clientRequest(_ id: ClientID, _ request: ClientRequest, descriptors: AttachedDescriptors, now: UInt64) {
+    self.now = now
+    guard let client = clients[id], client.phase != .closed else { return }
+    do {
+      try handle(request, descriptors: descriptors, client: client)
+    } catch {
+      log(.warning, "refused a client request", ["client.id": "\(client.id)", "peer.pid": "\(client.peer.pid)", "reason": "\(error)"])
+      reply(client, BrokerReply(requestID: request.requestID, .error(error)))
+      if error.code == .malformed || client.phase != .active { closeClient(client, reason: "\(error.message)") }
+    }
+  }
+
+  /// The client's connection failed or sent something undecodable: it is told
+  /// `error` (if any) and closed.
+  public func clientFailed(_ id: ClientID, _ error: BrokerError?, reason: String, now: UInt64) {
+    self.now = now
+    guard let client = clients[id] else { return }
+    if let error { reply(client, BrokerReply(requestID: 0, .error(error))) }
+    closeClient(client, reason: reason)
+  }
+
+  /// A request that could not be decoded: refused; a malformed one (or any
+  /// before the client is active) ends the connection.
+  public func undecodableRequest(_ id: ClientID, _ error: BrokerError, now: UInt64) {
+    self.now = now
+    guard let client = clients[id] else { return }
+    log(.warning, "refused a client request", ["client.id": "\(client.id)", "peer.pid": "\(client.peer.pid)", "reason": "\(error)"])
+    reply(client, BrokerReply(requestID: 0, .error(error)))
+    if error.code == .malformed || client.phase != .active { closeClient(client, reason: "\(error.message)") }
+  }
+
+  /// The client is gone (its socket closed, its process exited, a send failed).
+  public func clientGone(_ id: ClientID, reason: String, now: UInt64) {
+    self.now = now
+    guard let client = clients[id] else { return }
+    closeClient(client, reason: reason)
+  }
+
+  /// Watching the client's uffd or process failed: it cannot be served.
+  public func watchFailed(_ id: ClientID, _ error: BrokerError, now: UInt64) {
+    self.now = now
+    guard let client = clients[id] else { return }
+    if client.isForkedChild {
+      // Unread, the child's faults would hang: fail them closed instead.
+      log(.error, "cannot watch a forked child's userfaultfd: its memory fails closed", ["client.id": "\(client.parentID)", "error": "\(error)"])
+      for piece in client.regions.pieces { actions.append(.poisonMissing(client.id, piece.live)) }
+    } else {
+      reply(client, BrokerReply(requestID: 0, .error(error)))
+    }
+    closeClient(client, reason: "\(error)")
+  }
+
+  /// A layout could not be sent (the client's socket is full): kept for the next sweep.
+  public func layoutNotSent(_ id: ClientID, regionID: UInt64) {
+    clients[id]?.layoutUnsent.insert(regionID)
+  }
+
+  // MARK: - Requests
+
+  private func handle(_ request: ClientRequest, descriptors: AttachedDescriptors, client: Client) throws(BrokerError) {
+    if case .several(let count) = descriptors, case .register = request.body {
+      throw BrokerError(.notUserfaultfd, "Register must carry exactly one descriptor, the client's userfaultfd (got \(count))")
+    }
+    switch (client.phase, request.body) {
+    case (.awaitingHello, .hello(let hello)):
+      guard case .none = descriptors else { throw BrokerError(.malformed, "Hello must not carry descriptors") }
+      guard hello.version == brokerProtocolVersion, hello.role == .client else {
+        throw BrokerError(.version, "this broker speaks protocol \(brokerProtocolVersion) to clients; got version \(hello.version) role \(hello.role)")
+      }
+      client.phase = .awaitingRegister
+      reply(client, BrokerReply(requestID: request.requestID, .hello(Hello(role: .broker, name: "uffd-broker"))))
+    case (.awaitingRegister, .register(let register)):
+      try beginRegistration(client, register, descriptors: descriptors, requestID: request.requestID)
+    case (.active, .addRegions(let specs)):
+      guard case .none = descriptors else { throw BrokerError(.malformed, "AddRegions must not carry descriptors") }
+      guard client.pendingOpen == nil else { throw BrokerError(.malformed, "another request is still pending") }
+      guard client.regions.pieces.count + specs.count <= configuration.maxRegionsPerClient else {
+        throw BrokerError(.limit, "a client may register at most \(configuration.maxRegionsPerClient) regions")
+      }
+      try client.regions.validate(specs, pageSize: pageSize)
+      try openRegions(specs, client: client, requestID: request.requestID)
+    case (.active, .removeRegions(let ids)):
+      guard case .none = descriptors else { throw BrokerError(.malformed, "RemoveRegions must not carry descriptors") }
+      for id in ids {
+        guard let route = client.regions.pieces.first(where: { $0.spec.id == id })?.route else {
+          throw BrokerError(.badRegion, "region \(id) is not registered")
+        }
+        client.regions.remove(regionID: id)
+        changeDelegations(of: client) { $0.removeAll(regionID: id) }
+        client.announcedRegions[id] = nil
+        sendEvent(.regionClosed(clientID: client.id, regionID: id), to: route)
+      }
+      reply(client, BrokerReply(requestID: request.requestID, .ack(clientID: client.id)))
+    case (.active, .swapOut), (.active, .swapOutData), (.active, .swapOutDone):
+      guard case .none = descriptors else { throw BrokerError(.malformed, "a swap-out request must not carry descriptors") }
+      try swapRequest(request, client: client)
+    default:
+      throw BrokerError(.malformed, "unexpected message in this state of the connection")
+    }
+  }
+
+  private func beginRegistration(_ client: Client, _ register: RegisterRequest, descriptors: AttachedDescriptors, requestID: UInt64) throws(BrokerError) {
+    let granted: UserfaultFD.Features
+    switch descriptors {
+    case .userfaultfd(let features): granted = features  // as the kernel enabled them, not as the message says
+    case .notUserfaultfd(let error): throw error
+    case .none: throw BrokerError(.notUserfaultfd, "Register must carry exactly one descriptor, the client's userfaultfd (got 0)")
+    case .several(let count): throw BrokerError(.notUserfaultfd, "Register must carry exactly one descriptor, the client's userfaultfd (got \(count))")
+    }
+    guard register.pid == client.peer.pid else {
+      throw BrokerError(.notAuthorized, "Register names pid \(register.pid) but the connection is from pid \(client.peer.pid)")
+    }
+    guard register.regions.count <= configuration.maxRegionsPerClient else {
+      throw BrokerError(.limit, "a client may register at most \(configuration.maxRegionsPerClient) regions")
+    }
+    let needed: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap]
+    guard granted.isSuperset(of: needed) else {
+      throw BrokerError(.notUserfaultfd, "the userfaultfd lacks features \(needed.subtracting(granted)): the broker needs remove, unmap and remap events to keep memory correct")
+    }
+    try client.regions.validate(register.regions, pageSize: pageSize)
+    try checkPlugins(of: register.regions)
+    actions.append(.adoptUffd(client.id))
+    client.pid = register.pid
+    client.token = register.token != 0 ? register.token : makeToken()
+    try openRegions(register.regions, client: client, requestID: requestID)
+    client.phase = .opening
+    if client.pendingOpen == nil { activate(client, requestID: requestID) }
+  }
+
+  private func checkPlugins(of specs: [RegionSpec]) throws(BrokerError) {
+    for spec in specs {
+      let route = routes[spec.plugin]?.effective
+      if route?.failed == true { throw BrokerError(.unknownPlugin, "plugin \"\(spec.plugin)\" has failed and serves no new regions") }
+      if route?.connection == nil && !configuration.plugins.contains(where: { $0.name == spec.plugin }) && route?.failover == nil {
+        throw BrokerError(.unknownPlugin, "region \(spec.id) names plugin \"\(spec.plugin)\", which is neither configured nor connected")
+      }
+    }
+  }
+
+  /// Announces regions to their plugins; the reply to the client waits for theirs.
+  func openRegions(_ specs: [RegionSpec], client: Client, requestID: UInt64) throws(BrokerError) {
+    try checkPlugins(of: specs)
+    guard !specs.isEmpty else {
+      if client.phase == .active { reply(client, BrokerReply(requestID: requestID, .ack(clientID: client.id))) }
+      return
+    }
+    let deadline = now + UInt64(configuration.registrationTimeoutMilliseconds) * 1_000_000
+    client.pendingOpen = Client.PendingOpen(requestID: requestID, regions: specs, awaiting: Set(specs.map(\.id)), deadline: deadline, sentAt: now)
+    for spec in specs {
+      client.announcedRegions[spec.id] = spec.plugin
+      client.servedBy.insert(spec.plugin)
+      // A client re-attaching says what it swapped out: the plugin is asked whether it still holds it.
+      if !spec.swappedOut.isEmpty { client.swappedOutPages[spec.id] = OffsetRanges(spec.swappedOut) }
+      // A plugin that is away gets it when it connects (see `announceRegions`).
+      if let plugin = route(named: spec.plugin).effective.connection {
+        actions.append(.send(plugin.id, regionOpened(spec, of: client)))
+      }
+    }
+  }
+
+  func regionOpened(_ spec: RegionSpec, of client: Client) -> BrokerEvent {
+    .regionOpened(clientID: client.id, pid: client.pid, region: client.announced(spec), forkedFrom: client.parentID, token: client.token)
+  }
+
+  /// The regions could not be opened: a client is refused (and closed if it
+  /// was registering); a forked child keeps its uffd, its regions fail closed.
+  func failOpen(_ client: Client, _ error: BrokerError) {
+    guard let pending = client.pendingOpen else {
+      // A forked child's regions that could not even be offered.
+      if client.isForkedChild { refuseForChild(client.regions.pieces.map(\.spec.id), of: client, error) }
+      return
+    }
+    client.pendingOpen = nil
+    if client.isForkedChild {
+      // Never closed: its uffd is the only thing between the child and zeros.
+      refuseForChild(Array(pending.awaiting), of: client, error)
+      activate(client, requestID: 0)
+      return
+    }
+    for spec in pending.regions {
+      changeDelegations(of: client) { $0.removeAll(regionID: spec.id) }
+      client.announcedRegions[spec.id] = nil
+      sendEvent(.regionClosed(clientID: client.id, regionID: spec.id), to: route(named: spec.plugin))
+    }
+    log(.warning, "refused a client's regions", ["client.id": "\(client.id)", "reason": "\(error)"])
+    reply(client, BrokerReply(requestID: pending.requestID, .error(error)))
+    if client.phase == .opening { closeClient(client, reason: error.message) }
+  }
+
+  /// Regions of a forked child that will not be served there: their faults fail closed.
+  func refuseForChild(_ ids: [UInt64], of client: Client, _ error: BrokerError) {
+    client.refusedRegions.formUnion(ids)
+    log(.warning, "a forked child's regions fail closed", ["client.id": "\(client.id)", "client.parent": "\(client.parentID)", "regions": "\(ids)", "reason": "\(error)"])
+  }
+
+  func activate(_ client: Client, requestID: UInt64) {
+    client.phase = .active
+    if client.isForkedChild {
+      // Watched since its fork; its faults were parked until now.
+      redeliverParked(of: client)
+      return
+    }
+    actions.append(.watch(client.id, pid: client.pid))
+    // A client re-attaching after a broker restart may have threads blocked on
+    // faults the old broker read and never answered: wake them to fault again.
+    for piece in client.regions.pieces { actions.append(.wake(client.id, piece.live)) }
+    log(.info, "client registered", ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "regions": "\(client.regions.pieces.count)"])
+    reply(client, BrokerReply(requestID: requestID, .ack(clientID: client.id)))
+  }
+
+  /// Cleans a client up: every region still open is closed for its plugin, and
+  /// every plugin a region was ever announced to is told Closed, once, last
+  /// (whatever the client unmapped first); its faults are forgotten.
+  func closeClient(_ client: Client, reason: String) {
+    guard client.phase != .closed else { return }
+    client.phase = .closed
+    ledger.forget(client: client)
+    for (id, plugin) in client.announcedRegions.sorted(by: { $0.key < $1.key }) {
+      sendEvent(.regionClosed(clientID: client.id, regionID: id), to: route(named: plugin))
+    }
+    client.announcedRegions.removeAll()
+    if client.isForkedChild, let keeper = keeper(of: client) {
+      // Whichever ancestor keeps the child's uffd lets it go.
+      reply(keeper, BrokerReply(requestID: 0, .childClosed(childID: client.id)))
+    }
+    for name in client.servedBy.sorted() { sendEvent(.closed(clientID: client.id, reason: reason), to: route(named: name)) }
+    for (storeID, pending) in pendingStores where pending.client === client { pendingStores[storeID] = nil }
+    changeDelegations(of: client) { $0 = DelegatedRanges() }
+    clients[client.id] = nil
+    actions.append(.close(client.id))
+    log(.info, "client closed", ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "reason": "\(reason)"])
+  }
+
+  /// The nearest ancestor of a forked child that is connected: it keeps the child's uffd.
+  func keeper(of client: Client) -> Client? {
+    var keeper = clients[client.parentID]
+    while let current = keeper, !current.hasSocket { keeper = clients[current.parentID] }
+    return keeper
+  }
+
+  /// Changes a client's delegations; files no client reads any more are released.
+  func changeDelegations(of client: Client, _ change: (inout DelegatedRanges) -> Void) {
+    let before = client.delegated.isEmpty ? [] : client.delegated.files
+    change(&client.delegated)
+    guard !before.isEmpty else { return }
+    let dropped = before.subtracting(client.delegated.files)
+    guard !dropped.isEmpty else { return }
+    // A forked child shares its parent's files.
+    var inUse = Set<FileHandle>()
+    for other in clients.values where other !== client && !other.delegated.isEmpty { inUse.formUnion(other.delegated.files) }
+    for file in dropped.subtracting(inUse).sorted(by: { $0.rawValue < $1.rawValue }) { actions.append(.releaseFile(file)) }
+  }
+
+  // MARK: - Layouts
+
+  /// An mremap or munmap moved or cut regions of the client: it is told where
+  /// they lie now, so that it re-attaches to a restarted broker with the
+  /// layout of the moment. A full socket keeps them for the next sweep; the
+  /// client is never closed for it.
+  func layoutChanged(of client: Client, regions ids: [UInt64]) {
+    guard client.hasSocket, !ids.isEmpty else { return }
+    client.layoutUnsent.formUnion(ids)
+    sendLayouts(client)
+  }
+
+  func sendLayouts(_ client: Client) {
+    for id in client.layoutUnsent.sorted() {
+      client.layoutUnsent.remove(id)
+      let pieces = client.regions.layout(of: id)
+      guard pieces.count <= RegionSpec.maxPieces else {
+        // It could not re-attach in that many pieces anyway: what moved fails closed after a broker restart.
+        log(.warning, "a region is cut in too many pieces to tell the client", ["client.id": "\(client.id)", "region.id": "\(id)", "pieces": "\(pieces.count)"])
+        continue
+      }
+      actions.append(.sendLayout(client.id, regionID: id, pieces: pieces))
+    }
+  }
+}

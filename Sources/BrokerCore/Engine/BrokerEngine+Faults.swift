@@ -1,0 +1,389 @@
+import BrokerProtocol
+import Userfaultfd
+
+extension BrokerEngine {
+  // MARK: - Inputs
+
+  /// Events read from a client's uffd until EAGAIN, in read order. The map
+  /// events are applied first, then the parked faults are tried again (all of
+  /// them if a map event was read), then the new faults routed, a second
+  /// fault of a page merged into the first.
+  public func uffdEvents(_ id: ClientID, _ events: [KernelEvent], now: UInt64) {
+    self.now = now
+    guard let client = clients[id] else {
+      for case .fork(let ticket, _) in events { actions.append(.dropChild(ticket)) }
+      return
+    }
+    var mapEvents = false
+    for event in events {
+      switch event {
+      case .pagefault: continue
+      case .remove(let range): removed(range, client: client)
+      case .unmap(let range): unmapped(range, client: client)
+      case .remap(let from, let to, let length): remapped(from: from, to: to, length: length, client: client)
+      case .fork(let ticket, let wiped):
+        client.invalidations.record(faultsOut: false)
+        adoptFork(ticket, wipedOnFork: wiped, of: client)
+      }
+      mapEvents = true
+    }
+    guard client.phase != .closed else { return }
+    if mapEvents { redeliverParked(of: client) } else if !ledger.parked.isEmpty { redeliverDue(of: client) }
+    for case .pagefault(let fault) in events {
+      let page = fault.address & ~UInt(pageSize - 1)
+      guard ledger.id(client: client.id, page: page) == nil else { continue }  // outstanding: the fill wakes every waiter
+      routeFault(ledger.enter(fault, page: page, client: client))
+    }
+  }
+
+  /// A plugin's decision for a fault: checked against the fault's client as it
+  /// is now, and applied (or refused, or dropped as stale).
+  public func decision(_ pluginID: PluginID, _ decision: DecodedDecision, now: UInt64) {
+    self.now = now
+    guard let plugin = plugins[pluginID], !plugin.isClosed else { return }
+    guard let entry = ledger[decision.faultID] else { return }  // answered already, or its client is gone
+    guard case .inFlight(let sentTo, let sequence, _) = entry.state, sentTo === plugin else {
+      refuse(decision, from: plugin, "it answers fault \(decision.faultID), which was not sent to it")
+      return
+    }
+    let id = decision.faultID
+    let client = entry.client
+    let page = entry.page
+    ledger.move(id, to: .handling)
+    guard let kind = decision.kind else {
+      refuse(decision, from: plugin, "unknown decision kind")
+      return park(id)
+    }
+    if kind == .retry {
+      statistics.retries += 1
+      return park(id)
+    }
+    // The range went away (or changed) while the plugin decided: the
+    // redelivery finds out what the page is now.
+    guard let piece = client.regions.piece(containing: page), !piece.isNewMemory else { return park(id) }
+    let start = decision.length == 0 ? page : decision.address
+    let length = decision.length == 0 ? pageSize : decision.length
+    let mask = UInt(pageSize - 1)
+    // In region offsets (stable across munmap and mremap), the range must lie inside the region as registered.
+    let startOffset = Int(bitPattern: UInt(truncatingIfNeeded: piece.offset) &+ (start &- piece.live.lowerBound))
+    guard start & mask == 0, UInt(length) & mask == 0, page >= start, page - start < UInt(length),
+          startOffset >= 0, length <= piece.spec.length - startOffset
+    else {
+      refuse(decision, from: plugin, "range 0x\(String(start, radix: 16)) + \(length) is misaligned, outside region \(piece.spec.id), or misses the faulting page")
+      return park(id)
+    }
+    // A prefetch may reach parts of the region that were unmapped or moved
+    // away since: fill only what is live here, around the faulting page.
+    let range = (start..<start + UInt(length)).clamped(to: piece.live)
+    let skip = Int(range.lowerBound - start)
+    var source = FillOrder.Source.none
+    if kind == .copy, let offset = decision.sharedOffset {
+      guard offset & UInt64(mask) == 0, offset <= UInt64(plugin.sharedAreaSize), UInt64(length) <= UInt64(plugin.sharedAreaSize) - offset else {
+        refuse(decision, from: plugin, "shared bytes at \(offset) + \(length) are outside its shared area")
+        return park(id)
+      }
+      source = .sharedArea(plugin.id, offset: offset + UInt64(skip))
+    } else if kind == .copy {
+      guard decision.data.count == length else {
+        refuse(decision, from: plugin, "copy of \(length) bytes carries \(decision.data.count)")
+        return park(id)
+      }
+      source = .bytes(UnsafeRawBufferPointer(rebasing: decision.data[skip..<skip + range.count]))
+    }
+    if client.invalidations.isStale(range, since: sequence) {
+      // A remove/unmap/remap of this range was read after the fault was sent:
+      // the plugin decided on old state. It has seen the event by now; ask again.
+      statistics.staleDecisionsDropped += 1
+      return park(id)
+    }
+    fill(kind, range, source: source, fault: id, purpose: .decision(plugin.id))
+  }
+
+  /// The outcome of a fill the engine ordered.
+  public func filled(_ order: FillOrder, outcome: IoctlOutcome, now: UInt64) {
+    self.now = now
+    guard let entry = ledger[order.fault], case .handling = entry.state else { return }  // its client went meanwhile
+    // A range fill stops at the first page already present (EEXIST) or after a
+    // partial copy, and neither says anything of the faulting page further in
+    // (a page dropped by MADV_DONTNEED behind a present one: a balloon). Unless
+    // the whole range was filled, or nothing could be (EAGAIN), the faulting
+    // page is filled alone, and only its own outcome settles the fault.
+    if order.range.count > order.pageSize, outcome != .done, outcome != .notNow {
+      actions.append(.fill(order.alone()))
+      return
+    }
+    switch order.purpose {
+    case .decision(let pluginID):
+      if case .failed(.badAddress) = outcome {
+        // The kernel could not read the bytes: a shared area the plugin cannot back (a hugetlb pool run dry).
+        if let plugin = plugins[pluginID] { refuse(order.fault, from: plugin, "its bytes could not be read (EFAULT)") }
+        return park(order.fault)
+      }
+      statistics.decisionsApplied += 1
+      statistics.faultsResolved += 1
+    case .delegated:
+      statistics.resolvedLocally += 1
+      statistics.faultsResolved += 1
+    case .newMemory:
+      if outcome.isResolved { statistics.newMemoryFills += 1 }
+    case .failClosed(let cause):
+      switch outcome {
+      case .notNow, .partial: return park(order.fault)  // a map change not yet read: the events may place it after all
+      case .rangeGone, .alreadyPresent: break  // not ours after all, or filled meanwhile: the wake settles it
+      case .done, .targetExited, .failed:
+        statistics.failedClosed += 1
+        log(.error, "failed a fault closed", [
+          "client.id": "\(entry.client.id)", "client.pid": "\(entry.client.pid)", "fault.address": "0x\(String(entry.page, radix: 16))",
+          "cause": "\(cause)", "action": "\(outcome == .done ? "poisoned (SIGBUS at the access)" : "client killed")",
+        ])
+        if case .failed = outcome { actions.append(.kill(entry.client.id)) }
+      }
+    case .pluginFailed:
+      break
+    }
+    settle(order.fault, outcome)
+  }
+
+  /// What process `pid`'s mappings say of `page`, an address the region table
+  /// has no piece for: the mapping holding it, or nil if none does.
+  public func inspected(_ id: ClientID, page: UInt, mapping: Range<UInt>?, now: UInt64) {
+    self.now = now
+    guard let client = clients[id], let fault = ledger.id(client: id, page: page), case .handling? = ledger[fault]?.state else { return }
+    guard let mapping else {
+      // Unmapped, or replaced by memory this uffd does not serve: the access re-faults against what is there now.
+      actions.append(.wake(client.id, page..<page + UInt(pageSize)))
+      client.noteWoken(page)
+      return ledger.settle(fault)
+    }
+    if let range = client.regions.newMemory(around: page, in: mapping) {
+      client.regions.addNewMemory(range)
+      if let piece = client.regions.piece(containing: page) { return fillNewMemory(fault, piece: piece) }
+    }
+    failClosed(fault, "the fault is in registered memory the broker's region table does not cover")
+  }
+
+  // MARK: - Map events
+
+  private func removed(_ range: Range<UInt>, client: Client) {
+    client.forgetWakes(in: range)
+    client.invalidations.record(range, faultsOut: client.faultsOut > 0)
+    // A swap-out drops pages whose content the plugin has just stored.
+    report(client.regions.overlapping(range), of: client, swappedOut: client.isSwappingAll(of: range), as: BrokerEvent.removed)
+  }
+
+  private func unmapped(_ range: Range<UInt>, client: Client) {
+    client.forgetWakes(in: range)
+    client.invalidations.record(range, faultsOut: client.faultsOut > 0)
+    let parts = client.regions.unmap(range)
+    report(parts, of: client, as: BrokerEvent.unmapped)
+    layoutChanged(of: client, regions: parts.filter { !$0.piece.isNewMemory }.map(\.piece.spec.id))
+  }
+
+  private func remapped(from: UInt, to: UInt, length: Int, client: Client) {
+    let source = from..<from + UInt(length)
+    let destination = to..<to + UInt(length)
+    client.forgetWakes(in: source)
+    client.forgetWakes(in: destination)
+    client.invalidations.record(source, destination, faultsOut: client.faultsOut > 0)
+    let moved = client.regions.move(from: from, to: to, length: length).filter { !$0.isNewMemory }
+    layoutChanged(of: client, regions: moved.map(\.spec.id))
+    for piece in moved {
+      let newBase = piece.live.lowerBound &- UInt(piece.offset)
+      sendEvent(.remapped(RemapEvent(clientID: client.id, regionID: piece.spec.id, from: from + (piece.live.lowerBound - to), to: piece.live.lowerBound, length: piece.live.count, newBase: newBase)), to: piece.route)
+    }
+  }
+
+  /// Takes removed or unmapped parts back from delegations (their next faults go
+  /// to the plugin) and tells each part's plugin, in order.
+  private func report(_ parts: [(piece: RegionTable.Piece, range: Range<UInt>)], of client: Client, swappedOut: Bool = false, as event: (RangeEvent) -> BrokerEvent) {
+    for part in parts where !part.piece.isNewMemory {
+      let start = part.piece.offset(of: part.range.lowerBound)
+      let offsets = start..<start + UInt64(part.range.count)
+      let regionID = part.piece.spec.id
+      if swappedOut {
+        client.swappedOutPages[regionID, default: OffsetRanges()].insert(offsets)
+      } else {
+        client.forgetSwapped(regionID: regionID, offsets)
+      }
+      changeDelegations(of: client) { $0.cut(regionID: regionID, offsets) }
+      sendEvent(event(RangeEvent(clientID: client.id, regionID: regionID, range: part.range, startOffset: start, swappedOut: swappedOut)), to: part.piece.route)
+    }
+  }
+
+  // MARK: - Routing
+
+  /// Decides what a fault in state `.handling` needs: held, sent to its
+  /// plugin, filled by the broker, parked, or failed closed.
+  func routeFault(_ id: FaultLedger.ID) {
+    guard let entry = ledger[id] else { return }
+    let client = entry.client
+    let page = entry.page
+    let flags = entry.fault.flags
+    if flags.contains(.writeProtect) {
+      // Only swap-outs write-protect: hold the writer until its page is either
+      // dropped (it then faults the stored copy back in) or kept and unprotected.
+      if client.isSwapping(page..<page + UInt(pageSize)) {
+        ledger.move(id, to: .held)
+      } else {
+        actions.append(.writeProtect(client.id, page..<page + UInt(pageSize), protect: false, swapOut: nil))
+        ledger.settle(id)
+      }
+      return
+    }
+    // A forked child's faults wait until its plugins have taken its regions.
+    if client.phase == .opening { return park(id) }
+    // The rare cases first, each behind one emptiness test: the fault path pays no lookup for them.
+    let wakes = client.takeWakes(of: page)
+    if wakes >= Client.wakeLimit { return failClosed(id, "it was woken \(wakes) times and faulted again each time") }
+    guard let piece = client.regions.piece(containing: page) else { return placeUnknown(id, client: client, page: page) }
+    if piece.isNewMemory { return fillNewMemory(id, piece: piece) }
+    if !client.lostPages.isEmpty, client.lostPages[piece.spec.id]?.contains(piece.offset(of: page)) == true {
+      return failClosed(id, "its swapped-out content was lost with its plugin")
+    }
+    if !client.refusedRegions.isEmpty && client.refusedRegions.contains(piece.spec.id) {
+      return failClosed(id, "its plugin does not serve this forked child")
+    }
+    if !client.delegated.isEmpty, let range = client.delegated.range(regionID: piece.spec.id, offset: piece.offset(of: page)) {
+      return fillDelegated(id, piece: piece, range: range, write: flags.contains(.write))
+    }
+    let route = piece.route.effective
+    if route.failed {
+      // Failed closed: the access gets SIGBUS, never memory the plugin did not provide.
+      return fill(.poison, page..<page + UInt(pageSize), fault: id, purpose: .pluginFailed)
+    }
+    guard let plugin = route.connection, !plugin.isClosed, plugin.inFlight < configuration.maxInFlightPerPlugin else { return park(id) }
+    let faultID = ledger.move(id, to: .inFlight(plugin: plugin, sequence: client.invalidations.sequence, sentAt: now))
+    actions.append(.send(plugin.id, .pagefault(PagefaultEvent(
+      faultID: faultID, clientID: client.id, regionID: piece.spec.id, address: page,
+      offset: piece.offset(of: page), flags: flags, threadID: entry.fault.thread))))
+    statistics.faultsSent += 1
+  }
+
+  /// A fault where the table has no piece. Waking it blindly would livelock a
+  /// thread whose memory the kernel still has registered (it faults again at
+  /// once), so the kernel's mappings decide (`inspected`):
+  /// - unmapped, or replaced by memory this uffd does not serve: wake it;
+  /// - a region still being opened: park it until its plugin accepts;
+  /// - memory registered without an event (a grown tail, a `DONTUNMAP` source):
+  ///   new memory, filled with zeros from now on;
+  /// - anything else: the table lost track of it. Fail closed (poison).
+  /// Each fill checks with the kernel that no map change is pending (EAGAIN
+  /// while one is queued), so an event not yet read only delays the decision.
+  private func placeUnknown(_ id: FaultLedger.ID, client: Client, page: UInt) {
+    if client.pendingOpen?.regions.contains(where: { $0.range.contains(page) }) == true { return park(id) }
+    // A forked child has no pid to read the mappings of: poison tells (ENOENT where unregistered).
+    if client.isForkedChild { return failClosed(id, "a forked child's fault outside its table") }
+    actions.append(.inspect(client.id, pid: client.pid, page: page))
+  }
+
+  /// Fills a fault in new memory (a grown tail, a `DONTUNMAP` source) with
+  /// zeros, as the kernel would fill fresh anonymous memory: an aligned block
+  /// of up to `maxLocalFillPages` pages around it, inside the piece.
+  private func fillNewMemory(_ id: FaultLedger.ID, piece: RegionTable.Piece) {
+    guard let page = ledger[id]?.page else { return }
+    let block = UInt(Self.maxLocalFillPages * pageSize)
+    let range = (page / block * block..<page / block * block + block).clamped(to: piece.live)
+    fill(.zero, range, fault: id, purpose: .newMemory)
+  }
+
+  /// The broker-local fast path: fills a fault from a delegated range with no round trip.
+  private func fillDelegated(_ id: FaultLedger.ID, piece: RegionTable.Piece, range: DelegatedRanges.Range, write: Bool) {
+    guard let page = ledger[id]?.page else { return }
+    let offset = piece.offset(of: page)
+    // An aligned block around the fault, inside the delegated range and the live piece.
+    let block = UInt64(range.prefetchPages * pageSize)
+    let start = max(offset / block * block, range.offsets.lowerBound, piece.offset)
+    let end = min(offset / block * block + block, range.offsets.upperBound, piece.offset + UInt64(piece.live.count))
+    guard let address = piece.address(ofOffset: start) else { return park(id) }
+    switch range.source {
+    case .zero where write:
+      // A write to a zero page would take a second, copy-on-write fault: copy zeros.
+      fill(.copy, page..<page + UInt(pageSize), source: .zeros, fault: id, purpose: .delegated)
+    case .zero:
+      fill(.zero, address..<address + UInt(end - start), fault: id, purpose: .delegated)
+    case .file(let file, _):
+      fill(.copy, address..<address + UInt(end - start), source: .file(file, offset: range.fileOffset(of: start)!), fault: id, purpose: .delegated)
+    }
+  }
+
+  /// Fails a fault the broker cannot place closed: the page is poisoned, so the
+  /// access gets SIGBUS instead of zeros or a thread woken forever; where the
+  /// uffd cannot poison, the client is killed. Logged and counted.
+  func failClosed(_ id: FaultLedger.ID, _ cause: String) {
+    guard let page = ledger[id]?.page else { return }
+    fill(.poison, page..<page + UInt(pageSize), fault: id, purpose: .failClosed(cause))
+  }
+
+  /// Orders a fill for fault `id`. While a swap-out runs, every fill reaching
+  /// into it is write-protected, so no write escapes it; zeros are then copied
+  /// (the shared zero page is read-only to the kernel, not to uffd-wp).
+  private func fill(_ kind: DecisionKind, _ range: Range<UInt>, source: FillOrder.Source = .none, fault id: FaultLedger.ID, purpose: FillOrder.Purpose) {
+    guard let entry = ledger[id] else { return }
+    let protect = entry.client.isSwapping(range)
+    let zerosByCopy = kind == .zero && protect
+    actions.append(.fill(FillOrder(
+      client: entry.client.id, kind: zerosByCopy ? .copy : kind, range: range, source: zerosByCopy ? .zeros : source,
+      writeProtect: protect, fault: id, page: entry.page, pageSize: pageSize, purpose: purpose)))
+  }
+
+  /// What an ioctl's outcome means for a fault. An outcome that only wakes the
+  /// thread (the page exists, or the range is gone) is counted: a page woken
+  /// again and again without an event in between is not progressing, and its
+  /// next fault fails closed (`routeFault`).
+  private func settle(_ id: FaultLedger.ID, _ outcome: IoctlOutcome) {
+    guard let entry = ledger[id] else { return }
+    switch outcome {
+    case .done, .targetExited:
+      ledger.settle(id)
+    case .alreadyPresent, .rangeGone:
+      entry.client.noteWoken(entry.page)
+      actions.append(.wake(entry.client.id, entry.page..<entry.page + UInt(pageSize)))
+      ledger.settle(id)
+    case .partial, .notNow, .failed:
+      park(id)
+    }
+  }
+
+  // MARK: - Redelivery
+
+  static let backoffBase: UInt64 = 1_000_000
+  static let backoffCap: UInt64 = 64_000_000
+
+  /// Parks a fault for redelivery: after the client's next map event, or its
+  /// backoff deadline. A parked page never delays other pages.
+  func park(_ id: FaultLedger.ID) {
+    guard let attempts = ledger[id]?.attempts else { return }
+    let backoff = min(Self.backoffBase << UInt64(min(attempts, 6)), Self.backoffCap)
+    ledger.move(id, to: .parked(notBefore: now + backoff))
+  }
+
+  /// Delivers again every parked fault of `client` (a map event may have unblocked them).
+  func redeliverParked(of client: Client) {
+    redeliver(ledger.takeParked { $0.client === client })
+  }
+
+  private func redeliverDue(of client: Client) {
+    let now = now
+    redeliver(ledger.takeParked { fault in
+      guard fault.client === client, case .parked(let due) = fault.state else { return false }
+      return due <= now
+    })
+  }
+
+  /// Delivers again the parked faults whose backoff deadline has passed.
+  func redeliverDue() {
+    let now = now
+    redeliver(ledger.takeParked { fault in
+      guard case .parked(let due) = fault.state else { return false }
+      return due <= now
+    })
+  }
+
+  private func redeliver(_ ids: [FaultLedger.ID]) {
+    for id in ids {
+      guard let fault = ledger[id], fault.client.phase != .closed else { continue }
+      ledger.move(id, to: .handling)
+      routeFault(id)
+    }
+  }
+}

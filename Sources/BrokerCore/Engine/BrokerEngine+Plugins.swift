@@ -1,0 +1,270 @@
+import BrokerProtocol
+import Logging
+
+/// A file a plugin delegated, as the runtime found it.
+public struct DelegatedFile: Sendable {
+  public var handle: FileHandle
+  /// Whether it is a regular file or memfd (a socket or pipe is refused).
+  public var isRegular: Bool
+  public init(handle: FileHandle, isRegular: Bool) {
+    self.handle = handle
+    self.isRegular = isRegular
+  }
+}
+
+extension BrokerEngine {
+  // MARK: - Inputs
+
+  /// A plugin connected with `peer`'s credentials. Returns its id, or the error to refuse it with.
+  public func pluginConnected(_ peer: PeerCredentials, now: UInt64) -> Result<PluginID, BrokerError> {
+    self.now = now
+    guard configuration.pluginUIDs.contains(peer.uid) || configuration.pluginGIDs.contains(peer.gid) else {
+      log(.warning, "refused a plugin", ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
+      return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not serve as a plugin of this broker"))
+    }
+    let plugin = Plugin(id: takeID(), peer: peer, connectedAt: now)
+    plugins[plugin.id] = plugin
+    return .success(plugin.id)
+  }
+
+  /// A plugin's first packet. `sharedAreaSize`: the size of the shared area it
+  /// attached, as mapped (0: none). Throws what to disconnect it with.
+  public func pluginHello(_ id: PluginID, _ hello: Hello?, sharedAreaSize: Int, now: UInt64) throws(BrokerError) {
+    self.now = now
+    guard let plugin = plugins[id], !plugin.isClosed else { return }
+    guard let hello else { throw BrokerError(.malformed, "a plugin must start with Hello") }
+    guard hello.version == brokerProtocolVersion, hello.role == .plugin else {
+      throw BrokerError(.version, "this broker speaks protocol \(brokerProtocolVersion) to plugins; got version \(hello.version) role \(hello.role)")
+    }
+    guard !hello.name.isEmpty else { throw BrokerError(.malformed, "a plugin's Hello must name the plugin") }
+    let route = route(named: hello.name)
+    if route.connection != nil { throw BrokerError(.malformed, "plugin \"\(hello.name)\" is already connected") }
+    plugin.sharedAreaSize = sharedAreaSize
+    route.connection = plugin
+    route.lostAt = nil
+    plugin.route = route
+    log(.info, "plugin connected", ["plugin": "\(hello.name)", "plugin.pid": "\(plugin.peer.pid)"])
+    // The first packet to the plugin: nothing can be queued before it.
+    actions.append(.welcome(plugin.id, name: hello.name))
+    announceRegions(to: plugin)
+  }
+
+  /// Whether the plugin's Hello was accepted (its packets then carry decisions).
+  public func isWelcomed(_ id: PluginID) -> Bool { plugins[id]?.route != nil }
+
+  /// The name a plugin connected as, if its Hello was accepted.
+  public func name(ofPlugin id: PluginID) -> String? { plugins[id]?.route?.name }
+
+  /// A plugin's delegation (or revocation) of a range: recorded after checking
+  /// that the plugin serves the region, the range is page aligned inside it,
+  /// and a file is a regular file at a page-aligned offset below 2^63. A file
+  /// not taken is released.
+  public func delegation(_ pluginID: PluginID, _ delegation: Delegation, file: DelegatedFile?, now: UInt64) {
+    self.now = now
+    var taken = false
+    defer { if let file, !taken { actions.append(.releaseFile(file.handle)) } }
+    guard let plugin = plugins[pluginID], !plugin.isClosed,
+          let client = clients[delegation.clientID], client.phase == .active || client.phase == .opening
+    else { return }
+    let spec = client.regions.pieces.first { $0.spec.id == delegation.regionID }?.spec
+      ?? client.pendingOpen?.regions.first { $0.id == delegation.regionID }
+    let mask = UInt64(pageSize - 1)
+    guard let spec, spec.plugin == plugin.name else {
+      return refuseDelegation(plugin, "region \(delegation.regionID) of client \(delegation.clientID) is not served by it")
+    }
+    guard delegation.offsets.lowerBound & mask == 0, UInt64(delegation.offsets.count) & mask == 0,
+          delegation.offsets.upperBound <= UInt64(spec.length), !delegation.offsets.isEmpty
+    else {
+      return refuseDelegation(plugin, "offsets \(delegation.offsets) are not a page-aligned part of region \(spec.id)")
+    }
+    if delegation.revoke {
+      return changeDelegations(of: client) { $0.cut(regionID: spec.id, delegation.offsets) }
+    }
+    let source: DelegatedRanges.Source
+    switch delegation.source {
+    case .zero:
+      source = .zero
+    case .file(_, let offset):
+      // pread takes an off_t: the whole range must lie below 2^63 in the file.
+      guard let file, file.isRegular, offset & mask == 0, offset <= UInt64(Int64.max) - UInt64(delegation.offsets.count) else {
+        return refuseDelegation(plugin, "a delegated file must be a regular file or memfd at a page-aligned offset below 2^63")
+      }
+      taken = true
+      source = .file(file.handle, offset: offset)
+    }
+    let range = DelegatedRanges.Range(regionID: spec.id, offsets: delegation.offsets, source: source,
+                                      prefetchPages: min(max(delegation.prefetchPages, 1), Self.maxLocalFillPages))
+    changeDelegations(of: client) { $0.add(range) }
+  }
+
+  /// A plugin's reply to RegionOpened.
+  public func regionReply(_ pluginID: PluginID, _ reply: RegionReply, now: UInt64) {
+    self.now = now
+    guard let plugin = plugins[pluginID], !plugin.isClosed else { return }
+    if !reply.lost.isEmpty { recordLost(reply, from: plugin) }
+    guard let client = clients[reply.clientID], var pending = client.pendingOpen,
+          pending.awaiting.contains(reply.regionID),
+          pending.regions.contains(where: { $0.id == reply.regionID && route(named: $0.plugin).effective === plugin.route })
+    else {
+      if let error = reply.error {
+        log(.error, "plugin refused a region it serves", ["plugin": "\(plugin.name)", "client.id": "\(reply.clientID)", "region.id": "\(reply.regionID)", "error": "\(error)"])
+      }
+      return
+    }
+    if let error = reply.error {
+      let refusal = BrokerError(.pluginRefused, "plugin \(plugin.name) refused region \(reply.regionID): \(error.message)")
+      guard client.isForkedChild else { return failOpen(client, refusal) }
+      refuseForChild([reply.regionID], of: client, refusal)
+    }
+    pending.awaiting.remove(reply.regionID)
+    client.pendingOpen = pending
+    guard pending.awaiting.isEmpty else { return }
+    client.pendingOpen = nil
+    // A forked child's table is its parent's copy already.
+    if !client.isForkedChild { for spec in pending.regions { client.regions.add(spec, route: route(named: spec.plugin)) } }
+    if client.phase == .opening {
+      activate(client, requestID: pending.requestID)
+    } else {
+      self.reply(client, BrokerReply(requestID: pending.requestID, .ack(clientID: client.id)))
+    }
+  }
+
+  /// The plugin connection is gone (it closed, a send failed, it sent garbage:
+  /// `error` is what it is told). Its faults in flight are parked for its
+  /// return (or a restart); swap-out chunks it had not stored fail.
+  public func pluginGone(_ id: PluginID, reason: String, tell error: BrokerError? = nil, now: UInt64) {
+    self.now = now
+    guard let plugin = plugins[id] else { return }
+    closePlugin(plugin, reason: reason, tell: error)
+  }
+
+  // MARK: - Internals
+
+  /// A plugin (re)opened a region without some of the swapped-out pages it was
+  /// to hold: from now on their faults fail closed (SIGBUS), never zeros.
+  private func recordLost(_ reply: RegionReply, from plugin: Plugin) {
+    guard let client = clients[reply.clientID], let record = client.swappedOutPages[reply.regionID],
+          client.announcedRegions[reply.regionID].map({ route(named: $0).effective === plugin.route }) == true
+    else { return }
+    var lost = OffsetRanges()
+    for range in reply.lost { for part in record.clamped(to: range) { lost.insert(part) } }
+    guard !lost.isEmpty else { return }
+    for range in lost.ranges {
+      client.swappedOutPages[reply.regionID]?.subtract(range)
+      client.lostPages[reply.regionID, default: OffsetRanges()].insert(range)
+    }
+    statistics.swappedBytesLost += lost.count
+    log(.error, "a plugin lost swapped-out pages: they fail closed", [
+      "plugin": "\(plugin.name)", "client.id": "\(client.id)", "region.id": "\(reply.regionID)", "bytes": "\(lost.count)",
+    ])
+  }
+
+  /// A plugin (re)connected: it learns every region it serves, then the events it
+  /// missed. With `origin` (a failed plugin whose regions it takes over): only
+  /// that plugin's regions; its own are open already, and opening them again
+  /// would reset whatever it keeps for them.
+  func announceRegions(to plugin: Plugin, of origin: PluginRoute? = nil) {
+    guard let route = plugin.route else { return }
+    let announces = { (candidate: PluginRoute) in
+      candidate.effective === route && (origin.map { candidate.passes(through: $0) } ?? true)
+    }
+    for client in clients.values.sorted(by: { $0.id < $1.id }) {
+      var announced = Set<UInt64>()
+      for piece in client.regions.pieces where !piece.isNewMemory && announces(piece.route) && announced.insert(piece.spec.id).inserted {
+        actions.append(.send(plugin.id, regionOpened(piece.spec, of: client)))
+      }
+      for spec in client.pendingOpen?.regions ?? [] where announces(self.route(named: spec.plugin)) {
+        actions.append(.send(plugin.id, regionOpened(spec, of: client)))
+      }
+    }
+    if origin == nil { for event in route.takeMissedEvents() { actions.append(.send(plugin.id, event)) } }
+  }
+
+  func closePlugin(_ plugin: Plugin, reason: String, tell error: BrokerError? = nil) {
+    guard !plugin.isClosed else { return }
+    plugin.isClosed = true
+    plugins[plugin.id] = nil
+    actions.append(.closePlugin(plugin.id, tell: error))
+    if plugin.route?.connection === plugin {
+      plugin.route?.connection = nil
+      plugin.route?.lostAt = now
+    }
+    let orphaned = ledger.ids { fault in
+      if case .inFlight(let sentTo, _, _) = fault.state { sentTo === plugin } else { false }
+    }
+    for id in orphaned { park(id) }
+    // A swap-out chunk it had not stored yet fails: the client keeps those pages.
+    for (storeID, pending) in pendingStores.sorted(by: { $0.key < $1.key }) where pending.plugin === plugin {
+      pendingStores[storeID] = nil
+      if pending.client.phase == .active {
+        reply(pending.client, BrokerReply(requestID: pending.requestID, .error(BrokerError(.pluginRefused, "the plugin went away before it stored the pages"))))
+      }
+    }
+    let level: Logger.Level = error == nil && plugin.route != nil ? .notice : .warning
+    log(level, "plugin disconnected", ["plugin": "\(plugin.name)", "plugin.pid": "\(plugin.peer.pid)", "reason": "\(reason)", "faults.parked": "\(orphaned.count)"])
+  }
+
+  /// A plugin is gone for good: its regions fail over to the fallback, or fail closed.
+  func fail(_ route: PluginRoute, _ policy: BrokerConfiguration.PluginPolicy) {
+    if let name = policy.fallback, name != route.name {
+      let fallback = self.route(named: name)
+      route.failover = fallback
+      log(.error, "plugin failed over", ["plugin": "\(route.name)", "fallback": "\(name)"])
+      // The fallback learns the regions, then what the failed plugin missed.
+      if let connection = fallback.connection { announceRegions(to: connection, of: route) }
+      for event in route.takeMissedEvents() { sendEvent(event, to: fallback) }
+      return
+    }
+    route.failed = true
+    log(.error, "plugin failed: its regions fail closed", ["plugin": "\(route.name)", "policy": "\(policy.onFailure.rawValue)"])
+    guard policy.onFailure == .kill else { return }  // poison: each fault is poisoned as it comes
+    for client in clients.values.sorted(by: { $0.id < $1.id }) where client.regions.pieces.contains(where: { $0.route.effective === route }) {
+      kill(client, "killing a client whose plugin failed", plugin: route)
+    }
+  }
+
+  /// Sends a non-fault event, in order; kept for the plugin's return if it is away.
+  func sendEvent(_ event: BrokerEvent, to primary: PluginRoute) {
+    let route = primary.effective
+    if let plugin = route.connection, !plugin.isClosed {
+      actions.append(.send(plugin.id, event))
+      return
+    }
+    guard route.missedEvents.count < Self.maxMissedEvents else {
+      // Dropping an event could make the plugin serve stale memory later: instead the
+      // client that keeps changing its mappings while its plugin is away is failed closed.
+      if let client = clients[event.clientID] { kill(client, "killing a client: too many events for an absent plugin", plugin: route) }
+      return
+    }
+    route.missedEvents.append(event)
+  }
+
+  /// Fails a client closed: SIGKILL through its pidfd (never a recycled pid), with the reason logged.
+  func kill(_ client: Client, _ message: Logger.Message, plugin route: PluginRoute) {
+    log(.error, message, ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "plugin": "\(route.name)"])
+    actions.append(.kill(client.id))
+  }
+
+  private func refuseDelegation(_ plugin: Plugin, _ reason: String) {
+    log(.warning, "refused a delegation", ["plugin": "\(plugin.name)", "reason": "\(reason)"])
+    countInvalid(from: plugin)
+  }
+
+  func refuse(_ decision: DecodedDecision, from plugin: Plugin, _ reason: String) {
+    refuse(decision.faultID, from: plugin, reason)
+  }
+
+  func refuse(_ faultID: UInt64, from plugin: Plugin, _ reason: String) {
+    log(.warning, "refused a plugin decision", ["plugin": "\(plugin.name)", "fault.id": "\(faultID)", "reason": "\(reason)"])
+    countInvalid(from: plugin)
+  }
+
+  /// Counts an invalid decision or delegation; a plugin that keeps sending them is dropped.
+  func countInvalid(from plugin: Plugin) {
+    statistics.invalidDecisions += 1
+    plugin.invalidDecisions += 1
+    if plugin.invalidDecisions > configuration.maxInvalidDecisions {
+      closePlugin(plugin, reason: "it sent \(plugin.invalidDecisions) invalid decisions", tell: BrokerError(.malformed, "too many invalid decisions"))
+    }
+  }
+}

@@ -1,0 +1,131 @@
+import BrokerProtocol
+import Logging
+import Userfaultfd
+
+/// The broker's logic, without I/O: a state machine that takes inputs (a
+/// request decoded from a client, events read from its uffd, a plugin's
+/// decisions, the outcome of a fill, the time) and returns `Action`s for the
+/// runtime to perform. It makes no system call and reads no clock, so a
+/// simulator can drive it through any interleaving, deterministically.
+///
+/// Every input method appends actions; the runtime takes them with
+/// `takeActions(into:)` and performs them in order, feeding the outcomes the
+/// engine asked for back as inputs (which may append more).
+///
+/// It guarantees, for each client:
+/// 1. **Ordering**: the map events (remove, unmap, remap, fork) of one read are
+///    applied to the region table and sent to the plugins before the faults of
+///    that read are routed.
+/// 2. **No stale decision**: a decision for a fault sent before an overlapping
+///    map event was read is dropped, and the fault asked again.
+/// 3. **Redelivery**: a fault that cannot be served now is parked and delivered
+///    again after the client's next map event and on a backoff deadline.
+/// 4. **Never stuck**: a fault is filled, woken where nothing needs filling, or
+///    failed closed (poisoned, or its client killed); a page woken
+///    `Client.wakeLimit` times with no event in between fails closed.
+/// 5. **Closed last**: every plugin a client's region was announced to is told
+///    `RegionClosed` for each region still open, then `Closed`, once, last.
+///
+/// Not thread-safe: confine it to one thread.
+public final class BrokerEngine {
+  public let configuration: BrokerConfiguration
+  /// The page size of every region (the system's; hugetlb regions are refused).
+  public let pageSize: Int
+
+  var clients: [ClientID: Client] = [:]
+  var plugins: [PluginID: Plugin] = [:]
+  var routes: [String: PluginRoute] = [:]
+  var ledger = FaultLedger()
+  var pendingStores: [UInt64: PendingStore] = [:]
+  var actions: [Action] = []
+  /// The time of the input being handled: timestamps without a clock read per fault.
+  var now: UInt64 = 0
+  private var nextID: UInt64 = 1
+  /// A client's identity across re-attaches: random (the runtime's CSPRNG; the simulator's seed).
+  let makeToken: () -> UInt128
+  var nextSweep: UInt64 = 0
+
+  /// A swap-out chunk handed to a plugin to store; the client waits for its reply.
+  struct PendingStore {
+    var client: Client
+    var requestID: UInt64
+    var range: Range<UInt>
+    var piece: RegionTable.Piece
+    /// The plugin asked to store it: only its reply counts.
+    var plugin: Plugin
+  }
+
+  /// Counters for logs, metrics and the benchmark.
+  public struct Statistics: Sendable {
+    public var faultsSent = 0
+    public var decisionsApplied = 0
+    public var staleDecisionsDropped = 0
+    public var invalidDecisions = 0
+    public var retries = 0
+    /// Faults resolved by the broker itself from a delegated range.
+    public var resolvedLocally = 0
+    /// Faults in new memory (a grown tail, a `DONTUNMAP` source) filled with zeros.
+    public var newMemoryFills = 0
+    /// Faults the broker could not place, failed closed (poison or kill).
+    public var failedClosed = 0
+    /// Swapped-out bytes a plugin came back without (their faults fail closed).
+    public var swappedBytesLost: UInt64 = 0
+    /// Faults resolved, by decisions and locally.
+    public var faultsResolved: UInt64 = 0
+  }
+  public internal(set) var statistics = Statistics()
+
+  /// Events kept for a plugin that is away; past this a client is failed closed.
+  static let maxMissedEvents = 1 << 20
+  /// The most pages the broker fills at once around a fault of its own (delegated ranges, new memory).
+  public static let maxLocalFillPages = 32
+  /// The lowest address a process may map (the default `vm.mmap_min_addr`): the
+  /// address a forked child's exit is probed at.
+  public static let probeAddress: UInt = 65536
+
+  public init(configuration: BrokerConfiguration, pageSize: Int, now: UInt64, makeToken: @escaping () -> UInt128) throws(BrokerError) {
+    try configuration.validate()
+    self.configuration = configuration
+    self.makeToken = makeToken
+    self.pageSize = pageSize
+    self.now = now
+    actions.reserveCapacity(256)
+    for plugin in configuration.plugins { _ = route(named: plugin.name) }
+  }
+
+  /// Moves the actions of the inputs handled so far into `buffer` (emptied first).
+  public func takeActions(into buffer: inout [Action]) {
+    buffer.removeAll(keepingCapacity: true)
+    swap(&actions, &buffer)
+  }
+
+  public var hasActions: Bool { !actions.isEmpty }
+
+  /// The number of clients and plugin connections, for the shutdown log.
+  public var clientCount: Int { clients.count }
+  public var pluginCount: Int { plugins.count }
+
+  /// The pid a client registered with (0 for a forked child or before Register).
+  public func pid(of client: ClientID) -> Int32 { clients[client]?.pid ?? 0 }
+
+  func takeID() -> UInt64 {
+    defer { nextID += 1 }
+    return nextID
+  }
+
+  func route(named name: String) -> PluginRoute {
+    if let route = routes[name] { return route }
+    let route = PluginRoute(name: name, now: now)
+    routes[name] = route
+    return route
+  }
+
+  func log(_ level: Logger.Level, _ message: Logger.Message, _ metadata: Logger.Metadata = [:]) {
+    actions.append(.log(level, message, metadata))
+  }
+
+  func reply(_ client: Client, _ reply: BrokerReply) {
+    guard client.hasSocket else { return }
+    actions.append(.reply(client.id, reply))
+  }
+}

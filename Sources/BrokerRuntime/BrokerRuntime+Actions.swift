@@ -1,0 +1,224 @@
+import BrokerCore
+import BrokerProtocol
+import CUserfaultfd
+import Glibc
+import Logging
+import SystemPackage
+import Userfaultfd
+
+/// Performing the engine's actions.
+extension BrokerRuntime {
+  /// Performs every action the engine has, in order, feeding back the outcomes
+  /// it asked for (which may bring more actions).
+  func perform() {
+    while engine.hasActions {
+      engine.takeActions(into: &actions)
+      for action in actions { perform(action) }
+    }
+  }
+
+  private func perform(_ action: Action) {
+    switch action {
+    case .reply(let id, let reply):
+      guard let socket = clients[id]?.socket else { return }
+      do {
+        _ = try ClientWire.encode(reply).withUnsafeBytes { (raw) throws(BrokerError) in try socket.send(raw) }
+      } catch {
+        engine.clientGone(id, reason: "its socket failed: \(error)", now: monotonicNanoseconds())
+      }
+    case .sendLayout(let id, let regionID, let pieces):
+      guard let socket = clients[id]?.socket else { return }
+      let bytes = ClientWire.encode(BrokerReply(requestID: 0, .layout(regionID: regionID, pieces: pieces)))
+      if (try? bytes.withUnsafeBytes { (raw) throws(BrokerError) in try socket.send(raw) }) != .sent { engine.layoutNotSent(id, regionID: regionID) }
+    case .keepChild(let keeper, let child, let notice):
+      let sent = clients[child]?.uffd.map { uffd in
+        [uffd.fileDescriptor.rawValue].withUnsafeBufferPointer { fds in
+          ClientWire.encode(notice).withUnsafeBytes { raw in (try? clients[keeper]?.socket?.send(raw, fds: fds)) == .sent }
+        }
+      }
+      if sent != true {
+        logger.warning("the parent cannot keep its forked child's userfaultfd: a broker killed now leaves the child's unfilled pages reading zeros", metadata: ["client.id": "\(keeper)", "child.id": "\(child)"])
+      }
+    case .adoptUffd(let id):
+      clients[id]?.uffd = registering
+      registering = nil
+    case .adoptChild(let ticket, let child):
+      clients[child] = ClientLink(id: child, socket: PacketSocket?.none, uffd: forks.removeValue(forKey: ticket))
+    case .dropChild(let ticket):
+      forks[ticket] = nil
+    case .failChild(let ticket, let ranges):
+      if let uffd = forks.removeValue(forKey: ticket) { for range in ranges { uffd.poisonMissing(address: range.lowerBound, length: range.count) } }
+    case .watch(let id, let pid):
+      watch(id, pid: pid)
+    case .watchChild(let id):
+      guard let uffd = clients[id]?.uffd else { return engine.watchFailed(id, BrokerError(.internal, "the child has no userfaultfd"), now: monotonicNanoseconds()) }
+      do {
+        try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, id))
+      } catch {
+        engine.watchFailed(id, error, now: monotonicNanoseconds())
+      }
+    case .close(let id):
+      guard let link = clients.removeValue(forKey: id) else { return }
+      if let socket = link.socket { loop.remove(socket.fd) }
+      if let uffd = link.uffd { loop.remove(uffd.fileDescriptor.rawValue) }
+      if link.pidfd.isValid { loop.remove(link.pidfd.rawValue) }
+    case .kill(let id):
+      if let link = clients[id], link.pidfd.isValid { _ = cuffd_pidfd_send_signal(link.pidfd.rawValue, SIGKILL) }
+    case .fill(let order):
+      engine.filled(order, outcome: fill(order), now: monotonicNanoseconds())
+    case .wake(let id, let range):
+      _ = clients[id]?.uffd?.wake(address: range.lowerBound, length: range.count)
+    case .writeProtect(let id, let range, let protect, let swapOut):
+      guard let uffd = clients[id]?.uffd else { return }
+      let result = uffd.writeProtect(address: range.lowerBound, length: range.count, protect: protect)
+      if let swapOut {
+        let errno: Errno? = if case .failure(let errno) = result { errno } else { nil }
+        engine.swapOutProtected(id, swapOut, range: range, errno: errno, now: monotonicNanoseconds())
+      }
+    case .poisonMissing(let id, let range):
+      clients[id]?.uffd?.poisonMissing(address: range.lowerBound, length: range.count)
+    case .inspect(let id, let pid, let page):
+      engine.inspected(id, page: page, mapping: ProcessMappings.mapping(containing: page, pid: pid), now: monotonicNanoseconds())
+    case .probe(let id):
+      guard let uffd = clients[id]?.uffd else { return }
+      let exited = uffd.zero(address: BrokerEngine.probeAddress, length: systemPageSize) == .targetExited
+      engine.probed(id, exited: exited, now: monotonicNanoseconds())
+    case .send(let id, let event):
+      guard let link = plugins[id] else { return }
+      if case .store(let store) = event, !link.events.canAppend(size: store.data.count) { flush(link) }
+      if link.events.isFull { flush(link) }
+      link.events.append(event)
+      markDirty(link)
+    case .welcome(let id, let name):
+      guard let link = plugins[id] else { return }
+      let store = store(of: name)
+      let bytes = EventBatchEncoder.encodeControl(hello: Hello(role: .broker, name: "uffd-broker"), error: nil, kept: store.names)
+      let sent = bytes.withUnsafeBytes { raw in
+        store.descriptors.withUnsafeBufferPointer { fds in Result { () throws(BrokerError) in try link.socket.send(raw, fds: fds) } }
+      }
+      if case .failure(let error) = sent { engine.pluginGone(id, reason: "\(error)", now: monotonicNanoseconds()) }
+    case .closePlugin(let id, let error):
+      guard let link = plugins.removeValue(forKey: id) else { return }
+      flush(link)  // what was queued before it was closed (RegionClosed, Closed) still goes out
+      if let error { tellPlugin(link.socket, error) }
+      loop.remove(link.socket.fd)
+    case .killPluginProcess(let pid, let reason):
+      supervisor?.killChild(pid: pid, reason: reason)
+    case .releaseFile(let handle):
+      files[handle] = nil
+    case .log(let level, let message, let metadata):
+      logger.log(level: level, message, metadata: metadata)
+    }
+  }
+
+  /// Opens the client's pidfd and watches its uffd and process.
+  private func watch(_ id: ClientID, pid: Int32) {
+    guard let link = clients[id], let uffd = link.uffd else { return }
+    do throws(BrokerError) {
+      switch valueOrErrno(cuffd_pidfd_open(pid)) {
+      case .success(let fd): link.pidfd = OwnedDescriptor(fd)
+      case .failure(let errno): throw BrokerError(.io, "cannot watch the client process", errno: errno)
+      }
+      try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, id))
+      try loop.add(link.pidfd.rawValue, Token(.clientPidfd, id))
+    } catch {
+      engine.watchFailed(id, error, now: monotonicNanoseconds())
+      return
+    }
+    readUffd(link)  // faults may have queued before the ack
+  }
+
+  // MARK: - Fills
+
+  private func fill(_ order: FillOrder) -> IoctlOutcome {
+    guard let uffd = clients[order.client]?.uffd else { return .targetExited }
+    let range = order.range
+    switch order.kind {
+    case .zero:
+      return uffd.zero(address: range.lowerBound, length: range.count)
+    case .poison:
+      return uffd.poison(address: range.lowerBound, length: range.count)
+    case .retry:
+      return .notNow
+    case .copy:
+      let copy = { (bytes: UnsafeRawBufferPointer) in
+        uffd.copy(to: range.lowerBound, from: bytes.baseAddress!, length: range.count, writeProtect: order.writeProtect)
+      }
+      switch order.source {
+      case .none:
+        return .failed(.invalidArgument)
+      case .bytes(let bytes):
+        return copy(bytes)
+      case .zeros:
+        for page in stride(from: range.lowerBound, to: range.upperBound, by: zeroPage.count) {
+          let outcome = uffd.copy(to: page, from: zeroPage.baseAddress!, length: zeroPage.count, writeProtect: order.writeProtect)
+          if !outcome.isResolved { return outcome }
+        }
+        return .done
+      case .sharedArea(let plugin, let offset):
+        guard let area = plugins[plugin]?.sharedArea, offset + UInt64(range.count) <= UInt64(area.bytes.count) else { return .notNow }
+        return copy(UnsafeRawBufferPointer(rebasing: area.bytes[Int(offset)..<Int(offset) + range.count]))
+      case .file(let handle, let offset):
+        guard let file = files[handle] else { return .notNow }
+        let buffer = UnsafeMutableRawBufferPointer(rebasing: localBuffer[..<range.count])
+        if let mapped = file.bytes(at: offset..<offset + UInt64(range.count)) {
+          let outcome = copy(mapped)
+          // The file shrank under the mapping: what is gone now reads as zeros.
+          guard case .failed(.badAddress) = outcome else { return outcome }
+        }
+        guard let read = file.read(at: offset, into: buffer) else { return .notNow }
+        return copy(read)
+      }
+    }
+  }
+
+  // MARK: - Sending to plugins
+
+  private func markDirty(_ link: PluginLink) {
+    if !link.isDirty {
+      link.isDirty = true
+      dirtyPlugins.append(link)
+    }
+  }
+
+  func flushPlugins() {
+    for link in dirtyPlugins {
+      link.isDirty = false
+      if plugins[link.id] === link { flush(link) }
+    }
+    dirtyPlugins.removeAll(keepingCapacity: true)
+  }
+
+  private func flush(_ link: PluginLink) {
+    guard !link.events.isEmpty else { return }
+    link.events.packetsApplied = link.packetsApplied
+    let count = link.events.encode(into: packet)
+    send(UnsafeRawBufferPointer(rebasing: packet[..<count]), to: link)
+  }
+
+  private func send(_ bytes: UnsafeRawBufferPointer, to link: PluginLink) {
+    if link.backlog.isEmpty {
+      do {
+        if try link.socket.send(bytes) == .sent { return }
+      } catch {
+        return engine.pluginGone(link.id, reason: "\(error)", now: monotonicNanoseconds())
+      }
+      loop.modify(link.socket.fd, Token(.plugin, link.id), events: cuffd_epollin | cuffd_epollout)
+    }
+    // The plugin is not reading: keep order by queueing behind what is waiting.
+    link.backlog.append(bytes)
+    if link.backlog.bytes > 64 << 20 { engine.pluginGone(link.id, reason: "it stopped reading its events", now: monotonicNanoseconds()) }
+  }
+
+  func drainBacklog(_ link: PluginLink) {
+    while let first = link.backlog.first {
+      do {
+        guard try first.withUnsafeBytes({ (raw) throws(BrokerError) in try link.socket.send(raw) }) == .sent else { return }
+      } catch {
+        return engine.pluginGone(link.id, reason: "\(error)", now: monotonicNanoseconds())
+      }
+      link.backlog.removeFirst()
+    }
+    loop.modify(link.socket.fd, Token(.plugin, link.id), events: cuffd_epollin)
+  }
+}

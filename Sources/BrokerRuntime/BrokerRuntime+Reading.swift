@@ -1,0 +1,254 @@
+import BrokerCore
+import BrokerProtocol
+import CUserfaultfd
+import Glibc
+import SystemPackage
+import Userfaultfd
+
+/// Accepting connections and reading sockets and uffds: what is read becomes an input of the engine.
+extension BrokerRuntime {
+  // MARK: - Accepting
+
+  /// Accepts one connection; nil when none is waiting. Out of descriptors, it
+  /// uses the spare one to accept the connection and refuse it with `refusal`,
+  /// and keeps serving everyone already connected.
+  private func accept(from listener: PacketListener, role: String, refusal: (PacketSocket, BrokerError) -> Void) -> PacketSocket? {
+    do {
+      return try listener.accept()
+    } catch where error.errno == .tooManyOpenFiles || error.errno == .tooManyOpenFilesInSystem {
+      // accept(2) fails for want of a descriptor before it looks for a connection:
+      // refuse one (if any) and let the next wakeup handle the rest.
+      spareDescriptor = OwnedDescriptor()
+      if let socket = try? listener.accept() {
+        logger.error("out of descriptors: refusing a new connection", metadata: ["role": "\(role)"])
+        refusal(socket, BrokerError(.limit, "the broker is out of file descriptors; try again later"))
+      }
+      spareDescriptor = OwnedDescriptor(open("/dev/null", O_RDONLY | O_CLOEXEC))
+      return nil
+    } catch {
+      logger.error("cannot accept a connection", metadata: ["role": "\(role)", "error": "\(error)"])
+      return nil
+    }
+  }
+
+  func acceptClients() {
+    while true {
+      guard let socket = accept(from: clientListener, role: "client", refusal: { tellClient($0, $1) }) else { return }
+      guard let peer = try? socket.peerCredentials() else { continue }
+      switch engine.clientConnected(peer, now: monotonicNanoseconds()) {
+      case .failure(let error):
+        tellClient(socket, error)
+      case .success(let id):
+        do {
+          try loop.add(socket.fd, Token(.clientSocket, id))
+          clients[id] = ClientLink(id: id, socket: socket)
+        } catch {
+          engine.clientGone(id, reason: "its socket could not be watched", now: monotonicNanoseconds())
+        }
+      }
+    }
+  }
+
+  private func tellClient(_ socket: PacketSocket, _ error: BrokerError) {
+    let bytes = ClientWire.encode(BrokerReply(requestID: 0, .error(error)))
+    _ = bytes.withUnsafeBytes { try? socket.send($0) }
+  }
+
+  func acceptPlugins() {
+    while true {
+      guard let socket = accept(from: pluginListener, role: "plugin", refusal: tellPlugin) else { return }
+      guard let peer = try? socket.peerCredentials() else { continue }
+      switch engine.pluginConnected(peer, now: monotonicNanoseconds()) {
+      case .failure(let error):
+        tellPlugin(socket, error)
+      case .success(let id):
+        do {
+          try loop.add(socket.fd, Token(.plugin, id))
+          plugins[id] = PluginLink(id: id, socket: socket)
+        } catch {
+          engine.pluginGone(id, reason: "its socket could not be watched", now: monotonicNanoseconds())
+        }
+      }
+    }
+  }
+
+  /// Sends a plugin connection an Error, best effort (it is about to be closed).
+  func tellPlugin(_ socket: PacketSocket, _ error: BrokerError) {
+    _ = EventBatchEncoder.encodeControl(hello: nil, error: error).withUnsafeBytes { try? socket.send($0) }
+  }
+
+  // MARK: - Clients
+
+  func readClient(_ link: ClientLink) {
+    guard let socket = link.socket else { return }
+    while clients[link.id] === link {
+      receivedFDs.removeAll(keepingCapacity: true)
+      let result: PacketSocket.ReceiveResult
+      do {
+        result = try socket.receive(into: packet, fds: &receivedFDs)
+      } catch {
+        receivedFDs.forEach(closeDescriptor)
+        engine.clientFailed(link.id, error, reason: "\(error)", now: monotonicNanoseconds())
+        return
+      }
+      switch result {
+      case .wouldBlock: return
+      case .closed:
+        engine.clientGone(link.id, reason: "the client closed its connection", now: monotonicNanoseconds())
+        return
+      case .packet(let count):
+        var fds = receivedFDs
+        defer { fds.forEach(closeDescriptor) }  // those no one took over
+        let request: ClientRequest
+        do {
+          request = try ClientWire.decodeRequest(UnsafeRawBufferPointer(rebasing: packet[..<count]), arena: arena)
+        } catch {
+          engine.undecodableRequest(link.id, error, now: monotonicNanoseconds())
+          return
+        }
+        let descriptors = attached(&fds, to: request)
+        engine.clientRequest(link.id, request, descriptors: descriptors, now: monotonicNanoseconds())
+        perform()  // `.adoptUffd` takes `registering`
+        registering = nil
+      }
+    }
+  }
+
+  /// What the engine needs to know of a request's descriptors. A Register's one
+  /// descriptor is adopted as a userfaultfd, its features read from the kernel
+  /// (not from the message); it waits in `registering` for the engine's verdict.
+  private func attached(_ fds: inout [CInt], to request: ClientRequest) -> AttachedDescriptors {
+    guard case .register(let register) = request.body, fds.count == 1 else {
+      return fds.isEmpty ? .none : .several(fds.count)
+    }
+    do {
+      registering = try UserfaultFD(adopting: FileDescriptor(rawValue: fds[0]), features: nil, ioctls: register.ioctls)
+      fds.removeAll()  // the uffd object owns (and closes) the descriptor now
+      return .userfaultfd(registering!.features)
+    } catch {
+      return .notUserfaultfd(BrokerError(.notUserfaultfd, "the attached descriptor: \(error.message)"))
+    }
+  }
+
+  /// Reads the client's uffd until EAGAIN and hands the engine what was read.
+  func readUffd(_ link: ClientLink) {
+    guard let uffd = link.uffd else { return }
+    kernelEvents.removeAll(keepingCapacity: true)
+    while true {
+      let count = Int(cuffd_read_events(uffd.fileDescriptor.rawValue, uffdEvents, CInt(CUFFD_READ_BATCH)))
+      if count == -Int(EAGAIN) || count == 0 { break }
+      if count < 0 {
+        let errno = Errno(rawValue: CInt(-count))
+        logger.warning("client userfaultfd failed", metadata: ["client.id": "\(link.id)", "error": "\(errno)"])
+        // Its events are lost: its memory can no longer be followed.
+        kernelEvents.forEach { if case .fork(let ticket, _) = $0 { forks[ticket] = nil } }
+        engine.clientGone(link.id, reason: "reading its userfaultfd failed: \(errno)", now: monotonicNanoseconds())
+        return
+      }
+      for index in 0..<count { kernelEvents.append(kernelEvent(uffdEvents[index], of: link, uffd: uffd)) }
+      if count < Int(CUFFD_READ_BATCH) { break }
+    }
+    guard !kernelEvents.isEmpty else { return }
+    engine.uffdEvents(link.id, kernelEvents, now: monotonicNanoseconds())
+  }
+
+  private func kernelEvent(_ event: cuffd_event, of link: ClientLink, uffd: UserfaultFD) -> KernelEvent {
+    switch event.event {
+    case cuffd_event_pagefault:
+      return .pagefault(Pagefault(address: UInt(event.a), flags: .init(rawValue: event.flags), thread: Int32(bitPattern: event.thread)))
+    case cuffd_event_remove:
+      return .remove(UInt(event.a)..<UInt(event.b))
+    case cuffd_event_unmap:
+      return .unmap(UInt(event.a)..<UInt(event.b))
+    case cuffd_event_remap:
+      return .remap(from: UInt(event.a), to: UInt(event.b), length: Int(event.length))
+    default:  // cuffd_event_fork
+      let ticket = ForkTicket(nextTicket)
+      nextTicket += 1
+      if let child = try? UserfaultFD(adopting: FileDescriptor(rawValue: event.fd), features: uffd.features, ioctls: uffd.ioctls) {
+        forks[ticket] = child
+      } else {
+        closeDescriptor(event.fd)
+      }
+      return .fork(ticket, wipedOnFork: ProcessMappings.wipedOnFork(pid: engine.pid(of: link.id)))
+    }
+  }
+
+  // MARK: - Plugins
+
+  /// Handles one packet of a plugin. One per wakeup: epoll is level-triggered,
+  /// so more wake us again, and a drain-until-EAGAIN would cost a failing
+  /// recvmsg per packet.
+  func readPlugin(_ link: PluginLink) {
+    receivedFDs.removeAll(keepingCapacity: true)
+    let result: PacketSocket.ReceiveResult
+    do {
+      result = try link.socket.receive(into: pluginPacket, fds: &receivedFDs)
+    } catch {
+      engine.pluginGone(link.id, reason: "\(error)", tell: error, now: monotonicNanoseconds())
+      return
+    }
+    switch result {
+    case .wouldBlock: return
+    case .closed:
+      engine.pluginGone(link.id, reason: "the plugin closed its connection", now: monotonicNanoseconds())
+    case .packet(let count):
+      defer {  // those no delegation or store took
+        receivedFDs.forEach(closeDescriptor)
+        receivedFDs.removeAll(keepingCapacity: true)
+      }
+      do {
+        try decisions.decode(UnsafeRawBufferPointer(rebasing: pluginPacket[..<count]))
+        try handlePluginPacket(link)
+        link.packetsApplied += 1
+      } catch {
+        engine.pluginGone(link.id, reason: "\(error)", tell: error, now: monotonicNanoseconds())
+      }
+    }
+  }
+
+  private func handlePluginPacket(_ link: PluginLink) throws(BrokerError) {
+    let now = monotonicNanoseconds()
+    guard engine.isWelcomed(link.id) else {
+      if let fd = receivedFDs.first { link.sharedArea = try SharedArea(fd: fd) }
+      try engine.pluginHello(link.id, try decisions.hello, sharedAreaSize: link.sharedArea?.bytes.count ?? 0, now: now)
+      return
+    }
+    for index in 0..<decisions.decisionCount {
+      if let decision = decisions.decision(at: index) { engine.decision(link.id, decision, now: now) }
+    }
+    // Delegations before region replies: a reply may activate the client, whose
+    // first faults must already find the ranges its plugin handed over.
+    for delegation in try decisions.delegations(descriptors: receivedFDs) {
+      var file: DelegatedFile?
+      if case .file(let fd, let offset) = delegation.source, let index = receivedFDs.firstIndex(of: fd) {
+        receivedFDs.remove(at: index)  // ownership moves to the mapping (released if the engine refuses it)
+        let mapping = DelegatedFileMapping(OwnedDescriptor(fd))
+        let size = mapping.regularFileSize()
+        if let size, offset <= UInt64(Int64.max) - UInt64(delegation.offsets.count) {
+          mapping.map(offset..<offset + UInt64(delegation.offsets.count), size: size)
+        }
+        let handle = FileHandle(nextFile)
+        nextFile += 1
+        files[handle] = mapping
+        file = DelegatedFile(handle: handle, isRegular: size != nil)
+      }
+      engine.delegation(link.id, delegation, file: file, now: now)
+    }
+    // Then the descriptors to keep, in order (file delegations took theirs).
+    let keep = try decisions.keepNames
+    guard receivedFDs.count >= keep.count else { throw BrokerError(.malformed, "\(keep.count) descriptors to keep, \(receivedFDs.count) attached") }
+    if !keep.isEmpty, let name = engine.name(ofPlugin: link.id) {
+      for keptName in keep { try store(of: name).keep(receivedFDs.removeFirst(), as: keptName) }
+    }
+    for reply in try decisions.regionReplies { engine.regionReply(link.id, reply, now: now) }
+    for reply in decisions.storeReplies { engine.storeReply(link.id, reply, now: now) }
+  }
+
+  func store(of name: String) -> DescriptorStore {
+    if let store = stores[name] { return store }
+    let store = DescriptorStore()
+    stores[name] = store
+    return store
+  }
+}

@@ -1,0 +1,211 @@
+import BrokerCore
+import BrokerProtocol
+import CUserfaultfd
+import Glibc
+import Logging
+import Synchronization
+import SystemPackage
+import Userfaultfd
+
+/// The broker's I/O: one epoll loop serves every socket and uffd. It reads,
+/// feeds what it read to the `BrokerEngine`, and performs the engine's actions
+/// (sends, ioctls, closes, kills, logs); the logic is the engine's.
+///
+/// Single-threaded by design: the fault path takes no lock and no ioctl waits
+/// on another thread. Create it, then call `run()` on the thread that should
+/// serve; `stop()` may be called from any thread (or send SIGINT/SIGTERM when
+/// `handleSignals` is set).
+public final class BrokerRuntime: @unchecked Sendable {
+  // @unchecked: all state below is confined to the thread in `run()`; `stop()`
+  // only writes to an eventfd, and `faultsResolved` is atomic.
+  public let configuration: BrokerConfiguration
+  let logger: Logger
+  let engine: BrokerEngine
+  let loop: EventLoop
+  let clientListener: PacketListener
+  let pluginListener: PacketListener
+  private let wakeup: OwnedDescriptor
+  private var signals = OwnedDescriptor()
+  var supervisor: PluginSupervisor?
+
+  var clients: [ClientID: ClientLink] = [:]
+  var plugins: [PluginID: PluginLink] = [:]
+  /// Delegated files, by the handle the engine knows them by.
+  var files: [FileHandle: DelegatedFileMapping] = [:]
+  var nextFile: UInt64 = 1
+  /// Forked children's uffds, until the engine names their client.
+  var forks: [ForkTicket: UserfaultFD] = [:]
+  var nextTicket: UInt64 = 1
+  /// What each plugin name keeps with the broker across its connections.
+  var stores: [String: DescriptorStore] = [:]
+  /// A Register's userfaultfd, while the engine decides on the request.
+  var registering: UserfaultFD?
+  private var stopping = false
+  /// Held in reserve: when descriptors run out (EMFILE), it is closed to accept
+  /// and refuse the waiting connection, so the listener does not spin.
+  var spareDescriptor = OwnedDescriptor()
+
+  /// A page of zeros, the source of zero fills that must be copies.
+  let zeroPage = UnsafeMutableRawBufferPointer.allocate(byteCount: systemPageSize, alignment: systemPageSize)
+  /// Where delegated file pages are read before they are copied in.
+  let localBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: BrokerEngine.maxLocalFillPages * systemPageSize, alignment: systemPageSize)
+  let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
+  /// Plugin packets only: decisions are read in place, so their bytes must
+  /// outlive the sends (into `packet`) that applying them may cause.
+  let pluginPacket = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
+  let decisions = DecisionBatchDecoder()
+  let arena = WireArena(capacity: 1 << 20)
+  var receivedFDs: [CInt] = []
+  let uffdEvents = UnsafeMutablePointer<cuffd_event>.allocate(capacity: Int(CUFFD_READ_BATCH))
+  var kernelEvents: [KernelEvent] = []
+  var actions: [Action] = []
+  var dirtyPlugins: [PluginLink] = []
+
+  private let resolvedCounter = Atomic<UInt64>(0)
+  /// Faults resolved so far (by plugin decisions or locally); readable from any thread.
+  public var faultsResolved: UInt64 { resolvedCounter.load(ordering: .relaxed) }
+  /// The engine's counters (read them on the thread in `run()`, or after it returned).
+  public var statistics: BrokerEngine.Statistics { engine.statistics }
+
+  /// Binds both sockets. A socket (and the directory it creates for it) is
+  /// private to the broker's uid (0600/0700) unless the config lets others in;
+  /// either way SO_PEERCRED decides who may do what.
+  public init(configuration: BrokerConfiguration, logger: Logger) throws(BrokerError) {
+    try configuration.validate()
+    try configuration.checkExecutables()
+    engine = try BrokerEngine(configuration: configuration, pageSize: systemPageSize, now: monotonicNanoseconds(), makeToken: { .randomToken() })
+    self.configuration = configuration
+    self.logger = logger
+    let ownerOnly = { (uids: Set<UInt32>, gids: Set<UInt32>) in uids.subtracting([getuid()]).isEmpty && gids.isEmpty }
+    let clientPrivate = ownerOnly(configuration.clientUIDs, configuration.clientGIDs)
+    let pluginPrivate = ownerOnly(configuration.pluginUIDs, configuration.pluginGIDs)
+    for (path, isPrivate) in [(configuration.clientSocketPath, clientPrivate), (configuration.pluginSocketPath, pluginPrivate)] {
+      let directory = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
+      if !directory.isEmpty { mkdir(directory, isPrivate && clientPrivate && pluginPrivate ? 0o700 : 0o755) }
+    }
+    loop = try EventLoop()
+    clientListener = try PacketListener(path: configuration.clientSocketPath, mode: clientPrivate ? 0o600 : 0o666)
+    pluginListener = try PacketListener(path: configuration.pluginSocketPath, mode: pluginPrivate ? 0o600 : 0o666)
+    spareDescriptor = OwnedDescriptor(open("/dev/null", O_RDONLY | O_CLOEXEC))
+    switch valueOrErrno(cuffd_eventfd()) {
+    case .success(let fd): wakeup = OwnedDescriptor(fd)
+    case .failure(let errno): throw BrokerError(.io, "eventfd failed", errno: errno)
+    }
+    try loop.add(clientListener.fd, Token(.clientListener))
+    try loop.add(pluginListener.fd, Token(.pluginListener))
+    try loop.add(wakeup.rawValue, Token(.wakeup))
+    zeroPage.initializeMemory(as: UInt8.self, repeating: 0)
+    dirtyPlugins.reserveCapacity(64)
+    kernelEvents.reserveCapacity(Int(CUFFD_READ_BATCH))
+    actions.reserveCapacity(256)
+  }
+
+  deinit {
+    packet.deallocate()
+    pluginPacket.deallocate()
+    zeroPage.deallocate()
+    localBuffer.deallocate()
+    uffdEvents.deallocate()
+  }
+
+  /// Asks `run()` to return (from any thread).
+  public func stop() {
+    var one: UInt64 = 1
+    _ = write(wakeup.rawValue, &one, 8)
+  }
+
+  /// Serves until `stop()` or, with `handleSignals`, SIGINT/SIGTERM. Spawns
+  /// the configured plugins first and stops them (TERM, wait, KILL) last.
+  public func run(handleSignals: Bool = false) throws(BrokerError) {
+    if handleSignals {
+      switch valueOrErrno(cuffd_termination_signalfd()) {
+      case .success(let fd): signals = OwnedDescriptor(fd)
+      case .failure(let errno): throw BrokerError(.io, "signalfd failed", errno: errno)
+      }
+      try loop.add(signals.rawValue, Token(.signal))
+    }
+    if !configuration.plugins.isEmpty {
+      let supervisor = PluginSupervisor(plugins: configuration.plugins, pluginSocketPath: configuration.pluginSocketPath, logger: logger)
+      self.supervisor = supervisor
+      supervisor.startAll(loop: loop)
+    }
+    logger.info("broker serving", metadata: ["socket.client": "\(configuration.clientSocketPath)", "socket.plugin": "\(configuration.pluginSocketPath)"])
+    while !stopping {
+      let readyCount = loop.wait(timeout: nextTimeout())
+      for index in 0..<readyCount {
+        let (token, events) = loop.ready(at: index)
+        if let token { handle(token, events) }
+      }
+      engine.tick(now: monotonicNanoseconds())
+      supervisor?.restartDue(loop: loop)
+      perform()
+      flushPlugins()
+      resolvedCounter.store(engine.statistics.faultsResolved, ordering: .relaxed)
+    }
+    shutdown()
+  }
+
+  // MARK: - Readiness
+
+  private func handle(_ token: Token, _ events: UInt32) {
+    switch token.kind {
+    case .clientListener: acceptClients()
+    case .pluginListener: acceptPlugins()
+    case .signal:
+      let signal = cuffd_read_signal(signals.rawValue)
+      logger.info("stopping on signal", metadata: ["signal": "\(signal)"])
+      stopping = true
+    case .wakeup:
+      stopping = true
+    case .clientSocket:
+      if let link = clients[token.id] { readClient(link) }
+    case .clientUffd:
+      if let link = clients[token.id] { readUffd(link) }
+    case .clientPidfd:
+      engine.clientGone(token.id, reason: "the client process exited", now: monotonicNanoseconds())
+    case .plugin:
+      guard let link = plugins[token.id] else { return }
+      if events & cuffd_epollout != 0 { drainBacklog(link) }
+      if events & (cuffd_epollin | cuffd_epollhup | cuffd_epollerr) != 0 { readPlugin(link) }
+    case .child:
+      supervisor?.childExited(id: token.id, loop: loop)
+      for plugin in configuration.plugins where supervisor?.hasGivenUp(plugin.name) == true { engine.pluginGivenUp(plugin.name) }
+    }
+    // Now: a decision's bytes live in `pluginPacket` until the next plugin packet is read.
+    perform()
+  }
+
+  private func nextTimeout() -> CInt {
+    let tick: UInt64 = 100_000_000  // housekeeping
+    let restart = supervisor?.nextRestart
+    let parked = engine.nextDeadline
+    // The fault path's usual case: nothing is due before the tick, no clock read needed.
+    if parked == nil && restart == nil { return CInt(tick / 1_000_000) }
+    let now = monotonicNanoseconds()
+    var due = now + tick
+    if let parked, parked < due { due = parked }
+    if let restart, restart < due { due = restart }
+    return due <= now ? 0 : CInt((due - now + 999_999) / 1_000_000)
+  }
+
+  private func shutdown() {
+    engine.shutdown(now: monotonicNanoseconds())
+    perform()
+    flushPlugins()
+    supervisor?.stopAll()
+  }
+}
+
+extension BrokerConfiguration {
+  /// With the broker's own uid as the only one allowed by default.
+  public init(clientSocketPath: String, pluginSocketPath: String) {
+    self.init(clientSocketPath: clientSocketPath, pluginSocketPath: pluginSocketPath, owner: getuid())
+  }
+
+  /// Checks that every spawned plugin's executable is one.
+  public func checkExecutables() throws(BrokerError) {
+    for (index, plugin) in plugins.enumerated() where access(plugin.executable, X_OK) != 0 {
+      throw BrokerError(.malformed, "plugins[\(index)].executable \(plugin.executable) is not an executable file")
+    }
+  }
+}
