@@ -32,6 +32,9 @@ let package = Package(
     .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")]),
     // The broker's I/O: the epoll loop, sockets, uffd reads and ioctls, supervision; it performs the core's actions.
     .target(name: "BrokerRuntime", dependencies: ["BrokerCore", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")]),
+    // The engine driven by a seeded schedule against models of the kernel, clients and plugins.
+    .target(name: "BrokerSimulator", dependencies: ["BrokerCore", "BrokerProtocol", "Userfaultfd"]),
+    .executableTarget(name: "uffd-sim", dependencies: ["BrokerSimulator"]),
     // For processes whose memory is brokered.
     .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "CUserfaultfd", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
     // For plugins: a handler protocol and the run loop around it.
@@ -52,6 +55,7 @@ let package = Package(
     .testTarget(name: "BrokerProtocolTests", dependencies: ["BrokerProtocol", "CBrokerWire", "Userfaultfd"]),
     .testTarget(name: "BrokerCoreTests", dependencies: ["BrokerCore", "BrokerProtocol"]),
     .testTarget(name: "BrokerRuntimeTests", dependencies: ["BrokerRuntime"]),
+    .testTarget(name: "BrokerSimulationTests", dependencies: ["BrokerSimulator"], exclude: ["regressions.txt"]),
     // Real broker, plugin and client processes against real userfaultfds.
     .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ChildProcess", "ClientSDK", "Userfaultfd", "CUserfaultfd", "broker-fixture", "uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"]),
     // libFuzzer target over the protocol decoders (built by scripts/fuzz.sh with -sanitize=fuzzer).

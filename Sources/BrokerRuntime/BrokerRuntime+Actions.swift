@@ -99,8 +99,9 @@ extension BrokerRuntime {
       if case .failure(let error) = sent { engine.pluginGone(id, reason: "\(error)", now: monotonicNanoseconds()) }
     case .closePlugin(let id, let error):
       guard let link = plugins.removeValue(forKey: id) else { return }
-      flush(link)  // what was queued before it was closed (RegionClosed, Closed) still goes out
-      if let error { tellPlugin(link.socket, error) }
+      // Told why, a misbehaving plugin gets nothing more; otherwise (the broker
+      // stops) what was queued for it (RegionClosed, Closed) still goes out.
+      if let error { tellPlugin(link.socket, error) } else { flush(link) }
       loop.remove(link.socket.fd)
     case .killPluginProcess(let pid, let reason):
       supervisor?.killChild(pid: pid, reason: reason)

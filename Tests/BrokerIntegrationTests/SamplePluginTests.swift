@@ -54,6 +54,25 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("snapshot, replaced after the client dropped pages: the new plugin is told of them, and they read zeros (never the file's old bytes)")
+    func snapshotReplacedAfterDrops() throws {
+      try Harness.run("snapshot-dropped") { h in
+        let first = try h.startSamplePlugin("snapshot-plugin", name: "snapshot")
+        let path = try Self.writeSnapshot(h, size: 1 << 20)
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("snapshot-dropped", mib: 1, threads: 1, plugin: "snapshot", extraEnvironment: ["FIXTURE_FILE": path].merging(gate.environment) { $1 })
+        #expect(gate.awaitClient() == "dropped", h.diagnostics(client.stdout + client.stderr))
+        // kill -9: whatever the plugin knew of the drops dies with it.
+        kill(first.pid, SIGKILL)
+        _ = first.wait(timeout: 10)
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot")
+        gate.release()
+        let status = client.wait(timeout: 30)
+        #expect(status == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("verified 256 pages, 128 dropped, 0 wrong\n"), h.diagnostics(client.stdout))
+      }
+    }
+
     @Test("snapshot prefetch: one fault per aligned 16-page block, the other pages arrive with it")
     func snapshotPrefetch() throws {
       try Harness.run("prefetch") { h in

@@ -52,6 +52,11 @@ final class Client {
   /// Per region: swapped-out offsets their plugin lost. Their faults fail closed
   /// (never zeros) until the client drops or unmaps them itself.
   var lostPages: [UInt64: OffsetRanges] = [:]
+  /// Per region: offsets the client dropped (MADV_DONTNEED, MADV_REMOVE) and
+  /// still has mapped. A plugin that (re)opens the region is told them again
+  /// (as `removed` events after RegionOpened): one that restarted, or crashed
+  /// before it read the event, would otherwise serve their old content.
+  var droppedPages: [UInt64: OffsetRanges] = [:]
   /// Ranges plugins handed to the broker to serve by itself.
   var delegated = DelegatedRanges()
   /// The client's identity across re-attaches (its Register's, or one of the broker's).
@@ -125,6 +130,7 @@ final class Client {
   /// dropped or unmapped them itself, so they read as zeros (or are gone) now.
   func forgetSwapped(regionID: UInt64, _ offsets: Range<UInt64>) {
     swappedOutPages[regionID]?.subtract(offsets)
+    if swappedOutPages[regionID]?.isEmpty == true { swappedOutPages[regionID] = nil }
     lostPages[regionID]?.subtract(offsets)
     if lostPages[regionID]?.isEmpty == true { lostPages[regionID] = nil }
   }

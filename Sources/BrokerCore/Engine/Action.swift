@@ -34,9 +34,10 @@ public enum KernelEvent: Sendable {
 /// `UFFDIO_POISON` over `range`. The runtime performs it and hands the outcome
 /// back with `BrokerEngine.filled(_:outcome:)`; the rest of the order is the
 /// engine's own continuation (which fault it settles, and why).
-public struct FillOrder: Sendable {
-  public enum Source: @unchecked Sendable {
-    // @unchecked: the bytes are valid only while the input that made the order is handled.
+///
+/// Not `Sendable`: its bytes are valid only while the input that made it is handled, on the engine's thread.
+public struct FillOrder {
+  public enum Source {
     /// Nothing to read: zero and poison.
     case none
     /// Bytes of the plugin packet being handled.
@@ -73,7 +74,7 @@ public struct FillOrder: Sendable {
   /// The ledger id of the fault this fill answers.
   var fault: FaultLedger.ID
   /// The faulting page, inside `range`.
-  var page: UInt
+  public internal(set) var page: UInt
   var pageSize: Int
   var purpose: Purpose
 
@@ -97,7 +98,7 @@ public struct FillOrder: Sendable {
 /// order, right after the input that produced them; those that have an outcome
 /// the engine needs (a fill, a write-protect, an inspection) are answered by an
 /// input of their own before the next action is taken.
-public enum Action: Sendable {
+public enum Action {
   // MARK: Clients
   /// Send on the client's socket; a failure is `clientGone`.
   case reply(ClientID, BrokerReply)

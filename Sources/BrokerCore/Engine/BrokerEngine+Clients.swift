@@ -120,6 +120,7 @@ extension BrokerEngine {
           throw BrokerError(.badRegion, "region \(id) is not registered")
         }
         client.regions.remove(regionID: id)
+        client.droppedPages[id] = nil
         changeDelegations(of: client) { $0.removeAll(regionID: id) }
         client.announcedRegions[id] = nil
         sendEvent(.regionClosed(clientID: client.id, regionID: id), to: route)

@@ -168,14 +168,14 @@ extension BrokerEngine {
     client.forgetWakes(in: range)
     client.invalidations.record(range, faultsOut: client.faultsOut > 0)
     // A swap-out drops pages whose content the plugin has just stored.
-    report(client.regions.overlapping(range), of: client, swappedOut: client.isSwappingAll(of: range), as: BrokerEvent.removed)
+    report(client.regions.overlapping(range), of: client, removed: true, swappedOut: client.isSwappingAll(of: range))
   }
 
   private func unmapped(_ range: Range<UInt>, client: Client) {
     client.forgetWakes(in: range)
     client.invalidations.record(range, faultsOut: client.faultsOut > 0)
     let parts = client.regions.unmap(range)
-    report(parts, of: client, as: BrokerEvent.unmapped)
+    report(parts, of: client, removed: false)
     layoutChanged(of: client, regions: parts.filter { !$0.piece.isNewMemory }.map(\.piece.spec.id))
   }
 
@@ -193,20 +193,27 @@ extension BrokerEngine {
     }
   }
 
-  /// Takes removed or unmapped parts back from delegations (their next faults go
-  /// to the plugin) and tells each part's plugin, in order.
-  private func report(_ parts: [(piece: RegionTable.Piece, range: Range<UInt>)], of client: Client, swappedOut: Bool = false, as event: (RangeEvent) -> BrokerEvent) {
+  /// Records removed or unmapped parts, takes them back from delegations (their
+  /// next faults go to the plugin) and tells each part's plugin, in order.
+  /// - removed by a swap-out: the plugin holds their content now;
+  /// - removed otherwise: zeros from now on, and remembered as dropped;
+  /// - unmapped: gone, so forgotten by every record.
+  private func report(_ parts: [(piece: RegionTable.Piece, range: Range<UInt>)], of client: Client, removed: Bool, swappedOut: Bool = false) {
     for part in parts where !part.piece.isNewMemory {
       let start = part.piece.offset(of: part.range.lowerBound)
       let offsets = start..<start + UInt64(part.range.count)
       let regionID = part.piece.spec.id
       if swappedOut {
         client.swappedOutPages[regionID, default: OffsetRanges()].insert(offsets)
+        client.droppedPages[regionID]?.subtract(offsets)
       } else {
         client.forgetSwapped(regionID: regionID, offsets)
+        if removed { client.droppedPages[regionID, default: OffsetRanges()].insert(offsets) } else { client.droppedPages[regionID]?.subtract(offsets) }
       }
+      if client.droppedPages[regionID]?.isEmpty == true { client.droppedPages[regionID] = nil }
       changeDelegations(of: client) { $0.cut(regionID: regionID, offsets) }
-      sendEvent(event(RangeEvent(clientID: client.id, regionID: regionID, range: part.range, startOffset: start, swappedOut: swappedOut)), to: part.piece.route)
+      let event = RangeEvent(clientID: client.id, regionID: regionID, range: part.range, startOffset: start, swappedOut: swappedOut)
+      sendEvent(removed ? .removed(event) : .unmapped(event), to: part.piece.route)
     }
   }
 

@@ -35,6 +35,7 @@ extension BrokerEngine {
     child.refusedRegions = parent.refusedRegions
     child.swappedOutPages = parent.swappedOutPages
     child.lostPages = parent.lostPages
+    child.droppedPages = parent.droppedPages
     clients[child.id] = child
     actions.append(.watchChild(child.id))
     var seen = Set<UInt64>()

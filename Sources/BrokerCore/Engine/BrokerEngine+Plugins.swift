@@ -172,12 +172,27 @@ extension BrokerEngine {
       var announced = Set<UInt64>()
       for piece in client.regions.pieces where !piece.isNewMemory && announces(piece.route) && announced.insert(piece.spec.id).inserted {
         actions.append(.send(plugin.id, regionOpened(piece.spec, of: client)))
+        for event in droppedEvents(of: piece.spec.id, client: client) { actions.append(.send(plugin.id, event)) }
       }
       for spec in client.pendingOpen?.regions ?? [] where announces(self.route(named: spec.plugin)) {
         actions.append(.send(plugin.id, regionOpened(spec, of: client)))
       }
     }
     if origin == nil { for event in route.takeMissedEvents() { actions.append(.send(plugin.id, event)) } }
+  }
+
+  /// What client dropped of region `regionID`, as `removed` events where it lies now.
+  private func droppedEvents(of regionID: UInt64, client: Client) -> [BrokerEvent] {
+    guard let dropped = client.droppedPages[regionID] else { return [] }
+    var events: [BrokerEvent] = []
+    for piece in client.regions.pieces where piece.spec.id == regionID && !piece.isNewMemory {
+      for offsets in dropped.clamped(to: piece.offset..<piece.offset + UInt64(piece.live.count)) {
+        guard let address = piece.address(ofOffset: offsets.lowerBound) else { continue }
+        let range = address..<address + UInt(offsets.upperBound - offsets.lowerBound)
+        events.append(.removed(RangeEvent(clientID: client.id, regionID: regionID, range: range, startOffset: offsets.lowerBound)))
+      }
+    }
+    return events
   }
 
   func closePlugin(_ plugin: Plugin, reason: String, tell error: BrokerError? = nil) {

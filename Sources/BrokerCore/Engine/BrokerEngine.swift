@@ -105,6 +105,9 @@ public final class BrokerEngine {
   public var clientCount: Int { clients.count }
   public var pluginCount: Int { plugins.count }
 
+  /// Faults read and not settled (the simulator bounds them by the blocked threads).
+  public var outstandingFaults: Int { ledger.count }
+
   /// The pid a client registered with (0 for a forked child or before Register).
   public func pid(of client: ClientID) -> Int32 { clients[client]?.pid ?? 0 }
 

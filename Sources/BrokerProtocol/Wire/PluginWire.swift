@@ -576,6 +576,15 @@ public struct DecodedDecision: Equatable {
       && a.sharedOffset == b.sharedOffset && a.data.elementsEqual(b.data)
   }
 
+  public init(faultID: UInt64, kind: DecisionKind?, address: UInt, length: Int, data: UnsafeRawBufferPointer, sharedOffset: UInt64? = nil) {
+    self.faultID = faultID
+    self.kind = kind
+    self.address = address
+    self.length = length
+    self.data = data
+    self.sharedOffset = sharedOffset
+  }
+
   /// From the wire's values: a length or address this platform cannot hold makes it a decision of no known kind (refused).
   init(faultID: UInt64, kind: UInt32, address: UInt64, length: UInt64, data: UnsafeRawBufferPointer, sharedOffset: UInt64?) {
     self.faultID = faultID

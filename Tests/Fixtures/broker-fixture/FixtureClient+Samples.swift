@@ -53,6 +53,42 @@ extension FixtureClient {
     return wrong == 0 ? 0 : 1
   }
 
+  /// The snapshot file's region, all touched; then every other 4-page block is
+  /// dropped (MADV_DONTNEED). At the gate ("dropped") the test replaces the
+  /// plugin with a fresh process, which never saw those REMOVEs. Then every
+  /// page is read again and compared: a dropped page must read zeros, the
+  /// others the file. Prints "verified N pages, D dropped, W wrong".
+  func snapshotDropped() throws -> Int32 {
+    guard let path = getenv("FIXTURE_FILE").map({ String(cString: $0) }) else {
+      print("FIXTURE_FILE is not set")
+      return 2
+    }
+    let fd = open(path, O_RDONLY)
+    var info = stat()
+    let size = fd >= 0 && fstat(fd, &info) == 0 ? Int(info.st_size) : 0
+    let memory = try AnonymousMemory(length: max(size, mib << 20, pageSize) / pageSize * pageSize)
+    let client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin, argument: path)], name: "fixture-snapshot-dropped")
+    let pages = memory.length / pageSize
+    for page in 0..<pages { _ = cuffd_touch(UnsafeRawPointer(bitPattern: memory.address + UInt(page * pageSize))) }
+    let dropped = { (page: Int) in page / 4 % 2 == 1 }
+    for block in stride(from: 4, to: pages, by: 8) {
+      madvise(memory.base + block * pageSize, min(4, pages - block) * pageSize, MADV_DONTNEED)
+    }
+    gate("dropped", client: client)
+    let expected = UnsafeMutableRawBufferPointer.allocate(byteCount: pageSize, alignment: pageSize)
+    defer { expected.deallocate() }
+    var wrong = 0
+    for page in 0..<pages {
+      expected.initializeMemory(as: UInt8.self, repeating: 0)
+      if !dropped(page) { _ = pread(fd, expected.baseAddress, pageSize, off_t(page * pageSize)) }
+      if memcmp(expected.baseAddress!, memory.base + page * pageSize, pageSize) != 0 { wrong += 1 }
+    }
+    close(fd)
+    withExtendedLifetime(client) {}
+    print("verified \(pages) pages, \((0..<pages).count(where: dropped)) dropped, \(wrong) wrong")
+    return wrong == 0 ? 0 : 1
+  }
+
   /// Writes the pattern, swaps the region out, then reads page 0. With a swap
   /// plugin that corrupted that page's block, the read must die with SIGBUS
   /// (the plugin poisons it) rather than see wrong bytes.

@@ -29,6 +29,7 @@ struct FixtureClient {
       case "swap": return try swapLoop()
       case "swap-once": return try swapOnce()
       case "snapshot": return try snapshot()
+      case "snapshot-dropped": return try snapshotDropped()
       case "swap-corrupt": return try swapCorrupt()
       case "guarded": return try guarded()
       case "foreign-uid": return foreignUID()

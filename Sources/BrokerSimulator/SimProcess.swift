@@ -1,0 +1,215 @@
+import BrokerCore
+import Userfaultfd
+
+/// A client process as the kernel sees it: which memory each page of its
+/// address space is (a region offset, moved along by mremap), whether it is
+/// present and with what, its threads, and its userfaultfd's queue of messages.
+///
+/// It follows the kernel's rules where the broker depends on them:
+/// - a fault blocks its thread until the page is filled, or the thread is
+///   woken (it then touches the page again, and faults again if it is still missing);
+/// - a thread that changes the mappings (madvise, munmap, mremap) queues its
+///   messages one at a time and waits until each is read; a move's trailing
+///   UNMAP is queued only after its REMAP was read, so other threads' messages
+///   come in between;
+/// - a fill fails with EAGAIN while a map change is queued and unread, with
+///   EEXIST at a present page, ENOENT at an unregistered one, and stops
+///   (a partial fill) at the first such page past the first.
+struct SimProcess {
+  /// Whose content a page is: region and offset, as the plugin serves it.
+  struct Origin: Hashable {
+    var region: UInt64
+    var offset: UInt64
+  }
+
+  enum Content: Equatable, CustomStringConvertible {
+    case data(Origin)
+    case zero
+    case written(UInt64)
+    case poison
+    var description: String {
+      switch self {
+      case .data(let o): "data(r\(o.region)+\(o.offset / 4096))"
+      case .zero: "zero"
+      case .written(let n): "written(\(n))"
+      case .poison: "POISON"
+      }
+    }
+  }
+
+  struct Page {
+    var origin: Origin
+    var present: Content?
+  }
+
+  enum Message {
+    case fault(page: UInt, thread: Int)
+    case remove(Range<UInt>, thread: Int)
+    case unmap(Range<UInt>, thread: Int)
+    case remap(from: UInt, to: UInt, length: Int, thread: Int)
+
+    var thread: Int {
+      switch self {
+      case .fault(_, let t), .remove(_, let t), .unmap(_, let t), .remap(_, _, _, let t): t
+      }
+    }
+    var isMapChange: Bool { if case .fault = self { false } else { true } }
+  }
+
+  enum ThreadState: Equatable {
+    case running
+    /// Blocked in a fault on `page` since simulated time `since`.
+    case faulting(page: UInt, since: UInt64, wakes: Int)
+    /// Waiting for its map-change messages to be read.
+    case changingMaps
+    case exited
+  }
+
+  var id: ClientID = 0
+  let pid: Int32
+  let pageSize: UInt
+  /// Registered pages (unregistered memory is not modelled: nothing faults there).
+  var pages: [UInt: Page] = [:]
+  /// Origins whose content the process dropped (MADV_DONTNEED): they read as zeros now.
+  var dropped: Set<Origin> = []
+  var queue: [Message] = []
+  var threads: [ThreadState]
+  /// Per thread, the messages of its map change still to be queued.
+  var pendingMessages: [[Message]]
+  var registered = false
+  /// The broker reads its uffd.
+  var watched = false
+  var exited = false
+  var writes: UInt64 = 0
+
+  init(pid: Int32, threads: Int, pageSize: UInt) {
+    self.pid = pid
+    self.pageSize = pageSize
+    self.threads = Array(repeating: .running, count: threads)
+    pendingMessages = Array(repeating: [], count: threads)
+  }
+
+  /// What a fill of `origin` must put there.
+  func expected(_ origin: Origin) -> Content { dropped.contains(origin) ? .zero : .data(origin) }
+
+  var mapChangeQueued: Bool { queue.contains { $0.isMapChange } }
+
+  // MARK: Threads
+
+  /// Thread `thread` touches `page`: it proceeds if present, faults if missing.
+  mutating func touch(_ page: UInt, thread: Int, write: Bool, now: UInt64) {
+    guard let entry = pages[page] else {
+      threads[thread] = .running  // unmapped since: a real program would crash; this one moves on
+      return
+    }
+    guard entry.present != nil else {
+      let wakes = if case .faulting(page, _, let w) = threads[thread] { w } else { 0 }
+      threads[thread] = .faulting(page: page, since: now, wakes: wakes)
+      queue.append(.fault(page: page, thread: thread))
+      return
+    }
+    threads[thread] = .running
+    if write {
+      writes += 1
+      pages[page]?.present = .written(writes)
+    }
+  }
+
+  /// Starts a map change of `thread`: its first message is queued.
+  mutating func beginMapChange(_ messages: [Message], thread: Int) {
+    threads[thread] = .changingMaps
+    pendingMessages[thread] = Array(messages.dropFirst())
+    queue.append(messages[0])
+  }
+
+  /// The broker read `message`: its thread queues its next one, or returns.
+  mutating func read(_ message: Message) {
+    guard message.isMapChange else { return }
+    let thread = message.thread
+    if pendingMessages[thread].isEmpty {
+      if threads[thread] == .changingMaps { threads[thread] = .running }
+    } else {
+      queue.append(pendingMessages[thread].removeFirst())
+    }
+  }
+
+  /// The broker woke `range`: blocked threads there touch their page again.
+  mutating func wake(_ range: Range<UInt>, now: UInt64) {
+    for thread in threads.indices {
+      guard case .faulting(let page, _, let wakes) = threads[thread], range.contains(page) else { continue }
+      threads[thread] = .faulting(page: page, since: now, wakes: wakes + 1)
+      touch(page, thread: thread, write: false, now: now)
+    }
+  }
+
+  /// A map event was read: a fault woken before it may be explained by it (the count starts again).
+  mutating func forgetWakes() {
+    for thread in threads.indices {
+      if case .faulting(let page, let since, _) = threads[thread] { threads[thread] = .faulting(page: page, since: since, wakes: 0) }
+    }
+  }
+
+  /// Threads blocked on `page` see it filled.
+  private mutating func release(_ page: UInt) {
+    for thread in threads.indices {
+      if case .faulting(page, _, _) = threads[thread] { threads[thread] = .running }
+    }
+  }
+
+  // MARK: Map changes (in the kernel at once; the messages follow)
+
+  mutating func dropPages(_ range: Range<UInt>) {
+    for page in stride(from: range.lowerBound, to: range.upperBound, by: Int(pageSize)) {
+      guard let entry = pages[page] else { continue }
+      pages[page]?.present = nil
+      dropped.insert(entry.origin)
+    }
+  }
+
+  mutating func unmapPages(_ range: Range<UInt>) {
+    for page in stride(from: range.lowerBound, to: range.upperBound, by: Int(pageSize)) { pages[page] = nil }
+  }
+
+  mutating func movePages(from: UInt, to: UInt, length: Int) {
+    var moved: [(UInt, Page)] = []
+    for page in stride(from: from, to: from + UInt(length), by: Int(pageSize)) {
+      if let entry = pages.removeValue(forKey: page) { moved.append((page - from + to, entry)) }
+    }
+    for (page, entry) in moved { pages[page] = entry }
+  }
+
+  // MARK: Fills (the broker's ioctls)
+
+  enum FillError: Error, Equatable {
+    case wrongContent(page: UInt, got: Content, expected: Content)
+  }
+
+  /// A fill of `range` with `content(page)`; returns the ioctl's outcome, and
+  /// throws if a page gets content other than what it must read.
+  mutating func fill(_ range: Range<UInt>, content: (UInt) -> Content, injectPartial: Bool) throws(FillError) -> IoctlOutcome {
+    if mapChangeQueued { return .notNow }
+    var done = 0
+    for page in stride(from: range.lowerBound, to: range.upperBound, by: Int(pageSize)) {
+      if injectPartial && done > 0 { return .partial(bytes: done) }
+      guard let entry = pages[page] else { return done == 0 ? .rangeGone : .partial(bytes: done) }
+      guard entry.present == nil else { return done == 0 ? .alreadyPresent : .partial(bytes: done) }
+      let filled = content(page)
+      let due = expected(entry.origin)
+      if filled != due && filled != .poison { throw .wrongContent(page: page, got: filled, expected: due) }
+      pages[page]?.present = filled
+      release(page)
+      done += Int(pageSize)
+    }
+    return .done
+  }
+
+  /// The mapping holding `page`: the run of registered pages around it.
+  func mapping(containing page: UInt) -> Range<UInt>? {
+    guard pages[page] != nil else { return nil }
+    var lower = page
+    while pages[lower - pageSize] != nil { lower -= pageSize }
+    var upper = page + pageSize
+    while pages[upper] != nil { upper += pageSize }
+    return lower..<upper
+  }
+}

@@ -1,0 +1,57 @@
+/// Runs simulations over many seeds, and shrinks a failure to the shortest
+/// failing prefix of its schedule (the runs of one seed are prefixes of each other).
+public enum SimulationRunner {
+  public struct Report {
+    public var seeds = 0
+    public var steps = 0
+    public var statistics = Simulation.Statistics()
+    public var failure: Simulation.Failure?
+    public var summary: String {
+      "\(seeds) seeds, \(steps) steps: \(statistics.faults) faults, \(statistics.fills) fills, \(statistics.mapChanges) map changes, "
+        + "\(statistics.pluginCrashes) plugin crashes, \(statistics.clientsServed) clients served to the end"
+        + (failure.map { ": FAILED at seed \($0.seed) (replay: swift run -c release uffd-sim --seed \($0.seed) --steps \($0.step))" } ?? ": no failure")
+    }
+  }
+
+  /// Runs each seed for `steps` steps; stops at the first failure, shrunk.
+  public static func run(seeds: Range<UInt64>, steps: Int) -> Report {
+    var report = Report()
+    for seed in seeds {
+      let simulation = Simulation(seed: seed)
+      do {
+        try simulation.run(steps: steps)
+      } catch {
+        report.failure = minimalFailure(seed: seed, steps: steps) ?? error
+        return report
+      }
+      report.seeds += 1
+      report.steps += simulation.statistics.steps
+      report.statistics.faults += simulation.statistics.faults
+      report.statistics.fills += simulation.statistics.fills
+      report.statistics.mapChanges += simulation.statistics.mapChanges
+      report.statistics.pluginCrashes += simulation.statistics.pluginCrashes
+      report.statistics.clientsServed += simulation.statistics.clientsServed
+    }
+    return report
+  }
+
+  /// The failure of `seed` with the fewest schedule steps (before settling),
+  /// traced; nil if `steps` steps do not fail.
+  public static func minimalFailure(seed: UInt64, steps: Int) -> Simulation.Failure? {
+    func failure(_ steps: Int, tracing: Bool = false) -> Simulation.Failure? {
+      do {
+        try Simulation(seed: seed, tracing: tracing).run(steps: steps)
+        return nil
+      } catch {
+        return error
+      }
+    }
+    guard failure(steps) != nil else { return nil }
+    var low = 0, high = steps  // high fails
+    while low < high {
+      let middle = (low + high) / 2
+      if failure(middle) != nil { high = middle } else { low = middle + 1 }
+    }
+    return failure(high, tracing: true)
+  }
+}
