@@ -90,7 +90,7 @@ extension Simulation {
       statistics.fills += 1
       note("fill client \(order.client) \(describe(range)) \(order.kind): \(outcome)")
       if order.kind == .poison, outcome == .done {
-        failure = "client \(order.client) page 0x\(String(order.page, radix: 16)) poisoned: \(order)"
+        failure = "client \(order.client) page 0x\(String(order.page, radix: 16)) poisoned (\(order.purpose))"
       }
       engine.filled(order, outcome: outcome, now: now)
     } catch {

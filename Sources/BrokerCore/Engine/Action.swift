@@ -76,7 +76,7 @@ public struct FillOrder {
   /// The faulting page, inside `range`.
   public internal(set) var page: UInt
   var pageSize: Int
-  var purpose: Purpose
+  public internal(set) var purpose: Purpose
 
   /// The same fill of the faulting page alone: a range fill that stopped short
   /// (EEXIST at a neighbour, a partial copy) says nothing of the faulting page.
