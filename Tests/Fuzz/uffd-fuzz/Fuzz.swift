@@ -38,9 +38,9 @@ import Glibc
 // The broker reuses one arena for every client packet and one decoder for
 // every plugin packet; the SDKs likewise. Keeping them across inputs tests
 // reset() between decodes. The sizes are the ones the real code uses.
-nonisolated(unsafe) private let requestArena = WireArena(capacity: 1 << 20)   // BrokerCore/Broker.swift
+nonisolated(unsafe) private let requestArena = WireArena(capacity: 1 << 20)   // BrokerRuntime/BrokerRuntime.swift
 nonisolated(unsafe) private let replyArena = WireArena(capacity: 64 << 10)    // ClientSDK/Connection.swift
-nonisolated(unsafe) private let decisionDecoder = DecisionBatchDecoder()     // BrokerCore/Broker.swift
+nonisolated(unsafe) private let decisionDecoder = DecisionBatchDecoder()     // BrokerRuntime/BrokerRuntime.swift
 /// protobuf-c alone: the broker's in-place reading of decision packets must agree with it on every input.
 nonisolated(unsafe) private let protobufDecisionDecoder = DecisionBatchDecoder(readsInPlace: false)
 nonisolated(unsafe) private let eventDecoder = EventBatchDecoder()           // PluginSDK/PluginRunner.swift
