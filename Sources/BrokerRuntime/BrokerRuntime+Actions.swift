@@ -26,10 +26,10 @@ extension BrokerRuntime {
       } catch {
         engine.clientGone(id, reason: "its socket failed: \(error)", now: monotonicNanoseconds())
       }
-    case .sendLayout(let id, let regionID, let pieces):
+    case .notify(let id, let notice):
       guard let socket = clients[id]?.socket else { return }
-      let bytes = ClientWire.encode(BrokerReply(requestID: 0, .layout(regionID: regionID, pieces: pieces)))
-      if (try? bytes.withUnsafeBytes { (raw) throws(BrokerError) in try socket.send(raw) }) != .sent { engine.layoutNotSent(id, regionID: regionID) }
+      let bytes = ClientWire.encode(notice)
+      if (try? bytes.withUnsafeBytes { (raw) throws(BrokerError) in try socket.send(raw) }) != .sent { engine.noticeNotSent(id, notice) }
     case .keepChild(let keeper, let child, let notice):
       let sent = clients[child]?.uffd.map { uffd in
         [uffd.fileDescriptor.rawValue].withUnsafeBufferPointer { fds in

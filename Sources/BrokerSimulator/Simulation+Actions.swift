@@ -58,7 +58,7 @@ extension Simulation {
       failure = "client \(id) killed (no schedule here calls for it)"
     case .log(let level, let message, let metadata):
       note("log \(level): \(message) \(metadata.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))")
-    case .adoptUffd, .sendLayout, .releaseFile:
+    case .adoptUffd, .notify, .releaseFile:
       break
     case .keepChild, .adoptChild, .dropChild, .failChild, .watchChild, .probe, .writeProtect, .poisonMissing:
       failure = "unexpected \(action): no client forks or swaps out here"

@@ -727,6 +727,51 @@ void   uffdbroker__child_closed__free_unpacked
   assert(message->base.descriptor == &uffdbroker__child_closed__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   uffdbroker__dropped__init
+                     (Uffdbroker__Dropped         *message)
+{
+  static const Uffdbroker__Dropped init_value = UFFDBROKER__DROPPED__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__dropped__get_packed_size
+                     (const Uffdbroker__Dropped *message)
+{
+  assert(message->base.descriptor == &uffdbroker__dropped__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__dropped__pack
+                     (const Uffdbroker__Dropped *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__dropped__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__dropped__pack_to_buffer
+                     (const Uffdbroker__Dropped *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__dropped__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__Dropped *
+       uffdbroker__dropped__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__Dropped *)
+     protobuf_c_message_unpack (&uffdbroker__dropped__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__dropped__free_unpacked
+                     (Uffdbroker__Dropped *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__dropped__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   uffdbroker__broker_to_client__init
                      (Uffdbroker__BrokerToClient         *message)
 {
@@ -1677,7 +1722,7 @@ const ProtobufCMessageDescriptor uffdbroker__piece__descriptor =
   (ProtobufCMessageInit) uffdbroker__piece__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[9] =
+static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[11] =
 {
   {
     "id",
@@ -1787,22 +1832,48 @@ static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[9] =
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "dropped",
+    10,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__Region, n_dropped),
+    offsetof(Uffdbroker__Region, dropped),
+    &uffdbroker__extent__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "unknown",
+    11,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__Region, n_unknown),
+    offsetof(Uffdbroker__Region, unknown),
+    &uffdbroker__extent__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__region__field_indices_by_name[] = {
   1,   /* field[1] = address */
   5,   /* field[5] = argument */
   6,   /* field[6] = backing_offset */
+  9,   /* field[9] = dropped */
   0,   /* field[0] = id */
   2,   /* field[2] = length */
   3,   /* field[3] = page_size */
   8,   /* field[8] = pieces */
   4,   /* field[4] = plugin */
   7,   /* field[7] = swapped_out */
+  10,   /* field[10] = unknown */
 };
 static const ProtobufCIntRange uffdbroker__region__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 9 }
+  { 0, 11 }
 };
 const ProtobufCMessageDescriptor uffdbroker__region__descriptor =
 {
@@ -1812,7 +1883,7 @@ const ProtobufCMessageDescriptor uffdbroker__region__descriptor =
   "Uffdbroker__Region",
   "uffdbroker",
   sizeof(Uffdbroker__Region),
-  9,
+  11,
   uffdbroker__region__field_descriptors,
   uffdbroker__region__field_indices_by_name,
   1,  uffdbroker__region__number_ranges,
@@ -2510,7 +2581,71 @@ const ProtobufCMessageDescriptor uffdbroker__child_closed__descriptor =
   (ProtobufCMessageInit) uffdbroker__child_closed__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__broker_to_client__field_descriptors[7] =
+static const ProtobufCFieldDescriptor uffdbroker__dropped__field_descriptors[3] =
+{
+  {
+    "region_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Dropped, region_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "dropped",
+    2,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__Dropped, n_dropped),
+    offsetof(Uffdbroker__Dropped, dropped),
+    &uffdbroker__extent__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "unknown",
+    3,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__Dropped, n_unknown),
+    offsetof(Uffdbroker__Dropped, unknown),
+    &uffdbroker__extent__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__dropped__field_indices_by_name[] = {
+  1,   /* field[1] = dropped */
+  0,   /* field[0] = region_id */
+  2,   /* field[2] = unknown */
+};
+static const ProtobufCIntRange uffdbroker__dropped__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor uffdbroker__dropped__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.Dropped",
+  "Dropped",
+  "Uffdbroker__Dropped",
+  "uffdbroker",
+  sizeof(Uffdbroker__Dropped),
+  3,
+  uffdbroker__dropped__field_descriptors,
+  uffdbroker__dropped__field_indices_by_name,
+  1,  uffdbroker__dropped__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__dropped__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__broker_to_client__field_descriptors[8] =
 {
   {
     "request_id",
@@ -2596,10 +2731,23 @@ static const ProtobufCFieldDescriptor uffdbroker__broker_to_client__field_descri
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "dropped",
+    8,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__BrokerToClient, body_case),
+    offsetof(Uffdbroker__BrokerToClient, dropped),
+    &uffdbroker__dropped__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__broker_to_client__field_indices_by_name[] = {
   2,   /* field[2] = ack */
   6,   /* field[6] = child_closed */
+  7,   /* field[7] = dropped */
   3,   /* field[3] = error */
   5,   /* field[5] = forked */
   1,   /* field[1] = hello */
@@ -2609,7 +2757,7 @@ static const unsigned uffdbroker__broker_to_client__field_indices_by_name[] = {
 static const ProtobufCIntRange uffdbroker__broker_to_client__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 7 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor =
 {
@@ -2619,7 +2767,7 @@ const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor =
   "Uffdbroker__BrokerToClient",
   "uffdbroker",
   sizeof(Uffdbroker__BrokerToClient),
-  7,
+  8,
   uffdbroker__broker_to_client__field_descriptors,
   uffdbroker__broker_to_client__field_indices_by_name,
   1,  uffdbroker__broker_to_client__number_ranges,

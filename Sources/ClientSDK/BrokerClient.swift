@@ -129,7 +129,10 @@ public final class BrokerClient: Sendable {
     _ = try request(.removeRegions(regions.map(\.id)))
     connection.withLock { state in
       state.regions.removeAll { ids.contains($0.id) }
-      for id in ids { state.layouts[id] = nil }
+      for id in ids {
+        state.layouts[id] = nil
+        state.dropRecords[id] = nil
+      }
     }
   }
 
@@ -203,7 +206,7 @@ public final class BrokerClient: Sendable {
         guard let index = state.regions.firstIndex(where: { $0.id == region.id }) else { return }
         var record = OffsetRanges(state.regions[index].swappedOut)
         for range in dropped.ranges { record.insert(range) }
-        state.regions[index].swappedOut = record.coarsened(to: RegionSpec.maxSwappedExtents)
+        state.regions[index].swappedOut = record.coarsened(to: RegionSpec.maxExtents)
       }
     }
     let chunk = 128 << 10

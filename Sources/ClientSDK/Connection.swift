@@ -22,6 +22,9 @@ final class Connection: @unchecked Sendable {
     /// Where the broker last said each region lies, after an mremap or munmap
     /// moved or cut it (empty: nothing of it is left). A re-attach registers them there.
     var layouts: [UInt64: [RegionPiece]] = [:]
+    /// What the broker last said each region dropped, and what no one can vouch
+    /// for: a restarted broker knows nothing of it, and a re-attach tells it.
+    var dropRecords: [UInt64: (dropped: [Range<UInt64>], unknown: [Range<UInt64>])] = [:]
     /// Who this client is across re-attaches: a plugin keeps its data (a swap store) under it.
     let token = UInt128.randomToken()
     /// Children this process forked, served by the broker: their uffds (the
@@ -37,14 +40,16 @@ final class Connection: @unchecked Sendable {
         .map { $0.address + UInt(start - $0.offset) }
     }
 
-    /// The regions as they lie now, for Register: moved ones with their pieces, gone ones left out.
+    /// The regions as they lie now, for Register: moved ones with their pieces,
+    /// gone ones left out, each with what it dropped.
     var currentRegions: [RegionSpec] {
       regions.compactMap { spec in
-        guard let pieces = layouts[spec.id] else { return spec }
+        var current = spec
+        if let record = dropRecords[spec.id] { (current.dropped, current.unknown) = record }
+        guard let pieces = layouts[spec.id] else { return current }
         guard !pieces.isEmpty else { return nil }
-        var moved = spec
-        moved.pieces = pieces
-        return moved
+        current.pieces = pieces
+        return current
       }
     }
 
@@ -74,7 +79,7 @@ final class Connection: @unchecked Sendable {
       attachments += 1
     }
 
-    /// Reads what the broker sent unasked (layouts) without waiting.
+    /// Reads what the broker sent unasked (layouts, drop records, children) without waiting.
     mutating func readNotifications() {
       guard let socket else { return }
       let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
@@ -101,6 +106,8 @@ final class Connection: @unchecked Sendable {
         children[childID] = (child, pieces)
       case .childClosed(let childID):
         children[childID] = nil
+      case .dropped(let region, let dropped, let unknown):
+        dropRecords[region] = (dropped, unknown)
       case .hello, .ack, .error:
         return false
       }

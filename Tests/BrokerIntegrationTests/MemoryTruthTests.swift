@@ -190,6 +190,23 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("the broker killed (-9) after the client dropped pages: it re-attaches with what it dropped, and the new snapshot plugin serves zeros there, never the file's bytes")
+    func brokerKilledAfterDrops() throws {
+      try Harness.run("drop-broker-kill") { h in
+        let plugin = try h.startSamplePlugin("snapshot-plugin", name: "snapshot")
+        let path = try SamplePlugins.writeSnapshot(h, size: 1 << 20)
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("snapshot-dropped", mib: 1, threads: 1, plugin: "snapshot", extraEnvironment: ["FIXTURE_FILE": path].merging(gate.reattaching) { $1 })
+        #expect(gate.awaitClient() == "dropped", h.diagnostics(client.stdout + client.stderr))
+        try h.killAndRestartBroker()
+        _ = plugin.wait(timeout: 5)  // its connection went with the broker
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot")
+        gate.release()
+        #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("verified 256 pages, 128 dropped, 0 wrong\n"), h.diagnostics(client.stdout))
+      }
+    }
+
     @Test("the broker killed (-9) after a swap-out: the client re-attaches, and the pages no plugin holds any more fail closed (SIGBUS), never zeros")
     func brokerKilledAfterSwapOut() throws {
       try Harness.run("swap-broker-kill") { h in

@@ -64,8 +64,15 @@ final class Client {
   /// The client this one was forked from (0: it connected itself).
   var parentID: ClientID = 0
   var isForkedChild: Bool { parentID != 0 }
-  /// Regions whose new layout the client has not been sent yet (its socket was full).
-  var layoutUnsent: Set<UInt64> = []
+  /// What the client keeps to re-attach with, per region, and must be told of again.
+  enum Notice: Hashable, Comparable {
+    /// Where the region lies now.
+    case layout(UInt64)
+    /// What it dropped, and what no one can vouch for.
+    case dropped(UInt64)
+  }
+  /// Notices not sent yet (its socket was full, or they wait for the end of a read).
+  var unsent: Set<Notice> = []
   /// Regions of a forked child its plugin would not serve: their faults fail closed.
   var refusedRegions: Set<UInt64> = []
   /// Pages woken with nothing filled (EEXIST, ENOENT, unmapped), and how often
@@ -107,11 +114,25 @@ final class Client {
     if !wokenPages.isEmpty { wokenPages = wokenPages.filter { !range.contains($0.key) } }
   }
 
-  /// `spec` as announced to its plugin now: with the swapped-out pages it must hold.
+  /// `spec` as announced to its plugin now: with the swapped-out pages it must
+  /// hold (what was dropped follows as `removed` events; the rest is the broker's).
   func announced(_ spec: RegionSpec) -> RegionSpec {
     var spec = spec
-    spec.swappedOut = swappedOutPages[spec.id]?.coarsened(to: RegionSpec.maxSwappedExtents) ?? []
+    spec.swappedOut = swappedOutPages[spec.id]?.coarsened(to: RegionSpec.maxExtents) ?? []
+    spec.dropped = []
+    spec.unknown = []
     return spec
+  }
+
+  /// The drop record of region `id` for the client, within the extent limit: a
+  /// `dropped` record too fragmented to list is covered in `unknown` instead
+  /// (after a broker restart those pages fail closed rather than read wrong).
+  func dropRecord(of id: UInt64) -> (dropped: [Range<UInt64>], unknown: [Range<UInt64>]) {
+    let dropped = droppedPages[id] ?? OffsetRanges()
+    var unknown = lostPages[id] ?? OffsetRanges()
+    guard dropped.ranges.count > RegionSpec.maxExtents else { return (dropped.ranges, unknown.coarsened(to: RegionSpec.maxExtents)) }
+    for range in dropped.ranges { unknown.insert(range) }
+    return ([], unknown.coarsened(to: RegionSpec.maxExtents))
   }
 
   /// The live range of region `regionID` at `offset` (page aligned, inside one live piece).

@@ -102,8 +102,8 @@ public enum Action {
   // MARK: Clients
   /// Send on the client's socket; a failure is `clientGone`.
   case reply(ClientID, BrokerReply)
-  /// Send the client where region `regionID` lies now; a full socket is `layoutNotSent`.
-  case sendLayout(ClientID, regionID: UInt64, pieces: [RegionPiece])
+  /// Send the client something it keeps (a layout, a drop record); a full socket is `noticeNotSent`.
+  case notify(ClientID, BrokerReply)
   /// Send `keeper` the fork notice with a copy of `child`'s uffd attached (best effort).
   case keepChild(keeper: ClientID, child: ClientID, notice: BrokerReply)
   /// The Register's descriptor (a userfaultfd) becomes the client's.

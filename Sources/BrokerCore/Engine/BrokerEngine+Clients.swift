@@ -84,9 +84,13 @@ extension BrokerEngine {
     closeClient(client, reason: "\(error)")
   }
 
-  /// A layout could not be sent (the client's socket is full): kept for the next sweep.
-  public func layoutNotSent(_ id: ClientID, regionID: UInt64) {
-    clients[id]?.layoutUnsent.insert(regionID)
+  /// A notice could not be sent (the client's socket is full): kept for the next sweep.
+  public func noticeNotSent(_ id: ClientID, _ notice: BrokerReply) {
+    switch notice.body {
+    case .layout(let region, _): clients[id]?.unsent.insert(.layout(region))
+    case .dropped(let region, _, _): clients[id]?.unsent.insert(.dropped(region))
+    default: break
+    }
   }
 
   // MARK: - Requests
@@ -186,9 +190,13 @@ extension BrokerEngine {
       client.servedBy.insert(spec.plugin)
       // A client re-attaching says what it swapped out: the plugin is asked whether it still holds it.
       if !spec.swappedOut.isEmpty { client.swappedOutPages[spec.id] = OffsetRanges(spec.swappedOut) }
+      // And what it dropped (the plugin is told), and what no one can vouch for (it fails closed).
+      if !spec.dropped.isEmpty { client.droppedPages[spec.id] = OffsetRanges(spec.dropped) }
+      for range in spec.unknown { client.lostPages[spec.id, default: OffsetRanges()].insert(range) }
       // A plugin that is away gets it when it connects (see `announceRegions`).
       if let plugin = route(named: spec.plugin).effective.connection {
         actions.append(.send(plugin.id, regionOpened(spec, of: client)))
+        for event in droppedEvents(of: spec, client: client) { actions.append(.send(plugin.id, event)) }
       }
     }
   }
@@ -286,28 +294,34 @@ extension BrokerEngine {
     for file in dropped.subtracting(inUse).sorted(by: { $0.rawValue < $1.rawValue }) { actions.append(.releaseFile(file)) }
   }
 
-  // MARK: - Layouts
+  // MARK: - Notices
 
   /// An mremap or munmap moved or cut regions of the client: it is told where
   /// they lie now, so that it re-attaches to a restarted broker with the
-  /// layout of the moment. A full socket keeps them for the next sweep; the
-  /// client is never closed for it.
-  func layoutChanged(of client: Client, regions ids: [UInt64]) {
-    guard client.hasSocket, !ids.isEmpty else { return }
-    client.layoutUnsent.formUnion(ids)
-    sendLayouts(client)
+  /// layout of the moment. Likewise what it dropped. A full socket keeps them
+  /// for the next sweep; the client is never closed for it.
+  func notify(_ client: Client, _ notices: some Sequence<Client.Notice>) {
+    guard client.hasSocket else { return }
+    client.unsent.formUnion(notices)
+    sendNotices(client)
   }
 
-  func sendLayouts(_ client: Client) {
-    for id in client.layoutUnsent.sorted() {
-      client.layoutUnsent.remove(id)
-      let pieces = client.regions.layout(of: id)
-      guard pieces.count <= RegionSpec.maxPieces else {
-        // It could not re-attach in that many pieces anyway: what moved fails closed after a broker restart.
-        log(.warning, "a region is cut in too many pieces to tell the client", ["client.id": "\(client.id)", "region.id": "\(id)", "pieces": "\(pieces.count)"])
-        continue
+  func sendNotices(_ client: Client) {
+    for notice in client.unsent.sorted() {
+      client.unsent.remove(notice)
+      switch notice {
+      case .layout(let id):
+        let pieces = client.regions.layout(of: id)
+        guard pieces.count <= RegionSpec.maxPieces else {
+          // It could not re-attach in that many pieces anyway: what moved fails closed after a broker restart.
+          log(.warning, "a region is cut in too many pieces to tell the client", ["client.id": "\(client.id)", "region.id": "\(id)", "pieces": "\(pieces.count)"])
+          continue
+        }
+        actions.append(.notify(client.id, BrokerReply(requestID: 0, .layout(regionID: id, pieces: pieces))))
+      case .dropped(let id):
+        let record = client.dropRecord(of: id)
+        actions.append(.notify(client.id, BrokerReply(requestID: 0, .dropped(regionID: id, dropped: record.dropped, unknown: record.unknown))))
       }
-      actions.append(.sendLayout(client.id, regionID: id, pieces: pieces))
     }
   }
 }

@@ -15,12 +15,13 @@ extension BrokerEngine {
       return
     }
     var mapEvents = false
+    var notices: [Client.Notice] = []
     for event in events {
       switch event {
       case .pagefault: continue
-      case .remove(let range): removed(range, client: client)
-      case .unmap(let range): unmapped(range, client: client)
-      case .remap(let from, let to, let length): remapped(from: from, to: to, length: length, client: client)
+      case .remove(let range): removed(range, client: client, notices: &notices)
+      case .unmap(let range): unmapped(range, client: client, notices: &notices)
+      case .remap(let from, let to, let length): remapped(from: from, to: to, length: length, client: client, notices: &notices)
       case .fork(let ticket, let wiped):
         client.invalidations.record(faultsOut: false)
         adoptFork(ticket, wipedOnFork: wiped, of: client)
@@ -28,6 +29,7 @@ extension BrokerEngine {
       mapEvents = true
     }
     guard client.phase != .closed else { return }
+    if !notices.isEmpty { notify(client, notices) }
     if mapEvents { redeliverParked(of: client) } else if !ledger.parked.isEmpty { redeliverDue(of: client) }
     for case .pagefault(let fault) in events {
       let page = fault.address & ~UInt(pageSize - 1)
@@ -164,29 +166,31 @@ extension BrokerEngine {
 
   // MARK: - Map events
 
-  private func removed(_ range: Range<UInt>, client: Client) {
+  private func removed(_ range: Range<UInt>, client: Client, notices: inout [Client.Notice]) {
     client.forgetWakes(in: range)
     client.invalidations.record(range, faultsOut: client.faultsOut > 0)
     // A swap-out drops pages whose content the plugin has just stored.
-    report(client.regions.overlapping(range), of: client, removed: true, swappedOut: client.isSwappingAll(of: range))
+    let parts = client.regions.overlapping(range)
+    report(parts, of: client, removed: true, swappedOut: client.isSwappingAll(of: range))
+    notices += parts.filter { !$0.piece.isNewMemory }.map { .dropped($0.piece.spec.id) }
   }
 
-  private func unmapped(_ range: Range<UInt>, client: Client) {
+  private func unmapped(_ range: Range<UInt>, client: Client, notices: inout [Client.Notice]) {
     client.forgetWakes(in: range)
     client.invalidations.record(range, faultsOut: client.faultsOut > 0)
     let parts = client.regions.unmap(range)
     report(parts, of: client, removed: false)
-    layoutChanged(of: client, regions: parts.filter { !$0.piece.isNewMemory }.map(\.piece.spec.id))
+    notices += parts.filter { !$0.piece.isNewMemory }.map { .layout($0.piece.spec.id) }
   }
 
-  private func remapped(from: UInt, to: UInt, length: Int, client: Client) {
+  private func remapped(from: UInt, to: UInt, length: Int, client: Client, notices: inout [Client.Notice]) {
     let source = from..<from + UInt(length)
     let destination = to..<to + UInt(length)
     client.forgetWakes(in: source)
     client.forgetWakes(in: destination)
     client.invalidations.record(source, destination, faultsOut: client.faultsOut > 0)
     let moved = client.regions.move(from: from, to: to, length: length).filter { !$0.isNewMemory }
-    layoutChanged(of: client, regions: moved.map(\.spec.id))
+    notices += moved.map { .layout($0.spec.id) }
     for piece in moved {
       let newBase = piece.live.lowerBound &- UInt(piece.offset)
       sendEvent(.remapped(RemapEvent(clientID: client.id, regionID: piece.spec.id, from: from + (piece.live.lowerBound - to), to: piece.live.lowerBound, length: piece.live.count, newBase: newBase)), to: piece.route)

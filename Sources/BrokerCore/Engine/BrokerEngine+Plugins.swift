@@ -154,6 +154,7 @@ extension BrokerEngine {
       client.lostPages[reply.regionID, default: OffsetRanges()].insert(range)
     }
     statistics.swappedBytesLost += lost.count
+    notify(client, [.dropped(reply.regionID)])
     log(.error, "a plugin lost swapped-out pages: they fail closed", [
       "plugin": "\(plugin.name)", "client.id": "\(client.id)", "region.id": "\(reply.regionID)", "bytes": "\(lost.count)",
     ])
@@ -172,24 +173,28 @@ extension BrokerEngine {
       var announced = Set<UInt64>()
       for piece in client.regions.pieces where !piece.isNewMemory && announces(piece.route) && announced.insert(piece.spec.id).inserted {
         actions.append(.send(plugin.id, regionOpened(piece.spec, of: client)))
-        for event in droppedEvents(of: piece.spec.id, client: client) { actions.append(.send(plugin.id, event)) }
+        for event in droppedEvents(of: piece.spec, client: client) { actions.append(.send(plugin.id, event)) }
       }
       for spec in client.pendingOpen?.regions ?? [] where announces(self.route(named: spec.plugin)) {
         actions.append(.send(plugin.id, regionOpened(spec, of: client)))
+        for event in droppedEvents(of: spec, client: client) { actions.append(.send(plugin.id, event)) }
       }
     }
     if origin == nil { for event in route.takeMissedEvents() { actions.append(.send(plugin.id, event)) } }
   }
 
-  /// What client dropped of region `regionID`, as `removed` events where it lies now.
-  private func droppedEvents(of regionID: UInt64, client: Client) -> [BrokerEvent] {
-    guard let dropped = client.droppedPages[regionID] else { return [] }
+  /// What the client dropped of a region, as `removed` events where it lies now
+  /// (in the table, or for a region being opened, where its spec says).
+  func droppedEvents(of spec: RegionSpec, client: Client) -> [BrokerEvent] {
+    guard let dropped = client.droppedPages[spec.id] else { return [] }
+    var pieces = client.regions.pieces.filter { $0.spec.id == spec.id && !$0.isNewMemory }.map { RegionPiece(address: $0.live.lowerBound, offset: $0.offset, length: $0.live.count) }
+    if pieces.isEmpty { pieces = spec.pieces.isEmpty ? [RegionPiece(address: spec.base, offset: 0, length: spec.length)] : spec.pieces }
     var events: [BrokerEvent] = []
-    for piece in client.regions.pieces where piece.spec.id == regionID && !piece.isNewMemory {
-      for offsets in dropped.clamped(to: piece.offset..<piece.offset + UInt64(piece.live.count)) {
-        guard let address = piece.address(ofOffset: offsets.lowerBound) else { continue }
+    for piece in pieces {
+      for offsets in dropped.clamped(to: piece.offset..<piece.offset + UInt64(piece.length)) {
+        let address = piece.address + UInt(offsets.lowerBound - piece.offset)
         let range = address..<address + UInt(offsets.upperBound - offsets.lowerBound)
-        events.append(.removed(RangeEvent(clientID: client.id, regionID: regionID, range: range, startOffset: offsets.lowerBound)))
+        events.append(.removed(RangeEvent(clientID: client.id, regionID: spec.id, range: range, startOffset: offsets.lowerBound)))
       }
     }
     return events

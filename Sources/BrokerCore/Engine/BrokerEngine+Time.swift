@@ -21,7 +21,7 @@ extension BrokerEngine {
       }
     }
     for client in ordered where client.phase != .closed {
-      if !client.layoutUnsent.isEmpty { sendLayouts(client) }
+      if !client.unsent.isEmpty { sendNotices(client) }
       // A forked child has no pidfd: its exit is seen as ESRCH from a zero-page
       // request at an address it has not registered, which fills nothing while its memory lives.
       if client.isForkedChild && client.regions.piece(containing: Self.probeAddress) == nil { actions.append(.probe(client.id)) }

@@ -80,10 +80,12 @@ public struct RegionTable {
       guard spec.plugin.utf8.count <= RegionSpec.maxPluginNameBytes, spec.argument.utf8.count <= RegionSpec.maxArgumentBytes else {
         throw BrokerError(.badRegion, "region \(spec.id): a plugin name is at most \(RegionSpec.maxPluginNameBytes) bytes, an argument at most \(RegionSpec.maxArgumentBytes)")
       }
-      guard spec.swappedOut.count <= RegionSpec.maxSwappedExtents,
-            spec.swappedOut.allSatisfy({ $0.lowerBound & UInt64(mask) == 0 && $0.upperBound & UInt64(mask) == 0 && $0.upperBound <= UInt64(spec.length) })
-      else {
-        throw BrokerError(.badRegion, "region \(spec.id): swapped-out extents must be page aligned, inside the region, at most \(RegionSpec.maxSwappedExtents)")
+      for (name, extents) in [("swapped-out", spec.swappedOut), ("dropped", spec.dropped), ("unknown", spec.unknown)] {
+        guard extents.count <= RegionSpec.maxExtents,
+              extents.allSatisfy({ $0.lowerBound & UInt64(mask) == 0 && $0.upperBound & UInt64(mask) == 0 && $0.upperBound <= UInt64(spec.length) })
+        else {
+          throw BrokerError(.badRegion, "region \(spec.id): \(name) extents must be page aligned, inside the region, at most \(RegionSpec.maxExtents)")
+        }
       }
       for piece in spec.pieces {
         guard piece.length > 0, piece.address & mask == 0, UInt(piece.length) & mask == 0, piece.offset & UInt64(mask) == 0,

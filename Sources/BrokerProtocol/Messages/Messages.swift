@@ -44,22 +44,31 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
   /// Where the region lies now, when an mremap moved or cut it (a client
   /// re-attaching says so); empty: all of it at `base`.
   public var pieces: [RegionPiece]
+  /// Region offsets the client dropped itself (a client re-attaching says what
+  /// the broker last told it, `BrokerReply.Body.dropped`): they read as zeros.
+  public var dropped: [Range<UInt64>]
+  /// Region offsets whose content no one can vouch for (a cover of drops too
+  /// many to list, swapped-out pages a plugin lost): their faults fail closed.
+  public var unknown: [Range<UInt64>]
 
   /// The longest plugin name and argument a broker accepts: every region
   /// event must fit one packet however long the client made them.
   public static let maxPluginNameBytes = 255
   public static let maxArgumentBytes = 4096
-  /// Extents of `swappedOut` a region may carry: a record longer than this is
-  /// coarsened (the gaps merged in), so that a client's Register with every
-  /// region still fits one packet.
-  public static let maxSwappedExtents = 32
+  /// Extents each record of a region (`swappedOut`, `dropped`, `unknown`) may
+  /// carry, so that a client's Register with every region fits one packet: a
+  /// longer `swappedOut` is coarsened (the gaps merged in), a longer `dropped`
+  /// becomes `unknown`, coarsened.
+  public static let maxExtents = 32
   /// Pieces a region may be re-registered in (a region cut finer cannot re-attach).
   public static let maxPieces = 256
 
   public init(id: UInt64, base: UInt, length: Int, pageSize: Int = systemPageSize, plugin: String, argument: String = "", backingOffset: UInt64 = 0,
-              swappedOut: [Range<UInt64>] = [], pieces: [RegionPiece] = []) {
+              swappedOut: [Range<UInt64>] = [], pieces: [RegionPiece] = [], dropped: [Range<UInt64>] = [], unknown: [Range<UInt64>] = []) {
     self.swappedOut = swappedOut
     self.pieces = pieces
+    self.dropped = dropped
+    self.unknown = unknown
     self.id = id
     self.base = base
     self.length = length
@@ -154,6 +163,9 @@ public struct BrokerReply: Equatable, Sendable {
     case forked(childID: UInt64, pieces: [RegionPiece])
     /// Unsolicited: the forked child `childID` is gone.
     case childClosed(childID: UInt64)
+    /// Unsolicited: what the client dropped of region `regionID` so far, whole,
+    /// and what no one can vouch for; kept to re-attach with (`RegionSpec.dropped`, `.unknown`).
+    case dropped(regionID: UInt64, dropped: [Range<UInt64>], unknown: [Range<UInt64>])
   }
   public var requestID: UInt64
   public var body: Body

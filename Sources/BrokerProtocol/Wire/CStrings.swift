@@ -38,6 +38,8 @@ final class CStringPool {
     message.pointee.backing_offset = spec.backingOffset
     (message.pointee.n_swapped_out, message.pointee.swapped_out) = extents(spec.swappedOut)
     (message.pointee.n_pieces, message.pointee.pieces) = pieces(spec.pieces)
+    (message.pointee.n_dropped, message.pointee.dropped) = extents(spec.dropped)
+    (message.pointee.n_unknown, message.pointee.unknown) = extents(spec.unknown)
     regions.append(message)
     return message
   }
@@ -101,11 +103,13 @@ extension RegionSpec {
       id: m.id, base: UInt(m.address), length: Int(m.length), pageSize: Int(m.page_size),
       plugin: String(cString: m.plugin), argument: String(cString: m.argument), backingOffset: m.backing_offset,
       swappedOut: try decodeExtents(m.n_swapped_out, m.swapped_out, of: "region \(m.id)"),
-      pieces: try decodePieces(m.n_pieces, m.pieces, of: "region \(m.id)"))
+      pieces: try decodePieces(m.n_pieces, m.pieces, of: "region \(m.id)"),
+      dropped: try decodeExtents(m.n_dropped, m.dropped, of: "region \(m.id)"),
+      unknown: try decodeExtents(m.n_unknown, m.unknown, of: "region \(m.id)"))
   }
 }
 
-/// Reads a repeated `Piece` field: at most `RegionSpec.maxSwappedExtents`, each fitting the address space.
+/// Reads a repeated `Piece` field: at most `RegionSpec.maxExtents`, each fitting the address space.
 func decodePieces(_ count: Int, _ pieces: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Piece>?>?, of what: String) throws(BrokerError) -> [RegionPiece] {
   guard count <= RegionSpec.maxPieces else { throw BrokerError(.limit, "\(what): more than \(RegionSpec.maxPieces) pieces") }
   var result: [RegionPiece] = []
@@ -118,9 +122,9 @@ func decodePieces(_ count: Int, _ pieces: UnsafeMutablePointer<UnsafeMutablePoin
   return result
 }
 
-/// Reads a repeated `Extent` field: at most `RegionSpec.maxSwappedExtents`, none wrapping past 2^64.
+/// Reads a repeated `Extent` field: at most `RegionSpec.maxExtents`, none wrapping past 2^64.
 func decodeExtents(_ count: Int, _ extents: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Extent>?>?, of what: String) throws(BrokerError) -> [Range<UInt64>] {
-  guard count <= RegionSpec.maxSwappedExtents else { throw BrokerError(.limit, "\(what): more than \(RegionSpec.maxSwappedExtents) extents") }
+  guard count <= RegionSpec.maxExtents else { throw BrokerError(.limit, "\(what): more than \(RegionSpec.maxExtents) extents") }
   var ranges: [Range<UInt64>] = []
   ranges.reserveCapacity(count)
   for index in 0..<count {

@@ -139,6 +139,7 @@ public enum ClientWire {
     var layout = Uffdbroker__Layout()
     var forked = Uffdbroker__Forked()
     var childClosed = Uffdbroker__ChildClosed()
+    var dropped = Uffdbroker__Dropped()
     var busy = [UInt64]()
     return withUnsafeMutablePointer(to: &hello) { helloPointer in
       withUnsafeMutablePointer(to: &ack) { ackPointer in
@@ -146,6 +147,7 @@ public enum ClientWire {
           withUnsafeMutablePointer(to: &layout) { layoutPointer in
           withUnsafeMutablePointer(to: &forked) { forkedPointer in
           withUnsafeMutablePointer(to: &childClosed) { childClosedPointer in
+          withUnsafeMutablePointer(to: &dropped) { droppedPointer in
           switch reply.body {
           case .hello(let value):
             value.encode(into: &helloPointer.pointee, pool: pool)
@@ -178,11 +180,19 @@ public enum ClientWire {
             childClosedPointer.pointee.child_id = childID
             message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_CHILD_CLOSED
             message.child_closed = childClosedPointer
+          case .dropped(let regionID, let offsets, let unknown):
+            uffdbroker__dropped__init(droppedPointer)
+            droppedPointer.pointee.region_id = regionID
+            (droppedPointer.pointee.n_dropped, droppedPointer.pointee.dropped) = pool.extents(offsets)
+            (droppedPointer.pointee.n_unknown, droppedPointer.pointee.unknown) = pool.extents(unknown)
+            message.body_case = UFFDBROKER__BROKER_TO_CLIENT__BODY_DROPPED
+            message.dropped = droppedPointer
           }
           return busy.withUnsafeMutableBufferPointer { busyBuffer in
             ackPointer.pointee.n_busy_offsets = busyBuffer.count
             ackPointer.pointee.busy_offsets = busyBuffer.baseAddress
             return protobufCPacked(message, size: uffdbroker__broker_to_client__get_packed_size, pack: uffdbroker__broker_to_client__pack)
+          }
           }
           }
           }
@@ -210,6 +220,10 @@ public enum ClientWire {
       return BrokerReply(requestID: m.request_id, .forked(childID: f.child_id, pieces: try decodePieces(f.n_pieces, f.pieces, of: "forked child \(f.child_id)")))
     case UFFDBROKER__BROKER_TO_CLIENT__BODY_CHILD_CLOSED:
       return BrokerReply(requestID: m.request_id, .childClosed(childID: m.child_closed.pointee.child_id))
+    case UFFDBROKER__BROKER_TO_CLIENT__BODY_DROPPED:
+      let d = m.dropped.pointee
+      let what = "the drop record of region \(d.region_id)"
+      return BrokerReply(requestID: m.request_id, .dropped(regionID: d.region_id, dropped: try decodeExtents(d.n_dropped, d.dropped, of: what), unknown: try decodeExtents(d.n_unknown, d.unknown, of: what)))
     default: throw BrokerError(.malformed, "a broker reply has no body")
     }
   }

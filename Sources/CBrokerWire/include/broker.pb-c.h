@@ -31,6 +31,7 @@ typedef struct Uffdbroker__Ack Uffdbroker__Ack;
 typedef struct Uffdbroker__Layout Uffdbroker__Layout;
 typedef struct Uffdbroker__Forked Uffdbroker__Forked;
 typedef struct Uffdbroker__ChildClosed Uffdbroker__ChildClosed;
+typedef struct Uffdbroker__Dropped Uffdbroker__Dropped;
 typedef struct Uffdbroker__BrokerToClient Uffdbroker__BrokerToClient;
 typedef struct Uffdbroker__Pagefault Uffdbroker__Pagefault;
 typedef struct Uffdbroker__RangeEvent Uffdbroker__RangeEvent;
@@ -237,10 +238,23 @@ struct  Uffdbroker__Region
    */
   size_t n_pieces;
   Uffdbroker__Piece **pieces;
+  /*
+   * In Register, from a client re-attaching: what it dropped itself
+   * (MADV_DONTNEED, MADV_REMOVE), as the broker last told it (Dropped). Those
+   * offsets read as zeros; the broker tells the plugin after RegionOpened.
+   */
+  size_t n_dropped;
+  Uffdbroker__Extent **dropped;
+  /*
+   * Offsets whose content no one can vouch for any more (a cover of drops too
+   * many to list, swapped-out pages a plugin lost): their faults fail closed.
+   */
+  size_t n_unknown;
+  Uffdbroker__Extent **unknown;
 };
 #define UFFDBROKER__REGION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__region__descriptor) \
-    , 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL }
+    , 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, 0,NULL }
 
 
 /*
@@ -444,6 +458,32 @@ struct  Uffdbroker__ChildClosed
     , 0 }
 
 
+/*
+ * Broker → client, unsolicited: the region's record as it is now, whole (it
+ * replaces the last one). The client keeps it to re-attach with
+ * (Region.dropped, Region.unknown): a broker that restarts knows nothing of
+ * what was dropped, and a plugin would serve those pages' old content.
+ */
+struct  Uffdbroker__Dropped
+{
+  ProtobufCMessage base;
+  uint64_t region_id;
+  /*
+   * at most 64 extents
+   */
+  size_t n_dropped;
+  Uffdbroker__Extent **dropped;
+  /*
+   * at most 64 extents; a record too fragmented for dropped is covered here
+   */
+  size_t n_unknown;
+  Uffdbroker__Extent **unknown;
+};
+#define UFFDBROKER__DROPPED__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__dropped__descriptor) \
+    , 0, 0,NULL, 0,NULL }
+
+
 typedef enum {
   UFFDBROKER__BROKER_TO_CLIENT__BODY__NOT_SET = 0,
   UFFDBROKER__BROKER_TO_CLIENT__BODY_HELLO = 2,
@@ -451,7 +491,8 @@ typedef enum {
   UFFDBROKER__BROKER_TO_CLIENT__BODY_ERROR = 4,
   UFFDBROKER__BROKER_TO_CLIENT__BODY_LAYOUT = 5,
   UFFDBROKER__BROKER_TO_CLIENT__BODY_FORKED = 6,
-  UFFDBROKER__BROKER_TO_CLIENT__BODY_CHILD_CLOSED = 7
+  UFFDBROKER__BROKER_TO_CLIENT__BODY_CHILD_CLOSED = 7,
+  UFFDBROKER__BROKER_TO_CLIENT__BODY_DROPPED = 8
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__BROKER_TO_CLIENT__BODY__CASE)
 } Uffdbroker__BrokerToClient__BodyCase;
 
@@ -467,6 +508,7 @@ struct  Uffdbroker__BrokerToClient
     Uffdbroker__Layout *layout;
     Uffdbroker__Forked *forked;
     Uffdbroker__ChildClosed *child_closed;
+    Uffdbroker__Dropped *dropped;
   };
 };
 #define UFFDBROKER__BROKER_TO_CLIENT__INIT \
@@ -1115,6 +1157,25 @@ Uffdbroker__ChildClosed *
 void   uffdbroker__child_closed__free_unpacked
                      (Uffdbroker__ChildClosed *message,
                       ProtobufCAllocator *allocator);
+/* Uffdbroker__Dropped methods */
+void   uffdbroker__dropped__init
+                     (Uffdbroker__Dropped         *message);
+size_t uffdbroker__dropped__get_packed_size
+                     (const Uffdbroker__Dropped   *message);
+size_t uffdbroker__dropped__pack
+                     (const Uffdbroker__Dropped   *message,
+                      uint8_t             *out);
+size_t uffdbroker__dropped__pack_to_buffer
+                     (const Uffdbroker__Dropped   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__Dropped *
+       uffdbroker__dropped__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__dropped__free_unpacked
+                     (Uffdbroker__Dropped *message,
+                      ProtobufCAllocator *allocator);
 /* Uffdbroker__BrokerToClient methods */
 void   uffdbroker__broker_to_client__init
                      (Uffdbroker__BrokerToClient         *message);
@@ -1469,6 +1530,9 @@ typedef void (*Uffdbroker__Forked_Closure)
 typedef void (*Uffdbroker__ChildClosed_Closure)
                  (const Uffdbroker__ChildClosed *message,
                   void *closure_data);
+typedef void (*Uffdbroker__Dropped_Closure)
+                 (const Uffdbroker__Dropped *message,
+                  void *closure_data);
 typedef void (*Uffdbroker__BrokerToClient_Closure)
                  (const Uffdbroker__BrokerToClient *message,
                   void *closure_data);
@@ -1543,6 +1607,7 @@ extern const ProtobufCMessageDescriptor uffdbroker__ack__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__layout__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__forked__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__child_closed__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__dropped__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__pagefault__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__range_event__descriptor;

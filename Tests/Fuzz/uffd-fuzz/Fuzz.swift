@@ -320,7 +320,8 @@ enum Seeds {
     let regionA = RegionSpec(id: 1, base: 0x7f00_0000_0000, length: 16 * page, pageSize: page, plugin: "snapshot", argument: "/var/lib/image.bin", backingOffset: 8192)
     // As a client re-attaching names it: moved in two pieces, with pages swapped out.
     let movedA = RegionSpec(id: 1, base: 0x7f00_0000_0000, length: 16 * page, pageSize: page, plugin: "swap", swappedOut: [0..<8192, 16384..<65536],
-                            pieces: [RegionPiece(address: 0x7f00_0000_0000, offset: 0, length: 8 * page), RegionPiece(address: 0x7f20_0000_0000, offset: 32768, length: 8 * page)])
+                            pieces: [RegionPiece(address: 0x7f00_0000_0000, offset: 0, length: 8 * page), RegionPiece(address: 0x7f20_0000_0000, offset: 32768, length: 8 * page)],
+                            dropped: [8192..<16384], unknown: [40960..<49152])
     let regionB = RegionSpec(id: 2, base: 0x7f00_0100_0000, length: 2 << 20, pageSize: 2 << 20, plugin: "zero-fill")
 
     // ClientToBroker
@@ -349,6 +350,7 @@ enum Seeds {
       ("layout-gone", .layout(regionID: 2, pieces: [])),
       ("forked", .forked(childID: 9, pieces: movedA.pieces)),
       ("child-closed", .childClosed(childID: 9)),
+      ("dropped", .dropped(regionID: 1, dropped: [0..<4096, 16384..<32768], unknown: [65536..<131072])),
     ]
     for (index, (name, body)) in replies.enumerated() {
       seed("b2c-" + name, 1, ClientWire.encode(BrokerReply(requestID: UInt64(index + 1), body)))
