@@ -103,12 +103,26 @@ extension BrokerRuntime {
       // stops) what was queued for it (RegionClosed, Closed) still goes out.
       if let error { tellPlugin(link.socket, error) } else { flush(link) }
       loop.remove(link.socket.fd)
+      discardUnread(link.socket)
     case .killPluginProcess(let pid, let reason):
       supervisor?.killChild(pid: pid, reason: reason)
     case .releaseFile(let handle):
       files[handle] = nil
     case .log(let level, let message, let metadata):
       logger.log(level: level, message, metadata: metadata)
+    }
+  }
+
+  /// Reads and drops what a peer sent and no one will handle: a socket closed
+  /// with unread data resets the connection (ECONNRESET), and the peer would
+  /// lose the Error it was just told before it could read it.
+  private func discardUnread(_ socket: PacketSocket) {
+    var fds: [CInt] = []
+    for _ in 0..<256 {
+      fds.removeAll(keepingCapacity: true)
+      // Into `packet`, not `pluginPacket`: fills of this round may still read decisions there.
+      guard case .packet = try? socket.receive(into: packet, fds: &fds) else { break }
+      fds.forEach(closeDescriptor)
     }
   }
 
