@@ -1,6 +1,12 @@
 // swift-tools-version: 6.1
 import PackageDescription
 
+/// The broker's fault path in release builds: no dynamic exclusivity checks
+/// (single-threaded by design; debug builds, the tests and the simulation keep
+/// them). `uffd-bench` measured the checks at a third of the broker's
+/// user-space time per fault (see README, Benchmark).
+let hotPath: [SwiftSetting] = [.unsafeFlags(["-enforce-exclusivity=unchecked"], .when(configuration: .release))]
+
 let package = Package(
   name: "uffd-broker",
   platforms: [.macOS(.v15)],
@@ -29,9 +35,11 @@ let package = Package(
     // Spawning and explicit teardown of child processes (supervisor, demo, benchmark, tests).
     .target(name: "ChildProcess", dependencies: ["CUserfaultfd", "Userfaultfd"]),
     // The broker's logic without I/O: a state machine from inputs to actions (sans-I/O).
-    .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")]),
+    .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")],
+            swiftSettings: hotPath),
     // The broker's I/O: the epoll loop, sockets, uffd reads and ioctls, supervision; it performs the core's actions.
-    .target(name: "BrokerRuntime", dependencies: ["BrokerCore", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")]),
+    .target(name: "BrokerRuntime", dependencies: ["BrokerCore", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")],
+            swiftSettings: hotPath),
     // The engine driven by a seeded schedule against models of the kernel, clients and plugins.
     .target(name: "BrokerSimulator", dependencies: ["BrokerCore", "BrokerProtocol", "Userfaultfd"]),
     .executableTarget(name: "uffd-sim", dependencies: ["BrokerSimulator"]),

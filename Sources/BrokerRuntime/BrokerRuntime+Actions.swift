@@ -24,7 +24,7 @@ extension BrokerRuntime {
       do {
         _ = try ClientWire.encode(reply).withUnsafeBytes { (raw) throws(BrokerError) in try socket.send(raw) }
       } catch {
-        engine.clientGone(id, reason: "its socket failed: \(error)", now: monotonicNanoseconds())
+        engine.clientGone(id, reason: "its socket failed: \(error)", now: loopTime)
       }
     case .notify(let id, let notice):
       guard let socket = clients[id]?.socket else { return }
@@ -51,11 +51,11 @@ extension BrokerRuntime {
     case .watch(let id, let pid):
       watch(id, pid: pid)
     case .watchChild(let id):
-      guard let uffd = clients[id]?.uffd else { return engine.watchFailed(id, BrokerError(.internal, "the child has no userfaultfd"), now: monotonicNanoseconds()) }
+      guard let uffd = clients[id]?.uffd else { return engine.watchFailed(id, BrokerError(.internal, "the child has no userfaultfd"), now: loopTime) }
       do {
         try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, id))
       } catch {
-        engine.watchFailed(id, error, now: monotonicNanoseconds())
+        engine.watchFailed(id, error, now: loopTime)
       }
     case .close(let id):
       guard let link = clients.removeValue(forKey: id) else { return }
@@ -65,7 +65,7 @@ extension BrokerRuntime {
     case .kill(let id):
       if let link = clients[id], link.pidfd.isValid { _ = cuffd_pidfd_send_signal(link.pidfd.rawValue, SIGKILL) }
     case .fill(let order):
-      engine.filled(order, outcome: fill(order), now: monotonicNanoseconds())
+      engine.filled(order, outcome: fill(order), now: loopTime)
     case .wake(let id, let range):
       _ = clients[id]?.uffd?.wake(address: range.lowerBound, length: range.count)
     case .writeProtect(let id, let range, let protect, let swapOut):
@@ -73,16 +73,16 @@ extension BrokerRuntime {
       let result = uffd.writeProtect(address: range.lowerBound, length: range.count, protect: protect)
       if let swapOut {
         let errno: Errno? = if case .failure(let errno) = result { errno } else { nil }
-        engine.swapOutProtected(id, swapOut, range: range, errno: errno, now: monotonicNanoseconds())
+        engine.swapOutProtected(id, swapOut, range: range, errno: errno, now: loopTime)
       }
     case .poisonMissing(let id, let range):
       clients[id]?.uffd?.poisonMissing(address: range.lowerBound, length: range.count)
     case .inspect(let id, let pid, let page):
-      engine.inspected(id, page: page, mapping: ProcessMappings.mapping(containing: page, pid: pid), now: monotonicNanoseconds())
+      engine.inspected(id, page: page, mapping: ProcessMappings.mapping(containing: page, pid: pid), now: loopTime)
     case .probe(let id):
       guard let uffd = clients[id]?.uffd else { return }
       let exited = uffd.zero(address: BrokerEngine.probeAddress, length: systemPageSize) == .targetExited
-      engine.probed(id, exited: exited, now: monotonicNanoseconds())
+      engine.probed(id, exited: exited, now: loopTime)
     case .send(let id, let event):
       guard let link = plugins[id] else { return }
       if case .store(let store) = event, !link.events.canAppend(size: store.data.count) { flush(link) }
@@ -96,7 +96,7 @@ extension BrokerRuntime {
       let sent = bytes.withUnsafeBytes { raw in
         store.descriptors.withUnsafeBufferPointer { fds in Result { () throws(BrokerError) in try link.socket.send(raw, fds: fds) } }
       }
-      if case .failure(let error) = sent { engine.pluginGone(id, reason: "\(error)", now: monotonicNanoseconds()) }
+      if case .failure(let error) = sent { engine.pluginGone(id, reason: "\(error)", now: loopTime) }
     case .closePlugin(let id, let error):
       guard let link = plugins.removeValue(forKey: id) else { return }
       // Told why, a misbehaving plugin gets nothing more; otherwise (the broker
@@ -137,7 +137,7 @@ extension BrokerRuntime {
       try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, id))
       try loop.add(link.pidfd.rawValue, Token(.clientPidfd, id))
     } catch {
-      engine.watchFailed(id, error, now: monotonicNanoseconds())
+      engine.watchFailed(id, error, now: loopTime)
       return
     }
     readUffd(link)  // faults may have queued before the ack
@@ -216,13 +216,13 @@ extension BrokerRuntime {
       do {
         if try link.socket.send(bytes) == .sent { return }
       } catch {
-        return engine.pluginGone(link.id, reason: "\(error)", now: monotonicNanoseconds())
+        return engine.pluginGone(link.id, reason: "\(error)", now: loopTime)
       }
       loop.modify(link.socket.fd, Token(.plugin, link.id), events: cuffd_epollin | cuffd_epollout)
     }
     // The plugin is not reading: keep order by queueing behind what is waiting.
     link.backlog.append(bytes)
-    if link.backlog.bytes > 64 << 20 { engine.pluginGone(link.id, reason: "it stopped reading its events", now: monotonicNanoseconds()) }
+    if link.backlog.bytes > 64 << 20 { engine.pluginGone(link.id, reason: "it stopped reading its events", now: loopTime) }
   }
 
   func drainBacklog(_ link: PluginLink) {
@@ -230,7 +230,7 @@ extension BrokerRuntime {
       do {
         guard try first.withUnsafeBytes({ (raw) throws(BrokerError) in try link.socket.send(raw) }) == .sent else { return }
       } catch {
-        return engine.pluginGone(link.id, reason: "\(error)", now: monotonicNanoseconds())
+        return engine.pluginGone(link.id, reason: "\(error)", now: loopTime)
       }
       link.backlog.removeFirst()
     }

@@ -35,7 +35,7 @@ extension BrokerRuntime {
     while true {
       guard let socket = accept(from: clientListener, role: "client", refusal: { tellClient($0, $1) }) else { return }
       guard let peer = try? socket.peerCredentials() else { continue }
-      switch engine.clientConnected(peer, now: monotonicNanoseconds()) {
+      switch engine.clientConnected(peer, now: loopTime) {
       case .failure(let error):
         tellClient(socket, error)
       case .success(let id):
@@ -43,7 +43,7 @@ extension BrokerRuntime {
           try loop.add(socket.fd, Token(.clientSocket, id))
           clients[id] = ClientLink(id: id, socket: socket)
         } catch {
-          engine.clientGone(id, reason: "its socket could not be watched", now: monotonicNanoseconds())
+          engine.clientGone(id, reason: "its socket could not be watched", now: loopTime)
         }
       }
     }
@@ -58,7 +58,7 @@ extension BrokerRuntime {
     while true {
       guard let socket = accept(from: pluginListener, role: "plugin", refusal: tellPlugin) else { return }
       guard let peer = try? socket.peerCredentials() else { continue }
-      switch engine.pluginConnected(peer, now: monotonicNanoseconds()) {
+      switch engine.pluginConnected(peer, now: loopTime) {
       case .failure(let error):
         tellPlugin(socket, error)
       case .success(let id):
@@ -66,7 +66,7 @@ extension BrokerRuntime {
           try loop.add(socket.fd, Token(.plugin, id))
           plugins[id] = PluginLink(id: id, socket: socket)
         } catch {
-          engine.pluginGone(id, reason: "its socket could not be watched", now: monotonicNanoseconds())
+          engine.pluginGone(id, reason: "its socket could not be watched", now: loopTime)
         }
       }
     }
@@ -88,13 +88,13 @@ extension BrokerRuntime {
         result = try socket.receive(into: packet, fds: &receivedFDs)
       } catch {
         receivedFDs.forEach(closeDescriptor)
-        engine.clientFailed(link.id, error, reason: "\(error)", now: monotonicNanoseconds())
+        engine.clientFailed(link.id, error, reason: "\(error)", now: loopTime)
         return
       }
       switch result {
       case .wouldBlock: return
       case .closed:
-        engine.clientGone(link.id, reason: "the client closed its connection", now: monotonicNanoseconds())
+        engine.clientGone(link.id, reason: "the client closed its connection", now: loopTime)
         return
       case .packet(let count):
         var fds = receivedFDs
@@ -103,11 +103,11 @@ extension BrokerRuntime {
         do {
           request = try ClientWire.decodeRequest(UnsafeRawBufferPointer(rebasing: packet[..<count]), arena: arena)
         } catch {
-          engine.undecodableRequest(link.id, error, now: monotonicNanoseconds())
+          engine.undecodableRequest(link.id, error, now: loopTime)
           return
         }
         let descriptors = attached(&fds, to: request)
-        engine.clientRequest(link.id, request, descriptors: descriptors, now: monotonicNanoseconds())
+        engine.clientRequest(link.id, request, descriptors: descriptors, now: loopTime)
         perform()  // `.adoptUffd` takes `registering`
         registering = nil
       }
@@ -142,14 +142,14 @@ extension BrokerRuntime {
         logger.warning("client userfaultfd failed", metadata: ["client.id": "\(link.id)", "error": "\(errno)"])
         // Its events are lost: its memory can no longer be followed.
         kernelEvents.forEach { if case .fork(let ticket, _) = $0 { forks[ticket] = nil } }
-        engine.clientGone(link.id, reason: "reading its userfaultfd failed: \(errno)", now: monotonicNanoseconds())
+        engine.clientGone(link.id, reason: "reading its userfaultfd failed: \(errno)", now: loopTime)
         return
       }
       for index in 0..<count { kernelEvents.append(kernelEvent(uffdEvents[index], of: link, uffd: uffd)) }
       if count < Int(CUFFD_READ_BATCH) { break }
     }
     guard !kernelEvents.isEmpty else { return }
-    engine.uffdEvents(link.id, kernelEvents, now: monotonicNanoseconds())
+    engine.uffdEvents(link.id, kernelEvents, now: loopTime)
   }
 
   private func kernelEvent(_ event: cuffd_event, of link: ClientLink, uffd: UserfaultFD) -> KernelEvent {
@@ -185,13 +185,13 @@ extension BrokerRuntime {
     do {
       result = try link.socket.receive(into: pluginPacket, fds: &receivedFDs)
     } catch {
-      engine.pluginGone(link.id, reason: "\(error)", tell: error, now: monotonicNanoseconds())
+      engine.pluginGone(link.id, reason: "\(error)", tell: error, now: loopTime)
       return
     }
     switch result {
     case .wouldBlock: return
     case .closed:
-      engine.pluginGone(link.id, reason: "the plugin closed its connection", now: monotonicNanoseconds())
+      engine.pluginGone(link.id, reason: "the plugin closed its connection", now: loopTime)
     case .packet(let count):
       defer {  // those no delegation or store took
         receivedFDs.forEach(closeDescriptor)
@@ -202,13 +202,13 @@ extension BrokerRuntime {
         try handlePluginPacket(link)
         link.packetsApplied += 1
       } catch {
-        engine.pluginGone(link.id, reason: "\(error)", tell: error, now: monotonicNanoseconds())
+        engine.pluginGone(link.id, reason: "\(error)", tell: error, now: loopTime)
       }
     }
   }
 
   private func handlePluginPacket(_ link: PluginLink) throws(BrokerError) {
-    let now = monotonicNanoseconds()
+    let now = loopTime
     guard engine.isWelcomed(link.id) else {
       if let fd = receivedFDs.first { link.sharedArea = try SharedArea(fd: fd) }
       try engine.pluginHello(link.id, try decisions.hello, sharedAreaSize: link.sharedArea?.bytes.count ?? 0, now: now)

@@ -41,6 +41,9 @@ public final class BrokerRuntime: @unchecked Sendable {
   /// A Register's userfaultfd, while the engine decides on the request.
   var registering: UserfaultFD?
   private var stopping = false
+  /// The time the loop last woke up: the engine's inputs are stamped with it,
+  /// not with a clock read per fault.
+  var loopTime: UInt64 = 0
   /// Held in reserve: when descriptors run out (EMFILE), it is closed to accept
   /// and refuse the waiting connection, so the listener does not spin.
   var spareDescriptor = OwnedDescriptor()
@@ -130,13 +133,15 @@ public final class BrokerRuntime: @unchecked Sendable {
       supervisor.startAll(loop: loop)
     }
     logger.info("broker serving", metadata: ["socket.client": "\(configuration.clientSocketPath)", "socket.plugin": "\(configuration.pluginSocketPath)"])
+    loopTime = monotonicNanoseconds()
     while !stopping {
       let readyCount = loop.wait(timeout: nextTimeout())
+      loopTime = monotonicNanoseconds()
       for index in 0..<readyCount {
         let (token, events) = loop.ready(at: index)
         if let token { handle(token, events) }
       }
-      engine.tick(now: monotonicNanoseconds())
+      engine.tick(now: loopTime)
       supervisor?.restartDue(loop: loop)
       perform()
       flushPlugins()
@@ -162,7 +167,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     case .clientUffd:
       if let link = clients[token.id] { readUffd(link) }
     case .clientPidfd:
-      engine.clientGone(token.id, reason: "the client process exited", now: monotonicNanoseconds())
+      engine.clientGone(token.id, reason: "the client process exited", now: loopTime)
     case .plugin:
       guard let link = plugins[token.id] else { return }
       if events & cuffd_epollout != 0 { drainBacklog(link) }

@@ -13,24 +13,31 @@ extension BrokerEngine {
     if !ledger.parked.isEmpty { redeliverDue() }
     guard now >= nextSweep else { return }
     nextSweep = now + 20_000_000
-    let ordered = clients.values.sorted { $0.id < $1.id }
-    for client in ordered {
-      if let pending = client.pendingOpen, pending.deadline <= now {
-        let names = Set(pending.regions.filter { pending.awaiting.contains($0.id) }.map(\.plugin)).sorted().joined(separator: ", ")
-        failOpen(client, BrokerError(.timedOut, "plugin \(names) did not accept the regions in time"))
-      }
+    // Each scan picks out what is due, in id order (deterministic), and builds
+    // nothing when nothing is: the sweep runs 50 times a second on the fault path.
+    for client in due(clients.values, by: \.id, where: { $0.pendingOpen.map { $0.deadline <= now } ?? false }) {
+      guard let pending = client.pendingOpen else { continue }
+      let names = Set(pending.regions.filter { pending.awaiting.contains($0.id) }.map(\.plugin)).sorted().joined(separator: ", ")
+      failOpen(client, BrokerError(.timedOut, "plugin \(names) did not accept the regions in time"))
     }
-    for client in ordered where client.phase != .closed {
+    // A forked child has no pidfd: its exit is seen as ESRCH from a zero-page
+    // request at an address it has not registered, which fills nothing while its memory lives.
+    let probed = { (client: Client) in client.isForkedChild && client.regions.piece(containing: Self.probeAddress) == nil }
+    for client in due(clients.values, by: \.id, where: { $0.phase != .closed && (!$0.unsent.isEmpty || probed($0)) }) {
       if !client.unsent.isEmpty { sendNotices(client) }
-      // A forked child has no pidfd: its exit is seen as ESRCH from a zero-page
-      // request at an address it has not registered, which fills nothing while its memory lives.
-      if client.isForkedChild && client.regions.piece(containing: Self.probeAddress) == nil { actions.append(.probe(client.id)) }
+      if probed(client) { actions.append(.probe(client.id)) }
     }
     expireHungPlugins()
-    for route in routes.values.sorted(by: { $0.name < $1.name }) where route.connection == nil && route.failover == nil && !route.failed {
+    for route in due(routes.values, by: \.name, where: { $0.connection == nil && $0.failover == nil && !$0.failed }) {
       guard let policy = configuration.policies[route.name], policy.fallback != nil || policy.onFailure != .wait, let lostAt = route.lostAt else { continue }
       if now >= lostAt + UInt64(policy.failAfterMilliseconds) * 1_000_000 || route.givenUp { fail(route, policy) }
     }
+  }
+
+  /// The elements for which `isDue` holds, ordered by `key`; no allocation when none is.
+  private func due<Element, Key: Comparable>(_ elements: some Collection<Element>, by key: (Element) -> Key, where isDue: (Element) -> Bool) -> [Element] {
+    guard elements.contains(where: isDue) else { return [] }
+    return elements.filter(isDue).sorted { key($0) < key($1) }
   }
 
   /// The supervisor stopped restarting the plugin `name`: its policy applies at the next sweep.
@@ -48,8 +55,8 @@ extension BrokerEngine {
     }) {
       if case .inFlight(let plugin, _, _)? = ledger[id]?.state { hung.append(plugin) }
     }
-    for client in clients.values.sorted(by: { $0.id < $1.id }) {
-      guard let pending = client.pendingOpen, now > pending.sentAt + deadline else { continue }
+    for client in due(clients.values, by: \.id, where: { $0.pendingOpen.map { now > $0.sentAt + deadline } ?? false }) {
+      guard let pending = client.pendingOpen else { continue }
       for spec in pending.regions where pending.awaiting.contains(spec.id) {
         // A plugin that connected since got the regions then.
         if let plugin = route(named: spec.plugin).effective.connection, !plugin.isClosed, now > plugin.connectedAt + deadline { hung.append(plugin) }
