@@ -6,19 +6,24 @@ import Userfaultfd
 
 // Scenarios for the sample plugins of Examples/.
 extension FixtureClient {
+  /// The snapshot file FIXTURE_FILE names: its path, an open descriptor and its size.
+  private func snapshotFile() -> (path: String, fd: CInt, size: Int)? {
+    guard let path = getenv("FIXTURE_FILE").map({ String(cString: $0) }) else {
+      print("FIXTURE_FILE is not set")
+      return nil
+    }
+    let fd = open(path, O_RDONLY)
+    var info = stat()
+    return (path, fd, fd >= 0 && fstat(fd, &info) == 0 ? Int(info.st_size) : 0)
+  }
+
   /// Maps a region (the file's size rounded up to pages, at least MIB MiB) onto
   /// the snapshot file named by FIXTURE_FILE (served by the `snapshot-plugin`),
   /// touches every page in order from `threads` threads,
   /// and compares every page with the file (zeros past its end).
   /// Exit 3 with "refused: ..." when the broker refuses the region.
   func snapshot() throws -> Int32 {
-    guard let path = getenv("FIXTURE_FILE").map({ String(cString: $0) }) else {
-      print("FIXTURE_FILE is not set")
-      return 2
-    }
-    let fd = open(path, O_RDONLY)
-    var info = stat()
-    let size = fd >= 0 && fstat(fd, &info) == 0 ? Int(info.st_size) : 0
+    guard let (path, fd, size) = snapshotFile() else { return 2 }
     let memory = try AnonymousMemory(length: max(size, mib << 20, pageSize))
     let client: BrokerClient
     do {
@@ -59,13 +64,7 @@ extension FixtureClient {
   /// page is read again and compared: a dropped page must read zeros, the
   /// others the file. Prints "verified N pages, D dropped, W wrong".
   func snapshotDropped() throws -> Int32 {
-    guard let path = getenv("FIXTURE_FILE").map({ String(cString: $0) }) else {
-      print("FIXTURE_FILE is not set")
-      return 2
-    }
-    let fd = open(path, O_RDONLY)
-    var info = stat()
-    let size = fd >= 0 && fstat(fd, &info) == 0 ? Int(info.st_size) : 0
+    guard let (path, fd, size) = snapshotFile() else { return 2 }
     let memory = try AnonymousMemory(length: max(size, mib << 20, pageSize) / pageSize * pageSize)
     let client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin, argument: path)], name: "fixture-snapshot-dropped")
     let pages = memory.length / pageSize
