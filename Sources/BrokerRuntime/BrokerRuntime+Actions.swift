@@ -174,14 +174,15 @@ extension BrokerRuntime {
         guard let area = plugins[plugin]?.sharedArea, offset + UInt64(range.count) <= UInt64(area.bytes.count) else { return .notNow }
         return copy(UnsafeRawBufferPointer(rebasing: area.bytes[Int(offset)..<Int(offset) + range.count]))
       case .file(let handle, let offset):
-        guard let file = files[handle] else { return .notNow }
+        // A file that cannot be read sends the fault to its plugin (the engine's answer to EIO).
+        guard let file = files[handle] else { return .failed(.ioError) }
         let buffer = UnsafeMutableRawBufferPointer(rebasing: localBuffer[..<range.count])
         if let mapped = file.bytes(at: offset..<offset + UInt64(range.count)) {
           let outcome = copy(mapped)
           // The file shrank under the mapping: what is gone now reads as zeros.
           guard case .failed(.badAddress) = outcome else { return outcome }
         }
-        guard let read = file.read(at: offset, into: buffer) else { return .notNow }
+        guard let read = file.read(at: offset, into: buffer) else { return .failed(.ioError) }
         return copy(read)
       }
     }

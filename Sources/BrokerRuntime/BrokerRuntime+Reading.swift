@@ -32,18 +32,32 @@ extension BrokerRuntime {
   }
 
   func acceptClients() {
+    acceptAll(from: clientListener, role: "client", refusal: tellClient, connect: engine.clientConnected, kind: .clientSocket,
+              keep: { clients[$0] = ClientLink(id: $0, socket: $1) }, gone: { engine.clientGone($0, reason: "its socket could not be watched", now: loopTime) })
+  }
+
+  func acceptPlugins() {
+    acceptAll(from: pluginListener, role: "plugin", refusal: tellPlugin, connect: engine.pluginConnected, kind: .plugin,
+              keep: { plugins[$0] = PluginLink(id: $0, socket: $1) }, gone: { engine.pluginGone($0, reason: "its socket could not be watched", now: loopTime) })
+  }
+
+  /// Accepts every waiting connection: the engine decides who may connect
+  /// (a refused peer is told why), the runtime keeps and watches the socket.
+  private func acceptAll(from listener: PacketListener, role: String, refusal: (PacketSocket, BrokerError) -> Void,
+                         connect: (PeerCredentials, UInt64) -> Result<UInt64, BrokerError>, kind: Token.Kind,
+                         keep: (UInt64, PacketSocket) -> Void, gone: (UInt64) -> Void) {
     while true {
-      guard let socket = accept(from: clientListener, role: "client", refusal: { tellClient($0, $1) }) else { return }
+      guard let socket = accept(from: listener, role: role, refusal: refusal) else { return }
       guard let peer = try? socket.peerCredentials() else { continue }
-      switch engine.clientConnected(peer, now: loopTime) {
+      switch connect(peer, loopTime) {
       case .failure(let error):
-        tellClient(socket, error)
+        refusal(socket, error)
       case .success(let id):
         do {
-          try loop.add(socket.fd, Token(.clientSocket, id))
-          clients[id] = ClientLink(id: id, socket: socket)
+          try loop.add(socket.fd, Token(kind, id))
+          keep(id, socket)
         } catch {
-          engine.clientGone(id, reason: "its socket could not be watched", now: loopTime)
+          gone(id)
         }
       }
     }
@@ -52,24 +66,6 @@ extension BrokerRuntime {
   private func tellClient(_ socket: PacketSocket, _ error: BrokerError) {
     let bytes = ClientWire.encode(BrokerReply(requestID: 0, .error(error)))
     _ = bytes.withUnsafeBytes { try? socket.send($0) }
-  }
-
-  func acceptPlugins() {
-    while true {
-      guard let socket = accept(from: pluginListener, role: "plugin", refusal: tellPlugin) else { return }
-      guard let peer = try? socket.peerCredentials() else { continue }
-      switch engine.pluginConnected(peer, now: loopTime) {
-      case .failure(let error):
-        tellPlugin(socket, error)
-      case .success(let id):
-        do {
-          try loop.add(socket.fd, Token(.plugin, id))
-          plugins[id] = PluginLink(id: id, socket: socket)
-        } catch {
-          engine.pluginGone(id, reason: "its socket could not be watched", now: loopTime)
-        }
-      }
-    }
   }
 
   /// Sends a plugin connection an Error, best effort (it is about to be closed).

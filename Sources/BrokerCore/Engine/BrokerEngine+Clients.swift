@@ -18,7 +18,7 @@ extension BrokerEngine {
   /// error to refuse it with (the runtime sends it and closes the socket).
   public func clientConnected(_ peer: PeerCredentials, now: UInt64) -> Result<ClientID, BrokerError> {
     self.now = now
-    guard configuration.clientUIDs.contains(peer.uid) || configuration.clientGIDs.contains(peer.gid) else {
+    guard Self.allows(peer, uids: configuration.clientUIDs, gids: configuration.clientGIDs) else {
       log(.warning, "refused a client", ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
       return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not register memory with this broker"))
     }
@@ -91,6 +91,11 @@ extension BrokerEngine {
     case .dropped(let region, _, _): clients[id]?.unsent.insert(.dropped(region))
     default: break
     }
+  }
+
+  /// Whether credentials are allowed by uid, or by primary gid.
+  static func allows(_ peer: PeerCredentials, uids: Set<UInt32>, gids: Set<UInt32>) -> Bool {
+    uids.contains(peer.uid) || gids.contains(peer.gid)
   }
 
   // MARK: - Requests

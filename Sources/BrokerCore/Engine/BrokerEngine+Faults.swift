@@ -30,7 +30,9 @@ extension BrokerEngine {
     }
     guard client.phase != .closed else { return }
     if !notices.isEmpty { notify(client, notices) }
-    if mapEvents { redeliverParked(of: client) } else if !ledger.parked.isEmpty { redeliverDue(of: client) }
+    // Parked faults first (they are older), all of them if a map event may have
+    // unblocked them; the others wait for their deadline (`tick`).
+    if mapEvents { redeliverParked(of: client) }
     for case .pagefault(let fault) in events {
       let page = fault.address & ~UInt(pageSize - 1)
       guard ledger.id(client: client.id, page: page) == nil else { continue }  // outstanding: the fill wakes every waiter
@@ -124,6 +126,12 @@ extension BrokerEngine {
       statistics.decisionsApplied += 1
       statistics.faultsResolved += 1
     case .delegated:
+      if case .failed(let errno) = outcome, errno != .badAddress {
+        // The delegated file cannot be read: its plugin serves the fault instead.
+        log(.warning, "a delegated file cannot be read: the fault goes to the plugin", ["client.id": "\(entry.client.id)", "errno": "\(errno)"])
+        if let piece = entry.client.regions.piece(containing: entry.page), !piece.isNewMemory { return sendToPlugin(order.fault, piece: piece) }
+        return park(order.fault)
+      }
       statistics.resolvedLocally += 1
       statistics.faultsResolved += 1
     case .newMemory:
@@ -257,16 +265,23 @@ extension BrokerEngine {
     if !client.delegated.isEmpty, let range = client.delegated.range(regionID: piece.spec.id, offset: piece.offset(of: page)) {
       return fillDelegated(id, piece: piece, range: range, write: flags.contains(.write))
     }
+    sendToPlugin(id, piece: piece)
+  }
+
+  /// Sends a fault to its region's plugin; parks it while the plugin is away or
+  /// busy; poisons it if the plugin failed for good.
+  private func sendToPlugin(_ id: FaultLedger.ID, piece: RegionTable.Piece) {
+    guard let entry = ledger[id] else { return }
     let route = piece.route.effective
     if route.failed {
       // Failed closed: the access gets SIGBUS, never memory the plugin did not provide.
-      return fill(.poison, page..<page + UInt(pageSize), fault: id, purpose: .pluginFailed)
+      return fill(.poison, entry.page..<entry.page + UInt(pageSize), fault: id, purpose: .pluginFailed)
     }
     guard let plugin = route.connection, !plugin.isClosed, plugin.inFlight < configuration.maxInFlightPerPlugin else { return park(id) }
-    let faultID = ledger.move(id, to: .inFlight(plugin: plugin, sequence: client.invalidations.sequence, sentAt: now))
+    let faultID = ledger.move(id, to: .inFlight(plugin: plugin, sequence: entry.client.invalidations.sequence, sentAt: now))
     actions.append(.send(plugin.id, .pagefault(PagefaultEvent(
-      faultID: faultID, clientID: client.id, regionID: piece.spec.id, address: page,
-      offset: piece.offset(of: page), flags: flags, threadID: entry.fault.thread))))
+      faultID: faultID, clientID: entry.client.id, regionID: piece.spec.id, address: entry.page,
+      offset: piece.offset(of: entry.page), flags: entry.fault.flags, threadID: entry.fault.thread))))
     statistics.faultsSent += 1
   }
 
@@ -371,14 +386,6 @@ extension BrokerEngine {
   /// Delivers again every parked fault of `client` (a map event may have unblocked them).
   func redeliverParked(of client: Client) {
     redeliver(ledger.takeParked { $0.client === client })
-  }
-
-  private func redeliverDue(of client: Client) {
-    let now = now
-    redeliver(ledger.takeParked { fault in
-      guard fault.client === client, case .parked(let due) = fault.state else { return false }
-      return due <= now
-    })
   }
 
   /// Delivers again the parked faults whose backoff deadline has passed.

@@ -18,7 +18,7 @@ extension BrokerEngine {
   /// A plugin connected with `peer`'s credentials. Returns its id, or the error to refuse it with.
   public func pluginConnected(_ peer: PeerCredentials, now: UInt64) -> Result<PluginID, BrokerError> {
     self.now = now
-    guard configuration.pluginUIDs.contains(peer.uid) || configuration.pluginGIDs.contains(peer.gid) else {
+    guard Self.allows(peer, uids: configuration.pluginUIDs, gids: configuration.pluginGIDs) else {
       log(.warning, "refused a plugin", ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
       return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not serve as a plugin of this broker"))
     }

@@ -101,10 +101,6 @@ public final class BrokerEngine {
 
   public var hasActions: Bool { !actions.isEmpty }
 
-  /// The number of clients and plugin connections, for the shutdown log.
-  public var clientCount: Int { clients.count }
-  public var pluginCount: Int { plugins.count }
-
   /// Faults read and not settled (the simulator bounds them by the blocked threads).
   public var outstandingFaults: Int { ledger.count }
 

@@ -69,9 +69,6 @@ public final class EventDispatcher {
 
   /// Number of faults parked for redelivery.
   public var parkedCount: Int { parked.count }
-  /// Called whenever a fault is parked: an owner serving many uffds keeps a
-  /// list of the dispatchers with a deadline instead of asking them all.
-  @exclusivity(unchecked) public var onPark: (() -> Void)?
   /// Number of faults handed out with `.inFlight` and not yet completed.
   public var inFlightFaults: Int { inFlightCount }
 
@@ -207,7 +204,6 @@ public final class EventDispatcher {
     entry.notBefore = now + min(Self.backoffBase << UInt64(shift), Self.backoffCap)
     outstanding[page] = entry
     parked.append(page)
-    onPark?()
   }
 
   /// `now` nil: read the clock only if something is parked (not on every drain).
