@@ -24,7 +24,7 @@ extension BrokerRuntime {
       do {
         _ = try ClientWire.encode(reply).withUnsafeBytes { (raw) throws(BrokerError) in try socket.send(raw) }
       } catch {
-        engine.clientGone(id, reason: "its socket failed: \(error)", now: loopTime)
+        engine.clientGone(id, BrokerError(error), now: loopTime)
       }
     case .notify(let id, let notice):
       guard let socket = clients[id]?.socket else { return }
@@ -55,7 +55,7 @@ extension BrokerRuntime {
       do {
         try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, id))
       } catch {
-        engine.watchFailed(id, error, now: loopTime)
+        engine.watchFailed(id, BrokerError(error), now: loopTime)
       }
     case .close(let id):
       guard let link = clients.removeValue(forKey: id) else { return }
@@ -96,7 +96,7 @@ extension BrokerRuntime {
       let sent = bytes.withUnsafeBytes { raw in
         store.descriptors.withUnsafeBufferPointer { fds in Result { () throws(BrokerError) in try link.socket.send(raw, fds: fds) } }
       }
-      if case .failure(let error) = sent { engine.pluginGone(id, reason: "\(error)", now: loopTime) }
+      if case .failure(let error) = sent { engine.pluginGone(id, error, now: loopTime) }
     case .closePlugin(let id, let error):
       guard let link = plugins.removeValue(forKey: id) else { return }
       // Told why, a misbehaving plugin gets nothing more; otherwise (the broker
@@ -129,7 +129,7 @@ extension BrokerRuntime {
   /// Opens the client's pidfd and watches its uffd and process.
   private func watch(_ id: ClientID, pid: Int32) {
     guard let link = clients[id], let uffd = link.uffd else { return }
-    do throws(BrokerError) {
+    do {
       switch valueOrErrno(cuffd_pidfd_open(pid)) {
       case .success(let fd): link.pidfd = OwnedDescriptor(fd)
       case .failure(let errno): throw BrokerError(.io, "cannot watch the client process", errno: errno)
@@ -137,7 +137,7 @@ extension BrokerRuntime {
       try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, id))
       try loop.add(link.pidfd.rawValue, Token(.clientPidfd, id))
     } catch {
-      engine.watchFailed(id, error, now: loopTime)
+      engine.watchFailed(id, BrokerError(error), now: loopTime)
       return
     }
     readUffd(link)  // faults may have queued before the ack
@@ -217,13 +217,13 @@ extension BrokerRuntime {
       do {
         if try link.socket.send(bytes) == .sent { return }
       } catch {
-        return engine.pluginGone(link.id, reason: "\(error)", now: loopTime)
+        return engine.pluginGone(link.id, BrokerError(error), now: loopTime)
       }
       loop.modify(link.socket.fd, Token(.plugin, link.id), events: cuffd_epollin | cuffd_epollout)
     }
     // The plugin is not reading: keep order by queueing behind what is waiting.
     link.backlog.append(bytes)
-    if link.backlog.bytes > 64 << 20 { engine.pluginGone(link.id, reason: "it stopped reading its events", now: loopTime) }
+    if link.backlog.bytes > 64 << 20 { engine.pluginGone(link.id, BrokerError(.limit, "it stopped reading its events"), now: loopTime) }
   }
 
   func drainBacklog(_ link: PluginLink) {
@@ -231,7 +231,7 @@ extension BrokerRuntime {
       do {
         guard try first.withUnsafeBytes({ (raw) throws(BrokerError) in try link.socket.send(raw) }) == .sent else { return }
       } catch {
-        return engine.pluginGone(link.id, reason: "\(error)", now: loopTime)
+        return engine.pluginGone(link.id, BrokerError(error), now: loopTime)
       }
       link.backlog.removeFirst()
     }

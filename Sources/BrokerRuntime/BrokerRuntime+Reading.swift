@@ -33,12 +33,12 @@ extension BrokerRuntime {
 
   func acceptClients() {
     acceptAll(from: clientListener, role: "client", refusal: tellClient, connect: engine.clientConnected, kind: .clientSocket,
-              keep: { clients[$0] = ClientLink(id: $0, socket: $1) }, gone: { engine.clientGone($0, reason: "its socket could not be watched", now: loopTime) })
+              keep: { clients[$0] = ClientLink(id: $0, socket: $1) }, gone: { engine.clientGone($0, BrokerError(.io, "its socket could not be watched"), now: loopTime) })
   }
 
   func acceptPlugins() {
     acceptAll(from: pluginListener, role: "plugin", refusal: tellPlugin, connect: engine.pluginConnected, kind: .plugin,
-              keep: { plugins[$0] = PluginLink(id: $0, socket: $1) }, gone: { engine.pluginGone($0, reason: "its socket could not be watched", now: loopTime) })
+              keep: { plugins[$0] = PluginLink(id: $0, socket: $1) }, gone: { engine.pluginGone($0, BrokerError(.io, "its socket could not be watched"), now: loopTime) })
   }
 
   /// Accepts every waiting connection: the engine decides who may connect
@@ -84,13 +84,13 @@ extension BrokerRuntime {
         result = try socket.receive(into: packet, fds: &receivedFDs)
       } catch {
         receivedFDs.forEach(closeDescriptor)
-        engine.clientFailed(link.id, error, reason: "\(error)", now: loopTime)
+        engine.clientFailed(link.id, error, now: loopTime)
         return
       }
       switch result {
       case .wouldBlock: return
       case .closed:
-        engine.clientGone(link.id, reason: "the client closed its connection", now: loopTime)
+        engine.clientGone(link.id, BrokerError(.disconnected, "the client closed its connection"), now: loopTime)
         return
       case .packet(let count):
         var fds = receivedFDs
@@ -138,7 +138,7 @@ extension BrokerRuntime {
         logger.warning("client userfaultfd failed", metadata: ["client.id": "\(link.id)", "error": "\(errno)"])
         // Its events are lost: its memory can no longer be followed.
         kernelEvents.forEach { if case .fork(let ticket, _) = $0 { forks[ticket] = nil } }
-        engine.clientGone(link.id, reason: "reading its userfaultfd failed: \(errno)", now: loopTime)
+        engine.clientGone(link.id, BrokerError(.io, "reading its userfaultfd failed", errno: errno), now: loopTime)
         return
       }
       for index in 0..<count { kernelEvents.append(kernelEvent(uffdEvents[index], of: link, uffd: uffd)) }
@@ -181,13 +181,13 @@ extension BrokerRuntime {
     do {
       result = try link.socket.receive(into: pluginPacket, fds: &receivedFDs)
     } catch {
-      engine.pluginGone(link.id, reason: "\(error)", tell: error, now: loopTime)
+      engine.pluginGone(link.id, error, tell: true, now: loopTime)
       return
     }
     switch result {
     case .wouldBlock: return
     case .closed:
-      engine.pluginGone(link.id, reason: "the plugin closed its connection", now: loopTime)
+      engine.pluginGone(link.id, BrokerError(.disconnected, "the plugin closed its connection"), now: loopTime)
     case .packet(let count):
       defer {  // those no delegation or store took
         receivedFDs.forEach(closeDescriptor)
@@ -198,7 +198,7 @@ extension BrokerRuntime {
         try handlePluginPacket(link)
         link.packetsApplied += 1
       } catch {
-        engine.pluginGone(link.id, reason: "\(error)", tell: error, now: loopTime)
+        engine.pluginGone(link.id, error, tell: true, now: loopTime)
       }
     }
   }

@@ -167,7 +167,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     case .clientUffd:
       if let link = clients[token.id] { readUffd(link) }
     case .clientPidfd:
-      engine.clientGone(token.id, reason: "the client process exited", now: loopTime)
+      engine.clientGone(token.id, BrokerError(.disconnected, "the client process exited"), now: loopTime)
     case .plugin:
       guard let link = plugins[token.id] else { return }
       if events & cuffd_epollout != 0 { drainBacklog(link) }

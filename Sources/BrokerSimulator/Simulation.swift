@@ -171,7 +171,7 @@ public final class Simulation {
   private func exitClient(_ slot: Int) {
     processes[slot].exited = true
     note("client \(processes[slot].id) exits")
-    engine.clientGone(processes[slot].id, reason: "exited", now: now)
+    engine.clientGone(processes[slot].id, BrokerError(.disconnected, "exited"), now: now)
     perform()
   }
 
@@ -316,7 +316,7 @@ public final class Simulation {
       note("plugin \(plugins[index].name) crashes")
       let id = plugins[index].connection!
       dropConnection(index)
-      engine.pluginGone(id, reason: "crashed", now: now)
+      engine.pluginGone(id, BrokerError(.disconnected, "crashed"), now: now)
       perform()
     }
   }

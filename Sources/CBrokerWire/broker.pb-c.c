@@ -4156,7 +4156,7 @@ const ProtobufCEnumDescriptor uffdbroker__role__descriptor =
   uffdbroker__role__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCEnumValue uffdbroker__error_code__enum_values_by_number[10] =
+static const ProtobufCEnumValue uffdbroker__error_code__enum_values_by_number[13] =
 {
   { "ERROR_UNSPECIFIED", "UFFDBROKER__ERROR_CODE__ERROR_UNSPECIFIED", 0 },
   { "ERROR_MALFORMED", "UFFDBROKER__ERROR_CODE__ERROR_MALFORMED", 1 },
@@ -4168,19 +4168,25 @@ static const ProtobufCEnumValue uffdbroker__error_code__enum_values_by_number[10
   { "ERROR_PLUGIN_REFUSED", "UFFDBROKER__ERROR_CODE__ERROR_PLUGIN_REFUSED", 7 },
   { "ERROR_LIMIT", "UFFDBROKER__ERROR_CODE__ERROR_LIMIT", 8 },
   { "ERROR_INTERNAL", "UFFDBROKER__ERROR_CODE__ERROR_INTERNAL", 9 },
+  { "ERROR_TOO_LARGE", "UFFDBROKER__ERROR_CODE__ERROR_TOO_LARGE", 10 },
+  { "ERROR_INVALID_DECISIONS", "UFFDBROKER__ERROR_CODE__ERROR_INVALID_DECISIONS", 11 },
+  { "ERROR_NAME_TAKEN", "UFFDBROKER__ERROR_CODE__ERROR_NAME_TAKEN", 12 },
 };
 static const ProtobufCIntRange uffdbroker__error_code__value_ranges[] = {
-{0, 0},{0, 10}
+{0, 0},{0, 13}
 };
-static const ProtobufCEnumValueIndex uffdbroker__error_code__enum_values_by_name[10] =
+static const ProtobufCEnumValueIndex uffdbroker__error_code__enum_values_by_name[13] =
 {
   { "ERROR_BAD_REGION", 5 },
   { "ERROR_INTERNAL", 9 },
+  { "ERROR_INVALID_DECISIONS", 11 },
   { "ERROR_LIMIT", 8 },
   { "ERROR_MALFORMED", 1 },
+  { "ERROR_NAME_TAKEN", 12 },
   { "ERROR_NOT_AUTHORIZED", 3 },
   { "ERROR_NOT_USERFAULTFD", 4 },
   { "ERROR_PLUGIN_REFUSED", 7 },
+  { "ERROR_TOO_LARGE", 10 },
   { "ERROR_UNKNOWN_PLUGIN", 6 },
   { "ERROR_UNSPECIFIED", 0 },
   { "ERROR_VERSION", 2 },
@@ -4192,9 +4198,9 @@ const ProtobufCEnumDescriptor uffdbroker__error_code__descriptor =
   "ErrorCode",
   "Uffdbroker__ErrorCode",
   "uffdbroker",
-  10,
+  13,
   uffdbroker__error_code__enum_values_by_number,
-  10,
+  13,
   uffdbroker__error_code__enum_values_by_name,
   1,
   uffdbroker__error_code__value_ranges,

@@ -19,10 +19,11 @@ extension BrokerEngine {
   public func clientConnected(_ peer: PeerCredentials, now: UInt64) -> Result<ClientID, BrokerError> {
     self.now = now
     guard Self.allows(peer, uids: configuration.clientUIDs, gids: configuration.clientGIDs) else {
-      log(.warning, "refused a client", ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
+      report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.notAuthorized.name, ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
       return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not register memory with this broker"))
     }
     guard clients.count < configuration.maxClients else {
+      tally.count(.clientRefused, BrokerError.Code.limit.name)
       return .failure(BrokerError(.limit, "the broker serves its maximum of \(configuration.maxClients) clients"))
     }
     let client = Client(id: takeID(), peer: peer, hasSocket: true)
@@ -38,19 +39,16 @@ extension BrokerEngine {
     do {
       try handle(request, descriptors: descriptors, client: client)
     } catch {
-      log(.warning, "refused a client request", ["client.id": "\(client.id)", "peer.pid": "\(client.peer.pid)", "reason": "\(error)"])
-      reply(client, BrokerReply(requestID: request.requestID, .error(error)))
-      if error.code == .malformed || client.phase != .active { closeClient(client, reason: "\(error.message)") }
+      refuse(request.requestID, of: client, error)
     }
   }
 
-  /// The client's connection failed or sent something undecodable: it is told
-  /// `error` (if any) and closed.
-  public func clientFailed(_ id: ClientID, _ error: BrokerError?, reason: String, now: UInt64) {
+  /// The client's connection failed (a packet too large, a socket error): it is told `error` and closed.
+  public func clientFailed(_ id: ClientID, _ error: BrokerError, now: UInt64) {
     self.now = now
     guard let client = clients[id] else { return }
-    if let error { reply(client, BrokerReply(requestID: 0, .error(error))) }
-    closeClient(client, reason: reason)
+    reply(client, BrokerReply(requestID: 0, .error(error)))
+    closeClient(client, error)
   }
 
   /// A request that could not be decoded: refused; a malformed one (or any
@@ -58,16 +56,14 @@ extension BrokerEngine {
   public func undecodableRequest(_ id: ClientID, _ error: BrokerError, now: UInt64) {
     self.now = now
     guard let client = clients[id] else { return }
-    log(.warning, "refused a client request", ["client.id": "\(client.id)", "peer.pid": "\(client.peer.pid)", "reason": "\(error)"])
-    reply(client, BrokerReply(requestID: 0, .error(error)))
-    if error.code == .malformed || client.phase != .active { closeClient(client, reason: "\(error.message)") }
+    refuse(0, of: client, error)
   }
 
   /// The client is gone (its socket closed, its process exited, a send failed).
-  public func clientGone(_ id: ClientID, reason: String, now: UInt64) {
+  public func clientGone(_ id: ClientID, _ why: BrokerError, now: UInt64) {
     self.now = now
     guard let client = clients[id] else { return }
-    closeClient(client, reason: reason)
+    closeClient(client, why)
   }
 
   /// Watching the client's uffd or process failed: it cannot be served.
@@ -81,7 +77,7 @@ extension BrokerEngine {
     } else {
       reply(client, BrokerReply(requestID: 0, .error(error)))
     }
-    closeClient(client, reason: "\(error)")
+    closeClient(client, error)
   }
 
   /// A notice could not be sent (the client's socket is full): kept for the next sweep.
@@ -230,9 +226,9 @@ extension BrokerEngine {
       client.announcedRegions[spec.id] = nil
       sendEvent(.regionClosed(clientID: client.id, regionID: spec.id), to: route(named: spec.plugin))
     }
-    log(.warning, "refused a client's regions", ["client.id": "\(client.id)", "reason": "\(error)"])
+    report(.warning, "refused a client's regions", .regionsRefused, cause: error.code.name, ["client.id": "\(client.id)", "reason": "\(error)"])
     reply(client, BrokerReply(requestID: pending.requestID, .error(error)))
-    if client.phase == .opening { closeClient(client, reason: error.message) }
+    if client.phase == .opening { closeClient(client, error) }
   }
 
   /// Regions of a forked child that will not be served there: their faults fail closed.
@@ -252,14 +248,14 @@ extension BrokerEngine {
     // A client re-attaching after a broker restart may have threads blocked on
     // faults the old broker read and never answered: wake them to fault again.
     for piece in client.regions.pieces { actions.append(.wake(client.id, piece.live)) }
-    log(.info, "client registered", ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "regions": "\(client.regions.pieces.count)"])
+    report(.info, "client registered", .clientRegistered, ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "regions": "\(client.regions.pieces.count)"])
     reply(client, BrokerReply(requestID: requestID, .ack(clientID: client.id)))
   }
 
   /// Cleans a client up: every region still open is closed for its plugin, and
   /// every plugin a region was ever announced to is told Closed, once, last
   /// (whatever the client unmapped first); its faults are forgotten.
-  func closeClient(_ client: Client, reason: String) {
+  func closeClient(_ client: Client, _ why: BrokerError) {
     guard client.phase != .closed else { return }
     client.phase = .closed
     ledger.forget(client: client)
@@ -271,12 +267,21 @@ extension BrokerEngine {
       // Whichever ancestor keeps the child's uffd lets it go.
       reply(keeper, BrokerReply(requestID: 0, .childClosed(childID: client.id)))
     }
-    for name in client.servedBy.sorted() { sendEvent(.closed(clientID: client.id, reason: reason), to: route(named: name)) }
+    for name in client.servedBy.sorted() { sendEvent(.closed(clientID: client.id, reason: why.message), to: route(named: name)) }
     for (storeID, pending) in pendingStores where pending.client === client { pendingStores[storeID] = nil }
     changeDelegations(of: client) { $0 = DelegatedRanges() }
     clients[client.id] = nil
     actions.append(.close(client.id))
-    log(.info, "client closed", ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "reason": "\(reason)"])
+    report(.info, "client closed", .clientClosed, cause: why.code.name, ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "reason": "\(why)"])
+  }
+
+  /// Refuses a client request with `error`; a malformed one (or any before
+  /// the client is active) ends the connection.
+  func refuse(_ requestID: UInt64, of client: Client, _ error: BrokerError) {
+    report(.warning, "refused a client request", .requestRefused, cause: error.code.name,
+           ["client.id": "\(client.id)", "peer.pid": "\(client.peer.pid)", "reason": "\(error)"])
+    reply(client, BrokerReply(requestID: requestID, .error(error)))
+    if error.code == .malformed || client.phase != .active { closeClient(client, error) }
   }
 
   /// The nearest ancestor of a forked child that is connected: it keeps the child's uffd.

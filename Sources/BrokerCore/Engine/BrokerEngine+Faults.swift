@@ -47,7 +47,7 @@ extension BrokerEngine {
     guard let plugin = plugins[pluginID], !plugin.isClosed else { return }
     guard let entry = ledger[decision.faultID] else { return }  // answered already, or its client is gone
     guard case .inFlight(let sentTo, let sequence, _) = entry.state, sentTo === plugin else {
-      refuse(decision, from: plugin, "it answers fault \(decision.faultID), which was not sent to it")
+      refuse(decision, from: plugin, .notSentToPlugin, "it answers fault \(decision.faultID), which was not sent to it")
       return
     }
     let id = decision.faultID
@@ -55,7 +55,7 @@ extension BrokerEngine {
     let page = entry.page
     ledger.move(id, to: .handling)
     guard let kind = decision.kind else {
-      refuse(decision, from: plugin, "unknown decision kind")
+      refuse(decision, from: plugin, .unknownKind, "unknown decision kind")
       return park(id)
     }
     if kind == .retry {
@@ -73,7 +73,7 @@ extension BrokerEngine {
     guard start & mask == 0, UInt(length) & mask == 0, page >= start, page - start < UInt(length),
           startOffset >= 0, length <= piece.spec.length - startOffset
     else {
-      refuse(decision, from: plugin, "range 0x\(String(start, radix: 16)) + \(length) is misaligned, outside region \(piece.spec.id), or misses the faulting page")
+      refuse(decision, from: plugin, .badRange, "range 0x\(String(start, radix: 16)) + \(length) is misaligned, outside region \(piece.spec.id), or misses the faulting page")
       return park(id)
     }
     // A prefetch may reach parts of the region that were unmapped or moved
@@ -83,13 +83,13 @@ extension BrokerEngine {
     var source = FillOrder.Source.none
     if kind == .copy, let offset = decision.sharedOffset {
       guard offset & UInt64(mask) == 0, offset <= UInt64(plugin.sharedAreaSize), UInt64(length) <= UInt64(plugin.sharedAreaSize) - offset else {
-        refuse(decision, from: plugin, "shared bytes at \(offset) + \(length) are outside its shared area")
+        refuse(decision, from: plugin, .outsideSharedArea, "shared bytes at \(offset) + \(length) are outside its shared area")
         return park(id)
       }
       source = .sharedArea(plugin.id, offset: offset + UInt64(skip))
     } else if kind == .copy {
       guard decision.data.count == length else {
-        refuse(decision, from: plugin, "copy of \(length) bytes carries \(decision.data.count)")
+        refuse(decision, from: plugin, .wrongLength, "copy of \(length) bytes carries \(decision.data.count)")
         return park(id)
       }
       source = .bytes(UnsafeRawBufferPointer(rebasing: decision.data[skip..<skip + range.count]))
@@ -120,11 +120,12 @@ extension BrokerEngine {
     case .decision(let pluginID):
       if case .failed(.badAddress) = outcome {
         // The kernel could not read the bytes: a shared area the plugin cannot back (a hugetlb pool run dry).
-        if let plugin = plugins[pluginID] { refuse(order.fault, from: plugin, "its bytes could not be read (EFAULT)") }
+        if let plugin = plugins[pluginID] { refuse(order.fault, from: plugin, .unreadableBytes, "its bytes could not be read (EFAULT)") }
         return park(order.fault)
       }
       statistics.decisionsApplied += 1
       statistics.faultsResolved += 1
+      plugins[pluginID]?.route?.decisionsApplied += 1
     case .delegated:
       if case .failed(let errno) = outcome, errno != .badAddress {
         // The delegated file cannot be read: its plugin serves the fault instead.
@@ -142,7 +143,7 @@ extension BrokerEngine {
       case .rangeGone, .alreadyPresent: break  // not ours after all, or filled meanwhile: the wake settles it
       case .done, .targetExited, .failed:
         statistics.failedClosed += 1
-        log(.error, "failed a fault closed", [
+        report(.error, "failed a fault closed", .faultFailedClosed, [
           "client.id": "\(entry.client.id)", "client.pid": "\(entry.client.pid)", "fault.address": "0x\(String(entry.page, radix: 16))",
           "cause": "\(cause)", "action": "\(outcome == .done ? "poisoned (SIGBUS at the access)" : "client killed")",
         ])
@@ -283,6 +284,7 @@ extension BrokerEngine {
       faultID: faultID, clientID: entry.client.id, regionID: piece.spec.id, address: entry.page,
       offset: piece.offset(of: entry.page), flags: entry.fault.flags, threadID: entry.fault.thread))))
     statistics.faultsSent += 1
+    route.faultsSent += 1
   }
 
   /// A fault where the table has no piece. Waking it blindly would livelock a

@@ -13,7 +13,7 @@ extension BrokerEngine {
     guard clients.count < configuration.maxClients else {
       // Forked children count as clients: past the limit, one is not served, so
       // what it never had fails closed (poisoned, and its uffd let go).
-      log(.error, "a forked child exceeds maxClients: its unfilled pages fail closed", ["client.id": "\(parent.id)", "clients": "\(clients.count)"])
+      report(.error, "a forked child exceeds maxClients: its unfilled pages fail closed", .forkRefused, cause: BrokerError.Code.limit.name, ["client.id": "\(parent.id)", "clients": "\(clients.count)"])
       actions.append(.failChild(ticket, parent.regions.pieces.map(\.live)))
       return
     }
@@ -53,6 +53,6 @@ extension BrokerEngine {
   public func probed(_ id: ClientID, exited: Bool, now: UInt64) {
     self.now = now
     guard exited, let client = clients[id] else { return }
-    closeClient(client, reason: "the forked child exited")
+    closeClient(client, BrokerError(.disconnected, "the forked child exited"))
   }
 }

@@ -19,7 +19,7 @@ extension BrokerEngine {
   public func pluginConnected(_ peer: PeerCredentials, now: UInt64) -> Result<PluginID, BrokerError> {
     self.now = now
     guard Self.allows(peer, uids: configuration.pluginUIDs, gids: configuration.pluginGIDs) else {
-      log(.warning, "refused a plugin", ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
+      report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.notAuthorized.name, ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
       return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not serve as a plugin of this broker"))
     }
     let plugin = Plugin(id: takeID(), peer: peer, connectedAt: now)
@@ -38,12 +38,12 @@ extension BrokerEngine {
     }
     guard !hello.name.isEmpty else { throw BrokerError(.malformed, "a plugin's Hello must name the plugin") }
     let route = route(named: hello.name)
-    if route.connection != nil { throw BrokerError(.malformed, "plugin \"\(hello.name)\" is already connected") }
+    if route.connection != nil { throw BrokerError(.nameTaken, "plugin \"\(hello.name)\" is already connected") }
     plugin.sharedAreaSize = sharedAreaSize
     route.connection = plugin
     route.lostAt = nil
     plugin.route = route
-    log(.info, "plugin connected", ["plugin": "\(hello.name)", "plugin.pid": "\(plugin.peer.pid)"])
+    report(.info, "plugin connected", .pluginConnected, plugin: route, ["plugin": "\(hello.name)", "plugin.pid": "\(plugin.peer.pid)"])
     // The first packet to the plugin: nothing can be queued before it.
     actions.append(.welcome(plugin.id, name: hello.name))
     announceRegions(to: plugin)
@@ -70,12 +70,12 @@ extension BrokerEngine {
       ?? client.pendingOpen?.regions.first { $0.id == delegation.regionID }
     let mask = UInt64(pageSize - 1)
     guard let spec, spec.plugin == plugin.name else {
-      return refuseDelegation(plugin, "region \(delegation.regionID) of client \(delegation.clientID) is not served by it")
+      return refuseDelegation(plugin, .notServed, "region \(delegation.regionID) of client \(delegation.clientID) is not served by it")
     }
     guard delegation.offsets.lowerBound & mask == 0, UInt64(delegation.offsets.count) & mask == 0,
           delegation.offsets.upperBound <= UInt64(spec.length), !delegation.offsets.isEmpty
     else {
-      return refuseDelegation(plugin, "offsets \(delegation.offsets) are not a page-aligned part of region \(spec.id)")
+      return refuseDelegation(plugin, .badOffsets, "offsets \(delegation.offsets) are not a page-aligned part of region \(spec.id)")
     }
     if delegation.revoke {
       return changeDelegations(of: client) { $0.cut(regionID: spec.id, delegation.offsets) }
@@ -87,7 +87,7 @@ extension BrokerEngine {
     case .file(_, let offset):
       // pread takes an off_t: the whole range must lie below 2^63 in the file.
       guard let file, file.isRegular, offset & mask == 0, offset <= UInt64(Int64.max) - UInt64(delegation.offsets.count) else {
-        return refuseDelegation(plugin, "a delegated file must be a regular file or memfd at a page-aligned offset below 2^63")
+        return refuseDelegation(plugin, .badFile, "a delegated file must be a regular file or memfd at a page-aligned offset below 2^63")
       }
       taken = true
       source = .file(file.handle, offset: offset)
@@ -130,12 +130,12 @@ extension BrokerEngine {
   }
 
   /// The plugin connection is gone (it closed, a send failed, it sent garbage:
-  /// `error` is what it is told). Its faults in flight are parked for its
+  /// with `tell`, it is told `why`). Its faults in flight are parked for its
   /// return (or a restart); swap-out chunks it had not stored fail.
-  public func pluginGone(_ id: PluginID, reason: String, tell error: BrokerError? = nil, now: UInt64) {
+  public func pluginGone(_ id: PluginID, _ why: BrokerError, tell: Bool = false, now: UInt64) {
     self.now = now
     guard let plugin = plugins[id] else { return }
-    closePlugin(plugin, reason: reason, tell: error)
+    closePlugin(plugin, why, tell: tell)
   }
 
   // MARK: - Internals
@@ -155,7 +155,7 @@ extension BrokerEngine {
     }
     statistics.swappedBytesLost += lost.count
     notify(client, [.dropped(reply.regionID)])
-    log(.error, "a plugin lost swapped-out pages: they fail closed", [
+    report(.error, "a plugin lost swapped-out pages: they fail closed", .swappedPagesLost, plugin: plugin.route, [
       "plugin": "\(plugin.name)", "client.id": "\(client.id)", "region.id": "\(reply.regionID)", "bytes": "\(lost.count)",
     ])
   }
@@ -200,11 +200,11 @@ extension BrokerEngine {
     return events
   }
 
-  func closePlugin(_ plugin: Plugin, reason: String, tell error: BrokerError? = nil) {
+  func closePlugin(_ plugin: Plugin, _ why: BrokerError, tell: Bool = false) {
     guard !plugin.isClosed else { return }
     plugin.isClosed = true
     plugins[plugin.id] = nil
-    actions.append(.closePlugin(plugin.id, tell: error))
+    actions.append(.closePlugin(plugin.id, tell: tell ? why : nil))
     if plugin.route?.connection === plugin {
       plugin.route?.connection = nil
       plugin.route?.lostAt = now
@@ -220,8 +220,9 @@ extension BrokerEngine {
         reply(pending.client, BrokerReply(requestID: pending.requestID, .error(BrokerError(.pluginRefused, "the plugin went away before it stored the pages"))))
       }
     }
-    let level: Logger.Level = error == nil && plugin.route != nil ? .notice : .warning
-    log(level, "plugin disconnected", ["plugin": "\(plugin.name)", "plugin.pid": "\(plugin.peer.pid)", "reason": "\(reason)", "faults.parked": "\(orphaned.count)"])
+    let level: Logger.Level = !tell && plugin.route != nil ? .notice : .warning
+    report(level, "plugin disconnected", .pluginDisconnected, cause: why.code.name, plugin: plugin.route,
+           ["plugin": "\(plugin.name)", "plugin.pid": "\(plugin.peer.pid)", "reason": "\(why)", "faults.parked": "\(orphaned.count)"])
   }
 
   /// A plugin is gone for good: its regions fail over to the fallback, or fail closed.
@@ -229,14 +230,14 @@ extension BrokerEngine {
     if let name = policy.fallback, name != route.name {
       let fallback = self.route(named: name)
       route.failover = fallback
-      log(.error, "plugin failed over", ["plugin": "\(route.name)", "fallback": "\(name)"])
+      report(.error, "plugin failed over", .pluginFailedOver, plugin: route, ["plugin": "\(route.name)", "fallback": "\(name)"])
       // The fallback learns the regions, then what the failed plugin missed.
       if let connection = fallback.connection { announceRegions(to: connection, of: route) }
       for event in route.takeMissedEvents() { sendEvent(event, to: fallback) }
       return
     }
     route.failed = true
-    log(.error, "plugin failed: its regions fail closed", ["plugin": "\(route.name)", "policy": "\(policy.onFailure.rawValue)"])
+    report(.error, "plugin failed: its regions fail closed", .pluginFailedClosed, cause: policy.onFailure.rawValue, plugin: route, ["plugin": "\(route.name)", "policy": "\(policy.onFailure.rawValue)"])
     guard policy.onFailure == .kill else { return }  // poison: each fault is poisoned as it comes
     for client in clients.values.sorted(by: { $0.id < $1.id }) where client.regions.pieces.contains(where: { $0.route.effective === route }) {
       kill(client, "killing a client whose plugin failed", plugin: route)
@@ -261,21 +262,22 @@ extension BrokerEngine {
 
   /// Fails a client closed: SIGKILL through its pidfd (never a recycled pid), with the reason logged.
   func kill(_ client: Client, _ message: Logger.Message, plugin route: PluginRoute) {
-    log(.error, message, ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "plugin": "\(route.name)"])
+    report(.error, message, .clientKilled, plugin: route, ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "plugin": "\(route.name)"])
     actions.append(.kill(client.id))
   }
 
-  private func refuseDelegation(_ plugin: Plugin, _ reason: String) {
-    log(.warning, "refused a delegation", ["plugin": "\(plugin.name)", "reason": "\(reason)"])
+  private func refuseDelegation(_ plugin: Plugin, _ refusal: Refusal, _ reason: String) {
+    report(.warning, "refused a delegation", .delegationRefused, cause: refusal.rawValue, plugin: plugin.route, ["plugin": "\(plugin.name)", "reason": "\(reason)"])
     countInvalid(from: plugin)
   }
 
-  func refuse(_ decision: DecodedDecision, from plugin: Plugin, _ reason: String) {
-    refuse(decision.faultID, from: plugin, reason)
+  func refuse(_ decision: DecodedDecision, from plugin: Plugin, _ refusal: Refusal, _ reason: String) {
+    refuse(decision.faultID, from: plugin, refusal, reason)
   }
 
-  func refuse(_ faultID: UInt64, from plugin: Plugin, _ reason: String) {
-    log(.warning, "refused a plugin decision", ["plugin": "\(plugin.name)", "fault.id": "\(faultID)", "reason": "\(reason)"])
+  func refuse(_ faultID: UInt64, from plugin: Plugin, _ refusal: Refusal, _ reason: String) {
+    report(.warning, "refused a plugin decision", .decisionRefused, cause: refusal.rawValue, plugin: plugin.route,
+           ["plugin": "\(plugin.name)", "fault.id": "\(faultID)", "reason": "\(reason)"])
     countInvalid(from: plugin)
   }
 
@@ -284,7 +286,7 @@ extension BrokerEngine {
     statistics.invalidDecisions += 1
     plugin.invalidDecisions += 1
     if plugin.invalidDecisions > configuration.maxInvalidDecisions {
-      closePlugin(plugin, reason: "it sent \(plugin.invalidDecisions) invalid decisions", tell: BrokerError(.malformed, "too many invalid decisions"))
+      closePlugin(plugin, BrokerError(.invalidDecisions, "it sent \(plugin.invalidDecisions) invalid decisions"), tell: true)
     }
   }
 }

@@ -44,8 +44,7 @@ extension BrokerEngine {
     guard let errno else { return reply(client, BrokerReply(requestID: start.requestID, .ack(clientID: client.id))) }
     client.swapping.removeAll { $0 == range }
     let error = BrokerError(.badRegion, "cannot write-protect region \(start.regionID) (register it with write-protect mode)", errno: errno)
-    log(.warning, "refused a client request", ["client.id": "\(client.id)", "peer.pid": "\(client.peer.pid)", "reason": "\(error)"])
-    reply(client, BrokerReply(requestID: start.requestID, .error(error)))
+    refuse(start.requestID, of: client, error)
   }
 
   /// A plugin's answer to a store: the client may drop the pages, except those
@@ -55,7 +54,7 @@ extension BrokerEngine {
     guard let plugin = plugins[pluginID], !plugin.isClosed, let pending = pendingStores[storeReply.storeID] else { return }
     guard pending.plugin === plugin else {
       // Acknowledging another plugin's store would let the client drop pages nobody kept.
-      log(.warning, "refused a store reply", ["plugin": "\(plugin.name)", "store.id": "\(storeReply.storeID)", "reason": "the store was not sent to it"])
+      report(.warning, "refused a store reply", .storeReplyRefused, plugin: plugin.route, ["plugin": "\(plugin.name)", "store.id": "\(storeReply.storeID)", "reason": "the store was not sent to it"])
       return countInvalid(from: plugin)
     }
     pendingStores[storeReply.storeID] = nil

@@ -64,7 +64,7 @@ extension BrokerEngine {
     }
     for plugin in hung where !plugin.isClosed {
       let reason = "it did not answer a fault within \(configuration.pluginDeadlineMilliseconds) ms"
-      closePlugin(plugin, reason: reason)
+      closePlugin(plugin, BrokerError(.timedOut, reason))
       actions.append(.killPluginProcess(pid: plugin.peer.pid, reason: reason))
     }
   }
@@ -83,8 +83,8 @@ extension BrokerEngine {
     ])
     for client in clients.values.sorted(by: { $0.id < $1.id }) {
       if client.isForkedChild { for piece in client.regions.pieces { actions.append(.poisonMissing(client.id, piece.live)) } }
-      closeClient(client, reason: "the broker is stopping")
+      closeClient(client, BrokerError(.stopping, "the broker is stopping"))
     }
-    for plugin in plugins.values.sorted(by: { $0.id < $1.id }) { closePlugin(plugin, reason: "the broker is stopping") }
+    for plugin in plugins.values.sorted(by: { $0.id < $1.id }) { closePlugin(plugin, BrokerError(.stopping, "the broker is stopping")) }
   }
 }

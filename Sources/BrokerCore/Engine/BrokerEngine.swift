@@ -56,7 +56,7 @@ public final class BrokerEngine {
   }
 
   /// Counters for logs, metrics and the benchmark.
-  public struct Statistics: Sendable {
+  public struct Statistics: Codable, Sendable {
     public var faultsSent = 0
     public var decisionsApplied = 0
     public var staleDecisionsDropped = 0
@@ -74,6 +74,8 @@ public final class BrokerEngine {
     public var faultsResolved: UInt64 = 0
   }
   public internal(set) var statistics = Statistics()
+  /// Refusals, connections, disconnects and failures, by kind and cause.
+  public internal(set) var tally = Tally()
 
   /// Events kept for a plugin that is away; past this a client is failed closed.
   static let maxMissedEvents = 1 << 20

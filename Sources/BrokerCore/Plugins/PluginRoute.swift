@@ -16,6 +16,10 @@ final class PluginRoute {
   var failed = false
   /// The supervisor stopped restarting it.
   var givenUp = false
+  /// Its counters, across its connections (for the status).
+  var faultsSent: UInt64 = 0
+  var decisionsApplied: UInt64 = 0
+  var tally = Tally()
   init(name: String, now: UInt64) {
     self.name = name
     lostAt = now

@@ -14,12 +14,43 @@ public struct BrokerError: Error, Equatable, Sendable, CustomStringConvertible {
     case pluginRefused = 7
     case limit = 8
     case `internal` = 9
+    /// A packet larger than the limit, or with too many descriptors.
+    case tooLarge = 10
+    /// A plugin sent more invalid decisions than the broker tolerates.
+    case invalidDecisions = 11
+    /// A plugin of that name is already connected.
+    case nameTaken = 12
     /// The peer closed the connection (transport only).
     case disconnected = 100
     /// A socket call failed (transport only).
     case io = 101
     /// No answer within the deadline (transport only).
     case timedOut = 102
+    /// The broker is stopping (transport only).
+    case stopping = 103
+
+    /// A stable name: the key of the broker's status counters.
+    public var name: String {
+      switch self {
+      case .unspecified: "unspecified"
+      case .malformed: "malformed"
+      case .version: "version"
+      case .notAuthorized: "notAuthorized"
+      case .notUserfaultfd: "notUserfaultfd"
+      case .badRegion: "badRegion"
+      case .unknownPlugin: "unknownPlugin"
+      case .pluginRefused: "pluginRefused"
+      case .limit: "limit"
+      case .internal: "internal"
+      case .tooLarge: "tooLarge"
+      case .invalidDecisions: "invalidDecisions"
+      case .nameTaken: "nameTaken"
+      case .disconnected: "disconnected"
+      case .io: "io"
+      case .timedOut: "timedOut"
+      case .stopping: "stopping"
+      }
+    }
   }
 
   public var code: Code
@@ -30,6 +61,11 @@ public struct BrokerError: Error, Equatable, Sendable, CustomStringConvertible {
     self.code = code
     self.message = message
     self.errno = errno
+  }
+
+  /// Any error as a broker error: untyped APIs (Data, Foundation) rethrow ours as `any Error`.
+  public init(_ error: any Error) {
+    self = error as? BrokerError ?? BrokerError(.io, "\(error)")
   }
 
   public var description: String {

@@ -109,7 +109,7 @@ public final class PacketSocket {
       if truncated != 0 { arrived.forEach(closeDescriptor) } else { fds.append(contentsOf: arrived) }
     }
     if truncated != 0 {
-      throw BrokerError(.malformed, "a packet larger than \(buffer.count) bytes or with too many descriptors was refused")
+      throw BrokerError(.tooLarge, "a packet larger than \(buffer.count) bytes or with too many descriptors was refused")
     }
     if n == 0 && count == 0 { return .closed }
     return .packet(n)

@@ -93,7 +93,19 @@ typedef enum _Uffdbroker__ErrorCode {
    * a configured limit was reached
    */
   UFFDBROKER__ERROR_CODE__ERROR_LIMIT = 8,
-  UFFDBROKER__ERROR_CODE__ERROR_INTERNAL = 9
+  UFFDBROKER__ERROR_CODE__ERROR_INTERNAL = 9,
+  /*
+   * a packet larger than the limit, or with too many descriptors
+   */
+  UFFDBROKER__ERROR_CODE__ERROR_TOO_LARGE = 10,
+  /*
+   * the plugin sent more invalid decisions than the broker tolerates
+   */
+  UFFDBROKER__ERROR_CODE__ERROR_INVALID_DECISIONS = 11,
+  /*
+   * a plugin of that name is already connected
+   */
+  UFFDBROKER__ERROR_CODE__ERROR_NAME_TAKEN = 12
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__ERROR_CODE)
 } Uffdbroker__ErrorCode;
 typedef enum _Uffdbroker__DecisionKind {
