@@ -32,4 +32,8 @@ mutate "a Closed lost" Sources/BrokerCore/Engine/BrokerEngine+Clients.swift \
   "for name in client.servedBy.sorted() {" "for name in client.servedBy.sorted().dropFirst() {"
 mutate "drops not replayed to a restarted plugin" Sources/BrokerCore/Engine/BrokerEngine+Plugins.swift \
   "for event in droppedEvents(of: piece.spec.id, client: client) {" "for event in droppedEvents(of: piece.spec.id, client: client).prefix(0) {"
+mutate "a forked child's region offered again as a copy of its parent's as it is now" Sources/BrokerCore/Engine/BrokerEngine+Clients.swift \
+  "let forkedFrom = client.pendingOpen?.awaiting.contains(spec.id) == true ? client.parentID : 0" "let forkedFrom = client.parentID"
+mutate "a parent's drops told before its forked child's region is opened" Sources/BrokerCore/Engine/BrokerEngine+Plugins.swift \
+  "dropped += droppedEvents(of: spec, client: client)" "for event in droppedEvents(of: spec, client: client) { actions.append(.send(plugin.id, event)) }"
 echo "every planted bug was caught"

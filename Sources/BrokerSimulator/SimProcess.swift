@@ -14,7 +14,12 @@ import Userfaultfd
 ///   come in between;
 /// - a fill fails with EAGAIN while a map change is queued and unread, with
 ///   EEXIST at a present page, ENOENT at an unregistered one, and stops
-///   (a partial fill) at the first such page past the first.
+///   (a partial fill) at the first such page past the first;
+/// - a fork (UFFD_FEATURE_EVENT_FORK) gives the child the same registered
+///   memory: present pages copied, missing ones missing (they fault to the
+///   child's own uffd); the forking thread waits until the FORK is read, and
+///   the child runs only from then on;
+/// - a poisoned page (UFFDIO_POISON) is SIGBUS at the access: the process dies.
 struct SimProcess {
   /// Whose content a page is: region and offset, as the plugin serves it.
   struct Origin: Hashable {
@@ -47,10 +52,12 @@ struct SimProcess {
     case remove(Range<UInt>, thread: Int)
     case unmap(Range<UInt>, thread: Int)
     case remap(from: UInt, to: UInt, length: Int, thread: Int)
+    /// The child's uffd waits under `ticket` until this is read.
+    case fork(ticket: UInt64, thread: Int)
 
     var thread: Int {
       switch self {
-      case .fault(_, let t), .remove(_, let t), .unmap(_, let t), .remap(_, _, _, let t): t
+      case .fault(_, let t), .remove(_, let t), .unmap(_, let t), .remap(_, _, _, let t), .fork(_, let t): t
       }
     }
     var isMapChange: Bool { if case .fault = self { false } else { true } }
@@ -67,7 +74,11 @@ struct SimProcess {
 
   var id: ClientID = 0
   let pid: Int32
+  /// A forked child never connected: it has no socket and no pidfd (the broker probes it).
+  let hasSocket: Bool
   let pageSize: UInt
+  /// Where in the address space it maps memory (a forked child, where its parent does).
+  var area: UInt = 0
   /// Registered pages (unregistered memory is not modelled: nothing faults there).
   var pages: [UInt: Page] = [:]
   /// Origins whose content the process dropped (MADV_DONTNEED): they read as zeros now.
@@ -80,10 +91,29 @@ struct SimProcess {
   /// The broker reads its uffd.
   var watched = false
   var exited = false
+  /// The broker forgot it (a forked child's exit is found by a probe, later).
+  var closedByBroker = false
+  /// Killed by SIGBUS at a poisoned page (failed closed).
+  var killedBySIGBUS = false
   var writes: UInt64 = 0
+  /// What the ClientSDK keeps (a connected process only).
+  var client = SimClientState()
+  /// A forked child: when its FORK was read, and the regions its plugins accepted
+  /// within the broker's registration timeout (the others may fail closed, and
+  /// so may those its parent's plugins had not accepted when the FORK was read).
+  var forkedAt: UInt64?
+  var acceptedRegions: Set<UInt64> = []
+  var inheritedUnserved: Set<UInt64> = []
 
-  init(pid: Int32, threads: Int, pageSize: UInt) {
+  /// Regions whose pages may fail closed here: its plugin did not take them for this child.
+  var unservedRegions: Set<UInt64> {
+    guard forkedAt != nil else { return [] }
+    return inheritedUnserved.union(Set(pages.values.map(\.origin.region)).subtracting(acceptedRegions))
+  }
+
+  init(pid: Int32, threads: Int, pageSize: UInt, hasSocket: Bool = true) {
     self.pid = pid
+    self.hasSocket = hasSocket
     self.pageSize = pageSize
     self.threads = Array(repeating: .running, count: threads)
     pendingMessages = Array(repeating: [], count: threads)
@@ -96,10 +126,15 @@ struct SimProcess {
 
   // MARK: Threads
 
-  /// Thread `thread` touches `page`: it proceeds if present, faults if missing.
+  /// Thread `thread` touches `page`: it proceeds if present, faults if missing,
+  /// and kills the process at a poisoned page.
   mutating func touch(_ page: UInt, thread: Int, write: Bool, now: UInt64) {
     guard let entry = pages[page] else {
       threads[thread] = .running  // unmapped since: a real program would crash; this one moves on
+      return
+    }
+    if entry.present == .poison {
+      killedBySIGBUS = true
       return
     }
     guard entry.present != nil else {
@@ -149,11 +184,23 @@ struct SimProcess {
     }
   }
 
-  /// Threads blocked on `page` see it filled.
+  /// Threads blocked on `page` see it filled (SIGBUS if poisoned).
   private mutating func release(_ page: UInt) {
     for thread in threads.indices {
-      if case .faulting(page, _, _) = threads[thread] { threads[thread] = .running }
+      guard case .faulting(page, _, _) = threads[thread] else { continue }
+      threads[thread] = .running
+      if pages[page]?.present == .poison { killedBySIGBUS = true }
     }
+  }
+
+  /// The child of a fork by `thread`, as the kernel makes it: the same
+  /// registered memory, present pages copied, missing ones missing.
+  func forked(pid: Int32, threads count: Int) -> SimProcess {
+    var child = SimProcess(pid: pid, threads: count, pageSize: pageSize, hasSocket: false)
+    child.area = area
+    child.pages = pages
+    child.dropped = dropped
+    return child
   }
 
   // MARK: Map changes (in the kernel at once; the messages follow)
@@ -201,6 +248,19 @@ struct SimProcess {
       done += Int(pageSize)
     }
     return .done
+  }
+
+  /// UFFDIO_POISON of every missing page of `range` (a fill that skips what is
+  /// present); returns the pages poisoned.
+  mutating func poisonMissing(_ range: Range<UInt>) -> [UInt] {
+    var poisoned: [UInt] = []
+    if mapChangeQueued { return poisoned }  // EAGAIN: the caller gives up
+    for page in stride(from: range.lowerBound, to: range.upperBound, by: Int(pageSize)) where pages[page] != nil && pages[page]?.present == nil {
+      pages[page]?.present = .poison
+      poisoned.append(page)
+      release(page)
+    }
+    return poisoned
   }
 
   /// The mapping holding `page`: the run of registered pages around it.

@@ -206,8 +206,14 @@ extension BrokerEngine {
     }
   }
 
+  /// A forked child's region is offered as a copy of its parent's only while
+  /// the fork's offer of it awaits an answer (the plugin copies what it holds
+  /// of the parent then). Once taken, it is the child's own: a plugin that
+  /// restarts opens it afresh, with the child's drop record, as any client's
+  /// (the parent's state has moved on since the fork, and the parent may be gone).
   func regionOpened(_ spec: RegionSpec, of client: Client) -> BrokerEvent {
-    .regionOpened(clientID: client.id, pid: client.pid, region: client.announced(spec), forkedFrom: client.parentID, token: client.token)
+    let forkedFrom = client.pendingOpen?.awaiting.contains(spec.id) == true ? client.parentID : 0
+    return .regionOpened(clientID: client.id, pid: client.pid, region: client.announced(spec), forkedFrom: forkedFrom, token: client.token)
   }
 
   /// The regions could not be opened: a client is refused (and closed if it

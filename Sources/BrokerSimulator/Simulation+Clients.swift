@@ -1,0 +1,169 @@
+import BrokerCore
+import BrokerProtocol
+import Userfaultfd
+
+/// Client processes: they come and go; their threads fault, drop, unmap,
+/// move and fork; the broker reads their uffds.
+extension Simulation {
+  func startClient() {
+    let slot = processes.count
+    var process = SimProcess(pid: nextPid, threads: 3, pageSize: pageSize)
+    nextPid += 1
+    guard case .success(let id) = engine.clientConnected(PeerCredentials(pid: process.pid, uid: 0, gid: 0), now: now) else { return }
+    process.id = id
+    process.area = UInt(0x1000_0000) * UInt(slot + 1)
+    var specs: [RegionSpec] = []
+    for region in 0..<2 {
+      let start = process.area + UInt(region) * 0x10_0000
+      specs.append(RegionSpec(id: UInt64(region + 1), base: start, length: Self.regionPages * Int(pageSize), pageSize: Int(pageSize), plugin: "p\(region)"))
+      for page in 0..<Self.regionPages {
+        process.pages[start + UInt(page) * pageSize] = .init(origin: .init(region: UInt64(region + 1), offset: UInt64(page) * UInt64(pageSize)), present: nil)
+      }
+    }
+    process.client.regions = specs
+    processes.append(process)
+    slots[id] = slot
+    note("client \(id) (pid \(process.pid)) connects")
+    engine.clientRequest(id, ClientRequest(requestID: 1, .hello(Hello(role: .client, name: "sim"))), descriptors: .none, now: now)
+    let register = RegisterRequest(pid: process.pid, features: [.eventRemove, .eventUnmap, .eventRemap, .eventFork], ioctls: [], regions: specs)
+    engine.clientRequest(id, ClientRequest(requestID: 2, .register(register)), descriptors: .userfaultfd([.eventRemove, .eventUnmap, .eventRemap, .eventFork]), now: now)
+    perform()
+  }
+
+  /// The process exits: a connected one's pidfd tells the broker; a forked
+  /// child's exit is found by the broker's probe.
+  func exitProcess(_ slot: Int) {
+    ended(slot, reason: "exited")
+    perform()
+  }
+
+  /// The process is gone (exited, killed by SIGBUS, or closed by the broker):
+  /// a fork it had not finished never happens (the kernel fails it).
+  func ended(_ slot: Int, reason: String, toldBroker: Bool = true) {
+    guard !processes[slot].exited else { return }
+    processes[slot].exited = true
+    forks = forks.filter { $0.value.parent != slot }
+    note("client \(processes[slot].id) (pid \(processes[slot].pid)) ends: \(reason)")
+    if toldBroker && processes[slot].hasSocket { engine.clientGone(processes[slot].id, reason: reason, now: now) }
+  }
+
+  /// A process killed by SIGBUS at a poisoned page ends (no perform: callers are performing).
+  func reapIfKilled(_ slot: Int) {
+    if processes[slot].killedBySIGBUS { ended(slot, reason: "SIGBUS at a poisoned page") }
+  }
+
+  func clientLifecycle() {
+    let live = processes.indices.filter { !processes[$0].exited }
+    let connected = live.filter { processes[$0].hasSocket }.count
+    if connected < 2 || (connected < 4 && live.count < Self.maxProcesses && random.chance(50)) {
+      startClient()
+    } else if let slot = live.randomElement(using: &random) {
+      statistics.clientsServed += 1
+      exitProcess(slot)
+    }
+  }
+
+  func threadActs() {
+    let live = processes.indices.filter { processes[$0].registered && !processes[$0].exited }
+    guard let slot = live.randomElement(using: &random) else { return }
+    let thread = random.below(processes[slot].threads.count)
+    guard processes[slot].threads[thread] == .running else { return }
+    let roll = random.below(100)
+    if roll < 60 {
+      // Mostly where a fault is: the pages not present.
+      let missing = random.chance(80)
+      guard let page = processes[slot].pages.filter({ !missing || $0.value.present == nil }).keys.sorted().randomElement(using: &random)
+        ?? processes[slot].pages.keys.sorted().randomElement(using: &random)
+      else { return }
+      let write = random.chance(30)
+      processes[slot].touch(page, thread: thread, write: write, now: now)
+      if case .faulting = processes[slot].threads[thread] { statistics.faults += 1 }
+      note("client \(processes[slot].id) thread \(thread) \(write ? "writes" : "reads") 0x\(String(page, radix: 16))")
+      reapIfKilled(slot)
+      perform()
+      return
+    }
+    if roll >= 97 {
+      if processes.count(where: { !$0.exited }) < Self.maxProcesses { fork(slot, thread: thread) }
+      return
+    }
+    guard let range = changeableRange(in: slot, pages: 1 + random.below(roll < 90 ? 4 : 8)) else { return }
+    statistics.mapChanges += 1
+    if roll < 75 {
+      note("client \(processes[slot].id) thread \(thread) drops \(describe(range))")
+      processes[slot].dropPages(range)
+      processes[slot].beginMapChange([.remove(range, thread: thread)], thread: thread)
+    } else if roll < 85 {
+      guard processes[slot].pages.count > 8 else { return }
+      note("client \(processes[slot].id) thread \(thread) unmaps \(describe(range))")
+      processes[slot].unmapPages(range)
+      processes[slot].beginMapChange([.unmap(range, thread: thread)], thread: thread)
+    } else {
+      guard let destination = hole(in: slot, length: range.count) else { return }
+      note("client \(processes[slot].id) thread \(thread) moves \(describe(range)) to 0x\(String(destination, radix: 16))")
+      processes[slot].movePages(from: range.lowerBound, to: destination, length: range.count)
+      processes[slot].beginMapChange([
+        .remap(from: range.lowerBound, to: destination, length: range.count, thread: thread),
+        .unmap(range, thread: thread),
+      ], thread: thread)
+      busy[slot, default: []].append((thread, destination..<destination + UInt(range.count)))
+    }
+    busy[slot, default: []].append((thread, range))
+  }
+
+  /// A run of up to `pages` registered pages, none of them in a change in progress.
+  private func changeableRange(in slot: Int, pages count: Int) -> Range<UInt>? {
+    busy[slot] = busy[slot]?.filter { processes[slot].threads[$0.thread] == .changingMaps }
+    guard let start = processes[slot].pages.keys.sorted().randomElement(using: &random) else { return nil }
+    var end = start
+    while end - start < UInt(count) * pageSize, processes[slot].pages[end] != nil { end += pageSize }
+    let range = start..<end
+    guard !(busy[slot] ?? []).contains(where: { $0.range.overlaps(range) }) else { return nil }
+    return range
+  }
+
+  /// An unregistered range of `length` bytes in the process's part of the
+  /// address space: often the hole another thread's move is leaving (its
+  /// trailing UNMAP then comes after this move's REMAP).
+  private func hole(in slot: Int, length: Int) -> UInt? {
+    let leaving = (busy[slot] ?? []).filter { processes[slot].threads[$0.thread] == .changingMaps && processes[slot].pages[$0.range.lowerBound] == nil }
+    if random.chance(60), let source = leaving.randomElement(using: &random),
+       !stride(from: source.range.lowerBound, to: source.range.lowerBound + UInt(length), by: Int(pageSize)).contains(where: { processes[slot].pages[$0] != nil }) {
+      return source.range.lowerBound
+    }
+    for _ in 0..<8 {
+      let start = processes[slot].area + UInt(random.below(0x300)) * pageSize
+      if !stride(from: start, to: start + UInt(length), by: Int(pageSize)).contains(where: { processes[slot].pages[$0] != nil }) { return start }
+    }
+    return nil
+  }
+
+  func readSomeUffd() {
+    let ready = processes.indices.filter { processes[$0].watched && !processes[$0].exited && !processes[$0].queue.isEmpty }
+    guard let slot = ready.randomElement(using: &random) else { return }
+    readUffd(slot)
+  }
+
+  func readUffd(_ slot: Int) {
+    let messages = processes[slot].queue
+    processes[slot].queue.removeAll()
+    let events = messages.map { message -> KernelEvent in
+      switch message {
+      case .fault(let page, let thread): .pagefault(Pagefault(address: page, flags: [], thread: Int32(thread)))
+      case .remove(let range, _): .remove(range)
+      case .unmap(let range, _): .unmap(range)
+      case .remap(let from, let to, let length, _): .remap(from: from, to: to, length: length)
+      case .fork(let ticket, _): .fork(ForkTicket(ticket), wipedOnFork: [])
+      }
+    }
+    note("broker reads client \(processes[slot].id): \(events.map(describe).joined(separator: ", "))")
+    if messages.contains(where: \.isMapChange) { processes[slot].forgetWakes() }
+    engine.uffdEvents(processes[slot].id, events, now: now)
+    // The readers of map changes are released at the read: their next
+    // messages may be queued before or after the broker's fills.
+    let releaseFirst = random.chance(50)
+    if releaseFirst { for message in messages { processes[slot].read(message) } }
+    perform()
+    if !releaseFirst { for message in messages { processes[slot].read(message) } }
+  }
+}
