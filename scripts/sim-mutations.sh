@@ -36,4 +36,8 @@ mutate "a forked child's region offered again as a copy of its parent's as it is
   "let forkedFrom = client.pendingOpen?.awaiting.contains(spec.id) == true ? client.parentID : 0" "let forkedFrom = client.parentID"
 mutate "a parent's drops told before its forked child's region is opened" Sources/BrokerCore/Engine/BrokerEngine+Plugins.swift \
   "dropped += droppedEvents(of: spec, client: client)" "for event in droppedEvents(of: spec, client: client) { actions.append(.send(plugin.id, event)) }"
+mutate "a forked child's drop record reset to what its parent re-attached with" Sources/BrokerCore/Engine/BrokerEngine+Clients.swift \
+  "      if !client.isForkedChild {" "      if true {"
+mutate "a re-attaching client's threads woken only where its regions lie now" Sources/BrokerCore/Engine/BrokerEngine+Clients.swift \
+  "    actions.append(.wake(client.id, Self.probeAddress..<Self.userAddressEnd))" ""
 echo "every planted bug was caught"

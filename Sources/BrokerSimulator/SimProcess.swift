@@ -1,4 +1,5 @@
 import BrokerCore
+import BrokerProtocol
 import Userfaultfd
 
 /// A client process as the kernel sees it: which memory each page of its
@@ -50,14 +51,15 @@ struct SimProcess {
   enum Message {
     case fault(page: UInt, thread: Int)
     case remove(Range<UInt>, thread: Int)
-    case unmap(Range<UInt>, thread: Int)
+    /// `trailing`: a move's, queued once its REMAP was read.
+    case unmap(Range<UInt>, thread: Int, trailing: Bool = false)
     case remap(from: UInt, to: UInt, length: Int, thread: Int)
     /// The child's uffd waits under `ticket` until this is read.
     case fork(ticket: UInt64, thread: Int)
 
     var thread: Int {
       switch self {
-      case .fault(_, let t), .remove(_, let t), .unmap(_, let t), .remap(_, _, _, let t), .fork(_, let t): t
+      case .fault(_, let t), .remove(_, let t), .unmap(_, let t, _), .remap(_, _, _, let t), .fork(_, let t): t
       }
     }
     var isMapChange: Bool { if case .fault = self { false } else { true } }
@@ -90,9 +92,22 @@ struct SimProcess {
   var registered = false
   /// The broker reads its uffd.
   var watched = false
+  /// Whether the broker running now knows it: a connected process re-attaches
+  /// after a broker restart; a forked child the dead broker served is known to
+  /// none again (its uffd is its keeper's, until the keeper re-attaches).
+  var attachment = Attachment.attached
+  enum Attachment {
+    case attached
+    case detached
+    /// Its Register to the restarted broker awaits the answer.
+    case attaching
+  }
+  /// Forked children whose uffd it kept (`keepChild`) when the broker that served them died.
+  var orphans: [(slot: Int, pieces: [RegionPiece])] = []
   var exited = false
-  /// The broker forgot it (a forked child's exit is found by a probe, later).
-  var closedByBroker = false
+  /// The running broker holds its uffd (until it closes it: a forked child's
+  /// exit is found by a probe, later; a broker restart forgets them all).
+  var knownToBroker = true
   /// Killed by SIGBUS at a poisoned page (failed closed).
   var killedBySIGBUS = false
   var writes: UInt64 = 0
@@ -104,6 +119,8 @@ struct SimProcess {
   var forkedAt: UInt64?
   var acceptedRegions: Set<UInt64> = []
   var inheritedUnserved: Set<UInt64> = []
+  /// A forked child's memory where it lay at the fork (what its keeper knows of it).
+  var atFork: [UInt: Origin] = [:]
 
   /// Regions whose pages may fail closed here: its plugin did not take them for this child.
   var unservedRegions: Set<UInt64> {
@@ -123,6 +140,9 @@ struct SimProcess {
   func expected(_ origin: Origin) -> Content { dropped.contains(origin) ? .zero : .data(origin) }
 
   var mapChangeQueued: Bool { queue.contains { $0.isMapChange } }
+
+  /// A move's trailing UNMAP is queued: its REMAP was read, this not yet.
+  var trailingUnmapQueued: Bool { queue.contains { if case .unmap(_, _, true) = $0 { true } else { false } } }
 
   // MARK: Threads
 
@@ -200,6 +220,7 @@ struct SimProcess {
     child.area = area
     child.pages = pages
     child.dropped = dropped
+    child.atFork = pages.mapValues(\.origin)
     return child
   }
 

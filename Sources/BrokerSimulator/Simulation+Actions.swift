@@ -19,6 +19,9 @@ extension Simulation {
       case .ack where !processes[slot].registered:
         processes[slot].registered = true
         note("client \(id) registered")
+      case .ack where processes[slot].attachment == .attaching:
+        processes[slot].attachment = .attached
+        note("client \(id) re-attached")
       case .error(let error):
         note("client \(id) told: \(error)")
       default:
@@ -42,8 +45,12 @@ extension Simulation {
     case .close(let id):
       // Its uffd is closed: the kernel releases its threads (the process is ending, or was refused).
       guard let slot = slots[id] else { return }
-      processes[slot].closedByBroker = true
-      ended(slot, reason: "closed by the broker", toldBroker: false)
+      processes[slot].knownToBroker = false
+      if processes[slot].attachment == .attaching {
+        processes[slot].attachment = .detached  // a re-attach refused: the client tries again
+      } else {
+        ended(slot, reason: "closed by the broker")
+      }
     case .poisonMissing(let id, let range):
       guard let slot = slots[id], !processes[slot].exited else { return }
       poisoned(processes[slot].poisonMissing(range), of: slot, why: "the broker poisoned what its child never had")

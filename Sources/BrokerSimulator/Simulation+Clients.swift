@@ -21,12 +21,13 @@ extension Simulation {
       }
     }
     process.client.regions = specs
+    process.client.token = UInt128(random.next()) << 64 | UInt128(random.next()) | 1
     processes.append(process)
     slots[id] = slot
     note("client \(id) (pid \(process.pid)) connects")
     engine.clientRequest(id, ClientRequest(requestID: 1, .hello(Hello(role: .client, name: "sim"))), descriptors: .none, now: now)
-    let register = RegisterRequest(pid: process.pid, features: [.eventRemove, .eventUnmap, .eventRemap, .eventFork], ioctls: [], regions: specs)
-    engine.clientRequest(id, ClientRequest(requestID: 2, .register(register)), descriptors: .userfaultfd([.eventRemove, .eventUnmap, .eventRemap, .eventFork]), now: now)
+    let register = RegisterRequest(pid: process.pid, features: Self.features, ioctls: [], regions: specs, token: process.client.token)
+    engine.clientRequest(id, ClientRequest(requestID: 2, .register(register)), descriptors: .userfaultfd(Self.features), now: now)
     perform()
   }
 
@@ -38,13 +39,14 @@ extension Simulation {
   }
 
   /// The process is gone (exited, killed by SIGBUS, or closed by the broker):
-  /// a fork it had not finished never happens (the kernel fails it).
-  func ended(_ slot: Int, reason: String, toldBroker: Bool = true) {
+  /// a fork it had not finished never happens (the kernel fails it); the
+  /// broker sees a connected process go (its pidfd), a forked child at its probe.
+  func ended(_ slot: Int, reason: String) {
     guard !processes[slot].exited else { return }
     processes[slot].exited = true
     forks = forks.filter { $0.value.parent != slot }
     note("client \(processes[slot].id) (pid \(processes[slot].pid)) ends: \(reason)")
-    if toldBroker && processes[slot].hasSocket { engine.clientGone(processes[slot].id, reason: reason, now: now) }
+    if processes[slot].hasSocket && processes[slot].knownToBroker { engine.clientGone(processes[slot].id, reason: reason, now: now) }
   }
 
   /// A process killed by SIGBUS at a poisoned page ends (no perform: callers are performing).
@@ -52,12 +54,16 @@ extension Simulation {
     if processes[slot].killedBySIGBUS { ended(slot, reason: "SIGBUS at a poisoned page") }
   }
 
+  /// A process starts, re-attaches to a restarted broker, or exits (not one
+  /// still holding forked children's uffds for a broker that died: see Restarts).
   func clientLifecycle() {
     let live = processes.indices.filter { !processes[$0].exited }
     let connected = live.filter { processes[$0].hasSocket }.count
-    if connected < 2 || (connected < 4 && live.count < Self.maxProcesses && random.chance(50)) {
+    if let slot = live.filter({ processes[$0].attachment == .detached }).randomElement(using: &random), random.chance(70) {
+      reattach(slot)
+    } else if connected < 2 || (connected < 4 && live.count < Self.maxProcesses && random.chance(50)) {
       startClient()
-    } else if let slot = live.randomElement(using: &random) {
+    } else if let slot = live.filter({ processes[$0].orphans.isEmpty }).randomElement(using: &random) {
       statistics.clientsServed += 1
       exitProcess(slot)
     }
@@ -104,7 +110,7 @@ extension Simulation {
       processes[slot].movePages(from: range.lowerBound, to: destination, length: range.count)
       processes[slot].beginMapChange([
         .remap(from: range.lowerBound, to: destination, length: range.count, thread: thread),
-        .unmap(range, thread: thread),
+        .unmap(range, thread: thread, trailing: true),
       ], thread: thread)
       busy[slot, default: []].append((thread, destination..<destination + UInt(range.count)))
     }
@@ -151,7 +157,7 @@ extension Simulation {
       switch message {
       case .fault(let page, let thread): .pagefault(Pagefault(address: page, flags: [], thread: Int32(thread)))
       case .remove(let range, _): .remove(range)
-      case .unmap(let range, _): .unmap(range)
+      case .unmap(let range, _, _): .unmap(range)
       case .remap(let from, let to, let length, _): .remap(from: from, to: to, length: length)
       case .fork(let ticket, _): .fork(ForkTicket(ticket), wipedOnFork: [])
       }

@@ -87,6 +87,7 @@ extension Simulation {
       failure = "plugin \(plugins[index].name) got \(event) for client \(client) after Closed"
       return
     }
+    if case .pagefault = event {} else { note("plugin \(plugins[index].name) reads \(describe(event))") }
     switch event {
     case .regionOpened(_, _, let region, let parent, _):
       let refusal = plugins[index].open(.init(client: client, region: region.id), length: region.length, forkedFrom: parent)

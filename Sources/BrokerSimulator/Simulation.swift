@@ -25,11 +25,14 @@ import Userfaultfd
 public final class Simulation {
   public struct Failure: Error, CustomStringConvertible {
     public var seed: UInt64
+    /// The step it failed at (past `scheduleSteps` if while settling).
     public var step: Int
+    /// The schedule's length: `--steps` replays it.
+    public var scheduleSteps: Int
     public var message: String
     public var trace: [String]
     public var description: String {
-      "seed \(seed), step \(step): \(message)" + (trace.isEmpty ? "" : "\n" + trace.suffix(80).joined(separator: "\n"))
+      "seed \(seed), step \(step) of a \(scheduleSteps)-step schedule: \(message)" + (trace.isEmpty ? "" : "\n" + trace.suffix(80).joined(separator: "\n"))
     }
   }
 
@@ -39,10 +42,14 @@ public final class Simulation {
     public var fills = 0
     public var mapChanges = 0
     public var forks = 0
+    public var brokerRestarts = 0
     public var pluginCrashes = 0
     public var clientsServed = 0
     /// Pages failed closed where the model allows it.
     public var failedClosed = 0
+    /// Pages of forked children left reading zeros where data was by a known
+    /// hole of the ClientSDK after a broker restart (see `letGo`).
+    public var exposedByKeepers = 0
 
     mutating func add(_ other: Statistics) {
       steps += other.steps
@@ -50,9 +57,11 @@ public final class Simulation {
       fills += other.fills
       mapChanges += other.mapChanges
       forks += other.forks
+      brokerRestarts += other.brokerRestarts
       pluginCrashes += other.pluginCrashes
       clientsServed += other.clientsServed
       failedClosed += other.failedClosed
+      exposedByKeepers += other.exposedByKeepers
     }
   }
 
@@ -61,7 +70,8 @@ public final class Simulation {
   var random: SimRandom
   var now: UInt64 = 1_000_000_000
   let configuration: BrokerConfiguration
-  let engine: BrokerEngine
+  /// The broker running now (a restart replaces it with a fresh one).
+  var engine: BrokerEngine
   let pageSize: UInt = 4096
   var processes: [SimProcess] = []
   var slots: [ClientID: Int] = [:]
@@ -72,6 +82,7 @@ public final class Simulation {
   var step = 0
   let tracing: Bool
   public private(set) var trace: [String] = []
+  var scheduleSteps = 0
   var actions: [Action] = []
   /// Plugins answer everything at once and never misbehave (the end of a run).
   var reliable = false
@@ -88,6 +99,7 @@ public final class Simulation {
   static let regionPages = 16
   /// Processes alive at once, forked children included.
   static let maxProcesses = 6
+  static let features: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap, .eventFork]
 
   public init(seed: UInt64, tracing: Bool = false) {
     self.seed = seed
@@ -98,14 +110,20 @@ public final class Simulation {
     configuration.pluginDeadlineMilliseconds = 50
     configuration.registrationTimeoutMilliseconds = 2_000
     self.configuration = configuration
+    engine = Self.makeEngine(configuration, seed: seed, now: now)
+    plugins = [SimPlugin(name: "p0"), SimPlugin(name: "p1")]
+  }
+
+  /// A broker as the daemon starts it; its tokens (a forked child's) come from the seed.
+  static func makeEngine(_ configuration: BrokerConfiguration, seed: UInt64, now: UInt64) -> BrokerEngine {
     var tokens = SimRandom(seed: seed ^ 0x5EED)
     // Checked values: the configuration is valid.
-    engine = try! BrokerEngine(configuration: configuration, pageSize: 4096, now: now, makeToken: { UInt128(tokens.next()) << 64 | UInt128(tokens.next()) | 1 })
-    plugins = [SimPlugin(name: "p0"), SimPlugin(name: "p1")]
+    return try! BrokerEngine(configuration: configuration, pageSize: 4096, now: now, makeToken: { UInt128(tokens.next()) << 64 | UInt128(tokens.next()) | 1 })
   }
 
   /// Runs `steps` steps, then settles (plugins made reliable), then ends every client.
   public func run(steps: Int) throws(Failure) {
+    scheduleSteps = steps
     for index in plugins.indices { connect(index) }
     for _ in 0..<3 { startClient() }
     try check()
@@ -130,14 +148,14 @@ public final class Simulation {
   }
 
   func fail(_ message: String) -> Failure {
-    Failure(seed: seed, step: step, message: message, trace: trace)
+    Failure(seed: seed, step: step, scheduleSteps: scheduleSteps, message: message, trace: trace)
   }
 
   private func check() throws(Failure) {
     if let failure { throw fail(failure) }
     // At most one per page of a client the broker serves (a forked child's
     // exit is seen at its next probe): a second fault of a page merges into the first.
-    let bound = processes.count { !$0.closedByBroker } * 2 * Self.regionPages
+    let bound = processes.count(where: \.knownToBroker) * 2 * Self.regionPages
     if engine.outstandingFaults > bound {
       throw fail("the broker keeps \(engine.outstandingFaults) faults, more than the \(bound) pages its clients have")
     }
@@ -160,7 +178,8 @@ public final class Simulation {
     case 880..<970: passTime(UInt64(random.below(4_000_000)))
     case 970..<980: passTime(UInt64(random.below(80_000_000)))
     case 980..<992: pluginLifecycle(random.below(plugins.count))
-    default: clientLifecycle()
+    case 992..<999: clientLifecycle()
+    default: if random.chance(50) { restartBroker() }
     }
   }
 
@@ -183,6 +202,7 @@ public final class Simulation {
     }
     for _ in 0..<2_000 {
       step += 1
+      for slot in processes.indices where processes[slot].attachment == .detached && !processes[slot].exited { reattach(slot) }
       for index in plugins.indices {
         connect(index)
         pluginWorks(index)
@@ -191,19 +211,32 @@ public final class Simulation {
       passTime(5_000_000)
       try check()
       let busy = processes.contains { process in
-        process.exited ? !process.closedByBroker : process.threads.contains { $0 != .running }
+        process.exited ? process.knownToBroker : process.threads.contains { $0 != .running }
       }
       if !busy && forks.isEmpty && plugins.allSatisfy({ $0.inbox.isEmpty && $0.answers.isEmpty }) { return }
     }
     let stuck = processes.flatMap { process in
       process.exited
-        ? (process.closedByBroker ? [] : ["client \(process.id) ended and was never closed by the broker"])
+        ? (!process.knownToBroker ? [] : ["client \(process.id) ended and was never closed by the broker"])
         : process.threads.enumerated().compactMap { thread, state in state == .running ? nil : "client \(process.id) thread \(thread): \(state)" }
     }
     throw fail("stuck after the plugins came back: \(stuck.joined(separator: "; "))")
   }
 
   func describe(_ range: Range<UInt>) -> String { "0x\(String(range.lowerBound, radix: 16))+\(range.count / Int(pageSize))p" }
+
+  func describe(_ event: BrokerEvent) -> String {
+    switch event {
+    case .regionOpened(let client, _, let region, let parent, _): "RegionOpened(client \(client), region \(region.id)\(parent == 0 ? "" : ", forked from \(parent)"))"
+    case .removed(let range): "Removed(client \(range.clientID), region \(range.regionID), offsets \(range.startOffset / UInt64(pageSize))+\(range.range.count / Int(pageSize))p)"
+    case .unmapped(let range): "Unmapped(client \(range.clientID), region \(range.regionID), offsets \(range.startOffset / UInt64(pageSize))+\(range.range.count / Int(pageSize))p)"
+    case .remapped(let remap): "Remapped(client \(remap.clientID), region \(remap.regionID))"
+    case .regionClosed(let client, let region): "RegionClosed(client \(client), region \(region))"
+    case .closed(let client, _): "Closed(client \(client))"
+    case .pagefault(let fault): "Pagefault(client \(fault.clientID), 0x\(String(fault.address, radix: 16)))"
+    case .store(let store): "Store(client \(store.clientID))"
+    }
+  }
 
   func describe(_ event: KernelEvent) -> String {
     switch event {
