@@ -40,4 +40,6 @@ mutate "a forked child's drop record reset to what its parent re-attached with" 
   "      if !client.isForkedChild {" "      if true {"
 mutate "a re-attaching client's threads woken only where its regions lie now" Sources/BrokerCore/Engine/BrokerEngine+Clients.swift \
   "    actions.append(.wake(client.id, Self.probeAddress..<Self.userAddressEnd))" ""
+mutate "a second fault in a grown tail failed closed once the first's inspection placed it" Sources/BrokerCore/Engine/BrokerEngine+Faults.swift \
+  "    if client.regions.piece(containing: page) != nil { return routeFault(fault) }" ""
 echo "every planted bug was caught"

@@ -20,12 +20,17 @@ import Userfaultfd
 ///   memory: present pages copied, missing ones missing (they fault to the
 ///   child's own uffd); the forking thread waits until the FORK is read, and
 ///   the child runs only from then on;
+/// - an mremap that grows a range keeps the new tail registered, in place (no
+///   event at all) or moved (the move's REMAP and trailing UNMAP, of the old
+///   length): fresh memory, zeros until written, that no one registered;
 /// - a poisoned page (UFFDIO_POISON) is SIGBUS at the access: the process dies.
 struct SimProcess {
-  /// Whose content a page is: region and offset, as the plugin serves it.
+  /// Whose content a page is: region and offset, as the plugin serves it; a
+  /// grown tail's page is fresh memory (region 0, a serial number as offset).
   struct Origin: Hashable {
     var region: UInt64
     var offset: UInt64
+    var isFresh: Bool { region == 0 }
   }
 
   enum Content: Equatable, CustomStringConvertible {
@@ -121,6 +126,8 @@ struct SimProcess {
   var inheritedUnserved: Set<UInt64> = []
   /// A forked child's memory where it lay at the fork (what its keeper knows of it).
   var atFork: [UInt: Origin] = [:]
+  /// Fresh pages (grown tails) moved since they were made: the broker may not tell them from lost memory.
+  var movedFresh: Set<Origin> = []
 
   /// Regions whose pages may fail closed here: its plugin did not take them for this child.
   var unservedRegions: Set<UInt64> {
@@ -137,7 +144,7 @@ struct SimProcess {
   }
 
   /// What a fill of `origin` must put there.
-  func expected(_ origin: Origin) -> Content { dropped.contains(origin) ? .zero : .data(origin) }
+  func expected(_ origin: Origin) -> Content { origin.isFresh || dropped.contains(origin) ? .zero : .data(origin) }
 
   var mapChangeQueued: Bool { queue.contains { $0.isMapChange } }
 
@@ -243,7 +250,23 @@ struct SimProcess {
     for page in stride(from: from, to: from + UInt(length), by: Int(pageSize)) {
       if let entry = pages.removeValue(forKey: page) { moved.append((page - from + to, entry)) }
     }
-    for (page, entry) in moved { pages[page] = entry }
+    for (page, entry) in moved {
+      pages[page] = entry
+      if entry.origin.isFresh { movedFresh.insert(entry.origin) }
+    }
+  }
+
+  /// The fresh tail of an mremap that grew: registered, missing, zeros until written.
+  mutating func grow(at start: UInt, pages count: Int, serial: inout UInt64) {
+    for page in 0..<count {
+      serial += 1
+      pages[start + UInt(page) * pageSize] = .init(origin: .init(region: 0, offset: serial), present: nil)
+    }
+  }
+
+  /// Whether `count` pages from `start` are unmapped.
+  func isFree(_ start: UInt, pages count: Int) -> Bool {
+    !stride(from: start, to: start + UInt(count) * pageSize, by: Int(pageSize)).contains { pages[$0] != nil }
   }
 
   // MARK: Fills (the broker's ioctls)
@@ -282,6 +305,13 @@ struct SimProcess {
       release(page)
     }
     return poisoned
+  }
+
+  /// Whether region memory (not fresh) precedes `page` in its mapping: how the
+  /// broker tells a grown tail from memory it lost track of.
+  func followsRegionMemory(_ page: UInt) -> Bool {
+    guard let mapping = mapping(containing: page) else { return false }
+    return stride(from: mapping.lowerBound, to: page, by: Int(pageSize)).contains { pages[$0]?.origin.isFresh == false }
   }
 
   /// The mapping holding `page`: the run of registered pages around it.

@@ -93,6 +93,7 @@ extension Simulation {
       if processes.count(where: { !$0.exited }) < Self.maxProcesses { fork(slot, thread: thread) }
       return
     }
+    if roll >= 94 { return grow(slot, thread: thread) }
     guard let range = changeableRange(in: slot, pages: 1 + random.below(roll < 90 ? 4 : 8)) else { return }
     statistics.mapChanges += 1
     if roll < 75 {
@@ -128,18 +129,48 @@ extension Simulation {
     return range
   }
 
+  /// An mremap that grows a range by a few pages: in place where the range
+  /// ends its mapping and unmapped memory follows (no event), else moved to a
+  /// hole (REMAP and trailing UNMAP of the old length). The tail is fresh.
+  private func grow(_ slot: Int, thread: Int) {
+    let extra = 1 + random.below(4)
+    guard processes[slot].pages.count + extra <= Self.maxPages, let range = changeableRange(in: slot, pages: 1 + random.below(4)) else { return }
+    statistics.mapChanges += 1
+    statistics.grows += 1
+    if random.chance(50), processes[slot].isFree(range.upperBound, pages: extra), !isBusy(slot, range.upperBound..<range.upperBound + UInt(extra) * pageSize) {
+      note("client \(processes[slot].id) thread \(thread) grows \(describe(range)) in place by \(extra) pages")
+      processes[slot].grow(at: range.upperBound, pages: extra, serial: &freshPages)
+      return
+    }
+    let length = range.count + extra * Int(pageSize)
+    guard let destination = hole(in: slot, length: length) else { return }
+    note("client \(processes[slot].id) thread \(thread) grows \(describe(range)) by \(extra) pages, moving it to 0x\(String(destination, radix: 16))")
+    processes[slot].movePages(from: range.lowerBound, to: destination, length: range.count)
+    processes[slot].grow(at: destination + UInt(range.count), pages: extra, serial: &freshPages)
+    processes[slot].beginMapChange([
+      .remap(from: range.lowerBound, to: destination, length: range.count, thread: thread),
+      .unmap(range, thread: thread, trailing: true),
+    ], thread: thread)
+    busy[slot, default: []].append((thread, range))
+    busy[slot, default: []].append((thread, destination..<destination + UInt(length)))
+  }
+
+  private func isBusy(_ slot: Int, _ range: Range<UInt>) -> Bool {
+    (busy[slot] ?? []).contains { processes[slot].threads[$0.thread] == .changingMaps && $0.range.overlaps(range) }
+  }
+
   /// An unregistered range of `length` bytes in the process's part of the
   /// address space: often the hole another thread's move is leaving (its
   /// trailing UNMAP then comes after this move's REMAP).
   private func hole(in slot: Int, length: Int) -> UInt? {
+    let pages = length / Int(pageSize)
     let leaving = (busy[slot] ?? []).filter { processes[slot].threads[$0.thread] == .changingMaps && processes[slot].pages[$0.range.lowerBound] == nil }
-    if random.chance(60), let source = leaving.randomElement(using: &random),
-       !stride(from: source.range.lowerBound, to: source.range.lowerBound + UInt(length), by: Int(pageSize)).contains(where: { processes[slot].pages[$0] != nil }) {
+    if random.chance(60), let source = leaving.randomElement(using: &random), processes[slot].isFree(source.range.lowerBound, pages: pages) {
       return source.range.lowerBound
     }
     for _ in 0..<8 {
       let start = processes[slot].area + UInt(random.below(0x300)) * pageSize
-      if !stride(from: start, to: start + UInt(length), by: Int(pageSize)).contains(where: { processes[slot].pages[$0] != nil }) { return start }
+      if processes[slot].isFree(start, pages: pages) { return start }
     }
     return nil
   }

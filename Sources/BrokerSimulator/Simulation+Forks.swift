@@ -47,12 +47,16 @@ extension Simulation {
     }
   }
 
-  /// Whether page `page` of process `slot` may fail closed by design: a forked
-  /// child's region its plugin did not take within the registration timeout
-  /// (or refused: the parent's region was not open on it).
+  /// Whether page `page` of process `slot` may fail closed by design (README,
+  /// Reliability): a forked child's region its plugin did not take within the
+  /// registration timeout (or refused: the parent's region was not open on it);
+  /// a grown tail in a forked child (no pid to read its mappings), or moved
+  /// since it grew, or with no region memory before it in its mapping any
+  /// more (the broker cannot tell it from memory it lost track of).
   func mayFailClosed(_ slot: Int, page: UInt) -> Bool {
     let process = processes[slot]
     guard let origin = process.pages[page]?.origin else { return true }  // not its memory (any more)
+    if origin.isFresh { return process.forkedAt != nil || process.movedFresh.contains(origin) || !process.followsRegionMemory(page) }
     return process.forkedAt != nil && (process.inheritedUnserved.contains(origin.region) || !process.acceptedRegions.contains(origin.region))
   }
 

@@ -42,6 +42,8 @@ public final class Simulation {
     public var fills = 0
     public var mapChanges = 0
     public var forks = 0
+    /// mremaps that grew a range (in place or moved).
+    public var grows = 0
     public var brokerRestarts = 0
     public var pluginCrashes = 0
     public var clientsServed = 0
@@ -57,6 +59,7 @@ public final class Simulation {
       fills += other.fills
       mapChanges += other.mapChanges
       forks += other.forks
+      grows += other.grows
       brokerRestarts += other.brokerRestarts
       pluginCrashes += other.pluginCrashes
       clientsServed += other.clientsServed
@@ -94,11 +97,15 @@ public final class Simulation {
   /// memory on only once the change returned (a thread may still move
   /// memory into a hole another thread is making).
   var busy: [Int: [(thread: Int, range: Range<UInt>)]] = [:]
+  /// Fresh pages made so far (grown tails): their serial numbers.
+  var freshPages: UInt64 = 0
 
   static let wakeLimit = 10
   static let regionPages = 16
   /// Processes alive at once, forked children included.
   static let maxProcesses = 6
+  /// Registered pages a process may grow to.
+  static let maxPages = 3 * regionPages
   static let features: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap, .eventFork]
 
   public init(seed: UInt64, tracing: Bool = false) {
@@ -155,7 +162,7 @@ public final class Simulation {
     if let failure { throw fail(failure) }
     // At most one per page of a client the broker serves (a forked child's
     // exit is seen at its next probe): a second fault of a page merges into the first.
-    let bound = processes.count(where: \.knownToBroker) * 2 * Self.regionPages
+    let bound = processes.count(where: \.knownToBroker) * Self.maxPages
     if engine.outstandingFaults > bound {
       throw fail("the broker keeps \(engine.outstandingFaults) faults, more than the \(bound) pages its clients have")
     }

@@ -159,6 +159,9 @@ extension BrokerEngine {
   public func inspected(_ id: ClientID, page: UInt, mapping: Range<UInt>?, now: UInt64) {
     self.now = now
     guard let client = clients[id], let fault = ledger.id(client: id, page: page), case .handling? = ledger[fault]?.state else { return }
+    // The inspection of another fault of the same read may have placed it since
+    // (the first fault in a grown tail records the whole stretch).
+    if client.regions.piece(containing: page) != nil { return routeFault(fault) }
     guard let mapping else {
       // Unmapped, or replaced by memory this uffd does not serve: the access re-faults against what is there now.
       actions.append(.wake(client.id, page..<page + UInt(pageSize)))
