@@ -42,4 +42,6 @@ mutate "a re-attaching client's threads woken only where its regions lie now" So
   "    actions.append(.wake(client.id, Self.probeAddress..<Self.userAddressEnd))" ""
 mutate "a second fault in a grown tail failed closed once the first's inspection placed it" Sources/BrokerCore/Engine/BrokerEngine+Faults.swift \
   "    if client.regions.piece(containing: page) != nil { return routeFault(fault) }" ""
+mutate "a prefetch filled over pages no one can vouch for" Sources/BrokerCore/Engine/BrokerEngine+Faults.swift \
+  "      range = page..<page + UInt(pageSize)" ""
 echo "every planted bug was caught"

@@ -11,8 +11,9 @@ import Userfaultfd
 ///   woken (it then touches the page again, and faults again if it is still missing);
 /// - a thread that changes the mappings (madvise, munmap, mremap) queues its
 ///   messages one at a time and waits until each is read; a move's trailing
-///   UNMAP is queued only after its REMAP was read, so other threads' messages
-///   come in between;
+///   UNMAP is queued only after its REMAP was read, and a balloon's next
+///   madvise issued only after the last one's REMOVE was read, so other
+///   threads' messages come in between;
 /// - a fill fails with EAGAIN while a map change is queued and unread, with
 ///   EEXIST at a present page, ENOENT at an unregistered one, and stops
 ///   (a partial fill) at the first such page past the first;
@@ -124,6 +125,13 @@ struct SimProcess {
   var forkedAt: UInt64?
   var acceptedRegions: Set<UInt64> = []
   var inheritedUnserved: Set<UInt64> = []
+  /// A forked child: what its parent's drop records said no one can vouch for, at the fork.
+  var inheritedUnknown: [UInt64: [Range<UInt64>]] = [:]
+
+  /// Region offsets no one can vouch for, as the broker last said (the `unknown`
+  /// of the drop records): after a broker restart their faults fail closed.
+  var unknown: [UInt64: [Range<UInt64>]] { hasSocket ? client.dropRecords.mapValues(\.unknown) : inheritedUnknown }
+
   /// A forked child's memory where it lay at the fork (what its keeper knows of it).
   var atFork: [UInt: Origin] = [:]
   /// Fresh pages (grown tails) moved since they were made: the broker may not tell them from lost memory.
@@ -191,7 +199,10 @@ struct SimProcess {
     if pendingMessages[thread].isEmpty {
       if threads[thread] == .changingMaps { threads[thread] = .running }
     } else {
-      queue.append(pendingMessages[thread].removeFirst())
+      let next = pendingMessages[thread].removeFirst()
+      // A balloon's next madvise: it drops when issued (a move's trailing UNMAP unmapped at the move).
+      if case .remove(let range, _) = next { dropPages(range) }
+      queue.append(next)
     }
   }
 

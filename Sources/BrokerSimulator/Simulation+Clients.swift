@@ -9,24 +9,33 @@ extension Simulation {
     let slot = processes.count
     var process = SimProcess(pid: nextPid, threads: 3, pageSize: pageSize)
     nextPid += 1
-    guard case .success(let id) = engine.clientConnected(PeerCredentials(pid: process.pid, uid: 0, gid: 0), now: now) else { return }
-    process.id = id
     process.area = UInt(0x1000_0000) * UInt(slot + 1)
     var specs: [RegionSpec] = []
     for region in 0..<2 {
       let start = process.area + UInt(region) * 0x10_0000
-      specs.append(RegionSpec(id: UInt64(region + 1), base: start, length: Self.regionPages * Int(pageSize), pageSize: Int(pageSize), plugin: "p\(region)"))
-      for page in 0..<Self.regionPages {
+      specs.append(RegionSpec(id: UInt64(region + 1), base: start, length: Self.regionPages[region] * Int(pageSize), pageSize: Int(pageSize), plugin: "p\(region)"))
+      for page in 0..<Self.regionPages[region] {
         process.pages[start + UInt(page) * pageSize] = .init(origin: .init(region: UInt64(region + 1), offset: UInt64(page) * UInt64(pageSize)), present: nil)
       }
     }
     process.client.regions = specs
     process.client.token = UInt128(random.next()) << 64 | UInt128(random.next()) | 1
     processes.append(process)
+    attach(slot, regions: specs)
+  }
+
+  /// Connects, says Hello and registers the process's uffd with `regions` and
+  /// its token, as the ClientSDK does (the Ack comes when the plugins took them).
+  func attach(_ slot: Int, regions: [RegionSpec]) {
+    guard case .success(let id) = engine.clientConnected(PeerCredentials(pid: processes[slot].pid, uid: 0, gid: 0), now: now) else {
+      return ended(slot, reason: "refused by the broker")
+    }
+    processes[slot].id = id
+    processes[slot].knownToBroker = true
     slots[id] = slot
-    note("client \(id) (pid \(process.pid)) connects")
+    note("client \(id) (pid \(processes[slot].pid)) connects: \(regions.map { "region \($0.id) at \($0.pieces.isEmpty ? [$0.range] : $0.pieces.map(\.range)) dropped \($0.dropped)" })")
     engine.clientRequest(id, ClientRequest(requestID: 1, .hello(Hello(role: .client, name: "sim"))), descriptors: .none, now: now)
-    let register = RegisterRequest(pid: process.pid, features: Self.features, ioctls: [], regions: specs, token: process.client.token)
+    let register = RegisterRequest(pid: processes[slot].pid, features: Self.features, ioctls: [], regions: regions, token: processes[slot].client.token)
     engine.clientRequest(id, ClientRequest(requestID: 2, .register(register)), descriptors: .userfaultfd(Self.features), now: now)
     perform()
   }
@@ -96,10 +105,13 @@ extension Simulation {
     if roll >= 94 { return grow(slot, thread: thread) }
     guard let range = changeableRange(in: slot, pages: 1 + random.below(roll < 90 ? 4 : 8)) else { return }
     statistics.mapChanges += 1
-    if roll < 75 {
+    if roll < 74 {
       note("client \(processes[slot].id) thread \(thread) drops \(describe(range))")
       processes[slot].dropPages(range)
       processes[slot].beginMapChange([.remove(range, thread: thread)], thread: thread)
+    } else if roll < 75 {
+      balloon(slot, thread: thread)
+      return
     } else if roll < 85 {
       guard processes[slot].pages.count > 8 else { return }
       note("client \(processes[slot].id) thread \(thread) unmaps \(describe(range))")
@@ -127,6 +139,25 @@ extension Simulation {
     let range = start..<end
     guard !(busy[slot] ?? []).contains(where: { $0.range.overlaps(range) }) else { return nil }
     return range
+  }
+
+  /// A balloon: every other page of the large region (by offset, wherever it
+  /// lies now) dropped by a madvise of its own, one after the other (each
+  /// waits until its REMOVE was read). It fragments the region's drop record
+  /// past `RegionSpec.maxExtents`: the client is told a cover (`unknown`).
+  private func balloon(_ slot: Int, thread: Int) {
+    let parity = UInt64(random.below(2))
+    busy[slot] = busy[slot]?.filter { processes[slot].threads[$0.thread] == .changingMaps }
+    let pages = processes[slot].pages.filter { page, entry in
+      entry.origin.region == 2 && entry.origin.offset / UInt64(pageSize) % 2 == parity
+        && !(busy[slot] ?? []).contains { $0.range.contains(page) }
+    }.keys.sorted()
+    guard pages.count > 1 else { return }
+    statistics.balloons += 1
+    note("client \(processes[slot].id) thread \(thread) balloons \(pages.count) pages of region 2")
+    processes[slot].dropPages(pages[0]..<pages[0] + pageSize)
+    processes[slot].beginMapChange(pages.map { .remove($0..<$0 + pageSize, thread: thread) }, thread: thread)
+    for page in pages { busy[slot, default: []].append((thread, page..<page + pageSize)) }
   }
 
   /// An mremap that grows a range by a few pages: in place where the range

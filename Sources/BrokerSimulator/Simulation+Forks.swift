@@ -26,6 +26,7 @@ extension Simulation {
     }
     var child = forked
     child.inheritedUnserved = processes[parent].unservedRegions
+    child.inheritedUnknown = processes[parent].unknown
     child.id = id
     child.registered = true
     child.forkedAt = now
@@ -52,11 +53,13 @@ extension Simulation {
   /// registration timeout (or refused: the parent's region was not open on it);
   /// a grown tail in a forked child (no pid to read its mappings), or moved
   /// since it grew, or with no region memory before it in its mapping any
-  /// more (the broker cannot tell it from memory it lost track of).
+  /// more (the broker cannot tell it from memory it lost track of); a page in
+  /// the cover of a drop record too fragmented to list (`unknown`).
   func mayFailClosed(_ slot: Int, page: UInt) -> Bool {
     let process = processes[slot]
     guard let origin = process.pages[page]?.origin else { return true }  // not its memory (any more)
     if origin.isFresh { return process.forkedAt != nil || process.movedFresh.contains(origin) || !process.followsRegionMemory(page) }
+    if process.unknown[origin.region]?.contains(where: { $0.contains(origin.offset) }) == true { return true }
     return process.forkedAt != nil && (process.inheritedUnserved.contains(origin.region) || !process.acceptedRegions.contains(origin.region))
   }
 

@@ -33,7 +33,6 @@ extension Simulation {
       }
       processes[slot].client.children.removeAll()
       processes[slot].watched = false
-      processes[slot].knownToBroker = false
       if processes[slot].hasSocket && !processes[slot].registered {
         ended(slot, reason: "its broker died while it registered")  // the ClientSDK's init fails
       } else if processes[slot].hasSocket {
@@ -50,17 +49,9 @@ extension Simulation {
   func reattach(_ slot: Int) {
     for orphan in processes[slot].orphans { letGo(orphan.slot, poisoning: orphan.pieces) }
     processes[slot].orphans.removeAll()
-    guard case .success(let id) = engine.clientConnected(PeerCredentials(pid: processes[slot].pid, uid: 0, gid: 0), now: now) else { return }
-    processes[slot].id = id
     processes[slot].attachment = .attaching
-    processes[slot].knownToBroker = true
-    slots[id] = slot
-    let regions = processes[slot].client.currentRegions
-    note("client \(id) (pid \(processes[slot].pid)) re-attaches: \(regions.map { "region \($0.id) at \($0.pieces.isEmpty ? [$0.range] : $0.pieces.map(\.range)) dropped \($0.dropped)" })")
-    engine.clientRequest(id, ClientRequest(requestID: 1, .hello(Hello(role: .client, name: "sim"))), descriptors: .none, now: now)
-    let register = RegisterRequest(pid: processes[slot].pid, features: Self.features, ioctls: [], regions: regions, token: processes[slot].client.token)
-    engine.clientRequest(id, ClientRequest(requestID: 2, .register(register)), descriptors: .userfaultfd(Self.features), now: now)
-    perform()
+    note("client pid \(processes[slot].pid) re-attaches")
+    attach(slot, regions: processes[slot].client.currentRegions)
   }
 
   /// A keeper lets go of a forked child's uffd that no broker reads any more:

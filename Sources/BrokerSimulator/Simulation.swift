@@ -44,6 +44,8 @@ public final class Simulation {
     public var forks = 0
     /// mremaps that grew a range (in place or moved).
     public var grows = 0
+    /// Balloons: every other page of a range dropped, one madvise at a time.
+    public var balloons = 0
     public var brokerRestarts = 0
     public var pluginCrashes = 0
     public var clientsServed = 0
@@ -60,6 +62,7 @@ public final class Simulation {
       mapChanges += other.mapChanges
       forks += other.forks
       grows += other.grows
+      balloons += other.balloons
       brokerRestarts += other.brokerRestarts
       pluginCrashes += other.pluginCrashes
       clientsServed += other.clientsServed
@@ -101,11 +104,13 @@ public final class Simulation {
   var freshPages: UInt64 = 0
 
   static let wakeLimit = 10
-  static let regionPages = 16
+  /// Pages of each client's two regions: the second large enough for a
+  /// balloon to fragment its drop record past `RegionSpec.maxExtents`.
+  static let regionPages = [16, 72]
   /// Processes alive at once, forked children included.
   static let maxProcesses = 6
   /// Registered pages a process may grow to.
-  static let maxPages = 3 * regionPages
+  static let maxPages = regionPages.reduce(0, +) + 16
   static let features: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap, .eventFork]
 
   public init(seed: UInt64, tracing: Bool = false) {

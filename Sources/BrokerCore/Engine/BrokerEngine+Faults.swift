@@ -78,7 +78,16 @@ extension BrokerEngine {
     }
     // A prefetch may reach parts of the region that were unmapped or moved
     // away since: fill only what is live here, around the faulting page.
-    let range = (start..<start + UInt(length)).clamped(to: piece.live)
+    var range = (start..<start + UInt(length)).clamped(to: piece.live)
+    // Nor pages no one can vouch for (lost with a plugin, or in the cover of a
+    // drop record too fragmented to list): they fail closed when they fault, and
+    // the plugin does not know what they must read. A prefetch over them fills
+    // the faulting page alone; a fault whose own page became one is routed again.
+    if !client.lostPages.isEmpty, let lost = client.lostPages[piece.spec.id],
+       !lost.clamped(to: piece.offset(of: range.lowerBound)..<piece.offset(of: range.lowerBound) + UInt64(range.count)).isEmpty {
+      if lost.contains(piece.offset(of: page)) { return park(id) }
+      range = page..<page + UInt(pageSize)
+    }
     let skip = Int(range.lowerBound - start)
     var source = FillOrder.Source.none
     if kind == .copy, let offset = decision.sharedOffset {
