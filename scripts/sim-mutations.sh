@@ -31,7 +31,7 @@ mutate "trailing UNMAP applied late" Sources/BrokerCore/Regions/RegionTable.swif
 mutate "a Closed lost" Sources/BrokerCore/Engine/BrokerEngine+Clients.swift \
   "for name in client.servedBy.sorted() {" "for name in client.servedBy.sorted().dropFirst() {"
 mutate "drops not replayed to a restarted plugin" Sources/BrokerCore/Engine/BrokerEngine+Plugins.swift \
-  "for event in droppedEvents(of: piece.spec.id, client: client) {" "for event in droppedEvents(of: piece.spec.id, client: client).prefix(0) {"
+  "dropped += droppedEvents(of: spec, client: client)" "dropped += droppedEvents(of: spec, client: client).prefix(0)"
 mutate "a forked child's region offered again as a copy of its parent's as it is now" Sources/BrokerCore/Engine/BrokerEngine+Clients.swift \
   "let forkedFrom = client.pendingOpen?.awaiting.contains(spec.id) == true ? client.parentID : 0" "let forkedFrom = client.parentID"
 mutate "a parent's drops told before its forked child's region is opened" Sources/BrokerCore/Engine/BrokerEngine+Plugins.swift \
