@@ -191,7 +191,7 @@ public final class Simulation {
     case 970..<980: passTime(UInt64(random.below(80_000_000)))
     case 980..<992: pluginLifecycle(random.below(plugins.count))
     case 992..<999: clientLifecycle()
-    default: if random.chance(50) { restartBroker() }
+    default: restartBroker()
     }
   }
 
