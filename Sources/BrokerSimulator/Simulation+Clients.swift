@@ -85,9 +85,12 @@ extension Simulation {
     guard processes[slot].threads[thread] == .running else { return }
     let roll = random.below(100)
     if roll < 60 {
-      // Mostly where a fault is: the pages not present.
+      // Mostly where a fault is: the pages not present; often memory just grown (a program uses it).
       let missing = random.chance(80)
-      guard let page = processes[slot].pages.filter({ !missing || $0.value.present == nil }).keys.sorted().randomElement(using: &random)
+      let fresh = random.chance(25)
+      let candidates = processes[slot].pages.filter { !missing || $0.value.present == nil }
+      let grown = fresh ? candidates.filter(\.value.origin.isFresh) : [:]
+      guard let page = (grown.isEmpty ? candidates : grown).keys.sorted().randomElement(using: &random)
         ?? processes[slot].pages.keys.sorted().randomElement(using: &random)
       else { return }
       let write = random.chance(30)
