@@ -3,12 +3,13 @@ import BrokerProtocol
 import Userfaultfd
 
 /// The broker's engine driven through a seeded schedule, FoundationDB-style:
-/// client processes whose threads fault, drop, unmap and move memory, and
-/// fork, while others fault on it; plugins that answer late, out of order,
-/// twice, wrongly or never, crash, hang and come back; time that passes in
-/// jumps; fills that the kernel model refuses as the kernel would (EAGAIN,
-/// EEXIST, ENOENT, partial). The simulation is the engine's runtime: it
-/// performs every action.
+/// client processes whose threads fault, drop (balloons too), unmap, move and
+/// grow memory, and fork, while others fault on it; plugins that answer late,
+/// out of order, twice, wrongly or never, crash, hang and come back; a broker
+/// killed and restarted, its clients re-attaching as the ClientSDK does; time
+/// that passes in jumps; fills that the kernel model refuses as the kernel
+/// would (EAGAIN, EEXIST, ENOENT, partial). The simulation is the engine's
+/// runtime: it performs every action.
 ///
 /// Checked at every step:
 /// - every page filled reads what it must: the plugin's data for its region
@@ -16,7 +17,9 @@ import Userfaultfd
 ///   parent's read at the fork (no stale decision applied, no event reordered
 ///   after a fault, no offset mixed up, no parent's later drop leaking in);
 /// - nothing fails closed (poison, or a client killed) unless the model says
-///   the page may by design (a forked child's region its plugin did not take);
+///   the page may by design (`mayFailClosed`), and a keeper letting a forked
+///   child go after a broker restart leaves no page reading zeros where data
+///   was, but where the ClientSDK cannot reach (`letGo`);
 /// - a fault woken `wakeLimit` times with no map event in between is a livelock;
 /// - the broker keeps at most one fault per page of its clients.
 /// After the schedule, with the plugins made reliable: every thread gets its
