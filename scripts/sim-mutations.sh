@@ -31,5 +31,17 @@ mutate "trailing UNMAP applied late" Sources/BrokerCore/Regions/RegionTable.swif
 mutate "a Closed lost" Sources/BrokerCore/Engine/BrokerEngine+Clients.swift \
   "for name in client.servedBy.sorted() {" "for name in client.servedBy.sorted().dropFirst() {"
 mutate "drops not replayed to a restarted plugin" Sources/BrokerCore/Engine/BrokerEngine+Plugins.swift \
-  "for event in droppedEvents(of: piece.spec.id, client: client) {" "for event in droppedEvents(of: piece.spec.id, client: client).prefix(0) {"
+  "dropped += droppedEvents(of: spec, client: client)" "dropped += droppedEvents(of: spec, client: client).prefix(0)"
+mutate "a forked child's region offered again as a copy of its parent's as it is now" Sources/BrokerCore/Engine/BrokerEngine+Clients.swift \
+  "let forkedFrom = client.pendingOpen?.awaiting.contains(spec.id) == true ? client.parentID : 0" "let forkedFrom = client.parentID"
+mutate "a parent's drops told before its forked child's region is opened" Sources/BrokerCore/Engine/BrokerEngine+Plugins.swift \
+  "dropped += droppedEvents(of: spec, client: client)" "for event in droppedEvents(of: spec, client: client) { actions.append(.send(plugin.id, event)) }"
+mutate "a forked child's drop record reset to what its parent re-attached with" Sources/BrokerCore/Engine/BrokerEngine+Clients.swift \
+  "      if !client.isForkedChild {" "      if true {"
+mutate "a re-attaching client's threads woken only where its regions lie now" Sources/BrokerCore/Engine/BrokerEngine+Clients.swift \
+  "    actions.append(.wake(client.id, Self.probeAddress..<Self.userAddressEnd))" ""
+mutate "a second fault in a grown tail failed closed once the first's inspection placed it" Sources/BrokerCore/Engine/BrokerEngine+Faults.swift \
+  "    if client.regions.piece(containing: page) != nil { return routeFault(fault) }" ""
+mutate "a prefetch filled over pages no one can vouch for" Sources/BrokerCore/Engine/BrokerEngine+Faults.swift \
+  "      range = page..<page + UInt(pageSize)" ""
 echo "every planted bug was caught"

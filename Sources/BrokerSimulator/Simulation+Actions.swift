@@ -19,24 +19,48 @@ extension Simulation {
       case .ack where !processes[slot].registered:
         processes[slot].registered = true
         note("client \(id) registered")
+      case .ack where processes[slot].attachment == .attaching:
+        processes[slot].attachment = .attached
+        note("client \(id) re-attached")
       case .error(let error):
         note("client \(id) told: \(error)")
       default:
-        break
+        processes[slot].client.take(reply.body)
       }
-    case .watch(let id, _):
+    case .notify(let id, let notice):
+      if let slot = slots[id] { processes[slot].client.take(notice.body) }
+    case .keepChild(let keeper, _, let notice):
+      if let slot = slots[keeper] { processes[slot].client.take(notice.body) }
+    case .watch(let id, _), .watchChild(let id):
       if let slot = slots[id] { processes[slot].watched = true }
+    case .adoptChild(let ticket, let child):
+      adoptChild(ticket, id: child)
+    case .dropChild(let ticket):
+      droppedChild(ticket, poisoning: nil)
+    case .failChild(let ticket, let ranges):
+      droppedChild(ticket, poisoning: ranges)
+    case .probe(let id):
+      guard let slot = slots[id] else { return }
+      engine.probed(id, exited: processes[slot].exited, now: now)
     case .close(let id):
       // Its uffd is closed: the kernel releases its threads (the process is ending, or was refused).
       guard let slot = slots[id] else { return }
-      if !processes[slot].exited { note("client \(id) closed by the broker") }
-      processes[slot].exited = true
+      processes[slot].knownToBroker = false
+      if processes[slot].attachment == .attaching {
+        processes[slot].attachment = .detached  // a re-attach refused: the client tries again
+      } else {
+        ended(slot, reason: "closed by the broker")
+      }
+    case .poisonMissing(let id, let range):
+      guard let slot = slots[id], !processes[slot].exited else { return }
+      poisoned(processes[slot].poisonMissing(range), of: slot, why: "the broker poisoned what its child never had")
     case .fill(let order):
       fill(order)
     case .wake(let id, let range):
       guard let slot = slots[id], !processes[slot].exited else { return }
       note("wake client \(id) \(describe(range))")
       processes[slot].wake(range, now: now)
+      reapIfKilled(slot)
     case .inspect(let id, _, let page):
       let mapping = slots[id].flatMap { processes[$0].mapping(containing: page) }
       engine.inspected(id, page: page, mapping: mapping, now: now)
@@ -58,10 +82,10 @@ extension Simulation {
       failure = "client \(id) killed (no schedule here calls for it)"
     case .log(let level, let message, let metadata):
       note("log \(level): \(message) \(metadata.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))")
-    case .adoptUffd, .notify, .releaseFile:
+    case .adoptUffd, .releaseFile:
       break
-    case .keepChild, .adoptChild, .dropChild, .failChild, .watchChild, .probe, .writeProtect, .poisonMissing:
-      failure = "unexpected \(action): no client forks or swaps out here"
+    case .writeProtect:
+      failure = "unexpected \(action): no client swaps out here"
     }
   }
 
@@ -89,10 +113,8 @@ extension Simulation {
       let outcome = try processes[slot].fill(range, content: content, injectPartial: !reliable && random.chance(3))
       statistics.fills += 1
       note("fill client \(order.client) \(describe(range)) \(order.kind): \(outcome)")
-      if order.kind == .poison, outcome == .done {
-        failure = "client \(order.client) page 0x\(String(order.page, radix: 16)) poisoned (\(order.purpose))"
-      }
       engine.filled(order, outcome: outcome, now: now)
+      if order.kind == .poison, outcome == .done { poisoned([order.page], of: slot, why: "\(order.purpose)") }
     } catch {
       guard case .wrongContent(let page, let got, let expected) = error else { return }
       failure = "client \(order.client) page 0x\(String(page, radix: 16)) filled with \(got), must read \(expected)"

@@ -8,8 +8,9 @@ public enum SimulationRunner {
     public var failure: Simulation.Failure?
     public var summary: String {
       "\(seeds) seeds, \(steps) steps: \(statistics.faults) faults, \(statistics.fills) fills, \(statistics.mapChanges) map changes, "
-        + "\(statistics.pluginCrashes) plugin crashes, \(statistics.clientsServed) clients served to the end"
-        + (failure.map { ": FAILED at seed \($0.seed) (replay: swift run -c release uffd-sim --seed \($0.seed) --steps \($0.step))" } ?? ": no failure")
+        + "\(statistics.grows) grows, \(statistics.balloons) balloons, \(statistics.forks) forks, \(statistics.brokerRestarts) broker restarts, \(statistics.pluginCrashes) plugin crashes, \(statistics.clientsServed) clients served to the end, "
+        + "\(statistics.failedClosed) pages failed closed by design, \(statistics.exposedByKeepers) exposed by keepers (a known hole)"
+        + (failure.map { ": FAILED at seed \($0.seed) (replay: swift run -c release uffd-sim --seed \($0.seed) --steps \($0.scheduleSteps))" } ?? ": no failure")
     }
   }
 
@@ -26,11 +27,7 @@ public enum SimulationRunner {
       }
       report.seeds += 1
       report.steps += simulation.statistics.steps
-      report.statistics.faults += simulation.statistics.faults
-      report.statistics.fills += simulation.statistics.fills
-      report.statistics.mapChanges += simulation.statistics.mapChanges
-      report.statistics.pluginCrashes += simulation.statistics.pluginCrashes
-      report.statistics.clientsServed += simulation.statistics.clientsServed
+      report.statistics.add(simulation.statistics)
     }
     return report
   }

@@ -3,8 +3,8 @@ import Glibc
 
 /// `uffd-sim`: runs the broker engine's deterministic simulation over many
 /// seeds. `uffd-sim --seeds 1000 --steps 10000` (default: 200 seeds of 5,000
-/// steps); `uffd-sim --seed N [--steps S]` replays one seed and prints the
-/// trace of its shortest failing prefix.
+/// steps); `uffd-sim --seed N [--steps S] [--full]` replays one seed and
+/// prints the trace of its shortest failing prefix (its last 80 lines, or all).
 let arguments = CommandLine.arguments.dropFirst()
 func value(_ flag: String) -> UInt64? {
   guard let index = arguments.firstIndex(of: flag), arguments.index(after: index) < arguments.endIndex else { return nil }
@@ -13,6 +13,7 @@ func value(_ flag: String) -> UInt64? {
 let steps = Int(value("--steps") ?? 5_000)
 if let seed = value("--seed") {
   if let failure = SimulationRunner.minimalFailure(seed: seed, steps: steps) {
+    if arguments.contains("--full") { print(failure.trace.joined(separator: "\n")) }
     print(failure)
     exit(1)
   }

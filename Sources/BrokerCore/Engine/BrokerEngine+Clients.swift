@@ -190,10 +190,14 @@ extension BrokerEngine {
       client.announcedRegions[spec.id] = spec.plugin
       client.servedBy.insert(spec.plugin)
       // A client re-attaching says what it swapped out: the plugin is asked whether it still holds it.
-      if !spec.swappedOut.isEmpty { client.swappedOutPages[spec.id] = OffsetRanges(spec.swappedOut) }
       // And what it dropped (the plugin is told), and what no one can vouch for (it fails closed).
-      if !spec.dropped.isEmpty { client.droppedPages[spec.id] = OffsetRanges(spec.dropped) }
-      for range in spec.unknown { client.lostPages[spec.id, default: OffsetRanges()].insert(range) }
+      // Not a forked child: its records are its parent's as of the fork, and the specs in its
+      // table still carry what the parent re-attached with, long since out of date.
+      if !client.isForkedChild {
+        if !spec.swappedOut.isEmpty { client.swappedOutPages[spec.id] = OffsetRanges(spec.swappedOut) }
+        if !spec.dropped.isEmpty { client.droppedPages[spec.id] = OffsetRanges(spec.dropped) }
+        for range in spec.unknown { client.lostPages[spec.id, default: OffsetRanges()].insert(range) }
+      }
       // A plugin that is away gets it when it connects (see `announceRegions`).
       if let plugin = route(named: spec.plugin).effective.connection {
         actions.append(.send(plugin.id, regionOpened(spec, of: client)))
@@ -202,8 +206,14 @@ extension BrokerEngine {
     }
   }
 
+  /// A forked child's region is offered as a copy of its parent's only while
+  /// the fork's offer of it awaits an answer (the plugin copies what it holds
+  /// of the parent then). Once taken, it is the child's own: a plugin that
+  /// restarts opens it afresh, with the child's drop record, as any client's
+  /// (the parent's state has moved on since the fork, and the parent may be gone).
   func regionOpened(_ spec: RegionSpec, of client: Client) -> BrokerEvent {
-    .regionOpened(clientID: client.id, pid: client.pid, region: client.announced(spec), forkedFrom: client.parentID, token: client.token)
+    let forkedFrom = client.pendingOpen?.awaiting.contains(spec.id) == true ? client.parentID : 0
+    return .regionOpened(clientID: client.id, pid: client.pid, region: client.announced(spec), forkedFrom: forkedFrom, token: client.token)
   }
 
   /// The regions could not be opened: a client is refused (and closed if it
@@ -247,7 +257,11 @@ extension BrokerEngine {
     actions.append(.watch(client.id, pid: client.pid))
     // A client re-attaching after a broker restart may have threads blocked on
     // faults the old broker read and never answered: wake them to fault again.
+    // Where its regions lie, and everywhere else: a thread may wait where its
+    // memory lay before a move or munmap the old broker read (should a kernel
+    // refuse the wide range, the regions' own wakes still go).
     for piece in client.regions.pieces { actions.append(.wake(client.id, piece.live)) }
+    actions.append(.wake(client.id, Self.probeAddress..<Self.userAddressEnd))
     report(.info, "client registered", .clientRegistered, ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "regions": "\(client.regions.pieces.count)"])
     reply(client, BrokerReply(requestID: requestID, .ack(clientID: client.id)))
   }

@@ -78,7 +78,16 @@ extension BrokerEngine {
     }
     // A prefetch may reach parts of the region that were unmapped or moved
     // away since: fill only what is live here, around the faulting page.
-    let range = (start..<start + UInt(length)).clamped(to: piece.live)
+    var range = (start..<start + UInt(length)).clamped(to: piece.live)
+    // Nor pages no one can vouch for (lost with a plugin, or in the cover of a
+    // drop record too fragmented to list): they fail closed when they fault, and
+    // the plugin does not know what they must read. A prefetch over them fills
+    // the faulting page alone; a fault whose own page became one is routed again.
+    if !client.lostPages.isEmpty, let lost = client.lostPages[piece.spec.id],
+       !lost.clamped(to: piece.offset(of: range.lowerBound)..<piece.offset(of: range.lowerBound) + UInt64(range.count)).isEmpty {
+      if lost.contains(piece.offset(of: page)) { return park(id) }
+      range = page..<page + UInt(pageSize)
+    }
     let skip = Int(range.lowerBound - start)
     var source = FillOrder.Source.none
     if kind == .copy, let offset = decision.sharedOffset {
@@ -160,6 +169,9 @@ extension BrokerEngine {
   public func inspected(_ id: ClientID, page: UInt, mapping: Range<UInt>?, now: UInt64) {
     self.now = now
     guard let client = clients[id], let fault = ledger.id(client: id, page: page), case .handling? = ledger[fault]?.state else { return }
+    // The inspection of another fault of the same read may have placed it since
+    // (the first fault in a grown tail records the whole stretch).
+    if client.regions.piece(containing: page) != nil { return routeFault(fault) }
     guard let mapping else {
       // Unmapped, or replaced by memory this uffd does not serve: the access re-faults against what is there now.
       actions.append(.wake(client.id, page..<page + UInt(pageSize)))

@@ -160,26 +160,30 @@ extension BrokerEngine {
     ])
   }
 
-  /// A plugin (re)connected: it learns every region it serves, then the events it
-  /// missed. With `origin` (a failed plugin whose regions it takes over): only
-  /// that plugin's regions; its own are open already, and opening them again
-  /// would reset whatever it keeps for them.
+  /// A plugin (re)connected: it learns every region it serves, then what was
+  /// dropped of them, then the events it missed. With `origin` (a failed plugin
+  /// whose regions it takes over): only that plugin's regions; its own are open
+  /// already, and opening them again would reset whatever it keeps for them.
   func announceRegions(to plugin: Plugin, of origin: PluginRoute? = nil) {
     guard let route = plugin.route else { return }
     let announces = { (candidate: PluginRoute) in
       candidate.effective === route && (origin.map { candidate.passes(through: $0) } ?? true)
     }
+    // Every region is opened before anything dropped is told: a forked child's
+    // region still offered as a copy of its parent's (a lower id, so opened
+    // before it) copies it as registered, and the child's own record follows.
+    var dropped: [BrokerEvent] = []
     for client in clients.values.sorted(by: { $0.id < $1.id }) {
+      // A forked child's regions are in its table and, while being opened, pending too: once each.
       var announced = Set<UInt64>()
-      for piece in client.regions.pieces where !piece.isNewMemory && announces(piece.route) && announced.insert(piece.spec.id).inserted {
-        actions.append(.send(plugin.id, regionOpened(piece.spec, of: client)))
-        for event in droppedEvents(of: piece.spec, client: client) { actions.append(.send(plugin.id, event)) }
-      }
-      for spec in client.pendingOpen?.regions ?? [] where announces(self.route(named: spec.plugin)) {
+      let live = client.regions.pieces.filter { !$0.isNewMemory && announces($0.route) }.map(\.spec)
+      let pending = (client.pendingOpen?.regions ?? []).filter { announces(self.route(named: $0.plugin)) }
+      for spec in live + pending where announced.insert(spec.id).inserted {
         actions.append(.send(plugin.id, regionOpened(spec, of: client)))
-        for event in droppedEvents(of: spec, client: client) { actions.append(.send(plugin.id, event)) }
+        dropped += droppedEvents(of: spec, client: client)
       }
     }
+    for event in dropped { actions.append(.send(plugin.id, event)) }
     if origin == nil { for event in route.takeMissedEvents() { actions.append(.send(plugin.id, event)) } }
   }
 

@@ -84,6 +84,9 @@ public final class BrokerEngine {
   /// The lowest address a process may map (the default `vm.mmap_min_addr`): the
   /// address a forked child's exit is probed at.
   public static let probeAddress: UInt = 65536
+  /// The end of the addresses every 64-bit Linux process maps without asking
+  /// (47 bits, less a page): a wake over everything a client may wait at.
+  public static let userAddressEnd: UInt = 0x7FFF_FFFF_F000
 
   public init(configuration: BrokerConfiguration, pageSize: Int, now: UInt64, makeToken: @escaping () -> UInt128) throws(BrokerError) {
     try configuration.validate()
