@@ -23,53 +23,57 @@ let package = Package(
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
   ],
   targets: [
-    // C shims: the only code that calls variadic syscalls, ioctls and CMSG macros.
+    // The userfaultfd C that Swift cannot reach: creation, the UFFDIO ioctls, uffd_msg flattened.
     .target(name: "CUserfaultfd"),
+    // The rest of the Linux C that Swift cannot reach: SCM_RIGHTS, SO_PEERCRED, pidfd, memfd, spawn, epoll, signalfd.
+    .target(name: "CLinux"),
+    // Helpers every module shares (errno results, close, clock, page size, threads): `package`, so no product exports them.
+    .target(name: "LinuxSupport", dependencies: [.product(name: "SystemPackage", package: "swift-system")]),
     // The seed's UserfaultFD in Swift, with ordered dispatch and redelivery.
-    .target(name: "Userfaultfd", dependencies: ["CUserfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
+    .target(name: "Userfaultfd", dependencies: ["CUserfaultfd", "CLinux", "LinuxSupport", .product(name: "SystemPackage", package: "swift-system")]),
     // libprotobuf-c (Debian libprotobuf-c-dev) and the code protoc-c generates from proto/.
     .systemLibrary(name: "CProtobufC", providers: [.apt(["libprotobuf-c-dev"])]),
     .target(name: "CBrokerWire", dependencies: ["CProtobufC"]),
     // Typed messages, framing and fd passing on SOCK_SEQPACKET.
-    .target(name: "BrokerProtocol", dependencies: ["CBrokerWire", "CUserfaultfd", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
+    .target(name: "BrokerProtocol", dependencies: ["CBrokerWire", "CLinux", "LinuxSupport", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
     // Spawning and explicit teardown of child processes (supervisor, demo, benchmark, tests).
-    .target(name: "ChildProcess", dependencies: ["CUserfaultfd", "Userfaultfd"]),
+    .target(name: "ChildProcess", dependencies: ["CLinux", "LinuxSupport"]),
     // The broker's logic without I/O: a state machine from inputs to actions (sans-I/O).
     .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: hotPath),
     // The broker's I/O: the epoll loop, sockets, uffd reads and ioctls, supervision; it performs the core's actions.
-    .target(name: "BrokerRuntime", dependencies: ["BrokerCore", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")],
+    .target(name: "BrokerRuntime", dependencies: ["BrokerCore", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "CLinux", "LinuxSupport", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: hotPath),
     // The engine driven by a seeded schedule against models of the kernel, clients and plugins.
     .target(name: "BrokerSimulator", dependencies: ["BrokerCore", "BrokerProtocol", "Userfaultfd"]),
     .executableTarget(name: "uffd-sim", dependencies: ["BrokerSimulator"]),
     // For processes whose memory is brokered.
-    .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "CUserfaultfd", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
+    .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "CLinux", "LinuxSupport", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
     // For plugins: a handler protocol and the run loop around it.
-    .target(name: "PluginSDK", dependencies: ["BrokerProtocol", "CUserfaultfd", "Userfaultfd"]),
+    .target(name: "PluginSDK", dependencies: ["BrokerProtocol", "CLinux", "LinuxSupport", "Userfaultfd"]),
     .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", "BrokerRuntime", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
     // Counts malloc calls (linked into the benchmark only) to prove the fault path allocates nothing.
     .target(name: "CMallocCounter"),
-    .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "BrokerRuntime", "ChildProcess", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CUserfaultfd", "CMallocCounter", .product(name: "Logging", package: "swift-log")]),
+    .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "BrokerRuntime", "ChildProcess", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CLinux", "LinuxSupport", "CMallocCounter", .product(name: "Logging", package: "swift-log")]),
     // Sample plugins.
     .executableTarget(name: "zero-fill-plugin", dependencies: ["PluginSDK"], path: "Examples/zero-fill-plugin"),
     .executableTarget(name: "snapshot-plugin", dependencies: ["PluginSDK", "BrokerProtocol"], path: "Examples/snapshot-plugin"),
     .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
-    .executableTarget(name: "swap-plugin", dependencies: ["PluginSDK", "BrokerProtocol", "CZlib"], path: "Examples/swap-plugin"),
+    .executableTarget(name: "swap-plugin", dependencies: ["PluginSDK", "BrokerProtocol", "CLinux", "CZlib"], path: "Examples/swap-plugin"),
     // The demo: the README's first command.
-    .executableTarget(name: "uffd-demo", dependencies: ["ClientSDK", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "Userfaultfd", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/uffd-demo"),
-    .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd"], path: "Examples/lazy-fill"),
-    .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd"]),
+    .executableTarget(name: "uffd-demo", dependencies: ["ClientSDK", "BrokerProtocol", "ChildProcess", "CLinux", "LinuxSupport", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/uffd-demo"),
+    .executableTarget(name: "lazy-fill", dependencies: ["Userfaultfd", "LinuxSupport"], path: "Examples/lazy-fill"),
+    .testTarget(name: "UserfaultfdTests", dependencies: ["Userfaultfd", "CUserfaultfd", "CLinux", "LinuxSupport"]),
     .testTarget(name: "BrokerProtocolTests", dependencies: ["BrokerProtocol", "CBrokerWire", "Userfaultfd"]),
     .testTarget(name: "BrokerCoreTests", dependencies: ["BrokerCore", "BrokerProtocol"]),
     .testTarget(name: "BrokerRuntimeTests", dependencies: ["BrokerRuntime"]),
     .testTarget(name: "BrokerSimulationTests", dependencies: ["BrokerSimulator"], exclude: ["regressions.txt"]),
     // Real broker, plugin and client processes against real userfaultfds.
-    .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ChildProcess", "ClientSDK", "Userfaultfd", "CUserfaultfd", "broker-fixture", "uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"]),
+    .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ChildProcess", "ClientSDK", "Userfaultfd", "CUserfaultfd", "CLinux", "broker-fixture", "uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"]),
     // libFuzzer target over the protocol decoders (built by scripts/fuzz.sh with -sanitize=fuzzer).
     .executableTarget(name: "uffd-fuzz", dependencies: ["BrokerProtocol"], path: "Tests/Fuzz/uffd-fuzz", swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
     // The plugin and client processes of the integration tests.
-    .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd"], path: "Tests/Fixtures/broker-fixture"),
+    .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd", "CLinux", "LinuxSupport"], path: "Tests/Fixtures/broker-fixture"),
   ],
   swiftLanguageModes: [.v6]
 )

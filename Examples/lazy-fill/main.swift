@@ -11,6 +11,7 @@
 // the threads read every word and check it. Exits 1 on an error or a mismatch.
 
 import Glibc
+import LinuxSupport
 import Synchronization
 import Userfaultfd
 

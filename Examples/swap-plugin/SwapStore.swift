@@ -1,4 +1,4 @@
-import CUserfaultfd
+import CLinux
 import Glibc
 import PluginSDK
 
@@ -176,7 +176,7 @@ private final class Log {
   private var capacity: Int
 
   static func memfd(_ name: String) throws -> CInt {
-    let fd = cuffd_memfd(name)
+    let fd = clinux_memfd(name)
     guard fd >= 0 else { throw SwapStoreError("memfd_create failed: \(-fd)") }
     return fd
   }

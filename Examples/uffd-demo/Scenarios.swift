@@ -1,7 +1,7 @@
 import BrokerProtocol
 import ClientSDK
 import Glibc
-import Userfaultfd
+import LinuxSupport
 
 /// Lazy snapshot restore: generate a snapshot file, register memory backed by
 /// it through the snapshot plugin, touch every page from several threads, and

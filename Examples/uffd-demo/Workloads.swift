@@ -1,9 +1,9 @@
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import ClientSDK
 import Glibc
+import LinuxSupport
 import Synchronization
-import Userfaultfd
 
 /// Deterministic page content and a checksum to verify every page against.
 enum Content {
@@ -66,7 +66,7 @@ func touchAll(_ memory: AnonymousMemory, threads: Int, label: String) -> (second
       let record = UnsafeMutablePointer<UInt32>(bitPattern: latencyAddress)!
       for page in first..<min(first + share, pages) {
         let before = monotonicNanoseconds()
-        _ = cuffd_touch(UnsafeRawPointer(bitPattern: base + UInt(page * 4096)))
+        _ = clinux_touch(UnsafeRawPointer(bitPattern: base + UInt(page * 4096)))
         record[page] = UInt32(clamping: monotonicNanoseconds() - before)
         if page & 255 == 255 { done.value.add(256, ordering: .relaxed) }
       }

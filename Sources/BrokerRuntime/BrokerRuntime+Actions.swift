@@ -1,7 +1,8 @@
 import BrokerCore
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import Glibc
+import LinuxSupport
 import Logging
 import SystemPackage
 import Userfaultfd
@@ -55,7 +56,7 @@ extension BrokerRuntime {
       do {
         try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, id))
       } catch {
-        engine.watchFailed(id, BrokerError(error), now: loopTime)
+        engine.watchFailed(id, error, now: loopTime)
       }
     case .close(let id):
       guard let link = clients.removeValue(forKey: id) else { return }
@@ -63,7 +64,7 @@ extension BrokerRuntime {
       if let uffd = link.uffd { loop.remove(uffd.fileDescriptor.rawValue) }
       if link.pidfd.isValid { loop.remove(link.pidfd.rawValue) }
     case .kill(let id):
-      if let link = clients[id], link.pidfd.isValid { _ = cuffd_pidfd_send_signal(link.pidfd.rawValue, SIGKILL) }
+      if let link = clients[id], link.pidfd.isValid { _ = clinux_pidfd_send_signal(link.pidfd.rawValue, SIGKILL) }
     case .fill(let order):
       engine.filled(order, outcome: fill(order), now: loopTime)
     case .wake(let id, let range):
@@ -129,15 +130,15 @@ extension BrokerRuntime {
   /// Opens the client's pidfd and watches its uffd and process.
   private func watch(_ id: ClientID, pid: Int32) {
     guard let link = clients[id], let uffd = link.uffd else { return }
-    do {
-      switch valueOrErrno(cuffd_pidfd_open(pid)) {
+    do throws(BrokerError) {
+      switch valueOrErrno(clinux_pidfd_open(pid)) {
       case .success(let fd): link.pidfd = OwnedDescriptor(fd)
       case .failure(let errno): throw BrokerError(.io, "cannot watch the client process", errno: errno)
       }
       try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, id))
       try loop.add(link.pidfd.rawValue, Token(.clientPidfd, id))
     } catch {
-      engine.watchFailed(id, BrokerError(error), now: loopTime)
+      engine.watchFailed(id, error, now: loopTime)
       return
     }
     readUffd(link)  // faults may have queued before the ack
@@ -219,7 +220,7 @@ extension BrokerRuntime {
       } catch {
         return engine.pluginGone(link.id, BrokerError(error), now: loopTime)
       }
-      loop.modify(link.socket.fd, Token(.plugin, link.id), events: cuffd_epollin | cuffd_epollout)
+      loop.modify(link.socket.fd, Token(.plugin, link.id), events: clinux_epollin | clinux_epollout)
     }
     // The plugin is not reading: keep order by queueing behind what is waiting.
     link.backlog.append(bytes)
@@ -235,6 +236,6 @@ extension BrokerRuntime {
       }
       link.backlog.removeFirst()
     }
-    loop.modify(link.socket.fd, Token(.plugin, link.id), events: cuffd_epollin)
+    loop.modify(link.socket.fd, Token(.plugin, link.id), events: clinux_epollin)
   }
 }

@@ -2,6 +2,7 @@ import BrokerCore
 import BrokerProtocol
 import CUserfaultfd
 import Glibc
+import LinuxSupport
 import SystemPackage
 import Userfaultfd
 

@@ -1,7 +1,9 @@
 import BrokerCore
 import BrokerProtocol
+import CLinux
 import CUserfaultfd
 import Glibc
+import LinuxSupport
 import Logging
 import Synchronization
 import SystemPackage
@@ -90,7 +92,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     clientListener = try PacketListener(path: configuration.clientSocketPath, mode: clientPrivate ? 0o600 : 0o666)
     pluginListener = try PacketListener(path: configuration.pluginSocketPath, mode: pluginPrivate ? 0o600 : 0o666)
     spareDescriptor = OwnedDescriptor(open("/dev/null", O_RDONLY | O_CLOEXEC))
-    switch valueOrErrno(cuffd_eventfd()) {
+    switch valueOrErrno(clinux_eventfd()) {
     case .success(let fd): wakeup = OwnedDescriptor(fd)
     case .failure(let errno): throw BrokerError(.io, "eventfd failed", errno: errno)
     }
@@ -121,7 +123,7 @@ public final class BrokerRuntime: @unchecked Sendable {
   /// the configured plugins first and stops them (TERM, wait, KILL) last.
   public func run(handleSignals: Bool = false) throws(BrokerError) {
     if handleSignals {
-      switch valueOrErrno(cuffd_termination_signalfd()) {
+      switch valueOrErrno(clinux_termination_signalfd()) {
       case .success(let fd): signals = OwnedDescriptor(fd)
       case .failure(let errno): throw BrokerError(.io, "signalfd failed", errno: errno)
       }
@@ -157,7 +159,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     case .clientListener: acceptClients()
     case .pluginListener: acceptPlugins()
     case .signal:
-      let signal = cuffd_read_signal(signals.rawValue)
+      let signal = clinux_read_signal(signals.rawValue)
       logger.info("stopping on signal", metadata: ["signal": "\(signal)"])
       stopping = true
     case .wakeup:
@@ -170,8 +172,8 @@ public final class BrokerRuntime: @unchecked Sendable {
       engine.clientGone(token.id, BrokerError(.disconnected, "the client process exited"), now: loopTime)
     case .plugin:
       guard let link = plugins[token.id] else { return }
-      if events & cuffd_epollout != 0 { drainBacklog(link) }
-      if events & (cuffd_epollin | cuffd_epollhup | cuffd_epollerr) != 0 { readPlugin(link) }
+      if events & clinux_epollout != 0 { drainBacklog(link) }
+      if events & (clinux_epollin | clinux_epollhup | clinux_epollerr) != 0 { readPlugin(link) }
     case .child:
       supervisor?.childExited(id: token.id, loop: loop)
       for plugin in configuration.plugins where supervisor?.hasGivenUp(plugin.name) == true { engine.pluginGivenUp(plugin.name) }

@@ -1,6 +1,6 @@
-import CUserfaultfd
+import CLinux
 import Glibc
-import Userfaultfd
+import LinuxSupport
 
 /// A child process, spawned and torn down explicitly: `terminate()` sends
 /// SIGTERM, waits, then SIGKILLs, and always reaps. Used by the broker's
@@ -81,16 +81,16 @@ public final class ChildProcess {
     let pid = options.stdin.withOptionalCString { stdin in
       options.stdout.withOptionalCString { stdout in
         options.stderr.withOptionalCString { stderr in
-          var spawn = cuffd_spawn_options(
+          var spawn = clinux_spawn_options(
             stdin_path: stdin, stdout_path: stdout, stderr_path: stderr, truncate: options.truncate ? 1 : 0,
             descriptor3: options.descriptor3 ?? -1, new_process_group: options.newProcessGroup ? 1 : 0)
-          return cuffd_spawn(executable, argv, envp, &spawn)
+          return clinux_spawn(executable, argv, envp, &spawn)
         }
       }
     }
     guard pid > 0 else { throw SpawnError(executable: executable, errno: -pid) }
     self.pid = pid
-    self.pidfd = cuffd_pidfd_open(pid)
+    self.pidfd = clinux_pidfd_open(pid)
     self.executable = executable
   }
 

@@ -1,5 +1,6 @@
 import BrokerProtocol
 import Glibc
+import LinuxSupport
 import SystemPackage
 import Userfaultfd
 

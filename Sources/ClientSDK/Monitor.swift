@@ -1,6 +1,7 @@
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import Glibc
+import LinuxSupport
 import Userfaultfd
 
 /// Watches the broker connection from a thread of its own. When the broker
@@ -17,7 +18,7 @@ final class Monitor: @unchecked Sendable {
   init(connection: Connection, policy: BrokerLossPolicy) {
     self.connection = connection
     self.policy = policy
-    stopEvent = cuffd_eventfd()
+    stopEvent = clinux_eventfd()
     if case .reattach = policy, stopEvent >= 0 {
       thread = spawnThread { [self] in run() }
     }

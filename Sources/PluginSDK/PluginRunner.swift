@@ -1,6 +1,7 @@
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import Glibc
+import LinuxSupport
 import Userfaultfd
 
 /// The plugin's side of the broker connection: Hello, then a loop that
@@ -69,7 +70,7 @@ public final class PluginRunner {
     var memfd: CInt = -1
     var mapping: UnsafeMutableRawBufferPointer?
     if sharedMemory {
-      memfd = cuffd_sealed_memfd("uffd-plugin-pages", UInt64(2 * Self.sharedHalf))
+      memfd = clinux_sealed_memfd("uffd-plugin-pages", UInt64(2 * Self.sharedHalf))
       if memfd >= 0, let pointer = mmap(nil, 2 * Self.sharedHalf, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0), pointer != MAP_FAILED {
         mapping = UnsafeMutableRawBufferPointer(start: pointer, count: 2 * Self.sharedHalf)
       }
@@ -304,7 +305,7 @@ public final class PluginRunner {
   }
 
   private func sendDelegations(of region: PluginRegion) {
-    // At most CUFFD_MAX_FDS descriptors ride on one packet: flush in between.
+    // At most CLINUX_MAX_FDS descriptors ride on one packet: flush in between.
     for delegation in region.pendingDelegations {
       if case .file = delegation.source, decisions.descriptorCount >= 8 { try? flush() }
       decisions.append(delegation)

@@ -1,5 +1,6 @@
-import CUserfaultfd
+import CLinux
 import Glibc
+import LinuxSupport
 import Userfaultfd
 
 /// The benchmark driver: this process is the client. It starts the broker and
@@ -48,7 +49,7 @@ enum Bench {
 
     // Before any thread exists: SIGINT/SIGTERM are blocked in every thread and
     // read by the watchdog, which cleans up (children, sockets) and exits.
-    let signals = cuffd_termination_signalfd()
+    let signals = clinux_termination_signalfd()
     var plugins: [PluginInstance] = []
     for mode in options.modes where mode.usesBroker {
       for plugin in mode.workload.plugins where !plugins.contains(plugin) { plugins.append(plugin) }

@@ -1,8 +1,8 @@
+import CLinux
 import ChildProcess
-import CUserfaultfd
 import Glibc
+import LinuxSupport
 import Synchronization
-import Userfaultfd
 
 struct BenchError: Error, CustomStringConvertible {
   var description: String
@@ -197,7 +197,7 @@ final class Watchdog: Sendable {
         for index in 0..<count where descriptors[index].revents & Int16(POLLHUP | POLLERR) != 0 {
           die("the \(labels[index]) process (pid \(pids[index])) exited unexpectedly")
         }
-        if descriptors[count].revents != 0 { die("interrupted by signal \(cuffd_read_signal(signals))") }
+        if descriptors[count].revents != 0 { die("interrupted by signal \(clinux_read_signal(signals))") }
       }
       let due = deadline.load(ordering: .relaxed)
       if due != 0 && monotonicNanoseconds() > due { die("a round did not finish within its deadline (a fault was never resolved?)") }

@@ -1,6 +1,6 @@
 import CMallocCounter
 import Glibc
-import Userfaultfd
+import LinuxSupport
 
 // Each child role gets one end of a SOCK_SEQPACKET socketpair as fd 3.
 // Child → bench: one byte `R` when it is serving. Bench → child: one byte `S`,

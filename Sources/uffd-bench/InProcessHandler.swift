@@ -1,3 +1,4 @@
+import LinuxSupport
 import Userfaultfd
 
 /// The in-process baseline's handler: what the seed did, on the Userfaultfd

@@ -1,5 +1,6 @@
 import BrokerProtocol
 import CMallocCounter
+import LinuxSupport
 import Userfaultfd
 
 /// The wire codecs' hot path in isolation: one page-fault event through

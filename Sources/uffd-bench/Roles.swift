@@ -1,12 +1,11 @@
 import BrokerCore
-import BrokerRuntime
 import BrokerProtocol
-import CUserfaultfd
+import BrokerRuntime
+import CLinux
 import Glibc
 import Logging
 import PluginSDK
 import Synchronization
-import Userfaultfd
 
 // The child roles of the benchmark: the same executable, so both link the
 // malloc counter and report their own allocations per fault.
@@ -88,7 +87,7 @@ final class BenchPlugin: PagePlugin {
   /// `delegate`: hands the region to the broker, backed by a memfd holding its pattern.
   func regionOpened(_ region: PluginRegion) throws {
     guard kind == .delegate else { return }
-    let fd = cuffd_sealed_memfd("bench-delegate", UInt64(region.length))
+    let fd = clinux_sealed_memfd("bench-delegate", UInt64(region.length))
     guard fd >= 0, let pointer = mmap(nil, region.length, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), pointer != MAP_FAILED else {
       throw BrokerError(.pluginRefused, "cannot make the delegated memfd")
     }

@@ -2,6 +2,7 @@ import BrokerProtocol
 import CMallocCounter
 import ClientSDK
 import Glibc
+import LinuxSupport
 import Userfaultfd
 
 /// Runs one round of one mode: fresh memory, its fault handler (none, an

@@ -1,5 +1,5 @@
 import Glibc
-import Userfaultfd
+import LinuxSupport
 
 /// One faulting thread's work, built once per mode before any round: the
 /// pages in the order it touches them, and which touches are faults (those are

@@ -1,5 +1,5 @@
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import Glibc
 import Testing
 
@@ -57,7 +57,7 @@ extension BrokerIntegrationTests {
         // The limit must not catch the busy client half-registered (its pidfd is opened at Register).
         #expect(h.waitForBrokerLog("client registered", "client.pid=\(busy.pid)"), h.diagnostics)
         // Leave the broker a few descriptors of headroom, then connect more raw clients than that.
-        #expect(cuffd_set_descriptor_limit(h.broker.pid, UInt64(h.brokerDescriptorCount() + 3)) == 0)
+        #expect(clinux_set_descriptor_limit(h.broker.pid, UInt64(h.brokerDescriptorCount() + 3)) == 0)
         var refused = 0
         var sockets: [PacketSocket] = []
         for _ in 0..<8 {
@@ -80,7 +80,7 @@ extension BrokerIntegrationTests {
         #expect(busy.wait(timeout: 60) == .exited(0), h.diagnostics(busy.stdout + busy.stderr))
         let summary = busy.stdout.split(separator: "\n").last.flatMap { BrokerIntegrationTests.Soak.SoakSummary(String($0)) }
         #expect(summary != nil && summary!.wrong == 0 && summary!.faults > 0, h.diagnostics(busy.stdout))
-        _ = cuffd_set_descriptor_limit(h.broker.pid, 4096)
+        _ = clinux_set_descriptor_limit(h.broker.pid, 4096)
       }
     }
   }

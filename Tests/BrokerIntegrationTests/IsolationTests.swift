@@ -1,6 +1,7 @@
 import BrokerProtocol
-import ClientSDK
+import CLinux
 import CUserfaultfd
+import ClientSDK
 import Glibc
 import Testing
 import Userfaultfd
@@ -215,7 +216,7 @@ extension BrokerIntegrationTests {
         let file = open(h.directory + "/plain", O_RDWR | O_CREAT, 0o600)
         defer { close(file) }
         #expect(ftruncate(file, 1 << 20) == 0)
-        let sealed = cuffd_sealed_memfd("test-area", 1 << 20)
+        let sealed = clinux_sealed_memfd("test-area", 1 << 20)
         defer { close(sealed) }
         let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 16)
         defer { packet.deallocate() }

@@ -5,6 +5,7 @@
 // redelivery deterministic.
 
 import Glibc
+import LinuxSupport
 import Testing
 import Userfaultfd
 

@@ -3,6 +3,7 @@
 // these uffds ask for no events, so munmap/madvise never wait for a reader.
 
 import Glibc
+import LinuxSupport
 import SystemPackage
 import Testing
 import Userfaultfd

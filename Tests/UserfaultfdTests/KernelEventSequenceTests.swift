@@ -10,8 +10,10 @@
 // return only once their messages were read, so when such a call has returned
 // the recorder already holds everything it caused: no waiting, no sleeps.
 
+import CLinux
 import CUserfaultfd
 import Glibc
+import LinuxSupport
 import Synchronization
 import SystemPackage
 import Testing
@@ -42,7 +44,7 @@ private final class KernelEventRecorder: @unchecked Sendable {
 
   init(_ uffd: UserfaultFD) throws {
     self.uffd = uffd
-    stopper = cuffd_eventfd()
+    stopper = clinux_eventfd()
     try #require(stopper >= 0, "eventfd failed")
     thread = startThread { [self] in run() }
   }
@@ -174,7 +176,7 @@ private func readFile(_ path: String) -> String {
 /// were read); the new address, or nil on failure.
 private func remap(_ f: Fixture, _ range: Range<UInt>, newLength: Int, flags: CInt, to destination: UInt = 0) -> UInt? {
   let result = f.run { () -> UInt in
-    let moved = cuffd_mremap(range.pointer, range.length, newLength, flags, UnsafeMutableRawPointer(bitPattern: destination))
+    let moved = clinux_mremap(range.pointer, range.length, newLength, flags, UnsafeMutableRawPointer(bitPattern: destination))
     return moved.map { UInt(bitPattern: $0) } ?? UInt.max
   }
   return result == UInt.max ? nil : result
@@ -312,7 +314,7 @@ extension UserfaultfdKernelTests {
     @Test("shmem: MADV_REMOVE is a REMOVE and the pages fault again; MADV_DONTNEED is a REMOVE but the page cache maps back without a fault")
     func shmemRemove() throws {
       try withRecorder(pages: 1, features: mapEvents.union(.missingShmem), register: false) { f, recorder in
-        let memfd = cuffd_memfd_create("kernel-event-sequence", 1 /* MFD_CLOEXEC */)
+        let memfd = clinux_memfd("kernel-event-sequence")
         try #require(memfd >= 0)
         defer { closeDescriptor(memfd) }
         try #require(ftruncate(memfd, off_t(4 * pageSize)) == 0)
@@ -377,7 +379,7 @@ extension UserfaultfdKernelTests {
         try f.uffd.register(address: old.lowerBound, length: old.length)
         try fillWithPattern(f, old.page(1))
 
-        let (moved, events) = recorder.recording { remap(f, old, newLength: 6 * pageSize, flags: cuffd_mremap_maymove) }
+        let (moved, events) = recorder.recording { remap(f, old, newLength: 6 * pageSize, flags: clinux_mremap_maymove) }
         let to = try #require(moved)
         let new = to..<to + UInt(6 * pageSize)
         f.own(new)
@@ -431,7 +433,7 @@ extension UserfaultfdKernelTests {
         let target = try mapAnonymous(pages: 2, protection: PROT_NONE)
         f.own(target)
         let (moved, events) = recorder.recording {
-          remap(f, f.region, newLength: 2 * pageSize, flags: cuffd_mremap_maymove | cuffd_mremap_fixed, to: target.lowerBound)
+          remap(f, f.region, newLength: 2 * pageSize, flags: clinux_mremap_maymove | clinux_mremap_fixed, to: target.lowerBound)
         }
         #expect(moved == target.lowerBound)
         f.unmap(f.region)  // bookkeeping only: already gone, no event
@@ -449,7 +451,7 @@ extension UserfaultfdKernelTests {
         try fillWithPattern(f, f.region.page(1))
         let target = try mapAnonymous(pages: 4, protection: PROT_NONE)
         f.own(target)
-        let flags = cuffd_mremap_maymove | cuffd_mremap_fixed | cuffd_mremap_dontunmap
+        let flags = clinux_mremap_maymove | clinux_mremap_fixed | clinux_mremap_dontunmap
         let (moved, events) = recorder.recording { remap(f, f.region, newLength: 4 * pageSize, flags: flags, to: target.lowerBound) }
         #expect(moved == target.lowerBound)
         #expect(events == [.remapped(from: f.region.lowerBound, to: target.lowerBound, length: 4 * pageSize)])
@@ -472,7 +474,7 @@ extension UserfaultfdKernelTests {
         #expect(mprotect(f.region.pages(4..<5).pointer, pageSize, PROT_NONE) == 0)
         try f.uffd.register(address: old.lowerBound, length: old.length)
         try fillWithPattern(f, old.page(1))
-        let (moved, events) = recorder.recording { remap(f, old, newLength: 6 * pageSize, flags: cuffd_mremap_maymove) }
+        let (moved, events) = recorder.recording { remap(f, old, newLength: 6 * pageSize, flags: clinux_mremap_maymove) }
         let to = try #require(moved)
         let new = to..<to + UInt(6 * pageSize)
         f.own(new)
@@ -487,7 +489,7 @@ extension UserfaultfdKernelTests {
         try fillWithPattern(f, f.region.page(1))
         let target = try mapAnonymous(pages: 4, protection: PROT_NONE)
         f.own(target)
-        let flags = cuffd_mremap_maymove | cuffd_mremap_fixed | cuffd_mremap_dontunmap
+        let flags = clinux_mremap_maymove | clinux_mremap_fixed | clinux_mremap_dontunmap
         let (moved, events) = recorder.recording { remap(f, f.region, newLength: 4 * pageSize, flags: flags, to: target.lowerBound) }
         #expect(moved == target.lowerBound)
         #expect(events == [])
@@ -513,7 +515,7 @@ extension UserfaultfdKernelTests {
           try #require(mapped == source.pointer)
           try f.uffd.register(address: source.lowerBound, length: source.length)
 
-          let flags = cuffd_mremap_maymove | cuffd_mremap_fixed | (dontUnmap ? cuffd_mremap_dontunmap : 0)
+          let flags = clinux_mremap_maymove | clinux_mremap_fixed | (dontUnmap ? clinux_mremap_dontunmap : 0)
           let (moved, events) = recorder.recording { remap(f, source, newLength: source.length, flags: flags, to: destination.lowerBound) }
           #expect(moved == destination.lowerBound)
           #expect(events == [], "dontUnmap: \(dontUnmap)")

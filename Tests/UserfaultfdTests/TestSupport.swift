@@ -8,6 +8,7 @@
 // makes the kernel release every thread still blocked on it.
 
 import Glibc
+import LinuxSupport
 import Synchronization
 import SystemPackage
 import Testing
@@ -157,7 +158,7 @@ struct TestThread: Sendable {
   }
 }
 
-/// Starts `body` on a new thread (the module's `spawnThread`).
+/// Starts `body` on a new thread (LinuxSupport's `spawnThread`).
 func startThread(_ body: @escaping @Sendable () -> Void) -> TestThread {
   let state = TestThread.State()
   let handle = spawnThread {

@@ -2,6 +2,7 @@
 // faulting threads and real madvise/munmap/mremap calls.
 
 import Glibc
+import LinuxSupport
 import Testing
 import Userfaultfd
 

@@ -1,3 +1,4 @@
+import LinuxSupport
 import Userfaultfd
 
 /// The protocol version this build speaks (`Hello.version`).

@@ -1,7 +1,7 @@
-import CUserfaultfd
+import CLinux
 import Glibc
+import LinuxSupport
 import SystemPackage
-import Userfaultfd
 
 /// Who is at the other end of a Unix socket (SO_PEERCRED, taken at connect time).
 public struct PeerCredentials: Hashable, Sendable {
@@ -30,14 +30,14 @@ public final class PacketSocket {
   /// Takes ownership of a connected SOCK_SEQPACKET descriptor.
   public init(adopting fd: CInt) {
     self.fd = fd
-    cuffd_set_socket_buffers(fd, Self.bufferSize)
+    clinux_set_socket_buffers(fd, Self.bufferSize)
   }
 
   deinit { closeDescriptor(fd) }
 
   /// Connects to the listener at `path` (blocking socket).
   public static func connect(path: String) throws(BrokerError) -> PacketSocket {
-    switch valueOrErrno(cuffd_connect_unix(path)) {
+    switch valueOrErrno(clinux_connect_unix(path)) {
     case .success(let fd): return PacketSocket(adopting: fd)
     case .failure(let errno): throw BrokerError(.io, "cannot connect to \(path)", errno: errno)
     }
@@ -57,7 +57,7 @@ public final class PacketSocket {
     var pid: pid_t = 0
     var uid: uid_t = 0
     var gid: gid_t = 0
-    let rc = cuffd_peer_credentials(fd, &pid, &uid, &gid)
+    let rc = clinux_peer_credentials(fd, &pid, &uid, &gid)
     guard rc == 0 else { throw BrokerError(.io, "SO_PEERCRED failed", errno: Errno(rawValue: -rc)) }
     return PeerCredentials(pid: pid, uid: uid, gid: gid)
   }
@@ -71,7 +71,7 @@ public final class PacketSocket {
   /// Sends `bytes` as one packet, with `fds` attached (they stay open here).
   @discardableResult
   public func send(_ bytes: UnsafeRawBufferPointer, fds: UnsafeBufferPointer<CInt>? = nil) throws(BrokerError) -> SendResult {
-    let n = cuffd_send_with_fds(fd, bytes.baseAddress, bytes.count, fds?.baseAddress, CInt(fds?.count ?? 0))
+    let n = clinux_send_with_fds(fd, bytes.baseAddress, bytes.count, fds?.baseAddress, CInt(fds?.count ?? 0))
     if n >= 0 { return .sent }
     let errno = Errno(rawValue: CInt(-n))
     if errno == .resourceTemporarilyUnavailable { return .wouldBlock }
@@ -96,7 +96,7 @@ public final class PacketSocket {
     var count: CInt = 0
     var truncated: CInt = 0
     let n = withUnsafeMutableBytes(of: &received) { raw in
-      cuffd_recv_with_fds(fd, buffer.baseAddress, buffer.count, raw.baseAddress!.assumingMemoryBound(to: CInt.self), &count, &truncated, blocking ? 0 : CInt(MSG_DONTWAIT))
+      clinux_recv_with_fds(fd, buffer.baseAddress, buffer.count, raw.baseAddress!.assumingMemoryBound(to: CInt.self), &count, &truncated, blocking ? 0 : CInt(MSG_DONTWAIT))
     }
     if n < 0 {
       let errno = Errno(rawValue: CInt(-n))
@@ -129,7 +129,7 @@ public final class PacketListener {
   public let path: String
 
   public init(path: String, mode: mode_t = 0o600, backlog: CInt = 128) throws(BrokerError) {
-    switch valueOrErrno(cuffd_listen_unix(path, mode, backlog)) {
+    switch valueOrErrno(clinux_listen_unix(path, mode, backlog)) {
     case .success(let fd): self.fd = fd
     case .failure(let errno): throw BrokerError(.io, "cannot listen on \(path)", errno: errno)
     }
@@ -143,7 +143,7 @@ public final class PacketListener {
 
   /// Accepts one pending connection (non-blocking); nil when none is pending.
   public func accept() throws(BrokerError) -> PacketSocket? {
-    switch valueOrErrno(cuffd_accept(fd)) {
+    switch valueOrErrno(clinux_accept(fd)) {
     case .success(let connection): return PacketSocket(adopting: connection)
     case .failure(let errno):
       if errno == .resourceTemporarilyUnavailable || errno == .connectionAbort { return nil }

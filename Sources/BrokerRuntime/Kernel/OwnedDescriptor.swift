@@ -1,4 +1,4 @@
-import Userfaultfd
+import LinuxSupport
 
 /// A file descriptor with one owner: closed when the owner lets go of it, and
 /// handed over only by consuming it, never copied as a number.

@@ -1,8 +1,7 @@
 import BrokerCore
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import Glibc
-import Userfaultfd
 
 /// A plugin's shared page area, mapped read-only here: decisions name bytes in it.
 final class SharedArea {
@@ -11,7 +10,7 @@ final class SharedArea {
   /// Maps `fd`, which must be a memfd sealed against shrinking (else a
   /// truncation could make our copies fault). At most 256 MiB.
   init(fd: CInt) throws(BrokerError) {
-    let size = cuffd_sealed_memfd_size(fd)
+    let size = clinux_sealed_memfd_size(fd)
     guard size > 0, size <= 256 << 20 else {
       throw BrokerError(.malformed, "the shared area must be a memfd sealed against shrinking, of at most 256 MiB")
     }

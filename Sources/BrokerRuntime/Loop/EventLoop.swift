@@ -1,9 +1,9 @@
 import BrokerCore
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import Glibc
+import LinuxSupport
 import SystemPackage
-import Userfaultfd
 
 /// What an epoll registration stands for: a kind and the id of its owner.
 struct Token: Hashable {
@@ -27,11 +27,11 @@ struct Token: Hashable {
 /// A thin epoll wrapper: level-triggered readiness for tokens.
 final class EventLoop {
   let epoll: CInt
-  private let ready: UnsafeMutablePointer<cuffd_ready>
+  private let ready: UnsafeMutablePointer<clinux_ready>
   static let batch = 64
 
   init() throws(BrokerError) {
-    switch valueOrErrno(cuffd_epoll_create()) {
+    switch valueOrErrno(clinux_epoll_create()) {
     case .success(let fd): epoll = fd
     case .failure(let errno): throw BrokerError(.io, "epoll_create failed", errno: errno)
     }
@@ -43,22 +43,22 @@ final class EventLoop {
     ready.deallocate()
   }
 
-  func add(_ fd: CInt, _ token: Token, events: UInt32 = cuffd_epollin) throws(BrokerError) {
-    let rc = cuffd_epoll_ctl(epoll, cuffd_epoll_add, fd, events, token.rawValue)
+  func add(_ fd: CInt, _ token: Token, events: UInt32 = clinux_epollin) throws(BrokerError) {
+    let rc = clinux_epoll_ctl(epoll, clinux_epoll_add, fd, events, token.rawValue)
     if rc < 0 { throw BrokerError(.io, "epoll_ctl(ADD) failed", errno: Errno(rawValue: -rc)) }
   }
 
   func modify(_ fd: CInt, _ token: Token, events: UInt32) {
-    _ = cuffd_epoll_ctl(epoll, cuffd_epoll_mod, fd, events, token.rawValue)
+    _ = clinux_epoll_ctl(epoll, clinux_epoll_mod, fd, events, token.rawValue)
   }
 
   func remove(_ fd: CInt) {
-    _ = cuffd_epoll_ctl(epoll, cuffd_epoll_del, fd, 0, 0)
+    _ = clinux_epoll_ctl(epoll, clinux_epoll_del, fd, 0, 0)
   }
 
   /// Waits up to `timeout` ms (-1: forever); returns how many registrations are ready.
   func wait(timeout: CInt) -> Int {
-    max(Int(cuffd_epoll_wait(epoll, ready, CInt(Self.batch), timeout)), 0)
+    max(Int(clinux_epoll_wait(epoll, ready, CInt(Self.batch), timeout)), 0)
   }
 
   /// The `index`th ready registration of the last `wait` and its epoll events.

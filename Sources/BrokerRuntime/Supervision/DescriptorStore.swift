@@ -1,7 +1,7 @@
 import BrokerCore
 import BrokerProtocol
 import Glibc
-import Userfaultfd
+import LinuxSupport
 
 /// The descriptors a plugin asked the broker to keep for its name (as
 /// systemd's FDSTORE): memfds or regular files, handed back with the Hello of

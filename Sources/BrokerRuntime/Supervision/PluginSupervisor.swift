@@ -1,9 +1,9 @@
 import BrokerCore
-import CUserfaultfd
+import CLinux
 import ChildProcess
 import Glibc
+import LinuxSupport
 import Logging
-import Userfaultfd
 
 /// Spawns the configured plugins, restarts them with backoff when they exit,
 /// and stops them explicitly (SIGTERM, wait, SIGKILL, reap) at shutdown.
@@ -86,7 +86,7 @@ final class PluginSupervisor {
   func killChild(pid: pid_t, reason: String) -> Bool {
     guard let process = children.lazy.compactMap(\.process).first(where: { $0.pid == pid }), process.pidfd >= 0 else { return false }
     logger.warning("killing a spawned plugin", metadata: ["plugin.pid": "\(pid)", "reason": "\(reason)"])
-    return cuffd_pidfd_send_signal(process.pidfd, SIGKILL) == 0
+    return clinux_pidfd_send_signal(process.pidfd, SIGKILL) == 0
   }
 
   /// Whether the supervisor stopped restarting the plugin `name`.

@@ -1,5 +1,6 @@
 import CUserfaultfd
 import Glibc
+import LinuxSupport
 import SystemPackage
 
 /// The ordering and redelivery engine of one userfaultfd, driven by its owner's

@@ -1,5 +1,6 @@
-import CUserfaultfd
+import CLinux
 import Glibc
+import LinuxSupport
 import SystemPackage
 
 /// The in-process event loop (the seed's `StartWaitingForEvents`): a thread of
@@ -16,7 +17,7 @@ public final class UserfaultFDDispatcher: @unchecked Sendable {
   /// read error). The handler is called only on that thread.
   public static func start(uffd: UserfaultFD, handler: any UserfaultFDHandler, pageSize: Int = systemPageSize) throws(UserfaultFDError) -> UserfaultFDDispatcher {
     let stopEvent: CInt
-    switch valueOrErrno(cuffd_eventfd()) {
+    switch valueOrErrno(clinux_eventfd()) {
     case .success(let fd): stopEvent = fd
     case .failure(let errno): throw UserfaultFDError(.systemCall, "cannot create the dispatcher's stop event", syscall: "eventfd", errno: errno)
     }
@@ -71,18 +72,4 @@ public final class UserfaultFDDispatcher: @unchecked Sendable {
     }
     core.close(nil)
   }
-}
-
-/// Starts a joinable POSIX thread running `body`.
-public func spawnThread(_ body: @escaping @Sendable () -> Void) -> pthread_t {
-  final class Box { let body: @Sendable () -> Void; init(_ body: @escaping @Sendable () -> Void) { self.body = body } }
-  var thread = pthread_t()
-  let box = Unmanaged.passRetained(Box(body)).toOpaque()
-  let rc = pthread_create(&thread, nil, { raw in
-    let box = Unmanaged<AnyObject>.fromOpaque(raw!).takeRetainedValue() as! Box
-    box.body()
-    return nil
-  }, box)
-  precondition(rc == 0, "pthread_create failed: \(rc)")
-  return thread
 }

@@ -1,5 +1,6 @@
 import CUserfaultfd
 import Glibc
+import LinuxSupport
 import Synchronization
 import SystemPackage
 

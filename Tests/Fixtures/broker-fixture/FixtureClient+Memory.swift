@@ -1,9 +1,9 @@
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import ClientSDK
 import Glibc
+import LinuxSupport
 import Synchronization
-import Userfaultfd
 
 // Scenarios where the broker's view of the client's memory and the kernel's
 // could part: prefetch over dropped pages, grown regions, concurrent movers.
@@ -20,10 +20,10 @@ extension FixtureClient {
     let client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin, argument: fixtureFile ?? "")], name: "fixture-prefetch-dontneed")
     for block in 0..<blocks {
       let first = memory.base + block * 16 * pageSize
-      _ = cuffd_touch(first)
+      _ = clinux_touch(first)
       madvise(first + 4 * pageSize, 2 * pageSize, MADV_DONTNEED)
-      _ = cuffd_touch(first + 4 * pageSize)
-      _ = cuffd_touch(first + 5 * pageSize)
+      _ = clinux_touch(first + 4 * pageSize)
+      _ = clinux_touch(first + 5 * pageSize)
     }
     // The snapshot plugin serves dropped pages as zeros (fresh memory), the fixture's prefetch-refill its pattern again.
     let wrong = (0..<blocks * 16).filter { page in
@@ -51,9 +51,9 @@ extension FixtureClient {
     }
     if !moving { munmap(reserved + length, length) }
     let client = try BrokerClient(regions: [RegionSpec(id: 1, base: UInt(bitPattern: reserved), length: length, plugin: plugin)], name: "fixture-grow")
-    for page in stride(from: 0, to: length / 2, by: pageSize) { _ = cuffd_touch(reserved + page) }
-    let flags = moving ? cuffd_mremap_maymove : 0
-    guard let grown = cuffd_mremap(reserved, length, 2 * length, flags, nil), grown != MAP_FAILED else {
+    for page in stride(from: 0, to: length / 2, by: pageSize) { _ = clinux_touch(reserved + page) }
+    let flags = moving ? clinux_mremap_maymove : 0
+    guard let grown = clinux_mremap(reserved, length, 2 * length, flags, nil), grown != MAP_FAILED else {
       print("mremap failed: \(errno)")
       return 1
     }
@@ -90,20 +90,20 @@ extension FixtureClient {
       let x = memory.base + 2 * round * slot
       let z = x + slot
       // Half of each slot is resident before the moves, half is filled after.
-      _ = cuffd_touch(x)
-      _ = cuffd_touch(z + pageSize)
+      _ = clinux_touch(x)
+      _ = clinux_touch(z + pageSize)
       guard let y = mmap(nil, slot, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), y != MAP_FAILED else {
         print("mmap failed: \(errno)")
         return 1
       }
       let xAddress = UInt(bitPattern: x), zAddress = UInt(bitPattern: z), yAddress = UInt(bitPattern: y)
       let mover = spawnThread {
-        _ = cuffd_mremap(UnsafeMutableRawPointer(bitPattern: xAddress), slot, slot, cuffd_mremap_maymove | cuffd_mremap_fixed, UnsafeMutableRawPointer(bitPattern: yAddress))
+        _ = clinux_mremap(UnsafeMutableRawPointer(bitPattern: xAddress), slot, slot, clinux_mremap_maymove | clinux_mremap_fixed, UnsafeMutableRawPointer(bitPattern: yAddress))
       }
       // The hole: mincore fails with ENOMEM once X is unmapped.
       var vector: UInt8 = 0
       while mincore(x, pageSize, &vector) == 0 { sched_yield() }
-      guard cuffd_mremap(UnsafeMutableRawPointer(bitPattern: zAddress), slot, slot, cuffd_mremap_maymove | cuffd_mremap_fixed, x) != MAP_FAILED else {
+      guard clinux_mremap(UnsafeMutableRawPointer(bitPattern: zAddress), slot, slot, clinux_mremap_maymove | clinux_mremap_fixed, x) != MAP_FAILED else {
         print("mremap failed: \(errno)")
         return 1
       }
@@ -130,7 +130,7 @@ extension FixtureClient {
       RegionSpec(id: 1, base: UInt(bitPattern: first), length: 8 * pageSize, plugin: plugin),
       RegionSpec(id: 2, base: UInt(bitPattern: second), length: 8 * pageSize, plugin: plugin),
     ], name: "fixture-unmap-exit")
-    _ = cuffd_touch(first)
+    _ = clinux_touch(first)
     munmap(first, 8 * pageSize)
     munmap(second, 8 * pageSize)
     withExtendedLifetime(client) {}
@@ -149,8 +149,8 @@ extension FixtureClient {
     let pages = 256
     let memory = try AnonymousMemory(length: pages * pageSize)
     let client = try register(memory)
-    for page in 0..<128 { _ = cuffd_touch(memory.base + page * pageSize) }
-    _ = cuffd_touch(memory.base + 250 * pageSize)
+    for page in 0..<128 { _ = clinux_touch(memory.base + page * pageSize) }
+    _ = clinux_touch(memory.base + 250 * pageSize)
     madvise(memory.base + 10 * pageSize, 10 * pageSize, MADV_DONTNEED)
     madvise(memory.base + 240 * pageSize, 16 * pageSize, 18 /* MADV_WIPEONFORK */)
     let base = memory.base
@@ -190,9 +190,9 @@ extension FixtureClient {
     let memory = try AnonymousMemory(length: length)
     let client = try register(memory)
     let base = memory.base
-    for page in stride(from: 0, to: length / 4, by: pageSize) { _ = cuffd_touch(base + page) }
+    for page in stride(from: 0, to: length / 4, by: pageSize) { _ = clinux_touch(base + page) }
     guard let destination = mmap(nil, length / 2, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), destination != MAP_FAILED,
-          let moved = cuffd_mremap(base + length / 2, length / 2, length / 2, cuffd_mremap_maymove | cuffd_mremap_fixed, destination), moved != MAP_FAILED
+          let moved = clinux_mremap(base + length / 2, length / 2, length / 2, clinux_mremap_maymove | clinux_mremap_fixed, destination), moved != MAP_FAILED
     else {
       print("mremap failed: \(errno)")
       return 1
@@ -219,7 +219,7 @@ extension FixtureClient {
   func forkThenBrokerLoss() throws -> Int32 {
     let memory = try AnonymousMemory(length: 256 * pageSize)
     let client = try register(memory)
-    for page in 0..<128 { _ = cuffd_touch(memory.base + page * pageSize) }
+    for page in 0..<128 { _ = clinux_touch(memory.base + page * pageSize) }
     var ready: [CInt] = [-1, -1]
     guard pipe(&ready) == 0 else { return 1 }
     let child = fork()
@@ -246,7 +246,7 @@ extension FixtureClient {
   func forkTreeThenBrokerLoss() throws -> Int32 {
     let memory = try AnonymousMemory(length: 256 * pageSize)
     let client = try register(memory)
-    for page in 0..<128 { _ = cuffd_touch(memory.base + page * pageSize) }
+    for page in 0..<128 { _ = clinux_touch(memory.base + page * pageSize) }
     var forked: [CInt] = [-1, -1], go: [CInt] = [-1, -1]
     guard pipe(&forked) == 0, pipe(&go) == 0 else { return 1 }
     let child = fork()

@@ -1,9 +1,9 @@
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import ClientSDK
 import Glibc
+import LinuxSupport
 import Synchronization
-import Userfaultfd
 
 // The mover race (the memory issue's race test): two threads move memory into
 // each other's holes, round after round, while a reader faults pages and a
@@ -84,17 +84,17 @@ extension FixtureClient {
       defer { model.unlock(round) }
       let x = memory.base + 2 * round * slot
       let z = x + slot
-      _ = cuffd_touch(x)
-      _ = cuffd_touch(z + pageSize)
+      _ = clinux_touch(x)
+      _ = clinux_touch(z + pageSize)
       guard let y = mmap(nil, slot, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), y != MAP_FAILED else { return 1 }
       destinations.append(y)
       let xAddress = UInt(bitPattern: x), yAddress = UInt(bitPattern: y)
       let mover = spawnThread {
-        _ = cuffd_mremap(UnsafeMutableRawPointer(bitPattern: xAddress), slot, slot, cuffd_mremap_maymove | cuffd_mremap_fixed, UnsafeMutableRawPointer(bitPattern: yAddress))
+        _ = clinux_mremap(UnsafeMutableRawPointer(bitPattern: xAddress), slot, slot, clinux_mremap_maymove | clinux_mremap_fixed, UnsafeMutableRawPointer(bitPattern: yAddress))
       }
       var vector: UInt8 = 0
       while mincore(x, pageSize, &vector) == 0 { sched_yield() }
-      guard cuffd_mremap(z, slot, slot, cuffd_mremap_maymove | cuffd_mremap_fixed, x) != MAP_FAILED else { return 1 }
+      guard clinux_mremap(z, slot, slot, clinux_mremap_maymove | clinux_mremap_fixed, x) != MAP_FAILED else { return 1 }
       pthread_join(mover, nil)
       if round % 25 == 24 || round == rounds - 1 {
         children += 1

@@ -1,5 +1,5 @@
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import ClientSDK
 import Glibc
 
@@ -29,7 +29,7 @@ extension FixtureClient {
     var wrong = 0
     for (memory, backing) in [(first, 0), (second, length)] {
       for page in stride(from: 0, to: length, by: pageSize) {
-        _ = cuffd_touch(UnsafeRawPointer(bitPattern: memory.address + UInt(page)))
+        _ = clinux_touch(UnsafeRawPointer(bitPattern: memory.address + UInt(page)))
         let bytes = UnsafeRawBufferPointer(start: memory.base + page, count: pageSize)
         if Pattern.mismatch(bytes, backingOffset: UInt64(backing + page)) != nil { wrong += 1 }
       }

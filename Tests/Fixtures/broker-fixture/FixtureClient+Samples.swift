@@ -1,8 +1,8 @@
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import ClientSDK
 import Glibc
-import Userfaultfd
+import LinuxSupport
 
 // Scenarios for the sample plugins of Examples/.
 extension FixtureClient {
@@ -39,7 +39,7 @@ extension FixtureClient {
       spawnThread {
         let share = (pages + threadCount - 1) / threadCount
         for page in thread * share..<min((thread + 1) * share, pages) {
-          _ = cuffd_touch(UnsafeRawPointer(bitPattern: address + UInt(page * 4096)))
+          _ = clinux_touch(UnsafeRawPointer(bitPattern: address + UInt(page * 4096)))
         }
       }
     }
@@ -68,7 +68,7 @@ extension FixtureClient {
     let memory = try AnonymousMemory(length: max(size, mib << 20, pageSize) / pageSize * pageSize)
     let client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin, argument: path)], name: "fixture-snapshot-dropped")
     let pages = memory.length / pageSize
-    for page in 0..<pages { _ = cuffd_touch(UnsafeRawPointer(bitPattern: memory.address + UInt(page * pageSize))) }
+    for page in 0..<pages { _ = clinux_touch(UnsafeRawPointer(bitPattern: memory.address + UInt(page * pageSize))) }
     let dropped = { (page: Int) in page / 4 % 2 == 1 }
     for block in stride(from: 4, to: pages, by: 8) {
       madvise(memory.base + block * pageSize, min(4, pages - block) * pageSize, MADV_DONTNEED)

@@ -1,9 +1,9 @@
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import ClientSDK
 import Glibc
+import LinuxSupport
 import Synchronization
-import Userfaultfd
 
 // The soak (issue 6): one region served by the `pattern` plugin, THREADS
 // threads mixing faults (reads and writes of words), MADV_DONTNEED of page
@@ -549,15 +549,15 @@ struct SoakWorker {
     let addressA = UnsafeMutableRawPointer(bitPattern: model.address(a))!
     let addressB = UnsafeMutableRawPointer(bitPattern: model.address(b))!
     let temporary = UnsafeMutableRawPointer(bitPattern: scratch)!
-    let flags = cuffd_mremap_maymove | cuffd_mremap_fixed
-    guard cuffd_mremap(addressA, bytes, bytes, flags, temporary) == temporary else {
+    let flags = clinux_mremap_maymove | clinux_mremap_fixed
+    guard clinux_mremap(addressA, bytes, bytes, flags, temporary) == temporary else {
       // Contiguous origins may still be two mappings (the kernel does not always merge).
       if errno == EFAULT { model.swapsSkipped.add(1, ordering: .relaxed) } else { model.failed("mremap A → scratch") }
       return
     }
-    guard cuffd_mremap(addressB, bytes, bytes, flags, addressA) == addressA else {
+    guard clinux_mremap(addressB, bytes, bytes, flags, addressA) == addressA else {
       let failure = errno
-      guard cuffd_mremap(temporary, bytes, bytes, flags, addressA) == addressA else {
+      guard clinux_mremap(temporary, bytes, bytes, flags, addressA) == addressA else {
         model.failed("mremap scratch → A (undoing a swap)")
         return
       }
@@ -566,7 +566,7 @@ struct SoakWorker {
       scratch = reserveScratchAgain(bytes)
       return
     }
-    guard cuffd_mremap(temporary, bytes, bytes, flags, addressB) == addressB else {
+    guard clinux_mremap(temporary, bytes, bytes, flags, addressB) == addressB else {
       model.failed("mremap scratch → B")
       return
     }

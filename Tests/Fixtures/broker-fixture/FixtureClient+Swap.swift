@@ -1,9 +1,9 @@
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import ClientSDK
 import Glibc
+import LinuxSupport
 import Synchronization
-import Userfaultfd
 
 extension FixtureClient {
   /// Writes the pattern, then swaps the region out `loops` times while a
@@ -98,7 +98,7 @@ extension FixtureClient {
     let (memory, spec, client) = try patternedRegion(name: "fixture-swap-moved")
     let length = memory.length
     guard let reserved = mmap(nil, length, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), reserved != MAP_FAILED,
-          let moved = cuffd_mremap(memory.base, length, length, cuffd_mremap_maymove | cuffd_mremap_fixed, reserved), moved != MAP_FAILED,
+          let moved = clinux_mremap(memory.base, length, length, clinux_mremap_maymove | clinux_mremap_fixed, reserved), moved != MAP_FAILED,
           let buffer = mmap(memory.base, length, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0), buffer != MAP_FAILED
     else {
       print("mremap or mmap failed: \(errno)")

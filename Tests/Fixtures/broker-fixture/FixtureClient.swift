@@ -1,9 +1,9 @@
 import BrokerProtocol
-import CUserfaultfd
+import CLinux
 import ClientSDK
 import Glibc
+import LinuxSupport
 import Synchronization
-import Userfaultfd
 
 /// A client process with a scenario: registers memory with the broker, faults
 /// on it in a chosen way, and checks every byte. Returns the exit status.
@@ -180,7 +180,7 @@ struct FixtureClient {
     }
     // Reserve a destination, then move the upper half onto it.
     let destination = mmap(nil, length / 2, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)!
-    let moved = cuffd_mremap(base + length / 2, length / 2, length / 2, cuffd_mremap_maymove | cuffd_mremap_fixed, destination)
+    let moved = clinux_mremap(base + length / 2, length / 2, length / 2, clinux_mremap_maymove | clinux_mremap_fixed, destination)
     guard moved != MAP_FAILED, let moved else {
       print("mremap failed: \(errno)")
       return 1

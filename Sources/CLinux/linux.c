@@ -1,0 +1,235 @@
+/* The definitions of CLinux.h (see there for why they are not inline). */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <signal.h>
+#include <spawn.h>
+#include <sys/signalfd.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/un.h>
+#include <pthread.h>
+#include <unistd.h>
+#include "CLinux.h"
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_send_signal
+#define SYS_pidfd_send_signal 424
+#endif
+
+int clinux_pidfd_open(pid_t pid) {
+  long fd = syscall(SYS_pidfd_open, pid, 0);
+  return fd >= 0 ? (int)fd : -errno;
+}
+
+int clinux_pidfd_send_signal(int pidfd, int sig) {
+  return syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0) == 0 ? 0 : -errno;
+}
+
+ssize_t clinux_send_with_fds(int sock, const void *buf, size_t len, const int *fds, int nfds) {
+  struct iovec iov = { (void *)buf, len };
+  union { char buf[CMSG_SPACE(sizeof(int) * CLINUX_MAX_FDS)]; struct cmsghdr align; } control;
+  struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+  if (nfds > CLINUX_MAX_FDS) return -EINVAL;
+  if (nfds > 0) {
+    memset(&control, 0, sizeof control);
+    m.msg_control = control.buf;
+    m.msg_controllen = CMSG_SPACE(sizeof(int) * (size_t)nfds);
+    struct cmsghdr *cm = CMSG_FIRSTHDR(&m);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int) * (size_t)nfds);
+    memcpy(CMSG_DATA(cm), fds, sizeof(int) * (size_t)nfds);
+  }
+  ssize_t n;
+  do { n = sendmsg(sock, &m, MSG_NOSIGNAL); } while (n < 0 && errno == EINTR);
+  return n >= 0 ? n : -errno;
+}
+
+ssize_t clinux_recv_with_fds(int sock, void *buf, size_t len, int *fds, int *nfds, int *truncated, int flags) {
+  struct iovec iov = { buf, len };
+  union { char buf[CMSG_SPACE(sizeof(int) * CLINUX_MAX_FDS)]; struct cmsghdr align; } control;
+  struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.buf, .msg_controllen = sizeof control.buf };
+  ssize_t n;
+  *nfds = 0;
+  *truncated = 0;
+  do { n = recvmsg(sock, &m, MSG_CMSG_CLOEXEC | flags); } while (n < 0 && errno == EINTR);
+  if (n < 0) return -errno;
+  for (struct cmsghdr *cm = CMSG_FIRSTHDR(&m); cm; cm = CMSG_NXTHDR(&m, cm)) {
+    if (cm->cmsg_level != SOL_SOCKET || cm->cmsg_type != SCM_RIGHTS) continue;
+    int count = (int)((cm->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+    for (int i = 0; i < count && *nfds < CLINUX_MAX_FDS; i++) {
+      memcpy(&fds[*nfds], CMSG_DATA(cm) + sizeof(int) * (size_t)i, sizeof(int));
+      (*nfds)++;
+    }
+  }
+  if (m.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) *truncated = 1;
+  return n;
+}
+
+int clinux_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid) {
+  struct ucred cred;
+  socklen_t len = sizeof cred;
+  if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return -errno;
+  *pid = cred.pid; *uid = cred.uid; *gid = cred.gid;
+  return 0;
+}
+
+int clinux_listen_unix(const char *path, mode_t mode, int backlog) {
+  struct sockaddr_un addr = { .sun_family = AF_UNIX };
+  if (strlen(path) >= sizeof addr.sun_path) return -ENAMETOOLONG;
+  strcpy(addr.sun_path, path);
+  int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return -errno;
+  unlink(path);
+  mode_t old = umask((mode_t)~mode & 0777);
+  int rc = bind(fd, (struct sockaddr *)&addr, sizeof addr);
+  umask(old);
+  if (rc != 0 || chmod(path, mode) != 0 || listen(fd, backlog) != 0) {
+    int err = errno;
+    close(fd);
+    return -err;
+  }
+  return fd;
+}
+
+int clinux_connect_unix(const char *path) {
+  struct sockaddr_un addr = { .sun_family = AF_UNIX };
+  if (strlen(path) >= sizeof addr.sun_path) return -ENAMETOOLONG;
+  strcpy(addr.sun_path, path);
+  int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -errno;
+  int rc;
+  do { rc = connect(fd, (struct sockaddr *)&addr, sizeof addr); } while (rc != 0 && errno == EINTR);
+  if (rc != 0) { int err = errno; close(fd); return -err; }
+  return fd;
+}
+
+int clinux_accept(int listener) {
+  int fd = accept4(listener, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+  return fd >= 0 ? fd : -errno;
+}
+
+void clinux_set_socket_buffers(int sock, int bytes) {
+  if (setsockopt(sock, SOL_SOCKET, SO_SNDBUFFORCE, &bytes, sizeof bytes) != 0)
+    setsockopt(sock, SOL_SOCKET, SO_SNDBUF, &bytes, sizeof bytes);
+  if (setsockopt(sock, SOL_SOCKET, SO_RCVBUFFORCE, &bytes, sizeof bytes) != 0)
+    setsockopt(sock, SOL_SOCKET, SO_RCVBUF, &bytes, sizeof bytes);
+}
+
+int clinux_epoll_create(void) {
+  int fd = epoll_create1(EPOLL_CLOEXEC);
+  return fd >= 0 ? fd : -errno;
+}
+
+int clinux_epoll_ctl(int ep, int op, int fd, uint32_t events, uint64_t token) {
+  struct epoll_event ev = { .events = events, .data.u64 = token };
+  return epoll_ctl(ep, op, fd, &ev) == 0 ? 0 : -errno;
+}
+
+int clinux_epoll_wait(int ep, clinux_ready *out, int max, int timeout_ms) {
+  struct epoll_event evs[64];
+  if (max > 64) max = 64;
+  int n = epoll_wait(ep, evs, max, timeout_ms);
+  if (n < 0) return -errno;
+  for (int i = 0; i < n; i++) { out[i].events = evs[i].events; out[i].token = evs[i].data.u64; }
+  return n;
+}
+
+int clinux_eventfd(void) {
+  int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  return fd >= 0 ? fd : -errno;
+}
+
+int clinux_termination_signalfd(void) {
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGINT);
+  sigaddset(&set, SIGTERM);
+  if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0) return -errno;
+  int fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
+  return fd >= 0 ? fd : -errno;
+}
+
+int clinux_read_signal(int fd) {
+  struct signalfd_siginfo info;
+  ssize_t n = read(fd, &info, sizeof info);
+  if (n < 0) return -errno;
+  return n == sizeof info ? (int)info.ssi_signo : -EIO;
+}
+
+pid_t clinux_spawn(const char *path, char *const argv[], char *const envp[], const clinux_spawn_options *options) {
+  posix_spawnattr_t attr;
+  posix_spawn_file_actions_t actions;
+  sigset_t none, defaults;
+  pid_t pid;
+  sigemptyset(&none);
+  sigemptyset(&defaults);
+  sigaddset(&defaults, SIGINT);
+  sigaddset(&defaults, SIGTERM);
+  sigaddset(&defaults, SIGPIPE);
+  posix_spawnattr_init(&attr);
+  posix_spawnattr_setsigmask(&attr, &none);
+  posix_spawnattr_setsigdefault(&attr, &defaults);
+  short flags = POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF;
+  if (options->new_process_group) {
+    flags |= POSIX_SPAWN_SETPGROUP;
+    posix_spawnattr_setpgroup(&attr, 0);
+  }
+  posix_spawnattr_setflags(&attr, flags);
+  posix_spawn_file_actions_init(&actions);
+  int mode = O_WRONLY | O_CREAT | (options->truncate ? O_TRUNC : O_APPEND);
+  if (options->stdin_path) posix_spawn_file_actions_addopen(&actions, 0, options->stdin_path, O_RDONLY, 0);
+  if (options->stdout_path) posix_spawn_file_actions_addopen(&actions, 1, options->stdout_path, mode, 0644);
+  if (options->stderr_path) posix_spawn_file_actions_addopen(&actions, 2, options->stderr_path, mode, 0644);
+  /* dup2 onto 3 clears close-on-exec there: only the child keeps that descriptor. */
+  if (options->descriptor3 >= 0) posix_spawn_file_actions_adddup2(&actions, options->descriptor3, 3);
+  int rc = posix_spawn(&pid, path, &actions, &attr, argv, envp);
+  posix_spawn_file_actions_destroy(&actions);
+  posix_spawnattr_destroy(&attr);
+  return rc == 0 ? pid : -rc;
+}
+
+int clinux_sealed_memfd(const char *name, uint64_t size) {
+  int fd = memfd_create(name, MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) return -errno;
+  if (ftruncate(fd, (off_t)size) != 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    int err = errno;
+    close(fd);
+    return -err;
+  }
+  return fd;
+}
+
+int clinux_memfd(const char *name) {
+  int fd = memfd_create(name, MFD_CLOEXEC);
+  return fd < 0 ? -errno : fd;
+}
+
+int64_t clinux_sealed_memfd_size(int fd) {
+  int seals = fcntl(fd, F_GET_SEALS);
+  if (seals < 0) return -errno;
+  if (!(seals & F_SEAL_SHRINK)) return -EPERM;
+  struct stat info;
+  if (fstat(fd, &info) != 0) return -errno;
+  return (int64_t)info.st_size;
+}
+
+int clinux_set_descriptor_limit(pid_t pid, uint64_t limit) {
+  struct rlimit value = { .rlim_cur = limit, .rlim_max = limit };
+  return prlimit(pid, RLIMIT_NOFILE, &value, NULL) == 0 ? 0 : -errno;
+}
+
+uint8_t clinux_touch(const void *address) { return *(const volatile uint8_t *)address; }
+
+void *clinux_mremap(void *old_address, size_t old_size, size_t new_size, int flags, void *new_address) {
+  _Static_assert(MREMAP_MAYMOVE == 1 && MREMAP_FIXED == 2, "mremap flags differ from the header's constants");
+  return mremap(old_address, old_size, new_size, flags, new_address);
+}
