@@ -19,7 +19,7 @@ public struct BrokerConfiguration: Sendable {
   }
 
   /// What happens to a plugin's regions when it is gone for good: given up by
-  /// the supervisor, or away longer than `failAfterMilliseconds`.
+  /// the supervisor, or away longer than `failAfter`.
   public struct PluginPolicy: Sendable, Equatable {
     public enum OnFailure: String, Sendable, Equatable {
       /// Keep the faults parked (the faulting threads wait for the plugin).
@@ -32,16 +32,18 @@ public struct BrokerConfiguration: Sendable {
     /// A plugin that takes the regions over (it is told of them with RegionOpened).
     public var fallback: String?
     public var onFailure: OnFailure
-    public var failAfterMilliseconds: Int
-    public init(fallback: String? = nil, onFailure: OnFailure = .wait, failAfterMilliseconds: Int = 30_000) {
+    public var failAfter: Duration
+    public init(fallback: String? = nil, onFailure: OnFailure = .wait, failAfter: Duration = .seconds(30)) {
       self.fallback = fallback
       self.onFailure = onFailure
-      self.failAfterMilliseconds = failAfterMilliseconds
+      self.failAfter = failAfter
     }
   }
 
   public var clientSocketPath: String
   public var pluginSocketPath: String
+  /// Where the `ControlChannel` listens (nil: nowhere; the daemon's default is `SocketPaths.control`).
+  public var controlSocketPath: String?
   public var plugins: [SpawnedPlugin] = []
   /// Per plugin name; a plugin without an entry waits forever for its return.
   public var policies: [String: PluginPolicy] = [:]
@@ -53,9 +55,9 @@ public struct BrokerConfiguration: Sendable {
   public var clientGIDs: Set<UInt32> = []
   public var pluginGIDs: Set<UInt32> = []
   /// A plugin with faults in flight longer than this is considered hung and disconnected.
-  public var pluginDeadlineMilliseconds = 5_000
+  public var pluginDeadline: Duration = .seconds(5)
   /// How long a Register may wait for its plugins' replies.
-  public var registrationTimeoutMilliseconds = 10_000
+  public var registrationTimeout: Duration = .seconds(10)
   public var maxClients = 1024
   public var maxRegionsPerClient = 256
   public var maxInFlightPerPlugin = 65_536
@@ -76,13 +78,13 @@ public struct BrokerConfiguration: Sendable {
   public func validate() throws(BrokerError) {
     let day = 86_400_000
     let ranges: [(String, Int, ClosedRange<Int>)] = [
-      ("pluginDeadlineMilliseconds", pluginDeadlineMilliseconds, 1...day),
-      ("registrationTimeoutMilliseconds", registrationTimeoutMilliseconds, 1...day),
+      ("pluginDeadlineMilliseconds", pluginDeadline.wholeMilliseconds, 1...day),
+      ("registrationTimeoutMilliseconds", registrationTimeout.wholeMilliseconds, 1...day),
       ("maxClients", maxClients, 1...1 << 20),
       ("maxRegionsPerClient", maxRegionsPerClient, 1...1 << 16),
       ("maxInFlightPerPlugin", maxInFlightPerPlugin, 1...1 << 24),
     ] + plugins.enumerated().map { ("plugins[\($0.offset)].maxRestarts", $0.element.maxRestarts, 0...1_000_000) }
-      + policies.sorted { $0.key < $1.key }.map { ("policies.\($0.key).failAfterMilliseconds", $0.value.failAfterMilliseconds, 0...day) }
+      + policies.sorted { $0.key < $1.key }.map { ("policies.\($0.key).failAfterMilliseconds", $0.value.failAfter.wholeMilliseconds, 0...day) }
     for (field, value, range) in ranges where !range.contains(value) {
       throw BrokerError(.malformed, "\(field) is \(value); it must be from \(range.lowerBound) to \(range.upperBound)")
     }
@@ -95,5 +97,20 @@ public struct BrokerConfiguration: Sendable {
     for (name, policy) in policies.sorted(by: { $0.key < $1.key }) where policy.fallback == name {
       throw BrokerError(.malformed, "policies.\(name).fallback names the plugin itself")
     }
+  }
+}
+
+extension Duration {
+  /// Whole milliseconds, saturated at the ends of `Int` (the config file's unit).
+  public var wholeMilliseconds: Int {
+    let (seconds, attoseconds) = components
+    let (milliseconds, overflow) = seconds.multipliedReportingOverflow(by: 1000)
+    if overflow { return seconds < 0 ? .min : .max }
+    return Int(milliseconds + attoseconds / 1_000_000_000_000_000)
+  }
+
+  /// Nanoseconds of a duration `validate()` accepted (positive, at most a day): the engine's clock unit.
+  package var nanoseconds: UInt64 {
+    UInt64(components.seconds) * 1_000_000_000 + UInt64(components.attoseconds / 1_000_000_000)
   }
 }

@@ -13,7 +13,7 @@ extension BrokerRuntime {
   /// Accepts one connection; nil when none is waiting. Out of descriptors, it
   /// uses the spare one to accept the connection and refuse it with `refusal`,
   /// and keeps serving everyone already connected.
-  private func accept(from listener: PacketListener, role: String, refusal: (PacketSocket, BrokerError) -> Void) -> PacketSocket? {
+  func accept(from listener: PacketListener, role: String, refusal: (PacketSocket, BrokerError) -> Void) -> PacketSocket? {
     do {
       return try listener.accept()
     } catch where error.errno == .tooManyOpenFiles || error.errno == .tooManyOpenFilesInSystem {
@@ -21,6 +21,7 @@ extension BrokerRuntime {
       // refuse one (if any) and let the next wakeup handle the rest.
       spareDescriptor = OwnedDescriptor()
       if let socket = try? listener.accept() {
+        tally.count(.connectionRefusedNoDescriptors, role)
         logger.error("out of descriptors: refusing a new connection", metadata: ["role": "\(role)"])
         refusal(socket, BrokerError(.limit, "the broker is out of file descriptors; try again later"))
       }

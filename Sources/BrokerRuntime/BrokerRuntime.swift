@@ -26,6 +26,7 @@ public final class BrokerRuntime: @unchecked Sendable {
   let loop: EventLoop
   let clientListener: PacketListener
   let pluginListener: PacketListener
+  let controlListener: PacketListener?
   private let wakeup: OwnedDescriptor
   private var signals = OwnedDescriptor()
   var supervisor: PluginSupervisor?
@@ -42,6 +43,11 @@ public final class BrokerRuntime: @unchecked Sendable {
   var stores: [String: DescriptorStore] = [:]
   /// A Register's userfaultfd, while the engine decides on the request.
   var registering: UserfaultFD?
+  var controls: [UInt64: ControlLink] = [:]
+  var nextControl: UInt64 = 1
+  /// What only the runtime sees (connections refused for want of descriptors, control refusals).
+  var tally = Tally()
+  let startedAt = monotonicNanoseconds()
   private var stopping = false
   /// The time the loop last woke up: the engine's inputs are stamped with it,
   /// not with a clock read per fault.
@@ -70,7 +76,7 @@ public final class BrokerRuntime: @unchecked Sendable {
   /// Faults resolved so far (by plugin decisions or locally); readable from any thread.
   public var faultsResolved: UInt64 { resolvedCounter.load(ordering: .relaxed) }
   /// The engine's counters (read them on the thread in `run()`, or after it returned).
-  public var statistics: BrokerEngine.Statistics { engine.statistics }
+  public var statistics: FaultStatistics { engine.statistics }
 
   /// Binds both sockets. A socket (and the directory it creates for it) is
   /// private to the broker's uid (0600/0700) unless the config lets others in;
@@ -84,13 +90,15 @@ public final class BrokerRuntime: @unchecked Sendable {
     let ownerOnly = { (uids: Set<UInt32>, gids: Set<UInt32>) in uids.subtracting([getuid()]).isEmpty && gids.isEmpty }
     let clientPrivate = ownerOnly(configuration.clientUIDs, configuration.clientGIDs)
     let pluginPrivate = ownerOnly(configuration.pluginUIDs, configuration.pluginGIDs)
-    for (path, isPrivate) in [(configuration.clientSocketPath, clientPrivate), (configuration.pluginSocketPath, pluginPrivate)] {
+    for (path, isPrivate) in [(configuration.clientSocketPath, clientPrivate), (configuration.pluginSocketPath, pluginPrivate),
+                              (configuration.controlSocketPath ?? "", true)] {
       let directory = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
       if !directory.isEmpty { mkdir(directory, isPrivate && clientPrivate && pluginPrivate ? 0o700 : 0o755) }
     }
     loop = try EventLoop()
     clientListener = try PacketListener(path: configuration.clientSocketPath, mode: clientPrivate ? 0o600 : 0o666)
     pluginListener = try PacketListener(path: configuration.pluginSocketPath, mode: pluginPrivate ? 0o600 : 0o666)
+    controlListener = try configuration.controlSocketPath.map { (path) throws(BrokerError) in try PacketListener(path: path, mode: 0o600) }
     spareDescriptor = OwnedDescriptor(open("/dev/null", O_RDONLY | O_CLOEXEC))
     switch valueOrErrno(clinux_eventfd()) {
     case .success(let fd): wakeup = OwnedDescriptor(fd)
@@ -98,6 +106,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     }
     try loop.add(clientListener.fd, Token(.clientListener))
     try loop.add(pluginListener.fd, Token(.pluginListener))
+    if let controlListener { try loop.add(controlListener.fd, Token(.controlListener)) }
     try loop.add(wakeup.rawValue, Token(.wakeup))
     zeroPage.initializeMemory(as: UInt8.self, repeating: 0)
     dirtyPlugins.reserveCapacity(64)
@@ -145,6 +154,7 @@ public final class BrokerRuntime: @unchecked Sendable {
       }
       engine.tick(now: loopTime)
       supervisor?.restartDue(loop: loop)
+      if !controls.isEmpty { expireControls() }
       perform()
       flushPlugins()
       resolvedCounter.store(engine.statistics.faultsResolved, ordering: .relaxed)
@@ -158,6 +168,9 @@ public final class BrokerRuntime: @unchecked Sendable {
     switch token.kind {
     case .clientListener: acceptClients()
     case .pluginListener: acceptPlugins()
+    case .controlListener: acceptControl()
+    case .control:
+      if let link = controls[token.id] { serveControl(link) }
     case .signal:
       let signal = clinux_read_signal(signals.rawValue)
       logger.info("stopping on signal", metadata: ["signal": "\(signal)"])

@@ -94,7 +94,7 @@ extension Simulation {
       if let refusal {
         note("plugin \(plugins[index].name) refuses region \(region.id) of client \(client): \(refusal)")
       } else if parent != 0, let slot = slots[client], let forkedAt = processes[slot].forkedAt,
-                now < forkedAt + UInt64(configuration.registrationTimeoutMilliseconds) * 1_000_000 {
+                now < forkedAt + configuration.registrationTimeout.nanoseconds {
         processes[slot].acceptedRegions.insert(region.id)
       }
       engine.regionReply(connection, RegionReply(clientID: client, regionID: region.id, error: refusal.map { BrokerError(.pluginRefused, $0) }), now: now)

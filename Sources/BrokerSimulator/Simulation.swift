@@ -122,8 +122,8 @@ public final class Simulation {
     random = SimRandom(seed: seed)
     var configuration = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "", owner: 0)
     configuration.plugins = [.init(name: "p0", executable: "/bin/true"), .init(name: "p1", executable: "/bin/true")]
-    configuration.pluginDeadlineMilliseconds = 50
-    configuration.registrationTimeoutMilliseconds = 2_000
+    configuration.pluginDeadline = .milliseconds(50)
+    configuration.registrationTimeout = .seconds(2)
     self.configuration = configuration
     engine = Self.makeEngine(configuration, seed: seed, now: now)
     plugins = [SimPlugin(name: "p0"), SimPlugin(name: "p1")]

@@ -5,16 +5,25 @@ import BrokerProtocol
 import Foundation
 import Logging
 
-/// The broker daemon: `uffd-broker [--config FILE] [--client-socket PATH] [--plugin-socket PATH]`.
+/// The broker daemon: `uffd-broker [serve] [--config FILE] [--client-socket PATH] ...`,
+/// and `uffd-broker status` to ask a running one what it is doing.
 @main
 struct BrokerCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "uffd-broker",
     abstract: "Serve page faults of client processes through out-of-process plugins.",
+    subcommands: [Serve.self, Status.self],
+    defaultSubcommand: Serve.self)
+}
+
+struct Serve: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Serve page faults (the default command).",
     discussion: """
       Clients register memory on the client socket (passing their userfaultfd); plugins connect \
-      to the plugin socket and decide how each fault is filled. The config file (JSON) may list \
-      plugins to spawn and restart, and the uids allowed to connect:
+      to the plugin socket and decide how each fault is filled; its owner and root ask for its \
+      status on the control socket. The config file (JSON) may list plugins to spawn and restart, \
+      and the uids allowed to connect:
         {"plugins": [{"name": "pattern", "executable": "/path/to/plugin", "arguments": [], "maxRestarts": 10}],
          "policies": {"pattern": {"fallback": "other", "onFailure": "poison", "failAfterMilliseconds": 30000}},
          "clientUIDs": [1000], "pluginUIDs": [0], "pluginDeadlineMilliseconds": 5000}
@@ -25,6 +34,9 @@ struct BrokerCommand: ParsableCommand {
 
   @Option(help: "The socket plugins connect to (default: the config's pluginSocket, else \(SocketPaths.plugin)).")
   var pluginSocket: String?
+
+  @Option(help: "The socket `uffd-broker status` asks (default: the config's controlSocket, else \(SocketPaths.control)).")
+  var controlSocket: String?
 
   @Option(help: "A JSON config file (plugins to spawn, allowed uids, limits).")
   var config: String?
@@ -46,6 +58,7 @@ struct BrokerCommand: ParsableCommand {
     }
     let logger = Logger(label: "uffd-broker")
     var configuration = BrokerConfiguration(clientSocketPath: SocketPaths.client, pluginSocketPath: SocketPaths.plugin)
+    configuration.controlSocketPath = SocketPaths.control
     do {
       if let config { try ConfigFile.load(path: config).apply(to: &configuration) }
       try configuration.validate()
@@ -58,6 +71,7 @@ struct BrokerCommand: ParsableCommand {
     // The command line wins over the config file.
     if let clientSocket { configuration.clientSocketPath = clientSocket }
     if let pluginSocket { configuration.pluginSocketPath = pluginSocket }
+    if let controlSocket { configuration.controlSocketPath = controlSocket }
     let broker = try BrokerRuntime(configuration: configuration, logger: logger)
     try broker.run(handleSignals: true)
   }
@@ -82,6 +96,7 @@ struct ConfigFile: Decodable {
   }
   var clientSocket: String?
   var pluginSocket: String?
+  var controlSocket: String?
   var plugins: [Plugin]?
   var policies: [String: Policy]?
   var clientUIDs: [UInt32]?
@@ -94,7 +109,7 @@ struct ConfigFile: Decodable {
   var maxRegionsPerClient: Int?
   var maxInFlightPerPlugin: Int?
   enum CodingKeys: String, CodingKey, CaseIterable {
-    case clientSocket, pluginSocket, plugins, policies, clientUIDs, pluginUIDs, clientGIDs, pluginGIDs
+    case clientSocket, pluginSocket, controlSocket, plugins, policies, clientUIDs, pluginUIDs, clientGIDs, pluginGIDs
     case pluginDeadlineMilliseconds, registrationTimeoutMilliseconds, maxClients, maxRegionsPerClient, maxInFlightPerPlugin
   }
 
@@ -147,6 +162,7 @@ struct ConfigFile: Decodable {
   func apply(to configuration: inout BrokerConfiguration) throws {
     if let clientSocket { configuration.clientSocketPath = clientSocket }
     if let pluginSocket { configuration.pluginSocketPath = pluginSocket }
+    if let controlSocket { configuration.controlSocketPath = controlSocket }
     if let plugins {
       configuration.plugins = plugins.map { .init(name: $0.name, executable: $0.executable, arguments: $0.arguments ?? [], maxRestarts: $0.maxRestarts ?? 10) }
     }
@@ -154,14 +170,14 @@ struct ConfigFile: Decodable {
       guard let onFailure = BrokerConfiguration.PluginPolicy.OnFailure(rawValue: policy.onFailure ?? "wait") else {
         throw ValidationError("policy of \(name): onFailure must be wait, poison or kill")
       }
-      configuration.policies[name] = .init(fallback: policy.fallback, onFailure: onFailure, failAfterMilliseconds: policy.failAfterMilliseconds ?? 30_000)
+      configuration.policies[name] = .init(fallback: policy.fallback, onFailure: onFailure, failAfter: .milliseconds(policy.failAfterMilliseconds ?? 30_000))
     }
     if let clientUIDs { configuration.clientUIDs = Set(clientUIDs) }
     if let pluginUIDs { configuration.pluginUIDs = Set(pluginUIDs) }
     if let clientGIDs { configuration.clientGIDs = Set(clientGIDs) }
     if let pluginGIDs { configuration.pluginGIDs = Set(pluginGIDs) }
-    if let pluginDeadlineMilliseconds { configuration.pluginDeadlineMilliseconds = pluginDeadlineMilliseconds }
-    if let registrationTimeoutMilliseconds { configuration.registrationTimeoutMilliseconds = registrationTimeoutMilliseconds }
+    if let pluginDeadlineMilliseconds { configuration.pluginDeadline = .milliseconds(pluginDeadlineMilliseconds) }
+    if let registrationTimeoutMilliseconds { configuration.registrationTimeout = .milliseconds(registrationTimeoutMilliseconds) }
     if let maxClients { configuration.maxClients = maxClients }
     if let maxRegionsPerClient { configuration.maxRegionsPerClient = maxRegionsPerClient }
     if let maxInFlightPerPlugin { configuration.maxInFlightPerPlugin = maxInFlightPerPlugin }

@@ -16,11 +16,11 @@ extension BrokerIntegrationTests {
         try h.startPlugin(name: "backup", mode: "pattern")
         // A client of the fallback's own, registered throughout the failover.
         let own = try h.startClient("soak", mib: 4, threads: 1, plugin: "backup", loops: 1_000_000, extraEnvironment: ["FIXTURE_SOAK_SECONDS": "5"])
-        #expect(h.waitForBrokerLog("client registered", "client.pid=\(own.pid)"), h.diagnostics)
+        #expect(h.waitForStatus { $0.client(pid: own.pid)?.phase == "active" }, h.diagnostics)
         let outcome = try h.runClient("touch", mib: 16, threads: 2, plugin: "pattern", timeout: 60)
         #expect(primary.wait(timeout: 5) == .exited(3), h.diagnostics("the primary should have exited after 1500 faults"))
         #expect(outcome.status == .exited(0) && outcome.summary == "verified 4096 pages, 0 wrong", h.diagnostics(outcome.stdout + outcome.stderr))
-        #expect(h.brokerLogLines(containing: "plugin failed over", "plugin=pattern").count == 1, h.diagnostics)
+        #expect(try h.status().plugin("pattern")?.tally[.pluginFailedOver] == 1, h.diagnostics)
         // The fallback was told of the region before it served faults of it.
         let backup = h.eventLog("backup")
         #expect(backup.contains { $0.hasPrefix("opened ") }, h.diagnostics("backup events: \(backup.prefix(5))"))
@@ -41,7 +41,7 @@ extension BrokerIntegrationTests {
         _ = kill(plugin.pid, SIGKILL)
         let status = client.wait(timeout: 10)
         #expect(status == .signaled(policy == "poison" ? SIGBUS : SIGKILL), h.diagnostics("client: \(String(describing: status))"))
-        #expect(h.waitForBrokerLog("plugin failed: its regions fail closed", "policy=\(policy)"), h.diagnostics)
+        #expect(h.waitForStatus { $0.plugin("slow")?.tally[.pluginFailedClosed, policy] == 1 }, h.diagnostics)
         // A new client naming the failed plugin is refused clearly.
         let refused = try h.runClient("refused", mib: 1, threads: 1, plugin: "slow")
         #expect(refused.status == .exited(0) && refused.summary.contains("has failed"), h.diagnostics(refused.stdout))
@@ -55,7 +55,7 @@ extension BrokerIntegrationTests {
         // Busy for a fixed 6 s whatever the machine's speed (the soak checks every byte it touches).
         let busy = try h.startClient("soak", mib: 16, threads: 2, plugin: "pattern", loops: 1_000_000, extraEnvironment: ["FIXTURE_SOAK_SECONDS": "6"])
         // The limit must not catch the busy client half-registered (its pidfd is opened at Register).
-        #expect(h.waitForBrokerLog("client registered", "client.pid=\(busy.pid)"), h.diagnostics)
+        #expect(h.waitForStatus { $0.client(pid: busy.pid)?.phase == "active" }, h.diagnostics)
         // Leave the broker a few descriptors of headroom, then connect more raw clients than that.
         #expect(clinux_set_descriptor_limit(h.broker.pid, UInt64(h.brokerDescriptorCount() + 3)) == 0)
         var refused = 0
@@ -74,9 +74,10 @@ extension BrokerIntegrationTests {
           }
         }
         #expect(refused > 0, h.diagnostics("no connection was refused"))
-        #expect(h.brokerLogLines(containing: "out of descriptors").count > 0, h.diagnostics)
         #expect(busy.isRunning, h.diagnostics("the busy client ended before the refusals were over"))
         sockets.removeAll()
+        // (Asked once descriptors are free again: the status needs one too.)
+        #expect(h.waitForStatus { $0.tally[.connectionRefusedNoDescriptors, "client"] >= UInt64(refused) }, h.diagnostics)
         #expect(busy.wait(timeout: 60) == .exited(0), h.diagnostics(busy.stdout + busy.stderr))
         let summary = busy.stdout.split(separator: "\n").last.flatMap { BrokerIntegrationTests.Soak.SoakSummary(String($0)) }
         #expect(summary != nil && summary!.wrong == 0 && summary!.faults > 0, h.diagnostics(busy.stdout))

@@ -58,12 +58,12 @@ extension BrokerIntegrationTests {
         #expect((1...4).contains(faults.count) && Set(faults.map(\.address)).count == faults.count, h.diagnostics("faults: \(faults)"))
         // Late answers for the dead client's faults are dropped without harm.
         try plugin.send(faults.map { .init(faultID: $0.faultID, kind: .copy, address: $0.address, length: pageSize, data: Pattern.page(backingOffset: $0.offset)) })
+        #expect(h.waitUntilHandled(plugin), h.diagnostics)
         #expect(h.waitForBrokerDescriptors(baseline), h.diagnostics("descriptors: \(h.brokerDescriptorCount()), before: \(baseline)"))
         // The plugin keeps its connection (no deadline tripped, nothing refused).
-        usleep(100_000)
-        if case .closed = try plugin.receive(milliseconds: 100) { Issue.record(h.diagnostics("the broker dropped the plugin")) }
-        #expect(h.brokerLogLines(containing: "plugin disconnected").isEmpty, h.diagnostics)
-        #expect(h.brokerLogLines(containing: "refused a plugin decision").isEmpty, h.diagnostics)
+        let status = try h.status()
+        #expect(status.plugin("silent")?.state == "connected" && status.tally[.pluginDisconnected] == 0, h.diagnostics)
+        #expect(status.tally[.decisionRefused] == 0, h.diagnostics)
       }
     }
 
@@ -114,7 +114,7 @@ extension BrokerIntegrationTests {
               case .store(let store):
                 // First the other plugin claims to have stored it: refused, so nothing may be dropped yet.
                 try other.send([], storeReplies: [StoreReply(storeID: store.storeID, error: nil)])
-                if h.waitForBrokerLog("refused a store reply", "plugin=other", "store.id=\(store.storeID)") { spoofed += 1 }
+                if h.waitForStatus({ $0.plugin("other")?.tally[.storeReplyRefused] == UInt64(spoofed + 1) }) { spoofed += 1 }
                 for start in stride(from: 0, to: store.data.count, by: pageSize) {
                   stored[store.offset + UInt64(start)] = Array(store.data[start..<start + pageSize])
                 }
@@ -127,7 +127,7 @@ extension BrokerIntegrationTests {
         }
         #expect(client.wait(timeout: 5) == .exited(0), h.diagnostics(client.stdout + client.stderr))
         #expect(client.stdout.hasSuffix("swap-out dropped 256, kept 0; verified 256 pages, 0 wrong\n"), h.diagnostics(client.stdout))
-        #expect(spoofed > 0 && spoofed == h.brokerLogLines(containing: "refused a store reply").count, h.diagnostics("spoofed \(spoofed)"))
+        #expect(try spoofed > 0 && UInt64(spoofed) == h.status().tally[.storeReplyRefused], h.diagnostics("spoofed \(spoofed)"))
       }
     }
 
@@ -200,7 +200,7 @@ extension BrokerIntegrationTests {
         // and not long after the plugin got its first fault (the broker checks every 100 ms).
         #expect(closed - started >= Double(deadlineMilliseconds) / 1000, h.diagnostics("dropped \(closed - started) s after the client started"))
         #expect(closed - held < 3, h.diagnostics("dropped \(closed - held) s after the first fault"))
-        #expect(h.waitForBrokerLog("plugin disconnected", "plugin=stuck", "did not answer a fault within \(deadlineMilliseconds) ms"), h.diagnostics)
+        #expect(h.waitForStatus { $0.plugin("stuck")?.tally[.pluginDisconnected, "timedOut"] == 1 }, h.diagnostics)
         // The client waits (its faults are parked, not released onto zero pages)...
         #expect(client.isRunning, h.diagnostics)
         // ...until a plugin of that name serves them.
@@ -213,9 +213,8 @@ extension BrokerIntegrationTests {
     @Test("A spawned plugin that stops (SIGSTOP) is killed at its deadline and replaced; the client gets every page")
     func stoppedSpawnedPluginReplaced() throws {
       try Harness.run("stopped", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])], pluginDeadlineMilliseconds: 300) { h in
-        let spawned = h.brokerLogLines(containing: "plugin spawned", "plugin=pattern")
-        let pid = try #require(spawned.first?.split(separator: " ").first { $0.hasPrefix("plugin.pid=") }.flatMap { pid_t($0.dropFirst("plugin.pid=".count)) }, h.diagnostics)
-        #expect(waitUntil(timeout: 10) { h.pluginConnected(pid: pid) }, h.diagnostics)
+        #expect(h.waitForStatus(timeout: 10) { $0.plugin("pattern").map { $0.spawnedPID != 0 && $0.connectedPID == $0.spawnedPID } == true }, h.diagnostics)
+        let pid = try h.status().plugin("pattern")!.spawnedPID
         kill(pid, SIGSTOP)
         let outcome = try h.runClient("touch", mib: 1, threads: 2, plugin: "pattern", timeout: 30)
         #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
@@ -244,8 +243,8 @@ extension BrokerIntegrationTests {
         #expect(client.stdout.hasSuffix("verified \(pages(mib: 32)) pages, 0 wrong\n"), h.diagnostics(client.stdout))
         // 8192 faults at most 2000 per incarnation: at least 4 exits mid-workload.
         #expect(exits >= pages(mib: 32) / 2000, h.diagnostics("plugin exits: \(exits)"))
-        #expect(h.brokerLogLines(containing: "plugin disconnected", "plugin=pattern").count >= exits, h.diagnostics)
-        #expect(h.brokerLogLines(containing: "plugin connected", "plugin=pattern").count == exits + 1, h.diagnostics)
+        let tally = try #require(h.status().plugin("pattern")?.tally, h.diagnostics)
+        #expect(tally[.pluginDisconnected] >= UInt64(exits) && tally[.pluginConnected] == UInt64(exits + 1), h.diagnostics("\(tally)"))
       }
     }
 
@@ -255,19 +254,13 @@ extension BrokerIntegrationTests {
         let outcome = try h.runClient("touch", mib: 32, threads: 2, plugin: "pattern", timeout: 60)
         #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
         #expect(outcome.summary == "verified \(pages(mib: 32)) pages, 0 wrong", h.diagnostics)
-        let exits = h.brokerLogLines(containing: "plugin exited", "plugin=pattern").count
-        let spawned = h.brokerLogLines(containing: "plugin spawned", "plugin=pattern")
-        #expect(exits >= pages(mib: 32) / 2000, h.diagnostics("plugin exits: \(exits)"))
-        #expect(spawned.count == exits + 1, h.diagnostics)
-        // Stopping the broker stops (and reaps) the plugin it spawned last.
-        let pids = spawned.compactMap { line in
-          line.split(separator: " ").first { $0.hasPrefix("plugin.pid=") }.flatMap { pid_t($0.dropFirst("plugin.pid=".count)) }
-        }
-        #expect(pids.count == spawned.count, h.diagnostics)
+        let plugin = try #require(h.status().plugin("pattern"), h.diagnostics)
+        #expect(plugin.tally[.pluginExited] >= UInt64(pages(mib: 32) / 2000), h.diagnostics("\(plugin.tally)"))
+        #expect(plugin.tally[.pluginSpawned] == plugin.tally[.pluginExited] + 1, h.diagnostics("\(plugin.tally)"))
+        // Stopping the broker stops (and reaps) the plugin it spawned last (the others were reaped as they exited).
+        #expect(plugin.spawnedPID > 0, h.diagnostics)
         #expect(h.stopBroker() == .exited(0), h.diagnostics)
-        for pid in pids {
-          #expect(kill(pid, 0) == -1 && errno == ESRCH, h.diagnostics("plugin \(pid) is still there after the broker stopped"))
-        }
+        #expect(kill(plugin.spawnedPID, 0) == -1 && errno == ESRCH, h.diagnostics("plugin \(plugin.spawnedPID) is still there after the broker stopped"))
       }
     }
   }
@@ -281,16 +274,15 @@ extension BrokerIntegrationTests {
     func killAndRestart(round: Int) throws {
       try Harness.run("broker-restart-\(round)", spawning: [.init(name: "pattern", arguments: ["plugin", "pattern", "pattern"])]) { h in
         let client = try h.startClient("touch", mib: 128, threads: 2, plugin: "pattern")
-        // Once it is registered and under way (a few thousand pages in a debug build), pull the broker.
-        #expect(h.waitForBrokerLog("client registered", "client.pid=\(client.pid)", timeout: 10), h.diagnostics)
-        usleep(UInt32(50_000 * round))
+        // Once it is registered and under way (a few thousand pages per round of 32768), pull the broker.
+        #expect(h.waitForStatus(timeout: 20) { $0.faults.faultsResolved >= UInt64(2000 * round) }, h.diagnostics)
         #expect(client.isRunning, h.diagnostics("the client finished before the broker was killed"))
         try h.killAndRestartBroker()
         let status = client.wait(timeout: 60)
         #expect(status == .exited(0), h.diagnostics(client.stdout + client.stderr))
         #expect(client.stdout.contains("verified 32768 pages, 0 wrong"), h.diagnostics(client.stdout))
         // The new broker saw the same client register again.
-        #expect(h.brokerLogLines(containing: "client registered").count >= 2, h.diagnostics)
+        #expect(try h.status().tally[.clientRegistered] >= 1, h.diagnostics)
       }
     }
 

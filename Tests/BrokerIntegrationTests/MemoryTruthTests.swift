@@ -1,3 +1,4 @@
+import BrokerProtocol
 import Glibc
 import Testing
 
@@ -19,7 +20,7 @@ extension BrokerIntegrationTests {
         let outcome = try h.runClient(scenario, mib: mib, threads: threads, plugin: "fixture", loops: loops, timeout: timeout, sourceLocation: sourceLocation)
         #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr), sourceLocation: sourceLocation)
         #expect(outcome.summary == summary, h.diagnostics, sourceLocation: sourceLocation)
-        #expect(h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics, sourceLocation: sourceLocation)
+        #expect(try h.status().tally[.faultFailedClosed] == 0, h.diagnostics, sourceLocation: sourceLocation)
       }
     }
 
@@ -97,7 +98,7 @@ extension BrokerIntegrationTests {
         try h.startPlugin(name: "pattern", mode: "pattern")
         let outcome = try h.runClient("fork", mib: 0, threads: 1, plugin: "pattern", timeout: 20, extraEnvironment: ["SWIFT_BACKTRACE": "enable=no"])
         #expect(outcome.summary == "forked: child signal \(SIGBUS), parent wrong 0", h.diagnostics(outcome.stdout + outcome.stderr))
-        #expect(h.waitForBrokerLog("a forked child exceeds maxClients"), h.diagnostics)
+        #expect(h.waitForStatus { $0.tally[.forkRefused, "limit"] == 1 }, h.diagnostics)
       }
     }
 
@@ -107,7 +108,7 @@ extension BrokerIntegrationTests {
         try h.startPlugin(name: "pattern", mode: "no-fork")
         let outcome = try h.runClient("fork", mib: 0, threads: 1, plugin: "pattern", timeout: 20, extraEnvironment: ["SWIFT_BACKTRACE": "enable=no"])
         #expect(outcome.summary == "forked: child signal \(SIGBUS), parent wrong 0", h.diagnostics(outcome.stdout + outcome.stderr))
-        #expect(!h.brokerLogLines(containing: "failed a fault closed").isEmpty, h.diagnostics)
+        #expect(try h.status().tally[.faultFailedClosed] > 0, h.diagnostics)
       }
     }
 
@@ -157,7 +158,7 @@ extension BrokerIntegrationTests {
         #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
         #expect(client.stdout.hasSuffix("swap held: dropped 1024; verified 1024 pages, 0 wrong\n"), h.diagnostics(client.stdout))
         #expect(restarted.stderr.contains("recovered 1024 stored pages"), h.diagnostics(restarted.stderr))
-        #expect(h.brokerLogLines(containing: "lost swapped-out pages").isEmpty, h.diagnostics)
+        #expect(try h.status().tally[.swappedPagesLost] == 0, h.diagnostics)
       }
     }
 
@@ -186,7 +187,7 @@ extension BrokerIntegrationTests {
         #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
         #expect(client.stdout.hasSuffix("swap held: dropped 256; verified 256 pages, 0 wrong\n"), h.diagnostics(client.stdout))
         #expect(restarted.stderr.contains("recovered 256 stored pages"), h.diagnostics(restarted.stderr))
-        #expect(h.brokerLogLines(containing: "lost swapped-out pages").isEmpty, h.diagnostics)
+        #expect(try h.status().tally[.swappedPagesLost] == 0, h.diagnostics)
       }
     }
 
@@ -220,7 +221,7 @@ extension BrokerIntegrationTests {
         gate.release()
         #expect(client.wait(timeout: 30) == .signaled(SIGBUS), h.diagnostics(client.stdout + client.stderr))
         // The new broker asked the new plugin for the pages at the re-attach, and it had none.
-        #expect(h.brokerLogLines(containing: "lost swapped-out pages", "bytes=\(1 << 20)").count == 1, h.diagnostics)
+        #expect(try h.status().tally[.swappedPagesLost] == 1 && h.status().faults.swappedBytesLost == 1 << 20, h.diagnostics)
       }
     }
   }

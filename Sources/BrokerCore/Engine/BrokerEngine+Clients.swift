@@ -184,7 +184,7 @@ extension BrokerEngine {
       if client.phase == .active { reply(client, BrokerReply(requestID: requestID, .ack(clientID: client.id))) }
       return
     }
-    let deadline = now + UInt64(configuration.registrationTimeoutMilliseconds) * 1_000_000
+    let deadline = now + configuration.registrationTimeout.nanoseconds
     client.pendingOpen = Client.PendingOpen(requestID: requestID, regions: specs, awaiting: Set(specs.map(\.id)), deadline: deadline, sentAt: now)
     for spec in specs {
       client.announcedRegions[spec.id] = spec.plugin

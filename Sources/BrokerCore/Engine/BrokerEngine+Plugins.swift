@@ -217,6 +217,7 @@ extension BrokerEngine {
       if case .inFlight(let sentTo, _, _) = fault.state { sentTo === plugin } else { false }
     }
     for id in orphaned { park(id) }
+    plugin.route?.faultsRequeued += UInt64(orphaned.count)
     // A swap-out chunk it had not stored yet fails: the client keeps those pages.
     for (storeID, pending) in pendingStores.sorted(by: { $0.key < $1.key }) where pending.plugin === plugin {
       pendingStores[storeID] = nil

@@ -2,22 +2,40 @@ import BrokerProtocol
 import Logging
 
 extension BrokerEngine {
-  /// What the broker is doing now: its clients, plugins and counters.
+  /// What the broker is doing now: its clients, plugins and counters (the
+  /// runtime adds what only it knows: its pid, uptime, spawned processes).
   public func status() -> BrokerStatus {
-    let inFlight = ledger.ids { if case .inFlight = $0.state { true } else { false } }.count
-    let parked = ledger.ids { if case .parked = $0.state { true } else { false } }.count
-    let clients = self.clients.values.sorted { $0.id < $1.id }.map { client in
-      BrokerStatus.ClientStatus(id: client.id, pid: client.pid, parent: client.parentID, phase: "\(client.phase)",
-                                regions: client.regions.pieces.count, faultsOut: client.faultsOut)
+    var status = BrokerStatus()
+    status.faults = statistics
+    status.faultsInFlight = ledger.ids { if case .inFlight = $0.state { true } else { false } }.count
+    status.faultsParked = ledger.ids { if case .parked = $0.state { true } else { false } }.count
+    status.tally = tally
+    status.clients = clients.values.sorted { $0.id < $1.id }.map { client in
+      var entry = BrokerStatus.ClientStatus()
+      entry.id = client.id
+      entry.pid = client.pid
+      entry.parent = client.parentID
+      entry.phase = "\(client.phase)"
+      entry.regions = client.regions.pieces.count
+      entry.faultsOut = client.faultsOut
+      return entry
     }
-    let plugins = routes.values.sorted { $0.name < $1.name }.map { route in
-      BrokerStatus.PluginStatus(
-        name: route.name, state: route.failover != nil ? "failedOver" : route.failed ? "failed" : route.connection != nil ? "connected" : "away",
-        fallback: route.failover?.name, connectedPID: route.connection?.peer.pid ?? 0,
-        faultsSent: route.faultsSent, decisionsApplied: route.decisionsApplied, faultsInFlight: route.connection?.inFlight ?? 0,
-        missedEvents: route.missedEvents.count, tally: route.tally)
+    status.plugins = routes.values.sorted { $0.name < $1.name }.map { route in
+      var entry = BrokerStatus.PluginStatus()
+      entry.name = route.name
+      entry.state = route.failover != nil ? "failedOver" : route.failed ? "failed" : route.connection != nil ? "connected" : "away"
+      entry.fallback = route.failover?.name
+      entry.connectedPID = route.connection?.peer.pid ?? 0
+      entry.connection = route.connection?.id ?? 0
+      entry.faultsSent = route.faultsSent
+      entry.decisionsApplied = route.decisionsApplied
+      entry.faultsInFlight = route.connection?.inFlight ?? 0
+      entry.missedEvents = route.missedEvents.count
+      entry.faultsRequeued = route.faultsRequeued
+      entry.tally = route.tally
+      return entry
     }
-    return BrokerStatus(faults: statistics, faultsInFlight: inFlight, faultsParked: parked, tally: tally, clients: clients, plugins: plugins)
+    return status
   }
 
   /// Logs an incident and counts it, in total and for the plugin it concerns.

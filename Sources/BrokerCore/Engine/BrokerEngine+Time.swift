@@ -30,7 +30,7 @@ extension BrokerEngine {
     expireHungPlugins()
     for route in due(routes.values, by: \.name, where: { $0.connection == nil && $0.failover == nil && !$0.failed }) {
       guard let policy = configuration.policies[route.name], policy.fallback != nil || policy.onFailure != .wait, let lostAt = route.lostAt else { continue }
-      if now >= lostAt + UInt64(policy.failAfterMilliseconds) * 1_000_000 || route.givenUp { fail(route, policy) }
+      if now >= lostAt + policy.failAfter.nanoseconds || route.givenUp { fail(route, policy) }
     }
   }
 
@@ -48,7 +48,7 @@ extension BrokerEngine {
   /// A connected plugin that has not answered a fault, or a region announced
   /// to it, within its deadline is hung: disconnected, and (if the broker spawned it) killed.
   private func expireHungPlugins() {
-    let deadline = UInt64(configuration.pluginDeadlineMilliseconds) * 1_000_000
+    let deadline = configuration.pluginDeadline.nanoseconds
     var hung: [Plugin] = []
     for id in ledger.ids(where: { fault in
       if case .inFlight(_, _, let sentAt) = fault.state { now > sentAt + deadline } else { false }
@@ -63,7 +63,7 @@ extension BrokerEngine {
       }
     }
     for plugin in hung where !plugin.isClosed {
-      let reason = "it did not answer a fault within \(configuration.pluginDeadlineMilliseconds) ms"
+      let reason = "it did not answer a fault within \(configuration.pluginDeadline.wholeMilliseconds) ms"
       closePlugin(plugin, BrokerError(.timedOut, reason))
       actions.append(.killPluginProcess(pid: plugin.peer.pid, reason: reason))
     }

@@ -56,24 +56,7 @@ public final class BrokerEngine {
   }
 
   /// Counters for logs, metrics and the benchmark.
-  public struct Statistics: Codable, Sendable {
-    public var faultsSent = 0
-    public var decisionsApplied = 0
-    public var staleDecisionsDropped = 0
-    public var invalidDecisions = 0
-    public var retries = 0
-    /// Faults resolved by the broker itself from a delegated range.
-    public var resolvedLocally = 0
-    /// Faults in new memory (a grown tail, a `DONTUNMAP` source) filled with zeros.
-    public var newMemoryFills = 0
-    /// Faults the broker could not place, failed closed (poison or kill).
-    public var failedClosed = 0
-    /// Swapped-out bytes a plugin came back without (their faults fail closed).
-    public var swappedBytesLost: UInt64 = 0
-    /// Faults resolved, by decisions and locally.
-    public var faultsResolved: UInt64 = 0
-  }
-  public internal(set) var statistics = Statistics()
+  public internal(set) var statistics = FaultStatistics()
   /// Refusals, connections, disconnects and failures, by kind and cause.
   public internal(set) var tally = Tally()
 

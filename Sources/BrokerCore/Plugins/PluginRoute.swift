@@ -19,7 +19,9 @@ final class PluginRoute {
   /// Its counters, across its connections (for the status).
   var faultsSent: UInt64 = 0
   var decisionsApplied: UInt64 = 0
+  var faultsRequeued: UInt64 = 0
   var tally = Tally()
+
   init(name: String, now: UInt64) {
     self.name = name
     lostAt = now

@@ -3,7 +3,7 @@ import SystemPackage
 /// An error of the broker protocol: the wire's `ErrorCode` (sent to peers as
 /// an `Error` message) plus the transport failures that never go on the wire.
 public struct BrokerError: Error, Equatable, Sendable, CustomStringConvertible {
-  public enum Code: Int32, Sendable {
+  public enum Code: Int32, Sendable, CaseIterable {
     case unspecified = 0
     case malformed = 1
     case version = 2
@@ -28,6 +28,12 @@ public struct BrokerError: Error, Equatable, Sendable, CustomStringConvertible {
     case timedOut = 102
     /// The broker is stopping (transport only).
     case stopping = 103
+
+    /// The code of a `name`.
+    public init?(name: String) {
+      guard let code = Self.allCases.first(where: { $0.name == name }) else { return nil }
+      self = code
+    }
 
     /// A stable name: the key of the broker's status counters.
     public var name: String {

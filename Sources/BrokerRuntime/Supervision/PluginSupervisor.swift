@@ -1,4 +1,5 @@
 import BrokerCore
+import BrokerProtocol
 import CLinux
 import ChildProcess
 import Glibc
@@ -18,6 +19,8 @@ final class PluginSupervisor {
     /// Exits in a row after less than 30 s of life.
     var quickExits = 0
     var givenUp = false
+    /// Its spawns, exits and giving up, for the status.
+    var tally = Tally()
   }
 
   private var children: [Child]
@@ -49,6 +52,7 @@ final class PluginSupervisor {
       children[index].process = process
       children[index].startedAt = monotonicNanoseconds()
       if process.pidfd >= 0 { try? loop.add(process.pidfd, Token(.child, UInt64(index))) }
+      children[index].tally.count(.pluginSpawned)
       logger.info("plugin spawned", metadata: ["plugin": "\(plugin.name)", "plugin.pid": "\(process.pid)"])
     } catch {
       logger.error("cannot spawn plugin", metadata: ["plugin": "\(plugin.name)", "error": "\(error)"])
@@ -62,6 +66,7 @@ final class PluginSupervisor {
     guard children.indices.contains(index), let process = children[index].process, let status = process.poll() else { return }
     loop.remove(process.pidfd)
     children[index].process = nil
+    children[index].tally.count(.pluginExited)
     logger.warning("plugin exited", metadata: ["plugin": "\(children[index].plugin.name)", "plugin.pid": "\(process.pid)", "status": "\(status)"])
     // A plugin that ran a while starts again at the shortest backoff.
     if monotonicNanoseconds() - children[index].startedAt > 30_000_000_000 {
@@ -72,6 +77,7 @@ final class PluginSupervisor {
     }
     guard children[index].quickExits <= children[index].plugin.maxRestarts else {
       children[index].givenUp = true
+      children[index].tally.count(.pluginGivenUp)
       logger.error("plugin given up", metadata: ["plugin": "\(children[index].plugin.name)", "restarts": "\(children[index].plugin.maxRestarts)"])
       return
     }
@@ -92,6 +98,19 @@ final class PluginSupervisor {
   /// Whether the supervisor stopped restarting the plugin `name`.
   func hasGivenUp(_ name: String) -> Bool {
     children.contains { $0.plugin.name == name && $0.givenUp }
+  }
+
+  /// Adds what the supervisor knows to `status`: each spawned plugin's pid and
+  /// its spawns and exits (a plugin not yet connected is listed too).
+  func annotate(_ status: inout BrokerStatus) {
+    for child in children {
+      status.tally = status.tally + child.tally
+      status.updatePlugin(child.plugin.name) { entry in
+        if child.givenUp && entry.state == "away" { entry.state = "failed" }
+        entry.spawnedPID = child.process?.pid ?? 0
+        entry.tally = entry.tally + child.tally
+      }
+    }
   }
 
   private func scheduleRestart(_ index: Int) {

@@ -1,3 +1,4 @@
+import BrokerProtocol
 import Glibc
 import Testing
 
@@ -24,6 +25,7 @@ final class Harness {
   let directory: String
   let clientSocket: String
   let pluginSocket: String
+  let controlSocket: String
   let brokerLogPath: String
   private(set) var broker: FixtureProcess!
   private var children: [FixtureProcess] = []
@@ -45,11 +47,12 @@ final class Harness {
     directory = String(cString: made)
     clientSocket = directory + "/client.sock"
     pluginSocket = directory + "/plugin.sock"
+    controlSocket = directory + "/control.sock"
     brokerLogPath = directory + "/broker.log"
     for executable in [Self.brokerExecutable, Self.fixtureExecutable] where access(executable, X_OK) != 0 {
       throw HarnessError("\(executable) is missing: build with `swift build --build-tests`")
     }
-    var arguments = ["--client-socket", clientSocket, "--plugin-socket", pluginSocket, "--log-level", "debug"]
+    var arguments = ["--client-socket", clientSocket, "--plugin-socket", pluginSocket, "--control-socket", controlSocket, "--log-level", "debug"]
     if !spawned.isEmpty || pluginDeadlineMilliseconds != nil || !configFields.isEmpty {
       var fields: [String] = configFields
       if !spawned.isEmpty {
@@ -71,15 +74,13 @@ final class Harness {
 
   private var brokerArguments: [String] = []
 
-  /// Starts the broker and waits until it logs that it serves.
+  /// Starts the broker and waits until it answers on its control socket
+  /// (it listens on every socket before it serves any).
   private func startBroker() throws {
-    let servingBefore = brokerLogLines(containing: "broker serving").count
     broker = try FixtureProcess(
       label: "uffd-broker", executable: Self.brokerExecutable, arguments: brokerArguments, environment: environment,
       stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
-    let serving = waitUntil(timeout: 10) {
-      !broker.isRunning || (access(clientSocket, F_OK) == 0 && access(pluginSocket, F_OK) == 0 && brokerLogLines(containing: "broker serving").count > servingBefore)
-    }
+    let serving = waitUntil(timeout: 10) { !broker.isRunning || (try? status())?.pid == broker.pid }
     guard serving, broker.isRunning else {
       broker.stop()
       throw HarnessError("the broker did not start serving: \(broker.status.map { "\($0)" } ?? "timed out"); log:\n\(brokerLog)")
@@ -192,17 +193,12 @@ final class Harness {
     children.append(plugin)
     if waitForConnection {
       // Connected is enough: a plugin may legitimately exit soon after (exit-after:N).
-      waitUntil(timeout: 10) { pluginConnected(pid: plugin.pid) || !plugin.isRunning }
-      guard pluginConnected(pid: plugin.pid) else {
+      waitForStatus(timeout: 10) { $0.plugins.contains { $0.connectedPID == plugin.pid } || !plugin.isRunning }
+      guard (try? status())?.plugins.contains(where: { $0.connectedPID == plugin.pid }) == true else {
         throw HarnessError("plugin \(name) did not connect: \(plugin.status.map { "\($0)" } ?? "timed out"); stderr: \(plugin.stderr)\nbroker log:\n\(tail(brokerLog, lines: 20))")
       }
     }
     return plugin
-  }
-
-  /// Whether the broker logged "plugin connected" for this pid.
-  func pluginConnected(pid: pid_t) -> Bool {
-    brokerLogLines.contains { $0.contains("plugin connected") && $0.contains("plugin.pid=\(pid) ") }
   }
 
   /// Starts `broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]`, with `extraEnvironment` added.
@@ -235,15 +231,27 @@ final class Harness {
     return ClientOutcome(status: status, stdout: client.stdout, stderr: client.stderr, pid: client.pid)
   }
 
-  // MARK: - Logs and descriptors
+  // MARK: - Status, logs and descriptors
+
+  /// What the broker says it is doing (`uffd-broker status`): the tests'
+  /// view of its counters and connections. Its log is for people.
+  func status() throws -> BrokerStatus {
+    try ControlChannel.status(socketPath: controlSocket)
+  }
+
+  /// Polls the status until `condition` holds (true) or `timeout` passes (false).
+  @discardableResult
+  func waitForStatus(timeout: Double = 5, _ condition: (BrokerStatus) -> Bool) -> Bool {
+    waitUntil(timeout: timeout) { (try? status()).map(condition) ?? false }
+  }
+
+  /// Waits until the broker has handled every packet `plugin` sent (true), or `timeout` passes.
+  @discardableResult
+  func waitUntilHandled(_ plugin: ManualPlugin, timeout: Double = 5) -> Bool {
+    waitForStatus(timeout: timeout) { $0.plugin(plugin.name)?.packetsApplied == plugin.packetsSent }
+  }
 
   var brokerLog: String { readTextFile(brokerLogPath) }
-  var brokerLogLines: [Substring] { brokerLog.split(separator: "\n") }
-
-  /// Lines of the broker log containing every one of `fragments`.
-  func brokerLogLines(containing fragments: String...) -> [Substring] {
-    brokerLogLines.filter { line in fragments.allSatisfy { line.contains($0) } }
-  }
 
   func eventLogPath(_ plugin: String) -> String { "\(directory)/events-\(plugin).log" }
 
@@ -258,11 +266,6 @@ final class Harness {
   /// Polls until the broker's descriptor count is `expected` (true) or `timeout` passes (false).
   func waitForBrokerDescriptors(_ expected: Int, timeout: Double = 5) -> Bool {
     waitUntil(timeout: timeout, interval: 0.02) { brokerDescriptorCount() == expected }
-  }
-
-  /// Waits until the broker log has a line with every fragment.
-  func waitForBrokerLog(_ fragments: String..., timeout: Double = 5) -> Bool {
-    waitUntil(timeout: timeout, interval: 0.01) { brokerLogLines.contains { line in fragments.allSatisfy { line.contains($0) } } }
   }
 }
 

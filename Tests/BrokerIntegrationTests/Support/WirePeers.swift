@@ -132,7 +132,12 @@ final class ManualPlugin {
   private func flush() throws {
     let count = encoder.encode(into: packet)
     try socket.send(UnsafeRawBufferPointer(rebasing: packet[..<count]))
+    packetsSent += 1
   }
+
+  /// Packets sent so far (Hello included): the broker has handled them all
+  /// when its status says as many `packetsApplied` (`Harness.waitUntilHandled`).
+  private(set) var packetsSent: UInt64 = 0
 
   /// Sends arbitrary bytes as one packet.
   func sendRaw(_ bytes: [UInt8]) throws {

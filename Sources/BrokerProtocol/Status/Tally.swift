@@ -10,7 +10,7 @@ public struct Tally: Codable, Sendable, Equatable {
     case pluginRefused, pluginConnected, pluginDisconnected, pluginFailedOver, pluginFailedClosed
     case decisionRefused, delegationRefused, storeReplyRefused
     case faultFailedClosed, clientKilled, swappedPagesLost
-    case pluginSpawned, pluginExited, pluginGivenUp, connectionRefusedNoDescriptors
+    case pluginSpawned, pluginExited, pluginGivenUp, connectionRefusedNoDescriptors, controlRefused
   }
 
   public private(set) var counts: [String: UInt64] = [:]
@@ -20,7 +20,7 @@ public struct Tally: Codable, Sendable, Equatable {
   public subscript(_ kind: Kind) -> UInt64 { counts[kind.rawValue] ?? 0 }
   public subscript(_ kind: Kind, _ cause: String) -> UInt64 { counts[kind.rawValue + "." + cause] ?? 0 }
 
-  mutating func count(_ kind: Kind, _ cause: String? = nil) {
+  package mutating func count(_ kind: Kind, _ cause: String? = nil) {
     counts[kind.rawValue, default: 0] += 1
     if let cause { counts[kind.rawValue + "." + cause, default: 0] += 1 }
   }

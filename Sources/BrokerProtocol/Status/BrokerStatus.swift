@@ -1,0 +1,91 @@
+/// A snapshot of what a running broker is doing, for `uffd-broker status`,
+/// scripts (as JSON on the control socket) and the tests.
+public struct BrokerStatus: Codable, Sendable {
+  /// Bumped when a field changes meaning or goes away (new fields do not bump it).
+  public var format = 1
+  public var pid: Int32 = 0
+  public var uptimeSeconds: Double = 0
+  public var faults = FaultStatistics()
+  /// Faults read and not settled, by where they are.
+  public var faultsInFlight = 0
+  public var faultsParked = 0
+  /// Every refusal, connection, disconnect and failure, by kind and cause.
+  public var tally = Tally()
+  public var clients: [ClientStatus] = []
+  public var plugins: [PluginStatus] = []
+
+  public init() {}
+
+  public struct ClientStatus: Codable, Sendable {
+    public var id: UInt64 = 0
+    /// 0 for a forked child (it never connected) and before Register.
+    public var pid: Int32 = 0
+    /// The client it forked from (0: none).
+    public var parent: UInt64 = 0
+    public var phase = ""
+    public var regions = 0
+    public var faultsOut = 0
+
+    public init() {}
+  }
+
+  public struct PluginStatus: Codable, Sendable {
+    public var name = ""
+    /// `connected`, `away` (no connection now), `failedOver` or `failed`.
+    public var state = ""
+    public var fallback: String?
+    /// The pid of its connection (0: none).
+    public var connectedPID: Int32 = 0
+    /// Its connection's id (0: none).
+    public var connection: UInt64 = 0
+    /// Its connection's packets the broker has handled.
+    public var packetsApplied: UInt64 = 0
+    /// The pid of the process the broker spawned for it (0: none, or not spawned by the broker).
+    public var spawnedPID: Int32 = 0
+    public var faultsSent: UInt64 = 0
+    public var decisionsApplied: UInt64 = 0
+    public var faultsInFlight = 0
+    /// Faults it held when a connection of it went away, taken back for redelivery.
+    public var faultsRequeued: UInt64 = 0
+    /// Events kept for it while it is away.
+    public var missedEvents = 0
+    /// This plugin's share of the broker's tally.
+    public var tally = Tally()
+
+    public init() {}
+  }
+
+  public func plugin(_ name: String) -> PluginStatus? { plugins.first { $0.name == name } }
+  public func client(pid: Int32) -> ClientStatus? { clients.first { $0.pid == pid } }
+
+  /// Changes the entry of plugin `name`, adding it (state `away`) if there is none.
+  package mutating func updatePlugin(_ name: String, _ change: (inout PluginStatus) -> Void) {
+    if let index = plugins.firstIndex(where: { $0.name == name }) { return change(&plugins[index]) }
+    var entry = PluginStatus()
+    entry.name = name
+    entry.state = "away"
+    change(&entry)
+    plugins.append(entry)
+  }
+}
+
+/// The broker's fault counters since it started.
+public struct FaultStatistics: Codable, Sendable {
+  public var faultsSent = 0
+  public var decisionsApplied = 0
+  public var staleDecisionsDropped = 0
+  public var invalidDecisions = 0
+  public var retries = 0
+  /// Faults resolved by the broker itself from a delegated range.
+  public var resolvedLocally = 0
+  /// Faults in new memory (a grown tail, a `DONTUNMAP` source) filled with zeros.
+  public var newMemoryFills = 0
+  /// Faults the broker could not place, failed closed (poison or kill).
+  public var failedClosed = 0
+  /// Swapped-out bytes a plugin came back without (their faults fail closed).
+  public var swappedBytesLost: UInt64 = 0
+  /// Faults resolved, by decisions and locally.
+  public var faultsResolved: UInt64 = 0
+
+  public init() {}
+}

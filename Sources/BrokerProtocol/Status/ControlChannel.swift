@@ -1,0 +1,58 @@
+import FoundationEssentials
+
+/// The broker's control socket, for its owner and root: the peer sends one
+/// packet, a command; the broker answers with JSON in one or more packets of
+/// at most `replyPacketSize` bytes and closes the connection. The commands:
+/// - `status`: a `BrokerStatus`.
+/// A refused or unknown command is answered `{"error": CODE, "message": TEXT}`.
+public enum ControlChannel {
+  public static let statusCommand = "status"
+  public static let replyPacketSize = 64 << 10
+  /// The most a reply may be (a status lists every client: this is thousands).
+  public static let maxReplySize = 64 << 20
+
+  /// The answer to a command the broker does not serve.
+  public struct Refusal: Codable, Sendable {
+    public var error: String
+    public var message: String
+
+    public init(_ error: BrokerError) {
+      self.error = error.code.name
+      self.message = error.message
+    }
+  }
+
+  /// The status of the broker listening at `socketPath`.
+  public static func status(socketPath: String = SocketPaths.control, timeoutMilliseconds: Int = 5000) throws(BrokerError) -> BrokerStatus {
+    let reply = try request(statusCommand, socketPath: socketPath, timeoutMilliseconds: timeoutMilliseconds)
+    do {
+      return try JSONDecoder().decode(BrokerStatus.self, from: Data(reply))
+    } catch {
+      throw BrokerError(.malformed, "the broker's status is not the JSON expected: \(error)")
+    }
+  }
+
+  /// Sends `command` and returns the reply's JSON bytes; a refusal is thrown.
+  public static func request(_ command: String, socketPath: String = SocketPaths.control, timeoutMilliseconds: Int = 5000) throws(BrokerError) -> [UInt8] {
+    let socket = try PacketSocket.connect(path: socketPath)
+    socket.setReceiveTimeout(milliseconds: timeoutMilliseconds)
+    let bytes = Array(command.utf8)
+    _ = try bytes.withUnsafeBytes { (raw) -> Result<PacketSocket.SendResult, BrokerError> in Result { () throws(BrokerError) in try socket.send(raw) } }.get()
+    let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: replyPacketSize, alignment: 8)
+    defer { buffer.deallocate() }
+    var reply: [UInt8] = []
+    var fds: [CInt] = []
+    while true {
+      switch try socket.receive(into: buffer, fds: &fds, blocking: true) {
+      case .packet(let count): reply += buffer[..<count]
+      case .closed:
+        if let refusal = try? JSONDecoder().decode(Refusal.self, from: Data(reply)) {
+          throw BrokerError(BrokerError.Code(name: refusal.error) ?? .malformed, refusal.message)
+        }
+        return reply
+      case .wouldBlock: throw BrokerError(.timedOut, "the broker did not answer within \(timeoutMilliseconds) ms")
+      }
+      guard reply.count <= maxReplySize, fds.isEmpty else { throw BrokerError(.tooLarge, "the broker's reply is larger than \(maxReplySize) bytes") }
+    }
+  }
+}

@@ -1,0 +1,104 @@
+import BrokerProtocol
+import CLinux
+import FoundationEssentials
+import Glibc
+import LinuxSupport
+
+/// The control socket (`ControlChannel`): its owner and root ask, the broker answers and closes.
+extension BrokerRuntime {
+  func acceptControl() {
+    guard let listener = controlListener else { return }
+    while let socket = accept(from: listener, role: "control", refusal: refuseControl) {
+      guard let peer = try? socket.peerCredentials() else { continue }
+      guard peer.uid == 0 || peer.uid == getuid() else {
+        refuseControl(socket, BrokerError(.notAuthorized, "uid \(peer.uid) may not use the control socket"))
+        continue
+      }
+      guard controls.count < ControlLink.maxConnections else {
+        refuseControl(socket, BrokerError(.limit, "\(ControlLink.maxConnections) control connections are open already"))
+        continue
+      }
+      let link = ControlLink(id: nextControl, socket: socket, openedAt: loopTime)
+      nextControl += 1
+      guard (try? loop.add(socket.fd, Token(.control, link.id))) != nil else { continue }
+      controls[link.id] = link
+    }
+  }
+
+  func serveControl(_ link: ControlLink) {
+    if link.reply == nil {
+      var fds: [CInt] = []
+      let result = try? link.socket.receive(into: packet, fds: &fds)
+      fds.forEach(closeDescriptor)
+      switch result {
+      case .packet(let count)?:
+        let command = String(decoding: UnsafeRawBufferPointer(rebasing: packet[..<count]), as: UTF8.self)
+        link.reply = replyPackets(answering(command))
+      case .wouldBlock?: return
+      case .closed?, nil: return closeControl(link)
+      }
+    }
+    while let first = link.reply?.first {
+      let sent = first.withUnsafeBytes { try? link.socket.send($0) }
+      if sent == .wouldBlock { return loop.modify(link.socket.fd, Token(.control, link.id), events: clinux_epollout) }
+      if sent == nil { break }
+      link.reply?.removeFirst()
+    }
+    closeControl(link)
+  }
+
+  /// Closes control connections open longer than `ControlLink.timeout` (on the housekeeping tick).
+  func expireControls() {
+    for link in controls.values where loopTime - link.openedAt > ControlLink.timeout { closeControl(link) }
+  }
+
+  func closeControl(_ link: ControlLink) {
+    loop.remove(link.socket.fd)
+    controls[link.id] = nil
+  }
+
+  /// The status as the engine, the supervisor and the runtime know it.
+  func status() -> BrokerStatus {
+    var status = engine.status()
+    status.pid = getpid()
+    status.uptimeSeconds = Double(loopTime - startedAt) / 1e9
+    status.tally = status.tally + tally
+    supervisor?.annotate(&status)
+    for index in status.plugins.indices {
+      status.plugins[index].packetsApplied = plugins[status.plugins[index].connection]?.packetsApplied ?? 0
+    }
+    return status
+  }
+
+  private func answering(_ command: String) -> [UInt8] {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = .sortedKeys
+    switch command {
+    case ControlChannel.statusCommand:
+      if let json = try? encoder.encode(status()) { return Array(json) }
+      return refusal(BrokerError(.internal, "the status could not be encoded"))
+    default:
+      return refusal(BrokerError(.malformed, "unknown command \"\(command.prefix(64))\" (known: \(ControlChannel.statusCommand))"))
+    }
+  }
+
+  private func refusal(_ error: BrokerError) -> [UInt8] {
+    (try? JSONEncoder().encode(ControlChannel.Refusal(error))).map(Array.init) ?? []
+  }
+
+  private func replyPackets(_ bytes: [UInt8]) -> PacketQueue {
+    var queue = PacketQueue()
+    bytes.withUnsafeBytes { raw in
+      for start in stride(from: 0, to: raw.count, by: ControlChannel.replyPacketSize) {
+        queue.append(UnsafeRawBufferPointer(rebasing: raw[start..<min(start + ControlChannel.replyPacketSize, raw.count)]))
+      }
+    }
+    return queue
+  }
+
+  private func refuseControl(_ socket: PacketSocket, _ error: BrokerError) {
+    tally.count(.controlRefused, error.code.name)
+    logger.warning("refused a control connection", metadata: ["reason": "\(error)"])
+    _ = refusal(error).withUnsafeBytes { try? socket.send($0) }
+  }
+}

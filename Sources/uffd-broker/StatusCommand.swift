@@ -1,0 +1,60 @@
+import ArgumentParser
+import BrokerProtocol
+import Foundation
+
+/// `uffd-broker status`: what a running broker is doing, from its control socket.
+struct Status: ParsableCommand {
+  static let configuration = CommandConfiguration(
+    abstract: "Show what a running broker is doing: its clients, plugins and counters.",
+    discussion: "Only the broker's owner and root may ask. Exit status 69 (EX_UNAVAILABLE) when no broker answers.")
+
+  @Option(help: "The broker's control socket (default: \(SocketPaths.control)).")
+  var controlSocket: String = SocketPaths.control
+
+  @Flag(help: "Print the status as JSON (the format scripts should read).")
+  var json = false
+
+  func run() throws {
+    do {
+      if json {
+        print(String(decoding: try ControlChannel.request(ControlChannel.statusCommand, socketPath: controlSocket), as: UTF8.self))
+      } else {
+        print(Self.describe(try ControlChannel.status(socketPath: controlSocket)), terminator: "")
+      }
+    } catch {
+      FileHandle.standardError.write(Data("uffd-broker status: \(controlSocket): \(error)\n".utf8))
+      throw ExitCode(69)
+    }
+  }
+
+  /// The status for a person: one line per client and plugin, then the counts.
+  static func describe(_ status: BrokerStatus) -> String {
+    let faults = status.faults
+    var text = "broker pid \(status.pid), up \(Int(status.uptimeSeconds)) s\n"
+    text += "faults: \(faults.faultsResolved) resolved (\(faults.resolvedLocally) by the broker), \(status.faultsInFlight) in flight, "
+    text += "\(status.faultsParked) parked, \(faults.failedClosed) failed closed, \(faults.staleDecisionsDropped) stale decisions dropped\n"
+    text += "clients: \(status.clients.count)\n"
+    for client in status.clients {
+      let origin = client.parent == 0 ? "pid \(client.pid)" : "forked from client \(client.parent)"
+      text += "  \(client.id)  \(origin)  \(client.phase)  \(client.regions) region pieces  \(client.faultsOut) faults out\n"
+    }
+    text += "plugins: \(status.plugins.count)\n"
+    for plugin in status.plugins {
+      var state = plugin.state
+      if plugin.connectedPID != 0 { state += " (pid \(plugin.connectedPID))" }
+      if let fallback = plugin.fallback { state += " to \(fallback)" }
+      if plugin.spawnedPID != 0 { state += ", spawned pid \(plugin.spawnedPID)" }
+      text += "  \(plugin.name)  \(state)  \(plugin.faultsSent) faults sent, \(plugin.decisionsApplied) decisions applied, \(plugin.faultsInFlight) in flight\n"
+    }
+    let counts = status.tally.counts.filter { !$0.key.contains(".") }.sorted { $0.key < $1.key }
+    if !counts.isEmpty {
+      text += "events:\n"
+      for (kind, count) in counts {
+        let causes = status.tally.counts.filter { $0.key.hasPrefix(kind + ".") }.sorted { $0.key < $1.key }
+          .map { "\($0.key.dropFirst(kind.count + 1)) \($0.value)" }
+        text += "  \(kind) \(count)\(causes.isEmpty ? "" : " (" + causes.joined(separator: ", ") + ")")\n"
+      }
+    }
+    return text
+  }
+}
