@@ -58,7 +58,15 @@ public struct BrokerConfiguration: Sendable {
   public var pluginDeadline: Duration = .seconds(5)
   /// How long a Register may wait for its plugins' replies.
   public var registrationTimeout: Duration = .seconds(10)
+  /// How long a new connection may take to say Hello (and a client to Register).
+  public var helloTimeout: Duration = .seconds(5)
   public var maxClients = 1024
+  /// Clients one uid may have connected at once (forked children not counted).
+  public var maxClientsPerUID = 256
+  /// Plugin connections at once, welcomed or not.
+  public var maxPluginConnections = 64
+  /// Plugin names the broker keeps state for (each Hello with a new name adds one).
+  public var maxPluginNames = 256
   public var maxRegionsPerClient = 256
   public var maxInFlightPerPlugin = 65_536
   /// Invalid decisions a plugin may send before it is disconnected.
@@ -80,7 +88,11 @@ public struct BrokerConfiguration: Sendable {
     let ranges: [(String, Int, ClosedRange<Int>)] = [
       ("pluginDeadlineMilliseconds", pluginDeadline.wholeMilliseconds, 1...day),
       ("registrationTimeoutMilliseconds", registrationTimeout.wholeMilliseconds, 1...day),
+      ("helloTimeoutMilliseconds", helloTimeout.wholeMilliseconds, 1...day),
       ("maxClients", maxClients, 1...1 << 20),
+      ("maxClientsPerUID", maxClientsPerUID, 1...1 << 20),
+      ("maxPluginConnections", maxPluginConnections, 1...1 << 16),
+      ("maxPluginNames", maxPluginNames, 1...1 << 16),
       ("maxRegionsPerClient", maxRegionsPerClient, 1...1 << 16),
       ("maxInFlightPerPlugin", maxInFlightPerPlugin, 1...1 << 24),
     ] + plugins.enumerated().map { ("plugins[\($0.offset)].maxRestarts", $0.element.maxRestarts, 0...1_000_000) }

@@ -49,8 +49,8 @@ extension BrokerRuntime {
       forks[ticket] = nil
     case .failChild(let ticket, let ranges):
       if let uffd = forks.removeValue(forKey: ticket) { for range in ranges { uffd.poisonMissing(address: range.lowerBound, length: range.count) } }
-    case .watch(let id, let pid):
-      watch(id, pid: pid)
+    case .watch(let id):
+      watch(id)
     case .watchChild(let id):
       guard let uffd = clients[id]?.uffd else { return engine.watchFailed(id, BrokerError(.internal, "the child has no userfaultfd"), now: loopTime) }
       do {
@@ -60,7 +60,10 @@ extension BrokerRuntime {
       }
     case .close(let id):
       guard let link = clients.removeValue(forKey: id) else { return }
-      if let socket = link.socket { loop.remove(socket.fd) }
+      if let socket = link.socket {
+        loop.remove(socket.fd)
+        finish(socket)
+      }
       if let uffd = link.uffd { loop.remove(uffd.fileDescriptor.rawValue) }
       if link.pidfd.isValid { loop.remove(link.pidfd.rawValue) }
     case .kill(let id):
@@ -104,7 +107,7 @@ extension BrokerRuntime {
       // stops) what was queued for it (RegionClosed, Closed) still goes out.
       if let error { tellPlugin(link.socket, error) } else { flush(link) }
       loop.remove(link.socket.fd)
-      discardUnread(link.socket)
+      finish(link.socket)
     case .killPluginProcess(let pid, let reason):
       supervisor?.killChild(pid: pid, reason: reason)
     case .releaseFile(let handle):
@@ -117,7 +120,12 @@ extension BrokerRuntime {
   /// Reads and drops what a peer sent and no one will handle: a socket closed
   /// with unread data resets the connection (ECONNRESET), and the peer would
   /// lose the Error it was just told before it could read it.
-  private func discardUnread(_ socket: PacketSocket) {
+  /// Ends a connection the broker closes: no more packets either way, and
+  /// what the peer sent is read and dropped. (Closed with unread packets, the
+  /// socket would make the peer's next read fail with ECONNRESET before it
+  /// read the Error that says why.)
+  func finish(_ socket: PacketSocket) {
+    _ = shutdown(socket.fd, CInt(SHUT_RDWR))
     var fds: [CInt] = []
     for _ in 0..<256 {
       fds.removeAll(keepingCapacity: true)
@@ -127,14 +135,12 @@ extension BrokerRuntime {
     }
   }
 
-  /// Opens the client's pidfd and watches its uffd and process.
-  private func watch(_ id: ClientID, pid: Int32) {
+  /// Watches the client's uffd and process (the pidfd taken when it connected:
+  /// if that process is gone, its pidfd is readable at once and the client closed).
+  private func watch(_ id: ClientID) {
     guard let link = clients[id], let uffd = link.uffd else { return }
     do throws(BrokerError) {
-      switch valueOrErrno(clinux_pidfd_open(pid)) {
-      case .success(let fd): link.pidfd = OwnedDescriptor(fd)
-      case .failure(let errno): throw BrokerError(.io, "cannot watch the client process", errno: errno)
-      }
+      guard link.pidfd.isValid else { throw BrokerError(.io, "no pidfd of the connecting process (SO_PEERPIDFD needs Linux 6.5)") }
       try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, id))
       try loop.add(link.pidfd.rawValue, Token(.clientPidfd, id))
     } catch {

@@ -100,5 +100,6 @@ extension BrokerRuntime {
     tally.count(.controlRefused, error.code.name)
     logger.warning("refused a control connection", metadata: ["reason": "\(error)"])
     _ = refusal(error).withUnsafeBytes { try? socket.send($0) }
+    finish(socket)
   }
 }

@@ -1,5 +1,6 @@
 import BrokerCore
 import BrokerProtocol
+import CLinux
 import CUserfaultfd
 import Glibc
 import LinuxSupport
@@ -35,7 +36,7 @@ extension BrokerRuntime {
 
   func acceptClients() {
     acceptAll(from: clientListener, role: "client", refusal: tellClient, connect: engine.clientConnected, kind: .clientSocket,
-              keep: { clients[$0] = ClientLink(id: $0, socket: $1) }, gone: { engine.clientGone($0, BrokerError(.io, "its socket could not be watched"), now: loopTime) })
+              keep: keepClient, gone: { engine.clientGone($0, BrokerError(.io, "its socket could not be watched"), now: loopTime) })
   }
 
   func acceptPlugins() {
@@ -65,14 +66,24 @@ extension BrokerRuntime {
     }
   }
 
+  /// Keeps a client's connection, with a pidfd of the process that connected
+  /// (taken now: a pid looked up later may name another process by then).
+  private func keepClient(_ id: ClientID, _ socket: PacketSocket) {
+    let link = ClientLink(id: id, socket: socket)
+    link.pidfd = OwnedDescriptor(max(clinux_peer_pidfd(socket.fd), -1))
+    clients[id] = link
+  }
+
   private func tellClient(_ socket: PacketSocket, _ error: BrokerError) {
     let bytes = ClientWire.encode(BrokerReply(requestID: 0, .error(error)))
     _ = bytes.withUnsafeBytes { try? socket.send($0) }
+    finish(socket)
   }
 
   /// Sends a plugin connection an Error, best effort (it is about to be closed).
   func tellPlugin(_ socket: PacketSocket, _ error: BrokerError) {
     _ = EventBatchEncoder.encodeControl(hello: nil, error: error).withUnsafeBytes { try? socket.send($0) }
+    finish(socket)
   }
 
   // MARK: - Clients

@@ -31,7 +31,7 @@ extension Simulation {
       if let slot = slots[id] { processes[slot].client.take(notice.body) }
     case .keepChild(let keeper, _, let notice):
       if let slot = slots[keeper] { processes[slot].client.take(notice.body) }
-    case .watch(let id, _), .watchChild(let id):
+    case .watch(let id), .watchChild(let id):
       if let slot = slots[id] { processes[slot].watched = true }
     case .adoptChild(let ticket, let child):
       adoptChild(ticket, id: child)

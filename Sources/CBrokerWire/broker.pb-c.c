@@ -4156,7 +4156,7 @@ const ProtobufCEnumDescriptor uffdbroker__role__descriptor =
   uffdbroker__role__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCEnumValue uffdbroker__error_code__enum_values_by_number[13] =
+static const ProtobufCEnumValue uffdbroker__error_code__enum_values_by_number[14] =
 {
   { "ERROR_UNSPECIFIED", "UFFDBROKER__ERROR_CODE__ERROR_UNSPECIFIED", 0 },
   { "ERROR_MALFORMED", "UFFDBROKER__ERROR_CODE__ERROR_MALFORMED", 1 },
@@ -4171,11 +4171,12 @@ static const ProtobufCEnumValue uffdbroker__error_code__enum_values_by_number[13
   { "ERROR_TOO_LARGE", "UFFDBROKER__ERROR_CODE__ERROR_TOO_LARGE", 10 },
   { "ERROR_INVALID_DECISIONS", "UFFDBROKER__ERROR_CODE__ERROR_INVALID_DECISIONS", 11 },
   { "ERROR_NAME_TAKEN", "UFFDBROKER__ERROR_CODE__ERROR_NAME_TAKEN", 12 },
+  { "ERROR_TIMED_OUT", "UFFDBROKER__ERROR_CODE__ERROR_TIMED_OUT", 13 },
 };
 static const ProtobufCIntRange uffdbroker__error_code__value_ranges[] = {
-{0, 0},{0, 13}
+{0, 0},{0, 14}
 };
-static const ProtobufCEnumValueIndex uffdbroker__error_code__enum_values_by_name[13] =
+static const ProtobufCEnumValueIndex uffdbroker__error_code__enum_values_by_name[14] =
 {
   { "ERROR_BAD_REGION", 5 },
   { "ERROR_INTERNAL", 9 },
@@ -4186,6 +4187,7 @@ static const ProtobufCEnumValueIndex uffdbroker__error_code__enum_values_by_name
   { "ERROR_NOT_AUTHORIZED", 3 },
   { "ERROR_NOT_USERFAULTFD", 4 },
   { "ERROR_PLUGIN_REFUSED", 7 },
+  { "ERROR_TIMED_OUT", 13 },
   { "ERROR_TOO_LARGE", 10 },
   { "ERROR_UNKNOWN_PLUGIN", 6 },
   { "ERROR_UNSPECIFIED", 0 },
@@ -4198,9 +4200,9 @@ const ProtobufCEnumDescriptor uffdbroker__error_code__descriptor =
   "ErrorCode",
   "Uffdbroker__ErrorCode",
   "uffdbroker",
-  13,
+  14,
   uffdbroker__error_code__enum_values_by_number,
-  13,
+  14,
   uffdbroker__error_code__enum_values_by_name,
   1,
   uffdbroker__error_code__value_ranges,

@@ -29,6 +29,17 @@ int clinux_pidfd_open(pid_t pid) {
   return fd >= 0 ? (int)fd : -errno;
 }
 
+#ifndef SO_PEERPIDFD
+#define SO_PEERPIDFD 77
+#endif
+
+int clinux_peer_pidfd(int sock) {
+  int pidfd = -1;
+  socklen_t len = sizeof pidfd;
+  if (getsockopt(sock, SOL_SOCKET, SO_PEERPIDFD, &pidfd, &len) == 0) return pidfd;
+  return -errno;
+}
+
 int clinux_pidfd_send_signal(int pidfd, int sig) {
   return syscall(SYS_pidfd_send_signal, pidfd, sig, NULL, 0) == 0 ? 0 : -errno;
 }

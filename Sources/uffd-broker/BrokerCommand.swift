@@ -105,12 +105,17 @@ struct ConfigFile: Decodable {
   var pluginGIDs: [UInt32]?
   var pluginDeadlineMilliseconds: Int?
   var registrationTimeoutMilliseconds: Int?
+  var helloTimeoutMilliseconds: Int?
   var maxClients: Int?
+  var maxClientsPerUID: Int?
+  var maxPluginConnections: Int?
+  var maxPluginNames: Int?
   var maxRegionsPerClient: Int?
   var maxInFlightPerPlugin: Int?
   enum CodingKeys: String, CodingKey, CaseIterable {
     case clientSocket, pluginSocket, controlSocket, plugins, policies, clientUIDs, pluginUIDs, clientGIDs, pluginGIDs
-    case pluginDeadlineMilliseconds, registrationTimeoutMilliseconds, maxClients, maxRegionsPerClient, maxInFlightPerPlugin
+    case pluginDeadlineMilliseconds, registrationTimeoutMilliseconds, helloTimeoutMilliseconds
+    case maxClients, maxClientsPerUID, maxPluginConnections, maxPluginNames, maxRegionsPerClient, maxInFlightPerPlugin
   }
 
   /// An error of loading a config, for a person: JSON errors say where, type errors which field.
@@ -178,7 +183,11 @@ struct ConfigFile: Decodable {
     if let pluginGIDs { configuration.pluginGIDs = Set(pluginGIDs) }
     if let pluginDeadlineMilliseconds { configuration.pluginDeadline = .milliseconds(pluginDeadlineMilliseconds) }
     if let registrationTimeoutMilliseconds { configuration.registrationTimeout = .milliseconds(registrationTimeoutMilliseconds) }
+    if let helloTimeoutMilliseconds { configuration.helloTimeout = .milliseconds(helloTimeoutMilliseconds) }
     if let maxClients { configuration.maxClients = maxClients }
+    if let maxClientsPerUID { configuration.maxClientsPerUID = maxClientsPerUID }
+    if let maxPluginConnections { configuration.maxPluginConnections = maxPluginConnections }
+    if let maxPluginNames { configuration.maxPluginNames = maxPluginNames }
     if let maxRegionsPerClient { configuration.maxRegionsPerClient = maxRegionsPerClient }
     if let maxInFlightPerPlugin { configuration.maxInFlightPerPlugin = maxInFlightPerPlugin }
   }

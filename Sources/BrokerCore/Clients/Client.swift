@@ -81,10 +81,14 @@ final class Client {
   /// A page woken this often without an event in between fails closed.
   static let wakeLimit = 3
 
-  init(id: ClientID, peer: PeerCredentials, hasSocket: Bool) {
+  /// When it connected (a client must Register within `helloTimeout`).
+  let connectedAt: UInt64
+
+  init(id: ClientID, peer: PeerCredentials, hasSocket: Bool, connectedAt: UInt64) {
     self.id = id
     self.peer = peer
     self.hasSocket = hasSocket
+    self.connectedAt = connectedAt
   }
 
   /// Whether a swap-out covers any of `range`: every page filled there must be

@@ -114,8 +114,8 @@ public enum Action {
   case dropChild(ForkTicket)
   /// Poison what the fork's child never had filled in `ranges`, then let its uffd go.
   case failChild(ForkTicket, [Range<UInt>])
-  /// Start reading the client's uffd and watching its process (pidfd); a failure is `watchFailed`.
-  case watch(ClientID, pid: Int32)
+  /// Start reading the client's uffd and watching the process that connected (its pidfd); a failure is `watchFailed`.
+  case watch(ClientID)
   /// Start reading a forked child's uffd (it has no pidfd); a failure is `watchFailed`.
   case watchChild(ClientID)
   /// Forget the client: stop watching, close its socket, uffd and pidfd.

@@ -23,10 +23,15 @@ extension BrokerEngine {
       return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not register memory with this broker"))
     }
     guard clients.count < configuration.maxClients else {
-      tally.count(.clientRefused, BrokerError.Code.limit.name)
+      report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.limit.name, ["peer.uid": "\(peer.uid)", "reason": "maxClients"])
       return .failure(BrokerError(.limit, "the broker serves its maximum of \(configuration.maxClients) clients"))
     }
-    let client = Client(id: takeID(), peer: peer, hasSocket: true)
+    // One uid must not take every slot from the others.
+    guard clients.values.lazy.filter({ $0.hasSocket && $0.peer.uid == peer.uid }).count < configuration.maxClientsPerUID else {
+      report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.limit.name, ["peer.uid": "\(peer.uid)", "reason": "maxClientsPerUID"])
+      return .failure(BrokerError(.limit, "uid \(peer.uid) has its maximum of \(configuration.maxClientsPerUID) clients connected"))
+    }
+    let client = Client(id: takeID(), peer: peer, hasSocket: true, connectedAt: now)
     clients[client.id] = client
     return .success(client.id)
   }
@@ -254,7 +259,7 @@ extension BrokerEngine {
       redeliverParked(of: client)
       return
     }
-    actions.append(.watch(client.id, pid: client.pid))
+    actions.append(.watch(client.id))
     // A client re-attaching after a broker restart may have threads blocked on
     // faults the old broker read and never answered: wake them to fault again.
     // Where its regions lie, and everywhere else: a thread may wait where its

@@ -17,7 +17,7 @@ extension BrokerEngine {
       actions.append(.failChild(ticket, parent.regions.pieces.map(\.live)))
       return
     }
-    let child = Client(id: takeID(), peer: parent.peer, hasSocket: false)
+    let child = Client(id: takeID(), peer: parent.peer, hasSocket: false, connectedAt: now)
     actions.append(.adoptChild(ticket, child: child.id))
     // First of all (the window in which a broker killed leaves the child
     // unprotected stays microseconds): the nearest connected ancestor keeps a

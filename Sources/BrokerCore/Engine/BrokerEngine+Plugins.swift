@@ -22,6 +22,10 @@ extension BrokerEngine {
       report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.notAuthorized.name, ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
       return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not serve as a plugin of this broker"))
     }
+    guard plugins.count < configuration.maxPluginConnections else {
+      report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.limit.name, ["peer.uid": "\(peer.uid)", "reason": "maxPluginConnections"])
+      return .failure(BrokerError(.limit, "the broker has its maximum of \(configuration.maxPluginConnections) plugin connections"))
+    }
     let plugin = Plugin(id: takeID(), peer: peer, connectedAt: now)
     plugins[plugin.id] = plugin
     return .success(plugin.id)
@@ -36,7 +40,13 @@ extension BrokerEngine {
     guard hello.version == brokerProtocolVersion, hello.role == .plugin else {
       throw BrokerError(.version, "this broker speaks protocol \(brokerProtocolVersion) to plugins; got version \(hello.version) role \(hello.role)")
     }
-    guard !hello.name.isEmpty else { throw BrokerError(.malformed, "a plugin's Hello must name the plugin") }
+    guard !hello.name.isEmpty, hello.name.utf8.count <= RegionSpec.maxPluginNameBytes else {
+      throw BrokerError(.malformed, "a plugin's Hello must name the plugin, in at most \(RegionSpec.maxPluginNameBytes) bytes")
+    }
+    // Each name keeps a route (what its regions and missed events are kept under): bounded.
+    guard routes[hello.name] != nil || routes.count < configuration.maxPluginNames else {
+      throw BrokerError(.limit, "the broker knows its maximum of \(configuration.maxPluginNames) plugin names")
+    }
     let route = route(named: hello.name)
     if route.connection != nil { throw BrokerError(.nameTaken, "plugin \"\(hello.name)\" is already connected") }
     plugin.sharedAreaSize = sharedAreaSize
@@ -255,6 +265,10 @@ extension BrokerEngine {
     if let plugin = route.connection, !plugin.isClosed {
       actions.append(.send(plugin.id, event))
       return
+    }
+    if case .closed(let gone, _) = event {
+      // A closed client's earlier events are moot to its plugin: its Closed stands for them all.
+      route.missedEvents.removeAll { $0.clientID == gone }
     }
     guard route.missedEvents.count < Self.maxMissedEvents else {
       // Dropping an event could make the plugin serve stale memory later: instead the

@@ -38,11 +38,46 @@ extension BrokerEngine {
     return status
   }
 
-  /// Logs an incident and counts it, in total and for the plugin it concerns.
+  /// Counts an incident, in total and for the plugin it concerns, and logs it:
+  /// up to `logLinesPerSecond` lines of a kind a second, then a summary line
+  /// (a hostile peer must not flood the log; the counts stay exact).
   func report(_ level: Logger.Level, _ message: Logger.Message, _ kind: Tally.Kind, cause: String? = nil, plugin route: PluginRoute? = nil,
               _ metadata: Logger.Metadata = [:]) {
     tally.count(kind, cause)
     route?.tally.count(kind, cause)
-    log(level, message, metadata)
+    var window = logWindows[kind] ?? LogWindow(start: now)
+    if now >= window.start + 1_000_000_000 {
+      summarize(kind, window)
+      window = LogWindow(start: now)
+    }
+    if window.lines < Self.logLinesPerSecond {
+      window.lines += 1
+      log(level, message, metadata)
+    } else {
+      window.suppressed += 1
+    }
+    logWindows[kind] = window
+  }
+
+  /// Sums up the lines a past second held back (on the sweep, so the last burst is told too).
+  func summarizeSuppressedLogs() {
+    let expired = { (window: LogWindow) in self.now >= window.start + 1_000_000_000 }
+    guard logWindows.values.contains(where: expired) else { return }
+    for (kind, window) in logWindows.sorted(by: { $0.key.rawValue < $1.key.rawValue }) where expired(window) {
+      summarize(kind, window)
+      logWindows[kind] = nil
+    }
+  }
+
+  private func summarize(_ kind: Tally.Kind, _ window: LogWindow) {
+    guard window.suppressed > 0 else { return }
+    log(.warning, "more incidents than the log shows", ["kind": "\(kind.rawValue)", "suppressed": "\(window.suppressed)", "total": "\(tally[kind])"])
+  }
+
+  /// Lines logged and held back of one kind in the current second.
+  struct LogWindow {
+    var start: UInt64
+    var lines = 0
+    var suppressed = 0
   }
 }

@@ -28,9 +28,24 @@ extension BrokerEngine {
       if probed(client) { actions.append(.probe(client.id)) }
     }
     expireHungPlugins()
+    expireSilentPeers()
+    summarizeSuppressedLogs()
     for route in due(routes.values, by: \.name, where: { $0.connection == nil && $0.failover == nil && !$0.failed }) {
       guard let policy = configuration.policies[route.name], policy.fallback != nil || policy.onFailure != .wait, let lostAt = route.lostAt else { continue }
       if now >= lostAt + policy.failAfter.nanoseconds || route.givenUp { fail(route, policy) }
+    }
+  }
+
+  /// Closes connections that did not say Hello (a client: did not Register)
+  /// within `helloTimeout`: idle connections must not hold the broker's slots.
+  private func expireSilentPeers() {
+    let timeout = configuration.helloTimeout.nanoseconds
+    let waiting = { (client: Client) in client.hasSocket && (client.phase == .awaitingHello || client.phase == .awaitingRegister) }
+    for client in due(clients.values, by: \.id, where: { waiting($0) && now > $0.connectedAt + timeout }) {
+      refuse(0, of: client, BrokerError(.timedOut, "no Register within \(configuration.helloTimeout.wholeMilliseconds) ms of connecting"))
+    }
+    for plugin in due(plugins.values, by: \.id, where: { $0.route == nil && !$0.isClosed && now > $0.connectedAt + timeout }) {
+      closePlugin(plugin, BrokerError(.timedOut, "no Hello within \(configuration.helloTimeout.wholeMilliseconds) ms of connecting"), tell: true)
     }
   }
 

@@ -59,6 +59,9 @@ public final class BrokerEngine {
   public internal(set) var statistics = FaultStatistics()
   /// Refusals, connections, disconnects and failures, by kind and cause.
   public internal(set) var tally = Tally()
+  /// The log's budget per kind of incident (see `report`).
+  var logWindows: [Tally.Kind: LogWindow] = [:]
+  static let logLinesPerSecond = 20
 
   /// Events kept for a plugin that is away; past this a client is failed closed.
   static let maxMissedEvents = 1 << 20

@@ -20,12 +20,12 @@ public struct BrokerError: Error, Equatable, Sendable, CustomStringConvertible {
     case invalidDecisions = 11
     /// A plugin of that name is already connected.
     case nameTaken = 12
+    /// No Hello (or Register) in time; no answer within the deadline.
+    case timedOut = 13
     /// The peer closed the connection (transport only).
     case disconnected = 100
     /// A socket call failed (transport only).
     case io = 101
-    /// No answer within the deadline (transport only).
-    case timedOut = 102
     /// The broker is stopping (transport only).
     case stopping = 103
 

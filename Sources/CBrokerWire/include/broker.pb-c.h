@@ -105,7 +105,11 @@ typedef enum _Uffdbroker__ErrorCode {
   /*
    * a plugin of that name is already connected
    */
-  UFFDBROKER__ERROR_CODE__ERROR_NAME_TAKEN = 12
+  UFFDBROKER__ERROR_CODE__ERROR_NAME_TAKEN = 12,
+  /*
+   * no Hello (or Register) in time, no answer within the deadline
+   */
+  UFFDBROKER__ERROR_CODE__ERROR_TIMED_OUT = 13
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__ERROR_CODE)
 } Uffdbroker__ErrorCode;
 typedef enum _Uffdbroker__DecisionKind {

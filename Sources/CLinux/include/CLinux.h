@@ -26,6 +26,9 @@
 int clinux_pidfd_open(pid_t pid);
 
 int clinux_pidfd_send_signal(int pidfd, int sig);
+/// A pidfd of the process that connected `sock` (SO_PEERPIDFD, Linux 6.5): it
+/// names that process even after its pid is reused. Returns it, or -errno.
+int clinux_peer_pidfd(int sock);
 
 /* ---- sockets: SCM_RIGHTS and SO_PEERCRED ---- */
 

@@ -9,7 +9,8 @@ import Userfaultfd
 //   broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]
 // Plugin modes are listed on FixturePlugin; client scenarios: touch, zero,
 // dontneed-race and dontneed-late (LOOPS pages), remap, unknown-plugin, refused, exit-midway,
-// guarded (LOOPS pages between guard regions), foreign-uid (as nobody: must be refused).
+// guarded (LOOPS pages between guard regions), foreign-uid (as nobody: must be refused),
+// handoff (the connection handed to a child, the connecting process gone).
 // Socket paths come from UFFD_BROKER_CLIENT_SOCKET / UFFD_BROKER_PLUGIN_SOCKET.
 // Exit status 0 means every checked byte was right; the last line of stdout says what was checked.
 
