@@ -45,6 +45,6 @@ struct SimulationTests {
     let second = Simulation(seed: 7, tracing: true)
     try first.run(steps: 1_500)
     try second.run(steps: 1_500)
-    #expect(first.trace == second.trace && first.trace.count > 300, "\(first.trace.count) lines")
+    #expect(first.trace == second.trace && first.trace.count > 300, "\(first.trace.count) lines: \(first.trace.suffix(30).joined(separator: "\n"))")
   }
 }

@@ -1,0 +1,65 @@
+import BrokerProtocol
+import Testing
+import Userfaultfd
+@testable import BrokerCore
+
+/// The engine alone: what a peer can make the broker keep or write is bounded.
+@Suite("Engine: bounds on what peers cost")
+struct EngineBoundsTests {
+  @Test("1,000 refusals in a second log 20 lines and one summary with the count; the tally has all 1,000")
+  func refusalsRateLimited() throws {
+    let configuration = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "", owner: 0)
+    let engine = try BrokerEngine(configuration: configuration, pageSize: 4096, now: 1, makeToken: { 1 })
+    var actions: [Action] = []
+    var lines: [String] = []
+    func collect() {
+      engine.takeActions(into: &actions)
+      for case .log(_, let message, let metadata) in actions { lines.append("\(message) \(metadata.sorted { $0.key < $1.key })") }
+    }
+    let second: UInt64 = 1_000_000_000
+    for index in 0..<1_000 {
+      _ = engine.clientConnected(PeerCredentials(pid: 100, uid: 4242, gid: 4242), now: 1 + UInt64(index) * 100_000)
+      collect()
+    }
+    #expect(engine.tally[.clientRefused, "notAuthorized"] == 1_000)
+    #expect(lines.count == BrokerEngine.logLinesPerSecond && lines.allSatisfy { $0.hasPrefix("refused a client") }, "\(lines.count) lines")
+    // The next sweep after the second says how many were held back.
+    engine.tick(now: 2 * second)
+    collect()
+    let summary = lines.dropFirst(BrokerEngine.logLinesPerSecond)
+    #expect(summary.count == 1 && summary.first?.contains("suppressed") == true && summary.first?.contains("980") == true, "\(summary)")
+    // A new second has a new budget.
+    _ = engine.clientConnected(PeerCredentials(pid: 100, uid: 4242, gid: 4242), now: 2 * second + 1)
+    collect()
+    #expect(lines.last?.hasPrefix("refused a client") == true)
+  }
+
+  @Test("Events kept for an absent plugin: a client's Closed replaces everything kept of it before")
+  func missedEventsOfAClosedClientCompacted() throws {
+    var configuration = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "", owner: 0)
+    configuration.plugins = [.init(name: "p", executable: "/bin/true")]
+    let engine = try BrokerEngine(configuration: configuration, pageSize: 4096, now: 1, makeToken: { 1 })
+    var actions: [Action] = []
+    let plugin = try #require(try? engine.pluginConnected(PeerCredentials(pid: 10, uid: 0, gid: 0), now: 1).get())
+    try engine.pluginHello(plugin, Hello(role: .plugin, name: "p"), sharedAreaSize: 0, now: 1)
+    let clients = try (0..<2).map { index in
+      let client = try #require(try? engine.clientConnected(PeerCredentials(pid: 20 + Int32(index), uid: 0, gid: 0), now: 1).get())
+      let base = UInt(0x10_0000) * UInt(index + 1)
+      engine.clientRequest(client, ClientRequest(requestID: 1, .hello(Hello(role: .client, name: "c"))), descriptors: .none, now: 1)
+      let spec = RegionSpec(id: 1, base: base, length: 64 * 4096, pageSize: 4096, plugin: "p")
+      let events: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap]
+      engine.clientRequest(client, ClientRequest(requestID: 2, .register(RegisterRequest(pid: 20 + Int32(index), features: events, ioctls: [], regions: [spec]))), descriptors: .userfaultfd(events), now: 1)
+      engine.regionReply(plugin, RegionReply(clientID: client, regionID: 1, error: nil), now: 1)
+      return (id: client, base: base)
+    }
+    engine.pluginGone(plugin, BrokerError(.disconnected, "crashed"), now: 2)
+    for (id, base) in clients {
+      for page in 0..<64 { engine.uffdEvents(id, [.remove(base + UInt(page) * 4096..<base + UInt(page + 1) * 4096)], now: 3) }
+    }
+    engine.takeActions(into: &actions)
+    #expect(engine.status().plugin("p")?.missedEvents == 128)
+    engine.clientGone(clients[0].id, BrokerError(.disconnected, "exited"), now: 4)
+    // The other client's 64 drops, and the first one's Closed.
+    #expect(engine.status().plugin("p")?.missedEvents == 65)
+  }
+}
