@@ -32,6 +32,7 @@ struct Squatter {
           print("no connection within 30 s")
           return 1
         }
+        _ = fcntl(peer.fd, F_SETFL, fcntl(peer.fd, F_GETFL) & ~O_NONBLOCK)  // accepted non-blocking
         peer.setReceiveTimeout(milliseconds: 30_000)
         while true {
           var fds: [CInt] = []
