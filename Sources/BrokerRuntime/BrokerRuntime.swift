@@ -80,7 +80,10 @@ public final class BrokerRuntime: @unchecked Sendable {
 
   /// Binds both sockets. A socket (and the directory it creates for it) is
   /// private to the broker's uid (0600/0700) unless the config lets others in;
-  /// either way SO_PEERCRED decides who may do what.
+  /// either way SO_PEERCRED decides who may do what. Throws, taking nobody's
+  /// place, when a socket's directory could be written by another user
+  /// (`SocketDirectory`), something not a socket is at a socket's path, or a
+  /// broker already answers there (`PacketListener`).
   public init(configuration: BrokerConfiguration, logger: Logger) throws(BrokerError) {
     try configuration.validate()
     try configuration.checkExecutables()
@@ -92,8 +95,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     let pluginPrivate = ownerOnly(configuration.pluginUIDs, configuration.pluginGIDs)
     for (path, isPrivate) in [(configuration.clientSocketPath, clientPrivate), (configuration.pluginSocketPath, pluginPrivate),
                               (configuration.controlSocketPath ?? "", true)] {
-      let directory = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
-      if !directory.isEmpty { mkdir(directory, isPrivate && clientPrivate && pluginPrivate ? 0o700 : 0o755) }
+      if !path.isEmpty { try SocketDirectory.prepare(forSocketAt: path, mode: isPrivate && clientPrivate && pluginPrivate ? 0o700 : 0o755) }
     }
     loop = try EventLoop()
     clientListener = try PacketListener(path: configuration.clientSocketPath, mode: clientPrivate ? 0o600 : 0o666)

@@ -7,6 +7,7 @@
 #include <spawn.h>
 #include <sys/signalfd.h>
 #include <sys/eventfd.h>
+#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -93,22 +94,77 @@ int clinux_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid) {
   return 0;
 }
 
-int clinux_listen_unix(const char *path, mode_t mode, int backlog) {
+/* An fd of the directory `path` lies in ("." for a bare name), or -errno. */
+static int open_parent(const char *path) {
+  char dir[sizeof ((struct sockaddr_un *)0)->sun_path];
+  const char *slash = strrchr(path, '/');
+  if (!slash) return open(".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  size_t n = slash == path ? 1 : (size_t)(slash - path);
+  memcpy(dir, path, n);
+  dir[n] = 0;
+  int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  return fd >= 0 ? fd : -errno;
+}
+
+/* Whether something accepts connections on the socket file at `addr`: 1 yes
+ * (connected, backlog full, or a socket of another type), 0 no (ECONNREFUSED:
+ * its listener is gone; ENOENT: it went away), -errno when it cannot tell. */
+static int socket_answers(const struct sockaddr_un *addr) {
+  int probe = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (probe < 0) return -errno;
+  int err = connect(probe, (const struct sockaddr *)addr, sizeof *addr) == 0 ? 0 : errno;
+  close(probe);
+  switch (err) {
+  case 0: case EAGAIN: case EINPROGRESS: case EPROTOTYPE: return 1;
+  case ECONNREFUSED: case ENOENT: return 0;
+  default: return -err;
+  }
+}
+
+int clinux_listen_unix(const char *path, mode_t mode, int backlog, uint64_t *device, uint64_t *inode) {
   struct sockaddr_un addr = { .sun_family = AF_UNIX };
   if (strlen(path) >= sizeof addr.sun_path) return -ENAMETOOLONG;
   strcpy(addr.sun_path, path);
+  int dir = open_parent(path);
+  if (dir < 0) return dir;
+  /* Held until `dir` is closed: two brokers starting together must not both
+   * find the path free, nor one unlink the other's socket before it listens. */
+  if (flock(dir, LOCK_EX) != 0) { int err = errno; close(dir); return -err; }
+  int result;
+  struct stat st;
+  if (lstat(path, &st) == 0) {
+    if (!S_ISSOCK(st.st_mode)) { result = -EEXIST; goto done; }  /* not ours to remove */
+    int answers = socket_answers(&addr);
+    if (answers != 0) { result = answers > 0 ? -EADDRINUSE : answers; goto done; }
+    if (unlink(path) != 0 && errno != ENOENT) { result = -errno; goto done; }  /* a dead broker's */
+  } else if (errno != ENOENT) {
+    result = -errno;
+    goto done;
+  }
   int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  if (fd < 0) return -errno;
-  unlink(path);
+  if (fd < 0) { result = -errno; goto done; }
   mode_t old = umask((mode_t)~mode & 0777);
   int rc = bind(fd, (struct sockaddr *)&addr, sizeof addr);
   umask(old);
-  if (rc != 0 || chmod(path, mode) != 0 || listen(fd, backlog) != 0) {
-    int err = errno;
+  if (rc != 0 || lstat(path, &st) != 0 || chmod(path, mode) != 0 || listen(fd, backlog) != 0) {
+    result = -errno;
+    if (rc == 0) unlink(path);
     close(fd);
-    return -err;
+    goto done;
   }
-  return fd;
+  *device = (uint64_t)st.st_dev;
+  *inode = (uint64_t)st.st_ino;
+  result = fd;
+done:
+  close(dir);
+  return result;
+}
+
+int clinux_unlink_socket(const char *path, uint64_t device, uint64_t inode) {
+  struct stat st;
+  if (lstat(path, &st) != 0) return -errno;
+  if (!S_ISSOCK(st.st_mode) || (uint64_t)st.st_dev != device || (uint64_t)st.st_ino != inode) return -ESTALE;
+  return unlink(path) == 0 ? 0 : -errno;
 }
 
 int clinux_connect_unix(const char *path) {

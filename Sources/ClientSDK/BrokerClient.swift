@@ -73,13 +73,24 @@ public final class BrokerClient: Sendable {
   /// The process that created this client: a forked child must not use it.
   private let owner = getpid()
 
-  /// Registers `regions` with the broker at `socketPath`. Throws if the broker
-  /// is unreachable, refuses (unknown plugin, bad region, not authorized...), or
-  /// does not answer within `timeoutMilliseconds`.
+  /// Registers `regions` with the broker at `socketPath` (nil: `SocketPaths.client`).
+  /// Throws if the broker is unreachable, refuses (unknown plugin, bad region,
+  /// not authorized...), or does not answer within `timeoutMilliseconds`.
+  ///
+  /// The userfaultfd goes only to a broker run by root, by this process's
+  /// uid, or by `brokerUID` (nil: `UFFD_BROKER_UID`, if set): anything else
+  /// listening at the path is refused before a byte is sent (`ClientError.broker`
+  /// is then `notAuthorized`), and so on every re-attach.
   public init(
-    regions: [RegionSpec], socketPath: String = SocketPaths.client, name: String = "client",
+    regions: [RegionSpec], socketPath: String? = nil, brokerUID: UInt32? = nil, name: String = "client",
     timeoutMilliseconds: Int = 10_000, onBrokerLoss policy: BrokerLossPolicy = .reattach(withinMilliseconds: 30_000, otherwise: .terminate)
   ) throws(ClientError) {
+    let path: String
+    do throws(BrokerError) {
+      path = if let socketPath { socketPath } else { try SocketPaths.client }
+    } catch {
+      throw ClientError("no broker socket to register with", broker: error)
+    }
     do {
       uffd = try UserfaultFD.create(features: Self.features.union(.eventFork))
       servesForkedChildren = true
@@ -92,7 +103,7 @@ public final class BrokerClient: Sendable {
       servesForkedChildren = false
     }
     try Self.register(regions, with: uffd, dontFork: !servesForkedChildren)
-    connection = Connection(uffd: uffd, regions: regions, socketPath: socketPath, name: name, timeoutMilliseconds: timeoutMilliseconds)
+    connection = Connection(uffd: uffd, regions: regions, socketPath: path, brokerUID: brokerUID, name: name, timeoutMilliseconds: timeoutMilliseconds)
     try connection.withLock { (state) throws(ClientError) in try state.attach() }
     monitor = Monitor(connection: connection, policy: policy)
   }

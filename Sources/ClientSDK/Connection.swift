@@ -12,6 +12,8 @@ final class Connection: @unchecked Sendable {
     let uffd: UserfaultFD
     var regions: [RegionSpec]
     let socketPath: String
+    /// A uid besides root and ours that may serve `socketPath` (nil: `UFFD_BROKER_UID`, if set).
+    let brokerUID: UInt32?
     let name: String
     let timeoutMilliseconds: Int
     var socket: PacketSocket?
@@ -66,7 +68,9 @@ final class Connection: @unchecked Sendable {
       socket = nil
       let fresh: PacketSocket
       do {
-        fresh = try PacketSocket.connect(path: socketPath)
+        fresh = try PacketSocket.connect(path: socketPath, trusting: brokerUID)
+      } catch where error.code == .notAuthorized {
+        throw ClientError("not registering with the broker at \(socketPath)", broker: error)
       } catch {
         throw ClientError("cannot reach the broker at \(socketPath)", broker: error)
       }
@@ -162,8 +166,8 @@ final class Connection: @unchecked Sendable {
   private var attached = pthread_cond_t()
   private var state: State
 
-  init(uffd: UserfaultFD, regions: [RegionSpec], socketPath: String, name: String, timeoutMilliseconds: Int) {
-    state = State(uffd: uffd, regions: regions, socketPath: socketPath, name: name, timeoutMilliseconds: timeoutMilliseconds)
+  init(uffd: UserfaultFD, regions: [RegionSpec], socketPath: String, brokerUID: UInt32?, name: String, timeoutMilliseconds: Int) {
+    state = State(uffd: uffd, regions: regions, socketPath: socketPath, brokerUID: brokerUID, name: name, timeoutMilliseconds: timeoutMilliseconds)
     pthread_mutex_init(&mutex, nil)
     var attributes = pthread_condattr_t()
     pthread_condattr_init(&attributes)

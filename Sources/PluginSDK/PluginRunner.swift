@@ -58,7 +58,15 @@ public final class PluginRunner {
   /// - Parameter maxPrefetch: the largest range one decision may fill (the buffer handed to `pagefault`).
   /// - Parameter statsPath: a file to keep `faults=N` and the plugin's `statistics` in, for monitoring.
   /// - Parameter sharedMemory: offer the broker a shared memfd for page bytes (the fast path).
-  public init(plugin: any PagePlugin, name: String, socketPath: String = SocketPaths.plugin, maxPrefetch: Int = 128 << 10, statsPath: String? = nil, sharedMemory: Bool = true) throws(BrokerError) {
+  /// - Parameter socketPath: the broker's plugin socket (nil: `SocketPaths.plugin`).
+  /// - Parameter brokerUID: a uid besides root and this process's own that may
+  ///   serve the socket (nil: `UFFD_BROKER_UID`, if set). Any other listener is
+  ///   refused with `notAuthorized` before Hello is sent: the plugin's pages
+  ///   never go to whoever squats on the path.
+  public init(
+    plugin: any PagePlugin, name: String, socketPath: String? = nil, brokerUID: UInt32? = nil, maxPrefetch: Int = 128 << 10,
+    statsPath: String? = nil, sharedMemory: Bool = true
+  ) throws(BrokerError) {
     self.plugin = plugin
     self.name = name
     self.statsPath = statsPath
@@ -66,7 +74,8 @@ public final class PluginRunner {
     precondition(self.maxPrefetch <= PacketSocket.maxPacketSize / 2, "maxPrefetch must fit a packet")
     staging = .allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
     stage = staging
-    socket = try PacketSocket.connect(path: socketPath)
+    let path = if let socketPath { socketPath } else { try SocketPaths.plugin }
+    socket = try PacketSocket.connect(path: path, trusting: brokerUID)
     var memfd: CInt = -1
     var mapping: UnsafeMutableRawBufferPointer?
     if sharedMemory {
@@ -107,8 +116,10 @@ public final class PluginRunner {
 
   /// Connects and serves until the broker closes the connection (returns) or
   /// an error occurs (throws). The one-call form of a plugin's `main`.
-  public static func run(_ plugin: any PagePlugin, name: String, socketPath: String = SocketPaths.plugin, maxPrefetch: Int = 128 << 10, statsPath: String? = nil) throws(BrokerError) {
-    try PluginRunner(plugin: plugin, name: name, socketPath: socketPath, maxPrefetch: maxPrefetch, statsPath: statsPath).serve()
+  public static func run(
+    _ plugin: any PagePlugin, name: String, socketPath: String? = nil, brokerUID: UInt32? = nil, maxPrefetch: Int = 128 << 10, statsPath: String? = nil
+  ) throws(BrokerError) {
+    try PluginRunner(plugin: plugin, name: name, socketPath: socketPath, brokerUID: brokerUID, maxPrefetch: maxPrefetch, statsPath: statsPath).serve()
   }
 
   /// Serves events until the broker closes the connection.

@@ -29,13 +29,13 @@ struct Serve: ParsableCommand {
          "clientUIDs": [1000], "pluginUIDs": [0], "pluginDeadlineMilliseconds": 5000}
       """)
 
-  @Option(help: "The socket clients register on (default: the config's clientSocket, else \(SocketPaths.client)).")
+  @Option(help: "The socket clients register on (default: the config's clientSocket, else client.sock in \(SocketPaths.defaultsDescription)).")
   var clientSocket: String?
 
-  @Option(help: "The socket plugins connect to (default: the config's pluginSocket, else \(SocketPaths.plugin)).")
+  @Option(help: "The socket plugins connect to (default: the config's pluginSocket, else plugin.sock in \(SocketPaths.defaultsDescription)).")
   var pluginSocket: String?
 
-  @Option(help: "The socket `uffd-broker status` asks (default: the config's controlSocket, else \(SocketPaths.control)).")
+  @Option(help: "The socket `uffd-broker status` asks (default: the config's controlSocket, else control.sock in \(SocketPaths.defaultsDescription)).")
   var controlSocket: String?
 
   @Option(help: "A JSON config file (plugins to spawn, allowed uids, limits).")
@@ -57,23 +57,44 @@ struct Serve: ParsableCommand {
       return handler
     }
     let logger = Logger(label: "uffd-broker")
-    var configuration = BrokerConfiguration(clientSocketPath: SocketPaths.client, pluginSocketPath: SocketPaths.plugin)
-    configuration.controlSocketPath = SocketPaths.control
+    // Empty socket paths stand for "not given": the defaults are resolved only
+    // for what neither the config nor the command line names.
+    var configuration = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "")
     do {
       if let config { try ConfigFile.load(path: config).apply(to: &configuration) }
       try configuration.validate()
       try configuration.checkExecutables()
     } catch {
       // A bad config is no usage error: the reason alone, and EX_CONFIG.
-      FileHandle.standardError.write(Data("uffd-broker: config file \(config ?? "(none)"): \(ConfigFile.describe(error))\n".utf8))
-      throw ExitCode(78)
+      throw Self.exit(78, "config file \(config ?? "(none)"): \(ConfigFile.describe(error))")
     }
     // The command line wins over the config file.
     if let clientSocket { configuration.clientSocketPath = clientSocket }
     if let pluginSocket { configuration.pluginSocketPath = pluginSocket }
     if let controlSocket { configuration.controlSocketPath = controlSocket }
-    let broker = try BrokerRuntime(configuration: configuration, logger: logger)
+    do throws(BrokerError) {
+      if configuration.clientSocketPath.isEmpty { configuration.clientSocketPath = try SocketPaths.client }
+      if configuration.pluginSocketPath.isEmpty { configuration.pluginSocketPath = try SocketPaths.plugin }
+      if configuration.controlSocketPath?.isEmpty ?? true { configuration.controlSocketPath = try SocketPaths.control }
+    } catch {
+      // No default outside /tmp (non-root without XDG_RUNTIME_DIR): EX_CONFIG too.
+      throw Self.exit(78, error.message)
+    }
+    let broker: BrokerRuntime
+    do {
+      broker = try BrokerRuntime(configuration: configuration, logger: logger)
+    } catch {
+      // It could not take its sockets (unsafe directory, a file in the way, a
+      // broker already serving): the reason alone, and EX_CANTCREAT.
+      throw Self.exit(73, "\(error)")
+    }
     try broker.run(handleSignals: true)
+  }
+
+  /// Says why on one line of stderr, and exits with `status` (no usage text).
+  private static func exit(_ status: Int32, _ reason: String) -> ExitCode {
+    FileHandle.standardError.write(Data("uffd-broker: \(reason)\n".utf8))
+    return ExitCode(status)
   }
 }
 

@@ -6,15 +6,25 @@ import Foundation
 struct Status: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Show what a running broker is doing: its clients, plugins and counters.",
-    discussion: "Only the broker's owner and root may ask. Exit status 69 (EX_UNAVAILABLE) when no broker answers.")
+    discussion: """
+      Only the broker's owner and root may ask, and only a broker run by root, by you, or by UFFD_BROKER_UID is asked. \
+      Exit status 69 (EX_UNAVAILABLE) when no such broker answers, 78 (EX_CONFIG) when there is no default socket.
+      """)
 
-  @Option(help: "The broker's control socket (default: \(SocketPaths.control)).")
-  var controlSocket: String = SocketPaths.control
+  @Option(help: "The broker's control socket (default: UFFD_BROKER_CONTROL_SOCKET, else control.sock in \(SocketPaths.defaultsDescription)).")
+  var controlSocket: String?
 
   @Flag(help: "Print the status as JSON (the format scripts should read).")
   var json = false
 
   func run() throws {
+    let controlSocket: String
+    do throws(BrokerError) {
+      controlSocket = if let given = self.controlSocket { given } else { try SocketPaths.control }
+    } catch {
+      FileHandle.standardError.write(Data("uffd-broker status: \(error.message)\n".utf8))
+      throw ExitCode(78)
+    }
     do {
       if json {
         print(String(decoding: try ControlChannel.request(ControlChannel.statusCommand, socketPath: controlSocket), as: UTF8.self))

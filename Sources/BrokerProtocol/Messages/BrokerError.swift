@@ -18,7 +18,7 @@ public struct BrokerError: Error, Equatable, Sendable, CustomStringConvertible {
     case tooLarge = 10
     /// A plugin sent more invalid decisions than the broker tolerates.
     case invalidDecisions = 11
-    /// A plugin of that name is already connected.
+    /// A plugin of that name is already connected (or, at start, a broker already serves a socket path).
     case nameTaken = 12
     /// No Hello (or Register) in time; no answer within the deadline.
     case timedOut = 13

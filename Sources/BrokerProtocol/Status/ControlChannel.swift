@@ -22,8 +22,8 @@ public enum ControlChannel {
     }
   }
 
-  /// The status of the broker listening at `socketPath`.
-  public static func status(socketPath: String = SocketPaths.control, timeoutMilliseconds: Int = 5000) throws(BrokerError) -> BrokerStatus {
+  /// The status of the broker listening at `socketPath` (nil: `SocketPaths.control`).
+  public static func status(socketPath: String? = nil, timeoutMilliseconds: Int = 5000) throws(BrokerError) -> BrokerStatus {
     let reply = try request(statusCommand, socketPath: socketPath, timeoutMilliseconds: timeoutMilliseconds)
     do {
       return try JSONDecoder().decode(BrokerStatus.self, from: Data(reply))
@@ -32,9 +32,11 @@ public enum ControlChannel {
     }
   }
 
-  /// Sends `command` and returns the reply's JSON bytes; a refusal is thrown.
-  public static func request(_ command: String, socketPath: String = SocketPaths.control, timeoutMilliseconds: Int = 5000) throws(BrokerError) -> [UInt8] {
-    let socket = try PacketSocket.connect(path: socketPath)
+  /// Sends `command` and returns the reply's JSON bytes; a refusal is thrown,
+  /// and so is a listener that is not root or ours (`PacketSocket.connect(path:trusting:)`).
+  public static func request(_ command: String, socketPath: String? = nil, timeoutMilliseconds: Int = 5000) throws(BrokerError) -> [UInt8] {
+    let path = if let socketPath { socketPath } else { try SocketPaths.control }
+    let socket = try PacketSocket.connect(path: path)
     socket.setReceiveTimeout(milliseconds: timeoutMilliseconds)
     let bytes = Array(command.utf8)
     _ = try bytes.withUnsafeBytes { (raw) -> Result<PacketSocket.SendResult, BrokerError> in Result { () throws(BrokerError) in try socket.send(raw) } }.get()

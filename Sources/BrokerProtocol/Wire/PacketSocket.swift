@@ -35,12 +35,25 @@ public final class PacketSocket {
 
   deinit { closeDescriptor(fd) }
 
-  /// Connects to the listener at `path` (blocking socket).
-  public static func connect(path: String) throws(BrokerError) -> PacketSocket {
+  /// Connects to the broker listening at `path` (blocking socket), then, before
+  /// anything is sent, checks who listens (SO_PEERCRED): root, this process's
+  /// own uid, `brokerUID`, or (when `brokerUID` is nil) the uid in
+  /// `UFFD_BROKER_UID`. Anyone else may be squatting on the path, waiting
+  /// for a userfaultfd or for a plugin's pages: the connection is closed and
+  /// `notAuthorized` thrown, naming the uid that listens.
+  public static func connect(path: String, trusting brokerUID: UInt32? = nil) throws(BrokerError) -> PacketSocket {
+    let socket: PacketSocket
     switch valueOrErrno(clinux_connect_unix(path)) {
-    case .success(let fd): return PacketSocket(adopting: fd)
+    case .success(let fd): socket = PacketSocket(adopting: fd)
     case .failure(let errno): throw BrokerError(.io, "cannot connect to \(path)", errno: errno)
     }
+    let listener = try socket.peerCredentials().uid
+    let trusted = if let brokerUID { brokerUID } else { try SocketPaths.trustedBrokerUID }
+    guard listener == 0 || listener == getuid() || listener == geteuid() || listener == trusted else {
+      let others = trusted.map { ", uid \($0)" } ?? ""
+      throw BrokerError(.notAuthorized, "\(path) is served by uid \(listener), not root\(others) or you (uid \(geteuid())); refusing to send it anything (if uid \(listener) runs your broker, say so with UFFD_BROKER_UID=\(listener))")
+    }
+    return socket
   }
 
   /// A connected pair (for a spawned child or a test).
@@ -124,21 +137,37 @@ public final class PacketSocket {
 
 /// A listening SOCK_SEQPACKET socket at a filesystem path, created with a
 /// given mode (so that no one else can connect in the window before chmod).
+///
+/// It takes nobody's place (`clinux_listen_unix`):
+/// 1. Something at the path that is not a socket is never removed: `init` throws.
+/// 2. A socket something still answers on (a live broker) is left alone: `init` throws `nameTaken`.
+/// 3. Only a dead socket (no listener) is replaced.
+/// 4. On deinit the socket file is removed only if it is still the one this listener made.
 public final class PacketListener {
   public let fd: CInt
   public let path: String
+  private let device: UInt64
+  private let inode: UInt64
 
   public init(path: String, mode: mode_t = 0o600, backlog: CInt = 128) throws(BrokerError) {
-    switch valueOrErrno(clinux_listen_unix(path, mode, backlog)) {
+    var device: UInt64 = 0
+    var inode: UInt64 = 0
+    switch valueOrErrno(clinux_listen_unix(path, mode, backlog, &device, &inode)) {
     case .success(let fd): self.fd = fd
+    case .failure(.fileExists):
+      throw BrokerError(.notAuthorized, "\(path) exists and is not a socket; not removing it (remove it yourself, or choose another path)")
+    case .failure(.addressInUse):
+      throw BrokerError(.nameTaken, "a broker already serves \(path) (stop it first, or choose other sockets)")
     case .failure(let errno): throw BrokerError(.io, "cannot listen on \(path)", errno: errno)
     }
     self.path = path
+    self.device = device
+    self.inode = inode
   }
 
   deinit {
     closeDescriptor(fd)
-    unlink(path)
+    _ = clinux_unlink_socket(path, device, inode)
   }
 
   /// Accepts one pending connection (non-blocking); nil when none is pending.

@@ -14,7 +14,11 @@ extension FixtureClient {
     var refused = 0
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 16)
     defer { buffer.deallocate() }
-    for (role, path) in [("client", SocketPaths.client), ("plugin", SocketPaths.plugin)] {
+    guard let client = try? SocketPaths.client, let plugin = try? SocketPaths.plugin else {
+      print("no socket paths in the environment")
+      return 2
+    }
+    for (role, path) in [("client", client), ("plugin", plugin)] {
       do {
         let socket = try PacketSocket.connect(path: path)
         socket.setReceiveTimeout(milliseconds: 5000)

@@ -7,6 +7,7 @@ import Userfaultfd
 // broker-fixture: the plugin and client processes of the integration tests.
 //   broker-fixture plugin NAME MODE [EVENT_LOG]
 //   broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]
+//   broker-fixture squatter PATH CONNECTIONS (as nobody: a fake broker; see Squatter)
 // Plugin modes are listed on FixturePlugin; client scenarios: touch, zero,
 // dontneed-race and dontneed-late (LOOPS pages), remap, unknown-plugin, refused, exit-midway,
 // guarded (LOOPS pages between guard regions), foreign-uid (as nobody: must be refused),
@@ -37,6 +38,11 @@ case "client":
   }
   let loops = arguments.count > 6 ? Int(arguments[6]) ?? 1 : 1
   let status = FixtureClient(scenario: arguments[2], mib: mib, threads: threads, plugin: arguments[5], loops: loops).run()
+  fflush(nil)
+  exit(status)
+case "squatter":
+  guard arguments.count == 4, let connections = Int(arguments[3]) else { fail("usage: broker-fixture squatter PATH CONNECTIONS") }
+  let status = Squatter(path: arguments[2], connections: connections).run()
   fflush(nil)
   exit(status)
 default:
