@@ -28,7 +28,7 @@ public final class BrokerRuntime: @unchecked Sendable {
   let pluginListener: PacketListener
   let controlListener: PacketListener?
   private let wakeup: OwnedDescriptor
-  private var signals = OwnedDescriptor()
+  private let signals: OwnedDescriptor
   var supervisor: PluginSupervisor?
 
   var clients: [ClientID: ClientLink] = [:]
@@ -84,7 +84,18 @@ public final class BrokerRuntime: @unchecked Sendable {
   /// place, when a socket's directory could be written by another user
   /// (`SocketDirectory`), something not a socket is at a socket's path, or a
   /// broker already answers there (`PacketListener`).
-  public init(configuration: BrokerConfiguration, logger: Logger) throws(BrokerError) {
+  ///
+  /// `handleSignals`: SIGINT and SIGTERM stop `run()` cleanly; they are taken
+  /// from here on, so one that comes while the broker starts is not lost.
+  public init(configuration: BrokerConfiguration, logger: Logger, handleSignals: Bool = false) throws(BrokerError) {
+    if handleSignals {
+      switch valueOrErrno(clinux_termination_signalfd()) {
+      case .success(let fd): signals = OwnedDescriptor(fd)
+      case .failure(let errno): throw BrokerError(.io, "signalfd failed", errno: errno)
+      }
+    } else {
+      signals = OwnedDescriptor()
+    }
     try configuration.validate()
     try configuration.checkExecutables()
     engine = try BrokerEngine(configuration: configuration, pageSize: systemPageSize, now: monotonicNanoseconds(), makeToken: { .randomToken() })
@@ -132,14 +143,8 @@ public final class BrokerRuntime: @unchecked Sendable {
 
   /// Serves until `stop()` or, with `handleSignals`, SIGINT/SIGTERM. Spawns
   /// the configured plugins first and stops them (TERM, wait, KILL) last.
-  public func run(handleSignals: Bool = false) throws(BrokerError) {
-    if handleSignals {
-      switch valueOrErrno(clinux_termination_signalfd()) {
-      case .success(let fd): signals = OwnedDescriptor(fd)
-      case .failure(let errno): throw BrokerError(.io, "signalfd failed", errno: errno)
-      }
-      try loop.add(signals.rawValue, Token(.signal))
-    }
+  public func run() throws(BrokerError) {
+    if signals.isValid { try loop.add(signals.rawValue, Token(.signal)) }
     if !configuration.plugins.isEmpty {
       let supervisor = PluginSupervisor(plugins: configuration.plugins, pluginSocketPath: configuration.pluginSocketPath, logger: logger)
       self.supervisor = supervisor

@@ -81,8 +81,15 @@ public final class BrokerClient: Sendable {
   /// uid, or by `brokerUID` (nil: `UFFD_BROKER_UID`, if set): anything else
   /// listening at the path is refused before a byte is sent (`ClientError.broker`
   /// is then `notAuthorized`), and so on every re-attach.
+  ///
+  /// `userModeOnly`: a userfaultfd for faults from user mode only, which any
+  /// process may create (`UFFD_USER_MODE_ONLY`), where the full kind needs root,
+  /// CAP_SYS_PTRACE, `vm.unprivileged_userfaultfd=1` or access to
+  /// `/dev/userfaultfd`. A system call that reads or writes a region's missing
+  /// page (`read(2)` into it, say) then fails with EFAULT instead of waiting
+  /// for the page: touch the pages first, or copy through user-space buffers.
   public init(
-    regions: [RegionSpec], socketPath: String? = nil, brokerUID: UInt32? = nil, name: String = "client",
+    regions: [RegionSpec], socketPath: String? = nil, brokerUID: UInt32? = nil, name: String = "client", userModeOnly: Bool = false,
     timeoutMilliseconds: Int = 10_000, onBrokerLoss policy: BrokerLossPolicy = .reattach(withinMilliseconds: 30_000, otherwise: .terminate)
   ) throws(ClientError) {
     let path: String
@@ -91,12 +98,14 @@ public final class BrokerClient: Sendable {
     } catch {
       throw ClientError("no broker socket to register with", broker: error)
     }
+    // Fork events need CAP_SYS_PTRACE: without it, regions are not inherited (see servesForkedChildren).
+    let options = UserfaultFD.Options(userModeOnly: userModeOnly)
     do {
-      uffd = try UserfaultFD.create(features: Self.features.union(.eventFork))
+      uffd = try UserfaultFD.create(features: Self.features.union(.eventFork), options: options)
       servesForkedChildren = true
     } catch {
       do {
-        uffd = try UserfaultFD.create(features: Self.features)
+        uffd = try UserfaultFD.create(features: Self.features, options: options)
       } catch {
         throw ClientError("cannot create a userfaultfd: \(error)")
       }

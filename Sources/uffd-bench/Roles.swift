@@ -23,7 +23,7 @@ enum BrokerRole {
     let configuration = BrokerConfiguration(clientSocketPath: options.clientSocket, pluginSocketPath: options.pluginSocket)
     let broker: BrokerRuntime
     do {
-      broker = try BrokerRuntime(configuration: configuration, logger: Logger(label: "uffd-bench.broker"))
+      broker = try BrokerRuntime(configuration: configuration, logger: Logger(label: "uffd-bench.broker"), handleSignals: true)
     } catch {
       Console.error("broker role: \(error)")
       return 1
@@ -33,7 +33,7 @@ enum BrokerRole {
     control.sendReady()
     control.start(faults: { broker.faultsResolved }, onClose: { broker.stop() })
     do {
-      try broker.run(handleSignals: true)
+      try broker.run()
     } catch {
       Console.error("broker role: \(error)")
       return 1

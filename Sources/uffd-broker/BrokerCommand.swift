@@ -82,13 +82,13 @@ struct Serve: ParsableCommand {
     }
     let broker: BrokerRuntime
     do {
-      broker = try BrokerRuntime(configuration: configuration, logger: logger)
+      broker = try BrokerRuntime(configuration: configuration, logger: logger, handleSignals: true)
     } catch {
       // It could not take its sockets (unsafe directory, a file in the way, a
       // broker already serving): the reason alone, and EX_CANTCREAT.
       throw Self.exit(73, "\(error)")
     }
-    try broker.run(handleSignals: true)
+    try broker.run()
   }
 
   /// Says why on one line of stderr, and exits with `status` (no usage text).

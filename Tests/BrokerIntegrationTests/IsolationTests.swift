@@ -286,7 +286,8 @@ extension BrokerIntegrationTests {
         try writeTextFile(config, #"{"clientSocket": "\#(dir)/from-config.sock"}"#)
         let broker = try FixtureProcess(
           label: "broker-flags", executable: Harness.brokerExecutable,
-          arguments: ["--config", config, "--client-socket", dir + "/from-flag.sock", "--plugin-socket", dir + "/flag-p.sock"],
+          arguments: ["--config", config, "--client-socket", dir + "/from-flag.sock", "--plugin-socket", dir + "/flag-p.sock",
+                      "--control-socket", dir + "/flag-control.sock"],
           environment: [:], stdoutPath: dir + "/flags.stdout", stderrPath: dir + "/flags.stderr")
         #expect(waitUntil(timeout: 10) { access(dir + "/from-flag.sock", F_OK) == 0 }, h.diagnostics(broker.stderr))
         #expect(access(dir + "/from-config.sock", F_OK) != 0, h.diagnostics(broker.stderr))

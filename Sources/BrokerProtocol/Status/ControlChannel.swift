@@ -22,9 +22,10 @@ public enum ControlChannel {
     }
   }
 
-  /// The status of the broker listening at `socketPath` (nil: `SocketPaths.control`).
-  public static func status(socketPath: String? = nil, timeoutMilliseconds: Int = 5000) throws(BrokerError) -> BrokerStatus {
-    let reply = try request(statusCommand, socketPath: socketPath, timeoutMilliseconds: timeoutMilliseconds)
+  /// The status of the broker listening at `socketPath` (nil: `SocketPaths.control`),
+  /// if it runs as root, as us, or as `brokerUID` (nil: `UFFD_BROKER_UID`).
+  public static func status(socketPath: String? = nil, brokerUID: UInt32? = nil, timeoutMilliseconds: Int = 5000) throws(BrokerError) -> BrokerStatus {
+    let reply = try request(statusCommand, socketPath: socketPath, brokerUID: brokerUID, timeoutMilliseconds: timeoutMilliseconds)
     do {
       return try JSONDecoder().decode(BrokerStatus.self, from: Data(reply))
     } catch {
@@ -34,9 +35,9 @@ public enum ControlChannel {
 
   /// Sends `command` and returns the reply's JSON bytes; a refusal is thrown,
   /// and so is a listener that is not root or ours (`PacketSocket.connect(path:trusting:)`).
-  public static func request(_ command: String, socketPath: String? = nil, timeoutMilliseconds: Int = 5000) throws(BrokerError) -> [UInt8] {
+  public static func request(_ command: String, socketPath: String? = nil, brokerUID: UInt32? = nil, timeoutMilliseconds: Int = 5000) throws(BrokerError) -> [UInt8] {
     let path = if let socketPath { socketPath } else { try SocketPaths.control }
-    let socket = try PacketSocket.connect(path: path)
+    let socket = try PacketSocket.connect(path: path, trusting: brokerUID)
     socket.setReceiveTimeout(milliseconds: timeoutMilliseconds)
     let bytes = Array(command.utf8)
     _ = try bytes.withUnsafeBytes { (raw) -> Result<PacketSocket.SendResult, BrokerError> in Result { () throws(BrokerError) in try socket.send(raw) } }.get()

@@ -82,7 +82,7 @@ public final class UserfaultFD: Sendable {
     // what it offers, and remember what was asked.
     let available: Features
     do {
-      available = try probeFeatures()
+      available = try probeFeatures(userModeOnly: options.userModeOnly)
     } catch {
       closeDescriptor(fd)
       throw error
@@ -105,9 +105,9 @@ public final class UserfaultFD: Sendable {
   }
 
   /// The features this kernel offers, read from a throw-away descriptor (`UFFDIO_API` with no features).
-  public static func probeFeatures() throws(UserfaultFDError) -> Features {
+  public static func probeFeatures(userModeOnly: Bool = false) throws(UserfaultFDError) -> Features {
     let fd: CInt
-    switch valueOrErrno(cuffd_create(O_CLOEXEC | O_NONBLOCK)) {
+    switch valueOrErrno(cuffd_create(O_CLOEXEC | O_NONBLOCK | (userModeOnly ? UFFD_USER_MODE_ONLY : 0))) {
     case .success(let value): fd = value
     case .failure(let errno): throw UserfaultFDError(.systemCall, "cannot create a userfaultfd", syscall: "userfaultfd", errno: errno)
     }

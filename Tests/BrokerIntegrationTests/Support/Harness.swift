@@ -27,6 +27,8 @@ final class Harness {
   let pluginSocket: String
   let controlSocket: String
   let brokerLogPath: String
+  /// The uid the broker and its fixture processes run as (nil: the test's own).
+  let user: UInt32?
   private(set) var broker: FixtureProcess!
   private var children: [FixtureProcess] = []
   private var counter = 0
@@ -41,10 +43,13 @@ final class Harness {
 
   /// Starts a broker (debug logging), with a config file if any field is given,
   /// and waits for it to serve.
-  private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?, configFields: [String]) throws {
+  private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?, configFields: [String], user: UInt32?) throws {
     var template = Array("/tmp/uffd-it-\(label)-XXXXXX".utf8CString)
     guard let made = mkdtemp(&template) else { throw HarnessError("mkdtemp failed: \(errno)") }
     directory = String(cString: made)
+    self.user = user
+    // The broker's socket directory must be its own: the whole temp directory, then.
+    if let user, chown(directory, user, user) != 0 { throw HarnessError("cannot chown \(directory) to \(user): \(errno)") }
     clientSocket = directory + "/client.sock"
     pluginSocket = directory + "/plugin.sock"
     controlSocket = directory + "/control.sock"
@@ -77,7 +82,7 @@ final class Harness {
   /// Starts the broker and waits until it answers on its control socket
   /// (it listens on every socket before it serves any).
   private func startBroker() throws {
-    broker = try FixtureProcess(
+    broker = try spawn(
       label: "uffd-broker", executable: Self.brokerExecutable, arguments: brokerArguments, environment: environment,
       stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
     let serving = waitUntil(timeout: 10) { !broker.isRunning || (try? status())?.pid == broker.pid }
@@ -111,9 +116,9 @@ final class Harness {
   /// whatever happens. The broker must still be alive at the end and exit 0 on SIGTERM.
   static func run(
     _ label: String, spawning spawned: [SpawnedPlugin] = [], pluginDeadlineMilliseconds: Int? = nil, configFields: [String] = [],
-    sourceLocation: SourceLocation = #_sourceLocation, _ body: (Harness) throws -> Void
+    user: UInt32? = nil, sourceLocation: SourceLocation = #_sourceLocation, _ body: (Harness) throws -> Void
   ) throws {
-    let harness = try Harness(label: label, spawned: spawned, pluginDeadlineMilliseconds: pluginDeadlineMilliseconds, configFields: configFields)
+    let harness = try Harness(label: label, spawned: spawned, pluginDeadlineMilliseconds: pluginDeadlineMilliseconds, configFields: configFields, user: user)
     var finished = false
     defer { harness.tearDown(keep: !finished, sourceLocation: sourceLocation) }
     try body(harness)
@@ -167,6 +172,20 @@ final class Harness {
 
   // MARK: - Processes
 
+  /// Starts a process, as `user` if given (through setpriv: same pid, no groups).
+  private func spawn(label: String, executable: String, arguments: [String], environment: [String: String], stdoutPath: String, stderrPath: String,
+                     appendOutput: Bool = false, user: UInt32? = nil) throws -> FixtureProcess {
+    let (executable, arguments) = if let user = user ?? self.user {
+      (Self.setpriv, ["--reuid=\(user)", "--regid=\(user)", "--clear-groups", executable] + arguments)
+    } else {
+      (executable, arguments)
+    }
+    return try FixtureProcess(label: label, executable: executable, arguments: arguments, environment: environment,
+                              stdoutPath: stdoutPath, stderrPath: stderrPath, appendOutput: appendOutput)
+  }
+
+  static let setpriv = "/usr/bin/setpriv"
+
   private func nextLabel(_ kind: String) -> String {
     counter += 1
     return "\(kind)-\(counter)"
@@ -187,7 +206,7 @@ final class Harness {
 
   private func startPluginProcess(name: String, executable: String, arguments: [String], waitForConnection: Bool) throws -> FixtureProcess {
     let label = nextLabel("plugin-\(name)")
-    let plugin = try FixtureProcess(
+    let plugin = try spawn(
       label: label, executable: executable, arguments: arguments,
       environment: environment, stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr")
     children.append(plugin)
@@ -201,14 +220,16 @@ final class Harness {
     return plugin
   }
 
-  /// Starts `broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]`, with `extraEnvironment` added.
-  func startClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil, extraEnvironment: [String: String] = [:]) throws -> FixtureProcess {
+  /// Starts `broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]`, with `extraEnvironment` added,
+  /// as `user` (nil: the harness's user).
+  func startClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil, extraEnvironment: [String: String] = [:],
+                   user: UInt32? = nil) throws -> FixtureProcess {
     let label = nextLabel("client-\(scenario)")
     var arguments = ["client", scenario, "\(mib)", "\(threads)", plugin]
     if let loops { arguments.append("\(loops)") }
-    let client = try FixtureProcess(
+    let client = try spawn(
       label: label, executable: Self.fixtureExecutable, arguments: arguments, environment: environment.merging(extraEnvironment) { $1 },
-      stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr")
+      stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr", user: user ?? self.user)
     children.append(client)
     return client
   }
@@ -224,8 +245,9 @@ final class Harness {
   }
 
   /// Runs a fixture client to its end (killing it after `timeout` seconds).
-  func runClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil, timeout: Double = 30, extraEnvironment: [String: String] = [:], sourceLocation: SourceLocation = #_sourceLocation) throws -> ClientOutcome {
-    let client = try startClient(scenario, mib: mib, threads: threads, plugin: plugin, loops: loops, extraEnvironment: extraEnvironment)
+  func runClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil, timeout: Double = 30, extraEnvironment: [String: String] = [:],
+                 user: UInt32? = nil, sourceLocation: SourceLocation = #_sourceLocation) throws -> ClientOutcome {
+    let client = try startClient(scenario, mib: mib, threads: threads, plugin: plugin, loops: loops, extraEnvironment: extraEnvironment, user: user)
     let status = client.wait(timeout: timeout, sourceLocation: sourceLocation)
     if status == nil { keepDirectory = true }
     return ClientOutcome(status: status, stdout: client.stdout, stderr: client.stderr, pid: client.pid)
@@ -236,7 +258,7 @@ final class Harness {
   /// What the broker says it is doing (`uffd-broker status`): the tests'
   /// view of its counters and connections. Its log is for people.
   func status() throws -> BrokerStatus {
-    try ControlChannel.status(socketPath: controlSocket)
+    try ControlChannel.status(socketPath: controlSocket, brokerUID: user)
   }
 
   /// Polls the status until `condition` holds (true) or `timeout` passes (false).

@@ -83,7 +83,8 @@ struct FixtureClient {
     close(wait)
   }
 
-  /// FIXTURE_LOSS_POLICY=poison:MS (or terminate:MS) sets what the client does when the broker is gone for MS.
+  /// FIXTURE_LOSS_POLICY=poison:MS (or terminate:MS) sets what the client does when the broker is gone for MS;
+  /// FIXTURE_USER_MODE=1 asks for a user-mode-only userfaultfd (what an unprivileged process may have).
   func register(_ memory: AnonymousMemory, id: UInt64 = 1) throws(ClientError) -> BrokerClient {
     var policy = BrokerLossPolicy.reattach(withinMilliseconds: 30_000, otherwise: .terminate)
     if let text = getenv("FIXTURE_LOSS_POLICY").map({ String(cString: $0) }) {
@@ -91,7 +92,8 @@ struct FixtureClient {
       let milliseconds = parts.count > 1 ? Int(parts[1]) ?? 1000 : 1000
       policy = .reattach(withinMilliseconds: milliseconds, otherwise: parts.first == "poison" ? .poison : .terminate)
     }
-    return try BrokerClient(regions: [RegionSpec(id: id, base: memory.address, length: memory.length, plugin: plugin)], name: "fixture-\(scenario)", onBrokerLoss: policy)
+    return try BrokerClient(regions: [RegionSpec(id: id, base: memory.address, length: memory.length, plugin: plugin)], name: "fixture-\(scenario)",
+                            userModeOnly: getenv("FIXTURE_USER_MODE") != nil, onBrokerLoss: policy)
   }
 
   /// Every page touched once by `threads` threads (interleaved), then every byte checked.
