@@ -25,13 +25,6 @@ struct SimClientState {
 
   /// The regions as they lie now, for a Register: as `Connection.State.currentRegions`.
   var currentRegions: [RegionSpec] {
-    regions.compactMap { spec in
-      var current = spec
-      if let record = dropRecords[spec.id] { (current.dropped, current.unknown) = record }
-      guard let pieces = layouts[spec.id] else { return current }
-      guard !pieces.isEmpty else { return nil }
-      current.pieces = pieces
-      return current
-    }
+    regions.compactMap { $0.asItLiesNow(pieces: layouts[$0.id], dropRecord: dropRecords[$0.id]) }
   }
 }

@@ -46,14 +46,7 @@ final class Connection: @unchecked Sendable {
     /// The regions as they lie now, for Register: moved ones with their pieces,
     /// gone ones left out, each with what it dropped.
     var currentRegions: [RegionSpec] {
-      regions.compactMap { spec in
-        var current = spec
-        if let record = dropRecords[spec.id] { (current.dropped, current.unknown) = record }
-        guard let pieces = layouts[spec.id] else { return current }
-        guard !pieces.isEmpty else { return nil }
-        current.pieces = pieces
-        return current
-      }
+      regions.compactMap { $0.asItLiesNow(pieces: layouts[$0.id], dropRecord: dropRecords[$0.id]) }
     }
 
     /// Connects, says Hello and registers the uffd with the current regions.

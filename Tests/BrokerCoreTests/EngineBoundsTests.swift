@@ -36,19 +36,11 @@ struct EngineBoundsTests {
 
   @Test("Events kept for an absent plugin: a client's Closed replaces everything kept of it before")
   func missedEventsOfAClosedClientCompacted() throws {
-    var configuration = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "", owner: 0)
-    configuration.plugins = [.init(name: "p", executable: "/bin/true")]
-    let engine = try BrokerEngine(configuration: configuration, pageSize: 4096, now: 1, makeToken: { 1 })
+    let (engine, plugin) = try engineWithPlugin()
     var actions: [Action] = []
-    let plugin = try #require(try? engine.pluginConnected(PeerCredentials(pid: 10, uid: 0, gid: 0), now: 1).get())
-    try engine.pluginHello(plugin, Hello(role: .plugin, name: "p"), sharedAreaSize: 0, now: 1)
     let clients = try (0..<2).map { index in
-      let client = try #require(try? engine.clientConnected(PeerCredentials(pid: 20 + Int32(index), uid: 0, gid: 0), now: 1).get())
       let base = UInt(0x10_0000) * UInt(index + 1)
-      engine.clientRequest(client, ClientRequest(requestID: 1, .hello(Hello(role: .client, name: "c"))), descriptors: .none, now: 1)
-      let spec = RegionSpec(id: 1, base: base, length: 64 * 4096, pageSize: 4096, plugin: "p")
-      let events: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap]
-      engine.clientRequest(client, ClientRequest(requestID: 2, .register(RegisterRequest(pid: 20 + Int32(index), features: events, ioctls: [], regions: [spec]))), descriptors: .userfaultfd(events), now: 1)
+      let client = try registerClient(engine, pid: 20 + Int32(index), base: base, pages: 64)
       engine.regionReply(plugin, RegionReply(clientID: client, regionID: 1, error: nil), now: 1)
       return (id: client, base: base)
     }

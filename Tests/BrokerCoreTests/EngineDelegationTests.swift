@@ -8,18 +8,10 @@ import Userfaultfd
 struct EngineDelegationTests {
   @Test("a delegated file that cannot be read (EIO): the fault goes to the plugin, never parked for good")
   func unreadableFileFallsBackToPlugin() throws {
-    var configuration = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "", owner: 0)
-    configuration.plugins = [.init(name: "p", executable: "/bin/true")]
-    let engine = try BrokerEngine(configuration: configuration, pageSize: 4096, now: 1, makeToken: { 1 })
+    let (engine, plugin) = try engineWithPlugin()
     var actions: [Action] = []
-    let plugin = try #require(try? engine.pluginConnected(PeerCredentials(pid: 10, uid: 0, gid: 0), now: 1).get())
-    try engine.pluginHello(plugin, Hello(role: .plugin, name: "p"), sharedAreaSize: 0, now: 1)
-    let client = try #require(try? engine.clientConnected(PeerCredentials(pid: 20, uid: 0, gid: 0), now: 1).get())
     let base: UInt = 0x10_0000
-    engine.clientRequest(client, ClientRequest(requestID: 1, .hello(Hello(role: .client, name: "c"))), descriptors: .none, now: 1)
-    let spec = RegionSpec(id: 1, base: base, length: 16 * 4096, pageSize: 4096, plugin: "p")
-    let events: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap]
-    engine.clientRequest(client, ClientRequest(requestID: 2, .register(RegisterRequest(pid: 20, features: events, ioctls: [], regions: [spec]))), descriptors: .userfaultfd(events), now: 1)
+    let client = try registerClient(engine, pid: 20, base: base, pages: 16)
     let file = DelegatedFile(handle: FileHandle(7), isRegular: true)
     engine.delegation(plugin, Delegation(clientID: client, regionID: 1, offsets: 0..<16 * 4096, source: .file(descriptor: -1, offset: 0)), file: file, now: 1)
     engine.regionReply(plugin, RegionReply(clientID: client, regionID: 1, error: nil), now: 1)

@@ -64,6 +64,18 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
   /// Pieces a region may be re-registered in (a region cut finer cannot re-attach).
   public static let maxPieces = 256
 
+  /// This region as a re-attaching client registers it: where it lies now
+  /// (`pieces`, from the broker's `Layout` notices) and what it dropped; nil
+  /// when nothing of it is left.
+  public func asItLiesNow(pieces layout: [RegionPiece]?, dropRecord: (dropped: [Range<UInt64>], unknown: [Range<UInt64>])?) -> RegionSpec? {
+    var current = self
+    if let dropRecord { (current.dropped, current.unknown) = dropRecord }
+    guard let layout else { return current }
+    guard !layout.isEmpty else { return nil }
+    current.pieces = layout
+    return current
+  }
+
   public init(id: UInt64, base: UInt, length: Int, pageSize: Int = systemPageSize, plugin: String, argument: String = "", backingOffset: UInt64 = 0,
               swappedOut: [Range<UInt64>] = [], pieces: [RegionPiece] = [], dropped: [Range<UInt64>] = [], unknown: [Range<UInt64>] = []) {
     self.swappedOut = swappedOut
