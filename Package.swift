@@ -21,6 +21,7 @@ let package = Package(
     .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
     .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
     .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
   ],
   targets: [
     // The userfaultfd C that Swift cannot reach: creation, the UFFDIO ioctls, uffd_msg flattened.
@@ -39,7 +40,8 @@ let package = Package(
     // Spawning and explicit teardown of child processes (supervisor, demo, benchmark, tests).
     .target(name: "ChildProcess", dependencies: ["CLinux", "LinuxSupport"]),
     // The broker's logic without I/O: a state machine from inputs to actions (sans-I/O).
-    .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")],
+    .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system"),
+                                               .product(name: "Histogram", package: "hdrhistogram-swift")],
             swiftSettings: hotPath),
     // The broker's I/O: the epoll loop, sockets, uffd reads and ioctls, supervision; it performs the core's actions.
     .target(name: "BrokerRuntime", dependencies: ["BrokerCore", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "CLinux", "LinuxSupport", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")],

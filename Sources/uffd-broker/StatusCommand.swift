@@ -17,6 +17,13 @@ struct Status: ParsableCommand {
   @Flag(help: "Print the status as JSON (the format scripts should read).")
   var json = false
 
+  @Option(help: ArgumentHelp("Print it again every SECONDS (0.1 to 3600), with the faults resolved per second since the last one, until interrupted.", valueName: "seconds"))
+  var watch: Double?
+
+  func validate() throws {
+    if let watch, !(0.1...3600).contains(watch) { throw ValidationError("--watch must be from 0.1 to 3600 seconds") }
+  }
+
   func run() throws {
     let controlSocket: String
     do throws(BrokerError) {
@@ -26,11 +33,25 @@ struct Status: ParsableCommand {
       throw ExitCode(78)
     }
     do {
-      if json {
-        print(String(decoding: try ControlChannel.request(ControlChannel.statusCommand, socketPath: controlSocket), as: UTF8.self))
-      } else {
-        print(Self.describe(try ControlChannel.status(socketPath: controlSocket)), terminator: "")
-      }
+      var previous: (status: BrokerStatus, at: ContinuousClock.Instant)?
+      repeat {
+        if json {
+          print(String(decoding: try ControlChannel.request(ControlChannel.statusCommand, socketPath: controlSocket), as: UTF8.self))
+        } else {
+          let status = try ControlChannel.status(socketPath: controlSocket)
+          let now = ContinuousClock.now
+          if let previous {
+            let elapsed = (now - previous.at).components
+            let seconds = Double(elapsed.seconds) + Double(elapsed.attoseconds) / 1e18
+            let resolved = Double(status.faults.faultsResolved &- previous.status.faults.faultsResolved)
+            print("--- \(Int(resolved / max(seconds, 0.001))) faults/s over the last \(String(format: "%.1f", seconds)) s")
+          }
+          print(Self.describe(status), terminator: "")
+          previous = (status, now)
+        }
+        fflush(nil)  // a watch piped into a pager or a file shows each report as it comes
+        if let watch { Thread.sleep(forTimeInterval: watch) }
+      } while watch != nil
     } catch {
       FileHandle.standardError.write(Data("uffd-broker status: \(controlSocket): \(error)\n".utf8))
       throw ExitCode(69)
@@ -43,6 +64,10 @@ struct Status: ParsableCommand {
     var text = "broker pid \(status.pid), up \(Int(status.uptimeSeconds)) s\n"
     text += "faults: \(faults.faultsResolved) resolved (\(faults.resolvedLocally) by the broker), \(status.faultsInFlight) in flight, "
     text += "\(status.faultsParked) parked, \(faults.failedClosed) failed closed, \(faults.staleDecisionsDropped) stale decisions dropped\n"
+    let latency = status.faultLatencyMicroseconds
+    if latency.count > 0 {
+      text += "latency (read to fill): p50 \(latency.p50) µs, p90 \(latency.p90) µs, p99 \(latency.p99) µs, max \(latency.max) µs\n"
+    }
     text += "clients: \(status.clients.count)\n"
     for client in status.clients {
       let origin = client.parent == 0 ? "pid \(client.pid)" : "forked from client \(client.parent)"

@@ -4,7 +4,7 @@ extension BrokerIntegrationTests {
   /// Faults served by out-of-process plugins: copy, zero, prefetch, retry.
   @Suite("Serving faults")
   struct Serving {
-    @Test("64 MiB touched from 2 threads through the pattern plugin: every byte is right")
+    @Test("64 MiB touched from 2 threads through the pattern plugin: every byte is right, and the status has every fault's latency")
     func touch64MiB() throws {
       try Harness.run("touch") { h in
         try h.startPlugin(name: "pattern", mode: "pattern")
@@ -17,6 +17,11 @@ extension BrokerIntegrationTests {
         if let client = clients.first {
           #expect(waitUntil(timeout: 5) { h.eventLog("pattern").contains("closed \(client)") }, h.diagnostics)
         }
+        let status = try h.status()
+        let latency = status.faultLatencyMicroseconds
+        #expect(latency.count == status.faults.faultsResolved && latency.count > 0, h.diagnostics("\(latency)"))
+        #expect(latency.p50 <= latency.p99 && latency.p99 <= latency.max && latency.max > 0, h.diagnostics("\(latency)"))
+        #expect(status.plugin("pattern")?.decisionsApplied == status.faults.faultsResolved, h.diagnostics)
       }
     }
 

@@ -36,7 +36,7 @@ extension BrokerEngine {
     for case .pagefault(let fault) in events {
       let page = fault.address & ~UInt(pageSize - 1)
       guard ledger.id(client: client.id, page: page) == nil else { continue }  // outstanding: the fill wakes every waiter
-      routeFault(ledger.enter(fault, page: page, client: client))
+      routeFault(ledger.enter(fault, page: page, client: client, now: now))
     }
   }
 
@@ -134,6 +134,7 @@ extension BrokerEngine {
       }
       statistics.decisionsApplied += 1
       statistics.faultsResolved += 1
+      faultLatency.record(now - entry.readAt)
       plugins[pluginID]?.route?.decisionsApplied += 1
     case .delegated:
       if case .failed(let errno) = outcome, errno != .badAddress {
@@ -144,6 +145,7 @@ extension BrokerEngine {
       }
       statistics.resolvedLocally += 1
       statistics.faultsResolved += 1
+      faultLatency.record(now - entry.readAt)
     case .newMemory:
       if outcome.isResolved { statistics.newMemoryFills += 1 }
     case .failClosed(let cause):

@@ -9,6 +9,7 @@ extension BrokerEngine {
     status.faults = statistics
     status.faultsInFlight = ledger.ids { if case .inFlight = $0.state { true } else { false } }.count
     status.faultsParked = ledger.ids { if case .parked = $0.state { true } else { false } }.count
+    status.faultLatencyMicroseconds = faultLatency.summary
     status.tally = tally
     status.clients = clients.values.sorted { $0.id < $1.id }.map { client in
       var entry = BrokerStatus.ClientStatus()

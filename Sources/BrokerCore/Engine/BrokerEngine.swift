@@ -59,6 +59,7 @@ public final class BrokerEngine {
   public internal(set) var statistics = FaultStatistics()
   /// Refusals, connections, disconnects and failures, by kind and cause.
   public internal(set) var tally = Tally()
+  var faultLatency = FaultLatency()
   /// The log's budget per kind of incident (see `report`).
   var logWindows: [Tally.Kind: LogWindow] = [:]
   static let logLinesPerSecond = 20

@@ -31,6 +31,8 @@ struct FaultLedger {
     var state: State
     /// Times it was parked.
     var attempts: Int
+    /// When the broker read it (its latency runs from here to its fill).
+    let readAt: UInt64
   }
 
   private struct PageKey: Hashable {
@@ -51,8 +53,8 @@ struct FaultLedger {
   func id(client: ClientID, page: UInt) -> ID? { byPage[PageKey(client: client, page: page)] }
 
   /// Enters a fault in state `.handling`.
-  mutating func enter(_ fault: Pagefault, page: UInt, client: Client) -> ID {
-    let id = table.insert(Fault(client: client, page: page, fault: fault, state: .handling, attempts: 0))
+  mutating func enter(_ fault: Pagefault, page: UInt, client: Client, now: UInt64) -> ID {
+    let id = table.insert(Fault(client: client, page: page, fault: fault, state: .handling, attempts: 0, readAt: now))
     byPage[PageKey(client: client.id, page: page)] = id
     return id
   }

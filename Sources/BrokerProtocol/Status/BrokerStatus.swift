@@ -9,6 +9,8 @@ public struct BrokerStatus: Codable, Sendable {
   /// Faults read and not settled, by where they are.
   public var faultsInFlight = 0
   public var faultsParked = 0
+  /// How long resolved faults took, from the broker's read to their fill.
+  public var faultLatencyMicroseconds = Latency()
   /// Every refusal, connection, disconnect and failure, by kind and cause.
   public var tally = Tally()
   public var clients: [ClientStatus] = []
@@ -51,6 +53,18 @@ public struct BrokerStatus: Codable, Sendable {
     public var missedEvents = 0
     /// This plugin's share of the broker's tally.
     public var tally = Tally()
+
+    public init() {}
+  }
+
+  /// Percentiles of a latency, in microseconds (to two significant digits).
+  public struct Latency: Codable, Sendable {
+    public var count: UInt64 = 0
+    public var p50: UInt64 = 0
+    public var p90: UInt64 = 0
+    public var p99: UInt64 = 0
+    public var p999: UInt64 = 0
+    public var max: UInt64 = 0
 
     public init() {}
   }
