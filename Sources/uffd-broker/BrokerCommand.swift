@@ -12,7 +12,7 @@ struct BrokerCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "uffd-broker",
     abstract: "Serve page faults of client processes through out-of-process plugins.",
-    subcommands: [Serve.self, Status.self],
+    subcommands: [Serve.self, Status.self, CheckConfig.self],
     defaultSubcommand: Serve.self)
 }
 
@@ -57,13 +57,9 @@ struct Serve: ParsableCommand {
       return handler
     }
     let logger = Logger(label: "uffd-broker")
-    // Empty socket paths stand for "not given": the defaults are resolved only
-    // for what neither the config nor the command line names.
-    var configuration = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "")
+    var configuration: BrokerConfiguration
     do {
-      if let config { try ConfigFile.load(path: config).apply(to: &configuration) }
-      try configuration.validate()
-      try configuration.checkExecutables()
+      configuration = try ConfigFile.configuration(at: config)
     } catch {
       // A bad config is no usage error: the reason alone, and EX_CONFIG.
       throw Self.exit(78, "config file \(config ?? "(none)"): \(ConfigFile.describe(error))")
@@ -158,6 +154,18 @@ struct ConfigFile: Decodable {
 
   private static func path(_ keys: [any CodingKey]) -> String {
     keys.map { $0.intValue.map { "[\($0)]" } ?? ".\($0.stringValue)" }.joined().drop { $0 == "." }.description
+  }
+
+  /// The configuration a broker would run with, from the file at `path` (nil: none),
+  /// checked (values, plugin names, executables). Empty socket paths stand for
+  /// "not given": the defaults are resolved only for what neither the config
+  /// nor the command line names.
+  static func configuration(at path: String?) throws -> BrokerConfiguration {
+    var configuration = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "")
+    if let path { try load(path: path).apply(to: &configuration) }
+    try configuration.validate()
+    try configuration.checkExecutables()
+    return configuration
   }
 
   static func load(path: String) throws -> ConfigFile {

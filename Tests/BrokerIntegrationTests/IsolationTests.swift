@@ -248,7 +248,7 @@ extension BrokerIntegrationTests {
       }
     }
 
-    @Test("A config file with a field the broker does not know is refused at start, naming it; command-line sockets win over the config's")
+    @Test("A config file with a field the broker does not know is refused at start, naming it (and by check-config); command-line sockets win over the config's")
     func configFileChecked() throws {
       try Harness.run("config") { h in
         let dir = h.directory
@@ -280,10 +280,19 @@ extension BrokerIntegrationTests {
             environment: [:], stdoutPath: dir + "/bad-\(index).stdout", stderrPath: dir + "/bad-\(index).stderr")
           #expect(process.wait(timeout: 10) == .exited(78), h.diagnostics(text + ": " + process.stderr))
           #expect(process.stderr.contains(message) && !process.stderr.contains("USAGE"), h.diagnostics(text + ": " + process.stderr))
+          // `check-config` says the same without starting anything.
+          let check = try FixtureProcess(
+            label: "check-bad-\(index)", executable: Harness.brokerExecutable, arguments: ["check-config", path],
+            environment: [:], stdoutPath: dir + "/check-\(index).stdout", stderrPath: dir + "/check-\(index).stderr")
+          #expect(check.wait(timeout: 10) == .exited(78) && check.stderr.contains(message), h.diagnostics(text + ": " + check.stderr))
         }
 
         let config = dir + "/sockets.json"
         try writeTextFile(config, #"{"clientSocket": "\#(dir)/from-config.sock"}"#)
+        let check = try FixtureProcess(
+          label: "check-good", executable: Harness.brokerExecutable, arguments: ["check-config", config],
+          environment: [:], stdoutPath: dir + "/check-good.stdout", stderrPath: dir + "/check-good.stderr")
+        #expect(check.wait(timeout: 10) == .exited(0) && check.stdout.contains("ok"), h.diagnostics(check.stdout + check.stderr))
         let broker = try FixtureProcess(
           label: "broker-flags", executable: Harness.brokerExecutable,
           arguments: ["--config", config, "--client-socket", dir + "/from-flag.sock", "--plugin-socket", dir + "/flag-p.sock",
