@@ -29,6 +29,8 @@ public final class BrokerRuntime: @unchecked Sendable {
   let controlListener: PacketListener?
   private let wakeup: OwnedDescriptor
   private let signals: OwnedDescriptor
+  /// Reads the configuration again (SIGHUP); nil: there is nothing to reload.
+  private let reload: (() throws -> BrokerConfiguration)?
   var supervisor: PluginSupervisor?
 
   var clients: [ClientID: ClientLink] = [:]
@@ -85,11 +87,14 @@ public final class BrokerRuntime: @unchecked Sendable {
   /// (`SocketDirectory`), something not a socket is at a socket's path, or a
   /// broker already answers there (`PacketListener`).
   ///
-  /// `handleSignals`: SIGINT and SIGTERM stop `run()` cleanly; they are taken
-  /// from here on, so one that comes while the broker starts is not lost.
-  public init(configuration: BrokerConfiguration, logger: Logger, handleSignals: Bool = false) throws(BrokerError) {
+  /// `handleSignals`: SIGINT and SIGTERM stop `run()` cleanly, SIGHUP reloads
+  /// the configuration from `reload`; they are taken from here on, so one that
+  /// comes while the broker starts is not lost.
+  public init(configuration: BrokerConfiguration, logger: Logger, handleSignals: Bool = false,
+              reload: (() throws -> BrokerConfiguration)? = nil) throws(BrokerError) {
+    self.reload = reload
     if handleSignals {
-      switch valueOrErrno(clinux_termination_signalfd()) {
+      switch valueOrErrno(clinux_signalfd([SIGINT, SIGTERM, SIGHUP], 3)) {
       case .success(let fd): signals = OwnedDescriptor(fd)
       case .failure(let errno): throw BrokerError(.io, "signalfd failed", errno: errno)
       }
@@ -180,6 +185,7 @@ public final class BrokerRuntime: @unchecked Sendable {
       if let link = controls[token.id] { serveControl(link) }
     case .signal:
       let signal = clinux_read_signal(signals.rawValue)
+      if signal == SIGHUP { return reloadConfiguration() }
       logger.info("stopping on signal", metadata: ["signal": "\(signal)"])
       stopping = true
     case .wakeup:
@@ -200,6 +206,29 @@ public final class BrokerRuntime: @unchecked Sendable {
     }
     // Now: a decision's bytes live in `pluginPacket` until the next plugin packet is read.
     perform()
+  }
+
+  /// SIGHUP: what may change while the broker runs (who may connect, limits,
+  /// deadlines, policies) changes; a file the broker would not start with, or
+  /// one that changes the spawned plugins, is refused and the running
+  /// configuration kept (the sockets stay those it has). Either way it says so
+  /// in the log and the status.
+  private func reloadConfiguration() {
+    guard let reload else {
+      tally.count(.configReloadRefused, "nothingToReload")
+      return logger.warning("SIGHUP: the broker was started without a config file; nothing to reload")
+    }
+    do {
+      var next = try reload()
+      (next.clientSocketPath, next.pluginSocketPath, next.controlSocketPath) = (configuration.clientSocketPath, configuration.pluginSocketPath, configuration.controlSocketPath)
+      try engine.reconfigure(next)
+      tally.count(.configReloaded)
+      logger.notice("configuration reloaded")
+    } catch {
+      let error = BrokerError(error)
+      tally.count(.configReloadRefused, error.code.name)
+      logger.error("configuration reload refused: the running one is kept", metadata: ["reason": "\(error)"])
+    }
   }
 
   private func nextTimeout() -> CInt {

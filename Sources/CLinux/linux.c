@@ -215,11 +215,10 @@ int clinux_eventfd(void) {
   return fd >= 0 ? fd : -errno;
 }
 
-int clinux_termination_signalfd(void) {
+int clinux_signalfd(const int *signals, int count) {
   sigset_t set;
   sigemptyset(&set);
-  sigaddset(&set, SIGINT);
-  sigaddset(&set, SIGTERM);
+  for (int i = 0; i < count; i++) sigaddset(&set, signals[i]);
   if (pthread_sigmask(SIG_BLOCK, &set, NULL) != 0) return -errno;
   int fd = signalfd(-1, &set, SFD_CLOEXEC | SFD_NONBLOCK);
   return fd >= 0 ? fd : -errno;

@@ -49,7 +49,7 @@ enum Bench {
 
     // Before any thread exists: SIGINT/SIGTERM are blocked in every thread and
     // read by the watchdog, which cleans up (children, sockets) and exits.
-    let signals = clinux_termination_signalfd()
+    let signals = clinux_signalfd([SIGINT, SIGTERM], 2)
     var plugins: [PluginInstance] = []
     for mode in options.modes where mode.usesBroker {
       for plugin in mode.workload.plugins where !plugins.contains(plugin) { plugins.append(plugin) }

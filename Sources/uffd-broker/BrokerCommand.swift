@@ -78,7 +78,10 @@ struct Serve: ParsableCommand {
     }
     let broker: BrokerRuntime
     do {
-      broker = try BrokerRuntime(configuration: configuration, logger: logger, handleSignals: true)
+      // SIGHUP reads the file again (its sockets stay those the broker has).
+      let path = config
+      broker = try BrokerRuntime(configuration: configuration, logger: logger, handleSignals: true,
+                                 reload: path.map { path in { try ConfigFile.configuration(at: path) } })
     } catch {
       // It could not take its sockets (unsafe directory, a file in the way, a
       // broker already serving): the reason alone, and EX_CANTCREAT.

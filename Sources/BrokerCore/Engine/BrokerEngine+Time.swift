@@ -103,3 +103,16 @@ extension BrokerEngine {
     for plugin in plugins.values.sorted(by: { $0.id < $1.id }) { closePlugin(plugin, BrokerError(.stopping, "the broker is stopping")) }
   }
 }
+
+extension BrokerEngine {
+  /// A reloaded configuration: who may connect, limits, deadlines and policies
+  /// apply from now on (to connections already made too; a peer already in is
+  /// not thrown out). The spawned plugins cannot change while the broker runs.
+  public func reconfigure(_ next: BrokerConfiguration) throws(BrokerError) {
+    try next.validate()
+    guard next.plugins == configuration.plugins else {
+      throw BrokerError(.malformed, "plugins (the spawned ones) changed: restart the broker to change them")
+    }
+    configuration = next
+  }
+}

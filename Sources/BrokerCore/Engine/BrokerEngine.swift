@@ -28,7 +28,7 @@ import Userfaultfd
 ///
 /// Not thread-safe: confine it to one thread.
 public final class BrokerEngine {
-  public let configuration: BrokerConfiguration
+  public internal(set) var configuration: BrokerConfiguration
   /// The page size of every region (the system's; hugetlb regions are refused).
   public let pageSize: Int
 

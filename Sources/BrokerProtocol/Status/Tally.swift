@@ -11,6 +11,7 @@ public struct Tally: Codable, Sendable, Equatable {
     case decisionRefused, delegationRefused, storeReplyRefused
     case faultFailedClosed, clientKilled, swappedPagesLost
     case pluginSpawned, pluginExited, pluginGivenUp, connectionRefusedNoDescriptors, controlRefused
+    case configReloaded, configReloadRefused
   }
 
   public private(set) var counts: [String: UInt64] = [:]

@@ -94,9 +94,9 @@ int clinux_eventfd(void);
 
 /* ---- signals and children ---- */
 
-/* Blocks SIGINT and SIGTERM in the calling thread (and threads it creates later)
- * and returns a signalfd that becomes readable when one arrives. */
-int clinux_termination_signalfd(void);
+/* Blocks `signals` in the calling thread (and threads it creates later) and
+ * returns a signalfd that becomes readable when one arrives, or -errno. */
+int clinux_signalfd(const int *signals, int count);
 
 /* Reads one pending signal from a signalfd; returns its number or -errno. */
 int clinux_read_signal(int fd);
