@@ -14,11 +14,11 @@ public final class PluginRegion {
   /// As the client registered it: id, base, length, page size, argument, backing offset.
   public let spec: RegionSpec
   /// Where region offset 0 is now (differs from `spec.base` after an mremap).
-  @exclusivity(unchecked) public internal(set) var base: UInt
+  public internal(set) var base: UInt
   /// Whatever the plugin wants to keep per region (an open file, a store...).
   public var context: AnyObject?
   /// Delegations to send with the next batch.
-  @exclusivity(unchecked) var pendingDelegations: [Delegation] = []
+  var pendingDelegations: [Delegation] = []
 
   /// Hands `offsets` (default: the whole region) to the broker to serve with
   /// zero pages by itself: no round trip per fault. You are still told of

@@ -33,26 +33,26 @@ public final class PluginRunner {
   /// The memfd shared with the broker (two halves), if it was set up.
   private let shared: UnsafeMutableRawBufferPointer?
   /// Where the current packet's bytes go: `staging`, or a half of `shared` at `stageOffset`.
-  @exclusivity(unchecked) private var stage: UnsafeMutableRawBufferPointer
-  @exclusivity(unchecked) private var stageOffset: Int?
-  @exclusivity(unchecked) private var staged = 0
-  @exclusivity(unchecked) private var packetsSent: UInt64 = 0
-  @exclusivity(unchecked) private var packetsApplied: UInt64 = 0
+  private var stage: UnsafeMutableRawBufferPointer
+  private var stageOffset: Int?
+  private var staged = 0
+  private var packetsSent: UInt64 = 0
+  private var packetsApplied: UInt64 = 0
   private static let sharedHalf = 1 << 20
-  @exclusivity(unchecked) private var regions: [RegionKey: PluginRegion] = [:] {
+  private var regions: [RegionKey: PluginRegion] = [:] {
     didSet { lastRegion = nil }
   }
   /// The region of the last fault: runs of faults in one region skip the hashing.
-  @exclusivity(unchecked) private var lastRegion: PluginRegion?
-  @exclusivity(unchecked) private var fds: [CInt] = []
+  private var lastRegion: PluginRegion?
+  private var fds: [CInt] = []
   /// The descriptors the broker kept for this name, received with its Hello.
-  @exclusivity(unchecked) private var restored: [String: CInt] = [:]
+  private var restored: [String: CInt] = [:]
 
   /// Faults answered so far (for logs and tests).
-  @exclusivity(unchecked) public private(set) var faultsServed = 0
+  public private(set) var faultsServed = 0
   /// Where to write `name=value` lines of statistics (at most every 100 ms), if anywhere.
   private let statsPath: String?
-  @exclusivity(unchecked) private var statsWrittenAt: UInt64 = 0
+  private var statsWrittenAt: UInt64 = 0
 
   /// Connects to the broker's plugin socket and says Hello as `name`.
   /// - Parameter maxPrefetch: the largest range one decision may fill (the buffer handed to `pagefault`).

@@ -7,6 +7,12 @@ import Userfaultfd
 // of only page faults, or of only decisions, is written and read by hand in
 // the same wire format (FaultBatchWriter/Reader, DecisionBatchWriter/Reader);
 // every other packet goes through protobuf-c. Nothing is allocated per fault.
+//
+// The four codecs' stored properties are `@exclusivity(unchecked)`: each is
+// read or written for every packet (the emptiness checks in `encode` included),
+// and without the attribute `uffd-bench`'s wire micro-benchmark took ~45 ns
+// more per round trip (event 111 → 167 ns, decision 175 → 230 ns, medians of 12
+// alternated runs; README, Benchmark). Each codec is confined to one thread.
 
 /// Broker side: collects events into one `BrokerToPlugin` packet.
 public final class EventBatchEncoder {

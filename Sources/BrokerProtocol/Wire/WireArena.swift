@@ -23,7 +23,7 @@ public final class WireArena {
   private static let overflowLimit = 64
   private static let overflowBlockLimit = 8 << 20
   /// The allocator to pass to `*__unpack`; valid while this arena lives.
-  @exclusivity(unchecked) public private(set) var allocator = ProtobufCAllocator()
+  public private(set) var allocator = ProtobufCAllocator()
 
   public init(capacity: Int = 4 << 20) {
     state = .allocate(capacity: 1)

@@ -31,11 +31,11 @@ public final class EventDispatcher {
   /// Number of non-pagefault events read so far: a fault handed out at `sequence`
   /// is stale if an overlapping event was read after it.
   public var sequence: UInt64 { invalidations.sequence }
-  @exclusivity(unchecked) public private(set) var isClosed = false
+  public private(set) var isClosed = false
   /// Counters, for tests and metrics.
-  @exclusivity(unchecked) public private(set) var faultsRead = 0
-  @exclusivity(unchecked) public private(set) var faultsMerged = 0
-  @exclusivity(unchecked) public private(set) var redeliveries = 0
+  public private(set) var faultsRead = 0
+  public private(set) var faultsMerged = 0
+  public private(set) var redeliveries = 0
 
   private struct Outstanding {
     var fault: Pagefault
@@ -46,12 +46,12 @@ public final class EventDispatcher {
   }
 
   private let readBuffer: UnsafeMutablePointer<cuffd_event>
-  @exclusivity(unchecked) private var newFaults: [Pagefault] = []
-  @exclusivity(unchecked) private var outstanding: [UInt: Outstanding] = [:]
-  @exclusivity(unchecked) private var parked: [UInt] = []
-  @exclusivity(unchecked) private var parkedSpare: [UInt] = []
-  @exclusivity(unchecked) private var invalidations = Invalidations()
-  @exclusivity(unchecked) private var inFlightCount = 0
+  private var newFaults: [Pagefault] = []
+  private var outstanding: [UInt: Outstanding] = [:]
+  private var parked: [UInt] = []
+  private var parkedSpare: [UInt] = []
+  private var invalidations = Invalidations()
+  private var inFlightCount = 0
   private static let backoffBase: UInt64 = 1_000_000
   private static let backoffCap: UInt64 = 64_000_000
 
