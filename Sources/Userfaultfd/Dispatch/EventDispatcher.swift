@@ -4,8 +4,8 @@ import LinuxSupport
 import SystemPackage
 
 /// The ordering and redelivery engine of one userfaultfd, driven by its owner's
-/// event loop: the in-process `UserfaultFDDispatcher` thread, or the broker's
-/// epoll loop that serves many uffds. It performs no waiting of its own.
+/// event loop, the in-process `UserfaultFDDispatcher` thread (the broker has
+/// its own, `BrokerEngine`). It performs no waiting of its own.
 ///
 /// Call `drain()` when the uffd is readable and `redeliverDue(now:)` when
 /// `nextDeadline` passes. It guarantees (DESIGN §3):
