@@ -44,6 +44,9 @@ struct Serve: ParsableCommand {
   @Option(help: "trace, debug, info, notice, warning, error or critical.")
   var logLevel: String = "info"
 
+  @Option(help: "text (for people), logfmt or json (for collectors); under systemd's journal lines carry their priority instead of a timestamp.")
+  var logFormat: BrokerLogHandler.Format = .text
+
   func validate() throws {
     guard Logger.Level(rawValue: logLevel) != nil else { throw ValidationError("unknown log level \(logLevel)") }
     if let config, !FileManager.default.isReadableFile(atPath: config) { throw ValidationError("cannot read config file \(config)") }
@@ -51,8 +54,9 @@ struct Serve: ParsableCommand {
 
   func run() throws {
     let level = Logger.Level(rawValue: logLevel)!
+    let format = logFormat
     LoggingSystem.bootstrap { label in
-      var handler = StreamLogHandler.standardError(label: label)
+      var handler = BrokerLogHandler(format: format, label: label)
       handler.logLevel = level
       return handler
     }

@@ -1,11 +1,12 @@
 import BrokerProtocol
+import Foundation
 import Glibc
 import Testing
 
 extension BrokerIntegrationTests {
-  /// Issue 14: the broker reloads its config on SIGHUP, or says why it will not.
-  @Suite("Configuration reload")
-  struct Reload {
+  /// Issue 14: running the broker as a daemon (reload, log formats).
+  @Suite("Operations")
+  struct Operations {
     /// Whether a new client connection is refused for the per-uid limit.
     static func refusedForLimit(_ h: Harness) throws -> Bool {
       let client = try ManualClient(socketPath: h.clientSocket)
@@ -38,6 +39,34 @@ extension BrokerIntegrationTests {
         }
         #expect(try h.status().tally[.configReloaded] == 1, h.diagnostics)
         _ = (first, second)
+      }
+    }
+
+    @Test("--log-format json writes one JSON object per line (ts to the millisecond, level, msg, metadata); logfmt quotes values with spaces")
+    func logFormats() throws {
+      try Harness.run("log-formats") { h in
+        for format in ["json", "logfmt"] {
+          let dir = h.directory + "/\(format)"
+          mkdir(dir, 0o700)
+          let broker = try FixtureProcess(
+            label: "broker-\(format)", executable: Harness.brokerExecutable,
+            arguments: ["--client-socket", dir + "/c.sock", "--plugin-socket", dir + "/p.sock", "--control-socket", dir + "/ctl.sock", "--log-format", format],
+            environment: [:], stdoutPath: dir + "/stdout", stderrPath: dir + "/stderr")
+          #expect(waitUntil(timeout: 10) { (try? ControlChannel.status(socketPath: dir + "/ctl.sock")) != nil }, h.diagnostics(broker.stderr))
+          #expect(broker.stop() == .exited(0), h.diagnostics(broker.stderr))
+          let lines = broker.stderr.split(separator: "\n").map(String.init)
+          #expect(lines.count >= 2, h.diagnostics(broker.stderr))
+          for line in lines {
+            if format == "json" {
+              let object = try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: String]
+              let stamp = object?["ts"] ?? ""
+              #expect(object?["level"] != nil && object?["msg"] != nil && stamp.count == 24 && stamp.hasSuffix("Z"), h.diagnostics(line))
+            } else {
+              #expect(line.hasPrefix("ts=") && line.contains(" level=") && line.contains(" msg="), h.diagnostics(line))
+            }
+          }
+          if format == "logfmt" { #expect(lines.contains { $0.contains(#"msg="broker serving""#) }, h.diagnostics(broker.stderr)) }
+        }
       }
     }
   }
