@@ -43,8 +43,10 @@ let package = Package(
     .target(name: "BrokerCore", dependencies: ["BrokerProtocol", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system"),
                                                .product(name: "Histogram", package: "hdrhistogram-swift")],
             swiftSettings: hotPath),
+    // libsystemd (Debian libsystemd-dev): readiness, status and watchdog notifications to the service manager.
+    .systemLibrary(name: "CSystemd", pkgConfig: "libsystemd", providers: [.apt(["libsystemd-dev"])]),
     // The broker's I/O: the epoll loop, sockets, uffd reads and ioctls, supervision; it performs the core's actions.
-    .target(name: "BrokerRuntime", dependencies: ["BrokerCore", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "CLinux", "LinuxSupport", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")],
+    .target(name: "BrokerRuntime", dependencies: ["BrokerCore", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "CLinux", "CSystemd", "LinuxSupport", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: hotPath),
     // The engine driven by a seeded schedule against models of the kernel, clients and plugins.
     .target(name: "BrokerSimulator", dependencies: ["BrokerCore", "BrokerProtocol", "Userfaultfd"]),

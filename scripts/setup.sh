@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the build needs, if they are missing:
 # libprotobuf-c (runtime of the generated wire code), protoc-c (to check it is
-# current), zlib (the swap plugin's compression).
+# current), zlib (the swap plugin's compression), libsystemd (the broker's
+# notifications to systemd).
 set -euo pipefail
-needed=(libprotobuf-c-dev protobuf-c-compiler zlib1g-dev)
+needed=(libprotobuf-c-dev protobuf-c-compiler zlib1g-dev libsystemd-dev)
 missing=()
 for package in "${needed[@]}"; do
   dpkg -s "$package" >/dev/null 2>&1 || missing+=("$package")

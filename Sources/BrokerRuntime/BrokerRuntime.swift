@@ -32,6 +32,7 @@ public final class BrokerRuntime: @unchecked Sendable {
   /// Reads the configuration again (SIGHUP); nil: there is nothing to reload.
   private let reload: (() throws -> BrokerConfiguration)?
   var supervisor: PluginSupervisor?
+  private var service = ServiceManager()
 
   var clients: [ClientID: ClientLink] = [:]
   var plugins: [PluginID: PluginLink] = [:]
@@ -157,6 +158,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     }
     logger.info("broker serving", metadata: ["socket.client": "\(configuration.clientSocketPath)", "socket.plugin": "\(configuration.pluginSocketPath)"])
     loopTime = monotonicNanoseconds()
+    service.ready(serviceStatus())
     while !stopping {
       let readyCount = loop.wait(timeout: nextTimeout())
       loopTime = monotonicNanoseconds()
@@ -167,6 +169,7 @@ public final class BrokerRuntime: @unchecked Sendable {
       engine.tick(now: loopTime)
       supervisor?.restartDue(loop: loop)
       if !controls.isEmpty { expireControls() }
+      service.tick(now: loopTime, status: serviceStatus)
       perform()
       flushPlugins()
       resolvedCounter.store(engine.statistics.faultsResolved, ordering: .relaxed)
@@ -244,7 +247,13 @@ public final class BrokerRuntime: @unchecked Sendable {
     return due <= now ? 0 : CInt((due - now + 999_999) / 1_000_000)
   }
 
+  /// One line for systemd's `STATUS=`.
+  private func serviceStatus() -> String {
+    "serving \(clients.count) clients, \(plugins.count) plugin connections; \(engine.statistics.faultsResolved) faults resolved"
+  }
+
   private func shutdown() {
+    service.stopping()
     engine.shutdown(now: monotonicNanoseconds())
     perform()
     flushPlugins()

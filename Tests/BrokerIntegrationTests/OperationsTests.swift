@@ -69,5 +69,48 @@ extension BrokerIntegrationTests {
         }
       }
     }
+
+    @Test("Under systemd (NOTIFY_SOCKET set): READY=1 once the broker serves, WATCHDOG=1 as the unit asks, STOPPING=1 on SIGTERM")
+    func systemdNotifications() throws {
+      try Harness.run("notify") { h in
+        let dir = h.directory + "/notify"
+        mkdir(dir, 0o700)
+        let listener = socket(AF_UNIX, Int32(SOCK_DGRAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        defer { close(listener) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let path = dir + "/notify.sock"
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in _ = path.utf8CString.withUnsafeBytes { raw.copyMemory(from: $0) } }
+        let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(listener, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+        #expect(bound == 0)
+        /// The service manager's messages until one contains `wanted` (each datagram one message).
+        func receive(until wanted: String) -> [String] {
+          var messages: [String] = []
+          var buffer = [UInt8](repeating: 0, count: 4096)
+          let deadline = now() + 10
+          while now() < deadline {
+            var entry = pollfd(fd: listener, events: Int16(POLLIN), revents: 0)
+            guard Glibc.poll(&entry, 1, 100) > 0 else { continue }
+            let count = recv(listener, &buffer, buffer.count, 0)
+            guard count > 0 else { continue }
+            messages.append(String(decoding: buffer[..<count], as: UTF8.self))
+            if messages.last!.contains(wanted) { break }
+          }
+          return messages
+        }
+        let broker = try FixtureProcess(
+          label: "broker-notify", executable: Harness.brokerExecutable,
+          arguments: ["--client-socket", dir + "/c.sock", "--plugin-socket", dir + "/p.sock", "--control-socket", dir + "/ctl.sock"],
+          environment: ["NOTIFY_SOCKET": path, "WATCHDOG_USEC": "200000"], stdoutPath: dir + "/stdout", stderrPath: dir + "/stderr")
+        let ready = receive(until: "READY=1")
+        #expect(ready.last?.contains("READY=1") == true && ready.last?.contains("STATUS=serving") == true, h.diagnostics("\(ready) \(broker.stderr)"))
+        // It serves when it says so.
+        #expect((try? ControlChannel.status(socketPath: dir + "/ctl.sock"))?.pid == broker.pid, h.diagnostics(broker.stderr))
+        #expect(receive(until: "WATCHDOG=1").last == "WATCHDOG=1", h.diagnostics(broker.stderr))
+        kill(broker.pid, SIGTERM)
+        #expect(receive(until: "STOPPING=1").last?.hasPrefix("STOPPING=1") == true, h.diagnostics(broker.stderr))
+        #expect(broker.wait(timeout: 10) == .exited(0), h.diagnostics(broker.stderr))
+      }
+    }
   }
 }
