@@ -9,11 +9,19 @@ import PluginSDK
 /// dropped (MADV_DONTNEED, a balloon) read as zeros from then on, as fresh
 /// anonymous memory does; a forked child gets the same file and the same
 /// dropped pages.
+///
+/// The file is opened for the client, not for the plugin: only beneath the
+/// `--root` directories (no symlinks, no `..` out), and only if the client's
+/// uid could read it itself (`ClientFiles`); each open and refusal is logged
+/// with the client's uid. With `--delegate` the broker serves the descriptor
+/// opened here; it never opens a path itself.
 final class SnapshotPlugin: PagePlugin {
   /// Pages per aligned prefetch block (1: no prefetch).
   let prefetchPages: Int
   /// Hand each region to the broker to serve from the file itself (no round trip per fault).
   let delegate: Bool
+  /// Where snapshot files may be, and the check of the client's rights.
+  let files: ClientFiles
 
   /// The open snapshot file of one region.
   final class Snapshot {
@@ -36,9 +44,10 @@ final class SnapshotPlugin: PagePlugin {
     }
   }
 
-  init(prefetchPages: Int, delegate: Bool) {
+  init(prefetchPages: Int, delegate: Bool, files: ClientFiles) {
     self.prefetchPages = max(prefetchPages, 1)
     self.delegate = delegate
+    self.files = files
   }
 
   /// The file must exist and cover every page of the region (the last page may
@@ -46,8 +55,16 @@ final class SnapshotPlugin: PagePlugin {
   /// the client's Register instead of a fault later.
   func regionOpened(_ region: PluginRegion) throws {
     let path = region.spec.argument
-    let fd = open(path, O_RDONLY | O_CLOEXEC)
-    guard fd >= 0 else { throw BrokerError(.pluginRefused, "cannot open snapshot \(path): \(String(cString: strerror(errno)))") }
+    let client = region.client
+    let who = "client \(region.clientID) (pid \(client.pid), uid \(client.isKnown ? "\(client.uid)" : "unknown"))"
+    let fd: CInt
+    do {
+      fd = try files.open(path, for: client)
+    } catch {
+      log("refused snapshot \(path) to \(who): \(error.message)")
+      throw BrokerError(.pluginRefused, "cannot open snapshot \(path): \(error.message)")
+    }
+    log("opened snapshot \(path) for \(who), region \(region.spec.id)\(delegate ? ", delegated" : "")")
     var info = stat()
     fstat(fd, &info)
     let size = UInt64(info.st_size)
@@ -59,6 +76,8 @@ final class SnapshotPlugin: PagePlugin {
     region.context = Restore(snapshot: Snapshot(fd: fd, size: size))
     if delegate { region.delegate(file: fd, fileOffset: region.spec.backingOffset, prefetchPages: prefetchPages) }
   }
+
+  private func log(_ line: String) { logLine(line) }
 
   func regionForked(_ child: PluginRegion, from parent: PluginRegion) throws {
     guard let restore = parent.context as? Restore else { throw BrokerError(.pluginRefused, "the parent's region has no snapshot") }
@@ -97,4 +116,10 @@ final class SnapshotPlugin: PagePlugin {
     }
     return length == region.pageSize ? .copy : .copyRange(offset: start, length: length)
   }
+}
+
+/// One line on stderr (the broker's log when it spawned the plugin).
+func logLine(_ line: String) {
+  let text = "snapshot-plugin: \(line)\n"
+  _ = text.withCString { write(2, $0, strlen($0)) }
 }

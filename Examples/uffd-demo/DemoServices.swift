@@ -9,6 +9,11 @@ final class DemoServices {
   let clientSocket: String
   let snapshotStats: String
   let swapStats: String
+  /// The plugins' own directory (their stats files, the snapshot): the broker
+  /// spawns them as `nobody` when the demo runs as root, so it is nobody's.
+  let pluginDirectory: String
+  /// Who owns it (nil: the demo's own user, not root).
+  let pluginOwner: (uid: uid_t, gid: gid_t)?
   private var broker: ChildProcess?
 
   init(prefetchPages: Int, delegate: Bool) throws {
@@ -16,16 +21,27 @@ final class DemoServices {
     guard let made = mkdtemp(&template) else { throw DemoError("cannot create a temp directory") }
     directory = String(cString: made)
     clientSocket = directory + "/client.sock"
-    snapshotStats = directory + "/snapshot.stats"
-    swapStats = directory + "/swap.stats"
+    pluginDirectory = directory + "/plugins"
+    snapshotStats = pluginDirectory + "/snapshot.stats"
+    swapStats = pluginDirectory + "/swap.stats"
+    if geteuid() == 0, let nobody = getpwnam("nobody") {
+      pluginOwner = (nobody.pointee.pw_uid, nobody.pointee.pw_gid)
+    } else {
+      pluginOwner = nil
+    }
+    // Reachable by the plugins' user; its sockets keep their own 0600.
+    chmod(directory, 0o755)
+    mkdir(pluginDirectory, 0o700)
+    if let pluginOwner { chown(pluginDirectory, pluginOwner.uid, pluginOwner.gid) }
+    let user = pluginOwner == nil ? "" : ", \"user\": \"nobody\""
     let products = ChildProcess.productsDirectory
     for product in ["uffd-broker", "snapshot-plugin", "swap-plugin"] where access(products + "/" + product, X_OK) != 0 {
       throw DemoError("\(products)/\(product) is missing: build every product first (swift build -c release)")
     }
     let config = """
       {"plugins": [
-        {"name": "snapshot", "executable": "\(products)/snapshot-plugin", "arguments": ["snapshot", "--prefetch", "\(prefetchPages)", "--stats", "\(snapshotStats)"\(delegate ? ", \"--delegate\"" : "")]},
-        {"name": "swap", "executable": "\(products)/swap-plugin", "arguments": ["swap", "--stats", "\(swapStats)"]}
+        {"name": "snapshot", "executable": "\(products)/snapshot-plugin", "arguments": ["snapshot", "--root", "\(pluginDirectory)", "--prefetch", "\(prefetchPages)", "--stats", "\(snapshotStats)"\(delegate ? ", \"--delegate\"" : "")]\(user)},
+        {"name": "swap", "executable": "\(products)/swap-plugin", "arguments": ["swap", "--stats", "\(swapStats)"]\(user)}
       ]}
       """
     guard let file = fopen(directory + "/broker.json", "w") else { throw DemoError("cannot write the broker config") }
@@ -67,13 +83,19 @@ final class DemoServices {
   }
 
   func removeDirectory() {
-    guard let dir = opendir(directory) else { return }
+    Self.remove(pluginDirectory)
+    Self.remove(directory)
+  }
+
+  /// Removes `path` and the files in it.
+  private static func remove(_ path: String) {
+    guard let dir = opendir(path) else { return }
     while let entry = readdir(dir) {
       let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
-      if name != "." && name != ".." { unlink(directory + "/" + name) }
+      if name != "." && name != ".." { unlink(path + "/" + name) }
     }
     closedir(dir)
-    rmdir(directory)
+    rmdir(path)
   }
 
   /// Reads `name=value` lines of a plugin's stats file.

@@ -10,11 +10,13 @@ func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPag
   let pageSize = systemPageSize
   // Not a whole number of pages: the last page's tail must read as zeros.
   let fileSize = mib << 20 - 1000
-  let path = services.directory + "/snapshot.img"
+  // Beneath the snapshot plugin's --root, and the plugin's user's to read.
+  let path = services.pluginDirectory + "/snapshot.img"
   let pages = (fileSize + pageSize - 1) / pageSize
   var checksums = [UInt64](repeating: 0, count: pages)
   let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o600)
   guard fd >= 0 else { throw DemoError("cannot create \(path)") }
+  if let owner = services.pluginOwner { fchown(fd, owner.uid, owner.gid) }
   let chunkPages = 256
   let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkPages * pageSize, alignment: pageSize)
   defer { chunk.deallocate() }

@@ -10,11 +10,21 @@ public struct BrokerConfiguration: Sendable {
     /// Restarts in a row (each after less than 30 s of life) before the broker
     /// gives the plugin up; its regions then fail over or fail closed (`PluginPolicy`).
     public var maxRestarts: Int
-    public init(name: String, executable: String, arguments: [String] = [], maxRestarts: Int = 10) {
+    /// The user the plugin runs as: a name or a number. nil: when the broker
+    /// runs as root, the dedicated user `uffd-plugin` if it exists, else
+    /// `nobody`; otherwise the broker's own user (it cannot become another).
+    /// A plugin runs as root only when this says `root`.
+    public var user: String?
+    /// Its group (a name or a number; nil: the user's primary group, with the
+    /// user's supplementary groups).
+    public var group: String?
+    public init(name: String, executable: String, arguments: [String] = [], maxRestarts: Int = 10, user: String? = nil, group: String? = nil) {
       self.name = name
       self.executable = executable
       self.arguments = arguments
       self.maxRestarts = maxRestarts
+      self.user = user
+      self.group = group
     }
   }
 
@@ -104,6 +114,9 @@ public struct BrokerConfiguration: Sendable {
     for (index, plugin) in plugins.enumerated() {
       guard !plugin.name.isEmpty, names.insert(plugin.name).inserted else {
         throw BrokerError(.malformed, "plugins[\(index)].name \"\(plugin.name)\" is empty or used twice")
+      }
+      for (field, value) in [("user", plugin.user), ("group", plugin.group)] where value?.isEmpty == true {
+        throw BrokerError(.malformed, "plugins[\(index)].\(field) is empty; leave it out for the default")
       }
     }
     for (name, policy) in policies.sorted(by: { $0.key < $1.key }) where policy.fallback == name {

@@ -40,8 +40,25 @@ extension BrokerRuntime {
   }
 
   func acceptPlugins() {
-    acceptAll(from: pluginListener, role: "plugin", refusal: tellPlugin, connect: engine.pluginConnected, kind: .plugin,
+    acceptAll(from: pluginListener, role: "plugin", refusal: tellPlugin, connect: { engine.pluginConnected($0, now: $1) }, kind: .plugin,
               keep: { plugins[$0] = PluginLink(id: $0, socket: $1) }, gone: { engine.pluginGone($0, BrokerError(.io, "its socket could not be watched"), now: loopTime) })
+  }
+
+  /// A plugin the supervisor spawned, on the broker's end of its socket pair:
+  /// from here on a plugin connection like any other, except that the engine
+  /// lets it in by name (its configured one) rather than by uid.
+  func adoptSpawnedPlugin(_ socket: PacketSocket, peer: PeerCredentials, name: String) {
+    switch engine.pluginConnected(peer, spawnedAs: name, now: loopTime) {
+    case .failure(let error):
+      tellPlugin(socket, error)
+    case .success(let id):
+      do {
+        try loop.add(socket.fd, Token(.plugin, id))
+        plugins[id] = PluginLink(id: id, socket: socket)
+      } catch {
+        engine.pluginGone(id, BrokerError(.io, "its socket could not be watched"), now: loopTime)
+      }
+    }
   }
 
   /// Accepts every waiting connection: the engine decides who may connect

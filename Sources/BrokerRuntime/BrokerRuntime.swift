@@ -2,6 +2,7 @@ import BrokerCore
 import BrokerProtocol
 import CLinux
 import CUserfaultfd
+import ChildProcess
 import Glibc
 import LinuxSupport
 import Logging
@@ -33,6 +34,8 @@ public final class BrokerRuntime: @unchecked Sendable {
   private let reload: (() throws -> BrokerConfiguration)?
   var supervisor: PluginSupervisor?
   private var service = ServiceManager()
+  /// Who each configured plugin runs as (resolved once, at start).
+  private let pluginCredentials: [ChildProcess.Credentials?]
 
   var clients: [ClientID: ClientLink] = [:]
   var plugins: [PluginID: PluginLink] = [:]
@@ -104,6 +107,9 @@ public final class BrokerRuntime: @unchecked Sendable {
     }
     try configuration.validate()
     try configuration.checkExecutables()
+    var credentials: [ChildProcess.Credentials?] = []
+    for (index, plugin) in configuration.plugins.enumerated() { credentials.append(try PluginCredentials.resolve(plugin, index: index)) }
+    pluginCredentials = credentials
     engine = try BrokerEngine(configuration: configuration, pageSize: systemPageSize, now: monotonicNanoseconds(), makeToken: { .randomToken() })
     self.configuration = configuration
     self.logger = logger
@@ -151,8 +157,11 @@ public final class BrokerRuntime: @unchecked Sendable {
   /// the configured plugins first and stops them (TERM, wait, KILL) last.
   public func run() throws(BrokerError) {
     if signals.isValid { try loop.add(signals.rawValue, Token(.signal)) }
+    loopTime = monotonicNanoseconds()  // spawned plugins connect at once
     if !configuration.plugins.isEmpty {
-      let supervisor = PluginSupervisor(plugins: configuration.plugins, pluginSocketPath: configuration.pluginSocketPath, logger: logger)
+      let supervisor = PluginSupervisor(
+        plugins: configuration.plugins, credentials: pluginCredentials, pluginSocketPath: configuration.pluginSocketPath, logger: logger,
+        adopt: { [unowned self] socket, peer, name in adoptSpawnedPlugin(socket, peer: peer, name: name) })
       self.supervisor = supervisor
       supervisor.startAll(loop: loop)
     }

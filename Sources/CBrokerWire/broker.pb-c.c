@@ -997,6 +997,51 @@ void   uffdbroker__region_opened__free_unpacked
   assert(message->base.descriptor == &uffdbroker__region_opened__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   uffdbroker__client_credentials__init
+                     (Uffdbroker__ClientCredentials         *message)
+{
+  static const Uffdbroker__ClientCredentials init_value = UFFDBROKER__CLIENT_CREDENTIALS__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__client_credentials__get_packed_size
+                     (const Uffdbroker__ClientCredentials *message)
+{
+  assert(message->base.descriptor == &uffdbroker__client_credentials__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__client_credentials__pack
+                     (const Uffdbroker__ClientCredentials *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__client_credentials__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__client_credentials__pack_to_buffer
+                     (const Uffdbroker__ClientCredentials *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__client_credentials__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__ClientCredentials *
+       uffdbroker__client_credentials__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__ClientCredentials *)
+     protobuf_c_message_unpack (&uffdbroker__client_credentials__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__client_credentials__free_unpacked
+                     (Uffdbroker__ClientCredentials *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__client_credentials__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   uffdbroker__region_closed__init
                      (Uffdbroker__RegionClosed         *message)
 {
@@ -3096,7 +3141,7 @@ const ProtobufCMessageDescriptor uffdbroker__remapped__descriptor =
   (ProtobufCMessageInit) uffdbroker__remapped__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__region_opened__field_descriptors[6] =
+static const ProtobufCFieldDescriptor uffdbroker__region_opened__field_descriptors[7] =
 {
   {
     "client_id",
@@ -3170,8 +3215,21 @@ static const ProtobufCFieldDescriptor uffdbroker__region_opened__field_descripto
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "client",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__RegionOpened, client),
+    &uffdbroker__client_credentials__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__region_opened__field_indices_by_name[] = {
+  6,   /* field[6] = client */
   0,   /* field[0] = client_id */
   3,   /* field[3] = parent_client_id */
   1,   /* field[1] = pid */
@@ -3182,7 +3240,7 @@ static const unsigned uffdbroker__region_opened__field_indices_by_name[] = {
 static const ProtobufCIntRange uffdbroker__region_opened__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 6 }
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor uffdbroker__region_opened__descriptor =
 {
@@ -3192,11 +3250,62 @@ const ProtobufCMessageDescriptor uffdbroker__region_opened__descriptor =
   "Uffdbroker__RegionOpened",
   "uffdbroker",
   sizeof(Uffdbroker__RegionOpened),
-  6,
+  7,
   uffdbroker__region_opened__field_descriptors,
   uffdbroker__region_opened__field_indices_by_name,
   1,  uffdbroker__region_opened__number_ranges,
   (ProtobufCMessageInit) uffdbroker__region_opened__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__client_credentials__field_descriptors[2] =
+{
+  {
+    "uid",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__ClientCredentials, uid),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "gid",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT32,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__ClientCredentials, gid),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__client_credentials__field_indices_by_name[] = {
+  1,   /* field[1] = gid */
+  0,   /* field[0] = uid */
+};
+static const ProtobufCIntRange uffdbroker__client_credentials__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 2 }
+};
+const ProtobufCMessageDescriptor uffdbroker__client_credentials__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.ClientCredentials",
+  "ClientCredentials",
+  "Uffdbroker__ClientCredentials",
+  "uffdbroker",
+  sizeof(Uffdbroker__ClientCredentials),
+  2,
+  uffdbroker__client_credentials__field_descriptors,
+  uffdbroker__client_credentials__field_indices_by_name,
+  1,  uffdbroker__client_credentials__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__client_credentials__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor uffdbroker__region_closed__field_descriptors[2] =

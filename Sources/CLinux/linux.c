@@ -9,11 +9,15 @@
 #include <sys/eventfd.h>
 #include <sys/file.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
+#include <sys/wait.h>
+#include <sys/xattr.h>
+#include <linux/openat2.h>
 #include <pthread.h>
 #include <unistd.h>
 #include "CLinux.h"
@@ -231,7 +235,95 @@ int clinux_read_signal(int fd) {
   return n == sizeof info ? (int)info.ssi_signo : -EIO;
 }
 
+#ifndef SYS_close_range
+#define SYS_close_range 436
+#endif
+#ifndef CLOSE_RANGE_CLOEXEC
+#define CLOSE_RANGE_CLOEXEC (1U << 2)
+#endif
+
+/* Makes `fd` the descriptor `target` (open across exec). */
+static int move_descriptor(int fd, int target) {
+  if (fd == target) return fcntl(fd, F_SETFD, 0);
+  if (dup2(fd, target) < 0) return -1;
+  return 0;
+}
+
+/* The child of a spawn that changes credentials, between fork and exec: only
+ * async-signal-safe calls (the parent is multi-threaded; another thread may
+ * have held malloc's lock at the fork). The credentials are set with raw
+ * system calls: glibc's setuid() and friends signal every thread of the
+ * process to change them all, machinery a forked child must not rely on. The
+ * first failure's errno is written to `report` (close-on-exec: an exec that
+ * succeeds closes it with nothing written). */
+static void spawn_child(const char *path, char *const argv[], char *const envp[], const clinux_spawn_options *options, int report) {
+  struct sigaction action;
+  memset(&action, 0, sizeof action);
+  action.sa_handler = SIG_DFL;
+  sigaction(SIGINT, &action, NULL);
+  sigaction(SIGTERM, &action, NULL);
+  sigaction(SIGPIPE, &action, NULL);
+  sigset_t none;
+  sigemptyset(&none);
+  int failed = 0;
+  /* Out of the way of the descriptors set up below. */
+  if (report <= 3) report = fcntl(report, F_DUPFD_CLOEXEC, 4);
+  if (sigprocmask(SIG_SETMASK, &none, NULL) != 0) failed = 1;
+  if (!failed && options->new_process_group && setpgid(0, 0) != 0) failed = 1;
+  int mode = O_WRONLY | O_CREAT | (options->truncate ? O_TRUNC : O_APPEND);
+  const char *paths[3] = { options->stdin_path, options->stdout_path, options->stderr_path };
+  for (int target = 0; target < 3 && !failed; target++) {
+    if (!paths[target]) continue;
+    int fd = open(paths[target], target == 0 ? O_RDONLY : mode, 0644);
+    if (fd < 0 || move_descriptor(fd, target) != 0) failed = 1;
+    else if (fd != target) close(fd);
+  }
+  if (!failed && options->descriptor3 >= 0 && move_descriptor(options->descriptor3, 3) != 0) failed = 1;
+  /* Nothing else of the parent's crosses the exec, close-on-exec or not (Linux 5.11; older: best effort). */
+  if (!failed) syscall(SYS_close_range, 4, ~0U, CLOSE_RANGE_CLOEXEC);
+  if (!failed && options->set_credentials) {
+    if (syscall(SYS_setgroups, (size_t)options->ngroups, options->groups) != 0
+        || syscall(SYS_setresgid, options->gid, options->gid, options->gid) != 0
+        || syscall(SYS_setresuid, options->uid, options->uid, options->uid) != 0) failed = 1;
+  }
+  if (!failed && options->no_new_privs && prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) failed = 1;
+  if (!failed) execve(path, argv, envp);
+  int err = errno;
+  ssize_t written;
+  do written = write(report, &err, sizeof err); while (written < 0 && errno == EINTR);
+  _exit(127);
+}
+
+/* fork + the child above + exec; the child's failure is read back from a pipe. */
+static pid_t spawn_with_credentials(const char *path, char *const argv[], char *const envp[], const clinux_spawn_options *options) {
+  int report[2];
+  if (pipe2(report, O_CLOEXEC) != 0) return -errno;
+  pid_t pid = fork();
+  if (pid == 0) {
+    close(report[0]);
+    spawn_child(path, argv, envp, options, report[1]);
+  }
+  int err = errno;
+  close(report[1]);
+  if (pid < 0) {
+    close(report[0]);
+    return -err;
+  }
+  int child_error = 0;
+  ssize_t got;
+  do got = read(report[0], &child_error, sizeof child_error); while (got < 0 && errno == EINTR);
+  close(report[0]);
+  if (got == (ssize_t)sizeof child_error) {
+    /* It exits at once: reap it, so no zombie stays behind. */
+    while (waitpid(pid, NULL, 0) < 0 && errno == EINTR) {}
+    return -(child_error ? child_error : EIO);
+  }
+  return pid;
+}
+
 pid_t clinux_spawn(const char *path, char *const argv[], char *const envp[], const clinux_spawn_options *options) {
+  /* posix_spawn cannot change credentials: those spawns fork and exec themselves. */
+  if (options->set_credentials || options->no_new_privs) return spawn_with_credentials(path, argv, envp, options);
   posix_spawnattr_t attr;
   posix_spawn_file_actions_t actions;
   sigset_t none, defaults;
@@ -261,6 +353,30 @@ pid_t clinux_spawn(const char *path, char *const argv[], char *const envp[], con
   posix_spawn_file_actions_destroy(&actions);
   posix_spawnattr_destroy(&attr);
   return rc == 0 ? pid : -rc;
+}
+
+#ifndef SYS_openat2
+#define SYS_openat2 437
+#endif
+
+int clinux_open_beneath(int dirfd, const char *path) {
+  struct open_how how;
+  memset(&how, 0, sizeof how);
+  how.flags = O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY;
+  how.resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS;
+  long fd = syscall(SYS_openat2, dirfd, path, &how, sizeof how);
+  return fd >= 0 ? (int)fd : -errno;
+}
+
+int clinux_open_directory(const char *path) {
+  int fd = open(path, O_PATH | O_DIRECTORY | O_CLOEXEC);
+  return fd >= 0 ? fd : -errno;
+}
+
+int clinux_has_access_acl(int fd) {
+  ssize_t size = fgetxattr(fd, "system.posix_acl_access", NULL, 0);
+  if (size >= 0) return size > 0;
+  return errno == ENODATA || errno == EOPNOTSUPP ? 0 : -errno;
 }
 
 int clinux_sealed_memfd(const char *name, uint64_t size) {

@@ -28,6 +28,21 @@ public final class ChildProcess {
     public var description: String { "cannot start \(executable): \(String(cString: strerror(errno)))" }
   }
 
+  /// Who a child runs as: set in the child after its descriptors are opened
+  /// and before exec (supplementary groups, then gid, then uid: real,
+  /// effective and saved), so nothing of the parent's privileges crosses.
+  public struct Credentials: Sendable, Equatable {
+    public var uid: UInt32
+    public var gid: UInt32
+    /// Supplementary groups (empty: none).
+    public var groups: [UInt32]
+    public init(uid: UInt32, gid: UInt32, groups: [UInt32] = []) {
+      self.uid = uid
+      self.gid = gid
+      self.groups = groups
+    }
+  }
+
   /// Where the child's descriptors come from.
   public struct Options: Sendable {
     public var stdin: String?
@@ -39,13 +54,22 @@ public final class ChildProcess {
     public var descriptor3: CInt?
     /// The child leads a process group of its own (kill(-pid) reaches its children too).
     public var newProcessGroup = false
-    public init(stdin: String? = nil, stdout: String? = nil, stderr: String? = nil, truncate: Bool = false, descriptor3: CInt? = nil, newProcessGroup: Bool = false) {
+    /// Run the child as another user (nil: as this process). Needs
+    /// CAP_SETUID/CAP_SETGID unless they are this process's own.
+    public var credentials: Credentials?
+    /// Set `PR_SET_NO_NEW_PRIVS` in the child: no exec (setuid binaries, file
+    /// capabilities) can ever give it privileges it did not start with.
+    public var noNewPrivileges = false
+    public init(stdin: String? = nil, stdout: String? = nil, stderr: String? = nil, truncate: Bool = false, descriptor3: CInt? = nil, newProcessGroup: Bool = false,
+                credentials: Credentials? = nil, noNewPrivileges: Bool = false) {
       self.stdin = stdin
       self.stdout = stdout
       self.stderr = stderr
       self.truncate = truncate
       self.descriptor3 = descriptor3
       self.newProcessGroup = newProcessGroup
+      self.credentials = credentials
+      self.noNewPrivileges = noNewPrivileges
     }
   }
 
@@ -78,13 +102,18 @@ public final class ChildProcess {
       argv.forEach { free($0) }
       envp.forEach { free($0) }
     }
+    let groups = options.credentials?.groups ?? []
     let pid = options.stdin.withOptionalCString { stdin in
       options.stdout.withOptionalCString { stdout in
         options.stderr.withOptionalCString { stderr in
-          var spawn = clinux_spawn_options(
-            stdin_path: stdin, stdout_path: stdout, stderr_path: stderr, truncate: options.truncate ? 1 : 0,
-            descriptor3: options.descriptor3 ?? -1, new_process_group: options.newProcessGroup ? 1 : 0)
-          return clinux_spawn(executable, argv, envp, &spawn)
+          groups.withUnsafeBufferPointer { groups in
+            var spawn = clinux_spawn_options(
+              stdin_path: stdin, stdout_path: stdout, stderr_path: stderr, truncate: options.truncate ? 1 : 0,
+              descriptor3: options.descriptor3 ?? -1, new_process_group: options.newProcessGroup ? 1 : 0,
+              set_credentials: options.credentials == nil ? 0 : 1, uid: options.credentials?.uid ?? 0, gid: options.credentials?.gid ?? 0,
+              groups: groups.baseAddress, ngroups: CInt(groups.count), no_new_privs: options.noNewPrivileges ? 1 : 0)
+            return clinux_spawn(executable, argv, envp, &spawn)
+          }
         }
       }
     }

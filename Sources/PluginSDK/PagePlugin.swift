@@ -5,8 +5,15 @@ import Userfaultfd
 /// A region of a client's memory that this plugin serves.
 public final class PluginRegion {
   public let clientID: UInt64
+  /// Who the client is: its pid (0 for a forked child) and the uid and gid
+  /// its connection had (SO_PEERCRED, as the broker saw them; a forked child
+  /// has its parent's). The plugin acts for this client: anything it serves
+  /// from a file the client named must be something the client could read
+  /// itself (`ClientFiles`, `PeerCredentials.checkMayRead`). Unknown
+  /// (`isKnown` false) from a broker too old to send them.
+  public let client: PeerCredentials
   /// The client process (for logs; the broker has checked it with SO_PEERCRED).
-  public let pid: Int32
+  public var pid: Int32 { client.pid }
   /// The client's identity across broker restarts (its client id changes, this
   /// does not): the key for data a plugin keeps beyond the broker's life.
   /// Secret to the client, the broker and its plugins.
@@ -43,9 +50,9 @@ public final class PluginRegion {
     pendingDelegations.append(Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length), source: .zero, revoke: true))
   }
 
-  init(clientID: UInt64, pid: Int32, spec: RegionSpec, clientToken: UInt128) {
+  init(clientID: UInt64, client: PeerCredentials, spec: RegionSpec, clientToken: UInt128) {
     self.clientID = clientID
-    self.pid = pid
+    self.client = client
     self.clientToken = clientToken
     self.spec = spec
     self.base = spec.base

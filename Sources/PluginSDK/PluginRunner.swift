@@ -58,7 +58,9 @@ public final class PluginRunner {
   /// - Parameter maxPrefetch: the largest range one decision may fill (the buffer handed to `pagefault`).
   /// - Parameter statsPath: a file to keep `faults=N` and the plugin's `statistics` in, for monitoring.
   /// - Parameter sharedMemory: offer the broker a shared memfd for page bytes (the fast path).
-  /// - Parameter socketPath: the broker's plugin socket (nil: `SocketPaths.plugin`).
+  /// - Parameter socketPath: the broker's plugin socket (nil: the connection a
+  ///   broker that spawned this process handed it, `UFFD_BROKER_PLUGIN_FD`,
+  ///   else `SocketPaths.plugin`).
   /// - Parameter brokerUID: a uid besides root and this process's own that may
   ///   serve the socket (nil: `UFFD_BROKER_UID`, if set). Any other listener is
   ///   refused with `notAuthorized` before Hello is sent: the plugin's pages
@@ -74,8 +76,12 @@ public final class PluginRunner {
     precondition(self.maxPrefetch <= PacketSocket.maxPacketSize / 2, "maxPrefetch must fit a packet")
     staging = .allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
     stage = staging
-    let path = if let socketPath { socketPath } else { try SocketPaths.plugin }
-    socket = try PacketSocket.connect(path: path, trusting: brokerUID)
+    if socketPath == nil, let inherited = try Self.inheritedSocket(trusting: brokerUID) {
+      socket = inherited
+    } else {
+      let path = if let socketPath { socketPath } else { try SocketPaths.plugin }
+      socket = try PacketSocket.connect(path: path, trusting: brokerUID)
+    }
     var memfd: CInt = -1
     var mapping: UnsafeMutableRawBufferPointer?
     if sharedMemory {
@@ -106,6 +112,28 @@ public final class PluginRunner {
     plugin.connected(DescriptorStore(restored: restored, encoder: decisions))
     restored = [:]
     try flush()
+  }
+
+  /// The connection the broker handed this process when it spawned it: its
+  /// end of a socket pair, the descriptor named by `UFFD_BROKER_PLUGIN_FD`
+  /// (taken once: the variable is removed and the descriptor made
+  /// close-on-exec, so the plugin's own children get neither). nil when unset.
+  /// Its peer is checked as a socket's listener is (`PacketSocket.connect`).
+  private static func inheritedSocket(trusting brokerUID: UInt32?) throws(BrokerError) -> PacketSocket? {
+    guard let text = getenv("UFFD_BROKER_PLUGIN_FD").map({ String(cString: $0) }) else { return nil }
+    unsetenv("UFFD_BROKER_PLUGIN_FD")
+    var info = stat()
+    guard let fd = CInt(text), fd >= 0, fstat(fd, &info) == 0, info.st_mode & S_IFMT == S_IFSOCK else {
+      throw BrokerError(.io, "UFFD_BROKER_PLUGIN_FD=\(text) names no socket this process holds")
+    }
+    _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+    let socket = PacketSocket(adopting: fd)
+    let peer = try socket.peerCredentials().uid
+    let trusted = if let brokerUID { brokerUID } else { try SocketPaths.trustedBrokerUID }
+    guard peer == 0 || peer == getuid() || peer == geteuid() || peer == trusted else {
+      throw BrokerError(.notAuthorized, "the socket in UFFD_BROKER_PLUGIN_FD=\(fd) is held by uid \(peer), not root or you; refusing to send it anything")
+    }
+    return socket
   }
 
   deinit {
@@ -214,8 +242,8 @@ public final class PluginRunner {
     switch event {
     case .pagefault(let fault):
       try serve(fault)
-    case .regionOpened(let clientID, let pid, let spec, let parentID, let token):
-      let region = PluginRegion(clientID: clientID, pid: pid, spec: spec, clientToken: token)
+    case .regionOpened(let clientID, let client, let spec, let parentID, let token):
+      let region = PluginRegion(clientID: clientID, client: client, spec: spec, clientToken: token)
       var refusal: BrokerError?
       do {
         if parentID == 0 {

@@ -24,7 +24,7 @@ struct Serve: ParsableCommand {
       to the plugin socket and decide how each fault is filled; its owner and root ask for its \
       status on the control socket. The config file (JSON) may list plugins to spawn and restart, \
       and the uids allowed to connect:
-        {"plugins": [{"name": "pattern", "executable": "/path/to/plugin", "arguments": [], "maxRestarts": 10}],
+        {"plugins": [{"name": "pattern", "executable": "/path/to/plugin", "arguments": [], "maxRestarts": 10, "user": "nobody"}],
          "policies": {"pattern": {"fallback": "other", "onFailure": "poison", "failAfterMilliseconds": 30000}},
          "clientUIDs": [1000], "pluginUIDs": [0], "pluginDeadlineMilliseconds": 5000}
       """)
@@ -110,7 +110,9 @@ struct ConfigFile: Decodable {
     var executable: String
     var arguments: [String]?
     var maxRestarts: Int?
-    enum CodingKeys: String, CodingKey, CaseIterable { case name, executable, arguments, maxRestarts }
+    var user: String?
+    var group: String?
+    enum CodingKeys: String, CodingKey, CaseIterable { case name, executable, arguments, maxRestarts, user, group }
   }
   struct Policy: Decodable {
     var fallback: String?
@@ -172,6 +174,7 @@ struct ConfigFile: Decodable {
     if let path { try load(path: path).apply(to: &configuration) }
     try configuration.validate()
     try configuration.checkExecutables()
+    try configuration.checkPluginUsers()
     return configuration
   }
 
@@ -205,7 +208,7 @@ struct ConfigFile: Decodable {
     if let pluginSocket { configuration.pluginSocketPath = pluginSocket }
     if let controlSocket { configuration.controlSocketPath = controlSocket }
     if let plugins {
-      configuration.plugins = plugins.map { .init(name: $0.name, executable: $0.executable, arguments: $0.arguments ?? [], maxRestarts: $0.maxRestarts ?? 10) }
+      configuration.plugins = plugins.map { .init(name: $0.name, executable: $0.executable, arguments: $0.arguments ?? [], maxRestarts: $0.maxRestarts ?? 10, user: $0.user, group: $0.group) }
     }
     for (name, policy) in policies ?? [:] {
       guard let onFailure = BrokerConfiguration.PluginPolicy.OnFailure(rawValue: policy.onFailure ?? "wait") else {

@@ -48,7 +48,7 @@ extension BrokerIntegrationTests {
     @Test("the same with the snapshot plugin, prefetching and delegated to the broker")
     func prefetchOverDroppedPagesSnapshot() throws {
       try Harness.run("prefetch-dontneed-snapshot") { h in
-        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--delegate", "--prefetch", "16"])
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory, "--delegate", "--prefetch", "16"])
         let path = try SamplePlugins.writeSnapshot(h, size: 64 * pageSize)
         let outcome = try h.runClient("prefetch-dontneed", mib: 0, threads: 1, plugin: "snapshot", timeout: 20, extraEnvironment: ["FIXTURE_FILE": path])
         #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
@@ -194,14 +194,14 @@ extension BrokerIntegrationTests {
     @Test("the broker killed (-9) after the client dropped pages: it re-attaches with what it dropped, and the new snapshot plugin serves zeros there, never the file's bytes")
     func brokerKilledAfterDrops() throws {
       try Harness.run("drop-broker-kill") { h in
-        let plugin = try h.startSamplePlugin("snapshot-plugin", name: "snapshot")
+        let plugin = try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory])
         let path = try SamplePlugins.writeSnapshot(h, size: 1 << 20)
         let gate = try Gate(in: h.directory)
         let client = try h.startClient("snapshot-dropped", mib: 1, threads: 1, plugin: "snapshot", extraEnvironment: ["FIXTURE_FILE": path].merging(gate.reattaching) { $1 })
         #expect(gate.awaitClient() == "dropped", h.diagnostics(client.stdout + client.stderr))
         try h.killAndRestartBroker()
         _ = plugin.wait(timeout: 5)  // its connection went with the broker
-        try h.startSamplePlugin("snapshot-plugin", name: "snapshot")
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory])
         gate.release()
         #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
         #expect(client.stdout.hasSuffix("verified 256 pages, 128 dropped, 0 wrong\n"), h.diagnostics(client.stdout))

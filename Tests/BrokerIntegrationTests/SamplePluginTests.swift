@@ -45,7 +45,7 @@ extension BrokerIntegrationTests {
     @Test("snapshot: every byte exact, the last partial page's tail zero, from two threads")
     func snapshotExact() throws {
       try Harness.run("snapshot") { h in
-        try h.startSamplePlugin("snapshot-plugin", name: "snapshot")
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory])
         let size = 3 << 20 + 1000  // not a whole number of pages
         let path = try Self.writeSnapshot(h, size: size)
         let outcome = try h.runClient("snapshot", mib: 1, threads: 2, plugin: "snapshot", extraEnvironment: ["FIXTURE_FILE": path])
@@ -57,7 +57,7 @@ extension BrokerIntegrationTests {
     @Test("snapshot, replaced after the client dropped pages: the new plugin is told of them, and they read zeros (never the file's old bytes)")
     func snapshotReplacedAfterDrops() throws {
       try Harness.run("snapshot-dropped") { h in
-        let first = try h.startSamplePlugin("snapshot-plugin", name: "snapshot")
+        let first = try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory])
         let path = try Self.writeSnapshot(h, size: 1 << 20)
         let gate = try Gate(in: h.directory)
         let client = try h.startClient("snapshot-dropped", mib: 1, threads: 1, plugin: "snapshot", extraEnvironment: ["FIXTURE_FILE": path].merging(gate.environment) { $1 })
@@ -65,7 +65,7 @@ extension BrokerIntegrationTests {
         // kill -9: whatever the plugin knew of the drops dies with it.
         kill(first.pid, SIGKILL)
         _ = first.wait(timeout: 10)
-        try h.startSamplePlugin("snapshot-plugin", name: "snapshot")
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory])
         gate.release()
         let status = client.wait(timeout: 30)
         #expect(status == .exited(0), h.diagnostics(client.stdout + client.stderr))
@@ -77,7 +77,7 @@ extension BrokerIntegrationTests {
     func snapshotPrefetch() throws {
       try Harness.run("prefetch") { h in
         let stats = h.directory + "/snapshot.stats"
-        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--prefetch", "16", "--stats", stats])
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory, "--prefetch", "16", "--stats", stats])
         let size = 4 << 20
         let path = try Self.writeSnapshot(h, size: size)
         let outcome = try h.runClient("snapshot", mib: 1, threads: 1, plugin: "snapshot", extraEnvironment: ["FIXTURE_FILE": path])
@@ -91,7 +91,7 @@ extension BrokerIntegrationTests {
     func snapshotDelegated() throws {
       try Harness.run("delegated") { h in
         let stats = h.directory + "/snapshot.stats"
-        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--delegate", "--prefetch", "4", "--stats", stats])
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory, "--delegate", "--prefetch", "4", "--stats", stats])
         let size = 2 << 20 + 123
         let path = try Self.writeSnapshot(h, size: size)
         let outcome = try h.runClient("snapshot", mib: 1, threads: 2, plugin: "snapshot", extraEnvironment: ["FIXTURE_FILE": path])
@@ -105,7 +105,7 @@ extension BrokerIntegrationTests {
     @Test("snapshot: a missing or short file is refused at Register time with a clear error")
     func snapshotRefusedAtRegister() throws {
       try Harness.run("snapshot-refused") { h in
-        try h.startSamplePlugin("snapshot-plugin", name: "snapshot")
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory])
         let missing = try h.runClient("snapshot", mib: 1, threads: 1, plugin: "snapshot", extraEnvironment: ["FIXTURE_FILE": h.directory + "/nope.img"])
         #expect(missing.status == .exited(3), h.diagnostics(missing.stdout))
         #expect(missing.summary.contains("cannot open snapshot"), h.diagnostics(missing.stdout))

@@ -115,9 +115,9 @@ extension BrokerIntegrationTests {
             eventsOf[plugin.name, default: []].append(contentsOf: batch.events)
             for event in batch.events {
               switch event {
-              case .regionOpened(let clientID, let pid, let region, _, _):
+              case .regionOpened(let clientID, let client, let region, _, _):
                 regions[clientID] = region
-                pids[clientID] = pid
+                pids[clientID] = client.pid
               case .pagefault(let fault):
                 let region = try #require(regions[fault.clientID], h.diagnostics)
                 let right = ManualPlugin.Decision(

@@ -218,7 +218,8 @@ extension BrokerEngine {
   /// (the parent's state has moved on since the fork, and the parent may be gone).
   func regionOpened(_ spec: RegionSpec, of client: Client) -> BrokerEvent {
     let forkedFrom = client.pendingOpen?.awaiting.contains(spec.id) == true ? client.parentID : 0
-    return .regionOpened(clientID: client.id, pid: client.pid, region: client.announced(spec), forkedFrom: forkedFrom, token: client.token)
+    let credentials = PeerCredentials(pid: client.pid, uid: client.peer.uid, gid: client.peer.gid)
+    return .regionOpened(clientID: client.id, client: credentials, region: client.announced(spec), forkedFrom: forkedFrom, token: client.token)
   }
 
   /// The regions could not be opened: a client is refused (and closed if it

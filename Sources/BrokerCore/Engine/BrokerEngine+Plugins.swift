@@ -16,9 +16,12 @@ extension BrokerEngine {
   // MARK: - Inputs
 
   /// A plugin connected with `peer`'s credentials. Returns its id, or the error to refuse it with.
-  public func pluginConnected(_ peer: PeerCredentials, now: UInt64) -> Result<PluginID, BrokerError> {
+  /// `spawnedAs`: the broker spawned it as the configured plugin of that name
+  /// and handed it its end of a socket pair; it is allowed whatever its uid
+  /// (the broker chose it), but may serve that name only.
+  public func pluginConnected(_ peer: PeerCredentials, spawnedAs: String? = nil, now: UInt64) -> Result<PluginID, BrokerError> {
     self.now = now
-    guard Self.allows(peer, uids: configuration.pluginUIDs, gids: configuration.pluginGIDs) else {
+    guard spawnedAs != nil || Self.allows(peer, uids: configuration.pluginUIDs, gids: configuration.pluginGIDs) else {
       report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.notAuthorized.name, ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
       return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not serve as a plugin of this broker"))
     }
@@ -26,7 +29,7 @@ extension BrokerEngine {
       report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.limit.name, ["peer.uid": "\(peer.uid)", "reason": "maxPluginConnections"])
       return .failure(BrokerError(.limit, "the broker has its maximum of \(configuration.maxPluginConnections) plugin connections"))
     }
-    let plugin = Plugin(id: takeID(), peer: peer, connectedAt: now)
+    let plugin = Plugin(id: takeID(), peer: peer, connectedAt: now, spawnedAs: spawnedAs)
     plugins[plugin.id] = plugin
     return .success(plugin.id)
   }
@@ -42,6 +45,9 @@ extension BrokerEngine {
     }
     guard !hello.name.isEmpty, hello.name.utf8.count <= RegionSpec.maxPluginNameBytes else {
       throw BrokerError(.malformed, "a plugin's Hello must name the plugin, in at most \(RegionSpec.maxPluginNameBytes) bytes")
+    }
+    if let spawnedAs = plugin.spawnedAs, hello.name != spawnedAs {
+      throw BrokerError(.notAuthorized, "this plugin was spawned as \"\(spawnedAs)\" and may serve no other name")
     }
     // Each name keeps a route (what its regions and missed events are kept under): bounded.
     guard routes[hello.name] != nil || routes.count < configuration.maxPluginNames else {

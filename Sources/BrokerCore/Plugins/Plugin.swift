@@ -15,11 +15,15 @@ final class Plugin {
   /// The size of the shared area it mapped for the broker (0: none).
   var sharedAreaSize = 0
   var isClosed = false
+  /// For a plugin the broker spawned (connected through a socket pair, not
+  /// the plugin socket): the one name its Hello may give.
+  let spawnedAs: String?
 
-  init(id: PluginID, peer: PeerCredentials, connectedAt: UInt64) {
+  init(id: PluginID, peer: PeerCredentials, connectedAt: UInt64, spawnedAs: String? = nil) {
     self.id = id
     self.peer = peer
     self.connectedAt = connectedAt
+    self.spawnedAs = spawnedAs
   }
 
   var name: String { route?.name ?? "(unnamed)" }

@@ -260,9 +260,12 @@ public enum BrokerEvent: Equatable, Sendable {
   case unmapped(RangeEvent)
   case remapped(RemapEvent)
   /// A client registered a region this plugin serves; answer with a region reply.
+  /// `client`: its pid (0 for a forked child) and the uid and gid of its
+  /// connection (SO_PEERCRED; a forked child has its parent's), or
+  /// `PeerCredentials.unknown` ids when the broker did not send them.
   /// `forkedFrom` (non-zero): the client is a child forked from that client,
   /// and the region holds what the parent's held at the fork.
-  case regionOpened(clientID: UInt64, pid: Int32, region: RegionSpec, forkedFrom: UInt64 = 0, token: UInt128 = 0)
+  case regionOpened(clientID: UInt64, client: PeerCredentials, region: RegionSpec, forkedFrom: UInt64 = 0, token: UInt128 = 0)
   case regionClosed(clientID: UInt64, regionID: UInt64)
   /// The client is gone; last for that client.
   case closed(clientID: UInt64, reason: String)

@@ -14,6 +14,12 @@ public struct PeerCredentials: Hashable, Sendable {
     self.uid = uid
     self.gid = gid
   }
+
+  /// The id that stands for "not known": (uid_t)-1, which the kernel never
+  /// gives a process (SO_PEERCRED cannot report it).
+  public static let unknown = UInt32.max
+  /// Whether the uid and gid are known (a broker too old to send them is not).
+  public var isKnown: Bool { uid != Self.unknown && gid != Self.unknown }
 }
 
 /// One end of an AF_UNIX SOCK_SEQPACKET connection: each send is one packet,

@@ -29,6 +29,7 @@ public final class EventBatchEncoder {
   private let ranges: UnsafeMutablePointer<Uffdbroker__RangeEvent>
   private let remaps: UnsafeMutablePointer<Uffdbroker__Remapped>
   private let opened: UnsafeMutablePointer<Uffdbroker__RegionOpened>
+  private let credentials: UnsafeMutablePointer<Uffdbroker__ClientCredentials>
   private let regionsClosed: UnsafeMutablePointer<Uffdbroker__RegionClosed>
   private let closed: UnsafeMutablePointer<Uffdbroker__Closed>
   private let stores: UnsafeMutablePointer<Uffdbroker__Store>
@@ -44,6 +45,7 @@ public final class EventBatchEncoder {
     ranges = .allocate(capacity: capacity)
     remaps = .allocate(capacity: capacity)
     opened = .allocate(capacity: capacity)
+    credentials = .allocate(capacity: capacity)
     regionsClosed = .allocate(capacity: capacity)
     closed = .allocate(capacity: capacity)
     stores = .allocate(capacity: capacity)
@@ -55,6 +57,7 @@ public final class EventBatchEncoder {
       uffdbroker__range_event__init(ranges + index)
       uffdbroker__remapped__init(remaps + index)
       uffdbroker__region_opened__init(opened + index)
+      uffdbroker__client_credentials__init(credentials + index)
       uffdbroker__region_closed__init(regionsClosed + index)
       uffdbroker__closed__init(closed + index)
     }
@@ -64,7 +67,7 @@ public final class EventBatchEncoder {
 
   deinit {
     for pointer in [UnsafeMutableRawPointer(events), UnsafeMutableRawPointer(eventPointers), UnsafeMutableRawPointer(pagefaults),
-                    UnsafeMutableRawPointer(ranges), UnsafeMutableRawPointer(remaps), UnsafeMutableRawPointer(opened),
+                    UnsafeMutableRawPointer(ranges), UnsafeMutableRawPointer(remaps), UnsafeMutableRawPointer(opened), UnsafeMutableRawPointer(credentials),
                     UnsafeMutableRawPointer(regionsClosed), UnsafeMutableRawPointer(closed), UnsafeMutableRawPointer(stores)] {
       pointer.deallocate()
     }
@@ -134,18 +137,25 @@ public final class EventBatchEncoder {
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REMAPPED
       e.pointee.remapped = r
       commit(96)
-    case .regionOpened(let clientID, let pid, let region, let parent, let token):
+    case .regionOpened(let clientID, let client, let region, let parent, let token):
       let o = opened + count
       o.pointee.client_id = clientID
-      o.pointee.pid = pid
+      o.pointee.pid = client.pid
       o.pointee.parent_client_id = parent
       o.pointee.token_high = token.high
       o.pointee.token_low = token.low
       o.pointee.region = pool.region(region)
+      if client.isKnown {
+        credentials[count].uid = client.uid
+        credentials[count].gid = client.gid
+        o.pointee.client = credentials + count
+      } else {
+        o.pointee.client = nil
+      }
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REGION_OPENED
       e.pointee.region_opened = o
-      // An Extent is at most 24 bytes on the wire, a Piece 36.
-      commit(189 + region.plugin.utf8.count + region.argument.utf8.count + 24 * region.swappedOut.count + 36 * region.pieces.count)
+      // An Extent is at most 24 bytes on the wire, a Piece 36; the client's credentials 14.
+      commit(203 + region.plugin.utf8.count + region.argument.utf8.count + 24 * region.swappedOut.count + 36 * region.pieces.count)
     case .regionClosed(let clientID, let regionID):
       let c = regionsClosed + count
       c.pointee.client_id = clientID
@@ -342,7 +352,13 @@ public final class EventBatchDecoder {
     case UFFDBROKER__EVENT__KIND_REGION_OPENED:
       let o = e.region_opened.pointee
       guard let region = o.region else { throw BrokerError(.malformed, "RegionOpened without a region") }
-      return .regionOpened(clientID: o.client_id, pid: o.pid, region: try RegionSpec(decoding: region), forkedFrom: o.parent_client_id,
+      // Absent, or either id the sentinel no process has: both unknown (so it re-encodes as it decoded).
+      var client = PeerCredentials(pid: o.pid, uid: PeerCredentials.unknown, gid: PeerCredentials.unknown)
+      if let ids = o.client?.pointee, ids.uid != PeerCredentials.unknown, ids.gid != PeerCredentials.unknown {
+        client.uid = ids.uid
+        client.gid = ids.gid
+      }
+      return .regionOpened(clientID: o.client_id, client: client, region: try RegionSpec(decoding: region), forkedFrom: o.parent_client_id,
                            token: UInt128(high: o.token_high, low: o.token_low))
     case UFFDBROKER__EVENT__KIND_REGION_CLOSED:
       return .regionClosed(clientID: e.region_closed.pointee.client_id, regionID: e.region_closed.pointee.region_id)

@@ -8,10 +8,20 @@ import Logging
 
 /// Spawns the configured plugins, restarts them with backoff when they exit,
 /// and stops them explicitly (SIGTERM, wait, SIGKILL, reap) at shutdown.
-/// A plugin learns the socket to connect to from `UFFD_BROKER_PLUGIN_SOCKET`.
+///
+/// Each plugin runs as its configured user (`PluginCredentials`), with
+/// `no_new_privs`, and gets its connection to the broker ready made: its end
+/// of a socket pair as fd 3 (`UFFD_BROKER_PLUGIN_FD=3`), which the PluginSDK
+/// uses instead of the plugin socket. So an unprivileged plugin needs no
+/// access to the plugin socket, and no uid is let in there for its sake: the
+/// broker's end is handed to `adopt`, and the engine lets it serve only its
+/// configured name. (`UFFD_BROKER_PLUGIN_SOCKET` is still set, for plugins
+/// built on an older SDK.)
 final class PluginSupervisor {
   private struct Child {
     var plugin: BrokerConfiguration.SpawnedPlugin
+    /// Who it runs as (nil: as the broker, which is not root).
+    var credentials: ChildProcess.Credentials?
     var process: ChildProcess?
     var startedAt: UInt64 = 0
     var restartAt: UInt64?
@@ -26,11 +36,17 @@ final class PluginSupervisor {
   private var children: [Child]
   private let pluginSocketPath: String
   private let logger: Logger
+  /// Takes the broker's end of a spawned plugin's socket pair, with the
+  /// plugin's pid and credentials and its configured name.
+  private let adopt: (PacketSocket, PeerCredentials, String) -> Void
 
-  init(plugins: [BrokerConfiguration.SpawnedPlugin], pluginSocketPath: String, logger: Logger) {
-    children = plugins.map { Child(plugin: $0) }
+  /// `credentials[i]`: who `plugins[i]` runs as (`PluginCredentials.resolve`).
+  init(plugins: [BrokerConfiguration.SpawnedPlugin], credentials: [ChildProcess.Credentials?], pluginSocketPath: String, logger: Logger,
+       adopt: @escaping (PacketSocket, PeerCredentials, String) -> Void) {
+    children = zip(plugins, credentials).map { Child(plugin: $0, credentials: $1) }
     self.pluginSocketPath = pluginSocketPath
     self.logger = logger
+    self.adopt = adopt
   }
 
   /// The earliest restart due (read on every loop wakeup: no array built).
@@ -47,13 +63,21 @@ final class PluginSupervisor {
   private func start(_ index: Int, loop: EventLoop) {
     children[index].restartAt = nil
     let plugin = children[index].plugin
+    let credentials = children[index].credentials
     do {
-      let process = try ChildProcess(plugin.executable, plugin.arguments, environment: ["UFFD_BROKER_PLUGIN_SOCKET": pluginSocketPath])
+      let (mine, theirs) = try PacketSocket.pair()
+      _ = fcntl(mine.fd, F_SETFL, fcntl(mine.fd, F_GETFL) | O_NONBLOCK)
+      let process = try ChildProcess(
+        plugin.executable, plugin.arguments, environment: ["UFFD_BROKER_PLUGIN_SOCKET": pluginSocketPath, "UFFD_BROKER_PLUGIN_FD": "3"],
+        options: .init(descriptor3: theirs.fd, credentials: credentials, noNewPrivileges: true))
       children[index].process = process
       children[index].startedAt = monotonicNanoseconds()
       if process.pidfd >= 0 { try? loop.add(process.pidfd, Token(.child, UInt64(index))) }
       children[index].tally.count(.pluginSpawned)
-      logger.info("plugin spawned", metadata: ["plugin": "\(plugin.name)", "plugin.pid": "\(process.pid)"])
+      let uid = credentials?.uid ?? geteuid()
+      let gid = credentials?.gid ?? getegid()
+      logger.info("plugin spawned", metadata: ["plugin": "\(plugin.name)", "plugin.pid": "\(process.pid)", "plugin.uid": "\(uid)", "plugin.gid": "\(gid)"])
+      adopt(mine, PeerCredentials(pid: process.pid, uid: uid, gid: gid), plugin.name)
     } catch {
       logger.error("cannot spawn plugin", metadata: ["plugin": "\(plugin.name)", "error": "\(error)"])
       scheduleRestart(index)

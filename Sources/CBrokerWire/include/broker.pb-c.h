@@ -37,6 +37,7 @@ typedef struct Uffdbroker__Pagefault Uffdbroker__Pagefault;
 typedef struct Uffdbroker__RangeEvent Uffdbroker__RangeEvent;
 typedef struct Uffdbroker__Remapped Uffdbroker__Remapped;
 typedef struct Uffdbroker__RegionOpened Uffdbroker__RegionOpened;
+typedef struct Uffdbroker__ClientCredentials Uffdbroker__ClientCredentials;
 typedef struct Uffdbroker__RegionClosed Uffdbroker__RegionClosed;
 typedef struct Uffdbroker__Store Uffdbroker__Store;
 typedef struct Uffdbroker__Closed Uffdbroker__Closed;
@@ -628,10 +629,31 @@ struct  Uffdbroker__RegionOpened
    */
   uint64_t token_high;
   uint64_t token_low;
+  /*
+   * Who the client is (a forked child: its parent's credentials). A plugin
+   * acts for the client with the client's rights, never its own: it serves
+   * nothing the client could not read itself. Absent (an older broker): the
+   * plugin must assume nothing about the client.
+   */
+  Uffdbroker__ClientCredentials *client;
 };
 #define UFFDBROKER__REGION_OPENED__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__region_opened__descriptor) \
-    , 0, 0, NULL, 0, 0, 0 }
+    , 0, 0, NULL, 0, 0, 0, NULL }
+
+
+/*
+ * A client's uid and gid, from SO_PEERCRED of its connection to the broker.
+ */
+struct  Uffdbroker__ClientCredentials
+{
+  ProtobufCMessage base;
+  uint32_t uid;
+  uint32_t gid;
+};
+#define UFFDBROKER__CLIENT_CREDENTIALS__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__client_credentials__descriptor) \
+    , 0, 0 }
 
 
 /*
@@ -1287,6 +1309,25 @@ Uffdbroker__RegionOpened *
 void   uffdbroker__region_opened__free_unpacked
                      (Uffdbroker__RegionOpened *message,
                       ProtobufCAllocator *allocator);
+/* Uffdbroker__ClientCredentials methods */
+void   uffdbroker__client_credentials__init
+                     (Uffdbroker__ClientCredentials         *message);
+size_t uffdbroker__client_credentials__get_packed_size
+                     (const Uffdbroker__ClientCredentials   *message);
+size_t uffdbroker__client_credentials__pack
+                     (const Uffdbroker__ClientCredentials   *message,
+                      uint8_t             *out);
+size_t uffdbroker__client_credentials__pack_to_buffer
+                     (const Uffdbroker__ClientCredentials   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__ClientCredentials *
+       uffdbroker__client_credentials__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__client_credentials__free_unpacked
+                     (Uffdbroker__ClientCredentials *message,
+                      ProtobufCAllocator *allocator);
 /* Uffdbroker__RegionClosed methods */
 void   uffdbroker__region_closed__init
                      (Uffdbroker__RegionClosed         *message);
@@ -1564,6 +1605,9 @@ typedef void (*Uffdbroker__Remapped_Closure)
 typedef void (*Uffdbroker__RegionOpened_Closure)
                  (const Uffdbroker__RegionOpened *message,
                   void *closure_data);
+typedef void (*Uffdbroker__ClientCredentials_Closure)
+                 (const Uffdbroker__ClientCredentials *message,
+                  void *closure_data);
 typedef void (*Uffdbroker__RegionClosed_Closure)
                  (const Uffdbroker__RegionClosed *message,
                   void *closure_data);
@@ -1629,6 +1673,7 @@ extern const ProtobufCMessageDescriptor uffdbroker__pagefault__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__range_event__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__remapped__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region_opened__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__client_credentials__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region_closed__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__store__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__closed__descriptor;

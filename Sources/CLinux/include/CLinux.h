@@ -109,14 +109,43 @@ typedef struct {
   int truncate;              /* truncate stdout/stderr files instead of appending */
   int descriptor3;           /* if >= 0: becomes the child's fd 3 */
   int new_process_group;     /* the child leads a process group of its own */
+  /* Who the child runs as: with set_credentials, its supplementary groups
+   * become `groups` (`ngroups` of them), then its gid `gid`, then its uid `uid`
+   * (real, effective and saved), after the descriptors above are opened and
+   * before exec. Needs CAP_SETUID/CAP_SETGID unless they are the caller's own. */
+  int set_credentials;
+  uid_t uid;
+  gid_t gid;
+  const gid_t *groups;
+  int ngroups;
+  int no_new_privs;          /* prctl(PR_SET_NO_NEW_PRIVS): exec can never grant privileges */
 } clinux_spawn_options;
 
-/* posix_spawn with signals unblocked and SIGINT/SIGTERM/SIGPIPE default in the
- * child, descriptors as `options` say. Returns the pid or -errno. */
+/* Starts `path` with signals unblocked and SIGINT/SIGTERM/SIGPIPE default in
+ * the child, descriptors and credentials as `options` say. Returns the pid or
+ * -errno (of the first step that failed in the child, exec included). */
 pid_t clinux_spawn(const char *path, char *const argv[], char *const envp[], const clinux_spawn_options *options);
 
 /* prlimit(2) of RLIMIT_NOFILE for another process (a GNU function): 0 or -errno. */
 int clinux_set_descriptor_limit(pid_t pid, uint64_t limit);
+
+/* ---- files ---- */
+
+/* openat2(2) of `path` relative to the directory `dirfd`, read-only,
+ * close-on-exec, non-blocking (a FIFO must not hang the caller), with
+ * RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS: the path can
+ * neither climb out of `dirfd` (an absolute path or `..` past it fails with
+ * EXDEV) nor follow a symlink anywhere (ELOOP). Returns the fd or -errno
+ * (-ENOSYS before Linux 5.6). */
+int clinux_open_beneath(int dirfd, const char *path);
+
+/* An O_PATH descriptor of the directory `path` (follows symlinks; close-on-exec),
+ * to resolve paths beneath with clinux_open_beneath. Returns it or -errno. */
+int clinux_open_directory(const char *path);
+
+/* Whether the file has a POSIX access ACL (1), none (0), or -errno: a mode
+ * check that ignores ACLs must refuse a file that has one. */
+int clinux_has_access_acl(int fd);
 
 /* ---- memfds and mappings ---- */
 

@@ -39,6 +39,12 @@ final class Harness {
     var arguments: [String]
     /// A product beside the test bundle; nil: `broker-fixture`.
     var product: String? = nil
+    /// Its config's `user` (nil: left out, the broker's default: `nobody` for
+    /// a root broker). Root by default here, said explicitly as the broker
+    /// requires: the fixture plugins write their event logs into the
+    /// harness's private directory.
+    var user: String? = "root"
+    var group: String? = nil
   }
 
   /// Starts a broker (debug logging), with a config file if any field is given,
@@ -64,7 +70,8 @@ final class Harness {
         let plugins = spawned.map { plugin in
           let args = plugin.arguments.map(jsonString).joined(separator: ", ")
           let executable = plugin.product.map { Self.binDirectory + "/" + $0 } ?? Self.fixtureExecutable
-          return "{\"name\": \(jsonString(plugin.name)), \"executable\": \(jsonString(executable)), \"arguments\": [\(args)]}"
+          let identity = [("user", plugin.user), ("group", plugin.group)].compactMap { key, value in value.map { ", \"\(key)\": \(jsonString($0))" } }.joined()
+          return "{\"name\": \(jsonString(plugin.name)), \"executable\": \(jsonString(executable)), \"arguments\": [\(args)]\(identity)}"
         }
         fields.append("\"plugins\": [\(plugins.joined(separator: ", "))]")
       }

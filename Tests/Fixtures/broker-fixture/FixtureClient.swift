@@ -33,6 +33,7 @@ struct FixtureClient {
       case "swap-corrupt": return try swapCorrupt()
       case "guarded": return try guarded()
       case "foreign-uid": return foreignUID()
+      case "deputy": return try deputy()
       case "handoff": return try handoff()
       case "soak": return try soak()
       case "add-remove": return try addAndRemoveRegions()

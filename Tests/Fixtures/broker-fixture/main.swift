@@ -10,7 +10,7 @@ import Userfaultfd
 //   broker-fixture squatter PATH CONNECTIONS (as nobody: a fake broker; see Squatter)
 // Plugin modes are listed on FixturePlugin; client scenarios: touch, zero,
 // dontneed-race and dontneed-late (LOOPS pages), remap, unknown-plugin, refused, exit-midway,
-// guarded (LOOPS pages between guard regions), foreign-uid (as nobody: must be refused),
+// guarded (LOOPS pages between guard regions), foreign-uid (as nobody: must be refused), deputy (as nobody: a file it cannot read named to PLUGIN),
 // handoff (the connection handed to a child, the connecting process gone).
 // Socket paths come from UFFD_BROKER_CLIENT_SOCKET / UFFD_BROKER_PLUGIN_SOCKET.
 // Exit status 0 means every checked byte was right; the last line of stdout says what was checked.

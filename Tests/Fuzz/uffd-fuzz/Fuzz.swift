@@ -424,12 +424,17 @@ enum Seeds {
     broker("removed", [.removed(removed)])
     broker("unmapped", [.unmapped(unmapped)])
     broker("remapped", [.remapped(remap)])
-    broker("region-opened", [.regionOpened(clientID: 7, pid: 4242, region: regionA), .regionOpened(clientID: 8, pid: 0, region: regionA, forkedFrom: 7),
-                             .regionOpened(clientID: 7, pid: 4242, region: movedA, token: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3211)])
+    let client = PeerCredentials(pid: 4242, uid: 1000, gid: 1000)
+    let unknown = PeerCredentials(pid: 4242, uid: PeerCredentials.unknown, gid: PeerCredentials.unknown)
+    broker("region-opened", [.regionOpened(clientID: 7, client: client, region: regionA),
+                             .regionOpened(clientID: 8, client: PeerCredentials(pid: 0, uid: 1000, gid: 1000), region: regionA, forkedFrom: 7),
+                             .regionOpened(clientID: 7, client: client, region: movedA, token: 0x0123_4567_89ab_cdef_fedc_ba98_7654_3211)])
+    broker("region-opened-root", [.regionOpened(clientID: 9, client: PeerCredentials(pid: 1, uid: 0, gid: 0), region: regionB)])
+    broker("region-opened-anonymous", [.regionOpened(clientID: 9, client: unknown, region: regionB)])
     broker("region-closed", [.regionClosed(clientID: 7, regionID: 2)])
     broker("closed", [.closed(clientID: 7, reason: "client exited")])
     broker("store", [.store(store)])
-    broker("mixed", [.regionOpened(clientID: 7, pid: 4242, region: regionB), .pagefault(fault), .removed(removed), .unmapped(unmapped),
+    broker("mixed", [.regionOpened(clientID: 7, client: client, region: regionB), .pagefault(fault), .removed(removed), .unmapped(unmapped),
                      .remapped(remap), .store(store), .regionClosed(clientID: 7, regionID: 1), .closed(clientID: 7, reason: "bye")], applied: 42)
 
     print("uffd-fuzz: wrote \(written) seeds to \(directory)")
