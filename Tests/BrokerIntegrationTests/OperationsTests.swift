@@ -112,5 +112,47 @@ extension BrokerIntegrationTests {
         #expect(broker.wait(timeout: 10) == .exited(0), h.diagnostics(broker.stderr))
       }
     }
+
+    /// The package's root (the tests run the project's scripts).
+    static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+
+    @Test("scripts/install.sh into a prefix: the installed broker starts with the installed config, its plugins run as nobody, a client is served; --uninstall removes it all but the config")
+    func installAndUninstall() throws {
+      try Harness.run("install") { h in
+        chmod(h.directory, 0o755)  // the plugins (uid 65534) reach their files beneath it
+        let root = h.directory + "/root"
+        let options = ["--prefix", root + "/usr", "--sysconfdir", root + "/etc", "--localstatedir", root + "/var", "--unitdir", root + "/units"]
+        let install = try FixtureProcess(
+          label: "install", executable: "/bin/bash", arguments: [Self.packageRoot + "/scripts/install.sh"] + options + ["--from", Harness.binDirectory],
+          environment: ["PATH": "/usr/bin:/bin"], stdoutPath: h.directory + "/install.stdout", stderrPath: h.directory + "/install.stderr")
+        #expect(install.wait(timeout: 60) == .exited(0), h.diagnostics(install.stdout + install.stderr))
+        #expect(install.stdout.contains("config.json: ok"), h.diagnostics(install.stdout))
+        let run = h.directory + "/run"
+        mkdir(run, 0o700)
+        let broker = try FixtureProcess(
+          label: "installed-broker", executable: root + "/usr/bin/uffd-broker",
+          arguments: ["--config", root + "/etc/uffd-broker/config.json", "--client-socket", run + "/c.sock", "--plugin-socket", run + "/p.sock", "--control-socket", run + "/ctl.sock"],
+          environment: [:], stdoutPath: h.directory + "/installed.stdout", stderrPath: h.directory + "/installed.stderr")
+        let connected = waitUntil(timeout: 20) {
+          let status = try? ControlChannel.status(socketPath: run + "/ctl.sock")
+          return status?.plugins.count == 3 && status?.plugins.allSatisfy { $0.state == "connected" && $0.spawnedPID == $0.connectedPID } == true
+        }
+        #expect(connected, h.diagnostics(broker.stderr))
+        let plugin = try #require(try ControlChannel.status(socketPath: run + "/ctl.sock").plugin("zero-fill"), h.diagnostics)
+        #expect(readTextFile("/proc/\(plugin.spawnedPID)/status").contains("Uid:\t65534\t"), h.diagnostics)
+        let client = try FixtureProcess(
+          label: "installed-client", executable: Harness.fixtureExecutable, arguments: ["client", "zero", "4", "2", "zero-fill"],
+          environment: ["UFFD_BROKER_CLIENT_SOCKET": run + "/c.sock"], stdoutPath: h.directory + "/client.stdout", stderrPath: h.directory + "/client.stderr")
+        #expect(client.wait(timeout: 30) == .exited(0) && client.stdout.hasSuffix("verified \(pages(mib: 4)) pages, 0 wrong\n"), h.diagnostics(client.stdout + client.stderr))
+        #expect(broker.stop() == .exited(0), h.diagnostics(broker.stderr))
+
+        let uninstall = try FixtureProcess(
+          label: "uninstall", executable: "/bin/bash", arguments: [Self.packageRoot + "/scripts/install.sh", "--uninstall"] + options,
+          environment: ["PATH": "/usr/bin:/bin"], stdoutPath: h.directory + "/uninstall.stdout", stderrPath: h.directory + "/uninstall.stderr")
+        #expect(uninstall.wait(timeout: 30) == .exited(0), h.diagnostics(uninstall.stdout + uninstall.stderr))
+        #expect(access(root + "/usr/bin/uffd-broker", F_OK) != 0 && access(root + "/units/uffd-broker.service", F_OK) != 0, h.diagnostics)
+        #expect(access(root + "/etc/uffd-broker/config.json", F_OK) == 0, h.diagnostics)
+      }
+    }
   }
 }

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Installs uffd-broker: the broker, the sample plugins, the systemd unit, an
+# example config (kept if one is there) and the README; or removes them.
+#
+#   scripts/install.sh [--prefix DIR] [--sysconfdir DIR] [--localstatedir DIR] [--unitdir DIR] [--from BINDIR]
+#   scripts/install.sh --uninstall [the same options]
+#
+# Defaults: --prefix /usr/local (binaries in PREFIX/bin, plugins in
+# PREFIX/libexec/uffd-broker, docs in PREFIX/share/doc/uffd-broker),
+# --sysconfdir /etc (config in SYSCONFDIR/uffd-broker/config.json),
+# --localstatedir /var (the snapshot plugin serves files beneath
+# LOCALSTATEDIR/lib/uffd-broker/snapshots), --unitdir /etc/systemd/system.
+# --from installs binaries built already (a bin directory of `swift build`)
+# instead of building release ones.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+prefix=/usr/local sysconfdir=/etc localstatedir=/var unitdir=/etc/systemd/system from="" uninstall=false
+while (($#)); do
+  case "$1" in
+    --prefix) prefix=$2; shift 2 ;;
+    --sysconfdir) sysconfdir=$2; shift 2 ;;
+    --localstatedir) localstatedir=$2; shift 2 ;;
+    --unitdir) unitdir=$2; shift 2 ;;
+    --from) from=$2; shift 2 ;;
+    --uninstall) uninstall=true; shift ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
+  esac
+done
+plugins=(snapshot-plugin swap-plugin zero-fill-plugin)
+libexec=$prefix/libexec/uffd-broker
+config=$sysconfdir/uffd-broker/config.json
+snapshots=$localstatedir/lib/uffd-broker/snapshots
+
+if $uninstall; then
+  rm -f "$prefix/bin/uffd-broker" "$unitdir/uffd-broker.service"
+  for plugin in "${plugins[@]}"; do rm -f "$libexec/$plugin"; done
+  rmdir "$libexec" 2>/dev/null || true
+  rm -rf "$prefix/share/doc/uffd-broker"
+  echo "removed uffd-broker from $prefix and $unitdir; kept $config and $snapshots (yours)"
+  exit 0
+fi
+
+if [[ -z $from ]]; then
+  scripts/setup.sh
+  swift build -c release --product uffd-broker >/dev/null
+  for plugin in "${plugins[@]}"; do swift build -c release --product "$plugin" >/dev/null; done
+  from=$(swift build -c release --show-bin-path)
+fi
+install -d "$prefix/bin" "$libexec" "$unitdir" "$sysconfdir/uffd-broker" "$prefix/share/doc/uffd-broker"
+install -d -m 0755 "$snapshots"
+install -m 0755 "$from/uffd-broker" "$prefix/bin/uffd-broker"
+for plugin in "${plugins[@]}"; do install -m 0755 "$from/$plugin" "$libexec/$plugin"; done
+install -m 0644 README.md "$prefix/share/doc/uffd-broker/README.md"
+sed -e "s|/usr/local/bin/uffd-broker|$prefix/bin/uffd-broker|" -e "s|/etc/uffd-broker/config.json|$config|" \
+    -e "s|/usr/local/share/doc/uffd-broker|$prefix/share/doc/uffd-broker|" \
+    packaging/systemd/uffd-broker.service > "$unitdir/uffd-broker.service"
+chmod 0644 "$unitdir/uffd-broker.service"
+if [[ -e $config ]]; then
+  echo "kept the existing $config"
+else
+  sed -e "s|@LIBEXEC@|$libexec|g" -e "s|@SNAPSHOTS@|$snapshots|g" packaging/config.json > "$config"
+  chmod 0644 "$config"
+fi
+"$prefix/bin/uffd-broker" check-config "$config"
+echo "installed uffd-broker in $prefix (plugins in $libexec), the unit in $unitdir, the config in $config"
+echo "start it: systemctl daemon-reload && systemctl enable --now uffd-broker"
