@@ -164,6 +164,7 @@ public final class BrokerRuntime: @unchecked Sendable {
         adopt: { [unowned self] socket, peer, name in adoptSpawnedPlugin(socket, peer: peer, name: name) })
       self.supervisor = supervisor
       supervisor.startAll(loop: loop)
+      tellGivenUp()
     }
     logger.info("broker serving", metadata: ["socket.client": "\(configuration.clientSocketPath)", "socket.plugin": "\(configuration.pluginSocketPath)"])
     loopTime = monotonicNanoseconds()
@@ -176,7 +177,7 @@ public final class BrokerRuntime: @unchecked Sendable {
         if let token { handle(token, events) }
       }
       engine.tick(now: loopTime)
-      supervisor?.restartDue(loop: loop)
+      if supervisor?.restartDue(loop: loop) == true { tellGivenUp() }
       if !controls.isEmpty { expireControls() }
       service.tick(now: loopTime, status: serviceStatus)
       perform()
@@ -214,7 +215,7 @@ public final class BrokerRuntime: @unchecked Sendable {
       if events & (clinux_epollin | clinux_epollhup | clinux_epollerr) != 0 { readPlugin(link) }
     case .child:
       supervisor?.childExited(id: token.id, loop: loop)
-      for plugin in configuration.plugins where supervisor?.hasGivenUp(plugin.name) == true { engine.pluginGivenUp(plugin.name) }
+      tellGivenUp()
     }
     // Now: a decision's bytes live in `pluginPacket` until the next plugin packet is read.
     perform()
@@ -254,6 +255,11 @@ public final class BrokerRuntime: @unchecked Sendable {
     if let parked, parked < due { due = parked }
     if let restart, restart < due { due = restart }
     return due <= now ? 0 : CInt((due - now + 999_999) / 1_000_000)
+  }
+
+  /// The engine learns which plugins the supervisor gave up (their policies then apply).
+  private func tellGivenUp() {
+    for plugin in configuration.plugins where supervisor?.hasGivenUp(plugin.name) == true { engine.pluginGivenUp(plugin.name) }
   }
 
   /// One line for systemd's `STATUS=`.

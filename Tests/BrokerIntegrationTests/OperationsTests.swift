@@ -154,5 +154,24 @@ extension BrokerIntegrationTests {
         #expect(access(root + "/etc/uffd-broker/config.json", F_OK) == 0, h.diagnostics)
       }
     }
+
+    @Test("A spawned plugin whose executable disappears counts its failed spawns toward maxRestarts and is given up (not retried forever)")
+    func failedSpawnsCount() throws {
+      var template = Array("/tmp/uffd-it-gone-XXXXXX".utf8CString)
+      let made = try #require(mkdtemp(&template))
+      let directory = String(cString: made)
+      defer { _ = unlink(directory + "/gone-plugin"); rmdir(directory) }
+      let executable = directory + "/gone-plugin"
+      #expect(link("/bin/true", executable) == 0 || symlink("/bin/true", executable) == 0)
+      let plugin = #"{"name": "gone", "executable": "\#(executable)", "arguments": [], "maxRestarts": 3, "user": "root"}"#
+      try Harness.run("spawn-fails", configFields: ["\"plugins\": [\(plugin)]"]) { h in
+        // It ran (and exited at once); from now on it cannot be spawned at all.
+        #expect(h.waitForStatus { $0.plugin("gone")?.tally[.pluginSpawned] ?? 0 >= 1 }, h.diagnostics)
+        #expect(unlink(executable) == 0)
+        #expect(h.waitForStatus(timeout: 30) { $0.plugin("gone")?.tally[.pluginGivenUp] == 1 }, h.diagnostics)
+        let tally = try #require(h.status().plugin("gone")?.tally, h.diagnostics)
+        #expect(tally[.pluginSpawnFailed] >= 1 && tally[.pluginExited] + tally[.pluginSpawnFailed] == 4, h.diagnostics("\(tally)"))
+      }
+    }
   }
 }

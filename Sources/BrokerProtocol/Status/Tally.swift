@@ -10,7 +10,7 @@ public struct Tally: Codable, Sendable, Equatable {
     case pluginRefused, pluginConnected, pluginDisconnected, pluginFailedOver, pluginFailedClosed
     case decisionRefused, delegationRefused, storeReplyRefused
     case faultFailedClosed, clientKilled, swappedPagesLost
-    case pluginSpawned, pluginExited, pluginGivenUp, connectionRefusedNoDescriptors, controlRefused
+    case pluginSpawned, pluginSpawnFailed, pluginExited, pluginGivenUp, connectionRefusedNoDescriptors, controlRefused
     case configReloaded, configReloadRefused
   }
 

@@ -79,8 +79,10 @@ final class PluginSupervisor {
       logger.info("plugin spawned", metadata: ["plugin": "\(plugin.name)", "plugin.pid": "\(process.pid)", "plugin.uid": "\(uid)", "plugin.gid": "\(gid)"])
       adopt(mine, PeerCredentials(pid: process.pid, uid: uid, gid: gid), plugin.name)
     } catch {
+      // A missing executable, a user it cannot become: a quick end like any other.
+      children[index].tally.count(.pluginSpawnFailed)
       logger.error("cannot spawn plugin", metadata: ["plugin": "\(plugin.name)", "error": "\(error)"])
-      scheduleRestart(index)
+      restartOrGiveUp(index, ranLong: false)
     }
   }
 
@@ -92,8 +94,14 @@ final class PluginSupervisor {
     children[index].process = nil
     children[index].tally.count(.pluginExited)
     logger.warning("plugin exited", metadata: ["plugin": "\(children[index].plugin.name)", "plugin.pid": "\(process.pid)", "status": "\(status)"])
-    // A plugin that ran a while starts again at the shortest backoff.
-    if monotonicNanoseconds() - children[index].startedAt > 30_000_000_000 {
+    restartOrGiveUp(index, ranLong: monotonicNanoseconds() - children[index].startedAt > 30_000_000_000)
+  }
+
+  /// After a plugin ended: restarted after its backoff, or, past `maxRestarts`
+  /// quick ends in a row (exits within 30 s, failed spawns), given up. One that
+  /// ran a while starts again at the shortest backoff.
+  private func restartOrGiveUp(_ index: Int, ranLong: Bool) {
+    if ranLong {
       children[index].backoff = 250_000_000
       children[index].quickExits = 0
     } else {
@@ -142,11 +150,18 @@ final class PluginSupervisor {
     children[index].backoff = min(children[index].backoff * 2, 8_000_000_000)
   }
 
-  func restartDue(loop: EventLoop) {
+  /// Starts the plugins whose restart is due; whether it tried any.
+  @discardableResult
+  func restartDue(loop: EventLoop) -> Bool {
     let now = monotonicNanoseconds()
+    var tried = false
     for index in children.indices {
-      if let due = children[index].restartAt, due <= now { start(index, loop: loop) }
+      if let due = children[index].restartAt, due <= now {
+        start(index, loop: loop)
+        tried = true
+      }
     }
+    return tried
   }
 
   /// SIGTERM to every child, then up to 2 s each to exit before SIGKILL; every child is reaped.
