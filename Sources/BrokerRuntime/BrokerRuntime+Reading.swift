@@ -245,10 +245,13 @@ extension BrokerRuntime {
     }
     // Delegations before region replies: a reply may activate the client, whose
     // first faults must already find the ranges its plugin handed over.
-    for delegation in try decisions.delegations(descriptors: receivedFDs) {
+    let delegations = try decisions.delegations(descriptorCount: receivedFDs.count)
+    for received in delegations {
+      let delegation = received.delegation
       var file: DelegatedFile?
-      if case .file(let fd, let offset) = delegation.source, let index = receivedFDs.firstIndex(of: fd) {
-        receivedFDs.remove(at: index)  // ownership moves to the mapping (released if the engine refuses it)
+      if case .file(let offset) = delegation.source, let index = received.fileIndex {
+        let fd = receivedFDs[index]
+        receivedFDs[index] = -1  // ownership moves to the mapping (released if the engine refuses it)
         let mapping = DelegatedFileMapping(OwnedDescriptor(fd))
         let size = mapping.regularFileSize()
         if let size, offset <= UInt64(Int64.max) - UInt64(delegation.offsets.count) {
@@ -261,11 +264,15 @@ extension BrokerRuntime {
       }
       engine.delegation(link.id, delegation, file: file, now: now)
     }
-    // Then the descriptors to keep, in order (file delegations took theirs).
+    // Then the descriptors to keep, in order, after those of file delegations.
     let keep = try decisions.keepNames
-    guard receivedFDs.count >= keep.count else { throw BrokerError(.malformed, "\(keep.count) descriptors to keep, \(receivedFDs.count) attached") }
+    let firstKept = delegations.count { $0.fileIndex != nil }
+    guard receivedFDs.count - firstKept >= keep.count else { throw BrokerError(.malformed, "\(keep.count) descriptors to keep, \(receivedFDs.count - firstKept) attached") }
     if !keep.isEmpty, let name = engine.name(ofPlugin: link.id) {
-      for keptName in keep { try store(of: name).keep(receivedFDs.removeFirst(), as: keptName) }
+      for (offset, keptName) in keep.enumerated() {
+        try store(of: name).keep(receivedFDs[firstKept + offset], as: keptName)
+        receivedFDs[firstKept + offset] = -1
+      }
     }
     for reply in try decisions.regionReplies { engine.regionReply(link.id, reply, now: now) }
     for reply in decisions.storeReplies { engine.storeReply(link.id, reply, now: now) }

@@ -25,13 +25,14 @@ public final class PluginRegion {
   /// Whatever the plugin wants to keep per region (an open file, a store...).
   public var context: AnyObject?
   /// Delegations to send with the next batch.
-  var pendingDelegations: [Delegation] = []
+  /// With the duplicate of a file delegation's file (closed once sent).
+  var pendingDelegations: [(delegation: Delegation, file: CInt?)] = []
 
   /// Hands `offsets` (default: the whole region) to the broker to serve with
   /// zero pages by itself: no round trip per fault. You are still told of
   /// removes, unmaps and remaps; a removed or unmapped part comes back to you.
   public func delegateZeroPages(_ offsets: Range<UInt64>? = nil) {
-    pendingDelegations.append(Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length), source: .zero))
+    pendingDelegations.append((Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length), source: .zero), nil))
   }
 
   /// Hands `offsets` (default: the whole region) to the broker to serve from
@@ -41,13 +42,13 @@ public final class PluginRegion {
   public func delegate(_ offsets: Range<UInt64>? = nil, file fd: CInt, fileOffset: UInt64, prefetchPages: Int = 1) {
     let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
     guard copy >= 0 else { return }
-    pendingDelegations.append(Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length),
-                                         source: .file(descriptor: copy, offset: fileOffset), prefetchPages: prefetchPages))
+    pendingDelegations.append((Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length),
+                                          source: .file(offset: fileOffset), prefetchPages: prefetchPages), copy))
   }
 
   /// Takes back a delegated range: its faults come to the plugin again.
   public func revokeDelegation(_ offsets: Range<UInt64>? = nil) {
-    pendingDelegations.append(Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length), source: .zero, revoke: true))
+    pendingDelegations.append((Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length), source: .zero, revoke: true), nil))
   }
 
   init(clientID: UInt64, client: PeerCredentials, spec: RegionSpec, clientToken: UInt128) {

@@ -345,9 +345,9 @@ public final class PluginRunner {
 
   private func sendDelegations(of region: PluginRegion) {
     // At most CLINUX_MAX_FDS descriptors ride on one packet: flush in between.
-    for delegation in region.pendingDelegations {
-      if case .file = delegation.source, decisions.descriptorCount >= 8 { try? flush() }
-      decisions.append(delegation)
+    for (delegation, file) in region.pendingDelegations {
+      if file != nil, decisions.descriptorCount >= 8 { try? flush() }
+      decisions.append(delegation, file: file)
     }
     region.pendingDelegations.removeAll()
   }

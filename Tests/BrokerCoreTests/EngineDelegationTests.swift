@@ -13,7 +13,7 @@ struct EngineDelegationTests {
     let base: UInt = 0x10_0000
     let client = try registerClient(engine, pid: 20, base: base, pages: 16)
     let file = DelegatedFile(handle: FileHandle(7), isRegular: true)
-    engine.delegation(plugin, Delegation(clientID: client, regionID: 1, offsets: 0..<16 * 4096, source: .file(descriptor: -1, offset: 0)), file: file, now: 1)
+    engine.delegation(plugin, Delegation(clientID: client, regionID: 1, offsets: 0..<16 * 4096, source: .file(offset: 0)), file: file, now: 1)
     engine.regionReply(plugin, RegionReply(clientID: client, regionID: 1, error: nil), now: 1)
     engine.takeActions(into: &actions)
 

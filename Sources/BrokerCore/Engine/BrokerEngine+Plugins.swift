@@ -100,7 +100,7 @@ extension BrokerEngine {
     switch delegation.source {
     case .zero:
       source = .zero
-    case .file(_, let offset):
+    case .file(let offset):
       // pread takes an off_t: the whole range must lie below 2^63 in the file.
       guard let file, file.isRegular, offset & mask == 0, offset <= UInt64(Int64.max) - UInt64(delegation.offsets.count) else {
         return refuseDelegation(plugin, .badFile, "a delegated file must be a regular file or memfd at a page-aligned offset below 2^63")

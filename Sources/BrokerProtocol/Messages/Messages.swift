@@ -317,9 +317,10 @@ public struct Delegation: Equatable, Sendable {
   public enum Source: Equatable, Sendable {
     /// Zero pages.
     case zero
-    /// Bytes of a regular file or memfd, from `offset` in it. The descriptor
-    /// travels with the packet and belongs to the receiver.
-    case file(descriptor: CInt, offset: UInt64)
+    /// Bytes of a regular file or memfd, from `offset` in it. The file
+    /// travels as a descriptor attached to the packet, beside the message
+    /// (`DecisionBatchEncoder.append(_:file:)`, `ReceivedDelegation.fileIndex`).
+    case file(offset: UInt64)
   }
   public var clientID: UInt64
   public var regionID: UInt64
@@ -336,6 +337,18 @@ public struct Delegation: Equatable, Sendable {
     self.source = source
     self.prefetchPages = prefetchPages
     self.revoke = revoke
+  }
+}
+
+/// A delegation as the broker received it: its file (a file delegation's) is
+/// the packet's attached descriptor at `fileIndex`, the receiver's to take.
+public struct ReceivedDelegation: Equatable, Sendable {
+  public var delegation: Delegation
+  public var fileIndex: Int?
+
+  public init(_ delegation: Delegation, fileIndex: Int?) {
+    self.delegation = delegation
+    self.fileIndex = fileIndex
   }
 }
 

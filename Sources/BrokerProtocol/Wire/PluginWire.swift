@@ -389,7 +389,7 @@ public final class DecisionBatchEncoder {
   private let decisionPointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Decision>?>
   @exclusivity(unchecked) private var replies: [RegionReply] = []
   @exclusivity(unchecked) private var storeReplies: [StoreReply] = []
-  @exclusivity(unchecked) private var delegations: [Delegation] = []
+  @exclusivity(unchecked) private var delegations: [(delegation: Delegation, file: CInt?)] = []
   @exclusivity(unchecked) private var hello: Hello?
   /// Descriptors for the broker's store: name and descriptor (closed after the send by the caller).
   @exclusivity(unchecked) private var keeps: [(name: String, fd: CInt)] = []
@@ -448,13 +448,17 @@ public final class DecisionBatchEncoder {
 
   public func append(_ reply: RegionReply) { replies.append(reply) }
   public func append(_ reply: StoreReply) { storeReplies.append(reply) }
-  public func append(_ delegation: Delegation) { delegations.append(delegation) }
+  /// A delegation; a file delegation's `file` is attached to the packet (it stays open here).
+  public func append(_ delegation: Delegation, file: CInt? = nil) { delegations.append((delegation, file)) }
   /// File delegations collected (each needs a descriptor on the packet).
   public var descriptorCount: Int {
-    delegations.reduce(0) { count, delegation in
-      if case .file = delegation.source, !delegation.revoke { return count + 1 }
-      return count
-    }
+    delegations.reduce(0) { count, entry in Self.attached(entry) == nil ? count : count + 1 }
+  }
+
+  /// The descriptor a delegation attaches: a file delegation's file (not a revocation's).
+  private static func attached(_ entry: (delegation: Delegation, file: CInt?)) -> CInt? {
+    guard case .file = entry.delegation.source, !entry.delegation.revoke else { return nil }
+    return entry.file
   }
   public func setHello(_ hello: Hello) { self.hello = hello }
   /// Asks the broker to keep `fd` as `name` (the descriptor is attached after those of file delegations).
@@ -506,7 +510,8 @@ public final class DecisionBatchEncoder {
         delegationMessages.deallocate()
         delegationPointers.deallocate()
       }
-      for (index, delegation) in delegations.enumerated() {
+      for (index, entry) in delegations.enumerated() {
+        let delegation = entry.delegation
         let d = delegationMessages + index
         uffdbroker__delegation__init(d)
         d.pointee.client_id = delegation.clientID
@@ -515,10 +520,10 @@ public final class DecisionBatchEncoder {
         d.pointee.length = UInt64(delegation.offsets.count)
         d.pointee.prefetch_pages = UInt32(clamping: delegation.prefetchPages)
         d.pointee.revoke = delegation.revoke ? 1 : 0
-        if case .file(let descriptor, let offset) = delegation.source, !delegation.revoke {
+        if case .file(let offset) = delegation.source, let file = Self.attached(entry) {
           d.pointee.kind = UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE
           d.pointee.file_offset = offset
-          descriptors.append(descriptor)
+          descriptors.append(file)
         }
         delegationPointers[index] = d
       }
@@ -662,7 +667,7 @@ public final class DecisionBatchDecoder {
   static func sameAsProtobufC(_ bytes: UnsafeRawBufferPointer, decisions: [DecodedDecision]) -> Bool {
     let decoder = DecisionBatchDecoder(readsInPlace: false)
     guard (try? decoder.decode(bytes)) != nil, (try? decoder.regionReplies)?.isEmpty == true, decoder.storeReplies.isEmpty,
-          (try? decoder.hello) == nil, (try? decoder.delegations(descriptors: [])) == [], decoder.decisionCount == decisions.count
+          (try? decoder.hello) == nil, (try? decoder.delegations(descriptorCount: 0)) == [], decoder.decisionCount == decisions.count
     else { return false }
     return decisions.indices.allSatisfy { index in decoder.decision(at: index) == decisions[index] }
   }
@@ -686,28 +691,32 @@ public final class DecisionBatchDecoder {
                            data: UnsafeRawBufferPointer(start: d.data.data, count: d.data.len), sharedOffset: d.shared != 0 ? d.shared_offset : nil)
   }
 
-  /// The packet's delegations; file delegations take `descriptors` in order
+  /// The packet's delegations; file delegations take the packet's first
+  /// `descriptorCount` attached descriptors in order, each naming its index
   /// (throws `.malformed` if there are fewer than they need).
-  public func delegations(descriptors: [CInt]) throws(BrokerError) -> [Delegation] {
+  public func delegations(descriptorCount: Int) throws(BrokerError) -> [ReceivedDelegation] {
     guard let m = message, m.pointee.n_delegations > 0 else { return [] }
-    var result: [Delegation] = []
+    var result: [ReceivedDelegation] = []
     var next = 0
     for index in 0..<m.pointee.n_delegations {
       guard let d = m.pointee.delegations[index]?.pointee else { continue }
       guard d.length <= UInt64(Int.max), d.offset <= UInt64.max - d.length else { throw BrokerError(.malformed, "delegation range overflows") }
       var source = Delegation.Source.zero
+      var fileIndex: Int?
       if !(d.revoke != 0) {
         switch d.kind {
         case UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO: source = .zero
         case UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE:
-          guard next < descriptors.count else { throw BrokerError(.malformed, "a file delegation without its descriptor") }
-          source = .file(descriptor: descriptors[next], offset: d.file_offset)
+          guard next < descriptorCount else { throw BrokerError(.malformed, "a file delegation without its descriptor") }
+          source = .file(offset: d.file_offset)
+          fileIndex = next
           next += 1
         default: throw BrokerError(.malformed, "unknown delegation kind \(d.kind.rawValue)")
         }
       }
-      result.append(Delegation(clientID: d.client_id, regionID: d.region_id, offsets: d.offset..<d.offset + d.length, source: source,
-                               prefetchPages: Int(d.prefetch_pages), revoke: d.revoke != 0))
+      let delegation = Delegation(clientID: d.client_id, regionID: d.region_id, offsets: d.offset..<d.offset + d.length, source: source,
+                                  prefetchPages: Int(d.prefetch_pages), revoke: d.revoke != 0)
+      result.append(ReceivedDelegation(delegation, fileIndex: fileIndex))
     }
     return result
   }

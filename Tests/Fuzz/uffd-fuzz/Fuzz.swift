@@ -10,7 +10,7 @@
 //       2  PluginToBroker  DecisionBatchDecoder           (the broker, from a plugin)
 //       3  BrokerToPlugin  EventBatchDecoder              (the plugin SDK, from the broker)
 //   byte 0, bits 2-4: how many descriptors "arrived" with a PluginToBroker
-//       packet (fake numbers, handed to `delegations(descriptors:)`)
+//       packet (fake numbers, which file delegations name by index)
 //   bytes 1...: the packet, as received (at most PacketSocket.maxPacketSize)
 //
 // Every accessor of a decoded packet is read, every item (decision, event,
@@ -144,12 +144,12 @@ private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt
   let regionReplies = (try? decoder.regionReplies) ?? []
   let storeReplies = decoder.storeReplies
   let keepNames = (try? decoder.keepNames) ?? []
-  let delegations = Result { () throws(BrokerError) in try decoder.delegations(descriptors: descriptors) }
+  let delegations = Result { () throws(BrokerError) in try decoder.delegations(descriptorCount: descriptors.count) }
   if case .success(let list) = delegations {
-    let files = list.filter { if case .file = $0.source { true } else { false } }
-    check(files.count <= descriptors.count, "\(files.count) file delegations took \(descriptors.count) descriptors")
+    let files = list.compactMap(\.fileIndex)
+    check(files == Array(files.indices), "file delegations took descriptors \(files) of \(descriptors.count)")
   }
-  _ = Result { () throws(BrokerError) in try decoder.delegations(descriptors: []) }
+  _ = Result { () throws(BrokerError) in try decoder.delegations(descriptorCount: 0) }
   blackHole(checksum)
 
   // Round trip: the same hello, replies, delegations and (known-kind)
@@ -160,7 +160,7 @@ private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt
   storeReplies.forEach(encoder.append)
   for name in keepNames { encoder.keep(-1, as: name) }
   let expectedDelegations = (try? delegations.get()) ?? []
-  expectedDelegations.forEach(encoder.append)
+  for received in expectedDelegations { encoder.append(received.delegation, file: received.fileIndex.map { descriptors[$0] }) }
   var first = true
   var pending: [DecodedDecision] = []
   func flush() {
@@ -177,7 +177,7 @@ private func pluginToBroker(_ packet: UnsafeRawBufferPointer, descriptors: [CInt
       check(backReplies == regionReplies, "region replies round trip: \(show(regionReplies)) came back as \(show(backReplies))")
       check(((try? checkDecisions.keepNames) ?? []) == keepNames, "descriptor store names round trip: \(keepNames)")
       check(checkDecisions.storeReplies == storeReplies, "store replies round trip: \(show(storeReplies)) came back as \(show(checkDecisions.storeReplies))")
-      let backDelegations = Result { () throws(BrokerError) in try checkDecisions.delegations(descriptors: sent) }
+      let backDelegations = Result { () throws(BrokerError) in try checkDecisions.delegations(descriptorCount: sent.count) }
       check(backDelegations == .success(expectedDelegations), "delegations round trip: \(show(expectedDelegations)) came back as \(show(backDelegations))")
     }
     first = false
@@ -392,8 +392,8 @@ enum Seeds {
     }
     plugin("delegations", descriptors: 2) {
       $0.append(Delegation(clientID: 7, regionID: 1, offsets: 0..<65536, source: .zero, prefetchPages: 16))
-      $0.append(Delegation(clientID: 7, regionID: 1, offsets: 65536..<131072, source: .file(descriptor: 5, offset: 4096)))
-      $0.append(Delegation(clientID: 7, regionID: 2, offsets: 0..<4096, source: .file(descriptor: 6, offset: 0), prefetchPages: 1))
+      $0.append(Delegation(clientID: 7, regionID: 1, offsets: 65536..<131072, source: .file(offset: 4096)), file: 5)
+      $0.append(Delegation(clientID: 7, regionID: 2, offsets: 0..<4096, source: .file(offset: 0), prefetchPages: 1), file: 6)
       $0.append(Delegation(clientID: 7, regionID: 1, offsets: 0..<8192, source: .zero, revoke: true))
     }
     plugin("mixed", descriptors: 1) {
@@ -401,7 +401,7 @@ enum Seeds {
       $0.append(faultID: 20, kind: .zero, address: 0x7f00_0000_0000, length: page)
       $0.append(RegionReply(clientID: 8, regionID: 1, error: nil))
       $0.append(StoreReply(storeID: 9, error: nil))
-      $0.append(Delegation(clientID: 8, regionID: 1, offsets: 0..<4096, source: .file(descriptor: 9, offset: 0)))
+      $0.append(Delegation(clientID: 8, regionID: 1, offsets: 0..<4096, source: .file(offset: 0)), file: 9)
     }
 
     // BrokerToPlugin
