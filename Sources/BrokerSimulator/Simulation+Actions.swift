@@ -105,9 +105,16 @@ extension Simulation {
       failure = "unexpected fill \(order.kind) from \(order.source)"
       return
     }
-    if !reliable && random.chance(2) {
+    let roll = reliable ? 100 : random.below(100)
+    if roll < 2 {
       note("fill \(describe(range)): EAGAIN (injected)")
       return engine.filled(order, outcome: .notNow, now: now)
+    }
+    if roll == 2, case .decision = order.purpose, case .bytes = order.source {
+      // The kernel could not read the plugin's bytes (a shared area it cannot back: a hugetlb pool run dry).
+      note("fill \(describe(range)): EFAULT (injected)")
+      statistics.unreadableFills += 1
+      return engine.filled(order, outcome: .failed(.badAddress), now: now)
     }
     do {
       let outcome = try processes[slot].fill(range, content: content, injectPartial: !reliable && random.chance(3))

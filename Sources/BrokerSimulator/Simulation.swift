@@ -51,6 +51,8 @@ public final class Simulation {
     public var balloons = 0
     public var brokerRestarts = 0
     public var pluginCrashes = 0
+    /// Decision fills the kernel could not read the bytes of (EFAULT, injected).
+    public var unreadableFills = 0
     public var clientsServed = 0
     /// Pages failed closed where the model allows it.
     public var failedClosed = 0
@@ -68,6 +70,7 @@ public final class Simulation {
       balloons += other.balloons
       brokerRestarts += other.brokerRestarts
       pluginCrashes += other.pluginCrashes
+      unreadableFills += other.unreadableFills
       clientsServed += other.clientsServed
       failedClosed += other.failedClosed
       exposedByKeepers += other.exposedByKeepers
