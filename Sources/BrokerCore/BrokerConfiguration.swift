@@ -71,7 +71,7 @@ public struct BrokerConfiguration: Sendable {
   /// How long a new connection may take to say Hello (and a client to Register).
   public var helloTimeout: Duration = .seconds(5)
   public var maxClients = 1024
-  /// Clients one uid may have connected at once (forked children not counted).
+  /// Clients one uid may have at once, its forked children counted.
   public var maxClientsPerUID = 256
   /// Plugin connections at once, welcomed or not.
   public var maxPluginConnections = 64

@@ -98,7 +98,7 @@ extension BrokerRuntime {
 
   private func refuseControl(_ socket: PacketSocket, _ error: BrokerError) {
     tally.count(.controlRefused, error.code.name)
-    logger.warning("refused a control connection", metadata: ["reason": "\(error)"])
+    logSparsely(.warning, "refused a control connection", .controlRefused, ["reason": "\(error)"])
     _ = refusal(error).withUnsafeBytes { try? socket.send($0) }
     finish(socket)
   }

@@ -23,7 +23,7 @@ extension BrokerRuntime {
       spareDescriptor = OwnedDescriptor()
       if let socket = try? listener.accept() {
         tally.count(.connectionRefusedNoDescriptors, role)
-        logger.error("out of descriptors: refusing a new connection", metadata: ["role": "\(role)"])
+        logSparsely(.error, "out of descriptors: refusing a new connection", .connectionRefusedNoDescriptors, ["role": "\(role)"])
         refusal(socket, BrokerError(.limit, "the broker is out of file descriptors; try again later"))
       }
       spareDescriptor = OwnedDescriptor(open("/dev/null", O_RDONLY | O_CLOEXEC))

@@ -107,6 +107,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     }
     try configuration.validate()
     try configuration.checkExecutables()
+    Self.raiseDescriptorLimit()
     var credentials: [ChildProcess.Credentials?] = []
     for (index, plugin) in configuration.plugins.enumerated() { credentials.append(try PluginCredentials.resolve(plugin, index: index)) }
     pluginCredentials = credentials
@@ -255,6 +256,24 @@ public final class BrokerRuntime: @unchecked Sendable {
     if let parked, parked < due { due = parked }
     if let restart, restart < due { due = restart }
     return due <= now ? 0 : CInt((due - now + 999_999) / 1_000_000)
+  }
+
+  /// Every client costs up to three descriptors (socket, pidfd, uffd): the
+  /// soft limit (often 1,024) is raised to the hard one, so the configured
+  /// `maxClients` are reached before the descriptors run out.
+  static func raiseDescriptorLimit() {
+    var limit = rlimit()
+    guard getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0, limit.rlim_cur < limit.rlim_max else { return }
+    limit.rlim_cur = limit.rlim_max
+    _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
+  }
+
+  /// Logs the 1st, 2nd, 4th, 8th... incident of a kind the runtime counts (with
+  /// the count so far): a peer that provokes thousands must not flood the log.
+  func logSparsely(_ level: Logger.Level, _ message: Logger.Message, _ kind: Tally.Kind, _ metadata: Logger.Metadata) {
+    let count = tally[kind]
+    guard count & (count - 1) == 0 else { return }
+    logger.log(level: level, message, metadata: metadata.merging(["count": "\(count)"]) { $1 })
   }
 
   /// The engine learns which plugins the supervisor gave up (their policies then apply).

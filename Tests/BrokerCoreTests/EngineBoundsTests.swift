@@ -54,4 +54,21 @@ struct EngineBoundsTests {
     // The other client's 64 drops, and the first one's Closed.
     #expect(engine.status().plugin("p")?.missedEvents == 65)
   }
+
+  @Test("Forked children count toward their uid's maxClientsPerUID: past it a child is not served and what it never had fails closed")
+  func forkedChildrenCountPerUID() throws {
+    let (engine, plugin) = try engineWithPlugin { $0.maxClientsPerUID = 2 }
+    var actions: [Action] = []
+    let parent = try registerClient(engine, pid: 20, base: 0x10_0000, pages: 4)
+    engine.regionReply(plugin, RegionReply(clientID: parent, regionID: 1, error: nil), now: 1)
+    engine.uffdEvents(parent, [.fork(ForkTicket(1), wipedOnFork: [])], now: 2)
+    engine.takeActions(into: &actions)
+    #expect(actions.contains { if case .adoptChild(ForkTicket(1), _) = $0 { true } else { false } })
+    engine.uffdEvents(parent, [.fork(ForkTicket(2), wipedOnFork: [])], now: 3)
+    engine.takeActions(into: &actions)
+    #expect(actions.contains { if case .failChild(ForkTicket(2), _) = $0 { true } else { false } })
+    #expect(engine.tally[.forkRefused, "limit"] == 1)
+    // A new connection of that uid is refused too.
+    #expect(throws: BrokerError.self) { try engine.clientConnected(PeerCredentials(pid: 30, uid: 0, gid: 0), now: 4).get() }
+  }
 }

@@ -4,9 +4,10 @@ import Userfaultfd
 @testable import BrokerCore
 
 /// An engine with plugin "p" (configured) connected; times start at 1.
-func engineWithPlugin() throws -> (engine: BrokerEngine, plugin: PluginID) {
+func engineWithPlugin(_ configure: (inout BrokerConfiguration) -> Void = { _ in }) throws -> (engine: BrokerEngine, plugin: PluginID) {
   var configuration = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "", owner: 0)
   configuration.plugins = [.init(name: "p", executable: "/bin/true")]
+  configure(&configuration)
   let engine = try BrokerEngine(configuration: configuration, pageSize: 4096, now: 1, makeToken: { 1 })
   let plugin = try #require(try? engine.pluginConnected(PeerCredentials(pid: 10, uid: 0, gid: 0), now: 1).get())
   try engine.pluginHello(plugin, Hello(role: .plugin, name: "p"), sharedAreaSize: 0, now: 1)

@@ -26,14 +26,19 @@ extension BrokerEngine {
       report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.limit.name, ["peer.uid": "\(peer.uid)", "reason": "maxClients"])
       return .failure(BrokerError(.limit, "the broker serves its maximum of \(configuration.maxClients) clients"))
     }
-    // One uid must not take every slot from the others.
-    guard clients.values.lazy.filter({ $0.hasSocket && $0.peer.uid == peer.uid }).count < configuration.maxClientsPerUID else {
+    // One uid must not take every slot from the others (its forked children count too).
+    guard clientCount(ofUID: peer.uid) < configuration.maxClientsPerUID else {
       report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.limit.name, ["peer.uid": "\(peer.uid)", "reason": "maxClientsPerUID"])
       return .failure(BrokerError(.limit, "uid \(peer.uid) has its maximum of \(configuration.maxClientsPerUID) clients connected"))
     }
     let client = Client(id: takeID(), peer: peer, hasSocket: true, connectedAt: now)
     clients[client.id] = client
     return .success(client.id)
+  }
+
+  /// Clients of `uid`, forked children included.
+  func clientCount(ofUID uid: UInt32) -> Int {
+    clients.values.lazy.filter { $0.peer.uid == uid }.count
   }
 
   /// A request from a client. A malformed or out-of-place one is refused and

@@ -10,10 +10,13 @@ extension BrokerEngine {
   /// kernel does not name the child: it has no pid here, and its exit is found
   /// by probing its uffd (`tick`).
   func adoptFork(_ ticket: ForkTicket, wipedOnFork wiped: [Range<UInt>], of parent: Client) {
-    guard clients.count < configuration.maxClients else {
-      // Forked children count as clients: past the limit, one is not served, so
-      // what it never had fails closed (poisoned, and its uffd let go).
-      report(.error, "a forked child exceeds maxClients: its unfilled pages fail closed", .forkRefused, cause: BrokerError.Code.limit.name, ["client.id": "\(parent.id)", "clients": "\(clients.count)"])
+    let limit = clients.count >= configuration.maxClients ? "maxClients"
+      : clientCount(ofUID: parent.peer.uid) >= configuration.maxClientsPerUID ? "maxClientsPerUID" : nil
+    if let limit {
+      // Forked children count as clients (of their parent's uid): past a limit,
+      // one is not served, so what it never had fails closed (poisoned, and its uffd let go).
+      report(.error, "a forked child exceeds \(limit): its unfilled pages fail closed", .forkRefused, cause: BrokerError.Code.limit.name,
+             ["client.id": "\(parent.id)", "clients": "\(clients.count)", "peer.uid": "\(parent.peer.uid)"])
       actions.append(.failChild(ticket, parent.regions.pieces.map(\.live)))
       return
     }
