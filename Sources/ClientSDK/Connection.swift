@@ -121,9 +121,14 @@ final class Connection: @unchecked Sendable {
       let sent = bytes.withUnsafeBytes { raw in
         fds.withUnsafeBufferPointer { fdBuffer in Result { () throws(BrokerError) in try socket.send(raw, fds: fdBuffer) } }
       }
-      if case .failure(let error) = sent { throw ClientError("cannot send to the broker", broker: error) }
       let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: 64 << 10, alignment: 16)
       defer { buffer.deallocate() }
+      if case .failure(let error) = sent {
+        // A broker that refuses a connection sends why, then shuts it: the send
+        // fails (EPIPE), but the Error is there to read.
+        if let refusal = queuedError(socket, buffer) { throw ClientError("the broker refused the connection", broker: refusal) }
+        throw ClientError("cannot send to the broker", broker: error)
+      }
       while true {
         var received: [CInt] = []
         let result: PacketSocket.ReceiveResult
@@ -151,6 +156,17 @@ final class Connection: @unchecked Sendable {
           return reply.body
         }
       }
+    }
+
+    /// An Error the broker sent before it shut the connection, if one is waiting.
+    private func queuedError(_ socket: PacketSocket, _ buffer: UnsafeMutableRawBufferPointer) -> BrokerError? {
+      var received: [CInt] = []
+      defer { received.forEach(closeDescriptor) }
+      guard case .packet(let count)? = try? socket.receive(into: buffer, fds: &received),
+            let reply = try? ClientWire.decodeReply(UnsafeRawBufferPointer(rebasing: buffer[..<count]), arena: arena),
+            case .error(let error) = reply.body
+      else { return nil }
+      return error
     }
   }
 

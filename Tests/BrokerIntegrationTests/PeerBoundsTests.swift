@@ -68,6 +68,13 @@ extension BrokerIntegrationTests {
         } else {
           Issue.record(h.diagnostics("no Error for a third client of one uid: \(String(describing: reply))"))
         }
+        // The client SDK says why too, though its Hello may meet the shut connection (EPIPE) first.
+        for round in 0..<10 {
+          let outcome = try h.runClient("touch", mib: 1, threads: 1, plugin: "first")
+          #expect(outcome.status == .exited(1) && (outcome.stdout + outcome.stderr).contains("maximum of 2 clients"),
+                  h.diagnostics("round \(round): \(outcome.stdout) \(outcome.stderr)"))
+        }
+        _ = clients
       }
     }
 

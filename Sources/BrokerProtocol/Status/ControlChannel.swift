@@ -40,9 +40,11 @@ public enum ControlChannel {
     let socket = try PacketSocket.connect(path: path, trusting: brokerUID)
     socket.setReceiveTimeout(milliseconds: timeoutMilliseconds)
     let bytes = Array(command.utf8)
-    _ = try bytes.withUnsafeBytes { (raw) -> Result<PacketSocket.SendResult, BrokerError> in Result { () throws(BrokerError) in try socket.send(raw) } }.get()
+    let sent = bytes.withUnsafeBytes { (raw) -> Result<PacketSocket.SendResult, BrokerError> in Result { () throws(BrokerError) in try socket.send(raw) } }
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: replyPacketSize, alignment: 8)
     defer { buffer.deallocate() }
+    // A refused connection fails the send (EPIPE), but the refusal is there to read.
+    if case .failure(let error) = sent, error.code != .disconnected { throw error }
     var reply: [UInt8] = []
     var fds: [CInt] = []
     while true {
@@ -52,6 +54,7 @@ public enum ControlChannel {
         if let refusal = try? JSONDecoder().decode(Refusal.self, from: Data(reply)) {
           throw BrokerError(BrokerError.Code(name: refusal.error) ?? .malformed, refusal.message)
         }
+        if case .failure(let error) = sent { throw error }
         return reply
       case .wouldBlock: throw BrokerError(.timedOut, "the broker did not answer within \(timeoutMilliseconds) ms")
       }
