@@ -35,7 +35,7 @@ struct Serve: ParsableCommand {
   @Option(help: "The socket plugins connect to (default: the config's pluginSocket, else plugin.sock in \(SocketPaths.defaultsDescription)).")
   var pluginSocket: String?
 
-  @Option(help: "The socket `uffd-broker status` asks (default: the config's controlSocket, else control.sock in \(SocketPaths.defaultsDescription)).")
+  @Option(help: "The socket `uffd-broker status` asks (default: the config's controlSocket, else control.sock beside a client socket given, else in \(SocketPaths.defaultsDescription)).")
   var controlSocket: String?
 
   @Option(help: "A JSON config file (plugins to spawn, allowed uids, limits).")
@@ -72,6 +72,12 @@ struct Serve: ParsableCommand {
     if let clientSocket { configuration.clientSocketPath = clientSocket }
     if let pluginSocket { configuration.pluginSocketPath = pluginSocket }
     if let controlSocket { configuration.controlSocketPath = controlSocket }
+    // A broker given its own client socket keeps its control socket beside it
+    // (two brokers on different sockets must not meet at the default one).
+    if configuration.controlSocketPath?.isEmpty ?? true, !configuration.clientSocketPath.isEmpty {
+      let path = configuration.clientSocketPath
+      configuration.controlSocketPath = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)]) + (path.contains("/") ? "/" : "") + "control.sock"
+    }
     do throws(BrokerError) {
       if configuration.clientSocketPath.isEmpty { configuration.clientSocketPath = try SocketPaths.client }
       if configuration.pluginSocketPath.isEmpty { configuration.pluginSocketPath = try SocketPaths.plugin }

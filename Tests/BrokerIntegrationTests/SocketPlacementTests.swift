@@ -138,6 +138,23 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("A socket path through a symbolic link into another user's directory is refused (the directories really gone through are checked)",
+          .enabled(if: getuid() == 0, "needs root to give a directory to another uid"))
+    func symlinkedParentRefused() throws {
+      try Self.withDirectory("symlinked") { directory in
+        let theirs = directory + "/theirs"
+        #expect(mkdir(theirs, 0o755) == 0 && mkdir(theirs + "/run", 0o700) == 0 && chown(theirs, 65534, 65534) == 0)
+        #expect(symlink(theirs, directory + "/link") == 0)
+        let sockets = ["client", "plugin", "control"].map { "\(directory)/link/run/\($0).sock" }
+        let broker = try Self.startBroker(in: directory, label: "symlinked", sockets: sockets)
+        #expect(broker.wait(timeout: 10) == .exited(73), "\(broker.stderr)")
+        #expect(broker.stderr.contains("(owner uid 65534, mode 755) is owned by neither the broker's uid (0) nor root"), "\(broker.stderr)")
+        #expect(Self.entries(theirs + "/run").isEmpty)
+        rmdir(theirs + "/run")
+        unlink(directory + "/link")
+      }
+    }
+
     // MARK: - Helpers
 
     /// A broker on explicit `sockets` (client, plugin, control), its output in `directory`.

@@ -10,7 +10,8 @@ import Glibc
 ///    owned by the broker's uid or root and writable by no one else (group or other).
 /// 3. Each directory above it must be owned by the broker's uid or root, and
 ///    writable by no one else unless sticky (as `/tmp` is: others cannot rename or
-///    remove what is not theirs there).
+///    remove what is not theirs there): those the path names (from `/`, for a
+///    relative one too) and those it really goes through (symbolic links resolved).
 /// Otherwise `prepare` throws `notAuthorized`, naming the path, its owner and mode.
 enum SocketDirectory {
   static func prepare(forSocketAt socketPath: String, mode: mode_t) throws(BrokerError) {
@@ -29,14 +30,33 @@ enum SocketDirectory {
       throw BrokerError(.notAuthorized, "the socket directory \(directory) is \(what); refusing to serve there")
     }
     try check(directory, info, me: me, allowSticky: false, role: "the socket directory")
+    let named = directory.hasPrefix("/") ? directory : currentDirectory() + "/" + directory
+    try checkChain(from: parent(of: named), me: me)
+    guard let resolved = realpath(parent(of: named), nil) else {
+      throw BrokerError(.io, "cannot resolve the directory above \(directory)", errno: .init(rawValue: errno))
+    }
+    defer { free(resolved) }
+    try checkChain(from: String(cString: resolved), me: me)
+  }
+
+  /// Checks `directory` and every one above it, up to `/`.
+  private static func checkChain(from directory: String, me: uid_t) throws(BrokerError) {
+    var info = stat()
     var above = directory
-    while above != "/" && above != "." {
-      above = parent(of: above)
+    while true {
       guard stat(above, &info) == 0 else {
         throw BrokerError(.io, "cannot inspect \(above), above the socket directory", errno: .init(rawValue: errno))
       }
       try check(above, info, me: me, allowSticky: true, role: "above the socket directory,")
+      if above == "/" { return }
+      above = parent(of: above)
     }
+  }
+
+  private static func currentDirectory() -> String {
+    guard let cwd = getcwd(nil, 0) else { return "/" }
+    defer { free(cwd) }
+    return String(cString: cwd)
   }
 
   private static func check(_ path: String, _ info: stat, me: uid_t, allowSticky: Bool, role: String) throws(BrokerError) {
