@@ -112,6 +112,8 @@ extension BrokerRuntime {
       supervisor?.killChild(pid: pid, reason: reason)
     case .releaseFile(let handle):
       files[handle] = nil
+    case .forgetPlugin(let name):
+      stores[name] = nil
     case .log(let level, let message, let metadata):
       logger.log(level: level, message, metadata: metadata)
     }

@@ -82,7 +82,7 @@ extension Simulation {
       failure = "client \(id) killed (no schedule here calls for it)"
     case .log(let level, let message, let metadata):
       note("log \(level): \(message) \(metadata.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))")
-    case .adoptUffd, .releaseFile:
+    case .adoptUffd, .releaseFile, .forgetPlugin:
       break
     case .writeProtect:
       failure = "unexpected \(action): no client swaps out here"

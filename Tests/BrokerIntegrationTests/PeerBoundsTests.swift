@@ -34,35 +34,37 @@ extension BrokerIntegrationTests {
       }
     }
 
-    @Test("Plugin connections, plugin names and clients per uid are capped: past each cap a peer is refused with a limit Error")
+    @Test("Plugin connections, plugin names (an idle one makes room) and clients per uid are capped: past each cap a peer is refused with a limit Error, which the SDK reports")
     func capsOnPeers() throws {
       let fields = ["\"maxPluginConnections\": 3", "\"maxPluginNames\": 2", "\"maxClientsPerUID\": 2"]
       try Harness.run("caps", configFields: fields) { h in
-        // Names: two are kept; a third is refused while the first two may come back.
-        do { _ = try ManualPlugin(socketPath: h.pluginSocket, name: "first") }
+        // Names: two are kept. One no one needs any more (gone, nothing routed to it) makes
+        // room for a new one; while both are in use, a third is refused.
+        let first = try ManualPlugin(socketPath: h.pluginSocket, name: "first")
         do { _ = try ManualPlugin(socketPath: h.pluginSocket, name: "second") }
-        #expect(h.waitForStatus { $0.tally[.pluginDisconnected] == 2 }, h.diagnostics)
+        #expect(h.waitForStatus { $0.tally[.pluginDisconnected] == 1 }, h.diagnostics)
+        let third = try ManualPlugin(socketPath: h.pluginSocket, name: "third")
+        #expect(try h.status().plugin("second") == nil, h.diagnostics)
         do {
-          _ = try ManualPlugin(socketPath: h.pluginSocket, name: "third")
-          Issue.record(h.diagnostics("a third plugin name was accepted"))
+          _ = try ManualPlugin(socketPath: h.pluginSocket, name: "fourth")
+          Issue.record(h.diagnostics("a third plugin name in use was accepted"))
         } catch let error as BrokerError {
           #expect(error.code == .limit, h.diagnostics("\(error)"))
         }
-        let again = try ManualPlugin(socketPath: h.pluginSocket, name: "first")
-        // Connections: `again` and two silent ones fill the three; a fourth is refused at once.
-        let silent = try (0..<2).map { _ in try PacketSocket.connect(path: h.pluginSocket) }
-        #expect(h.waitForStatus { $0.tally[.pluginRefused] == 0 && $0.plugin("first")?.state == "connected" }, h.diagnostics)
+        // Connections: `first`, `third` and a silent one fill the three; a fourth is refused at once.
+        let silent = try PacketSocket.connect(path: h.pluginSocket)
+        #expect(h.waitForStatus { $0.tally[.pluginRefused] == 0 && $0.plugin("third")?.state == "connected" }, h.diagnostics)
         let fourth = try PacketSocket.connect(path: h.pluginSocket)
         let refused = try Isolation.dropped(fourth)
         #expect(refused.closed && refused.error?.code == .limit, h.diagnostics("\(String(describing: refused.error))"))
         #expect(try h.status().tally[.pluginRefused, "limit"] == 1, h.diagnostics)
-        _ = (again, silent)
+        _ = (first, third, silent)
 
         // Clients of one uid: two connect, the third is refused.
         let clients = try (0..<2).map { _ in try ManualClient(socketPath: h.clientSocket) }
         try clients.forEach { try $0.hello() }
-        let third = try ManualClient(socketPath: h.clientSocket)
-        let (reply, closed) = try Isolation.dropped(third)
+        let thirdClient = try ManualClient(socketPath: h.clientSocket)
+        let (reply, closed) = try Isolation.dropped(thirdClient)
         if case .error(let error)? = reply?.body {
           #expect(closed && error.code == .limit && error.message.contains("uid"), h.diagnostics("\(error)"))
         } else {
@@ -70,7 +72,7 @@ extension BrokerIntegrationTests {
         }
         // The client SDK says why too, though its Hello may meet the shut connection (EPIPE) first.
         for round in 0..<10 {
-          let outcome = try h.runClient("touch", mib: 1, threads: 1, plugin: "first")
+          let outcome = try h.runClient("touch", mib: 1, threads: 1, plugin: "third")
           #expect(outcome.status == .exited(1) && (outcome.stdout + outcome.stderr).contains("maximum of 2 clients"),
                   h.diagnostics("round \(round): \(outcome.stdout) \(outcome.stderr)"))
         }

@@ -147,6 +147,8 @@ public enum Action {
   case killPluginProcess(pid: Int32, reason: String)
   /// The engine no longer needs a delegated file.
   case releaseFile(FileHandle)
+  /// A plugin name no one needs any more is forgotten: what the runtime keeps for it goes too.
+  case forgetPlugin(name: String)
 
   // MARK: Observability
   case log(Logger.Level, Logger.Message, Logger.Metadata)

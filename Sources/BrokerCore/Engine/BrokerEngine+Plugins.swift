@@ -49,9 +49,14 @@ extension BrokerEngine {
     if let spawnedAs = plugin.spawnedAs, hello.name != spawnedAs {
       throw BrokerError(.notAuthorized, "this plugin was spawned as \"\(spawnedAs)\" and may serve no other name")
     }
-    // Each name keeps a route (what its regions and missed events are kept under): bounded.
-    guard routes[hello.name] != nil || routes.count < configuration.maxPluginNames else {
-      throw BrokerError(.limit, "the broker knows its maximum of \(configuration.maxPluginNames) plugin names")
+    // Each name keeps a route (what its regions and missed events are kept under): bounded,
+    // and a name no one needs any more makes room for a new one.
+    if routes[hello.name] == nil, routes.count >= configuration.maxPluginNames {
+      guard let idle = idleRoute() else {
+        throw BrokerError(.limit, "the broker knows its maximum of \(configuration.maxPluginNames) plugin names, all in use")
+      }
+      routes[idle.name] = nil
+      actions.append(.forgetPlugin(name: idle.name))
     }
     let route = route(named: hello.name)
     if route.connection != nil { throw BrokerError(.nameTaken, "plugin \"\(hello.name)\" is already connected") }
@@ -63,6 +68,22 @@ extension BrokerEngine {
     // The first packet to the plugin: nothing can be queued before it.
     actions.append(.welcome(plugin.id, name: hello.name))
     announceRegions(to: plugin)
+  }
+
+  /// The route longest unused that nothing needs: not connected, not configured
+  /// (spawned, or named by a policy), no one's fallback nor failed over, nothing
+  /// kept for it, and no client region routed or announced to it.
+  private func idleRoute() -> PluginRoute? {
+    let configured = Set(configuration.plugins.map(\.name) + configuration.policies.keys + configuration.policies.values.compactMap(\.fallback))
+    let fallbacks = routes.values.compactMap { $0.failover.map(ObjectIdentifier.init) }
+    let inUse = Set(clients.values.flatMap { client in
+      client.regions.pieces.map(\.route.name) + client.announcedRegions.values + client.servedBy
+        + (client.pendingOpen?.regions.map(\.plugin) ?? [])
+    })
+    return routes.values.filter { route in
+      route.connection == nil && route.failover == nil && route.missedEvents.isEmpty && !configured.contains(route.name)
+        && !fallbacks.contains(ObjectIdentifier(route)) && !inUse.contains(route.name)
+    }.min { ($0.lostAt ?? 0, $0.name) < ($1.lostAt ?? 0, $1.name) }
   }
 
   /// Whether the plugin's Hello was accepted (its packets then carry decisions).
