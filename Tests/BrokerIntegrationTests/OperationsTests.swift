@@ -173,5 +173,22 @@ extension BrokerIntegrationTests {
         #expect(tally[.pluginSpawnFailed] >= 1 && tally[.pluginExited] + tally[.pluginSpawnFailed] == 4, h.diagnostics("\(tally)"))
       }
     }
+
+    @Test("The sample plugins and the broker answer --help without connecting anywhere, and refuse a bad option with a usage error on stderr")
+    func commandLines() throws {
+      try Harness.run("command-lines") { h in
+        for product in ["uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"] {
+          // No socket reachable: --help must not try one.
+          let environment = ["UFFD_BROKER_PLUGIN_SOCKET": h.directory + "/none.sock", "UFFD_BROKER_CLIENT_SOCKET": h.directory + "/none.sock"]
+          let help = try FixtureProcess(label: "\(product)-help", executable: Harness.binDirectory + "/" + product, arguments: ["--help"],
+                                        environment: environment, stdoutPath: h.directory + "/\(product)-help.stdout", stderrPath: h.directory + "/\(product)-help.stderr")
+          #expect(help.wait(timeout: 10) == .exited(0) && help.stdout.contains("USAGE: \(product)"), h.diagnostics(help.stdout + help.stderr))
+          let bad = try FixtureProcess(label: "\(product)-bad", executable: Harness.binDirectory + "/" + product, arguments: ["--no-such-option"],
+                                       environment: environment, stdoutPath: h.directory + "/\(product)-bad.stdout", stderrPath: h.directory + "/\(product)-bad.stderr")
+          #expect(bad.wait(timeout: 10) == .exited(64) && bad.stderr.contains("Unknown option '--no-such-option'") && bad.stdout.isEmpty,
+                  h.diagnostics(bad.stdout + bad.stderr))
+        }
+      }
+    }
   }
 }

@@ -1,7 +1,7 @@
 import Glibc
 import PluginSDK
 
-// zero-fill [NAME] [--delegate]: the simplest plugin. Every page starts as zeros.
+// The simplest plugin. Every page starts as zeros.
 // A read fault gets UFFDIO_ZEROPAGE (the shared zero page: no memory, no copy).
 // A write fault gets a copied page of zeros: with ZEROPAGE the write would take
 // a second, copy-on-write fault right after (see the README for the measurement).
@@ -22,13 +22,4 @@ final class ZeroFill: PagePlugin {
     buffer.baseAddress!.initializeMemory(as: UInt8.self, repeating: 0, count: region.pageSize)
     return .copy
   }
-}
-
-let arguments = CommandLine.arguments.dropFirst()
-let name = arguments.first { !$0.hasPrefix("--") } ?? "zero-fill"
-do {
-  try PluginRunner.run(ZeroFill(delegate: arguments.contains("--delegate")), name: name)
-} catch {
-  print("zero-fill: \(error)")
-  exit(1)
 }
