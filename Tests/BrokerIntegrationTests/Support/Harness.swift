@@ -1,4 +1,5 @@
 import BrokerProtocol
+import Foundation
 import Glibc
 import Testing
 
@@ -314,17 +315,9 @@ func tail(_ text: String, lines: Int) -> String {
   text.split(separator: "\n", omittingEmptySubsequences: false).suffix(lines).joined(separator: "\n")
 }
 
+/// `text` as a JSON string literal (for the config files tests write).
 func jsonString(_ text: String) -> String {
-  var out = "\""
-  for scalar in text.unicodeScalars {
-    switch scalar {
-    case "\"": out += "\\\""
-    case "\\": out += "\\\\"
-    case "\n": out += "\\n"
-    default: out.unicodeScalars.append(scalar)
-    }
-  }
-  return out + "\""
+  String(decoding: (try? JSONEncoder().encode(text)) ?? Data("\"\"".utf8), as: UTF8.self)
 }
 
 func writeTextFile(_ path: String, _ text: String) throws {
