@@ -60,7 +60,7 @@ let package = Package(
     .target(name: "CMallocCounter"),
     .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "BrokerRuntime", "ChildProcess", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CLinux", "LinuxSupport", "CMallocCounter", .product(name: "Logging", package: "swift-log")]),
     // Sample plugins.
-    .executableTarget(name: "zero-fill-plugin", dependencies: ["PluginSDK", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/zero-fill-plugin"),
+    .executableTarget(name: "zero-fill-plugin", dependencies: ["PluginSDK", "BrokerProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/zero-fill-plugin"),
     .executableTarget(name: "snapshot-plugin", dependencies: ["PluginSDK", "BrokerProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/snapshot-plugin"),
     .systemLibrary(name: "CZlib", providers: [.apt(["zlib1g-dev"])]),
     .executableTarget(name: "swap-plugin", dependencies: ["PluginSDK", "BrokerProtocol", "CLinux", "CZlib", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/swap-plugin"),

@@ -13,7 +13,8 @@ struct SnapshotCommand: ParsableCommand {
       The file must lie beneath a --root directory (no symbolic links on the way) and be readable by \
       the client's uid; without --root every file is refused. Connects to UFFD_BROKER_PLUGIN_SOCKET \
       (or the socket its broker hands it when it spawns it).
-      """)
+      """,
+    version: uffdBrokerVersion)
 
   @Argument(help: "The plugin name regions name.")
   var name = "snapshot"

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BrokerProtocol
 import Glibc
 import PluginSDK
 
@@ -11,7 +12,8 @@ struct SwapCommand: ParsableCommand {
     discussion: """
       Without --state-dir the compressed pages live in memfds the broker keeps for this plugin name \
       (they survive the plugin); with it, in files there (they also survive the broker).
-      """)
+      """,
+    version: uffdBrokerVersion)
 
   @Argument(help: "The plugin name regions name.")
   var name = "swap"

@@ -1,4 +1,5 @@
 import ArgumentParser
+import BrokerProtocol
 import ChildProcess
 import Glibc
 
@@ -8,7 +9,8 @@ import Glibc
 struct Demo: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "uffd-demo",
-    abstract: "Run uffd-broker with the snapshot and swap plugins on a real workload, and check every page.")
+    abstract: "Run uffd-broker with the snapshot and swap plugins on a real workload, and check every page.",
+    version: uffdBrokerVersion)
 
   @Option(help: "Snapshot size to restore, in MiB.") var snapshotMib = 256
   @Option(help: "Working set for the swap scenario, in MiB (half of it is swapped out).") var swapMib = 64

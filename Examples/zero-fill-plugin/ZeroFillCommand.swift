@@ -1,4 +1,5 @@
 import ArgumentParser
+import BrokerProtocol
 import Glibc
 import PluginSDK
 
@@ -7,7 +8,8 @@ import PluginSDK
 struct ZeroFillCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "zero-fill-plugin",
-    abstract: "Serve every page as zeros (the simplest plugin).")
+    abstract: "Serve every page as zeros (the simplest plugin).",
+    version: uffdBrokerVersion)
 
   @Argument(help: "The plugin name regions name.")
   var name = "zero-fill"

@@ -12,6 +12,7 @@ struct BrokerCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
     commandName: "uffd-broker",
     abstract: "Serve page faults of client processes through out-of-process plugins.",
+    version: uffdBrokerVersion,
     subcommands: [Serve.self, Status.self, CheckConfig.self],
     defaultSubcommand: Serve.self)
 }

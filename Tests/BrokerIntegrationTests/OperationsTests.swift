@@ -174,7 +174,7 @@ extension BrokerIntegrationTests {
       }
     }
 
-    @Test("The sample plugins and the broker answer --help without connecting anywhere, and refuse a bad option with a usage error on stderr")
+    @Test("The sample plugins and the broker answer --help and --version without connecting anywhere, and refuse a bad option with a usage error on stderr")
     func commandLines() throws {
       try Harness.run("command-lines") { h in
         for product in ["uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"] {
@@ -183,6 +183,9 @@ extension BrokerIntegrationTests {
           let help = try FixtureProcess(label: "\(product)-help", executable: Harness.binDirectory + "/" + product, arguments: ["--help"],
                                         environment: environment, stdoutPath: h.directory + "/\(product)-help.stdout", stderrPath: h.directory + "/\(product)-help.stderr")
           #expect(help.wait(timeout: 10) == .exited(0) && help.stdout.contains("USAGE: \(product)"), h.diagnostics(help.stdout + help.stderr))
+          let version = try FixtureProcess(label: "\(product)-version", executable: Harness.binDirectory + "/" + product, arguments: ["--version"],
+                                           environment: environment, stdoutPath: h.directory + "/\(product)-version.stdout", stderrPath: h.directory + "/\(product)-version.stderr")
+          #expect(version.wait(timeout: 10) == .exited(0) && version.stdout == uffdBrokerVersion + "\n", h.diagnostics(version.stdout + version.stderr))
           let bad = try FixtureProcess(label: "\(product)-bad", executable: Harness.binDirectory + "/" + product, arguments: ["--no-such-option"],
                                        environment: environment, stdoutPath: h.directory + "/\(product)-bad.stdout", stderrPath: h.directory + "/\(product)-bad.stderr")
           #expect(bad.wait(timeout: 10) == .exited(64) && bad.stderr.contains("Unknown option '--no-such-option'") && bad.stdout.isEmpty,

@@ -4,6 +4,9 @@ import Userfaultfd
 /// The protocol version this build speaks (`Hello.version`).
 public let brokerProtocolVersion: UInt32 = 1
 
+/// This build's version, as every executable's `--version` says it.
+public let uffdBrokerVersion = "0.6.0 (protocol \(brokerProtocolVersion))"
+
 /// Who is speaking on a connection.
 public enum Role: Int32, Sendable {
   case client = 1
