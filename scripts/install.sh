@@ -13,7 +13,6 @@
 # --from installs binaries built already (a bin directory of `swift build`)
 # instead of building release ones.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 prefix=/usr/local sysconfdir=/etc localstatedir=/var unitdir=/etc/systemd/system from="" uninstall=false
 while (($#)); do
   case "$1" in
@@ -27,12 +26,24 @@ while (($#)); do
     *) echo "install.sh: unknown option $1 (see --help)" >&2; exit 64 ;;
   esac
 done
+# Paths are the caller's (made absolute before moving to the repository), and
+# plain: they go into sed replacements, JSON and the unit's ExecStart.
+for name in prefix sysconfdir localstatedir unitdir from; do
+  [[ -z ${!name} ]] && continue
+  [[ ${!name} =~ [[:space:]\|\&\"\\] ]] && { echo "install.sh: --$name ${!name}: no spaces, |, &, \" or \\ please" >&2; exit 64; }
+  printf -v "$name" '%s' "$(realpath -m -- "${!name}")"
+done
+cd "$(dirname "$0")/.."
 plugins=(snapshot-plugin swap-plugin zero-fill-plugin)
 libexec=$prefix/libexec/uffd-broker
 config=$sysconfdir/uffd-broker/config.json
 snapshots=$localstatedir/lib/uffd-broker/snapshots
 
 if $uninstall; then
+  # A unit systemd runs is stopped and disabled first (a running broker must not outlive its binary).
+  if [[ -d /run/systemd/system && -e $unitdir/uffd-broker.service ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now uffd-broker.service || true
+  fi
   rm -f "$prefix/bin/uffd-broker" "$unitdir/uffd-broker.service"
   for plugin in "${plugins[@]}"; do rm -f "$libexec/$plugin"; done
   rmdir "$libexec" 2>/dev/null || true

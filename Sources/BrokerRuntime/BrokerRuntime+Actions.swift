@@ -126,8 +126,11 @@ extension BrokerRuntime {
   /// what the peer sent is read and dropped. (Closed with unread packets, the
   /// socket would make the peer's next read fail with ECONNRESET before it
   /// read the Error that says why.)
-  func finish(_ socket: PacketSocket) {
-    _ = shutdown(socket.fd, CInt(SHUT_RDWR))
+  ///
+  /// `shutdownFirst: false` for a connection closed right after (the control
+  /// socket's): its peer sees the end only when the descriptor is gone.
+  func finish(_ socket: PacketSocket, shutdownFirst: Bool = true) {
+    if shutdownFirst { _ = shutdown(socket.fd, CInt(SHUT_RDWR)) }
     var fds: [CInt] = []
     for _ in 0..<256 {
       fds.removeAll(keepingCapacity: true)

@@ -54,6 +54,7 @@ extension BrokerRuntime {
 
   func closeControl(_ link: ControlLink) {
     loop.remove(link.socket.fd)
+    finish(link.socket, shutdownFirst: false)
     controls[link.id] = nil
   }
 

@@ -270,8 +270,9 @@ extension BrokerRuntime {
     guard receivedFDs.count - firstKept >= keep.count else { throw BrokerError(.malformed, "\(keep.count) descriptors to keep, \(receivedFDs.count - firstKept) attached") }
     if !keep.isEmpty, let name = engine.name(ofPlugin: link.id) {
       for (offset, keptName) in keep.enumerated() {
-        try store(of: name).keep(receivedFDs[firstKept + offset], as: keptName)
-        receivedFDs[firstKept + offset] = -1
+        let fd = receivedFDs[firstKept + offset]
+        receivedFDs[firstKept + offset] = -1  // the store owns it now, kept or closed
+        try store(of: name).keep(fd, as: keptName)
       }
     }
     for reply in try decisions.regionReplies { engine.regionReply(link.id, reply, now: now) }

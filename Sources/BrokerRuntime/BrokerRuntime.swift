@@ -114,9 +114,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     engine = try BrokerEngine(configuration: configuration, pageSize: systemPageSize, now: monotonicNanoseconds(), makeToken: { .randomToken() })
     self.configuration = configuration
     self.logger = logger
-    let ownerOnly = { (uids: Set<UInt32>, gids: Set<UInt32>) in uids.subtracting([getuid()]).isEmpty && gids.isEmpty }
-    let clientPrivate = ownerOnly(configuration.clientUIDs, configuration.clientGIDs)
-    let pluginPrivate = ownerOnly(configuration.pluginUIDs, configuration.pluginGIDs)
+    let (clientPrivate, pluginPrivate) = Self.privateSockets(configuration)
     for (path, isPrivate) in [(configuration.clientSocketPath, clientPrivate), (configuration.pluginSocketPath, pluginPrivate),
                               (configuration.controlSocketPath ?? "", true)] {
       if !path.isEmpty { try SocketDirectory.prepare(forSocketAt: path, mode: isPrivate && clientPrivate && pluginPrivate ? 0o700 : 0o755) }
@@ -234,6 +232,11 @@ public final class BrokerRuntime: @unchecked Sendable {
     }
     do {
       var next = try reload()
+      let (wasClient, wasPlugin) = Self.privateSockets(configuration)
+      let (client, plugin) = Self.privateSockets(next)
+      guard (client || !wasClient) && (plugin || !wasPlugin) else {
+        throw BrokerError(.notAuthorized, "letting other uids or gids in needs a restart: the sockets were made for the broker's uid alone (0600)")
+      }
       (next.clientSocketPath, next.pluginSocketPath, next.controlSocketPath) = (configuration.clientSocketPath, configuration.pluginSocketPath, configuration.controlSocketPath)
       try engine.reconfigure(next)
       tally.count(.configReloaded)
@@ -256,6 +259,12 @@ public final class BrokerRuntime: @unchecked Sendable {
     if let parked, parked < due { due = parked }
     if let restart, restart < due { due = restart }
     return due <= now ? 0 : CInt((due - now + 999_999) / 1_000_000)
+  }
+
+  /// Whether the client and plugin sockets are for the broker's own uid alone (0600), or open to others (0666, SO_PEERCRED deciding).
+  static func privateSockets(_ configuration: BrokerConfiguration) -> (client: Bool, plugin: Bool) {
+    let ownerOnly = { (uids: Set<UInt32>, gids: Set<UInt32>) in uids.subtracting([getuid()]).isEmpty && gids.isEmpty }
+    return (ownerOnly(configuration.clientUIDs, configuration.clientGIDs), ownerOnly(configuration.pluginUIDs, configuration.pluginGIDs))
   }
 
   /// Every client costs up to three descriptors (socket, pidfd, uffd): the

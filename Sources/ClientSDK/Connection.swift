@@ -158,15 +158,18 @@ final class Connection: @unchecked Sendable {
       }
     }
 
-    /// An Error the broker sent before it shut the connection, if one is waiting.
-    private func queuedError(_ socket: PacketSocket, _ buffer: UnsafeMutableRawBufferPointer) -> BrokerError? {
-      var received: [CInt] = []
-      defer { received.forEach(closeDescriptor) }
-      guard case .packet(let count)? = try? socket.receive(into: buffer, fds: &received),
-            let reply = try? ClientWire.decodeReply(UnsafeRawBufferPointer(rebasing: buffer[..<count]), arena: arena),
-            case .error(let error) = reply.body
-      else { return nil }
-      return error
+    /// An Error the broker sent before it shut the connection, if one is waiting
+    /// (behind notices or late replies, which are handled as usual).
+    private mutating func queuedError(_ socket: PacketSocket, _ buffer: UnsafeMutableRawBufferPointer) -> BrokerError? {
+      while true {
+        var received: [CInt] = []
+        defer { received.forEach(closeDescriptor) }
+        guard case .packet(let count)? = try? socket.receive(into: buffer, fds: &received),
+              let reply = try? ClientWire.decodeReply(UnsafeRawBufferPointer(rebasing: buffer[..<count]), arena: arena)
+        else { return nil }
+        if take(reply.body, fds: &received) { continue }
+        if case .error(let error) = reply.body { return error }
+      }
     }
   }
 

@@ -29,7 +29,8 @@ extension BrokerIntegrationTests {
         let second = try ManualClient(socketPath: h.clientSocket)
         try second.hello()
 
-        for (text, cause) in [(#"{"maxClientsPerUID": 0}"#, "malformed"), (#"{"maxClientsPerUID": 3, "plugins": [{"name": "x", "executable": "/bin/true"}]}"#, "malformed")] {
+        for (text, cause) in [(#"{"maxClientsPerUID": 0}"#, "malformed"), (#"{"maxClientsPerUID": 3, "plugins": [{"name": "x", "executable": "/bin/true"}]}"#, "malformed"),
+                              (#"{"maxClientsPerUID": 3, "clientUIDs": [0, 4242]}"#, "notAuthorized")] {
           let before = try h.status().tally[.configReloadRefused, cause]
           try writeTextFile(config, text)
           kill(h.broker.pid, SIGHUP)

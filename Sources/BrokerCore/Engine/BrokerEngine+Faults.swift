@@ -134,7 +134,7 @@ extension BrokerEngine {
       }
       statistics.decisionsApplied += 1
       statistics.faultsResolved += 1
-      faultLatency.record(now - entry.readAt)
+      faultLatency.record(now >= entry.readAt ? now - entry.readAt : 0)
       plugins[pluginID]?.route?.decisionsApplied += 1
     case .delegated:
       if case .failed(let errno) = outcome, errno != .badAddress {
@@ -145,7 +145,7 @@ extension BrokerEngine {
       }
       statistics.resolvedLocally += 1
       statistics.faultsResolved += 1
-      faultLatency.record(now - entry.readAt)
+      faultLatency.record(now >= entry.readAt ? now - entry.readAt : 0)
     case .newMemory:
       if outcome.isResolved { statistics.newMemoryFills += 1 }
     case .failClosed(let cause):

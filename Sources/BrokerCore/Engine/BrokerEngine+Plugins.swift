@@ -81,7 +81,8 @@ extension BrokerEngine {
         + (client.pendingOpen?.regions.map(\.plugin) ?? [])
     })
     return routes.values.filter { route in
-      route.connection == nil && route.failover == nil && route.missedEvents.isEmpty && !configured.contains(route.name)
+      route.connection == nil && route.failover == nil && !configured.contains(route.name)
+        && route.missedEvents.allSatisfy { clients[$0.clientID] == nil }  // at most the Closed of clients gone
         && !fallbacks.contains(ObjectIdentifier(route)) && !inUse.contains(route.name)
     }.min { ($0.lostAt ?? 0, $0.name) < ($1.lostAt ?? 0, $1.name) }
   }
@@ -298,6 +299,10 @@ extension BrokerEngine {
       route.missedEvents.removeAll { $0.clientID == gone }
     }
     guard route.missedEvents.count < Self.maxMissedEvents else {
+      // A client's end is no change of its memory: past the cap it is not kept (the
+      // plugin, when it comes back, keeps state for a client that is gone: no page is wrong).
+      if case .closed = event { return }
+      if case .regionClosed = event { return }
       // Dropping an event could make the plugin serve stale memory later: instead the
       // client that keeps changing its mappings while its plugin is away is failed closed.
       if let client = clients[event.clientID] { kill(client, "killing a client: too many events for an absent plugin", plugin: route) }

@@ -1,4 +1,5 @@
 import FoundationEssentials
+import LinuxSupport
 
 /// The broker's control socket, for its owner and root: the peer sends one
 /// packet, a command; the broker answers with JSON in one or more packets of
@@ -47,6 +48,7 @@ public enum ControlChannel {
     if case .failure(let error) = sent, error.code != .disconnected { throw error }
     var reply: [UInt8] = []
     var fds: [CInt] = []
+    defer { fds.forEach(closeDescriptor) }
     while true {
       switch try socket.receive(into: buffer, fds: &fds, blocking: true) {
       case .packet(let count): reply += buffer[..<count]

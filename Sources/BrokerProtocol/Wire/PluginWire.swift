@@ -448,8 +448,12 @@ public final class DecisionBatchEncoder {
 
   public func append(_ reply: RegionReply) { replies.append(reply) }
   public func append(_ reply: StoreReply) { storeReplies.append(reply) }
-  /// A delegation; a file delegation's `file` is attached to the packet (it stays open here).
-  public func append(_ delegation: Delegation, file: CInt? = nil) { delegations.append((delegation, file)) }
+  /// A delegation; a file delegation's `file` is attached to the packet (it stays open here),
+  /// and a file delegation without one is a programming error (it would serve zeros).
+  public func append(_ delegation: Delegation, file: CInt?) {
+    if case .file = delegation.source, !delegation.revoke { precondition(file != nil, "a file delegation needs its file") }
+    delegations.append((delegation, file))
+  }
   /// File delegations collected (each needs a descriptor on the packet).
   public var descriptorCount: Int {
     delegations.reduce(0) { count, entry in Self.attached(entry) == nil ? count : count + 1 }

@@ -125,7 +125,7 @@ final class ManualPlugin {
     }
     for reply in replies { encoder.append(reply) }
     for reply in storeReplies { encoder.append(reply) }
-    for delegation in delegations { encoder.append(delegation) }
+    for delegation in delegations { encoder.append(delegation, file: nil) }  // zero-page delegations only
     try flush()
   }
 

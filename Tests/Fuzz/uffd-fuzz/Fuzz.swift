@@ -391,10 +391,10 @@ enum Seeds {
       $0.append(StoreReply(storeID: 4, error: BrokerError(.limit, "store full")))
     }
     plugin("delegations", descriptors: 2) {
-      $0.append(Delegation(clientID: 7, regionID: 1, offsets: 0..<65536, source: .zero, prefetchPages: 16))
+      $0.append(Delegation(clientID: 7, regionID: 1, offsets: 0..<65536, source: .zero, prefetchPages: 16), file: nil)
       $0.append(Delegation(clientID: 7, regionID: 1, offsets: 65536..<131072, source: .file(offset: 4096)), file: 5)
       $0.append(Delegation(clientID: 7, regionID: 2, offsets: 0..<4096, source: .file(offset: 0), prefetchPages: 1), file: 6)
-      $0.append(Delegation(clientID: 7, regionID: 1, offsets: 0..<8192, source: .zero, revoke: true))
+      $0.append(Delegation(clientID: 7, regionID: 1, offsets: 0..<8192, source: .zero, revoke: true), file: nil)
     }
     plugin("mixed", descriptors: 1) {
       $0.setHello(Hello(role: .plugin, name: "swap"))
