@@ -22,6 +22,12 @@ extension BrokerIntegrationTests {
         #expect(latency.count == status.faults.faultsResolved && latency.count > 0, h.diagnostics("\(latency)"))
         #expect(latency.p50 <= latency.p99 && latency.p99 <= latency.max && latency.max > 0, h.diagnostics("\(latency)"))
         #expect(status.plugin("pattern")?.decisionsApplied == status.faults.faultsResolved, h.diagnostics)
+        // At --log-level debug (the harness's) the log follows each connection and region; no line per fault.
+        let log = h.brokerLog
+        for line in ["client connection accepted", "plugin connection accepted", "regions announced to their plugins", "plugin accepted a region"] {
+          #expect(log.contains("debug uffd-broker: \(line)"), h.diagnostics(line))
+        }
+        #expect(log.split(separator: "\n").count < 100, h.diagnostics("a log line per fault?"))
       }
     }
 

@@ -33,6 +33,7 @@ extension BrokerEngine {
     }
     let client = Client(id: takeID(), peer: peer, hasSocket: true, connectedAt: now)
     clients[client.id] = client
+    log(.debug, "client connection accepted", ["client.id": "\(client.id)", "peer.pid": "\(peer.pid)", "peer.uid": "\(peer.uid)"])
     return .success(client.id)
   }
 
@@ -196,6 +197,7 @@ extension BrokerEngine {
     }
     let deadline = now + configuration.registrationTimeout.nanoseconds
     client.pendingOpen = Client.PendingOpen(requestID: requestID, regions: specs, awaiting: Set(specs.map(\.id)), deadline: deadline, sentAt: now)
+    log(.debug, "regions announced to their plugins", ["client.id": "\(client.id)", "regions": "\(specs.map(\.id))", "plugins": "\(Set(specs.map(\.plugin)).sorted())"])
     for spec in specs {
       client.announcedRegions[spec.id] = spec.plugin
       client.servedBy.insert(spec.plugin)

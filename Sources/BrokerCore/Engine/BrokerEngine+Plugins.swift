@@ -31,6 +31,7 @@ extension BrokerEngine {
     }
     let plugin = Plugin(id: takeID(), peer: peer, connectedAt: now, spawnedAs: spawnedAs)
     plugins[plugin.id] = plugin
+    log(.debug, "plugin connection accepted", ["peer.pid": "\(peer.pid)", "peer.uid": "\(peer.uid)", "spawned": "\(spawnedAs ?? "no")"])
     return .success(plugin.id)
   }
 
@@ -156,6 +157,7 @@ extension BrokerEngine {
     }
     pending.awaiting.remove(reply.regionID)
     client.pendingOpen = pending
+    log(.debug, "plugin accepted a region", ["plugin": "\(plugin.name)", "client.id": "\(client.id)", "region.id": "\(reply.regionID)", "waiting": "\(pending.awaiting.count)"])
     guard pending.awaiting.isEmpty else { return }
     client.pendingOpen = nil
     // A forked child's table is its parent's copy already.

@@ -13,6 +13,7 @@ extension BrokerEngine {
       let (range, _) = try client.liveRange(regionID: regionID, offset: offset, length: length, pageSize: pageSize)
       guard !client.isSwapping(range) else { throw BrokerError(.badRegion, "a swap-out of this range is in progress") }
       client.swapping.append(range)  // first: fills from now on are write-protected
+      log(.debug, "swap-out started", ["client.id": "\(client.id)", "region.id": "\(regionID)", "offset": "\(offset)", "length": "\(length)"])
       actions.append(.writeProtect(client.id, range, protect: true, swapOut: SwapOutStart(requestID: request.requestID, regionID: regionID)))
     case .swapOutData(let regionID, let offset, let data):
       let (range, piece) = try client.liveRange(regionID: regionID, offset: offset, length: data.count, pageSize: pageSize)
@@ -27,6 +28,7 @@ extension BrokerEngine {
       let (range, _) = try client.liveRange(regionID: regionID, offset: offset, length: length, pageSize: pageSize)
       guard let index = client.swapping.firstIndex(of: range) else { throw BrokerError(.badRegion, "no swap-out of this range is in progress") }
       client.swapping.remove(at: index)
+      log(.debug, "swap-out done", ["client.id": "\(client.id)", "region.id": "\(regionID)", "offset": "\(offset)", "length": "\(length)"])
       // Unprotecting wakes the held writers: a kept page is now writable; a
       // dropped one faults again and is filled from the plugin's copy.
       actions.append(.writeProtect(client.id, range, protect: false, swapOut: nil))
