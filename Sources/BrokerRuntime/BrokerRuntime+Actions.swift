@@ -140,12 +140,12 @@ extension BrokerRuntime {
     }
   }
 
-  /// Watches the client's uffd and process (the pidfd taken when it connected:
-  /// if that process is gone, its pidfd is readable at once and the client closed).
+  /// Watches the client's uffd and process (the pidfd taken when it connected,
+  /// `admitClient`: if that process is gone, its pidfd is readable at once and
+  /// the client closed).
   private func watch(_ id: ClientID) {
     guard let link = clients[id], let uffd = link.uffd else { return }
     do throws(BrokerError) {
-      guard link.pidfd.isValid else { throw BrokerError(.io, "no pidfd of the connecting process (SO_PEERPIDFD needs Linux 6.5)") }
       try loop.add(uffd.fileDescriptor.rawValue, Token(.clientUffd, id))
       try loop.add(link.pidfd.rawValue, Token(.clientPidfd, id))
     } catch {

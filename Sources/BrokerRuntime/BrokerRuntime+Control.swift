@@ -98,8 +98,7 @@ extension BrokerRuntime {
   }
 
   private func refuseControl(_ socket: PacketSocket, _ error: BrokerError) {
-    tally.count(.controlRefused, error.code.name)
-    logSparsely(.warning, "refused a control connection", .controlRefused, ["reason": "\(error)"])
+    report(.warning, "refused a control connection", .controlRefused, cause: error.code.name, ["reason": "\(error)"])
     _ = refusal(error).withUnsafeBytes { try? socket.send($0) }
     finish(socket)
   }

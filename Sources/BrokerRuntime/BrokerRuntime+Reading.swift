@@ -22,8 +22,7 @@ extension BrokerRuntime {
       // refuse one (if any) and let the next wakeup handle the rest.
       spareDescriptor = OwnedDescriptor()
       if let socket = try? listener.accept() {
-        tally.count(.connectionRefusedNoDescriptors, role)
-        logSparsely(.error, "out of descriptors: refusing a new connection", .connectionRefusedNoDescriptors, ["role": "\(role)"])
+        report(.error, "out of descriptors: refusing a new connection", .connectionRefusedNoDescriptors, cause: role, ["role": "\(role)"])
         refusal(socket, BrokerError(.limit, "the broker is out of file descriptors; try again later"))
       }
       spareDescriptor = OwnedDescriptor(open("/dev/null", O_RDONLY | O_CLOEXEC))
@@ -35,20 +34,55 @@ extension BrokerRuntime {
   }
 
   func acceptClients() {
-    acceptAll(from: clientListener, role: "client", refusal: tellClient, connect: engine.clientConnected, kind: .clientSocket,
-              keep: keepClient, gone: { engine.clientGone($0, BrokerError(.io, "its socket could not be watched"), now: loopTime) })
+    acceptAll(from: clientListener, role: "client", refusal: tellClient) { admitClient($0, engine.clientConnected($1, now: loopTime)) }
   }
 
   func acceptPlugins() {
-    acceptAll(from: pluginListener, role: "plugin", refusal: tellPlugin, connect: { engine.pluginConnected($0, now: $1) }, kind: .plugin,
-              keep: { plugins[$0] = PluginLink(id: $0, socket: $1) }, gone: { engine.pluginGone($0, BrokerError(.io, "its socket could not be watched"), now: loopTime) })
+    acceptAll(from: pluginListener, role: "plugin", refusal: tellPlugin) { admitPlugin($0, engine.pluginConnected($1, now: loopTime)) }
   }
 
   /// A plugin the supervisor spawned, on the broker's end of its socket pair:
   /// from here on a plugin connection like any other, except that the engine
   /// lets it in by name (its configured one) rather than by uid.
   func adoptSpawnedPlugin(_ socket: PacketSocket, peer: PeerCredentials, name: String) {
-    switch engine.pluginConnected(peer, spawnedAs: name, now: loopTime) {
+    admitPlugin(socket, engine.pluginConnected(peer, spawnedAs: name, now: loopTime))
+  }
+
+  /// Accepts every waiting connection and hands it, with its peer, to `admit`.
+  private func acceptAll(from listener: PacketListener, role: String, refusal: (PacketSocket, BrokerError) -> Void,
+                         admit: (PacketSocket, PeerCredentials) -> Void) {
+    while let socket = accept(from: listener, role: role, refusal: refusal) {
+      guard let peer = try? socket.peerCredentials() else { continue }
+      admit(socket, peer)
+    }
+  }
+
+  /// A client connection the engine let in (or refused: it is told why) is
+  /// kept and watched, with a pidfd of the process that connected, taken now
+  /// (a pid looked up later may name another process by then; without one the
+  /// client is refused at once).
+  private func admitClient(_ socket: PacketSocket, _ connected: Result<ClientID, BrokerError>) {
+    guard case .success(let id) = connected else {
+      if case .failure(let error) = connected { tellClient(socket, error) }
+      return
+    }
+    let link = ClientLink(id: id, socket: socket)
+    clients[id] = link
+    switch valueOrErrno(clinux_peer_pidfd(socket.fd)) {
+    case .success(let pidfd): link.pidfd = OwnedDescriptor(pidfd)
+    case .failure(let errno):
+      return engine.clientFailed(id, BrokerError(.io, "no pidfd of the connecting process (SO_PEERPIDFD, Linux 6.5; or it has exited)", errno: errno), now: loopTime)
+    }
+    do {
+      try loop.add(socket.fd, Token(.clientSocket, id))
+    } catch {
+      engine.clientGone(id, BrokerError(.io, "its socket could not be watched"), now: loopTime)
+    }
+  }
+
+  /// A plugin connection the engine let in (or refused: it is told why) is kept and watched.
+  private func admitPlugin(_ socket: PacketSocket, _ connected: Result<PluginID, BrokerError>) {
+    switch connected {
     case .failure(let error):
       tellPlugin(socket, error)
     case .success(let id):
@@ -59,36 +93,6 @@ extension BrokerRuntime {
         engine.pluginGone(id, BrokerError(.io, "its socket could not be watched"), now: loopTime)
       }
     }
-  }
-
-  /// Accepts every waiting connection: the engine decides who may connect
-  /// (a refused peer is told why), the runtime keeps and watches the socket.
-  private func acceptAll(from listener: PacketListener, role: String, refusal: (PacketSocket, BrokerError) -> Void,
-                         connect: (PeerCredentials, UInt64) -> Result<UInt64, BrokerError>, kind: Token.Kind,
-                         keep: (UInt64, PacketSocket) -> Void, gone: (UInt64) -> Void) {
-    while true {
-      guard let socket = accept(from: listener, role: role, refusal: refusal) else { return }
-      guard let peer = try? socket.peerCredentials() else { continue }
-      switch connect(peer, loopTime) {
-      case .failure(let error):
-        refusal(socket, error)
-      case .success(let id):
-        do {
-          try loop.add(socket.fd, Token(kind, id))
-          keep(id, socket)
-        } catch {
-          gone(id)
-        }
-      }
-    }
-  }
-
-  /// Keeps a client's connection, with a pidfd of the process that connected
-  /// (taken now: a pid looked up later may name another process by then).
-  private func keepClient(_ id: ClientID, _ socket: PacketSocket) {
-    let link = ClientLink(id: id, socket: socket)
-    link.pidfd = OwnedDescriptor(max(clinux_peer_pidfd(socket.fd), -1))
-    clients[id] = link
   }
 
   private func tellClient(_ socket: PacketSocket, _ error: BrokerError) {

@@ -277,9 +277,11 @@ public final class BrokerRuntime: @unchecked Sendable {
     _ = setrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit)
   }
 
-  /// Logs the 1st, 2nd, 4th, 8th... incident of a kind the runtime counts (with
-  /// the count so far): a peer that provokes thousands must not flood the log.
-  func logSparsely(_ level: Logger.Level, _ message: Logger.Message, _ kind: Tally.Kind, _ metadata: Logger.Metadata) {
+  /// Counts an incident only the runtime sees, and logs the 1st, 2nd, 4th,
+  /// 8th... of its kind (with the count so far): a peer that provokes
+  /// thousands must not flood the log.
+  func report(_ level: Logger.Level, _ message: Logger.Message, _ kind: Tally.Kind, cause: String, _ metadata: Logger.Metadata) {
+    tally.count(kind, cause)
     let count = tally[kind]
     guard count & (count - 1) == 0 else { return }
     logger.log(level: level, message, metadata: metadata.merging(["count": "\(count)"]) { $1 })

@@ -76,8 +76,7 @@ struct Serve: ParsableCommand {
     // A broker given its own client socket keeps its control socket beside it
     // (two brokers on different sockets must not meet at the default one).
     if configuration.controlSocketPath?.isEmpty ?? true, !configuration.clientSocketPath.isEmpty {
-      let path = configuration.clientSocketPath
-      configuration.controlSocketPath = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)]) + (path.contains("/") ? "/" : "") + "control.sock"
+      configuration.controlSocketPath = URL(fileURLWithPath: configuration.clientSocketPath).deletingLastPathComponent().appendingPathComponent("control.sock").path
     }
     do throws(BrokerError) {
       if configuration.clientSocketPath.isEmpty { configuration.clientSocketPath = try SocketPaths.client }

@@ -236,7 +236,7 @@ extension BrokerIntegrationTests {
             exits += 1
             plugin = try h.startPlugin(name: "pattern", mode: "exit-after:2000")
           }
-          usleep(1000)
+          FixtureProcess.waitForAnyExit([plugin, client], timeout: max(0, deadline - now()))
         }
         let status = client.wait(timeout: max(1, deadline - now()))
         #expect(status == .exited(0), h.diagnostics(client.stdout + client.stderr))

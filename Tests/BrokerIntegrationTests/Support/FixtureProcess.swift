@@ -56,6 +56,13 @@ final class FixtureProcess {
 
   var isRunning: Bool { poll() == nil }
 
+  /// Waits until one of `processes` ends (its pidfd is readable) or `timeout`
+  /// seconds pass; reaps nothing (`poll()` does).
+  static func waitForAnyExit(_ processes: [FixtureProcess], timeout: Double) {
+    var entries = processes.map { pollfd(fd: $0.process.pidfd, events: Int16(POLLIN), revents: 0) }
+    _ = Glibc.poll(&entries, nfds_t(entries.count), Int32(timeout * 1000))
+  }
+
   /// Waits up to `timeout` seconds. On timeout the process is killed with
   /// SIGKILL (and reaped), the test gets an issue, and nil is returned.
   func wait(timeout: Double, sourceLocation: SourceLocation = #_sourceLocation) -> ExitStatus? {
