@@ -114,6 +114,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     engine = try BrokerEngine(configuration: configuration, pageSize: systemPageSize, now: monotonicNanoseconds(), makeToken: { .randomToken() })
     self.configuration = configuration
     self.logger = logger
+    engine.logLevel = logger.logLevel
     let (clientPrivate, pluginPrivate) = Self.privateSockets(configuration)
     for (path, isPrivate) in [(configuration.clientSocketPath, clientPrivate), (configuration.pluginSocketPath, pluginPrivate),
                               (configuration.controlSocketPath ?? "", true)] {
@@ -178,7 +179,7 @@ public final class BrokerRuntime: @unchecked Sendable {
       engine.tick(now: loopTime)
       if supervisor?.restartDue(loop: loop) == true { tellGivenUp() }
       if !controls.isEmpty { expireControls() }
-      service.tick(now: loopTime, status: serviceStatus)
+      if service.tick(now: loopTime) { service.status(serviceStatus()) }
       perform()
       flushPlugins()
       resolvedCounter.store(engine.statistics.faultsResolved, ordering: .relaxed)

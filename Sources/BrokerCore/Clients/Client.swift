@@ -13,6 +13,9 @@ final class Client {
     case opening
     case active
     case closed
+
+    /// Connected, and not registered yet.
+    var isBeforeRegister: Bool { self == .awaitingHello || self == .awaitingRegister }
   }
 
   /// Regions announced to plugins and waiting for their replies.

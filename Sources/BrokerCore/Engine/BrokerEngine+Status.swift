@@ -42,8 +42,8 @@ extension BrokerEngine {
   /// Counts an incident, in total and for the plugin it concerns, and logs it:
   /// up to `logLinesPerSecond` lines of a kind a second, then a summary line
   /// (a hostile peer must not flood the log; the counts stay exact).
-  func report(_ level: Logger.Level, _ message: Logger.Message, _ kind: Tally.Kind, cause: String? = nil, plugin route: PluginRoute? = nil,
-              _ metadata: Logger.Metadata = [:]) {
+  func report(_ level: Logger.Level, _ message: @autoclosure () -> Logger.Message, _ kind: Tally.Kind, cause: String? = nil, plugin route: PluginRoute? = nil,
+              _ metadata: @autoclosure () -> Logger.Metadata = [:]) {
     tally.count(kind, cause)
     route?.tally.count(kind, cause)
     var window = logWindows[kind] ?? LogWindow(start: now)
@@ -53,20 +53,26 @@ extension BrokerEngine {
     }
     if window.lines < Self.logLinesPerSecond {
       window.lines += 1
-      log(level, message, metadata)
+      log(level, message(), metadata())
     } else {
       window.suppressed += 1
+      nextLogSummary = min(nextLogSummary ?? .max, window.start + 1_000_000_000)
     }
     logWindows[kind] = window
   }
 
-  /// Sums up the lines a past second held back (on the sweep, so the last burst is told too).
+  /// Sums up the lines a past second held back (on the sweep, so the last
+  /// burst is told too). The sweep's usual case, nothing held back, is one comparison.
   func summarizeSuppressedLogs() {
-    let expired = { (window: LogWindow) in self.now >= window.start + 1_000_000_000 }
-    guard logWindows.values.contains(where: expired) else { return }
-    for (kind, window) in logWindows.sorted(by: { $0.key.rawValue < $1.key.rawValue }) where expired(window) {
-      summarize(kind, window)
-      logWindows[kind] = nil
+    guard let due = nextLogSummary, now >= due else { return }
+    nextLogSummary = nil
+    for (kind, window) in logWindows.sorted(by: { $0.key.rawValue < $1.key.rawValue }) where window.suppressed > 0 {
+      if now >= window.start + 1_000_000_000 {
+        summarize(kind, window)
+        logWindows[kind] = nil
+      } else {
+        nextLogSummary = min(nextLogSummary ?? .max, window.start + 1_000_000_000)
+      }
     }
   }
 

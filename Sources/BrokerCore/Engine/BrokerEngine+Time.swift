@@ -40,8 +40,7 @@ extension BrokerEngine {
   /// within `helloTimeout`: idle connections must not hold the broker's slots.
   private func expireSilentPeers() {
     let timeout = configuration.helloTimeout.nanoseconds
-    let waiting = { (client: Client) in client.hasSocket && (client.phase == .awaitingHello || client.phase == .awaitingRegister) }
-    for client in due(clients.values, by: \.id, where: { waiting($0) && now > $0.connectedAt + timeout }) {
+    for client in due(clients.values, by: \.id, where: { $0.hasSocket && $0.phase.isBeforeRegister && now > $0.connectedAt + timeout }) {
       refuse(0, of: client, BrokerError(.timedOut, "no Register within \(configuration.helloTimeout.wholeMilliseconds) ms of connecting"))
     }
     for plugin in due(plugins.values, by: \.id, where: { $0.route == nil && !$0.isClosed && now > $0.connectedAt + timeout }) {

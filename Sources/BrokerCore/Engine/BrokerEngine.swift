@@ -59,9 +59,13 @@ public final class BrokerEngine {
   public internal(set) var statistics = FaultStatistics()
   /// Refusals, connections, disconnects and failures, by kind and cause.
   public internal(set) var tally = Tally()
+  /// The least level of the log lines the engine asks for (the runtime sets its logger's).
+  public var logLevel: Logger.Level = .trace
   var faultLatency = FaultLatency()
   /// The log's budget per kind of incident (see `report`).
   var logWindows: [Tally.Kind: LogWindow] = [:]
+  /// When the earliest window that held lines back ends (nil: none did).
+  var nextLogSummary: UInt64?
   static let logLinesPerSecond = 20
 
   /// Events kept for a plugin that is away; past this a client is failed closed.
@@ -111,8 +115,10 @@ public final class BrokerEngine {
     return route
   }
 
-  func log(_ level: Logger.Level, _ message: Logger.Message, _ metadata: Logger.Metadata = [:]) {
-    actions.append(.log(level, message, metadata))
+  /// A log line, built only at `logLevel` or above (its text and metadata cost allocations).
+  func log(_ level: Logger.Level, _ message: @autoclosure () -> Logger.Message, _ metadata: @autoclosure () -> Logger.Metadata = [:]) {
+    guard level >= logLevel else { return }
+    actions.append(.log(level, message(), metadata()))
   }
 
   func reply(_ client: Client, _ reply: BrokerReply) {

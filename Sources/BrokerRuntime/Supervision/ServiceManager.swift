@@ -22,18 +22,21 @@ struct ServiceManager {
 
   func stopping() { notify("STOPPING=1\nSTATUS=stopping") }
 
-  /// On the loop's housekeeping: the watchdog's keep-alive when due, and the status line every few seconds.
-  mutating func tick(now: UInt64, status: () -> String) {
-    guard supervised else { return }
+  /// On every loop wakeup: the watchdog's keep-alive when due; whether a
+  /// status line is due (then `status(_:)`). Nothing is built on the way: the
+  /// fault path runs through here.
+  mutating func tick(now: UInt64) -> Bool {
+    guard supervised else { return false }
     if let watchdogInterval, now >= nextWatchdog {
       notify("WATCHDOG=1")
       nextWatchdog = now + watchdogInterval
     }
-    if now >= nextStatus {
-      notify("STATUS=\(status())")
-      nextStatus = now + Self.statusInterval
-    }
+    guard now >= nextStatus else { return false }
+    nextStatus = now + Self.statusInterval
+    return true
   }
+
+  func status(_ line: String) { notify("STATUS=\(line)") }
 
   private func notify(_ state: String) {
     guard supervised else { return }
