@@ -34,7 +34,10 @@ extension BrokerRuntime {
   }
 
   func acceptClients() {
-    acceptAll(from: clientListener, role: "client", refusal: tellClient) { admitClient($0, engine.clientConnected($1, now: loopTime)) }
+    acceptAll(from: clientListener, role: "client", refusal: tellClient) { socket, peer in
+      guard let pidfd = takePidfd(of: socket) else { return }
+      admitClient(socket, pidfd: pidfd, engine.clientConnected(peer, now: loopTime))
+    }
   }
 
   func acceptPlugins() {
@@ -57,22 +60,35 @@ extension BrokerRuntime {
     }
   }
 
+  /// A pidfd of the process that connected, taken at accept (a pid looked up
+  /// later may name another process by then). Without one the connection is
+  /// refused: as out of descriptors (a `.limit` the client may retry) when that
+  /// is why, else because the process is gone or the kernel predates 6.5.
+  private func takePidfd(of socket: PacketSocket) -> OwnedDescriptor? {
+    switch valueOrErrno(clinux_peer_pidfd(socket.fd)) {
+    case .success(let pidfd):
+      return OwnedDescriptor(pidfd)
+    case .failure(let errno) where errno == .tooManyOpenFiles || errno == .tooManyOpenFilesInSystem:
+      report(.error, "out of descriptors: refusing a new connection", .connectionRefusedNoDescriptors, cause: "client", ["role": "client"])
+      tellClient(socket, BrokerError(.limit, "the broker is out of file descriptors; try again later"))
+    case .failure(let errno):
+      let error = BrokerError(.io, "no pidfd of the connecting process (SO_PEERPIDFD, Linux 6.5; or it has exited)", errno: errno)
+      report(.warning, "client refused", .clientRefused, cause: "noPidfd", ["error": "\(error)"])
+      tellClient(socket, error)
+    }
+    return nil
+  }
+
   /// A client connection the engine let in (or refused: it is told why) is
-  /// kept and watched, with a pidfd of the process that connected, taken now
-  /// (a pid looked up later may name another process by then; without one the
-  /// client is refused at once).
-  private func admitClient(_ socket: PacketSocket, _ connected: Result<ClientID, BrokerError>) {
+  /// kept and watched, with the pidfd taken at accept.
+  private func admitClient(_ socket: PacketSocket, pidfd: consuming OwnedDescriptor, _ connected: Result<ClientID, BrokerError>) {
     guard case .success(let id) = connected else {
       if case .failure(let error) = connected { tellClient(socket, error) }
       return
     }
     let link = ClientLink(id: id, socket: socket)
+    link.pidfd = pidfd
     clients[id] = link
-    switch valueOrErrno(clinux_peer_pidfd(socket.fd)) {
-    case .success(let pidfd): link.pidfd = OwnedDescriptor(pidfd)
-    case .failure(let errno):
-      return engine.clientFailed(id, BrokerError(.io, "no pidfd of the connecting process (SO_PEERPIDFD, Linux 6.5; or it has exited)", errno: errno), now: loopTime)
-    }
     do {
       try loop.add(socket.fd, Token(.clientSocket, id))
     } catch {
