@@ -50,8 +50,23 @@ public struct BrokerConfiguration: Sendable {
     }
   }
 
+  /// A socket that speaks Firecracker's page-fault handler protocol (a VMM
+  /// restoring a snapshot sends its guest regions and userfaultfd there): the
+  /// guest memory of every VMM that connects is served by `plugin`, with
+  /// `argument` (the snapshot's memory file, say). Who may connect is decided
+  /// as for clients (`clientUIDs`, `clientGIDs`).
+  public struct FirecrackerSocket: Sendable, Equatable {
+    public var path: String
+    public var plugin: String
+    public var argument: String
+    public init(path: String, plugin: String, argument: String = "") {
+      (self.path, self.plugin, self.argument) = (path, plugin, argument)
+    }
+  }
+
   public var clientSocketPath: String
   public var pluginSocketPath: String
+  public var firecrackerSockets: [FirecrackerSocket] = []
   /// Where the `ControlChannel` listens (nil: nowhere; the daemon's default is `SocketPaths.control`).
   public var controlSocketPath: String?
   public var plugins: [SpawnedPlugin] = []
@@ -117,6 +132,15 @@ public struct BrokerConfiguration: Sendable {
       }
       for (field, value) in [("user", plugin.user), ("group", plugin.group)] where value?.isEmpty == true {
         throw BrokerError(.malformed, "plugins[\(index)].\(field) is empty; leave it out for the default")
+      }
+    }
+    var paths: Set<String> = [clientSocketPath, pluginSocketPath, controlSocketPath ?? ""]
+    for (index, socket) in firecrackerSockets.enumerated() {
+      guard socket.path.hasPrefix("/"), paths.insert(socket.path).inserted else {
+        throw BrokerError(.malformed, "firecrackerSockets[\(index)].path \"\(socket.path)\" must be an absolute path no other socket uses")
+      }
+      guard !socket.plugin.isEmpty, socket.plugin.utf8.count <= RegionSpec.maxPluginNameBytes, socket.argument.utf8.count <= RegionSpec.maxArgumentBytes else {
+        throw BrokerError(.malformed, "firecrackerSockets[\(index)]: plugin must be 1 to \(RegionSpec.maxPluginNameBytes) bytes, argument at most \(RegionSpec.maxArgumentBytes)")
       }
     }
     for (name, policy) in policies.sorted(by: { $0.key < $1.key }) where policy.fallback == name {

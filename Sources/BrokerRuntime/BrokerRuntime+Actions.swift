@@ -21,14 +21,15 @@ extension BrokerRuntime {
   private func perform(_ action: Action) {
     switch action {
     case .reply(let id, let reply):
-      guard let socket = clients[id]?.socket else { return }
+      guard let link = clients[id], let socket = link.socket else { return }
+      if link.vmm != nil { return vmmCannotBeTold(link, reply) }
       do {
         _ = try ClientWire.encode(reply).withUnsafeBytes { (raw) throws(BrokerError) in try socket.send(raw) }
       } catch {
         engine.clientGone(id, BrokerError(error), now: loopTime)
       }
     case .notify(let id, let notice):
-      guard let socket = clients[id]?.socket else { return }
+      guard let link = clients[id], link.vmm == nil, let socket = link.socket else { return }
       let bytes = ClientWire.encode(notice)
       if (try? bytes.withUnsafeBytes { (raw) throws(BrokerError) in try socket.send(raw) }) != .sent { engine.noticeNotSent(id, notice) }
     case .keepChild(let keeper, let child, let notice):
@@ -138,6 +139,15 @@ extension BrokerRuntime {
       guard case .packet = try? socket.receive(into: packet, fds: &fds) else { break }
       fds.forEach(closeDescriptor)
     }
+  }
+
+  /// A VMM reads nothing the broker sends; an error it would have been told
+  /// ends it instead, since its guest would otherwise wait on its faults forever.
+  private func vmmCannotBeTold(_ link: ClientLink, _ reply: BrokerReply) {
+    guard case .error(let error) = reply.body, link.pidfd.isValid else { return }
+    report(.error, "killing a VMM whose guest memory cannot be served", .clientKilled, cause: "vmmRefused",
+           ["client.id": "\(link.id)", "vmm.pid": "\(link.vmm?.pid ?? 0)", "reason": "\(error)"])
+    _ = clinux_pidfd_send_signal(link.pidfd.rawValue, SIGKILL)
   }
 
   /// Watches the client's uffd and process (the pidfd taken when it connected,

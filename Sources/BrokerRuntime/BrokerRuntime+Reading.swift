@@ -36,7 +36,7 @@ extension BrokerRuntime {
   func acceptClients() {
     acceptAll(from: clientListener, role: "client", refusal: tellClient) { socket, peer in
       guard let pidfd = takePidfd(of: socket) else { return }
-      admitClient(socket, pidfd: pidfd, engine.clientConnected(peer, now: loopTime))
+      admitClient(socket, pidfd: pidfd, engine.clientConnected(peer, now: loopTime), vmm: nil)
     }
   }
 
@@ -52,7 +52,7 @@ extension BrokerRuntime {
   }
 
   /// Accepts every waiting connection and hands it, with its peer, to `admit`.
-  private func acceptAll(from listener: PacketListener, role: String, refusal: (PacketSocket, BrokerError) -> Void,
+  func acceptAll(from listener: PacketListener, role: String, refusal: (PacketSocket, BrokerError) -> Void,
                          admit: (PacketSocket, PeerCredentials) -> Void) {
     while let socket = accept(from: listener, role: role, refusal: refusal) {
       guard let peer = try? socket.peerCredentials() else { continue }
@@ -64,7 +64,7 @@ extension BrokerRuntime {
   /// later may name another process by then). Without one the connection is
   /// refused: as out of descriptors (a `.limit` the client may retry) when that
   /// is why, else because the process is gone or the kernel predates 6.5.
-  private func takePidfd(of socket: PacketSocket) -> OwnedDescriptor? {
+  func takePidfd(of socket: PacketSocket) -> OwnedDescriptor? {
     switch valueOrErrno(clinux_peer_pidfd(socket.fd)) {
     case .success(let pidfd):
       return OwnedDescriptor(pidfd)
@@ -81,13 +81,15 @@ extension BrokerRuntime {
 
   /// A client connection the engine let in (or refused: it is told why) is
   /// kept and watched, with the pidfd taken at accept.
-  private func admitClient(_ socket: PacketSocket, pidfd: consuming OwnedDescriptor, _ connected: Result<ClientID, BrokerError>) {
+  func admitClient(_ socket: PacketSocket, pidfd: consuming OwnedDescriptor, _ connected: Result<ClientID, BrokerError>, vmm: VMMHandshake?) {
     guard case .success(let id) = connected else {
-      if case .failure(let error) = connected { tellClient(socket, error) }
+      // A VMM reads nothing of ours: it is only disconnected (the engine logged why).
+      if case .failure(let error) = connected { if vmm == nil { tellClient(socket, error) } else { finish(socket) } }
       return
     }
     let link = ClientLink(id: id, socket: socket)
     link.pidfd = pidfd
+    link.vmm = vmm
     clients[id] = link
     do {
       try loop.add(socket.fd, Token(.clientSocket, id))
@@ -111,7 +113,7 @@ extension BrokerRuntime {
     }
   }
 
-  private func tellClient(_ socket: PacketSocket, _ error: BrokerError) {
+  func tellClient(_ socket: PacketSocket, _ error: BrokerError) {
     let bytes = ClientWire.encode(BrokerReply(requestID: 0, .error(error)))
     _ = bytes.withUnsafeBytes { try? socket.send($0) }
     finish(socket)
@@ -126,6 +128,7 @@ extension BrokerRuntime {
   // MARK: - Clients
 
   func readClient(_ link: ClientLink) {
+    if link.vmm != nil { return readVMM(link) }
     guard let socket = link.socket else { return }
     while clients[link.id] === link {
       receivedFDs.removeAll(keepingCapacity: true)

@@ -28,6 +28,8 @@ public final class BrokerRuntime: @unchecked Sendable {
   let clientListener: PacketListener
   let pluginListener: PacketListener
   let controlListener: PacketListener?
+  /// One per `configuration.firecrackerSockets`, in its order.
+  let firecrackerListeners: [PacketListener]
   private let wakeup: OwnedDescriptor
   private let signals: OwnedDescriptor
   /// Reads the configuration again (SIGHUP); nil: there is nothing to reload.
@@ -117,13 +119,17 @@ public final class BrokerRuntime: @unchecked Sendable {
     engine.logLevel = logger.logLevel
     let (clientPrivate, pluginPrivate) = Self.privateSockets(configuration)
     for (path, isPrivate) in [(configuration.clientSocketPath, clientPrivate), (configuration.pluginSocketPath, pluginPrivate),
-                              (configuration.controlSocketPath ?? "", true)] {
+                              (configuration.controlSocketPath ?? "", true)] + configuration.firecrackerSockets.map({ ($0.path, clientPrivate) }) {
       if !path.isEmpty { try SocketDirectory.prepare(forSocketAt: path, mode: isPrivate && clientPrivate && pluginPrivate ? 0o700 : 0o755) }
     }
     loop = try EventLoop()
     clientListener = try PacketListener(path: configuration.clientSocketPath, mode: clientPrivate ? 0o600 : 0o666)
     pluginListener = try PacketListener(path: configuration.pluginSocketPath, mode: pluginPrivate ? 0o600 : 0o666)
     controlListener = try configuration.controlSocketPath.map { (path) throws(BrokerError) in try PacketListener(path: path, mode: 0o600) }
+    // A VMM is a client: the same uids and gids may connect.
+    firecrackerListeners = try configuration.firecrackerSockets.map { (socket) throws(BrokerError) in
+      try PacketListener(path: socket.path, mode: clientPrivate ? 0o600 : 0o666, stream: true)
+    }
     spareDescriptor = OwnedDescriptor(open("/dev/null", O_RDONLY | O_CLOEXEC))
     switch valueOrErrno(clinux_eventfd()) {
     case .success(let fd): wakeup = OwnedDescriptor(fd)
@@ -132,6 +138,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     try loop.add(clientListener.fd, Token(.clientListener))
     try loop.add(pluginListener.fd, Token(.pluginListener))
     if let controlListener { try loop.add(controlListener.fd, Token(.controlListener)) }
+    for (index, listener) in firecrackerListeners.enumerated() { try loop.add(listener.fd, Token(.firecrackerListener, UInt64(index))) }
     try loop.add(wakeup.rawValue, Token(.wakeup))
     zeroPage.initializeMemory(as: UInt8.self, repeating: 0)
     dirtyPlugins.reserveCapacity(64)
@@ -194,6 +201,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     case .clientListener: acceptClients()
     case .pluginListener: acceptPlugins()
     case .controlListener: acceptControl()
+    case .firecrackerListener: acceptVMMs(at: Int(token.id))
     case .control:
       if let link = controls[token.id] { serveControl(link) }
     case .signal:
@@ -239,6 +247,7 @@ public final class BrokerRuntime: @unchecked Sendable {
         throw BrokerError(.notAuthorized, "letting other uids or gids in needs a restart: the sockets were made for the broker's uid alone (0600)")
       }
       (next.clientSocketPath, next.pluginSocketPath, next.controlSocketPath) = (configuration.clientSocketPath, configuration.pluginSocketPath, configuration.controlSocketPath)
+      next.firecrackerSockets = configuration.firecrackerSockets
       try engine.reconfigure(next)
       tally.count(.configReloaded)
       logger.notice("configuration reloaded")

@@ -125,7 +125,7 @@ static int socket_answers(const struct sockaddr_un *addr) {
   }
 }
 
-int clinux_listen_unix(const char *path, mode_t mode, int backlog, uint64_t *device, uint64_t *inode) {
+int clinux_listen_unix(const char *path, int stream, mode_t mode, int backlog, uint64_t *device, uint64_t *inode) {
   struct sockaddr_un addr = { .sun_family = AF_UNIX };
   if (strlen(path) >= sizeof addr.sun_path) return -ENAMETOOLONG;
   strcpy(addr.sun_path, path);
@@ -145,7 +145,7 @@ int clinux_listen_unix(const char *path, mode_t mode, int backlog, uint64_t *dev
     result = -errno;
     goto done;
   }
-  int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  int fd = socket(AF_UNIX, (stream ? SOCK_STREAM : SOCK_SEQPACKET) | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
   if (fd < 0) { result = -errno; goto done; }
   mode_t old = umask((mode_t)~mode & 0777);
   int rc = bind(fd, (struct sockaddr *)&addr, sizeof addr);

@@ -126,9 +126,16 @@ struct ConfigFile: Decodable {
     var failAfterMilliseconds: Int?
     enum CodingKeys: String, CodingKey, CaseIterable { case fallback, onFailure, failAfterMilliseconds }
   }
+  struct FirecrackerSocket: Decodable {
+    var path: String
+    var plugin: String
+    var argument: String?
+    enum CodingKeys: String, CodingKey, CaseIterable { case path, plugin, argument }
+  }
   var clientSocket: String?
   var pluginSocket: String?
   var controlSocket: String?
+  var firecrackerSockets: [FirecrackerSocket]?
   var plugins: [Plugin]?
   var policies: [String: Policy]?
   var clientUIDs: [UInt32]?
@@ -145,7 +152,7 @@ struct ConfigFile: Decodable {
   var maxRegionsPerClient: Int?
   var maxInFlightPerPlugin: Int?
   enum CodingKeys: String, CodingKey, CaseIterable {
-    case clientSocket, pluginSocket, controlSocket, plugins, policies, clientUIDs, pluginUIDs, clientGIDs, pluginGIDs
+    case clientSocket, pluginSocket, controlSocket, firecrackerSockets, plugins, policies, clientUIDs, pluginUIDs, clientGIDs, pluginGIDs
     case pluginDeadlineMilliseconds, registrationTimeoutMilliseconds, helloTimeoutMilliseconds
     case maxClients, maxClientsPerUID, maxPluginConnections, maxPluginNames, maxRegionsPerClient, maxInFlightPerPlugin
   }
@@ -197,6 +204,9 @@ struct ConfigFile: Decodable {
     for (index, plugin) in (top["plugins"] as? [Any] ?? []).enumerated() {
       unknown += unknownKeys(of: plugin, known: Plugin.CodingKeys.self, at: "plugins[\(index)].")
     }
+    for (index, socket) in (top["firecrackerSockets"] as? [Any] ?? []).enumerated() {
+      unknown += unknownKeys(of: socket, known: FirecrackerSocket.CodingKeys.self, at: "firecrackerSockets[\(index)].")
+    }
     for (name, policy) in top["policies"] as? [String: Any] ?? [:] {
       unknown += unknownKeys(of: policy, known: Policy.CodingKeys.self, at: "policies.\(name).")
     }
@@ -213,6 +223,9 @@ struct ConfigFile: Decodable {
     if let clientSocket { configuration.clientSocketPath = clientSocket }
     if let pluginSocket { configuration.pluginSocketPath = pluginSocket }
     if let controlSocket { configuration.controlSocketPath = controlSocket }
+    if let firecrackerSockets {
+      configuration.firecrackerSockets = firecrackerSockets.map { .init(path: $0.path, plugin: $0.plugin, argument: $0.argument ?? "") }
+    }
     if let plugins {
       configuration.plugins = plugins.map { .init(name: $0.name, executable: $0.executable, arguments: $0.arguments ?? [], maxRestarts: $0.maxRestarts ?? 10, user: $0.user, group: $0.group) }
     }

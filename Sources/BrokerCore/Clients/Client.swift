@@ -34,6 +34,10 @@ final class Client {
   let peer: PeerCredentials
   /// A forked child never connected: it has no socket, no pid, no pidfd.
   let hasSocket: Bool
+  /// A VMM that connected to a Firecracker socket: its guest memory stays where
+  /// it was mapped for the VM's life (its userfaultfd need not report unmaps
+  /// and moves), and it reads nothing the broker sends.
+  let isVMM: Bool
   var phase = Phase.awaitingHello
   var pid: Int32 = 0
   var regions = RegionTable()
@@ -87,10 +91,11 @@ final class Client {
   /// When it connected (a client must Register within `helloTimeout`).
   let connectedAt: UInt64
 
-  init(id: ClientID, peer: PeerCredentials, hasSocket: Bool, connectedAt: UInt64) {
+  init(id: ClientID, peer: PeerCredentials, hasSocket: Bool, isVMM: Bool = false, connectedAt: UInt64) {
     self.id = id
     self.peer = peer
     self.hasSocket = hasSocket
+    self.isVMM = isVMM
     self.connectedAt = connectedAt
   }
 

@@ -14,9 +14,10 @@ public enum AttachedDescriptors: Sendable {
 extension BrokerEngine {
   // MARK: - Inputs
 
-  /// A client connected with `peer`'s credentials. Returns its id, or the
-  /// error to refuse it with (the runtime sends it and closes the socket).
-  public func clientConnected(_ peer: PeerCredentials, now: UInt64) -> Result<ClientID, BrokerError> {
+  /// A client connected with `peer`'s credentials (`isVMM`: a VMM, to a
+  /// Firecracker socket). Returns its id, or the error to refuse it with (the
+  /// runtime sends it and closes the socket).
+  public func clientConnected(_ peer: PeerCredentials, isVMM: Bool = false, now: UInt64) -> Result<ClientID, BrokerError> {
     self.now = now
     guard Self.allows(peer, uids: configuration.clientUIDs, gids: configuration.clientGIDs) else {
       report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.notAuthorized.name, ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
@@ -31,7 +32,7 @@ extension BrokerEngine {
       report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.limit.name, ["peer.uid": "\(peer.uid)", "reason": "maxClientsPerUID"])
       return .failure(BrokerError(.limit, "uid \(peer.uid) has its maximum of \(configuration.maxClientsPerUID) clients connected"))
     }
-    let client = Client(id: takeID(), peer: peer, hasSocket: true, connectedAt: now)
+    let client = Client(id: takeID(), peer: peer, hasSocket: true, isVMM: isVMM, connectedAt: now)
     clients[client.id] = client
     log(.debug, "client connection accepted", ["client.id": "\(client.id)", "peer.pid": "\(peer.pid)", "peer.uid": "\(peer.uid)"])
     return .success(client.id)
@@ -164,9 +165,11 @@ extension BrokerEngine {
     guard register.regions.count <= configuration.maxRegionsPerClient else {
       throw BrokerError(.limit, "a client may register at most \(configuration.maxRegionsPerClient) regions")
     }
-    let needed: UserfaultFD.Features = [.eventRemove, .eventUnmap, .eventRemap]
+    // A VMM's guest memory is not unmapped or moved while the VM runs; its
+    // balloon's drops must still be seen, or they would read old snapshot bytes.
+    let needed: UserfaultFD.Features = client.isVMM ? [.eventRemove] : [.eventRemove, .eventUnmap, .eventRemap]
     guard granted.isSuperset(of: needed) else {
-      throw BrokerError(.notUserfaultfd, "the userfaultfd lacks features \(needed.subtracting(granted)): the broker needs remove, unmap and remap events to keep memory correct")
+      throw BrokerError(.notUserfaultfd, "the userfaultfd lacks features \(needed.subtracting(granted)): the broker needs \(client.isVMM ? "remove events" : "remove, unmap and remap events") to keep memory correct")
     }
     try client.regions.validate(register.regions, pageSize: pageSize)
     try checkPlugins(of: register.regions)

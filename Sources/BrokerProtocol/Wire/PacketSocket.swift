@@ -143,6 +143,8 @@ public final class PacketSocket {
 
 /// A listening SOCK_SEQPACKET socket at a filesystem path, created with a
 /// given mode (so that no one else can connect in the window before chmod).
+/// With `stream`, a SOCK_STREAM one, for peers that speak another protocol
+/// (a Firecracker VMM); its connections are read through `PacketSocket` too.
 ///
 /// It takes nobody's place (`clinux_listen_unix`):
 /// 1. Something at the path that is not a socket is never removed: `init` throws.
@@ -155,10 +157,10 @@ public final class PacketListener {
   private let device: UInt64
   private let inode: UInt64
 
-  public init(path: String, mode: mode_t = 0o600, backlog: CInt = 128) throws(BrokerError) {
+  public init(path: String, mode: mode_t = 0o600, backlog: CInt = 128, stream: Bool = false) throws(BrokerError) {
     var device: UInt64 = 0
     var inode: UInt64 = 0
-    switch valueOrErrno(clinux_listen_unix(path, mode, backlog, &device, &inode)) {
+    switch valueOrErrno(clinux_listen_unix(path, stream ? 1 : 0, mode, backlog, &device, &inode)) {
     case .success(let fd): self.fd = fd
     case .failure(.fileExists):
       throw BrokerError(.notAuthorized, "\(path) exists and is not a socket; not removing it (remove it yourself, or choose another path)")

@@ -9,10 +9,24 @@ final class ClientLink {
   let socket: PacketSocket?
   var uffd: UserfaultFD?
   var pidfd = OwnedDescriptor()
+  /// A VMM on a Firecracker socket (nil: a client speaking our protocol).
+  var vmm: VMMHandshake?
 
   init(id: ClientID, socket: PacketSocket?, uffd: UserfaultFD? = nil) {
     self.id = id
     self.socket = socket
     self.uffd = uffd
   }
+}
+
+/// A VMM's side of the Firecracker handshake: which socket it came to, and
+/// what it has sent so far (the JSON may come in several reads; the
+/// userfaultfd with one of them).
+struct VMMHandshake {
+  let socket: BrokerConfiguration.FirecrackerSocket
+  let pid: Int32
+  var received: [UInt8] = []
+  var uffd: UserfaultFD?
+  /// Its regions went to the engine: what it sends from now on is ignored.
+  var registered = false
 }

@@ -8,7 +8,7 @@ import SystemPackage
 /// What an epoll registration stands for: a kind and the id of its owner.
 struct Token: Hashable {
   enum Kind: UInt64 {
-    case clientListener = 1, pluginListener, signal, wakeup, clientSocket, clientUffd, clientPidfd, plugin, child, controlListener, control
+    case clientListener = 1, pluginListener, signal, wakeup, clientSocket, clientUffd, clientPidfd, plugin, child, controlListener, control, firecrackerListener
   }
   var kind: Kind
   var id: UInt64

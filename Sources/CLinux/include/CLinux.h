@@ -48,7 +48,7 @@ ssize_t clinux_recv_with_fds(int sock, void *buf, size_t len, int *fds, int *nfd
 int clinux_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid);
 
 /*
- * A SOCK_SEQPACKET listener at `path`, mode set before it is reachable, that
+ * A SOCK_SEQPACKET (SOCK_STREAM if `stream`) listener at `path`, mode set before it is reachable, that
  * takes nobody's place. Under an exclusive flock of the socket's directory,
  * what is at `path` is lstat'ed (a symlink is not followed):
  *   nothing                    the listener is bound there;
@@ -59,7 +59,7 @@ int clinux_peer_credentials(int sock, pid_t *pid, uid_t *uid, gid_t *gid);
  * Returns the listener (non-blocking), or -errno; `*device` and `*inode` name
  * the socket file it made, for `clinux_unlink_socket`.
  */
-int clinux_listen_unix(const char *path, mode_t mode, int backlog, uint64_t *device, uint64_t *inode);
+int clinux_listen_unix(const char *path, int stream, mode_t mode, int backlog, uint64_t *device, uint64_t *inode);
 
 /* Unlinks `path` only if it is still the socket file `device`/`inode`
  * (-ESTALE otherwise): a listener going away never removes a successor's. */

@@ -48,8 +48,8 @@ final class Harness {
     var group: String? = nil
   }
 
-  /// Starts a broker (debug logging), with a config file if any field is given,
-  /// and waits for it to serve.
+  /// Starts a broker (debug logging), with a config file if any field is given
+  /// (`$DIR` in a field stands for the harness's directory), and waits for it to serve.
   private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?, configFields: [String], user: UInt32?) throws {
     var template = Array("/tmp/uffd-it-\(label)-XXXXXX".utf8CString)
     guard let made = mkdtemp(&template) else { throw HarnessError("mkdtemp failed: \(errno)") }
@@ -66,7 +66,7 @@ final class Harness {
     }
     var arguments = ["--client-socket", clientSocket, "--plugin-socket", pluginSocket, "--control-socket", controlSocket, "--log-level", "debug"]
     if !spawned.isEmpty || pluginDeadlineMilliseconds != nil || !configFields.isEmpty {
-      var fields: [String] = configFields
+      var fields = configFields.map { $0.replacingOccurrences(of: "$DIR", with: directory) }
       if !spawned.isEmpty {
         let plugins = spawned.map { plugin in
           let args = plugin.arguments.map(jsonString).joined(separator: ", ")
@@ -240,6 +240,15 @@ final class Harness {
       stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr", user: user ?? self.user)
     children.append(client)
     return client
+  }
+
+  /// Starts `broker-fixture ARGUMENTS...` (a role other than plugin or client).
+  func startFixture(_ arguments: [String]) throws -> FixtureProcess {
+    let label = nextLabel(arguments[0])
+    let process = try spawn(label: label, executable: Self.fixtureExecutable, arguments: arguments, environment: environment,
+                            stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr")
+    children.append(process)
+    return process
   }
 
   struct ClientOutcome {

@@ -8,6 +8,7 @@ import Userfaultfd
 //   broker-fixture plugin NAME MODE [EVENT_LOG]
 //   broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]
 //   broker-fixture squatter PATH CONNECTIONS (as nobody: a fake broker; see Squatter)
+//   broker-fixture vmm|vmm-garbage|vmm-no-remove SOCKET SNAPSHOT MIB THREADS (a Firecracker-style VMM; see FakeVMM)
 // Plugin modes are listed on FixturePlugin; client scenarios: touch, zero,
 // dontneed-race and dontneed-late (LOOPS pages), remap, unknown-plugin, refused, exit-midway,
 // guarded (LOOPS pages between guard regions), foreign-uid (as nobody: must be refused), deputy (as nobody: a file it cannot read named to PLUGIN),
@@ -38,6 +39,11 @@ case "client":
   }
   let loops = arguments.count > 6 ? Int(arguments[6]) ?? 1 : 1
   let status = FixtureClient(scenario: arguments[2], mib: mib, threads: threads, plugin: arguments[5], loops: loops).run()
+  fflush(nil)
+  exit(status)
+case "vmm", "vmm-garbage", "vmm-no-remove":
+  guard arguments.count == 6, let mib = Int(arguments[4]), let threads = Int(arguments[5]) else { fail("usage: broker-fixture vmm SOCKET SNAPSHOT MIB THREADS") }
+  let status = FakeVMM(scenario: arguments[1], socketPath: arguments[2], snapshotPath: arguments[3], mib: mib, threads: threads).run()
   fflush(nil)
   exit(status)
 case "squatter":
