@@ -79,7 +79,13 @@ extension BrokerRuntime {
       if let json = try? encoder.encode(status()) { return Array(json) }
       return refusal(BrokerError(.internal, "the status could not be encoded"))
     default:
-      return refusal(BrokerError(.malformed, "unknown command \"\(command.prefix(64))\" (known: \(ControlChannel.statusCommand))"))
+      if let vm = try? JSONDecoder().decode(VMSocketCommand.self, from: Data(command.utf8)), vm.command == "vmSocket" {
+        let reply: VMSocketReply
+        do { reply = try vmSocket(vm) } catch { return refusal(error) }
+        if let json = try? encoder.encode(reply) { return Array(json) }
+        return refusal(BrokerError(.internal, "the reply could not be encoded"))
+      }
+      return refusal(BrokerError(.malformed, "unknown command \"\(command.prefix(64))\" (known: \(ControlChannel.statusCommand), a vmSocket command as JSON)"))
     }
   }
 

@@ -12,13 +12,67 @@ import Userfaultfd
 /// not sent. A VMM whose registration is refused cannot learn why, and its
 /// guest would wait forever on its faults: it is killed (fail closed).
 extension BrokerRuntime {
-  func acceptVMMs(at index: Int) {
-    let socketConfiguration = configuration.firecrackerSockets[index]
-    acceptAll(from: firecrackerListeners[index], role: "vmm", refusal: { socket, _ in finish(socket) }) { socket, peer in
-      guard let pidfd = takePidfd(of: socket) else { return }
+  /// At most this many sockets opened for one VM wait for their VMM at once.
+  static let maxVMSockets = 256
+
+  /// Watches a Firecracker-style listener.
+  func listen(_ listener: FirecrackerListener) throws(BrokerError) {
+    let id = nextFirecrackerListener
+    nextFirecrackerListener += 1
+    try loop.add(listener.listener.fd, Token(.firecrackerListener, id))
+    firecrackerListeners[id] = listener
+  }
+
+  func acceptVMMs(listener id: UInt64) {
+    guard let listener = firecrackerListeners[id] else { return }
+    acceptAll(from: listener.listener, role: "vmm", refusal: { socket, _ in finish(socket) }) { socket, peer in
+      guard firecrackerListeners[id] != nil, let pidfd = takePidfd(of: socket) else { return finish(socket) }
       admitClient(socket, pidfd: pidfd, engine.clientConnected(peer, isVMM: true, now: loopTime),
-                  vmm: VMMHandshake(socket: socketConfiguration, pid: peer.pid))
+                  vmm: VMMHandshake(socket: listener.socket, pid: peer.pid))
+      // A VM's own socket serves its one VMM: another process must not take its place.
+      if listener.vmName != nil { closeVMSocket(id) }
     }
+  }
+
+  private func closeVMSocket(_ id: UInt64) {
+    guard let listener = firecrackerListeners.removeValue(forKey: id) else { return }
+    loop.remove(listener.listener.fd)  // its file goes with it (PacketListener's deinit)
+  }
+
+  /// The control socket's `VMSocketCommand`: a socket for one VM, beside the
+  /// client socket, or the end of one no VMM used.
+  func vmSocket(_ command: VMSocketCommand) throws(BrokerError) -> VMSocketReply {
+    guard VMSocketCommand.isValidName(command.name) else {
+      throw BrokerError(.malformed, "a VM's name is 1 to 64 of A-Z a-z 0-9 . _ - (not starting with a dot)")
+    }
+    let path = vmSocketPath(command.name)
+    let existing = firecrackerListeners.first { $0.value.vmName == command.name }?.key
+    switch command.action {
+    case .close:
+      guard let existing else { throw BrokerError(.malformed, "no socket of VM \"\(command.name)\" is waiting for its VMM") }
+      closeVMSocket(existing)
+    case .open:
+      guard existing == nil else { throw BrokerError(.nameTaken, "VM \"\(command.name)\" has a socket already: \(path)") }
+      guard firecrackerListeners.values.lazy.filter({ $0.vmName != nil }).count < Self.maxVMSockets else {
+        throw BrokerError(.limit, "\(Self.maxVMSockets) VM sockets wait for their VMMs already")
+      }
+      guard let plugin = command.plugin else { throw BrokerError(.malformed, "opening a VM's socket needs the plugin that serves its memory") }
+      var candidate = configuration
+      candidate.firecrackerSockets = [.init(path: path, plugin: plugin, argument: command.argument ?? "")]
+      try candidate.validate()
+      let socket = candidate.firecrackerSockets[0]
+      let mode: mode_t = Self.privateSockets(configuration).client ? 0o600 : 0o666
+      try listen(FirecrackerListener(try PacketListener(path: path, mode: mode, stream: true), socket: socket, vmName: command.name))
+      logger.info("VM socket opened", metadata: ["vm": "\(command.name)", "path": "\(path)", "plugin": "\(plugin)"])
+    }
+    return VMSocketReply(path: path)
+  }
+
+  /// `vm-NAME.sock` beside the client socket.
+  private func vmSocketPath(_ name: String) -> String {
+    let client = configuration.clientSocketPath
+    let directory = client.lastIndex(of: "/").map { String(client[..<$0]) } ?? "."
+    return directory + "/vm-" + name + ".sock"
   }
 
   /// Reads the VMM's handshake until it is whole, then registers its guest

@@ -28,8 +28,9 @@ public final class BrokerRuntime: @unchecked Sendable {
   let clientListener: PacketListener
   let pluginListener: PacketListener
   let controlListener: PacketListener?
-  /// One per `configuration.firecrackerSockets`, in its order.
-  let firecrackerListeners: [PacketListener]
+  /// The configured Firecracker-style sockets (ids 1...), and those opened for one VM since.
+  var firecrackerListeners: [UInt64: FirecrackerListener] = [:]
+  var nextFirecrackerListener: UInt64 = 1
   private let wakeup: OwnedDescriptor
   private let signals: OwnedDescriptor
   /// Reads the configuration again (SIGHUP); nil: there is nothing to reload.
@@ -126,9 +127,8 @@ public final class BrokerRuntime: @unchecked Sendable {
     clientListener = try PacketListener(path: configuration.clientSocketPath, mode: clientPrivate ? 0o600 : 0o666)
     pluginListener = try PacketListener(path: configuration.pluginSocketPath, mode: pluginPrivate ? 0o600 : 0o666)
     controlListener = try configuration.controlSocketPath.map { (path) throws(BrokerError) in try PacketListener(path: path, mode: 0o600) }
-    // A VMM is a client: the same uids and gids may connect.
-    firecrackerListeners = try configuration.firecrackerSockets.map { (socket) throws(BrokerError) in
-      try PacketListener(path: socket.path, mode: clientPrivate ? 0o600 : 0o666, stream: true)
+    let vmmListeners = try configuration.firecrackerSockets.map { (socket) throws(BrokerError) in
+      FirecrackerListener(try PacketListener(path: socket.path, mode: clientPrivate ? 0o600 : 0o666, stream: true), socket: socket, vmName: nil)
     }
     spareDescriptor = OwnedDescriptor(open("/dev/null", O_RDONLY | O_CLOEXEC))
     switch valueOrErrno(clinux_eventfd()) {
@@ -138,7 +138,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     try loop.add(clientListener.fd, Token(.clientListener))
     try loop.add(pluginListener.fd, Token(.pluginListener))
     if let controlListener { try loop.add(controlListener.fd, Token(.controlListener)) }
-    for (index, listener) in firecrackerListeners.enumerated() { try loop.add(listener.fd, Token(.firecrackerListener, UInt64(index))) }
+    for listener in vmmListeners { try listen(listener) }
     try loop.add(wakeup.rawValue, Token(.wakeup))
     zeroPage.initializeMemory(as: UInt8.self, repeating: 0)
     dirtyPlugins.reserveCapacity(64)
@@ -201,7 +201,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     case .clientListener: acceptClients()
     case .pluginListener: acceptPlugins()
     case .controlListener: acceptControl()
-    case .firecrackerListener: acceptVMMs(at: Int(token.id))
+    case .firecrackerListener: acceptVMMs(listener: token.id)
     case .control:
       if let link = controls[token.id] { serveControl(link) }
     case .signal:

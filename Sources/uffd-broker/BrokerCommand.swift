@@ -13,7 +13,7 @@ struct BrokerCommand: ParsableCommand {
     commandName: "uffd-broker",
     abstract: "Serve page faults of client processes through out-of-process plugins.",
     version: uffdBrokerVersion,
-    subcommands: [Serve.self, Status.self, CheckConfig.self],
+    subcommands: [Serve.self, Status.self, CheckConfig.self, VMSocket.self],
     defaultSubcommand: Serve.self)
 }
 

@@ -5,6 +5,8 @@ import LinuxSupport
 /// packet, a command; the broker answers with JSON in one or more packets of
 /// at most `replyPacketSize` bytes and closes the connection. The commands:
 /// - `status`: a `BrokerStatus`.
+/// - a `VMSocketCommand` as JSON: opens or closes a Firecracker-style socket
+///   for one VM; answered with a `VMSocketReply`.
 /// A refused or unknown command is answered `{"error": CODE, "message": TEXT}`.
 public enum ControlChannel {
   public static let statusCommand = "status"
@@ -31,6 +33,19 @@ public enum ControlChannel {
       return try JSONDecoder().decode(BrokerStatus.self, from: Data(reply))
     } catch {
       throw BrokerError(.malformed, "the broker's status is not the JSON expected: \(error)")
+    }
+  }
+
+  /// Opens or closes a socket for one VM (`VMSocketCommand`) at the broker
+  /// listening at `socketPath`; a refusal is thrown.
+  public static func vmSocket(_ command: VMSocketCommand, socketPath: String? = nil, brokerUID: UInt32? = nil) throws(BrokerError) -> VMSocketReply {
+    let json: Data
+    do { json = try JSONEncoder().encode(command) } catch { throw BrokerError(.internal, "the command could not be encoded: \(error)") }
+    let reply = try request(String(decoding: json, as: UTF8.self), socketPath: socketPath, brokerUID: brokerUID)
+    do {
+      return try JSONDecoder().decode(VMSocketReply.self, from: Data(reply))
+    } catch {
+      throw BrokerError(.malformed, "the broker's reply is not the JSON expected: \(error)")
     }
   }
 
@@ -63,4 +78,35 @@ public enum ControlChannel {
       guard reply.count <= maxReplySize, fds.isEmpty else { throw BrokerError(.tooLarge, "the broker's reply is larger than \(maxReplySize) bytes") }
     }
   }
+}
+
+/// An orchestrator's request for a Firecracker-style handler socket for one VM
+/// (`open`): the broker listens at `vm-NAME.sock` beside its client socket,
+/// serves the one VMM that connects there with `plugin` and `argument` (see
+/// `BrokerConfiguration.FirecrackerSocket`), then removes the socket. `close`
+/// removes one no VMM has used.
+public struct VMSocketCommand: Codable, Sendable, Equatable {
+  public enum Action: String, Codable, Sendable { case open, close }
+  public var command = "vmSocket"
+  public var action: Action
+  /// 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with a dot.
+  public var name: String
+  public var plugin: String?
+  public var argument: String?
+
+  public init(_ action: Action, name: String, plugin: String? = nil, argument: String? = nil) {
+    (self.action, self.name, self.plugin, self.argument) = (action, name, plugin, argument)
+  }
+
+  /// Whether `name` may name a VM's socket (it becomes part of a path).
+  public static func isValidName(_ name: String) -> Bool {
+    (1...64).contains(name.utf8.count) && !name.hasPrefix(".")
+      && name.utf8.allSatisfy { $0 == UInt8(ascii: ".") || $0 == UInt8(ascii: "_") || $0 == UInt8(ascii: "-") || (0x30...0x39).contains($0) || (0x41...0x5A).contains($0) || (0x61...0x7A).contains($0) }
+  }
+}
+
+/// The broker's answer to a `VMSocketCommand`: where the VM's socket is (or was).
+public struct VMSocketReply: Codable, Sendable, Equatable {
+  public var path: String
+  public init(path: String) { self.path = path }
 }

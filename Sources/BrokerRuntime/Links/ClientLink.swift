@@ -30,3 +30,17 @@ struct VMMHandshake {
   /// Its regions went to the engine: what it sends from now on is ignored.
   var registered = false
 }
+
+/// A Firecracker-style socket: from the config (for as long as the broker
+/// runs), or opened for one VM through the control socket (gone once its VMM
+/// connected).
+final class FirecrackerListener {
+  let listener: PacketListener
+  let socket: BrokerConfiguration.FirecrackerSocket
+  /// The VM's name, for a socket opened for one VM; nil: a configured one.
+  let vmName: String?
+
+  init(_ listener: PacketListener, socket: BrokerConfiguration.FirecrackerSocket, vmName: String?) {
+    (self.listener, self.socket, self.vmName) = (listener, socket, vmName)
+  }
+}
