@@ -7,16 +7,21 @@ import LinuxSupport
 /// - `status`: a `BrokerStatus`.
 /// A refused or unknown command is answered `{"error": CODE, "message": TEXT}`.
 public enum ControlChannel {
+  /// The command that asks for a `BrokerStatus`.
   public static let statusCommand = "status"
+  /// The largest packet of a reply; a reader's buffer must hold one.
   public static let replyPacketSize = 64 << 10
   /// The most a reply may be (a status lists every client: this is thousands).
   public static let maxReplySize = 64 << 20
 
   /// The answer to a command the broker does not serve.
   public struct Refusal: Codable, Sendable {
+    /// The `BrokerError.Code` name (`notAuthorized`, say).
     public var error: String
+    /// Why, for a person.
     public var message: String
 
+    /// The refusal that sends `error`.
     public init(_ error: BrokerError) {
       self.error = error.code.name
       self.message = error.message
