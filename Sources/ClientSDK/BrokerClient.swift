@@ -6,10 +6,15 @@ import Userfaultfd
 
 /// An error of the client SDK, with the broker's own error when it refused us.
 public struct ClientError: Error, CustomStringConvertible, Sendable {
+  /// What the client could not do.
   public var message: String
+  /// The broker's refusal (its code says why: `notAuthorized`, `unknownPlugin`,
+  /// `badRegion`, `timedOut`...), or the transport's error; nil when neither was involved.
   public var broker: BrokerError?
+  /// The errno of the system call that failed, when one did.
   public var errno: Errno?
 
+  /// An error saying `message`, caused by `broker`'s error or a system call's `errno`.
   public init(_ message: String, broker: BrokerError? = nil, errno: CInt? = nil) {
     self.message = message
     self.broker = broker
@@ -41,7 +46,15 @@ public struct ClientError: Error, CustomStringConvertible, Sendable {
 /// closed as the policy says (see `BrokerLossPolicy`), never onto zeros.
 /// Keep the client alive as long as the memory is in use; release the memory
 /// (munmap) before the client.
+///
+/// Any thread may call its methods: requests to the broker go one at a time
+/// over the one connection, each blocking its caller until the reply (at most
+/// `timeoutMilliseconds` each). They throw `ClientError`, with the broker's
+/// refusal in `broker`. A forked child must not use its parent's client: its
+/// requests throw.
 public final class BrokerClient: Sendable {
+  /// The userfaultfd this client created for its regions. The client owns it
+  /// (the broker has its own copy); do not release or close it.
   public let uffd: UserfaultFD
   private let connection: Connection
   private let monitor: Monitor
@@ -74,8 +87,12 @@ public final class BrokerClient: Sendable {
   private let owner = getpid()
 
   /// Registers `regions` with the broker at `socketPath` (nil: `SocketPaths.client`).
-  /// Throws if the broker is unreachable, refuses (unknown plugin, bad region,
-  /// not authorized...), or does not answer within `timeoutMilliseconds`.
+  /// Throws if no userfaultfd can be created or a region's range cannot be
+  /// registered with it, if the broker is unreachable, refuses (unknown
+  /// plugin, bad region, not authorized...), or does not answer within
+  /// `timeoutMilliseconds`. The regions must be mapped in this process (an
+  /// `AnonymousMemory`, say), page aligned, with ids unique to this client.
+  /// Unless `policy` is `.none`, a monitor thread is started; `deinit` stops it.
   ///
   /// The userfaultfd goes only to a broker run by root, by this process's
   /// uid, or by `brokerUID` (nil: `UFFD_BROKER_UID`, if set): anything else
@@ -124,7 +141,8 @@ public final class BrokerClient: Sendable {
 
   /// Adds regions (registering their ranges with this client's uffd first).
   /// If the broker refuses them, their ranges are unregistered again: plain
-  /// memory, never a range whose faults nobody serves.
+  /// memory, never a range whose faults nobody serves. Throws the broker's
+  /// refusal, or the registration's failure.
   public func addRegions(_ regions: [RegionSpec]) throws(ClientError) {
     // A range that overlaps a region already served is left alone (the broker
     // refuses it): unregistering it on refusal would take the served one's pages.
@@ -143,6 +161,8 @@ public final class BrokerClient: Sendable {
   /// Unregisters the regions' ranges, then removes them from the broker (their
   /// pages stay as they are; the unfilled ones read as zeros from then on). In
   /// that order, no fault on them reaches the broker after it forgot them.
+  /// Throws if the broker refuses (an id it does not know); the ranges are
+  /// unregistered all the same.
   public func removeRegions(_ regions: [RegionSpec]) throws(ClientError) {
     let ids = Set(regions.map(\.id))
     // Where they lie now: an mremap may have moved them.
@@ -204,6 +224,12 @@ public final class BrokerClient: Sendable {
   /// (MADV_DONTNEED); the next touch of a page faults it back in from the
   /// plugin. Other threads may keep reading and writing the range meanwhile:
   /// a page written during the swap-out is kept resident, and no write is lost.
+  ///
+  /// Blocks the caller for the whole swap-out (one request per 128 KiB). Throws
+  /// for a range that is not a page-aligned part of the region, one an mremap
+  /// split, or a refusal: a plugin that does not store pages, memory the
+  /// kernel could not write-protect. Pages dropped before a failure stay dropped
+  /// (their plugin holds them); the swap-out is ended (the range unprotected) either way.
   public func swapOut(_ region: RegionSpec, offset: Int = 0, length: Int? = nil) throws(ClientError) -> SwapOutReport {
     let length = length ?? region.length - offset
     let pageSize = systemPageSize

@@ -22,7 +22,9 @@ public final class DescriptorStore {
   /// Asks the broker to keep a duplicate of `fd` (a memfd or regular file) as
   /// `name` (1 to 64 bytes; at most 16 names), replacing what that name held.
   /// Sent with the plugin's next packet. A memfd that only grows keeps its
-  /// identity: keeping it once is enough.
+  /// identity: keeping it once is enough. `fd` stays the caller's; if it
+  /// cannot be duplicated (EMFILE), nothing is kept. Call it on the runner's
+  /// thread (from a `PagePlugin` method).
   public func keep(_ fd: CInt, as name: String) {
     let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
     guard copy >= 0 else { return }

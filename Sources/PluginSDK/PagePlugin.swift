@@ -2,8 +2,11 @@ import BrokerProtocol
 import Glibc
 import Userfaultfd
 
-/// A region of a client's memory that this plugin serves.
+/// A region of a client's memory that this plugin serves. Made by the
+/// `PluginRunner` and used on its thread only.
 public final class PluginRegion {
+  /// The broker's id of the client (a forked child has its own); it changes
+  /// when the client re-attaches to a restarted broker (`clientToken` does not).
   public let clientID: UInt64
   /// Who the client is: its pid (0 for a forked child) and the uid and gid
   /// its connection had (SO_PEERCRED, as the broker saw them; a forked child
@@ -31,6 +34,10 @@ public final class PluginRegion {
   /// Hands `offsets` (default: the whole region) to the broker to serve with
   /// zero pages by itself: no round trip per fault. You are still told of
   /// removes, unmaps and remaps; a removed or unmapped part comes back to you.
+  ///
+  /// Delegations are sent with the plugin's next packet; call these from a
+  /// `PagePlugin` method, on the runner's thread. Offsets must be page aligned
+  /// and inside the region, or the broker refuses the delegation (and counts it).
   public func delegateZeroPages(_ offsets: Range<UInt64>? = nil) {
     pendingDelegations.append((Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length), source: .zero), nil))
   }
@@ -39,6 +46,7 @@ public final class PluginRegion {
   /// `fd` (a regular file or memfd; the broker gets its own duplicate) with
   /// region offset `offsets.lowerBound` at `fileOffset`. Past the end of the
   /// file pages read as zeros. `prefetchPages` (≤ 32) fills an aligned block per fault.
+  /// `fd` stays the caller's; if it cannot be duplicated (EMFILE), nothing is delegated.
   public func delegate(_ offsets: Range<UInt64>? = nil, file fd: CInt, fileOffset: UInt64, prefetchPages: Int = 1) {
     let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
     guard copy >= 0 else { return }
@@ -59,19 +67,25 @@ public final class PluginRegion {
     self.base = spec.base
   }
 
+  /// The region's page size (`spec.pageSize`).
   public var pageSize: Int { spec.pageSize }
+  /// The region's length in bytes (`spec.length`); offsets run from 0 to it.
   public var length: Int { spec.length }
 }
 
 /// A page fault to decide.
 public struct PluginFault {
+  /// The broker's id of the fault (its decision names it).
   public var faultID: UInt64
   /// Page aligned, in the client's address space.
   public var address: UInt
   /// Offset of the faulting page in the region (stable across mremap).
   public var offset: UInt64
+  /// Why the thread faulted (`.write` for a write access).
   public var flags: Pagefault.Flags
+  /// The faulting thread's id in the client (0 when the kernel did not report it).
   public var threadID: Int32
+  /// Whether the access was a write.
   public var isWrite: Bool { flags.contains(.write) }
 }
 
@@ -81,6 +95,7 @@ public enum PluginDecision: Equatable {
   case copy
   /// Fill `length` bytes of the region from `offset` (page aligned, containing
   /// the faulting page) with the first `length` bytes of the buffer: prefetch.
+  /// `length` must not exceed the buffer (the runner traps).
   case copyRange(offset: UInt64, length: Int)
   /// Map a zero page at the faulting page.
   case zero
@@ -95,12 +110,21 @@ public enum PluginDecision: Equatable {
 
 /// The handler a plugin implements; `PluginRunner` calls it.
 ///
-/// Contract: every method is called on the thread that called
-/// `PluginRunner.run`, one at a time, in the order the broker sent the events.
-/// For each client, remove/unmap/remap events come before any fault the
-/// broker read after them; a fault whose decision was made before such an
-/// event is sent again, so answer from the state you have now. `clientClosed`
-/// is the last call for a client.
+/// Contract: every method is called on the thread that runs the runner
+/// (`PluginRunner.run`, or `PluginRunner.init` then `serve()`), one at a
+/// time, in the order the broker sent the events. For each client,
+/// remove/unmap/remap events come before any fault the broker read after
+/// them; a fault whose decision was made before such an event is sent again,
+/// so answer from the state you have now. `clientClosed` is the last call for
+/// a client.
+///
+/// Calls should return promptly: the runner sends a batch's decisions when
+/// every event of it is handled, and a plugin that answers neither a fault
+/// nor a `regionOpened` within the broker's deadline is dropped. The broker
+/// checks every decision against the client's live region and refuses a bad
+/// one (misaligned, outside the region, missing the faulting page, the wrong
+/// length); a plugin that keeps sending them is disconnected. Every method
+/// but `pagefault` has a default that does nothing or refuses.
 public protocol PagePlugin: AnyObject {
   /// The plugin is connected; `store` holds what the broker kept for this
   /// plugin's name from its earlier connections. Called once, before any event.

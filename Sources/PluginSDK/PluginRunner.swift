@@ -54,8 +54,17 @@ public final class PluginRunner {
   private let statsPath: String?
   private var statsWrittenAt: UInt64 = 0
 
-  /// Connects to the broker's plugin socket and says Hello as `name`.
-  /// - Parameter maxPrefetch: the largest range one decision may fill (the buffer handed to `pagefault`).
+  /// Connects to the broker's plugin socket and says Hello as `name`, then
+  /// calls `plugin.connected(_:)` on this thread. Throws `BrokerError`: the
+  /// socket cannot be reached (`io`) or is served by someone untrusted
+  /// (`notAuthorized`), no default socket path (`malformed`), the broker
+  /// refuses the connection (its Error: `nameTaken`, say) or does not
+  /// answer Hello within 10 s (`timedOut`). Use the runner on the thread that
+  /// made it: it is not thread-safe.
+  /// - Parameter plugin: the handler; the runner keeps it and calls it on the thread that calls `serve()`.
+  /// - Parameter name: the plugin name regions name (`RegionSpec.plugin`), as in the broker's config.
+  /// - Parameter maxPrefetch: the largest range one decision may fill (the buffer handed to `pagefault`),
+  ///   rounded down to pages; at most half of `PacketSocket.maxPacketSize` (a precondition).
   /// - Parameter statsPath: a file to keep `faults=N` and the plugin's `statistics` in, for monitoring.
   /// - Parameter sharedMemory: offer the broker a shared memfd for page bytes (the fast path).
   /// - Parameter socketPath: the broker's plugin socket (nil: the connection a
@@ -143,14 +152,18 @@ public final class PluginRunner {
   }
 
   /// Connects and serves until the broker closes the connection (returns) or
-  /// an error occurs (throws). The one-call form of a plugin's `main`.
+  /// an error occurs (throws). The one-call form of a plugin's `main`: the
+  /// plugin is called on the calling thread.
   public static func run(
     _ plugin: any PagePlugin, name: String, socketPath: String? = nil, brokerUID: UInt32? = nil, maxPrefetch: Int = 128 << 10, statsPath: String? = nil
   ) throws(BrokerError) {
     try PluginRunner(plugin: plugin, name: name, socketPath: socketPath, brokerUID: brokerUID, maxPrefetch: maxPrefetch, statsPath: statsPath).serve()
   }
 
-  /// Serves events until the broker closes the connection.
+  /// Serves events until the broker closes the connection (returns). Throws
+  /// on a malformed packet, an Error from the broker (say it dropped this
+  /// plugin for invalid decisions or a missed deadline), or a failed send.
+  /// An error the plugin throws refuses only that region or store, never the loop.
   public func serve() throws(BrokerError) {
     defer { writeStatistics(force: true) }
     while true {

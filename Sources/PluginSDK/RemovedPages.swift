@@ -6,6 +6,7 @@
 public struct RemovedPages: Sendable {
   private var pages = Set<UInt64>()
 
+  /// No page removed.
   public init() {}
 
   /// Records the pages of `offsets` (widened to whole pages).
@@ -22,5 +23,6 @@ public struct RemovedPages: Sendable {
     !pages.isEmpty && pages.contains(offset / UInt64(pageSize) * UInt64(pageSize))
   }
 
+  /// Whether no page was removed.
   public var isEmpty: Bool { pages.isEmpty }
 }

@@ -11,8 +11,11 @@ import FoundationEssentials
 /// (`page_size`; older VMMs send only `page_size_kib`, which despite its name
 /// is also in bytes).
 public struct FirecrackerHandshake: Equatable, Sendable {
+  /// One guest region: a `GuestRegionUffdMapping`.
   public struct Mapping: Equatable, Sendable, Decodable {
+    /// Where the region lies in the VMM's memory (`base_host_virt_addr`).
     public var hostAddress: UInt64
+    /// Its length in bytes.
     public var size: UInt64
     /// Where the region starts in the snapshot's memory file.
     public var offset: UInt64
@@ -21,10 +24,12 @@ public struct FirecrackerHandshake: Equatable, Sendable {
 
     enum CodingKeys: String, CodingKey { case base_host_virt_addr, size, offset, page_size, page_size_kib }
 
+    /// A mapping with these fields.
     public init(hostAddress: UInt64, size: UInt64, offset: UInt64, pageSize: UInt64?) {
       (self.hostAddress, self.size, self.offset, self.pageSize) = (hostAddress, size, offset, pageSize)
     }
 
+    /// Reads Firecracker's field names; `page_size` wins over `page_size_kib`.
     public init(from decoder: any Decoder) throws {
       let fields = try decoder.container(keyedBy: CodingKeys.self)
       hostAddress = try fields.decode(UInt64.self, forKey: .base_host_virt_addr)
@@ -34,6 +39,7 @@ public struct FirecrackerHandshake: Equatable, Sendable {
     }
   }
 
+  /// The guest regions, in the VMM's order.
   public var mappings: [Mapping]
 
   /// The most bytes a handshake may take; a VMM's is a few hundred.

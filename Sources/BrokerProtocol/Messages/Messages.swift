@@ -9,18 +9,24 @@ public let uffdBrokerVersion = "0.6.0 (protocol \(brokerProtocolVersion))"
 
 /// Who is speaking on a connection.
 public enum Role: Int32, Sendable {
+  /// A process whose memory is brokered (ClientSDK).
   case client = 1
+  /// A process that decides faults (PluginSDK).
   case plugin = 2
+  /// The broker, answering either.
   case broker = 3
 }
 
 /// The first message on every connection, in both directions.
 public struct Hello: Equatable, Sendable {
+  /// The sender's protocol version (`brokerProtocolVersion`); the broker refuses another with `version`.
   public var version: UInt32
+  /// Who sends it.
   public var role: Role
   /// A plugin: the plugin name it serves. A client: a label for logs.
   public var name: String
 
+  /// A Hello of this build's protocol version.
   public init(role: Role, name: String, version: UInt32 = brokerProtocolVersion) {
     self.version = version
     self.role = role
@@ -32,8 +38,11 @@ public struct Hello: Equatable, Sendable {
 public struct RegionSpec: Equatable, Hashable, Sendable {
   /// Chosen by the client; unique per client.
   public var id: UInt64
+  /// Where the region started when the client registered it (page aligned).
   public var base: UInt
+  /// Its length in bytes (a whole number of pages).
   public var length: Int
+  /// Its page size: the system's, or a huge page size for hugetlbfs.
   public var pageSize: Int
   /// The plugin that serves the region.
   public var plugin: String
@@ -58,6 +67,7 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
   /// The longest plugin name and argument a broker accepts: every region
   /// event must fit one packet however long the client made them.
   public static let maxPluginNameBytes = 255
+  /// The longest argument a broker accepts.
   public static let maxArgumentBytes = 4096
   /// Extents each record of a region (`swappedOut`, `dropped`, `unknown`) may
   /// carry, so that a client's Register with every region fits one packet: a
@@ -79,6 +89,8 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
     return current
   }
 
+  /// A region as a client first registers it (`swappedOut`, `pieces`, `dropped`
+  /// and `unknown` are for re-attaching).
   public init(id: UInt64, base: UInt, length: Int, pageSize: Int = systemPageSize, plugin: String, argument: String = "", backingOffset: UInt64 = 0,
               swappedOut: [Range<UInt64>] = [], pieces: [RegionPiece] = [], dropped: [Range<UInt64>] = [], unknown: [Range<UInt64>] = []) {
     self.swappedOut = swappedOut
@@ -94,33 +106,44 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
     self.backingOffset = backingOffset
   }
 
+  /// The addresses it was registered at: `base..<base + length`.
   public var range: Range<UInt> { base..<base + UInt(length) }
 }
 
 /// Where part of a region lies: region offsets `offset..<offset + length` at `address`.
 public struct RegionPiece: Equatable, Hashable, Sendable {
+  /// Where the piece lies in the client.
   public var address: UInt
+  /// The region offset of its first byte.
   public var offset: UInt64
+  /// Its length in bytes.
   public var length: Int
 
+  /// Region offsets `offset..<offset + length` at `address`.
   public init(address: UInt, offset: UInt64, length: Int) {
     self.address = address
     self.offset = offset
     self.length = length
   }
 
+  /// The piece's addresses: `address..<address + length`.
   public var range: Range<UInt> { address..<address + UInt(length) }
 }
 
 /// Client → broker: the userfaultfd (attached) and its regions.
 public struct RegisterRequest: Equatable, Sendable {
+  /// The client's pid (the broker checks it against SO_PEERCRED).
   public var pid: Int32
+  /// The features the uffd's `UFFDIO_API` granted (the broker trusts the kernel's word over this).
   public var features: UserfaultFD.Features
+  /// The ioctls the uffd supports.
   public var ioctls: UserfaultFD.Ioctls
+  /// The regions registered with the uffd, each naming its plugin.
   public var regions: [RegionSpec]
   /// The client's identity across re-attaches (0: none).
   public var token: UInt128
 
+  /// A Register; the uffd travels beside it, attached to the packet.
   public init(pid: Int32, features: UserfaultFD.Features, ioctls: UserfaultFD.Ioctls, regions: [RegionSpec], token: UInt128 = 0) {
     self.pid = pid
     self.features = features
@@ -144,10 +167,15 @@ extension UInt128 {
 
 /// A message from a client to the broker.
 public struct ClientRequest: Equatable, Sendable {
+  /// What the client asks.
   public enum Body: Equatable, Sendable {
+    /// The connection's first message.
     case hello(Hello)
+    /// The uffd (attached to the packet) and its regions; once per connection, after Hello.
     case register(RegisterRequest)
+    /// More regions of the same uffd (registered with it first).
     case addRegions([RegionSpec])
+    /// Regions to forget, by id (unregistered from the uffd first).
     case removeRegions([UInt64])
     /// Swap-out step 1: the broker write-protects the range (see the schema for the protocol).
     case swapOut(regionID: UInt64, offset: UInt64, length: Int)
@@ -158,8 +186,10 @@ public struct ClientRequest: Equatable, Sendable {
   }
   /// Echoed in the reply.
   public var requestID: UInt64
+  /// The request.
   public var body: Body
 
+  /// Request `requestID` (chosen by the client) asking `body`.
   public init(requestID: UInt64, _ body: Body) {
     self.requestID = requestID
     self.body = body
@@ -168,10 +198,13 @@ public struct ClientRequest: Equatable, Sendable {
 
 /// A message from the broker to a client.
 public struct BrokerReply: Equatable, Sendable {
+  /// What the broker answers or tells unasked.
   public enum Body: Equatable, Sendable {
+    /// The answer to the client's Hello.
     case hello(Hello)
     /// Success. After a SwapOut, `busyOffsets` names the pages written meanwhile (keep them).
     case ack(clientID: UInt64, busyOffsets: [UInt64] = [])
+    /// The request (or the connection, with request id 0) is refused; its code says why.
     case error(BrokerError)
     /// Unsolicited: where region `regionID` lies now, after an mremap or munmap.
     case layout(regionID: UInt64, pieces: [RegionPiece])
@@ -183,9 +216,12 @@ public struct BrokerReply: Equatable, Sendable {
     /// and what no one can vouch for; kept to re-attach with (`RegionSpec.dropped`, `.unknown`).
     case dropped(regionID: UInt64, dropped: [Range<UInt64>], unknown: [Range<UInt64>])
   }
+  /// The request it answers; 0 for what the broker sends unasked or when it refuses the connection.
   public var requestID: UInt64
+  /// The answer.
   public var body: Body
 
+  /// A reply to `requestID` (0: unasked).
   public init(requestID: UInt64, _ body: Body) {
     self.requestID = requestID
     self.body = body
@@ -196,16 +232,22 @@ public struct BrokerReply: Equatable, Sendable {
 
 /// A client thread faulted in a region the plugin serves.
 public struct PagefaultEvent: Equatable, Sendable {
+  /// The broker's id of the fault; the plugin's decision names it.
   public var faultID: UInt64
+  /// The client that faulted.
   public var clientID: UInt64
+  /// The region it faulted in (the client's id of it).
   public var regionID: UInt64
   /// Page aligned.
   public var address: UInt
   /// `address` minus the region's base.
   public var offset: UInt64
+  /// Why the thread faulted (a write, say).
   public var flags: Pagefault.Flags
+  /// The faulting thread (0 when not reported).
   public var threadID: Int32
 
+  /// A fault event as the broker sends it.
   public init(faultID: UInt64, clientID: UInt64, regionID: UInt64, address: UInt, offset: UInt64, flags: Pagefault.Flags, threadID: Int32) {
     self.faultID = faultID
     self.clientID = clientID
@@ -219,14 +261,18 @@ public struct PagefaultEvent: Equatable, Sendable {
 
 /// Pages of a region were removed (MADV_DONTNEED) or unmapped (munmap).
 public struct RangeEvent: Equatable, Sendable {
+  /// The client whose pages they were.
   public var clientID: UInt64
+  /// The region they belong to.
   public var regionID: UInt64
+  /// The addresses, in the client, within the region.
   public var range: Range<UInt>
   /// `range.lowerBound` minus the region's base.
   public var startOffset: UInt64
   /// Removed by a swap-out: the plugin holds the pages' content (it stored them).
   public var swappedOut: Bool
 
+  /// A remove or unmap of `range`, which starts at region offset `startOffset`.
   public init(clientID: UInt64, regionID: UInt64, range: Range<UInt>, startOffset: UInt64, swappedOut: Bool = false) {
     self.clientID = clientID
     self.regionID = regionID
@@ -238,14 +284,20 @@ public struct RangeEvent: Equatable, Sendable {
 
 /// mremap moved part or all of a region.
 public struct RemapEvent: Equatable, Sendable {
+  /// The client that moved it.
   public var clientID: UInt64
+  /// The region moved.
   public var regionID: UInt64
+  /// Where the moved part was.
   public var from: UInt
+  /// Where it is now.
   public var to: UInt
+  /// How many bytes moved.
   public var length: Int
   /// Where the region starts now.
   public var newBase: UInt
 
+  /// A move of `length` bytes of the region from `from` to `to`.
   public init(clientID: UInt64, regionID: UInt64, from: UInt, to: UInt, length: Int, newBase: UInt) {
     self.clientID = clientID
     self.regionID = regionID
@@ -258,9 +310,13 @@ public struct RemapEvent: Equatable, Sendable {
 
 /// An event the broker sends a plugin.
 public enum BrokerEvent: Equatable, Sendable {
+  /// A fault to decide; answer with a decision naming its `faultID`.
   case pagefault(PagefaultEvent)
+  /// The client dropped pages (MADV_DONTNEED; or a swap-out, `swappedOut`).
   case removed(RangeEvent)
+  /// The client unmapped part of the region.
   case unmapped(RangeEvent)
+  /// The client moved part or all of the region (mremap).
   case remapped(RemapEvent)
   /// A client registered a region this plugin serves; answer with a region reply.
   /// `client`: its pid (0 for a forked child) and the uid and gid of its
@@ -269,6 +325,7 @@ public enum BrokerEvent: Equatable, Sendable {
   /// `forkedFrom` (non-zero): the client is a child forked from that client,
   /// and the region holds what the parent's held at the fork.
   case regionOpened(clientID: UInt64, client: PeerCredentials, region: RegionSpec, forkedFrom: UInt64 = 0, token: UInt128 = 0)
+  /// The region is gone (removed by the client, or the client is gone): nothing more comes for it.
   case regionClosed(clientID: UInt64, regionID: UInt64)
   /// The client is gone; last for that client.
   case closed(clientID: UInt64, reason: String)
@@ -291,12 +348,18 @@ extension BrokerEvent {
 
 /// Bytes of a region for the plugin to keep (a swap-out chunk).
 public struct StoreEvent: Equatable, Sendable {
+  /// The broker's id of the store; the `StoreReply` names it.
   public var storeID: UInt64
+  /// The client swapping out.
   public var clientID: UInt64
+  /// The region the bytes belong to.
   public var regionID: UInt64
+  /// The region offset of the first byte (page aligned).
   public var offset: UInt64
+  /// The pages' content, a whole number of pages.
   public var data: [UInt8]
 
+  /// A store of `data` at region offset `offset`.
   public init(storeID: UInt64, clientID: UInt64, regionID: UInt64, offset: UInt64, data: [UInt8]) {
     self.storeID = storeID
     self.clientID = clientID
@@ -306,8 +369,6 @@ public struct StoreEvent: Equatable, Sendable {
   }
 }
 
-/// A range of a region the plugin hands to the broker to serve by itself (the
-/// broker-local fast path), or takes back (`revoke`).
 /// Bounds of a plugin's descriptor store in the broker (`DescriptorStore` in the proto).
 public enum DescriptorStoreLimits {
   /// Descriptors kept per plugin name.
@@ -316,7 +377,10 @@ public enum DescriptorStoreLimits {
   public static let nameBytes = 64
 }
 
+/// A range of a region the plugin hands to the broker to serve by itself (the
+/// broker-local fast path), or takes back (`revoke`).
 public struct Delegation: Equatable, Sendable {
+  /// Where the broker takes the delegated pages' content from.
   public enum Source: Equatable, Sendable {
     /// Zero pages.
     case zero
@@ -325,14 +389,20 @@ public struct Delegation: Equatable, Sendable {
     /// (`DecisionBatchEncoder.append(_:file:)`, `ReceivedDelegation.fileIndex`).
     case file(offset: UInt64)
   }
+  /// The client whose region it is.
   public var clientID: UInt64
+  /// The region.
   public var regionID: UInt64
+  /// The region offsets delegated (page aligned, inside the region).
   public var offsets: Range<UInt64>
+  /// Zeros, or a file's bytes.
   public var source: Source
   /// Pages of an aligned block filled per fault (1: just the faulting page).
   public var prefetchPages: Int
+  /// Takes `offsets` back: their faults come to the plugin again.
   public var revoke: Bool
 
+  /// A delegation (or, with `revoke`, its withdrawal) of `offsets` of a region.
   public init(clientID: UInt64, regionID: UInt64, offsets: Range<UInt64>, source: Source, prefetchPages: Int = 1, revoke: Bool = false) {
     self.clientID = clientID
     self.regionID = regionID
@@ -346,9 +416,12 @@ public struct Delegation: Equatable, Sendable {
 /// A delegation as the broker received it: its file (a file delegation's) is
 /// the packet's attached descriptor at `fileIndex`, the receiver's to take.
 public struct ReceivedDelegation: Equatable, Sendable {
+  /// The delegation as sent.
   public var delegation: Delegation
+  /// The index of its file among the packet's descriptors; nil for zeros or a revoke.
   public var fileIndex: Int?
 
+  /// A received `delegation` whose file is the packet's descriptor at `fileIndex`.
   public init(_ delegation: Delegation, fileIndex: Int?) {
     self.delegation = delegation
     self.fileIndex = fileIndex
@@ -357,10 +430,12 @@ public struct ReceivedDelegation: Equatable, Sendable {
 
 /// A plugin's answer to a `StoreEvent`.
 public struct StoreReply: Equatable, Sendable {
+  /// The `StoreEvent` it answers.
   public var storeID: UInt64
   /// nil: stored.
   public var error: BrokerError?
 
+  /// The answer to store `storeID`: nil `error` for stored.
   public init(storeID: UInt64, error: BrokerError?) {
     self.storeID = storeID
     self.error = error
@@ -383,13 +458,16 @@ public enum DecisionKind: Int32, Sendable {
 
 /// A plugin's answer to a region it was asked to serve.
 public struct RegionReply: Equatable, Sendable {
+  /// The client of the region opened.
   public var clientID: UInt64
+  /// The region.
   public var regionID: UInt64
   /// nil: accepted.
   public var error: BrokerError?
   /// Of the region's `swappedOut` extents, those the plugin no longer holds.
   public var lost: [Range<UInt64>]
 
+  /// The answer to a `regionOpened`: nil `error` for accepted.
   public init(clientID: UInt64, regionID: UInt64, error: BrokerError?, lost: [Range<UInt64>] = []) {
     self.clientID = clientID
     self.regionID = regionID

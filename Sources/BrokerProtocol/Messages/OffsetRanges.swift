@@ -2,17 +2,21 @@
 /// a swap-out released, or those a plugin lost. Updates cost O(ranges); a
 /// swap-out's pages come in a few large runs, so there are few.
 public struct OffsetRanges: Equatable, Sendable {
+  /// The ranges, sorted, disjoint and non-adjacent.
   public private(set) var ranges: [Range<UInt64>] = []
 
+  /// The union of `ranges` (in any order, overlapping or not).
   public init(_ ranges: [Range<UInt64>] = []) {
     for range in ranges { insert(range) }
   }
 
+  /// Whether the set is empty.
   public var isEmpty: Bool { ranges.isEmpty }
 
   /// The bytes covered.
   public var count: UInt64 { ranges.reduce(0) { $0 &+ ($1.upperBound - $1.lowerBound) } }
 
+  /// Adds `range`, merging it with the ranges it overlaps or touches.
   public mutating func insert(_ range: Range<UInt64>) {
     guard !range.isEmpty else { return }
     var lower = range.lowerBound
@@ -28,6 +32,7 @@ public struct OffsetRanges: Equatable, Sendable {
     ranges.replaceSubrange(first..<end, with: [lower..<upper])
   }
 
+  /// Removes `range`, splitting a range it falls inside.
   public mutating func subtract(_ range: Range<UInt64>) {
     guard !range.isEmpty else { return }
     var kept: [Range<UInt64>] = []

@@ -9,16 +9,21 @@ import LinuxSupport
 ///   for one VM; answered with a `VMSocketReply`.
 /// A refused or unknown command is answered `{"error": CODE, "message": TEXT}`.
 public enum ControlChannel {
+  /// The command that asks for a `BrokerStatus`.
   public static let statusCommand = "status"
+  /// The largest packet of a reply; a reader's buffer must hold one.
   public static let replyPacketSize = 64 << 10
   /// The most a reply may be (a status lists every client: this is thousands).
   public static let maxReplySize = 64 << 20
 
   /// The answer to a command the broker does not serve.
   public struct Refusal: Codable, Sendable {
+    /// The `BrokerError.Code` name (`notAuthorized`, say).
     public var error: String
+    /// Why, for a person.
     public var message: String
 
+    /// The refusal that sends `error`.
     public init(_ error: BrokerError) {
       self.error = error.code.name
       self.message = error.message
@@ -86,14 +91,25 @@ public enum ControlChannel {
 /// `BrokerConfiguration.FirecrackerSocket`), then removes the socket. `close`
 /// removes one no VMM has used.
 public struct VMSocketCommand: Codable, Sendable, Equatable {
-  public enum Action: String, Codable, Sendable { case open, close }
+  /// What to do with the VM's socket.
+  public enum Action: String, Codable, Sendable {
+    /// Listen for the VM's VMM.
+    case open
+    /// Stop listening (a socket no VMM used).
+    case close
+  }
+  /// Always `vmSocket`: tells this command from others on the wire.
   public var command = "vmSocket"
+  /// Open or close.
   public var action: Action
   /// 1 to 64 of `A-Z a-z 0-9 . _ -`, not starting with a dot.
   public var name: String
+  /// The plugin that serves the VM's memory (`open`).
   public var plugin: String?
+  /// For the plugin: the snapshot's memory file, say (`open`).
   public var argument: String?
 
+  /// A command for the VM `name`.
   public init(_ action: Action, name: String, plugin: String? = nil, argument: String? = nil) {
     (self.action, self.name, self.plugin, self.argument) = (action, name, plugin, argument)
   }
@@ -107,6 +123,8 @@ public struct VMSocketCommand: Codable, Sendable, Equatable {
 
 /// The broker's answer to a `VMSocketCommand`: where the VM's socket is (or was).
 public struct VMSocketReply: Codable, Sendable, Equatable {
+  /// The VM's socket: point its VMM's Uffd memory backend here.
   public var path: String
+  /// A reply naming `path`.
   public init(path: String) { self.path = path }
 }

@@ -2,7 +2,10 @@ import CBrokerWire
 
 /// Encoding and decoding of the client ↔ broker messages (`ClientToBroker`,
 /// `BrokerToClient`). These are rare (registration), so they use Swift values.
+/// A decode uses the arena given and resets it before returning: the value
+/// returned owns its data.
 public enum ClientWire {
+  /// The packet for a client's request (descriptors travel beside it).
   public static func encode(_ request: ClientRequest) -> [UInt8] {
     let pool = CStringPool()
     var message = Uffdbroker__ClientToBroker()
@@ -128,6 +131,7 @@ public enum ClientWire {
     }
   }
 
+  /// The packet for a broker's reply or notice.
   public static func encode(_ reply: BrokerReply) -> [UInt8] {
     let pool = CStringPool()
     var message = Uffdbroker__BrokerToClient()
@@ -202,6 +206,7 @@ public enum ClientWire {
     }
   }
 
+  /// Decodes one packet from the broker. Malformed input throws `.malformed`.
   public static func decodeReply(_ bytes: UnsafeRawBufferPointer, arena: WireArena) throws(BrokerError) -> BrokerReply {
     defer { arena.reset() }
     let message = try arena.unpack(bytes, what: "a broker reply", with: uffdbroker__broker_to_client__unpack)

@@ -5,10 +5,14 @@ import SystemPackage
 
 /// Who is at the other end of a Unix socket (SO_PEERCRED, taken at connect time).
 public struct PeerCredentials: Hashable, Sendable {
+  /// The peer's pid when it connected (0 for a forked child, which never connected).
   public var pid: Int32
+  /// Its effective uid (`unknown` when not known).
   public var uid: UInt32
+  /// Its effective gid (`unknown` when not known).
   public var gid: UInt32
 
+  /// Credentials as SO_PEERCRED reports them (or as the broker sent them).
   public init(pid: Int32, uid: UInt32, gid: UInt32) {
     self.pid = pid
     self.uid = uid
@@ -31,6 +35,7 @@ public final class PacketSocket {
   /// Kernel buffer asked for each direction: room for a burst of page-carrying packets.
   static let bufferSize: CInt = 4 << 20
 
+  /// The descriptor, owned by this object (for epoll and `poll`; do not close it).
   public let fd: CInt
 
   /// Takes ownership of a connected SOCK_SEQPACKET descriptor.
@@ -81,7 +86,9 @@ public final class PacketSocket {
     return PeerCredentials(pid: pid, uid: uid, gid: gid)
   }
 
+  /// What a send did.
   public enum SendResult: Equatable {
+    /// The packet is queued whole.
     case sent
     /// The socket is non-blocking and its buffer is full: try again on EPOLLOUT.
     case wouldBlock
@@ -98,6 +105,7 @@ public final class PacketSocket {
     throw BrokerError(.io, "sending a packet failed", errno: errno)
   }
 
+  /// What a receive got.
   public enum ReceiveResult: Equatable {
     /// A packet of this many bytes arrived (descriptors, if any, appended to `fds`).
     case packet(Int)
@@ -152,11 +160,17 @@ public final class PacketSocket {
 /// 3. Only a dead socket (no listener) is replaced.
 /// 4. On deinit the socket file is removed only if it is still the one this listener made.
 public final class PacketListener {
+  /// The listening descriptor (non-blocking), owned by this object.
   public let fd: CInt
+  /// The socket's path.
   public let path: String
   private let device: UInt64
   private let inode: UInt64
 
+  /// Listens at `path` with file mode `mode` (see the type's rules); with
+  /// `stream`, a SOCK_STREAM socket. Throws `nameTaken` when a live broker
+  /// serves the path, `notAuthorized` when something else than a socket is
+  /// there, `io` for any other failure.
   public init(path: String, mode: mode_t = 0o600, backlog: CInt = 128, stream: Bool = false) throws(BrokerError) {
     var device: UInt64 = 0
     var inode: UInt64 = 0

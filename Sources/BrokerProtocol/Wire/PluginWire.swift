@@ -14,10 +14,12 @@ import Userfaultfd
 // more per round trip (event 111 → 167 ns, decision 175 → 230 ns, medians of 12
 // alternated runs; README, Benchmark). Each codec is confined to one thread.
 
-/// Broker side: collects events into one `BrokerToPlugin` packet.
+/// Broker side: collects events into one `BrokerToPlugin` packet. Confined to
+/// one thread (not thread-safe); reused for every batch.
 public final class EventBatchEncoder {
   /// Most events in one packet.
   public let capacity: Int
+  /// Events collected for the next packet.
   @exclusivity(unchecked) public private(set) var count = 0
   @exclusivity(unchecked) private var estimatedSize = 0
   /// Only page faults so far: the batch is written by `FaultBatchWriter`.
@@ -37,6 +39,7 @@ public final class EventBatchEncoder {
   @exclusivity(unchecked) private var storeData: [[UInt8]] = []
   private let pool = CStringPool()
 
+  /// An empty batch of at most `capacity` events.
   public init(capacity: Int = 512) {
     self.capacity = capacity
     events = .allocate(capacity: capacity)
@@ -73,6 +76,7 @@ public final class EventBatchEncoder {
     }
   }
 
+  /// Whether no event is collected.
   public var isEmpty: Bool { count == 0 }
   /// Sent with every batch: how many of the plugin's packets the broker has applied.
   @exclusivity(unchecked) public var packetsApplied: UInt64 = 0
@@ -243,8 +247,7 @@ public final class EventBatchEncoder {
     }
   }
 
-  /// A `BrokerToPlugin` carrying only a Hello and/or an Error.
-  /// A Hello or Error packet; with the Hello, the names of the descriptors
+  /// A `BrokerToPlugin` carrying only a Hello and/or an Error; with the Hello, the names of the descriptors
   /// kept for the plugin (`kept`, attached to the packet in that order).
   public static func encodeControl(hello: Hello?, error: BrokerError?, kept: [String] = []) -> [UInt8] {
     let pool = CStringPool()
@@ -271,7 +274,7 @@ public final class EventBatchEncoder {
 }
 
 /// Plugin side: decodes one `BrokerToPlugin` packet. The accessors read the
-/// decoded packet, valid until the next `decode`.
+/// decoded packet, valid until the next `decode`. Confined to one thread.
 public final class EventBatchDecoder {
   private let arena: WireArena
   @exclusivity(unchecked) private var message: UnsafeMutablePointer<Uffdbroker__BrokerToPlugin>?
@@ -283,6 +286,8 @@ public final class EventBatchDecoder {
   /// Whether `FaultBatchReader` read the current packet (for tests).
   var wasReadInPlace: Bool { read.count != nil }
 
+  /// A decoder unpacking into `arena`; with `readsInPlace`, packets of page
+  /// faults only are read by `FaultBatchReader` instead of protobuf-c.
   public init(arena: WireArena = WireArena(), readsInPlace: Bool = true) {
     self.arena = arena
     read = ReadInPlace(enabled: readsInPlace)
@@ -312,9 +317,11 @@ public final class EventBatchDecoder {
     return faults.indices.allSatisfy { index in (try? decoder.event(at: index)) == .pagefault(faults[index]) }
   }
 
+  /// The packet's Hello, if it has one; a malformed one throws `.malformed`.
   public var hello: Hello? {
     get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
   }
+  /// The packet's Error, if the broker sent one (it closes the connection after it).
   public var error: BrokerError? { message?.pointee.error.map { BrokerError(decoding: $0) } }
   /// With the broker's Hello: the names of the descriptors it kept for this plugin, in the order attached.
   public var keptNames: [String] {
@@ -323,6 +330,7 @@ public final class EventBatchDecoder {
       return try decodeStoreNames(message.pointee.kept)
     }
   }
+  /// The number of events in the packet (`event(at:)` takes 0 up to it).
   public var eventCount: Int { read.count ?? message?.pointee.n_events ?? 0 }
   /// How many of the plugin's packets the broker had applied when it sent this one.
   public var packetsApplied: UInt64 { read.count == nil ? message?.pointee.packets_applied ?? 0 : readPacketsApplied }
@@ -379,9 +387,12 @@ extension RangeEvent {
   }
 }
 
-/// Plugin side: collects decisions (and region replies) into one `PluginToBroker` packet.
+/// Plugin side: collects decisions (and region replies) into one `PluginToBroker`
+/// packet. Confined to one thread; reused for every batch.
 public final class DecisionBatchEncoder {
+  /// Most decisions in one packet.
   public let capacity: Int
+  /// Decisions collected for the next packet.
   @exclusivity(unchecked) public private(set) var count = 0
   @exclusivity(unchecked) private var payloadBytes = 0
   @exclusivity(unchecked) private var message = Uffdbroker__PluginToBroker()
@@ -394,6 +405,7 @@ public final class DecisionBatchEncoder {
   /// Descriptors for the broker's store: name and descriptor (closed after the send by the caller).
   @exclusivity(unchecked) private var keeps: [(name: String, fd: CInt)] = []
 
+  /// An empty batch of at most `capacity` decisions.
   public init(capacity: Int = 512) {
     self.capacity = capacity
     decisions = .allocate(capacity: capacity)
@@ -411,6 +423,7 @@ public final class DecisionBatchEncoder {
     decisionPointers.deallocate()
   }
 
+  /// Whether nothing is collected (no decision, reply, delegation, Hello or kept descriptor).
   public var isEmpty: Bool { count == 0 && replies.isEmpty && storeReplies.isEmpty && delegations.isEmpty && hello == nil && keeps.isEmpty }
 
   /// Descriptors to attach to the packet `encode` makes (one per file delegation, in order).
@@ -446,7 +459,9 @@ public final class DecisionBatchEncoder {
     payloadBytes += data?.count ?? 0
   }
 
+  /// Adds the answer to a `regionOpened`.
   public func append(_ reply: RegionReply) { replies.append(reply) }
+  /// Adds the answer to a `StoreEvent`.
   public func append(_ reply: StoreReply) { storeReplies.append(reply) }
   /// A delegation; a file delegation's `file` is attached to the packet (it stays open here),
   /// and a file delegation without one is a programming error (it would serve zeros).
@@ -464,6 +479,7 @@ public final class DecisionBatchEncoder {
     guard case .file = entry.delegation.source, !entry.delegation.revoke else { return nil }
     return entry.file
   }
+  /// Puts `hello` in the next packet (the connection's first).
   public func setHello(_ hello: Hello) { self.hello = hello }
   /// Asks the broker to keep `fd` as `name` (the descriptor is attached after those of file delegations).
   public func keep(_ fd: CInt, as name: String) { keeps.append((name, fd)) }
@@ -592,11 +608,15 @@ public final class DecisionBatchEncoder {
 /// A decision as decoded by the broker. `data` points into the packet or the
 /// decoder's arena and is valid until the next `decode`.
 public struct DecodedDecision: Equatable {
+  /// The fault it answers.
   public var faultID: UInt64
   /// nil for a kind this build does not know (the broker refuses it).
   public var kind: DecisionKind?
+  /// Where the range starts in the client.
   public var address: UInt
+  /// The range's length (0: the faulting page alone).
   public var length: Int
+  /// A copy's inline bytes (empty when they lie in the shared area).
   public var data: UnsafeRawBufferPointer
   /// Where the bytes lie in the plugin's shared area, instead of `data`.
   public var sharedOffset: UInt64?
@@ -607,6 +627,7 @@ public struct DecodedDecision: Equatable {
       && a.sharedOffset == b.sharedOffset && a.data.elementsEqual(b.data)
   }
 
+  /// A decision with these fields (`data` borrowed, not copied).
   public init(faultID: UInt64, kind: DecisionKind?, address: UInt, length: Int, data: UnsafeRawBufferPointer, sharedOffset: UInt64? = nil) {
     self.faultID = faultID
     self.kind = kind
@@ -636,7 +657,8 @@ public struct DecodedDecision: Equatable {
 }
 
 /// Broker side: decodes one `PluginToBroker` packet, a packet of decisions
-/// only in place (`DecisionBatchReader`), any other into its arena.
+/// only in place (`DecisionBatchReader`), any other into its arena. The
+/// accessors read the decoded packet, valid until the next `decode`. Confined to one thread.
 public final class DecisionBatchDecoder {
   private let arena: WireArena
   @exclusivity(unchecked) private var message: UnsafeMutablePointer<Uffdbroker__PluginToBroker>?
@@ -647,6 +669,8 @@ public final class DecisionBatchDecoder {
   /// Whether `DecisionBatchReader` read the current packet (for tests).
   var wasReadInPlace: Bool { read.count != nil }
 
+  /// A decoder unpacking into `arena`; with `readsInPlace`, packets of
+  /// decisions only are read by `DecisionBatchReader` instead of protobuf-c.
   public init(arena: WireArena = WireArena(), readsInPlace: Bool = true) {
     self.arena = arena
     read = ReadInPlace(enabled: readsInPlace)
@@ -676,9 +700,11 @@ public final class DecisionBatchDecoder {
     return decisions.indices.allSatisfy { index in decoder.decision(at: index) == decisions[index] }
   }
 
+  /// The packet's Hello, if it has one; a malformed one throws `.malformed`.
   public var hello: Hello? {
     get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
   }
+  /// The number of decisions in the packet.
   public var decisionCount: Int { read.count ?? message?.pointee.n_decisions ?? 0 }
   /// Names of descriptors to keep in the broker's store, attached after those of file delegations.
   public var keepNames: [String] {
@@ -688,6 +714,7 @@ public final class DecisionBatchDecoder {
     }
   }
 
+  /// The decision at `index`; nil past the end.
   public func decision(at index: Int) -> DecodedDecision? {
     if read.count != nil { return read.item(at: index) }
     guard let m = message, index < m.pointee.n_decisions, let d = m.pointee.decisions[index]?.pointee else { return nil }
@@ -725,6 +752,7 @@ public final class DecisionBatchDecoder {
     return result
   }
 
+  /// The packet's answers to `StoreEvent`s.
   public var storeReplies: [StoreReply] {
     guard let m = message, m.pointee.n_store_replies > 0 else { return [] }
     return (0..<m.pointee.n_store_replies).compactMap { index in
@@ -733,6 +761,7 @@ public final class DecisionBatchDecoder {
     }
   }
 
+  /// The packet's answers to `regionOpened` events.
   public var regionReplies: [RegionReply] {
     get throws(BrokerError) {
       guard let m = message, m.pointee.n_region_replies > 0 else { return [] }

@@ -25,6 +25,7 @@ public final class WireArena {
   /// The allocator to pass to `*__unpack`; valid while this arena lives.
   public private(set) var allocator = ProtobufCAllocator()
 
+  /// An arena of `capacity` bytes (page aligned), allocated once.
   public init(capacity: Int = 4 << 20) {
     state = .allocate(capacity: 1)
     state.initialize(to: State(

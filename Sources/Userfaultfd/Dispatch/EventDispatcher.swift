@@ -23,7 +23,9 @@ import SystemPackage
 ///
 /// Not thread-safe: confine it to the thread of its event loop.
 public final class EventDispatcher {
+  /// The userfaultfd it reads (and that it hands to the handler with each fault).
   public let uffd: UserfaultFD
+  /// Receives every event, on the thread that drives the dispatcher.
   public let handler: any UserfaultFDHandler
   /// Page size of the registered ranges: faults are de-duplicated per page.
   public let pageSize: UInt
@@ -31,10 +33,13 @@ public final class EventDispatcher {
   /// Number of non-pagefault events read so far: a fault handed out at `sequence`
   /// is stale if an overlapping event was read after it.
   public var sequence: UInt64 { invalidations.sequence }
+  /// Whether `close(_:)` ran (a read error, or the owner's stop): nothing is delivered any more.
   public private(set) var isClosed = false
-  /// Counters, for tests and metrics.
+  /// Page faults read from the uffd (counters, for tests and metrics).
   public private(set) var faultsRead = 0
+  /// Faults merged into one already outstanding on the same page (not delivered).
   public private(set) var faultsMerged = 0
+  /// Parked faults delivered again.
   public private(set) var redeliveries = 0
 
   private struct Outstanding {
@@ -55,6 +60,10 @@ public final class EventDispatcher {
   private static let backoffBase: UInt64 = 1_000_000
   private static let backoffCap: UInt64 = 64_000_000
 
+  /// A dispatcher for `uffd` (which should be non-blocking: `drain()` reads
+  /// until EAGAIN) calling `handler`. `pageSize` must be a power of two: the
+  /// page of the registered ranges (a huge page size for hugetlbfs). It keeps
+  /// `uffd` alive but does not own the thread that drives it.
   public init(uffd: UserfaultFD, handler: any UserfaultFDHandler, pageSize: Int = systemPageSize) {
     self.uffd = uffd
     self.handler = handler

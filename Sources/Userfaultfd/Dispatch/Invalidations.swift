@@ -11,6 +11,7 @@ public struct Invalidations: Sendable {
   private var floor: UInt64 = 0
   static let limit = 4096
 
+  /// No event read yet.
   public init() {}
 
   /// Numbers a map event over `ranges`; they are kept if `faultsOut` (else

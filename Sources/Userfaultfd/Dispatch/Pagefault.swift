@@ -14,10 +14,12 @@ public struct Pagefault: Hashable, Sendable {
 
   /// The faulting address, rounded down to its page (the kernel's default without EXACT_ADDRESS).
   public var address: UInt
+  /// Why the thread faulted (a write, a write-protect fault, a minor fault).
   public var flags: Flags
   /// The faulting thread's id, or 0 when `.threadID` was not granted.
   public var thread: Int32
 
+  /// A fault as the kernel would report it (for tests and models).
   public init(address: UInt, flags: Flags, thread: Int32) {
     self.address = address
     self.flags = flags

@@ -7,6 +7,10 @@ import SystemPackage
 /// its own polls one userfaultfd and drives an `EventDispatcher` with it, so
 /// the handler is called on that thread, in order, with parked faults
 /// redelivered on their backoff timer even when no other event arrives.
+///
+/// State the handler shares with other threads is its own to lock. Call
+/// `stop()` from one thread, never the handler's: the loop thread holds the
+/// dispatcher (and through it `uffd`) until then.
 public final class UserfaultFDDispatcher: @unchecked Sendable {
   // @unchecked: `core` is touched only by the loop thread until `stop()` joins it.
   private let core: EventDispatcher
@@ -14,7 +18,9 @@ public final class UserfaultFDDispatcher: @unchecked Sendable {
   private var thread: pthread_t?
 
   /// Starts a thread that serves `uffd` with `handler` until `stop()` (or a
-  /// read error). The handler is called only on that thread.
+  /// read error). The handler is called only on that thread. Throws
+  /// `.systemCall` if the stop event (an eventfd) cannot be created; nothing
+  /// is started then.
   public static func start(uffd: UserfaultFD, handler: any UserfaultFDHandler, pageSize: Int = systemPageSize) throws(UserfaultFDError) -> UserfaultFDDispatcher {
     let stopEvent: CInt
     switch valueOrErrno(clinux_eventfd()) {
@@ -43,9 +49,11 @@ public final class UserfaultFDDispatcher: @unchecked Sendable {
     self.thread = nil
   }
 
-  /// Counters of the underlying dispatcher; read them after `stop()`.
+  /// Page faults read (`EventDispatcher.faultsRead`); read the counters after `stop()`.
   public var faultsRead: Int { core.faultsRead }
+  /// Faults merged into one outstanding on the same page; read after `stop()`.
   public var faultsMerged: Int { core.faultsMerged }
+  /// Parked faults delivered again; read after `stop()`.
   public var redeliveries: Int { core.redeliveries }
 
   private func run() {

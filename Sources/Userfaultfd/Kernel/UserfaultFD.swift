@@ -12,6 +12,12 @@ import SystemPackage
 /// handed it on. All methods are safe to call from any thread: the kernel
 /// serializes them.
 ///
+/// Errors of the environment (a refused `userfaultfd(2)`, a missing feature,
+/// a range the kernel will not register) throw `UserfaultFDError`; races with
+/// the faulting process are the resolving ioctls' `IoctlOutcome`, not errors;
+/// EBADF in a resolving ioctl (a descriptor used after `release()`, or closed
+/// behind this object's back) is a bug and traps.
+///
 /// **Closing the last reference to a uffd stops interception**: registered pages
 /// that were never filled then read as zeros. Keep one open for as long as the
 /// registered memory lives.
@@ -42,6 +48,7 @@ public final class UserfaultFD: Sendable {
     /// when `vm.unprivileged_userfaultfd` is 0, but kernel-mode faults (a
     /// `read(2)` into the range, for instance) then get EFAULT.
     public var userModeOnly = false
+    /// Options with the defaults above: non-blocking, all faults.
     public init(nonBlocking: Bool = true, userModeOnly: Bool = false) {
       self.nonBlocking = nonBlocking
       self.userModeOnly = userModeOnly
@@ -54,7 +61,13 @@ public final class UserfaultFD: Sendable {
   /// of the result. If any of `required` (default: all of `features`) is not
   /// offered, throws `.featureUnavailable` naming them. Tries `userfaultfd(2)`
   /// and falls back to `/dev/userfaultfd`. EPERM is explained (the sysctl and
-  /// the user-mode-only flag).
+  /// the user-mode-only flag) as `.notPermitted`; a kernel without userfaultfd
+  /// throws `.unsupported`, any other failure `.systemCall`. No descriptor is
+  /// left open when it throws.
+  ///
+  /// The descriptor is bound to the calling process's memory: create it in the
+  /// process whose faults it will report (before any sandboxing), then hand it
+  /// on (`release()`, SCM_RIGHTS) if another process is to serve them.
   public static func create(
     features: Features = .nonCooperative, required: Features? = nil, options: Options = Options()
   ) throws(UserfaultFDError) -> UserfaultFD {
@@ -104,7 +117,9 @@ public final class UserfaultFD: Sendable {
     return UserfaultFD(fd: fd, features: enabled, ioctls: Ioctls(rawValue: ioctls))
   }
 
-  /// The features this kernel offers, read from a throw-away descriptor (`UFFDIO_API` with no features).
+  /// The features this kernel offers, read from a throw-away descriptor
+  /// (`UFFDIO_API` with no features). Throws `.systemCall` if no userfaultfd
+  /// can be created (with `userModeOnly`, a user-mode-only one) or the handshake fails.
   public static func probeFeatures(userModeOnly: Bool = false) throws(UserfaultFDError) -> Features {
     let fd: CInt
     switch valueOrErrno(cuffd_create(O_CLOEXEC | O_NONBLOCK | (userModeOnly ? UFFD_USER_MODE_ONLY : 0))) {
@@ -119,7 +134,8 @@ public final class UserfaultFD: Sendable {
     return Features(rawValue: granted)
   }
 
-  /// Whether this kernel supports userfaultfd and this process may create one.
+  /// Whether this kernel supports userfaultfd and this process may create one
+  /// (a full one, not user-mode only): creates one and closes it.
   public static var isSupported: Bool {
     (try? create(features: [])) != nil
   }
@@ -132,7 +148,8 @@ public final class UserfaultFD: Sendable {
   ///
   /// With `features` nil they are read from the kernel (`negotiatedFeatures(of:)`),
   /// and a userfaultfd that has not negotiated its API is refused: trust the
-  /// kernel, not the sender.
+  /// kernel, not the sender. Throws `.notAUserfaultfd` when refused. An adopted
+  /// descriptor is made non-blocking (reads must never block an event loop).
   public init(adopting fileDescriptor: FileDescriptor, features: Features?, ioctls: Ioctls = []) throws(UserfaultFDError) {
     switch valueOrErrno(cuffd_is_userfaultfd(fileDescriptor.rawValue)) {
     case .success(1): break
@@ -171,7 +188,10 @@ public final class UserfaultFD: Sendable {
     return Features(rawValue: features & ~initialized)
   }
 
-  /// Gives up ownership: returns the descriptor, which this object will no longer use or close.
+  /// Gives up ownership: returns the descriptor, which this object will no
+  /// longer close; the caller owns it (and must keep it, or a copy, open while
+  /// the registered memory lives). The object is spent: its ioctls must not be
+  /// called afterwards (the resolving ones trap on EBADF). A second call returns -1.
   public func release() -> FileDescriptor {
     FileDescriptor(rawValue: descriptor.exchange(-1, ordering: .relaxed))
   }
@@ -180,6 +200,11 @@ public final class UserfaultFD: Sendable {
 
   /// Registers `length` bytes at `address` (page aligned) for `mode`; returns the
   /// ioctls the kernel allows on that range (for instance no `.zeropage` on hugetlbfs).
+  ///
+  /// `address` is in the address space the descriptor is bound to (its
+  /// creator's). Throws `.invalidRange` for EINVAL (misaligned, not mapped, a
+  /// kind of memory or a `mode` this kernel cannot register there: a caller may
+  /// retry with a narrower mode), `.systemCall` otherwise.
   @discardableResult
   public func register(address: UInt, length: Int, mode: RegisterMode = .missing) throws(UserfaultFDError) -> Ioctls {
     var ioctls: UInt64 = 0
@@ -192,7 +217,8 @@ public final class UserfaultFD: Sendable {
     return Ioctls(rawValue: ioctls)
   }
 
-  /// Stops intercepting faults in the range. Faults already queued are still read.
+  /// Stops intercepting faults in the range. Faults already queued are still
+  /// read. Throws `.systemCall` if the kernel refuses.
   public func unregister(address: UInt, length: Int) throws(UserfaultFDError) {
     let rc = cuffd_unregister(fd, UInt64(address), UInt64(length))
     if rc < 0 {
@@ -205,6 +231,9 @@ public final class UserfaultFD: Sendable {
   /// `UFFDIO_COPY`: atomically fills `length` bytes at `address` (page aligned,
   /// in a registered missing-mode range) with the bytes at `source` (in this
   /// process) and wakes the threads waiting on the range unless `wake` is false.
+  /// `source` must hold `length` readable bytes. With `writeProtect`, the
+  /// filled pages are write-protected (a range registered with `.writeProtect`).
+  /// Races are outcomes (see `IoctlOutcome`); EBADF traps.
   public func copy(to address: UInt, from source: UnsafeRawPointer, length: Int, wake: Bool = true, writeProtect: Bool = false) -> IoctlOutcome {
     var done: Int64 = 0
     var mode: UInt64 = wake ? 0 : UInt64(UFFDIO_COPY_MODE_DONTWAKE)
@@ -213,21 +242,25 @@ public final class UserfaultFD: Sendable {
     return IoctlOutcome.classify(rc: rc, result: done, length: length)
   }
 
-  /// `UFFDIO_ZEROPAGE`: maps zero pages over the range (a later write takes a copy-on-write fault).
+  /// `UFFDIO_ZEROPAGE`: maps zero pages over the range (page aligned, in a
+  /// registered missing-mode range; a later write takes a copy-on-write fault).
+  /// Races are outcomes (see `IoctlOutcome`); EBADF traps.
   public func zero(address: UInt, length: Int, wake: Bool = true) -> IoctlOutcome {
     var done: Int64 = 0
     let rc = cuffd_zeropage(fd, UInt64(address), UInt64(length), wake ? 0 : UInt64(UFFDIO_ZEROPAGE_MODE_DONTWAKE), &done)
     return IoctlOutcome.classify(rc: rc, result: done, length: length)
   }
 
-  /// `UFFDIO_CONTINUE`: maps the page-cache pages already present (minor mode).
+  /// `UFFDIO_CONTINUE`: maps the page-cache pages already present (a range
+  /// registered with `.minor`). Races are outcomes (see `IoctlOutcome`); EBADF traps.
   public func `continue`(address: UInt, length: Int, wake: Bool = true) -> IoctlOutcome {
     var done: Int64 = 0
     let rc = cuffd_continue(fd, UInt64(address), UInt64(length), wake ? 0 : UInt64(UFFDIO_CONTINUE_MODE_DONTWAKE), &done)
     return IoctlOutcome.classify(rc: rc, result: done, length: length)
   }
 
-  /// `UFFDIO_POISON`: marks the range so that accesses get SIGBUS (fail closed).
+  /// `UFFDIO_POISON`: marks the range (page aligned, needs `.poison`) so that
+  /// accesses get SIGBUS (fail closed). Races are outcomes (see `IoctlOutcome`); EBADF traps.
   public func poison(address: UInt, length: Int, wake: Bool = true) -> IoctlOutcome {
     var done: Int64 = 0
     let rc = cuffd_poison(fd, UInt64(address), UInt64(length), wake ? 0 : 1, &done)
@@ -262,6 +295,7 @@ public final class UserfaultFD: Sendable {
 
   /// `UFFDIO_WAKE`: wakes the threads waiting on faults in the range (after
   /// DONTWAKE fills, or when a fault's range went away). Wakes nobody harmlessly.
+  /// Returns the errno of a failed ioctl (EINVAL for a misaligned range).
   @discardableResult
   public func wake(address: UInt, length: Int) -> Result<Void, Errno> {
     valueOrErrno(cuffd_wake(fd, UInt64(address), UInt64(length))).map { _ in () }
@@ -269,6 +303,8 @@ public final class UserfaultFD: Sendable {
 
   /// `UFFDIO_WRITEPROTECT`: write-protects (or, with `protect: false`, unprotects
   /// and wakes) the range, which must be registered with `.writeProtect`.
+  /// Returns the errno of a failed ioctl: EAGAIN while a map change is unread,
+  /// like the resolving ioctls.
   public func writeProtect(address: UInt, length: Int, protect: Bool, wake: Bool = true) -> Result<Void, Errno> {
     var mode: UInt64 = protect ? UInt64(UFFDIO_WRITEPROTECT_MODE_WP) : 0
     if !wake { mode |= UInt64(UFFDIO_WRITEPROTECT_MODE_DONTWAKE) }
