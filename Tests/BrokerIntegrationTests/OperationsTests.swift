@@ -114,6 +114,76 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("Socket activation (LISTEN_FDS): the broker serves the client and plugin sockets handed over (one by name, one by path) and binds its control socket; it leaves their files at exit, and its next run on them serves a client that connected in between")
+    func socketActivation() throws {
+      try Harness.run("activation", socketActivation: true) { h in
+        let listeners = h.handedOver
+        #expect(listeners.count == 2)
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let first = try h.runClient("touch", mib: 4, threads: 1, plugin: "pattern")
+        #expect(first.status == .exited(0) && first.summary == "verified \(pages(mib: 4)) pages, 0 wrong", h.diagnostics(first.stdout + first.stderr))
+
+        #expect(h.stopBroker() == .exited(0), h.diagnostics)
+        // The handed-over sockets are systemd's (here the test's): still there, still listening.
+        for path in [h.clientSocket, h.pluginSocket] { #expect(Self.isSocket(path), h.diagnostics(path)) }
+        // Its own control socket it removed.
+        #expect(!Self.isSocket(h.controlSocket), h.diagnostics)
+        // A client connecting while no broker runs waits in the backlog...
+        let waiting = try ManualClient(socketPath: h.clientSocket)
+        try h.restartStoppedBroker()
+        // ... and the next run serves it.
+        try waiting.hello()
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let second = try h.runClient("touch", mib: 4, threads: 1, plugin: "pattern")
+        #expect(second.status == .exited(0) && second.summary == "verified \(pages(mib: 4)) pages, 0 wrong", h.diagnostics(second.stdout + second.stderr))
+        _ = listeners
+      }
+    }
+
+    @Test("Socket activation refused: a descriptor that is no SOCK_SEQPACKET listener, an unknown one, a missing plugin socket; the broker exits 73 saying which, and leaves the sockets")
+    func socketActivationRefused() throws {
+      try Harness.run("activation-refused") { h in
+        let dir = h.directory + "/refused"
+        mkdir(dir, 0o700)
+        let client = try PacketListener(path: dir + "/c.sock", mode: 0o600)
+        let plugin = try PacketListener(path: dir + "/p.sock", mode: 0o600)
+        let stream = try Self.streamListener(at: dir + "/stream.sock")
+        defer { close(stream) }
+        let other = try PacketListener(path: dir + "/other.sock", mode: 0o600)
+        let cases: [(descriptors: [CInt], names: [String], expected: String)] = [
+          ([client.fd, stream], ["client", "plugin"], "descriptor 4 (name \"plugin\", bound at \(dir)/stream.sock), handed over by the service manager, is not a listening AF_UNIX SOCK_SEQPACKET socket"),
+          ([client.fd, plugin.fd, other.fd], ["client", "plugin", "extra"], "descriptor 5 (name \"extra\", bound at \(dir)/other.sock), handed over by the service manager, is none of the broker's sockets"),
+          ([client.fd], ["client"], "the service manager handed over no plugin socket"),
+        ]
+        for (index, (descriptors, names, expected)) in cases.enumerated() {
+          let broker = try Harness.spawnBroker(
+            label: "broker-refused-\(index)", arguments: ["--client-socket", dir + "/c.sock", "--plugin-socket", dir + "/p.sock", "--control-socket", dir + "/ctl.sock"],
+            environment: [:], handing: descriptors, names: names, stdoutPath: dir + "/stdout", stderrPath: dir + "/stderr-\(index)")
+          #expect(broker.wait(timeout: 10) == .exited(73), h.diagnostics(broker.stderr))
+          #expect(broker.stderr.contains(expected) && broker.stderr.contains("refusing to start"), h.diagnostics(broker.stderr))
+          for path in ["/c.sock", "/p.sock", "/stream.sock", "/other.sock"] { #expect(Self.isSocket(dir + path), h.diagnostics(path)) }
+          #expect(!Self.isSocket(dir + "/ctl.sock"), h.diagnostics(broker.stderr))
+        }
+      }
+    }
+
+    /// Whether a socket file is at `path`.
+    static func isSocket(_ path: String) -> Bool {
+      var info = stat()
+      return lstat(path, &info) == 0 && info.st_mode & S_IFMT == S_IFSOCK
+    }
+
+    /// A listening SOCK_STREAM Unix socket at `path` (the wrong kind for the broker).
+    static func streamListener(at path: String) throws -> CInt {
+      let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+      var address = sockaddr_un()
+      address.sun_family = sa_family_t(AF_UNIX)
+      withUnsafeMutableBytes(of: &address.sun_path) { raw in _ = path.utf8CString.withUnsafeBytes { raw.copyMemory(from: $0) } }
+      let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+      guard fd >= 0, bound == 0, listen(fd, 8) == 0 else { throw HarnessError("cannot listen on \(path): \(errno)") }
+      return fd
+    }
+
     /// The package's root (the tests run the project's scripts).
     static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
 
