@@ -114,9 +114,9 @@ extension BrokerIntegrationTests {
       }
     }
 
-    @Test("Socket activation (LISTEN_FDS): the broker serves the client and plugin sockets handed over (one by name, one by path) and binds its control socket; it leaves their files at exit, and its next run on them serves a client that connected in between")
+    @Test("Socket activation (LISTEN_FDS): the broker serves the client and plugin sockets handed over (one by name, one by path) and binds its control socket; it leaves their files at exit, and its next run on them serves a client that connected in between; their modes decide which reloads may let other uids in")
     func socketActivation() throws {
-      try Harness.run("activation", socketActivation: true) { h in
+      try Harness.run("activation", configFields: ["\"maxClientsPerUID\": 8"], socketActivation: true) { h in
         let listeners = h.handedOver
         #expect(listeners.count == 2)
         try h.startPlugin(name: "pattern", mode: "pattern")
@@ -130,12 +130,22 @@ extension BrokerIntegrationTests {
         #expect(!Self.isSocket(h.controlSocket), h.diagnostics)
         // A client connecting while no broker runs waits in the backlog...
         let waiting = try ManualClient(socketPath: h.clientSocket)
+        // (and the client socket is now open to all, as uffd-broker.socket makes it)
+        chmod(h.clientSocket, 0o666)
         try h.restartStoppedBroker()
         // ... and the next run serves it.
         try waiting.hello()
         try h.startPlugin(name: "pattern", mode: "pattern")
         let second = try h.runClient("touch", mib: 4, threads: 1, plugin: "pattern")
         #expect(second.status == .exited(0) && second.summary == "verified \(pages(mib: 4)) pages, 0 wrong", h.diagnostics(second.stdout + second.stderr))
+        // The inherited socket's mode counts for a reload: other uids may be let in
+        // at the client socket (0666), not at the plugin socket (0600).
+        try writeTextFile(h.directory + "/config.json", #"{"clientUIDs": [0, 4242]}"#)
+        kill(h.broker.pid, SIGHUP)
+        #expect(h.waitForStatus { $0.tally[.configReloaded] == 1 }, h.diagnostics)
+        try writeTextFile(h.directory + "/config.json", #"{"clientUIDs": [0, 4242], "pluginUIDs": [0, 4242]}"#)
+        kill(h.broker.pid, SIGHUP)
+        #expect(h.waitForStatus { $0.tally[.configReloadRefused, "notAuthorized"] == 1 }, h.diagnostics)
         _ = listeners
       }
     }
