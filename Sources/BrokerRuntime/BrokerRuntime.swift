@@ -142,7 +142,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     controlListener = if let control = inherited[.control] { control } else {
       try configuration.controlSocketPath.map { (path) throws(BrokerError) in try PacketListener(path: path, mode: 0o600) }
     }
-    openSockets = (Self.othersMayConnect(clientListener, bound: !clientPrivate), Self.othersMayConnect(pluginListener, bound: !pluginPrivate))
+    openSockets = (Self.othersMayConnect(clientListener, madeOpen: !clientPrivate), Self.othersMayConnect(pluginListener, madeOpen: !pluginPrivate))
     for (role, listener, isOpen, isPrivate) in [("client", clientListener, openSockets.client, clientPrivate), ("plugin", pluginListener, openSockets.plugin, pluginPrivate)]
     where listener.isInherited && !isOpen && !isPrivate {
       logger.warning("the inherited socket lets only its owner connect: peers of other uids or gids the config allows cannot",
@@ -262,7 +262,10 @@ public final class BrokerRuntime: @unchecked Sendable {
       var next = try reload()
       let (client, plugin) = Self.privateSockets(next)
       guard (client || openSockets.client) && (plugin || openSockets.plugin) else {
-        throw BrokerError(.notAuthorized, "letting other uids or gids in needs a restart: the sockets are for the broker's uid alone (0600)")
+        throw BrokerError(.notAuthorized, """
+          letting other uids or gids in needs a restart: the sockets are for the broker's uid alone (0600; \
+          those systemd hands over as their socket unit's SocketMode= says)
+          """)
       }
       (next.clientSocketPath, next.pluginSocketPath, next.controlSocketPath) = (configuration.clientSocketPath, configuration.pluginSocketPath, configuration.controlSocketPath)
       try engine.reconfigure(next)
@@ -295,10 +298,10 @@ public final class BrokerRuntime: @unchecked Sendable {
   }
 
   /// Whether a socket lets other uids or gids connect: one the broker bound is
-  /// as it made it (`bound`: 0666); an inherited one as its file's mode says
-  /// (group or other may write).
-  static func othersMayConnect(_ listener: PacketListener, bound: Bool) -> Bool {
-    guard listener.isInherited else { return bound }
+  /// as it made it (`madeOpen`: 0666); an inherited one as its file's mode
+  /// says (group or other may write).
+  static func othersMayConnect(_ listener: PacketListener, madeOpen: Bool) -> Bool {
+    guard listener.isInherited else { return madeOpen }
     var info = stat()
     return lstat(listener.path, &info) == 0 && info.st_mode & 0o022 != 0
   }

@@ -86,6 +86,7 @@ final class Harness {
     }
     brokerArguments = arguments
     if socketActivation {
+      precondition(user == nil, "a socket-activated broker runs as the test's uid")
       for path in [clientSocket, pluginSocket] {
         let listener = try PacketListener(path: path, mode: 0o600)
         // Blocking, as systemd hands them over (NonBlocking=no): the broker must cope.
@@ -101,9 +102,15 @@ final class Harness {
   /// Starts the broker and waits until it answers on its control socket
   /// (it listens on every socket before it serves any).
   private func startBroker() throws {
-    broker = try Self.spawnBroker(
-      label: "uffd-broker", arguments: brokerArguments, environment: environment, handing: handedOver.map(\.fd),
-      stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
+    broker = if handedOver.isEmpty {
+      try spawn(
+        label: "uffd-broker", executable: Self.brokerExecutable, arguments: brokerArguments, environment: environment,
+        stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
+    } else {
+      try Self.spawnBroker(
+        label: "uffd-broker", arguments: brokerArguments, environment: environment, handing: handedOver.map(\.fd),
+        stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
+    }
     let serving = waitUntil(timeout: 10) { !broker.isRunning || (try? status())?.pid == broker.pid }
     guard serving, broker.isRunning else {
       broker.stop()
@@ -117,16 +124,12 @@ final class Harness {
     try startBroker()
   }
 
-  /// Starts `uffd-broker` with `arguments`; with `descriptors`, as systemd's
-  /// socket activation does: they become its 3, 4, ..., with `LISTEN_FDS`,
-  /// `LISTEN_FDNAMES` (`names`, colon-separated) and `LISTEN_PID` set to its
-  /// own pid (a shell that execs the broker: same pid).
+  /// Starts `uffd-broker` with `arguments` (as the test's uid) as systemd's
+  /// socket activation does: `descriptors` become its 3, 4, ..., with
+  /// `LISTEN_FDS`, `LISTEN_FDNAMES` (`names`, colon-separated) and `LISTEN_PID`
+  /// set to its own pid (a shell that execs the broker: same pid).
   static func spawnBroker(label: String, arguments: [String], environment: [String: String], handing descriptors: [CInt], names: [String] = ["client", "uffd-broker.socket"],
                           stdoutPath: String, stderrPath: String, appendOutput: Bool = false) throws -> FixtureProcess {
-    guard !descriptors.isEmpty else {
-      return try FixtureProcess(label: label, executable: brokerExecutable, arguments: arguments, environment: environment,
-                                stdoutPath: stdoutPath, stderrPath: stderrPath, appendOutput: appendOutput)
-    }
     let activation = ["LISTEN_FDS": "\(descriptors.count)", "LISTEN_FDNAMES": names.joined(separator: ":")]
     return try FixtureProcess(
       label: label, executable: "/bin/sh", arguments: ["-c", #"LISTEN_PID=$$ exec "$0" "$@""#, brokerExecutable] + arguments,
