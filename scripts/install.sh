@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs uffd-broker: the broker, the sample plugins, the systemd unit, an
+# Installs uffd-broker: the broker, the sample plugins, the systemd units, an
 # example config (kept if one is there) and the README; or removes them.
 #
 #   scripts/install.sh [--prefix DIR] [--sysconfdir DIR] [--localstatedir DIR] [--unitdir DIR] [--from BINDIR]
@@ -35,16 +35,21 @@ for name in prefix sysconfdir localstatedir unitdir from; do
 done
 cd "$(dirname "$0")/.."
 plugins=(snapshot-plugin swap-plugin zero-fill-plugin)
+# The service and the socket units that hand it its sockets.
+units=(uffd-broker.service uffd-broker.socket uffd-broker-plugin.socket uffd-broker-control.socket)
+sockets=(uffd-broker.socket uffd-broker-plugin.socket uffd-broker-control.socket)
 libexec=$prefix/libexec/uffd-broker
 config=$sysconfdir/uffd-broker/config.json
 snapshots=$localstatedir/lib/uffd-broker/snapshots
 
 if $uninstall; then
-  # A unit systemd runs is stopped and disabled first (a running broker must not outlive its binary).
+  # Units systemd runs are stopped and disabled first (a running broker must not
+  # outlive its binary; its sockets would start it again).
   if [[ -d /run/systemd/system && -e $unitdir/uffd-broker.service ]] && command -v systemctl >/dev/null; then
-    systemctl disable --now uffd-broker.service || true
+    systemctl disable --now "${sockets[@]}" uffd-broker.service || true
   fi
-  rm -f "$prefix/bin/uffd-broker" "$unitdir/uffd-broker.service"
+  rm -f "$prefix/bin/uffd-broker"
+  for unit in "${units[@]}"; do rm -f "$unitdir/$unit"; done
   for plugin in "${plugins[@]}"; do rm -f "$libexec/$plugin"; done
   rmdir "$libexec" 2>/dev/null || true
   rm -rf "$prefix/share/doc/uffd-broker"
@@ -63,10 +68,12 @@ install -d -m 0755 "$snapshots"
 install -m 0755 "$from/uffd-broker" "$prefix/bin/uffd-broker"
 for plugin in "${plugins[@]}"; do install -m 0755 "$from/$plugin" "$libexec/$plugin"; done
 install -m 0644 README.md "$prefix/share/doc/uffd-broker/README.md"
-sed -e "s|/usr/local/bin/uffd-broker|$prefix/bin/uffd-broker|" -e "s|/etc/uffd-broker/config.json|$config|" \
-    -e "s|/usr/local/share/doc/uffd-broker|$prefix/share/doc/uffd-broker|" \
-    packaging/systemd/uffd-broker.service > "$unitdir/uffd-broker.service"
-chmod 0644 "$unitdir/uffd-broker.service"
+for unit in "${units[@]}"; do
+  sed -e "s|/usr/local/bin/uffd-broker|$prefix/bin/uffd-broker|" -e "s|/etc/uffd-broker/config.json|$config|" \
+      -e "s|/usr/local/share/doc/uffd-broker|$prefix/share/doc/uffd-broker|" \
+      "packaging/systemd/$unit" > "$unitdir/$unit"
+  chmod 0644 "$unitdir/$unit"
+done
 if [[ -e $config ]]; then
   echo "kept the existing $config"
 else
@@ -74,5 +81,5 @@ else
   chmod 0644 "$config"
 fi
 "$prefix/bin/uffd-broker" check-config "$config"
-echo "installed uffd-broker in $prefix (plugins in $libexec), the unit in $unitdir, the config in $config"
-echo "start it: systemctl daemon-reload && systemctl enable --now uffd-broker"
+echo "installed uffd-broker in $prefix (plugins in $libexec), the units in $unitdir, the config in $config"
+echo "start it: systemctl daemon-reload && systemctl enable --now uffd-broker.socket"

@@ -39,6 +39,9 @@ public final class BrokerRuntime: @unchecked Sendable {
   private var service = ServiceManager()
   /// Who each configured plugin runs as (resolved once, at start).
   private let pluginCredentials: [ChildProcess.Credentials?]
+  /// Whether other uids or gids can connect to the client and plugin sockets
+  /// (their files' modes), whatever the configuration lets in.
+  private let openSockets: (client: Bool, plugin: Bool)
 
   var clients: [ClientID: ClientLink] = [:]
   var plugins: [PluginID: PluginLink] = [:]
@@ -94,11 +97,17 @@ public final class BrokerRuntime: @unchecked Sendable {
   /// (`SocketDirectory`), something not a socket is at a socket's path, or a
   /// broker already answers there (`PacketListener`).
   ///
+  /// Under systemd's socket activation (`LISTEN_FDS` for this process) the
+  /// sockets handed over are served instead, at the paths they are bound to;
+  /// a control socket not handed over is bound as above. Throws when one is
+  /// unknown, missing or of the wrong kind (`InheritedListeners`).
+  ///
   /// `handleSignals`: SIGINT and SIGTERM stop `run()` cleanly, SIGHUP reloads
   /// the configuration from `reload`; they are taken from here on, so one that
   /// comes while the broker starts is not lost.
   public init(configuration: BrokerConfiguration, logger: Logger, handleSignals: Bool = false,
               reload: (() throws -> BrokerConfiguration)? = nil) throws(BrokerError) {
+    var configuration = configuration
     self.reload = reload
     if handleSignals {
       switch valueOrErrno(clinux_signalfd([SIGINT, SIGTERM, SIGHUP], 3)) {
@@ -115,18 +124,35 @@ public final class BrokerRuntime: @unchecked Sendable {
     for (index, plugin) in configuration.plugins.enumerated() { credentials.append(try PluginCredentials.resolve(plugin, index: index)) }
     pluginCredentials = credentials
     engine = try BrokerEngine(configuration: configuration, pageSize: systemPageSize, now: monotonicNanoseconds(), makeToken: { .randomToken() })
-    self.configuration = configuration
     self.logger = logger
     engine.logLevel = logger.logLevel
+    var configured: [InheritedListeners.Role: String] = [.client: configuration.clientSocketPath, .plugin: configuration.pluginSocketPath]
+    configured[.control] = configuration.controlSocketPath
+    let inherited = try InheritedListeners.take(configured: configured)
+    // Served where they are bound: the paths spawned plugins, the status and the log name.
+    if let client = inherited[.client] { configuration.clientSocketPath = client.path }
+    if let plugin = inherited[.plugin] { configuration.pluginSocketPath = plugin.path }
+    if let control = inherited[.control] { configuration.controlSocketPath = control.path }
+    self.configuration = configuration
     let (clientPrivate, pluginPrivate) = Self.privateSockets(configuration)
-    for (path, isPrivate) in [(configuration.clientSocketPath, clientPrivate), (configuration.pluginSocketPath, pluginPrivate),
-                              (configuration.controlSocketPath ?? "", true)] + configuration.firecrackerSockets.map({ ($0.path, clientPrivate) }) {
-      if !path.isEmpty { try SocketDirectory.prepare(forSocketAt: path, mode: isPrivate && clientPrivate && pluginPrivate ? 0o700 : 0o755) }
+    // The directories of the sockets the broker binds itself (never those handed over).
+    let bound = [(InheritedListeners.Role.client, configuration.clientSocketPath, clientPrivate), (.plugin, configuration.pluginSocketPath, pluginPrivate),
+                 (.control, configuration.controlSocketPath ?? "", true)].filter { inherited[$0.0] == nil }.map { ($0.1, $0.2) }
+    for (path, isPrivate) in bound + configuration.firecrackerSockets.map({ ($0.path, clientPrivate) }) where !path.isEmpty {
+      try SocketDirectory.prepare(forSocketAt: path, mode: isPrivate && clientPrivate && pluginPrivate ? 0o700 : 0o755)
     }
     loop = try EventLoop()
-    clientListener = try PacketListener(path: configuration.clientSocketPath, mode: clientPrivate ? 0o600 : 0o666)
-    pluginListener = try PacketListener(path: configuration.pluginSocketPath, mode: pluginPrivate ? 0o600 : 0o666)
-    controlListener = try configuration.controlSocketPath.map { (path) throws(BrokerError) in try PacketListener(path: path, mode: 0o600) }
+    clientListener = if let client = inherited[.client] { client } else { try PacketListener(path: configuration.clientSocketPath, mode: clientPrivate ? 0o600 : 0o666) }
+    pluginListener = if let plugin = inherited[.plugin] { plugin } else { try PacketListener(path: configuration.pluginSocketPath, mode: pluginPrivate ? 0o600 : 0o666) }
+    controlListener = if let control = inherited[.control] { control } else {
+      try configuration.controlSocketPath.map { (path) throws(BrokerError) in try PacketListener(path: path, mode: 0o600) }
+    }
+    openSockets = (Self.othersMayConnect(clientListener, madeOpen: !clientPrivate), Self.othersMayConnect(pluginListener, madeOpen: !pluginPrivate))
+    for (role, listener, isOpen, isPrivate) in [("client", clientListener, openSockets.client, clientPrivate), ("plugin", pluginListener, openSockets.plugin, pluginPrivate)]
+    where listener.isInherited && !isOpen && !isPrivate {
+      logger.warning("the inherited socket lets only its owner connect: peers of other uids or gids the config allows cannot",
+                     metadata: ["socket.role": "\(role)", "socket.path": "\(listener.path)"])
+    }
     let vmmListeners = try configuration.firecrackerSockets.map { (socket) throws(BrokerError) in
       FirecrackerListener(try PacketListener(path: socket.path, mode: clientPrivate ? 0o600 : 0o666, stream: true), socket: socket, vmName: nil)
     }
@@ -173,7 +199,10 @@ public final class BrokerRuntime: @unchecked Sendable {
       supervisor.startAll(loop: loop)
       tellGivenUp()
     }
-    logger.info("broker serving", metadata: ["socket.client": "\(configuration.clientSocketPath)", "socket.plugin": "\(configuration.pluginSocketPath)"])
+    let listeners: [(String, PacketListener?)] = [("client", clientListener), ("plugin", pluginListener), ("control", controlListener)]
+    let inherited = listeners.compactMap { role, listener in listener?.isInherited == true ? role : nil }
+    logger.info("broker serving", metadata: ["socket.client": "\(configuration.clientSocketPath)", "socket.plugin": "\(configuration.pluginSocketPath)",
+                                             "socket.inherited": "\(inherited.isEmpty ? "none" : inherited.joined(separator: ","))"])
     loopTime = monotonicNanoseconds()
     service.ready(serviceStatus())
     while !stopping {
@@ -241,10 +270,12 @@ public final class BrokerRuntime: @unchecked Sendable {
     }
     do {
       var next = try reload()
-      let (wasClient, wasPlugin) = Self.privateSockets(configuration)
       let (client, plugin) = Self.privateSockets(next)
-      guard (client || !wasClient) && (plugin || !wasPlugin) else {
-        throw BrokerError(.notAuthorized, "letting other uids or gids in needs a restart: the sockets were made for the broker's uid alone (0600)")
+      guard (client || openSockets.client) && (plugin || openSockets.plugin) else {
+        throw BrokerError(.notAuthorized, """
+          letting other uids or gids in needs a restart: the sockets are for the broker's uid alone (0600; \
+          those systemd hands over as their socket unit's SocketMode= says)
+          """)
       }
       (next.clientSocketPath, next.pluginSocketPath, next.controlSocketPath) = (configuration.clientSocketPath, configuration.pluginSocketPath, configuration.controlSocketPath)
       next.firecrackerSockets = configuration.firecrackerSockets
@@ -275,6 +306,15 @@ public final class BrokerRuntime: @unchecked Sendable {
   static func privateSockets(_ configuration: BrokerConfiguration) -> (client: Bool, plugin: Bool) {
     let ownerOnly = { (uids: Set<UInt32>, gids: Set<UInt32>) in uids.subtracting([getuid()]).isEmpty && gids.isEmpty }
     return (ownerOnly(configuration.clientUIDs, configuration.clientGIDs), ownerOnly(configuration.pluginUIDs, configuration.pluginGIDs))
+  }
+
+  /// Whether a socket lets other uids or gids connect: one the broker bound is
+  /// as it made it (`madeOpen`: 0666); an inherited one as its file's mode
+  /// says (group or other may write).
+  static func othersMayConnect(_ listener: PacketListener, madeOpen: Bool) -> Bool {
+    guard listener.isInherited else { return madeOpen }
+    var info = stat()
+    return lstat(listener.path, &info) == 0 && info.st_mode & 0o022 != 0
   }
 
   /// Every client costs up to three descriptors (socket, pidfd, uffd): the

@@ -266,8 +266,9 @@ static void spawn_child(const char *path, char *const argv[], char *const envp[]
   sigset_t none;
   sigemptyset(&none);
   int failed = 0;
+  int first_free = 3 + options->ndescriptors;
   /* Out of the way of the descriptors set up below. */
-  if (report <= 3) report = fcntl(report, F_DUPFD_CLOEXEC, 4);
+  if (report < first_free) report = fcntl(report, F_DUPFD_CLOEXEC, first_free);
   if (sigprocmask(SIG_SETMASK, &none, NULL) != 0) failed = 1;
   if (!failed && options->new_process_group && setpgid(0, 0) != 0) failed = 1;
   int mode = O_WRONLY | O_CREAT | (options->truncate ? O_TRUNC : O_APPEND);
@@ -278,9 +279,10 @@ static void spawn_child(const char *path, char *const argv[], char *const envp[]
     if (fd < 0 || move_descriptor(fd, target) != 0) failed = 1;
     else if (fd != target) close(fd);
   }
-  if (!failed && options->descriptor3 >= 0 && move_descriptor(options->descriptor3, 3) != 0) failed = 1;
+  for (int i = 0; i < options->ndescriptors && !failed; i++)
+    if (move_descriptor(options->descriptors[i], 3 + i) != 0) failed = 1;
   /* Nothing else of the parent's crosses the exec, close-on-exec or not (Linux 5.11; older: best effort). */
-  if (!failed) syscall(SYS_close_range, 4, ~0U, CLOSE_RANGE_CLOEXEC);
+  if (!failed) syscall(SYS_close_range, (unsigned)first_free, ~0U, CLOSE_RANGE_CLOEXEC);
   if (!failed && options->set_credentials) {
     if (syscall(SYS_setgroups, (size_t)options->ngroups, options->groups) != 0
         || syscall(SYS_setresgid, options->gid, options->gid, options->gid) != 0
@@ -321,7 +323,7 @@ static pid_t spawn_with_credentials(const char *path, char *const argv[], char *
   return pid;
 }
 
-pid_t clinux_spawn(const char *path, char *const argv[], char *const envp[], const clinux_spawn_options *options) {
+static pid_t spawn(const char *path, char *const argv[], char *const envp[], const clinux_spawn_options *options) {
   /* posix_spawn cannot change credentials: those spawns fork and exec themselves. */
   if (options->set_credentials || options->no_new_privs) return spawn_with_credentials(path, argv, envp, options);
   posix_spawnattr_t attr;
@@ -347,12 +349,55 @@ pid_t clinux_spawn(const char *path, char *const argv[], char *const envp[], con
   if (options->stdin_path) posix_spawn_file_actions_addopen(&actions, 0, options->stdin_path, O_RDONLY, 0);
   if (options->stdout_path) posix_spawn_file_actions_addopen(&actions, 1, options->stdout_path, mode, 0644);
   if (options->stderr_path) posix_spawn_file_actions_addopen(&actions, 2, options->stderr_path, mode, 0644);
-  /* dup2 onto 3 clears close-on-exec there: only the child keeps that descriptor. */
-  if (options->descriptor3 >= 0) posix_spawn_file_actions_adddup2(&actions, options->descriptor3, 3);
+  /* dup2 onto 3, 4, ... clears close-on-exec there: only the child keeps those descriptors. */
+  for (int i = 0; i < options->ndescriptors; i++) posix_spawn_file_actions_adddup2(&actions, options->descriptors[i], 3 + i);
   int rc = posix_spawn(&pid, path, &actions, &attr, argv, envp);
   posix_spawn_file_actions_destroy(&actions);
   posix_spawnattr_destroy(&attr);
   return rc == 0 ? pid : -rc;
+}
+
+pid_t clinux_spawn(const char *path, char *const argv[], char *const envp[], const clinux_spawn_options *options) {
+  int count = options->ndescriptors;
+  if (count < 0 || count > CLINUX_SPAWN_MAX_DESCRIPTORS) return -EINVAL;
+  /* The descriptors are copied above 3 + count first, so that moving one onto
+   * its place (dup2, in order) never overwrites another still to be moved
+   * (the descriptor given for the child's 4 may be our 3). */
+  int moved[CLINUX_SPAWN_MAX_DESCRIPTORS];
+  for (int i = 0; i < count; i++) {
+    moved[i] = fcntl(options->descriptors[i], F_DUPFD_CLOEXEC, 3 + count);
+    if (moved[i] < 0) {
+      int err = errno;
+      while (i-- > 0) close(moved[i]);
+      return -err;
+    }
+  }
+  clinux_spawn_options copy = *options;
+  copy.descriptors = moved;
+  pid_t pid = spawn(path, argv, envp, &copy);
+  for (int i = 0; i < count; i++) close(moved[i]);
+  return pid;
+}
+
+int clinux_socket_path(int fd, char *out, size_t size) {
+  struct sockaddr_un addr;
+  socklen_t length = sizeof addr;
+  memset(&addr, 0, sizeof addr);
+  if (getsockname(fd, (struct sockaddr *)&addr, &length) != 0) return -errno;
+  if (addr.sun_family != AF_UNIX) return -EAFNOSUPPORT;
+  if (length <= offsetof(struct sockaddr_un, sun_path) || addr.sun_path[0] == 0) return 0;  /* unnamed or abstract */
+  size_t count = strnlen(addr.sun_path, length - offsetof(struct sockaddr_un, sun_path));
+  if (count + 1 > size) return -ENAMETOOLONG;
+  memcpy(out, addr.sun_path, count);
+  out[count] = 0;
+  return (int)count;
+}
+
+int clinux_set_nonblocking(int fd) {
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0) return -errno;
+  if (flags & O_NONBLOCK) return 0;
+  return fcntl(fd, F_SETFL, flags | O_NONBLOCK) == 0 ? 0 : -errno;
 }
 
 #ifndef SYS_openat2

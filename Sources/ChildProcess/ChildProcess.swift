@@ -50,8 +50,10 @@ public final class ChildProcess {
     public var stderr: String?
     /// Truncate the stdout/stderr files (default: append).
     public var truncate = false
-    /// A descriptor of ours that becomes the child's fd 3 (a control socket, say).
-    public var descriptor3: CInt?
+    /// Descriptors of ours that become the child's fds 3, 4, ... in this order
+    /// (a control socket, say, or listening sockets handed over as systemd
+    /// does); at most 16. They stay open here.
+    public var descriptors: [CInt]
     /// The child leads a process group of its own (kill(-pid) reaches its children too).
     public var newProcessGroup = false
     /// Run the child as another user (nil: as this process). Needs
@@ -60,13 +62,13 @@ public final class ChildProcess {
     /// Set `PR_SET_NO_NEW_PRIVS` in the child: no exec (setuid binaries, file
     /// capabilities) can ever give it privileges it did not start with.
     public var noNewPrivileges = false
-    public init(stdin: String? = nil, stdout: String? = nil, stderr: String? = nil, truncate: Bool = false, descriptor3: CInt? = nil, newProcessGroup: Bool = false,
+    public init(stdin: String? = nil, stdout: String? = nil, stderr: String? = nil, truncate: Bool = false, descriptors: [CInt] = [], newProcessGroup: Bool = false,
                 credentials: Credentials? = nil, noNewPrivileges: Bool = false) {
       self.stdin = stdin
       self.stdout = stdout
       self.stderr = stderr
       self.truncate = truncate
-      self.descriptor3 = descriptor3
+      self.descriptors = descriptors
       self.newProcessGroup = newProcessGroup
       self.credentials = credentials
       self.noNewPrivileges = noNewPrivileges
@@ -106,14 +108,14 @@ public final class ChildProcess {
     let pid = options.stdin.withOptionalCString { stdin in
       options.stdout.withOptionalCString { stdout in
         options.stderr.withOptionalCString { stderr in
-          groups.withUnsafeBufferPointer { groups in
+          groups.withUnsafeBufferPointer { groups in options.descriptors.withUnsafeBufferPointer { descriptors in
             var spawn = clinux_spawn_options(
               stdin_path: stdin, stdout_path: stdout, stderr_path: stderr, truncate: options.truncate ? 1 : 0,
-              descriptor3: options.descriptor3 ?? -1, new_process_group: options.newProcessGroup ? 1 : 0,
+              descriptors: descriptors.baseAddress, ndescriptors: CInt(descriptors.count), new_process_group: options.newProcessGroup ? 1 : 0,
               set_credentials: options.credentials == nil ? 0 : 1, uid: options.credentials?.uid ?? 0, gid: options.credentials?.gid ?? 0,
               groups: groups.baseAddress, ngroups: CInt(groups.count), no_new_privs: options.noNewPrivileges ? 1 : 0)
             return clinux_spawn(executable, argv, envp, &spawn)
-          }
+          } }
         }
       }
     }

@@ -35,7 +35,7 @@ final class RoleProcess {
     defer { close(pair[1]) }
     let process: ChildProcess
     do {
-      process = try ChildProcess(ChildProcess.currentExecutable, arguments, options: .init(descriptor3: pair[1]))
+      process = try ChildProcess(ChildProcess.currentExecutable, arguments, options: .init(descriptors: [pair[1]]))
     } catch {
       close(pair[0])
       throw BenchError("cannot spawn the \(label) role: \(error)")

@@ -114,10 +114,90 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("Socket activation (LISTEN_FDS): the broker serves the client and plugin sockets handed over (one by name, one by path) and binds its control socket; it leaves their files at exit, and its next run on them serves a client that connected in between; their modes decide which reloads may let other uids in")
+    func socketActivation() throws {
+      try Harness.run("activation", configFields: ["\"maxClientsPerUID\": 8"], socketActivation: true) { h in
+        let listeners = h.handedOver
+        #expect(listeners.count == 2)
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let first = try h.runClient("touch", mib: 4, threads: 1, plugin: "pattern")
+        #expect(first.status == .exited(0) && first.summary == "verified \(pages(mib: 4)) pages, 0 wrong", h.diagnostics(first.stdout + first.stderr))
+
+        #expect(h.stopBroker() == .exited(0), h.diagnostics)
+        // The handed-over sockets are systemd's (here the test's): still there, still listening.
+        for path in [h.clientSocket, h.pluginSocket] { #expect(Self.isSocket(path), h.diagnostics(path)) }
+        // Its own control socket it removed.
+        #expect(!Self.isSocket(h.controlSocket), h.diagnostics)
+        // A client connecting while no broker runs waits in the backlog...
+        let waiting = try ManualClient(socketPath: h.clientSocket)
+        // (and the client socket is now open to all, as uffd-broker.socket makes it)
+        chmod(h.clientSocket, 0o666)
+        try h.restartStoppedBroker()
+        // ... and the next run serves it.
+        try waiting.hello()
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let second = try h.runClient("touch", mib: 4, threads: 1, plugin: "pattern")
+        #expect(second.status == .exited(0) && second.summary == "verified \(pages(mib: 4)) pages, 0 wrong", h.diagnostics(second.stdout + second.stderr))
+        // The inherited socket's mode counts for a reload: other uids may be let in
+        // at the client socket (0666), not at the plugin socket (0600).
+        try writeTextFile(h.directory + "/config.json", #"{"clientUIDs": [0, 4242]}"#)
+        kill(h.broker.pid, SIGHUP)
+        #expect(h.waitForStatus { $0.tally[.configReloaded] == 1 }, h.diagnostics)
+        try writeTextFile(h.directory + "/config.json", #"{"clientUIDs": [0, 4242], "pluginUIDs": [0, 4242]}"#)
+        kill(h.broker.pid, SIGHUP)
+        #expect(h.waitForStatus { $0.tally[.configReloadRefused, "notAuthorized"] == 1 }, h.diagnostics)
+        _ = listeners
+      }
+    }
+
+    @Test("Socket activation refused: a descriptor that is no SOCK_SEQPACKET listener, an unknown one, a missing plugin socket; the broker exits 73 saying which, and leaves the sockets")
+    func socketActivationRefused() throws {
+      try Harness.run("activation-refused") { h in
+        let dir = h.directory + "/refused"
+        mkdir(dir, 0o700)
+        let client = try PacketListener(path: dir + "/c.sock", mode: 0o600)
+        let plugin = try PacketListener(path: dir + "/p.sock", mode: 0o600)
+        let stream = try Self.streamListener(at: dir + "/stream.sock")
+        defer { close(stream) }
+        let other = try PacketListener(path: dir + "/other.sock", mode: 0o600)
+        let cases: [(descriptors: [CInt], names: [String], expected: String)] = [
+          ([client.fd, stream], ["client", "plugin"], "descriptor 4 (name \"plugin\", bound at \(dir)/stream.sock), handed over by the service manager, is not a listening AF_UNIX SOCK_SEQPACKET socket"),
+          ([client.fd, plugin.fd, other.fd], ["client", "plugin", "extra"], "descriptor 5 (name \"extra\", bound at \(dir)/other.sock), handed over by the service manager, is none of the broker's sockets"),
+          ([client.fd], ["client"], "the service manager handed over no plugin socket"),
+        ]
+        for (index, (descriptors, names, expected)) in cases.enumerated() {
+          let broker = try Harness.spawnBroker(
+            label: "broker-refused-\(index)", arguments: ["--client-socket", dir + "/c.sock", "--plugin-socket", dir + "/p.sock", "--control-socket", dir + "/ctl.sock"],
+            environment: [:], handing: descriptors, names: names, stdoutPath: dir + "/stdout", stderrPath: dir + "/stderr-\(index)")
+          #expect(broker.wait(timeout: 10) == .exited(73), h.diagnostics(broker.stderr))
+          #expect(broker.stderr.contains(expected) && broker.stderr.contains("refusing to start"), h.diagnostics(broker.stderr))
+          for path in ["/c.sock", "/p.sock", "/stream.sock", "/other.sock"] { #expect(Self.isSocket(dir + path), h.diagnostics(path)) }
+          #expect(!Self.isSocket(dir + "/ctl.sock"), h.diagnostics(broker.stderr))
+        }
+      }
+    }
+
+    /// Whether a socket file is at `path`.
+    static func isSocket(_ path: String) -> Bool {
+      var info = stat()
+      return lstat(path, &info) == 0 && info.st_mode & S_IFMT == S_IFSOCK
+    }
+
+    /// A listening SOCK_STREAM Unix socket at `path` (the wrong kind for the broker).
+    static func streamListener(at path: String) throws -> CInt {
+      let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+      var address = sockaddr_un()
+      address.sun_family = sa_family_t(AF_UNIX)
+      withUnsafeMutableBytes(of: &address.sun_path) { raw in _ = path.utf8CString.withUnsafeBytes { raw.copyMemory(from: $0) } }
+      let bound = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
+      guard fd >= 0, bound == 0, listen(fd, 8) == 0 else { throw HarnessError("cannot listen on \(path): \(errno)") }
+      return fd
+    }
+
     /// The package's root (the tests run the project's scripts).
     static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
 
-    @Test("scripts/install.sh into a prefix: the installed broker starts with the installed config, its plugins run as nobody, a client is served; --uninstall removes it all but the config")
+    @Test("scripts/install.sh into a prefix: the service and socket units, the installed broker starts with the installed config, its plugins run as nobody, a client is served; --uninstall removes it all but the config")
     func installAndUninstall() throws {
       try Harness.run("install") { h in
         chmod(h.directory, 0o755)  // the plugins (uid 65534) reach their files beneath it
@@ -128,6 +208,9 @@ extension BrokerIntegrationTests {
           environment: ["PATH": "/usr/bin:/bin"], stdoutPath: h.directory + "/install.stdout", stderrPath: h.directory + "/install.stderr")
         #expect(install.wait(timeout: 60) == .exited(0), h.diagnostics(install.stdout + install.stderr))
         #expect(install.stdout.contains("config.json: ok"), h.diagnostics(install.stdout))
+        let units = ["uffd-broker.service", "uffd-broker.socket", "uffd-broker-plugin.socket", "uffd-broker-control.socket"]
+        for unit in units { #expect(access(root + "/units/" + unit, R_OK) == 0, h.diagnostics(unit)) }
+        #expect(readTextFile(root + "/units/uffd-broker.service").contains("ExecStart=\(root)/usr/bin/uffd-broker --config \(root)/etc/uffd-broker/config.json"), h.diagnostics)
         let run = h.directory + "/run"
         mkdir(run, 0o700)
         let broker = try FixtureProcess(
@@ -151,7 +234,8 @@ extension BrokerIntegrationTests {
           label: "uninstall", executable: "/bin/bash", arguments: [Self.packageRoot + "/scripts/install.sh", "--uninstall"] + options,
           environment: ["PATH": "/usr/bin:/bin"], stdoutPath: h.directory + "/uninstall.stdout", stderrPath: h.directory + "/uninstall.stderr")
         #expect(uninstall.wait(timeout: 30) == .exited(0), h.diagnostics(uninstall.stdout + uninstall.stderr))
-        #expect(access(root + "/usr/bin/uffd-broker", F_OK) != 0 && access(root + "/units/uffd-broker.service", F_OK) != 0, h.diagnostics)
+        #expect(access(root + "/usr/bin/uffd-broker", F_OK) != 0, h.diagnostics)
+        for unit in units { #expect(access(root + "/units/" + unit, F_OK) != 0, h.diagnostics(unit)) }
         #expect(access(root + "/etc/uffd-broker/config.json", F_OK) == 0, h.diagnostics)
       }
     }

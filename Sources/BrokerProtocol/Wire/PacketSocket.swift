@@ -159,13 +159,16 @@ public final class PacketSocket {
 /// 2. A socket something still answers on (a live broker) is left alone: `init` throws `nameTaken`.
 /// 3. Only a dead socket (no listener) is replaced.
 /// 4. On deinit the socket file is removed only if it is still the one this listener made.
+/// 5. A listener handed over already bound (`init(inheriting:path:)`, systemd's
+///    socket activation) is made non-blocking, and its file is never removed:
+///    it is its maker's, which may pass it to the broker's next run.
 public final class PacketListener {
   /// The listening descriptor (non-blocking), owned by this object.
   public let fd: CInt
   /// The socket's path.
   public let path: String
-  private let device: UInt64
-  private let inode: UInt64
+  /// The socket file this listener made (nil: inherited, not ours to remove).
+  private let made: (device: UInt64, inode: UInt64)?
 
   /// Listens at `path` with file mode `mode` (see the type's rules); with
   /// `stream`, a SOCK_STREAM socket. Throws `nameTaken` when a live broker
@@ -183,13 +186,27 @@ public final class PacketListener {
     case .failure(let errno): throw BrokerError(.io, "cannot listen on \(path)", errno: errno)
     }
     self.path = path
-    self.device = device
-    self.inode = inode
+    made = (device, inode)
   }
+
+  /// Takes ownership of `fd`, a listening socket bound at `path` by someone
+  /// else (the caller checked what it is), and makes it non-blocking: the
+  /// accept loop reads until EAGAIN. Throws `io` if it cannot.
+  public init(inheriting fd: CInt, path: String) throws(BrokerError) {
+    if case .failure(let errno) = valueOrErrno(clinux_set_nonblocking(fd)) {
+      throw BrokerError(.io, "cannot make the inherited socket \(path) non-blocking", errno: errno)
+    }
+    self.fd = fd
+    self.path = path
+    made = nil
+  }
+
+  /// Whether this listener bound its socket itself (false: it was handed over).
+  public var isInherited: Bool { made == nil }
 
   deinit {
     closeDescriptor(fd)
-    _ = clinux_unlink_socket(path, device, inode)
+    if let made { _ = clinux_unlink_socket(path, made.device, made.inode) }
   }
 
   /// Accepts one pending connection (non-blocking); nil when none is pending.

@@ -69,7 +69,7 @@ final class PluginSupervisor {
       _ = fcntl(mine.fd, F_SETFL, fcntl(mine.fd, F_GETFL) | O_NONBLOCK)
       let process = try ChildProcess(
         plugin.executable, plugin.arguments, environment: ["UFFD_BROKER_PLUGIN_SOCKET": pluginSocketPath, "UFFD_BROKER_PLUGIN_FD": "3"],
-        options: .init(descriptor3: theirs.fd, credentials: credentials, noNewPrivileges: true))
+        options: .init(descriptors: [theirs.fd], credentials: credentials, noNewPrivileges: true))
       children[index].process = process
       children[index].startedAt = monotonicNanoseconds()
       if process.pidfd >= 0 { try? loop.add(process.pidfd, Token(.child, UInt64(index))) }

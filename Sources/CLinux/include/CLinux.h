@@ -101,13 +101,16 @@ int clinux_signalfd(const int *signals, int count);
 /* Reads one pending signal from a signalfd; returns its number or -errno. */
 int clinux_read_signal(int fd);
 
+enum { CLINUX_SPAWN_MAX_DESCRIPTORS = 16 };
+
 /* Where a spawned child's standard descriptors come from (NULL: inherited). */
 typedef struct {
   const char *stdin_path;
   const char *stdout_path;   /* created 0644 */
   const char *stderr_path;
   int truncate;              /* truncate stdout/stderr files instead of appending */
-  int descriptor3;           /* if >= 0: becomes the child's fd 3 */
+  const int *descriptors;    /* these become the child's fds 3, 4, ... (in order; at most */
+  int ndescriptors;          /* CLINUX_SPAWN_MAX_DESCRIPTORS), close-on-exec cleared there */
   int new_process_group;     /* the child leads a process group of its own */
   /* Who the child runs as: with set_credentials, its supplementary groups
    * become `groups` (`ngroups` of them), then its gid `gid`, then its uid `uid`
@@ -128,6 +131,16 @@ pid_t clinux_spawn(const char *path, char *const argv[], char *const envp[], con
 
 /* prlimit(2) of RLIMIT_NOFILE for another process (a GNU function): 0 or -errno. */
 int clinux_set_descriptor_limit(pid_t pid, uint64_t limit);
+
+/* ---- sockets handed over (systemd's socket activation) ---- */
+
+/* The filesystem path the Unix socket `fd` is bound to (getsockname), written
+ * NUL-terminated into `out` (`size` bytes): its length, 0 for an unnamed or
+ * abstract socket, or -errno (-ENAMETOOLONG if it does not fit). */
+int clinux_socket_path(int fd, char *out, size_t size);
+
+/* Sets O_NONBLOCK on `fd`, a descriptor that may have come blocking: 0 or -errno. */
+int clinux_set_nonblocking(int fd);
 
 /* ---- files ---- */
 

@@ -36,13 +36,15 @@ final class FixtureProcess {
   var status: ExitStatus? { process.poll() }
 
   /// - Parameter appendOutput: append to the output files instead of truncating them (a restarted process).
-  init(label: String, executable: String, arguments: [String], environment: [String: String], stdoutPath: String, stderrPath: String, appendOutput: Bool = false) throws {
+  /// - Parameter descriptors: descriptors of the test's that become the process's 3, 4, ...
+  init(label: String, executable: String, arguments: [String], environment: [String: String], stdoutPath: String, stderrPath: String, appendOutput: Bool = false,
+       descriptors: [CInt] = []) throws {
     self.label = label
     self.stdoutPath = stdoutPath
     self.stderrPath = stderrPath
     do {
       process = try ChildProcess(executable, arguments, environment: environment, options: .init(
-        stdin: "/dev/null", stdout: stdoutPath, stderr: stderrPath, truncate: !appendOutput, newProcessGroup: true))
+        stdin: "/dev/null", stdout: stdoutPath, stderr: stderrPath, truncate: !appendOutput, descriptors: descriptors, newProcessGroup: true))
     } catch {
       throw HarnessError("\(error)")
     }

@@ -31,6 +31,9 @@ final class Harness {
   /// The uid the broker and its fixture processes run as (nil: the test's own).
   let user: UInt32?
   private(set) var broker: FixtureProcess!
+  /// With socket activation: the client and plugin sockets the test listens on
+  /// and hands to every broker it starts, as systemd's .socket units would.
+  private(set) var handedOver: [PacketListener] = []
   private var children: [FixtureProcess] = []
   private var counter = 0
 
@@ -50,7 +53,7 @@ final class Harness {
 
   /// Starts a broker (debug logging), with a config file if any field is given
   /// (`$DIR` in a field stands for the harness's directory), and waits for it to serve.
-  private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?, configFields: [String], user: UInt32?) throws {
+  private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?, configFields: [String], user: UInt32?, socketActivation: Bool) throws {
     var template = Array("/tmp/uffd-it-\(label)-XXXXXX".utf8CString)
     guard let made = mkdtemp(&template) else { throw HarnessError("mkdtemp failed: \(errno)") }
     directory = String(cString: made)
@@ -82,6 +85,15 @@ final class Harness {
       arguments += ["--config", path]
     }
     brokerArguments = arguments
+    if socketActivation {
+      precondition(user == nil, "a socket-activated broker runs as the test's uid")
+      for path in [clientSocket, pluginSocket] {
+        let listener = try PacketListener(path: path, mode: 0o600)
+        // Blocking, as systemd hands them over (NonBlocking=no): the broker must cope.
+        _ = fcntl(listener.fd, F_SETFL, fcntl(listener.fd, F_GETFL) & ~O_NONBLOCK)
+        handedOver.append(listener)
+      }
+    }
     try startBroker()
   }
 
@@ -90,14 +102,38 @@ final class Harness {
   /// Starts the broker and waits until it answers on its control socket
   /// (it listens on every socket before it serves any).
   private func startBroker() throws {
-    broker = try spawn(
-      label: "uffd-broker", executable: Self.brokerExecutable, arguments: brokerArguments, environment: environment,
-      stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
+    broker = if handedOver.isEmpty {
+      try spawn(
+        label: "uffd-broker", executable: Self.brokerExecutable, arguments: brokerArguments, environment: environment,
+        stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
+    } else {
+      try Self.spawnBroker(
+        label: "uffd-broker", arguments: brokerArguments, environment: environment, handing: handedOver.map(\.fd),
+        stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
+    }
     let serving = waitUntil(timeout: 10) { !broker.isRunning || (try? status())?.pid == broker.pid }
     guard serving, broker.isRunning else {
       broker.stop()
       throw HarnessError("the broker did not start serving: \(broker.status.map { "\($0)" } ?? "timed out"); log:\n\(brokerLog)")
     }
+  }
+
+  /// Starts the broker again after `stopBroker()` (on the same sockets and config).
+  func restartStoppedBroker() throws {
+    precondition(!broker.isRunning, "stop the broker first")
+    try startBroker()
+  }
+
+  /// Starts `uffd-broker` with `arguments` (as the test's uid) as systemd's
+  /// socket activation does: `descriptors` become its 3, 4, ..., with
+  /// `LISTEN_FDS`, `LISTEN_FDNAMES` (`names`, colon-separated) and `LISTEN_PID`
+  /// set to its own pid (a shell that execs the broker: same pid).
+  static func spawnBroker(label: String, arguments: [String], environment: [String: String], handing descriptors: [CInt], names: [String] = ["client", "uffd-broker.socket"],
+                          stdoutPath: String, stderrPath: String, appendOutput: Bool = false) throws -> FixtureProcess {
+    let activation = ["LISTEN_FDS": "\(descriptors.count)", "LISTEN_FDNAMES": names.joined(separator: ":")]
+    return try FixtureProcess(
+      label: label, executable: "/bin/sh", arguments: ["-c", #"LISTEN_PID=$$ exec "$0" "$@""#, brokerExecutable] + arguments,
+      environment: environment.merging(activation) { $1 }, stdoutPath: stdoutPath, stderrPath: stderrPath, appendOutput: appendOutput, descriptors: descriptors)
   }
 
   /// Kills the broker with SIGKILL (no cleanup of its own) and starts a new one
@@ -122,11 +158,14 @@ final class Harness {
 
   /// Runs `body` against a fresh broker and tears everything down afterwards,
   /// whatever happens. The broker must still be alive at the end and exit 0 on SIGTERM.
+  /// `socketActivation`: the test listens on the client and plugin sockets and
+  /// hands them to the broker (`spawnBroker`), which binds only its control socket.
   static func run(
     _ label: String, spawning spawned: [SpawnedPlugin] = [], pluginDeadlineMilliseconds: Int? = nil, configFields: [String] = [],
-    user: UInt32? = nil, sourceLocation: SourceLocation = #_sourceLocation, _ body: (Harness) throws -> Void
+    user: UInt32? = nil, socketActivation: Bool = false, sourceLocation: SourceLocation = #_sourceLocation, _ body: (Harness) throws -> Void
   ) throws {
-    let harness = try Harness(label: label, spawned: spawned, pluginDeadlineMilliseconds: pluginDeadlineMilliseconds, configFields: configFields, user: user)
+    let harness = try Harness(label: label, spawned: spawned, pluginDeadlineMilliseconds: pluginDeadlineMilliseconds, configFields: configFields, user: user,
+                              socketActivation: socketActivation)
     var finished = false
     defer { harness.tearDown(keep: !finished, sourceLocation: sourceLocation) }
     try body(harness)
