@@ -2,11 +2,10 @@ import CBrokerWire
 import Userfaultfd
 
 // The broker ↔ plugin messages are the hot path: every fault crosses them
-// twice. The encoders below own their protobuf-c structs, initialised once
-// and reused for every batch; the decoders unpack into a `WireArena`. A batch
-// of only page faults, or of only decisions, is written and read by hand in
-// the same wire format (FaultBatchWriter/Reader, DecisionBatchWriter/Reader);
-// every other packet goes through protobuf-c. Nothing is allocated per fault.
+// twice. Every packet is packed and unpacked by protobuf-c: the encoders own
+// their protobuf-c structs, initialised once and reused for every batch; the
+// decoders unpack into a `WireArena` (a bump allocator reset per packet).
+// Nothing is allocated per fault.
 //
 // The four codecs' stored properties are `@exclusivity(unchecked)`: each is
 // read or written for every packet (the emptiness checks in `encode` included),
@@ -22,8 +21,6 @@ public final class EventBatchEncoder {
   /// Events collected for the next packet.
   @exclusivity(unchecked) public private(set) var count = 0
   @exclusivity(unchecked) private var estimatedSize = 0
-  /// Only page faults so far: the batch is written by `FaultBatchWriter`.
-  @exclusivity(unchecked) private var faultsOnly = true
   @exclusivity(unchecked) private var message = Uffdbroker__BrokerToPlugin()
   private let events: UnsafeMutablePointer<Uffdbroker__Event>
   private let eventPointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Event>?>
@@ -110,7 +107,6 @@ public final class EventBatchEncoder {
       append(fault)
       return
     }
-    faultsOnly = false
     switch event {
     case .pagefault:
       preconditionFailure("handled above")
@@ -200,16 +196,10 @@ public final class EventBatchEncoder {
   public func encode(into buffer: UnsafeMutableRawBufferPointer) -> Int {
     message.n_events = count
     message.packets_applied = packetsApplied
-    let written: Int
-    if faultsOnly {
-      written = writeFaults(into: buffer)
-    } else {
-      written = storeData.isEmpty ? pack(into: buffer) : packWithStores(into: buffer, index: 0, storeIndex: 0)
-    }
+    let written = storeData.isEmpty ? pack(into: buffer) : packWithStores(into: buffer, index: 0, storeIndex: 0)
     storeData.removeAll(keepingCapacity: true)
     count = 0
     estimatedSize = 0
-    faultsOnly = true
     pool.reset()
     return written
   }
@@ -222,15 +212,7 @@ public final class EventBatchEncoder {
     return uffdbroker__broker_to_plugin__pack(&message, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self))
   }
 
-  private func writeFaults(into buffer: UnsafeMutableRawBufferPointer) -> Int {
-    precondition(count * FaultBatchWriter.maxBytesPerFault + 11 <= buffer.count, "fault batch may exceed the packet buffer")
-    let out = buffer.baseAddress!.assumingMemoryBound(to: UInt8.self)
-    let written = FaultBatchWriter.write(pagefaults, count: count, packetsApplied: packetsApplied, into: out)
-    assert(Array(UnsafeBufferPointer(start: out, count: written)) == Self.packedByProtobufC(message), "FaultBatchWriter differs from protobuf-c")
-    return written
-  }
-
-  /// protobuf-c's bytes for `message`, for checking `FaultBatchWriter` in debug builds and tests.
+  /// protobuf-c's bytes for `message` (measured first: for control packets and tests).
   static func packedByProtobufC(_ message: Uffdbroker__BrokerToPlugin) -> [UInt8] {
     protobufCPacked(message, size: uffdbroker__broker_to_plugin__get_packed_size, pack: uffdbroker__broker_to_plugin__pack)
   }
@@ -278,43 +260,16 @@ public final class EventBatchEncoder {
 public final class EventBatchDecoder {
   private let arena: WireArena
   @exclusivity(unchecked) private var message: UnsafeMutablePointer<Uffdbroker__BrokerToPlugin>?
-  /// Packets of page faults only, read by `FaultBatchReader`.
-  @exclusivity(unchecked) private var read: ReadInPlace<PagefaultEvent>
-  @exclusivity(unchecked) private var readPacketsApplied: UInt64 = 0
-  /// Whether packets of page faults only are read by `FaultBatchReader`.
-  public var readsInPlace: Bool { read.items != nil }
-  /// Whether `FaultBatchReader` read the current packet (for tests).
-  var wasReadInPlace: Bool { read.count != nil }
 
-  /// A decoder unpacking into `arena`; with `readsInPlace`, packets of page
-  /// faults only are read by `FaultBatchReader` instead of protobuf-c.
-  public init(arena: WireArena = WireArena(), readsInPlace: Bool = true) {
+  /// A decoder unpacking into `arena` (reset by each `decode`).
+  public init(arena: WireArena = WireArena()) {
     self.arena = arena
-    read = ReadInPlace(enabled: readsInPlace)
   }
-
-  deinit { read.deallocate() }
 
   /// Decodes a packet; malformed bytes throw `.malformed`.
   public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
     message = nil
-    read.count = nil
-    if let items = read.items, let (count, packetsApplied) = FaultBatchReader.read(bytes, into: items, capacity: ReadInPlace<PagefaultEvent>.capacity) {
-      read.count = count
-      readPacketsApplied = packetsApplied
-      assert(Self.sameAsProtobufC(bytes, faults: (0..<count).map { items[$0] }, packetsApplied: packetsApplied), "FaultBatchReader differs from protobuf-c")
-      return
-    }
     message = try arena.unpack(bytes, what: "a broker message", with: uffdbroker__broker_to_plugin__unpack)
-  }
-
-  /// Whether protobuf-c decodes `bytes` to exactly these faults and nothing else.
-  static func sameAsProtobufC(_ bytes: UnsafeRawBufferPointer, faults: [PagefaultEvent], packetsApplied: UInt64) -> Bool {
-    let decoder = EventBatchDecoder(readsInPlace: false)
-    guard (try? decoder.decode(bytes)) != nil, (try? decoder.hello) == nil, decoder.error == nil,
-          decoder.packetsApplied == packetsApplied, decoder.eventCount == faults.count
-    else { return false }
-    return faults.indices.allSatisfy { index in (try? decoder.event(at: index)) == .pagefault(faults[index]) }
   }
 
   /// The packet's Hello, if it has one; a malformed one throws `.malformed`.
@@ -331,16 +286,12 @@ public final class EventBatchDecoder {
     }
   }
   /// The number of events in the packet (`event(at:)` takes 0 up to it).
-  public var eventCount: Int { read.count ?? message?.pointee.n_events ?? 0 }
+  public var eventCount: Int { message?.pointee.n_events ?? 0 }
   /// How many of the plugin's packets the broker had applied when it sent this one.
-  public var packetsApplied: UInt64 { read.count == nil ? message?.pointee.packets_applied ?? 0 : readPacketsApplied }
+  public var packetsApplied: UInt64 { message?.pointee.packets_applied ?? 0 }
 
   /// The event at `index`; an event with no (or an unknown) kind throws `.malformed`.
   public func event(at index: Int) throws(BrokerError) -> BrokerEvent {
-    if read.count != nil {
-      guard let fault = read.item(at: index) else { throw BrokerError(.malformed, "event \(index) is missing") }
-      return .pagefault(fault)
-    }
     guard let m = message, index < m.pointee.n_events, let e = m.pointee.events[index]?.pointee else {
       throw BrokerError(.malformed, "event \(index) is missing")
     }
@@ -437,7 +388,7 @@ public final class DecisionBatchEncoder {
   /// A decision's encoded size, its bytes aside, at most (every varint at its longest, framing included).
   static let decisionBound = 96
 
-  /// protobuf-c's bytes for `message`, for checking `DecisionBatchWriter` in debug builds and tests.
+  /// protobuf-c's bytes for `message` (measured first: for tests).
   static func packedByProtobufC(_ message: Uffdbroker__PluginToBroker) -> [UInt8] {
     protobufCPacked(message, size: uffdbroker__plugin_to_broker__get_packed_size, pack: uffdbroker__plugin_to_broker__pack)
   }
@@ -493,9 +444,8 @@ public final class DecisionBatchEncoder {
       // Only decisions: `canAppend` bounded the size, so it is not measured first.
       let bound = payloadBytes + Self.decisionBound * count + 16
       precondition(bound <= buffer.count, "decision batch may exceed the packet buffer")
-      let out = buffer.baseAddress!.assumingMemoryBound(to: UInt8.self)
-      written = DecisionBatchWriter.write(decisions, count: count, into: out)
-      assert(Array(UnsafeBufferPointer(start: out, count: written)) == Self.packedByProtobufC(message), "DecisionBatchWriter differs from protobuf-c")
+      assert(uffdbroker__plugin_to_broker__get_packed_size(&message) <= bound, "decision size bound too small")
+      written = uffdbroker__plugin_to_broker__pack(&message, buffer.baseAddress!.assumingMemoryBound(to: UInt8.self))
     } else {
       let pool = CStringPool()
       var helloMessage = Uffdbroker__Hello()
@@ -605,8 +555,8 @@ public final class DecisionBatchEncoder {
   }
 }
 
-/// A decision as decoded by the broker. `data` points into the packet or the
-/// decoder's arena and is valid until the next `decode`.
+/// A decision as decoded by the broker. `data` points into the decoder's
+/// arena and is valid until the next `decode`.
 public struct DecodedDecision: Equatable {
   /// The fault it answers.
   public var faultID: UInt64
@@ -656,48 +606,22 @@ public struct DecodedDecision: Equatable {
   }
 }
 
-/// Broker side: decodes one `PluginToBroker` packet, a packet of decisions
-/// only in place (`DecisionBatchReader`), any other into its arena. The
+/// Broker side: decodes one `PluginToBroker` packet into its arena. The
 /// accessors read the decoded packet, valid until the next `decode`. Confined to one thread.
 public final class DecisionBatchDecoder {
   private let arena: WireArena
   @exclusivity(unchecked) private var message: UnsafeMutablePointer<Uffdbroker__PluginToBroker>?
-  /// Packets of decisions only, read in place by `DecisionBatchReader`.
-  @exclusivity(unchecked) private var read: ReadInPlace<DecodedDecision>
-  /// Whether packets of decisions only are read in place (`DecisionBatchReader`).
-  public var readsInPlace: Bool { read.items != nil }
-  /// Whether `DecisionBatchReader` read the current packet (for tests).
-  var wasReadInPlace: Bool { read.count != nil }
 
-  /// A decoder unpacking into `arena`; with `readsInPlace`, packets of
-  /// decisions only are read by `DecisionBatchReader` instead of protobuf-c.
-  public init(arena: WireArena = WireArena(), readsInPlace: Bool = true) {
+  /// A decoder unpacking into `arena` (reset by each `decode`).
+  public init(arena: WireArena = WireArena()) {
     self.arena = arena
-    read = ReadInPlace(enabled: readsInPlace)
   }
 
-  deinit { read.deallocate() }
-
-  /// Decodes a packet; malformed bytes throw `.malformed`. Read in place, the
-  /// decisions' bytes point into `bytes`, which must not change until the next `decode`.
+  /// Decodes a packet; malformed bytes throw `.malformed`. The decisions'
+  /// bytes are copied into the arena (`bytes` may be reused at once).
   public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
     message = nil
-    read.count = nil
-    if let items = read.items, let count = DecisionBatchReader.read(bytes, into: items, capacity: ReadInPlace<DecodedDecision>.capacity) {
-      read.count = count
-      assert(Self.sameAsProtobufC(bytes, decisions: (0..<count).map { items[$0] }), "DecisionBatchReader differs from protobuf-c")
-      return
-    }
     message = try arena.unpack(bytes, what: "a plugin message", with: uffdbroker__plugin_to_broker__unpack)
-  }
-
-  /// Whether protobuf-c decodes `bytes` to exactly these decisions and nothing else.
-  static func sameAsProtobufC(_ bytes: UnsafeRawBufferPointer, decisions: [DecodedDecision]) -> Bool {
-    let decoder = DecisionBatchDecoder(readsInPlace: false)
-    guard (try? decoder.decode(bytes)) != nil, (try? decoder.regionReplies)?.isEmpty == true, decoder.storeReplies.isEmpty,
-          (try? decoder.hello) == nil, (try? decoder.delegations(descriptorCount: 0)) == [], decoder.decisionCount == decisions.count
-    else { return false }
-    return decisions.indices.allSatisfy { index in decoder.decision(at: index) == decisions[index] }
   }
 
   /// The packet's Hello, if it has one; a malformed one throws `.malformed`.
@@ -705,7 +629,7 @@ public final class DecisionBatchDecoder {
     get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
   }
   /// The number of decisions in the packet.
-  public var decisionCount: Int { read.count ?? message?.pointee.n_decisions ?? 0 }
+  public var decisionCount: Int { message?.pointee.n_decisions ?? 0 }
   /// Names of descriptors to keep in the broker's store, attached after those of file delegations.
   public var keepNames: [String] {
     get throws(BrokerError) {
@@ -716,7 +640,6 @@ public final class DecisionBatchDecoder {
 
   /// The decision at `index`; nil past the end.
   public func decision(at index: Int) -> DecodedDecision? {
-    if read.count != nil { return read.item(at: index) }
     guard let m = message, index < m.pointee.n_decisions, let d = m.pointee.decisions[index]?.pointee else { return nil }
     return DecodedDecision(faultID: d.fault_id, kind: d.kind.rawValue, address: d.address, length: d.length,
                            data: UnsafeRawBufferPointer(start: d.data.data, count: d.data.len), sharedOffset: d.shared != 0 ? d.shared_offset : nil)
