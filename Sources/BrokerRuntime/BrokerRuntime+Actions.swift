@@ -90,8 +90,8 @@ extension BrokerRuntime {
       engine.probed(id, exited: exited, now: loopTime)
     case .send(let id, let event):
       guard let link = plugins[id] else { return }
-      if case .store(let store) = event, !link.events.canAppend(size: store.data.count) { flush(link) }
-      if link.events.isFull { flush(link) }
+      // A full batch, or an event after faults (a plugin applies a packet's events first), goes out first.
+      if !link.events.hasRoom(for: event) { flush(link) }
       link.events.append(event)
       markDirty(link)
     case .welcome(let id, let name):

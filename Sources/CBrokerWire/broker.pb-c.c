@@ -817,49 +817,49 @@ void   uffdbroker__broker_to_client__free_unpacked
   assert(message->base.descriptor == &uffdbroker__broker_to_client__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
-void   uffdbroker__pagefault__init
-                     (Uffdbroker__Pagefault         *message)
+void   uffdbroker__faults__init
+                     (Uffdbroker__Faults         *message)
 {
-  static const Uffdbroker__Pagefault init_value = UFFDBROKER__PAGEFAULT__INIT;
+  static const Uffdbroker__Faults init_value = UFFDBROKER__FAULTS__INIT;
   *message = init_value;
 }
-size_t uffdbroker__pagefault__get_packed_size
-                     (const Uffdbroker__Pagefault *message)
+size_t uffdbroker__faults__get_packed_size
+                     (const Uffdbroker__Faults *message)
 {
-  assert(message->base.descriptor == &uffdbroker__pagefault__descriptor);
+  assert(message->base.descriptor == &uffdbroker__faults__descriptor);
   return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
 }
-size_t uffdbroker__pagefault__pack
-                     (const Uffdbroker__Pagefault *message,
+size_t uffdbroker__faults__pack
+                     (const Uffdbroker__Faults *message,
                       uint8_t       *out)
 {
-  assert(message->base.descriptor == &uffdbroker__pagefault__descriptor);
+  assert(message->base.descriptor == &uffdbroker__faults__descriptor);
   return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
 }
-size_t uffdbroker__pagefault__pack_to_buffer
-                     (const Uffdbroker__Pagefault *message,
+size_t uffdbroker__faults__pack_to_buffer
+                     (const Uffdbroker__Faults *message,
                       ProtobufCBuffer *buffer)
 {
-  assert(message->base.descriptor == &uffdbroker__pagefault__descriptor);
+  assert(message->base.descriptor == &uffdbroker__faults__descriptor);
   return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
 }
-Uffdbroker__Pagefault *
-       uffdbroker__pagefault__unpack
+Uffdbroker__Faults *
+       uffdbroker__faults__unpack
                      (ProtobufCAllocator  *allocator,
                       size_t               len,
                       const uint8_t       *data)
 {
-  return (Uffdbroker__Pagefault *)
-     protobuf_c_message_unpack (&uffdbroker__pagefault__descriptor,
+  return (Uffdbroker__Faults *)
+     protobuf_c_message_unpack (&uffdbroker__faults__descriptor,
                                 allocator, len, data);
 }
-void   uffdbroker__pagefault__free_unpacked
-                     (Uffdbroker__Pagefault *message,
+void   uffdbroker__faults__free_unpacked
+                     (Uffdbroker__Faults *message,
                       ProtobufCAllocator *allocator)
 {
   if(!message)
     return;
-  assert(message->base.descriptor == &uffdbroker__pagefault__descriptor);
+  assert(message->base.descriptor == &uffdbroker__faults__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
 void   uffdbroker__range_event__init
@@ -1310,6 +1310,51 @@ void   uffdbroker__decision__free_unpacked
   if(!message)
     return;
   assert(message->base.descriptor == &uffdbroker__decision__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
+void   uffdbroker__decisions__init
+                     (Uffdbroker__Decisions         *message)
+{
+  static const Uffdbroker__Decisions init_value = UFFDBROKER__DECISIONS__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__decisions__get_packed_size
+                     (const Uffdbroker__Decisions *message)
+{
+  assert(message->base.descriptor == &uffdbroker__decisions__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__decisions__pack
+                     (const Uffdbroker__Decisions *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__decisions__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__decisions__pack_to_buffer
+                     (const Uffdbroker__Decisions *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__decisions__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__Decisions *
+       uffdbroker__decisions__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__Decisions *)
+     protobuf_c_message_unpack (&uffdbroker__decisions__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__decisions__free_unpacked
+                     (Uffdbroker__Decisions *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__decisions__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
 void   uffdbroker__region_reply__init
@@ -2819,94 +2864,94 @@ const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor =
   (ProtobufCMessageInit) uffdbroker__broker_to_client__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__pagefault__field_descriptors[7] =
+static const ProtobufCFieldDescriptor uffdbroker__faults__field_descriptors[7] =
 {
   {
     "fault_id",
     1,
-    PROTOBUF_C_LABEL_NONE,
-    PROTOBUF_C_TYPE_UINT64,
-    0,   /* quantifier_offset */
-    offsetof(Uffdbroker__Pagefault, fault_id),
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_FIXED64,
+    offsetof(Uffdbroker__Faults, n_fault_id),
+    offsetof(Uffdbroker__Faults, fault_id),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
     "client_id",
     2,
-    PROTOBUF_C_LABEL_NONE,
-    PROTOBUF_C_TYPE_UINT64,
-    0,   /* quantifier_offset */
-    offsetof(Uffdbroker__Pagefault, client_id),
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_FIXED64,
+    offsetof(Uffdbroker__Faults, n_client_id),
+    offsetof(Uffdbroker__Faults, client_id),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
     "region_id",
     3,
-    PROTOBUF_C_LABEL_NONE,
-    PROTOBUF_C_TYPE_UINT64,
-    0,   /* quantifier_offset */
-    offsetof(Uffdbroker__Pagefault, region_id),
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_FIXED64,
+    offsetof(Uffdbroker__Faults, n_region_id),
+    offsetof(Uffdbroker__Faults, region_id),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
     "address",
     4,
-    PROTOBUF_C_LABEL_NONE,
-    PROTOBUF_C_TYPE_UINT64,
-    0,   /* quantifier_offset */
-    offsetof(Uffdbroker__Pagefault, address),
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_FIXED64,
+    offsetof(Uffdbroker__Faults, n_address),
+    offsetof(Uffdbroker__Faults, address),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
     "offset",
     5,
-    PROTOBUF_C_LABEL_NONE,
-    PROTOBUF_C_TYPE_UINT64,
-    0,   /* quantifier_offset */
-    offsetof(Uffdbroker__Pagefault, offset),
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_FIXED64,
+    offsetof(Uffdbroker__Faults, n_offset),
+    offsetof(Uffdbroker__Faults, offset),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
     "flags",
     6,
-    PROTOBUF_C_LABEL_NONE,
-    PROTOBUF_C_TYPE_UINT32,
-    0,   /* quantifier_offset */
-    offsetof(Uffdbroker__Pagefault, flags),
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_FIXED32,
+    offsetof(Uffdbroker__Faults, n_flags),
+    offsetof(Uffdbroker__Faults, flags),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
   {
     "thread_id",
     7,
-    PROTOBUF_C_LABEL_NONE,
-    PROTOBUF_C_TYPE_INT32,
-    0,   /* quantifier_offset */
-    offsetof(Uffdbroker__Pagefault, thread_id),
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_SFIXED32,
+    offsetof(Uffdbroker__Faults, n_thread_id),
+    offsetof(Uffdbroker__Faults, thread_id),
     NULL,
     NULL,
-    0,             /* flags */
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
 };
-static const unsigned uffdbroker__pagefault__field_indices_by_name[] = {
+static const unsigned uffdbroker__faults__field_indices_by_name[] = {
   3,   /* field[3] = address */
   1,   /* field[1] = client_id */
   0,   /* field[0] = fault_id */
@@ -2915,24 +2960,24 @@ static const unsigned uffdbroker__pagefault__field_indices_by_name[] = {
   2,   /* field[2] = region_id */
   6,   /* field[6] = thread_id */
 };
-static const ProtobufCIntRange uffdbroker__pagefault__number_ranges[1 + 1] =
+static const ProtobufCIntRange uffdbroker__faults__number_ranges[1 + 1] =
 {
   { 1, 0 },
   { 0, 7 }
 };
-const ProtobufCMessageDescriptor uffdbroker__pagefault__descriptor =
+const ProtobufCMessageDescriptor uffdbroker__faults__descriptor =
 {
   PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
-  "uffdbroker.Pagefault",
-  "Pagefault",
-  "Uffdbroker__Pagefault",
+  "uffdbroker.Faults",
+  "Faults",
+  "Uffdbroker__Faults",
   "uffdbroker",
-  sizeof(Uffdbroker__Pagefault),
+  sizeof(Uffdbroker__Faults),
   7,
-  uffdbroker__pagefault__field_descriptors,
-  uffdbroker__pagefault__field_indices_by_name,
-  1,  uffdbroker__pagefault__number_ranges,
-  (ProtobufCMessageInit) uffdbroker__pagefault__init,
+  uffdbroker__faults__field_descriptors,
+  uffdbroker__faults__field_indices_by_name,
+  1,  uffdbroker__faults__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__faults__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor uffdbroker__range_event__field_descriptors[6] =
@@ -3500,20 +3545,8 @@ const ProtobufCMessageDescriptor uffdbroker__closed__descriptor =
   (ProtobufCMessageInit) uffdbroker__closed__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__event__field_descriptors[8] =
+static const ProtobufCFieldDescriptor uffdbroker__event__field_descriptors[7] =
 {
-  {
-    "pagefault",
-    1,
-    PROTOBUF_C_LABEL_NONE,
-    PROTOBUF_C_TYPE_MESSAGE,
-    offsetof(Uffdbroker__Event, kind_case),
-    offsetof(Uffdbroker__Event, pagefault),
-    &uffdbroker__pagefault__descriptor,
-    NULL,
-    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
-    0,NULL,NULL    /* reserved1,reserved2, etc */
-  },
   {
     "removed",
     2,
@@ -3600,19 +3633,18 @@ static const ProtobufCFieldDescriptor uffdbroker__event__field_descriptors[8] =
   },
 };
 static const unsigned uffdbroker__event__field_indices_by_name[] = {
-  6,   /* field[6] = closed */
-  0,   /* field[0] = pagefault */
-  5,   /* field[5] = region_closed */
-  4,   /* field[4] = region_opened */
-  3,   /* field[3] = remapped */
-  1,   /* field[1] = removed */
-  7,   /* field[7] = store */
-  2,   /* field[2] = unmapped */
+  5,   /* field[5] = closed */
+  4,   /* field[4] = region_closed */
+  3,   /* field[3] = region_opened */
+  2,   /* field[2] = remapped */
+  0,   /* field[0] = removed */
+  6,   /* field[6] = store */
+  1,   /* field[1] = unmapped */
 };
 static const ProtobufCIntRange uffdbroker__event__number_ranges[1 + 1] =
 {
-  { 1, 0 },
-  { 0, 8 }
+  { 2, 0 },
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor uffdbroker__event__descriptor =
 {
@@ -3622,14 +3654,14 @@ const ProtobufCMessageDescriptor uffdbroker__event__descriptor =
   "Uffdbroker__Event",
   "uffdbroker",
   sizeof(Uffdbroker__Event),
-  8,
+  7,
   uffdbroker__event__field_descriptors,
   uffdbroker__event__field_indices_by_name,
   1,  uffdbroker__event__number_ranges,
   (ProtobufCMessageInit) uffdbroker__event__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__broker_to_plugin__field_descriptors[5] =
+static const ProtobufCFieldDescriptor uffdbroker__broker_to_plugin__field_descriptors[6] =
 {
   {
     "hello",
@@ -3691,10 +3723,23 @@ static const ProtobufCFieldDescriptor uffdbroker__broker_to_plugin__field_descri
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "faults",
+    6,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__BrokerToPlugin, faults),
+    &uffdbroker__faults__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__broker_to_plugin__field_indices_by_name[] = {
   1,   /* field[1] = error */
   2,   /* field[2] = events */
+  5,   /* field[5] = faults */
   0,   /* field[0] = hello */
   4,   /* field[4] = kept */
   3,   /* field[3] = packets_applied */
@@ -3702,7 +3747,7 @@ static const unsigned uffdbroker__broker_to_plugin__field_indices_by_name[] = {
 static const ProtobufCIntRange uffdbroker__broker_to_plugin__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 5 }
+  { 0, 6 }
 };
 const ProtobufCMessageDescriptor uffdbroker__broker_to_plugin__descriptor =
 {
@@ -3712,7 +3757,7 @@ const ProtobufCMessageDescriptor uffdbroker__broker_to_plugin__descriptor =
   "Uffdbroker__BrokerToPlugin",
   "uffdbroker",
   sizeof(Uffdbroker__BrokerToPlugin),
-  5,
+  6,
   uffdbroker__broker_to_plugin__field_descriptors,
   uffdbroker__broker_to_plugin__field_indices_by_name,
   1,  uffdbroker__broker_to_plugin__number_ranges,
@@ -3833,6 +3878,96 @@ const ProtobufCMessageDescriptor uffdbroker__decision__descriptor =
   uffdbroker__decision__field_indices_by_name,
   1,  uffdbroker__decision__number_ranges,
   (ProtobufCMessageInit) uffdbroker__decision__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
+static const ProtobufCFieldDescriptor uffdbroker__decisions__field_descriptors[5] =
+{
+  {
+    "fault_id",
+    1,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_FIXED64,
+    offsetof(Uffdbroker__Decisions, n_fault_id),
+    offsetof(Uffdbroker__Decisions, fault_id),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "kind",
+    2,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_ENUM,
+    offsetof(Uffdbroker__Decisions, n_kind),
+    offsetof(Uffdbroker__Decisions, kind),
+    &uffdbroker__decision_kind__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "address",
+    3,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_FIXED64,
+    offsetof(Uffdbroker__Decisions, n_address),
+    offsetof(Uffdbroker__Decisions, address),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "length",
+    4,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_FIXED64,
+    offsetof(Uffdbroker__Decisions, n_length),
+    offsetof(Uffdbroker__Decisions, length),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "shared_offset",
+    5,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_FIXED64,
+    offsetof(Uffdbroker__Decisions, n_shared_offset),
+    offsetof(Uffdbroker__Decisions, shared_offset),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__decisions__field_indices_by_name[] = {
+  2,   /* field[2] = address */
+  0,   /* field[0] = fault_id */
+  1,   /* field[1] = kind */
+  3,   /* field[3] = length */
+  4,   /* field[4] = shared_offset */
+};
+static const ProtobufCIntRange uffdbroker__decisions__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 5 }
+};
+const ProtobufCMessageDescriptor uffdbroker__decisions__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.Decisions",
+  "Decisions",
+  "Uffdbroker__Decisions",
+  "uffdbroker",
+  sizeof(Uffdbroker__Decisions),
+  5,
+  uffdbroker__decisions__field_descriptors,
+  uffdbroker__decisions__field_indices_by_name,
+  1,  uffdbroker__decisions__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__decisions__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
 static const ProtobufCFieldDescriptor uffdbroker__region_reply__field_descriptors[4] =
@@ -4130,7 +4265,7 @@ const ProtobufCMessageDescriptor uffdbroker__store_reply__descriptor =
   (ProtobufCMessageInit) uffdbroker__store_reply__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descriptors[6] =
+static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descriptors[7] =
 {
   {
     "hello",
@@ -4204,8 +4339,21 @@ static const ProtobufCFieldDescriptor uffdbroker__plugin_to_broker__field_descri
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "batch",
+    7,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__PluginToBroker, batch),
+    &uffdbroker__decisions__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__plugin_to_broker__field_indices_by_name[] = {
+  6,   /* field[6] = batch */
   1,   /* field[1] = decisions */
   4,   /* field[4] = delegations */
   0,   /* field[0] = hello */
@@ -4216,7 +4364,7 @@ static const unsigned uffdbroker__plugin_to_broker__field_indices_by_name[] = {
 static const ProtobufCIntRange uffdbroker__plugin_to_broker__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 6 }
+  { 0, 7 }
 };
 const ProtobufCMessageDescriptor uffdbroker__plugin_to_broker__descriptor =
 {
@@ -4226,7 +4374,7 @@ const ProtobufCMessageDescriptor uffdbroker__plugin_to_broker__descriptor =
   "Uffdbroker__PluginToBroker",
   "uffdbroker",
   sizeof(Uffdbroker__PluginToBroker),
-  6,
+  7,
   uffdbroker__plugin_to_broker__field_descriptors,
   uffdbroker__plugin_to_broker__field_indices_by_name,
   1,  uffdbroker__plugin_to_broker__number_ranges,
@@ -4317,22 +4465,24 @@ const ProtobufCEnumDescriptor uffdbroker__error_code__descriptor =
   uffdbroker__error_code__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCEnumValue uffdbroker__decision_kind__enum_values_by_number[4] =
+static const ProtobufCEnumValue uffdbroker__decision_kind__enum_values_by_number[5] =
 {
-  { "DECISION_COPY", "UFFDBROKER__DECISION_KIND__DECISION_COPY", 0 },
-  { "DECISION_ZERO", "UFFDBROKER__DECISION_KIND__DECISION_ZERO", 1 },
-  { "DECISION_RETRY", "UFFDBROKER__DECISION_KIND__DECISION_RETRY", 2 },
-  { "DECISION_POISON", "UFFDBROKER__DECISION_KIND__DECISION_POISON", 3 },
+  { "DECISION_UNSPECIFIED", "UFFDBROKER__DECISION_KIND__DECISION_UNSPECIFIED", 0 },
+  { "DECISION_COPY", "UFFDBROKER__DECISION_KIND__DECISION_COPY", 1 },
+  { "DECISION_ZERO", "UFFDBROKER__DECISION_KIND__DECISION_ZERO", 2 },
+  { "DECISION_RETRY", "UFFDBROKER__DECISION_KIND__DECISION_RETRY", 3 },
+  { "DECISION_POISON", "UFFDBROKER__DECISION_KIND__DECISION_POISON", 4 },
 };
 static const ProtobufCIntRange uffdbroker__decision_kind__value_ranges[] = {
-{0, 0},{0, 4}
+{0, 0},{0, 5}
 };
-static const ProtobufCEnumValueIndex uffdbroker__decision_kind__enum_values_by_name[4] =
+static const ProtobufCEnumValueIndex uffdbroker__decision_kind__enum_values_by_name[5] =
 {
-  { "DECISION_COPY", 0 },
-  { "DECISION_POISON", 3 },
-  { "DECISION_RETRY", 2 },
-  { "DECISION_ZERO", 1 },
+  { "DECISION_COPY", 1 },
+  { "DECISION_POISON", 4 },
+  { "DECISION_RETRY", 3 },
+  { "DECISION_UNSPECIFIED", 0 },
+  { "DECISION_ZERO", 2 },
 };
 const ProtobufCEnumDescriptor uffdbroker__decision_kind__descriptor =
 {
@@ -4341,26 +4491,28 @@ const ProtobufCEnumDescriptor uffdbroker__decision_kind__descriptor =
   "DecisionKind",
   "Uffdbroker__DecisionKind",
   "uffdbroker",
-  4,
+  5,
   uffdbroker__decision_kind__enum_values_by_number,
-  4,
+  5,
   uffdbroker__decision_kind__enum_values_by_name,
   1,
   uffdbroker__decision_kind__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
-static const ProtobufCEnumValue uffdbroker__delegation_kind__enum_values_by_number[2] =
+static const ProtobufCEnumValue uffdbroker__delegation_kind__enum_values_by_number[3] =
 {
-  { "DELEGATE_ZERO", "UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO", 0 },
-  { "DELEGATE_FILE", "UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE", 1 },
+  { "DELEGATE_UNSPECIFIED", "UFFDBROKER__DELEGATION_KIND__DELEGATE_UNSPECIFIED", 0 },
+  { "DELEGATE_ZERO", "UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO", 1 },
+  { "DELEGATE_FILE", "UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE", 2 },
 };
 static const ProtobufCIntRange uffdbroker__delegation_kind__value_ranges[] = {
-{0, 0},{0, 2}
+{0, 0},{0, 3}
 };
-static const ProtobufCEnumValueIndex uffdbroker__delegation_kind__enum_values_by_name[2] =
+static const ProtobufCEnumValueIndex uffdbroker__delegation_kind__enum_values_by_name[3] =
 {
-  { "DELEGATE_FILE", 1 },
-  { "DELEGATE_ZERO", 0 },
+  { "DELEGATE_FILE", 2 },
+  { "DELEGATE_UNSPECIFIED", 0 },
+  { "DELEGATE_ZERO", 1 },
 };
 const ProtobufCEnumDescriptor uffdbroker__delegation_kind__descriptor =
 {
@@ -4369,9 +4521,9 @@ const ProtobufCEnumDescriptor uffdbroker__delegation_kind__descriptor =
   "DelegationKind",
   "Uffdbroker__DelegationKind",
   "uffdbroker",
-  2,
+  3,
   uffdbroker__delegation_kind__enum_values_by_number,
-  2,
+  3,
   uffdbroker__delegation_kind__enum_values_by_name,
   1,
   uffdbroker__delegation_kind__value_ranges,

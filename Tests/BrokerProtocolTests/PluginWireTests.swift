@@ -44,21 +44,34 @@ struct PluginWireTests {
     }
   }
 
-  @Test("a batch of faults and other events decodes in the order it was collected")
-  func mixed() throws {
+  @Test("a packet carries its events, then its faults; an event after a fault waits for the next packet")
+  func eventsBeforeFaults() throws {
     try Self.withPacket { buffer in
       let faults = Self.faults(count: 2)
       let encoder = EventBatchEncoder()
       let events: [BrokerEvent] = [
-        .pagefault(faults[0]), .regionClosed(clientID: 9, regionID: 8),
-        .removed(RangeEvent(clientID: 1, regionID: 2, range: 4096..<8192, startOffset: 0, swappedOut: true)), .pagefault(faults[1]),
-        .closed(clientID: 9, reason: "gone"),
+        .regionClosed(clientID: 9, regionID: 8), .removed(RangeEvent(clientID: 1, regionID: 2, range: 4096..<8192, startOffset: 0, swappedOut: true)),
+        .closed(clientID: 9, reason: "gone"), .pagefault(faults[0]), .pagefault(faults[1]),
       ]
-      events.forEach(encoder.append)
+      for event in events {
+        #expect(encoder.hasRoom(for: event))
+        encoder.append(event)
+      }
+      // After a fault, only faults: a plugin applies a packet's events before its faults.
+      #expect(!encoder.hasRoom(for: .regionClosed(clientID: 9, regionID: 9)) && encoder.hasRoom(for: .pagefault(faults[0])))
       let decoder = EventBatchDecoder()
       try decoder.decode(UnsafeRawBufferPointer(rebasing: buffer[..<encoder.encode(into: buffer)]))
       #expect(try (0..<decoder.eventCount).map { index throws(BrokerError) in try decoder.event(at: index) } == events)
+      #expect(encoder.hasRoom(for: .regionClosed(clientID: 9, regionID: 9)))
     }
+  }
+
+  @Test("fault arrays of unequal lengths are refused")
+  func unequalFaultArrays() {
+    // BrokerToPlugin.faults (field 6) with two fault ids (field 1, packed fixed64) and no other array.
+    var bytes: [UInt8] = [0x32, 18, 0x0A, 16]
+    bytes += [UInt8](repeating: 1, count: 16)
+    #expect(throws: BrokerError.self) { try bytes.withUnsafeBytes { try EventBatchDecoder().decode($0) } }
   }
 
   @Test("decisions round trip: every kind, inline bytes, shared offsets, edge values")

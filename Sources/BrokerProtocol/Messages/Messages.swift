@@ -2,7 +2,7 @@ import LinuxSupport
 import Userfaultfd
 
 /// The protocol version this build speaks (`Hello.version`).
-public let brokerProtocolVersion: UInt32 = 1
+public let brokerProtocolVersion: UInt32 = 2
 
 /// This build's version, as every executable's `--version` says it.
 public let uffdBrokerVersion = "0.6.0 (protocol \(brokerProtocolVersion))"
@@ -447,13 +447,13 @@ public struct StoreReply: Equatable, Sendable {
 /// What a plugin wants done for a fault.
 public enum DecisionKind: Int32, Sendable {
   /// Fill the range with the decision's bytes.
-  case copy = 0
+  case copy = 1
   /// Fill the range with zero pages.
-  case zero = 1
+  case zero = 2
   /// Not ready: deliver the fault again later.
-  case retry = 2
+  case retry = 3
   /// The content is lost: accesses to the range get SIGBUS (fail closed).
-  case poison = 3
+  case poison = 4
 }
 
 /// A plugin's answer to a region it was asked to serve.

@@ -13,18 +13,26 @@ import Userfaultfd
 // more per round trip (event 111 → 167 ns, decision 175 → 230 ns, medians of 12
 // alternated runs; README, Benchmark). Each codec is confined to one thread.
 
-/// Broker side: collects events into one `BrokerToPlugin` packet. Confined to
+/// Broker side: collects events into one `BrokerToPlugin` packet: page
+/// faults into the packet's `Faults` arrays, other events into its `events`,
+/// which a plugin applies first. So an event may not follow a fault in one
+/// packet (`hasRoom(for:)` says when to send the batch first). Confined to
 /// one thread (not thread-safe); reused for every batch.
 public final class EventBatchEncoder {
   /// Most events in one packet.
   public let capacity: Int
-  /// Events collected for the next packet.
-  @exclusivity(unchecked) public private(set) var count = 0
+  /// Events collected for the next packet, faults included.
+  public var count: Int { eventCount + faultCount }
+  @exclusivity(unchecked) private var eventCount = 0
+  @exclusivity(unchecked) private var faultCount = 0
   @exclusivity(unchecked) private var estimatedSize = 0
   @exclusivity(unchecked) private var message = Uffdbroker__BrokerToPlugin()
+  private let faults = UnsafeMutablePointer<Uffdbroker__Faults>.allocate(capacity: 1)
   private let events: UnsafeMutablePointer<Uffdbroker__Event>
   private let eventPointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Event>?>
-  private let pagefaults: UnsafeMutablePointer<Uffdbroker__Pagefault>
+  private let faultIDs, clientIDs, regionIDs, addresses, offsets: UnsafeMutablePointer<UInt64>
+  private let flags: UnsafeMutablePointer<UInt32>
+  private let threadIDs: UnsafeMutablePointer<Int32>
   private let ranges: UnsafeMutablePointer<Uffdbroker__RangeEvent>
   private let remaps: UnsafeMutablePointer<Uffdbroker__Remapped>
   private let opened: UnsafeMutablePointer<Uffdbroker__RegionOpened>
@@ -41,7 +49,10 @@ public final class EventBatchEncoder {
     self.capacity = capacity
     events = .allocate(capacity: capacity)
     eventPointers = .allocate(capacity: capacity)
-    pagefaults = .allocate(capacity: capacity)
+    (faultIDs, clientIDs, regionIDs, addresses, offsets) = (.allocate(capacity: capacity), .allocate(capacity: capacity), .allocate(capacity: capacity),
+                                                             .allocate(capacity: capacity), .allocate(capacity: capacity))
+    flags = .allocate(capacity: capacity)
+    threadIDs = .allocate(capacity: capacity)
     ranges = .allocate(capacity: capacity)
     remaps = .allocate(capacity: capacity)
     opened = .allocate(capacity: capacity)
@@ -53,7 +64,6 @@ public final class EventBatchEncoder {
       uffdbroker__store__init(stores + index)
       uffdbroker__event__init(events + index)
       eventPointers[index] = events + index
-      uffdbroker__pagefault__init(pagefaults + index)
       uffdbroker__range_event__init(ranges + index)
       uffdbroker__remapped__init(remaps + index)
       uffdbroker__region_opened__init(opened + index)
@@ -63,14 +73,20 @@ public final class EventBatchEncoder {
     }
     uffdbroker__broker_to_plugin__init(&message)
     message.events = eventPointers
+    uffdbroker__faults__init(faults)
+    (faults.pointee.fault_id, faults.pointee.client_id, faults.pointee.region_id, faults.pointee.address, faults.pointee.offset) = (faultIDs, clientIDs, regionIDs, addresses, offsets)
+    (faults.pointee.flags, faults.pointee.thread_id) = (flags, threadIDs)
   }
 
   deinit {
-    for pointer in [UnsafeMutableRawPointer(events), UnsafeMutableRawPointer(eventPointers), UnsafeMutableRawPointer(pagefaults),
-                    UnsafeMutableRawPointer(ranges), UnsafeMutableRawPointer(remaps), UnsafeMutableRawPointer(opened), UnsafeMutableRawPointer(credentials),
-                    UnsafeMutableRawPointer(regionsClosed), UnsafeMutableRawPointer(closed), UnsafeMutableRawPointer(stores)] {
-      pointer.deallocate()
-    }
+    let pointers: [UnsafeMutableRawPointer] = [
+      UnsafeMutableRawPointer(events), UnsafeMutableRawPointer(eventPointers), UnsafeMutableRawPointer(faultIDs), UnsafeMutableRawPointer(clientIDs),
+      UnsafeMutableRawPointer(regionIDs), UnsafeMutableRawPointer(addresses), UnsafeMutableRawPointer(offsets), UnsafeMutableRawPointer(flags),
+      UnsafeMutableRawPointer(threadIDs), UnsafeMutableRawPointer(faults), UnsafeMutableRawPointer(ranges), UnsafeMutableRawPointer(remaps),
+      UnsafeMutableRawPointer(opened), UnsafeMutableRawPointer(credentials), UnsafeMutableRawPointer(regionsClosed), UnsafeMutableRawPointer(closed),
+      UnsafeMutableRawPointer(stores),
+    ]
+    pointers.forEach { $0.deallocate() }
   }
 
   /// Whether no event is collected.
@@ -83,35 +99,46 @@ public final class EventBatchEncoder {
   /// Whether an event of about `size` bytes (a store's payload) still fits this packet.
   public func canAppend(size: Int) -> Bool { count < capacity && estimatedSize + size + 96 <= PacketSocket.maxPacketSize - 4096 }
 
+  /// Whether `event` may join this batch: it fits, and it is a fault or no
+  /// fault came before it (a plugin applies a packet's events before its faults).
+  public func hasRoom(for event: BrokerEvent) -> Bool {
+    switch event {
+    case .pagefault: !isFull
+    case .store(let store): faultCount == 0 && canAppend(size: store.data.count)
+    default: faultCount == 0 && !isFull
+    }
+  }
+
   /// Adds a page fault (the hot path: no allocation).
   public func append(_ fault: PagefaultEvent) {
     precondition(!isFull, "EventBatchEncoder overflow: check isFull")
-    let p = pagefaults + count
-    p.pointee.fault_id = fault.faultID
-    p.pointee.client_id = fault.clientID
-    p.pointee.region_id = fault.regionID
-    p.pointee.address = UInt64(fault.address)
-    p.pointee.offset = fault.offset
-    p.pointee.flags = UInt32(truncatingIfNeeded: fault.flags.rawValue)
-    p.pointee.thread_id = fault.threadID
-    events[count].kind_case = UFFDBROKER__EVENT__KIND_PAGEFAULT
-    events[count].pagefault = p
-    commit(96)
+    let index = faultCount
+    faultIDs[index] = fault.faultID
+    clientIDs[index] = fault.clientID
+    regionIDs[index] = fault.regionID
+    addresses[index] = UInt64(fault.address)
+    offsets[index] = fault.offset
+    flags[index] = UInt32(truncatingIfNeeded: fault.flags.rawValue)
+    threadIDs[index] = fault.threadID
+    faultCount += 1
+    // Five fixed64s and two fixed32s; the first fault adds the arrays' framing.
+    estimatedSize += index == 0 ? 48 + 64 : 48
   }
 
-  /// Adds any event.
+  /// Adds any event; one that is not a fault only while no fault is collected (`hasRoom(for:)`).
   public func append(_ event: BrokerEvent) {
     precondition(!isFull, "EventBatchEncoder overflow: check isFull")
-    let e = events + count
     if case .pagefault(let fault) = event {
       append(fault)
       return
     }
+    precondition(faultCount == 0, "EventBatchEncoder: an event after a fault must go in the next packet (check hasRoom(for:))")
+    let e = events + eventCount
     switch event {
     case .pagefault:
       preconditionFailure("handled above")
     case .removed(let range), .unmapped(let range):
-      let r = ranges + count
+      let r = ranges + eventCount
       r.pointee.client_id = range.clientID
       r.pointee.region_id = range.regionID
       r.pointee.start = UInt64(range.range.lowerBound)
@@ -127,7 +154,7 @@ public final class EventBatchEncoder {
       }
       commit(96)
     case .remapped(let remap):
-      let r = remaps + count
+      let r = remaps + eventCount
       r.pointee.client_id = remap.clientID
       r.pointee.region_id = remap.regionID
       r.pointee.from = UInt64(remap.from)
@@ -138,7 +165,7 @@ public final class EventBatchEncoder {
       e.pointee.remapped = r
       commit(96)
     case .regionOpened(let clientID, let client, let region, let parent, let token):
-      let o = opened + count
+      let o = opened + eventCount
       o.pointee.client_id = clientID
       o.pointee.pid = client.pid
       o.pointee.parent_client_id = parent
@@ -146,9 +173,9 @@ public final class EventBatchEncoder {
       o.pointee.token_low = token.low
       o.pointee.region = pool.region(region)
       if client.isKnown {
-        credentials[count].uid = client.uid
-        credentials[count].gid = client.gid
-        o.pointee.client = credentials + count
+        credentials[eventCount].uid = client.uid
+        credentials[eventCount].gid = client.gid
+        o.pointee.client = credentials + eventCount
       } else {
         o.pointee.client = nil
       }
@@ -157,21 +184,21 @@ public final class EventBatchEncoder {
       // An Extent is at most 24 bytes on the wire, a Piece 36; the client's credentials 14.
       commit(203 + region.plugin.utf8.count + region.argument.utf8.count + 24 * region.swappedOut.count + 36 * region.pieces.count)
     case .regionClosed(let clientID, let regionID):
-      let c = regionsClosed + count
+      let c = regionsClosed + eventCount
       c.pointee.client_id = clientID
       c.pointee.region_id = regionID
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_REGION_CLOSED
       e.pointee.region_closed = c
       commit(32)
     case .closed(let clientID, let reason):
-      let c = closed + count
+      let c = closed + eventCount
       c.pointee.client_id = clientID
       c.pointee.reason = pool.string(reason)
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_CLOSED
       e.pointee.closed = c
       commit(48 + reason.utf8.count)
     case .store(let store):
-      let s = stores + count
+      let s = stores + eventCount
       s.pointee.store_id = store.storeID
       s.pointee.client_id = store.clientID
       s.pointee.region_id = store.regionID
@@ -187,18 +214,24 @@ public final class EventBatchEncoder {
   /// `size` bounds the event's encoded size from above (every varint at its
   /// longest, framing included), so the batch packs without measuring it first.
   private func commit(_ size: Int) {
-    count += 1
+    eventCount += 1
     estimatedSize += size
   }
 
   /// Packs the batch into `buffer` (at least `PacketSocket.maxPacketSize`),
   /// returns the packet's length and empties the batch.
   public func encode(into buffer: UnsafeMutableRawBufferPointer) -> Int {
-    message.n_events = count
+    message.n_events = eventCount
     message.packets_applied = packetsApplied
+    let f = faults
+    (f.pointee.n_fault_id, f.pointee.n_client_id, f.pointee.n_region_id, f.pointee.n_address, f.pointee.n_offset, f.pointee.n_flags, f.pointee.n_thread_id) =
+      (faultCount, faultCount, faultCount, faultCount, faultCount, faultCount, faultCount)
+    message.faults = faultCount == 0 ? nil : f
     let written = storeData.isEmpty ? pack(into: buffer) : packWithStores(into: buffer, index: 0, storeIndex: 0)
+    message.faults = nil
     storeData.removeAll(keepingCapacity: true)
-    count = 0
+    eventCount = 0
+    faultCount = 0
     estimatedSize = 0
     pool.reset()
     return written
@@ -219,7 +252,7 @@ public final class EventBatchEncoder {
 
   /// Points each store event at its payload for the duration of the pack.
   private func packWithStores(into buffer: UnsafeMutableRawBufferPointer, index: Int, storeIndex: Int) -> Int {
-    guard index < count else { return pack(into: buffer) }
+    guard index < eventCount else { return pack(into: buffer) }
     guard events[index].kind_case == UFFDBROKER__EVENT__KIND_STORE else {
       return packWithStores(into: buffer, index: index + 1, storeIndex: storeIndex)
     }
@@ -266,10 +299,21 @@ public final class EventBatchDecoder {
     self.arena = arena
   }
 
-  /// Decodes a packet; malformed bytes throw `.malformed`.
+  @exclusivity(unchecked) private var faultCount = 0
+
+  /// Decodes a packet; malformed bytes (fault arrays of unequal lengths among them) throw `.malformed`.
   public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
     message = nil
-    message = try arena.unpack(bytes, what: "a broker message", with: uffdbroker__broker_to_plugin__unpack)
+    faultCount = 0
+    let decoded = try arena.unpack(bytes, what: "a broker message", with: uffdbroker__broker_to_plugin__unpack)
+    if let f = decoded.pointee.faults?.pointee {
+      let count = f.n_fault_id
+      guard f.n_client_id == count, f.n_region_id == count, f.n_address == count, f.n_offset == count, f.n_flags == count, f.n_thread_id == count else {
+        throw BrokerError(.malformed, "the faults' arrays differ in length")
+      }
+      faultCount = count
+    }
+    message = decoded
   }
 
   /// The packet's Hello, if it has one; a malformed one throws `.malformed`.
@@ -286,21 +330,24 @@ public final class EventBatchDecoder {
     }
   }
   /// The number of events in the packet (`event(at:)` takes 0 up to it).
-  public var eventCount: Int { message?.pointee.n_events ?? 0 }
+  public var eventCount: Int { (message?.pointee.n_events ?? 0) + faultCount }
   /// How many of the plugin's packets the broker had applied when it sent this one.
   public var packetsApplied: UInt64 { message?.pointee.packets_applied ?? 0 }
 
   /// The event at `index`; an event with no (or an unknown) kind throws `.malformed`.
   public func event(at index: Int) throws(BrokerError) -> BrokerEvent {
-    guard let m = message, index < m.pointee.n_events, let e = m.pointee.events[index]?.pointee else {
+    guard let m = message else { throw BrokerError(.malformed, "event \(index) is missing") }
+    // The packet's events first, then its faults.
+    if index >= m.pointee.n_events, index - m.pointee.n_events < faultCount, let f = m.pointee.faults?.pointee {
+      let i = index - m.pointee.n_events
+      return .pagefault(PagefaultEvent(
+        faultID: f.fault_id[i], clientID: f.client_id[i], regionID: f.region_id[i], address: UInt(f.address[i]),
+        offset: f.offset[i], flags: .init(rawValue: UInt64(f.flags[i])), threadID: f.thread_id[i]))
+    }
+    guard index < m.pointee.n_events, let e = m.pointee.events[index]?.pointee else {
       throw BrokerError(.malformed, "event \(index) is missing")
     }
     switch e.kind_case {
-    case UFFDBROKER__EVENT__KIND_PAGEFAULT:
-      let p = e.pagefault.pointee
-      return .pagefault(PagefaultEvent(
-        faultID: p.fault_id, clientID: p.client_id, regionID: p.region_id, address: UInt(p.address),
-        offset: p.offset, flags: .init(rawValue: UInt64(p.flags)), threadID: p.thread_id))
     case UFFDBROKER__EVENT__KIND_REMOVED: return .removed(RangeEvent(e.removed.pointee))
     case UFFDBROKER__EVENT__KIND_UNMAPPED: return .unmapped(RangeEvent(e.unmapped.pointee))
     case UFFDBROKER__EVENT__KIND_REMAPPED:
@@ -344,11 +391,17 @@ public final class DecisionBatchEncoder {
   /// Most decisions in one packet.
   public let capacity: Int
   /// Decisions collected for the next packet.
-  @exclusivity(unchecked) public private(set) var count = 0
+  public var count: Int { inlineCount + batchCount }
+  /// Decisions with inline bytes (a `Decision` each) and without (the `Decisions` arrays).
+  @exclusivity(unchecked) private var inlineCount = 0
+  @exclusivity(unchecked) private var batchCount = 0
   @exclusivity(unchecked) private var payloadBytes = 0
   @exclusivity(unchecked) private var message = Uffdbroker__PluginToBroker()
+  private let batch = UnsafeMutablePointer<Uffdbroker__Decisions>.allocate(capacity: 1)
   private let decisions: UnsafeMutablePointer<Uffdbroker__Decision>
   private let decisionPointers: UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Decision>?>
+  private let batchIDs, batchAddresses, batchLengths, batchOffsets: UnsafeMutablePointer<UInt64>
+  private let batchKinds: UnsafeMutablePointer<Uffdbroker__DecisionKind>
   @exclusivity(unchecked) private var replies: [RegionReply] = []
   @exclusivity(unchecked) private var storeReplies: [StoreReply] = []
   @exclusivity(unchecked) private var delegations: [(delegation: Delegation, file: CInt?)] = []
@@ -367,11 +420,20 @@ public final class DecisionBatchEncoder {
     }
     uffdbroker__plugin_to_broker__init(&message)
     message.decisions = decisionPointers
+    (batchIDs, batchAddresses, batchLengths, batchOffsets) = (.allocate(capacity: capacity), .allocate(capacity: capacity), .allocate(capacity: capacity), .allocate(capacity: capacity))
+    batchKinds = .allocate(capacity: capacity)
+    uffdbroker__decisions__init(batch)
+    (batch.pointee.fault_id, batch.pointee.kind, batch.pointee.address, batch.pointee.length, batch.pointee.shared_offset) =
+      (batchIDs, batchKinds, batchAddresses, batchLengths, batchOffsets)
   }
 
   deinit {
     decisions.deallocate()
     decisionPointers.deallocate()
+    for pointer in [UnsafeMutableRawPointer(batchIDs), UnsafeMutableRawPointer(batchAddresses), UnsafeMutableRawPointer(batchLengths),
+                    UnsafeMutableRawPointer(batchOffsets), UnsafeMutableRawPointer(batchKinds), UnsafeMutableRawPointer(batch)] {
+      pointer.deallocate()
+    }
   }
 
   /// Whether nothing is collected (no decision, reply, delegation, Hello or kept descriptor).
@@ -395,18 +457,29 @@ public final class DecisionBatchEncoder {
 
   /// Adds a decision. `data` is borrowed until `encode` (it is copied into the
   /// packet there); or `sharedOffset` names where the bytes lie in the shared area.
+  /// One without inline bytes goes into the packet's `Decisions` arrays.
   public func append(faultID: UInt64, kind: DecisionKind, address: UInt, length: Int, data: UnsafeRawBufferPointer? = nil, sharedOffset: UInt64? = nil) {
     precondition(canAppend(dataLength: data?.count ?? 0), "DecisionBatchEncoder overflow: check canAppend")
-    let d = decisions + count
+    guard data != nil else {
+      precondition(kind != .copy || sharedOffset != nil, "a copy needs its bytes, inline or in the shared area")
+      batchIDs[batchCount] = faultID
+      batchKinds[batchCount] = Uffdbroker__DecisionKind(rawValue: UInt32(kind.rawValue))
+      batchAddresses[batchCount] = UInt64(address)
+      batchLengths[batchCount] = UInt64(length)
+      batchOffsets[batchCount] = sharedOffset ?? 0
+      batchCount += 1
+      return
+    }
+    let d = decisions + inlineCount
     d.pointee.fault_id = faultID
     d.pointee.kind = Uffdbroker__DecisionKind(rawValue: UInt32(kind.rawValue))
     d.pointee.address = UInt64(address)
     d.pointee.length = UInt64(length)
     d.pointee.data.len = data?.count ?? 0
     d.pointee.data.data = UnsafeMutablePointer(mutating: data?.baseAddress?.assumingMemoryBound(to: UInt8.self))
-    d.pointee.shared = sharedOffset == nil ? 0 : 1
-    d.pointee.shared_offset = sharedOffset ?? 0
-    count += 1
+    d.pointee.shared = 0
+    d.pointee.shared_offset = 0
+    inlineCount += 1
     payloadBytes += data?.count ?? 0
   }
 
@@ -437,7 +510,11 @@ public final class DecisionBatchEncoder {
 
   /// Packs everything collected into `buffer`, returns the length, and empties the batch.
   public func encode(into buffer: UnsafeMutableRawBufferPointer) -> Int {
-    message.n_decisions = count
+    message.n_decisions = inlineCount
+    (batch.pointee.n_fault_id, batch.pointee.n_kind, batch.pointee.n_address, batch.pointee.n_length, batch.pointee.n_shared_offset) =
+      (batchCount, batchCount, batchCount, batchCount, batchCount)
+    message.batch = batchCount == 0 ? nil : batch
+    defer { message.batch = nil }
     let written: Int
     descriptors.removeAll(keepingCapacity: true)
     if replies.isEmpty && storeReplies.isEmpty && delegations.isEmpty && hello == nil && keeps.isEmpty {
@@ -490,6 +567,7 @@ public final class DecisionBatchEncoder {
         d.pointee.length = UInt64(delegation.offsets.count)
         d.pointee.prefetch_pages = UInt32(clamping: delegation.prefetchPages)
         d.pointee.revoke = delegation.revoke ? 1 : 0
+        if !delegation.revoke, case .zero = delegation.source { d.pointee.kind = UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO }
         if case .file(let offset) = delegation.source, let file = Self.attached(entry) {
           d.pointee.kind = UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE
           d.pointee.file_offset = offset
@@ -542,8 +620,9 @@ public final class DecisionBatchEncoder {
       delegations.removeAll(keepingCapacity: true)
       hello = nil
     }
-    for index in 0..<count { decisions[index].data = ProtobufCBinaryData(len: 0, data: nil) }
-    count = 0
+    for index in 0..<inlineCount { decisions[index].data = ProtobufCBinaryData(len: 0, data: nil) }
+    inlineCount = 0
+    batchCount = 0
     payloadBytes = 0
     return written
   }
@@ -617,11 +696,23 @@ public final class DecisionBatchDecoder {
     self.arena = arena
   }
 
-  /// Decodes a packet; malformed bytes throw `.malformed`. The decisions'
-  /// bytes are copied into the arena (`bytes` may be reused at once).
+  @exclusivity(unchecked) private var batchCount = 0
+
+  /// Decodes a packet; malformed bytes (decision arrays of unequal lengths
+  /// among them) throw `.malformed`. The decisions' bytes are copied into the
+  /// arena (`bytes` may be reused at once).
   public func decode(_ bytes: UnsafeRawBufferPointer) throws(BrokerError) {
     message = nil
-    message = try arena.unpack(bytes, what: "a plugin message", with: uffdbroker__plugin_to_broker__unpack)
+    batchCount = 0
+    let decoded = try arena.unpack(bytes, what: "a plugin message", with: uffdbroker__plugin_to_broker__unpack)
+    if let b = decoded.pointee.batch?.pointee {
+      let count = b.n_fault_id
+      guard b.n_kind == count, b.n_address == count, b.n_length == count, b.n_shared_offset == count else {
+        throw BrokerError(.malformed, "the decisions' arrays differ in length")
+      }
+      batchCount = count
+    }
+    message = decoded
   }
 
   /// The packet's Hello, if it has one; a malformed one throws `.malformed`.
@@ -629,7 +720,7 @@ public final class DecisionBatchDecoder {
     get throws(BrokerError) { try message?.pointee.hello.map { (h) throws(BrokerError) in try Hello(decoding: h) } }
   }
   /// The number of decisions in the packet.
-  public var decisionCount: Int { message?.pointee.n_decisions ?? 0 }
+  public var decisionCount: Int { (message?.pointee.n_decisions ?? 0) + batchCount }
   /// Names of descriptors to keep in the broker's store, attached after those of file delegations.
   public var keepNames: [String] {
     get throws(BrokerError) {
@@ -640,7 +731,14 @@ public final class DecisionBatchDecoder {
 
   /// The decision at `index`; nil past the end.
   public func decision(at index: Int) -> DecodedDecision? {
-    guard let m = message, index < m.pointee.n_decisions, let d = m.pointee.decisions[index]?.pointee else { return nil }
+    guard let m = message else { return nil }
+    if index >= m.pointee.n_decisions, index - m.pointee.n_decisions < batchCount, let b = m.pointee.batch?.pointee {
+      let i = index - m.pointee.n_decisions
+      let kind = b.kind[i].rawValue
+      return DecodedDecision(faultID: b.fault_id[i], kind: kind, address: b.address[i], length: b.length[i], data: UnsafeRawBufferPointer(start: nil, count: 0),
+                             sharedOffset: kind == UFFDBROKER__DECISION_KIND__DECISION_COPY.rawValue ? b.shared_offset[i] : nil)
+    }
+    guard index < m.pointee.n_decisions, let d = m.pointee.decisions[index]?.pointee else { return nil }
     return DecodedDecision(faultID: d.fault_id, kind: d.kind.rawValue, address: d.address, length: d.length,
                            data: UnsafeRawBufferPointer(start: d.data.data, count: d.data.len), sharedOffset: d.shared != 0 ? d.shared_offset : nil)
   }

@@ -33,7 +33,7 @@ typedef struct Uffdbroker__Forked Uffdbroker__Forked;
 typedef struct Uffdbroker__ChildClosed Uffdbroker__ChildClosed;
 typedef struct Uffdbroker__Dropped Uffdbroker__Dropped;
 typedef struct Uffdbroker__BrokerToClient Uffdbroker__BrokerToClient;
-typedef struct Uffdbroker__Pagefault Uffdbroker__Pagefault;
+typedef struct Uffdbroker__Faults Uffdbroker__Faults;
 typedef struct Uffdbroker__RangeEvent Uffdbroker__RangeEvent;
 typedef struct Uffdbroker__Remapped Uffdbroker__Remapped;
 typedef struct Uffdbroker__RegionOpened Uffdbroker__RegionOpened;
@@ -44,6 +44,7 @@ typedef struct Uffdbroker__Closed Uffdbroker__Closed;
 typedef struct Uffdbroker__Event Uffdbroker__Event;
 typedef struct Uffdbroker__BrokerToPlugin Uffdbroker__BrokerToPlugin;
 typedef struct Uffdbroker__Decision Uffdbroker__Decision;
+typedef struct Uffdbroker__Decisions Uffdbroker__Decisions;
 typedef struct Uffdbroker__RegionReply Uffdbroker__RegionReply;
 typedef struct Uffdbroker__DescriptorStore Uffdbroker__DescriptorStore;
 typedef struct Uffdbroker__Delegation Uffdbroker__Delegation;
@@ -115,21 +116,25 @@ typedef enum _Uffdbroker__ErrorCode {
 } Uffdbroker__ErrorCode;
 typedef enum _Uffdbroker__DecisionKind {
   /*
-   * fill [address, address+length) with data
+   * refused (a decision must say what it is)
    */
-  UFFDBROKER__DECISION_KIND__DECISION_COPY = 0,
+  UFFDBROKER__DECISION_KIND__DECISION_UNSPECIFIED = 0,
+  /*
+   * fill [address, address+length) with bytes (inline, or from the shared area)
+   */
+  UFFDBROKER__DECISION_KIND__DECISION_COPY = 1,
   /*
    * fill [address, address+length) with zero pages
    */
-  UFFDBROKER__DECISION_KIND__DECISION_ZERO = 1,
+  UFFDBROKER__DECISION_KIND__DECISION_ZERO = 2,
   /*
    * not ready: deliver the fault again later
    */
-  UFFDBROKER__DECISION_KIND__DECISION_RETRY = 2,
+  UFFDBROKER__DECISION_KIND__DECISION_RETRY = 3,
   /*
    * the content is lost: accesses to the range get SIGBUS (UFFDIO_POISON)
    */
-  UFFDBROKER__DECISION_KIND__DECISION_POISON = 3
+  UFFDBROKER__DECISION_KIND__DECISION_POISON = 4
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__DECISION_KIND)
 } Uffdbroker__DecisionKind;
 /*
@@ -140,13 +145,17 @@ typedef enum _Uffdbroker__DecisionKind {
  */
 typedef enum _Uffdbroker__DelegationKind {
   /*
+   * refused (a revocation needs no kind)
+   */
+  UFFDBROKER__DELEGATION_KIND__DELEGATE_UNSPECIFIED = 0,
+  /*
    * zero pages (a zero page for reads, a copied zero page for writes)
    */
-  UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO = 0,
+  UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO = 1,
   /*
    * bytes of a regular file or memfd, attached to the packet (SCM_RIGHTS)
    */
-  UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE = 1
+  UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE = 2
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__DELEGATION_KIND)
 } Uffdbroker__DelegationKind;
 
@@ -156,7 +165,7 @@ struct  Uffdbroker__Hello
 {
   ProtobufCMessage base;
   /*
-   * protocol version; this schema is version 1
+   * protocol version; this schema is version 2
    */
   uint32_t version;
   Uffdbroker__Role role;
@@ -534,32 +543,39 @@ struct  Uffdbroker__BrokerToClient
 
 
 /*
- * A thread of the client faulted in the region. Answer with one Decision
- * naming fault_id.
+ * Page faults: entry i of every array is fault i (packed parallel arrays, so
+ * that a batch of faults decodes with a few copies whatever its size). A
+ * thread of client client_id[i] faulted at address[i] (page aligned),
+ * offset[i] bytes into region region_id[i]. Answer each fault_id with one
+ * decision. fault_id is opaque: compare it, never compute with it.
  */
-struct  Uffdbroker__Pagefault
+struct  Uffdbroker__Faults
 {
   ProtobufCMessage base;
-  uint64_t fault_id;
-  uint64_t client_id;
-  uint64_t region_id;
-  /*
-   * page aligned
-   */
-  uint64_t address;
-  /*
-   * address - region base
-   */
-  uint64_t offset;
+  size_t n_fault_id;
+  uint64_t *fault_id;
+  size_t n_client_id;
+  uint64_t *client_id;
+  size_t n_region_id;
+  uint64_t *region_id;
+  size_t n_address;
+  uint64_t *address;
+  size_t n_offset;
+  uint64_t *offset;
   /*
    * UFFD_PAGEFAULT_FLAG_*: 1 write, 2 write-protect, 4 minor
    */
-  uint32_t flags;
-  int32_t thread_id;
+  size_t n_flags;
+  uint32_t *flags;
+  /*
+   * 0: unknown
+   */
+  size_t n_thread_id;
+  int32_t *thread_id;
 };
-#define UFFDBROKER__PAGEFAULT__INIT \
- { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__pagefault__descriptor) \
-    , 0, 0, 0, 0, 0, 0, 0 }
+#define UFFDBROKER__FAULTS__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__faults__descriptor) \
+    , 0,NULL, 0,NULL, 0,NULL, 0,NULL, 0,NULL, 0,NULL, 0,NULL }
 
 
 /*
@@ -703,7 +719,6 @@ struct  Uffdbroker__Closed
 
 typedef enum {
   UFFDBROKER__EVENT__KIND__NOT_SET = 0,
-  UFFDBROKER__EVENT__KIND_PAGEFAULT = 1,
   UFFDBROKER__EVENT__KIND_REMOVED = 2,
   UFFDBROKER__EVENT__KIND_UNMAPPED = 3,
   UFFDBROKER__EVENT__KIND_REMAPPED = 4,
@@ -719,7 +734,6 @@ struct  Uffdbroker__Event
   ProtobufCMessage base;
   Uffdbroker__Event__KindCase kind_case;
   union {
-    Uffdbroker__Pagefault *pagefault;
     Uffdbroker__RangeEvent *removed;
     Uffdbroker__RangeEvent *unmapped;
     Uffdbroker__Remapped *remapped;
@@ -747,16 +761,23 @@ struct  Uffdbroker__BrokerToPlugin
    */
   uint64_t packets_applied;
   Uffdbroker__DescriptorStore *kept;
+  /*
+   * Page faults read after every event of `events`: a plugin applies the
+   * events first (a fault read after a remove must see it).
+   */
+  Uffdbroker__Faults *faults;
 };
 #define UFFDBROKER__BROKER_TO_PLUGIN__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__broker_to_plugin__descriptor) \
-    , NULL, NULL, 0,NULL, 0, NULL }
+    , NULL, NULL, 0,NULL, 0, NULL, NULL }
 
 
 /*
  * The answer to one Pagefault. The range must lie inside the fault's region,
  * be page aligned, and contain the faulting page; a larger range prefetches
- * its neighbours. length 0 means the faulting page alone.
+ * its neighbours. length 0 means the faulting page alone. A copy's bytes are
+ * exactly the range's (length 0: one page) inline in `data`, or in the shared
+ * area from shared_offset.
  */
 struct  Uffdbroker__Decision
 {
@@ -766,7 +787,7 @@ struct  Uffdbroker__Decision
   uint64_t address;
   uint64_t length;
   /*
-   * DECISION_COPY: exactly length bytes, or:
+   * DECISION_COPY: the range's bytes, or:
    */
   ProtobufCBinaryData data;
   /*
@@ -777,7 +798,34 @@ struct  Uffdbroker__Decision
 };
 #define UFFDBROKER__DECISION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__decision__descriptor) \
-    , 0, UFFDBROKER__DECISION_KIND__DECISION_COPY, 0, 0, {0,NULL}, 0, 0 }
+    , 0, UFFDBROKER__DECISION_KIND__DECISION_UNSPECIFIED, 0, 0, {0,NULL}, 0, 0 }
+
+
+/*
+ * Decisions without inline bytes (zero, retry, poison, and copies from the
+ * shared area), as packed parallel arrays: entry i of every array is decision
+ * i, with the meaning of Decision's fields. The plugin's fast path.
+ */
+struct  Uffdbroker__Decisions
+{
+  ProtobufCMessage base;
+  size_t n_fault_id;
+  uint64_t *fault_id;
+  size_t n_kind;
+  Uffdbroker__DecisionKind *kind;
+  size_t n_address;
+  uint64_t *address;
+  size_t n_length;
+  uint64_t *length;
+  /*
+   * DECISION_COPY: where the bytes are in the shared area; else 0
+   */
+  size_t n_shared_offset;
+  uint64_t *shared_offset;
+};
+#define UFFDBROKER__DECISIONS__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__decisions__descriptor) \
+    , 0,NULL, 0,NULL, 0,NULL, 0,NULL, 0,NULL }
 
 
 struct  Uffdbroker__RegionReply
@@ -847,7 +895,7 @@ struct  Uffdbroker__Delegation
 };
 #define UFFDBROKER__DELEGATION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__delegation__descriptor) \
-    , 0, 0, 0, 0, UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO, 0, 0, 0 }
+    , 0, 0, 0, 0, UFFDBROKER__DELEGATION_KIND__DELEGATE_UNSPECIFIED, 0, 0, 0 }
 
 
 struct  Uffdbroker__StoreReply
@@ -885,10 +933,14 @@ struct  Uffdbroker__PluginToBroker
   size_t n_delegations;
   Uffdbroker__Delegation **delegations;
   Uffdbroker__DescriptorStore *keep;
+  /*
+   * More decisions, without inline bytes (any order with `decisions`).
+   */
+  Uffdbroker__Decisions *batch;
 };
 #define UFFDBROKER__PLUGIN_TO_BROKER__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__plugin_to_broker__descriptor) \
-    , NULL, 0,NULL, 0,NULL, 0,NULL, 0,NULL, NULL }
+    , NULL, 0,NULL, 0,NULL, 0,NULL, 0,NULL, NULL, NULL }
 
 
 /* Uffdbroker__Hello methods */
@@ -1233,24 +1285,24 @@ Uffdbroker__BrokerToClient *
 void   uffdbroker__broker_to_client__free_unpacked
                      (Uffdbroker__BrokerToClient *message,
                       ProtobufCAllocator *allocator);
-/* Uffdbroker__Pagefault methods */
-void   uffdbroker__pagefault__init
-                     (Uffdbroker__Pagefault         *message);
-size_t uffdbroker__pagefault__get_packed_size
-                     (const Uffdbroker__Pagefault   *message);
-size_t uffdbroker__pagefault__pack
-                     (const Uffdbroker__Pagefault   *message,
+/* Uffdbroker__Faults methods */
+void   uffdbroker__faults__init
+                     (Uffdbroker__Faults         *message);
+size_t uffdbroker__faults__get_packed_size
+                     (const Uffdbroker__Faults   *message);
+size_t uffdbroker__faults__pack
+                     (const Uffdbroker__Faults   *message,
                       uint8_t             *out);
-size_t uffdbroker__pagefault__pack_to_buffer
-                     (const Uffdbroker__Pagefault   *message,
+size_t uffdbroker__faults__pack_to_buffer
+                     (const Uffdbroker__Faults   *message,
                       ProtobufCBuffer     *buffer);
-Uffdbroker__Pagefault *
-       uffdbroker__pagefault__unpack
+Uffdbroker__Faults *
+       uffdbroker__faults__unpack
                      (ProtobufCAllocator  *allocator,
                       size_t               len,
                       const uint8_t       *data);
-void   uffdbroker__pagefault__free_unpacked
-                     (Uffdbroker__Pagefault *message,
+void   uffdbroker__faults__free_unpacked
+                     (Uffdbroker__Faults *message,
                       ProtobufCAllocator *allocator);
 /* Uffdbroker__RangeEvent methods */
 void   uffdbroker__range_event__init
@@ -1442,6 +1494,25 @@ Uffdbroker__Decision *
 void   uffdbroker__decision__free_unpacked
                      (Uffdbroker__Decision *message,
                       ProtobufCAllocator *allocator);
+/* Uffdbroker__Decisions methods */
+void   uffdbroker__decisions__init
+                     (Uffdbroker__Decisions         *message);
+size_t uffdbroker__decisions__get_packed_size
+                     (const Uffdbroker__Decisions   *message);
+size_t uffdbroker__decisions__pack
+                     (const Uffdbroker__Decisions   *message,
+                      uint8_t             *out);
+size_t uffdbroker__decisions__pack_to_buffer
+                     (const Uffdbroker__Decisions   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__Decisions *
+       uffdbroker__decisions__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__decisions__free_unpacked
+                     (Uffdbroker__Decisions *message,
+                      ProtobufCAllocator *allocator);
 /* Uffdbroker__RegionReply methods */
 void   uffdbroker__region_reply__init
                      (Uffdbroker__RegionReply         *message);
@@ -1593,8 +1664,8 @@ typedef void (*Uffdbroker__Dropped_Closure)
 typedef void (*Uffdbroker__BrokerToClient_Closure)
                  (const Uffdbroker__BrokerToClient *message,
                   void *closure_data);
-typedef void (*Uffdbroker__Pagefault_Closure)
-                 (const Uffdbroker__Pagefault *message,
+typedef void (*Uffdbroker__Faults_Closure)
+                 (const Uffdbroker__Faults *message,
                   void *closure_data);
 typedef void (*Uffdbroker__RangeEvent_Closure)
                  (const Uffdbroker__RangeEvent *message,
@@ -1625,6 +1696,9 @@ typedef void (*Uffdbroker__BrokerToPlugin_Closure)
                   void *closure_data);
 typedef void (*Uffdbroker__Decision_Closure)
                  (const Uffdbroker__Decision *message,
+                  void *closure_data);
+typedef void (*Uffdbroker__Decisions_Closure)
+                 (const Uffdbroker__Decisions *message,
                   void *closure_data);
 typedef void (*Uffdbroker__RegionReply_Closure)
                  (const Uffdbroker__RegionReply *message,
@@ -1669,7 +1743,7 @@ extern const ProtobufCMessageDescriptor uffdbroker__forked__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__child_closed__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__dropped__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__broker_to_client__descriptor;
-extern const ProtobufCMessageDescriptor uffdbroker__pagefault__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__faults__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__range_event__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__remapped__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region_opened__descriptor;
@@ -1680,6 +1754,7 @@ extern const ProtobufCMessageDescriptor uffdbroker__closed__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__event__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__broker_to_plugin__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__decision__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__decisions__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region_reply__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__descriptor_store__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__delegation__descriptor;

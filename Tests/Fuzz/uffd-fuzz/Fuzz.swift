@@ -220,11 +220,9 @@ private func brokerToPlugin(_ packet: UnsafeRawBufferPointer) {
     pending.removeAll(keepingCapacity: true)
   }
   for event in events {
-    if case .store(let store) = event {
-      if !encoder.canAppend(size: store.data.count), !encoder.isEmpty { flush() }
-      guard encoder.canAppend(size: store.data.count) else { continue }
-    } else if encoder.isFull {
-      flush()
+    if !encoder.hasRoom(for: event) {
+      if !encoder.isEmpty { flush() }
+      guard encoder.hasRoom(for: event) else { continue }  // a store too large for any packet
     }
     encoder.append(event)
     pending.append(event)
@@ -411,8 +409,8 @@ enum Seeds {
     broker("region-closed", [.regionClosed(clientID: 7, regionID: 2)])
     broker("closed", [.closed(clientID: 7, reason: "client exited")])
     broker("store", [.store(store)])
-    broker("mixed", [.regionOpened(clientID: 7, client: client, region: regionB), .pagefault(fault), .removed(removed), .unmapped(unmapped),
-                     .remapped(remap), .store(store), .regionClosed(clientID: 7, regionID: 1), .closed(clientID: 7, reason: "bye")], applied: 42)
+    broker("mixed", [.regionOpened(clientID: 7, client: client, region: regionB), .removed(removed), .unmapped(unmapped),
+                     .remapped(remap), .store(store), .regionClosed(clientID: 7, regionID: 1), .closed(clientID: 7, reason: "bye"), .pagefault(fault)], applied: 42)
 
     print("uffd-fuzz: wrote \(written) seeds to \(directory)")
   }
