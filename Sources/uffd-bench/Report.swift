@@ -81,11 +81,11 @@ enum Report {
     print("")
     print("== micro: the wire codecs, medians of 5 x \(iterations) iterations ==")
     let event = result.event
-    print("pagefault event encode+decode (EventBatchEncoder.append+encode [FaultBatchWriter], EventBatchDecoder.decode+event(at:) [FaultBatchReader]): "
+    print("pagefault event encode+decode (EventBatchEncoder.append+encode, EventBatchDecoder.decode+event(at:), protobuf-c): "
       + "\(Format.fixed(event.nanosecondsPerOperation, 1)) ns/event (target <= 1000: \(event.nanosecondsPerOperation <= 1000 ? "met" : "MISSED")), "
       + "\(Format.fixed(event.mallocCallsPerOperation, 3)) mallocs/event")
     let decision = result.decision
-    print("4 KiB copy decision encode+decode (DecisionBatchEncoder.append+encode [DecisionBatchWriter], DecisionBatchDecoder.decode+decision(at:) [DecisionBatchReader]): "
+    print("4 KiB copy decision encode+decode (DecisionBatchEncoder.append+encode, DecisionBatchDecoder.decode+decision(at:), protobuf-c): "
       + "\(Format.fixed(decision.nanosecondsPerOperation, 1)) ns/decision, \(Format.fixed(decision.mallocCallsPerOperation, 3)) mallocs/decision")
   }
 

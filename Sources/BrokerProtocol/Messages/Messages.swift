@@ -5,7 +5,7 @@ import Userfaultfd
 public let brokerProtocolVersion: UInt32 = 2
 
 /// This build's version, as every executable's `--version` says it.
-public let uffdBrokerVersion = "0.6.0 (protocol \(brokerProtocolVersion))"
+public let uffdBrokerVersion = "0.7.0 (protocol \(brokerProtocolVersion))"
 
 /// Who is speaking on a connection.
 public enum Role: Int32, Sendable {
