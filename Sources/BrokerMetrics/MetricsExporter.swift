@@ -31,6 +31,8 @@ public final class MetricsExporter: StatusPublisher {
   /// The textfile's timer thread.
   private let group = Mutex<MultiThreadedEventLoopGroup?>(nil)
   private let textfileTask = Mutex<RepeatedTask?>(nil)
+  /// The textfile could not be written last time (logged once, until it can again).
+  private let textfileFailing = Mutex(false)
 
   public init(_ configuration: BrokerConfiguration.Metrics, logger: Logger) {
     self.configuration = configuration
@@ -92,7 +94,14 @@ public final class MetricsExporter: StatusPublisher {
     guard !bytes.isEmpty else { return }
     do throws(MetricsError) {
       try writer.write(bytes)
+      if textfileFailing.withLock({ $0 }) {
+        textfileFailing.withLock { $0 = false }
+        logger.notice("the metrics textfile is written again", metadata: ["metrics.textfile": "\(writer.path)"])
+      }
     } catch {
+      // Once, not each interval: the figures stay on /metrics and in the status.
+      guard !textfileFailing.withLock({ $0 }) else { return }
+      textfileFailing.withLock { $0 = true }
       logger.warning("cannot write the metrics textfile", metadata: ["reason": "\(error)"])
     }
   }
