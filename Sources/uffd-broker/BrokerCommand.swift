@@ -1,5 +1,6 @@
 import ArgumentParser
 import BrokerCore
+import BrokerMetrics
 import BrokerRuntime
 import BrokerProtocol
 import Foundation
@@ -27,7 +28,8 @@ struct Serve: ParsableCommand {
       and the uids allowed to connect:
         {"plugins": [{"name": "pattern", "executable": "/path/to/plugin", "arguments": [], "maxRestarts": 10, "user": "nobody"}],
          "policies": {"pattern": {"fallback": "other", "onFailure": "poison", "failAfterMilliseconds": 30000}},
-         "clientUIDs": [1000], "pluginUIDs": [0], "pluginDeadlineMilliseconds": 5000}
+         "clientUIDs": [1000], "pluginUIDs": [0], "pluginDeadlineMilliseconds": 5000,
+         "metrics": {"listen": "127.0.0.1:9464", "textfile": "/var/lib/node_exporter/uffd-broker.prom", "intervalMilliseconds": 1000}}
       """)
 
   @Option(help: "The socket clients register on (default: the config's clientSocket, else client.sock in \(SocketPaths.defaultsDescription)).")
@@ -87,16 +89,24 @@ struct Serve: ParsableCommand {
       throw Self.exit(78, error.message)
     }
     let broker: BrokerRuntime
+    // Metrics: off unless configured; read at start only (a reload keeps these).
+    let exporter = configuration.metrics.map { MetricsExporter($0, logger: logger) }
     do {
       // SIGHUP reads the file again (its sockets stay those the broker has).
       let path = config
       broker = try BrokerRuntime(configuration: configuration, logger: logger, handleSignals: true,
-                                 reload: path.map { path in { try ConfigFile.configuration(at: path) } })
+                                 reload: path.map { path in { try ConfigFile.configuration(at: path) } }, publisher: exporter)
+      // After the runtime blocked the signals it reads from its signalfd: the
+      // exporter's threads inherit the mask (a thread that did not would take
+      // SIGTERM's default action, and the broker would die without cleaning up).
+      try exporter?.start()
     } catch {
+      exporter?.stop()
       // It could not take its sockets (unsafe directory, a file in the way, a
-      // broker already serving): the reason alone, and EX_CANTCREAT.
+      // broker already serving, the metrics port taken): the reason alone, and EX_CANTCREAT.
       throw Self.exit(73, "\(error)")
     }
+    defer { exporter?.stop() }
     try broker.run()
   }
 
@@ -119,6 +129,12 @@ struct ConfigFile: Decodable {
     var user: String?
     var group: String?
     enum CodingKeys: String, CodingKey, CaseIterable { case name, executable, arguments, maxRestarts, user, group }
+  }
+  struct Metrics: Decodable {
+    var listen: String?
+    var textfile: String?
+    var intervalMilliseconds: Int?
+    enum CodingKeys: String, CodingKey, CaseIterable { case listen, textfile, intervalMilliseconds }
   }
   struct Policy: Decodable {
     var fallback: String?
@@ -151,10 +167,11 @@ struct ConfigFile: Decodable {
   var maxPluginNames: Int?
   var maxRegionsPerClient: Int?
   var maxInFlightPerPlugin: Int?
+  var metrics: Metrics?
   enum CodingKeys: String, CodingKey, CaseIterable {
     case clientSocket, pluginSocket, controlSocket, firecrackerSockets, plugins, policies, clientUIDs, pluginUIDs, clientGIDs, pluginGIDs
     case pluginDeadlineMilliseconds, registrationTimeoutMilliseconds, helloTimeoutMilliseconds
-    case maxClients, maxClientsPerUID, maxPluginConnections, maxPluginNames, maxRegionsPerClient, maxInFlightPerPlugin
+    case maxClients, maxClientsPerUID, maxPluginConnections, maxPluginNames, maxRegionsPerClient, maxInFlightPerPlugin, metrics
   }
 
   /// An error of loading a config, for a person: JSON errors say where, type errors which field.
@@ -207,6 +224,7 @@ struct ConfigFile: Decodable {
     for (index, socket) in (top["firecrackerSockets"] as? [Any] ?? []).enumerated() {
       unknown += unknownKeys(of: socket, known: FirecrackerSocket.CodingKeys.self, at: "firecrackerSockets[\(index)].")
     }
+    if let metrics = top["metrics"] { unknown += unknownKeys(of: metrics, known: Metrics.CodingKeys.self, at: "metrics.") }
     for (name, policy) in top["policies"] as? [String: Any] ?? [:] {
       unknown += unknownKeys(of: policy, known: Policy.CodingKeys.self, at: "policies.\(name).")
     }
@@ -248,5 +266,8 @@ struct ConfigFile: Decodable {
     if let maxPluginNames { configuration.maxPluginNames = maxPluginNames }
     if let maxRegionsPerClient { configuration.maxRegionsPerClient = maxRegionsPerClient }
     if let maxInFlightPerPlugin { configuration.maxInFlightPerPlugin = maxInFlightPerPlugin }
+    if let metrics {
+      configuration.metrics = .init(listen: metrics.listen, textfile: metrics.textfile, interval: .milliseconds(metrics.intervalMilliseconds ?? 1000))
+    }
   }
 }
