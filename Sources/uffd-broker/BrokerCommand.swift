@@ -6,7 +6,7 @@ import Foundation
 import Logging
 
 /// The broker daemon: `uffd-broker [serve] [--config FILE] [--client-socket PATH] ...`,
-/// and `uffd-broker status` to ask a running one what it is doing.
+/// and `uffd-broker status` (or `stats`) to ask a running one what it is doing.
 @main
 struct BrokerCommand: ParsableCommand {
   static let configuration = CommandConfiguration(

@@ -175,6 +175,33 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("`uffd-broker stats` is `status` under a second name: --json answers the same status, and the table for people too")
+    func statsIsStatus() throws {
+      try Harness.run("stats") { h in
+        let plugin = try h.startPlugin(name: "pattern", mode: "pattern")
+        var answers: [String: BrokerStatus] = [:]
+        for command in ["status", "stats"] {
+          for json in [true, false] {
+            let label = "\(command)\(json ? "-json" : "")"
+            let process = try FixtureProcess(
+              label: label, executable: Harness.brokerExecutable, arguments: [command, "--control-socket", h.controlSocket] + (json ? ["--json"] : []),
+              environment: [:], stdoutPath: h.directory + "/\(label).stdout", stderrPath: h.directory + "/\(label).stderr")
+            #expect(process.wait(timeout: 10) == .exited(0), h.diagnostics(process.stdout + process.stderr))
+            if json {
+              answers[command] = try? JSONDecoder().decode(BrokerStatus.self, from: Data(process.stdout.utf8))
+            } else {
+              #expect(process.stdout.contains("broker pid \(h.broker.pid)") && process.stdout.contains("pattern  connected (pid \(plugin.pid))"),
+                      h.diagnostics(process.stdout + process.stderr))
+            }
+          }
+        }
+        let status = try #require(answers["status"], h.diagnostics)
+        let stats = try #require(answers["stats"], h.diagnostics)
+        #expect(stats.pid == h.broker.pid && stats.pid == status.pid, h.diagnostics)
+        #expect(stats.plugins.map(\.name) == status.plugins.map(\.name) && stats.plugins.map(\.connectedPID) == [plugin.pid], h.diagnostics)
+      }
+    }
+
     @Test("The sample plugins and the broker answer --help and --version without connecting anywhere, and refuse a bad option with a usage error on stderr")
     func commandLines() throws {
       try Harness.run("command-lines") { h in
