@@ -175,6 +175,31 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("A config file with a JSON syntax error on a known line: check-config and the broker name its line and column, with no usage banner")
+    func jsonSyntaxErrorPlace() throws {
+      try Harness.run("json-syntax") { h in
+        let path = h.directory + "/syntax.json"
+        // Line 4, the second comma after "/bin/true" (column 45).
+        try writeTextFile(path, """
+          {
+            "maxClients": 3,
+            "plugins": [
+              {"name": "a", "executable": "/bin/true",,}
+            ]
+          }
+
+          """)
+        let expected = "not valid JSON at line 4, column 45: invalid value"
+        for (label, arguments) in [("check", ["check-config", path]),
+                                   ("serve", ["--config", path, "--client-socket", h.directory + "/s-c.sock", "--plugin-socket", h.directory + "/s-p.sock"])] {
+          let process = try FixtureProcess(label: label, executable: Harness.brokerExecutable, arguments: arguments, environment: [:],
+                                           stdoutPath: h.directory + "/\(label).stdout", stderrPath: h.directory + "/\(label).stderr")
+          #expect(process.wait(timeout: 10) == .exited(78), h.diagnostics(process.stderr))
+          #expect(process.stderr.contains(expected) && !process.stderr.contains("USAGE") && process.stdout.isEmpty, h.diagnostics(process.stdout + process.stderr))
+        }
+      }
+    }
+
     @Test("`uffd-broker stats` is `status` under a second name: --json answers the same status, and the table for people too")
     func statsIsStatus() throws {
       try Harness.run("stats") { h in
