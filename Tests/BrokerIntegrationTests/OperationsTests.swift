@@ -227,10 +227,10 @@ extension BrokerIntegrationTests {
       }
     }
 
-    @Test("The sample plugins and the broker answer --help and --version without connecting anywhere, and refuse a bad option with a usage error on stderr")
+    @Test("The sample plugins, the broker, the demo and the benchmark answer --help and --version without connecting anywhere, and refuse a bad option with a usage error on stderr")
     func commandLines() throws {
       try Harness.run("command-lines") { h in
-        for product in ["uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"] {
+        for product in ["uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin", "uffd-demo", "uffd-bench"] {
           // No socket reachable: --help must not try one.
           let environment = ["UFFD_BROKER_PLUGIN_SOCKET": h.directory + "/none.sock", "UFFD_BROKER_CLIENT_SOCKET": h.directory + "/none.sock"]
           let help = try FixtureProcess(label: "\(product)-help", executable: Harness.binDirectory + "/" + product, arguments: ["--help"],
