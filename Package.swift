@@ -70,7 +70,8 @@ let package = Package(
     .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", "BrokerRuntime", "BrokerMetrics", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
     // Counts malloc calls (linked into the benchmark only) to prove the fault path allocates nothing.
     .target(name: "CMallocCounter"),
-    .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "BrokerRuntime", "ChildProcess", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CLinux", "LinuxSupport", "CMallocCounter", .product(name: "Logging", package: "swift-log")]),
+    .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "BrokerRuntime", "ChildProcess", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CLinux", "LinuxSupport", "CMallocCounter", .product(name: "Logging", package: "swift-log"),
+                                                .product(name: "ArgumentParser", package: "swift-argument-parser")]),
     // Sample plugins.
     .executableTarget(name: "zero-fill-plugin", dependencies: ["PluginSDK", "BrokerProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/zero-fill-plugin"),
     .executableTarget(name: "snapshot-plugin", dependencies: ["PluginSDK", "BrokerProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/snapshot-plugin"),
