@@ -18,8 +18,10 @@ import Glibc
 ///
 /// The free area starts and ends half a prefetch block (8 pages) off a 16-page
 /// boundary, so the snapshot plugin's aligned prefetch around the data next to
-/// it reaches into it: a ballooned page a late prefetch refilled with the
-/// snapshot's bytes would show in the guest's checksum of the area.
+/// it reaches into it. The guest sums the data above it only after the
+/// balloon is done: its first fault's block covers 8 dropped pages, and a
+/// ballooned page refilled with the snapshot's bytes would show in the
+/// guest's checksum of the area.
 struct GuestImage {
   static let pml4: UInt64 = 0x1000
   static let firstPageTable: UInt64 = 0x4000
@@ -35,7 +37,8 @@ struct GuestImage {
 
   /// The guest's ports: it stops at each OUT and the VMM resumes it.
   enum Port: UInt16, CaseIterable {
-    /// Half the data summed: the VMM may start its balloon.
+    /// The data below the free area summed: the VMM may start its balloon,
+    /// which runs while the guest writes its scratch pages.
     case halfway = 0x11
     /// Scratch pages written: the guest waits here until the balloon is done.
     case balloonDone = 0x12
@@ -90,51 +93,54 @@ struct GuestImage {
 
   /// The guest's code, hand-assembled (x86-64, Intel syntax, offsets in the code page).
   /// It reads its parameters (five qwords at +0x100: data start, free start,
-  /// free end, scratch start, scratch end) RIP-relatively.
+  /// free end, scratch start, scratch end) RIP-relatively. In order: the
+  /// checksum of the data below the free area; `halfway`; the scratch pages;
+  /// `balloonDone`; the checksum continued over the data above the free area;
+  /// the free area's own checksum; `done`.
   static let program: [UInt8] = [
-    0x48, 0x8d, 0x2d, 0xf9, 0x00, 0x00, 0x00,                    // 00 lea rbp, [rip+0xf9]      ; rbp = parameters (0x100)
-    0x49, 0xbc, 0xb3, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00,  // 07 movabs r12, 0x100000001b3 ; FNV prime
-    0x48, 0xb8, 0x25, 0x23, 0x22, 0x84, 0xe4, 0x9c, 0xf2, 0xcb,  // 11 movabs rax, 0xcbf29ce484222325 ; FNV basis
-    0x48, 0x8b, 0x75, 0x00,                                      // 1b mov rsi, [rbp+0]         ; data start
-    0x48, 0x8b, 0x7d, 0x08,                                      // 1f mov rdi, [rbp+8]         ; free start
-    0xe8, 0x68, 0x00, 0x00, 0x00,                                // 23 call fnv (0x90)          ; rax = checksum of [rsi, rdi)
-    0xe6, 0x11,                                                  // 28 out 0x11, al             ; halfway: the balloon may start
-    0x48, 0x8b, 0x75, 0x10,                                      // 2a mov rsi, [rbp+0x10]      ; free end
-    0x48, 0x8b, 0x7d, 0x18,                                      // 2e mov rdi, [rbp+0x18]      ; scratch start (data end)
-    0xe8, 0x59, 0x00, 0x00, 0x00,                                // 32 call fnv                 ; continues the checksum
-    0x49, 0x89, 0xc5,                                            // 37 mov r13, rax             ; r13 = data checksum
-    0x48, 0x8b, 0x75, 0x18,                                      // 3a mov rsi, [rbp+0x18]      ; scratch start
-    0x48, 0x8b, 0x7d, 0x20,                                      // 3e mov rdi, [rbp+0x20]      ; scratch end
-    0x49, 0x89, 0xf0,                                            // 42 mov r8, rsi
-    // scratch: [rsi] += (page index << 32) | qword index in the page
-    0x48, 0x89, 0xf0,                                            // 45 mov rax, rsi
-    0x4c, 0x29, 0xc0,                                            // 48 sub rax, r8              ; offset in the scratch area
-    0x48, 0x89, 0xc2,                                            // 4b mov rdx, rax
-    0x48, 0xc1, 0xea, 0x0c,                                      // 4e shr rdx, 12              ; page index
-    0x48, 0xc1, 0xe2, 0x20,                                      // 52 shl rdx, 32
-    0x25, 0xff, 0x0f, 0x00, 0x00,                                // 56 and eax, 0xfff
-    0xc1, 0xe8, 0x03,                                            // 5b shr eax, 3               ; qword index in the page
-    0x48, 0x09, 0xc2,                                            // 5e or rdx, rax
-    0x48, 0x01, 0x16,                                            // 61 add [rsi], rdx           ; read the snapshot's qword, write the sum
-    0x48, 0x83, 0xc6, 0x08,                                      // 64 add rsi, 8
-    0x48, 0x39, 0xfe,                                            // 68 cmp rsi, rdi
-    0x72, 0xd8,                                                  // 6b jb scratch (0x45)
-    0xe6, 0x12,                                                  // 6d out 0x12, al             ; wait for the balloon to be done
-    0x48, 0xb8, 0x25, 0x23, 0x22, 0x84, 0xe4, 0x9c, 0xf2, 0xcb,  // 6f movabs rax, FNV basis
-    0x48, 0x8b, 0x75, 0x08,                                      // 79 mov rsi, [rbp+8]         ; free start
-    0x48, 0x8b, 0x7d, 0x10,                                      // 7d mov rdi, [rbp+0x10]      ; free end
-    0xe8, 0x0a, 0x00, 0x00, 0x00,                                // 81 call fnv                 ; the free area's checksum
-    0x48, 0x89, 0xc3,                                            // 86 mov rbx, rax             ; rbx = free area checksum
-    0x4c, 0x89, 0xe8,                                            // 89 mov rax, r13             ; rax = data checksum
-    0xe6, 0x10,                                                  // 8c out 0x10, al             ; done
-    0xeb, 0xfe,                                                  // 8e jmp $                    ; never resumed
-    // fnv: rax = FNV-1a of the qwords in [rsi, rdi), from rax; r12 = prime
-    0x48, 0x33, 0x06,                                            // 90 xor rax, [rsi]
-    0x49, 0x0f, 0xaf, 0xc4,                                      // 93 imul rax, r12
-    0x48, 0x83, 0xc6, 0x08,                                      // 97 add rsi, 8
-    0x48, 0x39, 0xfe,                                            // 9b cmp rsi, rdi
-    0x72, 0xf0,                                                  // 9e jb fnv (0x90)
-    0xc3,                                                        // a0 ret
+    0x48, 0x8d, 0x2d, 0xf9, 0x00, 0x00, 0x00,                     // 00 lea rbp, [rip+0xf9]                   ; rbp = the parameters (+0x100)
+    0x49, 0xbc, 0xb3, 0x01, 0x00, 0x00, 0x00, 0x01, 0x00, 0x00,   // 07 movabs r12, 0x100000001b3             ; FNV prime
+    0x48, 0xb8, 0x25, 0x23, 0x22, 0x84, 0xe4, 0x9c, 0xf2, 0xcb,   // 11 movabs rax, 0xcbf29ce484222325        ; FNV basis
+    0x48, 0x8b, 0x75, 0x00,                                       // 1b mov rsi, [rbp]                        ; data start
+    0x48, 0x8b, 0x7d, 0x08,                                       // 1f mov rdi, [rbp+8]                      ; free start
+    0xe8, 0x6e, 0x00, 0x00, 0x00,                                 // 23 call fnv (0x96)                       ; rax = checksum of [rsi, rdi)
+    0x49, 0x89, 0xc5,                                             // 28 mov r13, rax                          ; r13 = checksum of the first half
+    0xe6, 0x11,                                                   // 2b out 0x11, al                          ; halfway: the balloon starts
+    0x48, 0x8b, 0x75, 0x18,                                       // 2d mov rsi, [rbp+0x18]                   ; scratch start
+    0x48, 0x8b, 0x7d, 0x20,                                       // 31 mov rdi, [rbp+0x20]                   ; scratch end
+    0x49, 0x89, 0xf0,                                             // 35 mov r8, rsi
+    0x48, 0x89, 0xf0,                                             // 38 mov rax, rsi                          ; scratch:
+    0x4c, 0x29, 0xc0,                                             // 3b sub rax, r8                           ; offset in the scratch area
+    0x48, 0x89, 0xc2,                                             // 3e mov rdx, rax
+    0x48, 0xc1, 0xea, 0x0c,                                       // 41 shr rdx, 12                           ; page index
+    0x48, 0xc1, 0xe2, 0x20,                                       // 45 shl rdx, 32
+    0x25, 0xff, 0x0f, 0x00, 0x00,                                 // 49 and eax, 0xfff
+    0xc1, 0xe8, 0x03,                                             // 4e shr eax, 3                            ; qword index in the page
+    0x48, 0x09, 0xc2,                                             // 51 or rdx, rax
+    0x48, 0x01, 0x16,                                             // 54 add [rsi], rdx                        ; reads the snapshot's qword, writes the sum
+    0x48, 0x83, 0xc6, 0x08,                                       // 57 add rsi, 8
+    0x48, 0x39, 0xfe,                                             // 5b cmp rsi, rdi
+    0x72, 0xd8,                                                   // 5e jb scratch (0x38)
+    0xe6, 0x12,                                                   // 60 out 0x12, al                          ; waits until the balloon is done
+    0x4c, 0x89, 0xe8,                                             // 62 mov rax, r13                          ; the checksum so far
+    0x48, 0x8b, 0x75, 0x10,                                       // 65 mov rsi, [rbp+0x10]                   ; free end
+    0x48, 0x8b, 0x7d, 0x18,                                       // 69 mov rdi, [rbp+0x18]                   ; scratch start (the data's end)
+    0xe8, 0x24, 0x00, 0x00, 0x00,                                 // 6d call fnv                              ; continues the checksum
+    0x49, 0x89, 0xc5,                                             // 72 mov r13, rax                          ; r13 = data checksum
+    0x48, 0xb8, 0x25, 0x23, 0x22, 0x84, 0xe4, 0x9c, 0xf2, 0xcb,   // 75 movabs rax, 0xcbf29ce484222325        ; FNV basis
+    0x48, 0x8b, 0x75, 0x08,                                       // 7f mov rsi, [rbp+8]                      ; free start
+    0x48, 0x8b, 0x7d, 0x10,                                       // 83 mov rdi, [rbp+0x10]                   ; free end
+    0xe8, 0x0a, 0x00, 0x00, 0x00,                                 // 87 call fnv                              ; the free area's checksum
+    0x48, 0x89, 0xc3,                                             // 8c mov rbx, rax                          ; rbx = free area checksum
+    0x4c, 0x89, 0xe8,                                             // 8f mov rax, r13                          ; rax = data checksum
+    0xe6, 0x10,                                                   // 92 out 0x10, al                          ; done
+    0xeb, 0xfe,                                                   // 94 jmp $                                 ; never resumed
+    0x48, 0x33, 0x06,                                             // 96 xor rax, [rsi]                        ; fnv: rax = FNV-1a of the qwords in [rsi, rdi) from rax
+    0x49, 0x0f, 0xaf, 0xc4,                                       // 99 imul rax, r12
+    0x48, 0x83, 0xc6, 0x08,                                       // 9d add rsi, 8
+    0x48, 0x39, 0xfe,                                             // a1 cmp rsi, rdi
+    0x72, 0xf0,                                                   // a4 jb fnv (0x96)
+    0xc3,                                                         // a6 ret
   ]
 
   /// Writes the whole image into `memory` (`size` bytes, zeroed).

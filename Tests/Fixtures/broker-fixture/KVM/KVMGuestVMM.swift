@@ -17,7 +17,8 @@ import Userfaultfd
 /// RAX/RBX at its last OUT. The VMM checks both checksums against the
 /// snapshot file and reads back the scratch pages. With `balloon`, a VMM
 /// thread drops the free area (MADV_DONTNEED, in chunks) while the guest
-/// checksums the second half of its data; the guest then must read zeros there.
+/// writes its scratch pages; the guest then must read zeros there, though the
+/// data it sums next is prefetched in blocks that reach into the area.
 ///
 /// The last line of stdout says what was checked; exit 0 when all was right.
 struct KVMGuestVMM {
@@ -54,6 +55,7 @@ struct KVMGuestVMM {
 
     let started = monotonicNanoseconds()
     var balloonThread: pthread_t?
+    var balloonWait: UInt64 = 0
     var exits = 0
     running: while true {
       let exit = try vcpu.run()
@@ -62,8 +64,12 @@ struct KVMGuestVMM {
       case .out(GuestImage.Port.halfway.rawValue, _):
         if balloon { balloonThread = startBalloon(memory) }
       case .out(GuestImage.Port.balloonDone.rawValue, _):
+        // The balloon ran while the guest wrote its scratch pages; the guest
+        // waits here only for what is left of it.
+        let waiting = monotonicNanoseconds()
         if let thread = balloonThread { pthread_join(thread, nil) }
         balloonThread = nil
+        balloonWait = monotonicNanoseconds() - waiting
       case .out(GuestImage.Port.done.rawValue, _):
         break running
       case .interrupted:
@@ -91,7 +97,8 @@ struct KVMGuestVMM {
     let freePages = image.free.count / GuestImage.pageSize
     let scratchPages = image.scratch.count / GuestImage.pageSize
     let problems = wrong.isEmpty ? "" : ": " + wrong.joined(separator: "; ")
-    print("kvm guest ran \(Int(milliseconds)) ms, \(exits) exits\(problems)")
+    let waited = balloon ? " (\(balloonWait / 1000) µs of them waiting for the balloon)" : ""
+    print("kvm guest ran \(Int(milliseconds)) ms\(waited), \(exits) exits\(problems)")
     print("kvm guest checksummed \(image.dataPages) pages, wrote \(scratchPages) pages, read \(freePages) \(balloon ? "ballooned" : "free") pages; \(wrong.count) wrong")
     withExtendedLifetime((connection, uffd)) {}
     return wrong.isEmpty ? 0 : 1
