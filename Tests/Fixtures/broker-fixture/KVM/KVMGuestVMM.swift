@@ -86,10 +86,9 @@ struct KVMGuestVMM {
     var wrong: [String] = []
     let expectedData = image.checksummed.reduce(GuestImage.fnvBasis) { GuestImage.checksum(snapshot, $1, continuing: $0) }
     if regs.rax != expectedData { wrong.append("data checksum 0x\(String(regs.rax, radix: 16)), not 0x\(String(expectedData, radix: 16))") }
-    let zeros = UnsafeMutableRawBufferPointer.allocate(byteCount: image.free.count, alignment: 8)
-    defer { zeros.deallocate() }
-    zeros.initializeMemory(as: UInt8.self, repeating: 0)
-    let expectedFree = GuestImage.checksum(balloon ? UnsafeRawBufferPointer(zeros) : snapshot, balloon ? 0..<UInt64(image.free.count) : image.free)
+    // Over zeros, each qword's step is only the multiplication.
+    let expectedFree = balloon ? (0..<image.free.count / 8).reduce(GuestImage.fnvBasis) { hash, _ in hash &* GuestImage.fnvPrime }
+                               : GuestImage.checksum(snapshot, image.free)
     if regs.rbx != expectedFree { wrong.append("free area checksum 0x\(String(regs.rbx, radix: 16)), not the \(balloon ? "zeros'" : "snapshot's")") }
     let wrongScratch = wrongScratchPages(memory, snapshot: snapshot)
     if wrongScratch > 0 { wrong.append("\(wrongScratch) scratch pages wrong") }

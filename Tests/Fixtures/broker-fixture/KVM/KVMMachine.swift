@@ -8,9 +8,6 @@ final class KVMMachine {
   private let kvm: CInt
   private let vm: CInt
 
-  /// Whether this machine can run a KVM guest at all: /dev/kvm is there and we may open it.
-  static var isAvailable: Bool { access("/dev/kvm", R_OK | W_OK) == 0 }
-
   init() throws(KVMError) {
     kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC)
     guard kvm >= 0 else { throw KVMError("cannot open /dev/kvm", errno: errno) }
