@@ -90,7 +90,9 @@ let package = Package(
     // libFuzzer target over the protocol decoders (built by scripts/fuzz.sh with -sanitize=fuzzer).
     .executableTarget(name: "uffd-fuzz", dependencies: ["BrokerProtocol"], path: "Tests/Fuzz/uffd-fuzz", swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
     // The plugin and client processes of the integration tests.
-    .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd", "CLinux", "LinuxSupport"], path: "Tests/Fixtures/broker-fixture"),
+    .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd", "CLinux", "LinuxSupport", "CKVM"], path: "Tests/Fixtures/broker-fixture"),
+    // The KVM ioctls of the fixture's VMM (a real guest restored through the broker).
+    .target(name: "CKVM", path: "Tests/Fixtures/CKVM"),
   ],
   swiftLanguageModes: [.v6]
 )

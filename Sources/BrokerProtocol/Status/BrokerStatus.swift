@@ -23,6 +23,7 @@ public struct BrokerStatus: Codable, Sendable {
   public var plugins: [PluginStatus] = []
   /// The broker's open descriptors and their limit (`RLIMIT_NOFILE`, soft).
   public var descriptors = 0
+  /// The soft `RLIMIT_NOFILE` the broker runs with.
   public var descriptorLimit = 0
   /// Where `/metrics` is served (`HOST:PORT`, the port bound when the config said 0); nil: not served.
   public var metricsListen: String?
@@ -170,10 +171,14 @@ public struct FaultStatistics: Codable, Sendable {
 
 /// Decisions applied, by kind (fixed fields: counting allocates nothing).
 public struct DecisionCounts: Codable, Sendable, Equatable {
+  /// Copies (inline or from the shared area).
   public var copy: UInt64 = 0
+  /// Zero fills.
   public var zero: UInt64 = 0
+  /// Poisoned ranges (their accesses get SIGBUS).
   public var poison: UInt64 = 0
 
+  /// All zero.
   public init() {}
 
   /// Counts one decision of `kind` (`retry` is never applied, and is not counted here).
