@@ -24,6 +24,11 @@ let package = Package(
     .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.2.0"),
     // `swift package generate-documentation` (scripts/check-docs.sh); a plugin only, linked into nothing.
     .package(url: "https://github.com/swiftlang/swift-docc-plugin", from: "1.5.0"),
+    .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+    .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+    // The /metrics endpoint's server; its default traits (swift-configuration, full Foundation) are not needed.
+    .package(url: "https://github.com/hummingbird-project/hummingbird", from: "2.28.1", traits: []),
+    .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.0.0"),
   ],
   targets: [
     // The userfaultfd C that Swift cannot reach: creation, the UFFDIO ioctls, uffd_msg flattened.
@@ -50,6 +55,11 @@ let package = Package(
     // The broker's I/O: the epoll loop, sockets, uffd reads and ioctls, supervision; it performs the core's actions.
     .target(name: "BrokerRuntime", dependencies: ["BrokerCore", "BrokerProtocol", "ChildProcess", "CUserfaultfd", "CLinux", "CSystemd", "LinuxSupport", "Userfaultfd", .product(name: "Logging", package: "swift-log"), .product(name: "SystemPackage", package: "swift-system")],
             swiftSettings: hotPath),
+    // Live metrics: the loop's status snapshots as swift-metrics counters and gauges in a Prometheus
+    // registry, served on /metrics (Hummingbird, on threads of its own) and written as a node_exporter textfile.
+    .target(name: "BrokerMetrics", dependencies: ["BrokerCore", "BrokerRuntime", "BrokerProtocol", .product(name: "Logging", package: "swift-log"),
+                                                  .product(name: "CoreMetrics", package: "swift-metrics"), .product(name: "Prometheus", package: "swift-prometheus"),
+                                                  .product(name: "Hummingbird", package: "hummingbird"), .product(name: "ServiceLifecycle", package: "swift-service-lifecycle")]),
     // The engine driven by a seeded schedule against models of the kernel, clients and plugins.
     .target(name: "BrokerSimulator", dependencies: ["BrokerCore", "BrokerProtocol", "Userfaultfd"]),
     .executableTarget(name: "uffd-sim", dependencies: ["BrokerSimulator"]),
@@ -57,10 +67,11 @@ let package = Package(
     .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "CLinux", "LinuxSupport", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
     // For plugins: a handler protocol and the run loop around it.
     .target(name: "PluginSDK", dependencies: ["BrokerProtocol", "CLinux", "LinuxSupport", "Userfaultfd"]),
-    .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", "BrokerRuntime", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
+    .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", "BrokerRuntime", "BrokerMetrics", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
     // Counts malloc calls (linked into the benchmark only) to prove the fault path allocates nothing.
     .target(name: "CMallocCounter"),
-    .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "BrokerRuntime", "ChildProcess", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CLinux", "LinuxSupport", "CMallocCounter", .product(name: "Logging", package: "swift-log")]),
+    .executableTarget(name: "uffd-bench", dependencies: ["BrokerCore", "BrokerRuntime", "ChildProcess", "BrokerProtocol", "ClientSDK", "PluginSDK", "Userfaultfd", "CLinux", "LinuxSupport", "CMallocCounter", .product(name: "Logging", package: "swift-log"),
+                                                .product(name: "ArgumentParser", package: "swift-argument-parser")]),
     // Sample plugins.
     .executableTarget(name: "zero-fill-plugin", dependencies: ["PluginSDK", "BrokerProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/zero-fill-plugin"),
     .executableTarget(name: "snapshot-plugin", dependencies: ["PluginSDK", "BrokerProtocol", .product(name: "ArgumentParser", package: "swift-argument-parser")], path: "Examples/snapshot-plugin"),
@@ -79,7 +90,9 @@ let package = Package(
     // libFuzzer target over the protocol decoders (built by scripts/fuzz.sh with -sanitize=fuzzer).
     .executableTarget(name: "uffd-fuzz", dependencies: ["BrokerProtocol"], path: "Tests/Fuzz/uffd-fuzz", swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
     // The plugin and client processes of the integration tests.
-    .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd", "CLinux", "LinuxSupport"], path: "Tests/Fixtures/broker-fixture"),
+    .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd", "CLinux", "LinuxSupport", "CKVM"], path: "Tests/Fixtures/broker-fixture"),
+    // The KVM ioctls of the fixture's VMM (a real guest restored through the broker).
+    .target(name: "CKVM", path: "Tests/Fixtures/CKVM"),
   ],
   swiftLanguageModes: [.v6]
 )

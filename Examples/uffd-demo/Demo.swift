@@ -12,19 +12,36 @@ struct Demo: ParsableCommand {
     abstract: "Run uffd-broker with the snapshot and swap plugins on a real workload, and check every page.",
     version: uffdBrokerVersion)
 
-  @Option(help: "Snapshot size to restore, in MiB.") var snapshotMib = 256
-  @Option(help: "Working set for the swap scenario, in MiB (half of it is swapped out).") var swapMib = 64
-  @Option(help: "Faulting threads.") var threads = 2
-  @Option(help: "Pages per prefetch block of the snapshot plugin (1: none).") var prefetch = 16
-  @Option(help: "Scenarios to run: restore, swap (comma separated).") var scenarios = "restore,swap"
-  @Flag(help: "Let the snapshot plugin delegate its regions: the broker reads the snapshot itself (no round trip per fault).") var delegate = false
+  /// The allowed values, for `--help` and `validate()`.
+  static let mibRange = 1...16_384
+  static let threadsRange = 1...64
+  static let prefetchRange = 1...32
+  static let knownScenarios = ["restore", "swap"]
+
+  @Option(help: ArgumentHelp("Snapshot size to restore, in MiB, \(range(mibRange)).", valueName: "mib"))
+  var snapshotMib = 256
+  @Option(help: ArgumentHelp("Working set for the swap scenario, in MiB, \(range(mibRange)); half of it is swapped out.", valueName: "mib"))
+  var swapMib = 64
+  @Option(help: ArgumentHelp("Faulting threads, \(range(threadsRange)).", valueName: "n"))
+  var threads = 2
+  @Option(help: ArgumentHelp("Pages per prefetch block of the snapshot plugin, \(range(prefetchRange)) (1: no prefetch).", valueName: "pages"))
+  var prefetch = 16
+  @Option(help: ArgumentHelp("Scenarios to run, comma separated, from: \(knownScenarios.joined(separator: ", ")).", valueName: "list"))
+  var scenarios = knownScenarios.joined(separator: ",")
+  @Flag(help: "Let the snapshot plugin delegate its regions: the broker reads the snapshot itself (no round trip per fault).")
+  var delegate = false
+
+  private static func range(_ range: ClosedRange<Int>) -> String { "\(range.lowerBound) to \(range.upperBound)" }
 
   func validate() throws {
-    guard snapshotMib >= 1, swapMib >= 1, threads >= 1, threads <= 64, prefetch >= 1, prefetch <= 32 else {
-      throw ValidationError("sizes must be positive, threads 1...64, prefetch 1...32")
+    for (flag, value, range) in [("--snapshot-mib", snapshotMib, Self.mibRange), ("--swap-mib", swapMib, Self.mibRange),
+                                 ("--threads", threads, Self.threadsRange), ("--prefetch", prefetch, Self.prefetchRange)] where !range.contains(value) {
+      throw ValidationError("\(flag) is \(value); it must be from \(range.lowerBound) to \(range.upperBound)")
     }
-    let known: Set<Substring> = ["restore", "swap"]
-    for name in scenarios.split(separator: ",") where !known.contains(name) { throw ValidationError("unknown scenario \(name)") }
+    let names = scenarios.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+    for name in names where !Self.knownScenarios.contains(name) {
+      throw ValidationError("unknown scenario \"\(name)\" in --scenarios; known: \(Self.knownScenarios.joined(separator: ", "))")
+    }
   }
 
   func run() throws {
@@ -35,23 +52,30 @@ struct Demo: ParsableCommand {
     print("uffd-demo: broker and plugins started in \(services.directory)")
     var results: [PhaseResult] = []
     do {
-      if scenarios.contains("restore") {
+      let chosen = Set(scenarios.split(separator: ",").map(String.init))
+      if chosen.contains("restore") {
         results.append(try restoreSnapshot(services: services, mib: snapshotMib, threads: threads, prefetchPages: prefetch, delegated: delegate))
       }
-      if scenarios.contains("swap") {
+      if chosen.contains("swap") {
         results += try swapWorkingSet(services: services, mib: swapMib, threads: threads)
       }
     } catch {
-      print("uffd-demo: \(error)\n--- broker log ---\n\(services.brokerLog)")
+      Self.printError("uffd-demo: \(error)\n--- broker log ---\n\(services.brokerLog)")
       throw ExitCode(1)
     }
     printSummary(results)
     let wrong = results.reduce(0) { $0 + $1.wrongPages }
     if wrong > 0 {
-      print("uffd-demo: FAILED: \(wrong) pages read back wrong")
+      Self.printError("uffd-demo: FAILED: \(Wording.count(wrong, "page")) read back wrong")
       throw ExitCode(1)
     }
     print("uffd-demo: every page verified")
+  }
+
+  /// A failure goes to stderr (after what stdout holds so far).
+  private static func printError(_ text: String) {
+    fflush(nil)
+    (text + "\n").withCString { _ = write(STDERR_FILENO, $0, strlen($0)) }
   }
 
   private func printSummary(_ results: [PhaseResult]) {

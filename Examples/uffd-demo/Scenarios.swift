@@ -20,6 +20,8 @@ func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPag
   let chunkPages = 256
   let chunk = UnsafeMutableRawBufferPointer.allocate(byteCount: chunkPages * pageSize, alignment: pageSize)
   defer { chunk.deallocate() }
+  let written = Counter()
+  let progress = Progress(label: "writing the snapshot", total: pages, done: written)
   for first in stride(from: 0, to: pages, by: chunkPages) {
     let count = min(chunkPages, pages - first)
     let words = chunk.bindMemory(to: UInt64.self)
@@ -29,8 +31,13 @@ func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPag
     for page in 0..<count {
       checksums[first + page] = Content.checksum(UnsafeRawBufferPointer(rebasing: chunk[page * pageSize..<(page + 1) * pageSize]))
     }
-    guard write(fd, chunk.baseAddress, bytes) == bytes else { throw DemoError("cannot write \(path)") }
+    guard write(fd, chunk.baseAddress, bytes) == bytes else {
+      progress.finish()
+      throw DemoError("cannot write \(path)")
+    }
+    written.value.add(count, ordering: .relaxed)
   }
+  progress.finish()
   close(fd)
 
   let memory = try AnonymousMemory(length: pages * pageSize)
@@ -46,7 +53,8 @@ func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPag
   let faults = (DemoServices.statistics(services.snapshotStats)["faults"] ?? 0) - faultsBefore
   return PhaseResult(
     name: "restore", plugin: "snapshot", pages: pages, faults: faults, seconds: seconds, latencies: latencies, wrongPages: wrong,
-    note: "\(mib) MiB snapshot, \(threads) threads, prefetch \(prefetchPages) pages" + (delegated ? ", served by the broker (delegated)" : ""))
+    note: "\(Wording.size(mib << 20)) snapshot, \(Wording.count(threads, "thread")), "
+      + (delegated ? "served by the broker (delegated)" : prefetchPages == 1 ? "no prefetch" : "prefetch \(Wording.count(prefetchPages, "page"))"))
 }
 
 /// Compressed swap: fill a working set, swap half of it out through the swap
@@ -58,18 +66,41 @@ func swapWorkingSet(services: DemoServices, mib: Int, threads: Int) throws -> [P
   let spec = RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: "swap")
   let client = try BrokerClient(regions: [spec], name: "demo-swap")
   var checksums = [UInt64](repeating: 0, count: pages)
+  let filled = Counter()
+  let fillProgress = Progress(label: "fill", total: pages, done: filled)
   let fillStart = monotonicNanoseconds()
   for page in 0..<pages {
     let bytes = UnsafeMutableRawBufferPointer(start: memory.base + page * pageSize, count: pageSize)
     Content.fillWorkingSetPage(bytes, number: page)
     checksums[page] = Content.checksum(UnsafeRawBufferPointer(bytes))
+    if page & 255 == 255 { filled.value.add(256, ordering: .relaxed) }
   }
   let fillSeconds = Double(monotonicNanoseconds() - fillStart) / 1e9
+  fillProgress.finish()
 
+  // Swapped out 1 MiB at a time, for the progress line (the SDK sends the
+  // plugin 128 KiB per message either way).
   let half = memory.length / 2
+  let step = 1 << 20
+  var dropped = 0
+  var kept = 0
+  let swapped = Counter()
+  let swapProgress = Progress(label: "swap-out", total: half / pageSize, done: swapped)
   let swapStart = monotonicNanoseconds()
-  let report = try client.swapOut(spec, offset: 0, length: half)
+  do {
+    for offset in stride(from: 0, to: half, by: step) {
+      let length = min(step, half - offset)
+      let report = try client.swapOut(spec, offset: offset, length: length)
+      dropped += report.pagesDropped
+      kept += report.pagesKept
+      swapped.value.add(length / pageSize, ordering: .relaxed)
+    }
+  } catch {
+    swapProgress.finish()
+    throw error
+  }
   let swapSeconds = Double(monotonicNanoseconds() - swapStart) / 1e9
+  swapProgress.finish()
   usleep(300_000)
   let stored = DemoServices.statistics(services.swapStats)
   let faultsBefore = stored["faults"] ?? 0
@@ -87,11 +118,11 @@ func swapWorkingSet(services: DemoServices, mib: Int, threads: Int) throws -> [P
   let ratio = held > 0 ? Double(raw) / Double(held) : 0
   return [
     PhaseResult(name: "fill", plugin: "swap", pages: pages, faults: pages, seconds: fillSeconds, latencies: [], wrongPages: 0,
-                note: "\(mib) MiB working set written (first touch: zero pages)"),
+                note: "\(Wording.size(mib << 20)) working set written (first touch: zero pages)"),
     PhaseResult(name: "swap-out", plugin: "swap", pages: half / pageSize, faults: 0, seconds: swapSeconds, latencies: [], wrongPages: 0,
-                note: "\(report.pagesDropped) pages dropped, \(report.pagesKept) kept; \(raw >> 20) MiB held in \(String(format1: Double(held) / 1048576)) MiB (\(String(format1: ratio))x)"),
+                note: "\(Wording.count(dropped, "page")) dropped, \(kept) kept; \(Wording.size(raw)) held in \(Wording.size(held)) (\(String(format1: ratio))x)"),
     PhaseResult(name: "swap-in", plugin: "swap", pages: pages, faults: faults, seconds: seconds, latencies: latencies, wrongPages: wrong,
-                note: "every page touched again, \(threads) threads"),
+                note: "every page touched again, \(Wording.count(threads, "thread"))"),
   ]
 }
 

@@ -77,36 +77,3 @@ func touchAll(_ memory: AnonymousMemory, threads: Int, label: String) -> (second
   progress.finish()
   return (seconds, Array(UnsafeBufferPointer(start: latencies, count: pages)))
 }
-
-/// A counter shared by threads.
-final class Counter: Sendable {
-  let value = Atomic<Int>(0)
-}
-
-/// A live progress line on stderr, redrawn every 100 ms by its own thread.
-final class Progress: Sendable {
-  private let running = Counter()
-  private let thread: pthread_t
-
-  init(label: String, total: Int, done: Counter) {
-    let start = monotonicNanoseconds()
-    let running = self.running
-    running.value.store(1, ordering: .relaxed)
-    thread = spawnThread {
-      while running.value.load(ordering: .relaxed) == 1 {
-        let count = min(done.value.load(ordering: .relaxed), total)
-        let seconds = Double(monotonicNanoseconds() - start) / 1e9
-        let rate = seconds > 0 ? Int(Double(count) / seconds) : 0
-        let line = "\r  \(label): \(count)/\(total) pages, \(rate) pages/s   "
-        line.withCString { _ = write(2, $0, strlen($0)) }
-        usleep(100_000)
-      }
-    }
-  }
-
-  func finish() {
-    running.value.store(0, ordering: .relaxed)
-    pthread_join(thread, nil)
-    "\r\u{1B}[K".withCString { _ = write(2, $0, strlen($0)) }
-  }
-}

@@ -64,6 +64,38 @@ public struct BrokerConfiguration: Sendable {
     }
   }
 
+  /// Live metrics: served on `/metrics` over HTTP on a loopback address, and/or
+  /// written as a node_exporter textfile. Read at start (a reload keeps the running ones).
+  public struct Metrics: Sendable, Equatable {
+    /// `HOST:PORT` to serve `/metrics` on (a loopback address: 127.x.y.z or [::1]; port 0: any free port); nil: not served.
+    public var listen: String?
+    /// A file rewritten each interval in the Prometheus text format (temp file, then rename); nil: none.
+    public var textfile: String?
+    /// How often the loop hands a snapshot to the exporter.
+    public var interval: Duration
+    public init(listen: String? = nil, textfile: String? = nil, interval: Duration = .seconds(1)) {
+      self.listen = listen
+      self.textfile = textfile
+      self.interval = interval
+    }
+
+    /// The host and port of a loopback `listen` address, or why it is not one.
+    public static func loopbackAddress(_ listen: String) throws(BrokerError) -> (host: String, port: Int) {
+      let rule = "it must be HOST:PORT with a loopback HOST (127.x.y.z or [::1]) and a PORT from 0 to 65535"
+      guard let colon = listen.lastIndex(of: ":"), let port = Int(listen[listen.index(after: colon)...]), (0...65535).contains(port) else {
+        throw BrokerError(.malformed, "metrics.listen \"\(listen)\" is not an address; \(rule)")
+      }
+      var host = String(listen[..<colon])
+      if host.hasPrefix("["), host.hasSuffix("]") { host = String(host.dropFirst().dropLast()) }
+      let octets = host.split(separator: ".", omittingEmptySubsequences: false).map { UInt8($0) }
+      let isLoopback = host == "::1" || (octets.count == 4 && octets.allSatisfy { $0 != nil } && octets[0] == 127)
+      guard isLoopback else {
+        throw BrokerError(.malformed, "metrics.listen \"\(listen)\" is not a loopback address (the metrics are served without authentication); \(rule)")
+      }
+      return (host, port)
+    }
+  }
+
   public var clientSocketPath: String
   public var pluginSocketPath: String
   public var firecrackerSockets: [FirecrackerSocket] = []
@@ -96,6 +128,8 @@ public struct BrokerConfiguration: Sendable {
   public var maxInFlightPerPlugin = 65_536
   /// Invalid decisions a plugin may send before it is disconnected.
   public var maxInvalidDecisions = 16
+  /// nil: no metrics (the loop does nothing for them).
+  public var metrics: Metrics?
 
   /// Clients and plugins are allowed by default to `owner` alone (the broker's uid).
   public init(clientSocketPath: String, pluginSocketPath: String, owner: UInt32) {
@@ -122,6 +156,7 @@ public struct BrokerConfiguration: Sendable {
       ("maxInFlightPerPlugin", maxInFlightPerPlugin, 1...1 << 24),
     ] + plugins.enumerated().map { ("plugins[\($0.offset)].maxRestarts", $0.element.maxRestarts, 0...1_000_000) }
       + policies.sorted { $0.key < $1.key }.map { ("policies.\($0.key).failAfterMilliseconds", $0.value.failAfter.wholeMilliseconds, 0...day) }
+      + (metrics.map { [("metrics.intervalMilliseconds", $0.interval.wholeMilliseconds, 100...day)] } ?? [])
     for (field, value, range) in ranges where !range.contains(value) {
       throw BrokerError(.malformed, "\(field) is \(value); it must be from \(range.lowerBound) to \(range.upperBound)")
     }
@@ -142,6 +177,11 @@ public struct BrokerConfiguration: Sendable {
       guard !socket.plugin.isEmpty, socket.plugin.utf8.count <= RegionSpec.maxPluginNameBytes, socket.argument.utf8.count <= RegionSpec.maxArgumentBytes else {
         throw BrokerError(.malformed, "firecrackerSockets[\(index)]: plugin must be 1 to \(RegionSpec.maxPluginNameBytes) bytes, argument at most \(RegionSpec.maxArgumentBytes)")
       }
+    }
+    if let metrics {
+      if let listen = metrics.listen { _ = try Metrics.loopbackAddress(listen) }
+      if metrics.textfile?.isEmpty == true { throw BrokerError(.malformed, "metrics.textfile is empty; leave it out for none") }
+      if metrics.listen == nil && metrics.textfile == nil { throw BrokerError(.malformed, "metrics names neither listen nor textfile; leave it out for no metrics") }
     }
     for (name, policy) in policies.sorted(by: { $0.key < $1.key }) where policy.fallback == name {
       throw BrokerError(.malformed, "policies.\(name).fallback names the plugin itself")

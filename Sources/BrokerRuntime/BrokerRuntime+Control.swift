@@ -65,10 +65,26 @@ extension BrokerRuntime {
     status.uptimeSeconds = Double(loopTime - startedAt) / 1e9
     status.tally = status.tally + tally
     supervisor?.annotate(&status)
+    status.descriptors = Self.openDescriptors()
+    var limit = rlimit()
+    if getrlimit(__rlimit_resource_t(RLIMIT_NOFILE.rawValue), &limit) == 0 { status.descriptorLimit = Int(clamping: limit.rlim_cur) }
+    status.metricsListen = publisher?.listenAddress
     for index in status.plugins.indices {
       status.plugins[index].packetsApplied = plugins[status.plugins[index].connection]?.packetsApplied ?? 0
     }
     return status
+  }
+
+  /// The entries of /proc/self/fd, less the one reading it (-1: unreadable).
+  static func openDescriptors() -> Int {
+    guard let directory = opendir("/proc/self/fd") else { return -1 }
+    defer { closedir(directory) }
+    var count = -1
+    while let entry = readdir(directory) {
+      let dot = withUnsafeBytes(of: entry.pointee.d_name) { $0[0] == UInt8(ascii: ".") }
+      if !dot { count += 1 }
+    }
+    return count
   }
 
   private func answering(_ command: String) -> [UInt8] {

@@ -42,6 +42,9 @@ public final class BrokerRuntime: @unchecked Sendable {
   /// Whether other uids or gids can connect to the client and plugin sockets
   /// (their files' modes), whatever the configuration lets in.
   private let openSockets: (client: Bool, plugin: Bool)
+  /// Takes a status snapshot each interval (nil: no metrics, nothing to do).
+  let publisher: (any StatusPublisher)?
+  private var nextPublish: UInt64 = 0
 
   var clients: [ClientID: ClientLink] = [:]
   var plugins: [PluginID: PluginLink] = [:]
@@ -105,10 +108,13 @@ public final class BrokerRuntime: @unchecked Sendable {
   /// `handleSignals`: SIGINT and SIGTERM stop `run()` cleanly, SIGHUP reloads
   /// the configuration from `reload`; they are taken from here on, so one that
   /// comes while the broker starts is not lost.
+  ///
+  /// `publisher`: takes a status snapshot each of its intervals (the metrics).
   public init(configuration: BrokerConfiguration, logger: Logger, handleSignals: Bool = false,
-              reload: (() throws -> BrokerConfiguration)? = nil) throws(BrokerError) {
+              reload: (() throws -> BrokerConfiguration)? = nil, publisher: (any StatusPublisher)? = nil) throws(BrokerError) {
     var configuration = configuration
     self.reload = reload
+    self.publisher = publisher
     if handleSignals {
       switch valueOrErrno(clinux_signalfd([SIGINT, SIGTERM, SIGHUP], 3)) {
       case .success(let fd): signals = OwnedDescriptor(fd)
@@ -216,6 +222,7 @@ public final class BrokerRuntime: @unchecked Sendable {
       if supervisor?.restartDue(loop: loop) == true { tellGivenUp() }
       if !controls.isEmpty { expireControls() }
       if service.tick(now: loopTime) { service.status(serviceStatus()) }
+      if let publisher, loopTime >= nextPublish { publish(to: publisher) }
       perform()
       flushPlugins()
       resolvedCounter.store(engine.statistics.faultsResolved, ordering: .relaxed)
@@ -347,8 +354,16 @@ public final class BrokerRuntime: @unchecked Sendable {
     "serving \(clients.count) clients, \(plugins.count) plugin connections; \(engine.statistics.faultsResolved) faults resolved"
   }
 
+  /// Hands a snapshot to the publisher (once per its interval: a status costs allocations).
+  private func publish(to publisher: any StatusPublisher) {
+    nextPublish = loopTime + publisher.interval.nanoseconds
+    publisher.publish(status())
+  }
+
   private func shutdown() {
     service.stopping()
+    // The last figures (a textfile keeps them after the broker is gone).
+    if let publisher { publish(to: publisher) }
     engine.shutdown(now: monotonicNanoseconds())
     perform()
     flushPlugins()

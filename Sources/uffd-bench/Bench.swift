@@ -7,28 +7,7 @@ import Userfaultfd
 /// plugin roles once, runs every mode round-robin for R rounds on fresh
 /// memory, verifies every page, and reports medians.
 enum Bench {
-  static func main(_ arguments: [String]) -> Int32 {
-    let invocation: Invocation
-    do {
-      invocation = try Options.parse(arguments)
-    } catch {
-      Console.error("\(error)\n\(Options.usage)")
-      return 2
-    }
-    switch invocation {
-    case .help:
-      print(Options.usage)
-      return 0
-    case .broker(let options):
-      return BrokerRole.run(options)
-    case .plugin(let options):
-      return PluginRole.run(options)
-    case .bench(let options):
-      return run(options, arguments: arguments)
-    }
-  }
-
-  private static func run(_ options: BenchOptions, arguments: [String]) -> Int32 {
+  static func run(_ options: BenchOptions, arguments: [String]) -> Int32 {
     let loadBefore = Report.loadAverage()
     print("# command: " + arguments.map { $0.contains(" ") ? "'\($0)'" : $0 }.joined(separator: " "))
     print("# \(options.pages) pages x 4 KiB per round, \(options.rounds) rounds, modes interleaved round-robin:")
@@ -37,10 +16,6 @@ enum Bench {
     guard systemPageSize == 4096 else {
       Console.error("this benchmark assumes 4 KiB pages (the system's are \(systemPageSize))")
       return 1
-    }
-    if let mode = options.modes.first(where: { $0.workload.clients * $0.workload.regionsPerClient * $0.workload.threadsPerClient > options.pages }) {
-      Console.error("mode \(mode.name) needs at least \(mode.workload.clients * mode.workload.regionsPerClient * mode.workload.threadsPerClient) pages")
-      return 2
     }
     if options.modes.contains(where: { $0.workload.backend != .plain }) && !UserfaultFD.isSupported {
       Console.error("userfaultfd is not available to this process (run as root or set vm.unprivileged_userfaultfd=1)")

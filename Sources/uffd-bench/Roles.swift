@@ -23,7 +23,10 @@ enum BrokerRole {
     let configuration = BrokerConfiguration(clientSocketPath: options.clientSocket, pluginSocketPath: options.pluginSocket)
     let broker: BrokerRuntime
     do {
-      broker = try BrokerRuntime(configuration: configuration, logger: Logger(label: "uffd-bench.broker"), handleSignals: true)
+      // UFFD_BENCH_PUBLISH_MS=N: the loop hands a status snapshot to a publisher
+      // every N ms, as with metrics on (the exporter's own threads aside).
+      let publisher = getenv("UFFD_BENCH_PUBLISH_MS").flatMap { Int(String(cString: $0)) }.map { SnapshotSink(interval: .milliseconds($0)) }
+      broker = try BrokerRuntime(configuration: configuration, logger: Logger(label: "uffd-bench.broker"), handleSignals: true, publisher: publisher)
     } catch {
       Console.error("broker role: \(error)")
       return 1
@@ -39,6 +42,21 @@ enum BrokerRole {
       return 1
     }
     return 0
+  }
+}
+
+/// Keeps the latest status snapshot: the loop's side of the metrics, without an exporter.
+final class SnapshotSink: StatusPublisher {
+  let interval: Duration
+  var listenAddress: String? { nil }
+  let published = Atomic<Int>(0)
+  private let latest = Mutex<BrokerStatus?>(nil)
+
+  init(interval: Duration) { self.interval = interval }
+
+  func publish(_ status: BrokerStatus) {
+    latest.withLock { $0 = status }
+    published.add(1, ordering: .relaxed)
   }
 }
 

@@ -1,12 +1,13 @@
 import ArgumentParser
 import BrokerCore
+import BrokerMetrics
 import BrokerRuntime
 import BrokerProtocol
 import Foundation
 import Logging
 
 /// The broker daemon: `uffd-broker [serve] [--config FILE] [--client-socket PATH] ...`,
-/// and `uffd-broker status` to ask a running one what it is doing.
+/// and `uffd-broker status` (or `stats`) to ask a running one what it is doing.
 @main
 struct BrokerCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
@@ -27,7 +28,8 @@ struct Serve: ParsableCommand {
       and the uids allowed to connect:
         {"plugins": [{"name": "pattern", "executable": "/path/to/plugin", "arguments": [], "maxRestarts": 10, "user": "nobody"}],
          "policies": {"pattern": {"fallback": "other", "onFailure": "poison", "failAfterMilliseconds": 30000}},
-         "clientUIDs": [1000], "pluginUIDs": [0], "pluginDeadlineMilliseconds": 5000}
+         "clientUIDs": [1000], "pluginUIDs": [0], "pluginDeadlineMilliseconds": 5000,
+         "metrics": {"listen": "127.0.0.1:9464", "textfile": "/var/lib/node_exporter/uffd-broker.prom", "intervalMilliseconds": 1000}}
       """)
 
   @Option(help: "The socket clients register on (default: the config's clientSocket, else client.sock in \(SocketPaths.defaultsDescription)).")
@@ -87,16 +89,24 @@ struct Serve: ParsableCommand {
       throw Self.exit(78, error.message)
     }
     let broker: BrokerRuntime
+    // Metrics: off unless configured; read at start only (a reload keeps these).
+    let exporter = configuration.metrics.map { MetricsExporter($0, logger: logger) }
     do {
       // SIGHUP reads the file again (its sockets stay those the broker has).
       let path = config
       broker = try BrokerRuntime(configuration: configuration, logger: logger, handleSignals: true,
-                                 reload: path.map { path in { try ConfigFile.configuration(at: path) } })
+                                 reload: path.map { path in { try ConfigFile.reloadedConfiguration(at: path) } }, publisher: exporter)
+      // After the runtime blocked the signals it reads from its signalfd: the
+      // exporter's threads inherit the mask (a thread that did not would take
+      // SIGTERM's default action, and the broker would die without cleaning up).
+      try exporter?.start()
     } catch {
+      exporter?.stop()
       // It could not take its sockets (unsafe directory, a file in the way, a
-      // broker already serving): the reason alone, and EX_CANTCREAT.
+      // broker already serving, the metrics port taken): the reason alone, and EX_CANTCREAT.
       throw Self.exit(73, "\(error)")
     }
+    defer { exporter?.stop() }
     try broker.run()
   }
 
@@ -119,6 +129,12 @@ struct ConfigFile: Decodable {
     var user: String?
     var group: String?
     enum CodingKeys: String, CodingKey, CaseIterable { case name, executable, arguments, maxRestarts, user, group }
+  }
+  struct Metrics: Decodable {
+    var listen: String?
+    var textfile: String?
+    var intervalMilliseconds: Int?
+    enum CodingKeys: String, CodingKey, CaseIterable { case listen, textfile, intervalMilliseconds }
   }
   struct Policy: Decodable {
     var fallback: String?
@@ -151,10 +167,11 @@ struct ConfigFile: Decodable {
   var maxPluginNames: Int?
   var maxRegionsPerClient: Int?
   var maxInFlightPerPlugin: Int?
+  var metrics: Metrics?
   enum CodingKeys: String, CodingKey, CaseIterable {
     case clientSocket, pluginSocket, controlSocket, firecrackerSockets, plugins, policies, clientUIDs, pluginUIDs, clientGIDs, pluginGIDs
     case pluginDeadlineMilliseconds, registrationTimeoutMilliseconds, helloTimeoutMilliseconds
-    case maxClients, maxClientsPerUID, maxPluginConnections, maxPluginNames, maxRegionsPerClient, maxInFlightPerPlugin
+    case maxClients, maxClientsPerUID, maxPluginConnections, maxPluginNames, maxRegionsPerClient, maxInFlightPerPlugin, metrics
   }
 
   /// An error of loading a config, for a person: JSON errors say where, type errors which field.
@@ -169,7 +186,8 @@ struct ConfigFile: Decodable {
       let underlying = (context.underlyingError as NSError?)?.userInfo[NSDebugDescriptionErrorKey] as? String
       return "not valid JSON\(context.codingPath.isEmpty ? "" : " at \(path(context.codingPath))"): \(underlying ?? context.debugDescription)"
     case let error as NSError where error.domain == NSCocoaErrorDomain:
-      return "not valid JSON: \(error.userInfo[NSDebugDescriptionErrorKey] as? String ?? error.localizedDescription)"
+      // Reading the file (its JSON syntax errors are `BrokerError`s that say where).
+      return "cannot read it: \(error.userInfo[NSDebugDescriptionErrorKey] as? String ?? error.localizedDescription)"
     default: return "\(error)"
     }
   }
@@ -193,13 +211,40 @@ struct ConfigFile: Decodable {
 
   static func load(path: String) throws -> ConfigFile {
     let data = try Data(contentsOf: URL(fileURLWithPath: path))
-    try rejectUnknownFields(in: data)
+    try rejectUnknownFields(in: try parse(data))
     return try JSONDecoder().decode(ConfigFile.self, from: data)
   }
 
+  /// The JSON of a config file; a syntax error says where, by line and column
+  /// (Foundation's parser names only a byte offset, the decoder nothing).
+  private static func parse(_ data: Data) throws -> Any {
+    do {
+      return try JSONSerialization.jsonObject(with: data)
+    } catch let error as NSError where error.domain == NSCocoaErrorDomain {
+      let message = error.userInfo[NSDebugDescriptionErrorKey] as? String ?? error.localizedDescription
+      let (offset, reason) = JSONTextPosition.syntaxError(message, textLength: data.count)
+      guard let offset else { throw BrokerError(.malformed, "not valid JSON: \(reason)") }
+      let position = JSONTextPosition(byteOffset: offset, in: [UInt8](data))
+      throw BrokerError(.malformed, "not valid JSON at \(position)\(offset >= data.count ? " (the end of the file)" : ""): \(reason)")
+    }
+  }
+
+  /// The configuration of a SIGHUP: as `configuration(at:)`, its errors said as at start.
+  static func reloadedConfiguration(at path: String) throws(BrokerError) -> BrokerConfiguration {
+    do {
+      return try configuration(at: path)
+    } catch let error as BrokerError {
+      throw error
+    } catch let error as DecodingError {
+      throw BrokerError(.malformed, describe(error))
+    } catch {
+      throw BrokerError(.io, describe(error))
+    }
+  }
+
   /// Throws naming every field (top level, in `plugins`, in `policies`) that no `CodingKeys` lists.
-  private static func rejectUnknownFields(in data: Data) throws {
-    guard let top = try JSONSerialization.jsonObject(with: data) as? [String: Any] else { return }  // the decoder says why
+  private static func rejectUnknownFields(in json: Any) throws {
+    guard let top = json as? [String: Any] else { return }  // the decoder says why
     var unknown = unknownKeys(of: top, known: CodingKeys.self, at: "")
     for (index, plugin) in (top["plugins"] as? [Any] ?? []).enumerated() {
       unknown += unknownKeys(of: plugin, known: Plugin.CodingKeys.self, at: "plugins[\(index)].")
@@ -207,10 +252,11 @@ struct ConfigFile: Decodable {
     for (index, socket) in (top["firecrackerSockets"] as? [Any] ?? []).enumerated() {
       unknown += unknownKeys(of: socket, known: FirecrackerSocket.CodingKeys.self, at: "firecrackerSockets[\(index)].")
     }
+    if let metrics = top["metrics"] { unknown += unknownKeys(of: metrics, known: Metrics.CodingKeys.self, at: "metrics.") }
     for (name, policy) in top["policies"] as? [String: Any] ?? [:] {
       unknown += unknownKeys(of: policy, known: Policy.CodingKeys.self, at: "policies.\(name).")
     }
-    guard unknown.isEmpty else { throw ValidationError("unknown field\(unknown.count == 1 ? "" : "s") \(unknown.sorted().joined(separator: ", "))") }
+    guard unknown.isEmpty else { throw BrokerError(.malformed, "unknown field\(unknown.count == 1 ? "" : "s") \(unknown.sorted().joined(separator: ", "))") }
   }
 
   private static func unknownKeys<Keys: CodingKey & CaseIterable>(of object: Any, known: Keys.Type, at path: String) -> [String] {
@@ -231,7 +277,7 @@ struct ConfigFile: Decodable {
     }
     for (name, policy) in policies ?? [:] {
       guard let onFailure = BrokerConfiguration.PluginPolicy.OnFailure(rawValue: policy.onFailure ?? "wait") else {
-        throw ValidationError("policy of \(name): onFailure must be wait, poison or kill")
+        throw BrokerError(.malformed, "policies.\(name).onFailure must be wait, poison or kill")
       }
       configuration.policies[name] = .init(fallback: policy.fallback, onFailure: onFailure, failAfter: .milliseconds(policy.failAfterMilliseconds ?? 30_000))
     }
@@ -248,5 +294,8 @@ struct ConfigFile: Decodable {
     if let maxPluginNames { configuration.maxPluginNames = maxPluginNames }
     if let maxRegionsPerClient { configuration.maxRegionsPerClient = maxRegionsPerClient }
     if let maxInFlightPerPlugin { configuration.maxInFlightPerPlugin = maxInFlightPerPlugin }
+    if let metrics {
+      configuration.metrics = .init(listen: metrics.listen, textfile: metrics.textfile, interval: .milliseconds(metrics.intervalMilliseconds ?? 1000))
+    }
   }
 }

@@ -23,6 +23,7 @@ struct CheckConfig: ParsableCommand {
     }
     let spawned = configuration.plugins.map(\.name).joined(separator: ", ")
     print("\(file): ok; plugins spawned: \(spawned.isEmpty ? "none" : spawned); policies for \(configuration.policies.count); "
-      + "clients from uids \(configuration.clientUIDs.sorted()), plugins from uids \(configuration.pluginUIDs.sorted())")
+      + "clients from uids \(configuration.clientUIDs.sorted()), plugins from uids \(configuration.pluginUIDs.sorted()); "
+      + "metrics: \(configuration.metrics.map { [$0.listen.map { "http://\($0)/metrics" }, $0.textfile].compactMap { $0 }.joined(separator: " and ") } ?? "off")")
   }
 }

@@ -2,14 +2,16 @@ import ArgumentParser
 import BrokerProtocol
 import Foundation
 
-/// `uffd-broker status`: what a running broker is doing, from its control socket.
+/// `uffd-broker status` (or `stats`): what a running broker is doing, from its control socket.
 struct Status: ParsableCommand {
   static let configuration = CommandConfiguration(
     abstract: "Show what a running broker is doing: its clients, plugins and counters.",
     discussion: """
       Only the broker's owner and root may ask, and only a broker run by root, by you, or by UFFD_BROKER_UID is asked. \
-      Exit status 69 (EX_UNAVAILABLE) when no such broker answers, 78 (EX_CONFIG) when there is no default socket.
-      """)
+      Exit status 69 (EX_UNAVAILABLE) when no such broker answers, 78 (EX_CONFIG) when there is no default socket. \
+      `uffd-broker stats` is the same command.
+      """,
+    aliases: ["stats"])
 
   @Option(help: "The broker's control socket (default: UFFD_BROKER_CONTROL_SOCKET, else control.sock in \(SocketPaths.defaultsDescription)).")
   var controlSocket: String?

@@ -259,10 +259,62 @@ extension BrokerIntegrationTests {
       }
     }
 
-    @Test("The sample plugins and the broker answer --help and --version without connecting anywhere, and refuse a bad option with a usage error on stderr")
+    @Test("A config file with a JSON syntax error on a known line: check-config and the broker name its line and column, with no usage banner")
+    func jsonSyntaxErrorPlace() throws {
+      try Harness.run("json-syntax") { h in
+        let path = h.directory + "/syntax.json"
+        // Line 4, the second comma after "/bin/true" (column 45).
+        try writeTextFile(path, """
+          {
+            "maxClients": 3,
+            "plugins": [
+              {"name": "a", "executable": "/bin/true",,}
+            ]
+          }
+
+          """)
+        let expected = "not valid JSON at line 4, column 45: invalid value"
+        for (label, arguments) in [("check", ["check-config", path]),
+                                   ("serve", ["--config", path, "--client-socket", h.directory + "/s-c.sock", "--plugin-socket", h.directory + "/s-p.sock"])] {
+          let process = try FixtureProcess(label: label, executable: Harness.brokerExecutable, arguments: arguments, environment: [:],
+                                           stdoutPath: h.directory + "/\(label).stdout", stderrPath: h.directory + "/\(label).stderr")
+          #expect(process.wait(timeout: 10) == .exited(78), h.diagnostics(process.stderr))
+          #expect(process.stderr.contains(expected) && !process.stderr.contains("USAGE") && process.stdout.isEmpty, h.diagnostics(process.stdout + process.stderr))
+        }
+      }
+    }
+
+    @Test("`uffd-broker stats` is `status` under a second name: --json answers the same status, and the table for people too")
+    func statsIsStatus() throws {
+      try Harness.run("stats") { h in
+        let plugin = try h.startPlugin(name: "pattern", mode: "pattern")
+        var answers: [String: BrokerStatus] = [:]
+        for command in ["status", "stats"] {
+          for json in [true, false] {
+            let label = "\(command)\(json ? "-json" : "")"
+            let process = try FixtureProcess(
+              label: label, executable: Harness.brokerExecutable, arguments: [command, "--control-socket", h.controlSocket] + (json ? ["--json"] : []),
+              environment: [:], stdoutPath: h.directory + "/\(label).stdout", stderrPath: h.directory + "/\(label).stderr")
+            #expect(process.wait(timeout: 10) == .exited(0), h.diagnostics(process.stdout + process.stderr))
+            if json {
+              answers[command] = try? JSONDecoder().decode(BrokerStatus.self, from: Data(process.stdout.utf8))
+            } else {
+              #expect(process.stdout.contains("broker pid \(h.broker.pid)") && process.stdout.contains("pattern  connected (pid \(plugin.pid))"),
+                      h.diagnostics(process.stdout + process.stderr))
+            }
+          }
+        }
+        let status = try #require(answers["status"], h.diagnostics)
+        let stats = try #require(answers["stats"], h.diagnostics)
+        #expect(stats.pid == h.broker.pid && stats.pid == status.pid, h.diagnostics)
+        #expect(stats.plugins.map(\.name) == status.plugins.map(\.name) && stats.plugins.map(\.connectedPID) == [plugin.pid], h.diagnostics)
+      }
+    }
+
+    @Test("The sample plugins, the broker, the demo and the benchmark answer --help and --version without connecting anywhere, and refuse a bad option with a usage error on stderr")
     func commandLines() throws {
       try Harness.run("command-lines") { h in
-        for product in ["uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"] {
+        for product in ["uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin", "uffd-demo", "uffd-bench"] {
           // No socket reachable: --help must not try one.
           let environment = ["UFFD_BROKER_PLUGIN_SOCKET": h.directory + "/none.sock", "UFFD_BROKER_CLIENT_SOCKET": h.directory + "/none.sock"]
           let help = try FixtureProcess(label: "\(product)-help", executable: Harness.binDirectory + "/" + product, arguments: ["--help"],

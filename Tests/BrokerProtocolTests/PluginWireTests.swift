@@ -74,6 +74,18 @@ struct PluginWireTests {
     #expect(throws: BrokerError.self) { try bytes.withUnsafeBytes { try EventBatchDecoder().decode($0) } }
   }
 
+  @Test("decision arrays of unequal lengths are refused; a decision of no kind (0, UNSPECIFIED) decodes as one the broker refuses")
+  func decisionArrays() throws {
+    // PluginToBroker.batch (field 7): one fault id (field 1, packed fixed64), no other array.
+    let unequal: [UInt8] = [0x3A, 10, 0x0A, 8, 1, 0, 0, 0, 0, 0, 0, 0]
+    #expect(throws: BrokerError.self) { try unequal.withUnsafeBytes { try DecisionBatchDecoder().decode($0) } }
+    // A Decision (field 2) with fault id 5 and no kind.
+    let noKind: [UInt8] = [0x12, 2, 0x08, 5]
+    let decoder = DecisionBatchDecoder()
+    try noKind.withUnsafeBytes { try decoder.decode($0) }
+    #expect(decoder.decisionCount == 1 && decoder.decision(at: 0)?.faultID == 5 && decoder.decision(at: 0)?.kind == nil)
+  }
+
   @Test("decisions round trip: every kind, inline bytes, shared offsets, edge values")
   func decisions() throws {
     let page = [UInt8]((0..<4096).map { UInt8(truncatingIfNeeded: $0 &* 13) })

@@ -60,6 +60,7 @@ extension BrokerEngine {
     }
     if kind == .retry {
       statistics.retries += 1
+      plugin.route?.retries += 1
       return park(id)
     }
     // The range went away (or changed) while the plugin decided: the
@@ -107,6 +108,7 @@ extension BrokerEngine {
       // A remove/unmap/remap of this range was read after the fault was sent:
       // the plugin decided on old state. It has seen the event by now; ask again.
       statistics.staleDecisionsDropped += 1
+      plugin.route?.staleDecisionsDropped += 1
       return park(id)
     }
     fill(kind, range, source: source, fault: id, purpose: .decision(plugin.id))
@@ -132,10 +134,16 @@ extension BrokerEngine {
         if let plugin = plugins[pluginID] { refuse(order.fault, from: plugin, .unreadableBytes, "its bytes could not be read (EFAULT)") }
         return park(order.fault)
       }
+      // Zeros copied (a swap-out write-protects the range) were a zero decision.
+      let kind: DecisionKind = if case .zeros = order.source { .zero } else { order.kind }
       statistics.decisionsApplied += 1
+      statistics.decisionsAppliedByKind.count(kind)
       statistics.faultsResolved += 1
       faultLatency.record(now >= entry.readAt ? now - entry.readAt : 0)
-      plugins[pluginID]?.route?.decisionsApplied += 1
+      if let route = plugins[pluginID]?.route {
+        route.decisionsApplied += 1
+        route.decisionsAppliedByKind.count(kind)
+      }
     case .delegated:
       if case .failed(let errno) = outcome, errno != .badAddress {
         // The delegated file cannot be read: its plugin serves the fault instead.
@@ -231,6 +239,7 @@ extension BrokerEngine {
       let offsets = start..<start + UInt64(part.range.count)
       let regionID = part.piece.spec.id
       if swappedOut {
+        statistics.swappedOutBytes += UInt64(part.range.count)
         client.swappedOutPages[regionID, default: OffsetRanges()].insert(offsets)
         client.droppedPages[regionID]?.subtract(offsets)
       } else {
@@ -299,6 +308,7 @@ extension BrokerEngine {
       offset: piece.offset(of: entry.page), flags: entry.fault.flags, threadID: entry.fault.thread))))
     statistics.faultsSent += 1
     route.faultsSent += 1
+    if entry.attempts > 0 { route.redeliveries += 1 }
   }
 
   /// A fault where the table has no piece. Waking it blindly would livelock a
@@ -416,6 +426,7 @@ extension BrokerEngine {
   private func redeliver(_ ids: [FaultLedger.ID]) {
     for id in ids {
       guard let fault = ledger[id], fault.client.phase != .closed else { continue }
+      statistics.redeliveries += 1
       ledger.move(id, to: .handling)
       routeFault(id)
     }

@@ -338,6 +338,7 @@ extension BrokerEngine {
   func countInvalid(from plugin: Plugin) {
     statistics.invalidDecisions += 1
     plugin.invalidDecisions += 1
+    plugin.route?.invalidDecisions += 1
     if plugin.invalidDecisions > configuration.maxInvalidDecisions {
       closePlugin(plugin, BrokerError(.invalidDecisions, "it sent \(plugin.invalidDecisions) invalid decisions"), tell: true)
     }

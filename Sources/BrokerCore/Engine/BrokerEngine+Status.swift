@@ -8,7 +8,13 @@ extension BrokerEngine {
     var status = BrokerStatus()
     status.faults = statistics
     status.faultsInFlight = ledger.ids { if case .inFlight = $0.state { true } else { false } }.count
-    status.faultsParked = ledger.ids { if case .parked = $0.state { true } else { false } }.count
+    // Parked faults, in total and by the plugin that serves their region now.
+    var parkedByPlugin: [String: Int] = [:]
+    for id in ledger.ids(where: { if case .parked = $0.state { true } else { false } }) {
+      guard let fault = ledger[id] else { continue }
+      status.faultsParked += 1
+      if let piece = fault.client.regions.piece(containing: fault.page), !piece.isNewMemory { parkedByPlugin[piece.route.effective.name, default: 0] += 1 }
+    }
     status.faultLatencyMicroseconds = faultLatency.summary
     status.tally = tally
     status.clients = clients.values.sorted { $0.id < $1.id }.map { client in
@@ -33,6 +39,13 @@ extension BrokerEngine {
       entry.faultsInFlight = route.connection?.inFlight ?? 0
       entry.missedEvents = route.missedEvents.count
       entry.faultsRequeued = route.faultsRequeued
+      entry.decisionsAppliedByKind = route.decisionsAppliedByKind
+      entry.invalidDecisions = route.invalidDecisions
+      entry.staleDecisionsDropped = route.staleDecisionsDropped
+      entry.retries = route.retries
+      entry.redeliveries = route.redeliveries
+      entry.swapStoredBytes = route.swapStoredBytes
+      entry.faultsParked = parkedByPlugin[route.name] ?? 0
       entry.tally = route.tally
       return entry
     }

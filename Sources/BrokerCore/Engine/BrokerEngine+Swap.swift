@@ -64,6 +64,8 @@ extension BrokerEngine {
     if let error = storeReply.error {
       return reply(pending.client, BrokerReply(requestID: pending.requestID, .error(BrokerError(.pluginRefused, "the plugin did not store the pages: \(error.message)"))))
     }
+    statistics.swapStoredBytes += UInt64(pending.range.count)
+    plugin.route?.swapStoredBytes += UInt64(pending.range.count)
     let busy = heldWrites(of: pending.client, in: pending.range).compactMap { ledger[$0]?.page }.sorted().map { pending.piece.offset(of: $0) }
     reply(pending.client, BrokerReply(requestID: pending.requestID, .ack(clientID: pending.client.id, busyOffsets: busy)))
   }

@@ -20,6 +20,12 @@ final class PluginRoute {
   var faultsSent: UInt64 = 0
   var decisionsApplied: UInt64 = 0
   var faultsRequeued: UInt64 = 0
+  var decisionsAppliedByKind = DecisionCounts()
+  var invalidDecisions: UInt64 = 0
+  var staleDecisionsDropped: UInt64 = 0
+  var retries: UInt64 = 0
+  var redeliveries: UInt64 = 0
+  var swapStoredBytes: UInt64 = 0
   var tally = Tally()
 
   init(name: String, now: UInt64) {

@@ -21,6 +21,12 @@ public struct BrokerStatus: Codable, Sendable {
   public var clients: [ClientStatus] = []
   /// Every plugin name the broker routes to, by name.
   public var plugins: [PluginStatus] = []
+  /// The broker's open descriptors and their limit (`RLIMIT_NOFILE`, soft).
+  public var descriptors = 0
+  /// The soft `RLIMIT_NOFILE` the broker runs with.
+  public var descriptorLimit = 0
+  /// Where `/metrics` is served (`HOST:PORT`, the port bound when the config said 0); nil: not served.
+  public var metricsListen: String?
 
   /// An empty status (the broker fills it in).
   public init() {}
@@ -65,8 +71,22 @@ public struct BrokerStatus: Codable, Sendable {
     public var faultsSent: UInt64 = 0
     /// Its decisions the broker applied.
     public var decisionsApplied: UInt64 = 0
+    /// `decisionsApplied` by kind.
+    public var decisionsAppliedByKind = DecisionCounts()
+    /// Its decisions refused as invalid (bad range, wrong length, not its fault...).
+    public var invalidDecisions: UInt64 = 0
+    /// Its decisions dropped as stale (a map event overlapped while it decided).
+    public var staleDecisionsDropped: UInt64 = 0
+    /// Its `retry` answers.
+    public var retries: UInt64 = 0
+    /// Faults sent to it again after being parked.
+    public var redeliveries: UInt64 = 0
+    /// Swap-out bytes it acknowledged storing.
+    public var swapStoredBytes: UInt64 = 0
     /// Faults it holds now (sent, not answered).
     public var faultsInFlight = 0
+    /// Parked faults of regions it serves.
+    public var faultsParked = 0
     /// Faults it held when a connection of it went away, taken back for redelivery.
     public var faultsRequeued: UInt64 = 0
     /// Events kept for it while it is away.
@@ -136,7 +156,38 @@ public struct FaultStatistics: Codable, Sendable {
   public var swappedBytesLost: UInt64 = 0
   /// Faults resolved, by decisions and locally.
   public var faultsResolved: UInt64 = 0
+  /// `decisionsApplied` by kind.
+  public var decisionsAppliedByKind = DecisionCounts()
+  /// Parked faults delivered again (routed anew after a backoff or a map event).
+  public var redeliveries: UInt64 = 0
+  /// Swap-out bytes plugins acknowledged storing.
+  public var swapStoredBytes: UInt64 = 0
+  /// Bytes dropped by clients after a swap-out stored them (their faults bring them back).
+  public var swappedOutBytes: UInt64 = 0
 
   /// All zero.
   public init() {}
+}
+
+/// Decisions applied, by kind (fixed fields: counting allocates nothing).
+public struct DecisionCounts: Codable, Sendable, Equatable {
+  /// Copies (inline or from the shared area).
+  public var copy: UInt64 = 0
+  /// Zero fills.
+  public var zero: UInt64 = 0
+  /// Poisoned ranges (their accesses get SIGBUS).
+  public var poison: UInt64 = 0
+
+  /// All zero.
+  public init() {}
+
+  /// Counts one decision of `kind` (`retry` is never applied, and is not counted here).
+  package mutating func count(_ kind: DecisionKind) {
+    switch kind {
+    case .copy: copy += 1
+    case .zero: zero += 1
+    case .poison: poison += 1
+    case .retry: break
+    }
+  }
 }

@@ -47,16 +47,11 @@ struct FakeVMM {
     let first = try AnonymousMemory(length: half)
     let second = try AnonymousMemory(length: half)
     for memory in [first, second] { _ = try uffd.register(address: memory.address, length: memory.length) }
-    let mappings = """
-      [{"base_host_virt_addr": \(first.address), "size": \(half), "offset": 0, "page_size": \(systemPageSize)},
-       {"base_host_virt_addr": \(second.address), "size": \(half), "offset": \(half), "page_size_kib": \(systemPageSize)}]
-      """
-    let connection = try connect()
+    // The second region names its page size with the deprecated field.
+    let mappings = FirecrackerHandshake.json([.init(address: first.address, size: half, offset: 0),
+                                              .init(address: second.address, size: half, offset: UInt64(half), legacyPageSize: true)])
     let message = scenario == "vmm-garbage" ? "this is not json" : mappings
-    let sent = Array(message.utf8).withUnsafeBytes { bytes in
-      [uffd.fileDescriptor.rawValue].withUnsafeBufferPointer { fds in try? connection.send(bytes, fds: fds) }
-    }
-    guard sent == .sent else { throw BrokerError(.io, "cannot send the mappings") }
+    let connection = try FirecrackerHandshake(socketPath: socketPath).send(message, uffd: uffd)
     if scenario != "vmm" {
       pause()  // the broker must kill this VMM
       return 1
@@ -72,20 +67,6 @@ struct FakeVMM {
     print("vmm verified \(2 * half / systemPageSize) pages, \(wrong) wrong; ballooned \(ballooned / systemPageSize) pages read \(nonZero ? "old bytes" : "zeros")")
     withExtendedLifetime(connection) {}
     return wrong == 0 ? 0 : 1
-  }
-
-  private func connect() throws -> PacketSocket {
-    let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &address.sun_path) { path in
-      for (index, byte) in socketPath.utf8.prefix(path.count - 1).enumerated() { path[index] = byte }
-    }
-    let connected = withUnsafePointer(to: &address) {
-      $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-    }
-    guard fd >= 0, connected == 0 else { throw BrokerError(.io, "cannot connect to \(socketPath): errno \(errno)") }
-    return PacketSocket(adopting: fd)
   }
 
   /// Every page of the regions from `threads` threads, compared with the

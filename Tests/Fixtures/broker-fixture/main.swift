@@ -7,6 +7,8 @@ import Userfaultfd
 // broker-fixture: the plugin and client processes of the integration tests.
 //   broker-fixture plugin NAME MODE [EVENT_LOG]
 //   broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]
+//   broker-fixture kvm-snapshot PATH MIB (the KVM guest's memory image; see GuestImage)
+//   broker-fixture kvm-vmm|kvm-vmm-balloon SOCKET SNAPSHOT MIB (restores that guest on /dev/kvm; see KVMGuestVMM)
 //   broker-fixture squatter PATH CONNECTIONS (as nobody: a fake broker; see Squatter)
 //   broker-fixture vmm|vmm-garbage|vmm-no-remove SOCKET SNAPSHOT MIB THREADS (a Firecracker-style VMM; see FakeVMM)
 // Plugin modes are listed on FixturePlugin; client scenarios: touch, zero,
@@ -44,6 +46,18 @@ case "client":
 case "vmm", "vmm-garbage", "vmm-no-remove":
   guard arguments.count == 6, let mib = Int(arguments[4]), let threads = Int(arguments[5]) else { fail("usage: broker-fixture vmm SOCKET SNAPSHOT MIB THREADS") }
   let status = FakeVMM(scenario: arguments[1], socketPath: arguments[2], snapshotPath: arguments[3], mib: mib, threads: threads).run()
+  fflush(nil)
+  exit(status)
+case "kvm-snapshot":
+  guard arguments.count == 4, let mib = Int(arguments[3]), let image = GuestImage(mib: mib) else { fail("usage: broker-fixture kvm-snapshot PATH MIB (8–128, a multiple of 8)") }
+  do {
+    try image.write(to: arguments[2])
+  } catch {
+    fail("kvm-snapshot: \(error)")
+  }
+case "kvm-vmm", "kvm-vmm-balloon":
+  guard arguments.count == 5, let mib = Int(arguments[4]), let image = GuestImage(mib: mib) else { fail("usage: broker-fixture kvm-vmm SOCKET SNAPSHOT MIB") }
+  let status = KVMGuestVMM(socketPath: arguments[2], snapshotPath: arguments[3], image: image, balloon: arguments[1] == "kvm-vmm-balloon").run()
   fflush(nil)
   exit(status)
 case "squatter":
