@@ -170,27 +170,28 @@ extension BrokerIntegrationTests {
     func wrongVersionAndTruncated() throws {
       try Harness.run("versions") { h in
         try h.startPlugin(name: "pattern", mode: "pattern")
-        // A client saying version 2.
+        // A client of version 1 (the protocol before this one).
         let client = try ManualClient(socketPath: h.clientSocket)
-        try client.send(ClientRequest(requestID: 7, .hello(Hello(role: .client, name: "future", version: 2))))
+        try client.send(ClientRequest(requestID: 7, .hello(Hello(role: .client, name: "old", version: 1))))
         let clientDropped = try Self.dropped(client)
         #expect(clientDropped.closed, h.diagnostics)
-        if case .error(let error)? = clientDropped.reply?.body { #expect(error.code == .version && error.message.contains("version 2")) } else { Issue.record("no Error for version 2") }
+        if case .error(let error)? = clientDropped.reply?.body { #expect(error.code == .version && error.message.contains("version 1")) } else { Issue.record("no Error for version 1") }
         #expect(clientDropped.reply?.requestID == 7, h.diagnostics)
         // A client claiming to be a plugin.
         let impostor = try ManualClient(socketPath: h.clientSocket)
         try impostor.send(ClientRequest(requestID: 1, .hello(Hello(role: .plugin, name: "impostor"))))
         if case .error(let error)? = try Self.dropped(impostor).reply?.body { #expect(error.code == .version) } else { Issue.record("no Error for a wrong role") }
-        // A plugin saying version 9.
+        // A plugin of version 1.
         let plugin = try PacketSocket.connect(path: h.pluginSocket)
         let encoder = DecisionBatchEncoder()
-        encoder.setHello(Hello(role: .plugin, name: "future-plugin", version: 9))
+        encoder.setHello(Hello(role: .plugin, name: "old-plugin", version: 1))
         let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 16)
         defer { packet.deallocate() }
         let count = encoder.encode(into: packet)
         _ = try plugin.send(UnsafeRawBufferPointer(rebasing: packet[..<count]))
         let pluginDropped = try Self.dropped(plugin)
-        #expect(pluginDropped.closed && pluginDropped.error?.code == .version, h.diagnostics("\(String(describing: pluginDropped.error))"))
+        #expect(pluginDropped.closed && pluginDropped.error?.code == .version && pluginDropped.error?.message.contains("version 1") == true,
+                h.diagnostics("\(String(describing: pluginDropped.error))"))
         // A Register cut short in the middle of its regions.
         let truncated = try ManualClient(socketPath: h.clientSocket)
         try truncated.hello()
