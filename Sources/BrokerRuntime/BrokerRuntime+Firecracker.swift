@@ -82,14 +82,7 @@ extension BrokerRuntime {
   func readVMM(_ link: ClientLink) {
     guard let socket = link.socket else { return }
     while clients[link.id] === link, var vmm = link.vmm {
-      receivedFDs.removeAll(keepingCapacity: true)
-      let result: PacketSocket.ReceiveResult
-      do {
-        result = try socket.receive(into: packet, fds: &receivedFDs)
-      } catch {
-        receivedFDs.forEach(closeDescriptor)
-        return engine.clientFailed(link.id, error, now: loopTime)
-      }
+      guard let result = receive(from: socket, of: link) else { return }
       switch result {
       case .wouldBlock:
         return

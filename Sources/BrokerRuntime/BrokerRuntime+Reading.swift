@@ -127,19 +127,24 @@ extension BrokerRuntime {
 
   // MARK: - Clients
 
+  /// One packet of a client's (or VMM's) socket into `packet`, its descriptors
+  /// into `receivedFDs`; nil when the receive failed (the client is failed then).
+  func receive(from socket: PacketSocket, of link: ClientLink) -> PacketSocket.ReceiveResult? {
+    receivedFDs.removeAll(keepingCapacity: true)
+    do {
+      return try socket.receive(into: packet, fds: &receivedFDs)
+    } catch {
+      receivedFDs.forEach(closeDescriptor)
+      engine.clientFailed(link.id, error, now: loopTime)
+      return nil
+    }
+  }
+
   func readClient(_ link: ClientLink) {
     if link.vmm != nil { return readVMM(link) }
     guard let socket = link.socket else { return }
     while clients[link.id] === link {
-      receivedFDs.removeAll(keepingCapacity: true)
-      let result: PacketSocket.ReceiveResult
-      do {
-        result = try socket.receive(into: packet, fds: &receivedFDs)
-      } catch {
-        receivedFDs.forEach(closeDescriptor)
-        engine.clientFailed(link.id, error, now: loopTime)
-        return
-      }
+      guard let result = receive(from: socket, of: link) else { return }
       switch result {
       case .wouldBlock: return
       case .closed:

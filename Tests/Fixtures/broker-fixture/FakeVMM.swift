@@ -25,15 +25,7 @@ struct FakeVMM {
   let mib: Int
   let threads: Int
 
-  func run() -> Int32 {
-    alarm(120)  // never outlive a test that forgot it
-    do {
-      return try restore()
-    } catch {
-      print("vmm failed: \(error)")
-      return 2
-    }
-  }
+  func run() -> Int32 { runVMM("vmm", restore) }
 
   private func restore() throws -> Int32 {
     let snapshot = open(snapshotPath, O_RDONLY | O_CLOEXEC)

@@ -19,6 +19,18 @@ import Userfaultfd
 // Exit status 0 means every checked byte was right; the last line of stdout says what was checked.
 
 let arguments = CommandLine.arguments
+/// Runs a VMM's `body` for at most 120 s (never outliving a test that forgot
+/// it); an error is printed as `label failed: ...`, exit status 2.
+func runVMM(_ label: String, _ body: () throws -> Int32) -> Int32 {
+  alarm(120)
+  do {
+    return try body()
+  } catch {
+    print("\(label) failed: \(error)")
+    return 2
+  }
+}
+
 func fail(_ message: String) -> Never {
   var line = "broker-fixture: \(message)\n"
   line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }

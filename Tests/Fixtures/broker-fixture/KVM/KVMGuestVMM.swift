@@ -27,15 +27,7 @@ struct KVMGuestVMM {
   let image: GuestImage
   let balloon: Bool
 
-  func run() -> Int32 {
-    alarm(120)  // never outlive a test that forgot it
-    do {
-      return try restore()
-    } catch {
-      print("kvm vmm failed: \(error)")
-      return 2
-    }
-  }
+  func run() -> Int32 { runVMM("kvm vmm", restore) }
 
   private func restore() throws -> Int32 {
     let snapshot = try mapSnapshot()
