@@ -457,11 +457,11 @@ public final class DecisionBatchEncoder {
 
   /// Adds a decision. `data` is borrowed until `encode` (it is copied into the
   /// packet there); or `sharedOffset` names where the bytes lie in the shared area.
-  /// One without inline bytes goes into the packet's `Decisions` arrays.
+  /// One without inline bytes (zero, retry, poison, a copy from the shared area) goes into the packet's `Decisions` arrays.
   public func append(faultID: UInt64, kind: DecisionKind, address: UInt, length: Int, data: UnsafeRawBufferPointer? = nil, sharedOffset: UInt64? = nil) {
     precondition(canAppend(dataLength: data?.count ?? 0), "DecisionBatchEncoder overflow: check canAppend")
-    guard data != nil else {
-      precondition(kind != .copy || sharedOffset != nil, "a copy needs its bytes, inline or in the shared area")
+    // Into the arrays when they say it all: no inline bytes, and a shared offset exactly for a copy.
+    if data == nil && (kind == .copy) == (sharedOffset != nil) {
       batchIDs[batchCount] = faultID
       batchKinds[batchCount] = Uffdbroker__DecisionKind(rawValue: UInt32(kind.rawValue))
       batchAddresses[batchCount] = UInt64(address)
@@ -477,8 +477,8 @@ public final class DecisionBatchEncoder {
     d.pointee.length = UInt64(length)
     d.pointee.data.len = data?.count ?? 0
     d.pointee.data.data = UnsafeMutablePointer(mutating: data?.baseAddress?.assumingMemoryBound(to: UInt8.self))
-    d.pointee.shared = 0
-    d.pointee.shared_offset = 0
+    d.pointee.shared = sharedOffset == nil ? 0 : 1
+    d.pointee.shared_offset = sharedOffset ?? 0
     inlineCount += 1
     payloadBytes += data?.count ?? 0
   }
