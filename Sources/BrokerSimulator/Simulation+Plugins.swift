@@ -112,7 +112,7 @@ extension Simulation {
       for key in plugins[index].regions.keys where key.client == client { plugins[index].close(key) }
     case .pagefault(let fault):
       decide(fault, plugin: index)
-    case .unmapped, .remapped:
+    case .unmapped, .remapped, .decisionRefused:
       break
     case .store:
       failure = "plugin \(plugins[index].name) got a store, and no client swaps out here"

@@ -253,6 +253,7 @@ public final class Simulation {
     case .closed(let client, _): "Closed(client \(client))"
     case .pagefault(let fault): "Pagefault(client \(fault.clientID), 0x\(String(fault.address, radix: 16)))"
     case .store(let store): "Store(client \(store.clientID))"
+    case .decisionRefused(let fault, let cause, _): "DecisionRefused(fault \(fault), \(cause))"
     }
   }
 

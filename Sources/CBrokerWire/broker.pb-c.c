@@ -1132,6 +1132,51 @@ void   uffdbroker__store__free_unpacked
   assert(message->base.descriptor == &uffdbroker__store__descriptor);
   protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
 }
+void   uffdbroker__decision_refused__init
+                     (Uffdbroker__DecisionRefused         *message)
+{
+  static const Uffdbroker__DecisionRefused init_value = UFFDBROKER__DECISION_REFUSED__INIT;
+  *message = init_value;
+}
+size_t uffdbroker__decision_refused__get_packed_size
+                     (const Uffdbroker__DecisionRefused *message)
+{
+  assert(message->base.descriptor == &uffdbroker__decision_refused__descriptor);
+  return protobuf_c_message_get_packed_size ((const ProtobufCMessage*)(message));
+}
+size_t uffdbroker__decision_refused__pack
+                     (const Uffdbroker__DecisionRefused *message,
+                      uint8_t       *out)
+{
+  assert(message->base.descriptor == &uffdbroker__decision_refused__descriptor);
+  return protobuf_c_message_pack ((const ProtobufCMessage*)message, out);
+}
+size_t uffdbroker__decision_refused__pack_to_buffer
+                     (const Uffdbroker__DecisionRefused *message,
+                      ProtobufCBuffer *buffer)
+{
+  assert(message->base.descriptor == &uffdbroker__decision_refused__descriptor);
+  return protobuf_c_message_pack_to_buffer ((const ProtobufCMessage*)message, buffer);
+}
+Uffdbroker__DecisionRefused *
+       uffdbroker__decision_refused__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data)
+{
+  return (Uffdbroker__DecisionRefused *)
+     protobuf_c_message_unpack (&uffdbroker__decision_refused__descriptor,
+                                allocator, len, data);
+}
+void   uffdbroker__decision_refused__free_unpacked
+                     (Uffdbroker__DecisionRefused *message,
+                      ProtobufCAllocator *allocator)
+{
+  if(!message)
+    return;
+  assert(message->base.descriptor == &uffdbroker__decision_refused__descriptor);
+  protobuf_c_message_free_unpacked ((ProtobufCMessage*)message, allocator);
+}
 void   uffdbroker__closed__init
                      (Uffdbroker__Closed         *message)
 {
@@ -3494,6 +3539,70 @@ const ProtobufCMessageDescriptor uffdbroker__store__descriptor =
   (ProtobufCMessageInit) uffdbroker__store__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
+static const ProtobufCFieldDescriptor uffdbroker__decision_refused__field_descriptors[3] =
+{
+  {
+    "fault_id",
+    1,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__DecisionRefused, fault_id),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "cause",
+    2,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__DecisionRefused, cause),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "reason",
+    3,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_STRING,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__DecisionRefused, reason),
+    NULL,
+    &protobuf_c_empty_string,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+};
+static const unsigned uffdbroker__decision_refused__field_indices_by_name[] = {
+  1,   /* field[1] = cause */
+  0,   /* field[0] = fault_id */
+  2,   /* field[2] = reason */
+};
+static const ProtobufCIntRange uffdbroker__decision_refused__number_ranges[1 + 1] =
+{
+  { 1, 0 },
+  { 0, 3 }
+};
+const ProtobufCMessageDescriptor uffdbroker__decision_refused__descriptor =
+{
+  PROTOBUF_C__MESSAGE_DESCRIPTOR_MAGIC,
+  "uffdbroker.DecisionRefused",
+  "DecisionRefused",
+  "Uffdbroker__DecisionRefused",
+  "uffdbroker",
+  sizeof(Uffdbroker__DecisionRefused),
+  3,
+  uffdbroker__decision_refused__field_descriptors,
+  uffdbroker__decision_refused__field_indices_by_name,
+  1,  uffdbroker__decision_refused__number_ranges,
+  (ProtobufCMessageInit) uffdbroker__decision_refused__init,
+  NULL,NULL,NULL    /* reserved[123] */
+};
 static const ProtobufCFieldDescriptor uffdbroker__closed__field_descriptors[2] =
 {
   {
@@ -3545,7 +3654,7 @@ const ProtobufCMessageDescriptor uffdbroker__closed__descriptor =
   (ProtobufCMessageInit) uffdbroker__closed__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__event__field_descriptors[7] =
+static const ProtobufCFieldDescriptor uffdbroker__event__field_descriptors[8] =
 {
   {
     "removed",
@@ -3631,9 +3740,22 @@ static const ProtobufCFieldDescriptor uffdbroker__event__field_descriptors[7] =
     0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "decision_refused",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_MESSAGE,
+    offsetof(Uffdbroker__Event, kind_case),
+    offsetof(Uffdbroker__Event, decision_refused),
+    &uffdbroker__decision_refused__descriptor,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_ONEOF,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__event__field_indices_by_name[] = {
   5,   /* field[5] = closed */
+  7,   /* field[7] = decision_refused */
   4,   /* field[4] = region_closed */
   3,   /* field[3] = region_opened */
   2,   /* field[2] = remapped */
@@ -3644,7 +3766,7 @@ static const unsigned uffdbroker__event__field_indices_by_name[] = {
 static const ProtobufCIntRange uffdbroker__event__number_ranges[1 + 1] =
 {
   { 2, 0 },
-  { 0, 7 }
+  { 0, 8 }
 };
 const ProtobufCMessageDescriptor uffdbroker__event__descriptor =
 {
@@ -3654,7 +3776,7 @@ const ProtobufCMessageDescriptor uffdbroker__event__descriptor =
   "Uffdbroker__Event",
   "uffdbroker",
   sizeof(Uffdbroker__Event),
-  7,
+  8,
   uffdbroker__event__field_descriptors,
   uffdbroker__event__field_indices_by_name,
   1,  uffdbroker__event__number_ranges,

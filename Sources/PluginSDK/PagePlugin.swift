@@ -172,6 +172,11 @@ public protocol PagePlugin: AnyObject {
   func regionClosed(_ region: PluginRegion)
   /// The client is gone; nothing more comes for it.
   func clientClosed(_ clientID: UInt64, reason: String)
+  /// The broker refused a decision of this plugin (`faultID`) or a delegation
+  /// (`faultID` 0), and applied nothing: `cause` names the rule (`badRange`,
+  /// `wrongLength`...), `reason` says why. The default writes one line to
+  /// stderr: a refusal is a bug in the plugin.
+  func decisionRefused(faultID: UInt64, cause: String, reason: String)
   /// Counters of the plugin's own, written to the stats file beside the runner's.
   var statistics: [(name: String, value: Int)] { get }
 }
@@ -192,5 +197,9 @@ extension PagePlugin {
   }
   public func regionClosed(_ region: PluginRegion) {}
   public func clientClosed(_ clientID: UInt64, reason: String) {}
+  public func decisionRefused(faultID: UInt64, cause: String, reason: String) {
+    var line = "uffd-broker refused \(faultID == 0 ? "a delegation" : "the decision for fault \(faultID)") (\(cause)): \(reason)\n"
+    line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+  }
   public var statistics: [(name: String, value: Int)] { [] }
 }

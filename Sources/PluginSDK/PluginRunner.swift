@@ -311,6 +311,8 @@ public final class PluginRunner {
       // The broker closed every region of the client before (RegionClosed on the wire).
       for key in regions.keys where key.client == clientID { regions[key] = nil }
       plugin.clientClosed(clientID, reason: reason)
+    case .decisionRefused(let faultID, let cause, let reason):
+      plugin.decisionRefused(faultID: faultID, cause: cause, reason: reason)
     }
   }
 

@@ -163,10 +163,15 @@ extension BrokerIntegrationTests {
         let id2 = pids.first { $0.value == client2.pid }?.key
         #expect(id1 != nil && id2 != nil && id1 != id2, h.diagnostics)
         for (name, own) in [("manual-a", id1), ("manual-b", id2)] {
-          let foreign = eventsOf[name, default: []].filter { clientID(of: $0) != own }
+          let foreign = eventsOf[name, default: []].filter { event in clientID(of: event).map { $0 != own } ?? false }
           #expect(foreign.isEmpty, h.diagnostics("\(name) received events of another client: \(foreign.prefix(3))"))
           #expect(eventsOf[name, default: []].contains { if case .closed(own, _) = $0 { true } else { false } }, h.diagnostics)
         }
+        // A was told of each of its refused decisions (naming the rule), B of none.
+        let refusedA = eventsOf["manual-a", default: []].filter { if case .decisionRefused(_, "notSentToPlugin", _) = $0 { true } else { false } }
+        let counted = try h.status().plugin("manual-a")?.tally[.decisionRefused] ?? 0
+        #expect(!refusedA.isEmpty && UInt64(refusedA.count) == counted, h.diagnostics("\(refusedA.count) refusals told, \(counted) counted"))
+        #expect(!eventsOf["manual-b", default: []].contains { if case .decisionRefused = $0 { true } else { false } }, h.diagnostics)
         // One invalid decision does not disconnect plugin A.
         #expect(try h.status().tally[.pluginDisconnected] == 0, h.diagnostics)
       }
@@ -182,5 +187,6 @@ func clientID(of event: BrokerEvent) -> UInt64? {
   case .remapped(let remap): remap.clientID
   case .regionOpened(let clientID, _, _, _, _), .regionClosed(let clientID, _), .closed(let clientID, _): clientID
   case .store(let store): store.clientID
+  case .decisionRefused: nil  // about the plugin's own decision
   }
 }

@@ -321,6 +321,7 @@ extension BrokerEngine {
 
   private func refuseDelegation(_ plugin: Plugin, _ refusal: Refusal, _ reason: String) {
     report(.warning, "refused a delegation", .delegationRefused, cause: refusal.rawValue, plugin: plugin.route, ["plugin": "\(plugin.name)", "reason": "\(reason)"])
+    actions.append(.send(plugin.id, .decisionRefused(faultID: 0, cause: refusal.rawValue, reason: reason)))
     countInvalid(from: plugin)
   }
 
@@ -331,6 +332,8 @@ extension BrokerEngine {
   func refuse(_ faultID: UInt64, from plugin: Plugin, _ refusal: Refusal, _ reason: String) {
     report(.warning, "refused a plugin decision", .decisionRefused, cause: refusal.rawValue, plugin: plugin.route,
            ["plugin": "\(plugin.name)", "fault.id": "\(faultID)", "reason": "\(reason)"])
+    // The plugin is told (it could not know otherwise), then counted.
+    actions.append(.send(plugin.id, .decisionRefused(faultID: faultID, cause: refusal.rawValue, reason: reason)))
     countInvalid(from: plugin)
   }
 

@@ -331,6 +331,10 @@ public enum BrokerEvent: Equatable, Sendable {
   case closed(clientID: UInt64, reason: String)
   /// Keep these bytes of the region (a swap-out); answer with a `StoreReply`.
   case store(StoreEvent)
+  /// A decision (`faultID`) or delegation (`faultID` 0) this plugin sent was
+  /// refused, not applied: `cause` is a `Refusal`'s name, `reason` says why for
+  /// people. A refused decision's fault is delivered again.
+  case decisionRefused(faultID: UInt64, cause: String, reason: String)
 }
 
 extension BrokerEvent {
@@ -342,6 +346,7 @@ extension BrokerEvent {
     case .remapped(let remap): return remap.clientID
     case .regionOpened(let clientID, _, _, _, _), .regionClosed(let clientID, _), .closed(let clientID, _): return clientID
     case .store(let store): return store.clientID
+    case .decisionRefused: return 0  // about the plugin, not a client
     }
   }
 }

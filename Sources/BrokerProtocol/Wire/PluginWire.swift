@@ -40,6 +40,7 @@ public final class EventBatchEncoder {
   private let regionsClosed: UnsafeMutablePointer<Uffdbroker__RegionClosed>
   private let closed: UnsafeMutablePointer<Uffdbroker__Closed>
   private let stores: UnsafeMutablePointer<Uffdbroker__Store>
+  private let refusals: UnsafeMutablePointer<Uffdbroker__DecisionRefused>
   /// Store payloads, alive until the batch is encoded.
   @exclusivity(unchecked) private var storeData: [[UInt8]] = []
   private let pool = CStringPool()
@@ -60,8 +61,10 @@ public final class EventBatchEncoder {
     regionsClosed = .allocate(capacity: capacity)
     closed = .allocate(capacity: capacity)
     stores = .allocate(capacity: capacity)
+    refusals = .allocate(capacity: capacity)
     for index in 0..<capacity {
       uffdbroker__store__init(stores + index)
+      uffdbroker__decision_refused__init(refusals + index)
       uffdbroker__event__init(events + index)
       eventPointers[index] = events + index
       uffdbroker__range_event__init(ranges + index)
@@ -84,7 +87,7 @@ public final class EventBatchEncoder {
       UnsafeMutableRawPointer(regionIDs), UnsafeMutableRawPointer(addresses), UnsafeMutableRawPointer(offsets), UnsafeMutableRawPointer(flags),
       UnsafeMutableRawPointer(threadIDs), UnsafeMutableRawPointer(faults), UnsafeMutableRawPointer(ranges), UnsafeMutableRawPointer(remaps),
       UnsafeMutableRawPointer(opened), UnsafeMutableRawPointer(credentials), UnsafeMutableRawPointer(regionsClosed), UnsafeMutableRawPointer(closed),
-      UnsafeMutableRawPointer(stores),
+      UnsafeMutableRawPointer(stores), UnsafeMutableRawPointer(refusals),
     ]
     pointers.forEach { $0.deallocate() }
   }
@@ -208,6 +211,14 @@ public final class EventBatchEncoder {
       e.pointee.kind_case = UFFDBROKER__EVENT__KIND_STORE
       e.pointee.store = s
       commit(96 + store.data.count)
+    case .decisionRefused(let faultID, let cause, let reason):
+      let r = refusals + eventCount
+      r.pointee.fault_id = faultID
+      r.pointee.cause = pool.string(cause)
+      r.pointee.reason = pool.string(reason)
+      e.pointee.kind_case = UFFDBROKER__EVENT__KIND_DECISION_REFUSED
+      e.pointee.decision_refused = r
+      commit(48 + cause.utf8.count + reason.utf8.count)
     }
   }
 
@@ -370,6 +381,9 @@ public final class EventBatchDecoder {
       return .regionClosed(clientID: e.region_closed.pointee.client_id, regionID: e.region_closed.pointee.region_id)
     case UFFDBROKER__EVENT__KIND_CLOSED:
       return .closed(clientID: e.closed.pointee.client_id, reason: String(cString: e.closed.pointee.reason))
+    case UFFDBROKER__EVENT__KIND_DECISION_REFUSED:
+      let r = e.decision_refused.pointee
+      return .decisionRefused(faultID: r.fault_id, cause: String(cString: r.cause), reason: String(cString: r.reason))
     case UFFDBROKER__EVENT__KIND_STORE:
       let s = e.store.pointee
       return .store(StoreEvent(storeID: s.store_id, clientID: s.client_id, regionID: s.region_id, offset: s.offset, data: Array(UnsafeBufferPointer(start: s.data.data, count: s.data.len))))

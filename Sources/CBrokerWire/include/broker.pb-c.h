@@ -40,6 +40,7 @@ typedef struct Uffdbroker__RegionOpened Uffdbroker__RegionOpened;
 typedef struct Uffdbroker__ClientCredentials Uffdbroker__ClientCredentials;
 typedef struct Uffdbroker__RegionClosed Uffdbroker__RegionClosed;
 typedef struct Uffdbroker__Store Uffdbroker__Store;
+typedef struct Uffdbroker__DecisionRefused Uffdbroker__DecisionRefused;
 typedef struct Uffdbroker__Closed Uffdbroker__Closed;
 typedef struct Uffdbroker__Event Uffdbroker__Event;
 typedef struct Uffdbroker__BrokerToPlugin Uffdbroker__BrokerToPlugin;
@@ -704,6 +705,30 @@ struct  Uffdbroker__Store
 
 
 /*
+ * A decision (fault_id) or a delegation (fault_id 0) of this plugin was
+ * refused, so not applied. A refused decision's fault is parked and delivered
+ * again (one naming a fault not sent to this plugin changes nothing; one for a
+ * fault answered already is ignored, not refused). cause: notSentToPlugin, unknownKind, badRange,
+ * outsideSharedArea, wrongLength, unreadableBytes; for delegations
+ * notServed, badOffsets, badFile. Past maxInvalidDecisions refusals the
+ * plugin is disconnected with ERROR_INVALID_DECISIONS.
+ */
+struct  Uffdbroker__DecisionRefused
+{
+  ProtobufCMessage base;
+  uint64_t fault_id;
+  char *cause;
+  /*
+   * for people
+   */
+  char *reason;
+};
+#define UFFDBROKER__DECISION_REFUSED__INIT \
+ { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__decision_refused__descriptor) \
+    , 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string }
+
+
+/*
  * The client is gone; delivered once, last for that client.
  */
 struct  Uffdbroker__Closed
@@ -725,7 +750,8 @@ typedef enum {
   UFFDBROKER__EVENT__KIND_REGION_OPENED = 5,
   UFFDBROKER__EVENT__KIND_REGION_CLOSED = 6,
   UFFDBROKER__EVENT__KIND_CLOSED = 7,
-  UFFDBROKER__EVENT__KIND_STORE = 8
+  UFFDBROKER__EVENT__KIND_STORE = 8,
+  UFFDBROKER__EVENT__KIND_DECISION_REFUSED = 9
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__EVENT__KIND__CASE)
 } Uffdbroker__Event__KindCase;
 
@@ -741,6 +767,7 @@ struct  Uffdbroker__Event
     Uffdbroker__RegionClosed *region_closed;
     Uffdbroker__Closed *closed;
     Uffdbroker__Store *store;
+    Uffdbroker__DecisionRefused *decision_refused;
   };
 };
 #define UFFDBROKER__EVENT__INIT \
@@ -1418,6 +1445,25 @@ Uffdbroker__Store *
 void   uffdbroker__store__free_unpacked
                      (Uffdbroker__Store *message,
                       ProtobufCAllocator *allocator);
+/* Uffdbroker__DecisionRefused methods */
+void   uffdbroker__decision_refused__init
+                     (Uffdbroker__DecisionRefused         *message);
+size_t uffdbroker__decision_refused__get_packed_size
+                     (const Uffdbroker__DecisionRefused   *message);
+size_t uffdbroker__decision_refused__pack
+                     (const Uffdbroker__DecisionRefused   *message,
+                      uint8_t             *out);
+size_t uffdbroker__decision_refused__pack_to_buffer
+                     (const Uffdbroker__DecisionRefused   *message,
+                      ProtobufCBuffer     *buffer);
+Uffdbroker__DecisionRefused *
+       uffdbroker__decision_refused__unpack
+                     (ProtobufCAllocator  *allocator,
+                      size_t               len,
+                      const uint8_t       *data);
+void   uffdbroker__decision_refused__free_unpacked
+                     (Uffdbroker__DecisionRefused *message,
+                      ProtobufCAllocator *allocator);
 /* Uffdbroker__Closed methods */
 void   uffdbroker__closed__init
                      (Uffdbroker__Closed         *message);
@@ -1685,6 +1731,9 @@ typedef void (*Uffdbroker__RegionClosed_Closure)
 typedef void (*Uffdbroker__Store_Closure)
                  (const Uffdbroker__Store *message,
                   void *closure_data);
+typedef void (*Uffdbroker__DecisionRefused_Closure)
+                 (const Uffdbroker__DecisionRefused *message,
+                  void *closure_data);
 typedef void (*Uffdbroker__Closed_Closure)
                  (const Uffdbroker__Closed *message,
                   void *closure_data);
@@ -1750,6 +1799,7 @@ extern const ProtobufCMessageDescriptor uffdbroker__region_opened__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__client_credentials__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__region_closed__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__store__descriptor;
+extern const ProtobufCMessageDescriptor uffdbroker__decision_refused__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__closed__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__event__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__broker_to_plugin__descriptor;
