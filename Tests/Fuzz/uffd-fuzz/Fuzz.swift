@@ -411,6 +411,8 @@ enum Seeds {
     broker("region-closed", [.regionClosed(clientID: 7, regionID: 2)])
     broker("closed", [.closed(clientID: 7, reason: "client exited")])
     broker("store", [.store(store)])
+    broker("decision-refused", [.decisionRefused(faultID: 11, cause: "badRange", reason: "range 0x7f0000001000 + 8192 misses the faulting page"),
+                                .decisionRefused(faultID: 0, cause: "badFile", reason: "not a regular file")])
     broker("mixed", [.regionOpened(clientID: 7, client: client, region: regionB), .removed(removed), .unmapped(unmapped),
                      .remapped(remap), .store(store), .regionClosed(clientID: 7, regionID: 1), .closed(clientID: 7, reason: "bye"), .pagefault(fault)], applied: 42)
 
