@@ -65,7 +65,7 @@ typedef enum _Uffdbroker__Role {
 typedef enum _Uffdbroker__ErrorCode {
   UFFDBROKER__ERROR_CODE__ERROR_UNSPECIFIED = 0,
   /*
-   * the message could not be decoded or is out of place
+   * the message could not be decoded, breaks a rule of its fields, or is out of place (the message says which)
    */
   UFFDBROKER__ERROR_CODE__ERROR_MALFORMED = 1,
   /*
@@ -73,36 +73,39 @@ typedef enum _Uffdbroker__ErrorCode {
    */
   UFFDBROKER__ERROR_CODE__ERROR_VERSION = 2,
   /*
-   * the peer's credentials are not allowed this role
+   * the peer's credentials are not allowed this role, or Register's pid is not the peer's
    */
   UFFDBROKER__ERROR_CODE__ERROR_NOT_AUTHORIZED = 3,
   /*
-   * the attached descriptor is missing or not a userfaultfd
+   * the attached descriptor is missing, not a userfaultfd, or lacks the events the broker needs
    */
   UFFDBROKER__ERROR_CODE__ERROR_NOT_USERFAULTFD = 4,
   /*
-   * misaligned, overlapping, empty or unknown region
+   * misaligned, overlapping, empty or unknown region, or a bad swap-out range
    */
   UFFDBROKER__ERROR_CODE__ERROR_BAD_REGION = 5,
   /*
-   * no plugin of that name is configured or connected
+   * no plugin of that name is configured or connected, or it has failed
    */
   UFFDBROKER__ERROR_CODE__ERROR_UNKNOWN_PLUGIN = 6,
   /*
-   * the plugin refused the region (e.g. its backing file is missing)
+   * the plugin refused the region or the store, or went away before storing
    */
   UFFDBROKER__ERROR_CODE__ERROR_PLUGIN_REFUSED = 7,
   /*
    * a configured limit was reached
    */
   UFFDBROKER__ERROR_CODE__ERROR_LIMIT = 8,
+  /*
+   * the broker failed (a system call)
+   */
   UFFDBROKER__ERROR_CODE__ERROR_INTERNAL = 9,
   /*
-   * a packet larger than the limit, or with too many descriptors
+   * a packet larger than 256 KiB, or with more than 8 descriptors
    */
   UFFDBROKER__ERROR_CODE__ERROR_TOO_LARGE = 10,
   /*
-   * the plugin sent more invalid decisions than the broker tolerates
+   * the plugin sent more than 16 invalid decisions (delegations, store replies)
    */
   UFFDBROKER__ERROR_CODE__ERROR_INVALID_DECISIONS = 11,
   /*
@@ -110,7 +113,7 @@ typedef enum _Uffdbroker__ErrorCode {
    */
   UFFDBROKER__ERROR_CODE__ERROR_NAME_TAKEN = 12,
   /*
-   * no Hello (or Register) in time, no answer within the deadline
+   * no Hello (a client: Register) in time; a Register's plugins did not answer in time
    */
   UFFDBROKER__ERROR_CODE__ERROR_TIMED_OUT = 13
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__ERROR_CODE)
@@ -253,7 +256,7 @@ struct  Uffdbroker__Region
    */
   uint64_t backing_offset;
   /*
-   * Pages a swap-out released whose only copy the plugin holds (at most 4096
+   * Pages a swap-out released whose only copy the plugin holds (at most 32
    * extents). In Register, a client re-attaching says what it released; in
    * RegionOpened, the broker tells the plugin what it must still hold.
    */
@@ -270,11 +273,17 @@ struct  Uffdbroker__Region
    * (MADV_DONTNEED, MADV_REMOVE), as the broker last told it (Dropped). Those
    * offsets read as zeros; the broker tells the plugin after RegionOpened.
    */
+  /*
+   * at most 32 extents
+   */
   size_t n_dropped;
   Uffdbroker__Extent **dropped;
   /*
    * Offsets whose content no one can vouch for any more (a cover of drops too
    * many to list, swapped-out pages a plugin lost): their faults fail closed.
+   */
+  /*
+   * at most 32 extents
    */
   size_t n_unknown;
   Uffdbroker__Extent **unknown;
@@ -285,19 +294,20 @@ struct  Uffdbroker__Region
 
 
 /*
- * Registers the attached userfaultfd and its regions. The client created the
- * uffd, negotiated UFFDIO_API and registered each region before sending.
+ * Registers the attached userfaultfd (exactly one descriptor) and its regions.
+ * The client created the uffd, negotiated UFFDIO_API with at least the remove,
+ * unmap and remap events, and registered each region before sending.
  */
 struct  Uffdbroker__Register
 {
   ProtobufCMessage base;
   int32_t pid;
   /*
-   * UFFD_FEATURE_* the kernel granted
+   * UFFD_FEATURE_* granted; informational: the broker reads them from the kernel
    */
   uint64_t features;
   /*
-   * UFFDIO_API ioctls the kernel granted
+   * UFFDIO_API ioctls granted; informational
    */
   uint64_t ioctls;
   size_t n_regions;
@@ -496,12 +506,12 @@ struct  Uffdbroker__Dropped
   ProtobufCMessage base;
   uint64_t region_id;
   /*
-   * at most 64 extents
+   * at most 32 extents
    */
   size_t n_dropped;
   Uffdbroker__Extent **dropped;
   /*
-   * at most 64 extents; a record too fragmented for dropped is covered here
+   * at most 32 extents; a record too fragmented for dropped is covered here
    */
   size_t n_unknown;
   Uffdbroker__Extent **unknown;
@@ -548,7 +558,10 @@ struct  Uffdbroker__BrokerToClient
  * that a batch of faults decodes with a few copies whatever its size). A
  * thread of client client_id[i] faulted at address[i] (page aligned),
  * offset[i] bytes into region region_id[i]. Answer each fault_id with one
- * decision. fault_id is opaque: compare it, never compute with it.
+ * decision, in any packet, in any order, within the plugin deadline (5 s by
+ * default); at most maxInFlightPerPlugin (65,536 by default) faults are sent
+ * and unanswered. A fault delivered again has a new fault_id. fault_id is
+ * opaque: compare it, never compute with it.
  */
 struct  Uffdbroker__Faults
 {
@@ -564,7 +577,7 @@ struct  Uffdbroker__Faults
   size_t n_offset;
   uint64_t *offset;
   /*
-   * UFFD_PAGEFAULT_FLAG_*: 1 write, 2 write-protect, 4 minor
+   * UFFD_PAGEFAULT_FLAG_*: 1 write (the broker handles 2 write-protect itself; 4 minor never occurs)
    */
   size_t n_flags;
   uint32_t *flags;
@@ -620,8 +633,11 @@ struct  Uffdbroker__Remapped
 
 
 /*
- * A client registered a region this plugin serves. Answer with a RegionReply
- * before any fault of it is sent; an error refuses the client's Register.
+ * A client registered a region this plugin serves (or the plugin connected
+ * while the region is live). Answer with a RegionReply. For a new registration
+ * no fault of the region is sent before every plugin of it accepted, and an
+ * error refuses the client's Register or AddRegions; for a live region
+ * announced again, faults may follow at once and a refusal is only logged.
  * With parent_client_id set, client_id is a child that client forked: the
  * child's region holds, at the fork, what the parent's region held (pages
  * the parent had were copied by the kernel; the others fault to the plugin,
@@ -674,7 +690,8 @@ struct  Uffdbroker__ClientCredentials
 
 
 /*
- * The region is gone (removed by the client, or the client exited).
+ * The region is gone (removed by the client, its registration refused, or the
+ * client gone): last for that region.
  */
 struct  Uffdbroker__RegionClosed
 {
@@ -688,7 +705,8 @@ struct  Uffdbroker__RegionClosed
 
 
 /*
- * Keep these bytes of the region (a swap-out); answer with a StoreReply.
+ * Keep these bytes of the region (a swap-out; a whole number of pages from a
+ * page-aligned offset); answer with a StoreReply.
  */
 struct  Uffdbroker__Store
 {
@@ -707,8 +725,9 @@ struct  Uffdbroker__Store
 /*
  * A decision (fault_id) or a delegation (fault_id 0) of this plugin was
  * refused, so not applied. A refused decision's fault is parked and delivered
- * again (one naming a fault not sent to this plugin changes nothing; one for a
- * fault answered already is ignored, not refused). cause: notSentToPlugin, unknownKind, badRange,
+ * again (one naming a fault not sent to this plugin changes nothing; a second
+ * answer to a fault is ignored once the first was applied, refused as
+ * notSentToPlugin while it is). cause: notSentToPlugin, unknownKind, badRange,
  * outsideSharedArea, wrongLength, unreadableBytes; for delegations
  * notServed, badOffsets, badFile. Past maxInvalidDecisions refusals the
  * plugin is disconnected with ERROR_INVALID_DECISIONS.
@@ -729,7 +748,8 @@ struct  Uffdbroker__DecisionRefused
 
 
 /*
- * The client is gone; delivered once, last for that client.
+ * The client is gone; delivered once, last for that client (after the
+ * RegionClosed of each region still open), to every plugin that served it.
  */
 struct  Uffdbroker__Closed
 {
@@ -783,8 +803,9 @@ struct  Uffdbroker__BrokerToPlugin
   size_t n_events;
   Uffdbroker__Event **events;
   /*
-   * How many PluginToBroker packets the broker has applied so far: shared-memory
-   * bytes named by those packets may be reused.
+   * How many PluginToBroker packets of this connection the broker has applied,
+   * the Hello packet included (it is packet 1): shared-area bytes named by
+   * packets 1 to packets_applied may be reused. Sent only with events.
    */
   uint64_t packets_applied;
   Uffdbroker__DescriptorStore *kept;
@@ -800,11 +821,12 @@ struct  Uffdbroker__BrokerToPlugin
 
 
 /*
- * The answer to one Pagefault. The range must lie inside the fault's region,
- * be page aligned, and contain the faulting page; a larger range prefetches
- * its neighbours. length 0 means the faulting page alone. A copy's bytes are
- * exactly the range's (length 0: one page) inline in `data`, or in the shared
- * area from shared_offset.
+ * The answer to one fault (an entry of Faults). The range must lie inside the
+ * fault's region, be page aligned, and contain the faulting page; a larger
+ * range prefetches its neighbours. length 0 means the faulting page alone
+ * (address is then ignored). A copy's bytes are exactly the range's (length 0:
+ * exactly one page) inline in `data`, or in the shared area from
+ * shared_offset. A refused decision is counted, not reported.
  */
 struct  Uffdbroker__Decision
 {
@@ -814,7 +836,7 @@ struct  Uffdbroker__Decision
   uint64_t address;
   uint64_t length;
   /*
-   * DECISION_COPY: the range's bytes, or:
+   * DECISION_COPY: the range's bytes (length 0: one page), or:
    */
   ProtobufCBinaryData data;
   /*
@@ -861,7 +883,7 @@ struct  Uffdbroker__RegionReply
   uint64_t client_id;
   uint64_t region_id;
   /*
-   * absent: accepted
+   * absent: accepted; present: refused (only its message is used)
    */
   Uffdbroker__Error *error;
   /*
@@ -882,8 +904,9 @@ struct  Uffdbroker__RegionReply
  * under that name, so that data survives the plugin process. In
  * PluginToBroker: descriptors to keep, attached in order of `names` after those
  * of file delegations (a name given again replaces its descriptor; at most 16
- * names of at most 64 bytes). In BrokerToPlugin (with the broker's Hello): the
- * descriptors kept, attached in order of `names`.
+ * names of 1 to 64 bytes). In BrokerToPlugin (with the broker's Hello): the
+ * descriptors kept, attached in order of `names`; a packet carries at most 8
+ * descriptors, so keep at most 8.
  */
 struct  Uffdbroker__DescriptorStore
 {
@@ -915,7 +938,7 @@ struct  Uffdbroker__Delegation
    */
   uint64_t file_offset;
   /*
-   * fill an aligned block of this many pages per fault (0 or 1: one page)
+   * fill an aligned block of this many pages per fault (0 or 1: one page; at most 32)
    */
   uint32_t prefetch_pages;
   protobuf_c_boolean revoke;
@@ -941,8 +964,12 @@ struct  Uffdbroker__StoreReply
 
 /*
  * Shared-memory page path: the packet carrying a plugin's Hello may attach a
- * memfd sealed against shrinking (F_SEAL_SHRINK); the broker maps it read-only
- * and copies pages for `shared` decisions straight from it.
+ * memfd sealed against shrinking (F_SEAL_SHRINK, at most 256 MiB); the broker
+ * maps it read-only and copies pages for `shared` decisions straight from it.
+ * The Hello packet carries only the Hello (and that memfd). In later packets
+ * the broker applies, in order: decisions, batch, delegations, keep,
+ * region_replies, store_replies. Answers may be split over any number of
+ * packets and come in any order. Never send a PluginToBroker with nothing set.
  */
 struct  Uffdbroker__PluginToBroker
 {
