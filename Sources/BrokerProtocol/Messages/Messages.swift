@@ -376,8 +376,10 @@ public struct StoreEvent: Equatable, Sendable {
 
 /// Bounds of a plugin's descriptor store in the broker (`DescriptorStore` in the proto).
 public enum DescriptorStoreLimits {
-  /// Descriptors kept per plugin name.
-  public static let descriptors = 16
+  /// Descriptors kept per plugin name: all of them ride on the broker's Hello
+  /// packet, which carries at most 8 (`CLINUX_MAX_FDS`; a ninth once made the
+  /// Hello unsendable and the reconnecting plugin was dropped).
+  public static let descriptors = 8
   /// Bytes of one descriptor's name.
   public static let nameBytes = 64
 }

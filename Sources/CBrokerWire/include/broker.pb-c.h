@@ -903,7 +903,7 @@ struct  Uffdbroker__RegionReply
  * the broker keeps for the plugin name and hands back to the next connection
  * under that name, so that data survives the plugin process. In
  * PluginToBroker: descriptors to keep, attached in order of `names` after those
- * of file delegations (a name given again replaces its descriptor; at most 16
+ * of file delegations (a name given again replaces its descriptor; at most 8
  * names of 1 to 64 bytes). In BrokerToPlugin (with the broker's Hello): the
  * descriptors kept, attached in order of `names`; a packet carries at most 8
  * descriptors, so keep at most 8.
