@@ -251,11 +251,15 @@ final class Harness {
     try startPluginProcess(name: name, executable: Self.binDirectory + "/" + product, arguments: [name] + arguments, waitForConnection: true)
   }
 
-  private func startPluginProcess(name: String, executable: String, arguments: [String], waitForConnection: Bool) throws -> FixtureProcess {
+  /// Starts a plugin process (`executable ARGUMENTS...` with the harness's
+  /// environment and `extraEnvironment`) and, unless told not to, waits until
+  /// the broker lists it as connected.
+  func startPluginProcess(name: String, executable: String, arguments: [String], extraEnvironment: [String: String] = [:],
+                          waitForConnection: Bool) throws -> FixtureProcess {
     let label = nextLabel("plugin-\(name)")
     let plugin = try spawn(
       label: label, executable: executable, arguments: arguments,
-      environment: environment, stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr")
+      environment: environment.merging(extraEnvironment) { $1 }, stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr")
     children.append(plugin)
     if waitForConnection {
       // Connected is enough: a plugin may legitimately exit soon after (exit-after:N).

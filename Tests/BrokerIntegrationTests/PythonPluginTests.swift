@@ -1,0 +1,64 @@
+import ChildProcess
+import Foundation
+import Glibc
+import Testing
+
+extension BrokerIntegrationTests {
+  /// The Python SDK's sample plugin (sdk/python/examples/pattern_plugin.py), a
+  /// real Python process against the real broker: the fixture client checks
+  /// every byte it serves (issue 13).
+  @Suite("Python plugin")
+  struct PythonPlugin {
+    static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
+    static var sdk: String { packageRoot + "/sdk/python" }
+
+    /// A python3 that imports `google.protobuf`: `UFFD_IT_PYTHON`, else the
+    /// first on PATH, else /usr/bin/python3 (Debian's python3-protobuf is
+    /// installed for that one, which a python3 of pyenv's or a venv's earlier on PATH cannot see).
+    static let python: String? = {
+      let path = ProcessInfo.processInfo.environment["PATH"] ?? ""
+      let candidates = [ProcessInfo.processInfo.environment["UFFD_IT_PYTHON"]].compactMap { $0 }
+        + path.split(separator: ":").map { "\($0)/python3" } + ["/usr/bin/python3"]
+      return candidates.first { candidate in
+        guard access(candidate, X_OK) == 0,
+              let probe = try? ChildProcess(candidate, ["-c", "import google.protobuf"], options: .init(stdin: "/dev/null", stdout: "/dev/null", stderr: "/dev/null"))
+        else { return false }
+        return probe.wait(timeoutMilliseconds: 20_000) == .exited(0)
+      }
+    }()
+
+    static let missing = "needs python3 with the protobuf module (Debian: python3-protobuf; PyPI: protobuf), or UFFD_IT_PYTHON naming one"
+
+    /// Starts the sample plugin as `pattern` (with `arguments`) and waits until it is connected.
+    @discardableResult
+    static func startPattern(_ h: Harness, arguments: [String] = []) throws -> FixtureProcess {
+      let python = try #require(python, Comment(rawValue: missing))
+      return try h.startPluginProcess(
+        name: "pattern", executable: python, arguments: [sdk + "/examples/pattern_plugin.py", "pattern"] + arguments,
+        extraEnvironment: ["PYTHONPATH": sdk, "PYTHONDONTWRITEBYTECODE": "1"], waitForConnection: true)
+    }
+
+    @Test("pages through the shared memfd: every byte of 8 MiB exact, from two threads", .enabled(if: python != nil, Comment(rawValue: missing)))
+    func sharedMemory() throws {
+      try Harness.run("python-shared") { h in
+        let plugin = try Self.startPattern(h)
+        let outcome = try h.runClient("touch", mib: 8, threads: 2, plugin: "pattern", timeout: 60)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr + "\nplugin: " + plugin.stderr))
+        #expect(outcome.summary == "verified \(pages(mib: 8)) pages, 0 wrong", h.diagnostics(outcome.stdout))
+        #expect(plugin.isRunning, h.diagnostics("the plugin exited: " + plugin.stderr))
+      }
+    }
+
+    @Test("pages inline in the packets (answers split at 256 KiB): every byte of 8 MiB exact, from two threads",
+          .enabled(if: python != nil, Comment(rawValue: missing)))
+    func inline() throws {
+      try Harness.run("python-inline") { h in
+        let plugin = try Self.startPattern(h, arguments: ["--inline"])
+        let outcome = try h.runClient("touch", mib: 8, threads: 2, plugin: "pattern", timeout: 60)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr + "\nplugin: " + plugin.stderr))
+        #expect(outcome.summary == "verified \(pages(mib: 8)) pages, 0 wrong", h.diagnostics(outcome.stdout))
+        #expect(plugin.isRunning, h.diagnostics("the plugin exited: " + plugin.stderr))
+      }
+    }
+  }
+}

@@ -1,0 +1,48 @@
+#!/usr/bin/env python3
+"""Serves every region with the broker fixture's pattern: the 8-byte word at
+backing offset b is (b + 1) * 0x9E3779B97F4A7C15 mod 2^64, in native byte order (as the fixture client reads it).
+
+    python3 pattern_plugin.py [NAME] [--inline] [--socket PATH]
+
+--inline sends page bytes in the packets instead of the shared memfd.
+"""
+
+import argparse
+import sys
+from array import array
+
+import uffd_plugin
+
+GOLDEN = 0x9E3779B97F4A7C15
+MASK = (1 << 64) - 1
+
+
+class Pattern(uffd_plugin.Plugin):
+    def __init__(self):
+        self.steps = {}  # page size -> the words' increments from a page's first word
+
+    def pagefault(self, fault, region, buffer):
+        page = region.page_size
+        steps = self.steps.get(page)
+        if steps is None:
+            steps = self.steps[page] = [index * 8 * GOLDEN & MASK for index in range(page // 8)]
+        first = (region.backing_offset + fault.offset + 1) * GOLDEN & MASK
+        buffer[:page] = array("Q", [(first + step) & MASK for step in steps]).tobytes()
+        return uffd_plugin.copy()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", nargs="?", default="pattern")
+    parser.add_argument("--inline", action="store_true", help="page bytes in the packets, not shared memory")
+    parser.add_argument("--socket", help="the broker's plugin socket (default: UFFD_BROKER_PLUGIN_SOCKET)")
+    arguments = parser.parse_args()
+    try:
+        uffd_plugin.run(Pattern(), arguments.name, socket_path=arguments.socket, shared_memory=not arguments.inline)
+    except uffd_plugin.BrokerError as error:
+        print(f"pattern_plugin: {error}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

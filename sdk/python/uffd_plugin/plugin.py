@@ -1,0 +1,191 @@
+"""What a plugin sees and answers: faults, regions, decisions, and the Plugin base class."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+class Refused(Exception):
+    """Raise from `region_opened`, `region_forked` or `store` to refuse.
+
+    The broker passes `message` on to the client (or the swap-out); `code` is an
+    `ErrorCode` of broker.proto (default ERROR_PLUGIN_REFUSED). Any other
+    exception refuses the same way, with its text as the message.
+    """
+
+    def __init__(self, message: str, code: int = 7) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+class BrokerError(Exception):
+    """The connection failed: the broker refused it (its Error's `code` and
+    message), did not answer, or is served by someone untrusted."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class Fault:
+    """One page fault: a thread of client `client_id` touched `address` (page
+    aligned), `offset` bytes into region `region_id`.
+
+    `fault_id` is opaque: compare it, never compute with it. `flags`:
+    UFFD_PAGEFAULT_FLAG_* (1 write, 2 write-protect, 4 minor); `thread_id` 0: unknown.
+    """
+
+    fault_id: int
+    client_id: int
+    region_id: int
+    address: int
+    offset: int
+    flags: int
+    thread_id: int
+
+
+@dataclass
+class Region:
+    """A region of a client's memory that this plugin serves, from
+    `region_opened` to `region_closed`. `context` is the plugin's own.
+
+    `base` is where region offset 0 lies now (an mremap moves it; see `remapped`).
+    `uid`/`gid` are the client's (a forked child: its parent's), None if the
+    broker did not say: act with the client's rights, never the plugin's own.
+    """
+
+    client_id: int
+    id: int
+    base: int
+    length: int
+    page_size: int
+    plugin: str
+    argument: str
+    backing_offset: int
+    pid: int
+    uid: Optional[int]
+    gid: Optional[int]
+    token: bytes
+    parent_client_id: int = 0
+    swapped_out: list = field(default_factory=list)
+    context: Any = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The answer to a fault; build it with `copy`, `zero`, `retry` or `poison`.
+
+    `offset`/`length`: the region range it fills (None: the faulting page);
+    `data`: a copy's bytes when given here instead of written into the buffer.
+    """
+
+    kind: int
+    offset: Optional[int] = None
+    length: Optional[int] = None
+    data: Optional[bytes] = None
+
+
+DECISION_COPY = 1
+DECISION_ZERO = 2
+DECISION_RETRY = 3
+DECISION_POISON = 4
+
+
+def copy(data: Optional[bytes] = None, offset: Optional[int] = None, length: Optional[int] = None) -> Decision:
+    """Fill a range with bytes: those of `data`, or else the first `length`
+    bytes of the buffer `pagefault` was handed. Without `offset`, the range
+    starts at the faulting page; without `length`, it is `len(data)` or one
+    page. A range of several pages prefetches the fault's neighbours: it must
+    be page aligned, lie inside the region, contain the faulting page, and be
+    at most `max_prefetch` bytes."""
+    if data is not None and length is None:
+        length = len(data)
+    return Decision(DECISION_COPY, offset, length, data)
+
+
+def zero(offset: Optional[int] = None, length: Optional[int] = None) -> Decision:
+    """Fill a range (default: the faulting page) with zero pages."""
+    return Decision(DECISION_ZERO, offset, length)
+
+
+def retry() -> Decision:
+    """Not ready: the broker delivers the fault again later."""
+    return Decision(DECISION_RETRY)
+
+
+def poison() -> Decision:
+    """The content is lost: accesses to the faulting page get SIGBUS."""
+    return Decision(DECISION_POISON)
+
+
+class Plugin:
+    """A page-fault handler. `run` calls every method on the thread that called
+    it, one at a time, in the order the broker sent the events; a packet's
+    events come before its faults (a fault read after a remove sees it).
+
+    Override `pagefault`; every other method has a default. An exception from
+    `region_opened`, `region_forked` or `store` refuses that region or store
+    (see `Refused`), never the loop; one from any other method ends `run`.
+    """
+
+    def connected(self, restored: dict) -> None:
+        """Once, before any event: `restored` maps names to the descriptors the
+        broker kept for this plugin name from earlier connections (the plugin owns them)."""
+        for fd in restored.values():
+            os.close(fd)
+
+    def region_opened(self, region: Region) -> None:
+        """A client registered a region this plugin serves: return to accept,
+        raise to refuse (the client's Register fails). No fault of it comes before."""
+
+    def region_forked(self, child: Region, parent: Region) -> None:
+        """A forked child's copy of `parent`: its faults must read what the
+        parent's would have at the fork. The default refuses (they fail closed)."""
+        raise Refused("this plugin does not serve forked children")
+
+    def pagefault(self, fault: Fault, region: Region, buffer: memoryview) -> Decision:
+        """Answer one fault. Write a copy's bytes at the start of `buffer`
+        (writable, `max_prefetch` bytes, page aligned; shared with the broker
+        when it can be, so the bytes never cross the socket) and return
+        `copy()` or `copy(offset=, length=)`; or return `copy(data)`, `zero()`,
+        `retry()` or `poison()`."""
+        raise NotImplementedError("a Plugin must answer pagefault")
+
+    def removed(self, start: int, end: int, region: Region) -> None:
+        """The client dropped region offsets [start, end) (MADV_DONTNEED/REMOVE):
+        they read as zeros now, unless the plugin serves them again."""
+
+    def swapped_out(self, start: int, end: int, region: Region) -> None:
+        """A swap-out dropped region offsets [start, end); their content is what `store` received."""
+
+    def store(self, data: bytes, offset: int, region: Region) -> None:
+        """Keep `data` (a swap-out) at region offset `offset`; raise to refuse."""
+        raise Refused("this plugin does not keep swapped-out pages")
+
+    def holds(self, start: int, end: int, region: Region) -> bool:
+        """Whether this plugin still holds the stored pages of [start, end)
+        (asked when a region is opened with swapped-out pages); those it does not fail closed."""
+        return False
+
+    def unmapped(self, start: int, end: int, region: Region) -> None:
+        """The client unmapped region offsets [start, end)."""
+
+    def remapped(self, region: Region) -> None:
+        """The client moved part of the region; `region.base` is updated already."""
+
+    def region_closed(self, region: Region) -> None:
+        """The region is gone (removed by the client, or the client exited)."""
+
+    def closed(self, client_id: int, reason: str) -> None:
+        """The client is gone; nothing more comes for it."""
+
+    def decision_refused(self, fault_id: int, cause: str, reason: str) -> None:
+        """The broker refused a decision (fault_id) or a delegation (fault_id 0)
+        of this plugin; a refused fault is delivered again. Default: a line on stderr."""
+        what = "a delegation" if fault_id == 0 else f"the decision for fault {fault_id}"
+        print(f"uffd-broker refused {what} ({cause}): {reason}", file=sys.stderr, flush=True)

@@ -1,0 +1,373 @@
+"""The plugin's side of the broker connection: Hello, then a loop that decodes
+each packet of events, calls the Plugin, and answers."""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+from typing import Optional
+
+from google.protobuf.message import DecodeError
+
+from . import broker_pb2 as pb
+from .connection import MAX_PACKET, Connection
+from .plugin import (
+    DECISION_COPY,
+    DECISION_POISON,
+    DECISION_RETRY,
+    DECISION_ZERO,
+    BrokerError,
+    Decision,
+    Fault,
+    Plugin,
+    Refused,
+    Region,
+)
+
+PROTOCOL_VERSION = 2
+
+# What one entry adds to a packet at most, beyond its bytes: a Decision
+# message's fields, a Decisions entry in every array, a reply without its text.
+_DECISION_OVERHEAD = 64
+_ARRAYS_ENTRY = 48
+_REPLY_OVERHEAD = 64
+
+
+class _Answer:
+    """The PluginToBroker packet being filled, with a bound on its encoded size."""
+
+    def __init__(self) -> None:
+        self.message = pb.PluginToBroker()
+        self.size = 0
+        self.entries = 0
+        self.batch = ([], [], [], [], [])  # fault_id, kind, address, length, shared_offset
+
+    def add_array(self, fault_id: int, kind: int, address: int, length: int, shared_offset: int = 0) -> None:
+        for column, value in zip(self.batch, (fault_id, kind, address, length, shared_offset)):
+            column.append(value)
+        self.size += _ARRAYS_ENTRY
+        self.entries += 1
+
+    def add_inline(self, fault_id: int, address: int, data: bytes) -> None:
+        self.message.decisions.add(fault_id=fault_id, kind=pb.DECISION_COPY, address=address, length=len(data), data=data)
+        self.size += _DECISION_OVERHEAD + len(data)
+        self.entries += 1
+
+    def add_region_reply(self, client_id: int, region_id: int, error: Optional[pb.Error], lost: list) -> None:
+        reply = self.message.region_replies.add(client_id=client_id, region_id=region_id)
+        if error is not None:
+            reply.error.CopyFrom(error)
+        for offset, length in lost:
+            reply.lost.add(offset=offset, length=length)
+        self.size += _REPLY_OVERHEAD + (len(error.message) if error else 0) + 24 * len(lost)
+        self.entries += 1
+
+    def add_store_reply(self, store_id: int, error: Optional[pb.Error]) -> None:
+        reply = self.message.store_replies.add(store_id=store_id)
+        if error is not None:
+            reply.error.CopyFrom(error)
+        self.size += _REPLY_OVERHEAD + (len(error.message) if error else 0)
+        self.entries += 1
+
+    def encode(self) -> bytes:
+        ids, kinds, addresses, lengths, offsets = self.batch
+        if ids:
+            batch = self.message.batch
+            batch.fault_id.extend(ids)
+            batch.kind.extend(kinds)
+            batch.address.extend(addresses)
+            batch.length.extend(lengths)
+            batch.shared_offset.extend(offsets)
+        return self.message.SerializeToString()
+
+
+def _refusal(error: Exception) -> pb.Error:
+    if isinstance(error, Refused):
+        return pb.Error(code=error.code, message=error.message)
+    return pb.Error(code=pb.ERROR_PLUGIN_REFUSED, message=f"{type(error).__name__}: {error}")
+
+
+class Runner:
+    """Connects to the broker as plugin `name`, says Hello and calls
+    `plugin.connected`; `serve()` then handles events until the broker closes.
+
+    1. Every Plugin method is called on the thread that made the runner, in
+       the order of the broker's events; a packet's events before its faults.
+    2. Each packet of events is answered once all of it is handled, in as many
+       packets as it takes (each at most 256 KiB); nothing is sent for a
+       packet that needs no answer (an empty packet would read as EOF).
+    3. Page bytes go, when possible, through a memfd shared with the broker
+       (sent with Hello, sealed against resizing): a decision then names only
+       where its bytes lie. The area's two halves alternate between packets,
+       and a half is reused only once the broker's `packets_applied` says it
+       applied the packet that last used it; until then bytes go inline.
+
+    Raises `BrokerError` when the socket cannot be reached, is served by an
+    untrusted uid, or the broker refuses the connection (its Error) or does
+    not answer Hello within 10 s.
+    """
+
+    SHARED_HALF = 1 << 20
+
+    def __init__(self, plugin: Plugin, name: str, socket_path: Optional[str] = None,
+                 max_prefetch: int = 128 << 10, shared_memory: bool = True) -> None:
+        self.plugin = plugin
+        self.name = name
+        self.page_size = mmap.PAGESIZE
+        self.max_prefetch = max(max_prefetch // self.page_size, 1) * self.page_size
+        if self.max_prefetch > MAX_PACKET // 2:
+            raise ValueError("max_prefetch must fit half a packet")
+        self.faults_served = 0
+        self._regions: dict = {}
+        self._scratch = memoryview(bytearray(self.max_prefetch))
+        self._answer = _Answer()
+        self._connection = Connection.connect(socket_path)
+        self._shared: Optional[memoryview] = None
+        self._mapping: Optional[mmap.mmap] = None
+        memfd = self._shared_memfd() if shared_memory else None
+        try:
+            hello = pb.PluginToBroker(hello=pb.Hello(version=PROTOCOL_VERSION, role=pb.ROLE_PLUGIN, name=name))
+            self._connection.send(hello.SerializeToString(), (memfd,) if memfd is not None else ())
+        finally:
+            if memfd is not None:
+                os.close(memfd)  # the mapping and the broker's copy keep the memory
+        self._sent = 1  # the broker counts the Hello in packets_applied
+        self._applied = 0
+        self._choose_stage()
+        received = self._connection.receive(timeout=10)
+        if received is None:
+            raise BrokerError("the broker closed the connection before answering Hello", 0)
+        data, fds = received
+        message = self._decode(data)
+        restored = dict(zip(message.kept.names, fds))
+        for fd in fds[len(restored):]:
+            os.close(fd)
+        if message.HasField("error"):
+            for fd in restored.values():
+                os.close(fd)
+            raise BrokerError(f"the broker refused the connection: {message.error.message}", message.error.code)
+        if not message.HasField("hello") or message.hello.role != pb.ROLE_BROKER:
+            raise BrokerError("the broker did not answer Hello", pb.ERROR_VERSION)
+        self._connection.sock.settimeout(None)
+        plugin.connected(restored)
+        self._handle(message)
+        self._flush()
+
+    def _shared_memfd(self) -> Optional[int]:
+        """A sealed memfd of two halves, mapped here; None if the kernel offers none."""
+        size = 2 * self.SHARED_HALF
+        try:
+            fd = os.memfd_create("uffd-plugin-pages", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        except (AttributeError, OSError):
+            return None
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL)
+            self._mapping = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except (AttributeError, OSError):
+            os.close(fd)
+            return None
+        self._shared = memoryview(self._mapping)
+        return fd
+
+    def serve(self) -> None:
+        """Handles packets until the broker closes the connection (returns).
+        Raises `BrokerError` on a malformed packet or an Error from the broker
+        (say it dropped this plugin for invalid decisions), and whatever a
+        Plugin method other than region_opened, region_forked and store raises."""
+        try:
+            while True:
+                received = self._connection.receive()
+                if received is None:
+                    return
+                data, fds = received
+                for fd in fds:
+                    os.close(fd)
+                message = self._decode(data)
+                if message.HasField("error"):
+                    raise BrokerError(f"the broker ended the connection: {message.error.message}", message.error.code)
+                self._handle(message)
+                self._flush()
+        finally:
+            self._connection.close()
+
+    def _decode(self, data: bytes) -> pb.BrokerToPlugin:
+        try:
+            message = pb.BrokerToPlugin.FromString(data)
+        except DecodeError as error:
+            raise BrokerError(f"a malformed packet from the broker: {error}", pb.ERROR_MALFORMED)
+        if message.packets_applied > self._applied:
+            self._applied = message.packets_applied
+            if self._answer.entries == 0:
+                self._choose_stage()  # the broker caught up: a shared half may be free again
+        return message
+
+    # MARK: answers
+
+    def _flush(self) -> None:
+        if self._answer.entries == 0:
+            return
+        packet = self._answer.encode()
+        if len(packet) > MAX_PACKET:
+            raise AssertionError(f"an answer of {len(packet)} bytes exceeds the packet limit")
+        self._connection.send(packet)
+        self._sent += 1
+        self._answer = _Answer()
+        self._choose_stage()
+
+    def _choose_stage(self) -> None:
+        """Where the next packet's bytes go: the shared half it owns if the
+        broker applied the packet before last (which used that half), else inline."""
+        upcoming = self._sent + 1
+        if self._shared is not None and self._applied + 2 >= upcoming:
+            self._stage_offset: Optional[int] = (upcoming % 2) * self.SHARED_HALF
+        else:
+            self._stage_offset = None
+        self._staged = 0
+
+    # MARK: events
+
+    def _handle(self, message: pb.BrokerToPlugin) -> None:
+        for event in message.events:
+            kind = event.WhichOneof("kind")
+            if kind == "region_opened":
+                self._region_opened(event.region_opened)
+            elif kind in ("removed", "unmapped"):
+                change = getattr(event, kind)
+                region = self._regions.get((change.client_id, change.region_id))
+                if region is not None:
+                    start, end = change.start_offset, change.start_offset + (change.end - change.start)
+                    if kind == "unmapped":
+                        self.plugin.unmapped(start, end, region)
+                    elif change.swapped_out:
+                        self.plugin.swapped_out(start, end, region)
+                    else:
+                        self.plugin.removed(start, end, region)
+            elif kind == "remapped":
+                region = self._regions.get((event.remapped.client_id, event.remapped.region_id))
+                if region is not None:
+                    region.base = event.remapped.new_base
+                    self.plugin.remapped(region)
+            elif kind == "region_closed":
+                region = self._regions.pop((event.region_closed.client_id, event.region_closed.region_id), None)
+                if region is not None:
+                    self.plugin.region_closed(region)
+            elif kind == "closed":
+                # The broker closed the client's regions before (RegionClosed), if any are left.
+                for key in [key for key in self._regions if key[0] == event.closed.client_id]:
+                    del self._regions[key]
+                self.plugin.closed(event.closed.client_id, event.closed.reason)
+            elif kind == "store":
+                self._store(event.store)
+            elif kind == "decision_refused":
+                refused = event.decision_refused
+                self.plugin.decision_refused(refused.fault_id, refused.cause, refused.reason)
+        faults = message.faults
+        count = len(faults.fault_id)
+        columns = (faults.client_id, faults.region_id, faults.address, faults.offset, faults.flags, faults.thread_id)
+        if any(len(column) != count for column in columns):
+            raise BrokerError("a malformed packet from the broker: the fault arrays differ in length", pb.ERROR_MALFORMED)
+        for index in range(count):
+            self._pagefault(Fault(faults.fault_id[index], faults.client_id[index], faults.region_id[index],
+                                  faults.address[index], faults.offset[index], faults.flags[index], faults.thread_id[index]))
+
+    def _region_opened(self, opened: pb.RegionOpened) -> None:
+        spec = opened.region
+        has_client = opened.HasField("client")
+        region = Region(
+            client_id=opened.client_id, id=spec.id, base=spec.address, length=spec.length, page_size=spec.page_size,
+            plugin=spec.plugin, argument=spec.argument, backing_offset=spec.backing_offset, pid=opened.pid,
+            uid=opened.client.uid if has_client else None, gid=opened.client.gid if has_client else None,
+            token=struct.pack(">QQ", opened.token_high, opened.token_low), parent_client_id=opened.parent_client_id,
+            swapped_out=[(extent.offset, extent.length) for extent in spec.swapped_out])
+        error = None
+        try:
+            if opened.parent_client_id == 0:
+                self.plugin.region_opened(region)
+            else:
+                parent = self._regions.get((opened.parent_client_id, spec.id))
+                if parent is None:
+                    raise Refused(f"the parent's region {spec.id} of client {opened.parent_client_id} is not open here")
+                region.base = parent.base
+                self.plugin.region_forked(region, parent)
+            self._regions[(opened.client_id, spec.id)] = region
+        except Exception as refusal:
+            error = _refusal(refusal)
+        # A forked child's stored pages are its parent's (region_forked copied them).
+        lost = [] if error is not None or opened.parent_client_id != 0 else [
+            (offset, length) for offset, length in region.swapped_out if not self.plugin.holds(offset, offset + length, region)]
+        self._make_room(_REPLY_OVERHEAD + (len(error.message) if error else 0) + 24 * len(lost))
+        self._answer.add_region_reply(opened.client_id, spec.id, error, lost)
+
+    def _store(self, store: pb.Store) -> None:
+        region = self._regions.get((store.client_id, store.region_id))
+        error = None
+        try:
+            if region is None:
+                raise Refused(f"region {store.region_id} of client {store.client_id} is not open here", pb.ERROR_BAD_REGION)
+            self.plugin.store(bytes(store.data), store.offset, region)
+        except Exception as refusal:
+            error = _refusal(refusal)
+        self._make_room(_REPLY_OVERHEAD + (len(error.message) if error else 0))
+        self._answer.add_store_reply(store.store_id, error)
+
+    def _make_room(self, size: int) -> None:
+        if self._answer.size + size > MAX_PACKET - 1024:
+            self._flush()
+
+    # MARK: faults
+
+    def _pagefault(self, fault: Fault) -> None:
+        # Room for the largest answer: its bytes in the stage (shared) or in the packet (inline).
+        if self._stage_offset is not None and self.SHARED_HALF - self._staged < self.max_prefetch:
+            self._flush()
+        self._make_room(_ARRAYS_ENTRY if self._stage_offset is not None else _DECISION_OVERHEAD + self.max_prefetch)
+        region = self._regions.get((fault.client_id, fault.region_id))
+        if region is None:
+            self._answer.add_array(fault.fault_id, DECISION_RETRY, fault.address, 0)
+            return
+        if self._stage_offset is not None:
+            start = self._stage_offset + self._staged
+            buffer = self._shared[start:start + self.max_prefetch]
+        else:
+            buffer = self._scratch
+        self.faults_served += 1
+        decision = self.plugin.pagefault(fault, region, buffer)
+        if not isinstance(decision, Decision):
+            raise TypeError(f"pagefault returned {decision!r}, not a Decision (copy(), zero(), retry(), poison())")
+        page = region.page_size or self.page_size
+        offset = fault.offset if decision.offset is None else decision.offset
+        address = fault.address - fault.offset + offset
+        if decision.kind == DECISION_COPY:
+            length = page if decision.length is None else decision.length
+            if not 0 < length <= self.max_prefetch:
+                raise ValueError(f"a copy of {length} bytes: at most max_prefetch ({self.max_prefetch}) bytes")
+            if decision.data is not None and len(decision.data) != length:
+                raise ValueError(f"a copy of {length} bytes given {len(decision.data)} bytes")
+            if self._stage_offset is not None:
+                if decision.data is not None:
+                    buffer[:length] = decision.data
+                self._answer.add_array(fault.fault_id, DECISION_COPY, address, length, self._stage_offset + self._staged)
+                self._staged += -(-length // page) * page
+            else:
+                data = bytes(decision.data) if decision.data is not None else bytes(buffer[:length])
+                self._answer.add_inline(fault.fault_id, address, data)
+        elif decision.kind == DECISION_ZERO:
+            self._answer.add_array(fault.fault_id, DECISION_ZERO, address, page if decision.length is None else decision.length)
+        elif decision.kind == DECISION_RETRY:
+            self._answer.add_array(fault.fault_id, DECISION_RETRY, fault.address, 0)
+        elif decision.kind == DECISION_POISON:
+            self._answer.add_array(fault.fault_id, DECISION_POISON, fault.address, page)
+        else:
+            raise ValueError(f"a decision of unknown kind {decision.kind}")
+
+
+def run(plugin: Plugin, name: str, socket_path: Optional[str] = None, max_prefetch: int = 128 << 10,
+        shared_memory: bool = True) -> None:
+    """Connects as plugin `name` and serves until the broker closes the
+    connection: the one-call form of a plugin's main. `socket_path` None: the
+    connection a broker that spawned this process handed it
+    (`UFFD_BROKER_PLUGIN_FD`), else `UFFD_BROKER_PLUGIN_SOCKET`, else the default path."""
+    Runner(plugin, name, socket_path, max_prefetch, shared_memory).serve()
