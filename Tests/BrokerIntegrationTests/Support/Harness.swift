@@ -251,6 +251,13 @@ final class Harness {
     try startPluginProcess(name: name, executable: Self.binDirectory + "/" + product, arguments: [name] + arguments, waitForConnection: true)
   }
 
+  /// Starts a plugin program built outside this package (the C sample plugin, say)
+  /// with `arguments`, and waits until the broker logs its connection.
+  @discardableResult
+  func startExternalPlugin(executable: String, name: String, arguments: [String]) throws -> FixtureProcess {
+    try startPluginProcess(name: name, executable: executable, arguments: arguments, waitForConnection: true)
+  }
+
   private func startPluginProcess(name: String, executable: String, arguments: [String], waitForConnection: Bool) throws -> FixtureProcess {
     let label = nextLabel("plugin-\(name)")
     let plugin = try spawn(
