@@ -17,7 +17,8 @@ extension BrokerIntegrationTests {
 
     /// A C compiler, make and libprotobuf-c's header: what building the SDK needs.
     static let toolchainPresent: Bool = {
-      let compiler = ["/usr/bin/cc", "/usr/local/bin/cc"].contains { access($0, X_OK) == 0 }
+      let compilers: [String] = ["/usr/bin/cc", "/usr/local/bin/cc"]
+      let compiler = compilers.contains { (path: String) in access(path, X_OK) == 0 }
       return compiler && access(make, X_OK) == 0 && access("/usr/include/protobuf-c/protobuf-c.h", R_OK) == 0
     }()
 
