@@ -33,7 +33,7 @@ extension BrokerIntegrationTests {
       return build + "/pattern"
     }
 
-    @Test("the C sample plugin serves a client's memory exactly, from several threads, through the shared area",
+    @Test("the C sample plugin serves a client's memory exactly, from several threads",
           .enabled(if: toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
     func patternExact() throws {
       try Harness.run("c-pattern") { h in
