@@ -1,0 +1,697 @@
+/*
+ * The C plugin SDK: the connection, Hello, and the run loop that decodes
+ * BrokerToPlugin packets, calls the plugin back and batches its answers into
+ * PluginToBroker packets. See include/uffd_plugin.h for the contract.
+ */
+#define _GNU_SOURCE
+#include "uffd_plugin.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "broker.pb-c.h"
+
+enum {
+  MAX_PACKET = 256 << 10,           /* the protocol's packet limit */
+  PACKET_BUDGET = MAX_PACKET - 4096, /* what the size estimates may reach */
+  RECEIVE_BUFFER = 512 << 10,       /* larger than any packet: a longer one shows as MSG_TRUNC */
+  SOCKET_BUFFER = 1 << 20,          /* SO_SNDBUF/SO_RCVBUF: a 256 KiB send needs more than the default */
+  SHARED_HALF = 1 << 20,            /* the shared area is two halves, alternating between packets */
+  MAX_FDS = 8,                      /* descriptors per packet */
+  MAX_BATCH = 8192,                 /* Decisions entries per packet (~33 bytes each) */
+  MAX_INLINE = 64,                  /* Decision messages with inline bytes per packet (≥ 4 KiB each) */
+  MAX_REPLIES = 1024,               /* RegionReply, StoreReply, Delegation per packet each */
+  MAX_MESSAGE = 1024,               /* a refusal's message, truncated */
+};
+
+/* Estimated packed sizes, on the high side. */
+enum { BATCH_ENTRY = 40, INLINE_OVERHEAD = 64, REPLY_OVERHEAD = 64, EXTENT_SIZE = 32, DELEGATION_SIZE = 80 };
+
+struct uffd_plugin {
+  int fd;
+  uint64_t packets_sent, packets_applied, faults_served;
+  uint8_t *receive;
+  uint8_t *send;
+  /* Page bytes: the shared memfd's mapping (NULL: none), the private staging for inline bytes. */
+  uint8_t *shared;
+  uint8_t *staging;
+  uint8_t *stage;
+  size_t stage_size, staged;
+  long stage_offset; /* in the shared area, or -1: inline */
+  /* Regions, with the last one found cached (runs of faults hit one region). */
+  uffd_region **regions;
+  size_t region_count, region_capacity;
+  uffd_region *last;
+  /* The packet being built. */
+  size_t estimate;
+  uint64_t batch_fault[MAX_BATCH], batch_address[MAX_BATCH], batch_length[MAX_BATCH], batch_shared[MAX_BATCH];
+  Uffdbroker__DecisionKind batch_kind[MAX_BATCH];
+  size_t batch_count;
+  Uffdbroker__Decision inline_decisions[MAX_INLINE];
+  Uffdbroker__Decision *inline_pointers[MAX_INLINE];
+  size_t inline_count;
+  Uffdbroker__RegionReply replies[MAX_REPLIES];
+  Uffdbroker__RegionReply *reply_pointers[MAX_REPLIES];
+  Uffdbroker__Error reply_errors[MAX_REPLIES];
+  Uffdbroker__Extent *reply_lost[MAX_REPLIES];     /* malloc'd per reply, freed after the send */
+  Uffdbroker__Extent **reply_lost_pointers[MAX_REPLIES];
+  size_t reply_count;
+  Uffdbroker__StoreReply store_replies[MAX_REPLIES];
+  Uffdbroker__StoreReply *store_pointers[MAX_REPLIES];
+  Uffdbroker__Error store_errors[MAX_REPLIES];
+  size_t store_count;
+  Uffdbroker__Delegation delegations[MAX_REPLIES];
+  Uffdbroker__Delegation *delegation_pointers[MAX_REPLIES];
+  size_t delegation_count;
+  int fds[MAX_FDS];
+  size_t fd_count;
+  char *strings[2 * MAX_REPLIES]; /* refusal messages, freed after the send */
+  size_t string_count;
+  int in_pagefault; /* the stage may not move: the decision being made names it */
+};
+
+static __thread char last_error[512];
+
+const char *uffd_plugin_last_error(void) { return last_error; }
+
+/* Records why, sets errno, returns -err. */
+static int fail(int err, const char *format, ...) {
+  va_list arguments;
+  va_start(arguments, format);
+  vsnprintf(last_error, sizeof last_error, format, arguments);
+  va_end(arguments);
+  errno = err;
+  return -err;
+}
+
+/* ---- the socket ---- */
+
+static int send_packet(uffd_plugin *p, const uint8_t *bytes, size_t length, const int *fds, size_t fd_count) {
+  if (length == 0) return fail(EINVAL, "an empty packet reads as end of stream: not sent");
+  struct iovec vector = {.iov_base = (void *)bytes, .iov_len = length};
+  union {
+    char buffer[CMSG_SPACE(sizeof(int) * MAX_FDS)];
+    struct cmsghdr align;
+  } control;
+  struct msghdr message = {.msg_iov = &vector, .msg_iovlen = 1};
+  if (fd_count > 0) {
+    memset(&control, 0, sizeof control);
+    message.msg_control = control.buffer;
+    message.msg_controllen = CMSG_SPACE(sizeof(int) * fd_count);
+    struct cmsghdr *header = CMSG_FIRSTHDR(&message);
+    header->cmsg_level = SOL_SOCKET;
+    header->cmsg_type = SCM_RIGHTS;
+    header->cmsg_len = CMSG_LEN(sizeof(int) * fd_count);
+    memcpy(CMSG_DATA(header), fds, sizeof(int) * fd_count);
+  }
+  ssize_t sent;
+  do sent = sendmsg(p->fd, &message, MSG_NOSIGNAL);
+  while (sent < 0 && errno == EINTR);
+  if (sent < 0) return fail(errno, "sending to the broker: %s", strerror(errno));
+  return 0;
+}
+
+/* Receives one packet: its length, 0 when the broker closed the connection, or -errno.
+ * Descriptors that came with it are closed (the descriptor store is not supported). */
+static ssize_t receive_packet(uffd_plugin *p) {
+  struct iovec vector = {.iov_base = p->receive, .iov_len = RECEIVE_BUFFER};
+  union {
+    char buffer[CMSG_SPACE(sizeof(int) * MAX_FDS * 2)];
+    struct cmsghdr align;
+  } control;
+  struct msghdr message = {.msg_iov = &vector, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer};
+  ssize_t count;
+  do count = recvmsg(p->fd, &message, MSG_CMSG_CLOEXEC);
+  while (count < 0 && errno == EINTR);
+  if (count < 0 && errno == ECONNRESET) return 0;
+  if (count < 0) return fail(errno, errno == EAGAIN ? "the broker did not answer in time" : "receiving from the broker: %s", strerror(errno));
+  for (struct cmsghdr *header = CMSG_FIRSTHDR(&message); header; header = CMSG_NXTHDR(&message, header)) {
+    if (header->cmsg_level != SOL_SOCKET || header->cmsg_type != SCM_RIGHTS) continue;
+    size_t n = (header->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+    for (size_t i = 0; i < n; i++) {
+      int fd;
+      memcpy(&fd, CMSG_DATA(header) + i * sizeof(int), sizeof fd);
+      close(fd);
+    }
+  }
+  if (message.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) return fail(EPROTO, "a packet from the broker was truncated");
+  return count;
+}
+
+static int default_socket_path(char *path, size_t size) {
+  const char *overridden = getenv("UFFD_BROKER_PLUGIN_SOCKET");
+  if (overridden && *overridden) return snprintf(path, size, "%s", overridden) < (int)size ? 0 : fail(ENAMETOOLONG, "socket path too long");
+  const char *runtime = getenv("XDG_RUNTIME_DIR");
+  if (runtime && *runtime) return snprintf(path, size, "%s/uffd-broker/plugin.sock", runtime) < (int)size ? 0 : fail(ENAMETOOLONG, "socket path too long");
+  if (geteuid() == 0) return snprintf(path, size, "/run/uffd-broker/plugin.sock"), 0;
+  return fail(EINVAL, "no safe default for the plugin socket: set XDG_RUNTIME_DIR or UFFD_BROKER_PLUGIN_SOCKET, or pass a path");
+}
+
+/* The listener must be root, us, or $UFFD_BROKER_UID: nothing is sent to a squatter. */
+static int check_peer(int fd) {
+  struct ucred peer;
+  socklen_t length = sizeof peer;
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &peer, &length) != 0) return fail(errno, "SO_PEERCRED: %s", strerror(errno));
+  const char *trusted = getenv("UFFD_BROKER_UID");
+  int trusted_uid = trusted && *trusted ? atoi(trusted) : -1;
+  if (peer.uid == 0 || peer.uid == getuid() || peer.uid == geteuid() || (trusted_uid >= 0 && peer.uid == (uid_t)trusted_uid)) return 0;
+  return fail(EACCES, "the broker's socket is held by uid %u, not root or you; refusing to send it anything", (unsigned)peer.uid);
+}
+
+static int open_socket(const char *socket_path) {
+  const char *inherited = socket_path ? NULL : getenv("UFFD_BROKER_PLUGIN_FD");
+  if (inherited) {
+    int fd = atoi(inherited);
+    struct stat info;
+    unsetenv("UFFD_BROKER_PLUGIN_FD");
+    if (fd < 0 || fstat(fd, &info) != 0 || !S_ISSOCK(info.st_mode)) return fail(EBADF, "UFFD_BROKER_PLUGIN_FD=%s names no socket", inherited);
+    fcntl(fd, F_SETFD, FD_CLOEXEC);
+    return fd;
+  }
+  char path[sizeof ((struct sockaddr_un *)0)->sun_path];
+  if (socket_path) {
+    if (strlen(socket_path) >= sizeof path) return fail(ENAMETOOLONG, "socket path too long: %s", socket_path);
+    strcpy(path, socket_path);
+  } else {
+    int err = default_socket_path(path, sizeof path);
+    if (err) return err;
+  }
+  int fd = socket(AF_UNIX, SOCK_SEQPACKET | SOCK_CLOEXEC, 0);
+  if (fd < 0) return fail(errno, "socket: %s", strerror(errno));
+  struct sockaddr_un address = {.sun_family = AF_UNIX};
+  strcpy(address.sun_path, path);
+  int result;
+  do result = connect(fd, (struct sockaddr *)&address, sizeof address);
+  while (result != 0 && errno == EINTR);
+  if (result != 0) {
+    int err = errno;
+    close(fd);
+    return fail(err, "cannot connect to %s: %s", path, strerror(err));
+  }
+  return fd;
+}
+
+/* ---- the packet being built ---- */
+
+static int packet_empty(const uffd_plugin *p) {
+  return p->batch_count + p->inline_count + p->reply_count + p->store_count + p->delegation_count == 0;
+}
+
+static char *keep_string(uffd_plugin *p, const char *text) {
+  char *copy = strndup(text, MAX_MESSAGE);
+  if (copy) p->strings[p->string_count++] = copy;
+  return copy ? copy : "refused";
+}
+
+static void choose_stage(uffd_plugin *p) {
+  uint64_t next = p->packets_sent + 1;
+  /* The half `next` uses was last named by packet next - 2: reuse it only once the broker applied that. */
+  if (p->shared && p->packets_applied + 2 >= next) {
+    p->stage_offset = (long)(next % 2) * SHARED_HALF;
+    p->stage = p->shared + p->stage_offset;
+    p->stage_size = SHARED_HALF;
+  } else {
+    p->stage_offset = -1;
+    p->stage = p->staging;
+    p->stage_size = MAX_PACKET;
+  }
+  p->staged = 0;
+}
+
+static int flush(uffd_plugin *p) {
+  if (packet_empty(p)) return 0;
+  Uffdbroker__PluginToBroker message;
+  uffdbroker__plugin_to_broker__init(&message);
+  Uffdbroker__Decisions batch;
+  uffdbroker__decisions__init(&batch);
+  if (p->batch_count > 0) {
+    batch.n_fault_id = batch.n_kind = batch.n_address = batch.n_length = batch.n_shared_offset = p->batch_count;
+    batch.fault_id = p->batch_fault;
+    batch.kind = p->batch_kind;
+    batch.address = p->batch_address;
+    batch.length = p->batch_length;
+    batch.shared_offset = p->batch_shared;
+    message.batch = &batch;
+  }
+  message.n_decisions = p->inline_count;
+  message.decisions = p->inline_pointers;
+  message.n_region_replies = p->reply_count;
+  message.region_replies = p->reply_pointers;
+  message.n_store_replies = p->store_count;
+  message.store_replies = p->store_pointers;
+  message.n_delegations = p->delegation_count;
+  message.delegations = p->delegation_pointers;
+  size_t size = uffdbroker__plugin_to_broker__get_packed_size(&message);
+  int result = size > MAX_PACKET ? fail(EMSGSIZE, "an answer of %zu bytes exceeds the packet limit", size) : 0;
+  if (result == 0) result = send_packet(p, p->send, uffdbroker__plugin_to_broker__pack(&message, p->send), p->fds, p->fd_count);
+  for (size_t i = 0; i < p->fd_count; i++) close(p->fds[i]); /* the broker has its own copies now */
+  for (size_t i = 0; i < p->reply_count; i++) free(p->reply_lost[i]), free(p->reply_lost_pointers[i]);
+  for (size_t i = 0; i < p->string_count; i++) free(p->strings[i]);
+  p->batch_count = p->inline_count = p->reply_count = p->store_count = p->delegation_count = p->fd_count = p->string_count = 0;
+  p->estimate = 64;
+  p->packets_sent++;
+  choose_stage(p);
+  return result;
+}
+
+/* Makes room for `bytes` more (estimated) in the packet, and one more of a kind limited to `count` < `capacity`. */
+static int make_room(uffd_plugin *p, size_t bytes, size_t count, size_t capacity) {
+  if (p->estimate + bytes <= PACKET_BUDGET && count < capacity) return 0;
+  return flush(p);
+}
+
+static void append_batch(uffd_plugin *p, uint64_t fault_id, Uffdbroker__DecisionKind kind, uint64_t address, uint64_t length, uint64_t shared_offset) {
+  size_t i = p->batch_count++;
+  p->batch_fault[i] = fault_id;
+  p->batch_kind[i] = kind;
+  p->batch_address[i] = address;
+  p->batch_length[i] = length;
+  p->batch_shared[i] = shared_offset;
+  p->estimate += BATCH_ENTRY;
+}
+
+/* ---- regions ---- */
+
+static uffd_region *find_region(uffd_plugin *p, uint64_t client_id, uint64_t region_id, size_t *index) {
+  if (!index && p->last && p->last->client_id == client_id && p->last->region_id == region_id) return p->last;
+  for (size_t i = 0; i < p->region_count; i++) {
+    uffd_region *region = p->regions[i];
+    if (region->client_id == client_id && region->region_id == region_id) {
+      if (index) *index = i;
+      return p->last = region;
+    }
+  }
+  return NULL;
+}
+
+static void free_region(uffd_region *region) {
+  free((char *)region->plugin);
+  free((char *)region->argument);
+  free(region);
+}
+
+static void close_region(uffd_plugin *p, size_t index, const uffd_callbacks *callbacks, void *user) {
+  uffd_region *region = p->regions[index];
+  p->regions[index] = p->regions[--p->region_count];
+  p->last = NULL;
+  if (callbacks->region_closed) callbacks->region_closed(region, user);
+  free_region(region);
+}
+
+static int add_region(uffd_plugin *p, uffd_region *region) {
+  if (p->region_count == p->region_capacity) {
+    size_t capacity = p->region_capacity ? 2 * p->region_capacity : 16;
+    uffd_region **grown = realloc(p->regions, capacity * sizeof *grown);
+    if (!grown) return -ENOMEM;
+    p->regions = grown;
+    p->region_capacity = capacity;
+  }
+  p->regions[p->region_count++] = region;
+  return 0;
+}
+
+static int region_opened(uffd_plugin *p, const Uffdbroker__RegionOpened *event, const uffd_callbacks *callbacks, void *user) {
+  const Uffdbroker__Region *spec = event->region;
+  if (!spec) return fail(EPROTO, "RegionOpened without a region");
+  int err = make_room(p, REPLY_OVERHEAD + MAX_MESSAGE + EXTENT_SIZE * spec->n_swapped_out, p->reply_count, MAX_REPLIES);
+  if (err) return err;
+  const char *refusal = NULL;
+  uffd_region *region = calloc(1, sizeof *region);
+  if (!region) return fail(ENOMEM, "out of memory");
+  *region = (uffd_region){
+      .client_id = event->client_id, .region_id = spec->id, .base = spec->address, .length = spec->length, .page_size = spec->page_size,
+      .plugin = strdup(spec->plugin), .argument = strdup(spec->argument), .backing_offset = spec->backing_offset, .pid = event->pid,
+      .parent_client_id = event->parent_client_id, .has_credentials = event->client != NULL, .uid = event->client ? event->client->uid : 0,
+      .gid = event->client ? event->client->gid : 0, .token_high = event->token_high, .token_low = event->token_low};
+  if (event->parent_client_id != 0) {
+    /* A forked child: it starts as its parent's region (the same base and context). */
+    uffd_region *parent = find_region(p, event->parent_client_id, spec->id, NULL);
+    if (!parent) refusal = "the parent's region is not open here";
+    else if (!callbacks->region_opened) refusal = "this plugin serves no forked child";
+    else region->base = parent->base, region->context = parent->context;
+  }
+  if (!refusal && callbacks->region_opened) refusal = callbacks->region_opened(region, user);
+  size_t existing;
+  if (!refusal && find_region(p, region->client_id, region->region_id, &existing)) close_region(p, existing, callbacks, user);
+  if (!refusal && add_region(p, region) != 0) refusal = "out of memory";
+
+  size_t i = p->reply_count++;
+  Uffdbroker__RegionReply *reply = &p->replies[i];
+  uffdbroker__region_reply__init(reply);
+  reply->client_id = event->client_id;
+  reply->region_id = spec->id;
+  p->reply_pointers[i] = reply;
+  p->reply_lost[i] = NULL;
+  p->reply_lost_pointers[i] = NULL;
+  p->estimate += REPLY_OVERHEAD;
+  if (refusal) {
+    Uffdbroker__Error *error = &p->reply_errors[i];
+    uffdbroker__error__init(error);
+    error->code = UFFDBROKER__ERROR_CODE__ERROR_PLUGIN_REFUSED;
+    error->message = keep_string(p, refusal);
+    reply->error = error;
+    p->estimate += strlen(error->message);
+    free_region(region);
+    return 0;
+  }
+  if (event->parent_client_id == 0 && spec->n_swapped_out > 0) {
+    /* Of the pages swapped out, those the plugin no longer holds fail closed. */
+    p->reply_lost[i] = calloc(spec->n_swapped_out, sizeof(Uffdbroker__Extent));
+    p->reply_lost_pointers[i] = calloc(spec->n_swapped_out, sizeof(Uffdbroker__Extent *));
+    if (!p->reply_lost[i] || !p->reply_lost_pointers[i]) return fail(ENOMEM, "out of memory");
+    for (size_t e = 0; e < spec->n_swapped_out; e++) {
+      const Uffdbroker__Extent *extent = spec->swapped_out[e];
+      if (callbacks->holds && callbacks->holds(region, extent->offset, extent->offset + extent->length, user)) continue;
+      Uffdbroker__Extent *lost = &p->reply_lost[i][reply->n_lost];
+      uffdbroker__extent__init(lost);
+      lost->offset = extent->offset;
+      lost->length = extent->length;
+      p->reply_lost_pointers[i][reply->n_lost++] = lost;
+      p->estimate += EXTENT_SIZE;
+    }
+    reply->lost = p->reply_lost_pointers[i];
+  }
+  return 0;
+}
+
+static int store(uffd_plugin *p, const Uffdbroker__Store *event, const uffd_callbacks *callbacks, void *user) {
+  int err = make_room(p, REPLY_OVERHEAD + MAX_MESSAGE, p->store_count, MAX_REPLIES);
+  if (err) return err;
+  uffd_region *region = find_region(p, event->client_id, event->region_id, NULL);
+  const char *refusal = !region ? "the region is not open here"
+                        : !callbacks->store ? "this plugin stores nothing"
+                                            : callbacks->store(region, event->offset, event->data.data, event->data.len, user);
+  size_t i = p->store_count++;
+  Uffdbroker__StoreReply *reply = &p->store_replies[i];
+  uffdbroker__store_reply__init(reply);
+  reply->store_id = event->store_id;
+  p->store_pointers[i] = reply;
+  p->estimate += REPLY_OVERHEAD;
+  if (refusal) {
+    Uffdbroker__Error *error = &p->store_errors[i];
+    uffdbroker__error__init(error);
+    error->code = region ? UFFDBROKER__ERROR_CODE__ERROR_PLUGIN_REFUSED : UFFDBROKER__ERROR_CODE__ERROR_BAD_REGION;
+    error->message = keep_string(p, refusal);
+    reply->error = error;
+    p->estimate += strlen(error->message);
+  }
+  return 0;
+}
+
+/* ---- events ---- */
+
+static int handle_event(uffd_plugin *p, const Uffdbroker__Event *event, const uffd_callbacks *callbacks, void *user) {
+  uffd_region *region;
+  size_t index;
+  switch (event->kind_case) {
+  case UFFDBROKER__EVENT__KIND_REGION_OPENED:
+    return region_opened(p, event->region_opened, callbacks, user);
+  case UFFDBROKER__EVENT__KIND_REMOVED:
+    region = find_region(p, event->removed->client_id, event->removed->region_id, NULL);
+    if (region && callbacks->removed) {
+      const Uffdbroker__RangeEvent *range = event->removed;
+      callbacks->removed(region, range->start_offset, range->start_offset + (range->end - range->start), range->swapped_out, user);
+    }
+    return 0;
+  case UFFDBROKER__EVENT__KIND_UNMAPPED:
+    region = find_region(p, event->unmapped->client_id, event->unmapped->region_id, NULL);
+    if (region && callbacks->unmapped) {
+      const Uffdbroker__RangeEvent *range = event->unmapped;
+      callbacks->unmapped(region, range->start_offset, range->start_offset + (range->end - range->start), user);
+    }
+    return 0;
+  case UFFDBROKER__EVENT__KIND_REMAPPED:
+    region = find_region(p, event->remapped->client_id, event->remapped->region_id, NULL);
+    if (region) {
+      region->base = event->remapped->new_base;
+      if (callbacks->remapped) callbacks->remapped(region, user);
+    }
+    return 0;
+  case UFFDBROKER__EVENT__KIND_REGION_CLOSED:
+    if (find_region(p, event->region_closed->client_id, event->region_closed->region_id, &index)) close_region(p, index, callbacks, user);
+    return 0;
+  case UFFDBROKER__EVENT__KIND_CLOSED:
+    /* The broker closed each region before; any left are closed now. */
+    for (size_t i = p->region_count; i-- > 0;)
+      if (p->regions[i]->client_id == event->closed->client_id) close_region(p, i, callbacks, user);
+    if (callbacks->closed) callbacks->closed(event->closed->client_id, event->closed->reason, user);
+    return 0;
+  case UFFDBROKER__EVENT__KIND_STORE:
+    return store(p, event->store, callbacks, user);
+  case UFFDBROKER__EVENT__KIND_DECISION_REFUSED:
+    if (callbacks->decision_refused) {
+      const Uffdbroker__DecisionRefused *refused = event->decision_refused;
+      callbacks->decision_refused(refused->fault_id, refused->cause, refused->reason, user);
+    }
+    return 0;
+  default:
+    return 0; /* a kind this SDK does not know */
+  }
+}
+
+static int serve_fault(uffd_plugin *p, const Uffdbroker__Faults *faults, size_t i, const uffd_callbacks *callbacks, void *user) {
+  int inline_bytes = p->stage_offset < 0;
+  if (p->stage_size - p->staged < UFFD_PLUGIN_MAX_PREFETCH ||
+      p->estimate + BATCH_ENTRY + (inline_bytes ? UFFD_PLUGIN_MAX_PREFETCH + INLINE_OVERHEAD : 0) > PACKET_BUDGET || p->batch_count == MAX_BATCH ||
+      p->inline_count == MAX_INLINE) {
+    int err = flush(p);
+    if (err) return err;
+  }
+  uffd_fault fault = {.fault_id = faults->fault_id[i], .address = faults->address[i], .offset = faults->offset[i],
+                      .flags = faults->flags[i], .thread_id = faults->thread_id[i]};
+  uffd_region *region = find_region(p, faults->client_id[i], faults->region_id[i], NULL);
+  if (!region) {
+    append_batch(p, fault.fault_id, UFFDBROKER__DECISION_KIND__DECISION_RETRY, fault.address, 0, 0);
+    return 0;
+  }
+  uint8_t *buffer = p->stage + p->staged;
+  p->faults_served++;
+  p->in_pagefault = 1;
+  uffd_decision decision = callbacks->pagefault(&fault, region, buffer, UFFD_PLUGIN_MAX_PREFETCH, user);
+  p->in_pagefault = 0;
+  uint64_t page = region->page_size;
+  uint64_t length = decision.length ? decision.length : page;
+  /* The address of region offset decision.offset, in the same live piece as the fault. */
+  uint64_t address = decision.length ? fault.address - fault.offset + decision.offset : fault.address;
+  switch (decision.kind) {
+  case UFFD_DECISION_COPY:
+    if (length > UFFD_PLUGIN_MAX_PREFETCH) {
+      fprintf(stderr, "uffd_plugin: a copy of %llu bytes exceeds the buffer of %u\n", (unsigned long long)length, UFFD_PLUGIN_MAX_PREFETCH);
+      abort();
+    }
+    if (p->stage_offset >= 0) {
+      append_batch(p, fault.fault_id, UFFDBROKER__DECISION_KIND__DECISION_COPY, address, length, (uint64_t)p->stage_offset + p->staged);
+    } else {
+      Uffdbroker__Decision *d = &p->inline_decisions[p->inline_count];
+      uffdbroker__decision__init(d);
+      d->fault_id = fault.fault_id;
+      d->kind = UFFDBROKER__DECISION_KIND__DECISION_COPY;
+      d->address = address;
+      d->length = length;
+      d->data.data = buffer;
+      d->data.len = length;
+      p->inline_pointers[p->inline_count++] = d;
+      p->estimate += length + INLINE_OVERHEAD;
+    }
+    p->staged += (length + page - 1) / page * page;
+    return 0;
+  case UFFD_DECISION_ZERO:
+    append_batch(p, fault.fault_id, UFFDBROKER__DECISION_KIND__DECISION_ZERO, address, length, 0);
+    return 0;
+  case UFFD_DECISION_POISON:
+    append_batch(p, fault.fault_id, UFFDBROKER__DECISION_KIND__DECISION_POISON, address, length, 0);
+    return 0;
+  case UFFD_DECISION_RETRY:
+  default:
+    append_batch(p, fault.fault_id, UFFDBROKER__DECISION_KIND__DECISION_RETRY, fault.address, 0, 0);
+    return 0;
+  }
+}
+
+/* Applies one decoded packet: events first, then faults, then sends the answers. */
+static int handle_packet(uffd_plugin *p, const Uffdbroker__BrokerToPlugin *packet, const uffd_callbacks *callbacks, void *user) {
+  if (packet->error) return fail(ECONNABORTED, "the broker: %s (code %d)", packet->error->message, packet->error->code);
+  if (packet->packets_applied > p->packets_applied) p->packets_applied = packet->packets_applied;
+  /* An empty stage may move to the shared area now that the broker has caught up. */
+  if (p->staged == 0 && p->stage_offset < 0 && packet_empty(p)) choose_stage(p);
+  for (size_t i = 0; i < packet->n_events; i++) {
+    int err = handle_event(p, packet->events[i], callbacks, user);
+    if (err) return err;
+  }
+  const Uffdbroker__Faults *faults = packet->faults;
+  if (faults) {
+    size_t n = faults->n_fault_id;
+    if (faults->n_client_id != n || faults->n_region_id != n || faults->n_address != n || faults->n_offset != n || faults->n_flags != n ||
+        faults->n_thread_id != n)
+      return fail(EPROTO, "the broker sent fault arrays of different lengths");
+    for (size_t i = 0; i < n; i++) {
+      int err = serve_fault(p, faults, i, callbacks, user);
+      if (err) return err;
+    }
+  }
+  return flush(p);
+}
+
+/* ---- the public functions ---- */
+
+static int make_shared_area(void) {
+  int fd = memfd_create("uffd-plugin-pages", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+  if (fd < 0) return -errno;
+  if (ftruncate(fd, 2 * SHARED_HALF) != 0 || fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+    int err = errno;
+    close(fd);
+    return -err;
+  }
+  return fd;
+}
+
+uffd_plugin *uffd_plugin_connect(const char *socket_path, const char *name) {
+  uffd_plugin *p = calloc(1, sizeof *p);
+  if (!p) return fail(ENOMEM, "out of memory"), NULL;
+  p->fd = -1;
+  p->receive = malloc(RECEIVE_BUFFER);
+  p->send = malloc(MAX_PACKET);
+  p->staging = aligned_alloc(4096, MAX_PACKET);
+  if (!p->receive || !p->send || !p->staging) {
+    fail(ENOMEM, "out of memory");
+    goto failed;
+  }
+  p->estimate = 64;
+  int fd = open_socket(socket_path);
+  if (fd < 0) goto failed;
+  p->fd = fd;
+  if (check_peer(fd) != 0) goto failed;
+  /* Linux refuses a send longer than SO_SNDBUF - 32: the default (212,992) is below a full packet. */
+  int size = SOCKET_BUFFER;
+  if (setsockopt(fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof size) != 0) setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &size, sizeof size);
+  if (setsockopt(fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof size) != 0) setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof size);
+
+  /* The plugin speaks first: Hello, with the shared area's memfd if one could be made. */
+  int memfd = make_shared_area();
+  if (memfd >= 0) {
+    void *mapping = mmap(NULL, 2 * SHARED_HALF, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
+    if (mapping != MAP_FAILED) p->shared = mapping;
+  }
+  Uffdbroker__Hello hello;
+  uffdbroker__hello__init(&hello);
+  hello.version = UFFD_PLUGIN_PROTOCOL_VERSION;
+  hello.role = UFFDBROKER__ROLE__ROLE_PLUGIN;
+  hello.name = (char *)name;
+  Uffdbroker__PluginToBroker message;
+  uffdbroker__plugin_to_broker__init(&message);
+  message.hello = &hello;
+  size_t length = uffdbroker__plugin_to_broker__pack(&message, p->send);
+  int sent = send_packet(p, p->send, length, &memfd, p->shared ? 1 : 0);
+  if (memfd >= 0) close(memfd); /* the mapping stays */
+  if (sent != 0) goto failed;
+  p->packets_sent = 1;
+  choose_stage(p);
+
+  struct timeval timeout = {.tv_sec = 10};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  ssize_t count = receive_packet(p);
+  if (count == 0) fail(ECONNABORTED, "the broker closed the connection after Hello");
+  if (count <= 0) goto failed;
+  timeout.tv_sec = 0;
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  Uffdbroker__BrokerToPlugin *answer = uffdbroker__broker_to_plugin__unpack(NULL, (size_t)count, p->receive);
+  if (!answer) {
+    fail(EPROTO, "the broker's answer to Hello is malformed");
+    goto failed;
+  }
+  int ok = 0;
+  if (answer->error) fail(ECONNABORTED, "the broker refused: %s (code %d)", answer->error->message, answer->error->code);
+  else if (!answer->hello || answer->hello->role != UFFDBROKER__ROLE__ROLE_BROKER) fail(EPROTO, "the broker did not answer Hello");
+  else ok = 1;
+  if (answer->packets_applied > p->packets_applied) p->packets_applied = answer->packets_applied;
+  uffdbroker__broker_to_plugin__free_unpacked(answer, NULL);
+  if (ok) return p;
+failed:;
+  int err = errno;
+  uffd_plugin_free(p);
+  errno = err;
+  return NULL;
+}
+
+int uffd_plugin_run(uffd_plugin *p, const uffd_callbacks *callbacks, void *user) {
+  if (!callbacks || !callbacks->pagefault) return fail(EINVAL, "a plugin needs a pagefault callback");
+  int err = flush(p); /* delegations made before the loop */
+  while (err == 0) {
+    ssize_t count = receive_packet(p);
+    if (count == 0) return 0; /* the broker closed the connection */
+    if (count < 0) return (int)count;
+    Uffdbroker__BrokerToPlugin *packet = uffdbroker__broker_to_plugin__unpack(NULL, (size_t)count, p->receive);
+    if (!packet) return fail(EPROTO, "a malformed packet from the broker");
+    err = handle_packet(p, packet, callbacks, user);
+    uffdbroker__broker_to_plugin__free_unpacked(packet, NULL);
+  }
+  return err;
+}
+
+void uffd_plugin_free(uffd_plugin *p) {
+  if (!p) return;
+  if (p->fd >= 0) close(p->fd);
+  for (size_t i = 0; i < p->region_count; i++) free_region(p->regions[i]);
+  for (size_t i = 0; i < p->fd_count; i++) close(p->fds[i]);
+  for (size_t i = 0; i < p->reply_count; i++) free(p->reply_lost[i]), free(p->reply_lost_pointers[i]);
+  for (size_t i = 0; i < p->string_count; i++) free(p->strings[i]);
+  free(p->regions);
+  if (p->shared) munmap(p->shared, 2 * SHARED_HALF);
+  free(p->staging);
+  free(p->send);
+  free(p->receive);
+  free(p);
+}
+
+uint64_t uffd_plugin_faults_served(const uffd_plugin *p) { return p->faults_served; }
+
+static int delegate(uffd_plugin *p, const uffd_region *region, uint64_t offset, uint64_t length, Uffdbroker__DelegationKind kind, int fd,
+                    uint64_t file_offset, uint32_t prefetch_pages, int revoke) {
+  if (offset % region->page_size || length % region->page_size || length == 0 || offset + length > region->length || offset + length < offset)
+    return fail(EINVAL, "a delegation must be whole pages inside the region");
+  if (prefetch_pages > 32) return fail(EINVAL, "at most 32 pages per fault");
+  int full = p->estimate + DELEGATION_SIZE > PACKET_BUDGET || p->delegation_count == MAX_REPLIES || (fd >= 0 && p->fd_count == MAX_FDS);
+  if (full && p->in_pagefault) return fail(EAGAIN, "this answer is full; delegate from another callback");
+  int err = full ? flush(p) : 0;
+  if (err) return err;
+  int copy = -1;
+  if (fd >= 0 && (copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)) < 0) return fail(errno, "dup: %s", strerror(errno));
+  Uffdbroker__Delegation *d = &p->delegations[p->delegation_count];
+  uffdbroker__delegation__init(d);
+  d->client_id = region->client_id;
+  d->region_id = region->region_id;
+  d->offset = offset;
+  d->length = length;
+  d->kind = kind;
+  d->file_offset = file_offset;
+  d->prefetch_pages = prefetch_pages;
+  d->revoke = revoke;
+  p->delegation_pointers[p->delegation_count++] = d;
+  p->estimate += DELEGATION_SIZE;
+  if (copy >= 0) p->fds[p->fd_count++] = copy;
+  return 0;
+}
+
+int uffd_plugin_delegate_zero(uffd_plugin *p, const uffd_region *region, uint64_t offset, uint64_t length, uint32_t prefetch_pages) {
+  return delegate(p, region, offset, length, UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO, -1, 0, prefetch_pages, 0);
+}
+
+int uffd_plugin_delegate_file(uffd_plugin *p, const uffd_region *region, uint64_t offset, uint64_t length, int fd, uint64_t file_offset,
+                              uint32_t prefetch_pages) {
+  if (fd < 0) return fail(EBADF, "no file to delegate");
+  return delegate(p, region, offset, length, UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE, fd, file_offset, prefetch_pages, 0);
+}
+
+int uffd_plugin_revoke(uffd_plugin *p, const uffd_region *region, uint64_t offset, uint64_t length) {
+  return delegate(p, region, offset, length, UFFDBROKER__DELEGATION_KIND__DELEGATE_UNSPECIFIED, -1, 0, 0, 1);
+}
