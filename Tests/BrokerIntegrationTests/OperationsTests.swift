@@ -197,12 +197,12 @@ extension BrokerIntegrationTests {
     /// The package's root (the tests run the project's scripts).
     static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
 
-    @Test("scripts/install.sh into a prefix: the service and socket units, the installed broker starts with the installed config, its plugins run as nobody, a client is served; --uninstall removes it all but the config")
+    @Test("scripts/install.sh into a prefix: the service and socket units, the installed broker starts with the installed config, its plugins run as the default plugin user, a client is served; --uninstall removes it all but the config")
     func installAndUninstall() throws {
       try Harness.run("install") { h in
         chmod(h.directory, 0o755)  // the plugins (uid 65534) reach their files beneath it
         let root = h.directory + "/root"
-        let options = ["--prefix", root + "/usr", "--sysconfdir", root + "/etc", "--localstatedir", root + "/var", "--unitdir", root + "/units"]
+        let options = ["--prefix", root + "/usr", "--sysconfdir", root + "/etc", "--localstatedir", root + "/var", "--unitdir", root + "/units", "--sysusersdir", root + "/sysusers.d"]
         let install = try FixtureProcess(
           label: "install", executable: "/bin/bash", arguments: [Self.packageRoot + "/scripts/install.sh"] + options + ["--from", Harness.binDirectory],
           environment: ["PATH": "/usr/bin:/bin"], stdoutPath: h.directory + "/install.stdout", stderrPath: h.directory + "/install.stderr")
@@ -210,6 +210,7 @@ extension BrokerIntegrationTests {
         #expect(install.stdout.contains("config.json: ok"), h.diagnostics(install.stdout))
         let units = ["uffd-broker.service", "uffd-broker.socket", "uffd-broker-plugin.socket", "uffd-broker-control.socket"]
         for unit in units { #expect(access(root + "/units/" + unit, R_OK) == 0, h.diagnostics(unit)) }
+        #expect(readTextFile(root + "/sysusers.d/uffd-broker.conf").contains("u uffd-plugin "), h.diagnostics)
         #expect(readTextFile(root + "/units/uffd-broker.service").contains("ExecStart=\(root)/usr/bin/uffd-broker --config \(root)/etc/uffd-broker/config.json"), h.diagnostics)
         let run = h.directory + "/run"
         mkdir(run, 0o700)
@@ -223,7 +224,7 @@ extension BrokerIntegrationTests {
         }
         #expect(connected, h.diagnostics(broker.stderr))
         let plugin = try #require(try ControlChannel.status(socketPath: run + "/ctl.sock").plugin("zero-fill"), h.diagnostics)
-        #expect(readTextFile("/proc/\(plugin.spawnedPID)/status").contains("Uid:\t65534\t"), h.diagnostics)
+        #expect(readTextFile("/proc/\(plugin.spawnedPID)/status").contains("Uid:\t\(defaultPluginUser.uid)\t"), h.diagnostics)
         let client = try FixtureProcess(
           label: "installed-client", executable: Harness.fixtureExecutable, arguments: ["client", "zero", "4", "2", "zero-fill"],
           environment: ["UFFD_BROKER_CLIENT_SOCKET": run + "/c.sock"], stdoutPath: h.directory + "/client.stdout", stderrPath: h.directory + "/client.stderr")
@@ -236,6 +237,7 @@ extension BrokerIntegrationTests {
         #expect(uninstall.wait(timeout: 30) == .exited(0), h.diagnostics(uninstall.stdout + uninstall.stderr))
         #expect(access(root + "/usr/bin/uffd-broker", F_OK) != 0, h.diagnostics)
         for unit in units { #expect(access(root + "/units/" + unit, F_OK) != 0, h.diagnostics(unit)) }
+        #expect(access(root + "/sysusers.d/uffd-broker.conf", F_OK) != 0, h.diagnostics)
         #expect(access(root + "/etc/uffd-broker/config.json", F_OK) == 0, h.diagnostics)
       }
     }

@@ -22,11 +22,11 @@ extension BrokerEngine {
   public func pluginConnected(_ peer: PeerCredentials, spawnedAs: String? = nil, now: UInt64) -> Result<PluginID, BrokerError> {
     self.now = now
     guard spawnedAs != nil || Self.allows(peer, uids: configuration.pluginUIDs, gids: configuration.pluginGIDs) else {
-      report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.notAuthorized.name, ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
+      report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.notAuthorized.name, uid: peer.uid, ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
       return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not serve as a plugin of this broker"))
     }
     guard plugins.count < configuration.maxPluginConnections else {
-      report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.limit.name, ["peer.uid": "\(peer.uid)", "reason": "maxPluginConnections"])
+      report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.limit.name, uid: peer.uid, ["peer.uid": "\(peer.uid)", "reason": "maxPluginConnections"])
       return .failure(BrokerError(.limit, "the broker has its maximum of \(configuration.maxPluginConnections) plugin connections"))
     }
     let plugin = Plugin(id: takeID(), peer: peer, connectedAt: now, spawnedAs: spawnedAs)

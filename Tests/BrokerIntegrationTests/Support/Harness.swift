@@ -53,7 +53,9 @@ final class Harness {
 
   /// Starts a broker (debug logging), with a config file if any field is given
   /// (`$DIR` in a field stands for the harness's directory), and waits for it to serve.
-  private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?, configFields: [String], user: UInt32?, socketActivation: Bool) throws {
+  private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?, configFields: [String], user: UInt32?, socketActivation: Bool,
+               brokerEnvironment: [String: String]) throws {
+    self.brokerEnvironment = brokerEnvironment
     var template = Array("/tmp/uffd-it-\(label)-XXXXXX".utf8CString)
     guard let made = mkdtemp(&template) else { throw HarnessError("mkdtemp failed: \(errno)") }
     directory = String(cString: made)
@@ -98,17 +100,19 @@ final class Harness {
   }
 
   private var brokerArguments: [String] = []
+  /// Set in the broker's environment beside `environment`.
+  private let brokerEnvironment: [String: String]
 
   /// Starts the broker and waits until it answers on its control socket
   /// (it listens on every socket before it serves any).
   private func startBroker() throws {
     broker = if handedOver.isEmpty {
       try spawn(
-        label: "uffd-broker", executable: Self.brokerExecutable, arguments: brokerArguments, environment: environment,
+        label: "uffd-broker", executable: Self.brokerExecutable, arguments: brokerArguments, environment: environment.merging(brokerEnvironment) { $1 },
         stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
     } else {
       try Self.spawnBroker(
-        label: "uffd-broker", arguments: brokerArguments, environment: environment, handing: handedOver.map(\.fd),
+        label: "uffd-broker", arguments: brokerArguments, environment: environment.merging(brokerEnvironment) { $1 }, handing: handedOver.map(\.fd),
         stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
     }
     let serving = waitUntil(timeout: 10) { !broker.isRunning || (try? status())?.pid == broker.pid }
@@ -162,10 +166,11 @@ final class Harness {
   /// hands them to the broker (`spawnBroker`), which binds only its control socket.
   static func run(
     _ label: String, spawning spawned: [SpawnedPlugin] = [], pluginDeadlineMilliseconds: Int? = nil, configFields: [String] = [],
-    user: UInt32? = nil, socketActivation: Bool = false, sourceLocation: SourceLocation = #_sourceLocation, _ body: (Harness) throws -> Void
+    user: UInt32? = nil, socketActivation: Bool = false, brokerEnvironment: [String: String] = [:], sourceLocation: SourceLocation = #_sourceLocation,
+    _ body: (Harness) throws -> Void
   ) throws {
     let harness = try Harness(label: label, spawned: spawned, pluginDeadlineMilliseconds: pluginDeadlineMilliseconds, configFields: configFields, user: user,
-                              socketActivation: socketActivation)
+                              socketActivation: socketActivation, brokerEnvironment: brokerEnvironment)
     var finished = false
     defer { harness.tearDown(keep: !finished, sourceLocation: sourceLocation) }
     try body(harness)
@@ -388,3 +393,12 @@ func removeDirectory(_ path: String) {
   closedir(dir)
   rmdir(path)
 }
+
+/// Who a root broker runs a spawned plugin as when its config names no user:
+/// `uffd-plugin` where the system has it (scripts/install.sh creates it), else `nobody`.
+let defaultPluginUser: (uid: UInt32, gid: UInt32) = {
+  for name in ["uffd-plugin", "nobody"] {
+    if let entry = getpwnam(name) { return (entry.pointee.pw_uid, entry.pointee.pw_gid) }
+  }
+  return (65534, 65534)
+}()
