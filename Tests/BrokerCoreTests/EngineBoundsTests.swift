@@ -66,6 +66,28 @@ struct EngineBoundsTests {
     #expect(engine.status().plugin("p")?.missedEvents == 65)
   }
 
+  @Test("Events kept for an absent plugin are capped: past the cap the client that keeps changing its memory is killed (no event is dropped), and its Closed is still told")
+  func missedEventsCapped() throws {
+    let (engine, plugin) = try engineWithPlugin()
+    engine.maxMissedEvents = 16
+    var actions: [Action] = []
+    let base: UInt = 0x10_0000
+    let client = try registerClient(engine, pid: 20, base: base, pages: 64)
+    engine.regionReply(plugin, RegionReply(clientID: client, regionID: 1, error: nil), now: 1)
+    engine.pluginGone(plugin, BrokerError(.disconnected, "crashed"), now: 2)
+    engine.takeActions(into: &actions)
+    for page in 0..<16 { engine.uffdEvents(client, [.remove(base + UInt(page) * 4096..<base + UInt(page + 1) * 4096)], now: 3) }
+    engine.takeActions(into: &actions)
+    #expect(!actions.contains { if case .kill = $0 { true } else { false } })
+    engine.uffdEvents(client, [.remove(base + 16 * 4096..<base + 17 * 4096)], now: 3)
+    engine.takeActions(into: &actions)
+    #expect(actions.contains { if case .kill(client) = $0 { true } else { false } }, "\(actions)")
+    #expect(engine.tally[.clientKilled] == 1 && engine.status().plugin("p")?.missedEvents == 16)
+    // Its end replaces what was kept of it.
+    engine.clientGone(client, BrokerError(.disconnected, "killed"), now: 4)
+    #expect(engine.status().plugin("p")?.missedEvents == 1)
+  }
+
   @Test("Forked children count toward their uid's maxClientsPerUID: past it a child is not served and what it never had fails closed")
   func forkedChildrenCountPerUID() throws {
     let (engine, plugin) = try engineWithPlugin { $0.maxClientsPerUID = 2 }

@@ -300,7 +300,7 @@ extension BrokerEngine {
       // A closed client's earlier events are moot to its plugin: its Closed stands for them all.
       route.missedEvents.removeAll { $0.clientID == gone }
     }
-    guard route.missedEvents.count < Self.maxMissedEvents else {
+    guard route.missedEvents.count < maxMissedEvents else {
       // A client's end is no change of its memory: past the cap it is not kept (the
       // plugin, when it comes back, keeps state for a client that is gone: no page is wrong).
       if case .closed = event { return }

@@ -73,8 +73,9 @@ public final class BrokerEngine {
   /// budget and hide the others'.
   static let logLinesPerSecondPerPeer = 5
 
-  /// Events kept for a plugin that is away; past this a client is failed closed.
-  static let maxMissedEvents = 1 << 20
+  /// Events kept for a plugin that is away; past this a client is failed closed
+  /// (a variable only so that a test need not make a million events).
+  var maxMissedEvents = 1 << 20
   /// The most pages the broker fills at once around a fault of its own (delegated ranges, new memory).
   public static let maxLocalFillPages = 32
   /// The lowest address a process may map (the default `vm.mmap_min_addr`): the
