@@ -72,15 +72,7 @@ final class Harness {
     var arguments = ["--client-socket", clientSocket, "--plugin-socket", pluginSocket, "--control-socket", controlSocket, "--log-level", "debug"]
     if !spawned.isEmpty || pluginDeadlineMilliseconds != nil || !configFields.isEmpty {
       var fields = configFields.map { $0.replacingOccurrences(of: "$DIR", with: directory) }
-      if !spawned.isEmpty {
-        let plugins = spawned.map { plugin in
-          let args = plugin.arguments.map(jsonString).joined(separator: ", ")
-          let executable = plugin.product.map { Self.binDirectory + "/" + $0 } ?? Self.fixtureExecutable
-          let identity = [("user", plugin.user), ("group", plugin.group)].compactMap { key, value in value.map { ", \"\(key)\": \(jsonString($0))" } }.joined()
-          return "{\"name\": \(jsonString(plugin.name)), \"executable\": \(jsonString(executable)), \"arguments\": [\(args)]\(identity)}"
-        }
-        fields.append("\"plugins\": [\(plugins.joined(separator: ", "))]")
-      }
+      if !spawned.isEmpty { fields.append(Self.pluginsField(spawned)) }
       if let pluginDeadlineMilliseconds { fields.append("\"pluginDeadlineMilliseconds\": \(pluginDeadlineMilliseconds)") }
       let path = directory + "/config.json"
       try writeTextFile(path, "{\(fields.joined(separator: ", "))}\n")
@@ -97,6 +89,17 @@ final class Harness {
       }
     }
     try startBroker()
+  }
+
+  /// The config's `"plugins": [...]` field for `spawned`.
+  static func pluginsField(_ spawned: [SpawnedPlugin]) -> String {
+    let plugins = spawned.map { plugin in
+      let args = plugin.arguments.map(jsonString).joined(separator: ", ")
+      let executable = plugin.product.map { binDirectory + "/" + $0 } ?? fixtureExecutable
+      let identity = [("user", plugin.user), ("group", plugin.group)].compactMap { key, value in value.map { ", \"\(key)\": \(jsonString($0))" } }.joined()
+      return "{\"name\": \(jsonString(plugin.name)), \"executable\": \(jsonString(executable)), \"arguments\": [\(args)]\(identity)}"
+    }
+    return "\"plugins\": [\(plugins.joined(separator: ", "))]"
   }
 
   private var brokerArguments: [String] = []
