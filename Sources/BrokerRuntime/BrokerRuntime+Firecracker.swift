@@ -26,7 +26,7 @@ extension BrokerRuntime {
   func acceptVMMs(listener id: UInt64) {
     guard let listener = firecrackerListeners[id] else { return }
     acceptAll(from: listener.listener, role: "vmm", refusal: { socket, _ in finish(socket) }) { socket, peer in
-      guard firecrackerListeners[id] != nil, let pidfd = takePidfd(of: socket) else { return finish(socket) }
+      guard firecrackerListeners[id] != nil, let pidfd = takePidfd(of: socket, peer: peer) else { return finish(socket) }
       admitClient(socket, pidfd: pidfd, engine.clientConnected(peer, isVMM: true, now: loopTime),
                   vmm: VMMHandshake(socket: listener.socket, pid: peer.pid))
       // A VM's own socket serves its one VMM: another process must not take its place.

@@ -35,7 +35,7 @@ extension BrokerRuntime {
 
   func acceptClients() {
     acceptAll(from: clientListener, role: "client", refusal: tellClient) { socket, peer in
-      guard let pidfd = takePidfd(of: socket) else { return }
+      guard let pidfd = takePidfd(of: socket, peer: peer) else { return }
       admitClient(socket, pidfd: pidfd, engine.clientConnected(peer, now: loopTime), vmm: nil)
     }
   }
@@ -63,17 +63,17 @@ extension BrokerRuntime {
   /// A pidfd of the process that connected, taken at accept (a pid looked up
   /// later may name another process by then). Without one the connection is
   /// refused: as out of descriptors (a `.limit` the client may retry) when that
-  /// is why, else because the process is gone or the kernel predates 6.5.
-  func takePidfd(of socket: PacketSocket) -> OwnedDescriptor? {
-    switch valueOrErrno(clinux_peer_pidfd(socket.fd)) {
+  /// is why, else because the process is gone (or its pid names another by now).
+  func takePidfd(of socket: PacketSocket, peer: PeerCredentials) -> OwnedDescriptor? {
+    switch PeerPidfd.take(of: socket.fd, peer: peer) {
     case .success(let pidfd):
-      return OwnedDescriptor(pidfd)
+      return pidfd
     case .failure(let errno) where errno == .tooManyOpenFiles || errno == .tooManyOpenFilesInSystem:
       report(.error, "out of descriptors: refusing a new connection", .connectionRefusedNoDescriptors, cause: "client", ["role": "client"])
       tellClient(socket, BrokerError(.limit, "the broker is out of file descriptors; try again later"))
     case .failure(let errno):
-      let error = BrokerError(.io, "no pidfd of the connecting process (SO_PEERPIDFD, Linux 6.5; or it has exited)", errno: errno)
-      report(.warning, "client refused", .clientRefused, cause: "noPidfd", ["error": "\(error)"])
+      let error = BrokerError(.io, "no pidfd of the connecting process (it has exited, or its pid now names another process)", errno: errno)
+      report(.warning, "client refused", .clientRefused, cause: "noPidfd", ["error": "\(error)", "peer.pid": "\(peer.pid)", "pidfd.method": "\(PeerPidfd.preferred)"])
       tellClient(socket, error)
     }
     return nil

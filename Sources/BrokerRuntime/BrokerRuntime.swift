@@ -126,9 +126,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     try configuration.validate()
     try configuration.checkExecutables()
     Self.raiseDescriptorLimit()
-    var credentials: [ChildProcess.Credentials?] = []
-    for (index, plugin) in configuration.plugins.enumerated() { credentials.append(try PluginCredentials.resolve(plugin, index: index)) }
-    pluginCredentials = credentials
+    pluginCredentials = try PluginCredentials.resolve(configuration.plugins)
     engine = try BrokerEngine(configuration: configuration, pageSize: systemPageSize, now: monotonicNanoseconds(), makeToken: { .randomToken() })
     self.logger = logger
     engine.logLevel = logger.logLevel
@@ -197,14 +195,12 @@ public final class BrokerRuntime: @unchecked Sendable {
   public func run() throws(BrokerError) {
     if signals.isValid { try loop.add(signals.rawValue, Token(.signal)) }
     loopTime = monotonicNanoseconds()  // spawned plugins connect at once
-    if !configuration.plugins.isEmpty {
-      let supervisor = PluginSupervisor(
-        plugins: configuration.plugins, credentials: pluginCredentials, pluginSocketPath: configuration.pluginSocketPath, logger: logger,
-        adopt: { [unowned self] socket, peer, name in adoptSpawnedPlugin(socket, peer: peer, name: name) })
-      self.supervisor = supervisor
-      supervisor.startAll(loop: loop)
-      tellGivenUp()
-    }
+    let spawned = PluginSupervisor(
+      plugins: configuration.plugins, credentials: pluginCredentials, pluginSocketPath: configuration.pluginSocketPath, logger: logger,
+      adopt: { [unowned self] socket, peer, name in adoptSpawnedPlugin(socket, peer: peer, name: name) })
+    supervisor = spawned
+    spawned.startAll(loop: loop)
+    tellGivenUp()
     let listeners: [(String, PacketListener?)] = [("client", clientListener), ("plugin", pluginListener), ("control", controlListener)]
     let inherited = listeners.compactMap { role, listener in listener?.isInherited == true ? role : nil }
     logger.info("broker serving", metadata: ["socket.client": "\(configuration.clientSocketPath)", "socket.plugin": "\(configuration.pluginSocketPath)",
@@ -260,14 +256,16 @@ public final class BrokerRuntime: @unchecked Sendable {
     case .child:
       supervisor?.childExited(id: token.id, loop: loop)
       tellGivenUp()
+      tellGivenUp()
     }
     // Now: a decision's bytes live in `pluginPacket` until the next plugin packet is read.
     perform()
   }
 
-  /// SIGHUP: what may change while the broker runs (who may connect, limits,
-  /// deadlines, policies) changes; a file the broker would not start with, or
-  /// one that changes the spawned plugins, is refused and the running
+  /// SIGHUP: what may change while the broker runs changes (who may connect,
+  /// limits, deadlines, policies, the spawned plugins: added, removed or
+  /// changed); a file the broker would not start with, or one that removes a
+  /// plugin still serving clients' regions, is refused and the running
   /// configuration kept (the sockets stay those it has). Either way it says so
   /// in the log and the status.
   private func reloadConfiguration() {
@@ -286,7 +284,10 @@ public final class BrokerRuntime: @unchecked Sendable {
       }
       (next.clientSocketPath, next.pluginSocketPath, next.controlSocketPath) = (configuration.clientSocketPath, configuration.pluginSocketPath, configuration.controlSocketPath)
       next.firecrackerSockets = configuration.firecrackerSockets
+      try next.checkExecutables()
+      let credentials = try PluginCredentials.resolve(next.plugins)
       try engine.reconfigure(next)
+      supervisor?.apply(next.plugins, credentials: credentials, loop: loop)
       tally.count(.configReloaded)
       logger.notice("configuration reloaded")
     } catch {
@@ -346,7 +347,7 @@ public final class BrokerRuntime: @unchecked Sendable {
 
   /// The engine learns which plugins the supervisor gave up (their policies then apply).
   private func tellGivenUp() {
-    for plugin in configuration.plugins where supervisor?.hasGivenUp(plugin.name) == true { engine.pluginGivenUp(plugin.name) }
+    for name in supervisor?.givenUp ?? [] { engine.pluginGivenUp(name) }
   }
 
   /// One line for systemd's `STATUS=`.

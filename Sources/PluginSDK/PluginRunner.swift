@@ -107,7 +107,13 @@ public final class PluginRunner {
     let sent = attached.withUnsafeBufferPointer { fds in
       Result { () throws(BrokerError) in try socket.send(UnsafeRawBufferPointer(rebasing: packet[..<count]), fds: fds) }
     }
-    _ = try sent.get()
+    if case .failure(let error) = sent {
+      // A broker that refuses a connection sends why, then shuts it: the send
+      // fails (EPIPE), but the Error is there to read.
+      socket.setReceiveTimeout(milliseconds: 1_000)
+      if (try? receive()) == true, let refusal = events.error { throw refusal }
+      throw error
+    }
     packetsSent = 1
     chooseStage()
     socket.setReceiveTimeout(milliseconds: 10_000)

@@ -6,7 +6,7 @@ import Userfaultfd
 /// The engine alone: what a peer can make the broker keep or write is bounded.
 @Suite("Engine: bounds on what peers cost")
 struct EngineBoundsTests {
-  @Test("1,000 refusals in a second log 20 lines and one summary with the count; the tally has all 1,000")
+  @Test("Refusals in a second: 5 lines from one uid, 20 from all, then a summary per uid with its count; the tally has every one")
   func refusalsRateLimited() throws {
     let configuration = BrokerConfiguration(clientSocketPath: "", pluginSocketPath: "", owner: 0)
     let engine = try BrokerEngine(configuration: configuration, pageSize: 4096, now: 1, makeToken: { 1 })
@@ -22,14 +22,25 @@ struct EngineBoundsTests {
       collect()
     }
     #expect(engine.tally[.clientRefused, "notAuthorized"] == 1_000)
-    #expect(lines.count == BrokerEngine.logLinesPerSecond && lines.allSatisfy { $0.hasPrefix("refused a client") }, "\(lines.count) lines")
-    // The next sweep after the second says how many were held back.
-    engine.tick(now: 2 * second)
+    #expect(lines.count == BrokerEngine.logLinesPerSecondPerPeer && lines.allSatisfy { $0.hasPrefix("refused a client") }, "\(lines.count) lines")
+    // Another peer in the same second still has its lines: one uid cannot hide the others'.
+    _ = engine.clientConnected(PeerCredentials(pid: 101, uid: 4343, gid: 4343), now: second / 2)
     collect()
-    let summary = lines.dropFirst(BrokerEngine.logLinesPerSecond)
-    #expect(summary.count == 1 && summary.first?.contains("suppressed") == true && summary.first?.contains("980") == true, "\(summary)")
+    #expect(lines.last?.contains("4343") == true, "\(lines.suffix(1))")
+    // Many peers together get the kind's budget, no more.
+    for uid in UInt32(5000)..<5100 {
+      _ = engine.clientConnected(PeerCredentials(pid: 102, uid: uid, gid: uid), now: second / 2 + 1)
+      collect()
+    }
+    #expect(lines.count == BrokerEngine.logLinesPerSecond, "\(lines.count) lines")
+    // The next sweep after the second says how many were held back, per peer.
+    engine.tick(now: 3 * second)
+    collect()
+    let summaries = lines.dropFirst(BrokerEngine.logLinesPerSecond)
+    #expect(summaries.allSatisfy { $0.contains("suppressed") } && summaries.contains { $0.contains("995") && $0.contains("4242") }, "\(summaries)")
+    #expect(summaries.count == 1 + 100 - (BrokerEngine.logLinesPerSecond - BrokerEngine.logLinesPerSecondPerPeer - 1), "\(summaries.count) summaries")
     // A new second has a new budget.
-    _ = engine.clientConnected(PeerCredentials(pid: 100, uid: 4242, gid: 4242), now: 2 * second + 1)
+    _ = engine.clientConnected(PeerCredentials(pid: 100, uid: 4242, gid: 4242), now: 3 * second + 1)
     collect()
     #expect(lines.last?.hasPrefix("refused a client") == true)
   }
@@ -53,6 +64,28 @@ struct EngineBoundsTests {
     engine.clientGone(clients[0].id, BrokerError(.disconnected, "exited"), now: 4)
     // The other client's 64 drops, and the first one's Closed.
     #expect(engine.status().plugin("p")?.missedEvents == 65)
+  }
+
+  @Test("Events kept for an absent plugin are capped: past the cap the client that keeps changing its memory is killed (no event is dropped), and its Closed is still told")
+  func missedEventsCapped() throws {
+    let (engine, plugin) = try engineWithPlugin()
+    engine.maxMissedEvents = 16
+    var actions: [Action] = []
+    let base: UInt = 0x10_0000
+    let client = try registerClient(engine, pid: 20, base: base, pages: 64)
+    engine.regionReply(plugin, RegionReply(clientID: client, regionID: 1, error: nil), now: 1)
+    engine.pluginGone(plugin, BrokerError(.disconnected, "crashed"), now: 2)
+    engine.takeActions(into: &actions)
+    for page in 0..<16 { engine.uffdEvents(client, [.remove(base + UInt(page) * 4096..<base + UInt(page + 1) * 4096)], now: 3) }
+    engine.takeActions(into: &actions)
+    #expect(!actions.contains { if case .kill = $0 { true } else { false } })
+    engine.uffdEvents(client, [.remove(base + 16 * 4096..<base + 17 * 4096)], now: 3)
+    engine.takeActions(into: &actions)
+    #expect(actions.contains { if case .kill(client) = $0 { true } else { false } }, "\(actions)")
+    #expect(engine.tally[.clientKilled] == 1 && engine.status().plugin("p")?.missedEvents == 16)
+    // Its end replaces what was kept of it.
+    engine.clientGone(client, BrokerError(.disconnected, "killed"), now: 4)
+    #expect(engine.status().plugin("p")?.missedEvents == 1)
   }
 
   @Test("Forked children count toward their uid's maxClientsPerUID: past it a child is not served and what it never had fails closed")

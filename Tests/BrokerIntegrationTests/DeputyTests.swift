@@ -95,7 +95,7 @@ extension BrokerIntegrationTests {
           #expect(h.waitForStatus { status in plugins.allSatisfy { status.plugin($0.name).map { $0.connectedPID != 0 && $0.connectedPID == $0.spawnedPID } ?? false } },
                   h.diagnostics)
           let status = try h.status()
-          let expected: [(String, String, String)] = [("default", "65534", "65534"), ("daemon", "65534", "\(daemonGID)"), ("root", "0", "0")]
+          let expected: [(String, String, String)] = [("default", "\(defaultPluginUser.uid)", "\(defaultPluginUser.gid)"), ("daemon", "65534", "\(daemonGID)"), ("root", "0", "0")]
           for (name, uid, gid) in expected {
             let pid = try #require(status.plugin(name)?.spawnedPID, h.diagnostics)
             let fields = Self.identity(of: pid)

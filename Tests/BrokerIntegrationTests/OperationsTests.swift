@@ -15,7 +15,7 @@ extension BrokerIntegrationTests {
       return false
     }
 
-    @Test("SIGHUP reloads the config: a raised limit applies at once; a file the broker would not start with, or with other spawned plugins, is refused and the running one kept")
+    @Test("SIGHUP reloads the config: a raised limit applies at once; a file the broker would not start with is refused and the running one kept")
     func reloadOnSIGHUP() throws {
       try Harness.run("reload", configFields: ["\"maxClientsPerUID\": 1"]) { h in
         let config = h.directory + "/config.json"
@@ -29,7 +29,7 @@ extension BrokerIntegrationTests {
         let second = try ManualClient(socketPath: h.clientSocket)
         try second.hello()
 
-        for (text, cause) in [(#"{"maxClientsPerUID": 0}"#, "malformed"), (#"{"maxClientsPerUID": 3, "plugins": [{"name": "x", "executable": "/bin/true"}]}"#, "malformed"),
+        for (text, cause) in [(#"{"maxClientsPerUID": 0}"#, "malformed"), (#"{"maxClientsPerUID": 3, "plugins": [{"name": "x", "executable": "/no/such/plugin"}]}"#, "malformed"),
                               (#"{"maxClientsPerUID": 3, "clientUIDs": [0, 4242]}"#, "notAuthorized")] {
           let before = try h.status().tally[.configReloadRefused, cause]
           try writeTextFile(config, text)
@@ -40,6 +40,57 @@ extension BrokerIntegrationTests {
         }
         #expect(try h.status().tally[.configReloaded] == 1, h.diagnostics)
         _ = (first, second)
+      }
+    }
+
+    @Test("SIGHUP with other spawned plugins: an added one starts, a changed one is stopped and started as now configured, a removed one is stopped; removing one that serves a client's region is refused and the running set kept")
+    func reloadSpawnedPlugins() throws {
+      let a = Harness.SpawnedPlugin(name: "a", arguments: ["plugin", "a", "pattern"])
+      let c = Harness.SpawnedPlugin(name: "c", arguments: ["plugin", "c", "pattern"])
+      try Harness.run("reload-plugins", spawning: [a, c]) { h in
+        let config = h.directory + "/config.json"
+        func spawnedPID(_ name: String, _ status: BrokerStatus) -> Int32? {
+          status.plugin(name).flatMap { $0.connectedPID != 0 && $0.connectedPID == $0.spawnedPID ? $0.spawnedPID : nil }
+        }
+        /// Writes a config of `spawned`, sends SIGHUP, and says whether the status came to `done`.
+        func reload(_ spawned: [Harness.SpawnedPlugin], until done: (BrokerStatus) -> Bool) throws -> Bool {
+          try writeTextFile(config, "{" + Harness.pluginsField(spawned) + "}\n")
+          kill(h.broker.pid, SIGHUP)
+          return h.waitForStatus(done)
+        }
+        var first = BrokerStatus()
+        #expect(h.waitForStatus { first = $0; return spawnedPID("a", $0) != nil && spawnedPID("c", $0) != nil }, h.diagnostics)
+        // A client served by c stops at its gate, its region still routed to c.
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("remap-reattach", mib: 2, threads: 1, plugin: "c", extraEnvironment: gate.environment)
+        #expect(gate.awaitClient() == "moved", h.diagnostics(client.stdout + client.stderr))
+        #expect(try reload([a]) { $0.tally[.configReloadRefused, "malformed"] == 1 }, h.diagnostics)
+        #expect(spawnedPID("c", try h.status()) == spawnedPID("c", first), h.diagnostics)
+
+        // a changed (another mode), b added, c kept: c goes on serving its client.
+        let changed = Harness.SpawnedPlugin(name: "a", arguments: ["plugin", "a", "pattern", h.eventLogPath("a")])
+        let b = Harness.SpawnedPlugin(name: "b", arguments: ["plugin", "b", "pattern"])
+        let changedRunning = try reload([changed, b, c]) { status in
+          status.tally[.configReloaded] == 1 && spawnedPID("b", status) != nil
+            && spawnedPID("a", status).map { $0 != spawnedPID("a", first) } == true
+        }
+        #expect(changedRunning, h.diagnostics)
+        gate.release()
+        #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(spawnedPID("c", try h.status()) == spawnedPID("c", first), h.diagnostics)
+        // The new a and b serve.
+        for name in ["a", "b"] {
+          let served = try h.startClient("touch", mib: 1, threads: 2, plugin: name)
+          #expect(served.wait(timeout: 30) == .exited(0), h.diagnostics(served.stdout + served.stderr))
+        }
+        // The new a runs as now configured: with an event log, where the old one had none.
+        #expect(h.eventLog("a").contains { $0.hasPrefix("opened ") }, h.diagnostics("\(h.eventLog("a").prefix(3))"))
+
+        // c removed, now that no client uses it: stopped, and not started again.
+        let removed = try reload([changed, b]) { status in
+          status.tally[.configReloaded] == 2 && status.plugin("c").map { $0.spawnedPID == 0 && $0.connectedPID == 0 } ?? true
+        }
+        #expect(removed, h.diagnostics)
       }
     }
 
@@ -197,12 +248,12 @@ extension BrokerIntegrationTests {
     /// The package's root (the tests run the project's scripts).
     static let packageRoot = URL(fileURLWithPath: #filePath).deletingLastPathComponent().deletingLastPathComponent().deletingLastPathComponent().path
 
-    @Test("scripts/install.sh into a prefix: the service and socket units, the installed broker starts with the installed config, its plugins run as nobody, a client is served; --uninstall removes it all but the config")
+    @Test("scripts/install.sh into a prefix: the service and socket units, the installed broker starts with the installed config, its plugins run as the default plugin user, a client is served; --uninstall removes it all but the config")
     func installAndUninstall() throws {
       try Harness.run("install") { h in
         chmod(h.directory, 0o755)  // the plugins (uid 65534) reach their files beneath it
         let root = h.directory + "/root"
-        let options = ["--prefix", root + "/usr", "--sysconfdir", root + "/etc", "--localstatedir", root + "/var", "--unitdir", root + "/units"]
+        let options = ["--prefix", root + "/usr", "--sysconfdir", root + "/etc", "--localstatedir", root + "/var", "--unitdir", root + "/units", "--sysusersdir", root + "/sysusers.d"]
         let install = try FixtureProcess(
           label: "install", executable: "/bin/bash", arguments: [Self.packageRoot + "/scripts/install.sh"] + options + ["--from", Harness.binDirectory],
           environment: ["PATH": "/usr/bin:/bin"], stdoutPath: h.directory + "/install.stdout", stderrPath: h.directory + "/install.stderr")
@@ -210,6 +261,7 @@ extension BrokerIntegrationTests {
         #expect(install.stdout.contains("config.json: ok"), h.diagnostics(install.stdout))
         let units = ["uffd-broker.service", "uffd-broker.socket", "uffd-broker-plugin.socket", "uffd-broker-control.socket"]
         for unit in units { #expect(access(root + "/units/" + unit, R_OK) == 0, h.diagnostics(unit)) }
+        #expect(readTextFile(root + "/sysusers.d/uffd-broker.conf").contains("u uffd-plugin "), h.diagnostics)
         #expect(readTextFile(root + "/units/uffd-broker.service").contains("ExecStart=\(root)/usr/bin/uffd-broker --config \(root)/etc/uffd-broker/config.json"), h.diagnostics)
         let run = h.directory + "/run"
         mkdir(run, 0o700)
@@ -223,7 +275,7 @@ extension BrokerIntegrationTests {
         }
         #expect(connected, h.diagnostics(broker.stderr))
         let plugin = try #require(try ControlChannel.status(socketPath: run + "/ctl.sock").plugin("zero-fill"), h.diagnostics)
-        #expect(readTextFile("/proc/\(plugin.spawnedPID)/status").contains("Uid:\t65534\t"), h.diagnostics)
+        #expect(readTextFile("/proc/\(plugin.spawnedPID)/status").contains("Uid:\t\(defaultPluginUser.uid)\t"), h.diagnostics)
         let client = try FixtureProcess(
           label: "installed-client", executable: Harness.fixtureExecutable, arguments: ["client", "zero", "4", "2", "zero-fill"],
           environment: ["UFFD_BROKER_CLIENT_SOCKET": run + "/c.sock"], stdoutPath: h.directory + "/client.stdout", stderrPath: h.directory + "/client.stderr")
@@ -236,6 +288,7 @@ extension BrokerIntegrationTests {
         #expect(uninstall.wait(timeout: 30) == .exited(0), h.diagnostics(uninstall.stdout + uninstall.stderr))
         #expect(access(root + "/usr/bin/uffd-broker", F_OK) != 0, h.diagnostics)
         for unit in units { #expect(access(root + "/units/" + unit, F_OK) != 0, h.diagnostics(unit)) }
+        #expect(access(root + "/sysusers.d/uffd-broker.conf", F_OK) != 0, h.diagnostics)
         #expect(access(root + "/etc/uffd-broker/config.json", F_OK) == 0, h.diagnostics)
       }
     }

@@ -99,10 +99,22 @@ extension BrokerIntegrationTests {
       }
     }
 
-    @Test("The broker watches the process that connected (SO_PEERPIDFD): a connection handed on after its process exited is closed at Register, though another process now has that pid",
-          .enabled(if: getuid() == 0, "needs root to choose the next pid (ns_last_pid)"))
-    func identityIsTheConnectingProcess() throws {
-      try Harness.run("handoff") { h in
+    @Test("A plugin built on the SDK that the broker refuses says the broker's reason, not a broken pipe")
+    func refusedPluginSaysWhy() throws {
+      try Harness.run("refused-plugin", configFields: ["\"pluginUIDs\": [4242]"]) { h in
+        for round in 0..<5 {
+          let plugin = try h.startPluginProcess(name: "zero", executable: Harness.binDirectory + "/zero-fill-plugin", arguments: ["zero"], waitForConnection: false)
+          #expect(plugin.wait(timeout: 10).map { $0 != .exited(0) } == true, h.diagnostics("round \(round)"))
+          #expect(plugin.stderr.contains("may not serve as a plugin"), h.diagnostics("round \(round): \(plugin.stderr)"))
+        }
+        #expect(try h.status().tally[.pluginRefused, "notAuthorized"] == 5, h.diagnostics)
+      }
+    }
+
+    @Test("The broker watches the process that connected (SO_PEERPIDFD, or pidfd_open of its pid as on a kernel before 6.5): a connection handed on after its process exited is closed at Register, though another process now has that pid",
+          .enabled(if: getuid() == 0, "needs root to choose the next pid (ns_last_pid)"), arguments: ["connection", "pid"])
+    func identityIsTheConnectingProcess(pidfdMethod: String) throws {
+      try Harness.run("handoff", brokerEnvironment: ["UFFD_BROKER_PIDFD": pidfdMethod]) { h in
         let fifo = h.directory + "/go"
         #expect(mkfifo(fifo, 0o600) == 0)
         let fixture = try h.startClient("handoff", mib: 0, threads: 0, plugin: "none", extraEnvironment: ["FIXTURE_GO": fifo])

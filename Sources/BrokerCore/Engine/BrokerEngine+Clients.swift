@@ -20,16 +20,16 @@ extension BrokerEngine {
   public func clientConnected(_ peer: PeerCredentials, isVMM: Bool = false, now: UInt64) -> Result<ClientID, BrokerError> {
     self.now = now
     guard Self.allows(peer, uids: configuration.clientUIDs, gids: configuration.clientGIDs) else {
-      report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.notAuthorized.name, ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
+      report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.notAuthorized.name, uid: peer.uid, ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
       return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not register memory with this broker"))
     }
     guard clients.count < configuration.maxClients else {
-      report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.limit.name, ["peer.uid": "\(peer.uid)", "reason": "maxClients"])
+      report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.limit.name, uid: peer.uid, ["peer.uid": "\(peer.uid)", "reason": "maxClients"])
       return .failure(BrokerError(.limit, "the broker serves its maximum of \(configuration.maxClients) clients"))
     }
     // One uid must not take every slot from the others (its forked children count too).
     guard clientCount(ofUID: peer.uid) < configuration.maxClientsPerUID else {
-      report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.limit.name, ["peer.uid": "\(peer.uid)", "reason": "maxClientsPerUID"])
+      report(.warning, "refused a client", .clientRefused, cause: BrokerError.Code.limit.name, uid: peer.uid, ["peer.uid": "\(peer.uid)", "reason": "maxClientsPerUID"])
       return .failure(BrokerError(.limit, "uid \(peer.uid) has its maximum of \(configuration.maxClientsPerUID) clients connected"))
     }
     let client = Client(id: takeID(), peer: peer, hasSocket: true, isVMM: isVMM, connectedAt: now)
@@ -252,7 +252,7 @@ extension BrokerEngine {
       client.announcedRegions[spec.id] = nil
       sendEvent(.regionClosed(clientID: client.id, regionID: spec.id), to: route(named: spec.plugin))
     }
-    report(.warning, "refused a client's regions", .regionsRefused, cause: error.code.name, ["client.id": "\(client.id)", "reason": "\(error)"])
+    report(.warning, "refused a client's regions", .regionsRefused, cause: error.code.name, uid: client.peer.uid, ["client.id": "\(client.id)", "reason": "\(error)"])
     reply(client, BrokerReply(requestID: pending.requestID, .error(error)))
     if client.phase == .opening { closeClient(client, error) }
   }
@@ -278,7 +278,7 @@ extension BrokerEngine {
     // refuse the wide range, the regions' own wakes still go).
     for piece in client.regions.pieces { actions.append(.wake(client.id, piece.live)) }
     actions.append(.wake(client.id, Self.probeAddress..<Self.userAddressEnd))
-    report(.info, "client registered", .clientRegistered, ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "regions": "\(client.regions.pieces.count)"])
+    report(.info, "client registered", .clientRegistered, uid: client.peer.uid, ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "regions": "\(client.regions.pieces.count)"])
     reply(client, BrokerReply(requestID: requestID, .ack(clientID: client.id)))
   }
 
@@ -302,13 +302,13 @@ extension BrokerEngine {
     changeDelegations(of: client) { $0 = DelegatedRanges() }
     clients[client.id] = nil
     actions.append(.close(client.id))
-    report(.info, "client closed", .clientClosed, cause: why.code.name, ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "reason": "\(why)"])
+    report(.info, "client closed", .clientClosed, cause: why.code.name, uid: client.peer.uid, ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "reason": "\(why)"])
   }
 
   /// Refuses a client request with `error`; a malformed one (or any before
   /// the client is active) ends the connection.
   func refuse(_ requestID: UInt64, of client: Client, _ error: BrokerError) {
-    report(.warning, "refused a client request", .requestRefused, cause: error.code.name,
+    report(.warning, "refused a client request", .requestRefused, cause: error.code.name, uid: client.peer.uid,
            ["client.id": "\(client.id)", "peer.pid": "\(client.peer.pid)", "reason": "\(error)"])
     reply(client, BrokerReply(requestID: requestID, .error(error)))
     if error.code == .malformed || client.phase != .active { closeClient(client, error) }

@@ -162,7 +162,7 @@ extension BrokerEngine {
       case .rangeGone, .alreadyPresent: break  // not ours after all, or filled meanwhile: the wake settles it
       case .done, .targetExited, .failed:
         statistics.failedClosed += 1
-        report(.error, "failed a fault closed", .faultFailedClosed, [
+        report(.error, "failed a fault closed", .faultFailedClosed, uid: entry.client.peer.uid, [
           "client.id": "\(entry.client.id)", "client.pid": "\(entry.client.pid)", "fault.address": "0x\(String(entry.page, radix: 16))",
           "cause": "\(cause)", "action": "\(outcome == .done ? "poisoned (SIGBUS at the access)" : "client killed")",
         ])

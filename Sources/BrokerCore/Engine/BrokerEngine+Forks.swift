@@ -15,7 +15,7 @@ extension BrokerEngine {
     if let limit {
       // Forked children count as clients (of their parent's uid): past a limit,
       // one is not served, so what it never had fails closed (poisoned, and its uffd let go).
-      report(.error, "a forked child exceeds \(limit): its unfilled pages fail closed", .forkRefused, cause: BrokerError.Code.limit.name,
+      report(.error, "a forked child exceeds \(limit): its unfilled pages fail closed", .forkRefused, cause: BrokerError.Code.limit.name, uid: parent.peer.uid,
              ["client.id": "\(parent.id)", "clients": "\(clients.count)", "peer.uid": "\(parent.peer.uid)"])
       actions.append(.failChild(ticket, parent.regions.pieces.map(\.live)))
       return

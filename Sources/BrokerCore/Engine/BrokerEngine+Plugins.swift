@@ -22,11 +22,11 @@ extension BrokerEngine {
   public func pluginConnected(_ peer: PeerCredentials, spawnedAs: String? = nil, now: UInt64) -> Result<PluginID, BrokerError> {
     self.now = now
     guard spawnedAs != nil || Self.allows(peer, uids: configuration.pluginUIDs, gids: configuration.pluginGIDs) else {
-      report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.notAuthorized.name, ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
+      report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.notAuthorized.name, uid: peer.uid, ["peer.uid": "\(peer.uid)", "peer.pid": "\(peer.pid)", "reason": "uid not allowed"])
       return .failure(BrokerError(.notAuthorized, "uid \(peer.uid) may not serve as a plugin of this broker"))
     }
     guard plugins.count < configuration.maxPluginConnections else {
-      report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.limit.name, ["peer.uid": "\(peer.uid)", "reason": "maxPluginConnections"])
+      report(.warning, "refused a plugin", .pluginRefused, cause: BrokerError.Code.limit.name, uid: peer.uid, ["peer.uid": "\(peer.uid)", "reason": "maxPluginConnections"])
       return .failure(BrokerError(.limit, "the broker has its maximum of \(configuration.maxPluginConnections) plugin connections"))
     }
     let plugin = Plugin(id: takeID(), peer: peer, connectedAt: now, spawnedAs: spawnedAs)
@@ -300,7 +300,7 @@ extension BrokerEngine {
       // A closed client's earlier events are moot to its plugin: its Closed stands for them all.
       route.missedEvents.removeAll { $0.clientID == gone }
     }
-    guard route.missedEvents.count < Self.maxMissedEvents else {
+    guard route.missedEvents.count < maxMissedEvents else {
       // A client's end is no change of its memory: past the cap it is not kept (the
       // plugin, when it comes back, keeps state for a client that is gone: no page is wrong).
       if case .closed = event { return }

@@ -53,48 +53,69 @@ extension BrokerEngine {
   }
 
   /// Counts an incident, in total and for the plugin it concerns, and logs it:
-  /// up to `logLinesPerSecond` lines of a kind a second, then a summary line
-  /// (a hostile peer must not flood the log; the counts stay exact).
+  /// up to `logLinesPerSecondPerPeer` lines of a kind a second from one uid
+  /// (`uid`, else the plugin connection's) and `logLinesPerSecond` from all,
+  /// then a summary line per peer (a hostile peer must not flood the log nor
+  /// hide another's lines; the counts stay exact).
   func report(_ level: Logger.Level, _ message: @autoclosure () -> Logger.Message, _ kind: Tally.Kind, cause: String? = nil, plugin route: PluginRoute? = nil,
-              _ metadata: @autoclosure () -> Logger.Metadata = [:]) {
+              uid: UInt32? = nil, _ metadata: @autoclosure () -> Logger.Metadata = [:]) {
     tally.count(kind, cause)
     route?.tally.count(kind, cause)
-    var window = logWindows[kind] ?? LogWindow(start: now)
-    if now >= window.start + 1_000_000_000 {
-      summarize(kind, window)
-      window = LogWindow(start: now)
-    }
-    if window.lines < Self.logLinesPerSecond {
-      window.lines += 1
+    let kindKey = LogKey(kind: kind, uid: nil)
+    let peerKey = (uid ?? route?.connection?.peer.uid).map { LogKey(kind: kind, uid: $0) }
+    var all = currentWindow(kindKey)
+    var peer = peerKey.map(currentWindow)
+    if all.lines < Self.logLinesPerSecond, peer.map({ $0.lines < Self.logLinesPerSecondPerPeer }) ?? true {
+      all.lines += 1
+      peer?.lines += 1
       log(level, message(), metadata())
+    } else if peer != nil {
+      peer?.suppressed += 1
     } else {
-      window.suppressed += 1
-      nextLogSummary = min(nextLogSummary ?? .max, window.start + 1_000_000_000)
+      all.suppressed += 1
     }
-    logWindows[kind] = window
+    logWindows[kindKey] = all
+    if let peerKey { logWindows[peerKey] = peer }
   }
 
-  /// Sums up the lines a past second held back (on the sweep, so the last
-  /// burst is told too). The sweep's usual case, nothing held back, is one comparison.
+  /// The window of `key` for this second: a new one if its second is over.
+  private func currentWindow(_ key: LogKey) -> LogWindow {
+    if let window = logWindows[key], now < window.start + 1_000_000_000 { return window }
+    if let past = logWindows[key] { summarize(key, past) }
+    nextLogSummary = min(nextLogSummary ?? .max, now + 1_000_000_000)
+    return LogWindow(start: now)
+  }
+
+  /// Sums up the lines past seconds held back and lets their windows go (on
+  /// the sweep, so the last burst is told too). The sweep's usual case,
+  /// nothing due, is one comparison.
   func summarizeSuppressedLogs() {
     guard let due = nextLogSummary, now >= due else { return }
     nextLogSummary = nil
-    for (kind, window) in logWindows.sorted(by: { $0.key.rawValue < $1.key.rawValue }) where window.suppressed > 0 {
+    for (key, window) in logWindows.sorted(by: { ($0.key.kind.rawValue, $0.key.uid ?? 0) < ($1.key.kind.rawValue, $1.key.uid ?? 0) }) {
       if now >= window.start + 1_000_000_000 {
-        summarize(kind, window)
-        logWindows[kind] = nil
+        summarize(key, window)
+        logWindows[key] = nil
       } else {
         nextLogSummary = min(nextLogSummary ?? .max, window.start + 1_000_000_000)
       }
     }
   }
 
-  private func summarize(_ kind: Tally.Kind, _ window: LogWindow) {
+  private func summarize(_ key: LogKey, _ window: LogWindow) {
     guard window.suppressed > 0 else { return }
-    log(.warning, "more incidents than the log shows", ["kind": "\(kind.rawValue)", "suppressed": "\(window.suppressed)", "total": "\(tally[kind])"])
+    var metadata: Logger.Metadata = ["kind": "\(key.kind.rawValue)", "suppressed": "\(window.suppressed)", "total": "\(tally[key.kind])"]
+    if let uid = key.uid { metadata["peer.uid"] = "\(uid)" }
+    log(.warning, "more incidents than the log shows", metadata)
   }
 
-  /// Lines logged and held back of one kind in the current second.
+  /// A log budget's owner: a kind of incident, from one uid or (nil) from all.
+  struct LogKey: Hashable {
+    var kind: Tally.Kind
+    var uid: UInt32?
+  }
+
+  /// Lines logged and held back in one second.
   struct LogWindow {
     var start: UInt64
     var lines = 0

@@ -104,14 +104,20 @@ extension BrokerEngine {
 }
 
 extension BrokerEngine {
-  /// A reloaded configuration: who may connect, limits, deadlines and policies
-  /// apply from now on (to connections already made too; a peer already in is
-  /// not thrown out). The spawned plugins cannot change while the broker runs.
+  /// A reloaded configuration: who may connect, limits, deadlines, policies
+  /// and the spawned plugins apply from now on (to connections already made
+  /// too; a peer already in is not thrown out). A spawned plugin may be removed
+  /// only while no client's region is routed to it: its regions would wait
+  /// for it for good. One added or changed is no longer given up.
   public func reconfigure(_ next: BrokerConfiguration) throws(BrokerError) {
     try next.validate()
-    guard next.plugins == configuration.plugins else {
-      throw BrokerError(.malformed, "plugins (the spawned ones) changed: restart the broker to change them")
+    for plugin in configuration.plugins where !next.plugins.contains(where: { $0.name == plugin.name }) {
+      let regions = clients.values.reduce(0) { $0 + $1.regions.pieces.count { $0.route.name == plugin.name } }
+      guard regions == 0 else {
+        throw BrokerError(.malformed, "plugins: \(plugin.name) serves \(regions) regions of running clients; it can be removed once no client uses it")
+      }
     }
+    for plugin in next.plugins where !configuration.plugins.contains(plugin) { route(named: plugin.name).givenUp = false }
     configuration = next
   }
 }

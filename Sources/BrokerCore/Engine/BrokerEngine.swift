@@ -62,14 +62,20 @@ public final class BrokerEngine {
   /// The least level of the log lines the engine asks for (the runtime sets its logger's).
   public var logLevel: Logger.Level = .trace
   var faultLatency = FaultLatency()
-  /// The log's budget per kind of incident (see `report`).
-  var logWindows: [Tally.Kind: LogWindow] = [:]
-  /// When the earliest window that held lines back ends (nil: none did).
+  /// The log's budgets per kind of incident and per peer (see `report`):
+  /// only windows of the current second are kept.
+  var logWindows: [LogKey: LogWindow] = [:]
+  /// When the earliest window ends (nil: none open).
   var nextLogSummary: UInt64?
+  /// Lines a second of one kind, from all peers together.
   static let logLinesPerSecond = 20
+  /// Lines a second of one kind from one uid: one peer cannot use up a kind's
+  /// budget and hide the others'.
+  static let logLinesPerSecondPerPeer = 5
 
-  /// Events kept for a plugin that is away; past this a client is failed closed.
-  static let maxMissedEvents = 1 << 20
+  /// Events kept for a plugin that is away; past this a client is failed closed
+  /// (a variable only so that a test need not make a million events).
+  var maxMissedEvents = 1 << 20
   /// The most pages the broker fills at once around a fault of its own (delegated ranges, new memory).
   public static let maxLocalFillPages = 32
   /// The lowest address a process may map (the default `vm.mmap_min_addr`): the

@@ -15,6 +15,13 @@ enum PluginCredentials {
   /// The fallback when it does not (and no `nobody` entry exists either).
   static let nobody: UInt32 = 65534
 
+  /// The credentials of each of `plugins` (nil: the broker's own, unchanged).
+  static func resolve(_ plugins: [BrokerConfiguration.SpawnedPlugin]) throws(BrokerError) -> [ChildProcess.Credentials?] {
+    var credentials: [ChildProcess.Credentials?] = []
+    for (index, plugin) in plugins.enumerated() { credentials.append(try resolve(plugin, index: index)) }
+    return credentials
+  }
+
   /// The credentials of `plugin` (nil: the broker's own, unchanged).
   static func resolve(_ plugin: BrokerConfiguration.SpawnedPlugin, index: Int) throws(BrokerError) -> ChildProcess.Credentials? {
     let field = "plugins[\(index)]"
@@ -110,6 +117,6 @@ extension BrokerConfiguration {
   /// Checks that every spawned plugin's `user` and `group` can be taken (they
   /// exist, and a broker that is not root is asked for none but its own).
   public func checkPluginUsers() throws(BrokerError) {
-    for (index, plugin) in plugins.enumerated() { _ = try PluginCredentials.resolve(plugin, index: index) }
+    _ = try PluginCredentials.resolve(plugins)
   }
 }

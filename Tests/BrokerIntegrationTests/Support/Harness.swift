@@ -53,7 +53,9 @@ final class Harness {
 
   /// Starts a broker (debug logging), with a config file if any field is given
   /// (`$DIR` in a field stands for the harness's directory), and waits for it to serve.
-  private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?, configFields: [String], user: UInt32?, socketActivation: Bool) throws {
+  private init(label: String, spawned: [SpawnedPlugin], pluginDeadlineMilliseconds: Int?, configFields: [String], user: UInt32?, socketActivation: Bool,
+               brokerEnvironment: [String: String]) throws {
+    self.brokerEnvironment = brokerEnvironment
     var template = Array("/tmp/uffd-it-\(label)-XXXXXX".utf8CString)
     guard let made = mkdtemp(&template) else { throw HarnessError("mkdtemp failed: \(errno)") }
     directory = String(cString: made)
@@ -70,15 +72,7 @@ final class Harness {
     var arguments = ["--client-socket", clientSocket, "--plugin-socket", pluginSocket, "--control-socket", controlSocket, "--log-level", "debug"]
     if !spawned.isEmpty || pluginDeadlineMilliseconds != nil || !configFields.isEmpty {
       var fields = configFields.map { $0.replacingOccurrences(of: "$DIR", with: directory) }
-      if !spawned.isEmpty {
-        let plugins = spawned.map { plugin in
-          let args = plugin.arguments.map(jsonString).joined(separator: ", ")
-          let executable = plugin.product.map { Self.binDirectory + "/" + $0 } ?? Self.fixtureExecutable
-          let identity = [("user", plugin.user), ("group", plugin.group)].compactMap { key, value in value.map { ", \"\(key)\": \(jsonString($0))" } }.joined()
-          return "{\"name\": \(jsonString(plugin.name)), \"executable\": \(jsonString(executable)), \"arguments\": [\(args)]\(identity)}"
-        }
-        fields.append("\"plugins\": [\(plugins.joined(separator: ", "))]")
-      }
+      if !spawned.isEmpty { fields.append(Self.pluginsField(spawned)) }
       if let pluginDeadlineMilliseconds { fields.append("\"pluginDeadlineMilliseconds\": \(pluginDeadlineMilliseconds)") }
       let path = directory + "/config.json"
       try writeTextFile(path, "{\(fields.joined(separator: ", "))}\n")
@@ -97,18 +91,31 @@ final class Harness {
     try startBroker()
   }
 
+  /// The config's `"plugins": [...]` field for `spawned`.
+  static func pluginsField(_ spawned: [SpawnedPlugin]) -> String {
+    let plugins = spawned.map { plugin in
+      let args = plugin.arguments.map(jsonString).joined(separator: ", ")
+      let executable = plugin.product.map { binDirectory + "/" + $0 } ?? fixtureExecutable
+      let identity = [("user", plugin.user), ("group", plugin.group)].compactMap { key, value in value.map { ", \"\(key)\": \(jsonString($0))" } }.joined()
+      return "{\"name\": \(jsonString(plugin.name)), \"executable\": \(jsonString(executable)), \"arguments\": [\(args)]\(identity)}"
+    }
+    return "\"plugins\": [\(plugins.joined(separator: ", "))]"
+  }
+
   private var brokerArguments: [String] = []
+  /// Set in the broker's environment beside `environment`.
+  private let brokerEnvironment: [String: String]
 
   /// Starts the broker and waits until it answers on its control socket
   /// (it listens on every socket before it serves any).
   private func startBroker() throws {
     broker = if handedOver.isEmpty {
       try spawn(
-        label: "uffd-broker", executable: Self.brokerExecutable, arguments: brokerArguments, environment: environment,
+        label: "uffd-broker", executable: Self.brokerExecutable, arguments: brokerArguments, environment: environment.merging(brokerEnvironment) { $1 },
         stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
     } else {
       try Self.spawnBroker(
-        label: "uffd-broker", arguments: brokerArguments, environment: environment, handing: handedOver.map(\.fd),
+        label: "uffd-broker", arguments: brokerArguments, environment: environment.merging(brokerEnvironment) { $1 }, handing: handedOver.map(\.fd),
         stdoutPath: directory + "/broker.stdout", stderrPath: brokerLogPath, appendOutput: true)
     }
     let serving = waitUntil(timeout: 10) { !broker.isRunning || (try? status())?.pid == broker.pid }
@@ -162,10 +169,11 @@ final class Harness {
   /// hands them to the broker (`spawnBroker`), which binds only its control socket.
   static func run(
     _ label: String, spawning spawned: [SpawnedPlugin] = [], pluginDeadlineMilliseconds: Int? = nil, configFields: [String] = [],
-    user: UInt32? = nil, socketActivation: Bool = false, sourceLocation: SourceLocation = #_sourceLocation, _ body: (Harness) throws -> Void
+    user: UInt32? = nil, socketActivation: Bool = false, brokerEnvironment: [String: String] = [:], sourceLocation: SourceLocation = #_sourceLocation,
+    _ body: (Harness) throws -> Void
   ) throws {
     let harness = try Harness(label: label, spawned: spawned, pluginDeadlineMilliseconds: pluginDeadlineMilliseconds, configFields: configFields, user: user,
-                              socketActivation: socketActivation)
+                              socketActivation: socketActivation, brokerEnvironment: brokerEnvironment)
     var finished = false
     defer { harness.tearDown(keep: !finished, sourceLocation: sourceLocation) }
     try body(harness)
@@ -388,3 +396,12 @@ func removeDirectory(_ path: String) {
   closedir(dir)
   rmdir(path)
 }
+
+/// Who a root broker runs a spawned plugin as when its config names no user:
+/// `uffd-plugin` where the system has it (scripts/install.sh creates it), else `nobody`.
+let defaultPluginUser: (uid: UInt32, gid: UInt32) = {
+  for name in ["uffd-plugin", "nobody"] {
+    if let entry = getpwnam(name) { return (entry.pointee.pw_uid, entry.pointee.pw_gid) }
+  }
+  return (65534, 65534)
+}()

@@ -323,6 +323,8 @@ enum Seeds {
       ("ack", .ack(clientID: 7)),
       ("ack-busy", .ack(clientID: 7, busyOffsets: [0, 4096, 65536])),
       ("error", .error(BrokerError(.badRegion, "region 3 overlaps region 1"))),
+      ("error-timed-out", .error(BrokerError(.timedOut, "no Register within 5000 ms of connecting"))),
+      ("error-limit", .error(BrokerError(.limit, "uid 1000 has its maximum of 64 clients connected"))),
       ("layout", .layout(regionID: 1, pieces: movedA.pieces)),
       ("layout-gone", .layout(regionID: 2, pieces: [])),
       ("forked", .forked(childID: 9, pieces: movedA.pieces)),
@@ -384,6 +386,7 @@ enum Seeds {
     // BrokerToPlugin
     seed("b2p-hello", 3, EventBatchEncoder.encodeControl(hello: Hello(role: .broker, name: "uffd-broker"), error: nil))
     seed("b2p-error", 3, EventBatchEncoder.encodeControl(hello: nil, error: BrokerError(.notAuthorized, "uid 1000 may not serve as a plugin")))
+    seed("b2p-error-timed-out", 3, EventBatchEncoder.encodeControl(hello: nil, error: BrokerError(.timedOut, "no Hello within 5000 ms of connecting")))
     seed("b2p-hello-kept", 3, EventBatchEncoder.encodeControl(hello: Hello(role: .broker, name: "uffd-broker"), error: nil, kept: ["swap-data", "swap-index"]))
     let events = EventBatchEncoder()
     func broker(_ name: String, _ list: [BrokerEvent], applied: UInt64 = 0) {
