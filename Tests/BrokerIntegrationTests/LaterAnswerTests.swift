@@ -1,3 +1,4 @@
+import Glibc
 import Testing
 
 extension BrokerIntegrationTests {
@@ -49,6 +50,26 @@ extension BrokerIntegrationTests {
         let plugin = try #require(try h.status().plugin("later"), h.diagnostics)
         #expect(plugin.connectedPID == process.pid && plugin.invalidDecisions == 0, h.diagnostics("\(plugin)"))
         #expect(SamplePlugins.statistics(stats)["answersDropped"] == held, h.diagnostics("stats: \(SamplePlugins.statistics(stats))"))
+      }
+    }
+
+    @Test("A region removed while its fault is pending: the runner answers the fault retry at RegionClosed (the broker still waits for it), drops the plugin's late answer, and stays connected")
+    func regionRemovedWhileItsFaultIsPending() throws {
+      try Harness.run("later-remove") { h in
+        let process = try h.startPlugin(name: "later", mode: "later-hold")
+        let client = try h.startClient("remove-pending", mib: 1, threads: 1, plugin: "later")
+        #expect(h.waitForStatus(timeout: 10) { $0.plugin("later")?.faultsInFlight == 1 }, h.diagnostics)
+        kill(client.pid, SIGUSR1)
+        #expect(waitUntil(timeout: 30) { client.stdout.contains("region 2") || !client.isRunning }, h.diagnostics)
+        #expect(client.stdout.hasSuffix("removed region 1 with its fault pending; verified \(pages(mib: 1)) pages of region 2, 0 wrong\n"), h.diagnostics(client.stdout + client.stderr))
+        // The client still lives (its faults are not forgotten): only the runner's retry settled the removed region's fault.
+        #expect(h.waitForStatus { $0.plugin("later").map { $0.faultsInFlight == 0 && $0.connectedPID == process.pid } ?? false }, h.diagnostics)
+        let stats = h.eventLogPath("later") + ".stats"
+        #expect(h.eventLog("later").contains { $0.hasSuffix(" 1") && $0.hasPrefix("held ") }, h.diagnostics)
+        #expect(waitUntil(timeout: 10) { SamplePlugins.statistics(stats)["answersDropped"] == 1 }, h.diagnostics("stats: \(SamplePlugins.statistics(stats))"))
+        kill(client.pid, SIGUSR1)
+        #expect(client.wait(timeout: 10) == .exited(0), h.diagnostics(client.stderr))
+        #expect(try h.status().plugin("later")?.invalidDecisions == 0, h.diagnostics)
       }
     }
   }

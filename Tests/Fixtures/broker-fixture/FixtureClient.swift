@@ -38,6 +38,7 @@ struct FixtureClient {
       case "handoff": return try handoff()
       case "soak": return try soak()
       case "add-remove": return try addAndRemoveRegions()
+      case "remove-pending": return try removePending()
       case "prefetch-dontneed": return try prefetchDontneed()
       case "grow": return try grow()
       case "concurrent-movers": return try concurrentMovers()

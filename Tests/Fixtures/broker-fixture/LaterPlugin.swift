@@ -10,9 +10,10 @@ import Synchronization
 /// time (the broker sends it again with a new id, deferred again); every 5th
 /// a `.copyRange` of its aligned 16 KiB block (holes in it as zeros); the rest `.copy`.
 ///
-/// Modes: `later`, as above; `later-hold`: the first client's faults are held
-/// unanswered until its region closes, then all answered at once with wrong
-/// bytes (0xEE), answers the runner must drop; faults of later clients as in `later`.
+/// Modes: `later`, as above; `later-hold`: the faults of region 1 of the
+/// first client are held unanswered until that region closes, then all
+/// answered at once with wrong bytes (0xEE), answers the runner must drop;
+/// the other faults as in `later`.
 /// Event log lines: `opened CLIENT REGION`, `regionClosed CLIENT REGION`,
 /// `closed CLIENT`, `held CLIENT COUNT` (answered late). The runner's
 /// statistics (`answersDropped=`...) go to EVENT_LOG.stats.
@@ -22,7 +23,7 @@ final class LaterPlugin: PagePlugin {
   private var answers: FaultAnswers?
   /// (client, offset) of the pages answered `.retry` once already.
   private var retried = Set<[UInt64]>()
-  /// In mode later-hold: the client whose faults are held (the first one), and its held faults.
+  /// In mode later-hold: the client whose region 1's faults are held (the first one), and its held faults.
   private var holding: UInt64?
   private var held: [PluginFault] = []
   private let holds: Bool
@@ -47,7 +48,7 @@ final class LaterPlugin: PagePlugin {
 
   func regionClosed(_ region: PluginRegion) {
     log("regionClosed \(region.clientID) \(region.spec.id)")
-    guard region.clientID == holding, let answers else { return }
+    guard region.clientID == holding && region.spec.id == 1, let answers else { return }
     // Too late: the runner has answered these `.retry` already and must drop these.
     let late = held
     held = []
@@ -69,7 +70,7 @@ final class LaterPlugin: PagePlugin {
 
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
     guard let answers else { return .retry }
-    if region.clientID == holding {
+    if region.clientID == holding && region.spec.id == 1 {
       held.append(fault)
       return .later
     }

@@ -11,7 +11,7 @@ import Userfaultfd
 //   broker-fixture kvm-vmm|kvm-vmm-balloon SOCKET SNAPSHOT MIB (restores that guest on /dev/kvm; see KVMGuestVMM)
 //   broker-fixture squatter PATH CONNECTIONS (as nobody: a fake broker; see Squatter)
 //   broker-fixture vmm|vmm-garbage|vmm-no-remove SOCKET SNAPSHOT MIB THREADS (a Firecracker-style VMM; see FakeVMM)
-// Plugin modes are listed on FixturePlugin (later, later-hold: on LaterPlugin); client scenarios: touch, touch-holes, zero,
+// Plugin modes are listed on FixturePlugin (later, later-hold: on LaterPlugin); client scenarios: touch, touch-holes, remove-pending, zero,
 // dontneed-race and dontneed-late (LOOPS pages), remap, unknown-plugin, refused, exit-midway,
 // guarded (LOOPS pages between guard regions), foreign-uid (as nobody: must be refused), deputy (as nobody: a file it cannot read named to PLUGIN),
 // handoff (the connection handed to a child, the connecting process gone).
