@@ -74,7 +74,7 @@ public final class PluginRegion {
 }
 
 /// A page fault to decide.
-public struct PluginFault {
+public struct PluginFault: Sendable {
   /// The broker's id of the fault (its decision names it).
   public var faultID: UInt64
   /// Page aligned, in the client's address space.
@@ -90,7 +90,7 @@ public struct PluginFault {
 }
 
 /// A plugin's answer to a fault.
-public enum PluginDecision: Equatable {
+public enum PluginDecision: Equatable, Sendable {
   /// Fill the faulting page with the first `pageSize` bytes of the buffer.
   case copy
   /// Fill `length` bytes of the region from `offset` (page aligned, containing
@@ -106,6 +106,11 @@ public enum PluginDecision: Equatable {
   /// The page's content is lost (say a corrupt store): the faulting access
   /// gets SIGBUS rather than wrong bytes (UFFDIO_POISON, fail closed).
   case poison
+  /// Pending: the plugin answers this fault later, from any thread, with
+  /// `FaultAnswers.answer(_:_:bytes:)` (the handle `connected(_:answers:)`
+  /// gave it) and its own bytes: `buffer` is not kept for it. Until then the
+  /// faulting thread waits; the answer must come within the broker's deadline.
+  case later
 }
 
 /// The handler a plugin implements; `PluginRunner` calls it.
@@ -120,7 +125,9 @@ public enum PluginDecision: Equatable {
 ///
 /// Calls should return promptly: the runner sends a batch's decisions when
 /// every event of it is handled, and a plugin that answers neither a fault
-/// nor a `regionOpened` within the broker's deadline is dropped. The broker
+/// nor a `regionOpened` within the broker's deadline is dropped. A fault
+/// that needs slow work is answered `.later` and then from any thread
+/// (`FaultAnswers`); the other calls stay on the runner's thread. The broker
 /// checks every decision against the client's live region and refuses a bad
 /// one (misaligned, outside the region, missing the faulting page, the wrong
 /// length); a plugin that keeps sending them is disconnected. Every method
@@ -129,6 +136,11 @@ public protocol PagePlugin: AnyObject {
   /// The plugin is connected; `store` holds what the broker kept for this
   /// plugin's name from its earlier connections. Called once, before any event.
   func connected(_ store: DescriptorStore)
+  /// The same, with `answers`: the handle with which any thread answers the
+  /// faults this plugin defers (`PluginDecision.later`) on this connection.
+  /// Keep it to answer later; it drops answers once the connection ends. The
+  /// default calls `connected(_:)`: implement one form, not both.
+  func connected(_ store: DescriptorStore, answers: FaultAnswers)
   /// A client registered `region` with this plugin. Throw a `BrokerError` (or
   /// any error) to refuse it: the client's Register fails with its message.
   /// Called again for each live region after the plugin reconnects.
@@ -136,7 +148,9 @@ public protocol PagePlugin: AnyObject {
 
   /// Decide a fault. To copy, write the bytes into `buffer` (page aligned, at
   /// least one page; `buffer.count` bounds a prefetch) and return `.copy` or
-  /// `.copyRange`.
+  /// `.copyRange`. `buffer` is valid during this call only. To answer later
+  /// (the bytes must be read first, say), return `.later` and answer with
+  /// `FaultAnswers` (see `connected(_:answers:)`).
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision
 
   /// The client dropped the pages at `offsets` (MADV_DONTNEED): they now read as zeros.
@@ -183,6 +197,7 @@ public protocol PagePlugin: AnyObject {
 
 extension PagePlugin {
   public func connected(_ store: DescriptorStore) {}
+  public func connected(_ store: DescriptorStore, answers: FaultAnswers) { connected(store) }
   public func regionOpened(_ region: PluginRegion) throws {}
   public func removed(_ offsets: Range<UInt64>, in region: PluginRegion) {}
   public func store(_ data: UnsafeRawBufferPointer, at offset: UInt64, in region: PluginRegion) throws {

@@ -14,6 +14,11 @@ import Userfaultfd
 /// bytes lie instead of carrying them. Its two halves alternate between
 /// packets; a half is reused only once the broker reports (`packets_applied`)
 /// that it applied the packet that last used it; otherwise bytes go inline.
+///
+/// Faults the plugin defers (`PluginDecision.later`) are answered from any
+/// thread through `FaultAnswers`; the runner then waits in `poll` on the
+/// socket and the answers' eventfd, and sends each answer with the next batch.
+/// A plugin that never defers keeps waiting in `recv` alone, as before.
 public final class PluginRunner {
   private struct RegionKey: Hashable {
     var client: UInt64
@@ -47,9 +52,24 @@ public final class PluginRunner {
   private var fds: [CInt] = []
   /// The descriptors the broker kept for this name, received with its Hello.
   private var restored: [String: CInt] = [:]
+  /// The handle the plugin answers deferred faults with; one per connection.
+  private let answers: FaultAnswers
+  /// The answers taken from `answers`, being sent (its storage alternates with the handle's).
+  private var drained = FaultAnswers.Queue()
+  /// The faults the plugin deferred and has not answered yet, by fault id.
+  private var pending: [UInt64: PagefaultEvent] = [:]
+  /// The socket and the answers' eventfd, for `poll` once the plugin has deferred a fault.
+  private var pollSet: [pollfd]
 
   /// Faults answered so far (for logs and tests).
   public private(set) var faultsServed = 0
+  /// Faults the plugin answered `.later` so far.
+  public private(set) var faultsDeferred = 0
+  /// Deferred faults not answered yet (the broker waits for each, within its deadline).
+  public var faultsPending: Int { pending.count }
+  /// Answers that found no fault waiting for them, dropped unsent: a second
+  /// answer, an unknown id, a fault whose region closed first.
+  public private(set) var answersDropped = 0
   /// Where to write `name=value` lines of statistics (at most every 100 ms), if anywhere.
   private let statsPath: String?
   private var statsWrittenAt: UInt64 = 0
@@ -85,6 +105,7 @@ public final class PluginRunner {
     precondition(self.maxPrefetch <= PacketSocket.maxPacketSize / 2, "maxPrefetch must fit a packet")
     staging = .allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
     stage = staging
+    answers = try FaultAnswers(maxPrefetch: self.maxPrefetch)
     if socketPath == nil, let inherited = try Self.inheritedSocket(trusting: brokerUID) {
       socket = inherited
     } else {
@@ -100,6 +121,7 @@ public final class PluginRunner {
       }
     }
     shared = mapping
+    pollSet = [pollfd(fd: socket.fd, events: Int16(POLLIN), revents: 0), pollfd(fd: answers.event, events: Int16(POLLIN), revents: 0)]
     defer { closeDescriptor(memfd) }
     decisions.setHello(Hello(role: .plugin, name: name))
     let count = decisions.encode(into: packet)
@@ -117,14 +139,14 @@ public final class PluginRunner {
     packetsSent = 1
     chooseStage()
     socket.setReceiveTimeout(milliseconds: 10_000)
-    guard try receive() else { throw BrokerError(.timedOut, "the broker did not answer Hello") }
+    guard try receive() == .packet else { throw BrokerError(.timedOut, "the broker did not answer Hello") }
     // With a stats file, wake up now and then to write it even when idle.
     socket.setReceiveTimeout(milliseconds: statsPath == nil ? 0 : 200)
     if let error = events.error { throw error }
     guard let hello = try events.hello, hello.role == .broker else {
       throw BrokerError(.version, "the broker did not answer Hello")
     }
-    plugin.connected(DescriptorStore(restored: restored, encoder: decisions))
+    plugin.connected(DescriptorStore(restored: restored, encoder: decisions), answers: answers)
     restored = [:]
     try flush()
   }
@@ -152,6 +174,7 @@ public final class PluginRunner {
   }
 
   deinit {
+    answers.close()
     packet.deallocate()
     staging.deallocate()
     if let shared { munmap(shared.baseAddress, shared.count) }
@@ -170,20 +193,32 @@ public final class PluginRunner {
   /// on a malformed packet, an Error from the broker (say it dropped this
   /// plugin for invalid decisions or a missed deadline), or a failed send.
   /// An error the plugin throws refuses only that region or store, never the loop.
+  /// When it returns or throws, the plugin's `FaultAnswers` drops every answer.
   public func serve() throws(BrokerError) {
-    defer { writeStatistics(force: true) }
+    defer {
+      answers.close()
+      writeStatistics(force: true)
+    }
     while true {
+      let arrival: Arrival
       do {
-        guard try receive() else {
-          writeStatistics(force: true)
-          continue
-        }
+        arrival = try receive()
       } catch where error.code == .disconnected {
         return
       }
-      if let error = events.error { throw error }
-      for index in 0..<events.eventCount {
-        try handle(try events.event(at: index))
+      switch arrival {
+      case .packet:
+        if let error = events.error { throw error }
+        for index in 0..<events.eventCount {
+          try handle(try events.event(at: index))
+        }
+        // Answers that came meanwhile ride with this batch.
+        if faultsDeferred > 0 { try takeAnswers() }
+      case .answers:
+        try takeAnswers()
+      case .idle:
+        writeStatistics(force: true)
+        continue
       }
       try flush()
       writeStatistics(force: false)
@@ -195,17 +230,33 @@ public final class PluginRunner {
     let now = monotonicNanoseconds()
     guard force || now - statsWrittenAt > 100_000_000 else { return }
     statsWrittenAt = now
-    let text = ([("faults", faultsServed)] + plugin.statistics).map { "\($0.0)=\($0.1)\n" }.joined()
+    let deferred = faultsDeferred == 0 ? [] : [("faultsDeferred", faultsDeferred), ("faultsPending", pending.count), ("answersDropped", answersDropped)]
+    let text = ([("faults", faultsServed)] + deferred + plugin.statistics).map { "\($0.0)=\($0.1)\n" }.joined()
     guard let file = fopen(statsPath + ".tmp", "w") else { return }
     fputs(text, file)
     fclose(file)
     rename(statsPath + ".tmp", statsPath)
   }
 
-  /// Receives and decodes one packet; false when the receive timeout passed first.
-  private func receive() throws(BrokerError) -> Bool {
+  private enum Arrival {
+    /// A packet, decoded into `events`.
+    case packet
+    /// No packet, but deferred answers wait (`FaultAnswers`).
+    case answers
+    /// Neither, within the receive timeout.
+    case idle
+  }
+
+  /// Receives and decodes one packet. Once the plugin has deferred a fault,
+  /// waits for the socket or the deferred answers, whichever comes first.
+  private func receive() throws(BrokerError) -> Arrival {
+    if faultsDeferred > 0 {
+      let ready = pollSet.withUnsafeMutableBufferPointer { Glibc.poll($0.baseAddress, 2, statsPath == nil ? -1 : 200) }
+      guard ready > 0 else { return .idle }  // the timeout, or EINTR
+      if pollSet[0].revents == 0 { return pollSet[1].revents == 0 ? .idle : .answers }
+    }
     fds.removeAll(keepingCapacity: true)
-    switch try socket.receive(into: packet, fds: &fds, blocking: true) {
+    switch try socket.receive(into: packet, fds: &fds, blocking: faultsDeferred == 0) {
     case .packet(let count):
       defer { fds.forEach(closeDescriptor) }  // those not taken as restored
       try events.decode(UnsafeRawBufferPointer(rebasing: packet[..<count]))
@@ -215,9 +266,9 @@ public final class PluginRunner {
         fds.removeFirst(kept.count)
       }
       packetsApplied = max(packetsApplied, events.packetsApplied)
-      return true
+      return .packet
     case .wouldBlock:
-      return false
+      return .idle
     case .closed:
       throw BrokerError(.disconnected, "the broker closed the connection")
     }
@@ -312,9 +363,11 @@ public final class PluginRunner {
         plugin.remapped(region)
       }
     case .regionClosed(let clientID, let regionID):
+      try retryPending { $0.clientID == clientID && $0.regionID == regionID }
       if let region = regions.removeValue(forKey: RegionKey(client: clientID, region: regionID)) { plugin.regionClosed(region) }
     case .closed(let clientID, let reason):
       // The broker closed every region of the client before (RegionClosed on the wire).
+      try retryPending { $0.clientID == clientID }
       for key in regions.keys where key.client == clientID { regions[key] = nil }
       plugin.clientClosed(clientID, reason: reason)
     case .decisionRefused(let faultID, let cause, let reason):
@@ -323,20 +376,32 @@ public final class PluginRunner {
   }
 
   private func serve(_ event: PagefaultEvent) throws(BrokerError) {
-    if stage.count - staged < maxPrefetch || !decisions.canAppend(dataLength: stageOffset == nil ? maxPrefetch : 0) {
-      try flush()
-      if staged == 0 && stageOffset == nil && shared != nil { chooseStage() }  // the broker may have caught up since
-    }
+    try makeRoom()
     guard let region = region(of: event) else {
       decisions.append(faultID: event.faultID, kind: .retry, address: event.address, length: 0)
       return
     }
     let buffer = UnsafeMutableRawBufferPointer(rebasing: stage[staged..<staged + maxPrefetch])
-    let sharedOffset = stageOffset.map { UInt64($0 + staged) }
     let fault = PluginFault(faultID: event.faultID, address: event.address, offset: event.offset, flags: event.flags, threadID: event.threadID)
     faultsServed += 1
     let decision = plugin.pagefault(fault, in: region, buffer: buffer)
     if !region.pendingDelegations.isEmpty { sendDelegations(of: region) }
+    append(decision, for: event, buffer: buffer)
+  }
+
+  /// Sends the batch first if the next decision might not fit it: its bytes
+  /// the stage, or the decision the packet.
+  private func makeRoom() throws(BrokerError) {
+    if stage.count - staged < maxPrefetch || !decisions.canAppend(dataLength: stageOffset == nil ? maxPrefetch : 0) {
+      try flush()
+      if staged == 0 && stageOffset == nil && shared != nil { chooseStage() }  // the broker may have caught up since
+    }
+  }
+
+  /// Appends the decision for `event`; a copy's bytes are at the start of
+  /// `buffer`, which is the stage from `staged` on. `.later` makes it pending.
+  private func append(_ decision: PluginDecision, for event: PagefaultEvent, buffer: UnsafeMutableRawBufferPointer) {
+    let sharedOffset = stageOffset.map { UInt64($0 + staged) }
     switch decision {
     case .copy:
       decisions.append(faultID: event.faultID, kind: .copy, address: event.address, length: pageSize,
@@ -355,6 +420,41 @@ public final class PluginRunner {
       decisions.append(faultID: event.faultID, kind: .retry, address: event.address, length: 0)
     case .poison:
       decisions.append(faultID: event.faultID, kind: .poison, address: event.address, length: pageSize)
+    case .later:
+      pending[event.faultID] = event
+      faultsDeferred += 1
+    }
+  }
+
+  /// Sends the deferred answers that came (`FaultAnswers`): each one that
+  /// finds its fault pending is appended as if `pagefault` had returned it,
+  /// its bytes copied into the stage; the others are dropped and counted.
+  private func takeAnswers() throws(BrokerError) {
+    answers.take(into: &drained)
+    for answer in drained.answers {
+      guard let event = pending.removeValue(forKey: answer.faultID) else {
+        answersDropped += 1
+        continue
+      }
+      try makeRoom()
+      let buffer = UnsafeMutableRawBufferPointer(rebasing: stage[staged..<staged + maxPrefetch])
+      if !answer.bytes.isEmpty {
+        drained.bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[answer.bytes])) }
+      }
+      append(answer.decision, for: event, buffer: buffer)
+    }
+  }
+
+  /// Answers `.retry` for the pending faults whose region or client closed,
+  /// and forgets them (a late answer is then dropped). The broker may still
+  /// wait for them (a region the client removed keeps its faults in flight),
+  /// and a retry lets it settle them as the memory is now.
+  private func retryPending(where isClosed: (PagefaultEvent) -> Bool) throws(BrokerError) {
+    guard !pending.isEmpty else { return }
+    for (faultID, event) in pending where isClosed(event) {
+      pending[faultID] = nil
+      try makeRoom()
+      decisions.append(faultID: faultID, kind: .retry, address: event.address, length: 0)
     }
   }
 

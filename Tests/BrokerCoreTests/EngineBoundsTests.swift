@@ -104,4 +104,34 @@ struct EngineBoundsTests {
     // A new connection of that uid is refused too.
     #expect(throws: BrokerError.self) { try engine.clientConnected(PeerCredentials(pid: 30, uid: 0, gid: 0), now: 4).get() }
   }
+
+  @Test("maxInFlightPerPlugin: faults past the bound wait parked, unsent, however long; each answer makes room for one more; the status counts what is out")
+  func inFlightBoundPerPlugin() throws {
+    let (engine, plugin) = try engineWithPlugin { $0.maxInFlightPerPlugin = 2 }
+    var actions: [Action] = []
+    let base: UInt = 0x10_0000
+    let client = try registerClient(engine, pid: 20, base: base, pages: 8)
+    engine.regionReply(plugin, RegionReply(clientID: client, regionID: 1, error: nil), now: 1)
+    engine.takeActions(into: &actions)
+    func sent() -> [PagefaultEvent] {
+      engine.takeActions(into: &actions)
+      return actions.compactMap { if case .send(plugin, .pagefault(let fault)) = $0 { fault } else { nil } }
+    }
+    engine.uffdEvents(client, (0..<4).map { .pagefault(Pagefault(address: base + UInt($0) * 4096, flags: [], thread: 1)) }, now: 2)
+    let first = sent()
+    #expect(first.map(\.address) == [base, base + 4096])
+    #expect(engine.status().plugin("p")?.faultsInFlight == 2 && engine.status().plugin("p")?.faultsParked == 2)
+    // Time alone sends nothing more while both are out (a plugin answering later may hold them up to its deadline, 5 s).
+    let second: UInt64 = 1_000_000_000
+    for step in 1...29 { engine.tick(now: 2 + UInt64(step) * second / 10) }
+    #expect(sent().isEmpty)
+    // One answer: one more goes out at its next backoff deadline.
+    engine.decision(plugin, DecodedDecision(faultID: first[1].faultID, kind: .zero, address: first[1].address, length: 4096, data: UnsafeRawBufferPointer(start: nil, count: 0)), now: 3 * second)
+    engine.takeActions(into: &actions)
+    let fill = try #require(actions.compactMap { if case .fill(let order) = $0 { order } else { nil } }.first)
+    engine.filled(fill, outcome: .done, now: 3 * second)
+    engine.tick(now: 3 * second + 100_000_000)
+    #expect(sent().count == 1)
+    #expect(engine.status().plugin("p")?.faultsInFlight == 2 && engine.status().plugin("p")?.faultsParked == 1)
+  }
 }

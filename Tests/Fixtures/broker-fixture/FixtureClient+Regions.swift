@@ -2,6 +2,7 @@ import BrokerProtocol
 import CLinux
 import ClientSDK
 import Glibc
+import LinuxSupport
 
 extension FixtureClient {
   /// Regions added and removed after registration (BrokerClient.addRegions /
@@ -45,5 +46,42 @@ extension FixtureClient {
     withExtendedLifetime(client) {}
     print("regions: added 1, overlap refused: \(refusal), refused range plain: \(plain), verified \(2 * length / pageSize) pages, \(wrong) wrong, removed region reads zeros: \(zeros)")
     return wrong == 0 && zeros && plain ? 0 : 1
+  }
+
+  /// A thread faults in region 1 while its plugin holds the fault (LaterPlugin,
+  /// later-hold); at SIGUSR1 the client removes region 1 (unregistering it
+  /// wakes the thread onto plain memory), then touches and checks region 2
+  /// (served; its holes read zeros), prints what it saw and waits for a second
+  /// SIGUSR1 before it exits, so the test sees the broker while it lives.
+  func removePending() throws -> Int32 {
+    var signals = sigset_t()
+    sigemptyset(&signals)
+    sigaddset(&signals, SIGUSR1)
+    pthread_sigmask(SIG_BLOCK, &signals, nil)  // before any thread starts: every thread inherits it
+    let length = mib << 20
+    let first = try AnonymousMemory(length: length)
+    let second = try AnonymousMemory(length: length)
+    let one = RegionSpec(id: 1, base: first.address, length: length, plugin: plugin)
+    let two = RegionSpec(id: 2, base: second.address, length: length, plugin: plugin, backingOffset: UInt64(length))
+    let client = try BrokerClient(regions: [one, two], name: "fixture-remove-pending")
+    let address = first.address
+    let toucher = spawnThread { _ = clinux_touch(UnsafeRawPointer(bitPattern: address)) }
+    var signal: CInt = 0
+    sigwait(&signals, &signal)
+    try client.removeRegions([one])
+    pthread_join(toucher, nil)
+    var wrong = 0
+    for page in stride(from: 0, to: length, by: pageSize) {
+      _ = clinux_touch(UnsafeRawPointer(bitPattern: second.address + UInt(page)))
+      let bytes = UnsafeRawBufferPointer(start: second.base + page, count: pageSize)
+      let backing = UInt64(length + page)
+      let bad = Pattern.isHole(backingOffset: backing) ? bytes.contains { $0 != 0 } : Pattern.mismatch(bytes, backingOffset: backing) != nil
+      if bad { wrong += 1 }
+    }
+    print("removed region 1 with its fault pending; verified \(length / pageSize) pages of region 2, \(wrong) wrong")
+    fflush(nil)
+    sigwait(&signals, &signal)
+    withExtendedLifetime(client) {}
+    return wrong == 0 ? 0 : 1
   }
 }

@@ -19,6 +19,7 @@ struct FixtureClient {
     do {
       switch scenario {
       case "touch": return try touch(expectZero: false)
+      case "touch-holes": return try touch(expectZero: false, holes: true)
       case "zero": return try touch(expectZero: true)
       case "dontneed-race": return try dontneedRace()
       case "dontneed-late": return try dontneedRace(lateMicroseconds: 2000)
@@ -37,6 +38,7 @@ struct FixtureClient {
       case "handoff": return try handoff()
       case "soak": return try soak()
       case "add-remove": return try addAndRemoveRegions()
+      case "remove-pending": return try removePending()
       case "prefetch-dontneed": return try prefetchDontneed()
       case "grow": return try grow()
       case "concurrent-movers": return try concurrentMovers()
@@ -98,7 +100,8 @@ struct FixtureClient {
   }
 
   /// Every page touched once by `threads` threads (interleaved), then every byte checked.
-  private func touch(expectZero: Bool) throws -> Int32 {
+  /// `holes`: the pattern's holes (`Pattern.isHole`) read as zeros.
+  private func touch(expectZero: Bool, holes: Bool = false) throws -> Int32 {
     let memory = try AnonymousMemory(length: mib << 20)
     let client = try register(memory)
     let pages = memory.length / pageSize
@@ -112,7 +115,8 @@ struct FixtureClient {
           // word the page must hold anyway, so the check below still sees every byte.
           let pointer = UnsafeMutableRawPointer(bitPattern: base + UInt(page * 4096))!
           if page % 2 == 0 {
-            let word = expectZero ? 0 : Pattern.word(backingOffset: UInt64(page * 4096), wordIndex: 1)
+            let zero = expectZero || holes && Pattern.isHole(backingOffset: UInt64(page * 4096))
+            let word = zero ? 0 : Pattern.word(backingOffset: UInt64(page * 4096), wordIndex: 1)
             pointer.storeBytes(of: word, toByteOffset: 8, as: UInt64.self)
           } else {
             _ = pointer.load(as: UInt8.self)
@@ -125,7 +129,8 @@ struct FixtureClient {
     var bad = 0
     for page in 0..<pages {
       let bytes = UnsafeRawBufferPointer(start: memory.base + page * pageSize, count: pageSize)
-      let wrong = expectZero ? bytes.contains { $0 != 0 } : Pattern.mismatch(bytes, backingOffset: UInt64(page * pageSize)) != nil
+      let zero = expectZero || holes && Pattern.isHole(backingOffset: UInt64(page * pageSize))
+      let wrong = zero ? bytes.contains { $0 != 0 } : Pattern.mismatch(bytes, backingOffset: UInt64(page * pageSize)) != nil
       if wrong { bad += 1 }
     }
     withExtendedLifetime(client) {}

@@ -11,6 +11,10 @@ enum Pattern {
     for index in 0..<words.count { words[index] = word(backingOffset: backingOffset, wordIndex: index) }
   }
 
+  /// Whether the page at `backingOffset` is a hole (zeros) in scenario touch-holes
+  /// (every 7th page from the 4th): served by `LaterPlugin` with zero decisions.
+  static func isHole(backingOffset: UInt64) -> Bool { backingOffset / 4096 % 7 == 3 }
+
   /// The first word index of `page` that differs, or nil.
   static func mismatch(_ page: UnsafeRawBufferPointer, backingOffset: UInt64) -> Int? {
     let words = page.bindMemory(to: UInt64.self)

@@ -11,7 +11,7 @@ import Userfaultfd
 //   broker-fixture kvm-vmm|kvm-vmm-balloon SOCKET SNAPSHOT MIB (restores that guest on /dev/kvm; see KVMGuestVMM)
 //   broker-fixture squatter PATH CONNECTIONS (as nobody: a fake broker; see Squatter)
 //   broker-fixture vmm|vmm-garbage|vmm-no-remove SOCKET SNAPSHOT MIB THREADS (a Firecracker-style VMM; see FakeVMM)
-// Plugin modes are listed on FixturePlugin; client scenarios: touch, zero,
+// Plugin modes are listed on FixturePlugin (later, later-hold: on LaterPlugin); client scenarios: touch, touch-holes, remove-pending, zero,
 // dontneed-race and dontneed-late (LOOPS pages), remap, unknown-plugin, refused, exit-midway,
 // guarded (LOOPS pages between guard regions), foreign-uid (as nobody: must be refused), deputy (as nobody: a file it cannot read named to PLUGIN),
 // handoff (the connection handed to a child, the connecting process gone).
@@ -41,9 +41,13 @@ guard arguments.count >= 2 else { fail("usage: broker-fixture plugin|client ..."
 switch arguments[1] {
 case "plugin":
   guard arguments.count >= 4 else { fail("usage: broker-fixture plugin NAME MODE [EVENT_LOG]") }
-  let plugin = FixturePlugin(mode: arguments[3], eventLogPath: arguments.count > 4 ? arguments[4] : nil)
+  let eventLog = arguments.count > 4 ? arguments[4] : nil
   do {
-    try PluginRunner.run(plugin, name: arguments[2])
+    if arguments[3].hasPrefix("later") {
+      try PluginRunner.run(LaterPlugin(mode: arguments[3], eventLogPath: eventLog), name: arguments[2], statsPath: eventLog.map { $0 + ".stats" })
+    } else {
+      try PluginRunner.run(FixturePlugin(mode: arguments[3], eventLogPath: eventLog), name: arguments[2])
+    }
   } catch {
     fail("plugin: \(error)")
   }
