@@ -22,15 +22,34 @@ extension BrokerIntegrationTests {
       return compiler && access(make, X_OK) == 0 && access("/usr/include/protobuf-c/protobuf-c.h", R_OK) == 0
     }()
 
+    /// The warnings a C plugin of this repository must build without.
+    static let strictFlags = "-O2 -g -Wall -Wextra -Werror"
+
+    /// Runs `executable arguments...` to its end; throws with its stderr unless it exits 0.
+    static func runTool(_ h: Harness, _ label: String, _ executable: String, _ arguments: [String]) throws {
+      let process = try FixtureProcess(
+        label: label, executable: executable, arguments: arguments, environment: ["PATH": "/usr/local/bin:/usr/bin:/bin"],
+        stdoutPath: h.directory + "/\(label).stdout", stderrPath: h.directory + "/\(label).stderr")
+      let status = process.wait(timeout: 120)
+      guard status == .exited(0) else { throw HarnessError("\(label) failed (\(String(describing: status))): \(process.stderr)") }
+    }
+
     /// Builds the sample into the harness's directory (never into the source tree); returns the executable.
     static func buildSample(_ h: Harness) throws -> String {
       let build = h.directory + "/c-build"
-      let process = try FixtureProcess(
-        label: "make", executable: make, arguments: ["-s", "-C", repository + "/Examples/c-pattern-plugin", "BUILD=" + build],
-        environment: ["PATH": "/usr/local/bin:/usr/bin:/bin"], stdoutPath: h.directory + "/make.stdout", stderrPath: h.directory + "/make.stderr")
-      let status = process.wait(timeout: 120)
-      guard status == .exited(0) else { throw HarnessError("make failed (\(String(describing: status))): \(process.stderr)") }
+      try runTool(h, "make", make, ["-s", "-C", repository + "/Examples/c-pattern-plugin", "BUILD=" + build, "CFLAGS=" + strictFlags])
       return build + "/pattern"
+    }
+
+    /// Builds the SDK and the test plugin `Tests/Fixtures/c-plugins/NAME.c` against it, warnings as
+    /// errors, into the harness's directory; returns the executable.
+    static func buildTestPlugin(_ h: Harness, _ name: String) throws -> String {
+      let sdk = h.directory + "/c-build/sdk"
+      try runTool(h, "make-sdk", make, ["-s", "-C", repository + "/sdk/c", "BUILD=" + sdk, "CFLAGS=" + strictFlags])
+      let executable = h.directory + "/c-build/" + name
+      try runTool(h, "cc-" + name, "/bin/sh", ["-c", "cc \(strictFlags) -I'\(repository)/sdk/c/include' -o '\(executable)' "
+        + "'\(repository)/Tests/Fixtures/c-plugins/\(name).c' '\(sdk)/libuffdplugin.a' -lprotobuf-c -lpthread"])
+      return executable
     }
 
     @Test("the C sample plugin serves a client's memory exactly, from several threads",
@@ -55,6 +74,22 @@ extension BrokerIntegrationTests {
         let outcome = try h.runClient("touch", mib: 8, threads: 3, plugin: "c-prefetch", timeout: 60)
         #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
         #expect(outcome.summary == "verified \(pages(mib: 8)) pages, 0 wrong", h.diagnostics)
+      }
+    }
+
+    @Test("a C swap plugin: swap-out and swap-in round trips are exact, and writes during 20 swap-outs are never lost",
+          .enabled(if: toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
+    func swapRoundTrips() throws {
+      try Harness.run("c-swap") { h in
+        let executable = try Self.buildTestPlugin(h, "swap")
+        let plugin = try h.startPluginProcess(name: "c-swap", executable: executable, arguments: ["c-swap"], waitForConnection: true)
+        let outcome = try h.runClient("swap", mib: 4, threads: 1, plugin: "c-swap", loops: 20, timeout: 60)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary.hasPrefix("swap loops 20, pages dropped ") && outcome.summary.hasSuffix(", 0 wrong"), h.diagnostics(outcome.stdout))
+        let status = try h.status()
+        #expect(status.faults.swapStoredBytes > 0 && status.faults.swappedOutBytes > 0, h.diagnostics)
+        #expect(status.plugin("c-swap")?.invalidDecisions == 0, h.diagnostics)
+        #expect(plugin.isRunning, h.diagnostics(plugin.stderr))
       }
     }
 

@@ -418,9 +418,11 @@ static int handle_event(uffd_plugin *p, const Uffdbroker__Event *event, const uf
     return region_opened(p, event->region_opened, callbacks, user);
   case UFFDBROKER__EVENT__KIND_REMOVED:
     region = find_region(p, event->removed->client_id, event->removed->region_id, NULL);
-    if (region && callbacks->removed) {
+    if (region) {
       const Uffdbroker__RangeEvent *range = event->removed;
-      callbacks->removed(region, range->start_offset, range->start_offset + (range->end - range->start), range->swapped_out, user);
+      uint64_t start = range->start_offset, end = range->start_offset + (range->end - range->start);
+      if (range->swapped_out && callbacks->swapped_out) callbacks->swapped_out(region, start, end, user);
+      else if (!range->swapped_out && callbacks->removed) callbacks->removed(region, start, end, user);
     }
     return 0;
   case UFFDBROKER__EVENT__KIND_UNMAPPED:

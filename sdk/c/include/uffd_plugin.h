@@ -123,9 +123,9 @@ typedef struct uffd_callbacks {
   /** Decide one fault. `buffer` is page aligned, `buffer_size` bytes
    *  (UFFD_PLUGIN_MAX_PREFETCH); a copy's bytes go at its start. */
   uffd_decision (*pagefault)(const uffd_fault *fault, uffd_region *region, void *buffer, size_t buffer_size, void *user);
-  /** MADV_DONTNEED/REMOVE of region offsets [start, end); swapped_out: a swap-out dropped
-   *  them, the plugin holds their content (stored with `store`). */
-  void (*removed)(uffd_region *region, uint64_t start, uint64_t end, int swapped_out, void *user);
+  /** MADV_DONTNEED/REMOVE of region offsets [start, end): they read as zeros now
+   *  (forget any stored copy). Never called for a swap-out's drop: see swapped_out. */
+  void (*removed)(uffd_region *region, uint64_t start, uint64_t end, void *user);
   /** munmap of region offsets [start, end). */
   void (*unmapped)(uffd_region *region, uint64_t start, uint64_t end, void *user);
   /** mremap moved (part of) the region: region->base is updated already. */
@@ -134,9 +134,15 @@ typedef struct uffd_callbacks {
   void (*region_closed)(uffd_region *region, void *user);
   /** The client is gone (after region_closed of each of its regions). */
   void (*closed)(uint64_t client_id, const char *reason, void *user);
-  /** Swap-out: keep `length` bytes of the region from page-aligned `offset`.
-   *  Return NULL when stored, or a message to refuse. NULL callback: refused. */
+  /** Swap-out: keep `length` bytes (whole pages) of the region from page-aligned
+   *  `offset`; `data` lives until the callback returns. Until the region closes, a
+   *  fault on these pages must be answered with them (a later store replaces them).
+   *  Return NULL when stored, or a message to refuse (the client's swap-out fails,
+   *  its pages stay resident). NULL callback: refused. */
   const char *(*store)(uffd_region *region, uint64_t offset, const void *data, size_t length, void *user);
+  /** A swap-out dropped region offsets [start, end) from the client: from now on
+   *  the plugin's stored copy is their only one. */
+  void (*swapped_out)(uffd_region *region, uint64_t start, uint64_t end, void *user);
   /** A region opened again (the plugin or the broker restarted) names pages a
    *  swap-out released: return nonzero if the plugin still holds region offsets
    *  [start, end). NULL callback, or 0: they fail closed (SIGBUS). */
