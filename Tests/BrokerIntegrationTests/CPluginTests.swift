@@ -93,6 +93,58 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("a C swap plugin killed (-9) after a swap-out: its restart takes its pages back from the broker's descriptor store, every one exact",
+          .enabled(if: toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
+    func swapPluginKilled() throws {
+      try Harness.run("c-swap-kill") { h in
+        let executable = try Self.buildTestPlugin(h, "swap")
+        let plugin = try h.startPluginProcess(name: "c-swap", executable: executable, arguments: ["c-swap"], waitForConnection: true)
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("swap-hold", mib: 4, threads: 1, plugin: "c-swap", extraEnvironment: gate.environment)
+        let step = gate.awaitClient()
+        #expect(step == "swapped 1024", h.diagnostics("client: \(String(describing: step)) \(client.stdout) \(client.stderr)"))
+        kill(plugin.pid, SIGKILL)
+        _ = plugin.wait(timeout: 5)
+        let restarted = try h.startPluginProcess(name: "c-swap", executable: executable, arguments: ["c-swap"], waitForConnection: true)
+        gate.release()
+        #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("swap held: dropped 1024; verified 1024 pages, 0 wrong\n"), h.diagnostics(client.stdout))
+        #expect(restarted.stderr.contains("swap: recovered 1024 stored pages"), h.diagnostics(restarted.stderr))
+        // The restart said it holds every swapped-out page (holds), so none was lost.
+        #expect(try h.status().tally[.swappedPagesLost] == 0, h.diagnostics)
+      }
+    }
+
+    @Test("a C plugin delegating a file, half of it revoked: the broker serves the delegated half itself, the plugin the other, every byte exact",
+          .enabled(if: toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
+    func fileDelegation() throws {
+      try Harness.run("c-delegate-file") { h in
+        let executable = try Self.buildTestPlugin(h, "delegate")
+        _ = try h.startPluginProcess(name: "c-delegate", executable: executable, arguments: ["c-delegate", "file"], waitForConnection: true)
+        let path = try SamplePlugins.writeSnapshot(h, size: 1 << 20)
+        let outcome = try h.runClient("snapshot", mib: 1, threads: 2, plugin: "c-delegate", extraEnvironment: ["FIXTURE_FILE": path])
+        // The plugin poisons any fault of the delegated half: a wrong split would kill the client.
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "verified 256 pages of \(1 << 20) bytes, 0 wrong", h.diagnostics)
+        let status = try h.status()
+        #expect(status.faults.resolvedLocally > 0, h.diagnostics)
+        #expect(status.plugin("c-delegate")?.faultsSent == 128 && status.plugin("c-delegate")?.invalidDecisions == 0, h.diagnostics)
+      }
+    }
+
+    @Test("a C plugin delegating zero pages: the broker serves every fault itself, the plugin none",
+          .enabled(if: toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
+    func zeroDelegation() throws {
+      try Harness.run("c-delegate-zero") { h in
+        let executable = try Self.buildTestPlugin(h, "delegate")
+        _ = try h.startPluginProcess(name: "c-zero", executable: executable, arguments: ["c-zero", "zero"], waitForConnection: true)
+        let outcome = try h.runClient("zero", mib: 2, threads: 2, plugin: "c-zero")
+        #expect(outcome.status == .exited(0) && outcome.summary == "verified \(pages(mib: 2)) pages, 0 wrong", h.diagnostics(outcome.stdout + outcome.stderr))
+        let status = try h.status()
+        #expect(status.faults.resolvedLocally >= pages(mib: 2) && status.plugin("c-zero")?.faultsSent == 0, h.diagnostics)
+      }
+    }
+
     @Test("the C plugin serves its pattern, not zeros: a client expecting zeros sees every page differ",
           .enabled(if: toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
     func patternIsNotZeros() throws {

@@ -27,7 +27,8 @@ enum {
   RECEIVE_BUFFER = 512 << 10,       /* larger than any packet: a longer one shows as MSG_TRUNC */
   SOCKET_BUFFER = 1 << 20,          /* SO_SNDBUF/SO_RCVBUF: a 256 KiB send needs more than the default */
   SHARED_HALF = 1 << 20,            /* the shared area is two halves, alternating between packets */
-  MAX_FDS = 8,                      /* descriptors per packet */
+  MAX_FDS = 8,                      /* descriptors per packet, and names in the descriptor store */
+  MAX_KEPT_NAME = 64,               /* a descriptor store name's bytes */
   MAX_BATCH = 8192,                 /* Decisions entries per packet (~33 bytes each) */
   MAX_INLINE = 64,                  /* Decision messages with inline bytes per packet (≥ 4 KiB each) */
   MAX_REPLIES = 1024,               /* RegionReply, StoreReply, Delegation per packet each */
@@ -73,8 +74,18 @@ struct uffd_plugin {
   Uffdbroker__Delegation delegations[MAX_REPLIES];
   Uffdbroker__Delegation *delegation_pointers[MAX_REPLIES];
   size_t delegation_count;
-  int fds[MAX_FDS];
+  int fds[MAX_FDS]; /* file delegations' duplicates, in order */
   size_t fd_count;
+  int keep_fds[MAX_FDS]; /* descriptors to keep (they ride after the delegations'), with their names */
+  char *keep_names[MAX_FDS];
+  size_t keep_count;
+  /* The broker's descriptor store, as restored at Hello: taken (-1) or owned by the SDK. */
+  char *kept_names[MAX_FDS];
+  int kept_fds[MAX_FDS];
+  size_t kept_count;
+  /* Descriptors that came with the last packet received, in order. */
+  int received_fds[2 * MAX_FDS];
+  size_t received_count;
   char *strings[2 * MAX_REPLIES]; /* refusal messages, freed after the send */
   size_t string_count;
   int in_pagefault; /* the stage may not move: the decision being made names it */
@@ -121,8 +132,13 @@ static int send_packet(uffd_plugin *p, const uint8_t *bytes, size_t length, cons
   return 0;
 }
 
+static void close_received(uffd_plugin *p) {
+  for (size_t i = 0; i < p->received_count; i++) close(p->received_fds[i]);
+  p->received_count = 0;
+}
+
 /* Receives one packet: its length, 0 when the broker closed the connection, or -errno.
- * Descriptors that came with it are closed (the descriptor store is not supported). */
+ * Descriptors that came with it are in received_fds until the next receive (close_received). */
 static ssize_t receive_packet(uffd_plugin *p) {
   struct iovec vector = {.iov_base = p->receive, .iov_len = RECEIVE_BUFFER};
   union {
@@ -131,6 +147,7 @@ static ssize_t receive_packet(uffd_plugin *p) {
   } control;
   struct msghdr message = {.msg_iov = &vector, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer};
   ssize_t count;
+  close_received(p);
   do count = recvmsg(p->fd, &message, MSG_CMSG_CLOEXEC);
   while (count < 0 && errno == EINTR);
   if (count < 0 && errno == ECONNRESET) return 0;
@@ -141,7 +158,8 @@ static ssize_t receive_packet(uffd_plugin *p) {
     for (size_t i = 0; i < n; i++) {
       int fd;
       memcpy(&fd, CMSG_DATA(header) + i * sizeof(int), sizeof fd);
-      close(fd);
+      if (p->received_count < 2 * MAX_FDS) p->received_fds[p->received_count++] = fd;
+      else close(fd);
     }
   }
   if (message.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) return fail(EPROTO, "a packet from the broker was truncated");
@@ -204,7 +222,7 @@ static int open_socket(const char *socket_path) {
 /* ---- the packet being built ---- */
 
 static int packet_empty(const uffd_plugin *p) {
-  return p->batch_count + p->inline_count + p->reply_count + p->store_count + p->delegation_count == 0;
+  return p->batch_count + p->inline_count + p->reply_count + p->store_count + p->delegation_count + p->keep_count == 0;
 }
 
 static char *keep_string(uffd_plugin *p, const char *text) {
@@ -251,13 +269,24 @@ static int flush(uffd_plugin *p) {
   message.store_replies = p->store_pointers;
   message.n_delegations = p->delegation_count;
   message.delegations = p->delegation_pointers;
+  Uffdbroker__DescriptorStore keep;
+  uffdbroker__descriptor_store__init(&keep);
+  if (p->keep_count > 0) {
+    keep.n_names = p->keep_count;
+    keep.names = p->keep_names;
+    message.keep = &keep;
+  }
+  /* The descriptors: file delegations' first, then those to keep (section 5.5's order). */
+  for (size_t i = 0; i < p->keep_count; i++) p->fds[p->fd_count + i] = p->keep_fds[i];
+  size_t fd_count = p->fd_count + p->keep_count;
   size_t size = uffdbroker__plugin_to_broker__get_packed_size(&message);
   int result = size > MAX_PACKET ? fail(EMSGSIZE, "an answer of %zu bytes exceeds the packet limit", size) : 0;
-  if (result == 0) result = send_packet(p, p->send, uffdbroker__plugin_to_broker__pack(&message, p->send), p->fds, p->fd_count);
-  for (size_t i = 0; i < p->fd_count; i++) close(p->fds[i]); /* the broker has its own copies now */
+  if (result == 0) result = send_packet(p, p->send, uffdbroker__plugin_to_broker__pack(&message, p->send), p->fds, fd_count);
+  for (size_t i = 0; i < fd_count; i++) close(p->fds[i]); /* the broker has its own copies now */
+  for (size_t i = 0; i < p->keep_count; i++) free(p->keep_names[i]);
   for (size_t i = 0; i < p->reply_count; i++) free(p->reply_lost[i]), free(p->reply_lost_pointers[i]);
   for (size_t i = 0; i < p->string_count; i++) free(p->strings[i]);
-  p->batch_count = p->inline_count = p->reply_count = p->store_count = p->delegation_count = p->fd_count = p->string_count = 0;
+  p->batch_count = p->inline_count = p->reply_count = p->store_count = p->delegation_count = p->fd_count = p->keep_count = p->string_count = 0;
   p->estimate = 64;
   p->packets_sent++;
   choose_stage(p);
@@ -557,6 +586,22 @@ static int make_shared_area(void) {
   return fd;
 }
 
+/* Takes the descriptors the broker's Hello packet carries for its `kept` names. */
+static int restore_kept(uffd_plugin *p, const Uffdbroker__DescriptorStore *kept) {
+  size_t n = kept ? kept->n_names : 0;
+  for (size_t i = 0; i < n && p->kept_count < MAX_FDS; i++) {
+    char *name = strdup(kept->names[i]);
+    if (!name) return fail(ENOMEM, "out of memory");
+    p->kept_names[p->kept_count] = name;
+    p->kept_fds[p->kept_count++] = p->received_fds[i];
+    p->received_fds[i] = -1;
+  }
+  for (size_t i = 0; i < p->received_count; i++)
+    if (p->received_fds[i] >= 0) close(p->received_fds[i]);
+  p->received_count = 0;
+  return 0;
+}
+
 uffd_plugin *uffd_plugin_connect(const char *socket_path, const char *name) {
   uffd_plugin *p = calloc(1, sizeof *p);
   if (!p) return fail(ENOMEM, "out of memory"), NULL;
@@ -614,7 +659,8 @@ uffd_plugin *uffd_plugin_connect(const char *socket_path, const char *name) {
   int ok = 0;
   if (answer->error) fail(ECONNABORTED, "the broker refused: %s (code %d)", answer->error->message, answer->error->code);
   else if (!answer->hello || answer->hello->role != UFFDBROKER__ROLE__ROLE_BROKER) fail(EPROTO, "the broker did not answer Hello");
-  else ok = 1;
+  else if (answer->kept && answer->kept->n_names > p->received_count) fail(EPROTO, "the broker named more kept descriptors than it sent");
+  else ok = restore_kept(p, answer->kept) == 0;
   if (answer->packets_applied > p->packets_applied) p->packets_applied = answer->packets_applied;
   uffdbroker__broker_to_plugin__free_unpacked(answer, NULL);
   if (ok) return p;
@@ -632,6 +678,7 @@ int uffd_plugin_run(uffd_plugin *p, const uffd_callbacks *callbacks, void *user)
     ssize_t count = receive_packet(p);
     if (count == 0) return 0; /* the broker closed the connection */
     if (count < 0) return (int)count;
+    close_received(p); /* only the Hello packet carries descriptors for the plugin */
     Uffdbroker__BrokerToPlugin *packet = uffdbroker__broker_to_plugin__unpack(NULL, (size_t)count, p->receive);
     if (!packet) return fail(EPROTO, "a malformed packet from the broker");
     err = handle_packet(p, packet, callbacks, user);
@@ -645,6 +692,12 @@ void uffd_plugin_free(uffd_plugin *p) {
   if (p->fd >= 0) close(p->fd);
   for (size_t i = 0; i < p->region_count; i++) free_region(p->regions[i]);
   for (size_t i = 0; i < p->fd_count; i++) close(p->fds[i]);
+  for (size_t i = 0; i < p->keep_count; i++) close(p->keep_fds[i]), free(p->keep_names[i]);
+  for (size_t i = 0; i < p->kept_count; i++) {
+    if (p->kept_fds[i] >= 0) close(p->kept_fds[i]);
+    free(p->kept_names[i]);
+  }
+  close_received(p);
   for (size_t i = 0; i < p->reply_count; i++) free(p->reply_lost[i]), free(p->reply_lost_pointers[i]);
   for (size_t i = 0; i < p->string_count; i++) free(p->strings[i]);
   free(p->regions);
@@ -662,7 +715,7 @@ static int delegate(uffd_plugin *p, const uffd_region *region, uint64_t offset, 
   if (offset % region->page_size || length % region->page_size || length == 0 || offset + length > region->length || offset + length < offset)
     return fail(EINVAL, "a delegation must be whole pages inside the region");
   if (prefetch_pages > 32) return fail(EINVAL, "at most 32 pages per fault");
-  int full = p->estimate + DELEGATION_SIZE > PACKET_BUDGET || p->delegation_count == MAX_REPLIES || (fd >= 0 && p->fd_count == MAX_FDS);
+  int full = p->estimate + DELEGATION_SIZE > PACKET_BUDGET || p->delegation_count == MAX_REPLIES || (fd >= 0 && p->fd_count + p->keep_count == MAX_FDS);
   if (full && p->in_pagefault) return fail(EAGAIN, "this answer is full; delegate from another callback");
   int err = full ? flush(p) : 0;
   if (err) return err;
@@ -696,4 +749,36 @@ int uffd_plugin_delegate_file(uffd_plugin *p, const uffd_region *region, uint64_
 
 int uffd_plugin_revoke(uffd_plugin *p, const uffd_region *region, uint64_t offset, uint64_t length) {
   return delegate(p, region, offset, length, UFFDBROKER__DELEGATION_KIND__DELEGATE_UNSPECIFIED, -1, 0, 0, 1);
+}
+
+int uffd_plugin_keep(uffd_plugin *p, int fd, const char *name) {
+  size_t length = name ? strlen(name) : 0;
+  if (length == 0 || length > MAX_KEPT_NAME) return fail(EINVAL, "a kept descriptor's name must be 1 to %d bytes", MAX_KEPT_NAME);
+  if (fd < 0) return fail(EBADF, "no descriptor to keep");
+  int full = p->fd_count + p->keep_count == MAX_FDS || p->estimate + MAX_KEPT_NAME + 8 > PACKET_BUDGET;
+  if (full && p->in_pagefault) return fail(EAGAIN, "this answer is full; keep from another callback");
+  int err = full ? flush(p) : 0;
+  if (err) return err;
+  char *copy_name = strdup(name);
+  if (!copy_name) return fail(ENOMEM, "out of memory");
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) {
+    int dup_error = errno;
+    free(copy_name);
+    return fail(dup_error, "dup: %s", strerror(dup_error));
+  }
+  p->keep_names[p->keep_count] = copy_name;
+  p->keep_fds[p->keep_count++] = copy;
+  p->estimate += MAX_KEPT_NAME + 8;
+  return 0;
+}
+
+int uffd_plugin_take_kept(uffd_plugin *p, const char *name) {
+  for (size_t i = 0; i < p->kept_count; i++) {
+    if (p->kept_fds[i] < 0 || strcmp(p->kept_names[i], name) != 0) continue;
+    int fd = p->kept_fds[i];
+    p->kept_fds[i] = -1;
+    return fd;
+  }
+  return fail(ENOENT, "the broker kept nothing named %s", name);
 }

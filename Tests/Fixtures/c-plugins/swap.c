@@ -2,7 +2,8 @@
 // and serves them back on their faults; pages never stored read as zeros.
 // Pages live in a memfd (swap-data, one page per slot) with an index beside it
 // (swap-index, one entry per slot), so the broker's descriptor store can keep
-// them across a crash of this process. A linear table: a test plugin, not a fast one.
+// them across a crash of this process: a restart finds every stored page again.
+// A linear table: a test plugin, not a fast one.
 //   swap NAME
 #define _GNU_SOURCE
 #include <stdio.h>
@@ -97,9 +98,23 @@ int main(int argc, char **argv) {
   if (argc < 2) return fprintf(stderr, "usage: %s NAME\n", argv[0]), 2;
   uffd_plugin *plugin = uffd_plugin_connect(NULL, argv[1]);
   if (!plugin) return fprintf(stderr, "swap: %s\n", uffd_plugin_last_error()), 1;
-  data_fd = memfd_create("swap-data", MFD_CLOEXEC);
-  index_fd = memfd_create("swap-index", MFD_CLOEXEC);
-  if (data_fd < 0 || index_fd < 0) return perror("memfd_create"), 1;
+  data_fd = uffd_plugin_take_kept(plugin, "swap-data");
+  index_fd = uffd_plugin_take_kept(plugin, "swap-index");
+  if (data_fd >= 0 && index_fd >= 0) {  // a restart: the index names every page stored before
+    off_t size = lseek(index_fd, 0, SEEK_END);
+    entry_count = entry_capacity = (size_t)size / sizeof(entry);
+    entries = malloc(entry_capacity * sizeof(entry) + 1);
+    if (!entries || pread(index_fd, entries, entry_count * sizeof(entry), 0) != (ssize_t)(entry_count * sizeof(entry))) return perror("swap-index"), 1;
+    size_t held = 0;
+    for (size_t i = 0; i < entry_count; i++) held += entries[i].used != 0;
+    fprintf(stderr, "swap: recovered %zu stored pages\n", held);
+  } else {
+    data_fd = memfd_create("swap-data", MFD_CLOEXEC);
+    index_fd = memfd_create("swap-index", MFD_CLOEXEC);
+    if (data_fd < 0 || index_fd < 0) return perror("memfd_create"), 1;
+    if (uffd_plugin_keep(plugin, data_fd, "swap-data") != 0 || uffd_plugin_keep(plugin, index_fd, "swap-index") != 0)
+      return fprintf(stderr, "swap: %s\n", uffd_plugin_last_error()), 1;
+  }
   uffd_callbacks callbacks = {.pagefault = pagefault, .store = store, .swapped_out = swapped_out, .holds = holds,
                               .removed = removed, .unmapped = unmapped, .region_closed = region_closed};
   int result = uffd_plugin_run(plugin, &callbacks, NULL);

@@ -191,6 +191,26 @@ int uffd_plugin_delegate_file(uffd_plugin *plugin, const uffd_region *region, ui
 /** Takes back a delegated range: its faults come to the plugin again. */
 int uffd_plugin_revoke(uffd_plugin *plugin, const uffd_region *region, uint64_t offset, uint64_t length);
 
+/*
+ * The descriptor store: the broker keeps descriptors for this plugin's name
+ * (as systemd's FDSTORE) and hands them back to the next connection under the
+ * name, after a crash, a kill -9 or a restart of the plugin (not of the broker).
+ * Data kept in a memfd so survives the plugin process.
+ */
+
+/** Asks the broker to keep a duplicate of `fd` (a memfd or regular file) under
+ *  `name` (1 to 64 bytes), replacing what the name held; sent with the next
+ *  answer, like a delegation (-EAGAIN from a full pagefault answer). The broker
+ *  keeps at most 8 names (more closes the connection with ERROR_LIMIT). A memfd
+ *  that only grows keeps its identity: keeping it once is enough. `fd` stays the caller's. */
+int uffd_plugin_keep(uffd_plugin *plugin, int fd, const char *name);
+
+/** The descriptor the broker kept under `name` for an earlier connection of this
+ *  plugin name, handed back with its Hello: the caller owns it from now on. Each
+ *  is handed out once; -ENOENT if there is none (a first start). Those never
+ *  taken are closed by uffd_plugin_free. */
+int uffd_plugin_take_kept(uffd_plugin *plugin, const char *name);
+
 /** The last failure of this thread, for people ("" if none). */
 const char *uffd_plugin_last_error(void);
 
