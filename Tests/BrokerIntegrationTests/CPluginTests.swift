@@ -145,6 +145,40 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("a C plugin answering every fault later, from 3 threads, newest first, some with prefetches: every byte exact",
+          .enabled(if: toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
+    func laterAnswers() throws {
+      try Harness.run("c-later") { h in
+        let executable = try Self.buildTestPlugin(h, "later")
+        let stats = h.directory + "/later.stats"
+        _ = try h.startPluginProcess(name: "c-later", executable: executable, arguments: ["c-later", stats], waitForConnection: true)
+        let outcome = try h.runClient("touch", mib: 16, threads: 4, plugin: "c-later", timeout: 60)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+        #expect(outcome.summary == "verified \(pages(mib: 16)) pages, 0 wrong", h.diagnostics)
+        #expect(try h.status().plugin("c-later")?.invalidDecisions == 0, h.diagnostics)
+        // The answers did come out of order (the plugin counts those it gave before an older fault's).
+        #expect(waitUntil(timeout: 5) { (SamplePlugins.statistics(stats)["reordered"] ?? 0) > 0 }, h.diagnostics("stats: \(readTextFile(stats))"))
+      }
+    }
+
+    @Test("a C plugin answering only after the client is gone: the late answers are dropped harmlessly, and the next client is served exactly",
+          .enabled(if: toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
+    func laterAnswersAfterClose() throws {
+      try Harness.run("c-later-gone") { h in
+        let executable = try Self.buildTestPlugin(h, "later")
+        let stats = h.directory + "/later.stats"
+        let plugin = try h.startPluginProcess(name: "c-later", executable: executable, arguments: ["c-later", stats, "hold"], waitForConnection: true)
+        let first = try h.runClient("exit-midway", mib: 1, threads: 4, plugin: "c-later")
+        #expect(first.status == .exited(0), h.diagnostics(first.stdout + first.stderr))
+        // The four faults were answered once the client had gone (and its regions with it).
+        #expect(waitUntil(timeout: 5) { SamplePlugins.statistics(stats)["answered"] == 4 }, h.diagnostics("stats: \(readTextFile(stats))"))
+        let second = try h.runClient("touch", mib: 4, threads: 2, plugin: "c-later")
+        #expect(second.status == .exited(0) && second.summary == "verified \(pages(mib: 4)) pages, 0 wrong", h.diagnostics(second.stdout + second.stderr))
+        #expect(plugin.isRunning && plugin.stderr.isEmpty, h.diagnostics(plugin.stderr))
+        #expect(try h.status().plugin("c-later")?.invalidDecisions == 0, h.diagnostics)
+      }
+    }
+
     @Test("the C plugin serves its pattern, not zeros: a client expecting zeros sees every page differ",
           .enabled(if: toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
     func patternIsNotZeros() throws {
