@@ -34,7 +34,8 @@
  *    where the bytes are. Each half of that area is reused only after the
  *    broker reported (packets_applied) that it applied the packet naming it,
  *    and no fault answered later still holds a buffer there; otherwise the
- *    bytes travel inline.
+ *    bytes travel inline from private memory. Should deferred faults hold
+ *    every buffer there is (1 GiB), a new fault gets retry, never a hang.
  * 5. Functions that can fail return 0 (or a pointer) on success and -errno (or
  *    NULL, errno set) on failure; uffd_plugin_last_error() says why, for people.
  *
