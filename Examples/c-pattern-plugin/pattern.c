@@ -26,8 +26,8 @@ static uffd_decision pagefault(const uffd_fault *fault, uffd_region *region, voi
   return uffd_copy_range(start, length);
 }
 
-static void removed(uffd_region *region, uint64_t start, uint64_t end, int swapped_out, void *user) {
-  (void)region, (void)swapped_out, (void)user;  // a dropped page gets the pattern again
+static void removed(uffd_region *region, uint64_t start, uint64_t end, void *user) {
+  (void)region, (void)user;  // a dropped page gets the pattern again
   fprintf(stderr, "removed [%llu, %llu)\n", (unsigned long long)start, (unsigned long long)end);
 }
 

@@ -8,10 +8,13 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -27,27 +30,68 @@ enum {
   RECEIVE_BUFFER = 512 << 10,       /* larger than any packet: a longer one shows as MSG_TRUNC */
   SOCKET_BUFFER = 1 << 20,          /* SO_SNDBUF/SO_RCVBUF: a 256 KiB send needs more than the default */
   SHARED_HALF = 1 << 20,            /* the shared area is two halves, alternating between packets */
-  MAX_FDS = 8,                      /* descriptors per packet */
+  MAX_FDS = 8,                      /* descriptors per packet, and names in the descriptor store */
+  MAX_KEPT_NAME = 64,               /* a descriptor store name's bytes */
   MAX_BATCH = 8192,                 /* Decisions entries per packet (~33 bytes each) */
   MAX_INLINE = 64,                  /* Decision messages with inline bytes per packet (≥ 4 KiB each) */
   MAX_REPLIES = 1024,               /* RegionReply, StoreReply, Delegation per packet each */
   MAX_MESSAGE = 1024,               /* a refusal's message, truncated */
+  MAX_BLOCKS = 4096,                /* blocks of page bytes (2 shared, the others private: 1 GiB at most) */
 };
+
+/* No current block: no buffer for a fault until one is free. */
+#define NO_BLOCK ((size_t)-1)
 
 /* Estimated packed sizes, on the high side. */
 enum { BATCH_ENTRY = 40, INLINE_OVERHEAD = 64, REPLY_OVERHEAD = 64, EXTENT_SIZE = 32, DELEGATION_SIZE = 80 };
+
+/*
+ * Page bytes live in blocks: the two halves of the memfd shared with the broker
+ * (a decision names where its bytes lie), or private memory (the bytes travel
+ * inline). Faults' buffers are carved one after another from the current block.
+ * A block is reused from its start only when
+ * 1. no deferred fault holds a buffer in it (that buffer stays the plugin's until answered), and
+ * 2. the last packet naming its bytes was applied by the broker (shared) or sent (private).
+ */
+typedef struct block {
+  uint8_t *base;
+  size_t size;
+  long shared_offset;   /* where it lies in the shared area, or -1: private */
+  uint64_t last_packet; /* the last packet naming its bytes */
+  uint32_t held;        /* deferred faults whose buffers lie in it */
+} block;
+
+/* A fault the plugin answers later: what its answer needs, and its buffer. */
+typedef struct deferred {
+  uint64_t fault_id; /* 0: an empty slot (the broker's ids are never 0) */
+  uint64_t client_id, region_id, address, offset;
+  size_t block, at;  /* its buffer: blocks[block].base + at */
+  uint64_t reserved; /* bytes of it */
+} deferred;
+
+/* An answer given with uffd_plugin_answer, queued for the loop. */
+typedef struct answer {
+  uint64_t fault_id;
+  uffd_decision decision;
+} answer;
 
 struct uffd_plugin {
   int fd;
   uint64_t packets_sent, packets_applied, faults_served;
   uint8_t *receive;
   uint8_t *send;
-  /* Page bytes: the shared memfd's mapping (NULL: none), the private staging for inline bytes. */
+  /* Page bytes: the shared memfd's mapping (NULL: none), the blocks, the one buffers come from. */
   uint8_t *shared;
-  uint8_t *staging;
-  uint8_t *stage;
-  size_t stage_size, staged;
-  long stage_offset; /* in the shared area, or -1: inline */
+  block *blocks; /* the shared halves first, if any */
+  size_t block_count, current, staged;
+  /* Deferred faults by fault_id: open addressing, linear probing (used by the loop only). */
+  deferred *table;
+  size_t table_capacity, table_count;
+  /* Answers from any thread: queued under `lock`, the loop woken through `wake` (an eventfd). */
+  pthread_mutex_t lock;
+  answer *queue, *taken;
+  size_t queue_count, queue_capacity, taken_capacity;
+  int wake, stopped;
   /* Regions, with the last one found cached (runs of faults hit one region). */
   uffd_region **regions;
   size_t region_count, region_capacity;
@@ -73,8 +117,18 @@ struct uffd_plugin {
   Uffdbroker__Delegation delegations[MAX_REPLIES];
   Uffdbroker__Delegation *delegation_pointers[MAX_REPLIES];
   size_t delegation_count;
-  int fds[MAX_FDS];
+  int fds[MAX_FDS]; /* file delegations' duplicates, in order */
   size_t fd_count;
+  int keep_fds[MAX_FDS]; /* descriptors to keep (they ride after the delegations'), with their names */
+  char *keep_names[MAX_FDS];
+  size_t keep_count;
+  /* The broker's descriptor store, as restored at Hello: taken (-1) or owned by the SDK. */
+  char *kept_names[MAX_FDS];
+  int kept_fds[MAX_FDS];
+  size_t kept_count;
+  /* Descriptors that came with the last packet received, in order. */
+  int received_fds[2 * MAX_FDS];
+  size_t received_count;
   char *strings[2 * MAX_REPLIES]; /* refusal messages, freed after the send */
   size_t string_count;
   int in_pagefault; /* the stage may not move: the decision being made names it */
@@ -121,8 +175,13 @@ static int send_packet(uffd_plugin *p, const uint8_t *bytes, size_t length, cons
   return 0;
 }
 
+static void close_received(uffd_plugin *p) {
+  for (size_t i = 0; i < p->received_count; i++) close(p->received_fds[i]);
+  p->received_count = 0;
+}
+
 /* Receives one packet: its length, 0 when the broker closed the connection, or -errno.
- * Descriptors that came with it are closed (the descriptor store is not supported). */
+ * Descriptors that came with it are in received_fds until the next receive (close_received). */
 static ssize_t receive_packet(uffd_plugin *p) {
   struct iovec vector = {.iov_base = p->receive, .iov_len = RECEIVE_BUFFER};
   union {
@@ -131,6 +190,7 @@ static ssize_t receive_packet(uffd_plugin *p) {
   } control;
   struct msghdr message = {.msg_iov = &vector, .msg_iovlen = 1, .msg_control = control.buffer, .msg_controllen = sizeof control.buffer};
   ssize_t count;
+  close_received(p);
   do count = recvmsg(p->fd, &message, MSG_CMSG_CLOEXEC);
   while (count < 0 && errno == EINTR);
   if (count < 0 && errno == ECONNRESET) return 0;
@@ -141,7 +201,8 @@ static ssize_t receive_packet(uffd_plugin *p) {
     for (size_t i = 0; i < n; i++) {
       int fd;
       memcpy(&fd, CMSG_DATA(header) + i * sizeof(int), sizeof fd);
-      close(fd);
+      if (p->received_count < 2 * MAX_FDS) p->received_fds[p->received_count++] = fd;
+      else close(fd);
     }
   }
   if (message.msg_flags & (MSG_TRUNC | MSG_CTRUNC)) return fail(EPROTO, "a packet from the broker was truncated");
@@ -204,7 +265,7 @@ static int open_socket(const char *socket_path) {
 /* ---- the packet being built ---- */
 
 static int packet_empty(const uffd_plugin *p) {
-  return p->batch_count + p->inline_count + p->reply_count + p->store_count + p->delegation_count == 0;
+  return p->batch_count + p->inline_count + p->reply_count + p->store_count + p->delegation_count + p->keep_count == 0;
 }
 
 static char *keep_string(uffd_plugin *p, const char *text) {
@@ -213,20 +274,41 @@ static char *keep_string(uffd_plugin *p, const char *text) {
   return copy ? copy : "refused";
 }
 
+/* ---- blocks of page bytes ---- */
+
+static int block_free(const uffd_plugin *p, const block *b) {
+  return b->held == 0 && b->last_packet <= (b->shared_offset >= 0 ? p->packets_applied : p->packets_sent);
+}
+
+static int add_block(uffd_plugin *p, uint8_t *base, size_t size, long shared_offset) {
+  if (!base) return -ENOMEM;
+  block *grown = realloc(p->blocks, (p->block_count + 1) * sizeof *grown);
+  if (!grown) return -ENOMEM;
+  p->blocks = grown;
+  p->blocks[p->block_count++] = (block){.base = base, .size = size, .shared_offset = shared_offset};
+  return 0;
+}
+
+/* Picks the block the next buffers come from: a free shared half (the fast path),
+ * else a free private block, else a new private one; NO_BLOCK if none can be had. */
 static void choose_stage(uffd_plugin *p) {
-  uint64_t next = p->packets_sent + 1;
-  /* The half `next` uses was last named by packet next - 2: reuse it only once the broker applied that. */
-  if (p->shared && p->packets_applied + 2 >= next) {
-    p->stage_offset = (long)(next % 2) * SHARED_HALF;
-    p->stage = p->shared + p->stage_offset;
-    p->stage_size = SHARED_HALF;
-  } else {
-    p->stage_offset = -1;
-    p->stage = p->staging;
-    p->stage_size = MAX_PACKET;
+  size_t chosen = NO_BLOCK;
+  for (size_t i = 0; i < p->block_count; i++) {
+    if (!block_free(p, &p->blocks[i])) continue;
+    if (p->blocks[i].shared_offset >= 0 || chosen == NO_BLOCK) chosen = i;
+    if (p->blocks[i].shared_offset >= 0) break;
   }
+  /* Every block is busy: deferred faults hold buffers in them. Private memory is committed only as written. */
+  if (chosen == NO_BLOCK && p->block_count < MAX_BLOCKS && add_block(p, aligned_alloc(4096, MAX_PACKET), MAX_PACKET, -1) == 0)
+    chosen = p->block_count - 1;
+  p->current = chosen;
   p->staged = 0;
 }
+
+/* Bytes left for buffers in the current block. */
+static size_t room(const uffd_plugin *p) { return p->current == NO_BLOCK ? 0 : p->blocks[p->current].size - p->staged; }
+
+static int current_is_shared(const uffd_plugin *p) { return p->current != NO_BLOCK && p->blocks[p->current].shared_offset >= 0; }
 
 static int flush(uffd_plugin *p) {
   if (packet_empty(p)) return 0;
@@ -251,13 +333,24 @@ static int flush(uffd_plugin *p) {
   message.store_replies = p->store_pointers;
   message.n_delegations = p->delegation_count;
   message.delegations = p->delegation_pointers;
+  Uffdbroker__DescriptorStore keep;
+  uffdbroker__descriptor_store__init(&keep);
+  if (p->keep_count > 0) {
+    keep.n_names = p->keep_count;
+    keep.names = p->keep_names;
+    message.keep = &keep;
+  }
+  /* The descriptors: file delegations' first, then those to keep (section 5.5's order). */
+  for (size_t i = 0; i < p->keep_count; i++) p->fds[p->fd_count + i] = p->keep_fds[i];
+  size_t fd_count = p->fd_count + p->keep_count;
   size_t size = uffdbroker__plugin_to_broker__get_packed_size(&message);
   int result = size > MAX_PACKET ? fail(EMSGSIZE, "an answer of %zu bytes exceeds the packet limit", size) : 0;
-  if (result == 0) result = send_packet(p, p->send, uffdbroker__plugin_to_broker__pack(&message, p->send), p->fds, p->fd_count);
-  for (size_t i = 0; i < p->fd_count; i++) close(p->fds[i]); /* the broker has its own copies now */
+  if (result == 0) result = send_packet(p, p->send, uffdbroker__plugin_to_broker__pack(&message, p->send), p->fds, fd_count);
+  for (size_t i = 0; i < fd_count; i++) close(p->fds[i]); /* the broker has its own copies now */
+  for (size_t i = 0; i < p->keep_count; i++) free(p->keep_names[i]);
   for (size_t i = 0; i < p->reply_count; i++) free(p->reply_lost[i]), free(p->reply_lost_pointers[i]);
   for (size_t i = 0; i < p->string_count; i++) free(p->strings[i]);
-  p->batch_count = p->inline_count = p->reply_count = p->store_count = p->delegation_count = p->fd_count = p->string_count = 0;
+  p->batch_count = p->inline_count = p->reply_count = p->store_count = p->delegation_count = p->fd_count = p->keep_count = p->string_count = 0;
   p->estimate = 64;
   p->packets_sent++;
   choose_stage(p);
@@ -418,9 +511,11 @@ static int handle_event(uffd_plugin *p, const Uffdbroker__Event *event, const uf
     return region_opened(p, event->region_opened, callbacks, user);
   case UFFDBROKER__EVENT__KIND_REMOVED:
     region = find_region(p, event->removed->client_id, event->removed->region_id, NULL);
-    if (region && callbacks->removed) {
+    if (region) {
       const Uffdbroker__RangeEvent *range = event->removed;
-      callbacks->removed(region, range->start_offset, range->start_offset + (range->end - range->start), range->swapped_out, user);
+      uint64_t start = range->start_offset, end = range->start_offset + (range->end - range->start);
+      if (range->swapped_out && callbacks->swapped_out) callbacks->swapped_out(region, start, end, user);
+      else if (!range->swapped_out && callbacks->removed) callbacks->removed(region, start, end, user);
     }
     return 0;
   case UFFDBROKER__EVENT__KIND_UNMAPPED:
@@ -459,71 +554,205 @@ static int handle_event(uffd_plugin *p, const Uffdbroker__Event *event, const uf
   }
 }
 
-static int serve_fault(uffd_plugin *p, const Uffdbroker__Faults *faults, size_t i, const uffd_callbacks *callbacks, void *user) {
-  int inline_bytes = p->stage_offset < 0;
-  if (p->stage_size - p->staged < UFFD_PLUGIN_MAX_PREFETCH ||
-      p->estimate + BATCH_ENTRY + (inline_bytes ? UFFD_PLUGIN_MAX_PREFETCH + INLINE_OVERHEAD : 0) > PACKET_BUDGET || p->batch_count == MAX_BATCH ||
-      p->inline_count == MAX_INLINE) {
-    int err = flush(p);
-    if (err) return err;
+/* ---- deferred faults, by fault_id: open addressing, linear probing ---- */
+
+static size_t slot_of(const uffd_plugin *p, uint64_t fault_id) {
+  return (size_t)((fault_id * 0x9E3779B97F4A7C15ull) >> 32) & (p->table_capacity - 1);
+}
+
+static void table_put(uffd_plugin *p, const deferred *entry) {
+  size_t i = slot_of(p, entry->fault_id);
+  while (p->table[i].fault_id) i = (i + 1) & (p->table_capacity - 1);
+  p->table[i] = *entry;
+  p->table_count++;
+}
+
+static int table_insert(uffd_plugin *p, const deferred *entry) {
+  if (2 * (p->table_count + 1) > p->table_capacity) { /* at most half full: probe runs stay short */
+    size_t old_capacity = p->table_capacity, capacity = old_capacity ? 2 * old_capacity : 256;
+    deferred *old = p->table, *table = calloc(capacity, sizeof *table);
+    if (!table) return fail(ENOMEM, "out of memory");
+    p->table = table;
+    p->table_capacity = capacity;
+    p->table_count = 0;
+    for (size_t i = 0; i < old_capacity; i++)
+      if (old[i].fault_id) table_put(p, &old[i]);
+    free(old);
   }
-  uffd_fault fault = {.fault_id = faults->fault_id[i], .address = faults->address[i], .offset = faults->offset[i],
-                      .flags = faults->flags[i], .thread_id = faults->thread_id[i]};
+  table_put(p, entry);
+  return 0;
+}
+
+/* Takes the entry of `fault_id` out of the table into *entry: 1, or 0 if there is none. */
+static int table_take(uffd_plugin *p, uint64_t fault_id, deferred *entry) {
+  if (p->table_count == 0 || fault_id == 0) return 0;
+  size_t mask = p->table_capacity - 1, hole = slot_of(p, fault_id);
+  while (p->table[hole].fault_id != fault_id) {
+    if (!p->table[hole].fault_id) return 0;
+    hole = (hole + 1) & mask;
+  }
+  *entry = p->table[hole];
+  p->table[hole].fault_id = 0;
+  p->table_count--;
+  /* Backward shift: an entry after the hole whose probe path crosses it moves into it,
+   * so no later lookup stops early at the hole. */
+  for (size_t j = (hole + 1) & mask; p->table[j].fault_id; j = (j + 1) & mask) {
+    size_t home = slot_of(p, p->table[j].fault_id);
+    if (((j - home) & mask) >= ((j - hole) & mask)) {
+      p->table[hole] = p->table[j];
+      p->table[j].fault_id = 0;
+      hole = j;
+    }
+  }
+  return 1;
+}
+
+/* ---- faults ---- */
+
+/* What a decision needs of its fault. */
+typedef struct fault_place {
+  uint64_t fault_id, address, offset;
+} fault_place;
+
+/* Makes room in the packet for one more decision (with up to `inline_bytes` of data) and, when
+ * `buffer` is set, a buffer of UFFD_PLUGIN_MAX_PREFETCH bytes in the current block. */
+static int make_decision_room(uffd_plugin *p, int buffer, size_t inline_bytes) {
+  int fits = p->estimate + BATCH_ENTRY + (inline_bytes ? inline_bytes + INLINE_OVERHEAD : 0) <= PACKET_BUDGET &&
+             p->batch_count < MAX_BATCH && p->inline_count < MAX_INLINE;
+  if (fits && (!buffer || room(p) >= UFFD_PLUGIN_MAX_PREFETCH)) return 0;
+  if (!packet_empty(p)) return flush(p); /* and chooses the next block */
+  choose_stage(p);
+  return 0;
+}
+
+/* Appends the decision answering `fault`: a copy's bytes are at `buffer`, in block `b`. */
+static void decide(uffd_plugin *p, const fault_place *fault, uffd_decision decision, uint32_t page, size_t b, uint8_t *buffer) {
+  uint64_t length = decision.length ? decision.length : page;
+  /* The address of region offset decision.offset, in the same live piece as the fault. */
+  uint64_t address = decision.length ? fault->address - fault->offset + decision.offset : fault->address;
+  p->faults_served++;
+  switch (decision.kind) {
+  case UFFD_DECISION_COPY: {
+    block *where = &p->blocks[b];
+    where->last_packet = p->packets_sent + 1; /* the packet being built names these bytes */
+    if (where->shared_offset >= 0) {
+      append_batch(p, fault->fault_id, UFFDBROKER__DECISION_KIND__DECISION_COPY, address, length,
+                   (uint64_t)where->shared_offset + (uint64_t)(buffer - where->base));
+      return;
+    }
+    Uffdbroker__Decision *d = &p->inline_decisions[p->inline_count];
+    uffdbroker__decision__init(d);
+    d->fault_id = fault->fault_id;
+    d->kind = UFFDBROKER__DECISION_KIND__DECISION_COPY;
+    d->address = address;
+    d->length = length;
+    d->data.data = buffer;
+    d->data.len = length;
+    p->inline_pointers[p->inline_count++] = d;
+    p->estimate += length + INLINE_OVERHEAD;
+    return;
+  }
+  case UFFD_DECISION_ZERO:
+    append_batch(p, fault->fault_id, UFFDBROKER__DECISION_KIND__DECISION_ZERO, address, length, 0);
+    return;
+  case UFFD_DECISION_POISON:
+    append_batch(p, fault->fault_id, UFFDBROKER__DECISION_KIND__DECISION_POISON, address, length, 0);
+    return;
+  case UFFD_DECISION_RETRY:
+  default:
+    append_batch(p, fault->fault_id, UFFDBROKER__DECISION_KIND__DECISION_RETRY, fault->address, 0, 0);
+    return;
+  }
+}
+
+/* A decision's bytes must fit its buffer: anything else is a bug in the plugin, and would name
+ * another fault's bytes. */
+static void check_copy(uffd_decision decision, uint64_t page, uint64_t capacity) {
+  uint64_t length = decision.length ? decision.length : page;
+  if (decision.kind != UFFD_DECISION_COPY || length <= capacity) return;
+  fprintf(stderr, "uffd_plugin: a copy of %llu bytes exceeds its buffer of %llu\n", (unsigned long long)length, (unsigned long long)capacity);
+  abort();
+}
+
+static int serve_fault(uffd_plugin *p, const Uffdbroker__Faults *faults, size_t i, const uffd_callbacks *callbacks, void *user) {
+  /* Room for the largest inline copy when the bytes cannot go in a shared block. */
+  int err = make_decision_room(p, 1, current_is_shared(p) ? 0 : UFFD_PLUGIN_MAX_PREFETCH);
+  if (err) return err;
+  fault_place place = {faults->fault_id[i], faults->address[i], faults->offset[i]};
   uffd_region *region = find_region(p, faults->client_id[i], faults->region_id[i], NULL);
-  if (!region) {
-    append_batch(p, fault.fault_id, UFFDBROKER__DECISION_KIND__DECISION_RETRY, fault.address, 0, 0);
+  if (!region || room(p) < UFFD_PLUGIN_MAX_PREFETCH) { /* no buffer: deferred faults hold them all */
+    decide(p, &place, uffd_retry(), 0, 0, NULL);
     return 0;
   }
-  uint8_t *buffer = p->stage + p->staged;
-  p->faults_served++;
+  uffd_fault fault = {.fault_id = place.fault_id, .address = place.address, .offset = place.offset, .flags = faults->flags[i],
+                      .thread_id = faults->thread_id[i]};
+  size_t b = p->current;
+  uint8_t *buffer = p->blocks[b].base + p->staged;
   p->in_pagefault = 1;
   uffd_decision decision = callbacks->pagefault(&fault, region, buffer, UFFD_PLUGIN_MAX_PREFETCH, user);
   p->in_pagefault = 0;
   uint64_t page = region->page_size;
-  uint64_t length = decision.length ? decision.length : page;
-  /* The address of region offset decision.offset, in the same live piece as the fault. */
-  uint64_t address = decision.length ? fault.address - fault.offset + decision.offset : fault.address;
-  switch (decision.kind) {
-  case UFFD_DECISION_COPY:
-    if (length > UFFD_PLUGIN_MAX_PREFETCH) {
-      fprintf(stderr, "uffd_plugin: a copy of %llu bytes exceeds the buffer of %u\n", (unsigned long long)length, UFFD_PLUGIN_MAX_PREFETCH);
-      abort();
-    }
-    if (p->stage_offset >= 0) {
-      append_batch(p, fault.fault_id, UFFDBROKER__DECISION_KIND__DECISION_COPY, address, length, (uint64_t)p->stage_offset + p->staged);
-    } else {
-      Uffdbroker__Decision *d = &p->inline_decisions[p->inline_count];
-      uffdbroker__decision__init(d);
-      d->fault_id = fault.fault_id;
-      d->kind = UFFDBROKER__DECISION_KIND__DECISION_COPY;
-      d->address = address;
-      d->length = length;
-      d->data.data = buffer;
-      d->data.len = length;
-      p->inline_pointers[p->inline_count++] = d;
-      p->estimate += length + INLINE_OVERHEAD;
-    }
-    p->staged += (length + page - 1) / page * page;
-    return 0;
-  case UFFD_DECISION_ZERO:
-    append_batch(p, fault.fault_id, UFFDBROKER__DECISION_KIND__DECISION_ZERO, address, length, 0);
-    return 0;
-  case UFFD_DECISION_POISON:
-    append_batch(p, fault.fault_id, UFFDBROKER__DECISION_KIND__DECISION_POISON, address, length, 0);
-    return 0;
-  case UFFD_DECISION_RETRY:
-  default:
-    append_batch(p, fault.fault_id, UFFDBROKER__DECISION_KIND__DECISION_RETRY, fault.address, 0, 0);
+  if (decision.kind == UFFD_DECISION_LATER) {
+    /* The buffer's first `reserved` bytes stay the plugin's until it answers. */
+    uint64_t reserved = decision.length ? (decision.length + page - 1) / page * page : page;
+    check_copy((uffd_decision){UFFD_DECISION_COPY, 0, reserved}, page, UFFD_PLUGIN_MAX_PREFETCH);
+    deferred entry = {.fault_id = place.fault_id, .client_id = region->client_id, .region_id = region->region_id,
+                      .address = place.address, .offset = place.offset, .block = b, .at = p->staged, .reserved = reserved};
+    if (table_insert(p, &entry) != 0) return -ENOMEM;
+    p->blocks[b].held++;
+    p->staged += reserved;
     return 0;
   }
+  check_copy(decision, page, UFFD_PLUGIN_MAX_PREFETCH);
+  decide(p, &place, decision, region->page_size, b, buffer);
+  if (decision.kind == UFFD_DECISION_COPY) p->staged += ((decision.length ? decision.length : page) + page - 1) / page * page;
+  return 0;
+}
+
+/* Applies one answer of uffd_plugin_answer. Dropped: an unknown fault (answered already,
+ * or never deferred) and one whose region closed meanwhile (the broker forgot the fault). */
+static int apply_answer(uffd_plugin *p, const answer *a) {
+  deferred entry;
+  if (!table_take(p, a->fault_id, &entry)) return 0;
+  uffd_region *region = find_region(p, entry.client_id, entry.region_id, NULL);
+  int err = 0;
+  if (region) {
+    check_copy(a->decision, region->page_size, entry.reserved);
+    int inline_bytes = a->decision.kind == UFFD_DECISION_COPY && p->blocks[entry.block].shared_offset < 0;
+    err = make_decision_room(p, 0, inline_bytes ? entry.reserved : 0); /* the block is held: it stays put */
+    fault_place place = {entry.fault_id, entry.address, entry.offset};
+    if (!err) decide(p, &place, a->decision, region->page_size, entry.block, p->blocks[entry.block].base + entry.at);
+  }
+  p->blocks[entry.block].held--;
+  return err;
+}
+
+/* Takes the answers queued by other threads and applies them. */
+static int take_answers(uffd_plugin *p) {
+  uint64_t count;
+  if (read(p->wake, &count, sizeof count) < 0 && errno != EAGAIN) return fail(errno, "eventfd: %s", strerror(errno));
+  pthread_mutex_lock(&p->lock);
+  answer *taken = p->queue;
+  size_t n = p->queue_count, capacity = p->queue_capacity;
+  p->queue = p->taken;
+  p->queue_capacity = p->taken_capacity;
+  p->queue_count = 0;
+  p->taken = taken;
+  p->taken_capacity = capacity;
+  pthread_mutex_unlock(&p->lock);
+  for (size_t i = 0; i < n; i++) {
+    int err = apply_answer(p, &taken[i]);
+    if (err) return err;
+  }
+  return 0;
 }
 
 /* Applies one decoded packet: events first, then faults, then sends the answers. */
 static int handle_packet(uffd_plugin *p, const Uffdbroker__BrokerToPlugin *packet, const uffd_callbacks *callbacks, void *user) {
   if (packet->error) return fail(ECONNABORTED, "the broker: %s (code %d)", packet->error->message, packet->error->code);
   if (packet->packets_applied > p->packets_applied) p->packets_applied = packet->packets_applied;
-  /* An empty stage may move to the shared area now that the broker has caught up. */
-  if (p->staged == 0 && p->stage_offset < 0 && packet_empty(p)) choose_stage(p);
+  /* An unused private block may give way to a shared one now that the broker has caught up. */
+  if (packet_empty(p) && (p->current == NO_BLOCK || (!current_is_shared(p) && p->staged == 0))) choose_stage(p);
   for (size_t i = 0; i < packet->n_events; i++) {
     int err = handle_event(p, packet->events[i], callbacks, user);
     if (err) return err;
@@ -555,14 +784,36 @@ static int make_shared_area(void) {
   return fd;
 }
 
+/* Takes the descriptors the broker's Hello packet carries for its `kept` names. */
+static int restore_kept(uffd_plugin *p, const Uffdbroker__DescriptorStore *kept) {
+  size_t n = kept ? kept->n_names : 0;
+  for (size_t i = 0; i < n && p->kept_count < MAX_FDS; i++) {
+    char *name = strdup(kept->names[i]);
+    if (!name) return fail(ENOMEM, "out of memory");
+    p->kept_names[p->kept_count] = name;
+    p->kept_fds[p->kept_count++] = p->received_fds[i];
+    p->received_fds[i] = -1;
+  }
+  for (size_t i = 0; i < p->received_count; i++)
+    if (p->received_fds[i] >= 0) close(p->received_fds[i]);
+  p->received_count = 0;
+  return 0;
+}
+
 uffd_plugin *uffd_plugin_connect(const char *socket_path, const char *name) {
   uffd_plugin *p = calloc(1, sizeof *p);
   if (!p) return fail(ENOMEM, "out of memory"), NULL;
   p->fd = -1;
+  pthread_mutex_init(&p->lock, NULL);
+  p->current = NO_BLOCK;
+  p->wake = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
   p->receive = malloc(RECEIVE_BUFFER);
   p->send = malloc(MAX_PACKET);
-  p->staging = aligned_alloc(4096, MAX_PACKET);
-  if (!p->receive || !p->send || !p->staging) {
+  if (p->wake < 0) {
+    fail(errno, "eventfd: %s", strerror(errno));
+    goto failed;
+  }
+  if (!p->receive || !p->send) {
     fail(ENOMEM, "out of memory");
     goto failed;
   }
@@ -580,7 +831,10 @@ uffd_plugin *uffd_plugin_connect(const char *socket_path, const char *name) {
   int memfd = make_shared_area();
   if (memfd >= 0) {
     void *mapping = mmap(NULL, 2 * SHARED_HALF, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
-    if (mapping != MAP_FAILED) p->shared = mapping;
+    if (mapping != MAP_FAILED && add_block(p, mapping, SHARED_HALF, 0) == 0 && add_block(p, (uint8_t *)mapping + SHARED_HALF, SHARED_HALF, SHARED_HALF) == 0)
+      p->shared = mapping;
+    else if (mapping != MAP_FAILED)
+      munmap(mapping, 2 * SHARED_HALF), p->block_count = 0;
   }
   Uffdbroker__Hello hello;
   uffdbroker__hello__init(&hello);
@@ -612,7 +866,8 @@ uffd_plugin *uffd_plugin_connect(const char *socket_path, const char *name) {
   int ok = 0;
   if (answer->error) fail(ECONNABORTED, "the broker refused: %s (code %d)", answer->error->message, answer->error->code);
   else if (!answer->hello || answer->hello->role != UFFDBROKER__ROLE__ROLE_BROKER) fail(EPROTO, "the broker did not answer Hello");
-  else ok = 1;
+  else if (answer->kept && answer->kept->n_names > p->received_count) fail(EPROTO, "the broker named more kept descriptors than it sent");
+  else ok = restore_kept(p, answer->kept) == 0;
   if (answer->packets_applied > p->packets_applied) p->packets_applied = answer->packets_applied;
   uffdbroker__broker_to_plugin__free_unpacked(answer, NULL);
   if (ok) return p;
@@ -623,13 +878,24 @@ failed:;
   return NULL;
 }
 
-int uffd_plugin_run(uffd_plugin *p, const uffd_callbacks *callbacks, void *user) {
-  if (!callbacks || !callbacks->pagefault) return fail(EINVAL, "a plugin needs a pagefault callback");
-  int err = flush(p); /* delegations made before the loop */
+/* Serves until the broker closes the connection (0) or an error (-errno). */
+static int serve(uffd_plugin *p, const uffd_callbacks *callbacks, void *user) {
+  int err = flush(p); /* delegations and descriptors to keep made before the loop */
+  struct pollfd ready[2] = {{.fd = p->fd, .events = POLLIN}, {.fd = p->wake, .events = POLLIN}};
   while (err == 0) {
+    if (poll(ready, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      return fail(errno, "poll: %s", strerror(errno));
+    }
+    if (ready[1].revents) {
+      err = take_answers(p);
+      if (err == 0) err = flush(p); /* the answers of one wake-up, batched */
+    }
+    if (err != 0 || !ready[0].revents) continue;
     ssize_t count = receive_packet(p);
     if (count == 0) return 0; /* the broker closed the connection */
     if (count < 0) return (int)count;
+    close_received(p); /* only the Hello packet carries descriptors for the plugin */
     Uffdbroker__BrokerToPlugin *packet = uffdbroker__broker_to_plugin__unpack(NULL, (size_t)count, p->receive);
     if (!packet) return fail(EPROTO, "a malformed packet from the broker");
     err = handle_packet(p, packet, callbacks, user);
@@ -638,16 +904,66 @@ int uffd_plugin_run(uffd_plugin *p, const uffd_callbacks *callbacks, void *user)
   return err;
 }
 
+int uffd_plugin_run(uffd_plugin *p, const uffd_callbacks *callbacks, void *user) {
+  if (!callbacks || !callbacks->pagefault) return fail(EINVAL, "a plugin needs a pagefault callback");
+  int result = serve(p, callbacks, user);
+  /* The connection is over: its fault ids mean nothing to any later one. Later answers are refused. */
+  pthread_mutex_lock(&p->lock);
+  p->stopped = 1;
+  p->queue_count = 0;
+  pthread_mutex_unlock(&p->lock);
+  return result;
+}
+
+int uffd_plugin_answer(uffd_plugin *p, uint64_t fault_id, uffd_decision decision) {
+  if (decision.kind < UFFD_DECISION_COPY || decision.kind > UFFD_DECISION_POISON)
+    return fail(EINVAL, "an answer must copy, zero, retry or poison");
+  pthread_mutex_lock(&p->lock);
+  if (p->stopped) {
+    pthread_mutex_unlock(&p->lock);
+    return fail(ENOTCONN, "the connection is over: its faults are the broker's again");
+  }
+  if (p->queue_count == p->queue_capacity) {
+    size_t capacity = p->queue_capacity ? 2 * p->queue_capacity : 256;
+    answer *grown = realloc(p->queue, capacity * sizeof *grown);
+    if (!grown) {
+      pthread_mutex_unlock(&p->lock);
+      return fail(ENOMEM, "out of memory");
+    }
+    p->queue = grown;
+    p->queue_capacity = capacity;
+  }
+  p->queue[p->queue_count++] = (answer){fault_id, decision};
+  int wake = p->queue_count == 1; /* the first since the loop last took them */
+  pthread_mutex_unlock(&p->lock);
+  uint64_t one = 1;
+  if (wake && write(p->wake, &one, sizeof one) < 0 && errno != EAGAIN) return fail(errno, "eventfd: %s", strerror(errno));
+  return 0;
+}
+
 void uffd_plugin_free(uffd_plugin *p) {
   if (!p) return;
   if (p->fd >= 0) close(p->fd);
   for (size_t i = 0; i < p->region_count; i++) free_region(p->regions[i]);
   for (size_t i = 0; i < p->fd_count; i++) close(p->fds[i]);
+  for (size_t i = 0; i < p->keep_count; i++) close(p->keep_fds[i]), free(p->keep_names[i]);
+  for (size_t i = 0; i < p->kept_count; i++) {
+    if (p->kept_fds[i] >= 0) close(p->kept_fds[i]);
+    free(p->kept_names[i]);
+  }
+  close_received(p);
   for (size_t i = 0; i < p->reply_count; i++) free(p->reply_lost[i]), free(p->reply_lost_pointers[i]);
   for (size_t i = 0; i < p->string_count; i++) free(p->strings[i]);
   free(p->regions);
   if (p->shared) munmap(p->shared, 2 * SHARED_HALF);
-  free(p->staging);
+  for (size_t i = 0; i < p->block_count; i++)
+    if (p->blocks[i].shared_offset < 0) free(p->blocks[i].base);
+  free(p->blocks);
+  free(p->table);
+  free(p->queue);
+  free(p->taken);
+  if (p->wake >= 0) close(p->wake);
+  pthread_mutex_destroy(&p->lock);
   free(p->send);
   free(p->receive);
   free(p);
@@ -660,7 +976,7 @@ static int delegate(uffd_plugin *p, const uffd_region *region, uint64_t offset, 
   if (offset % region->page_size || length % region->page_size || length == 0 || offset + length > region->length || offset + length < offset)
     return fail(EINVAL, "a delegation must be whole pages inside the region");
   if (prefetch_pages > 32) return fail(EINVAL, "at most 32 pages per fault");
-  int full = p->estimate + DELEGATION_SIZE > PACKET_BUDGET || p->delegation_count == MAX_REPLIES || (fd >= 0 && p->fd_count == MAX_FDS);
+  int full = p->estimate + DELEGATION_SIZE > PACKET_BUDGET || p->delegation_count == MAX_REPLIES || (fd >= 0 && p->fd_count + p->keep_count == MAX_FDS);
   if (full && p->in_pagefault) return fail(EAGAIN, "this answer is full; delegate from another callback");
   int err = full ? flush(p) : 0;
   if (err) return err;
@@ -694,4 +1010,36 @@ int uffd_plugin_delegate_file(uffd_plugin *p, const uffd_region *region, uint64_
 
 int uffd_plugin_revoke(uffd_plugin *p, const uffd_region *region, uint64_t offset, uint64_t length) {
   return delegate(p, region, offset, length, UFFDBROKER__DELEGATION_KIND__DELEGATE_UNSPECIFIED, -1, 0, 0, 1);
+}
+
+int uffd_plugin_keep(uffd_plugin *p, int fd, const char *name) {
+  size_t length = name ? strlen(name) : 0;
+  if (length == 0 || length > MAX_KEPT_NAME) return fail(EINVAL, "a kept descriptor's name must be 1 to %d bytes", MAX_KEPT_NAME);
+  if (fd < 0) return fail(EBADF, "no descriptor to keep");
+  int full = p->fd_count + p->keep_count == MAX_FDS || p->estimate + MAX_KEPT_NAME + 8 > PACKET_BUDGET;
+  if (full && p->in_pagefault) return fail(EAGAIN, "this answer is full; keep from another callback");
+  int err = full ? flush(p) : 0;
+  if (err) return err;
+  char *copy_name = strdup(name);
+  if (!copy_name) return fail(ENOMEM, "out of memory");
+  int copy = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) {
+    int dup_error = errno;
+    free(copy_name);
+    return fail(dup_error, "dup: %s", strerror(dup_error));
+  }
+  p->keep_names[p->keep_count] = copy_name;
+  p->keep_fds[p->keep_count++] = copy;
+  p->estimate += MAX_KEPT_NAME + 8;
+  return 0;
+}
+
+int uffd_plugin_take_kept(uffd_plugin *p, const char *name) {
+  for (size_t i = 0; i < p->kept_count; i++) {
+    if (p->kept_fds[i] < 0 || strcmp(p->kept_names[i], name) != 0) continue;
+    int fd = p->kept_fds[i];
+    p->kept_fds[i] = -1;
+    return fd;
+  }
+  return fail(ENOENT, "the broker kept nothing named %s", name);
 }

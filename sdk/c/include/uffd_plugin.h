@@ -23,15 +23,19 @@
  *    time, in the order the broker sent the events; a packet's region, range
  *    and client events come before its page faults.
  * 2. A plugin object is not thread-safe: call the functions below from the
- *    thread running uffd_plugin_run (the delegation functions from callbacks).
+ *    thread running uffd_plugin_run (the delegation functions from callbacks),
+ *    except uffd_plugin_answer, which any thread may call.
  * 3. Answers are batched: the decisions of one packet of faults leave in as
  *    few packets as fit (each at most 256 KiB, never an empty one) once the
- *    packet's events are handled.
+ *    packet's events are handled; answers given later (uffd_plugin_answer)
+ *    leave together each time the loop wakes for them.
  * 4. Page bytes are written straight into `buffer`, page aligned; by default
  *    it lies in a memfd shared with the broker, so a decision only names
  *    where the bytes are. Each half of that area is reused only after the
- *    broker reported (packets_applied) that it applied the packet naming it;
- *    otherwise the bytes travel inline.
+ *    broker reported (packets_applied) that it applied the packet naming it,
+ *    and no fault answered later still holds a buffer there; otherwise the
+ *    bytes travel inline from private memory. Should deferred faults hold
+ *    every buffer there is (1 GiB), a new fault gets retry, never a hang.
  * 5. Functions that can fail return 0 (or a pointer) on success and -errno (or
  *    NULL, errno set) on failure; uffd_plugin_last_error() says why, for people.
  *
@@ -89,6 +93,7 @@ typedef enum uffd_decision_kind {
   UFFD_DECISION_ZERO = 2,    /** fill the range with zero pages */
   UFFD_DECISION_RETRY = 3,   /** not ready: the broker delivers the fault again later */
   UFFD_DECISION_POISON = 4,  /** the content is lost: accesses get SIGBUS */
+  UFFD_DECISION_LATER = 5,   /** from pagefault only: the plugin answers later, with uffd_plugin_answer */
 } uffd_decision_kind;
 
 /**
@@ -109,6 +114,11 @@ static inline uffd_decision uffd_zero(void) { return (uffd_decision){UFFD_DECISI
 static inline uffd_decision uffd_zero_range(uint64_t offset, uint64_t length) { return (uffd_decision){UFFD_DECISION_ZERO, offset, length}; }
 static inline uffd_decision uffd_retry(void) { return (uffd_decision){UFFD_DECISION_RETRY, 0, 0}; }
 static inline uffd_decision uffd_poison(void) { return (uffd_decision){UFFD_DECISION_POISON, 0, 0}; }
+/** Answer later (uffd_plugin_answer): the buffer's first page stays the plugin's until then. */
+static inline uffd_decision uffd_later(void) { return (uffd_decision){UFFD_DECISION_LATER, 0, 0}; }
+/** Answer later, keeping the buffer's first `length` bytes (≤ UFFD_PLUGIN_MAX_PREFETCH):
+ *  the answer may then copy up to that much (a prefetch). */
+static inline uffd_decision uffd_later_keeping(uint64_t length) { return (uffd_decision){UFFD_DECISION_LATER, 0, length}; }
 
 /**
  * The plugin's callbacks; any may be NULL except pagefault. `user` is the
@@ -121,11 +131,13 @@ typedef struct uffd_callbacks {
    *  except forked children, which are refused. */
   const char *(*region_opened)(uffd_region *region, void *user);
   /** Decide one fault. `buffer` is page aligned, `buffer_size` bytes
-   *  (UFFD_PLUGIN_MAX_PREFETCH); a copy's bytes go at its start. */
+   *  (UFFD_PLUGIN_MAX_PREFETCH); a copy's bytes go at its start. Return
+   *  uffd_later() to answer from another thread or when I/O completes
+   *  (uffd_plugin_answer); the buffer then stays valid and the plugin's until then. */
   uffd_decision (*pagefault)(const uffd_fault *fault, uffd_region *region, void *buffer, size_t buffer_size, void *user);
-  /** MADV_DONTNEED/REMOVE of region offsets [start, end); swapped_out: a swap-out dropped
-   *  them, the plugin holds their content (stored with `store`). */
-  void (*removed)(uffd_region *region, uint64_t start, uint64_t end, int swapped_out, void *user);
+  /** MADV_DONTNEED/REMOVE of region offsets [start, end): they read as zeros now
+   *  (forget any stored copy). Never called for a swap-out's drop: see swapped_out. */
+  void (*removed)(uffd_region *region, uint64_t start, uint64_t end, void *user);
   /** munmap of region offsets [start, end). */
   void (*unmapped)(uffd_region *region, uint64_t start, uint64_t end, void *user);
   /** mremap moved (part of) the region: region->base is updated already. */
@@ -134,9 +146,15 @@ typedef struct uffd_callbacks {
   void (*region_closed)(uffd_region *region, void *user);
   /** The client is gone (after region_closed of each of its regions). */
   void (*closed)(uint64_t client_id, const char *reason, void *user);
-  /** Swap-out: keep `length` bytes of the region from page-aligned `offset`.
-   *  Return NULL when stored, or a message to refuse. NULL callback: refused. */
+  /** Swap-out: keep `length` bytes (whole pages) of the region from page-aligned
+   *  `offset`; `data` lives until the callback returns. Until the region closes, a
+   *  fault on these pages must be answered with them (a later store replaces them).
+   *  Return NULL when stored, or a message to refuse (the client's swap-out fails,
+   *  its pages stay resident). NULL callback: refused. */
   const char *(*store)(uffd_region *region, uint64_t offset, const void *data, size_t length, void *user);
+  /** A swap-out dropped region offsets [start, end) from the client: from now on
+   *  the plugin's stored copy is their only one. */
+  void (*swapped_out)(uffd_region *region, uint64_t start, uint64_t end, void *user);
   /** A region opened again (the plugin or the broker restarted) names pages a
    *  swap-out released: return nonzero if the plugin still holds region offsets
    *  [start, end). NULL callback, or 0: they fail closed (SIGBUS). */
@@ -164,6 +182,20 @@ int uffd_plugin_run(uffd_plugin *plugin, const uffd_callbacks *callbacks, void *
 /** Closes the connection and frees the plugin. */
 void uffd_plugin_free(uffd_plugin *plugin);
 
+/**
+ * Answers a fault the pagefault callback left for later (uffd_later()), from any
+ * thread. A copy's bytes must be in that fault's buffer, written before this call
+ * (the buffer is the plugin's until then, and is reused only after it). The
+ * loop wakes, and sends the answers that came meanwhile together. Answer each
+ * deferred fault exactly once and within the broker's deadline (5 s by default),
+ * even if its region closed meanwhile: such an answer is dropped, as is any for a
+ * fault not deferred or answered already. Returns 0 when queued, -EINVAL for a
+ * decision that is not copy, zero, retry or poison, -ENOTCONN once
+ * uffd_plugin_run has returned (the broker delivers the connection's faults
+ * again to the next). Call uffd_plugin_free only once no thread will call this.
+ */
+int uffd_plugin_answer(uffd_plugin *plugin, uint64_t fault_id, uffd_decision decision);
+
 /** Faults answered so far. */
 uint64_t uffd_plugin_faults_served(const uffd_plugin *plugin);
 
@@ -184,6 +216,26 @@ int uffd_plugin_delegate_file(uffd_plugin *plugin, const uffd_region *region, ui
 
 /** Takes back a delegated range: its faults come to the plugin again. */
 int uffd_plugin_revoke(uffd_plugin *plugin, const uffd_region *region, uint64_t offset, uint64_t length);
+
+/*
+ * The descriptor store: the broker keeps descriptors for this plugin's name
+ * (as systemd's FDSTORE) and hands them back to the next connection under the
+ * name, after a crash, a kill -9 or a restart of the plugin (not of the broker).
+ * Data kept in a memfd so survives the plugin process.
+ */
+
+/** Asks the broker to keep a duplicate of `fd` (a memfd or regular file) under
+ *  `name` (1 to 64 bytes), replacing what the name held; sent with the next
+ *  answer, like a delegation (-EAGAIN from a full pagefault answer). The broker
+ *  keeps at most 8 names (more closes the connection with ERROR_LIMIT). A memfd
+ *  that only grows keeps its identity: keeping it once is enough. `fd` stays the caller's. */
+int uffd_plugin_keep(uffd_plugin *plugin, int fd, const char *name);
+
+/** The descriptor the broker kept under `name` for an earlier connection of this
+ *  plugin name, handed back with its Hello: the caller owns it from now on. Each
+ *  is handed out once; -ENOENT if there is none (a first start). Those never
+ *  taken are closed by uffd_plugin_free. */
+int uffd_plugin_take_kept(uffd_plugin *plugin, const char *name);
 
 /** The last failure of this thread, for people ("" if none). */
 const char *uffd_plugin_last_error(void);
