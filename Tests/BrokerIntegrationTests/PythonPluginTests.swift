@@ -32,9 +32,15 @@ extension BrokerIntegrationTests {
     /// Starts the sample plugin as `pattern` (with `arguments`) and waits until it is connected.
     @discardableResult
     static func startPattern(_ h: Harness, arguments: [String] = []) throws -> FixtureProcess {
+      try startExample(h, "pattern_plugin.py", name: "pattern", arguments: arguments)
+    }
+
+    /// Starts `sdk/python/examples/SCRIPT NAME ARGUMENTS...` and waits until it is connected.
+    @discardableResult
+    static func startExample(_ h: Harness, _ script: String, name: String, arguments: [String] = []) throws -> FixtureProcess {
       let python = try #require(python, Comment(rawValue: missing))
       return try h.startPluginProcess(
-        name: "pattern", executable: python, arguments: [sdk + "/examples/pattern_plugin.py", "pattern"] + arguments,
+        name: name, executable: python, arguments: [sdk + "/examples/" + script, name] + arguments,
         extraEnvironment: ["PYTHONPATH": sdk, "PYTHONDONTWRITEBYTECODE": "1"], waitForConnection: true)
     }
 
@@ -57,6 +63,19 @@ extension BrokerIntegrationTests {
         let outcome = try h.runClient("touch", mib: 8, threads: 2, plugin: "pattern", timeout: 60)
         #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr + "\nplugin: " + plugin.stderr))
         #expect(outcome.summary == "verified \(pages(mib: 8)) pages, 0 wrong", h.diagnostics(outcome.stdout))
+        #expect(plugin.isRunning, h.diagnostics("the plugin exited: " + plugin.stderr))
+      }
+    }
+
+    @Test("swap: what 20 swap-outs store in a Python plugin reads back exactly, and writes during them are never lost",
+          .enabled(if: python != nil, Comment(rawValue: missing)))
+    func swap() throws {
+      try Harness.run("python-swap") { h in
+        let plugin = try Self.startExample(h, "swap_plugin.py", name: "swap")
+        let outcome = try h.runClient("swap", mib: 4, threads: 1, plugin: "swap", loops: 20, timeout: 60)
+        // Exit 0: every page exact and some pages were dropped (so read back through the plugin).
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr + "\nplugin: " + plugin.stderr))
+        #expect(outcome.summary.hasPrefix("swap loops 20, pages dropped ") && outcome.summary.hasSuffix(", 0 wrong"), h.diagnostics(outcome.stdout))
         #expect(plugin.isRunning, h.diagnostics("the plugin exited: " + plugin.stderr))
       }
     }

@@ -48,6 +48,11 @@ class Fault:
     flags: int
     thread_id: int
 
+    @property
+    def is_write(self) -> bool:
+        """Whether the access was a write."""
+        return bool(self.flags & 1)
+
 
 @dataclass
 class Region:
