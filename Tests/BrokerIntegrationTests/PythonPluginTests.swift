@@ -79,5 +79,17 @@ extension BrokerIntegrationTests {
         #expect(plugin.isRunning, h.diagnostics("the plugin exited: " + plugin.stderr))
       }
     }
+
+    @Test("file delegation: the broker serves every byte of 4 MiB from the plugin's memfd (a fault reaching the plugin would be poisoned)",
+          .enabled(if: python != nil, Comment(rawValue: missing)))
+    func fileDelegation() throws {
+      try Harness.run("python-delegate-file") { h in
+        let plugin = try Self.startPattern(h, arguments: ["--delegate-file"])
+        let outcome = try h.runClient("touch", mib: 4, threads: 2, plugin: "pattern", timeout: 60)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr + "\nplugin: " + plugin.stderr))
+        #expect(outcome.summary == "verified \(pages(mib: 4)) pages, 0 wrong", h.diagnostics(outcome.stdout))
+        #expect(plugin.isRunning, h.diagnostics("the plugin exited: " + plugin.stderr))
+      }
+    }
   }
 }

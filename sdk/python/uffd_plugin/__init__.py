@@ -6,10 +6,10 @@ contract, and examples/pattern_plugin.py for a whole plugin.
 """
 
 from .connection import MAX_PACKET, socket_path
-from .plugin import BrokerError, Decision, Fault, Plugin, Refused, Region, copy, poison, retry, zero
+from .plugin import BrokerError, Decision, DescriptorStore, Fault, Plugin, Refused, Region, copy, poison, retry, zero
 from .runner import PROTOCOL_VERSION, Runner, run
 
 __all__ = [
-    "BrokerError", "Decision", "Fault", "MAX_PACKET", "PROTOCOL_VERSION", "Plugin", "Refused", "Region", "Runner",
+    "BrokerError", "Decision", "DescriptorStore", "Fault", "MAX_PACKET", "PROTOCOL_VERSION", "Plugin", "Refused", "Region", "Runner",
     "copy", "poison", "retry", "run", "socket_path", "zero",
 ]

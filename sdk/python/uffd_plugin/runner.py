@@ -15,6 +15,7 @@ from . import broker_pb2 as pb
 from .connection import MAX_PACKET, Connection
 from .plugin import (
     DECISION_COPY,
+    DescriptorStore,
     DECISION_POISON,
     DECISION_RETRY,
     DECISION_ZERO,
@@ -33,6 +34,9 @@ PROTOCOL_VERSION = 2
 _DECISION_OVERHEAD = 64
 _ARRAYS_ENTRY = 48
 _REPLY_OVERHEAD = 64
+_OUTGOING_OVERHEAD = 80
+# Descriptors one packet carries at most (the broker's limit).
+_MAX_PACKET_DESCRIPTORS = 8
 
 
 class _Answer:
@@ -43,6 +47,26 @@ class _Answer:
         self.size = 0
         self.entries = 0
         self.batch = ([], [], [], [], [])  # fault_id, kind, address, length, shared_offset
+        self.delegation_fds: list = []
+        self.keep_fds: list = []
+
+    @property
+    def descriptors(self) -> list:
+        """The descriptors to attach, in the order the broker takes them: file delegations', then kept ones."""
+        return self.delegation_fds + self.keep_fds
+
+    def add_outgoing(self, item: tuple) -> None:
+        """A delegation (pb.Delegation, fd or None) or a descriptor to keep (name, fd)."""
+        what, fd = item
+        if isinstance(what, pb.Delegation):
+            self.message.delegations.append(what)
+            if fd is not None:
+                self.delegation_fds.append(fd)
+        else:
+            self.message.keep.names.append(what)
+            self.keep_fds.append(fd)
+        self.size += _OUTGOING_OVERHEAD + (0 if isinstance(what, pb.Delegation) else len(what.encode()))
+        self.entries += 1
 
     def add_array(self, fault_id: int, kind: int, address: int, length: int, shared_offset: int = 0) -> None:
         for column, value in zip(self.batch, (fault_id, kind, address, length, shared_offset)):
@@ -123,6 +147,7 @@ class Runner:
         self._regions: dict = {}
         self._scratch = memoryview(bytearray(self.max_prefetch))
         self._answer = _Answer()
+        self._outbox: list = []  # delegations and descriptors to keep, for the next packet
         self._connection = Connection.connect(socket_path)
         self._shared: Optional[memoryview] = None
         self._mapping: Optional[mmap.mmap] = None
@@ -151,7 +176,8 @@ class Runner:
         if not message.HasField("hello") or message.hello.role != pb.ROLE_BROKER:
             raise BrokerError("the broker did not answer Hello", pb.ERROR_VERSION)
         self._connection.sock.settimeout(None)
-        plugin.connected(restored)
+        plugin.connected(DescriptorStore(restored, self._outbox))
+        self._take_outbox()
         self._handle(message)
         self._flush()
 
@@ -212,7 +238,12 @@ class Runner:
         packet = self._answer.encode()
         if len(packet) > MAX_PACKET:
             raise AssertionError(f"an answer of {len(packet)} bytes exceeds the packet limit")
-        self._connection.send(packet)
+        descriptors = self._answer.descriptors
+        try:
+            self._connection.send(packet, tuple(descriptors))
+        finally:
+            for fd in descriptors:
+                os.close(fd)  # the broker has its own copies now
         self._sent += 1
         self._answer = _Answer()
         self._choose_stage()
@@ -264,6 +295,8 @@ class Runner:
             elif kind == "decision_refused":
                 refused = event.decision_refused
                 self.plugin.decision_refused(refused.fault_id, refused.cause, refused.reason)
+            if self._outbox:
+                self._take_outbox()
         faults = message.faults
         count = len(faults.fault_id)
         columns = (faults.client_id, faults.region_id, faults.address, faults.offset, faults.flags, faults.thread_id)
@@ -272,6 +305,8 @@ class Runner:
         for index in range(count):
             self._pagefault(Fault(faults.fault_id[index], faults.client_id[index], faults.region_id[index],
                                   faults.address[index], faults.offset[index], faults.flags[index], faults.thread_id[index]))
+            if self._outbox:
+                self._take_outbox()  # after the decision: a flush moves the stage its bytes are in
 
     def _region_opened(self, opened: pb.RegionOpened) -> None:
         spec = opened.region
@@ -281,7 +316,7 @@ class Runner:
             plugin=spec.plugin, argument=spec.argument, backing_offset=spec.backing_offset, pid=opened.pid,
             uid=opened.client.uid if has_client else None, gid=opened.client.gid if has_client else None,
             token=struct.pack(">QQ", opened.token_high, opened.token_low), parent_client_id=opened.parent_client_id,
-            swapped_out=[(extent.offset, extent.length) for extent in spec.swapped_out])
+            swapped_out=[(extent.offset, extent.length) for extent in spec.swapped_out], _outbox=self._outbox)
         error = None
         try:
             if opened.parent_client_id == 0:
@@ -295,6 +330,8 @@ class Runner:
             self._regions[(opened.client_id, spec.id)] = region
         except Exception as refusal:
             error = _refusal(refusal)
+            self._drop_delegations(region)
+        self._take_outbox()  # its delegations go first: the region's first faults find them
         # A forked child's stored pages are its parent's (region_forked copied them).
         lost = [] if error is not None or opened.parent_client_id != 0 else [
             (offset, length) for offset, length in region.swapped_out if not self.plugin.holds(offset, offset + length, region)]
@@ -312,6 +349,26 @@ class Runner:
             error = _refusal(refusal)
         self._make_room(_REPLY_OVERHEAD + (len(error.message) if error else 0))
         self._answer.add_store_reply(store.store_id, error)
+
+    def _take_outbox(self) -> None:
+        """Moves what Plugin methods queued (delegations, descriptors to keep) into the answer."""
+        for item in self._outbox:
+            if item[1] is not None and len(self._answer.descriptors) >= _MAX_PACKET_DESCRIPTORS:
+                self._flush()
+            self._make_room(_OUTGOING_OVERHEAD + 64)
+            self._answer.add_outgoing(item)
+        self._outbox.clear()
+
+    def _drop_delegations(self, region: Region) -> None:
+        """Forgets the delegations a refused region queued: the broker would refuse them."""
+        kept = []
+        for what, fd in self._outbox:
+            if isinstance(what, pb.Delegation) and (what.client_id, what.region_id) == (region.client_id, region.id):
+                if fd is not None:
+                    os.close(fd)
+            else:
+                kept.append((what, fd))
+        self._outbox[:] = kept
 
     def _make_room(self, size: int) -> None:
         if self._answer.size + size > MAX_PACKET - 1024:
