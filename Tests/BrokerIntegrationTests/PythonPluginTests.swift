@@ -91,5 +91,17 @@ extension BrokerIntegrationTests {
         #expect(plugin.isRunning, h.diagnostics("the plugin exited: " + plugin.stderr))
       }
     }
+
+    @Test("later: every fault answered later from a pool of 4 threads, in any order: every byte of 8 MiB exact, from two threads",
+          .enabled(if: python != nil, Comment(rawValue: missing)))
+    func later() throws {
+      try Harness.run("python-later") { h in
+        let plugin = try Self.startPattern(h, arguments: ["--later"])
+        let outcome = try h.runClient("touch", mib: 8, threads: 2, plugin: "pattern", timeout: 60)
+        #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr + "\nplugin: " + plugin.stderr))
+        #expect(outcome.summary == "verified \(pages(mib: 8)) pages, 0 wrong", h.diagnostics(outcome.stdout))
+        #expect(plugin.isRunning, h.diagnostics("the plugin exited: " + plugin.stderr))
+      }
+    }
   }
 }

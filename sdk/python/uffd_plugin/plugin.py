@@ -167,6 +167,7 @@ class Decision:
     data: Optional[bytes] = None
 
 
+DECISION_LATER = 0  # never sent: the answer comes through Runner.answer
 DECISION_COPY = 1
 DECISION_ZERO = 2
 DECISION_RETRY = 3
@@ -200,6 +201,18 @@ def poison() -> Decision:
     return Decision(DECISION_POISON)
 
 
+_LATER = Decision(DECISION_LATER)
+
+
+def later() -> Decision:
+    """No answer yet: the plugin answers with `runner.answer(fault.fault_id,
+    decision)`, from any thread, within the broker's deadline (5 s by
+    default). The `buffer` that `pagefault` was handed stays the fault's
+    until then: write a copy's bytes there (from any thread) before answering,
+    and never after."""
+    return _LATER
+
+
 class Plugin:
     """A page-fault handler. `run` calls every method on the thread that called
     it, one at a time, in the order the broker sent the events; a packet's
@@ -208,7 +221,12 @@ class Plugin:
     Override `pagefault`; every other method has a default. An exception from
     `region_opened`, `region_forked` or `store` refuses that region or store
     (see `Refused`), never the loop; one from any other method ends `run`.
+
+    `runner` is the `Runner` serving the plugin (set before `connected`):
+    a `pagefault` that returns `later()` answers through `runner.answer`.
     """
+
+    runner: Any = None
 
     def connected(self, store: DescriptorStore) -> None:
         """Once, before any event: `store` maps names to the descriptors the
@@ -231,7 +249,7 @@ class Plugin:
         (writable, `max_prefetch` bytes, page aligned; shared with the broker
         when it can be, so the bytes never cross the socket) and return
         `copy()` or `copy(offset=, length=)`; or return `copy(data)`, `zero()`,
-        `retry()` or `poison()`."""
+        `retry()` or `poison()`; or `later()` and answer through `self.runner.answer`."""
         raise NotImplementedError("a Plugin must answer pagefault")
 
     def removed(self, start: int, end: int, region: Region) -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import fcntl
 import mmap
 import os
+import select
 import struct
-from typing import Optional
+import sys
+import threading
+from typing import NamedTuple, Optional
 
 from google.protobuf.message import DecodeError
 
@@ -15,6 +18,7 @@ from . import broker_pb2 as pb
 from .connection import MAX_PACKET, Connection
 from .plugin import (
     DECISION_COPY,
+    DECISION_LATER,
     DescriptorStore,
     DECISION_POISON,
     DECISION_RETRY,
@@ -49,6 +53,7 @@ class _Answer:
         self.batch = ([], [], [], [], [])  # fault_id, kind, address, length, shared_offset
         self.delegation_fds: list = []
         self.keep_fds: list = []
+        self.halves: set = set()  # the shared halves whose bytes its decisions name
 
     @property
     def descriptors(self) -> list:
@@ -113,6 +118,43 @@ def _refusal(error: Exception) -> pb.Error:
     return pb.Error(code=pb.ERROR_PLUGIN_REFUSED, message=f"{type(error).__name__}: {error}")
 
 
+class _Wakeup:
+    """Wakes the runner's loop from another thread: an eventfd (a pipe before Python 3.10)."""
+
+    def __init__(self) -> None:
+        if hasattr(os, "eventfd"):
+            self.read_fd = self.write_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        else:
+            self.read_fd, self.write_fd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+
+    def wake(self) -> None:
+        try:
+            os.write(self.write_fd, (1).to_bytes(8, sys.byteorder))
+        except BlockingIOError:
+            pass  # a pipe full of wakeups: the loop wakes anyway
+
+    def drain(self) -> None:
+        try:
+            os.read(self.read_fd, 4096)  # an eventfd: one read resets it
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        os.close(self.read_fd)
+        if self.write_fd != self.read_fd:
+            os.close(self.write_fd)
+
+
+class _Deferred(NamedTuple):
+    """A fault answered `later()`: its buffer, and the shared half that buffer lies in (None: private)."""
+
+    fault: Fault
+    region: Region
+    buffer: memoryview
+    half: Optional[int]
+    shared_offset: Optional[int]
+
+
 class Runner:
     """Connects to the broker as plugin `name`, says Hello and calls
     `plugin.connected`; `serve()` then handles events until the broker closes.
@@ -126,7 +168,14 @@ class Runner:
        (sent with Hello, sealed against resizing): a decision then names only
        where its bytes lie. The area's two halves alternate between packets,
        and a half is reused only once the broker's `packets_applied` says it
-       applied the packet that last used it; until then bytes go inline.
+       applied the last packet that named bytes in it, and no deferred fault
+       holds a buffer in it; until then bytes go inline.
+    4. A fault whose `pagefault` returned `later()` is answered by `answer`,
+       from any thread: the loop wakes, and sends the answers queued since it
+       last looked together (split under the packet limit). Answers to faults
+       of a region that closed meanwhile, to unknown or already answered
+       faults, or to a runner whose connection ended (a plugin that connects
+       again has a new runner, and new fault ids) are dropped.
 
     Raises `BrokerError` when the socket cannot be reached, is served by an
     untrusted uid, or the broker refuses the connection (its Error) or does
@@ -144,6 +193,14 @@ class Runner:
         if self.max_prefetch > MAX_PACKET // 2:
             raise ValueError("max_prefetch must fit half a packet")
         self.faults_served = 0
+        plugin.runner = self
+        self._pending: dict = {}  # fault_id -> _Deferred
+        self._answers_lock = threading.Lock()
+        self._answers: list = []  # (fault_id, decision) from answer(), for the loop; guarded by the lock
+        self._ended = False  # guarded by the lock
+        self._wakeup = _Wakeup()
+        self._half_reserved = [0, 0]  # deferred faults holding a buffer in each shared half
+        self._half_named_by = [0, 0]  # the last packet that named bytes in each half
         self._regions: dict = {}
         self._scratch = memoryview(bytearray(self.max_prefetch))
         self._answer = _Answer()
@@ -203,21 +260,70 @@ class Runner:
         Raises `BrokerError` on a malformed packet or an Error from the broker
         (say it dropped this plugin for invalid decisions), and whatever a
         Plugin method other than region_opened, region_forked and store raises."""
+        poller = select.poll()
+        poller.register(self._connection.sock, select.POLLIN)
+        poller.register(self._wakeup.read_fd, select.POLLIN)
         try:
             while True:
-                received = self._connection.receive()
-                if received is None:
-                    return
-                data, fds = received
-                for fd in fds:
-                    os.close(fd)
-                message = self._decode(data)
-                if message.HasField("error"):
-                    raise BrokerError(f"the broker ended the connection: {message.error.message}", message.error.code)
-                self._handle(message)
+                ready = {fd for fd, _ in poller.poll()}
+                if self._wakeup.read_fd in ready:
+                    self._take_answers()
+                if ready - {self._wakeup.read_fd}:
+                    received = self._connection.receive()
+                    if received is None:
+                        return
+                    data, fds = received
+                    for fd in fds:
+                        os.close(fd)
+                    message = self._decode(data)
+                    if message.HasField("error"):
+                        raise BrokerError(f"the broker ended the connection: {message.error.message}", message.error.code)
+                    self._handle(message)
                 self._flush()
         finally:
+            with self._answers_lock:
+                self._ended = True
+                self._answers.clear()
+                self._wakeup.close()
             self._connection.close()
+
+    def answer(self, fault_id: int, decision: Decision) -> None:
+        """Answers a fault whose `pagefault` returned `later()`; callable from
+        any thread (an asyncio coroutine too: it never blocks). A copy's bytes
+        are `decision.data`, else the first bytes of the buffer `pagefault` was
+        handed. Each deferred fault must be answered once, even after its region
+        closed (the answer is then dropped): until then its buffer stays
+        reserved. Raises TypeError or ValueError for a malformed decision (a
+        copy larger than the region's page or `max_prefetch` ends `serve`)."""
+        self._check(decision, self.page_size)
+        if decision.kind == DECISION_LATER:
+            raise ValueError("answer() takes a decision, not later()")
+        with self._answers_lock:
+            if self._ended:
+                return
+            self._answers.append((fault_id, decision))
+            if len(self._answers) == 1:
+                self._wakeup.wake()
+
+    def _take_answers(self) -> None:
+        """Adds the answers queued by `answer` to the packet being filled."""
+        self._wakeup.drain()
+        with self._answers_lock:
+            answers, self._answers = self._answers, []
+        for fault_id, decision in answers:
+            deferred = self._pending.pop(fault_id, None)
+            if deferred is None:
+                continue  # not a deferred fault of this connection, or answered already
+            if deferred.half is not None:
+                self._half_reserved[deferred.half] -= 1
+            fault, region = deferred.fault, deferred.region
+            if self._regions.get((fault.client_id, fault.region_id)) is not region:
+                continue  # the region closed: the broker forgot the fault
+            self._check(decision, region.page_size or self.page_size)
+            self._make_room(_ARRAYS_ENTRY if deferred.half is not None else _DECISION_OVERHEAD + self.max_prefetch)
+            self._decide(fault, region, deferred.buffer, deferred.shared_offset, decision)
+            if deferred.half is not None:
+                self._answer.halves.add(deferred.half)
 
     def _decode(self, data: bytes) -> pb.BrokerToPlugin:
         try:
@@ -245,17 +351,23 @@ class Runner:
             for fd in descriptors:
                 os.close(fd)  # the broker has its own copies now
         self._sent += 1
+        for half in self._answer.halves:
+            self._half_named_by[half] = self._sent
         self._answer = _Answer()
         self._choose_stage()
 
     def _choose_stage(self) -> None:
-        """Where the next packet's bytes go: the shared half it owns if the
-        broker applied the packet before last (which used that half), else inline."""
+        """Where the next packet's bytes go: a shared half whose bytes the
+        broker has applied and no deferred fault holds (the other half than
+        the last packet's, first), else inline."""
         upcoming = self._sent + 1
-        if self._shared is not None and self._applied + 2 >= upcoming:
-            self._stage_offset: Optional[int] = (upcoming % 2) * self.SHARED_HALF
-        else:
-            self._stage_offset = None
+        self._stage_offset: Optional[int] = None
+        if self._shared is not None:
+            for half in (upcoming % 2, 1 - upcoming % 2):
+                if self._half_reserved[half] == 0 and self._applied >= self._half_named_by[half]:
+                    self._stage_offset = half * self.SHARED_HALF
+                    self._stage_half = half
+                    break
         self._staged = 0
 
     # MARK: events
@@ -380,45 +492,72 @@ class Runner:
         # Room for the largest answer: its bytes in the stage (shared) or in the packet (inline).
         if self._stage_offset is not None and self.SHARED_HALF - self._staged < self.max_prefetch:
             self._flush()
+            if self._staged:
+                self._choose_stage()  # nothing was sent: deferred faults' buffers filled the half
         self._make_room(_ARRAYS_ENTRY if self._stage_offset is not None else _DECISION_OVERHEAD + self.max_prefetch)
         region = self._regions.get((fault.client_id, fault.region_id))
         if region is None:
             self._answer.add_array(fault.fault_id, DECISION_RETRY, fault.address, 0)
             return
+        shared_offset = None
         if self._stage_offset is not None:
-            start = self._stage_offset + self._staged
-            buffer = self._shared[start:start + self.max_prefetch]
+            shared_offset = self._stage_offset + self._staged
+            buffer = self._shared[shared_offset:shared_offset + self.max_prefetch]
         else:
             buffer = self._scratch
         self.faults_served += 1
         decision = self.plugin.pagefault(fault, region, buffer)
+        self._check(decision, region.page_size or self.page_size)
+        if decision.kind == DECISION_LATER:
+            # The buffer stays the fault's until it is answered.
+            if shared_offset is not None:
+                self._half_reserved[self._stage_half] += 1
+                self._staged += self.max_prefetch
+                self._pending[fault.fault_id] = _Deferred(fault, region, buffer, self._stage_half, shared_offset)
+            else:
+                self._scratch = memoryview(bytearray(self.max_prefetch))
+                self._pending[fault.fault_id] = _Deferred(fault, region, buffer, None, None)
+            return
+        self._staged += self._decide(fault, region, buffer, shared_offset, decision)
+        if shared_offset is not None:
+            self._answer.halves.add(self._stage_half)
+
+    def _check(self, decision: Decision, page: int) -> None:
+        """Raises for a decision that is not one, or a copy the buffer cannot hold."""
         if not isinstance(decision, Decision):
-            raise TypeError(f"pagefault returned {decision!r}, not a Decision (copy(), zero(), retry(), poison())")
-        page = region.page_size or self.page_size
-        offset = fault.offset if decision.offset is None else decision.offset
-        address = fault.address - fault.offset + offset
+            raise TypeError(f"{decision!r} is not a Decision (copy(), zero(), retry(), poison(), later())")
         if decision.kind == DECISION_COPY:
             length = page if decision.length is None else decision.length
             if not 0 < length <= self.max_prefetch:
                 raise ValueError(f"a copy of {length} bytes: at most max_prefetch ({self.max_prefetch}) bytes")
             if decision.data is not None and len(decision.data) != length:
                 raise ValueError(f"a copy of {length} bytes given {len(decision.data)} bytes")
-            if self._stage_offset is not None:
+        elif decision.kind not in (DECISION_LATER, DECISION_ZERO, DECISION_RETRY, DECISION_POISON):
+            raise ValueError(f"a decision of unknown kind {decision.kind}")
+
+    def _decide(self, fault: Fault, region: Region, buffer: memoryview, shared_offset: Optional[int], decision: Decision) -> int:
+        """Adds `decision` (checked) to the answer; a copy's bytes go at
+        `shared_offset` of the shared area (where `buffer` lies), else inline.
+        Returns the bytes it used there."""
+        page = region.page_size or self.page_size
+        offset = fault.offset if decision.offset is None else decision.offset
+        address = fault.address - fault.offset + offset
+        if decision.kind == DECISION_COPY:
+            length = page if decision.length is None else decision.length
+            if shared_offset is not None:
                 if decision.data is not None:
                     buffer[:length] = decision.data
-                self._answer.add_array(fault.fault_id, DECISION_COPY, address, length, self._stage_offset + self._staged)
-                self._staged += -(-length // page) * page
-            else:
-                data = bytes(decision.data) if decision.data is not None else bytes(buffer[:length])
-                self._answer.add_inline(fault.fault_id, address, data)
+                self._answer.add_array(fault.fault_id, DECISION_COPY, address, length, shared_offset)
+                return -(-length // page) * page
+            data = bytes(decision.data) if decision.data is not None else bytes(buffer[:length])
+            self._answer.add_inline(fault.fault_id, address, data)
         elif decision.kind == DECISION_ZERO:
             self._answer.add_array(fault.fault_id, DECISION_ZERO, address, page if decision.length is None else decision.length)
         elif decision.kind == DECISION_RETRY:
             self._answer.add_array(fault.fault_id, DECISION_RETRY, fault.address, 0)
-        elif decision.kind == DECISION_POISON:
-            self._answer.add_array(fault.fault_id, DECISION_POISON, fault.address, page)
         else:
-            raise ValueError(f"a decision of unknown kind {decision.kind}")
+            self._answer.add_array(fault.fault_id, DECISION_POISON, fault.address, page)
+        return 0
 
 
 def run(plugin: Plugin, name: str, socket_path: Optional[str] = None, max_prefetch: int = 128 << 10,
