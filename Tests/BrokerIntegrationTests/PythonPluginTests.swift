@@ -71,12 +71,16 @@ extension BrokerIntegrationTests {
           .enabled(if: python != nil, Comment(rawValue: missing)))
     func swap() throws {
       try Harness.run("python-swap") { h in
-        let plugin = try Self.startExample(h, "swap_plugin.py", name: "swap")
+        let stats = h.directory + "/swap.stats"
+        let plugin = try Self.startExample(h, "swap_plugin.py", name: "swap", arguments: ["--stats", stats])
         let outcome = try h.runClient("swap", mib: 4, threads: 1, plugin: "swap", loops: 20, timeout: 60)
         // Exit 0: every page exact and some pages were dropped (so read back through the plugin).
         #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr + "\nplugin: " + plugin.stderr))
         #expect(outcome.summary.hasPrefix("swap loops 20, pages dropped ") && outcome.summary.hasSuffix(", 0 wrong"), h.diagnostics(outcome.stdout))
         #expect(plugin.isRunning, h.diagnostics("the plugin exited: " + plugin.stderr))
+        // The plugin stored pages and served them back (its stats file, rewritten when idle).
+        #expect(waitUntil(timeout: 3) { (BrokerIntegrationTests.SamplePlugins.statistics(stats)["pages_restored"] ?? 0) > 0 },
+                h.diagnostics("stats: \(BrokerIntegrationTests.SamplePlugins.statistics(stats))"))
       }
     }
 

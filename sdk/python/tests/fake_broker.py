@@ -18,14 +18,14 @@ class FakeBroker:
     """Says Hello (handing back `kept` {name: fd}), then sends what a test
     scripts and decodes what the runner answers."""
 
-    def __init__(self, test, plugin, shared_memory=True, name="numbered", kept=None):
+    def __init__(self, test, plugin, shared_memory=True, name="numbered", kept=None, **options):
         self.test = test
         self.plugin = plugin
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self.sock.settimeout(10)  # a runner that fails to answer fails the test, never hangs it
         os.environ["UFFD_BROKER_PLUGIN_FD"] = str(theirs.detach())
         self.failure = None
-        self.thread = threading.Thread(target=self._run, args=(name, shared_memory))
+        self.thread = threading.Thread(target=self._run, args=(name, shared_memory, options))
         self.thread.start()
         data, ancillary, _, _ = self.sock.recvmsg(1 << 18, socket.CMSG_SPACE(4))
         hello = pb.PluginToBroker.FromString(data).hello
@@ -41,9 +41,9 @@ class FakeBroker:
         reply.kept.names.extend(kept.keys())
         self.send(reply, fds=list(kept.values()))
 
-    def _run(self, name, shared_memory):
+    def _run(self, name, shared_memory, options):
         try:
-            uffd_plugin.run(self.plugin, name, shared_memory=shared_memory)
+            uffd_plugin.run(self.plugin, name, shared_memory=shared_memory, **options)
         except BaseException as error:  # reported by finish()
             self.failure = error
 

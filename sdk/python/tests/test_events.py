@@ -3,6 +3,7 @@ swapped_out and holds work end to end (the example swap plugin, scripted)."""
 
 import os
 import sys
+import tempfile
 import unittest
 
 import uffd_plugin
@@ -121,7 +122,8 @@ class EventTests(unittest.TestCase):
 
     def test_swap_plugin_serves_back_what_it_stored(self):
         plugin = swap_plugin.Swap()
-        broker = FakeBroker(self, plugin)
+        stats = tempfile.NamedTemporaryFile(prefix="swap-stats")
+        broker = FakeBroker(self, plugin, stats_path=stats.name)
         broker.open_region(3, 8)
         stored = bytes(range(256)) * (2 * PAGE // 256)
         broker.events(pb.Event(store=pb.Store(client_id=1, region_id=3, offset=PAGE, data=stored, store_id=1)),
@@ -145,6 +147,9 @@ class EventTests(unittest.TestCase):
         reply = broker.open_region(3, 8, swapped_out=[(PAGE, PAGE), (2 * PAGE, PAGE)])
         self.assertEqual([(extent.offset, extent.length) for extent in reply.lost], [(PAGE, PAGE)])
         broker.finish()
+        # The runner writes its stats file a last time as it ends.
+        with open(stats.name) as file:
+            self.assertEqual(file.read(), "faults=6\npages_held=3\npages_stored=2\npages_restored=3\n")
 
 
 if __name__ == "__main__":

@@ -280,6 +280,11 @@ class Plugin:
     def closed(self, client_id: int, reason: str) -> None:
         """The client is gone; nothing more comes for it."""
 
+    def statistics(self) -> list:
+        """Counters of the plugin's own, (name, value) pairs written to the
+        runner's stats file (`stats_path`) beside `faults`. Default: none."""
+        return []
+
     def decision_refused(self, fault_id: int, cause: str, reason: str) -> None:
         """The broker refused a decision (fault_id) or a delegation (fault_id 0)
         of this plugin; a refused fault is delivered again. Default: a line on stderr."""

@@ -10,6 +10,7 @@ import select
 import struct
 import sys
 import threading
+import time
 from typing import NamedTuple, Optional
 
 from google.protobuf.message import DecodeError
@@ -180,14 +181,24 @@ class Runner:
     Raises `BrokerError` when the socket cannot be reached, is served by an
     untrusted uid, or the broker refuses the connection (its Error) or does
     not answer Hello within 10 s.
+
+    `max_prefetch`: the largest range one decision fills (the `buffer` handed
+    to `pagefault`), rounded down to pages, at most half a packet; a deferred
+    fault holds that much of the shared area until answered. `broker_uid`: a
+    uid besides root and this process's that may serve the socket (None:
+    `UFFD_BROKER_UID`, if set). `stats_path`: a file kept holding `faults=N`
+    and the plugin's `statistics()` as `name=value` lines, for monitoring.
     """
 
     SHARED_HALF = 1 << 20
 
     def __init__(self, plugin: Plugin, name: str, socket_path: Optional[str] = None,
-                 max_prefetch: int = 128 << 10, shared_memory: bool = True) -> None:
+                 max_prefetch: int = 128 << 10, shared_memory: bool = True, broker_uid: Optional[int] = None,
+                 stats_path: Optional[str] = None) -> None:
         self.plugin = plugin
         self.name = name
+        self.stats_path = stats_path
+        self._stats_written_at = 0.0
         self.page_size = mmap.PAGESIZE
         self.max_prefetch = max(max_prefetch // self.page_size, 1) * self.page_size
         if self.max_prefetch > MAX_PACKET // 2:
@@ -205,7 +216,7 @@ class Runner:
         self._scratch = memoryview(bytearray(self.max_prefetch))
         self._answer = _Answer()
         self._outbox: list = []  # delegations and descriptors to keep, for the next packet
-        self._connection = Connection.connect(socket_path)
+        self._connection = Connection.connect(socket_path, broker_uid)
         self._shared: Optional[memoryview] = None
         self._mapping: Optional[mmap.mmap] = None
         memfd = self._shared_memfd() if shared_memory else None
@@ -263,9 +274,14 @@ class Runner:
         poller = select.poll()
         poller.register(self._connection.sock, select.POLLIN)
         poller.register(self._wakeup.read_fd, select.POLLIN)
+        # With a stats file, wake up now and then to write it even when idle.
+        timeout = None if self.stats_path is None else 200
         try:
             while True:
-                ready = {fd for fd, _ in poller.poll()}
+                ready = {fd for fd, _ in poller.poll(timeout)}
+                if not ready:
+                    self._write_statistics(force=True)
+                    continue
                 if self._wakeup.read_fd in ready:
                     self._take_answers()
                 if ready - {self._wakeup.read_fd}:
@@ -280,12 +296,30 @@ class Runner:
                         raise BrokerError(f"the broker ended the connection: {message.error.message}", message.error.code)
                     self._handle(message)
                 self._flush()
+                self._write_statistics(force=False)
         finally:
+            self._write_statistics(force=True)
             with self._answers_lock:
                 self._ended = True
                 self._answers.clear()
                 self._wakeup.close()
             self._connection.close()
+
+    def _write_statistics(self, force: bool) -> None:
+        """Replaces the stats file (at most every 100 ms unless forced)."""
+        if self.stats_path is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._stats_written_at < 0.1:
+            return
+        self._stats_written_at = now
+        lines = [("faults", self.faults_served)] + list(self.plugin.statistics())
+        try:
+            with open(self.stats_path + ".tmp", "w") as file:
+                file.write("".join(f"{name}={value}\n" for name, value in lines))
+            os.replace(self.stats_path + ".tmp", self.stats_path)
+        except OSError:
+            pass  # monitoring only: never stop serving over it
 
     def answer(self, fault_id: int, decision: Decision) -> None:
         """Answers a fault whose `pagefault` returned `later()`; callable from
@@ -561,9 +595,9 @@ class Runner:
 
 
 def run(plugin: Plugin, name: str, socket_path: Optional[str] = None, max_prefetch: int = 128 << 10,
-        shared_memory: bool = True) -> None:
+        shared_memory: bool = True, broker_uid: Optional[int] = None, stats_path: Optional[str] = None) -> None:
     """Connects as plugin `name` and serves until the broker closes the
     connection: the one-call form of a plugin's main. `socket_path` None: the
     connection a broker that spawned this process handed it
     (`UFFD_BROKER_PLUGIN_FD`), else `UFFD_BROKER_PLUGIN_SOCKET`, else the default path."""
-    Runner(plugin, name, socket_path, max_prefetch, shared_memory).serve()
+    Runner(plugin, name, socket_path, max_prefetch, shared_memory, broker_uid, stats_path).serve()
