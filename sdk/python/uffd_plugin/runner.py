@@ -217,11 +217,19 @@ class Runner:
         self._answer = _Answer()
         self._outbox: list = []  # delegations and descriptors to keep, for the next packet
         self._connection = Connection.connect(socket_path, broker_uid)
+        try:
+            self._hello(shared_memory)
+        except BaseException:
+            self._close()
+            raise
+
+    def _hello(self, shared_memory: bool) -> None:
+        """Says Hello (with the shared memfd), takes the broker's and the descriptors it kept, calls `connected`."""
         self._shared: Optional[memoryview] = None
         self._mapping: Optional[mmap.mmap] = None
         memfd = self._shared_memfd() if shared_memory else None
         try:
-            hello = pb.PluginToBroker(hello=pb.Hello(version=PROTOCOL_VERSION, role=pb.ROLE_PLUGIN, name=name))
+            hello = pb.PluginToBroker(hello=pb.Hello(version=PROTOCOL_VERSION, role=pb.ROLE_PLUGIN, name=self.name))
             self._connection.send(hello.SerializeToString(), (memfd,) if memfd is not None else ())
         finally:
             if memfd is not None:
@@ -244,7 +252,7 @@ class Runner:
         if not message.HasField("hello") or message.hello.role != pb.ROLE_BROKER:
             raise BrokerError("the broker did not answer Hello", pb.ERROR_VERSION)
         self._connection.sock.settimeout(None)
-        plugin.connected(DescriptorStore(restored, self._outbox))
+        self.plugin.connected(DescriptorStore(restored, self._outbox))
         self._take_outbox()
         self._handle(message)
         self._flush()
@@ -299,11 +307,15 @@ class Runner:
                 self._write_statistics(force=False)
         finally:
             self._write_statistics(force=True)
-            with self._answers_lock:
-                self._ended = True
-                self._answers.clear()
-                self._wakeup.close()
-            self._connection.close()
+            self._close()
+
+    def _close(self) -> None:
+        """Ends the connection: answers from now on are dropped."""
+        with self._answers_lock:
+            self._ended = True
+            self._answers.clear()
+            self._wakeup.close()
+        self._connection.close()
 
     def _write_statistics(self, force: bool) -> None:
         """Replaces the stats file (at most every 100 ms unless forced)."""
