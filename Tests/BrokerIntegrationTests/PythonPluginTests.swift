@@ -84,6 +84,26 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("swap: the Python swap plugin killed (-9) after a swap-out: its restart finds every page in the broker's descriptor store",
+          .enabled(if: python != nil, Comment(rawValue: missing)))
+    func swapPluginKilled() throws {
+      try Harness.run("python-swap-kill") { h in
+        let plugin = try Self.startExample(h, "swap_plugin.py", name: "swap")
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("swap-hold", mib: 4, threads: 1, plugin: "swap", extraEnvironment: gate.environment)
+        let step = gate.awaitClient()
+        #expect(step == "swapped 1024", h.diagnostics("client: \(String(describing: step)) \(client.stdout) \(client.stderr)"))
+        kill(plugin.pid, SIGKILL)
+        _ = plugin.wait(timeout: 5)
+        let restarted = try Self.startExample(h, "swap_plugin.py", name: "swap")
+        gate.release()
+        #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr + "\nplugin: " + restarted.stderr))
+        #expect(client.stdout.hasSuffix("swap held: dropped 1024; verified 1024 pages, 0 wrong\n"), h.diagnostics(client.stdout))
+        #expect(restarted.stderr.contains("recovered 1024 stored pages"), h.diagnostics(restarted.stderr))
+        #expect(try h.status().tally[.swappedPagesLost] == 0, h.diagnostics)
+      }
+    }
+
     @Test("file delegation: the broker serves every byte of 4 MiB from the plugin's memfd (a fault reaching the plugin would be poisoned)",
           .enabled(if: python != nil, Comment(rawValue: missing)))
     func fileDelegation() throws {

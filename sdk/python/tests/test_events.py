@@ -1,6 +1,8 @@
 """Every event of the protocol reaches its Plugin method, and swap's store,
 swapped_out and holds work end to end (the example swap plugin, scripted)."""
 
+import contextlib
+import io
 import os
 import sys
 import tempfile
@@ -124,6 +126,9 @@ class EventTests(unittest.TestCase):
         plugin = swap_plugin.Swap()
         stats = tempfile.NamedTemporaryFile(prefix="swap-stats")
         broker = FakeBroker(self, plugin, stats_path=stats.name)
+        # Its log of pages: a memfd the broker is asked to keep, first thing.
+        keep, (log,) = broker.receive_with_fds()
+        self.assertEqual(list(keep.keep.names), ["pages"])
         broker.open_region(3, 8)
         stored = bytes(range(256)) * (2 * PAGE // 256)
         broker.events(pb.Event(store=pb.Store(client_id=1, region_id=3, offset=PAGE, data=stored, store_id=1)),
@@ -150,6 +155,18 @@ class EventTests(unittest.TestCase):
         # The runner writes its stats file a last time as it ends.
         with open(stats.name) as file:
             self.assertEqual(file.read(), "faults=6\npages_held=3\npages_stored=2\npages_restored=3\n")
+        # Its next process (this one killed) gets the log back from the broker and holds every page.
+        with contextlib.redirect_stderr(io.StringIO()) as said:
+            broker = FakeBroker(self, swap_plugin.Swap(), kept={"pages": log})
+            reply = broker.open_region(3, 8, swapped_out=[(2 * PAGE, PAGE)])
+        self.assertEqual(said.getvalue(), "swap_plugin: recovered 3 stored pages\n")
+        self.assertEqual(len(reply.lost), 0)
+        broker.open_region(3, 8, client_id=2)
+        broker.faults(3, 1, applied=2, first=2)
+        self.assertEqual(broker.answers(1)[0], {3 << 32: stored[PAGE:]})
+        broker.faults(3, 2, applied=3, first=1, client_id=2)  # the forked child's
+        self.assertEqual(broker.answers(2)[0], {2 << 32: stored[:PAGE], 3 << 32: stored[PAGE:]})
+        broker.finish()
 
 
 if __name__ == "__main__":
