@@ -51,15 +51,15 @@ class Pattern(uffd_plugin.Plugin):
         if self.delegate_file:
             return uffd_plugin.poison()  # the broker serves these pages: a fault here is a bug
         if self.pool is not None:
-            self.pool.submit(self.answer_later, fault, region, buffer)
+            self.pool.submit(self.answer_later, self.runner, fault, region, buffer)
             return uffd_plugin.later()
         buffer[:region.page_size] = self.page(region, fault.offset)
         return uffd_plugin.copy()
 
-    def answer_later(self, fault, region, buffer):
-        """On a pool thread: the buffer stays the fault's until it is answered."""
+    def answer_later(self, runner, fault, region, buffer):
+        """On a pool thread: the buffer stays the fault's until it is answered (through the runner that sent it)."""
         buffer[:region.page_size] = self.page(region, fault.offset)
-        self.runner.answer(fault.fault_id, uffd_plugin.copy())
+        runner.answer(fault.fault_id, uffd_plugin.copy())
 
 
 def main():

@@ -209,7 +209,9 @@ def later() -> Decision:
     decision)`, from any thread, within the broker's deadline (5 s by
     default). The `buffer` that `pagefault` was handed stays the fault's
     until then: write a copy's bytes there (from any thread) before answering,
-    and never after."""
+    and never after. Take the runner (`self.runner`) in `pagefault`: after a
+    reconnect the plugin has a new runner, and only the old one knows the
+    fault (it drops the answer; the new one might hold a fault of the same id)."""
     return _LATER
 
 
