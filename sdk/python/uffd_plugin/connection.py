@@ -44,9 +44,9 @@ class Connection:
     3. A packet received with 0 bytes is the broker closing (`receive` returns None).
     """
 
-    def __init__(self, sock: socket.socket, where: str) -> None:
+    def __init__(self, sock: socket.socket, where: str, broker_uid: Optional[int] = None) -> None:
         self.sock = sock
-        self._check_peer(where)
+        self._check_peer(where, broker_uid)
         for option in (SO_SNDBUFFORCE, socket.SO_SNDBUF):
             try:
                 sock.setsockopt(socket.SOL_SOCKET, option, 1 << 20)
@@ -55,9 +55,10 @@ class Connection:
                 continue
 
     @classmethod
-    def connect(cls, path: Optional[str]) -> "Connection":
+    def connect(cls, path: Optional[str], broker_uid: Optional[int] = None) -> "Connection":
         """Connects to the plugin socket at `path` (see `socket_path`), or to the
-        connection a broker that spawned this process handed it (`UFFD_BROKER_PLUGIN_FD`)."""
+        connection a broker that spawned this process handed it (`UFFD_BROKER_PLUGIN_FD`).
+        `broker_uid`: a uid besides root and ours that may serve it (None: `UFFD_BROKER_UID`)."""
         inherited = os.environ.pop("UFFD_BROKER_PLUGIN_FD", None) if path is None else None
         if inherited is not None:
             try:
@@ -65,7 +66,7 @@ class Connection:
             except (ValueError, OSError) as error:
                 raise BrokerError(f"UFFD_BROKER_PLUGIN_FD={inherited} names no socket this process holds: {error}", 0)
             sock.set_inheritable(False)
-            return cls(sock, f"the socket in UFFD_BROKER_PLUGIN_FD={inherited}")
+            return cls(sock, f"the socket in UFFD_BROKER_PLUGIN_FD={inherited}", broker_uid)
         where = socket_path(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
@@ -73,13 +74,15 @@ class Connection:
         except OSError as error:
             sock.close()
             raise BrokerError(f"cannot connect to {where}: {error}", 0)
-        return cls(sock, where)
+        return cls(sock, where, broker_uid)
 
-    def _check_peer(self, where: str) -> None:
+    def _check_peer(self, where: str, broker_uid: Optional[int]) -> None:
         _, uid, _ = struct.unpack("3i", self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
         trusted = {0, os.getuid(), os.geteuid()}
         extra = os.environ.get("UFFD_BROKER_UID")
-        if extra:
+        if broker_uid is not None:
+            trusted.add(broker_uid)
+        elif extra:
             if not extra.isdigit():
                 raise BrokerError(f"UFFD_BROKER_UID={extra} is not a uid (a whole number)", 1)
             trusted.add(int(extra))

@@ -7,6 +7,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from . import broker_pb2 as pb
+
 
 class Refused(Exception):
     """Raise from `region_opened`, `region_forked` or `store` to refuse.
@@ -48,6 +50,11 @@ class Fault:
     flags: int
     thread_id: int
 
+    @property
+    def is_write(self) -> bool:
+        """Whether the access was a write."""
+        return bool(self.flags & 1)
+
 
 @dataclass
 class Region:
@@ -74,6 +81,76 @@ class Region:
     parent_client_id: int = 0
     swapped_out: list = field(default_factory=list)
     context: Any = None
+    # The runner's queue of what to send with its next packet (set by the runner).
+    _outbox: Optional[list] = field(default=None, repr=False, compare=False)
+
+    def delegate_zero(self, start: int = 0, end: Optional[int] = None) -> None:
+        """Hands region offsets [start, end) (default: all) to the broker to
+        serve with zero pages by itself: no round trip per fault. Removes,
+        unmaps and remaps still come here; a removed or unmapped part comes back.
+        Sent with the runner's next packet; call it from a Plugin method."""
+        self._delegate(start, end, pb.DELEGATE_ZERO)
+
+    def delegate_file(self, fd: int, file_offset: int = 0, start: int = 0, end: Optional[int] = None,
+                      prefetch_pages: int = 1) -> None:
+        """Hands region offsets [start, end) (default: all) to the broker to
+        serve from `fd` (a regular file or memfd), region offset `start` at
+        `file_offset`; past the file's end pages read as zeros. `prefetch_pages`
+        (at most 32) fills an aligned block per fault. `fd` stays the caller's:
+        the runner sends a duplicate (OSError if it cannot make one)."""
+        if file_offset % self.page_size:
+            raise ValueError(f"file offset {file_offset} is not page aligned")
+        if not 1 <= prefetch_pages <= 32:
+            raise ValueError(f"prefetch_pages {prefetch_pages}: 1 to 32")
+        self._delegate(start, end, pb.DELEGATE_FILE, os.dup(fd), file_offset, prefetch_pages)
+
+    def revoke_delegation(self, start: int = 0, end: Optional[int] = None) -> None:
+        """Takes back region offsets [start, end) (default: all): their faults come here again."""
+        self._delegate(start, end, pb.DELEGATE_UNSPECIFIED, revoke=True)
+
+    def _delegate(self, start: int, end: Optional[int], kind: int, fd: Optional[int] = None, file_offset: int = 0,
+                  prefetch_pages: int = 1, revoke: bool = False) -> None:
+        end = self.length if end is None else end
+        if not (0 <= start < end <= self.length and start % self.page_size == 0 and end % self.page_size == 0):
+            if fd is not None:
+                os.close(fd)
+            raise ValueError(f"offsets [{start}, {end}) are not a page-aligned part of region {self.id} ({self.length} bytes)")
+        delegation = pb.Delegation(client_id=self.client_id, region_id=self.id, offset=start, length=end - start, kind=kind,
+                                   file_offset=file_offset, prefetch_pages=prefetch_pages, revoke=revoke)
+        self._outbox.append((delegation, fd))
+
+
+class DescriptorStore(dict):
+    """The broker's descriptor store for this plugin's name (as systemd's
+    FDSTORE), handed to `Plugin.connected`: memfds or regular files the broker
+    keeps and hands back when a plugin connects again under the same name
+    (after a crash, a kill, a restart), so data kept in them survives the
+    plugin process (not the broker's own restart).
+
+    As a dict, it maps names to the descriptors kept by earlier connections;
+    the plugin owns them. `keep` asks the broker to keep one more.
+    """
+
+    MAX_NAMES = 8
+    """Names the broker keeps for one plugin name: its Hello carries them all, at most 8 descriptors."""
+
+    def __init__(self, restored: dict, outbox: list) -> None:
+        super().__init__(restored)
+        self._outbox = outbox
+        self._names = set(restored)
+
+    def keep(self, fd: int, name: str) -> None:
+        """Asks the broker to keep a duplicate of `fd` (a memfd or regular
+        file) as `name` (1 to 64 bytes of UTF-8), replacing what `name` held.
+        Sent with the runner's next packet; call it from a Plugin method. A
+        memfd that only grows keeps its identity: keeping it once is enough.
+        `fd` stays the caller's. ValueError for a bad name or a ninth name."""
+        if not 1 <= len(name.encode()) <= 64:
+            raise ValueError(f"a kept descriptor's name must be 1 to 64 bytes, not {name!r}")
+        if name not in self._names and len(self._names) >= self.MAX_NAMES:
+            raise ValueError(f"the broker keeps at most {self.MAX_NAMES} descriptors per plugin; {sorted(self._names)} are kept")
+        self._names.add(name)
+        self._outbox.append((name, os.dup(fd)))
 
 
 @dataclass(frozen=True)
@@ -90,6 +167,7 @@ class Decision:
     data: Optional[bytes] = None
 
 
+DECISION_LATER = 0  # never sent: the answer comes through Runner.answer
 DECISION_COPY = 1
 DECISION_ZERO = 2
 DECISION_RETRY = 3
@@ -123,6 +201,20 @@ def poison() -> Decision:
     return Decision(DECISION_POISON)
 
 
+_LATER = Decision(DECISION_LATER)
+
+
+def later() -> Decision:
+    """No answer yet: the plugin answers with `runner.answer(fault.fault_id,
+    decision)`, from any thread, within the broker's deadline (5 s by
+    default). The `buffer` that `pagefault` was handed stays the fault's
+    until then: write a copy's bytes there (from any thread) before answering,
+    and never after. Take the runner (`self.runner`) in `pagefault`: after a
+    reconnect the plugin has a new runner, and only the old one knows the
+    fault (it drops the answer; the new one might hold a fault of the same id)."""
+    return _LATER
+
+
 class Plugin:
     """A page-fault handler. `run` calls every method on the thread that called
     it, one at a time, in the order the broker sent the events; a packet's
@@ -131,12 +223,18 @@ class Plugin:
     Override `pagefault`; every other method has a default. An exception from
     `region_opened`, `region_forked` or `store` refuses that region or store
     (see `Refused`), never the loop; one from any other method ends `run`.
+
+    `runner` is the `Runner` serving the plugin (set before `connected`):
+    a `pagefault` that returns `later()` answers through `runner.answer`.
     """
 
-    def connected(self, restored: dict) -> None:
-        """Once, before any event: `restored` maps names to the descriptors the
-        broker kept for this plugin name from earlier connections (the plugin owns them)."""
-        for fd in restored.values():
+    runner: Any = None
+
+    def connected(self, store: DescriptorStore) -> None:
+        """Once, before any event: `store` maps names to the descriptors the
+        broker kept for this plugin name from earlier connections (the plugin
+        owns them), and keeps more (`store.keep`). The default closes them."""
+        for fd in store.values():
             os.close(fd)
 
     def region_opened(self, region: Region) -> None:
@@ -153,7 +251,7 @@ class Plugin:
         (writable, `max_prefetch` bytes, page aligned; shared with the broker
         when it can be, so the bytes never cross the socket) and return
         `copy()` or `copy(offset=, length=)`; or return `copy(data)`, `zero()`,
-        `retry()` or `poison()`."""
+        `retry()` or `poison()`; or `later()` and answer through `self.runner.answer`."""
         raise NotImplementedError("a Plugin must answer pagefault")
 
     def removed(self, start: int, end: int, region: Region) -> None:
@@ -183,6 +281,11 @@ class Plugin:
 
     def closed(self, client_id: int, reason: str) -> None:
         """The client is gone; nothing more comes for it."""
+
+    def statistics(self) -> list:
+        """Counters of the plugin's own, (name, value) pairs written to the
+        runner's stats file (`stats_path`) beside `faults`. Default: none."""
+        return []
 
     def decision_refused(self, fault_id: int, cause: str, reason: str) -> None:
         """The broker refused a decision (fault_id) or a delegation (fault_id 0)
