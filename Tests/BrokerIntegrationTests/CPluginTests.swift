@@ -25,12 +25,17 @@ extension BrokerIntegrationTests {
     /// Builds the sample into the harness's directory (never into the source tree); returns the executable.
     static func buildSample(_ h: Harness) throws -> String {
       let build = h.directory + "/c-build"
+      try runMake(repository + "/Examples/c-pattern-plugin", build: build, logs: h.directory)
+      return build + "/pattern"
+    }
+
+    /// `make -C directory BUILD=build` (the repository's C Makefiles' convention); its output goes to `logs`.
+    static func runMake(_ directory: String, build: String, logs: String) throws {
       let process = try FixtureProcess(
-        label: "make", executable: make, arguments: ["-s", "-C", repository + "/Examples/c-pattern-plugin", "BUILD=" + build],
-        environment: ["PATH": "/usr/local/bin:/usr/bin:/bin"], stdoutPath: h.directory + "/make.stdout", stderrPath: h.directory + "/make.stderr")
+        label: "make", executable: make, arguments: ["-s", "-C", directory, "BUILD=" + build],
+        environment: ["PATH": "/usr/local/bin:/usr/bin:/bin"], stdoutPath: logs + "/make.stdout", stderrPath: logs + "/make.stderr")
       let status = process.wait(timeout: 120)
       guard status == .exited(0) else { throw HarnessError("make failed (\(String(describing: status))): \(process.stderr)") }
-      return build + "/pattern"
     }
 
     @Test("the C sample plugin serves a client's memory exactly, from several threads",
