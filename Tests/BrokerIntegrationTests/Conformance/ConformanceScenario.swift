@@ -119,7 +119,8 @@ enum ConformanceScenario: String, CaseIterable, Sendable, CustomTestStringConver
       try killedMidFault(h, first: plugin, language: language)
 
     case .swapStore:
-      let outcome = try h.runClient("swap-once", mib: 2, threads: 1, plugin: name)
+      // Behaviour zero: only the bytes the plugin stored can give the pages their pattern back.
+      let outcome = try h.runClient("swap-once", mib: 2, threads: 1, plugin: name, extraEnvironment: behaviour("zero"))
       #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr + "\nplugin: " + plugin.stderr))
       #expect(outcome.summary == "swap-out dropped \(pages(mib: 2)), kept 0; verified \(pages(mib: 2)) pages, 0 wrong", h.diagnostics(outcome.stdout))
       #expect(try h.status().plugin(name)?.swapStoredBytes == UInt64(2 << 20), h.diagnostics)

@@ -84,7 +84,7 @@ struct FixtureClient {
     close(wait)
   }
 
-  /// FIXTURE_ARGUMENT: the `argument` of the regions `register` and `guarded` name
+  /// FIXTURE_ARGUMENT: the `argument` of the regions `register`, `guarded` and the swap scenarios name
   /// (the conformance plugins take their behaviour from it); default empty.
   var regionArgument: String { getenv("FIXTURE_ARGUMENT").map { String(cString: $0) } ?? "" }
 

@@ -87,6 +87,10 @@ static uffd_decision pagefault(const uffd_fault *fault, uffd_region *region, voi
   struct state *s = region->context;
   uint64_t size = region->page_size, page = fault->offset / size;
   faults++;
+  if (page < s->pages && s->stored[page]) {  // a page a swap-out stored comes back as it was stored, whatever the behaviour
+    fill(buffer, fault->offset, 1, s, region);
+    return uffd_copy();
+  }
   int first_time = 0;
   if (s->behaviour == RETRY_ONCE || s->behaviour == INVALID || s->behaviour == OVERSIZED) first_time = !s->answered[page], s->answered[page] = 1;
   switch (s->behaviour) {

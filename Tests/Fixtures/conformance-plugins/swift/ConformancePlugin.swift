@@ -53,6 +53,11 @@ final class ConformancePlugin: PagePlugin {
     let state = region.context as! RegionState
     let pageSize = region.pageSize
     faults += 1
+    // A page a swap-out stored comes back as it was stored, whatever the behaviour.
+    if state.stored[fault.offset] != nil {
+      fill(buffer, at: fault.offset, pages: 1, state, region)
+      return .copy
+    }
     let firstTime: Bool
     switch state.behaviour {
     case .retryOnce, .invalid, .oversized: firstTime = state.answered.insert(fault.offset).inserted
