@@ -13,7 +13,7 @@ enum ConformanceLanguage: String, CaseIterable, Sendable, CustomTestStringConver
   var pending: [ConformanceScenario: String] {
     switch self {
     case .swift: [:]
-    case .c, .python: [:]
+    case .c, .python: [.swapSurvivesKill: "the descriptor store (keep, restored descriptors) is not in this SDK yet"]
     }
   }
 

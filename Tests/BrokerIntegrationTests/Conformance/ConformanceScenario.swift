@@ -33,6 +33,9 @@ enum ConformanceScenario: String, CaseIterable, Sendable, CustomTestStringConver
   case killedMidFault
   /// A swap-out's Store answered with StoreReply; the dropped pages come back from the plugin.
   case swapStore
+  /// The plugin killed (SIGKILL) after a swap-out: its restart finds the stored
+  /// pages in the broker's descriptor store, says it holds them, and serves them.
+  case swapSurvivesKill
   /// Misaligned decisions refused (badRange), counted, told to the plugin, the faults redelivered.
   case invalidDecision
   /// Decisions over a range longer than the region refused the same way; the neighbours untouched.
@@ -124,6 +127,20 @@ enum ConformanceScenario: String, CaseIterable, Sendable, CustomTestStringConver
       #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr + "\nplugin: " + plugin.stderr))
       #expect(outcome.summary == "swap-out dropped \(pages(mib: 2)), kept 0; verified \(pages(mib: 2)) pages, 0 wrong", h.diagnostics(outcome.stdout))
       #expect(try h.status().plugin(name)?.swapStoredBytes == UInt64(2 << 20), h.diagnostics)
+
+    case .swapSurvivesKill:
+      let gate = try Gate(in: h.directory)
+      let client = try h.startClient("swap-hold", mib: 2, threads: 1, plugin: name, extraEnvironment: behaviour("zero").merging(gate.environment) { $1 })
+      let step = gate.awaitClient()
+      #expect(step == "swapped \(pages(mib: 2))", h.diagnostics("client: \(String(describing: step)) \(client.stdout) \(client.stderr)"))
+      kill(plugin.pid, SIGKILL)
+      #expect(plugin.wait(timeout: 5) == .signaled(SIGKILL), h.diagnostics)
+      #expect(h.waitForStatus { $0.plugin(name)?.connectedPID != plugin.pid }, h.diagnostics)
+      let restarted = try language.startPlugin(h, name: name)
+      gate.release()
+      #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr + "\nplugin: " + restarted.stderr))
+      #expect(client.stdout.hasSuffix("swap held: dropped \(pages(mib: 2)); verified \(pages(mib: 2)) pages, 0 wrong\n"), h.diagnostics(client.stdout))
+      #expect(try h.status().tally[.swappedPagesLost] == 0, h.diagnostics)
 
     case .invalidDecision, .oversizedDecision:
       // 8 pages between two guard regions of the same plugin: a decision let

@@ -43,10 +43,29 @@ final class ConformancePlugin: PagePlugin {
   }
 
   private var faults = 0
+  /// Stored pages, kept by the broker across this plugin's restarts.
+  private var log: PageLog!
+  /// What an earlier incarnation stored, by region.
+  private var restored: [PageLog.RegionKey: [UInt64: [UInt8]]] = [:]
+
+  func connected(_ store: DescriptorStore) {
+    log = PageLog(store)
+    restored = log.pages()
+  }
+
+  private func key(_ region: PluginRegion) -> PageLog.RegionKey { PageLog.RegionKey(token: region.clientToken, regionID: region.spec.id) }
 
   func regionOpened(_ region: PluginRegion) throws {
     guard let behaviour = Behaviour(region.spec.argument) else { throw UnknownBehaviour(argument: region.spec.argument) }
-    region.context = RegionState(behaviour)
+    let state = RegionState(behaviour)
+    state.stored = restored[key(region)] ?? [:]
+    region.context = state
+  }
+
+  /// Whether every page of `offsets` is stored (asked for pages a swap-out released before a restart).
+  func holds(_ offsets: Range<UInt64>, in region: PluginRegion) -> Bool {
+    let state = region.context as! RegionState
+    return stride(from: offsets.lowerBound, to: offsets.upperBound, by: region.pageSize).allSatisfy { state.stored[$0] != nil }
   }
 
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision {
@@ -116,7 +135,9 @@ final class ConformancePlugin: PagePlugin {
     let state = region.context as! RegionState
     let pageSize = region.pageSize
     for index in 0..<data.count / pageSize {
-      state.stored[offset + UInt64(index * pageSize)] = Array(data[index * pageSize..<(index + 1) * pageSize])
+      let page = UnsafeRawBufferPointer(rebasing: data[index * pageSize..<(index + 1) * pageSize])
+      state.stored[offset + UInt64(index * pageSize)] = Array(page)
+      log.append(page, at: offset + UInt64(index * pageSize), of: key(region))
     }
   }
 
