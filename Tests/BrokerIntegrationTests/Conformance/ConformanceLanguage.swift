@@ -20,6 +20,9 @@ enum ConformanceLanguage: String, CaseIterable, Sendable, CustomTestStringConver
   /// The scenarios this SDK runs: every SDK scenario not pending.
   var scenarios: [ConformanceScenario] { ConformanceScenario.sdkScenarios.filter { pending[$0] == nil } }
 
+  /// What building the C plugin needs: the C sample's toolchain and pkg-config.
+  static let cToolchainPresent = BrokerIntegrationTests.CPlugin.toolchainPresent && access("/usr/bin/pkg-config", X_OK) == 0
+
   static let sources = BrokerIntegrationTests.CPlugin.repository + "/Tests/Fixtures/conformance-plugins"
 
   /// The C plugin, built once per test run beside the test bundle (never in the

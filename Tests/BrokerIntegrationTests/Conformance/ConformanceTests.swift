@@ -10,7 +10,7 @@ extension BrokerIntegrationTests {
       try scenario.run(.swift)
     }
 
-    @Test("C SDK", .enabled(if: CPlugin.toolchainPresent, "needs cc, make, pkg-config and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"),
+    @Test("C SDK", .enabled(if: ConformanceLanguage.cToolchainPresent, "needs cc, make, pkg-config and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"),
           arguments: ConformanceLanguage.c.scenarios)
     func cSDK(_ scenario: ConformanceScenario) throws {
       try scenario.run(.c)
