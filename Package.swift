@@ -86,11 +86,13 @@ let package = Package(
     .testTarget(name: "BrokerRuntimeTests", dependencies: ["BrokerRuntime"]),
     .testTarget(name: "BrokerSimulationTests", dependencies: ["BrokerSimulator"], exclude: ["regressions.txt"]),
     // Real broker, plugin and client processes against real userfaultfds.
-    .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ChildProcess", "ClientSDK", "Userfaultfd", "CUserfaultfd", "CLinux", "broker-fixture", "uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"]),
+    .testTarget(name: "BrokerIntegrationTests", dependencies: ["BrokerProtocol", "BrokerCore", "ChildProcess", "ClientSDK", "Userfaultfd", "CUserfaultfd", "CLinux", "broker-fixture", "conformance-plugin", "uffd-broker", "snapshot-plugin", "swap-plugin", "zero-fill-plugin"]),
     // libFuzzer target over the protocol decoders (built by scripts/fuzz.sh with -sanitize=fuzzer).
     .executableTarget(name: "uffd-fuzz", dependencies: ["BrokerProtocol"], path: "Tests/Fuzz/uffd-fuzz", swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
     // The plugin and client processes of the integration tests.
     .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd", "CLinux", "LinuxSupport", "CKVM"], path: "Tests/Fixtures/broker-fixture"),
+    // The conformance suite's plugin on the Swift SDK (its C and Python twins sit beside it).
+    .executableTarget(name: "conformance-plugin", dependencies: ["PluginSDK"], path: "Tests/Fixtures/conformance-plugins/swift"),
     // The KVM ioctls of the fixture's VMM (a real guest restored through the broker).
     .target(name: "CKVM", path: "Tests/Fixtures/CKVM"),
   ],

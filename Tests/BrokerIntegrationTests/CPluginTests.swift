@@ -41,6 +41,15 @@ extension BrokerIntegrationTests {
       return build + "/pattern"
     }
 
+    /// `make -C directory BUILD=build` (the repository's C Makefiles' convention); its output goes to `logs`.
+    static func runMake(_ directory: String, build: String, logs: String) throws {
+      let process = try FixtureProcess(
+        label: "make", executable: make, arguments: ["-s", "-C", directory, "BUILD=" + build],
+        environment: ["PATH": "/usr/local/bin:/usr/bin:/bin"], stdoutPath: logs + "/make.stdout", stderrPath: logs + "/make.stderr")
+      let status = process.wait(timeout: 120)
+      guard status == .exited(0) else { throw HarnessError("make failed (\(String(describing: status))): \(process.stderr)") }
+    }
+
     /// Builds the SDK and the test plugin `Tests/Fixtures/c-plugins/NAME.c` against it, warnings as
     /// errors, into the harness's directory; returns the executable.
     static func buildTestPlugin(_ h: Harness, _ name: String) throws -> String {

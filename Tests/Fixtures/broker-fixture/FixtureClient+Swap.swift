@@ -127,7 +127,7 @@ extension FixtureClient {
   /// A registered region of `mib` MiB whose every page its writes filled with the pattern.
   private func patternedRegion(name: String) throws -> (AnonymousMemory, RegionSpec, BrokerClient) {
     let memory = try AnonymousMemory(length: mib << 20)
-    let spec = RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin)
+    let spec = RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin, argument: regionArgument)
     let client = try BrokerClient(regions: [spec], name: name)
     for page in 0..<memory.length / pageSize {
       Pattern.fill(UnsafeMutableRawBufferPointer(start: memory.base + page * pageSize, count: pageSize), backingOffset: UInt64(page * pageSize))

@@ -86,6 +86,10 @@ struct FixtureClient {
     close(wait)
   }
 
+  /// FIXTURE_ARGUMENT: the `argument` of the regions `register`, `guarded` and the swap scenarios name
+  /// (the conformance plugins take their behaviour from it); default empty.
+  var regionArgument: String { getenv("FIXTURE_ARGUMENT").map { String(cString: $0) } ?? "" }
+
   /// FIXTURE_LOSS_POLICY=poison:MS (or terminate:MS) sets what the client does when the broker is gone for MS;
   /// FIXTURE_USER_MODE=1 asks for a user-mode-only userfaultfd (what an unprivileged process may have).
   func register(_ memory: AnonymousMemory, id: UInt64 = 1) throws(ClientError) -> BrokerClient {
@@ -95,7 +99,7 @@ struct FixtureClient {
       let milliseconds = parts.count > 1 ? Int(parts[1]) ?? 1000 : 1000
       policy = .reattach(withinMilliseconds: milliseconds, otherwise: parts.first == "poison" ? .poison : .terminate)
     }
-    return try BrokerClient(regions: [RegionSpec(id: id, base: memory.address, length: memory.length, plugin: plugin)], name: "fixture-\(scenario)",
+    return try BrokerClient(regions: [RegionSpec(id: id, base: memory.address, length: memory.length, plugin: plugin, argument: regionArgument)], name: "fixture-\(scenario)",
                             userModeOnly: getenv("FIXTURE_USER_MODE") != nil, onBrokerLoss: policy)
   }
 
@@ -222,9 +226,9 @@ struct FixtureClient {
     let middle = lower + UInt(guardPages * pageSize)
     let upper = middle + UInt(pages * pageSize)
     let client = try BrokerClient(regions: [
-      RegionSpec(id: 1, base: lower, length: guardPages * pageSize, plugin: plugin, backingOffset: 1 << 40),
-      RegionSpec(id: 2, base: middle, length: pages * pageSize, plugin: plugin),
-      RegionSpec(id: 3, base: upper, length: guardPages * pageSize, plugin: plugin, backingOffset: 2 << 40),
+      RegionSpec(id: 1, base: lower, length: guardPages * pageSize, plugin: plugin, argument: regionArgument, backingOffset: 1 << 40),
+      RegionSpec(id: 2, base: middle, length: pages * pageSize, plugin: plugin, argument: regionArgument),
+      RegionSpec(id: 3, base: upper, length: guardPages * pageSize, plugin: plugin, argument: regionArgument, backingOffset: 2 << 40),
     ], name: "fixture-guarded")
     let threadCount = max(threads, 1)
     let workers = (0..<threadCount).map { index in
