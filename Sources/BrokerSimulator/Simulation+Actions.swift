@@ -100,7 +100,7 @@ extension Simulation {
     case (.zero, _), (.copy, .zeros): content = { _ in .zero }
     case (.poison, _): content = { _ in .poison }
     case (.copy, .bytes(let bytes)):
-      content = { page in Self.decode(UnsafeRawBufferPointer(rebasing: bytes[Int(page - range.lowerBound)..<Int(page - range.lowerBound) + Int(self.pageSize)])) }
+      content = { page in Self.decode(UnsafeRawBufferPointer(rebasing: bytes[Int(page - range.lowerBound)..<Int(page - range.lowerBound) + order.pageSize])) }
     default:
       failure = "unexpected fill \(order.kind) from \(order.source)"
       return

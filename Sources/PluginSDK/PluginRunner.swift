@@ -24,7 +24,6 @@ public final class PluginRunner {
   private let name: String
   private let socket: PacketSocket
   private let maxPrefetch: Int
-  private let pageSize = systemPageSize
   private let events = EventBatchDecoder()
   private let decisions = DecisionBatchEncoder()
   private let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
@@ -38,7 +37,8 @@ public final class PluginRunner {
   private var staged = 0
   private var packetsSent: UInt64 = 0
   private var packetsApplied: UInt64 = 0
-  private static let sharedHalf = 1 << 20
+  /// Room for a packet's bytes: prefetches of small pages, or a 2 MiB huge page and then some.
+  private static let sharedHalf = 4 << 20
   private var regions: [RegionKey: PluginRegion] = [:] {
     didSet { lastRegion = nil }
   }
@@ -259,6 +259,10 @@ public final class PluginRunner {
       let region = PluginRegion(clientID: clientID, client: client, spec: spec, clientToken: token)
       var refusal: BrokerError?
       do {
+        if spec.pageSize > Self.sharedHalf || (spec.pageSize > PacketSocket.maxPacketSize / 2 && shared == nil) {
+          // A huge page's bytes fit no packet: they go through the shared area only.
+          throw BrokerError(.pluginRefused, "region \(spec.id) has \(spec.pageSize)-byte pages, more than this plugin's buffers hold")
+        }
         if parentID == 0 {
           try plugin.regionOpened(region)
         } else if let parent = regions[RegionKey(client: parentID, region: spec.id)] {
@@ -317,15 +321,20 @@ public final class PluginRunner {
   }
 
   private func serve(_ event: PagefaultEvent) throws(BrokerError) {
-    if stage.count - staged < maxPrefetch || !decisions.canAppend(dataLength: stageOffset == nil ? maxPrefetch : 0) {
+    let region = region(of: event)
+    // The fault's buffer: `maxPrefetch`, or one whole page of a huge-page region.
+    let room = max(maxPrefetch, region?.pageSize ?? 0)
+    if stage.count - staged < room || !decisions.canAppend(dataLength: stageOffset == nil ? room : 0) {
       try flush()
       if staged == 0 && stageOffset == nil && shared != nil { chooseStage() }  // the broker may have caught up since
     }
-    guard let region = region(of: event) else {
+    // No region, or a huge page while no shared half is free (its bytes fit no packet): asked again later.
+    guard let region, stage.count - staged >= room else {
       decisions.append(faultID: event.faultID, kind: .retry, address: event.address, length: 0)
       return
     }
-    let buffer = UnsafeMutableRawBufferPointer(rebasing: stage[staged..<staged + maxPrefetch])
+    let pageSize = region.pageSize
+    let buffer = UnsafeMutableRawBufferPointer(rebasing: stage[staged..<staged + room])
     let sharedOffset = stageOffset.map { UInt64($0 + staged) }
     let fault = PluginFault(faultID: event.faultID, address: event.address, offset: event.offset, flags: event.flags, threadID: event.threadID)
     faultsServed += 1
@@ -340,7 +349,7 @@ public final class PluginRunner {
       precondition(length > 0 && length <= buffer.count, "copyRange of \(length) bytes exceeds the buffer of \(buffer.count)")
       decisions.append(faultID: event.faultID, kind: .copy, address: address(of: offset, for: event), length: length,
                        data: sharedOffset == nil ? UnsafeRawBufferPointer(rebasing: buffer[..<length]) : nil, sharedOffset: sharedOffset)
-      staged += (length + pageSize - 1) / pageSize * pageSize
+      staged += (length + systemPageSize - 1) / systemPageSize * systemPageSize
     case .zero:
       decisions.append(faultID: event.faultID, kind: .zero, address: event.address, length: pageSize)
     case .zeroRange(let offset, let length):
