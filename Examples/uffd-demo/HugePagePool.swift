@@ -23,8 +23,9 @@ struct HugePagePool {
   private static func read() -> Int? {
     guard let file = fopen(path, "r") else { return nil }
     defer { fclose(file) }
-    var value = 0
-    return fscanf(file, "%ld", &value) == 1 ? value : nil
+    var line = [CChar](repeating: 0, count: 32)
+    guard fgets(&line, 32, file) != nil else { return nil }
+    return Int(String(cString: line).filter(\.isNumber))
   }
 
   private static func write(_ value: Int) -> Bool {

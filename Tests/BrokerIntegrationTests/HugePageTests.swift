@@ -73,6 +73,26 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("a KVM guest on 2 MiB huge pages, restored through the Firecracker socket: its checksums right, its scratch pages written",
+          .enabled(if: access("/dev/kvm", R_OK | W_OK) == 0, "needs /dev/kvm (read and write) to run a KVM guest"))
+    func kvmGuest() throws {
+      let mib = KVMRestore.mib
+      try HugePagePool.reserving(mib / 2) {
+        try Harness.run("huge-kvm", configFields: [Firecracker.socketField]) { h in
+          let snapshot = h.directory + "/guest.mem"
+          let maker = try h.startFixture(["kvm-snapshot", snapshot, "\(mib)"])
+          try #require(maker.wait(timeout: 30) == .exited(0), h.diagnostics(maker.stderr))
+          let stats = h.directory + "/snapshot.stats"
+          try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory, "--stats", stats])
+          let vmm = try h.startFixture(["kvm-vmm-huge", h.directory + "/vm.sock", snapshot, "\(mib)"])
+          #expect(vmm.wait(timeout: 60) == .exited(0), h.diagnostics(vmm.stdout + vmm.stderr))
+          #expect(vmm.stdout.hasSuffix("pages; 0 wrong\n") && vmm.stdout.contains("kvm guest checksummed "), h.diagnostics(vmm.stdout))
+          // At most one fault per huge page of the guest.
+          #expect(waitUntil(timeout: 3) { (1...mib / 2).contains(SamplePlugins.statistics(stats)["faults"] ?? 0) }, h.diagnostics("stats: \(SamplePlugins.statistics(stats))"))
+        }
+      }
+    }
+
     @Test("a region of 1 GiB pages (more than the broker serves) or of 64 KiB pages (no page size of this kernel) is refused, saying why")
     func unsupportedPageSizeRefused() throws {
       try Harness.run("huge-refused") { h in

@@ -8,7 +8,7 @@ import Userfaultfd
 //   broker-fixture plugin NAME MODE [EVENT_LOG]
 //   broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]
 //   broker-fixture kvm-snapshot PATH MIB (the KVM guest's memory image; see GuestImage)
-//   broker-fixture kvm-vmm|kvm-vmm-balloon SOCKET SNAPSHOT MIB (restores that guest on /dev/kvm; see KVMGuestVMM)
+//   broker-fixture kvm-vmm|kvm-vmm-balloon|kvm-vmm-huge SOCKET SNAPSHOT MIB (restores that guest on /dev/kvm; see KVMGuestVMM)
 //   broker-fixture squatter PATH CONNECTIONS (as nobody: a fake broker; see Squatter)
 //   broker-fixture vmm|vmm-huge|vmm-garbage|vmm-no-remove SOCKET SNAPSHOT MIB THREADS (a Firecracker-style VMM; see FakeVMM)
 // Plugin modes are listed on FixturePlugin; client scenarios: touch, zero,
@@ -67,9 +67,10 @@ case "kvm-snapshot":
   } catch {
     fail("kvm-snapshot: \(error)")
   }
-case "kvm-vmm", "kvm-vmm-balloon":
+case "kvm-vmm", "kvm-vmm-balloon", "kvm-vmm-huge":
   guard arguments.count == 5, let mib = Int(arguments[4]), let image = GuestImage(mib: mib) else { fail("usage: broker-fixture kvm-vmm SOCKET SNAPSHOT MIB") }
-  let status = KVMGuestVMM(socketPath: arguments[2], snapshotPath: arguments[3], image: image, balloon: arguments[1] == "kvm-vmm-balloon").run()
+  let status = KVMGuestVMM(socketPath: arguments[2], snapshotPath: arguments[3], image: image, balloon: arguments[1] == "kvm-vmm-balloon",
+                           hugePages: arguments[1] == "kvm-vmm-huge").run()
   fflush(nil)
   exit(status)
 case "squatter":
