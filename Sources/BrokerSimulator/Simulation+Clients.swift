@@ -228,9 +228,8 @@ extension Simulation {
     processes[slot].queue.removeAll()
     let events = messages.map { message -> KernelEvent in
       switch message {
-      // In a huge page, where the thread touched it (as UFFD_FEATURE_EXACT_ADDRESS reports): the broker rounds it down.
-      case .fault(let page, let thread):
-        .pagefault(Pagefault(address: page + (processes[slot].pageSize > UInt(Self.smallPageSize) ? UInt(thread) * 0x1_1008 % processes[slot].pageSize : 0), flags: [], thread: Int32(thread)))
+      // A huge page's fault is reported at its start, as the kernel does without UFFD_FEATURE_EXACT_ADDRESS.
+      case .fault(let page, let thread): .pagefault(Pagefault(address: page, flags: [], thread: Int32(thread)))
       case .remove(let range, _): .remove(range)
       case .unmap(let range, _, _): .unmap(range)
       case .remap(let from, let to, let length, _): .remap(from: from, to: to, length: length)

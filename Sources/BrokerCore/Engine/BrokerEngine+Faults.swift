@@ -193,13 +193,17 @@ extension BrokerEngine {
     if client.regions.piece(containing: page) != nil { return routeFault(fault) }
     guard let mapping else {
       // Unmapped, or replaced by memory this uffd does not serve: the access re-faults against what is there now.
-      actions.append(.wake(client.id, page..<page + UInt(ledger[fault]?.pageSize ?? pageSize)))
+      // Its page size is not known here: where huge pages may be, the huge page around it is woken
+      // (a thread in a huge page waits at an address anywhere in it).
+      let size = UInt(client.regions.mayHaveHugePages ? pageSizes.max() ?? pageSize : pageSize)
+      actions.append(.wake(client.id, page & ~(size - 1)..<(page & ~(size - 1)) + size))
       client.noteWoken(page)
       return ledger.settle(fault)
     }
     if let range = client.regions.newMemory(around: page, in: mapping) {
       client.regions.addNewMemory(range)
-      if let piece = client.regions.piece(containing: page) { return fillNewMemory(fault, piece: piece) }
+      // New memory of its region's page size: routed as a fault there (entered again at a huge page's start).
+      if client.regions.piece(containing: page) != nil { return routeFault(fault) }
     }
     failClosed(fault, "the fault is in registered memory the broker's region table does not cover")
   }
