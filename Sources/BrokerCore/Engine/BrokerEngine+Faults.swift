@@ -345,7 +345,7 @@ extension BrokerEngine {
 
   /// Fills a fault in new memory (a grown tail, a `DONTUNMAP` source) with
   /// zeros, as the kernel would fill fresh anonymous memory: an aligned block
-  /// of up to `maxLocalFillPages` pages around it, inside the piece.
+  /// of up to `maxLocalFillPages` pages (in a huge-page region, its huge page) around it, inside the piece.
   private func fillNewMemory(_ id: FaultLedger.ID, piece: RegionTable.Piece) {
     guard let page = ledger[id]?.page else { return }
     let block = UInt(Self.localFillBytes(pageSize: piece.spec.pageSize, systemPageSize: pageSize))
