@@ -30,6 +30,8 @@ struct Demo: ParsableCommand {
   var scenarios = knownScenarios.joined(separator: ",")
   @Flag(help: "Let the snapshot plugin delegate its regions: the broker reads the snapshot itself (no round trip per fault).")
   var delegate = false
+  @Flag(help: "Restore into 2 MiB huge pages (MAP_HUGETLB): one fault per huge page. Raises /proc/sys/vm/nr_hugepages for the run (root).")
+  var hugePages = false
 
   private static func range(_ range: ClosedRange<Int>) -> String { "\(range.lowerBound) to \(range.upperBound)" }
 
@@ -54,7 +56,10 @@ struct Demo: ParsableCommand {
     do {
       let chosen = Set(scenarios.split(separator: ",").map(String.init))
       if chosen.contains("restore") {
-        results.append(try restoreSnapshot(services: services, mib: snapshotMib, threads: threads, prefetchPages: prefetch, delegated: delegate))
+        let pool = hugePages ? try HugePagePool(adding: (snapshotMib + 1) / 2) : nil
+        defer { pool?.release() }
+        results.append(try restoreSnapshot(services: services, mib: snapshotMib, threads: threads, prefetchPages: prefetch, delegated: delegate,
+                                           hugePageSize: hugePages ? 2 << 20 : nil))
       }
       if chosen.contains("swap") {
         results += try swapWorkingSet(services: services, mib: swapMib, threads: threads)

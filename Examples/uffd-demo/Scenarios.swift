@@ -6,7 +6,8 @@ import LinuxSupport
 /// Lazy snapshot restore: generate a snapshot file, register memory backed by
 /// it through the snapshot plugin, touch every page from several threads, and
 /// check every page against the checksum taken when the file was written.
-func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPages: Int, delegated: Bool) throws -> PhaseResult {
+/// `hugePageSize`: the memory is of huge pages (`MAP_HUGETLB`), served a whole huge page per fault.
+func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPages: Int, delegated: Bool, hugePageSize: Int?) throws -> PhaseResult {
   let pageSize = systemPageSize
   // Not a whole number of pages: the last page's tail must read as zeros.
   let fileSize = mib << 20 - 1000
@@ -40,9 +41,10 @@ func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPag
   progress.finish()
   close(fd)
 
-  let memory = try AnonymousMemory(length: pages * pageSize)
+  let memory = try AnonymousMemory(length: pages * pageSize, hugePageSize: hugePageSize)
   let faultsBefore = DemoServices.statistics(services.snapshotStats)["faults"] ?? 0
-  let client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: "snapshot", argument: path)], name: "demo-restore")
+  let client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, pageSize: memory.pageSize, plugin: "snapshot", argument: path)],
+                                name: "demo-restore")
   let (seconds, latencies) = touchAll(memory, threads: threads, label: "restore")
   var wrong = 0
   for page in 0..<pages where Content.checksum(UnsafeRawBufferPointer(start: memory.base + page * pageSize, count: pageSize)) != checksums[page] {
@@ -54,7 +56,8 @@ func restoreSnapshot(services: DemoServices, mib: Int, threads: Int, prefetchPag
   return PhaseResult(
     name: "restore", plugin: "snapshot", pages: pages, faults: faults, seconds: seconds, latencies: latencies, wrongPages: wrong,
     note: "\(Wording.size(mib << 20)) snapshot, \(Wording.count(threads, "thread")), "
-      + (delegated ? "served by the broker (delegated)" : prefetchPages == 1 ? "no prefetch" : "prefetch \(Wording.count(prefetchPages, "page"))"))
+      + (hugePageSize != nil ? "2 MiB huge pages, " : "")
+      + (delegated ? "served by the broker (delegated)" : prefetchPages == 1 || hugePageSize != nil ? "no prefetch" : "prefetch \(Wording.count(prefetchPages, "page"))"))
 }
 
 /// Compressed swap: fill a working set, swap half of it out through the swap

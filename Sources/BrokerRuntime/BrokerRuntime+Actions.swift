@@ -187,8 +187,9 @@ extension BrokerRuntime {
       case .bytes(let bytes):
         return copy(bytes)
       case .zeros:
-        for page in stride(from: range.lowerBound, to: range.upperBound, by: zeroPage.count) {
-          let outcome = uffd.copy(to: page, from: zeroPage.baseAddress!, length: zeroPage.count, writeProtect: order.writeProtect)
+        // A page at a time (a small or a huge one): the first one not filled says why.
+        for page in stride(from: range.lowerBound, to: range.upperBound, by: order.pageSize) {
+          let outcome = uffd.copy(to: page, from: zeroPage.baseAddress!, length: order.pageSize, writeProtect: order.writeProtect)
           if !outcome.isResolved { return outcome }
         }
         return .done

@@ -71,10 +71,18 @@ public final class BrokerRuntime: @unchecked Sendable {
   /// and refuse the waiting connection, so the listener does not spin.
   var spareDescriptor = OwnedDescriptor()
 
-  /// A page of zeros, the source of zero fills that must be copies.
-  let zeroPage = UnsafeMutableRawBufferPointer.allocate(byteCount: systemPageSize, alignment: systemPageSize)
-  /// Where delegated file pages are read before they are copied in.
-  let localBuffer = UnsafeMutableRawBufferPointer.allocate(byteCount: BrokerEngine.maxLocalFillPages * systemPageSize, alignment: systemPageSize)
+  /// The largest page of zeros (a huge page's), the source of zero fills that
+  /// must be copies: an anonymous mapping never written, so it costs no memory.
+  let zeroPage: UnsafeRawBufferPointer = {
+    let count = BrokerEngine.maxHugePageSize
+    guard let pointer = mmap(nil, count, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0), pointer != MAP_FAILED else {
+      fatalError("the broker cannot map \(count) bytes of zeros")
+    }
+    return UnsafeRawBufferPointer(start: pointer, count: count)
+  }()
+  /// Where delegated file pages are read before they are copied in (the most a local fill takes).
+  let localBuffer = UnsafeMutableRawBufferPointer.allocate(
+    byteCount: BrokerEngine.localFillBytes(pageSize: BrokerEngine.maxHugePageSize, systemPageSize: systemPageSize), alignment: systemPageSize)
   let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
   /// Plugin packets only: decisions are read in place, so their bytes must
   /// outlive the sends (into `packet`) that applying them may cause.
@@ -127,7 +135,8 @@ public final class BrokerRuntime: @unchecked Sendable {
     try configuration.checkExecutables()
     Self.raiseDescriptorLimit()
     pluginCredentials = try PluginCredentials.resolve(configuration.plugins)
-    engine = try BrokerEngine(configuration: configuration, pageSize: systemPageSize, now: monotonicNanoseconds(), makeToken: { .randomToken() })
+    engine = try BrokerEngine(configuration: configuration, pageSize: systemPageSize, hugePageSizes: kernelHugePageSizes(), now: monotonicNanoseconds(),
+                              makeToken: { .randomToken() })
     self.logger = logger
     engine.logLevel = logger.logLevel
     var configured: [InheritedListeners.Role: String] = [.client: configuration.clientSocketPath, .plugin: configuration.pluginSocketPath]
@@ -170,7 +179,6 @@ public final class BrokerRuntime: @unchecked Sendable {
     if let controlListener { try loop.add(controlListener.fd, Token(.controlListener)) }
     for listener in vmmListeners { try listen(listener) }
     try loop.add(wakeup.rawValue, Token(.wakeup))
-    zeroPage.initializeMemory(as: UInt8.self, repeating: 0)
     dirtyPlugins.reserveCapacity(64)
     kernelEvents.reserveCapacity(Int(CUFFD_READ_BATCH))
     actions.reserveCapacity(256)
@@ -179,7 +187,7 @@ public final class BrokerRuntime: @unchecked Sendable {
   deinit {
     packet.deallocate()
     pluginPacket.deallocate()
-    zeroPage.deallocate()
+    munmap(UnsafeMutableRawPointer(mutating: zeroPage.baseAddress), zeroPage.count)
     localBuffer.deallocate()
     uffdEvents.deallocate()
   }

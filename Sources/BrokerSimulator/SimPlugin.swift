@@ -16,7 +16,15 @@ struct SimPlugin {
     var faultID: UInt64
     var kind: DecisionKind
     var address: UInt
+    /// The region's page size: each content fills one such page.
+    var pageSize: Int
     var pages: [SimProcess.Content]
+  }
+
+  /// An open region: its length and page size.
+  struct OpenRegion {
+    var length: Int
+    var pageSize: Int
   }
 
   let name: String
@@ -29,8 +37,8 @@ struct SimPlugin {
   /// Messages from the broker, in order, not yet read.
   var inbox: [BrokerEvent] = []
   var answers: [Answer] = []
-  /// Per open (client, region): the region's length, and the offsets removed (zeros from then on).
-  var regions: [RegionKey: Int] = [:]
+  /// Per open (client, region): the region, and the offsets removed (zeros from then on).
+  var regions: [RegionKey: OpenRegion] = [:]
   var removed: [RegionKey: Set<UInt64>] = [:]
   /// Clients it was told Closed of, and clients it saw a region of, on this connection.
   var closed: Set<ClientID> = []
@@ -48,14 +56,14 @@ struct SimPlugin {
 
   /// Opens a region: fresh, or a forked child's copy of its parent's. Returns
   /// why it refuses (the parent's region is not open here), or nil.
-  mutating func open(_ key: RegionKey, length: Int, forkedFrom parent: ClientID) -> String? {
+  mutating func open(_ key: RegionKey, _ region: OpenRegion, forkedFrom parent: ClientID) -> String? {
     var removedHere: Set<UInt64> = []
     if parent != 0 {
       let parentKey = RegionKey(client: parent, region: key.region)
       guard regions[parentKey] != nil else { return "the parent's region \(key.region) of client \(parent) is not open here" }
       removedHere = removed[parentKey] ?? []
     }
-    regions[key] = length
+    regions[key] = region
     removed[key] = removedHere.isEmpty ? nil : removedHere
     served.insert(key.client)
     return nil

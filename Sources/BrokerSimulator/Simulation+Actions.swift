@@ -62,7 +62,8 @@ extension Simulation {
       processes[slot].wake(range, now: now)
       reapIfKilled(slot)
     case .inspect(let id, _, let page):
-      let mapping = slots[id].flatMap { processes[$0].mapping(containing: page) }
+      // The kernel's maps name the mapping of any address in it (a huge page's too).
+      let mapping = slots[id].flatMap { processes[$0].mapping(containing: page & ~(processes[$0].pageSize - 1)) }
       engine.inspected(id, page: page, mapping: mapping, now: now)
     case .send(let id, let event):
       guard let index = plugins.firstIndex(where: { $0.connection == id }) else { return }
@@ -100,7 +101,7 @@ extension Simulation {
     case (.zero, _), (.copy, .zeros): content = { _ in .zero }
     case (.poison, _): content = { _ in .poison }
     case (.copy, .bytes(let bytes)):
-      content = { page in Self.decode(UnsafeRawBufferPointer(rebasing: bytes[Int(page - range.lowerBound)..<Int(page - range.lowerBound) + Int(self.pageSize)])) }
+      content = { page in Self.decode(UnsafeRawBufferPointer(rebasing: bytes[Int(page - range.lowerBound)..<Int(page - range.lowerBound) + order.pageSize])) }
     default:
       failure = "unexpected fill \(order.kind) from \(order.source)"
       return

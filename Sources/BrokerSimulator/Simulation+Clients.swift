@@ -7,12 +7,16 @@ import Userfaultfd
 extension Simulation {
   func startClient() {
     let slot = processes.count
+    // Every third client maps huge pages (MAP_HUGETLB), in an area of its own
+    // scaled to them: 4 GiB per client from 16 TiB (small-page areas end far below).
+    let huge = slot % 3 == 2
+    let pageSize = UInt(huge ? Self.hugePageSize : Self.smallPageSize)
     var process = SimProcess(pid: nextPid, threads: 3, pageSize: pageSize)
     nextPid += 1
-    process.area = UInt(0x1000_0000) * UInt(slot + 1)
+    process.area = huge ? UInt(1) << 44 + UInt(slot + 1) << 32 : UInt(0x1000_0000) * UInt(slot + 1)
     var specs: [RegionSpec] = []
     for region in 0..<2 {
-      let start = process.area + UInt(region) * 0x10_0000
+      let start = process.area + UInt(region) * 256 * pageSize
       specs.append(RegionSpec(id: UInt64(region + 1), base: start, length: Self.regionPages[region] * Int(pageSize), pageSize: Int(pageSize), plugin: "p\(region)"))
       for page in 0..<Self.regionPages[region] {
         process.pages[start + UInt(page) * pageSize] = .init(origin: .init(region: UInt64(region + 1), offset: UInt64(page) * UInt64(pageSize)), present: nil)
@@ -137,6 +141,7 @@ extension Simulation {
   private func changeableRange(in slot: Int, pages count: Int) -> Range<UInt>? {
     busy[slot] = busy[slot]?.filter { processes[slot].threads[$0.thread] == .changingMaps }
     guard let start = processes[slot].pages.keys.sorted().randomElement(using: &random) else { return nil }
+    let pageSize = processes[slot].pageSize
     var end = start
     while end - start < UInt(count) * pageSize, processes[slot].pages[end] != nil { end += pageSize }
     let range = start..<end
@@ -150,6 +155,7 @@ extension Simulation {
   /// past `RegionSpec.maxExtents`: the client is told a cover (`unknown`).
   private func balloon(_ slot: Int, thread: Int) {
     let parity = UInt64(random.below(2))
+    let pageSize = processes[slot].pageSize
     busy[slot] = busy[slot]?.filter { processes[slot].threads[$0.thread] == .changingMaps }
     let pages = processes[slot].pages.filter { page, entry in
       entry.origin.region == 2 && entry.origin.offset / UInt64(pageSize) % 2 == parity
@@ -168,6 +174,7 @@ extension Simulation {
   /// hole (REMAP and trailing UNMAP of the old length). The tail is fresh.
   private func grow(_ slot: Int, thread: Int) {
     let extra = 1 + random.below(4)
+    let pageSize = processes[slot].pageSize
     guard processes[slot].pages.count + extra <= Self.maxPages, let range = changeableRange(in: slot, pages: 1 + random.below(4)) else { return }
     statistics.mapChanges += 1
     statistics.grows += 1
@@ -197,6 +204,7 @@ extension Simulation {
   /// address space: often the hole another thread's move is leaving (its
   /// trailing UNMAP then comes after this move's REMAP).
   private func hole(in slot: Int, length: Int) -> UInt? {
+    let pageSize = processes[slot].pageSize
     let pages = length / Int(pageSize)
     let leaving = (busy[slot] ?? []).filter { processes[slot].threads[$0.thread] == .changingMaps && processes[slot].pages[$0.range.lowerBound] == nil }
     if random.chance(60), let source = leaving.randomElement(using: &random), processes[slot].isFree(source.range.lowerBound, pages: pages) {
@@ -220,6 +228,7 @@ extension Simulation {
     processes[slot].queue.removeAll()
     let events = messages.map { message -> KernelEvent in
       switch message {
+      // A huge page's fault is reported at its start, as the kernel does without UFFD_FEATURE_EXACT_ADDRESS.
       case .fault(let page, let thread): .pagefault(Pagefault(address: page, flags: [], thread: Int32(thread)))
       case .remove(let range, _): .remove(range)
       case .unmap(let range, _, _): .unmap(range)

@@ -69,12 +69,13 @@ extension Simulation {
 
   private func send(_ answer: SimPlugin.Answer, plugin index: Int, connection: PluginID) {
     guard plugins[index].connection == connection else { return }
-    let length = answer.pages.count * Int(pageSize)
+    let pageSize = answer.pageSize
+    let length = answer.pages.count * pageSize
     var data = UnsafeRawBufferPointer(start: nil, count: 0)
     if answer.kind == .copy {
       let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: length, alignment: 16)
       buffers.append(buffer)
-      for (page, content) in answer.pages.enumerated() { Self.encode(content, into: UnsafeMutableRawBufferPointer(rebasing: buffer[page * Int(pageSize)..<(page + 1) * Int(pageSize)])) }
+      for (page, content) in answer.pages.enumerated() { Self.encode(content, into: UnsafeMutableRawBufferPointer(rebasing: buffer[page * pageSize..<(page + 1) * pageSize])) }
       data = UnsafeRawBufferPointer(buffer)
     }
     note("plugin \(plugins[index].name) answers fault \(answer.faultID): \(answer.kind) 0x\(String(answer.address, radix: 16)) + \(answer.pages.count) pages \(answer.pages)")
@@ -90,7 +91,7 @@ extension Simulation {
     if case .pagefault = event {} else { note("plugin \(plugins[index].name) reads \(describe(event))") }
     switch event {
     case .regionOpened(_, _, let region, let parent, _):
-      let refusal = plugins[index].open(.init(client: client, region: region.id), length: region.length, forkedFrom: parent)
+      let refusal = plugins[index].open(.init(client: client, region: region.id), .init(length: region.length, pageSize: region.pageSize), forkedFrom: parent)
       if let refusal {
         note("plugin \(plugins[index].name) refuses region \(region.id) of client \(client): \(refusal)")
       } else if parent != 0, let slot = slots[client], let forkedAt = processes[slot].forkedAt,
@@ -101,8 +102,8 @@ extension Simulation {
       perform()
     case .removed(let range):
       let key = SimPlugin.RegionKey(client: client, region: range.regionID)
-      guard plugins[index].regions[key] != nil else { break }  // as the PluginSDK: a region it does not have
-      for offset in stride(from: range.startOffset, to: range.startOffset + UInt64(range.range.count), by: Int(pageSize)) {
+      guard let region = plugins[index].regions[key] else { break }  // as the PluginSDK: a region it does not have
+      for offset in stride(from: range.startOffset, to: range.startOffset + UInt64(range.range.count), by: region.pageSize) {
         plugins[index].removed[key, default: []].insert(offset)
       }
     case .regionClosed(_, let region):
@@ -122,18 +123,25 @@ extension Simulation {
   /// What the plugin answers a fault with, decided from what it knows now.
   private func decide(_ fault: PagefaultEvent, plugin index: Int) {
     let key = SimPlugin.RegionKey(client: fault.clientID, region: fault.regionID)
-    guard let length = plugins[index].regions[key] else {
+    guard let region = plugins[index].regions[key] else {
       failure = "plugin \(plugins[index].name) got a fault of region \(fault.regionID) of client \(fault.clientID), which is not open on it"
       return
     }
+    let (length, pageSize) = (region.length, region.pageSize)
     let roll = reliable ? 99 : random.below(100)
     if roll < 4 {
-      plugins[index].answers.append(.init(faultID: fault.faultID, kind: .retry, address: fault.address, pages: []))
+      plugins[index].answers.append(.init(faultID: fault.faultID, kind: .retry, address: fault.address, pageSize: pageSize, pages: []))
       return
     }
     if roll < 6 {
       // Misaligned: refused (and counted).
-      plugins[index].answers.append(.init(faultID: fault.faultID, kind: .zero, address: fault.address + 8, pages: [.zero]))
+      plugins[index].answers.append(.init(faultID: fault.faultID, kind: .zero, address: fault.address + 8, pageSize: pageSize, pages: [.zero]))
+      return
+    }
+    if roll < 7 && pageSize > Self.smallPageSize {
+      // One small page of a huge page: not a whole page of the region, refused (and counted).
+      plugins[index].answers.append(.init(faultID: fault.faultID, kind: .copy, address: fault.address, pageSize: Self.smallPageSize,
+                                          pages: [plugins[index].content(key, offset: fault.offset)]))
       return
     }
     // A prefetch around the page, inside the region's offsets.
@@ -142,11 +150,12 @@ extension Simulation {
     let first = fault.offset - before * UInt64(pageSize)
     let contents = (0...(before + after)).map { page in plugins[index].content(key, offset: first + page * UInt64(pageSize)) }
     let kind: DecisionKind = contents.allSatisfy { $0 == .zero } && random.chance(50) ? .zero : .copy
-    plugins[index].answers.append(.init(faultID: fault.faultID, kind: kind, address: fault.address - UInt(before) * pageSize, pages: contents))
+    plugins[index].answers.append(.init(faultID: fault.faultID, kind: kind, address: fault.address - UInt(before) * UInt(pageSize), pageSize: pageSize, pages: contents))
   }
 
+  /// Writes `content` into `page` (its first 16 bytes say all: a huge page is not written through).
   static func encode(_ content: SimProcess.Content, into page: UnsafeMutableRawBufferPointer) {
-    page.initializeMemory(as: UInt8.self, repeating: 0)
+    UnsafeMutableRawBufferPointer(rebasing: page[..<16]).initializeMemory(as: UInt8.self, repeating: 0)
     if case .data(let origin) = content {
       page.storeBytes(of: origin.region, toByteOffset: 0, as: UInt64.self)
       page.storeBytes(of: origin.offset, toByteOffset: 8, as: UInt64.self)

@@ -84,7 +84,9 @@ public final class Simulation {
   let configuration: BrokerConfiguration
   /// The broker running now (a restart replaces it with a fresh one).
   var engine: BrokerEngine
-  let pageSize: UInt = 4096
+  /// The simulated system's page size; every third client maps huge pages (`hugePageSize`) instead.
+  static let smallPageSize = 4096
+  static let hugePageSize = 2 << 20
   var processes: [SimProcess] = []
   var slots: [ClientID: Int] = [:]
   /// Forks whose FORK message was not read yet: the parent's slot, and the child.
@@ -136,7 +138,7 @@ public final class Simulation {
   static func makeEngine(_ configuration: BrokerConfiguration, seed: UInt64, now: UInt64) -> BrokerEngine {
     var tokens = SimRandom(seed: seed ^ 0x5EED)
     // Checked values: the configuration is valid.
-    return try! BrokerEngine(configuration: configuration, pageSize: 4096, now: now, makeToken: { UInt128(tokens.next()) << 64 | UInt128(tokens.next()) | 1 })
+    return try! BrokerEngine(configuration: configuration, pageSize: smallPageSize, hugePageSizes: [hugePageSize], now: now, makeToken: { UInt128(tokens.next()) << 64 | UInt128(tokens.next()) | 1 })
   }
 
   /// Runs `steps` steps, then settles (plugins made reliable), then ends every client.
@@ -241,13 +243,13 @@ public final class Simulation {
     throw fail("stuck after the plugins came back: \(stuck.joined(separator: "; "))")
   }
 
-  func describe(_ range: Range<UInt>) -> String { "0x\(String(range.lowerBound, radix: 16))+\(range.count / Int(pageSize))p" }
+  func describe(_ range: Range<UInt>) -> String { "0x\(String(range.lowerBound, radix: 16))+\(range.count / Self.smallPageSize)p" }
 
   func describe(_ event: BrokerEvent) -> String {
     switch event {
     case .regionOpened(let client, _, let region, let parent, _): "RegionOpened(client \(client), region \(region.id)\(parent == 0 ? "" : ", forked from \(parent)"))"
-    case .removed(let range): "Removed(client \(range.clientID), region \(range.regionID), offsets \(range.startOffset / UInt64(pageSize))+\(range.range.count / Int(pageSize))p)"
-    case .unmapped(let range): "Unmapped(client \(range.clientID), region \(range.regionID), offsets \(range.startOffset / UInt64(pageSize))+\(range.range.count / Int(pageSize))p)"
+    case .removed(let range): "Removed(client \(range.clientID), region \(range.regionID), offsets \(range.startOffset / 4096)+\(range.range.count / Self.smallPageSize)p)"
+    case .unmapped(let range): "Unmapped(client \(range.clientID), region \(range.regionID), offsets \(range.startOffset / 4096)+\(range.range.count / Self.smallPageSize)p)"
     case .remapped(let remap): "Remapped(client \(remap.clientID), region \(remap.regionID))"
     case .regionClosed(let client, let region): "RegionClosed(client \(client), region \(region))"
     case .closed(let client, _): "Closed(client \(client))"
@@ -262,7 +264,7 @@ public final class Simulation {
     case .pagefault(let fault): "fault 0x\(String(fault.address, radix: 16))"
     case .remove(let range): "REMOVE \(describe(range))"
     case .unmap(let range): "UNMAP \(describe(range))"
-    case .remap(let from, let to, let length): "REMAP 0x\(String(from, radix: 16))→0x\(String(to, radix: 16)) \(length / Int(pageSize))p"
+    case .remap(let from, let to, let length): "REMAP 0x\(String(from, radix: 16))→0x\(String(to, radix: 16)) \(length / Self.smallPageSize)p"
     case .fork(let ticket, _): "FORK (ticket \(ticket.rawValue))"
     }
   }

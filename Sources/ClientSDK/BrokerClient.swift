@@ -117,12 +117,13 @@ public final class BrokerClient: Sendable {
     }
     // Fork events need CAP_SYS_PTRACE: without it, regions are not inherited (see servesForkedChildren).
     let options = UserfaultFD.Options(userModeOnly: userModeOnly)
+    // Huge-page regions need hugetlbfs support, which `register` checks for (only) them.
     do {
-      uffd = try UserfaultFD.create(features: Self.features.union(.eventFork), options: options)
+      uffd = try UserfaultFD.create(features: Self.features.union([.eventFork, .missingHugetlbfs]), required: Self.features.union(.eventFork), options: options)
       servesForkedChildren = true
     } catch {
       do {
-        uffd = try UserfaultFD.create(features: Self.features, options: options)
+        uffd = try UserfaultFD.create(features: Self.features.union(.missingHugetlbfs), required: Self.features, options: options)
       } catch {
         throw ClientError("cannot create a userfaultfd: \(error)")
       }
@@ -195,8 +196,25 @@ public final class BrokerClient: Sendable {
   /// this memory, the region is registered for missing faults only (and a
   /// swap-out of it is refused by the broker).
   private static func register(_ regions: [RegionSpec], with uffd: UserfaultFD, dontFork: Bool) throws(ClientError) {
+    for region in regions where region.pageSize != systemPageSize {
+      guard kernelHugePageSizes().contains(region.pageSize) else {
+        throw ClientError("region \(region.id): page size \(region.pageSize) is neither the system's (\(systemPageSize)) nor a huge page size of this kernel")
+      }
+      guard uffd.features.contains(.missingHugetlbfs) else {
+        throw ClientError("region \(region.id) has huge pages, but this kernel's userfaultfd cannot serve hugetlbfs (UFFD_FEATURE_MISSING_HUGETLBFS)")
+      }
+    }
     for region in regions {
       if dontFork { madvise(UnsafeMutableRawPointer(bitPattern: region.base), region.length, MADV_DONTFORK) }
+      // Huge pages: missing mode only (swap-out, which write-protects, serves small pages only).
+      guard region.pageSize == systemPageSize else {
+        do {
+          try uffd.register(address: region.base, length: region.length, mode: .missing)
+        } catch {
+          throw ClientError("cannot register region \(region.id) (\(region.pageSize)-byte pages): \(error)")
+        }
+        continue
+      }
       do {
         try uffd.register(address: region.base, length: region.length, mode: [.missing, .writeProtect])
       } catch where error.code == .invalidRange {

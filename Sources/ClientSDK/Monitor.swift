@@ -82,7 +82,7 @@ final class Monitor: @unchecked Sendable {
     case .poison:
       let uffd = connection.withLock { $0.uffd }
       let regions = connection.withLock { $0.regions }
-      fallback = try? UserfaultFDDispatcher.start(uffd: uffd, handler: PoisoningHandler())
+      fallback = try? UserfaultFDDispatcher.start(uffd: uffd, handler: PoisoningHandler(regions: regions))
       // Faults the dead broker had read are gone from the queue: wake their
       // threads so they fault again, now into the poisoning handler.
       for region in regions { _ = uffd.wake(address: region.base, length: region.length) }
@@ -93,9 +93,17 @@ final class Monitor: @unchecked Sendable {
 /// Fails closed: every fault on a page that was never filled is poisoned, so
 /// the access gets SIGBUS instead of zeros.
 private final class PoisoningHandler: UserfaultFDHandler {
+  /// Where huge pages are (a whole huge page is poisoned at once there).
+  let hugePages: [(range: Range<UInt>, pageSize: Int)]
+
+  init(regions: [RegionSpec]) {
+    hugePages = regions.filter { $0.pageSize != systemPageSize }.map { ($0.range, $0.pageSize) }
+  }
+
   func pagefault(_ fault: Pagefault, on uffd: UserfaultFD) -> PagefaultResult {
-    let page = fault.address & ~UInt(systemPageSize - 1)
-    return PagefaultResult(settling: uffd.poison(address: page, length: systemPageSize), address: page, length: systemPageSize, on: uffd)
+    let pageSize = hugePages.first { $0.range.contains(fault.address) }?.pageSize ?? systemPageSize
+    let page = fault.address & ~UInt(pageSize - 1)
+    return PagefaultResult(settling: uffd.poison(address: page, length: pageSize), address: page, length: pageSize, on: uffd)
   }
   func removed(_ range: Range<UInt>) {}
   func unmapped(_ range: Range<UInt>) {}

@@ -77,7 +77,8 @@ public final class PluginRegion {
 public struct PluginFault: Sendable {
   /// The broker's id of the fault (its decision names it).
   public var faultID: UInt64
-  /// Page aligned, in the client's address space.
+  /// Aligned to the region's page (`PluginRegion.pageSize`: a huge page's start
+  /// in a huge-page region), in the client's address space.
   public var address: UInt
   /// Offset of the faulting page in the region (stable across mremap).
   public var offset: UInt64
@@ -147,10 +148,11 @@ public protocol PagePlugin: AnyObject {
   func regionOpened(_ region: PluginRegion) throws
 
   /// Decide a fault. To copy, write the bytes into `buffer` (page aligned, at
-  /// least one page; `buffer.count` bounds a prefetch) and return `.copy` or
-  /// `.copyRange`. `buffer` is valid during this call only. To answer later
-  /// (the bytes must be read first, say), return `.later` and answer with
-  /// `FaultAnswers` (see `connected(_:answers:)`).
+  /// least one of the region's pages; `buffer.count` bounds a prefetch) and
+  /// return `.copy` or `.copyRange`. In a huge-page region every range is whole
+  /// huge pages (the broker refuses less). `buffer` is valid during this call
+  /// only. To answer later (the bytes must be read first, say), return `.later`
+  /// and answer with `FaultAnswers` (see `connected(_:answers:)`).
   func pagefault(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer) -> PluginDecision
 
   /// The client dropped the pages at `offsets` (MADV_DONTNEED): they now read as zeros.

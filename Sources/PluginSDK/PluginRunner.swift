@@ -29,7 +29,6 @@ public final class PluginRunner {
   private let name: String
   private let socket: PacketSocket
   private let maxPrefetch: Int
-  private let pageSize = systemPageSize
   private let events = EventBatchDecoder()
   private let decisions = DecisionBatchEncoder()
   private let packet = UnsafeMutableRawBufferPointer.allocate(byteCount: PacketSocket.maxPacketSize, alignment: 4096)
@@ -43,7 +42,8 @@ public final class PluginRunner {
   private var staged = 0
   private var packetsSent: UInt64 = 0
   private var packetsApplied: UInt64 = 0
-  private static let sharedHalf = 1 << 20
+  /// Room for a packet's bytes: prefetches of small pages, or a 2 MiB huge page and then some.
+  private static let sharedHalf = 4 << 20
   private var regions: [RegionKey: PluginRegion] = [:] {
     didSet { lastRegion = nil }
   }
@@ -316,6 +316,10 @@ public final class PluginRunner {
       let region = PluginRegion(clientID: clientID, client: client, spec: spec, clientToken: token)
       var refusal: BrokerError?
       do {
+        if spec.pageSize > Self.sharedHalf || (spec.pageSize > PacketSocket.maxPacketSize / 2 && shared == nil) {
+          // A huge page's bytes fit no packet: they go through the shared area only.
+          throw BrokerError(.pluginRefused, "region \(spec.id) has \(spec.pageSize)-byte pages, more than this plugin's buffers hold")
+        }
         if parentID == 0 {
           try plugin.regionOpened(region)
         } else if let parent = regions[RegionKey(client: parentID, region: spec.id)] {
@@ -376,23 +380,27 @@ public final class PluginRunner {
   }
 
   private func serve(_ event: PagefaultEvent) throws(BrokerError) {
-    try makeRoom()
-    guard let region = region(of: event) else {
+    let region = region(of: event)
+    // The fault's buffer: `maxPrefetch`, or one whole page of a huge-page region.
+    let room = max(maxPrefetch, region?.pageSize ?? 0)
+    try makeRoom(room)
+    // No region, or a huge page while no shared half is free (its bytes fit no packet): asked again later.
+    guard let region, stage.count - staged >= room else {
       decisions.append(faultID: event.faultID, kind: .retry, address: event.address, length: 0)
       return
     }
-    let buffer = UnsafeMutableRawBufferPointer(rebasing: stage[staged..<staged + maxPrefetch])
+    let buffer = UnsafeMutableRawBufferPointer(rebasing: stage[staged..<staged + room])
     let fault = PluginFault(faultID: event.faultID, address: event.address, offset: event.offset, flags: event.flags, threadID: event.threadID)
     faultsServed += 1
     let decision = plugin.pagefault(fault, in: region, buffer: buffer)
     if !region.pendingDelegations.isEmpty { sendDelegations(of: region) }
-    append(decision, for: event, buffer: buffer)
+    append(decision, for: event, pageSize: region.pageSize, buffer: buffer)
   }
 
   /// Sends the batch first if the next decision might not fit it: its bytes
   /// the stage, or the decision the packet.
-  private func makeRoom() throws(BrokerError) {
-    if stage.count - staged < maxPrefetch || !decisions.canAppend(dataLength: stageOffset == nil ? maxPrefetch : 0) {
+  private func makeRoom(_ room: Int) throws(BrokerError) {
+    if stage.count - staged < room || !decisions.canAppend(dataLength: stageOffset == nil ? room : 0) {
       try flush()
       if staged == 0 && stageOffset == nil && shared != nil { chooseStage() }  // the broker may have caught up since
     }
@@ -400,7 +408,7 @@ public final class PluginRunner {
 
   /// Appends the decision for `event`; a copy's bytes are at the start of
   /// `buffer`, which is the stage from `staged` on. `.later` makes it pending.
-  private func append(_ decision: PluginDecision, for event: PagefaultEvent, buffer: UnsafeMutableRawBufferPointer) {
+  private func append(_ decision: PluginDecision, for event: PagefaultEvent, pageSize: Int, buffer: UnsafeMutableRawBufferPointer) {
     let sharedOffset = stageOffset.map { UInt64($0 + staged) }
     switch decision {
     case .copy:
@@ -411,7 +419,7 @@ public final class PluginRunner {
       precondition(length > 0 && length <= buffer.count, "copyRange of \(length) bytes exceeds the buffer of \(buffer.count)")
       decisions.append(faultID: event.faultID, kind: .copy, address: address(of: offset, for: event), length: length,
                        data: sharedOffset == nil ? UnsafeRawBufferPointer(rebasing: buffer[..<length]) : nil, sharedOffset: sharedOffset)
-      staged += (length + pageSize - 1) / pageSize * pageSize
+      staged += (length + systemPageSize - 1) / systemPageSize * systemPageSize
     case .zero:
       decisions.append(faultID: event.faultID, kind: .zero, address: event.address, length: pageSize)
     case .zeroRange(let offset, let length):
@@ -436,12 +444,18 @@ public final class PluginRunner {
         answersDropped += 1
         continue
       }
-      try makeRoom()
-      let buffer = UnsafeMutableRawBufferPointer(rebasing: stage[staged..<staged + maxPrefetch])
+      let pageSize = region(of: event)?.pageSize ?? systemPageSize
+      let room = max(maxPrefetch, pageSize)
+      try makeRoom(room)
+      guard stage.count - staged >= room else {  // a huge page while no shared half is free
+        decisions.append(faultID: event.faultID, kind: .retry, address: event.address, length: 0)
+        continue
+      }
+      let buffer = UnsafeMutableRawBufferPointer(rebasing: stage[staged..<staged + room])
       if !answer.bytes.isEmpty {
         drained.bytes.withUnsafeBytes { buffer.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[answer.bytes])) }
       }
-      append(answer.decision, for: event, buffer: buffer)
+      append(answer.decision, for: event, pageSize: pageSize, buffer: buffer)
     }
   }
 

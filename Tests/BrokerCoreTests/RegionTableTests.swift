@@ -135,16 +135,28 @@ struct RegionTableTests {
   @Test("validation refuses misaligned, empty, overlapping and duplicate regions, and overlong names and arguments")
   func validation() {
     let t = table([spec(1, at: 0x10_0000, pages: 4)])
-    #expect(throws: BrokerError.self) { try t.validate([spec(2, at: 0x10_0000 + 2 * page, pages: 4)], pageSize: 4096) }
-    #expect(throws: BrokerError.self) { try t.validate([spec(1, at: 0x40_0000, pages: 1)], pageSize: 4096) }
-    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0010, length: 4096, pageSize: 4096, plugin: "p")], pageSize: 4096) }
-    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 0, pageSize: 4096, plugin: "p")], pageSize: 4096) }
-    #expect(throws: Never.self) { try t.validate([spec(3, at: 0x40_0000, pages: 2)], pageSize: 4096) }
+    #expect(throws: BrokerError.self) { try t.validate([spec(2, at: 0x10_0000 + 2 * page, pages: 4)], pageSizes: [4096]) }
+    #expect(throws: BrokerError.self) { try t.validate([spec(1, at: 0x40_0000, pages: 1)], pageSizes: [4096]) }
+    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0010, length: 4096, pageSize: 4096, plugin: "p")], pageSizes: [4096]) }
+    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 0, pageSize: 4096, plugin: "p")], pageSizes: [4096]) }
+    #expect(throws: Never.self) { try t.validate([spec(3, at: 0x40_0000, pages: 2)], pageSizes: [4096]) }
     // Names and arguments are bounded, so every region event fits one packet.
     let long = String(repeating: "x", count: RegionSpec.maxArgumentBytes + 1)
-    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 4096, pageSize: 4096, plugin: "p", argument: long)], pageSize: 4096) }
-    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 4096, pageSize: 4096, plugin: long)], pageSize: 4096) }
-    #expect(throws: Never.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 4096, pageSize: 4096, plugin: "p", argument: String(long.dropLast()))], pageSize: 4096) }
+    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 4096, pageSize: 4096, plugin: "p", argument: long)], pageSizes: [4096]) }
+    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 4096, pageSize: 4096, plugin: long)], pageSizes: [4096]) }
+    #expect(throws: Never.self) { try t.validate([RegionSpec(id: 3, base: 0x40_0000, length: 4096, pageSize: 4096, plugin: "p", argument: String(long.dropLast()))], pageSizes: [4096]) }
+  }
+
+  @Test("validation of page sizes: a huge page region must be whole huge pages; a page size the system does not serve is refused, naming those it does")
+  func pageSizeValidation() {
+    let t = RegionTable()
+    let sizes: Set<Int> = [4096, 2 << 20]
+    #expect(throws: Never.self) { try t.validate([RegionSpec(id: 1, base: 0x4000_0000, length: 4 << 20, pageSize: 2 << 20, plugin: "p")], pageSizes: sizes) }
+    // Aligned to small pages only: base, then length.
+    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 1, base: 0x4000_1000, length: 4 << 20, pageSize: 2 << 20, plugin: "p")], pageSizes: sizes) }
+    #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 1, base: 0x4000_0000, length: (4 << 20) + 4096, pageSize: 2 << 20, plugin: "p")], pageSizes: sizes) }
+    let refusal = #expect(throws: BrokerError.self) { try t.validate([RegionSpec(id: 1, base: 0x4000_0000, length: 1 << 30, pageSize: 1 << 30, plugin: "p")], pageSizes: sizes) }
+    #expect(refusal?.message == "region 1: page size 1073741824 is not supported (this system serves 4096 or 2097152 bytes)")
   }
 
   @Test("delegated ranges: a remove cuts them, the tail keeps its file offset")

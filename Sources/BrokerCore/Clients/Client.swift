@@ -156,6 +156,10 @@ final class Client {
     else {
       throw BrokerError(.badRegion, "offset \(offset) + \(length) is not a page-aligned live range of region \(regionID)")
     }
+    // Write-protecting hugetlbfs needs a feature the swap-out does not ask for; its records count small pages.
+    guard piece.spec.pageSize == pageSize else {
+      throw BrokerError(.badRegion, "region \(regionID) has \(piece.spec.pageSize)-byte pages: swap-out serves only regions of the system's pages")
+    }
     return (start..<start + UInt(length), piece)
   }
 

@@ -75,7 +75,8 @@ public struct FillOrder {
   var fault: FaultLedger.ID
   /// The faulting page, inside `range`.
   public internal(set) var page: UInt
-  var pageSize: Int
+  /// The page size of the region filled: `range` is whole pages of it.
+  public internal(set) var pageSize: Int
   public internal(set) var purpose: Purpose
 
   /// The same fill of the faulting page alone: a range fill that stopped short

@@ -128,7 +128,7 @@ extension BrokerEngine {
       guard client.regions.pieces.count + specs.count <= configuration.maxRegionsPerClient else {
         throw BrokerError(.limit, "a client may register at most \(configuration.maxRegionsPerClient) regions")
       }
-      try client.regions.validate(specs, pageSize: pageSize)
+      try client.regions.validate(specs, pageSizes: pageSizes)
       try openRegions(specs, client: client, requestID: request.requestID)
     case (.active, .removeRegions(let ids)):
       guard case .none = descriptors else { throw BrokerError(.malformed, "RemoveRegions must not carry descriptors") }
@@ -171,7 +171,7 @@ extension BrokerEngine {
     guard granted.isSuperset(of: needed) else {
       throw BrokerError(.notUserfaultfd, "the userfaultfd lacks features \(needed.subtracting(granted)): the broker needs \(client.isVMM ? "remove events" : "remove, unmap and remap events") to keep memory correct")
     }
-    try client.regions.validate(register.regions, pageSize: pageSize)
+    try client.regions.validate(register.regions, pageSizes: pageSizes)
     try checkPlugins(of: register.regions)
     actions.append(.adoptUffd(client.id))
     client.pid = register.pid

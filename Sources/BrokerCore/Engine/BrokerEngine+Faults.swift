@@ -34,9 +34,11 @@ extension BrokerEngine {
     // unblocked them; the others wait for their deadline (`tick`).
     if mapEvents { redeliverParked(of: client) }
     for case .pagefault(let fault) in events {
-      let page = fault.address & ~UInt(pageSize - 1)
+      // A huge page's fault is one fault wherever in the huge page it hit.
+      let size = client.regions.pageSize(at: fault.address, system: pageSize)
+      let page = fault.address & ~UInt(size - 1)
       guard ledger.id(client: client.id, page: page) == nil else { continue }  // outstanding: the fill wakes every waiter
-      routeFault(ledger.enter(fault, page: page, client: client, now: now))
+      routeFault(ledger.enter(fault, page: page, pageSize: size, client: client, now: now))
     }
   }
 
@@ -53,6 +55,7 @@ extension BrokerEngine {
     let id = decision.faultID
     let client = entry.client
     let page = entry.page
+    let pageSize = entry.pageSize
     ledger.move(id, to: .handling)
     guard let kind = decision.kind else {
       refuse(decision, from: plugin, .unknownKind, "unknown decision kind")
@@ -65,7 +68,7 @@ extension BrokerEngine {
     }
     // The range went away (or changed) while the plugin decided: the
     // redelivery finds out what the page is now.
-    guard let piece = client.regions.piece(containing: page), !piece.isNewMemory else { return park(id) }
+    guard let piece = client.regions.piece(containing: page), !piece.isNewMemory, piece.spec.pageSize == pageSize else { return park(id) }
     let start = decision.length == 0 ? page : decision.address
     let length = decision.length == 0 ? pageSize : decision.length
     let mask = UInt(pageSize - 1)
@@ -74,7 +77,7 @@ extension BrokerEngine {
     guard start & mask == 0, UInt(length) & mask == 0, page >= start, page - start < UInt(length),
           startOffset >= 0, length <= piece.spec.length - startOffset
     else {
-      refuse(decision, from: plugin, .badRange, "range 0x\(String(start, radix: 16)) + \(length) is misaligned, outside region \(piece.spec.id), or misses the faulting page")
+      refuse(decision, from: plugin, .badRange, "range 0x\(String(start, radix: 16)) + \(length) is not whole \(pageSize)-byte pages of region \(piece.spec.id), or misses the faulting page")
       return park(id)
     }
     // A prefetch may reach parts of the region that were unmapped or moved
@@ -92,7 +95,8 @@ extension BrokerEngine {
     let skip = Int(range.lowerBound - start)
     var source = FillOrder.Source.none
     if kind == .copy, let offset = decision.sharedOffset {
-      guard offset & UInt64(mask) == 0, offset <= UInt64(plugin.sharedAreaSize), UInt64(length) <= UInt64(plugin.sharedAreaSize) - offset else {
+      // UFFDIO_COPY reads its source in small pages, whatever the target's page.
+      guard offset & UInt64(self.pageSize - 1) == 0, offset <= UInt64(plugin.sharedAreaSize), UInt64(length) <= UInt64(plugin.sharedAreaSize) - offset else {
         refuse(decision, from: plugin, .outsideSharedArea, "shared bytes at \(offset) + \(length) are outside its shared area")
         return park(id)
       }
@@ -133,6 +137,11 @@ extension BrokerEngine {
         // The kernel could not read the bytes: a shared area the plugin cannot back (a hugetlb pool run dry).
         if let plugin = plugins[pluginID] { refuse(order.fault, from: plugin, .unreadableBytes, "its bytes could not be read (EFAULT)") }
         return park(order.fault)
+      }
+      if case .failed(.invalidArgument) = outcome {
+        // The kernel refuses the fill itself: the memory's page is not the one the region names
+        // (huge pages registered as small ones). Asking again would loop.
+        return failClosed(order.fault, "the kernel refused the fill (EINVAL): the region's page size is not its memory's")
       }
       // Zeros copied (a swap-out write-protects the range) were a zero decision.
       let kind: DecisionKind = if case .zeros = order.source { .zero } else { order.kind }
@@ -184,13 +193,17 @@ extension BrokerEngine {
     if client.regions.piece(containing: page) != nil { return routeFault(fault) }
     guard let mapping else {
       // Unmapped, or replaced by memory this uffd does not serve: the access re-faults against what is there now.
-      actions.append(.wake(client.id, page..<page + UInt(pageSize)))
+      // Its page size is not known here: where huge pages may be, the huge page around it is woken
+      // (a thread in a huge page waits at an address anywhere in it).
+      let size = UInt(client.regions.mayHaveHugePages ? pageSizes.max() ?? pageSize : pageSize)
+      actions.append(.wake(client.id, page & ~(size - 1)..<(page & ~(size - 1)) + size))
       client.noteWoken(page)
       return ledger.settle(fault)
     }
     if let range = client.regions.newMemory(around: page, in: mapping) {
       client.regions.addNewMemory(range)
-      if let piece = client.regions.piece(containing: page) { return fillNewMemory(fault, piece: piece) }
+      // New memory of its region's page size: routed as a fault there (entered again at a huge page's start).
+      if client.regions.piece(containing: page) != nil { return routeFault(fault) }
     }
     failClosed(fault, "the fault is in registered memory the broker's region table does not cover")
   }
@@ -265,10 +278,10 @@ extension BrokerEngine {
     if flags.contains(.writeProtect) {
       // Only swap-outs write-protect: hold the writer until its page is either
       // dropped (it then faults the stored copy back in) or kept and unprotected.
-      if client.isSwapping(page..<page + UInt(pageSize)) {
+      if client.isSwapping(page..<page + UInt(entry.pageSize)) {
         ledger.move(id, to: .held)
       } else {
-        actions.append(.writeProtect(client.id, page..<page + UInt(pageSize), protect: false, swapOut: nil))
+        actions.append(.writeProtect(client.id, page..<page + UInt(entry.pageSize), protect: false, swapOut: nil))
         ledger.settle(id)
       }
       return
@@ -279,6 +292,8 @@ extension BrokerEngine {
     let wakes = client.takeWakes(of: page)
     if wakes >= Client.wakeLimit { return failClosed(id, "it was woken \(wakes) times and faulted again each time") }
     guard let piece = client.regions.piece(containing: page) else { return placeUnknown(id, client: client, page: page) }
+    // Read before its region was placed (a fault of a region still opening): entered again at its region's page.
+    if piece.spec.pageSize != entry.pageSize { return reenter(id, pageSize: piece.spec.pageSize) }
     if piece.isNewMemory { return fillNewMemory(id, piece: piece) }
     if !client.lostPages.isEmpty, client.lostPages[piece.spec.id]?.contains(piece.offset(of: page)) == true {
       return failClosed(id, "its swapped-out content was lost with its plugin")
@@ -299,7 +314,7 @@ extension BrokerEngine {
     let route = piece.route.effective
     if route.failed {
       // Failed closed: the access gets SIGBUS, never memory the plugin did not provide.
-      return fill(.poison, entry.page..<entry.page + UInt(pageSize), fault: id, purpose: .pluginFailed)
+      return fill(.poison, entry.page..<entry.page + UInt(entry.pageSize), fault: id, purpose: .pluginFailed)
     }
     guard let plugin = route.connection, !plugin.isClosed, plugin.inFlight < configuration.maxInFlightPerPlugin else { return park(id) }
     let faultID = ledger.move(id, to: .inFlight(plugin: plugin, sequence: entry.client.invalidations.sequence, sentAt: now))
@@ -330,10 +345,10 @@ extension BrokerEngine {
 
   /// Fills a fault in new memory (a grown tail, a `DONTUNMAP` source) with
   /// zeros, as the kernel would fill fresh anonymous memory: an aligned block
-  /// of up to `maxLocalFillPages` pages around it, inside the piece.
+  /// of up to `maxLocalFillPages` pages (in a huge-page region, its huge page) around it, inside the piece.
   private func fillNewMemory(_ id: FaultLedger.ID, piece: RegionTable.Piece) {
     guard let page = ledger[id]?.page else { return }
-    let block = UInt(Self.maxLocalFillPages * pageSize)
+    let block = UInt(Self.localFillBytes(pageSize: piece.spec.pageSize, systemPageSize: pageSize))
     let range = (page / block * block..<page / block * block + block).clamped(to: piece.live)
     fill(.zero, range, fault: id, purpose: .newMemory)
   }
@@ -342,8 +357,10 @@ extension BrokerEngine {
   private func fillDelegated(_ id: FaultLedger.ID, piece: RegionTable.Piece, range: DelegatedRanges.Range, write: Bool) {
     guard let page = ledger[id]?.page else { return }
     let offset = piece.offset(of: page)
-    // An aligned block around the fault, inside the delegated range and the live piece.
-    let block = UInt64(range.prefetchPages * pageSize)
+    let pageSize = piece.spec.pageSize
+    // An aligned block around the fault, inside the delegated range and the live piece
+    // (a huge page's region: one huge page, the most the broker's buffers hold).
+    let block = UInt64(pageSize == self.pageSize ? range.prefetchPages * pageSize : pageSize)
     let start = max(offset / block * block, range.offsets.lowerBound, piece.offset)
     let end = min(offset / block * block + block, range.offsets.upperBound, piece.offset + UInt64(piece.live.count))
     guard let address = piece.address(ofOffset: start) else { return park(id) }
@@ -362,8 +379,8 @@ extension BrokerEngine {
   /// access gets SIGBUS instead of zeros or a thread woken forever; where the
   /// uffd cannot poison, the client is killed. Logged and counted.
   func failClosed(_ id: FaultLedger.ID, _ cause: String) {
-    guard let page = ledger[id]?.page else { return }
-    fill(.poison, page..<page + UInt(pageSize), fault: id, purpose: .failClosed(cause))
+    guard let entry = ledger[id] else { return }
+    fill(.poison, entry.page..<entry.page + UInt(entry.pageSize), fault: id, purpose: .failClosed(cause))
   }
 
   /// Orders a fill for fault `id`. While a swap-out runs, every fill reaching
@@ -372,10 +389,11 @@ extension BrokerEngine {
   private func fill(_ kind: DecisionKind, _ range: Range<UInt>, source: FillOrder.Source = .none, fault id: FaultLedger.ID, purpose: FillOrder.Purpose) {
     guard let entry = ledger[id] else { return }
     let protect = entry.client.isSwapping(range)
-    let zerosByCopy = kind == .zero && protect
+    // hugetlbfs has no UFFDIO_ZEROPAGE: a huge page of zeros is copied.
+    let zerosByCopy = kind == .zero && (protect || entry.pageSize != pageSize)
     actions.append(.fill(FillOrder(
       client: entry.client.id, kind: zerosByCopy ? .copy : kind, range: range, source: zerosByCopy ? .zeros : source,
-      writeProtect: protect, fault: id, page: entry.page, pageSize: pageSize, purpose: purpose)))
+      writeProtect: protect, fault: id, page: entry.page, pageSize: entry.pageSize, purpose: purpose)))
   }
 
   /// What an ioctl's outcome means for a fault. An outcome that only wakes the
@@ -389,7 +407,7 @@ extension BrokerEngine {
       ledger.settle(id)
     case .alreadyPresent, .rangeGone:
       entry.client.noteWoken(entry.page)
-      actions.append(.wake(entry.client.id, entry.page..<entry.page + UInt(pageSize)))
+      actions.append(.wake(entry.client.id, entry.page..<entry.page + UInt(entry.pageSize)))
       ledger.settle(id)
     case .partial, .notNow, .failed:
       park(id)
@@ -421,6 +439,16 @@ extension BrokerEngine {
       guard case .parked(let due) = fault.state else { return false }
       return due <= now
     })
+  }
+
+  /// Enters fault `id` again at its region's page of `pageSize` bytes (merged
+  /// into a fault of that page already outstanding, whose fill wakes it too).
+  private func reenter(_ id: FaultLedger.ID, pageSize: Int) {
+    guard let entry = ledger[id] else { return }
+    ledger.settle(id)
+    let page = entry.fault.address & ~UInt(pageSize - 1)
+    guard ledger.id(client: entry.client.id, page: page) == nil else { return }
+    routeFault(ledger.enter(entry.fault, page: page, pageSize: pageSize, client: entry.client, now: entry.readAt))
   }
 
   private func redeliver(_ ids: [FaultLedger.ID]) {

@@ -107,10 +107,10 @@ extension BrokerEngine {
     else { return }
     let spec = client.regions.pieces.first { $0.spec.id == delegation.regionID }?.spec
       ?? client.pendingOpen?.regions.first { $0.id == delegation.regionID }
-    let mask = UInt64(pageSize - 1)
     guard let spec, spec.plugin == plugin.name else {
       return refuseDelegation(plugin, .notServed, "region \(delegation.regionID) of client \(delegation.clientID) is not served by it")
     }
+    let mask = UInt64(spec.pageSize - 1)
     guard delegation.offsets.lowerBound & mask == 0, UInt64(delegation.offsets.count) & mask == 0,
           delegation.offsets.upperBound <= UInt64(spec.length), !delegation.offsets.isEmpty
     else {

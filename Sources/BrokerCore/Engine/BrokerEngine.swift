@@ -29,8 +29,11 @@ import Userfaultfd
 /// Not thread-safe: confine it to one thread.
 public final class BrokerEngine {
   public internal(set) var configuration: BrokerConfiguration
-  /// The page size of every region (the system's; hugetlb regions are refused).
+  /// The system's page size: the page of every region but hugetlb ones.
   public let pageSize: Int
+  /// The page sizes a region may have: the system's, and the huge page sizes
+  /// the kernel offers (hugetlbfs, `MAP_HUGETLB`) up to `maxHugePageSize`.
+  public let pageSizes: Set<Int>
 
   var clients: [ClientID: Client] = [:]
   var plugins: [PluginID: Plugin] = [:]
@@ -85,11 +88,21 @@ public final class BrokerEngine {
   /// (47 bits, less a page): a wake over everything a client may wait at.
   public static let userAddressEnd: UInt = 0x7FFF_FFFF_F000
 
-  public init(configuration: BrokerConfiguration, pageSize: Int, now: UInt64, makeToken: @escaping () -> UInt128) throws(BrokerError) {
+  /// The largest huge page the broker serves: its zero and file buffers, and a
+  /// plugin's shared area, hold one (1 GiB pages would make them 1 GiB).
+  public static let maxHugePageSize = 2 << 20
+  /// The most bytes the broker fills at once around a fault of its own in a
+  /// region of `pageSize`-byte pages: `maxLocalFillPages` small pages, or one huge page.
+  public static func localFillBytes(pageSize: Int, systemPageSize: Int) -> Int { max(maxLocalFillPages * systemPageSize, pageSize) }
+
+  /// An engine for regions of `pageSize` (the system's) bytes, or of the huge
+  /// page sizes in `hugePageSizes` (the kernel's; those above `maxHugePageSize` are left out).
+  public init(configuration: BrokerConfiguration, pageSize: Int, hugePageSizes: [Int] = [], now: UInt64, makeToken: @escaping () -> UInt128) throws(BrokerError) {
     try configuration.validate()
     self.configuration = configuration
     self.makeToken = makeToken
     self.pageSize = pageSize
+    self.pageSizes = Set([pageSize] + hugePageSizes.filter { $0 > pageSize && $0 <= Self.maxHugePageSize && $0 & ($0 - 1) == 0 })
     self.now = now
     actions.reserveCapacity(256)
     for plugin in configuration.plugins { _ = route(named: plugin.name) }

@@ -26,7 +26,10 @@ struct FaultLedger {
 
   struct Fault {
     let client: Client
+    /// The faulting page: the fault's address rounded down to its region's page.
     let page: UInt
+    /// Its region's page size (the system's, or a huge page's): every fill of the fault covers whole pages of it.
+    let pageSize: Int
     var fault: Pagefault
     var state: State
     /// Times it was parked.
@@ -53,8 +56,8 @@ struct FaultLedger {
   func id(client: ClientID, page: UInt) -> ID? { byPage[PageKey(client: client, page: page)] }
 
   /// Enters a fault in state `.handling`.
-  mutating func enter(_ fault: Pagefault, page: UInt, client: Client, now: UInt64) -> ID {
-    let id = table.insert(Fault(client: client, page: page, fault: fault, state: .handling, attempts: 0, readAt: now))
+  mutating func enter(_ fault: Pagefault, page: UInt, pageSize: Int, client: Client, now: UInt64) -> ID {
+    let id = table.insert(Fault(client: client, page: page, pageSize: pageSize, fault: fault, state: .handling, attempts: 0, readAt: now))
     byPage[PageKey(client: client.id, page: page)] = id
     return id
   }

@@ -50,6 +50,10 @@ public struct RegionTable {
 
   /// Sorted by address, never overlapping.
   public private(set) var pieces: [Piece] = []
+  /// Whether a region with pages over 4 KiB was ever added: until then a
+  /// fault's page needs no lookup (`pageSize(at:system:)`). Only a shortcut:
+  /// on a system of larger pages it is set for every region, and costs a lookup.
+  public private(set) var mayHaveHugePages = false
   /// Sources of REMAPs whose trailing UNMAP has not been read yet, oldest first.
   public private(set) var movedAway: [Range<UInt>] = []
   /// A `MREMAP_DONTUNMAP` move has no trailing UNMAP: its entry stays until pushed out.
@@ -59,17 +63,19 @@ public struct RegionTable {
 
   public var regionIDs: Set<UInt64> { Set(pieces.map(\.spec.id)) }
 
-  /// Checks new regions: page aligned, non-empty, page size this system's,
-  /// not overlapping each other or the table, ids unused.
-  public func validate(_ specs: [RegionSpec], pageSize: Int) throws(BrokerError) {
+  /// Checks new regions: aligned to their own page size, which is one of
+  /// `pageSizes` (the system's, or a huge page size the kernel offers),
+  /// non-empty, not overlapping each other or the table, ids unused.
+  public func validate(_ specs: [RegionSpec], pageSizes: Set<Int>) throws(BrokerError) {
     let used = regionIDs
     var seen = Set<UInt64>()
     var ranges = pieces.map(\.live)
     for spec in specs {
-      let mask = UInt(pageSize - 1)
-      guard spec.pageSize == pageSize else {
-        throw BrokerError(.badRegion, "region \(spec.id): page size \(spec.pageSize) is not supported (only \(pageSize))")
+      guard pageSizes.contains(spec.pageSize) else {
+        let sizes = pageSizes.sorted().map(String.init).joined(separator: " or ")
+        throw BrokerError(.badRegion, "region \(spec.id): page size \(spec.pageSize) is not supported (this system serves \(sizes) bytes)")
       }
+      let mask = UInt(spec.pageSize - 1)
       guard spec.length > 0, spec.base & mask == 0, UInt(spec.length) & mask == 0, spec.base <= UInt.max - UInt(spec.length) else {
         throw BrokerError(.badRegion, "region \(spec.id): base 0x\(String(spec.base, radix: 16)) and length \(spec.length) must be non-empty and page aligned")
       }
@@ -105,6 +111,7 @@ public struct RegionTable {
 
   /// Adds a region where it lies: at its base, or (re-attached after an mremap) in its pieces.
   mutating func add(_ spec: RegionSpec, route: PluginRoute) {
+    if spec.pageSize > 4096 { mayHaveHugePages = true }
     if spec.pieces.isEmpty {
       insert(Piece(spec: spec, live: spec.range, offset: 0, route: route))
     } else {
@@ -176,6 +183,13 @@ public struct RegionTable {
     let before = pieces.count
     pieces.removeAll { $0.spec.id == id }
     return pieces.count != before
+  }
+
+  /// The page size at `address`: its region's, or `system` where no region is
+  /// (or none has huge pages, which costs no lookup).
+  public func pageSize(at address: UInt, system: Int) -> Int {
+    guard mayHaveHugePages, let piece = piece(containing: address) else { return system }
+    return piece.spec.pageSize
   }
 
   /// The piece serving `address` (binary search: the fault path).

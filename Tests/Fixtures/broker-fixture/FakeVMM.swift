@@ -14,7 +14,9 @@ import Userfaultfd
 /// balloon drops part of the second region (MADV_DONTNEED), which must then
 /// read zeros. It keeps the connection open until it exits.
 ///
-/// Scenarios: `vmm` as above; `vmm-garbage` sends bytes that are no JSON;
+/// Scenarios: `vmm` as above; `vmm-huge` the same with guest memory of 2 MiB
+/// huge pages (`MAP_HUGETLB`, `page_size` 2097152; the balloon drops whole
+/// huge pages); `vmm-garbage` sends bytes that are no JSON;
 /// `vmm-no-remove` a uffd without remove events. The broker must kill those
 /// two (their guest could not be served): they wait to be killed.
 /// The last line of stdout says what was checked; exit 0 when every byte was right.
@@ -25,7 +27,7 @@ struct FakeVMM {
   let mib: Int
   let threads: Int
 
-  func run() -> Int32 { runVMM("vmm", restore) }
+  func run() -> Int32 { runVMM(scenario == "vmm-huge" ? "vmm-huge" : "vmm", restore) }
 
   private func restore() throws -> Int32 {
     let snapshot = open(snapshotPath, O_RDONLY | O_CLOEXEC)
@@ -34,24 +36,26 @@ struct FakeVMM {
     let features: UserfaultFD.Features = scenario == "vmm-no-remove" ? [] : [.eventRemove]
     let uffd = try UserfaultFD.create(features: features, required: features)
     let half = mib << 19
+    let hugePageSize: Int? = scenario == "vmm-huge" ? 2 << 20 : nil
+    let pageSize = hugePageSize ?? systemPageSize
     // Two guest regions, the second one page after the first ends (as a guest's
     // memory below and above a hole), each from its own offset in the snapshot.
-    let first = try AnonymousMemory(length: half)
-    let second = try AnonymousMemory(length: half)
+    let first = try AnonymousMemory(length: half, hugePageSize: hugePageSize)
+    let second = try AnonymousMemory(length: half, hugePageSize: hugePageSize)
     for memory in [first, second] { _ = try uffd.register(address: memory.address, length: memory.length) }
     // The second region names its page size with the deprecated field.
-    let mappings = FirecrackerHandshake.json([.init(address: first.address, size: half, offset: 0),
-                                              .init(address: second.address, size: half, offset: UInt64(half), legacyPageSize: true)])
+    let mappings = FirecrackerHandshake.json([.init(address: first.address, size: half, offset: 0, pageSize: pageSize),
+                                              .init(address: second.address, size: half, offset: UInt64(half), legacyPageSize: true, pageSize: pageSize)])
     let message = scenario == "vmm-garbage" ? "this is not json" : mappings
     let connection = try FirecrackerHandshake(socketPath: socketPath).send(message, uffd: uffd)
-    if scenario != "vmm" {
+    if scenario != "vmm" && scenario != "vmm-huge" {
       pause()  // the broker must kill this VMM
       return 1
     }
     var wrong = touchAll([first, second], snapshot: snapshot, offsets: [0, UInt64(half)])
-    // The balloon takes 64 pages of the second region back: they must read zeros
-    // after (never the snapshot's bytes again).
-    let ballooned = 64 * systemPageSize
+    // The balloon takes 64 pages (one huge page) of the second region back: they
+    // must read zeros after (never the snapshot's bytes again).
+    let ballooned = hugePageSize ?? 64 * systemPageSize
     guard madvise(UnsafeMutableRawPointer(bitPattern: second.address), ballooned, MADV_DONTNEED) == 0 else { throw BrokerError(.io, "madvise failed") }
     let bytes = UnsafeRawBufferPointer(start: UnsafeRawPointer(bitPattern: second.address), count: ballooned)
     let nonZero = bytes.contains { $0 != 0 }

@@ -18,13 +18,14 @@ struct FirecrackerHandshake {
     var size: Int
     var offset: UInt64
     var legacyPageSize = false
+    var pageSize = systemPageSize
   }
 
   /// The mappings as Firecracker writes them.
   static func json(_ regions: [Region]) -> String {
     let objects = regions.map { region in
       let key = region.legacyPageSize ? "page_size_kib" : "page_size"
-      return #"{"base_host_virt_addr": \#(region.address), "size": \#(region.size), "offset": \#(region.offset), "\#(key)": \#(systemPageSize)}"#
+      return #"{"base_host_virt_addr": \#(region.address), "size": \#(region.size), "offset": \#(region.offset), "\#(key)": \#(region.pageSize)}"#
     }
     return "[" + objects.joined(separator: ",\n ") + "]"
   }

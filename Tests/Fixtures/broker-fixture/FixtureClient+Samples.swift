@@ -24,10 +24,11 @@ extension FixtureClient {
   /// Exit 3 with "refused: ..." when the broker refuses the region.
   func snapshot() throws -> Int32 {
     guard let (path, fd, size) = snapshotFile() else { return 2 }
-    let memory = try AnonymousMemory(length: max(size, mib << 20, pageSize))
+    let memory = try AnonymousMemory(length: max(size, mib << 20, pageSize), hugePageSize: hugePageSize)
     let client: BrokerClient
     do {
-      client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin, argument: path)], name: "fixture-snapshot")
+      client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, pageSize: memory.pageSize, plugin: plugin, argument: path)],
+                                name: "fixture-snapshot")
     } catch {
       print("refused: \(error)")
       return 3

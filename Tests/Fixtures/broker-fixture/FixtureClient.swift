@@ -26,6 +26,7 @@ struct FixtureClient {
       case "remap": return try remap()
       case "unknown-plugin": return expectRefusal(plugin: "no-such-plugin")
       case "refused": return expectRefusal(plugin: plugin)
+      case "bad-page-size": return badPageSize()
       case "exit-midway": return try exitMidway()
       case "swap": return try swapLoop()
       case "swap-once": return try swapOnce()
@@ -89,6 +90,8 @@ struct FixtureClient {
   /// FIXTURE_ARGUMENT: the `argument` of the regions `register`, `guarded` and the swap scenarios name
   /// (the conformance plugins take their behaviour from it); default empty.
   var regionArgument: String { getenv("FIXTURE_ARGUMENT").map { String(cString: $0) } ?? "" }
+  /// FIXTURE_HUGE_PAGES=1: the scenarios that honour it (`touch`, `zero`, `snapshot`) map 2 MiB huge pages (`MAP_HUGETLB`).
+  var hugePageSize: Int? { getenv("FIXTURE_HUGE_PAGES") != nil ? 2 << 20 : nil }
 
   /// FIXTURE_LOSS_POLICY=poison:MS (or terminate:MS) sets what the client does when the broker is gone for MS;
   /// FIXTURE_USER_MODE=1 asks for a user-mode-only userfaultfd (what an unprivileged process may have).
@@ -99,14 +102,14 @@ struct FixtureClient {
       let milliseconds = parts.count > 1 ? Int(parts[1]) ?? 1000 : 1000
       policy = .reattach(withinMilliseconds: milliseconds, otherwise: parts.first == "poison" ? .poison : .terminate)
     }
-    return try BrokerClient(regions: [RegionSpec(id: id, base: memory.address, length: memory.length, plugin: plugin, argument: regionArgument)], name: "fixture-\(scenario)",
+    return try BrokerClient(regions: [RegionSpec(id: id, base: memory.address, length: memory.length, pageSize: memory.pageSize, plugin: plugin, argument: regionArgument)], name: "fixture-\(scenario)",
                             userModeOnly: getenv("FIXTURE_USER_MODE") != nil, onBrokerLoss: policy)
   }
 
   /// Every page touched once by `threads` threads (interleaved), then every byte checked.
   /// `holes`: the pattern's holes (`Pattern.isHole`) read as zeros.
   private func touch(expectZero: Bool, holes: Bool = false) throws -> Int32 {
-    let memory = try AnonymousMemory(length: mib << 20)
+    let memory = try AnonymousMemory(length: mib << 20, hugePageSize: hugePageSize)
     let client = try register(memory)
     let pages = memory.length / pageSize
     let base = UInt(bitPattern: memory.base)
@@ -256,6 +259,26 @@ struct FixtureClient {
     withExtendedLifetime(client) {}
     print("verified \(pages) pages, \(bad) wrong, \(resident) guard pages written")
     return bad == 0 && resident == 0 ? 0 : 1
+  }
+
+  /// Registers small-page memory as regions of 1 GiB pages (the broker serves
+  /// at most 2 MiB ones) and of 64 KiB pages (no page size of this kernel):
+  /// both must be refused. Prints both refusals on one line.
+  private func badPageSize() -> Int32 {
+    guard let memory = try? AnonymousMemory(length: mib << 20) else { return 2 }
+    var refusals: [String] = []
+    for size in [1 << 30, 64 << 10] {
+      do {
+        let client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, pageSize: size, plugin: plugin)], name: "fixture-bad-page-size")
+        withExtendedLifetime(client) {}
+        print("accepted \(size)")
+        return 1
+      } catch {
+        refusals.append("refused \(size): \(error)")
+      }
+    }
+    print(refusals.joined(separator: "; "))
+    return 0
   }
 
   private func expectRefusal(plugin name: String) -> Int32 {

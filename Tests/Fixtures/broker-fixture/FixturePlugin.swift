@@ -6,7 +6,8 @@ import Userfaultfd
 /// A plugin with selectable behaviour, for the integration tests.
 /// Modes: pattern (copy the pattern), zero, retry-once (retry each page once,
 /// then pattern), outside / misaligned / short / below / overlong (first answer
-/// per page is invalid, later ones correct), prefetch (64 KiB aligned blocks),
+/// per page is invalid, later ones correct), small-page (the same: a 4 KiB copy
+/// into a huge-page region), prefetch (64 KiB aligned blocks),
 /// prefetch-refill (the same, and removed pages get the pattern again),
 /// no-fork (pattern, refusing forked children),
 /// hang (never answer), exit-after:N (exit after N faults), refuse (refuse every region).
@@ -76,7 +77,7 @@ final class FixturePlugin: PagePlugin {
   }
 
   private var logsDecisions: Bool {
-    ["retry-once", "hang", "outside", "misaligned", "short", "below", "overlong"].contains(mode)
+    ["retry-once", "hang", "outside", "misaligned", "short", "below", "overlong", "small-page"].contains(mode)
   }
 
   private func decide(_ fault: PluginFault, in region: PluginRegion, buffer: UnsafeMutableRawBufferPointer, firstTime: Bool) -> PluginDecision {
@@ -93,6 +94,10 @@ final class FixturePlugin: PagePlugin {
       return .copyRange(offset: fault.offset + 8, length: pageSize)
     case "short" where firstTime:
       return .copyRange(offset: fault.offset, length: pageSize / 2)
+    case "small-page" where firstTime:
+      // One small page of a huge page: not a whole page of the region.
+      Pattern.fill(UnsafeMutableRawBufferPointer(rebasing: buffer[..<4096]), backingOffset: region.spec.backingOffset + fault.offset)
+      return .copyRange(offset: fault.offset, length: 4096)
     case "below" where firstTime:
       // The page just before the region's start (offset -pageSize, wrapping).
       Pattern.fill(UnsafeMutableRawBufferPointer(rebasing: buffer[..<pageSize]), backingOffset: 0)

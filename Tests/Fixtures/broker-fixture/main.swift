@@ -8,9 +8,9 @@ import Userfaultfd
 //   broker-fixture plugin NAME MODE [EVENT_LOG]
 //   broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]
 //   broker-fixture kvm-snapshot PATH MIB (the KVM guest's memory image; see GuestImage)
-//   broker-fixture kvm-vmm|kvm-vmm-balloon SOCKET SNAPSHOT MIB (restores that guest on /dev/kvm; see KVMGuestVMM)
+//   broker-fixture kvm-vmm|kvm-vmm-balloon|kvm-vmm-huge SOCKET SNAPSHOT MIB (restores that guest on /dev/kvm; see KVMGuestVMM)
 //   broker-fixture squatter PATH CONNECTIONS (as nobody: a fake broker; see Squatter)
-//   broker-fixture vmm|vmm-garbage|vmm-no-remove SOCKET SNAPSHOT MIB THREADS (a Firecracker-style VMM; see FakeVMM)
+//   broker-fixture vmm|vmm-huge|vmm-garbage|vmm-no-remove SOCKET SNAPSHOT MIB THREADS (a Firecracker-style VMM; see FakeVMM)
 // Plugin modes are listed on FixturePlugin (later, later-hold: on LaterPlugin); client scenarios: touch, touch-holes, remove-pending, zero,
 // dontneed-race and dontneed-late (LOOPS pages), remap, unknown-plugin, refused, exit-midway,
 // guarded (LOOPS pages between guard regions), foreign-uid (as nobody: must be refused), deputy (as nobody: a file it cannot read named to PLUGIN),
@@ -59,7 +59,7 @@ case "client":
   let status = FixtureClient(scenario: arguments[2], mib: mib, threads: threads, plugin: arguments[5], loops: loops).run()
   fflush(nil)
   exit(status)
-case "vmm", "vmm-garbage", "vmm-no-remove":
+case "vmm", "vmm-huge", "vmm-garbage", "vmm-no-remove":
   guard arguments.count == 6, let mib = Int(arguments[4]), let threads = Int(arguments[5]) else { fail("usage: broker-fixture vmm SOCKET SNAPSHOT MIB THREADS") }
   let status = FakeVMM(scenario: arguments[1], socketPath: arguments[2], snapshotPath: arguments[3], mib: mib, threads: threads).run()
   fflush(nil)
@@ -71,9 +71,10 @@ case "kvm-snapshot":
   } catch {
     fail("kvm-snapshot: \(error)")
   }
-case "kvm-vmm", "kvm-vmm-balloon":
+case "kvm-vmm", "kvm-vmm-balloon", "kvm-vmm-huge":
   guard arguments.count == 5, let mib = Int(arguments[4]), let image = GuestImage(mib: mib) else { fail("usage: broker-fixture kvm-vmm SOCKET SNAPSHOT MIB") }
-  let status = KVMGuestVMM(socketPath: arguments[2], snapshotPath: arguments[3], image: image, balloon: arguments[1] == "kvm-vmm-balloon").run()
+  let status = KVMGuestVMM(socketPath: arguments[2], snapshotPath: arguments[3], image: image, balloon: arguments[1] == "kvm-vmm-balloon",
+                           hugePages: arguments[1] == "kvm-vmm-huge").run()
   fflush(nil)
   exit(status)
 case "squatter":

@@ -20,12 +20,16 @@ import Userfaultfd
 /// writes its scratch pages; the guest then must read zeros there, though the
 /// data it sums next is prefetched in blocks that reach into the area.
 ///
+/// With `hugePages`, the guest's memory is of 2 MiB huge pages (`MAP_HUGETLB`,
+/// `page_size` 2097152): each fault KVM takes brings in a whole huge page.
+///
 /// The last line of stdout says what was checked; exit 0 when all was right.
 struct KVMGuestVMM {
   let socketPath: String
   let snapshotPath: String
   let image: GuestImage
   let balloon: Bool
+  var hugePages = false
 
   func run() -> Int32 { runVMM("kvm vmm", restore) }
 
@@ -33,10 +37,10 @@ struct KVMGuestVMM {
     let snapshot = try mapSnapshot()
     defer { munmap(UnsafeMutableRawPointer(mutating: snapshot.baseAddress), snapshot.count) }
 
-    let memory = try AnonymousMemory(length: image.size)
+    let memory = try AnonymousMemory(length: image.size, hugePageSize: hugePages ? 2 << 20 : nil)
     let uffd = try UserfaultFD.create(features: [.eventRemove], required: [.eventRemove])
     _ = try uffd.register(address: memory.address, length: memory.length)
-    let mappings = FirecrackerHandshake.json([.init(address: memory.address, size: memory.length, offset: 0)])
+    let mappings = FirecrackerHandshake.json([.init(address: memory.address, size: memory.length, offset: 0, pageSize: memory.pageSize)])
     let connection = try FirecrackerHandshake(socketPath: socketPath).send(mappings, uffd: uffd)
 
     let machine = try KVMMachine()
