@@ -8,7 +8,7 @@ struct RestoreCommand: ParsableCommand {
     discussion: """
       Writes a snapshot file of --mib MiB in --directory, then in every round restores it with each strategy into fresh \
       memory while a worker thread reads --percent of its pages (100: all, in order; less: that share at random over the \
-      whole range) and checks their checksum against the file; medians over the bench's --rounds. Needs the snapshot-plugin executable next to this one. \
+      whole range) and checks their checksum against the file; medians over --rounds rounds (the bench's own option, default 5). Needs the snapshot-plugin executable next to this one. \
       Exit status 0 when every checksum matched, 1 when one did not or a run failed, 64 for a bad option.
       """)
 
@@ -27,6 +27,9 @@ struct RestoreCommand: ParsableCommand {
   @Option(help: ArgumentHelp("Where to write the snapshot file (best on a disk, not tmpfs).", valueName: "dir"))
   var directory = RestoreOptions().directory
 
+  @Flag(help: "Keep the snapshot in the page cache (read it before every round) instead of dropping it.")
+  var warmCache = false
+
   func validate() throws {
     for (flag, value, range) in [("--mib", mib, RestoreOptions.mibRange), ("--percent", percent, RestoreOptions.percentRange)] where !range.contains(value) {
       throw ValidationError("\(flag) is \(value); it must be from \(range.lowerBound) to \(range.upperBound)")
@@ -34,7 +37,7 @@ struct RestoreCommand: ParsableCommand {
   }
 
   func run() throws {
-    var options = RestoreOptions(mib: mib, percent: percent, rounds: bench.rounds, directory: directory)
+    var options = RestoreOptions(mib: mib, percent: percent, rounds: bench.rounds, directory: directory, warmCache: warmCache)
     if let strategies { options.strategies = strategies.strategies }
     let status = RestoreBench.run(options, arguments: CommandLine.arguments)
     if status != 0 { throw ExitCode(status) }

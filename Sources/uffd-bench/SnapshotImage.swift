@@ -66,6 +66,29 @@ final class SnapshotImage {
   /// fraction of its pages still cached (mincore): a file system may keep them.
   func dropFromCache() -> Double {
     _ = posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED)
+    return cachedFraction()
+  }
+
+  /// Reads the whole file once unless it is all in the page cache already, and
+  /// returns the fraction of its pages cached (the kernel may evict some).
+  func warmCache() throws(BenchError) -> Double {
+    if cachedFraction() < 1 {
+      let chunk = 1 << 20
+      let buffer = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: systemPageSize)
+      defer { buffer.deallocate() }
+      var done = 0
+      while done < bytes {
+        let n = pread(fd, buffer, min(chunk, bytes - done), off_t(done))
+        if n < 0 && errno == EINTR { continue }
+        guard n > 0 else { throw BenchError("cannot read \(path) at \(done): \(n == 0 ? "end of file" : "errno \(errno)")") }
+        done += n
+      }
+    }
+    return cachedFraction()
+  }
+
+  /// The fraction of the file's pages in the page cache (mincore).
+  private func cachedFraction() -> Double {
     guard mincore(view, bytes, residency) == 0 else { return .nan }
     var cached = 0
     for page in 0..<pages where residency[page] & 1 != 0 { cached += 1 }
