@@ -15,7 +15,8 @@ struct BenchCommand: ParsableCommand {
       of its modes measures.
       Exit status 0 when every page read back right, 1 when a page was wrong or a run failed, 64 for a bad option.
       """,
-    version: uffdBrokerVersion)
+    version: uffdBrokerVersion,
+    subcommands: [RestoreCommand.self])
 
   @Option(help: ArgumentHelp("Pages of 4 KiB touched per round, \(BenchOptions.pagesRange.lowerBound) to \(BenchOptions.pagesRange.upperBound).", valueName: "n"))
   var pages = BenchOptions().pages

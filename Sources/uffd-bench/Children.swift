@@ -134,6 +134,19 @@ final class BenchProcesses {
     return total
   }
 
+  /// Waits (up to 250 ms) until the broker's malloc count holds still for 5 ms:
+  /// the previous round's clients are closed asynchronously (unmap events,
+  /// socket close, Closed to the plugins), and that work belongs to no window.
+  func settle() throws(BenchError) {
+    var last = try broker.stats().mallocCalls
+    for _ in 0..<50 {
+      usleep(5_000)
+      let now = try broker.stats().mallocCalls
+      if now == last { return }
+      last = now
+    }
+  }
+
   /// Broker first: its shutdown closes the plugins' connections, and they exit.
   func shutdown() {
     broker.terminate()
@@ -153,6 +166,8 @@ final class Watchdog: Sendable {
   private let controls: [CInt]
   private let pids: [pid_t]
   private let labels: [String]
+  /// The first `roleCount` descriptors are control sockets, the rest pidfds.
+  private let roleCount: Int
   /// Removed (files, then the directory) before exiting on failure.
   private let leftovers: [String]
   private let thread = Mutex<pthread_t?>(nil)
@@ -160,12 +175,15 @@ final class Watchdog: Sendable {
   /// A signalfd for SIGINT/SIGTERM (blocked in every thread), or -1.
   private let signals: CInt
 
-  init(processes: BenchProcesses?, signals: CInt) {
+  /// Watches the roles of `processes` (their control sockets) and `others`
+  /// (processes of other executables, by pidfd: readable once they exit).
+  init(processes: BenchProcesses?, others: [(label: String, process: ChildProcess)] = [], signals: CInt) {
     self.signals = signals
     let children = processes?.all ?? []
-    controls = children.map(\.control)
-    pids = children.map(\.pid)
-    labels = children.map(\.label)
+    controls = children.map(\.control) + others.map(\.process.pidfd)
+    pids = children.map(\.pid) + others.map(\.process.pid)
+    labels = children.map(\.label) + others.map(\.label)
+    roleCount = children.count
     leftovers = processes.map { [$0.clientSocket, $0.pluginSocket, $0.directory] } ?? []
     let handle = spawnThread { [self] in watch() }
     thread.withLock { $0 = handle }
@@ -189,12 +207,13 @@ final class Watchdog: Sendable {
     defer { descriptors.deallocate() }
     while !stopping.load(ordering: .relaxed) {
       // Only hang-ups are asked for on the control sockets (events 0): the main thread owns their data.
-      for index in 0..<count { descriptors[index] = pollfd(fd: controls[index], events: 0, revents: 0) }
+      // A pidfd turns readable when its process exits.
+      for index in 0..<count { descriptors[index] = pollfd(fd: controls[index], events: index < roleCount ? 0 : Int16(POLLIN), revents: 0) }
       descriptors[count] = pollfd(fd: signals, events: Int16(POLLIN), revents: 0)  // fd -1 is ignored by poll
       let ready = poll(descriptors, nfds_t(count + 1), 100)
       if stopping.load(ordering: .relaxed) { return }
       if ready > 0 {
-        for index in 0..<count where descriptors[index].revents & Int16(POLLHUP | POLLERR) != 0 {
+        for index in 0..<count where descriptors[index].revents & Int16(POLLHUP | POLLERR | POLLIN) != 0 {
           die("the \(labels[index]) process (pid \(pids[index])) exited unexpectedly")
         }
         if descriptors[count].revents != 0 { die("interrupted by signal \(clinux_read_signal(signals))") }

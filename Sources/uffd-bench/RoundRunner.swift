@@ -86,7 +86,7 @@ final class RoundRunner {
     // The children's counters are read just outside the window (a control round trip each).
     let children = mode.usesBroker ? processes : nil
     let pluginNames = Array(Set(workload.plugins.map(\.name))).sorted()
-    if let children { try settle(children) }
+    if let children { try children.settle() }
     let brokerBefore = try children.map { (p) throws(BenchError) in try p.broker.stats() }
     let pluginsBefore = try children.map { (p) throws(BenchError) in try p.pluginStats(pluginNames) }
     watchdog.arm(seconds: 120 + UInt64(pages / 1_000))
@@ -137,19 +137,6 @@ final class RoundRunner {
       mode: mode.name, round: round, pages: pages, faults: faults, wallNs: wallNs, latency: LatencySummary(&samples),
       benchUserNs: usageAfter.userNs - usageBefore.userNs, benchSystemNs: usageAfter.systemNs - usageBefore.systemNs, benchMallocCalls: mallocAfter - mallocBefore,
       broker: broker, plugins: plugins, wrongPages: wrong)
-  }
-
-  /// Waits (up to 250 ms) until the broker's malloc count holds still for 5 ms:
-  /// the previous round's clients are closed asynchronously (unmap events,
-  /// socket close, Closed to the plugins), and that work belongs to no window.
-  private func settle(_ processes: BenchProcesses) throws(BenchError) {
-    var last = try processes.broker.stats().mallocCalls
-    for _ in 0..<50 {
-      usleep(5_000)
-      let now = try processes.broker.stats().mallocCalls
-      if now == last { return }
-      last = now
-    }
   }
 
   /// Checks every word of every page; prints the first few wrong pages.

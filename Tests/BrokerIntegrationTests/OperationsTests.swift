@@ -383,5 +383,22 @@ extension BrokerIntegrationTests {
         }
       }
     }
+
+    @Test("uffd-bench restore runs every strategy end to end on a 4 MiB snapshot (its own broker and snapshot-plugin processes) and the worker's checksum of the read pages matches the file in each")
+    func restoreBenchmark() throws {
+      try Harness.run("restore-bench") { h in
+        for percent in [100, 10] {
+          let bench = try FixtureProcess(label: "restore-\(percent)", executable: Harness.binDirectory + "/uffd-bench",
+                                         arguments: ["restore", "--mib", "4", "--percent", "\(percent)", "--rounds", "1", "--directory", h.directory],
+                                         environment: [:], stdoutPath: h.directory + "/restore-\(percent).stdout", stderrPath: h.directory + "/restore-\(percent).stderr")
+          #expect(bench.wait(timeout: 120) == .exited(0), h.diagnostics(bench.stdout + bench.stderr))
+          let lines = bench.stdout.split(separator: "\n")
+          for strategy in ["eager", "lazy-1", "lazy-16", "lazy-32", "local-1", "local-16", "local-32"] {
+            #expect(lines.contains { $0.hasPrefix("round 1/1 \(strategy) ") }, "no round of \(strategy): \(bench.stdout)")
+          }
+          #expect(lines.last == "every round's checksum matched the file", h.diagnostics(bench.stdout + bench.stderr))
+        }
+      }
+    }
   }
 }
