@@ -133,7 +133,7 @@ public final class PluginRunner {
       // A broker that refuses a connection sends why, then shuts it: the send
       // fails (EPIPE), but the Error is there to read.
       socket.setReceiveTimeout(milliseconds: 1_000)
-      if (try? receive()) == true, let refusal = events.error { throw refusal }
+      if case .packet? = try? receive(), let refusal = events.error { throw refusal }
       throw error
     }
     packetsSent = 1
@@ -467,7 +467,7 @@ public final class PluginRunner {
     guard !pending.isEmpty else { return }
     for (faultID, event) in pending where isClosed(event) {
       pending[faultID] = nil
-      try makeRoom()
+      try makeRoom(0)
       decisions.append(faultID: faultID, kind: .retry, address: event.address, length: 0)
     }
   }

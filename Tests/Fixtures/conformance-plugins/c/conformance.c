@@ -121,10 +121,10 @@ static uffd_decision pagefault(const uffd_fault *fault, uffd_region *region, voi
   return uffd_copy();
 }
 
-static void removed(uffd_region *region, uint64_t start, uint64_t end, int swapped_out, void *user) {
+// Never told of a swap-out's drop (that is swapped_out, not set here: the stored bytes are the pages' content).
+static void removed(uffd_region *region, uint64_t start, uint64_t end, void *user) {
   (void)user;
   struct state *s = region->context;
-  if (swapped_out) return;  // the stored bytes are the pages' content now
   for (uint64_t page = start / region->page_size; page < end / region->page_size && page < s->pages; page++) {
     s->removed[page] = 1;
     free(s->stored[page]);
