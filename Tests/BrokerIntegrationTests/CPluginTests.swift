@@ -25,13 +25,17 @@ extension BrokerIntegrationTests {
     /// The warnings a C plugin of this repository must build without.
     static let strictFlags = "-O2 -g -Wall -Wextra -Werror"
 
-    /// Runs `executable arguments...` to its end; throws with its stderr unless it exits 0.
-    static func runTool(_ h: Harness, _ label: String, _ executable: String, _ arguments: [String]) throws {
+    /// Runs `executable arguments...` to its end, its output in `logs`; throws with its stderr unless it exits 0.
+    static func runTool(logs: String, _ label: String, _ executable: String, _ arguments: [String]) throws {
       let process = try FixtureProcess(
         label: label, executable: executable, arguments: arguments, environment: ["PATH": "/usr/local/bin:/usr/bin:/bin"],
-        stdoutPath: h.directory + "/\(label).stdout", stderrPath: h.directory + "/\(label).stderr")
+        stdoutPath: logs + "/\(label).stdout", stderrPath: logs + "/\(label).stderr")
       let status = process.wait(timeout: 120)
       guard status == .exited(0) else { throw HarnessError("\(label) failed (\(String(describing: status))): \(process.stderr)") }
+    }
+
+    static func runTool(_ h: Harness, _ label: String, _ executable: String, _ arguments: [String]) throws {
+      try runTool(logs: h.directory, label, executable, arguments)
     }
 
     /// Builds the sample into the harness's directory (never into the source tree); returns the executable.
@@ -43,11 +47,7 @@ extension BrokerIntegrationTests {
 
     /// `make -C directory BUILD=build` (the repository's C Makefiles' convention); its output goes to `logs`.
     static func runMake(_ directory: String, build: String, logs: String) throws {
-      let process = try FixtureProcess(
-        label: "make", executable: make, arguments: ["-s", "-C", directory, "BUILD=" + build],
-        environment: ["PATH": "/usr/local/bin:/usr/bin:/bin"], stdoutPath: logs + "/make.stdout", stderrPath: logs + "/make.stderr")
-      let status = process.wait(timeout: 120)
-      guard status == .exited(0) else { throw HarnessError("make failed (\(String(describing: status))): \(process.stderr)") }
+      try runTool(logs: logs, "make", make, ["-s", "-C", directory, "BUILD=" + build])
     }
 
     /// Builds the SDK and the test plugin `Tests/Fixtures/c-plugins/NAME.c` against it, warnings as
