@@ -70,7 +70,8 @@ final class PluginSupervisor {
   var nextRestart: UInt64? {
     var earliest: UInt64?
     for child in children.values {
-      for due in [child.restartAt, child.retiringUntil] { if let due, due < earliest ?? .max { earliest = due } }
+      if let due = child.restartAt, due < earliest ?? .max { earliest = due }
+      if let due = child.retiringUntil, due < earliest ?? .max { earliest = due }
     }
     return earliest
   }
@@ -221,7 +222,10 @@ final class PluginSupervisor {
   /// their grace; whether it started any.
   @discardableResult
   func restartDue(loop: EventLoop) -> Bool {
+    // Every loop wakeup comes here: with nothing scheduled, one pass, no clock read, no array built.
+    guard let due = nextRestart else { return false }
     let now = monotonicNanoseconds()
+    guard due <= now else { return false }
     var tried = false
     for id in children.keys.sorted() {
       guard let child = children[id] else { continue }
