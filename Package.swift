@@ -64,7 +64,7 @@ let package = Package(
     .target(name: "BrokerSimulator", dependencies: ["BrokerCore", "BrokerProtocol", "Userfaultfd"]),
     .executableTarget(name: "uffd-sim", dependencies: ["BrokerSimulator"]),
     // For processes whose memory is brokered.
-    .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "CLinux", "LinuxSupport", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
+    .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "CLinux", "CUserfaultfd", "LinuxSupport", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
     // For plugins: a handler protocol and the run loop around it.
     .target(name: "PluginSDK", dependencies: ["BrokerProtocol", "CLinux", "LinuxSupport", "Userfaultfd"]),
     .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", "BrokerRuntime", "BrokerMetrics", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
