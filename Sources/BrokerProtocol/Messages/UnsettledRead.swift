@@ -7,6 +7,7 @@ public enum UnsettledRead: Sendable, Equatable {
   /// More was read than the journal holds: nothing not present can be vouched for.
   case overflowed
 
+  /// A region's drop record: pages dropped (read zeros), and pages no one can vouch for (fail closed).
   public typealias DropRecord = (dropped: [Range<UInt64>], unknown: [Range<UInt64>])
 
   /// The drop record of `region` once this read is added to `record` (the last
