@@ -136,7 +136,8 @@ int cuffd_read_events(int fd, cuffd_event *out, int max) {
 typedef struct {
   uint64_t magic;
   uint64_t state;   /* CUFFD_JOURNAL_* bits */
-  uint64_t reserved[6];
+  uint64_t removes_past_end;  /* the broker's: a remove was read past the end since the last settle */
+  uint64_t reserved[5];
   struct uffd_msg msgs[CUFFD_JOURNAL_CAPACITY];
 } journal_layout;
 _Static_assert(sizeof(journal_layout) <= CUFFD_JOURNAL_SIZE, "journal layout");
@@ -171,8 +172,14 @@ void cuffd_journal_begin(void *journal, int *used) {
 int cuffd_journal_read(int fd, void *journal, int *used, cuffd_event *out, int max) {
   journal_layout *j = journal;
   if (*used >= CUFFD_JOURNAL_CAPACITY) {
+    /* Only removes matter to a re-attach, so a burst of faults past the end costs nothing. The
+     * flag goes up before the read (a kill right after it must find it) and down again if
+     * neither this read nor an earlier one past the end held a remove. */
     __atomic_or_fetch(&j->state, CUFFD_JOURNAL_OVERFLOW, __ATOMIC_RELEASE);
-    return cuffd_read_events(fd, out, max);
+    int count = cuffd_read_events(fd, out, max);
+    for (int i = 0; i < count; i++) j->removes_past_end |= out[i].event == UFFD_EVENT_REMOVE;
+    if (!j->removes_past_end) __atomic_and_fetch(&j->state, ~(uint64_t)CUFFD_JOURNAL_OVERFLOW, __ATOMIC_RELEASE);
+    return count;
   }
   if (max > CUFFD_JOURNAL_CAPACITY - *used) max = CUFFD_JOURNAL_CAPACITY - *used;
   int count = read_into(fd, &j->msgs[*used], out, max);
@@ -181,7 +188,9 @@ int cuffd_journal_read(int fd, void *journal, int *used, cuffd_event *out, int m
 }
 
 void cuffd_journal_settle(void *journal) {
-  __atomic_store_n(&((journal_layout *)journal)->state, 0, __ATOMIC_RELEASE);
+  journal_layout *j = journal;
+  j->removes_past_end = 0;
+  __atomic_store_n(&j->state, 0, __ATOMIC_RELEASE);
 }
 
 int cuffd_journal_unsettled_removes(const void *journal, uint64_t size, uint64_t *starts, uint64_t *ends, int max) {

@@ -4,7 +4,7 @@
 public enum UnsettledRead: Sendable, Equatable {
   /// Address ranges the program dropped (MADV_DONTNEED).
   case removes([Range<UInt>])
-  /// More was read than the journal holds: nothing not present can be vouched for.
+  /// A remove was read past the journal's end: nothing not present can be vouched for.
   case overflowed
 
   /// A region's drop record: pages dropped (read zeros), and pages no one can vouch for (fail closed).

@@ -127,7 +127,7 @@ enum { CUFFD_JOURNAL_SIZE = 16384, CUFFD_JOURNAL_CAPACITY = (CUFFD_JOURNAL_SIZE 
 #define CUFFD_JOURNAL_MAGIC 0x314c4e524a444655ULL /* "UFDJRNL1" */
 enum {
   CUFFD_JOURNAL_UNSETTLED = 1,  /* state: events were read and may not all be told */
-  CUFFD_JOURNAL_OVERFLOW = 2,   /* state: more were read than the journal holds */
+  CUFFD_JOURNAL_OVERFLOW = 2,   /* state: a remove was read past the journal's end */
 };
 
 /* Creates a sealed journal memfd and maps it writable at *mapping. Returns the
@@ -139,7 +139,8 @@ int cuffd_journal_create(void **mapping);
 void cuffd_journal_begin(void *journal, int *used);
 
 /* As cuffd_read_events, reading into the journal's free slots (`*used` grows);
- * a full journal is marked overflowed and the read goes to a private buffer. */
+ * past its end the read goes to a private buffer, and a remove among it marks
+ * the journal overflowed. */
 int cuffd_journal_read(int fd, void *journal, int *used, cuffd_event *out, int max);
 
 /* The read's events are acted on and told: the journal is settled. */
