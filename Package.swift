@@ -92,7 +92,7 @@ let package = Package(
     // The plugin and client processes of the integration tests.
     .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd", "CLinux", "LinuxSupport", "CKVM"], path: "Tests/Fixtures/broker-fixture"),
     // The conformance suite's plugin on the Swift SDK (its C and Python twins sit beside it).
-    .executableTarget(name: "conformance-plugin", dependencies: ["PluginSDK"], path: "Tests/Fixtures/conformance-plugins/swift"),
+    .executableTarget(name: "conformance-plugin", dependencies: ["PluginSDK", "BrokerProtocol"], path: "Tests/Fixtures/conformance-plugins/swift"),
     // The KVM ioctls of the fixture's VMM (a real guest restored through the broker).
     .target(name: "CKVM", path: "Tests/Fixtures/CKVM"),
   ],
