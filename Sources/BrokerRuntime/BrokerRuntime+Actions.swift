@@ -32,7 +32,7 @@ extension BrokerRuntime {
         _ = try ClientWire.encode(reply).withUnsafeBytes { (raw) throws(BrokerError) in
           if let journal { try [journal.descriptor.rawValue].withUnsafeBufferPointer { fds throws(BrokerError) in try socket.send(raw, fds: fds) } } else { try socket.send(raw) }
         }
-        journal?.handedOver = true
+        journal?.handOver()
       } catch {
         engine.clientGone(id, BrokerError(error), now: loopTime)
       }

@@ -9,14 +9,15 @@ import SystemPackage
 /// between a read and the notices it owes (a MADV_DONTNEED's drop record)
 /// leaves the re-attaching client what that read held.
 final class ReadJournal {
-  let descriptor: OwnedDescriptor
+  /// Until it is handed over: then closed (the mapping is all the broker needs).
+  private(set) var descriptor: OwnedDescriptor
   private let mapping: UnsafeMutableRawPointer
   /// Slots written since the journal was last settled.
   private var used: CInt = 0
   /// A read is not settled yet: its events may not all be acted on and told.
   private(set) var isOpen = false
   /// Sent to the client with its Register's Ack.
-  var handedOver = false
+  var handedOver: Bool { !descriptor.isValid }
 
   init() throws(BrokerError) {
     var mapping: UnsafeMutableRawPointer?
@@ -27,6 +28,9 @@ final class ReadJournal {
   }
 
   deinit { munmap(mapping, Int(CUFFD_JOURNAL_SIZE)) }
+
+  /// The client has it: one descriptor fewer per client in the broker.
+  func handOver() { descriptor = OwnedDescriptor() }
 
   /// Before a read: a settled journal is cleared, an open one kept.
   func begin() {
