@@ -27,6 +27,26 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("A client as uid 65534 that may not call userfaultfd(2) for a full uffd but may open /dev/userfaultfd gets one there, and is served",
+          .enabled(if: canSwitchUsers && access("/usr/bin/unshare", X_OK) == 0, "needs root, setpriv and unshare"))
+    func deviceClient() throws {
+      var device = stat()
+      try #require(stat("/dev/userfaultfd", &device) == 0, "no /dev/userfaultfd on this kernel")
+      try #require(readTextFile("/proc/sys/vm/unprivileged_userfaultfd").hasPrefix("0"), "vm.unprivileged_userfaultfd=1: the syscall would succeed, the device path not be taken")
+      try Harness.run("nobody-device", configFields: ["\"clientUIDs\": [0, \(Self.nobody)]"]) { h in
+        chmod(h.directory, 0o755)
+        // The same device, open to all, over /dev/userfaultfd in the client's mount namespace only.
+        let node = h.directory + "/userfaultfd"
+        try #require(mknod(node, S_IFCHR | 0o666, device.st_rdev) == 0 && chmod(node, 0o666) == 0, "mknod: \(errno)")
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let served = try h.runClient("touch", mib: 4, threads: 2, plugin: "pattern", user: Self.nobody, userfaultfdDevice: node)
+        #expect(served.status == .exited(0) && served.summary == "verified \(pages(mib: 4)) pages, 0 wrong", h.diagnostics(served.stdout + served.stderr))
+        // Without the device the same client is refused (the syscall's EPERM), so the device served it.
+        let refused = try h.runClient("touch", mib: 1, threads: 1, plugin: "pattern", user: Self.nobody)
+        #expect(refused.status == .exited(1) && (refused.stdout + refused.stderr).contains("userModeOnly"), h.diagnostics(refused.stdout + refused.stderr))
+      }
+    }
+
     @Test("A broker, a plugin and a client all as uid 65534: every page served",
           .enabled(if: canSwitchUsers, "needs root and setpriv to run as another uid"))
     func unprivilegedBroker() throws {

@@ -227,13 +227,18 @@ final class Harness {
 
   // MARK: - Processes
 
-  /// Starts a process, as `user` if given (through setpriv: same pid, no groups).
+  /// Starts a process, as `user` if given (through setpriv: same pid, no groups);
+  /// with `userfaultfdDevice`, in a mount namespace of its own where that device
+  /// node is bind-mounted over /dev/userfaultfd (same pid: each step execs the next).
   private func spawn(label: String, executable: String, arguments: [String], environment: [String: String], stdoutPath: String, stderrPath: String,
-                     appendOutput: Bool = false, user: UInt32? = nil) throws -> FixtureProcess {
-    let (executable, arguments) = if let user = user ?? self.user {
+                     appendOutput: Bool = false, user: UInt32? = nil, userfaultfdDevice: String? = nil) throws -> FixtureProcess {
+    var (executable, arguments) = if let user = user ?? self.user {
       (Self.setpriv, ["--reuid=\(user)", "--regid=\(user)", "--clear-groups", executable] + arguments)
     } else {
       (executable, arguments)
+    }
+    if let userfaultfdDevice {
+      (executable, arguments) = ("/usr/bin/unshare", ["--mount", "/bin/sh", "-c", #"mount --bind "$0" /dev/userfaultfd && exec "$@""#, userfaultfdDevice, executable] + arguments)
     }
     return try FixtureProcess(label: label, executable: executable, arguments: arguments, environment: environment,
                               stdoutPath: stdoutPath, stderrPath: stderrPath, appendOutput: appendOutput)
@@ -282,13 +287,13 @@ final class Harness {
   /// Starts `broker-fixture client SCENARIO MIB THREADS PLUGIN [LOOPS]`, with `extraEnvironment` added,
   /// as `user` (nil: the harness's user).
   func startClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil, extraEnvironment: [String: String] = [:],
-                   user: UInt32? = nil) throws -> FixtureProcess {
+                   user: UInt32? = nil, userfaultfdDevice: String? = nil) throws -> FixtureProcess {
     let label = nextLabel("client-\(scenario)")
     var arguments = ["client", scenario, "\(mib)", "\(threads)", plugin]
     if let loops { arguments.append("\(loops)") }
     let client = try spawn(
       label: label, executable: Self.fixtureExecutable, arguments: arguments, environment: environment.merging(extraEnvironment) { $1 },
-      stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr", user: user ?? self.user)
+      stdoutPath: "\(directory)/\(label).stdout", stderrPath: "\(directory)/\(label).stderr", user: user ?? self.user, userfaultfdDevice: userfaultfdDevice)
     children.append(client)
     return client
   }
@@ -314,8 +319,9 @@ final class Harness {
 
   /// Runs a fixture client to its end (killing it after `timeout` seconds).
   func runClient(_ scenario: String, mib: Int, threads: Int, plugin: String, loops: Int? = nil, timeout: Double = 30, extraEnvironment: [String: String] = [:],
-                 user: UInt32? = nil, sourceLocation: SourceLocation = #_sourceLocation) throws -> ClientOutcome {
-    let client = try startClient(scenario, mib: mib, threads: threads, plugin: plugin, loops: loops, extraEnvironment: extraEnvironment, user: user)
+                 user: UInt32? = nil, userfaultfdDevice: String? = nil, sourceLocation: SourceLocation = #_sourceLocation) throws -> ClientOutcome {
+    let client = try startClient(scenario, mib: mib, threads: threads, plugin: plugin, loops: loops, extraEnvironment: extraEnvironment, user: user,
+                                 userfaultfdDevice: userfaultfdDevice)
     let status = client.wait(timeout: timeout, sourceLocation: sourceLocation)
     if status == nil { keepDirectory = true }
     return ClientOutcome(status: status, stdout: client.stdout, stderr: client.stderr, pid: client.pid)
