@@ -115,6 +115,38 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("The C and Python plugin SDKs refuse a listener run by another uid before sending anything",
+          .enabled(if: getuid() == 0 && ConformanceLanguage.cToolchainPresent && BrokerIntegrationTests.PythonPlugin.python != nil,
+                   "needs root, the C SDK's toolchain and python3 with protobuf"))
+    func squatterRefusedByOtherSDKs() throws {
+      try Self.withDirectory("squatter-sdks") { directory in
+        chmod(directory, 0o755)
+        let path = directory + "/squat"
+        #expect(mkdir(path, 0o755) == 0 && chown(path, 65534, 65534) == 0)
+        let socket = path + "/broker.sock"
+        let squatter = try FixtureProcess(
+          label: "squatter", executable: Harness.fixtureExecutable, arguments: ["squatter", socket, "2"], environment: [:],
+          stdoutPath: directory + "/squatter.stdout", stderrPath: directory + "/squatter.stderr")
+        try #require(waitUntil(timeout: 10) { Self.isSocket(socket) || !squatter.isRunning } && squatter.isRunning, "\(squatter.stdout)")
+        let environment = ["UFFD_BROKER_PLUGIN_SOCKET": socket, "UFFD_BROKER_UID": "", "PYTHONPATH": BrokerIntegrationTests.PythonPlugin.sdk, "PYTHONDONTWRITEBYTECODE": "1"]
+        let python = try #require(BrokerIntegrationTests.PythonPlugin.python)
+        let plugins = [
+          ("c", try ConformanceLanguage.cExecutable.get(), ["squatted"], "held by uid 65534, not root or you; refusing to send it anything"),
+          ("python", python, [ConformanceLanguage.sources + "/python/conformance_plugin.py", "squatted"], "is served by uid 65534, not root or you"),
+        ]
+        for (label, executable, arguments, refusal) in plugins {
+          let plugin = try FixtureProcess(
+            label: label, executable: executable, arguments: arguments, environment: environment,
+            stdoutPath: directory + "/\(label).stdout", stderrPath: directory + "/\(label).stderr")
+          let status = plugin.wait(timeout: 20)
+          #expect(status != nil && status != .exited(0), "\(label): \(plugin.stderr)")
+          #expect(plugin.stderr.contains(refusal), "\(label): \(plugin.stderr)")
+        }
+        #expect(squatter.wait(timeout: 20) == .exited(0), "\(squatter.stdout)")
+        #expect(squatter.stdout.hasSuffix("squatter: 2 connections, 0 packets, 0 descriptors\n"), "\(squatter.stdout)")
+      }
+    }
+
     @Test("Without XDG_RUNTIME_DIR a non-root broker, client and status have no default socket (no /tmp): each says what to set",
           .enabled(if: getuid() == 0 && access("/usr/bin/setpriv", X_OK) == 0, "needs root and setpriv to run as another uid"))
     func noDefaultInTmp() throws {
