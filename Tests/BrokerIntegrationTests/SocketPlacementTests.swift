@@ -76,15 +76,7 @@ extension BrokerIntegrationTests {
     @Test("Client, plugin and status refuse a listener run by another uid before sending anything; a named uid is accepted",
           .enabled(if: getuid() == 0, "needs root to run the fake broker as another uid"))
     func squatterRefused() throws {
-      try Self.withDirectory("squatter") { directory in
-        chmod(directory, 0o755)  // nobody must reach its own directory inside
-        let path = directory + "/squat"
-        #expect(mkdir(path, 0o755) == 0 && chown(path, 65534, 65534) == 0)
-        let socket = path + "/broker.sock"
-        let squatter = try FixtureProcess(
-          label: "squatter", executable: Harness.fixtureExecutable, arguments: ["squatter", socket, "5"], environment: [:],
-          stdoutPath: directory + "/squatter.stdout", stderrPath: directory + "/squatter.stderr")
-        try #require(waitUntil(timeout: 10) { Self.isSocket(socket) || !squatter.isRunning } && squatter.isRunning, "\(squatter.stdout)")
+      try Self.withSquatter("squatter", connections: 5) { directory, socket, squatter in
         let refusal = "\(socket) is served by uid 65534, not root or you (uid 0); refusing to send it anything"
         let environment = ["UFFD_BROKER_CLIENT_SOCKET": socket, "UFFD_BROKER_PLUGIN_SOCKET": socket, "UFFD_BROKER_UID": ""]
         // A client process: its userfaultfd must not go to the squatter.
@@ -119,15 +111,7 @@ extension BrokerIntegrationTests {
           .enabled(if: getuid() == 0 && ConformanceLanguage.cToolchainPresent && BrokerIntegrationTests.PythonPlugin.python != nil,
                    "needs root, the C SDK's toolchain and python3 with protobuf"))
     func squatterRefusedByOtherSDKs() throws {
-      try Self.withDirectory("squatter-sdks") { directory in
-        chmod(directory, 0o755)
-        let path = directory + "/squat"
-        #expect(mkdir(path, 0o755) == 0 && chown(path, 65534, 65534) == 0)
-        let socket = path + "/broker.sock"
-        let squatter = try FixtureProcess(
-          label: "squatter", executable: Harness.fixtureExecutable, arguments: ["squatter", socket, "2"], environment: [:],
-          stdoutPath: directory + "/squatter.stdout", stderrPath: directory + "/squatter.stderr")
-        try #require(waitUntil(timeout: 10) { Self.isSocket(socket) || !squatter.isRunning } && squatter.isRunning, "\(squatter.stdout)")
+      try Self.withSquatter("squatter-sdks", connections: 2) { directory, socket, squatter in
         let environment = ["UFFD_BROKER_PLUGIN_SOCKET": socket, "UFFD_BROKER_UID": "", "PYTHONPATH": BrokerIntegrationTests.PythonPlugin.sdk, "PYTHONDONTWRITEBYTECODE": "1"]
         let python = try #require(BrokerIntegrationTests.PythonPlugin.python)
         let plugins = [
@@ -198,6 +182,22 @@ extension BrokerIntegrationTests {
     }
 
     /// Runs `body` with a fresh private directory, removed afterwards (with one level of subdirectories).
+    /// A fake broker of uid 65534 listening in a directory of its own (`broker-fixture squatter`),
+    /// counting what the next `connections` send it.
+    static func withSquatter(_ label: String, connections: Int, _ body: (_ directory: String, _ socket: String, FixtureProcess) throws -> Void) throws {
+      try withDirectory(label) { directory in
+        chmod(directory, 0o755)  // nobody must reach its own directory inside
+        let path = directory + "/squat"
+        #expect(mkdir(path, 0o755) == 0 && chown(path, 65534, 65534) == 0)
+        let socket = path + "/broker.sock"
+        let squatter = try FixtureProcess(
+          label: "squatter", executable: Harness.fixtureExecutable, arguments: ["squatter", socket, "\(connections)"], environment: [:],
+          stdoutPath: directory + "/squatter.stdout", stderrPath: directory + "/squatter.stderr")
+        try #require(waitUntil(timeout: 10) { isSocket(socket) || !squatter.isRunning } && squatter.isRunning, "\(squatter.stdout)")
+        try body(directory, socket, squatter)
+      }
+    }
+
     static func withDirectory(_ label: String, _ body: (String) throws -> Void) throws {
       var template = Array("/tmp/uffd-it-\(label)-XXXXXX".utf8CString)
       guard let made = mkdtemp(&template) else { throw HarnessError("mkdtemp failed: \(errno)") }
