@@ -56,6 +56,23 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("a C plugin answering every huge-page fault later, from 3 threads: each keeps a whole huge page of the shared area, every byte exact",
+          .enabled(if: CPlugin.toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
+    func cLaterAnswers() throws {
+      try HugePagePool.reserving(4) {
+        try Harness.run("huge-c-later") { h in
+          let executable = try CPlugin.buildTestPlugin(h, "later")
+          let plugin = try h.startPluginProcess(name: "c-later", executable: executable, arguments: ["c-later", h.directory + "/later.stats"], waitForConnection: true)
+          // 4 huge pages, 2 per shared half: a fault that finds both halves held by deferred ones is retried until an answer frees one.
+          let outcome = try h.runClient("touch", mib: 8, threads: 4, plugin: "c-later", timeout: 60, extraEnvironment: Self.hugeEnvironment)
+          #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr + "\nplugin: " + plugin.stderr))
+          #expect(outcome.summary == "verified \((8 << 20) / pageSize) pages, 0 wrong", h.diagnostics)
+          let status = try h.status().plugin("c-later")
+          #expect(status?.decisionsAppliedByKind.copy == 4 && status?.invalidDecisions == 0, h.diagnostics(plugin.stderr))
+        }
+      }
+    }
+
     @Test("a Firecracker-style VMM restores its guest with page_size 2097152: every page exact, a ballooned huge page reads zeros")
     func firecrackerRestore() throws {
       let mib = 8
