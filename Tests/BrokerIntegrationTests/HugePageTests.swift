@@ -73,6 +73,23 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("a C plugin without a shared area (no memfd_create) refuses a huge-page region at Register, saying why, and serves small pages inline",
+          .enabled(if: CPlugin.toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
+    func cInlineOnlyRefuses() throws {
+      try HugePagePool.reserving(2) {
+        try Harness.run("huge-c-inline") { h in
+          let executable = try CPlugin.buildTestPlugin(h, "inline")
+          let plugin = try h.startPluginProcess(name: "inline", executable: executable, arguments: ["inline"], waitForConnection: true)
+          let huge = try h.runClient("touch", mib: 4, threads: 1, plugin: "inline", extraEnvironment: Self.hugeEnvironment)
+          #expect(huge.status == .exited(1), h.diagnostics(huge.stdout + huge.stderr))
+          #expect(huge.summary.contains("region 1 has 2097152-byte pages, more than this plugin's buffers hold (it has no shared area)"), h.diagnostics(huge.stdout))
+          let small = try h.runClient("touch", mib: 4, threads: 2, plugin: "inline")
+          #expect(small.summary == "verified \(pages(mib: 4)) pages, 0 wrong", h.diagnostics(small.stdout + small.stderr + "\nplugin: " + plugin.stderr))
+          #expect(try h.status().plugin("inline")?.decisionsAppliedByKind.copy == UInt64(pages(mib: 4)), h.diagnostics)
+        }
+      }
+    }
+
     @Test("a Firecracker-style VMM restores its guest with page_size 2097152: every page exact, a ballooned huge page reads zeros")
     func firecrackerRestore() throws {
       let mib = 8
