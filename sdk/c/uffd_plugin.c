@@ -683,8 +683,11 @@ static void check_copy(uffd_decision decision, uint64_t page, uint64_t capacity)
 static int serve_fault(uffd_plugin *p, const Uffdbroker__Faults *faults, size_t i, const uffd_callbacks *callbacks, void *user) {
   uffd_region *region = find_region(p, faults->client_id[i], faults->region_id[i], NULL);
   size_t size = region ? uffd_plugin_buffer_size(region) : UFFD_PLUGIN_MAX_PREFETCH;
-  /* Room for the largest inline copy when the bytes cannot go in a shared block (a huge page's never can). */
-  int err = make_decision_room(p, size, current_is_shared(p) || size > UFFD_PLUGIN_MAX_PREFETCH ? 0 : size);
+  int huge = size > UFFD_PLUGIN_MAX_PREFETCH, shared = current_is_shared(p);
+  /* Room for the largest inline copy when the bytes cannot go in a shared block (a huge page's never can).
+   * A private stage was chosen as the broker's last packet came: no shared half is free before the next, and
+   * flushing would not free one (a huge page is retried). */
+  int err = make_decision_room(p, huge && !shared ? 0 : size, shared || huge ? 0 : size);
   if (err) return err;
   fault_place place = {faults->fault_id[i], faults->address[i], faults->offset[i]};
   /* No buffer: deferred faults hold them all, or a huge page finds no free shared half (private blocks are

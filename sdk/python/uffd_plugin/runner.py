@@ -439,7 +439,8 @@ class Runner:
         self._stage_offset: Optional[int] = None
         if self._shared is not None:
             for half in (upcoming % 2, 1 - upcoming % 2):
-                if self._half_reserved[half] == 0 and self._applied >= self._half_named_by[half]:
+                # Not one whose bytes the packet being filled names (a deferred fault's answer).
+                if self._half_reserved[half] == 0 and self._applied >= self._half_named_by[half] and half not in self._answer.halves:
                     self._stage_offset = half * self.SHARED_HALF
                     self._stage_half = half
                     break
@@ -577,10 +578,12 @@ class Runner:
         room = self.max_prefetch if region is None else self.buffer_size(region)
         huge = room > self.max_prefetch  # its bytes fit no packet: a shared half or nothing
         # Room for the largest answer: its bytes in the stage (shared) or in the packet (inline).
-        if (self._stage_offset is not None and self.SHARED_HALF - self._staged < room) or (huge and self._stage_offset is None):
+        if huge and self._stage_offset is None:
+            self._choose_stage()  # the broker may have freed a half since; this packet names none
+        elif self._stage_offset is not None and self.SHARED_HALF - self._staged < room:
             self._flush()
-            if self._staged or (huge and self._stage_offset is None):
-                self._choose_stage()  # nothing was sent: deferred faults' buffers filled the half, or the broker caught up
+            if self._staged:
+                self._choose_stage()  # nothing was sent: deferred faults' buffers filled the half
         self._make_room(_ARRAYS_ENTRY if self._stage_offset is not None else _DECISION_OVERHEAD + self.max_prefetch)
         if region is None or (huge and (self._stage_offset is None or self.SHARED_HALF - self._staged < room)):
             # No region, or a huge page while no shared half is free: asked again later.
