@@ -56,6 +56,40 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("a C plugin answering every huge-page fault later, from 3 threads: each keeps a whole huge page of the shared area, every byte exact",
+          .enabled(if: CPlugin.toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
+    func cLaterAnswers() throws {
+      try HugePagePool.reserving(4) {
+        try Harness.run("huge-c-later") { h in
+          let executable = try CPlugin.buildTestPlugin(h, "later")
+          let plugin = try h.startPluginProcess(name: "c-later", executable: executable, arguments: ["c-later", h.directory + "/later.stats"], waitForConnection: true)
+          // 4 huge pages, 2 per shared half: a fault that finds both halves held by deferred ones is retried until an answer frees one.
+          let outcome = try h.runClient("touch", mib: 8, threads: 4, plugin: "c-later", timeout: 60, extraEnvironment: Self.hugeEnvironment)
+          #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr + "\nplugin: " + plugin.stderr))
+          #expect(outcome.summary == "verified \((8 << 20) / pageSize) pages, 0 wrong", h.diagnostics)
+          let status = try h.status().plugin("c-later")
+          #expect(status?.decisionsAppliedByKind.copy == 4 && status?.invalidDecisions == 0, h.diagnostics(plugin.stderr))
+        }
+      }
+    }
+
+    @Test("a C plugin without a shared area (no memfd_create) refuses a huge-page region at Register, saying why, and serves small pages inline",
+          .enabled(if: CPlugin.toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
+    func cInlineOnlyRefuses() throws {
+      try HugePagePool.reserving(2) {
+        try Harness.run("huge-c-inline") { h in
+          let executable = try CPlugin.buildTestPlugin(h, "inline")
+          let plugin = try h.startPluginProcess(name: "inline", executable: executable, arguments: ["inline"], waitForConnection: true)
+          let huge = try h.runClient("touch", mib: 4, threads: 1, plugin: "inline", extraEnvironment: Self.hugeEnvironment)
+          #expect(huge.status == .exited(1), h.diagnostics(huge.stdout + huge.stderr))
+          #expect(huge.summary.contains("region 1 has 2097152-byte pages, more than this plugin's buffers hold (it has no shared area)"), h.diagnostics(huge.stdout))
+          let small = try h.runClient("touch", mib: 4, threads: 2, plugin: "inline")
+          #expect(small.summary == "verified \(pages(mib: 4)) pages, 0 wrong", h.diagnostics(small.stdout + small.stderr + "\nplugin: " + plugin.stderr))
+          #expect(try h.status().plugin("inline")?.decisionsAppliedByKind.copy == UInt64(pages(mib: 4)), h.diagnostics)
+        }
+      }
+    }
+
     @Test("a Firecracker-style VMM restores its guest with page_size 2097152: every page exact, a ballooned huge page reads zeros")
     func firecrackerRestore() throws {
       let mib = 8

@@ -29,7 +29,7 @@ enum {
   PACKET_BUDGET = MAX_PACKET - 4096, /* what the size estimates may reach */
   RECEIVE_BUFFER = 512 << 10,       /* larger than any packet: a longer one shows as MSG_TRUNC */
   SOCKET_BUFFER = 1 << 20,          /* SO_SNDBUF/SO_RCVBUF: a 256 KiB send needs more than the default */
-  SHARED_HALF = 1 << 20,            /* the shared area is two halves, alternating between packets */
+  SHARED_HALF = 4 << 20,            /* the shared area is two halves, alternating between packets: two huge pages each */
   MAX_FDS = 8,                      /* descriptors per packet, and names in the descriptor store */
   MAX_KEPT_NAME = 64,               /* a descriptor store name's bytes */
   MAX_BATCH = 8192,                 /* Decisions entries per packet (~33 bytes each) */
@@ -426,7 +426,13 @@ static int region_opened(uffd_plugin *p, const Uffdbroker__RegionOpened *event, 
       .plugin = strdup(spec->plugin), .argument = strdup(spec->argument), .backing_offset = spec->backing_offset, .pid = event->pid,
       .parent_client_id = event->parent_client_id, .has_credentials = event->client != NULL, .uid = event->client ? event->client->uid : 0,
       .gid = event->client ? event->client->gid : 0, .token_high = event->token_high, .token_low = event->token_low};
-  if (event->parent_client_id != 0) {
+  char message[128];
+  if (region->page_size > UFFD_PLUGIN_MAX_PREFETCH && (!p->shared || region->page_size > SHARED_HALF)) {
+    /* A huge page's bytes fit no packet: they go through the shared area only. */
+    snprintf(message, sizeof message, "region %llu has %u-byte pages, more than this plugin's buffers hold%s", (unsigned long long)spec->id,
+             region->page_size, p->shared ? "" : " (it has no shared area)");
+    refusal = message;
+  } else if (event->parent_client_id != 0) {
     /* A forked child: it starts as its parent's region (the same base and context). */
     uffd_region *parent = find_region(p, event->parent_client_id, spec->id, NULL);
     if (!parent) refusal = "the parent's region is not open here";
@@ -614,12 +620,12 @@ typedef struct fault_place {
   uint64_t fault_id, address, offset;
 } fault_place;
 
-/* Makes room in the packet for one more decision (with up to `inline_bytes` of data) and, when
- * `buffer` is set, a buffer of UFFD_PLUGIN_MAX_PREFETCH bytes in the current block. */
-static int make_decision_room(uffd_plugin *p, int buffer, size_t inline_bytes) {
+/* Makes room in the packet for one more decision (with up to `inline_bytes` of data) and
+ * `buffer` bytes (0: none) for its buffer in the current block. */
+static int make_decision_room(uffd_plugin *p, size_t buffer, size_t inline_bytes) {
   int fits = p->estimate + BATCH_ENTRY + (inline_bytes ? inline_bytes + INLINE_OVERHEAD : 0) <= PACKET_BUDGET &&
              p->batch_count < MAX_BATCH && p->inline_count < MAX_INLINE;
-  if (fits && (!buffer || room(p) >= UFFD_PLUGIN_MAX_PREFETCH)) return 0;
+  if (fits && room(p) >= buffer) return 0;
   if (!packet_empty(p)) return flush(p); /* and chooses the next block */
   choose_stage(p);
   return 0;
@@ -675,12 +681,18 @@ static void check_copy(uffd_decision decision, uint64_t page, uint64_t capacity)
 }
 
 static int serve_fault(uffd_plugin *p, const Uffdbroker__Faults *faults, size_t i, const uffd_callbacks *callbacks, void *user) {
-  /* Room for the largest inline copy when the bytes cannot go in a shared block. */
-  int err = make_decision_room(p, 1, current_is_shared(p) ? 0 : UFFD_PLUGIN_MAX_PREFETCH);
+  uffd_region *region = find_region(p, faults->client_id[i], faults->region_id[i], NULL);
+  size_t size = region ? uffd_plugin_buffer_size(region) : UFFD_PLUGIN_MAX_PREFETCH;
+  int huge = size > UFFD_PLUGIN_MAX_PREFETCH, shared = current_is_shared(p);
+  /* Room for the largest inline copy when the bytes cannot go in a shared block (a huge page's never can).
+   * A private stage was chosen as the broker's last packet came: no shared half is free before the next, and
+   * flushing would not free one (a huge page is retried). */
+  int err = make_decision_room(p, huge && !shared ? 0 : size, shared || huge ? 0 : size);
   if (err) return err;
   fault_place place = {faults->fault_id[i], faults->address[i], faults->offset[i]};
-  uffd_region *region = find_region(p, faults->client_id[i], faults->region_id[i], NULL);
-  if (!region || room(p) < UFFD_PLUGIN_MAX_PREFETCH) { /* no buffer: deferred faults hold them all */
+  /* No buffer: deferred faults hold them all, or a huge page finds no free shared half (private blocks are
+   * for bytes that travel inline, and a huge page fits no packet). Asked again later. */
+  if (!region || room(p) < size || (size > UFFD_PLUGIN_MAX_PREFETCH && !current_is_shared(p))) {
     decide(p, &place, uffd_retry(), 0, 0, NULL);
     return 0;
   }
@@ -689,13 +701,13 @@ static int serve_fault(uffd_plugin *p, const Uffdbroker__Faults *faults, size_t 
   size_t b = p->current;
   uint8_t *buffer = p->blocks[b].base + p->staged;
   p->in_pagefault = 1;
-  uffd_decision decision = callbacks->pagefault(&fault, region, buffer, UFFD_PLUGIN_MAX_PREFETCH, user);
+  uffd_decision decision = callbacks->pagefault(&fault, region, buffer, size, user);
   p->in_pagefault = 0;
   uint64_t page = region->page_size;
   if (decision.kind == UFFD_DECISION_LATER) {
     /* The buffer's first `reserved` bytes stay the plugin's until it answers. */
     uint64_t reserved = decision.length ? (decision.length + page - 1) / page * page : page;
-    check_copy((uffd_decision){UFFD_DECISION_COPY, 0, reserved}, page, UFFD_PLUGIN_MAX_PREFETCH);
+    check_copy((uffd_decision){UFFD_DECISION_COPY, 0, reserved}, page, size);
     deferred entry = {.fault_id = place.fault_id, .client_id = region->client_id, .region_id = region->region_id,
                       .address = place.address, .offset = place.offset, .block = b, .at = p->staged, .reserved = reserved};
     if (table_insert(p, &entry) != 0) return -ENOMEM;
@@ -703,7 +715,7 @@ static int serve_fault(uffd_plugin *p, const Uffdbroker__Faults *faults, size_t 
     p->staged += reserved;
     return 0;
   }
-  check_copy(decision, page, UFFD_PLUGIN_MAX_PREFETCH);
+  check_copy(decision, page, size);
   decide(p, &place, decision, region->page_size, b, buffer);
   if (decision.kind == UFFD_DECISION_COPY) p->staged += ((decision.length ? decision.length : page) + page - 1) / page * page;
   return 0;

@@ -11,6 +11,17 @@ enum ConformanceLanguage: String, CaseIterable, Sendable, CustomTestStringConver
   /// What building the C plugin needs: the C sample's toolchain and pkg-config.
   static let cToolchainPresent = BrokerIntegrationTests.CPlugin.toolchainPresent && access("/usr/bin/pkg-config", X_OK) == 0
 
+  static let cMissing: Comment = "needs cc, make, pkg-config and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"
+
+  /// Why its plugin cannot run here, or nil.
+  var missing: Comment? {
+    switch self {
+    case .swift: nil
+    case .c: Self.cToolchainPresent ? nil : Self.cMissing
+    case .python: BrokerIntegrationTests.PythonPlugin.python != nil ? nil : Comment(rawValue: BrokerIntegrationTests.PythonPlugin.missing)
+    }
+  }
+
   static let sources = BrokerIntegrationTests.CPlugin.repository + "/Tests/Fixtures/conformance-plugins"
 
   /// The C plugin, built once per test run beside the test bundle (never in the

@@ -45,6 +45,9 @@ enum ConformanceScenario: String, CaseIterable, Sendable, CustomTestStringConver
   /// A plugin of a uid the broker does not allow, refused before it reads the Hello (whose send
   /// may fail with EPIPE): it says the broker's code and reason, never a broken pipe.
   case notAuthorized
+  /// A `MAP_HUGETLB` client of 4 huge pages (2 MiB) touched by 2 threads, every byte checked: each
+  /// answer a whole huge page, more than the SDK's prefetch buffer (skipped where the pool cannot grow).
+  case hugePages
   /// Wire: a plugin packet over 256 KiB: `ERROR_TOO_LARGE`, the connection closed.
   case oversizedPacket
   /// Wire: a plugin's Hello of protocol version 1: `ERROR_VERSION`, the connection closed.
@@ -55,7 +58,8 @@ enum ConformanceScenario: String, CaseIterable, Sendable, CustomTestStringConver
   /// Whether it runs on a hand-driven socket instead of an SDK's plugin.
   var isWireScenario: Bool { self == .oversizedPacket || self == .wrongVersion }
 
-  static let sdkScenarios = allCases.filter { !$0.isWireScenario }
+  /// Those every SDK's test runs; `hugePages` has a test of its own, skipped where the pool cannot grow.
+  static let sdkScenarios = allCases.filter { !$0.isWireScenario && $0 != .hugePages }
   static let wireScenarios = allCases.filter(\.isWireScenario)
 
   /// The plugin name every scenario uses.
@@ -65,6 +69,14 @@ enum ConformanceScenario: String, CaseIterable, Sendable, CustomTestStringConver
   func run(_ language: ConformanceLanguage) throws {
     precondition(!isWireScenario, "\(self) runs on a raw socket")
     if self == .notAuthorized { return try runNotAuthorized(language) }
+    if self == .hugePages { return try HugePagePool.reserving(Self.hugePageCount) { try runConnected(language) } }
+    try runConnected(language)
+  }
+
+  /// Huge pages the `hugePages` scenario maps.
+  private static let hugePageCount = 4
+
+  private func runConnected(_ language: ConformanceLanguage) throws {
     try Harness.run("conf-\(language.rawValue)-\(rawValue)") { h in
       let plugin = try language.startPlugin(h, name: Self.name)
       try check(h, plugin: plugin, language: language)
@@ -165,6 +177,15 @@ enum ConformanceScenario: String, CaseIterable, Sendable, CustomTestStringConver
       #expect(second.wait(timeout: 15) == .exited(1), h.diagnostics(second.stderr))
       #expect(second.stderr.contains("plugin \"\(name)\" is already connected (code \(BrokerError.Code.nameTaken.rawValue))"), h.diagnostics(second.stderr))
       #expect(try h.status().plugin(name)?.connectedPID == plugin.pid, h.diagnostics)
+
+    case .hugePages:
+      let huge = behaviour("pattern").merging(BrokerIntegrationTests.HugePages.hugeEnvironment) { $1 }
+      let mib = Self.hugePageCount * HugePagePool.pageSize >> 20
+      let outcome = try h.runClient("touch", mib: mib, threads: 2, plugin: name, extraEnvironment: huge)
+      expectExact(h, outcome, pages: pages(mib: mib), plugin: plugin)
+      // One copy per huge page, none refused: each answer was a whole huge page.
+      let status = try h.status().plugin(name)
+      #expect(status?.decisionsAppliedByKind.copy == UInt64(Self.hugePageCount) && status?.invalidDecisions == 0, h.diagnostics(plugin.stderr))
 
     case .notAuthorized, .oversizedPacket, .wrongVersion:
       preconditionFailure("not run against a connected plugin")

@@ -10,7 +10,7 @@ extension BrokerIntegrationTests {
       try scenario.run(.swift)
     }
 
-    @Test("C SDK", .enabled(if: ConformanceLanguage.cToolchainPresent, "needs cc, make, pkg-config and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"),
+    @Test("C SDK", .enabled(if: ConformanceLanguage.cToolchainPresent, ConformanceLanguage.cMissing),
           arguments: ConformanceScenario.sdkScenarios)
     func cSDK(_ scenario: ConformanceScenario) throws {
       try scenario.run(.c)
@@ -19,6 +19,13 @@ extension BrokerIntegrationTests {
     @Test("Python SDK", .enabled(if: PythonPlugin.python != nil, Comment(rawValue: PythonPlugin.missing)), arguments: ConformanceScenario.sdkScenarios)
     func pythonSDK(_ scenario: ConformanceScenario) throws {
       try scenario.run(.python)
+    }
+
+    @Test("every SDK on 2 MiB huge pages (scenario hugePages)", .enabled(if: HugePagePool.available, "needs /proc/sys/vm/nr_hugepages to be raisable (root, hugetlb) to map 2 MiB pages"),
+          arguments: ConformanceLanguage.allCases)
+    func hugePages(_ language: ConformanceLanguage) throws {
+      if let missing = language.missing { try Test.cancel(missing) }
+      try ConformanceScenario.hugePages.run(language)
     }
 
     @Test("any language, on a raw socket (no SDK sends these)", arguments: ConformanceScenario.wireScenarios)

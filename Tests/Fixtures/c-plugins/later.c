@@ -3,7 +3,8 @@
 // worker takes all the faults waiting, writes the fixture's pattern into their
 // buffers and answers them newest first, so answers come out of order and from
 // several threads. Every fourth fault keeps a 4-page buffer and prefetches its
-// aligned 4-page block.
+// aligned 4-page block, if its buffer holds that (not of a huge-page region, whose
+// faults keep one whole huge page each).
 //   later NAME STATS [hold]   -- STATS: a file kept at "answered=N\nreordered=M\n"
 // hold: no answer before the first client is gone (Closed): those answers come
 // after their region closed, and must be dropped harmlessly.
@@ -36,9 +37,9 @@ static void fill(uint64_t *words, size_t bytes, uint64_t backing_offset) {
 }
 
 static uffd_decision pagefault(const uffd_fault *fault, uffd_region *region, void *buffer, size_t size, void *user) {
-  (void)size, (void)user;
+  (void)user;
   uint64_t block = BLOCK_PAGES * region->page_size, start = fault->offset / block * block;
-  int prefetch = deferred % 4 == 3 && start + block <= region->length;
+  int prefetch = deferred % 4 == 3 && block <= size && start + block <= region->length;
   job j = {fault->fault_id, ++deferred, prefetch ? start : fault->offset, prefetch ? block : region->page_size, region->backing_offset, buffer, prefetch};
   pthread_mutex_lock(&lock);
   if (job_count == job_capacity) {

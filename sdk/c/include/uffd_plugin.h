@@ -9,7 +9,7 @@
  * client gone, a swap-out's bytes to store, a decision of the plugin refused.
  *
  *     static uffd_decision fault(const uffd_fault *f, uffd_region *r, void *buffer, size_t size, void *user) {
- *       memset(buffer, 0x2a, r->page_size);
+ *       memset(buffer, 0x2a, r->page_size);  // size >= r->page_size, huge pages too
  *       return uffd_copy();
  *     }
  *     int main(void) {
@@ -36,6 +36,11 @@
  *    and no fault answered later still holds a buffer there; otherwise the
  *    bytes travel inline from private memory. Should deferred faults hold
  *    every buffer there is (1 GiB), a new fault gets retry, never a hang.
+ *    Huge pages (page_size 2 MiB, README "Huge pages"): a fault's buffer is one
+ *    whole huge page, in the shared area only (its halves are 4 MiB; a huge
+ *    page fits no packet); while no half is free such a fault gets retry. A
+ *    plugin without a shared area refuses regions of pages larger than
+ *    UFFD_PLUGIN_MAX_PREFETCH at RegionOpened, saying so.
  * 5. Functions that can fail return 0 (or a pointer) on success and -errno (or
  *    NULL, errno set) on failure; uffd_plugin_last_error() says why, for people.
  *
@@ -54,7 +59,8 @@ extern "C" {
 
 /** The protocol version this SDK speaks. */
 #define UFFD_PLUGIN_PROTOCOL_VERSION 2
-/** The largest range one decision may fill (copy or zero), and the size of a fault's buffer. */
+/** The largest range one decision may fill (copy or zero), and the size of a fault's buffer,
+ *  in a region of small pages; in a huge-page region both are one huge page (uffd_plugin_buffer_size). */
 #define UFFD_PLUGIN_MAX_PREFETCH (128u << 10)
 /** UFFD_PAGEFAULT_FLAG_WRITE in uffd_fault.flags: the fault is a write. */
 #define UFFD_FAULT_WRITE 1u
@@ -99,8 +105,9 @@ typedef enum uffd_decision_kind {
 /**
  * A page fault's answer. length 0: the faulting page alone (offset ignored).
  * Otherwise [offset, offset + length) in region offsets, page aligned, inside
- * the region, containing the faulting page, at most UFFD_PLUGIN_MAX_PREFETCH
+ * the region, containing the faulting page, at most uffd_plugin_buffer_size(region)
  * bytes: a prefetch. A copy's bytes are at the start of the fault's buffer.
+ * A copy (or reservation) longer than the buffer aborts the plugin with a message.
  */
 typedef struct uffd_decision {
   uffd_decision_kind kind;
@@ -116,9 +123,15 @@ static inline uffd_decision uffd_retry(void) { return (uffd_decision){UFFD_DECIS
 static inline uffd_decision uffd_poison(void) { return (uffd_decision){UFFD_DECISION_POISON, 0, 0}; }
 /** Answer later (uffd_plugin_answer): the buffer's first page stays the plugin's until then. */
 static inline uffd_decision uffd_later(void) { return (uffd_decision){UFFD_DECISION_LATER, 0, 0}; }
-/** Answer later, keeping the buffer's first `length` bytes (≤ UFFD_PLUGIN_MAX_PREFETCH):
+/** Answer later, keeping the buffer's first `length` bytes (≤ uffd_plugin_buffer_size(region)):
  *  the answer may then copy up to that much (a prefetch). */
 static inline uffd_decision uffd_later_keeping(uint64_t length) { return (uffd_decision){UFFD_DECISION_LATER, 0, length}; }
+
+/** The size of a fault's buffer in `region`, the most one decision fills: UFFD_PLUGIN_MAX_PREFETCH,
+ *  or one page of a region of larger (huge) pages. */
+static inline size_t uffd_plugin_buffer_size(const uffd_region *region) {
+  return region->page_size > UFFD_PLUGIN_MAX_PREFETCH ? region->page_size : UFFD_PLUGIN_MAX_PREFETCH;
+}
 
 /**
  * The plugin's callbacks; any may be NULL except pagefault. `user` is the
@@ -128,10 +141,11 @@ typedef struct uffd_callbacks {
   /** A region opened (a forked child's copy when parent_client_id is set).
    *  Return NULL to accept, or a message to refuse it (the client's Register
    *  fails; a forked child's faults fail closed). NULL callback: accept,
-   *  except forked children, which are refused. */
+   *  except forked children, which are refused. Not called for a region whose
+   *  pages no buffer holds (huge pages without a shared area): refused. */
   const char *(*region_opened)(uffd_region *region, void *user);
   /** Decide one fault. `buffer` is page aligned, `buffer_size` bytes
-   *  (UFFD_PLUGIN_MAX_PREFETCH); a copy's bytes go at its start. Return
+   *  (uffd_plugin_buffer_size(region): at least one page); a copy's bytes go at its start. Return
    *  uffd_later() to answer from another thread or when I/O completes
    *  (uffd_plugin_answer); the buffer then stays valid and the plugin's until then. */
   uffd_decision (*pagefault)(const uffd_fault *fault, uffd_region *region, void *buffer, size_t buffer_size, void *user);

@@ -47,12 +47,12 @@ class RunnerTests(unittest.TestCase):
 
     def test_shared_halves_alternate_and_fall_back_to_inline(self):
         broker = FakeBroker(self, Numbered(), shared_memory=True)
-        broker.open_region(5, 600)
-        # 600 pages: more than one half (256 pages), and the broker says it applied
-        # nothing new meanwhile, so the third packet's bytes must go inline.
-        broker.faults(5, 600, applied=2)
-        pages, packets = broker.answers(600)
-        self.check(pages, 600)
+        broker.open_region(5, 2100)
+        # 2100 pages: more than both halves (1024 pages each), and the broker says it
+        # applied nothing new meanwhile, so the third packet's bytes must go inline.
+        broker.faults(5, 2100, applied=2)
+        pages, packets = broker.answers(2100)
+        self.check(pages, 2100)
         self.assertGreater(len(packets[0].batch.fault_id), 0)
         self.assertGreater(sum(len(packet.decisions) for packet in packets), 0)
         broker.finish()

@@ -184,13 +184,16 @@ class Runner:
 
     `max_prefetch`: the largest range one decision fills (the `buffer` handed
     to `pagefault`), rounded down to pages, at most half a packet; a deferred
-    fault holds that much of the shared area until answered. `broker_uid`: a
+    fault holds that much of the shared area until answered. In a region of
+    larger (huge) pages both are one page of the region (`buffer_size`), in
+    the shared area only (a huge page fits no packet): while no half is free
+    such a fault gets retry, and without a shared area such a region is refused. `broker_uid`: a
     uid besides root and this process's that may serve the socket (None:
     `UFFD_BROKER_UID`, if set). `stats_path`: a file kept holding `faults=N`
     and the plugin's `statistics()` as `name=value` lines, for monitoring.
     """
 
-    SHARED_HALF = 1 << 20
+    SHARED_HALF = 4 << 20  # two 2 MiB huge pages
 
     def __init__(self, plugin: Plugin, name: str, socket_path: Optional[str] = None,
                  max_prefetch: int = 128 << 10, shared_memory: bool = True, broker_uid: Optional[int] = None,
@@ -365,8 +368,9 @@ class Runner:
         handed. Each deferred fault must be answered once, even after its region
         closed (the answer is then dropped): until then its buffer stays
         reserved. Raises TypeError or ValueError for a malformed decision (a
-        copy larger than the region's page or `max_prefetch` ends `serve`)."""
-        self._check(decision, self.page_size)
+        copy larger than its buffer ends `serve`)."""
+        deferred = self._pending.get(fault_id)  # one dict read: safe from any thread
+        self._check(decision, self.page_size, self.max_prefetch if deferred is None else len(deferred.buffer))
         if decision.kind == DECISION_LATER:
             raise ValueError("answer() takes a decision, not later()")
         with self._answers_lock:
@@ -390,7 +394,7 @@ class Runner:
             fault, region = deferred.fault, deferred.region
             if self._regions.get((fault.client_id, fault.region_id)) is not region:
                 continue  # the region closed: the broker forgot the fault
-            self._check(decision, region.page_size or self.page_size)
+            self._check(decision, region.page_size or self.page_size, len(deferred.buffer))
             self._make_room(_ARRAYS_ENTRY if deferred.half is not None else _DECISION_OVERHEAD + self.max_prefetch)
             self._decide(fault, region, deferred.buffer, deferred.shared_offset, decision)
             if deferred.half is not None:
@@ -435,7 +439,8 @@ class Runner:
         self._stage_offset: Optional[int] = None
         if self._shared is not None:
             for half in (upcoming % 2, 1 - upcoming % 2):
-                if self._half_reserved[half] == 0 and self._applied >= self._half_named_by[half]:
+                # Not one whose bytes the packet being filled names (a deferred fault's answer).
+                if self._half_reserved[half] == 0 and self._applied >= self._half_named_by[half] and half not in self._answer.halves:
                     self._stage_offset = half * self.SHARED_HALF
                     self._stage_half = half
                     break
@@ -502,6 +507,10 @@ class Runner:
             swapped_out=[(extent.offset, extent.length) for extent in spec.swapped_out], _outbox=self._outbox)
         error = None
         try:
+            if spec.page_size > self.max_prefetch and (self._shared is None or spec.page_size > self.SHARED_HALF):
+                # A huge page's bytes fit no packet: they go through the shared area only.
+                raise Refused(f"region {spec.id} has {spec.page_size}-byte pages, more than this plugin's buffers hold"
+                              + ("" if self._shared is not None else " (it has no shared area)"))
             if opened.parent_client_id == 0:
                 self.plugin.region_opened(region)
             else:
@@ -559,31 +568,41 @@ class Runner:
 
     # MARK: faults
 
+    def buffer_size(self, region: Region) -> int:
+        """The bytes of a fault's buffer in `region`, the most one decision fills:
+        `max_prefetch`, or one page of a region of larger (huge) pages."""
+        return max(self.max_prefetch, region.page_size or self.page_size)
+
     def _pagefault(self, fault: Fault) -> None:
+        region = self._regions.get((fault.client_id, fault.region_id))
+        room = self.max_prefetch if region is None else self.buffer_size(region)
+        huge = room > self.max_prefetch  # its bytes fit no packet: a shared half or nothing
         # Room for the largest answer: its bytes in the stage (shared) or in the packet (inline).
-        if self._stage_offset is not None and self.SHARED_HALF - self._staged < self.max_prefetch:
+        if huge and self._stage_offset is None:
+            self._choose_stage()  # the broker may have freed a half since; this packet names none
+        elif self._stage_offset is not None and self.SHARED_HALF - self._staged < room:
             self._flush()
             if self._staged:
                 self._choose_stage()  # nothing was sent: deferred faults' buffers filled the half
         self._make_room(_ARRAYS_ENTRY if self._stage_offset is not None else _DECISION_OVERHEAD + self.max_prefetch)
-        region = self._regions.get((fault.client_id, fault.region_id))
-        if region is None:
+        if region is None or (huge and (self._stage_offset is None or self.SHARED_HALF - self._staged < room)):
+            # No region, or a huge page while no shared half is free: asked again later.
             self._answer.add_array(fault.fault_id, DECISION_RETRY, fault.address, 0)
             return
         shared_offset = None
         if self._stage_offset is not None:
             shared_offset = self._stage_offset + self._staged
-            buffer = self._shared[shared_offset:shared_offset + self.max_prefetch]
+            buffer = self._shared[shared_offset:shared_offset + room]
         else:
             buffer = self._scratch
         self.faults_served += 1
         decision = self.plugin.pagefault(fault, region, buffer)
-        self._check(decision, region.page_size or self.page_size)
+        self._check(decision, region.page_size or self.page_size, room)
         if decision.kind == DECISION_LATER:
             # The buffer stays the fault's until it is answered.
             if shared_offset is not None:
                 self._half_reserved[self._stage_half] += 1
-                self._staged += self.max_prefetch
+                self._staged += room
                 self._pending[fault.fault_id] = _Deferred(fault, region, buffer, self._stage_half, shared_offset)
             else:
                 self._scratch = memoryview(bytearray(self.max_prefetch))
@@ -593,14 +612,14 @@ class Runner:
         if shared_offset is not None:
             self._answer.halves.add(self._stage_half)
 
-    def _check(self, decision: Decision, page: int) -> None:
-        """Raises for a decision that is not one, or a copy the buffer cannot hold."""
+    def _check(self, decision: Decision, page: int, capacity: int) -> None:
+        """Raises for a decision that is not one, or a copy its buffer (`capacity` bytes) cannot hold."""
         if not isinstance(decision, Decision):
             raise TypeError(f"{decision!r} is not a Decision (copy(), zero(), retry(), poison(), later())")
         if decision.kind == DECISION_COPY:
             length = page if decision.length is None else decision.length
-            if not 0 < length <= self.max_prefetch:
-                raise ValueError(f"a copy of {length} bytes: at most max_prefetch ({self.max_prefetch}) bytes")
+            if not 0 < length <= capacity:
+                raise ValueError(f"a copy of {length} bytes: at most its buffer's {capacity} bytes")
             if decision.data is not None and len(decision.data) != length:
                 raise ValueError(f"a copy of {length} bytes given {len(decision.data)} bytes")
         elif decision.kind not in (DECISION_LATER, DECISION_ZERO, DECISION_RETRY, DECISION_POISON):
