@@ -1,0 +1,80 @@
+import BrokerProtocol
+import Glibc
+import Testing
+
+extension BrokerIntegrationTests {
+  /// Clones of one snapshot: two clients map one tmpfs file MAP_PRIVATE as
+  /// shared-memory regions (issue 15). The first clone's faults fill the
+  /// file's page cache; the second's are minor faults, mapped by the broker
+  /// with no plugin asked; each clone's writes stay its own.
+  @Suite("Shared memory")
+  struct SharedMemory {
+    /// A tmpfs file of `mib` MiB in /dev/shm, removed after `body`.
+    static func withSnapshotFile(mib: Int, _ body: (String) throws -> Void) throws {
+      let path = "/dev/shm/uffd-broker-test-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+      let fd = open(path, O_RDWR | O_CREAT | O_EXCL, 0o600)
+      guard fd >= 0, ftruncate(fd, off_t(mib << 20)) == 0 else { throw HarnessError("cannot make \(path): \(errno)") }
+      close(fd)
+      defer { unlink(path) }
+      try body(path)
+    }
+
+    /// Runs clone A to its gate, clone B to its end, then A to its end; checks
+    /// that B's faults (and both clones' after MADV_DONTNEED) were minor and
+    /// reached no plugin. `faultsSent`: what the plugin was asked, per status.
+    static func twoClones(_ h: Harness, mib: Int, plugin: String, environment: [String: String], faultsSent: (BrokerStatus) -> UInt64) throws {
+      let pages = (mib << 20) / pageSize
+      let gate = try Gate(in: h.directory)
+      let first = try h.startClient("shm-clone", mib: mib, threads: 2, plugin: plugin, extraEnvironment: environment.merging(gate.environment) { $1 })
+      #expect(gate.awaitClient() == "written", h.diagnostics(first.stdout + first.stderr))
+      let afterFirst = try h.status()
+      #expect(afterFirst.faults.minorFaultsResolved == 0, h.diagnostics("\(afterFirst.faults)"))
+      let second = try h.runClient("shm-clone", mib: mib, threads: 2, plugin: plugin, extraEnvironment: environment)
+      #expect(second.status == .exited(0), h.diagnostics(second.stdout + second.stderr))
+      #expect(second.summary == "shared memory: \(pages) pages, wrong: 0 at first, 0 written, 0 after the gate, 0 after MADV_DONTNEED", h.diagnostics)
+      // Every page of B: a minor fault at first and again after its MADV_DONTNEED; none asked of the plugin.
+      let afterSecond = try h.status()
+      #expect(afterSecond.faults.minorFaultsResolved >= UInt64(2 * pages), h.diagnostics("\(afterSecond.faults)"))
+      #expect(faultsSent(afterSecond) == faultsSent(afterFirst), h.diagnostics("\(afterFirst.faults) then \(afterSecond.faults)"))
+      gate.release()
+      #expect(first.wait(timeout: 30) == .exited(0), h.diagnostics(first.stdout + first.stderr))
+      #expect(first.stdout.hasSuffix("shared memory: \(pages) pages, wrong: 0 at first, 0 written, 0 after the gate, 0 after MADV_DONTNEED\n"), h.diagnostics(first.stdout))
+      let last = try h.status()
+      #expect(last.faults.minorFaultsResolved >= UInt64(3 * pages) && faultsSent(last) == faultsSent(afterFirst) && last.faults.failedClosed == 0, h.diagnostics("\(last.faults)"))
+    }
+
+    @Test("two MAP_PRIVATE clones of one memfd-like file, served by a plugin (64 KiB prefetches): every page right in both, the second clone's faults minor, writes private")
+    func clonesFromPlugin() throws {
+      try Self.withSnapshotFile(mib: 2) { path in
+        try Harness.run("shm-plugin") { h in
+          try h.startPlugin(name: "prefetch", mode: "prefetch")
+          try Self.twoClones(h, mib: 2, plugin: "prefetch", environment: ["FIXTURE_SHM": path]) { $0.plugin("prefetch")?.faultsSent ?? .max }
+        }
+      }
+    }
+
+    @Test("the same, served by the broker-local path (a snapshot file delegated by the snapshot plugin)")
+    func clonesFromDelegatedFile() throws {
+      try Self.withSnapshotFile(mib: 2) { path in
+        try Harness.run("shm-local") { h in
+          try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory, "--delegate"])
+          let snapshot = try SamplePlugins.writeSnapshot(h, size: 2 << 20)
+          try Self.twoClones(h, mib: 2, plugin: "snapshot", environment: ["FIXTURE_SHM": path, "FIXTURE_FILE": snapshot]) { UInt64($0.faults.resolvedLocally + $0.faults.faultsSent) }
+        }
+      }
+    }
+
+    @Test("a shared-memory region whose file is not tmpfs is refused, and the client told why")
+    func notTmpfsRefused() throws {
+      try Harness.run("shm-refused") { h in
+        try h.startPlugin(name: "pattern", mode: "pattern")
+        let path = h.directory + "/not-shmem"
+        let fd = open(path, O_RDWR | O_CREAT, 0o600)
+        ftruncate(fd, 1 << 20)
+        close(fd)
+        let outcome = try h.runClient("shm-clone", mib: 1, threads: 1, plugin: "pattern", extraEnvironment: ["FIXTURE_SHM": path])
+        #expect(outcome.status == .exited(1) && outcome.stdout.contains("is not a memfd or tmpfs file"), h.diagnostics(outcome.stdout + outcome.stderr))
+      }
+    }
+  }
+}
