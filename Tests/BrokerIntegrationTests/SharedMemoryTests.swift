@@ -64,16 +64,22 @@ extension BrokerIntegrationTests {
       }
     }
 
-    @Test("a shared-memory region whose file is not tmpfs is refused, and the client told why")
-    func notTmpfsRefused() throws {
-      try Harness.run("shm-refused") { h in
-        try h.startPlugin(name: "pattern", mode: "pattern")
-        let path = h.directory + "/not-shmem"
-        let fd = open(path, O_RDWR | O_CREAT, 0o600)
-        ftruncate(fd, 1 << 20)
-        close(fd)
-        let outcome = try h.runClient("shm-clone", mib: 1, threads: 1, plugin: "pattern", extraEnvironment: ["FIXTURE_SHM": path])
-        #expect(outcome.status == .exited(1) && outcome.stdout.contains("is not a memfd or tmpfs file"), h.diagnostics(outcome.stdout + outcome.stderr))
+    @Test("a shared-memory file the broker cannot fill as its client could (not tmpfs, or opened read-only) is refused, and the client told why")
+    func unfitFileRefused() throws {
+      try Self.withSnapshotFile(mib: 1) { path in
+        try Harness.run("shm-refused") { h in
+          try h.startPlugin(name: "pattern", mode: "pattern")
+          let other = h.directory + "/not-shmem"
+          let fd = open(other, O_RDWR | O_CREAT, 0o600)
+          ftruncate(fd, 1 << 20)
+          close(fd)
+          for (environment, reason) in [(["FIXTURE_SHM_SEND": other], "is not a memfd or tmpfs file"),
+                                        (["FIXTURE_SHM_SEND": path, "FIXTURE_SHM_SEND_READONLY": "1"], "must be opened read-write")] {
+            let outcome = try h.runClient("shm-clone", mib: 1, threads: 1, plugin: "pattern", extraEnvironment: environment.merging(["FIXTURE_SHM": path]) { $1 })
+            #expect(outcome.status == .exited(1) && outcome.stdout.contains(reason), h.diagnostics(outcome.stdout + outcome.stderr))
+          }
+          #expect(try h.status().plugin("pattern")?.faultsSent == 0, h.diagnostics)
+        }
       }
     }
   }

@@ -19,7 +19,9 @@ extension FixtureClient {
     guard fd >= 0 else { fail("cannot open \(path): \(errno)") }
     defer { close(fd) }
     let memory = try SharedMemory(file: FileDescriptor(rawValue: fd), length: mib << 20)
-    let client = try BrokerClient(regions: [memory.region(id: 1, plugin: plugin, argument: fixtureFile ?? "")], sharedMemory: FileDescriptor(rawValue: fd), name: "fixture-shm-clone")
+    // FIXTURE_SHM_SEND (FIXTURE_SHM_SEND_READONLY=1: opened read-only): another file handed to the broker, which must refuse it.
+    let sent = getenv("FIXTURE_SHM_SEND").map { open(String(cString: $0), (getenv("FIXTURE_SHM_SEND_READONLY") != nil ? O_RDONLY : O_RDWR) | O_CLOEXEC) } ?? fd
+    let client = try BrokerClient(regions: [memory.region(id: 1, plugin: plugin, argument: fixtureFile ?? "")], sharedMemory: FileDescriptor(rawValue: sent), name: "fixture-shm-clone")
     let pages = memory.length / pageSize
     let base = memory.address
     let threadCount = threads
