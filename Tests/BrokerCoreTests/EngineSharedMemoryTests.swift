@@ -130,6 +130,16 @@ struct EngineSharedMemoryTests {
     #expect(sent.address == Self.base && !sent.flags.contains(.minor))
   }
 
+  @Test("a remove event in shared memory is no drop: the page reads its file again, so the plugin is not told to serve zeros")
+  func removeIsNoDrop() throws {
+    let (engine, _, client) = try sharedClient()
+    var actions: [Action] = []
+    engine.uffdEvents(client, [.remove(Self.base..<Self.base + 4 * 4096)], now: 2)
+    engine.takeActions(into: &actions)
+    #expect(!actions.contains { if case .send(_, .removed) = $0 { true } else { false } }, "\(actions)")
+    #expect(!actions.contains { if case .notify = $0 { true } else { false } }, "no drop record for the client")
+  }
+
   @Test("shared-memory regions are refused in AddRegions and swap-outs")
   func addAndSwapRefused() throws {
     let (engine, _, client) = try sharedClient()

@@ -235,7 +235,10 @@ extension BrokerEngine {
     client.forgetWakes(in: range)
     client.invalidations.record(range, faultsOut: client.faultsOut > 0)
     // A swap-out drops pages whose content the plugin has just stored.
-    let parts = client.regions.overlapping(range)
+    // Shared memory is left out: a dropped page reads its file again, not zeros,
+    // and its plugin serves what the file lacks as before (see `RegionSpec.Backing`).
+    var parts = client.regions.overlapping(range)
+    if client.sharedMemory != nil { parts.removeAll { $0.piece.spec.isSharedMemory } }
     report(parts, of: client, removed: true, swappedOut: client.isSwappingAll(of: range))
     notices += parts.filter { !$0.piece.isNewMemory }.map { .dropped($0.piece.spec.id) }
   }

@@ -8,7 +8,7 @@ extension FixtureClient {
   /// A clone of a snapshot: MIB MiB of the tmpfs file FIXTURE_SHM (every clone
   /// opens the same one) mapped MAP_PRIVATE as a shared-memory region whose
   /// backing is the pattern, or FIXTURE_FILE (the region's argument). Every
-  /// page is touched by THREADS threads and checked against the pattern; then
+  /// page (the first four dropped with MADV_DONTNEED first) is touched by THREADS threads and checked against the pattern; then
   /// every page is written (a private copy, which no other clone may see) and
   /// checked; at the gate "written" the test runs another clone; the writes are
   /// checked again, dropped with MADV_DONTNEED, and every page must read the
@@ -26,6 +26,8 @@ extension FixtureClient {
     let base = memory.address
     let threadCount = threads
     let expected = backing(pages: pages)
+    // Dropped before any fault: still the snapshot (no zeros), in this clone and in the others.
+    madvise(memory.base, 4 * pageSize, MADV_DONTNEED)
     // Even pages a write fault (of the word they hold anyway), odd pages a read fault.
     let workers = (0..<threadCount).map { index in
       spawnThread {
