@@ -349,7 +349,7 @@ extension BrokerEngine {
     let faultID = ledger.move(id, to: .inFlight(plugin: plugin, sequence: entry.client.invalidations.sequence, sentAt: now))
     actions.append(.send(plugin.id, .pagefault(PagefaultEvent(
       faultID: faultID, clientID: entry.client.id, regionID: piece.spec.id, address: entry.page,
-      offset: piece.offset(of: entry.page), flags: entry.fault.flags, threadID: entry.fault.thread))))
+      offset: piece.offset(of: entry.page), flags: entry.fault.flags.subtracting(.minor), threadID: entry.fault.thread))))
     statistics.faultsSent += 1
     route.faultsSent += 1
     if entry.attempts > 0 { route.redeliveries += 1 }
