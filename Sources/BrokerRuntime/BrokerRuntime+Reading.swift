@@ -190,7 +190,7 @@ extension BrokerRuntime {
     let fd = fds[1]
     fds.removeAll()  // the mapping owns (and closes) the file now, kept or refused
     do throws(BrokerError) {
-      let mapping = try SharedMemoryMapping(adopting: fd, pageSize: systemPageSize, uffd: try brokerMemoryUffd())
+      let mapping = try SharedMemoryMapping(adopting: fd, pageSize: systemPageSize, uffd: brokerMemoryUffd)
       let handle = FileHandle(nextFile)
       nextFile += 1
       registeringMemory = (handle, mapping)

@@ -24,6 +24,7 @@ extension BrokerIntegrationTests {
     /// reached no plugin. `faultsSent`: what the plugin was asked, per status.
     static func twoClones(_ h: Harness, mib: Int, plugin: String, environment: [String: String], faultsSent: (BrokerStatus) -> UInt64) throws {
       let pages = (mib << 20) / pageSize
+      let baseline = h.brokerDescriptorCount()
       let gate = try Gate(in: h.directory)
       let first = try h.startClient("shm-clone", mib: mib, threads: 2, plugin: plugin, extraEnvironment: environment.merging(gate.environment) { $1 })
       #expect(gate.awaitClient() == "written", h.diagnostics(first.stdout + first.stderr))
@@ -41,6 +42,8 @@ extension BrokerIntegrationTests {
       #expect(first.stdout.hasSuffix("shared memory: \(pages) pages, wrong: 0 at first, 0 written, 0 after the gate, 0 after MADV_DONTNEED\n"), h.diagnostics(first.stdout))
       let last = try h.status()
       #expect(last.faults.minorFaultsResolved >= UInt64(3 * pages) && faultsSent(last) == faultsSent(afterFirst) && last.faults.failedClosed == 0, h.diagnostics("\(last.faults)"))
+      // Each clone's file is let go with it; the broker keeps one descriptor more, its own userfaultfd for shared memory.
+      #expect(h.waitForBrokerDescriptors(baseline + 1), h.diagnostics("descriptors: \(h.brokerDescriptorCount()), before: \(baseline)"))
     }
 
     @Test("two MAP_PRIVATE clones of one memfd-like file, served by a plugin (64 KiB prefetches): every page right in both, the second clone's faults minor, writes private")

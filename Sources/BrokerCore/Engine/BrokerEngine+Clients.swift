@@ -213,10 +213,10 @@ extension BrokerEngine {
       }
       return nil
     }
-    let attached = try file.get()
     guard !shared.isEmpty else {
       throw BrokerError(.notUserfaultfd, "Register carries a second descriptor, but no region is shared memory")
     }
+    let attached = try file.get()
     guard granted.contains(.minorShmem) else {
       throw BrokerError(.notUserfaultfd, "the userfaultfd lacks minor_shmem (UFFD_FEATURE_MINOR_SHMEM): shared-memory regions are served by minor faults")
     }

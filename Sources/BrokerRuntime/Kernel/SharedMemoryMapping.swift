@@ -25,8 +25,8 @@ final class SharedMemoryMapping {
   private let uffd: UserfaultFD
 
   /// Checks and maps `fd` (owned from now on, closed if refused), registering
-  /// the mapping with `uffd` (the broker's own, `memoryUffd`).
-  init(adopting fd: CInt, pageSize: Int, uffd: UserfaultFD) throws(BrokerError) {
+  /// the mapping with `uffd()` (the broker's own, `memoryUffd`: asked for only once the file passed).
+  init(adopting fd: CInt, pageSize: Int, uffd: () throws(BrokerError) -> UserfaultFD) throws(BrokerError) {
     descriptor = OwnedDescriptor(fd)
     switch clinux_shared_memory_kind(fd) {
     case 0: break
@@ -46,9 +46,14 @@ final class SharedMemoryMapping {
       throw BrokerError(.badRegion, "the shared-memory file cannot be mapped shared and writable", errno: Errno(rawValue: errno))
     }
     base = pointer
-    self.uffd = uffd
     do {
-      _ = try uffd.register(address: UInt(bitPattern: pointer), length: length, mode: .missing)
+      self.uffd = try uffd()
+    } catch {
+      munmap(pointer, length)
+      throw error
+    }
+    do {
+      _ = try self.uffd.register(address: UInt(bitPattern: pointer), length: length, mode: .missing)
     } catch {
       munmap(pointer, length)
       throw BrokerError(.internal, "the broker cannot register its mapping of the shared-memory file: \(error)")
