@@ -67,6 +67,27 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("the broker killed (-9) under a clone: it re-attaches with its file, and after MADV_DONTNEED its pages are the snapshot's again, minor faults of the new broker")
+    func brokerKilledUnderClone() throws {
+      try Self.withSnapshotFile(mib: 1) { path in
+        try Harness.run("shm-broker-kill") { h in
+          let plugin = try h.startPlugin(name: "pattern", mode: "pattern")
+          let gate = try Gate(in: h.directory)
+          let client = try h.startClient("shm-clone", mib: 1, threads: 2, plugin: "pattern", extraEnvironment: ["FIXTURE_SHM": path].merging(gate.reattaching) { $1 })
+          #expect(gate.awaitClient() == "written", h.diagnostics(client.stdout + client.stderr))
+          try h.killAndRestartBroker()
+          _ = plugin.wait(timeout: 5)  // its connection went with the broker
+          try h.startPlugin(name: "pattern", mode: "pattern")
+          gate.release()
+          #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+          let pages = (1 << 20) / pageSize
+          #expect(client.stdout.hasSuffix("shared memory: \(pages) pages, wrong: 0 at first, 0 written, 0 after the gate, 0 after MADV_DONTNEED\n"), h.diagnostics(client.stdout))
+          let status = try h.status()
+          #expect(status.faults.minorFaultsResolved >= UInt64(pages) && status.plugin("pattern")?.faultsSent == 0, h.diagnostics("\(status.faults)"))
+        }
+      }
+    }
+
     @Test("a shared-memory file the broker cannot fill as its client could (not tmpfs, or opened read-only) is refused, and the client told why")
     func unfitFileRefused() throws {
       try Self.withSnapshotFile(mib: 1) { path in
