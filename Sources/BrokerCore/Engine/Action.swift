@@ -31,7 +31,8 @@ public enum KernelEvent: Sendable {
 }
 
 /// A fill of a client's memory: `UFFDIO_COPY`, `UFFDIO_ZEROPAGE` or
-/// `UFFDIO_POISON` over `range`. The runtime performs it and hands the outcome
+/// `UFFDIO_POISON` over `range`; for shared memory (`pageCache`), the bytes
+/// added to the file's page cache, then `UFFDIO_CONTINUE`. The runtime performs it and hands the outcome
 /// back with `BrokerEngine.filled(_:outcome:)`; the rest of the order is the
 /// engine's own continuation (which fault it settles, and why).
 ///
@@ -58,7 +59,9 @@ public struct FillOrder {
   /// adds the source's bytes to the file's page cache (keeping any page it
   /// has already), then maps the range with `UFFDIO_CONTINUE`.
   public struct PageCache: Sendable, Equatable {
+    /// The client's shared-memory file, as the runtime holds it.
     public var file: FileHandle
+    /// The file offset of the fill's first byte.
     public var offset: UInt64
   }
 
