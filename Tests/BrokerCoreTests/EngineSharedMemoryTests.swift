@@ -13,10 +13,11 @@ struct EngineSharedMemoryTests {
 
   /// Registers region 1 (16 pages, `backing`) with `attached` (default: a 64-page file); returns the client and the actions.
   private func register(_ engine: BrokerEngine, backing: RegionSpec.Backing = .sharedMemory(fileOffset: fileOffset), pageSize: Int = 4096, base: UInt = base,
-                        features: UserfaultFD.Features = features, attached: Result<SharedMemoryFile, BrokerError>? = .success(SharedMemoryFile(handle: file, size: 64 * 4096))) throws -> (ClientID, [Action]) {
+                        features: UserfaultFD.Features = features, attached: Result<SharedMemoryFile, BrokerError>? = .success(SharedMemoryFile(handle: file, size: 64 * 4096)),
+                        dropped: [Range<UInt64>] = []) throws -> (ClientID, [Action]) {
     let client = try #require(try? engine.clientConnected(PeerCredentials(pid: 20, uid: 0, gid: 0), now: 1).get())
     engine.clientRequest(client, ClientRequest(requestID: 1, .hello(Hello(role: .client, name: "c"))), descriptors: .none, now: 1)
-    let spec = RegionSpec(id: 1, base: base, length: 16 * pageSize, pageSize: pageSize, plugin: "p", backing: backing)
+    let spec = RegionSpec(id: 1, base: base, length: 16 * pageSize, pageSize: pageSize, plugin: "p", dropped: dropped, backing: backing)
     let register = RegisterRequest(pid: 20, features: features, ioctls: [], regions: [spec])
     let descriptors: AttachedDescriptors = if let attached { .userfaultfdAndFile(features, attached) } else { .userfaultfd(features) }
     engine.clientRequest(client, ClientRequest(requestID: 2, .register(register)), descriptors: descriptors, now: 1)
@@ -138,6 +139,14 @@ struct EngineSharedMemoryTests {
     engine.takeActions(into: &actions)
     #expect(!actions.contains { if case .send(_, .removed) = $0 { true } else { false } }, "\(actions)")
     #expect(!actions.contains { if case .notify = $0 { true } else { false } }, "no drop record for the client")
+  }
+
+  @Test("a re-attach's drop record of shared memory is ignored: the plugin is not told to serve zeros there")
+  func droppedRecordIgnored() throws {
+    let (engine, _) = try engineWithPlugin()
+    let (_, actions) = try register(engine, dropped: [0..<4 * 4096])
+    #expect(actions.contains { if case .send(_, .regionOpened) = $0 { true } else { false } })
+    #expect(!actions.contains { if case .send(_, .removed) = $0 { true } else { false } }, "\(actions)")
   }
 
   @Test("shared-memory regions are refused in AddRegions and swap-outs")

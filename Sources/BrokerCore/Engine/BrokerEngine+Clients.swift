@@ -261,7 +261,8 @@ extension BrokerEngine {
       // table still carry what the parent re-attached with, long since out of date.
       if !client.isForkedChild {
         if !spec.swappedOut.isEmpty { client.swappedOutPages[spec.id] = OffsetRanges(spec.swappedOut) }
-        if !spec.dropped.isEmpty { client.droppedPages[spec.id] = OffsetRanges(spec.dropped) }
+        // Shared memory has no drops: a dropped page reads its file again (a record of one is ignored).
+        if !spec.dropped.isEmpty && !spec.isSharedMemory { client.droppedPages[spec.id] = OffsetRanges(spec.dropped) }
         for range in spec.unknown { client.lostPages[spec.id, default: OffsetRanges()].insert(range) }
       }
       // A plugin that is away gets it when it connects (see `announceRegions`).
