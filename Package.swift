@@ -64,7 +64,7 @@ let package = Package(
     .target(name: "BrokerSimulator", dependencies: ["BrokerCore", "BrokerProtocol", "Userfaultfd"]),
     .executableTarget(name: "uffd-sim", dependencies: ["BrokerSimulator"]),
     // For processes whose memory is brokered.
-    .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "CLinux", "LinuxSupport", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
+    .target(name: "ClientSDK", dependencies: ["BrokerProtocol", "CLinux", "CUserfaultfd", "LinuxSupport", "Userfaultfd", .product(name: "SystemPackage", package: "swift-system")]),
     // For plugins: a handler protocol and the run loop around it.
     .target(name: "PluginSDK", dependencies: ["BrokerProtocol", "CLinux", "LinuxSupport", "Userfaultfd"]),
     .executableTarget(name: "uffd-broker", dependencies: ["BrokerCore", "BrokerRuntime", "BrokerMetrics", .product(name: "ArgumentParser", package: "swift-argument-parser"), .product(name: "Logging", package: "swift-log")]),
@@ -92,7 +92,7 @@ let package = Package(
     // The plugin and client processes of the integration tests.
     .executableTarget(name: "broker-fixture", dependencies: ["ClientSDK", "PluginSDK", "BrokerProtocol", "Userfaultfd", "CLinux", "LinuxSupport", "CKVM"], path: "Tests/Fixtures/broker-fixture"),
     // The conformance suite's plugin on the Swift SDK (its C and Python twins sit beside it).
-    .executableTarget(name: "conformance-plugin", dependencies: ["PluginSDK"], path: "Tests/Fixtures/conformance-plugins/swift"),
+    .executableTarget(name: "conformance-plugin", dependencies: ["PluginSDK", "BrokerProtocol"], path: "Tests/Fixtures/conformance-plugins/swift"),
     // The KVM ioctls of the fixture's VMM (a real guest restored through the broker).
     .target(name: "CKVM", path: "Tests/Fixtures/CKVM"),
   ],

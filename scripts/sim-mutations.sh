@@ -44,4 +44,6 @@ mutate "a second fault in a grown tail failed closed once the first's inspection
   "    if client.regions.piece(containing: page) != nil { return routeFault(fault) }" ""
 mutate "a prefetch filled over pages no one can vouch for" Sources/BrokerCore/Engine/BrokerEngine+Faults.swift \
   "      range = page..<page + UInt(pageSize)" ""
+mutate "a re-attaching client ignores its read journal (drops of a read the killed broker never told)" Sources/BrokerProtocol/Messages/UnsettledRead.swift \
+  "    case .removes(let ranges): removes = ranges" "    case .removes: removes = []"
 echo "every planted bug was caught"

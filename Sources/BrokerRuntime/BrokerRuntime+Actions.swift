@@ -16,6 +16,7 @@ extension BrokerRuntime {
       engine.takeActions(into: &actions)
       for action in actions { perform(action) }
     }
+    if !openJournals.isEmpty { settleJournals() }
   }
 
   private func perform(_ action: Action) {
@@ -23,8 +24,15 @@ extension BrokerRuntime {
     case .reply(let id, let reply):
       guard let link = clients[id], let socket = link.socket else { return }
       if link.vmm != nil { return vmmCannotBeTold(link, reply) }
+      // The Ack of its Register carries its read journal.
+      let journal = link.journal.flatMap { journal in
+        if case .ack = reply.body, !journal.handedOver { journal } else { nil }
+      }
       do {
-        _ = try ClientWire.encode(reply).withUnsafeBytes { (raw) throws(BrokerError) in try socket.send(raw) }
+        _ = try ClientWire.encode(reply).withUnsafeBytes { (raw) throws(BrokerError) in
+          if let journal { try [journal.descriptor.rawValue].withUnsafeBufferPointer { fds throws(BrokerError) in try socket.send(raw, fds: fds) } } else { try socket.send(raw) }
+        }
+        journal?.handedOver = true
       } catch {
         engine.clientGone(id, BrokerError(error), now: loopTime)
       }
@@ -42,10 +50,19 @@ extension BrokerRuntime {
         logger.warning("the parent cannot keep its forked child's userfaultfd: a broker killed now leaves the child's unfilled pages reading zeros", metadata: ["client.id": "\(keeper)", "child.id": "\(child)"])
       }
     case .adoptUffd(let id):
-      clients[id]?.uffd = registering
+      guard let link = clients[id] else { return registering = nil }
+      link.uffd = registering
       registering = nil
       if let (handle, mapping) = registeringMemory { memoryFiles[handle] = mapping }
       registeringMemory = nil
+      if link.vmm == nil && link.socket != nil {
+        do {
+          link.journal = try ReadJournal()
+        } catch {
+          // Served all the same: a broker killed mid-read then leaves the client without that read's drops.
+          logger.warning("no read journal for the client", metadata: ["client.id": "\(id)", "error": "\(error)"])
+        }
+      }
     case .adoptChild(let ticket, let child):
       clients[child] = ClientLink(id: child, socket: PacketSocket?.none, uffd: forks.removeValue(forKey: ticket))
     case .dropChild(let ticket):

@@ -213,12 +213,34 @@ extension BrokerRuntime {
     }
   }
 
+  /// Fault injection for the tests (`UFFD_BROKER_CRASH_AFTER_READING=remove`):
+  /// the broker kills itself right after a read that returned a REMOVE, before
+  /// acting on it, the window its clients' read journals cover.
+  static let crashAfterReadingRemove = getenv("UFFD_BROKER_CRASH_AFTER_READING").map { String(cString: $0) } == "remove"
+
+  /// The journals of reads whose notices are all sent: settled (a full client
+  /// socket keeps a journal open until its notices go).
+  func settleJournals() {
+    openJournals.removeAll { link in
+      guard let journal = link.journal, journal.isOpen else { return true }
+      guard clients[link.id] === link, !engine.hasUnsentNotices(link.id) else { return clients[link.id] !== link }
+      journal.settle()
+      return true
+    }
+  }
+
   /// Reads the client's uffd until EAGAIN and hands the engine what was read.
   func readUffd(_ link: ClientLink) {
     guard let uffd = link.uffd else { return }
     kernelEvents.removeAll(keepingCapacity: true)
+    if let journal = link.journal {
+      if !journal.isOpen { openJournals.append(link) }
+      journal.begin()
+    }
     while true {
-      let count = Int(cuffd_read_events(uffd.fileDescriptor.rawValue, uffdEvents, CInt(CUFFD_READ_BATCH)))
+      let fd = uffd.fileDescriptor.rawValue
+      let count = link.journal?.read(fd, into: uffdEvents, max: CInt(CUFFD_READ_BATCH)) ?? Int(cuffd_read_events(fd, uffdEvents, CInt(CUFFD_READ_BATCH)))
+      if Self.crashAfterReadingRemove && (0..<max(count, 0)).contains(where: { uffdEvents[$0].event == cuffd_event_remove }) { raise(SIGKILL) }
       if count == -Int(EAGAIN) || count == 0 { break }
       if count < 0 {
         let errno = Errno(rawValue: CInt(-count))

@@ -98,6 +98,8 @@ public final class BrokerRuntime: @unchecked Sendable {
   let arena = WireArena(capacity: 1 << 20)
   var receivedFDs: [CInt] = []
   let uffdEvents = UnsafeMutablePointer<cuffd_event>.allocate(capacity: Int(CUFFD_READ_BATCH))
+  /// Clients whose read journal is open (`settleJournals`).
+  var openJournals: [ClientLink] = []
   var kernelEvents: [KernelEvent] = []
   var actions: [Action] = []
   var dirtyPlugins: [PluginLink] = []
@@ -189,6 +191,7 @@ public final class BrokerRuntime: @unchecked Sendable {
     dirtyPlugins.reserveCapacity(64)
     kernelEvents.reserveCapacity(Int(CUFFD_READ_BATCH))
     actions.reserveCapacity(256)
+    openJournals.reserveCapacity(64)
   }
 
   deinit {

@@ -11,6 +11,8 @@ struct SimClientState {
   var dropRecords: [UInt64: (dropped: [Range<UInt64>], unknown: [Range<UInt64>])] = [:]
   var token: UInt128 = 0
   var children: [ClientID: [RegionPiece]] = [:]
+  /// What its read journal holds after a broker killed mid-read (nil: settled).
+  var unsettledRead: UnsettledRead?
 
   /// Takes in a notice the broker sent unasked.
   mutating func take(_ body: BrokerReply.Body) {
@@ -21,6 +23,13 @@ struct SimClientState {
     case .childClosed(let child): children[child] = nil
     case .hello, .ack, .error: break
     }
+  }
+
+  /// Before a re-attach: the drops of a read the broker died with, as `Connection.State.attach`.
+  mutating func recoverUnsettledRead() {
+    guard let read = unsettledRead else { return }
+    for region in regions { dropRecords[region.id] = read.dropRecord(of: region, dropRecords[region.id], pieces: layouts[region.id]) }
+    unsettledRead = nil
   }
 
   /// The regions as they lie now, for a Register: as `Connection.State.currentRegions`.

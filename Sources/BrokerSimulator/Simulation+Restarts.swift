@@ -11,7 +11,9 @@ import BrokerProtocol
 /// registers its regions as they lie, with their drop records. Plugins come
 /// back knowing nothing; the new broker reads what the old one left unread.
 ///
-/// Not generated: kills inside windows a few microseconds wide (a step is
+/// A kill may also come right after a read of faults and removes, before the
+/// broker acted on it (`midRead`): the client's read journal holds them.
+/// Not generated: other kills inside windows a few microseconds wide (a step is
 /// atomic, so every notice of a read goes out before the next step): those the
 /// README lists as failing closed or still silent, and a kill between reading a
 /// move's REMAP and its trailing UNMAP (the new broker would apply that UNMAP to
@@ -19,12 +21,13 @@ import BrokerProtocol
 /// re-attached, that leaves a forked child with no connected ancestor holding
 /// its uffd (its memory then reads zeros: README, "still silent").
 extension Simulation {
-  func restartBroker() {
+  func restartBroker(midRead: Bool = false) {
     let live = processes.indices.filter { !processes[$0].exited }
     guard !live.contains(where: { processes[$0].trailingUnmapQueued }) else { return }
     let held = Set(live.flatMap { keeper in processes[keeper].client.children.keys.compactMap { slots[$0] } + processes[keeper].orphans.map(\.slot) })
     guard live.allSatisfy({ processes[$0].hasSocket || held.contains($0) }) else { return }
     statistics.brokerRestarts += 1
+    if midRead { readAndDie() }
     note("the broker is killed (-9) and starts again")
     for slot in live {
       // The kept children, by process: the new broker's ids mean nothing to them.
@@ -45,10 +48,28 @@ extension Simulation {
     engine = Self.makeEngine(configuration, seed: seed &+ UInt64(statistics.brokerRestarts), now: now)
   }
 
+  /// The broker reads a registered client's queue of faults and removes (the
+  /// madvises return), into its journal, and dies before acting on it.
+  private func readAndDie() {
+    let ready = processes.indices.filter { slot in
+      let process = processes[slot]
+      return process.watched && process.registered && process.hasSocket && !process.exited && !process.queue.isEmpty
+        && process.queue.allSatisfy { if case .fault = $0 { true } else if case .remove = $0 { true } else { false } }
+    }
+    guard let slot = ready.randomElement(using: &random) else { return }
+    let messages = processes[slot].queue
+    processes[slot].queue.removeAll()
+    let removes = messages.compactMap { message -> Range<UInt>? in if case .remove(let range, _) = message { range } else { nil } }
+    note("the broker reads client \(processes[slot].id) (\(messages.count) messages, \(removes.count) removes) and dies before acting on it")
+    processes[slot].client.unsettledRead = .removes(removes)
+    for message in messages { processes[slot].read(message) }
+  }
+
   /// A process the running broker does not know re-attaches, as the ClientSDK's monitor does.
   func reattach(_ slot: Int) {
     for orphan in processes[slot].orphans { letGo(orphan.slot, poisoning: orphan.pieces) }
     processes[slot].orphans.removeAll()
+    processes[slot].client.recoverUnsettledRead()
     processes[slot].attachment = .attaching
     note("client pid \(processes[slot].pid) re-attaches")
     attach(slot, regions: processes[slot].client.currentRegions)

@@ -208,7 +208,7 @@ public final class Simulation {
     case 970..<980: passTime(UInt64(random.below(80_000_000)))
     case 980..<992: pluginLifecycle(random.below(plugins.count))
     case 992..<999: clientLifecycle()
-    default: restartBroker()
+    default: restartBroker(midRead: random.chance(50))
     }
   }
 

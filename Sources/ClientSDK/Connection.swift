@@ -35,6 +35,8 @@ final class Connection: @unchecked Sendable {
     /// Children this process forked, served by the broker: their uffds (the
     /// broker's copies are the only others) and where their regions lay.
     var children: [UInt64: (uffd: UserfaultFD, pieces: [RegionPiece])] = [:]
+    /// The broker's read journal, from the Ack of the last Register.
+    var journal: JournalView?
 
     /// Where `offset..<offset + length` of `region` lies now: at its base, or
     /// (after an mremap) in one of the pieces the broker said; nil if in none.
@@ -54,6 +56,13 @@ final class Connection: @unchecked Sendable {
     /// Connects, says Hello and registers the uffd with the current regions.
     mutating func attach() throws(ClientError) {
       readNotifications()  // what the old broker sent before it went
+      // What it read and may not have told: the program's drops then.
+      if let read = journal?.unsettledRead {
+        for region in regions {
+          dropRecords[region.id] = read.dropRecord(of: region, dropRecords[region.id], pieces: layouts[region.id])
+        }
+      }
+      journal = nil
       // The broker that served the children is gone, and a new one does not
       // know them: what they never had filled fails closed instead of reading zeros.
       for child in children.values {
@@ -155,6 +164,7 @@ final class Connection: @unchecked Sendable {
           // (id 0: the broker refuses the connection itself, before reading any request).
           guard reply.requestID == id || reply.requestID == 0 else { continue }
           if case .error(let error) = reply.body { throw ClientError("the broker refused the request", broker: error) }
+          if case .register = body, case .ack = reply.body, !received.isEmpty { journal = JournalView(adopting: received.removeFirst()) }
           return reply.body
         }
       }

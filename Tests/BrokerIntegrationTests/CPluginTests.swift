@@ -198,5 +198,18 @@ extension BrokerIntegrationTests {
         #expect(outcome.summary == "verified \(pages(mib: 1)) pages, \(pages(mib: 1)) wrong", h.diagnostics(outcome.stdout))
       }
     }
+
+    @Test("a C plugin refused before its Hello (the send fails with EPIPE) reports the broker's Error, code and message, not the broken pipe",
+          .enabled(if: toolchainPresent, "needs cc, make and libprotobuf-c-dev (apt-get install libprotobuf-c-dev)"))
+    func refusedBeforeHello() throws {
+      try Harness.run("c-refused") { h in
+        let executable = try Self.buildTestPlugin(h, "refused")
+        let process = try FixtureProcess(label: "refused", executable: executable, arguments: [], environment: [:],
+                                         stdoutPath: h.directory + "/refused.stdout", stderrPath: h.directory + "/refused.stderr")
+        #expect(process.wait(timeout: 10) == .exited(0), h.diagnostics(process.stdout + process.stderr))
+        #expect(process.stdout == "probe: EPIPE\nerrno \(ECONNABORTED): the broker refused: uid 4242 may not serve as a plugin of this broker (code 3)\n",
+                h.diagnostics(process.stdout + process.stderr))
+      }
+    }
   }
 }

@@ -191,6 +191,30 @@ extension BrokerIntegrationTests {
       }
     }
 
+    /// The broker dies right after reading the client's first MADV_DONTNEED, before it acts on it
+    /// (`UFFD_BROKER_CRASH_AFTER_READING`): the madvise has returned, the drop record was never
+    /// sent. Without the read journal those 4 pages read the file's bytes (1 run in 8 of a plain
+    /// kill after the drops hit that window).
+    @Test("the broker killed right after reading a MADV_DONTNEED, before telling the client: the client re-attaches with that drop from the broker's read journal, and the new snapshot plugin serves zeros there")
+    func brokerKilledAfterReadingDrop() throws {
+      try Harness.run("drop-read-kill", brokerEnvironment: ["UFFD_BROKER_CRASH_AFTER_READING": "remove"]) { h in
+        let plugin = try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory])
+        let path = try SamplePlugins.writeSnapshot(h, size: 1 << 20)
+        let gate = try Gate(in: h.directory)
+        let client = try h.startClient("snapshot-dropped", mib: 1, threads: 1, plugin: "snapshot", extraEnvironment: ["FIXTURE_FILE": path].merging(gate.environment) { $1 })
+        #expect(h.broker.wait(timeout: 20) == .signaled(SIGKILL), h.diagnostics(client.stdout + client.stderr))
+        _ = plugin.wait(timeout: 5)  // its connection went with the broker
+        h.brokerEnvironment = [:]
+        try h.killAndRestartBroker()
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory])
+        // The client's other madvises wait for the new broker to read them, after the re-attach.
+        #expect(gate.awaitClient() == "dropped", h.diagnostics(client.stdout + client.stderr))
+        gate.release()
+        #expect(client.wait(timeout: 30) == .exited(0), h.diagnostics(client.stdout + client.stderr))
+        #expect(client.stdout.hasSuffix("verified 256 pages, 128 dropped, 0 wrong\n"), h.diagnostics(client.stdout))
+      }
+    }
+
     @Test("the broker killed (-9) after the client dropped pages: it re-attaches with what it dropped, and the new snapshot plugin serves zeros there, never the file's bytes")
     func brokerKilledAfterDrops() throws {
       try Harness.run("drop-broker-kill") { h in

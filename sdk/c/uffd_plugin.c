@@ -784,6 +784,25 @@ static int make_shared_area(void) {
   return fd;
 }
 
+static int refused(const Uffdbroker__Error *error) {
+  return fail(ECONNABORTED, "the broker refused: %s (code %d)", error->message, error->code);
+}
+
+/* After a failed send of Hello: a broker that refuses a connection sends why,
+ * then shuts it (EPIPE), but its Error is there to read; without one, the send's error stands. */
+static void read_refusal(uffd_plugin *p) {
+  int err = errno;
+  char sent[sizeof last_error];
+  memcpy(sent, last_error, sizeof sent);
+  struct timeval timeout = {.tv_sec = 1};
+  setsockopt(p->fd, SOL_SOCKET, SO_RCVTIMEO, &timeout, sizeof timeout);
+  ssize_t count = receive_packet(p);
+  Uffdbroker__BrokerToPlugin *answer = count > 0 ? uffdbroker__broker_to_plugin__unpack(NULL, (size_t)count, p->receive) : NULL;
+  if (answer && answer->error) refused(answer->error);
+  else fail(err, "%s", sent);
+  if (answer) uffdbroker__broker_to_plugin__free_unpacked(answer, NULL);
+}
+
 /* Takes the descriptors the broker's Hello packet carries for its `kept` names. */
 static int restore_kept(uffd_plugin *p, const Uffdbroker__DescriptorStore *kept) {
   size_t n = kept ? kept->n_names : 0;
@@ -847,7 +866,10 @@ uffd_plugin *uffd_plugin_connect(const char *socket_path, const char *name) {
   size_t length = uffdbroker__plugin_to_broker__pack(&message, p->send);
   int sent = send_packet(p, p->send, length, &memfd, p->shared ? 1 : 0);
   if (memfd >= 0) close(memfd); /* the mapping stays */
-  if (sent != 0) goto failed;
+  if (sent != 0) {
+    read_refusal(p);
+    goto failed;
+  }
   p->packets_sent = 1;
   choose_stage(p);
 
@@ -864,7 +886,7 @@ uffd_plugin *uffd_plugin_connect(const char *socket_path, const char *name) {
     goto failed;
   }
   int ok = 0;
-  if (answer->error) fail(ECONNABORTED, "the broker refused: %s (code %d)", answer->error->message, answer->error->code);
+  if (answer->error) refused(answer->error);
   else if (!answer->hello || answer->hello->role != UFFDBROKER__ROLE__ROLE_BROKER) fail(EPROTO, "the broker did not answer Hello");
   else if (answer->kept && answer->kept->n_names > p->received_count) fail(EPROTO, "the broker named more kept descriptors than it sent");
   else ok = restore_kept(p, answer->kept) == 0;

@@ -115,6 +115,12 @@ extension BrokerEngine {
     }
   }
 
+  /// Whether the client has notices the engine could not send yet (its socket
+  /// was full): until they go, its read journal stays unsettled.
+  public func hasUnsentNotices(_ id: ClientID) -> Bool {
+    clients[id].map { !$0.unsent.isEmpty } ?? false
+  }
+
   /// Whether credentials are allowed by uid, or by primary gid.
   static func allows(_ peer: PeerCredentials, uids: Set<UInt32>, gids: Set<UInt32>) -> Bool {
     uids.contains(peer.uid) || gids.contains(peer.gid)

@@ -11,6 +11,8 @@ final class ClientLink {
   var pidfd = OwnedDescriptor()
   /// A VMM on a Firecracker socket (nil: a client speaking our protocol).
   var vmm: VMMHandshake?
+  /// Where its uffd is read (a client speaking our protocol: its SDK recovers from it).
+  var journal: ReadJournal?
 
   init(id: ClientID, socket: PacketSocket?, uffd: UserfaultFD? = nil) {
     self.id = id

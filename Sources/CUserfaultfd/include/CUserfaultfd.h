@@ -110,4 +110,46 @@ enum { CUFFD_READ_BATCH = 64 };
  */
 int cuffd_read_events(int fd, cuffd_event *out, int max);
 
+/* ---- the read journal ----
+ *
+ * A broker killed between reading a client's events and telling the client
+ * what they changed (a MADV_DONTNEED's drop record) would leave the client
+ * re-attaching without it. So the broker reads each client's events into a
+ * journal: a memfd it maps writable, sealed so that no one else can write or
+ * resize it, and hands read-only to the client. While a read is not settled
+ * (its events acted on and every notice sent) the journal holds its raw
+ * messages; the kernel writes them there, so a kill right after the read(2)
+ * leaves them too. A re-attaching client reads what an unsettled journal holds.
+ *
+ * Layout: 64-byte header, then CUFFD_JOURNAL_CAPACITY uffd_msg. A message
+ * slot not written since the journal was last settled has event 0. */
+enum { CUFFD_JOURNAL_SIZE = 16384, CUFFD_JOURNAL_CAPACITY = (CUFFD_JOURNAL_SIZE - 64) / 32 };
+#define CUFFD_JOURNAL_MAGIC 0x314c4e524a444655ULL /* "UFDJRNL1" */
+enum {
+  CUFFD_JOURNAL_UNSETTLED = 1,  /* state: events were read and may not all be told */
+  CUFFD_JOURNAL_OVERFLOW = 2,   /* state: a remove was read past the journal's end */
+};
+
+/* Creates a sealed journal memfd and maps it writable at *mapping. Returns the
+ * descriptor (close-on-exec) or -errno. */
+int cuffd_journal_create(void **mapping);
+
+/* Starts a read: clears the `used` slots of a settled journal (then *used is 0)
+ * and marks it unsettled; an unsettled one keeps its messages. */
+void cuffd_journal_begin(void *journal, int *used);
+
+/* As cuffd_read_events, reading into the journal's free slots (`*used` grows);
+ * past its end the read goes to a private buffer, and a remove among it marks
+ * the journal overflowed. */
+int cuffd_journal_read(int fd, void *journal, int *used, cuffd_event *out, int max);
+
+/* The read's events are acted on and told: the journal is settled. */
+void cuffd_journal_settle(void *journal);
+
+/* For a client: what an unsettled journal holds (mapped read-only at
+ * `journal`, `size` bytes). Returns 0 if it is settled (or not a journal),
+ * -1 if it overflowed (nothing can be vouched for), else the count of REMOVE
+ * ranges written to starts/ends (at most max; more are counted as overflow). */
+int cuffd_journal_unsettled_removes(const void *journal, uint64_t size, uint64_t *starts, uint64_t *ends, int max);
+
 #endif

@@ -2,23 +2,11 @@ import Glibc
 import Testing
 
 /// An SDK whose conformance plugin (Tests/Fixtures/conformance-plugins) the
-/// suite runs: how to start it, and which scenarios it cannot run yet.
+/// suite runs, every SDK scenario: how to start it.
 enum ConformanceLanguage: String, CaseIterable, Sendable, CustomTestStringConvertible {
   case swift, c, python
 
   var testDescription: String { rawValue }
-
-  /// Scenarios this SDK lacks a feature for today, with why: not run, listed
-  /// by `ConformanceTests.pending`. Enable one by taking it out of here.
-  var pending: [ConformanceScenario: String] {
-    switch self {
-    case .swift: [:]
-    case .c, .python: [.swapSurvivesKill: "the descriptor store (keep, restored descriptors) is not in this SDK yet"]
-    }
-  }
-
-  /// The scenarios this SDK runs: every SDK scenario not pending.
-  var scenarios: [ConformanceScenario] { ConformanceScenario.sdkScenarios.filter { pending[$0] == nil } }
 
   /// What building the C plugin needs: the C sample's toolchain and pkg-config.
   static let cToolchainPresent = BrokerIntegrationTests.CPlugin.toolchainPresent && access("/usr/bin/pkg-config", X_OK) == 0

@@ -40,6 +40,11 @@ enum ConformanceScenario: String, CaseIterable, Sendable, CustomTestStringConver
   case invalidDecision
   /// Decisions over a range longer than the region refused the same way; the neighbours untouched.
   case oversizedDecision
+  /// A second plugin of the same name: refused, it says the broker's code and reason; the first serves on.
+  case nameTaken
+  /// A plugin of a uid the broker does not allow, refused before it reads the Hello (whose send
+  /// may fail with EPIPE): it says the broker's code and reason, never a broken pipe.
+  case notAuthorized
   /// Wire: a plugin packet over 256 KiB: `ERROR_TOO_LARGE`, the connection closed.
   case oversizedPacket
   /// Wire: a plugin's Hello of protocol version 1: `ERROR_VERSION`, the connection closed.
@@ -59,6 +64,7 @@ enum ConformanceScenario: String, CaseIterable, Sendable, CustomTestStringConver
   /// Runs the scenario against `language`'s conformance plugin.
   func run(_ language: ConformanceLanguage) throws {
     precondition(!isWireScenario, "\(self) runs on a raw socket")
+    if self == .notAuthorized { return try runNotAuthorized(language) }
     try Harness.run("conf-\(language.rawValue)-\(rawValue)") { h in
       let plugin = try language.startPlugin(h, name: Self.name)
       try check(h, plugin: plugin, language: language)
@@ -154,8 +160,27 @@ enum ConformanceScenario: String, CaseIterable, Sendable, CustomTestStringConver
       // Each refusal reached the plugin through its SDK (DecisionRefused).
       #expect(waitUntil(timeout: 5) { plugin.stderr.split(separator: "\n").filter { $0 == "refused badRange" }.count == 8 }, h.diagnostics(plugin.stderr))
 
-    case .oversizedPacket, .wrongVersion:
-      preconditionFailure("a wire scenario")
+    case .nameTaken:
+      let second = try language.startPlugin(h, name: name, waitForConnection: false)
+      #expect(second.wait(timeout: 15) == .exited(1), h.diagnostics(second.stderr))
+      #expect(second.stderr.contains("plugin \"\(name)\" is already connected (code \(BrokerError.Code.nameTaken.rawValue))"), h.diagnostics(second.stderr))
+      #expect(try h.status().plugin(name)?.connectedPID == plugin.pid, h.diagnostics)
+
+    case .notAuthorized, .oversizedPacket, .wrongVersion:
+      preconditionFailure("not run against a connected plugin")
+    }
+  }
+
+  /// Rounds of a plugin the broker refuses by uid: each says why (whether its Hello's send met the shut connection or not).
+  private func runNotAuthorized(_ language: ConformanceLanguage) throws {
+    try Harness.run("conf-\(language.rawValue)-\(rawValue)", configFields: ["\"pluginUIDs\": [4242]"]) { h in
+      for round in 0..<5 {
+        let plugin = try language.startPlugin(h, name: Self.name, waitForConnection: false)
+        #expect(plugin.wait(timeout: 15) == .exited(1), h.diagnostics("round \(round): \(plugin.stderr)"))
+        #expect(plugin.stderr.contains("may not serve as a plugin of this broker (code \(BrokerError.Code.notAuthorized.rawValue))"),
+                h.diagnostics("round \(round): \(plugin.stderr)"))
+      }
+      #expect(try h.status().tally[.pluginRefused, "notAuthorized"] == 5, h.diagnostics)
     }
   }
 

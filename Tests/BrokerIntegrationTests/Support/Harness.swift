@@ -103,8 +103,8 @@ final class Harness {
   }
 
   private var brokerArguments: [String] = []
-  /// Set in the broker's environment beside `environment`.
-  private let brokerEnvironment: [String: String]
+  /// Set in the broker's environment beside `environment` (a test may change it for a restart).
+  var brokerEnvironment: [String: String]
 
   /// Starts the broker and waits until it answers on its control socket
   /// (it listens on every socket before it serves any).

@@ -171,7 +171,9 @@ typedef struct uffd_callbacks {
  * The listener must run as root, as this process's uid, or as $UFFD_BROKER_UID:
  * nothing is sent to anyone else. Returns NULL with errno set on failure
  * (ECONNREFUSED/ENOENT: no broker; EACCES: untrusted listener; ETIMEDOUT: no
- * answer within 10 s; ECONNABORTED: the broker refused, e.g. the name is taken).
+ * answer within 10 s; ECONNABORTED: the broker refused, e.g. the name is taken
+ * or the uid not allowed, even when the refusal made the Hello's send fail with
+ * EPIPE: uffd_plugin_last_error() gives the broker's message and code).
  */
 uffd_plugin *uffd_plugin_connect(const char *socket_path, const char *name);
 

@@ -3,6 +3,8 @@
 Run with `python3 -m unittest discover sdk/python/tests` (PYTHONPATH=sdk/python).
 """
 
+import os
+import socket
 import unittest
 
 import uffd_plugin
@@ -64,6 +66,19 @@ class RunnerTests(unittest.TestCase):
         answer = broker.receive()
         self.assertEqual(list(answer.batch.kind), [pb.DECISION_RETRY])
         broker.finish()
+
+    def test_a_refusal_sent_before_hello_is_reported_not_the_broken_pipe(self):
+        broker, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        # As the broker refuses a peer: its Error queued, then the connection shut down, Hello unread.
+        reason = "uid 4242 may not serve as a plugin of this broker"
+        broker.send(pb.BrokerToPlugin(error=pb.Error(code=pb.ERROR_NOT_AUTHORIZED, message=reason)).SerializeToString())
+        broker.shutdown(socket.SHUT_RDWR)
+        os.environ["UFFD_BROKER_PLUGIN_FD"] = str(theirs.detach())
+        with self.assertRaises(uffd_plugin.BrokerError) as raised:
+            uffd_plugin.run(Numbered(), "refused")
+        broker.close()
+        self.assertEqual((raised.exception.code, str(raised.exception)), (pb.ERROR_NOT_AUTHORIZED, "the broker refused the connection: " + reason))
+        self.assertIsInstance(raised.exception.__cause__, BrokenPipeError)  # the Hello's send did fail
 
 
 if __name__ == "__main__":

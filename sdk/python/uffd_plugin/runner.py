@@ -231,6 +231,10 @@ class Runner:
         try:
             hello = pb.PluginToBroker(hello=pb.Hello(version=PROTOCOL_VERSION, role=pb.ROLE_PLUGIN, name=self.name))
             self._connection.send(hello.SerializeToString(), (memfd,) if memfd is not None else ())
+        except OSError as error:
+            # A broker that refuses a connection sends why, then shuts it: the
+            # send fails (EPIPE), but the Error is there to read.
+            self._raise_refusal(error)
         finally:
             if memfd is not None:
                 os.close(memfd)  # the mapping and the broker's copy keep the memory
@@ -248,7 +252,7 @@ class Runner:
         if message.HasField("error"):
             for fd in restored.values():
                 os.close(fd)
-            raise BrokerError(f"the broker refused the connection: {message.error.message}", message.error.code)
+            raise self._refusal(message.error)
         if not message.HasField("hello") or message.hello.role != pb.ROLE_BROKER:
             raise BrokerError("the broker did not answer Hello", pb.ERROR_VERSION)
         self._connection.sock.settimeout(None)
@@ -256,6 +260,27 @@ class Runner:
         self._take_outbox()
         self._handle(message)
         self._flush()
+
+    @staticmethod
+    def _refusal(error) -> BrokerError:
+        return BrokerError(f"the broker refused the connection: {error.message}", error.code)
+
+    def _raise_refusal(self, failure: OSError) -> None:
+        """Raises the broker's Error, if it sent one before shutting the connection, else the send's failure."""
+        try:
+            received = self._connection.receive(timeout=1)
+        except (BrokerError, OSError):
+            received = None
+        if received is not None:
+            for fd in received[1]:
+                os.close(fd)
+            try:
+                message = pb.BrokerToPlugin.FromString(received[0])
+            except DecodeError:
+                message = pb.BrokerToPlugin()
+            if message.HasField("error"):
+                raise self._refusal(message.error) from failure
+        raise BrokerError(f"cannot send Hello to the broker: {failure}", 0) from failure
 
     def _shared_memfd(self) -> Optional[int]:
         """A sealed memfd of two halves, mapped here; None if the kernel offers none."""

@@ -2,10 +2,13 @@
 // region's argument; the table is in ../README.md.
 //   conformance-plugin NAME
 // The broker's socket: $UFFD_BROKER_PLUGIN_SOCKET (or the default path).
+#define _GNU_SOURCE
+#include <errno.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 #include <uffd_plugin.h>
 
@@ -22,6 +25,40 @@ struct state {
 };
 
 static uint64_t faults;
+
+// The stored pages, also in a memfd the broker keeps for this plugin's name (the
+// descriptor store), so a restart after kill -9 finds them: an append-only log of
+// records, the client's token (high, low), the region id, the region offset, the
+// page's length (8 bytes each), then the page; a later record of the same page replaces an earlier one.
+enum { RECORD_HEADER = 5 * sizeof(uint64_t) };
+static int page_log = -1;
+static off_t log_end;
+
+// Takes the log the broker kept, or makes one and asks the broker to keep it.
+static const char *open_log(uffd_plugin *plugin) {
+  page_log = uffd_plugin_take_kept(plugin, "pages");
+  if (page_log == -ENOENT) {
+    if ((page_log = memfd_create("conformance-pages", MFD_CLOEXEC)) < 0) return "memfd_create failed";
+    if (uffd_plugin_keep(plugin, page_log, "pages") != 0) return uffd_plugin_last_error();  // it only grows: kept once is enough
+  }
+  if (page_log < 0) return uffd_plugin_last_error();
+  return (log_end = lseek(page_log, 0, SEEK_END)) < 0 ? "lseek failed" : NULL;
+}
+
+// Fills a region's stored pages from what earlier incarnations logged for it.
+static const char *restore(struct state *s, const uffd_region *region) {
+  uint64_t header[5], size = region->page_size;
+  for (off_t at = 0; at + RECORD_HEADER <= log_end; at += RECORD_HEADER + header[4]) {
+    if (pread(page_log, header, RECORD_HEADER, at) != RECORD_HEADER) return "cannot read the page log";
+    if (header[0] != region->token_high || header[1] != region->token_low || header[2] != region->region_id || header[3] / size >= s->pages ||
+        header[4] != size)
+      continue;
+    uint8_t **slot = &s->stored[header[3] / size];
+    if (!*slot && !(*slot = malloc(size))) return "out of memory";
+    if (pread(page_log, *slot, size, at + RECORD_HEADER) != (ssize_t)size) return "cannot read the page log";
+  }
+  return NULL;
+}
 
 static int parse(const char *argument, struct state *s) {
   static const struct { const char *name; enum behaviour behaviour; } plain[] = {
@@ -41,6 +78,14 @@ static int parse(const char *argument, struct state *s) {
   return -1;
 }
 
+static void free_state(uffd_region *region) {
+  struct state *s = region->context;
+  if (!s) return;
+  for (size_t i = 0; i < s->pages; i++) free(s->stored[i]);
+  free(s->stored), free(s->answered), free(s->removed), free(s);
+  region->context = NULL;
+}
+
 static const char *region_opened(uffd_region *region, void *user) {
   (void)user;
   if (region->parent_client_id) return "this plugin serves no forked child";
@@ -53,16 +98,23 @@ static const char *region_opened(uffd_region *region, void *user) {
   s->stored = calloc(s->pages, sizeof *s->stored);
   if (!s->removed || !s->answered || !s->stored) return free(s->removed), free(s->answered), free(s->stored), free(s), "out of memory";
   region->context = s;
-  return NULL;
+  const char *failure = restore(s, region);
+  if (failure) free_state(region);  // a refused region is never closed
+  return failure;
+}
+
+// Whether every page of [start, end) is stored (asked for pages a swap-out released before a restart).
+static int holds(uffd_region *region, uint64_t start, uint64_t end, void *user) {
+  (void)user;
+  const struct state *s = region->context;
+  for (uint64_t page = start / region->page_size; page < end / region->page_size; page++)
+    if (page >= s->pages || !s->stored[page]) return 0;
+  return 1;
 }
 
 static void region_closed(uffd_region *region, void *user) {
   (void)user;
-  struct state *s = region->context;
-  if (!s) return;
-  for (size_t i = 0; i < s->pages; i++) free(s->stored[i]);
-  free(s->stored), free(s->answered), free(s->removed), free(s);
-  region->context = NULL;
+  free_state(region);
 }
 
 // Writes `pages` pages from region offset `offset`: stored bytes, else zeros for dropped pages, else the pattern.
@@ -140,6 +192,10 @@ static const char *store(uffd_region *region, uint64_t offset, const void *data,
     uint8_t **slot = &s->stored[offset / size + i];
     if (!*slot && !(*slot = malloc(size))) return "out of memory";
     memcpy(*slot, (const uint8_t *)data + i * size, size);
+    uint64_t header[5] = {region->token_high, region->token_low, region->region_id, offset + i * size, size};
+    if (pwrite(page_log, header, RECORD_HEADER, log_end) != RECORD_HEADER || pwrite(page_log, *slot, size, log_end + RECORD_HEADER) != (ssize_t)size)
+      return "cannot write the page log";
+    log_end += RECORD_HEADER + size;
   }
   return NULL;
 }
@@ -153,8 +209,10 @@ int main(int argc, char **argv) {
   if (argc != 2) return fprintf(stderr, "usage: %s NAME\n", argv[0]), 2;
   uffd_plugin *plugin = uffd_plugin_connect(NULL, argv[1]);
   if (!plugin) return fprintf(stderr, "conformance-plugin: %s\n", uffd_plugin_last_error()), 1;
+  const char *failure = open_log(plugin);
+  if (failure) return fprintf(stderr, "conformance-plugin: the page log: %s\n", failure), uffd_plugin_free(plugin), 1;
   uffd_callbacks callbacks = {.region_opened = region_opened, .pagefault = pagefault, .removed = removed, .region_closed = region_closed,
-                              .store = store, .decision_refused = decision_refused};
+                              .store = store, .holds = holds, .decision_refused = decision_refused};
   int result = uffd_plugin_run(plugin, &callbacks, NULL);
   if (result != 0) fprintf(stderr, "conformance-plugin: %s\n", uffd_plugin_last_error());
   uffd_plugin_free(plugin);

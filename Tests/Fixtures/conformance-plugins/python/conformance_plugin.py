@@ -7,6 +7,7 @@ each region's argument; the table is in ../README.md.
 
 import os
 import signal
+import struct
 import sys
 from array import array
 
@@ -15,6 +16,11 @@ import uffd_plugin
 GOLDEN = 0x9E3779B97F4A7C15
 MASK = (1 << 64) - 1
 FIRST_TIME_DIFFERS = ("retry-once", "invalid", "oversized")
+# The stored pages, also in a memfd the broker keeps for this plugin's name (the
+# descriptor store), so a restart after kill -9 finds them: an append-only log of
+# records, this header (the client's token, the region id, the region offset,
+# the page's length) then the page; a later record of the same page replaces an earlier one.
+RECORD = struct.Struct("=16sQQQ")
 
 
 def behaviour(argument):
@@ -42,12 +48,34 @@ class Conformance(uffd_plugin.Plugin):
     def __init__(self):
         self.faults = 0
         self.steps = {}  # page size -> the words' increments from a page's first word
+        self.log = None  # the page log's memfd
+        self.end = 0  # where its next record goes
+        self.restored = {}  # (client token, region id) -> {page offset: bytes}, from earlier incarnations
+
+    def connected(self, store):
+        self.log = store.pop("pages", None)
+        for fd in store.values():
+            os.close(fd)
+        if self.log is None:
+            self.log = os.memfd_create("conformance-pages", os.MFD_CLOEXEC)
+            store.keep(self.log, "pages")  # it only grows: kept once is enough
+            return
+        size = os.fstat(self.log).st_size
+        while self.end + RECORD.size <= size:
+            token, region_id, offset, length = RECORD.unpack(os.pread(self.log, RECORD.size, self.end))
+            self.restored.setdefault((token, region_id), {})[offset] = os.pread(self.log, length, self.end + RECORD.size)
+            self.end += RECORD.size + length
 
     def region_opened(self, region):
         parsed = behaviour(region.argument)
         if parsed is None:
             raise uffd_plugin.Refused(f"unknown conformance behaviour {region.argument!r}")
         region.context = State(*parsed)
+        region.context.stored = dict(self.restored.get((region.token, region.id), {}))
+
+    def holds(self, start, end, region):
+        """Whether every page of [start, end) is stored (asked for pages a swap-out released before a restart)."""
+        return all(offset in region.context.stored for offset in range(start, end, region.page_size))
 
     def pagefault(self, fault, region, buffer):
         state = region.context
@@ -109,7 +137,10 @@ class Conformance(uffd_plugin.Plugin):
     def store(self, data, offset, region):
         size = region.page_size
         for index in range(len(data) // size):
-            region.context.stored[offset + index * size] = bytes(data[index * size:(index + 1) * size])
+            page = bytes(data[index * size:(index + 1) * size])
+            region.context.stored[offset + index * size] = page
+            os.pwrite(self.log, RECORD.pack(region.token, region.id, offset + index * size, size) + page, self.end)
+            self.end += RECORD.size + size
 
     def decision_refused(self, fault_id, cause, reason):
         print(f"refused {cause}", file=sys.stderr, flush=True)
@@ -122,7 +153,7 @@ def main():
     try:
         uffd_plugin.run(Conformance(), sys.argv[1])
     except uffd_plugin.BrokerError as error:
-        print(f"conformance_plugin: {error}", file=sys.stderr)
+        print(f"conformance_plugin: {error} (code {error.code})", file=sys.stderr)
         sys.exit(1)
 
 

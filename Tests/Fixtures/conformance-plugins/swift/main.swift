@@ -1,3 +1,4 @@
+import BrokerProtocol
 import Glibc
 import PluginSDK
 
@@ -12,6 +13,8 @@ func fail(_ message: String, status: Int32) -> Never {
 guard CommandLine.arguments.count == 2 else { fail("usage: conformance-plugin NAME", status: 2) }
 do {
   try PluginRunner.run(ConformancePlugin(), name: CommandLine.arguments[1])
+} catch let error as BrokerError {
+  fail("conformance-plugin: \(error) (code \(error.code.rawValue))", status: 1)
 } catch {
   fail("conformance-plugin: \(error)", status: 1)
 }
