@@ -67,6 +67,26 @@ extension BrokerIntegrationTests {
       }
     }
 
+    @Test("a MAP_SHARED mapping of the file: pages filled once, writable, the writes in the file, read back after MADV_DONTNEED as minor faults")
+    func sharedMapping() throws {
+      try Self.withSnapshotFile(mib: 1) { path in
+        try Harness.run("shm-shared") { h in
+          try h.startPlugin(name: "pattern", mode: "pattern")
+          let outcome = try h.runClient("shm-clone", mib: 1, threads: 2, plugin: "pattern", extraEnvironment: ["FIXTURE_SHM": path, "FIXTURE_SHM_SHARED": "1"])
+          let pages = (1 << 20) / pageSize
+          #expect(outcome.status == .exited(0), h.diagnostics(outcome.stdout + outcome.stderr))
+          #expect(outcome.summary == "shared memory: \(pages) pages, wrong: 0 at first, 0 written, 0 after the gate, 0 after MADV_DONTNEED", h.diagnostics)
+          let status = try h.status()
+          #expect(status.faults.minorFaultsResolved >= UInt64(pages) && status.plugin("pattern")?.faultsSent == UInt64(pages), h.diagnostics("\(status.faults)"))
+          // The file holds the writes: its first word of each page inverted.
+          let fd = open(path, O_RDONLY)
+          defer { close(fd) }
+          var word: UInt64 = 0
+          #expect(pread(fd, &word, 8, off_t(5 * pageSize)) == 8 && word == ~((UInt64(5 * pageSize) &+ 1) &* 0x9E37_79B9_7F4A_7C15), h.diagnostics)
+        }
+      }
+    }
+
     @Test("the broker killed (-9) under a clone: it re-attaches with its file, and after MADV_DONTNEED its pages are the snapshot's again, minor faults of the new broker")
     func brokerKilledUnderClone() throws {
       try Self.withSnapshotFile(mib: 1) { path in
