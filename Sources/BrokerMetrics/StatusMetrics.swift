@@ -43,6 +43,7 @@ struct StatusMetrics {
     count("faults_resolved_total", faults.faultsResolved)
     count("faults_resolved_locally_total", UInt64(faults.resolvedLocally))
     count("faults_new_memory_total", UInt64(faults.newMemoryFills))
+    count("faults_minor_total", faults.minorFaultsResolved)
     count("faults_failed_closed_total", UInt64(faults.failedClosed))
     count("fault_redeliveries_total", faults.redeliveries)
     count("decisions_invalid_total", UInt64(faults.invalidDecisions))

@@ -53,6 +53,8 @@ extension BrokerRuntime {
       guard let link = clients[id] else { return registering = nil }
       link.uffd = registering
       registering = nil
+      if let (handle, mapping) = registeringMemory { memoryFiles[handle] = mapping }
+      registeringMemory = nil
       if link.vmm == nil && link.socket != nil {
         do {
           link.journal = try ReadJournal()
@@ -130,6 +132,7 @@ extension BrokerRuntime {
       supervisor?.killChild(pid: pid, reason: reason)
     case .releaseFile(let handle):
       files[handle] = nil
+      memoryFiles[handle] = nil
     case .forgetPlugin(let name):
       stores[name] = nil
     case .log(let level, let message, let metadata):
@@ -187,6 +190,13 @@ extension BrokerRuntime {
   private func fill(_ order: FillOrder) -> IoctlOutcome {
     guard let uffd = clients[order.client]?.uffd else { return .targetExited }
     let range = order.range
+    if let cache = order.pageCache, order.kind != .poison {
+      guard let memory = memoryFiles[cache.file] else { return .failed(.badFileDescriptor) }
+      // Into the file's page cache first (kept where a page is there already), then mapped.
+      let stored = store(order, into: memory, at: cache.offset)
+      guard stored == .done else { return stored }
+      return uffd.continue(address: range.lowerBound, length: range.count)
+    }
     switch order.kind {
     case .zero:
       return uffd.zero(address: range.lowerBound, length: range.count)
@@ -199,7 +209,7 @@ extension BrokerRuntime {
         uffd.copy(to: range.lowerBound, from: bytes.baseAddress!, length: range.count, writeProtect: order.writeProtect)
       }
       switch order.source {
-      case .none:
+      case .none, .pageCache:
         return .failed(.invalidArgument)
       case .bytes(let bytes):
         return copy(bytes)
@@ -225,6 +235,36 @@ extension BrokerRuntime {
         guard let read = file.read(at: offset, into: buffer) else { return .failed(.ioError) }
         return copy(read)
       }
+    }
+  }
+
+  /// Adds what `order` fills to a shared-memory file's page cache at `offset`.
+  private func store(_ order: FillOrder, into memory: SharedMemoryMapping, at offset: UInt64) -> IoctlOutcome {
+    let count = order.range.count
+    switch order.source {
+    case .pageCache:
+      return .done
+    case .none:
+      return .failed(.invalidArgument)
+    case .bytes(let bytes):
+      return memory.store(bytes, at: offset, pageSize: systemPageSize)
+    case .zeros:
+      for page in stride(from: 0, to: count, by: zeroPage.count) {
+        let stored = memory.store(UnsafeRawBufferPointer(rebasing: zeroPage[..<min(zeroPage.count, count - page)]), at: offset + UInt64(page), pageSize: systemPageSize)
+        if stored != .done { return stored }
+      }
+      return .done
+    case .sharedArea(let plugin, let areaOffset):
+      guard let area = plugins[plugin]?.sharedArea, areaOffset + UInt64(count) <= UInt64(area.bytes.count) else { return .notNow }
+      return memory.store(UnsafeRawBufferPointer(rebasing: area.bytes[Int(areaOffset)..<Int(areaOffset) + count]), at: offset, pageSize: systemPageSize)
+    case .file(let handle, let fileOffset):
+      guard let file = files[handle] else { return .failed(.ioError) }
+      if let mapped = file.bytes(at: fileOffset..<fileOffset + UInt64(count)) {
+        let stored = memory.store(mapped, at: offset, pageSize: systemPageSize)
+        guard case .failed(.badAddress) = stored else { return stored }  // the file shrank: read the rest as zeros
+      }
+      guard let read = file.read(at: fileOffset, into: UnsafeMutableRawBufferPointer(rebasing: localBuffer[..<count])) else { return .failed(.ioError) }
+      return memory.store(read, at: offset, pageSize: systemPageSize)
     }
   }
 

@@ -162,8 +162,9 @@ extension BrokerRuntime {
         }
         let descriptors = attached(&fds, to: request)
         engine.clientRequest(link.id, request, descriptors: descriptors, now: loopTime)
-        perform()  // `.adoptUffd` takes `registering`
+        perform()  // `.adoptUffd` takes `registering` (and `registeringMemory`)
         registering = nil
+        registeringMemory = nil
       }
     }
   }
@@ -171,16 +172,44 @@ extension BrokerRuntime {
   /// What the engine needs to know of a request's descriptors. A Register's one
   /// descriptor is adopted as a userfaultfd, its features read from the kernel
   /// (not from the message); it waits in `registering` for the engine's verdict.
+  /// A second descriptor is the shared-memory file of the client's shared-memory
+  /// regions: checked and mapped (`SharedMemoryMapping`), in `registeringMemory` likewise.
   private func attached(_ fds: inout [CInt], to request: ClientRequest) -> AttachedDescriptors {
-    guard case .register(let register) = request.body, fds.count == 1 else {
+    guard case .register(let register) = request.body, fds.count == 1 || fds.count == 2 else {
       return fds.isEmpty ? .none : .several(fds.count)
     }
+    let uffd: UserfaultFD
     do {
-      registering = try UserfaultFD(adopting: FileDescriptor(rawValue: fds[0]), features: nil, ioctls: register.ioctls)
-      fds.removeAll()  // the uffd object owns (and closes) the descriptor now
-      return .userfaultfd(registering!.features)
+      uffd = try UserfaultFD(adopting: FileDescriptor(rawValue: fds[0]), features: nil, ioctls: register.ioctls)
+      fds[0] = -1  // the uffd object owns (and closes) the descriptor now
     } catch {
       return .notUserfaultfd(BrokerError(.notUserfaultfd, "the attached descriptor: \(error.message)"))
+    }
+    registering = uffd
+    guard fds.count == 2 else { return .userfaultfd(uffd.features) }
+    let fd = fds[1]
+    fds.removeAll()  // the mapping owns (and closes) the file now, kept or refused
+    do throws(BrokerError) {
+      let mapping = try SharedMemoryMapping(adopting: fd, pageSize: systemPageSize, uffd: brokerMemoryUffd)
+      let handle = FileHandle(nextFile)
+      nextFile += 1
+      registeringMemory = (handle, mapping)
+      return .userfaultfdAndFile(uffd.features, .success(SharedMemoryFile(handle: handle, size: mapping.size)))
+    } catch {
+      return .userfaultfdAndFile(uffd.features, .failure(error))
+    }
+  }
+
+  /// The broker's own userfaultfd for its mappings of shared-memory files:
+  /// user-mode only (it only ever fills), made once.
+  private func brokerMemoryUffd() throws(BrokerError) -> UserfaultFD {
+    if let memoryUffd { return memoryUffd }
+    do {
+      let uffd = try UserfaultFD.create(features: [], options: UserfaultFD.Options(userModeOnly: true))
+      memoryUffd = uffd
+      return uffd
+    } catch {
+      throw BrokerError(.internal, "the broker cannot create a userfaultfd for shared memory: \(error)")
     }
   }
 

@@ -58,6 +58,13 @@ public final class BrokerRuntime: @unchecked Sendable {
   var stores: [String: DescriptorStore] = [:]
   /// A Register's userfaultfd, while the engine decides on the request.
   var registering: UserfaultFD?
+  /// A Register's shared-memory file, while the engine decides on the request.
+  var registeringMemory: (handle: FileHandle, mapping: SharedMemoryMapping)?
+  /// Clients' shared-memory files, by the handle the engine knows them by (numbered with `files`).
+  var memoryFiles: [FileHandle: SharedMemoryMapping] = [:]
+  /// The broker's own userfaultfd, which registers its mappings of shared-memory
+  /// files (see `SharedMemoryMapping`); made with the first one.
+  var memoryUffd: UserfaultFD?
   var controls: [UInt64: ControlLink] = [:]
   var nextControl: UInt64 = 1
   /// What only the runtime sees (connections refused for want of descriptors, control refusals).

@@ -24,7 +24,10 @@ import Userfaultfd
 /// - an mremap that grows a range keeps the new tail registered, in place (no
 ///   event at all) or moved (the move's REMAP and trailing UNMAP, of the old
 ///   length): fresh memory, zeros until written, that no one registered;
-/// - a poisoned page (UFFDIO_POISON) is SIGBUS at the access: the process dies.
+/// - a poisoned page (UFFDIO_POISON) is SIGBUS at the access: the process dies;
+/// - a clone's shared-memory region (`sharedRegion`) maps the snapshot file
+///   MAP_PRIVATE: a missing page the file's cache holds faults as minor, and a
+///   dropped page reads the file again (not zeros).
 struct SimProcess {
   /// Whose content a page is: region and offset, as the plugin serves it; a
   /// grown tail's page is fresh memory (region 0, a serial number as offset).
@@ -91,6 +94,8 @@ struct SimProcess {
   var pages: [UInt: Page] = [:]
   /// Origins whose content the process dropped (MADV_DONTNEED): they read as zeros now.
   var dropped: Set<Origin> = []
+  /// The region that maps the snapshot file (a clone), if any: its offsets are the file's.
+  var sharedRegion: UInt64?
   var queue: [Message] = []
   var threads: [ThreadState]
   /// Per thread, the messages of its map change still to be queued.
@@ -152,7 +157,9 @@ struct SimProcess {
   }
 
   /// What a fill of `origin` must put there.
-  func expected(_ origin: Origin) -> Content { origin.isFresh || dropped.contains(origin) ? .zero : .data(origin) }
+  func expected(_ origin: Origin) -> Content {
+    origin.isFresh || dropped.contains(origin) && origin.region != sharedRegion ? .zero : .data(origin)
+  }
 
   var mapChangeQueued: Bool { queue.contains { $0.isMapChange } }
 
@@ -238,6 +245,7 @@ struct SimProcess {
     child.area = area
     child.pages = pages
     child.dropped = dropped
+    child.sharedRegion = sharedRegion
     child.atFork = pages.mapValues(\.origin)
     return child
   }

@@ -83,7 +83,9 @@ extension Simulation {
       failure = "client \(id) killed (no schedule here calls for it)"
     case .log(let level, let message, let metadata):
       note("log \(level): \(message) \(metadata.sorted { $0.key < $1.key }.map { "\($0.key)=\($0.value)" }.joined(separator: " "))")
-    case .adoptUffd, .releaseFile, .forgetPlugin:
+    case .releaseFile(let file):
+      sharedFiles.remove(file)
+    case .adoptUffd, .forgetPlugin:
       break
     case .writeProtect:
       failure = "unexpected \(action): no client swaps out here"
@@ -96,6 +98,7 @@ extension Simulation {
       return engine.filled(order, outcome: .targetExited, now: now)
     }
     let range = order.range
+    if order.pageCache != nil { return fillSharedMemory(order, slot: slot) }
     let content: (UInt) -> SimProcess.Content
     switch (order.kind, order.source) {
     case (.zero, _), (.copy, .zeros): content = { _ in .zero }
@@ -126,6 +129,57 @@ extension Simulation {
     } catch {
       guard case .wrongContent(let page, let got, let expected) = error else { return }
       failure = "client \(order.client) page 0x\(String(page, radix: 16)) filled with \(got), must read \(expected)"
+    }
+  }
+
+  /// A fill of a clone's shared memory, as the runtime and the kernel do it:
+  /// the bytes go into the snapshot file's cache where it has no page (a page
+  /// there is kept), then the range is mapped (`UFFDIO_CONTINUE`). Bytes that
+  /// are not the file's at that offset would reach every clone: a failure.
+  private func fillSharedMemory(_ order: FillOrder, slot: Int) {
+    guard let cache = order.pageCache, sharedFiles.contains(cache.file), let shared = processes[slot].sharedRegion else {
+      failure = "client \(order.client): a page-cache fill through a file it did not attach, or one released"
+      return
+    }
+    let range = order.range
+    let pageSize = UInt64(order.pageSize)
+    let fileOffset = { (page: UInt) in cache.offset + UInt64(page - range.lowerBound) }
+    if !reliable && random.below(100) < 2 {
+      note("fill \(describe(range)): EAGAIN (injected)")
+      return engine.filled(order, outcome: .notNow, now: now)
+    }
+    var stored: [UInt64] = []
+    for page in stride(from: range.lowerBound, to: range.upperBound, by: order.pageSize) where !snapshotCache.contains(fileOffset(page)) {
+      let content: SimProcess.Content
+      switch order.source {
+      case .pageCache:
+        // CONTINUE of a page the cache lacks: EFAULT, as the kernel says.
+        note("continue \(describe(range)): EFAULT (not in the cache)")
+        return engine.filled(order, outcome: .failed(.badAddress), now: now)
+      case .zeros: content = .zero
+      case .bytes(let bytes):
+        let start = Int(page - range.lowerBound)
+        content = Self.decode(UnsafeRawBufferPointer(rebasing: bytes[start..<start + order.pageSize]))
+      default:
+        failure = "unexpected shared-memory fill from \(order.source)"
+        return
+      }
+      let due = SimProcess.Content.data(.init(region: shared, offset: fileOffset(page)))
+      guard content == due else {
+        failure = "client \(order.client): the snapshot file's page at \(fileOffset(page) / pageSize) filled with \(content), must hold \(due)"
+        return
+      }
+      stored.append(fileOffset(page))
+    }
+    snapshotCache.formUnion(stored)
+    do {
+      let outcome = try processes[slot].fill(range, content: { page in .data(.init(region: shared, offset: fileOffset(page))) }, injectPartial: !reliable && random.chance(3))
+      statistics.fills += 1
+      note("continue client \(order.client) \(describe(range)) (\(stored.count) pages into the file): \(outcome)")
+      engine.filled(order, outcome: outcome, now: now)
+    } catch {
+      guard case .wrongContent(let page, let got, let expected) = error else { return }
+      failure = "client \(order.client) page 0x\(String(page, radix: 16)) mapped \(got) from the file, must read \(expected)"
     }
   }
 }

@@ -10,6 +10,8 @@ extension Simulation {
     // Every third client maps huge pages (MAP_HUGETLB), in an area of its own
     // scaled to them: 4 GiB per client from 16 TiB (small-page areas end far below).
     let huge = slot % 3 == 2
+    // Every third one, a clone: its region 1 maps the snapshot file (shared memory, MAP_PRIVATE).
+    let clone = slot % 3 == 1
     let pageSize = UInt(huge ? Self.hugePageSize : Self.smallPageSize)
     var process = SimProcess(pid: nextPid, threads: 3, pageSize: pageSize)
     nextPid += 1
@@ -17,12 +19,14 @@ extension Simulation {
     var specs: [RegionSpec] = []
     for region in 0..<2 {
       let start = process.area + UInt(region) * 256 * pageSize
-      specs.append(RegionSpec(id: UInt64(region + 1), base: start, length: Self.regionPages[region] * Int(pageSize), pageSize: Int(pageSize), plugin: "p\(region)"))
+      let backing: RegionSpec.Backing = clone && region == 0 ? .sharedMemory(fileOffset: 0) : .anonymous
+      specs.append(RegionSpec(id: UInt64(region + 1), base: start, length: Self.regionPages[region] * Int(pageSize), pageSize: Int(pageSize), plugin: "p\(region)", backing: backing))
       for page in 0..<Self.regionPages[region] {
         process.pages[start + UInt(page) * pageSize] = .init(origin: .init(region: UInt64(region + 1), offset: UInt64(page) * UInt64(pageSize)), present: nil)
       }
     }
     process.client.regions = specs
+    if clone { process.sharedRegion = 1 }
     process.client.token = UInt128(random.next()) << 64 | UInt128(random.next()) | 1
     processes.append(process)
     attach(slot, regions: specs)
@@ -40,7 +44,16 @@ extension Simulation {
     note("client \(id) (pid \(processes[slot].pid)) connects: \(regions.map { "region \($0.id) at \($0.pieces.isEmpty ? [$0.range] : $0.pieces.map(\.range)) dropped \($0.dropped)" })")
     engine.clientRequest(id, ClientRequest(requestID: 1, .hello(Hello(role: .client, name: "sim"))), descriptors: .none, now: now)
     let register = RegisterRequest(pid: processes[slot].pid, features: Self.features, ioctls: [], regions: regions, token: processes[slot].client.token)
-    engine.clientRequest(id, ClientRequest(requestID: 2, .register(register)), descriptors: .userfaultfd(Self.features), now: now)
+    var descriptors = AttachedDescriptors.userfaultfd(Self.features)
+    if processes[slot].sharedRegion != nil {
+      // The snapshot file, under a handle of its own, as the runtime gives each Register's file.
+      let file = FileHandle(nextSharedFile)
+      nextSharedFile += 1
+      sharedFiles.insert(file)
+      let size = UInt64(Self.regionPages[0]) * UInt64(processes[slot].pageSize)
+      descriptors = .userfaultfdAndFile(Self.features.union(.minorShmem), .success(SharedMemoryFile(handle: file, size: size)))
+    }
+    engine.clientRequest(id, ClientRequest(requestID: 2, .register(register)), descriptors: descriptors, now: now)
     perform()
   }
 
@@ -176,6 +189,8 @@ extension Simulation {
     let extra = 1 + random.below(4)
     let pageSize = processes[slot].pageSize
     guard processes[slot].pages.count + extra <= Self.maxPages, let range = changeableRange(in: slot, pages: 1 + random.below(4)) else { return }
+    // Grown past shared memory is more of the file, which the broker fails closed: programs here do not.
+    if let shared = processes[slot].sharedRegion, processes[slot].pages[range.upperBound - pageSize]?.origin.region == shared { return }
     statistics.mapChanges += 1
     statistics.grows += 1
     if random.chance(50), processes[slot].isFree(range.upperBound, pages: extra), !isBusy(slot, range.upperBound..<range.upperBound + UInt(extra) * pageSize) {
@@ -217,6 +232,16 @@ extension Simulation {
     return nil
   }
 
+  /// Whether a fault on `page` is minor: a clone's shared page the snapshot
+  /// file's cache holds. Decided at the read (a valid order: the cache only grows).
+  private func minor(_ page: UInt, of slot: Int) -> Bool {
+    guard let shared = processes[slot].sharedRegion, let origin = processes[slot].pages[page]?.origin, origin.region == shared,
+          snapshotCache.contains(origin.offset)
+    else { return false }
+    statistics.minorFaults += 1
+    return true
+  }
+
   func readSomeUffd() {
     let ready = processes.indices.filter { processes[$0].watched && !processes[$0].exited && !processes[$0].queue.isEmpty }
     guard let slot = ready.randomElement(using: &random) else { return }
@@ -229,7 +254,7 @@ extension Simulation {
     let events = messages.map { message -> KernelEvent in
       switch message {
       // A huge page's fault is reported at its start, as the kernel does without UFFD_FEATURE_EXACT_ADDRESS.
-      case .fault(let page, let thread): .pagefault(Pagefault(address: page, flags: [], thread: Int32(thread)))
+      case .fault(let page, let thread): .pagefault(Pagefault(address: page, flags: minor(page, of: slot) ? .minor : [], thread: Int32(thread)))
       case .remove(let range, _): .remove(range)
       case .unmap(let range, _, _): .unmap(range)
       case .remap(let from, let to, let length, _): .remap(from: from, to: to, length: length)

@@ -53,6 +53,8 @@ public final class Simulation {
     public var pluginCrashes = 0
     /// Decision fills the kernel could not read the bytes of (EFAULT, injected).
     public var unreadableFills = 0
+    /// Faults of clones' shared memory reported minor (the snapshot file's cache had the page).
+    public var minorFaults = 0
     public var clientsServed = 0
     /// Pages failed closed where the model allows it.
     public var failedClosed = 0
@@ -71,6 +73,7 @@ public final class Simulation {
       brokerRestarts += other.brokerRestarts
       pluginCrashes += other.pluginCrashes
       unreadableFills += other.unreadableFills
+      minorFaults += other.minorFaults
       clientsServed += other.clientsServed
       failedClosed += other.failedClosed
       exposedByKeepers += other.exposedByKeepers
@@ -110,6 +113,12 @@ public final class Simulation {
   var busy: [Int: [(thread: Int, range: Range<UInt>)]] = [:]
   /// Fresh pages made so far (grown tails): their serial numbers.
   var freshPages: UInt64 = 0
+  /// The snapshot file every clone maps (region 1's backing at file offset 0):
+  /// the offsets its page cache holds. The kernel's: it outlives broker restarts.
+  var snapshotCache: Set<UInt64> = []
+  /// Handles of the snapshot file the broker holds (one per Register), and the next one.
+  var sharedFiles: Set<FileHandle> = []
+  var nextSharedFile: UInt64 = 1
 
   static let wakeLimit = 10
   /// Pages of each client's two regions: the second large enough for a

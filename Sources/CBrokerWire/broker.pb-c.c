@@ -1857,7 +1857,7 @@ const ProtobufCMessageDescriptor uffdbroker__piece__descriptor =
   (ProtobufCMessageInit) uffdbroker__piece__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[11] =
+static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[13] =
 {
   {
     "id",
@@ -1991,12 +1991,38 @@ static const ProtobufCFieldDescriptor uffdbroker__region__field_descriptors[11] 
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "backing",
+    12,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_ENUM,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Region, backing),
+    &uffdbroker__backing__descriptor,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "file_offset",
+    13,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_UINT64,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Region, file_offset),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__region__field_indices_by_name[] = {
   1,   /* field[1] = address */
   5,   /* field[5] = argument */
+  11,   /* field[11] = backing */
   6,   /* field[6] = backing_offset */
   9,   /* field[9] = dropped */
+  12,   /* field[12] = file_offset */
   0,   /* field[0] = id */
   2,   /* field[2] = length */
   3,   /* field[3] = page_size */
@@ -2008,7 +2034,7 @@ static const unsigned uffdbroker__region__field_indices_by_name[] = {
 static const ProtobufCIntRange uffdbroker__region__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 11 }
+  { 0, 13 }
 };
 const ProtobufCMessageDescriptor uffdbroker__region__descriptor =
 {
@@ -2018,7 +2044,7 @@ const ProtobufCMessageDescriptor uffdbroker__region__descriptor =
   "Uffdbroker__Region",
   "uffdbroker",
   sizeof(Uffdbroker__Region),
-  11,
+  13,
   uffdbroker__region__field_descriptors,
   uffdbroker__region__field_indices_by_name,
   1,  uffdbroker__region__number_ranges,
@@ -4585,6 +4611,34 @@ const ProtobufCEnumDescriptor uffdbroker__error_code__descriptor =
   uffdbroker__error_code__enum_values_by_name,
   1,
   uffdbroker__error_code__value_ranges,
+  NULL,NULL,NULL,NULL   /* reserved[1234] */
+};
+static const ProtobufCEnumValue uffdbroker__backing__enum_values_by_number[2] =
+{
+  { "BACKING_ANONYMOUS", "UFFDBROKER__BACKING__BACKING_ANONYMOUS", 0 },
+  { "BACKING_SHARED_MEMORY", "UFFDBROKER__BACKING__BACKING_SHARED_MEMORY", 1 },
+};
+static const ProtobufCIntRange uffdbroker__backing__value_ranges[] = {
+{0, 0},{0, 2}
+};
+static const ProtobufCEnumValueIndex uffdbroker__backing__enum_values_by_name[2] =
+{
+  { "BACKING_ANONYMOUS", 0 },
+  { "BACKING_SHARED_MEMORY", 1 },
+};
+const ProtobufCEnumDescriptor uffdbroker__backing__descriptor =
+{
+  PROTOBUF_C__ENUM_DESCRIPTOR_MAGIC,
+  "uffdbroker.Backing",
+  "Backing",
+  "Uffdbroker__Backing",
+  "uffdbroker",
+  2,
+  uffdbroker__backing__enum_values_by_number,
+  2,
+  uffdbroker__backing__enum_values_by_name,
+  1,
+  uffdbroker__backing__value_ranges,
   NULL,NULL,NULL,NULL   /* reserved[1234] */
 };
 static const ProtobufCEnumValue uffdbroker__decision_kind__enum_values_by_number[5] =

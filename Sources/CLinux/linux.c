@@ -13,6 +13,8 @@
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/vfs.h>
+#include <linux/magic.h>
 #include <sys/syscall.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -452,6 +454,19 @@ int64_t clinux_sealed_memfd_size(int fd) {
 int clinux_set_descriptor_limit(pid_t pid, uint64_t limit) {
   struct rlimit value = { .rlim_cur = limit, .rlim_max = limit };
   return prlimit(pid, RLIMIT_NOFILE, &value, NULL) == 0 ? 0 : -errno;
+}
+
+int clinux_shared_memory_kind(int fd) {
+  struct statfs fs;
+  if (fstatfs(fd, &fs) != 0) return -errno;
+  if (fs.f_type == HUGETLBFS_MAGIC) return 1;
+  if (fs.f_type != TMPFS_MAGIC) return 2;
+  int flags = fcntl(fd, F_GETFL);
+  if (flags < 0) return -errno;
+  if ((flags & O_ACCMODE) != O_RDWR) return 3;
+  int seals = fcntl(fd, F_GET_SEALS);  /* EINVAL: a tmpfs file that takes no seals */
+  if (seals > 0 && (seals & (F_SEAL_WRITE | F_SEAL_FUTURE_WRITE))) return 4;
+  return 0;
 }
 
 uint8_t clinux_touch(const void *address) { return *(const volatile uint8_t *)address; }

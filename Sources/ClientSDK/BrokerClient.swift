@@ -105,8 +105,14 @@ public final class BrokerClient: Sendable {
   /// `/dev/userfaultfd`. A system call that reads or writes a region's missing
   /// page (`read(2)` into it, say) then fails with EFAULT instead of waiting
   /// for the page: touch the pages first, or copy through user-space buffers.
+  ///
+  /// `sharedMemory`: the file (a memfd or tmpfs file, opened read-write) that
+  /// the regions of `.sharedMemory` backing map (a `SharedMemory`, say). They
+  /// are registered for missing and minor faults; the broker fills the file's
+  /// page cache and maps it, so the processes mapping the same file share the
+  /// pages filled once. The client keeps a duplicate and sends it with every Register.
   public init(
-    regions: [RegionSpec], socketPath: String? = nil, brokerUID: UInt32? = nil, name: String = "client", userModeOnly: Bool = false,
+    regions: [RegionSpec], sharedMemory: FileDescriptor? = nil, socketPath: String? = nil, brokerUID: UInt32? = nil, name: String = "client", userModeOnly: Bool = false,
     timeoutMilliseconds: Int = 10_000, onBrokerLoss policy: BrokerLossPolicy = .reattach(withinMilliseconds: 30_000, otherwise: .terminate)
   ) throws(ClientError) {
     let path: String
@@ -119,18 +125,23 @@ public final class BrokerClient: Sendable {
     let options = UserfaultFD.Options(userModeOnly: userModeOnly)
     // Huge-page regions need hugetlbfs support, which `register` checks for (only) them.
     do {
-      uffd = try UserfaultFD.create(features: Self.features.union([.eventFork, .missingHugetlbfs]), required: Self.features.union(.eventFork), options: options)
+      uffd = try UserfaultFD.create(features: Self.features.union([.eventFork, .missingHugetlbfs, .minorShmem]), required: Self.features.union(.eventFork), options: options)
       servesForkedChildren = true
     } catch {
       do {
-        uffd = try UserfaultFD.create(features: Self.features.union(.missingHugetlbfs), required: Self.features, options: options)
+        uffd = try UserfaultFD.create(features: Self.features.union([.missingHugetlbfs, .minorShmem]), required: Self.features, options: options)
       } catch {
         throw ClientError("cannot create a userfaultfd: \(error)")
       }
       servesForkedChildren = false
     }
     try Self.register(regions, with: uffd, dontFork: !servesForkedChildren)
-    connection = Connection(uffd: uffd, regions: regions, socketPath: path, brokerUID: brokerUID, name: name, timeoutMilliseconds: timeoutMilliseconds)
+    var file: CInt?
+    if let sharedMemory {
+      file = fcntl(sharedMemory.rawValue, F_DUPFD_CLOEXEC, 0)
+      guard let fd = file, fd >= 0 else { throw ClientError("cannot duplicate the shared-memory file", errno: errno) }
+    }
+    connection = Connection(uffd: uffd, sharedMemory: file, regions: regions, socketPath: path, brokerUID: brokerUID, name: name, timeoutMilliseconds: timeoutMilliseconds)
     try connection.withLock { (state) throws(ClientError) in try state.attach() }
     monitor = Monitor(connection: connection, policy: policy)
   }
@@ -206,6 +217,18 @@ public final class BrokerClient: Sendable {
     }
     for region in regions {
       if dontFork { madvise(UnsafeMutableRawPointer(bitPattern: region.base), region.length, MADV_DONTFORK) }
+      // Shared memory: a page the file's cache lacks is a missing fault (minor alone would read zeros).
+      if region.isSharedMemory {
+        guard uffd.features.contains(.minorShmem) else {
+          throw ClientError("region \(region.id) is shared memory, but this kernel's userfaultfd has no minor faults of shmem (UFFD_FEATURE_MINOR_SHMEM)")
+        }
+        do {
+          try uffd.register(address: region.base, length: region.length, mode: [.missing, .minor])
+        } catch {
+          throw ClientError("cannot register region \(region.id) (shared memory): \(error)")
+        }
+        continue
+      }
       // Huge pages: missing mode only (swap-out, which write-protects, serves small pages only).
       guard region.pageSize == systemPageSize else {
         do {

@@ -10,6 +10,8 @@ final class Connection: @unchecked Sendable {
   // @unchecked: `state` is only touched with `mutex` held.
   struct State {
     let uffd: UserfaultFD
+    /// The file the shared-memory regions map (a duplicate this connection owns), sent after the uffd.
+    let sharedMemory: CInt?
     var regions: [RegionSpec]
     let socketPath: String
     /// A uid besides root and ours that may serve `socketPath` (nil: `UFFD_BROKER_UID`, if set).
@@ -80,7 +82,7 @@ final class Connection: @unchecked Sendable {
       socket = fresh
       _ = try request(.hello(Hello(role: .client, name: name)))
       let register = RegisterRequest(pid: getpid(), features: uffd.features, ioctls: uffd.ioctls, regions: currentRegions, token: token)
-      let reply = try request(.register(register), fds: [uffd.fileDescriptor.rawValue])
+      let reply = try request(.register(register), fds: [uffd.fileDescriptor.rawValue] + (sharedMemory.map { [$0] } ?? []))
       guard case .ack(let id, _) = reply else { throw ClientError("the broker answered Register with \(reply)") }
       clientID = id
       attachments += 1
@@ -188,8 +190,8 @@ final class Connection: @unchecked Sendable {
   private var attached = pthread_cond_t()
   private var state: State
 
-  init(uffd: UserfaultFD, regions: [RegionSpec], socketPath: String, brokerUID: UInt32?, name: String, timeoutMilliseconds: Int) {
-    state = State(uffd: uffd, regions: regions, socketPath: socketPath, brokerUID: brokerUID, name: name, timeoutMilliseconds: timeoutMilliseconds)
+  init(uffd: UserfaultFD, sharedMemory: CInt?, regions: [RegionSpec], socketPath: String, brokerUID: UInt32?, name: String, timeoutMilliseconds: Int) {
+    state = State(uffd: uffd, sharedMemory: sharedMemory, regions: regions, socketPath: socketPath, brokerUID: brokerUID, name: name, timeoutMilliseconds: timeoutMilliseconds)
     pthread_mutex_init(&mutex, nil)
     var attributes = pthread_condattr_t()
     pthread_condattr_init(&attributes)
@@ -199,6 +201,7 @@ final class Connection: @unchecked Sendable {
   }
 
   deinit {
+    if let fd = state.sharedMemory { closeDescriptor(fd) }
     pthread_cond_destroy(&attached)
     pthread_mutex_destroy(&mutex)
   }

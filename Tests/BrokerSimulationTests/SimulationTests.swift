@@ -37,7 +37,7 @@ struct SimulationTests {
     // A schedule that never faulted, moved memory, forked or crashed a plugin would check nothing.
     #expect(report.statistics.faults > Int(seeds) * 20 && report.statistics.mapChanges > Int(seeds) * 20, "\(report.summary)")
     #expect(report.statistics.forks > 0 && report.statistics.grows > 0 && report.statistics.balloons > 0 && report.statistics.brokerRestarts > 0 && report.statistics.pluginCrashes > 0
-            && report.statistics.unreadableFills > 0, "\(report.summary)")
+            && report.statistics.unreadableFills > 0 && report.statistics.minorFaults > 0, "\(report.summary)")
   }
 
   @Test("a run is a function of its seed: the same seed twice gives the same trace")

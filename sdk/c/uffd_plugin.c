@@ -425,7 +425,8 @@ static int region_opened(uffd_plugin *p, const Uffdbroker__RegionOpened *event, 
       .client_id = event->client_id, .region_id = spec->id, .base = spec->address, .length = spec->length, .page_size = spec->page_size,
       .plugin = strdup(spec->plugin), .argument = strdup(spec->argument), .backing_offset = spec->backing_offset, .pid = event->pid,
       .parent_client_id = event->parent_client_id, .has_credentials = event->client != NULL, .uid = event->client ? event->client->uid : 0,
-      .gid = event->client ? event->client->gid : 0, .token_high = event->token_high, .token_low = event->token_low};
+      .gid = event->client ? event->client->gid : 0, .token_high = event->token_high, .token_low = event->token_low,
+      .shared_memory = spec->backing == UFFDBROKER__BACKING__BACKING_SHARED_MEMORY};
   char message[128];
   if (region->page_size > UFFD_PLUGIN_MAX_PREFETCH && (!p->shared || region->page_size > SHARED_HALF)) {
     /* A huge page's bytes fit no packet: they go through the shared area only. */

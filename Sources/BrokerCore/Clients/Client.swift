@@ -66,6 +66,8 @@ final class Client {
   var droppedPages: [UInt64: OffsetRanges] = [:]
   /// Ranges plugins handed to the broker to serve by itself.
   var delegated = DelegatedRanges()
+  /// The file its shared-memory regions map (a forked child's is its parent's).
+  var sharedMemory: FileHandle?
   /// The client's identity across re-attaches (its Register's, or one of the broker's).
   var token: UInt128 = 0
   /// The client this one was forked from (0: it connected itself).

@@ -31,7 +31,8 @@ public enum KernelEvent: Sendable {
 }
 
 /// A fill of a client's memory: `UFFDIO_COPY`, `UFFDIO_ZEROPAGE` or
-/// `UFFDIO_POISON` over `range`. The runtime performs it and hands the outcome
+/// `UFFDIO_POISON` over `range`; for shared memory (`pageCache`), the bytes
+/// added to the file's page cache, then `UFFDIO_CONTINUE`. The runtime performs it and hands the outcome
 /// back with `BrokerEngine.filled(_:outcome:)`; the rest of the order is the
 /// engine's own continuation (which fault it settles, and why).
 ///
@@ -48,6 +49,20 @@ public struct FillOrder {
     case file(FileHandle, offset: UInt64)
     /// Zeros, copied page by page (a zero page that must be writable or write-protected).
     case zeros
+    /// Nothing to write: the page is in the shared-memory file's cache already
+    /// (a minor fault), and only needs mapping (`UFFDIO_CONTINUE`).
+    case pageCache
+  }
+
+  /// Where a fill of shared memory goes first: the client's shared-memory
+  /// file, at `offset` (the file offset of `range.lowerBound`). The runtime
+  /// adds the source's bytes to the file's page cache (keeping any page it
+  /// has already), then maps the range with `UFFDIO_CONTINUE`.
+  public struct PageCache: Sendable, Equatable {
+    /// The client's shared-memory file, as the runtime holds it.
+    public var file: FileHandle
+    /// The file offset of the fill's first byte.
+    public var offset: UInt64
   }
 
   /// Why the engine fills: what the outcome means for the fault.
@@ -62,6 +77,8 @@ public struct FillOrder {
     case failClosed(String)
     /// A fault of a plugin that failed for good, poisoned as its policy says.
     case pluginFailed
+    /// A minor fault of shared memory: its page is in the file's cache already.
+    case minor
   }
 
   public var client: ClientID
@@ -71,6 +88,8 @@ public struct FillOrder {
   public var source: Source
   /// Write-protect what is filled (a swap-out covers part of it).
   public var writeProtect: Bool
+  /// Shared memory: the file whose page cache is filled, then mapped (nil: anonymous memory, filled directly).
+  public var pageCache: PageCache?
   /// The ledger id of the fault this fill answers.
   var fault: FaultLedger.ID
   /// The faulting page, inside `range`.
@@ -85,8 +104,9 @@ public struct FillOrder {
     var order = self
     let skip = page - range.lowerBound
     order.range = page..<page + UInt(pageSize)
+    order.pageCache?.offset += UInt64(skip)
     switch source {
-    case .none, .zeros: break
+    case .none, .zeros, .pageCache: break
     case .bytes(let bytes): order.source = .bytes(UnsafeRawBufferPointer(rebasing: bytes[Int(skip)..<Int(skip) + pageSize]))
     case .sharedArea(let plugin, let offset): order.source = .sharedArea(plugin, offset: offset + UInt64(skip))
     case .file(let file, let offset): order.source = .file(file, offset: offset + UInt64(skip))
@@ -146,7 +166,7 @@ public enum Action {
   case closePlugin(PluginID, tell: BrokerError?)
   /// Kill the spawned plugin process `pid` (it stopped answering).
   case killPluginProcess(pid: Int32, reason: String)
-  /// The engine no longer needs a delegated file.
+  /// The engine no longer needs a delegated file, or a shared-memory file.
   case releaseFile(FileHandle)
   /// A plugin name no one needs any more is forgotten: what the runtime keeps for it goes too.
   case forgetPlugin(name: String)

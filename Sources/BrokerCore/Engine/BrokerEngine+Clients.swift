@@ -6,9 +6,23 @@ public enum AttachedDescriptors: Sendable {
   case none
   /// One userfaultfd, with the features the kernel enabled on it.
   case userfaultfd(UserfaultFD.Features)
+  /// A userfaultfd and, after it, the file of its shared-memory regions: as
+  /// the runtime holds it, or why the runtime refused it.
+  case userfaultfdAndFile(UserfaultFD.Features, Result<SharedMemoryFile, BrokerError>)
   /// One descriptor that is not a userfaultfd that ran UFFDIO_API (why, said by the error).
   case notUserfaultfd(BrokerError)
   case several(Int)
+}
+
+/// A client's shared-memory file (a memfd), held by the runtime: the engine names it only.
+public struct SharedMemoryFile: Sendable, Equatable {
+  public var handle: FileHandle
+  /// Its size when it was attached: shared-memory regions must lie inside it.
+  public var size: UInt64
+  public init(handle: FileHandle, size: UInt64) {
+    self.handle = handle
+    self.size = size
+  }
 }
 
 extension BrokerEngine {
@@ -116,7 +130,7 @@ extension BrokerEngine {
 
   private func handle(_ request: ClientRequest, descriptors: AttachedDescriptors, client: Client) throws(BrokerError) {
     if case .several(let count) = descriptors, case .register = request.body {
-      throw BrokerError(.notUserfaultfd, "Register must carry exactly one descriptor, the client's userfaultfd (got \(count))")
+      throw BrokerError(.notUserfaultfd, "Register carries the client's userfaultfd and, for shared memory, its file: no more (got \(count) descriptors)")
     }
     switch (client.phase, request.body) {
     case (.awaitingHello, .hello(let hello)):
@@ -131,6 +145,9 @@ extension BrokerEngine {
     case (.active, .addRegions(let specs)):
       guard case .none = descriptors else { throw BrokerError(.malformed, "AddRegions must not carry descriptors") }
       guard client.pendingOpen == nil else { throw BrokerError(.malformed, "another request is still pending") }
+      if let shared = specs.first(where: \.isSharedMemory) {
+        throw BrokerError(.badRegion, "region \(shared.id) is shared memory: those are registered with Register, which carries their file")
+      }
       guard client.regions.pieces.count + specs.count <= configuration.maxRegionsPerClient else {
         throw BrokerError(.limit, "a client may register at most \(configuration.maxRegionsPerClient) regions")
       }
@@ -159,11 +176,13 @@ extension BrokerEngine {
 
   private func beginRegistration(_ client: Client, _ register: RegisterRequest, descriptors: AttachedDescriptors, requestID: UInt64) throws(BrokerError) {
     let granted: UserfaultFD.Features
+    var file: Result<SharedMemoryFile, BrokerError>?
     switch descriptors {
     case .userfaultfd(let features): granted = features  // as the kernel enabled them, not as the message says
+    case .userfaultfdAndFile(let features, let attached): (granted, file) = (features, attached)
     case .notUserfaultfd(let error): throw error
-    case .none: throw BrokerError(.notUserfaultfd, "Register must carry exactly one descriptor, the client's userfaultfd (got 0)")
-    case .several(let count): throw BrokerError(.notUserfaultfd, "Register must carry exactly one descriptor, the client's userfaultfd (got \(count))")
+    case .none: throw BrokerError(.notUserfaultfd, "Register must carry the client's userfaultfd (got no descriptor)")
+    case .several(let count): throw BrokerError(.notUserfaultfd, "Register carries the client's userfaultfd and, for shared memory, its file: no more (got \(count) descriptors)")
     }
     guard register.pid == client.peer.pid else {
       throw BrokerError(.notAuthorized, "Register names pid \(register.pid) but the connection is from pid \(client.peer.pid)")
@@ -178,13 +197,45 @@ extension BrokerEngine {
       throw BrokerError(.notUserfaultfd, "the userfaultfd lacks features \(needed.subtracting(granted)): the broker needs \(client.isVMM ? "remove events" : "remove, unmap and remap events") to keep memory correct")
     }
     try client.regions.validate(register.regions, pageSizes: pageSizes)
+    let sharedMemory = try Self.checkSharedMemory(register.regions, file: file, granted: granted, systemPageSize: pageSize)
     try checkPlugins(of: register.regions)
     actions.append(.adoptUffd(client.id))
+    client.sharedMemory = sharedMemory
     client.pid = register.pid
     client.token = register.token != 0 ? register.token : makeToken()
     try openRegions(register.regions, client: client, requestID: requestID)
     client.phase = .opening
     if client.pendingOpen == nil { activate(client, requestID: requestID) }
+  }
+
+  /// Shared-memory regions need the file attached after the uffd (and a file
+  /// needs them), minor mode on shmem, small pages, and to lie inside the file.
+  /// Returns the file's handle.
+  static func checkSharedMemory(_ specs: [RegionSpec], file: Result<SharedMemoryFile, BrokerError>?, granted: UserfaultFD.Features, systemPageSize: Int) throws(BrokerError) -> FileHandle? {
+    let shared = specs.filter(\.isSharedMemory)
+    guard let file else {
+      if let first = shared.first {
+        throw BrokerError(.badRegion, "region \(first.id) is shared memory, but Register carries no shared-memory file after the userfaultfd")
+      }
+      return nil
+    }
+    guard !shared.isEmpty else {
+      throw BrokerError(.notUserfaultfd, "Register carries a second descriptor, but no region is shared memory")
+    }
+    let attached = try file.get()
+    guard granted.contains(.minorShmem) else {
+      throw BrokerError(.notUserfaultfd, "the userfaultfd lacks minor_shmem (UFFD_FEATURE_MINOR_SHMEM): shared-memory regions are served by minor faults")
+    }
+    for spec in shared {
+      guard case .sharedMemory(let offset) = spec.backing else { continue }
+      guard spec.pageSize == systemPageSize else {
+        throw BrokerError(.badRegion, "region \(spec.id): shared memory of huge pages (hugetlbfs minor faults) is not supported")
+      }
+      guard offset & UInt64(systemPageSize - 1) == 0, offset <= attached.size, UInt64(spec.length) <= attached.size - offset else {
+        throw BrokerError(.badRegion, "region \(spec.id): file offset \(offset) + \(spec.length) is not page aligned inside the shared-memory file (\(attached.size) bytes)")
+      }
+    }
+    return attached.handle
   }
 
   private func checkPlugins(of specs: [RegionSpec]) throws(BrokerError) {
@@ -216,7 +267,8 @@ extension BrokerEngine {
       // table still carry what the parent re-attached with, long since out of date.
       if !client.isForkedChild {
         if !spec.swappedOut.isEmpty { client.swappedOutPages[spec.id] = OffsetRanges(spec.swappedOut) }
-        if !spec.dropped.isEmpty { client.droppedPages[spec.id] = OffsetRanges(spec.dropped) }
+        // Shared memory has no drops: a dropped page reads its file again (a record of one is ignored).
+        if !spec.dropped.isEmpty && !spec.isSharedMemory { client.droppedPages[spec.id] = OffsetRanges(spec.dropped) }
         for range in spec.unknown { client.lostPages[spec.id, default: OffsetRanges()].insert(range) }
       }
       // A plugin that is away gets it when it connects (see `announceRegions`).
@@ -307,6 +359,8 @@ extension BrokerEngine {
     for (storeID, pending) in pendingStores where pending.client === client { pendingStores[storeID] = nil }
     changeDelegations(of: client) { $0 = DelegatedRanges() }
     clients[client.id] = nil
+    // Its forked children map the same file.
+    if let file = client.sharedMemory, !clients.values.contains(where: { $0.sharedMemory == file }) { actions.append(.releaseFile(file)) }
     actions.append(.close(client.id))
     report(.info, "client closed", .clientClosed, cause: why.code.name, uid: client.peer.uid, ["client.id": "\(client.id)", "client.pid": "\(client.pid)", "reason": "\(why)"])
   }

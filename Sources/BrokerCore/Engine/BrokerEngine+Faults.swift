@@ -132,6 +132,8 @@ extension BrokerEngine {
       return
     }
     switch order.purpose {
+    case .decision where order.pageCache != nil && outcome.isFailure:
+      return failClosed(order.fault, Self.sharedMemoryFailure(outcome))
     case .decision(let pluginID):
       if case .failed(.badAddress) = outcome {
         // The kernel could not read the bytes: a shared area the plugin cannot back (a hugetlb pool run dry).
@@ -160,6 +162,7 @@ extension BrokerEngine {
         if let piece = entry.client.regions.piece(containing: entry.page), !piece.isNewMemory { return sendToPlugin(order.fault, piece: piece) }
         return park(order.fault)
       }
+      if order.pageCache != nil && outcome.isFailure { return failClosed(order.fault, Self.sharedMemoryFailure(outcome)) }
       statistics.resolvedLocally += 1
       statistics.faultsResolved += 1
       faultLatency.record(now >= entry.readAt ? now - entry.readAt : 0)
@@ -179,8 +182,26 @@ extension BrokerEngine {
       }
     case .pluginFailed:
       break
+    case .minor:
+      if case .failed(.badAddress) = outcome {
+        // The page left the file's cache since the fault (a hole punched, the file
+        // truncated): a missing page now, which its plugin (or delegation) serves.
+        ledger.clearMinor(order.fault)
+        return park(order.fault)
+      }
+      if outcome.isFailure { return failClosed(order.fault, Self.sharedMemoryFailure(outcome)) }
+      if outcome.isResolved {
+        statistics.minorFaultsResolved += 1
+        statistics.faultsResolved += 1
+        faultLatency.record(now >= entry.readAt ? now - entry.readAt : 0)
+      }
     }
     settle(order.fault, outcome)
+  }
+
+  /// Why a fill of shared memory failed, for the fault failed closed.
+  static func sharedMemoryFailure(_ outcome: IoctlOutcome) -> String {
+    "the shared-memory file could not be filled or mapped (\(outcome)): a range not registered in minor mode, or a file truncated under its mapping"
   }
 
   /// What process `pid`'s mappings say of `page`, an address the region table
@@ -214,7 +235,10 @@ extension BrokerEngine {
     client.forgetWakes(in: range)
     client.invalidations.record(range, faultsOut: client.faultsOut > 0)
     // A swap-out drops pages whose content the plugin has just stored.
-    let parts = client.regions.overlapping(range)
+    // Shared memory is left out: a dropped page reads its file again, not zeros,
+    // and its plugin serves what the file lacks as before (see `RegionSpec.Backing`).
+    var parts = client.regions.overlapping(range)
+    if client.sharedMemory != nil { parts.removeAll { $0.piece.spec.isSharedMemory } }
     report(parts, of: client, removed: true, swappedOut: client.isSwappingAll(of: range))
     notices += parts.filter { !$0.piece.isNewMemory }.map { .dropped($0.piece.spec.id) }
   }
@@ -295,6 +319,11 @@ extension BrokerEngine {
     // Read before its region was placed (a fault of a region still opening): entered again at its region's page.
     if piece.spec.pageSize != entry.pageSize { return reenter(id, pageSize: piece.spec.pageSize) }
     if piece.isNewMemory { return fillNewMemory(id, piece: piece) }
+    // The page is in the shared-memory file's cache (filled for another client,
+    // or before a MADV_DONTNEED): it is the file's content, mapped with no round trip.
+    if flags.contains(.minor) && piece.spec.isSharedMemory {
+      return fill(.copy, page..<page + UInt(entry.pageSize), source: .pageCache, fault: id, purpose: .minor)
+    }
     if !client.lostPages.isEmpty, client.lostPages[piece.spec.id]?.contains(piece.offset(of: page)) == true {
       return failClosed(id, "its swapped-out content was lost with its plugin")
     }
@@ -320,7 +349,7 @@ extension BrokerEngine {
     let faultID = ledger.move(id, to: .inFlight(plugin: plugin, sequence: entry.client.invalidations.sequence, sentAt: now))
     actions.append(.send(plugin.id, .pagefault(PagefaultEvent(
       faultID: faultID, clientID: entry.client.id, regionID: piece.spec.id, address: entry.page,
-      offset: piece.offset(of: entry.page), flags: entry.fault.flags, threadID: entry.fault.thread))))
+      offset: piece.offset(of: entry.page), flags: entry.fault.flags.subtracting(.minor), threadID: entry.fault.thread))))
     statistics.faultsSent += 1
     route.faultsSent += 1
     if entry.attempts > 0 { route.redeliveries += 1 }
@@ -348,6 +377,8 @@ extension BrokerEngine {
   /// of up to `maxLocalFillPages` pages (in a huge-page region, its huge page) around it, inside the piece.
   private func fillNewMemory(_ id: FaultLedger.ID, piece: RegionTable.Piece) {
     guard let page = ledger[id]?.page else { return }
+    // Past a shared-memory region lies more of its file, not zeros: the broker does not know which part.
+    if piece.spec.isSharedMemory { return failClosed(id, "the fault is in memory grown past a shared-memory region") }
     let block = UInt(Self.localFillBytes(pageSize: piece.spec.pageSize, systemPageSize: pageSize))
     let range = (page / block * block..<page / block * block + block).clamped(to: piece.live)
     fill(.zero, range, fault: id, purpose: .newMemory)
@@ -389,11 +420,21 @@ extension BrokerEngine {
   private func fill(_ kind: DecisionKind, _ range: Range<UInt>, source: FillOrder.Source = .none, fault id: FaultLedger.ID, purpose: FillOrder.Purpose) {
     guard let entry = ledger[id] else { return }
     let protect = entry.client.isSwapping(range)
-    // hugetlbfs has no UFFDIO_ZEROPAGE: a huge page of zeros is copied.
-    let zerosByCopy = kind == .zero && (protect || entry.pageSize != pageSize)
+    let cache = kind == .poison ? nil : pageCache(of: range, client: entry.client)
+    // hugetlbfs has no UFFDIO_ZEROPAGE, nor has shmem: a (huge) page of zeros is copied.
+    let zerosByCopy = kind == .zero && (protect || entry.pageSize != pageSize || cache != nil)
     actions.append(.fill(FillOrder(
       client: entry.client.id, kind: zerosByCopy ? .copy : kind, range: range, source: zerosByCopy ? .zeros : source,
-      writeProtect: protect, fault: id, page: entry.page, pageSize: entry.pageSize, purpose: purpose)))
+      writeProtect: protect, pageCache: cache, fault: id, page: entry.page, pageSize: entry.pageSize, purpose: purpose)))
+  }
+
+  /// Where a fill of `range` (inside one piece) goes first, if it is shared
+  /// memory: the file offset it maps. One emptiness test for other clients.
+  private func pageCache(of range: Range<UInt>, client: Client) -> FillOrder.PageCache? {
+    guard let file = client.sharedMemory, let piece = client.regions.piece(containing: range.lowerBound),
+          case .sharedMemory(let fileOffset) = piece.spec.backing
+    else { return nil }
+    return FillOrder.PageCache(file: file, offset: fileOffset + piece.offset(of: range.lowerBound))
   }
 
   /// What an ioctl's outcome means for a fault. An outcome that only wakes the

@@ -10,7 +10,9 @@ extension BrokerEngine {
   func swapRequest(_ request: ClientRequest, client: Client) throws(BrokerError) {
     switch request.body {
     case .swapOut(let regionID, let offset, let length):
-      let (range, _) = try client.liveRange(regionID: regionID, offset: offset, length: length, pageSize: pageSize)
+      let (range, piece) = try client.liveRange(regionID: regionID, offset: offset, length: length, pageSize: pageSize)
+      // Its pages live in the file, which a swap-out would not release.
+      guard !piece.spec.isSharedMemory else { throw BrokerError(.badRegion, "region \(regionID) is shared memory, which is not swapped out") }
       guard !client.isSwapping(range) else { throw BrokerError(.badRegion, "a swap-out of this range is in progress") }
       client.swapping.append(range)  // first: fills from now on are write-protected
       log(.debug, "swap-out started", ["client.id": "\(client.id)", "region.id": "\(regionID)", "offset": "\(offset)", "length": "\(length)"])

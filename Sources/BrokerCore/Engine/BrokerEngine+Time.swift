@@ -91,7 +91,7 @@ extension BrokerEngine {
       "clients": "\(clients.count)", "plugins": "\(plugins.count)",
       "faults.sent": "\(statistics.faultsSent)", "decisions.applied": "\(statistics.decisionsApplied)",
       "faults.local": "\(statistics.resolvedLocally)", "decisions.stale": "\(statistics.staleDecisionsDropped)",
-      "faults.newMemory": "\(statistics.newMemoryFills)", "faults.failedClosed": "\(statistics.failedClosed)",
+      "faults.newMemory": "\(statistics.newMemoryFills)", "faults.minor": "\(statistics.minorFaultsResolved)", "faults.failedClosed": "\(statistics.failedClosed)",
       "swapped.lostBytes": "\(statistics.swappedBytesLost)",
       "decisions.invalid": "\(statistics.invalidDecisions)", "decisions.retry": "\(statistics.retries)",
     ])

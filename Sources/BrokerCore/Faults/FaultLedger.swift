@@ -64,6 +64,13 @@ struct FaultLedger {
 
   subscript(id: ID) -> Fault? { table.entry(id) }
 
+  /// A minor fault whose page left the file's cache: a missing fault from now on.
+  mutating func clearMinor(_ id: ID) {
+    guard var fault = table.entry(id) else { return }
+    fault.fault.flags.remove(.minor)
+    table.update(id, fault)
+  }
+
   /// Settles a fault: it leaves the ledger.
   mutating func settle(_ id: ID) {
     guard let fault = table.remove(id) else { return }

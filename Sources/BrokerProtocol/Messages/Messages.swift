@@ -63,6 +63,22 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
   /// Region offsets whose content no one can vouch for (a cover of drops too
   /// many to list, swapped-out pages a plugin lost): their faults fail closed.
   public var unknown: [Range<UInt64>]
+  /// How its memory is backed (see `Backing`).
+  public var backing: Backing = .anonymous
+
+  /// How a region's memory is backed, which decides how the broker fills it.
+  public enum Backing: Hashable, Sendable {
+    /// Private anonymous memory (or hugetlbfs): filled with `UFFDIO_COPY`.
+    case anonymous
+    /// A mapping of the client's shared-memory file (a memfd, attached to its
+    /// Register), registered missing and minor: the broker fills the file's page
+    /// cache at `fileOffset` (the file offset of the region's first byte) and
+    /// maps it with `UFFDIO_CONTINUE`, so every mapping of the file shares it.
+    case sharedMemory(fileOffset: UInt64)
+  }
+
+  /// Whether the region maps the client's shared-memory file.
+  public var isSharedMemory: Bool { backing != .anonymous }
 
   /// The longest plugin name and argument a broker accepts: every region
   /// event must fit one packet however long the client made them.
@@ -92,7 +108,9 @@ public struct RegionSpec: Equatable, Hashable, Sendable {
   /// A region as a client first registers it (`swappedOut`, `pieces`, `dropped`
   /// and `unknown` are for re-attaching).
   public init(id: UInt64, base: UInt, length: Int, pageSize: Int = systemPageSize, plugin: String, argument: String = "", backingOffset: UInt64 = 0,
-              swappedOut: [Range<UInt64>] = [], pieces: [RegionPiece] = [], dropped: [Range<UInt64>] = [], unknown: [Range<UInt64>] = []) {
+              swappedOut: [Range<UInt64>] = [], pieces: [RegionPiece] = [], dropped: [Range<UInt64>] = [], unknown: [Range<UInt64>] = [],
+              backing: Backing = .anonymous) {
+    self.backing = backing
     self.swappedOut = swappedOut
     self.pieces = pieces
     self.dropped = dropped

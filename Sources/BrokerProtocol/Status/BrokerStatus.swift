@@ -150,6 +150,9 @@ public struct FaultStatistics: Codable, Sendable {
   public var resolvedLocally = 0
   /// Faults in new memory (a grown tail, a `DONTUNMAP` source) filled with zeros.
   public var newMemoryFills = 0
+  /// Minor faults of shared memory: pages already in the file's cache, mapped
+  /// with no plugin asked (a clone's pages another clone's faults filled).
+  public var minorFaultsResolved: UInt64 = 0
   /// Faults the broker could not place, failed closed (poison or kill).
   public var failedClosed = 0
   /// Swapped-out bytes a plugin came back without (their faults fail closed).

@@ -40,6 +40,10 @@ final class CStringPool {
     message.pointee.plugin = string(spec.plugin)
     message.pointee.argument = string(spec.argument)
     message.pointee.backing_offset = spec.backingOffset
+    if case .sharedMemory(let fileOffset) = spec.backing {
+      message.pointee.backing = UFFDBROKER__BACKING__BACKING_SHARED_MEMORY
+      message.pointee.file_offset = fileOffset
+    }
     (message.pointee.n_swapped_out, message.pointee.swapped_out) = extents(spec.swappedOut)
     (message.pointee.n_pieces, message.pointee.pieces) = pieces(spec.pieces)
     (message.pointee.n_dropped, message.pointee.dropped) = extents(spec.dropped)
@@ -109,7 +113,17 @@ extension RegionSpec {
       swappedOut: try decodeExtents(m.n_swapped_out, m.swapped_out, of: "region \(m.id)"),
       pieces: try decodePieces(m.n_pieces, m.pieces, of: "region \(m.id)"),
       dropped: try decodeExtents(m.n_dropped, m.dropped, of: "region \(m.id)"),
-      unknown: try decodeExtents(m.n_unknown, m.unknown, of: "region \(m.id)"))
+      unknown: try decodeExtents(m.n_unknown, m.unknown, of: "region \(m.id)"),
+      backing: try Self.backing(m))
+  }
+
+  /// An unknown backing is refused: a broker must not fill memory in a way it does not know.
+  private static func backing(_ m: Uffdbroker__Region) throws(BrokerError) -> Backing {
+    switch m.backing {
+    case UFFDBROKER__BACKING__BACKING_ANONYMOUS: return .anonymous
+    case UFFDBROKER__BACKING__BACKING_SHARED_MEMORY: return .sharedMemory(fileOffset: m.file_offset)
+    default: throw BrokerError(.badRegion, "region \(m.id): unknown backing \(m.backing.rawValue)")
+    }
   }
 }
 

@@ -118,6 +118,23 @@ typedef enum _Uffdbroker__ErrorCode {
   UFFDBROKER__ERROR_CODE__ERROR_TIMED_OUT = 13
     PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__ERROR_CODE)
 } Uffdbroker__ErrorCode;
+/*
+ * How a region's memory is backed, which decides how the broker fills it.
+ */
+typedef enum _Uffdbroker__Backing {
+  /*
+   * Private anonymous memory (or hugetlbfs): filled with UFFDIO_COPY/ZEROPAGE.
+   */
+  UFFDBROKER__BACKING__BACKING_ANONYMOUS = 0,
+  /*
+   * A mapping (MAP_PRIVATE or MAP_SHARED) of the shared-memory file (a memfd
+   * or tmpfs file) attached to Register, registered MISSING|MINOR. The broker
+   * fills the file's page cache at file_offset and maps it with UFFDIO_CONTINUE,
+   * so every mapping of that file shares the pages filled once.
+   */
+  UFFDBROKER__BACKING__BACKING_SHARED_MEMORY = 1
+    PROTOBUF_C__FORCE_ENUM_TO_BE_INT_SIZE(UFFDBROKER__BACKING)
+} Uffdbroker__Backing;
 typedef enum _Uffdbroker__DecisionKind {
   /*
    * refused (a decision must say what it is)
@@ -287,16 +304,23 @@ struct  Uffdbroker__Region
    */
   size_t n_unknown;
   Uffdbroker__Extent **unknown;
+  Uffdbroker__Backing backing;
+  /*
+   * BACKING_SHARED_MEMORY: where the region's first byte lies in the file (page aligned)
+   */
+  uint64_t file_offset;
 };
 #define UFFDBROKER__REGION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__region__descriptor) \
-    , 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, 0,NULL }
+    , 0, 0, 0, 0, (char *)protobuf_c_empty_string, (char *)protobuf_c_empty_string, 0, 0,NULL, 0,NULL, 0,NULL, 0,NULL, UFFDBROKER__BACKING__BACKING_ANONYMOUS, 0 }
 
 
 /*
- * Registers the attached userfaultfd (exactly one descriptor) and its regions.
- * The client created the uffd, negotiated UFFDIO_API with at least the remove,
- * unmap and remap events, and registered each region before sending.
+ * Registers the attached userfaultfd and its regions. The client created the
+ * uffd, negotiated UFFDIO_API with at least the remove, unmap and remap events,
+ * and registered each region before sending. Descriptors: the uffd first, then
+ * (only if a region is BACKING_SHARED_MEMORY) the shared-memory file, opened
+ * read-write, that those regions map.
  */
 struct  Uffdbroker__Register
 {
@@ -1799,6 +1823,7 @@ typedef void (*Uffdbroker__PluginToBroker_Closure)
 
 extern const ProtobufCEnumDescriptor    uffdbroker__role__descriptor;
 extern const ProtobufCEnumDescriptor    uffdbroker__error_code__descriptor;
+extern const ProtobufCEnumDescriptor    uffdbroker__backing__descriptor;
 extern const ProtobufCEnumDescriptor    uffdbroker__decision_kind__descriptor;
 extern const ProtobufCEnumDescriptor    uffdbroker__delegation_kind__descriptor;
 extern const ProtobufCMessageDescriptor uffdbroker__hello__descriptor;

@@ -173,6 +173,12 @@ int clinux_memfd(const char *name);
  * (-EPERM when it is not sealed). */
 int64_t clinux_sealed_memfd_size(int fd);
 
+/* What a client's shared-memory file is, for the broker that will fill it:
+ * 0 a tmpfs file (memfd, /dev/shm) opened read-write and not sealed against
+ * writes; 1 on hugetlbfs; 2 on another filesystem; 3 not opened read-write;
+ * 4 sealed against writes (F_SEAL_WRITE, F_SEAL_FUTURE_WRITE); or -errno. */
+int clinux_shared_memory_kind(int fd);
+
 /* Reads one byte through a volatile pointer: a first touch the optimizer cannot remove. */
 uint8_t clinux_touch(const void *address);
 

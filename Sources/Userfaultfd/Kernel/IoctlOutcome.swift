@@ -31,6 +31,12 @@ public enum IoctlOutcome: Equatable, Sendable {
     }
   }
 
+  /// True for `.failed`: neither a fill nor a race.
+  public var isFailure: Bool {
+    if case .failed = self { return true }
+    return false
+  }
+
   /// Classifies an ioctl's return code and the kernel's result field.
   /// - Parameters:
   ///   - rc: 0 or `-errno` from the shim.

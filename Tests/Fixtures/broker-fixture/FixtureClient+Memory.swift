@@ -277,7 +277,7 @@ extension FixtureClient {
     return 0
   }
 
-  private var fixtureFile: String? { getenv("FIXTURE_FILE").map { String(cString: $0) } }
+  var fixtureFile: String? { getenv("FIXTURE_FILE").map { String(cString: $0) } }
 
   /// Whether the page at `address` holds region offset `offset` of the backing:
   /// the FIXTURE_FILE's bytes (zeros past its end), or the pattern.

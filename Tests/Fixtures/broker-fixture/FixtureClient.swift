@@ -51,6 +51,7 @@ struct FixtureClient {
       case "mover-race": return try moverRace()
       case "fork-broker-loss": return try forkThenBrokerLoss()
       case "fork-tree-broker-loss": return try forkTreeThenBrokerLoss()
+      case "shm-clone": return try sharedMemoryClone()
       default:
         print("unknown scenario \(scenario)")
         return 2

@@ -14,7 +14,7 @@ import Userfaultfd
 // Plugin modes are listed on FixturePlugin (later, later-hold: on LaterPlugin); client scenarios: touch, touch-holes, remove-pending, zero,
 // dontneed-race and dontneed-late (LOOPS pages), remap, unknown-plugin, refused, exit-midway,
 // guarded (LOOPS pages between guard regions), foreign-uid (as nobody: must be refused), deputy (as nobody: a file it cannot read named to PLUGIN),
-// handoff (the connection handed to a child, the connecting process gone).
+// handoff (the connection handed to a child, the connecting process gone), shm-clone (a MAP_PRIVATE clone of the tmpfs file FIXTURE_SHM).
 // Socket paths come from UFFD_BROKER_CLIENT_SOCKET / UFFD_BROKER_PLUGIN_SOCKET.
 // Exit status 0 means every checked byte was right; the last line of stdout says what was checked.
 

@@ -83,6 +83,8 @@ typedef struct uffd_region {
   uint32_t uid, gid;        /** the client's, from the broker's SO_PEERCRED */
   uint64_t token_high, token_low;  /** the client's token: a key for data kept across broker restarts */
   void *context;            /** the plugin's own, set in region_opened */
+  int shared_memory;        /** the region maps the client's shared-memory file (a memfd): filled once into
+                                the file's cache, shared by every clone mapping it; served alike */
 } uffd_region;
 
 /** One page fault. */

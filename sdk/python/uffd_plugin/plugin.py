@@ -80,6 +80,10 @@ class Region:
     token: bytes
     parent_client_id: int = 0
     swapped_out: list = field(default_factory=list)
+    # The region maps the client's shared-memory file (a memfd): its pages are
+    # filled once into the file's cache and shared by every clone mapping it.
+    # Served alike: the bytes of the backing at each fault's offset.
+    shared_memory: bool = False
     context: Any = None
     # The runner's queue of what to send with its next packet (set by the runner).
     _outbox: Optional[list] = field(default=None, repr=False, compare=False)

@@ -504,7 +504,8 @@ class Runner:
             plugin=spec.plugin, argument=spec.argument, backing_offset=spec.backing_offset, pid=opened.pid,
             uid=opened.client.uid if has_client else None, gid=opened.client.gid if has_client else None,
             token=struct.pack(">QQ", opened.token_high, opened.token_low), parent_client_id=opened.parent_client_id,
-            swapped_out=[(extent.offset, extent.length) for extent in spec.swapped_out], _outbox=self._outbox)
+            swapped_out=[(extent.offset, extent.length) for extent in spec.swapped_out],
+            shared_memory=spec.backing == pb.BACKING_SHARED_MEMORY, _outbox=self._outbox)
         error = None
         try:
             if spec.page_size > self.max_prefetch and (self._shared is None or spec.page_size > self.SHARED_HALF):
