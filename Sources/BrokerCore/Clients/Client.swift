@@ -66,6 +66,8 @@ final class Client {
   var droppedPages: [UInt64: OffsetRanges] = [:]
   /// Ranges plugins handed to the broker to serve by itself.
   var delegated = DelegatedRanges()
+  /// No stream block before this time (a fill found a map event unread).
+  var streamNotBefore: UInt64 = 0
   /// The client's identity across re-attaches (its Register's, or one of the broker's).
   var token: UInt128 = 0
   /// The client this one was forked from (0: it connected itself).

@@ -121,6 +121,7 @@ extension BrokerEngine {
   /// The outcome of a fill the engine ordered.
   public func filled(_ order: FillOrder, outcome: IoctlOutcome, now: UInt64) {
     self.now = now
+    if case .stream = order.purpose { return streamFilled(order, outcome: outcome) }
     guard let entry = ledger[order.fault], case .handling = entry.state else { return }  // its client went meanwhile
     // A range fill stops at the first page already present (EEXIST) or after a
     // partial copy, and neither says anything of the faulting page further in
@@ -177,7 +178,7 @@ extension BrokerEngine {
         ])
         if case .failed = outcome { actions.append(.kill(entry.client.id)) }
       }
-    case .pluginFailed:
+    case .pluginFailed, .stream:
       break
     }
     settle(order.fault, outcome)
@@ -388,12 +389,17 @@ extension BrokerEngine {
   /// (the shared zero page is read-only to the kernel, not to uffd-wp).
   private func fill(_ kind: DecisionKind, _ range: Range<UInt>, source: FillOrder.Source = .none, fault id: FaultLedger.ID, purpose: FillOrder.Purpose) {
     guard let entry = ledger[id] else { return }
-    let protect = entry.client.isSwapping(range)
+    fill(kind, range, source: source, client: entry.client, page: entry.page, pageSize: entry.pageSize, fault: id, purpose: purpose)
+  }
+
+  /// Orders a fill of `client`'s `range` of `pageSize`-byte pages around `page`.
+  func fill(_ kind: DecisionKind, _ range: Range<UInt>, source: FillOrder.Source, client: Client, page: UInt, pageSize: Int, fault id: FaultLedger.ID, purpose: FillOrder.Purpose) {
+    let protect = client.isSwapping(range)
     // hugetlbfs has no UFFDIO_ZEROPAGE: a huge page of zeros is copied.
-    let zerosByCopy = kind == .zero && (protect || entry.pageSize != pageSize)
+    let zerosByCopy = kind == .zero && (protect || pageSize != self.pageSize)
     actions.append(.fill(FillOrder(
-      client: entry.client.id, kind: zerosByCopy ? .copy : kind, range: range, source: zerosByCopy ? .zeros : source,
-      writeProtect: protect, fault: id, page: entry.page, pageSize: entry.pageSize, purpose: purpose)))
+      client: client.id, kind: zerosByCopy ? .copy : kind, range: range, source: zerosByCopy ? .zeros : source,
+      writeProtect: protect, fault: id, page: page, pageSize: pageSize, purpose: purpose)))
   }
 
   /// What an ioctl's outcome means for a fault. An outcome that only wakes the

@@ -35,6 +35,7 @@ extension BrokerEngine {
     // The kernel gives a child's copy of a WIPEONFORK mapping fresh pages, which fault to its uffd.
     for range in wiped { child.regions.makeNewMemory(range) }
     child.delegated = parent.delegated
+    child.delegated.streams = []  // the parent's restore, not the child's
     child.refusedRegions = parent.refusedRegions
     child.swappedOutPages = parent.swappedOutPages
     child.lostPages = parent.lostPages

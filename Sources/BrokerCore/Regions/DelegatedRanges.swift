@@ -25,6 +25,8 @@ struct DelegatedRanges {
   }
 
   private(set) var ranges: [Range] = []
+  /// Background fills in progress, the one at the front going on first.
+  var streams: [DelegatedStream] = []
 
   var isEmpty: Bool { ranges.isEmpty }
 
@@ -67,6 +69,7 @@ struct DelegatedRanges {
 
   mutating func removeAll(regionID: UInt64) {
     ranges.removeAll { $0.regionID == regionID }
+    streams.removeAll { $0.regionID == regionID }
   }
 
   /// The files some range still reads from.
