@@ -111,8 +111,8 @@ final class SnapshotPlugin: PagePlugin {
       log("ignored working-set record \(path): \(error.reason)")
       return []
     case .success(let offsets):
-      // The broker streams blocks of 32 pages (or one huge page): one entry each.
-      let block = UInt64(max(32 * 4096, region.pageSize))
+      // The broker streams the block a fault at each offset would fill: one entry each.
+      let block = UInt64(region.pageSize > Int(sysconf(Int32(_SC_PAGESIZE))) ? region.pageSize : prefetchPages * region.pageSize)
       let start = region.spec.backingOffset
       var seen = Set<UInt64>()
       var first: [UInt64] = []

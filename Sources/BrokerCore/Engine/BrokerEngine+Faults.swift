@@ -359,9 +359,8 @@ extension BrokerEngine {
     guard let page = ledger[id]?.page else { return }
     let offset = piece.offset(of: page)
     let pageSize = piece.spec.pageSize
-    // An aligned block around the fault, inside the delegated range and the live piece
-    // (a huge page's region: one huge page, the most the broker's buffers hold).
-    let block = UInt64(pageSize == self.pageSize ? range.prefetchPages * pageSize : pageSize)
+    // An aligned block around the fault, inside the delegated range and the live piece.
+    let block = range.faultBlock(pageSize: pageSize, systemPageSize: self.pageSize)
     let start = max(offset / block * block, range.offsets.lowerBound, piece.offset)
     let end = min(offset / block * block + block, range.offsets.upperBound, piece.offset + UInt64(piece.live.count))
     guard let address = piece.address(ofOffset: start) else { return park(id) }

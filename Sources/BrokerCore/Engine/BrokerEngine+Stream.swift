@@ -44,7 +44,7 @@ extension BrokerEngine {
         continue
       }
       let block = UInt64(Self.localFillBytes(pageSize: piece.spec.pageSize, systemPageSize: pageSize))
-      guard let (chunk, range) = client.delegated.streams[0].next(block: block, in: client.delegated) else {
+      guard let (chunk, range) = client.delegated.streams[0].next(block: block, pageSize: piece.spec.pageSize, systemPageSize: pageSize, in: client.delegated) else {
         client.delegated.streams.removeFirst()
         continue
       }

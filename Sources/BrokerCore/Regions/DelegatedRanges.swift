@@ -17,6 +17,12 @@ struct DelegatedRanges {
     var source: Source
     var prefetchPages: Int
 
+    /// The bytes of the aligned block a fault fills: `prefetchPages` small
+    /// pages, or one huge page (the most the broker's buffers hold).
+    func faultBlock(pageSize: Int, systemPageSize: Int) -> UInt64 {
+      UInt64(pageSize == systemPageSize ? prefetchPages * pageSize : pageSize)
+    }
+
     /// The file offset of region offset `offset`.
     func fileOffset(of offset: UInt64) -> UInt64? {
       guard case .file(_, let start) = source else { return nil }

@@ -15,10 +15,11 @@ struct DelegatedStream {
 
   var isDone: Bool { retry == nil && nextFirst >= first.count && sweep.isEmpty }
 
-  /// The next offsets to fill: a block of `block` bytes (aligned, a power of
-  /// two) cut to the delegated range serving it, or nil when the stream is done.
+  /// The next offsets to fill, cut to the delegated range serving them, or nil
+  /// when the stream is done: for a working-set offset the block a fault there
+  /// would fill, for the sweep an aligned block of `block` bytes (a power of two).
   /// Offsets no longer delegated are skipped (a fault there goes to the plugin).
-  mutating func next(block: UInt64, in delegated: DelegatedRanges) -> (Range<UInt64>, DelegatedRanges.Range)? {
+  mutating func next(block: UInt64, pageSize: Int, systemPageSize: Int, in delegated: DelegatedRanges) -> (Range<UInt64>, DelegatedRanges.Range)? {
     if let chunk = retry {
       retry = nil
       if let range = delegated.range(regionID: regionID, offset: chunk.lowerBound) { return (chunk.clamped(to: range.offsets), range) }
@@ -27,8 +28,9 @@ struct DelegatedStream {
       let offset = first[nextFirst]
       nextFirst += 1
       guard let range = delegated.range(regionID: regionID, offset: offset) else { continue }
-      let start = offset & ~(block - 1)
-      return ((start..<start + block).clamped(to: range.offsets), range)
+      let faultBlock = range.faultBlock(pageSize: pageSize, systemPageSize: systemPageSize)
+      let start = offset / faultBlock * faultBlock
+      return ((start..<start + faultBlock).clamped(to: range.offsets), range)
     }
     while !sweep.isEmpty {
       let offset = sweep.lowerBound

@@ -944,11 +944,11 @@ struct  Uffdbroker__Delegation
   protobuf_c_boolean revoke;
   /*
    * Background streaming: the broker also fills the delegated pages while the
-   * client runs, between faults (a fault is always served first), one aligned
-   * block of at most 32 pages (or one huge page) per loop pass: first the
-   * blocks around `stream_first`'s region offsets, in order (a working set;
-   * offsets outside `offset`..`offset + length` are skipped), then, with
-   * `stream`, every block of the range in address order. A stream fills only
+   * client runs, between faults (a fault is always served first), one block
+   * per loop pass: first, for each of `stream_first`'s region offsets in order
+   * (a working set; offsets outside `offset`..`offset + length` are skipped),
+   * the block a fault there would fill (`prefetch_pages`); then, with
+   * `stream`, every aligned 32-page block (or huge page) of the range in order. A stream fills only
    * what a fault there would get at that moment: pages no longer delegated
    * (removed, unmapped, revoked) and pages already present are skipped, never
    * overwritten. It ends when done, or when its region or client closes; a
