@@ -68,7 +68,7 @@ struct WorkingSet {
     var info = stat()
     fstat(fd, &info)
     let size = Int(info.st_size)
-    let header = 8 + identity.words.count
+    let header = 3 + identity.words.count  // magic, version, identity, count
     guard size % 8 == 0, size >= (header + 1) * 8, size <= (header + 1 + maxCount) * 8 else { return .failure(WorkingSetError("corrupt: \(size) bytes")) }
     var words = [UInt64](repeating: 0, count: size / 8)
     let done = words.withUnsafeMutableBytes { pread(fd, $0.baseAddress!, size, 0) }

@@ -50,7 +50,8 @@ extension BrokerIntegrationTests {
     func recordReplay() throws {
       try Harness.run("record-replay") { h in
         let record = h.directory + "/working-set"
-        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory, "--prefetch", "8", "--record", record, "--replay", record])
+        let stats = h.directory + "/snapshot.stats"
+        try h.startSamplePlugin("snapshot-plugin", name: "snapshot", arguments: ["--root", h.directory, "--prefetch", "8", "--record", record, "--replay", record, "--stats", stats])
         let path = try SamplePlugins.writeSnapshot(h, size: 4 << 20)
         let pages = UInt64(4 << 20 / pageSize)
         let run = { (label: String) throws in
@@ -63,8 +64,11 @@ extension BrokerIntegrationTests {
         let recorded = Self.recordWords(record)
         #expect(Array(recorded[2..<7]) == Self.identity(path))
         #expect(Array(recorded[8..<8 + Int(pages / 8)]) == (0..<pages / 8).map { $0 * 8 * UInt64(pageSize) })
-        // Replayed: delegated and streamed; the record is left as it was.
+        // Replayed: delegated and streamed, the plugin sees no fault; the record is left as it was.
         try run("replay")
+        let replayed = SamplePlugins.wallClock()
+        #expect(waitUntil(timeout: 3) { SamplePlugins.rewritten(stats, after: replayed) }, h.diagnostics("the plugin did not rewrite its statistics"))
+        #expect(SamplePlugins.statistics(stats)["faults"] == Int(pages / 8), h.diagnostics("stats: \(SamplePlugins.statistics(stats))"))
         #expect(Self.recordWords(record) == recorded)
         // The snapshot rewritten (another inode, size and time): the record is stale, ignored, recorded anew.
         unlink(path)
