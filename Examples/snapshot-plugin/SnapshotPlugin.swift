@@ -101,6 +101,10 @@ final class SnapshotPlugin: PagePlugin {
     if delegated {
       region.delegate(file: fd, fileOffset: region.spec.backingOffset, prefetchPages: prefetchPages, stream: stream, streamFirst: first)
     }
+    // A cold cache reads the working set from disk: ask for all of it now, in its order
+    // (the reads run while the broker streams and the client faults; an advice only).
+    let block = streamBlock(region)
+    for offset in first { _ = posix_fadvise(fd, off_t(region.spec.backingOffset + offset), off_t(block), POSIX_FADV_WILLNEED) }
   }
 
   /// The region offsets of the blocks of the working set recorded at `path`,
@@ -112,7 +116,7 @@ final class SnapshotPlugin: PagePlugin {
       return []
     case .success(let offsets):
       // The broker streams the block a fault at each offset would fill: one entry each.
-      let block = UInt64(region.pageSize > Int(sysconf(Int32(_SC_PAGESIZE))) ? region.pageSize : prefetchPages * region.pageSize)
+      let block = UInt64(streamBlock(region))
       let start = region.spec.backingOffset
       var seen = Set<UInt64>()
       var first: [UInt64] = []
@@ -123,6 +127,11 @@ final class SnapshotPlugin: PagePlugin {
       }
       return first
     }
+  }
+
+  /// The bytes the broker fills around a working-set offset: what a fault there fills.
+  private func streamBlock(_ region: PluginRegion) -> Int {
+    region.pageSize > Int(sysconf(Int32(_SC_PAGESIZE))) ? region.pageSize : prefetchPages * region.pageSize
   }
 
   func regionClosed(_ region: PluginRegion) {
