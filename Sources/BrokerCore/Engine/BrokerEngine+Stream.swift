@@ -44,7 +44,11 @@ extension BrokerEngine {
         continue
       }
       let block = UInt64(Self.localFillBytes(pageSize: piece.spec.pageSize, systemPageSize: pageSize))
-      guard let (chunk, range) = client.delegated.streams[0].next(block: block, pageSize: piece.spec.pageSize, systemPageSize: pageSize, in: client.delegated) else {
+      // Advanced on a copy: mutating it in place while the table is read would copy the streams.
+      var stream = client.delegated.streams[0]
+      let next = stream.next(block: block, pageSize: piece.spec.pageSize, systemPageSize: pageSize, in: client.delegated)
+      client.delegated.streams[0] = stream
+      guard let (chunk, range) = next else {
         client.delegated.streams.removeFirst()
         continue
       }
