@@ -106,6 +106,26 @@ struct EngineStreamTests {
     #expect(nextBlock(engine2) == nil)
   }
 
+  @Test("a forked child does not inherit its parent's stream (its faults are still served locally)")
+  func forkedChild() throws {
+    let (engine, plugin, parent) = try streamingClient()
+    engine.uffdEvents(parent, [.fork(ForkTicket(1), wipedOnFork: [])], now: 2)
+    var actions: [Action] = []
+    engine.takeActions(into: &actions)
+    let child = try #require(actions.lazy.compactMap { if case .adoptChild(_, let child) = $0 { child } else { nil } }.first)
+    engine.regionReply(plugin, RegionReply(clientID: child, regionID: 1, error: nil), now: 2)
+    engine.takeActions(into: &actions)
+    var clients: Set<ClientID> = []
+    while let order = nextBlock(engine) {
+      clients.insert(order.client)
+      engine.filled(order, outcome: .done, now: 2)
+    }
+    #expect(clients == [parent])
+    engine.uffdEvents(child, [.pagefault(Pagefault(address: base, flags: [], thread: 1))], now: 3)
+    engine.takeActions(into: &actions)
+    #expect(actions.contains { if case .fill(let order) = $0 { order.client == child && order.purpose == .delegated } else { false } })
+  }
+
   @Test("a delegation leaves out the pages the client dropped before it")
   func droppedBeforeDelegation() throws {
     let (engine, plugin) = try engineWithPlugin()
