@@ -3,7 +3,7 @@ import BrokerProtocol
 import Glibc
 import PluginSDK
 
-/// `snapshot-plugin [NAME] [--root DIR]... [--prefetch PAGES] [--delegate] [--stats FILE]`.
+/// `snapshot-plugin [NAME] [--root DIR]... [--prefetch PAGES] [--delegate] [--stream] [--record FILE] [--replay FILE] [--stats FILE]`.
 @main
 struct SnapshotCommand: ParsableCommand {
   static let configuration = CommandConfiguration(
@@ -28,6 +28,15 @@ struct SnapshotCommand: ParsableCommand {
   @Flag(help: "Hand each region to the broker, which then reads the file descriptor this plugin opened.")
   var delegate = false
 
+  @Flag(help: "With --delegate or --replay: the broker also fills every page of the region in the background while the client runs.")
+  var stream = false
+
+  @Option(help: ArgumentHelp("Record the order of a restore's faults in this file when its region closes (a restore without a usable --replay record is served by this plugin, which sees every fault).", valueName: "file"))
+  var record: String?
+
+  @Option(help: ArgumentHelp("Delegate each region whose snapshot matches this working-set record, the broker streaming the recorded pages first; a stale or corrupt record is ignored (logged).", valueName: "file"))
+  var replay: String?
+
   @Option(help: ArgumentHelp("Write counters to this file now and then.", valueName: "file"))
   var stats: String?
 
@@ -40,7 +49,8 @@ struct SnapshotCommand: ParsableCommand {
       let files = try ClientFiles(roots: roots)
       if roots.isEmpty { logLine("no --root given: every snapshot file will be refused") }
       let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
-      try PluginRunner.run(SnapshotPlugin(prefetchPages: prefetch, delegate: delegate, files: files), name: name,
+      let plugin = SnapshotPlugin(prefetchPages: prefetch, delegate: delegate, stream: stream, files: files, recordPath: record, replayPath: replay)
+      try PluginRunner.run(plugin, name: name,
                            maxPrefetch: prefetch * pageSize, statsPath: stats)
     } catch {
       logLine("\(error)")

@@ -15,13 +15,25 @@ import PluginSDK
 /// uid could read it itself (`ClientFiles`); each open and refusal is logged
 /// with the client's uid. With `--delegate` the broker serves the descriptor
 /// opened here; it never opens a path itself.
+///
+/// Working sets (`--record`, `--replay`): a region restored without a usable
+/// record is served here, and the order of its faults is written to the
+/// record when it closes; a region whose snapshot matches the record is
+/// delegated, the broker streaming the recorded pages' blocks first.
 final class SnapshotPlugin: PagePlugin {
   /// Pages per aligned prefetch block (1: no prefetch).
   let prefetchPages: Int
   /// Hand each region to the broker to serve from the file itself (no round trip per fault).
   let delegate: Bool
+  /// Have the broker fill every delegated page in the background too.
+  let stream: Bool
   /// Where snapshot files may be, and the check of the client's rights.
   let files: ClientFiles
+  /// Where a restore's working set is written, and read from.
+  let recordPath: String?
+  let replayPath: String?
+  /// The most working-set blocks one delegation names (they must fit its packet).
+  static let maxStreamFirst = 32_768
 
   /// The open snapshot file of one region.
   final class Snapshot {
@@ -38,16 +50,21 @@ final class SnapshotPlugin: PagePlugin {
   final class Restore {
     let snapshot: Snapshot
     var removed: RemovedPages
+    /// The faults' order, while this restore records its working set.
+    var recorder: WorkingSetRecorder?
     init(snapshot: Snapshot, removed: RemovedPages = RemovedPages()) {
       self.snapshot = snapshot
       self.removed = removed
     }
   }
 
-  init(prefetchPages: Int, delegate: Bool, files: ClientFiles) {
+  init(prefetchPages: Int, delegate: Bool, stream: Bool = false, files: ClientFiles, recordPath: String? = nil, replayPath: String? = nil) {
     self.prefetchPages = max(prefetchPages, 1)
     self.delegate = delegate
+    self.stream = stream
     self.files = files
+    self.recordPath = recordPath
+    self.replayPath = replayPath
   }
 
   /// The file must exist and cover every page of the region (the last page may
@@ -64,17 +81,63 @@ final class SnapshotPlugin: PagePlugin {
       log("refused snapshot \(path) to \(who): \(error.message)")
       throw BrokerError(.pluginRefused, "cannot open snapshot \(path): \(error.message)")
     }
-    log("opened snapshot \(path) for \(who), region \(region.spec.id)\(delegate ? ", delegated" : "")")
-    var info = stat()
-    fstat(fd, &info)
-    let size = UInt64(info.st_size)
+    let identity = WorkingSet.Identity(fd)
+    let size = identity.size
     let needed = region.spec.backingOffset + UInt64(region.length - region.pageSize) + 1
     guard size >= needed else {
       close(fd)
       throw BrokerError(.pluginRefused, "snapshot \(path) has \(size) bytes; region \(region.spec.id) needs at least \(needed) from offset \(region.spec.backingOffset)")
     }
-    region.context = Restore(snapshot: Snapshot(fd: fd, size: size))
-    if delegate { region.delegate(file: fd, fileOffset: region.spec.backingOffset, prefetchPages: prefetchPages) }
+    let restore = Restore(snapshot: Snapshot(fd: fd, size: size))
+    region.context = restore
+    let first = replayPath.map { workingSet($0, identity: identity, region: region) } ?? []
+    if recordPath != nil && first.isEmpty {
+      // Served here, so that every fault is seen.
+      restore.recorder = WorkingSetRecorder(identity: identity, fileOffset: region.spec.backingOffset, pages: region.length / region.pageSize, pageSize: region.pageSize)
+    }
+    let delegated = restore.recorder == nil && (delegate || !first.isEmpty)
+    log("opened snapshot \(path) for \(who), region \(region.spec.id)\(delegated ? ", delegated" : "")\(restore.recorder != nil ? ", recording its working set" : "")"
+      + "\(first.isEmpty ? "" : ", streaming \(first.count) working-set blocks first")\(delegated && stream ? ", streaming the rest" : "")")
+    if delegated {
+      region.delegate(file: fd, fileOffset: region.spec.backingOffset, prefetchPages: prefetchPages, stream: stream, streamFirst: first)
+    }
+    // A cold cache reads the working set from disk: ask for all of it now, in its order
+    // (the reads run while the broker streams and the client faults; an advice only).
+    let block = streamBlock(region)
+    for offset in first { _ = posix_fadvise(fd, off_t(region.spec.backingOffset + offset), off_t(block), POSIX_FADV_WILLNEED) }
+  }
+
+  /// The region offsets of the blocks of the working set recorded at `path`,
+  /// in order, each once; none (and a log line) if the record does not fit this snapshot.
+  private func workingSet(_ path: String, identity: WorkingSet.Identity, region: PluginRegion) -> [UInt64] {
+    switch WorkingSet.read(path, for: identity) {
+    case .failure(let error):
+      log("ignored working-set record \(path): \(error.reason)")
+      return []
+    case .success(let offsets):
+      // The broker streams the block a fault at each offset would fill: one entry each.
+      let block = UInt64(streamBlock(region))
+      let start = region.spec.backingOffset
+      var seen = Set<UInt64>()
+      var first: [UInt64] = []
+      for offset in offsets where offset >= start && offset - start < UInt64(region.length) {
+        let regionOffset = (offset - start) / UInt64(region.pageSize) * UInt64(region.pageSize)
+        if seen.insert(regionOffset / block).inserted { first.append(regionOffset) }
+        if first.count == Self.maxStreamFirst { break }
+      }
+      return first
+    }
+  }
+
+  /// The bytes the broker fills around a working-set offset: what a fault there fills.
+  private func streamBlock(_ region: PluginRegion) -> Int {
+    region.pageSize > Int(sysconf(Int32(_SC_PAGESIZE))) ? region.pageSize : prefetchPages * region.pageSize
+  }
+
+  func regionClosed(_ region: PluginRegion) {
+    guard let recorder = (region.context as? Restore)?.recorder, let recordPath, !recorder.offsets.isEmpty else { return }
+    let written = WorkingSet(identity: recorder.identity, offsets: recorder.offsets).write(to: recordPath)
+    log(written ? "recorded a working set of \(recorder.offsets.count) pages in \(recordPath)" : "cannot write the working-set record \(recordPath): errno \(errno)")
   }
 
   private func log(_ line: String) { logLine(line) }
@@ -93,6 +156,7 @@ final class SnapshotPlugin: PagePlugin {
     guard let restore = region.context as? Restore else { return .retry }
     let snapshot = restore.snapshot
     let pageSize = region.pageSize
+    restore.recorder?.note(fault.offset)
     if restore.removed.contains(fault.offset, pageSize: pageSize) { return .zero }
     let block = UInt64(min(prefetchPages * region.pageSize, buffer.count))
     let start = fault.offset / block * block

@@ -238,6 +238,11 @@ public final class BrokerRuntime: @unchecked Sendable {
       if service.tick(now: loopTime) { service.status(serviceStatus()) }
       if let publisher, loopTime >= nextPublish { publish(to: publisher) }
       perform()
+      // A stream block after the ready inputs: a fault waits at most for one block.
+      if let due = engine.nextStreamDeadline, due <= loopTime {
+        engine.stream(now: loopTime)
+        perform()
+      }
       flushPlugins()
       resolvedCounter.store(engine.statistics.faultsResolved, ordering: .relaxed)
     }
@@ -318,7 +323,8 @@ public final class BrokerRuntime: @unchecked Sendable {
   private func nextTimeout() -> CInt {
     let tick: UInt64 = 100_000_000  // housekeeping
     let restart = supervisor?.nextRestart
-    let parked = engine.nextDeadline
+    var parked = engine.nextDeadline
+    if let stream = engine.nextStreamDeadline { parked = min(parked ?? stream, stream) }
     // The fault path's usual case: nothing is due before the tick, no clock read needed.
     if parked == nil && restart == nil { return CInt(tick / 1_000_000) }
     let now = monotonicNanoseconds()

@@ -105,6 +105,9 @@ extension Simulation {
     case (.poison, _): content = { _ in .poison }
     case (.copy, .bytes(let bytes)):
       content = { page in Self.decode(UnsafeRawBufferPointer(rebasing: bytes[Int(page - range.lowerBound)..<Int(page - range.lowerBound) + order.pageSize])) }
+    case (.copy, .file(let file, let offset)):
+      // A delegated file holds its region's data at region offsets (`delegate`).
+      content = { page in .data(.init(region: file.rawValue, offset: offset + UInt64(page - range.lowerBound))) }
     default:
       failure = "unexpected fill \(order.kind) from \(order.source)"
       return
@@ -123,6 +126,7 @@ extension Simulation {
     do {
       let outcome = try processes[slot].fill(range, content: content, injectPartial: !reliable && random.chance(3))
       statistics.fills += 1
+      if case .stream = order.purpose, outcome == .done { statistics.streamedBlocks += 1 }
       note("fill client \(order.client) \(describe(range)) \(order.kind): \(outcome)")
       engine.filled(order, outcome: outcome, now: now)
       if order.kind == .poison, outcome == .done { poisoned([order.page], of: slot, why: "\(order.purpose)") }

@@ -244,8 +244,9 @@ extension Simulation {
 
   func readSomeUffd() {
     let ready = processes.indices.filter { processes[$0].watched && !processes[$0].exited && !processes[$0].queue.isEmpty }
-    guard let slot = ready.randomElement(using: &random) else { return }
+    guard let slot = ready.randomElement(using: &random) else { return streamBlock() }
     readUffd(slot)
+    streamBlock()
   }
 
   func readUffd(_ slot: Int) {

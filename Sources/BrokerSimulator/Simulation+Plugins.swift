@@ -98,6 +98,7 @@ extension Simulation {
                 now < forkedAt + configuration.registrationTimeout.nanoseconds {
         processes[slot].acceptedRegions.insert(region.id)
       }
+      if refusal == nil && parent == 0 && random.chance(40) { delegate(region, of: client, plugin: connection) }
       engine.regionReply(connection, RegionReply(clientID: client, regionID: region.id, error: refusal.map { BrokerError(.pluginRefused, $0) }), now: now)
       perform()
     case .removed(let range):
@@ -118,6 +119,28 @@ extension Simulation {
     case .store:
       failure = "plugin \(plugins[index].name) got a store, and no client swaps out here"
     }
+  }
+
+  /// Hands part of a region to the broker, as a file holding the region's data
+  /// at region offsets (the file's handle is the region's id), often streamed,
+  /// a few blocks first. Sent with the RegionReply, before the plugin reads the
+  /// records of pages the client dropped (as the snapshot plugin does).
+  private func delegate(_ region: RegionSpec, of client: ClientID, plugin: PluginID) {
+    let pages = region.length / region.pageSize
+    let first = UInt64(random.below(pages)) * UInt64(region.pageSize)
+    let end = first + UInt64(1 + random.below(pages - Int(first) / region.pageSize)) * UInt64(region.pageSize)
+    let working = (0..<random.below(4)).map { _ in UInt64(random.below(pages)) * UInt64(region.pageSize) }
+    let delegation = Delegation(clientID: client, regionID: region.id, offsets: first..<end, source: .file(offset: first),
+                                prefetchPages: 1 + random.below(8), stream: random.chance(70), streamFirst: working)
+    note("plugin delegates region \(region.id) of client \(client) offsets \(first / 4096)..<\(end / 4096)p, stream \(delegation.stream), first \(working.map { $0 / 4096 })")
+    engine.delegation(plugin, delegation, file: DelegatedFile(handle: FileHandle(region.id), isRegular: true), now: now)
+  }
+
+  /// The broker fills one block of a delegation stream, if one is due (as its loop does after each pass over the ready inputs).
+  func streamBlock() {
+    guard let due = engine.nextStreamDeadline, due <= now else { return }
+    engine.stream(now: now)
+    perform()
   }
 
   /// What the plugin answers a fault with, decided from what it knows now.

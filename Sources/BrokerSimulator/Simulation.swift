@@ -61,6 +61,8 @@ public final class Simulation {
     /// Pages of forked children left reading zeros where data was by a known
     /// hole of the ClientSDK after a broker restart (see `letGo`).
     public var exposedByKeepers = 0
+    /// Delegation stream blocks the fake kernel filled (whole or in part).
+    public var streamedBlocks = 0
 
     mutating func add(_ other: Statistics) {
       steps += other.steps
@@ -77,6 +79,7 @@ public final class Simulation {
       clientsServed += other.clientsServed
       failedClosed += other.failedClosed
       exposedByKeepers += other.exposedByKeepers
+      streamedBlocks += other.streamedBlocks
     }
   }
 
@@ -217,6 +220,7 @@ public final class Simulation {
     note("time +\(nanoseconds / 1_000) µs")
     engine.tick(now: now)
     perform()
+    streamBlock()
   }
 
   // MARK: - Settling

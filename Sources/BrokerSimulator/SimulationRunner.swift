@@ -8,7 +8,7 @@ public enum SimulationRunner {
     public var failure: Simulation.Failure?
     public var summary: String {
       "\(seeds) seeds, \(steps) steps: \(statistics.faults) faults, \(statistics.fills) fills, \(statistics.mapChanges) map changes, "
-        + "\(statistics.grows) grows, \(statistics.balloons) balloons, \(statistics.forks) forks, \(statistics.brokerRestarts) broker restarts, \(statistics.pluginCrashes) plugin crashes, \(statistics.unreadableFills) EFAULT fills, \(statistics.minorFaults) minor faults, \(statistics.clientsServed) clients served to the end, "
+        + "\(statistics.grows) grows, \(statistics.balloons) balloons, \(statistics.forks) forks, \(statistics.brokerRestarts) broker restarts, \(statistics.pluginCrashes) plugin crashes, \(statistics.unreadableFills) EFAULT fills, \(statistics.minorFaults) minor faults, \(statistics.streamedBlocks) streamed blocks, \(statistics.clientsServed) clients served to the end, "
         + "\(statistics.failedClosed) pages failed closed by design, \(statistics.exposedByKeepers) exposed by keepers (a known hole)"
         + (failure.map { ": FAILED at seed \($0.seed) (replay: swift run -c release uffd-sim --seed \($0.seed) --steps \($0.scheduleSteps))" } ?? ": no failure")
     }

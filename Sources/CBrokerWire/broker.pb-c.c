@@ -4233,7 +4233,7 @@ const ProtobufCMessageDescriptor uffdbroker__descriptor_store__descriptor =
   (ProtobufCMessageInit) uffdbroker__descriptor_store__init,
   NULL,NULL,NULL    /* reserved[123] */
 };
-static const ProtobufCFieldDescriptor uffdbroker__delegation__field_descriptors[8] =
+static const ProtobufCFieldDescriptor uffdbroker__delegation__field_descriptors[10] =
 {
   {
     "client_id",
@@ -4331,6 +4331,30 @@ static const ProtobufCFieldDescriptor uffdbroker__delegation__field_descriptors[
     0,             /* flags */
     0,NULL,NULL    /* reserved1,reserved2, etc */
   },
+  {
+    "stream",
+    9,
+    PROTOBUF_C_LABEL_NONE,
+    PROTOBUF_C_TYPE_BOOL,
+    0,   /* quantifier_offset */
+    offsetof(Uffdbroker__Delegation, stream),
+    NULL,
+    NULL,
+    0,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
+  {
+    "stream_first",
+    10,
+    PROTOBUF_C_LABEL_REPEATED,
+    PROTOBUF_C_TYPE_UINT64,
+    offsetof(Uffdbroker__Delegation, n_stream_first),
+    offsetof(Uffdbroker__Delegation, stream_first),
+    NULL,
+    NULL,
+    0 | PROTOBUF_C_FIELD_FLAG_PACKED,             /* flags */
+    0,NULL,NULL    /* reserved1,reserved2, etc */
+  },
 };
 static const unsigned uffdbroker__delegation__field_indices_by_name[] = {
   0,   /* field[0] = client_id */
@@ -4341,11 +4365,13 @@ static const unsigned uffdbroker__delegation__field_indices_by_name[] = {
   6,   /* field[6] = prefetch_pages */
   1,   /* field[1] = region_id */
   7,   /* field[7] = revoke */
+  8,   /* field[8] = stream */
+  9,   /* field[9] = stream_first */
 };
 static const ProtobufCIntRange uffdbroker__delegation__number_ranges[1 + 1] =
 {
   { 1, 0 },
-  { 0, 8 }
+  { 0, 10 }
 };
 const ProtobufCMessageDescriptor uffdbroker__delegation__descriptor =
 {
@@ -4355,7 +4381,7 @@ const ProtobufCMessageDescriptor uffdbroker__delegation__descriptor =
   "Uffdbroker__Delegation",
   "uffdbroker",
   sizeof(Uffdbroker__Delegation),
-  8,
+  10,
   uffdbroker__delegation__field_descriptors,
   uffdbroker__delegation__field_indices_by_name,
   1,  uffdbroker__delegation__number_ranges,

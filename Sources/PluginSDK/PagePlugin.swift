@@ -46,12 +46,15 @@ public final class PluginRegion {
   /// `fd` (a regular file or memfd; the broker gets its own duplicate) with
   /// region offset `offsets.lowerBound` at `fileOffset`. Past the end of the
   /// file pages read as zeros. `prefetchPages` (≤ 32) fills an aligned block per fault.
+  /// `stream`: the broker also fills the range in the background while the
+  /// client runs, the blocks around `streamFirst` (region offsets, in order) first.
   /// `fd` stays the caller's; if it cannot be duplicated (EMFILE), nothing is delegated.
-  public func delegate(_ offsets: Range<UInt64>? = nil, file fd: CInt, fileOffset: UInt64, prefetchPages: Int = 1) {
+  public func delegate(_ offsets: Range<UInt64>? = nil, file fd: CInt, fileOffset: UInt64, prefetchPages: Int = 1,
+                       stream: Bool = false, streamFirst: [UInt64] = []) {
     let copy = fcntl(fd, F_DUPFD_CLOEXEC, 0)
     guard copy >= 0 else { return }
     pendingDelegations.append((Delegation(clientID: clientID, regionID: spec.id, offsets: offsets ?? 0..<UInt64(length),
-                                          source: .file(offset: fileOffset), prefetchPages: prefetchPages), copy))
+                                          source: .file(offset: fileOffset), prefetchPages: prefetchPages, stream: stream, streamFirst: streamFirst), copy))
   }
 
   /// Takes back a delegated range: its faults come to the plugin again.

@@ -71,6 +71,8 @@ enum RestoreBench {
     }
     let directory = String(cString: made)
     defer { rmdir(directory) }
+    /// A replay strategy's working-set record.
+    func record(_ name: String) -> String { directory + "/\(name).working-set" }
     let generation = monotonicNanoseconds()
     let image: SnapshotImage
     do {
@@ -103,10 +105,11 @@ enum RestoreBench {
         let started = try BenchProcesses(plugins: [])
         processes = started
         for strategy in lazy {
-          guard case .lazy(let prefetch, let delegated) = strategy.kind, let name = strategy.pluginName else { continue }
+          guard case .lazy(let prefetch, let delegated, let stream, let replay) = strategy.kind, let name = strategy.pluginName else { continue }
           let process: ChildProcess
+          let options = (delegated ? ["--delegate"] : []) + (stream ? ["--stream"] : []) + (replay ? ["--record", record(name), "--replay", record(name)] : [])
           do {
-            process = try ChildProcess(pluginExecutable, [name, "--root", directory, "--prefetch", "\(prefetch)"] + (delegated ? ["--delegate"] : []),
+            process = try ChildProcess(pluginExecutable, [name, "--root", directory, "--prefetch", "\(prefetch)"] + options,
                                        environment: ["UFFD_BROKER_PLUGIN_SOCKET": started.pluginSocket], stderr: directory + "/\(name).log")
           } catch {
             throw BenchError("cannot start the snapshot plugin \(name): \(error)")
@@ -119,6 +122,17 @@ enum RestoreBench {
       }
       let watchdog = Watchdog(processes: processes, others: plugins, signals: signals)
       defer { watchdog.stop() }
+      // Replay strategies record their working set first: a restore of their own, not timed.
+      for strategy in options.strategies {
+        guard case .lazy(_, _, _, true) = strategy.kind, let name = strategy.pluginName else { continue }
+        _ = try restore(strategy, round: 0, warmCache: options.warmCache, image: image, touched: touched, expected: expected, processes: processes, watchdog: watchdog)
+        let deadline = monotonicNanoseconds() + 30_000_000_000
+        while access(record(name), R_OK) != 0 {
+          guard monotonicNanoseconds() < deadline else { throw BenchError("\(strategy.name): the warm-up restore wrote no working-set record") }
+          usleep(10_000)  // written when the plugin hears the region closed
+        }
+        print("# \(strategy.name): working set recorded by a warm-up restore (not timed)")
+      }
       for round in 1...options.rounds {
         // Rotated each round, so no strategy always follows the same one.
         let count = options.strategies.count
@@ -139,6 +153,7 @@ enum RestoreBench {
       return 1
     }
     shutdown(keepingLogs: false)
+    for strategy in lazy { if let name = strategy.pluginName { unlink(record(name)) } }
     var termination = sigset_t()
     sigemptyset(&termination)
     sigaddset(&termination, SIGINT)

@@ -7,8 +7,11 @@ struct RestoreStrategy: Sendable, Equatable {
     case eager
     /// Register the mapping with the broker; the snapshot plugin serves each
     /// fault from the file (`prefetch` pages per fault; `delegated`: the
-    /// plugin hands the file to the broker, which serves the faults itself).
-    case lazy(prefetch: Int, delegated: Bool)
+    /// plugin hands the file to the broker, which serves the faults itself;
+    /// `stream`: the broker also fills the whole file in the background;
+    /// `replay`: a warm-up restore, not timed, records the faults' order, which
+    /// later restores stream first).
+    case lazy(prefetch: Int, delegated: Bool, stream: Bool = false, replay: Bool = false)
   }
 
   var name: String
@@ -32,6 +35,11 @@ struct RestoreStrategy: Sendable, Equatable {
     RestoreStrategy(name: "local-1", summary: "snapshot plugin --delegate: the broker preads one page per fault", kind: .lazy(prefetch: 1, delegated: true)),
     RestoreStrategy(name: "local-16", summary: "--delegate --prefetch 16: the broker fills 64 KiB per fault", kind: .lazy(prefetch: 16, delegated: true)),
     RestoreStrategy(name: "local-32", summary: "--delegate --prefetch 32: the broker fills 128 KiB per fault (its most)", kind: .lazy(prefetch: 32, delegated: true)),
+    RestoreStrategy(name: "stream-32", summary: "local-32 --stream: the broker also fills the whole file in the background", kind: .lazy(prefetch: 32, delegated: true, stream: true)),
+    RestoreStrategy(name: "replay-1", summary: "--replay: the broker streams the pages a warm-up restore faulted, in its order, one page each",
+                    kind: .lazy(prefetch: 1, delegated: true, replay: true)),
+    RestoreStrategy(name: "replay-32", summary: "--replay --prefetch 32: the same by the 32-page blocks around them",
+                    kind: .lazy(prefetch: 32, delegated: true, replay: true)),
   ]
 
   static func named(_ name: String) -> RestoreStrategy? { all.first { $0.name == name } }

@@ -68,6 +68,8 @@ final class Client {
   var delegated = DelegatedRanges()
   /// The file its shared-memory regions map (a forked child's is its parent's).
   var sharedMemory: FileHandle?
+  /// No stream block before this time (a fill found a map event unread).
+  var streamNotBefore: UInt64 = 0
   /// The client's identity across re-attaches (its Register's, or one of the broker's).
   var token: UInt128 = 0
   /// The client this one was forked from (0: it connected itself).

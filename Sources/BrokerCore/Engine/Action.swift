@@ -71,6 +71,9 @@ public struct FillOrder {
     case decision(PluginID)
     /// A delegated range, served by the broker itself.
     case delegated
+    /// A block of a delegated range filled in the background (no fault waits
+    /// for it; `fault` names none): region `regionID` from region offset `offset`.
+    case stream(regionID: UInt64, offset: UInt64)
     /// New memory (a grown tail, a `DONTUNMAP` source): zeros.
     case newMemory
     /// A fault the broker cannot serve, failed closed (SIGBUS at the access).

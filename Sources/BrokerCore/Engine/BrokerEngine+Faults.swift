@@ -121,6 +121,7 @@ extension BrokerEngine {
   /// The outcome of a fill the engine ordered.
   public func filled(_ order: FillOrder, outcome: IoctlOutcome, now: UInt64) {
     self.now = now
+    if case .stream = order.purpose { return streamFilled(order, outcome: outcome) }
     guard let entry = ledger[order.fault], case .handling = entry.state else { return }  // its client went meanwhile
     // A range fill stops at the first page already present (EEXIST) or after a
     // partial copy, and neither says anything of the faulting page further in
@@ -180,7 +181,7 @@ extension BrokerEngine {
         ])
         if case .failed = outcome { actions.append(.kill(entry.client.id)) }
       }
-    case .pluginFailed:
+    case .pluginFailed, .stream:
       break
     case .minor:
       if case .failed(.badAddress) = outcome {
@@ -389,9 +390,8 @@ extension BrokerEngine {
     guard let page = ledger[id]?.page else { return }
     let offset = piece.offset(of: page)
     let pageSize = piece.spec.pageSize
-    // An aligned block around the fault, inside the delegated range and the live piece
-    // (a huge page's region: one huge page, the most the broker's buffers hold).
-    let block = UInt64(pageSize == self.pageSize ? range.prefetchPages * pageSize : pageSize)
+    // An aligned block around the fault, inside the delegated range and the live piece.
+    let block = range.faultBlock(pageSize: pageSize, systemPageSize: self.pageSize)
     let start = max(offset / block * block, range.offsets.lowerBound, piece.offset)
     let end = min(offset / block * block + block, range.offsets.upperBound, piece.offset + UInt64(piece.live.count))
     guard let address = piece.address(ofOffset: start) else { return park(id) }
@@ -419,13 +419,18 @@ extension BrokerEngine {
   /// (the shared zero page is read-only to the kernel, not to uffd-wp).
   private func fill(_ kind: DecisionKind, _ range: Range<UInt>, source: FillOrder.Source = .none, fault id: FaultLedger.ID, purpose: FillOrder.Purpose) {
     guard let entry = ledger[id] else { return }
-    let protect = entry.client.isSwapping(range)
-    let cache = kind == .poison ? nil : pageCache(of: range, client: entry.client)
+    fill(kind, range, source: source, client: entry.client, page: entry.page, pageSize: entry.pageSize, fault: id, purpose: purpose)
+  }
+
+  /// Orders a fill of `client`'s `range` of `pageSize`-byte pages around `page`.
+  func fill(_ kind: DecisionKind, _ range: Range<UInt>, source: FillOrder.Source, client: Client, page: UInt, pageSize: Int, fault id: FaultLedger.ID, purpose: FillOrder.Purpose) {
+    let protect = client.isSwapping(range)
+    let cache = kind == .poison ? nil : pageCache(of: range, client: client)
     // hugetlbfs has no UFFDIO_ZEROPAGE, nor has shmem: a (huge) page of zeros is copied.
-    let zerosByCopy = kind == .zero && (protect || entry.pageSize != pageSize || cache != nil)
+    let zerosByCopy = kind == .zero && (protect || pageSize != self.pageSize || cache != nil)
     actions.append(.fill(FillOrder(
-      client: entry.client.id, kind: zerosByCopy ? .copy : kind, range: range, source: zerosByCopy ? .zeros : source,
-      writeProtect: protect, pageCache: cache, fault: id, page: entry.page, pageSize: entry.pageSize, purpose: purpose)))
+      client: client.id, kind: zerosByCopy ? .copy : kind, range: range, source: zerosByCopy ? .zeros : source,
+      writeProtect: protect, pageCache: cache, fault: id, page: page, pageSize: pageSize, purpose: purpose)))
   }
 
   /// Where a fill of `range` (inside one piece) goes first, if it is shared

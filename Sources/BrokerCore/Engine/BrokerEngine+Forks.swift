@@ -36,6 +36,7 @@ extension BrokerEngine {
     for range in wiped { child.regions.makeNewMemory(range) }
     child.delegated = parent.delegated
     child.sharedMemory = parent.sharedMemory
+    child.delegated.streams = []  // the parent's restore, not the child's
     child.refusedRegions = parent.refusedRegions
     child.swappedOutPages = parent.swappedOutPages
     child.lostPages = parent.lostPages

@@ -97,7 +97,9 @@ extension BrokerEngine {
   /// A plugin's delegation (or revocation) of a range: recorded after checking
   /// that the plugin serves the region, the range is page aligned inside it,
   /// and a file is a regular file at a page-aligned offset below 2^63. A file
-  /// not taken is released.
+  /// not taken is released. Pages the client dropped, and pages no one can
+  /// vouch for (`lostPages`), are left out; a stream
+  /// asked for starts (`BrokerEngine+Stream`).
   public func delegation(_ pluginID: PluginID, _ delegation: Delegation, file: DelegatedFile?, now: UInt64) {
     self.now = now
     var taken = false
@@ -133,7 +135,19 @@ extension BrokerEngine {
     }
     let range = DelegatedRanges.Range(regionID: spec.id, offsets: delegation.offsets, source: source,
                                       prefetchPages: min(max(delegation.prefetchPages, 1), Self.maxLocalFillPages))
-    changeDelegations(of: client) { $0.add(range) }
+    changeDelegations(of: client) { delegated in
+      delegated.add(range)
+      // Pages the client dropped read zeros: their faults go to the plugin, which is
+      // told of them (a plugin that restarted delegates before it reads those records).
+      // Pages no one can vouch for fail closed: no local fill (nor its block) reaches them.
+      for excluded in [client.droppedPages[spec.id], client.lostPages[spec.id]] {
+        for part in excluded?.clamped(to: delegation.offsets) ?? [] { delegated.cut(regionID: spec.id, part) }
+      }
+    }
+    if delegation.stream || !delegation.streamFirst.isEmpty {
+      let first = delegation.streamFirst.filter { delegation.offsets.contains($0) }
+      startStream(DelegatedStream(regionID: spec.id, first: first, sweep: delegation.stream ? delegation.offsets : 0..<0), of: client)
+    }
   }
 
   /// A plugin's reply to RegionOpened.
@@ -192,6 +206,7 @@ extension BrokerEngine {
     for range in lost.ranges {
       client.swappedOutPages[reply.regionID]?.subtract(range)
       client.lostPages[reply.regionID, default: OffsetRanges()].insert(range)
+      changeDelegations(of: client) { $0.cut(regionID: reply.regionID, range) }  // no local fill reaches them either
     }
     statistics.swappedBytesLost += lost.count
     notify(client, [.dropped(reply.regionID)])

@@ -47,6 +47,10 @@ public final class BrokerEngine {
   /// A client's identity across re-attaches: random (the runtime's CSPRNG; the simulator's seed).
   let makeToken: () -> UInt128
   var nextSweep: UInt64 = 0
+  /// Clients with delegation streams, served in turn (some may have none left: dropped when met).
+  var streaming: [ClientID] = []
+  /// Bytes filled by delegation streams (for tests and the benchmark).
+  public internal(set) var streamedBytes: UInt64 = 0
 
   /// A swap-out chunk handed to a plugin to store; the client waits for its reply.
   struct PendingStore {

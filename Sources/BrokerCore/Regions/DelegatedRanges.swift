@@ -17,6 +17,12 @@ struct DelegatedRanges {
     var source: Source
     var prefetchPages: Int
 
+    /// The bytes of the aligned block a fault fills: `prefetchPages` small
+    /// pages, or one huge page (the most the broker's buffers hold).
+    func faultBlock(pageSize: Int, systemPageSize: Int) -> UInt64 {
+      UInt64(pageSize == systemPageSize ? prefetchPages * pageSize : pageSize)
+    }
+
     /// The file offset of region offset `offset`.
     func fileOffset(of offset: UInt64) -> UInt64? {
       guard case .file(_, let start) = source else { return nil }
@@ -25,6 +31,8 @@ struct DelegatedRanges {
   }
 
   private(set) var ranges: [Range] = []
+  /// Background fills in progress, the one at the front going on first.
+  var streams: [DelegatedStream] = []
 
   var isEmpty: Bool { ranges.isEmpty }
 
@@ -67,6 +75,7 @@ struct DelegatedRanges {
 
   mutating func removeAll(regionID: UInt64) {
     ranges.removeAll { $0.regionID == regionID }
+    streams.removeAll { $0.regionID == regionID }
   }
 
   /// The files some range still reads from.

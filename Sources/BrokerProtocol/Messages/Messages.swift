@@ -426,15 +426,22 @@ public struct Delegation: Equatable, Sendable {
   public var prefetchPages: Int
   /// Takes `offsets` back: their faults come to the plugin again.
   public var revoke: Bool
+  /// Fill all of `offsets` in the background too (after `streamFirst`).
+  public var stream: Bool
+  /// Region offsets whose blocks the broker fills first in the background, in order (a working set).
+  public var streamFirst: [UInt64]
 
   /// A delegation (or, with `revoke`, its withdrawal) of `offsets` of a region.
-  public init(clientID: UInt64, regionID: UInt64, offsets: Range<UInt64>, source: Source, prefetchPages: Int = 1, revoke: Bool = false) {
+  public init(clientID: UInt64, regionID: UInt64, offsets: Range<UInt64>, source: Source, prefetchPages: Int = 1, revoke: Bool = false,
+              stream: Bool = false, streamFirst: [UInt64] = []) {
     self.clientID = clientID
     self.regionID = regionID
     self.offsets = offsets
     self.source = source
     self.prefetchPages = prefetchPages
     self.revoke = revoke
+    self.stream = stream
+    self.streamFirst = streamFirst
   }
 }
 

@@ -93,6 +93,15 @@ final class CStringPool {
     }
   }
 
+  /// A packed repeated integer field's values; freed with the pool.
+  func integers(_ values: [UInt64]) -> (Int, UnsafeMutablePointer<UInt64>?) {
+    guard !values.isEmpty else { return (0, nil) }
+    let array = UnsafeMutablePointer<UInt64>.allocate(capacity: values.count)
+    array.initialize(from: values, count: values.count)
+    arrays.append(UnsafeMutableRawPointer(array))
+    return (values.count, array)
+  }
+
   /// A pointer array for a repeated field; freed with the pool.
   func regionArray(_ specs: [RegionSpec]) -> UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Region>?> {
     let array = UnsafeMutablePointer<UnsafeMutablePointer<Uffdbroker__Region>?>.allocate(capacity: max(specs.count, 1))

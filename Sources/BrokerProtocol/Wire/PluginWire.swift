@@ -581,6 +581,8 @@ public final class DecisionBatchEncoder {
         d.pointee.length = UInt64(delegation.offsets.count)
         d.pointee.prefetch_pages = UInt32(clamping: delegation.prefetchPages)
         d.pointee.revoke = delegation.revoke ? 1 : 0
+        d.pointee.stream = delegation.stream ? 1 : 0
+        (d.pointee.n_stream_first, d.pointee.stream_first) = pool.integers(delegation.streamFirst)
         if !delegation.revoke, case .zero = delegation.source { d.pointee.kind = UFFDBROKER__DELEGATION_KIND__DELEGATE_ZERO }
         if case .file(let offset) = delegation.source, let file = Self.attached(entry) {
           d.pointee.kind = UFFDBROKER__DELEGATION_KIND__DELEGATE_FILE
@@ -780,8 +782,9 @@ public final class DecisionBatchDecoder {
         default: throw BrokerError(.malformed, "unknown delegation kind \(d.kind.rawValue)")
         }
       }
+      let first = d.n_stream_first == 0 ? [] : Array(UnsafeBufferPointer(start: d.stream_first, count: d.n_stream_first))
       let delegation = Delegation(clientID: d.client_id, regionID: d.region_id, offsets: d.offset..<d.offset + d.length, source: source,
-                                  prefetchPages: Int(d.prefetch_pages), revoke: d.revoke != 0)
+                                  prefetchPages: Int(d.prefetch_pages), revoke: d.revoke != 0, stream: d.stream != 0, streamFirst: first)
       result.append(ReceivedDelegation(delegation, fileIndex: fileIndex))
     }
     return result

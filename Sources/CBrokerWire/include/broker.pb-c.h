@@ -966,10 +966,25 @@ struct  Uffdbroker__Delegation
    */
   uint32_t prefetch_pages;
   protobuf_c_boolean revoke;
+  /*
+   * Background streaming: the broker also fills the delegated pages while the
+   * client runs, between faults (a fault is always served first), one block
+   * per loop pass: first, for each of `stream_first`'s region offsets in order
+   * (a working set; offsets outside `offset`..`offset + length` are skipped),
+   * the block a fault there would fill (`prefetch_pages`); then, with
+   * `stream`, every aligned 32-page block (or huge page) of the range in order. A stream fills only
+   * what a fault there would get at that moment: pages no longer delegated
+   * (removed, unmapped, revoked) and pages already present are skipped, never
+   * overwritten. It ends when done, or when its region or client closes; a
+   * forked child does not inherit it. Each streaming delegation adds a stream.
+   */
+  protobuf_c_boolean stream;
+  size_t n_stream_first;
+  uint64_t *stream_first;
 };
 #define UFFDBROKER__DELEGATION__INIT \
  { PROTOBUF_C_MESSAGE_INIT (&uffdbroker__delegation__descriptor) \
-    , 0, 0, 0, 0, UFFDBROKER__DELEGATION_KIND__DELEGATE_UNSPECIFIED, 0, 0, 0 }
+    , 0, 0, 0, 0, UFFDBROKER__DELEGATION_KIND__DELEGATE_UNSPECIFIED, 0, 0, 0, 0, 0,NULL }
 
 
 struct  Uffdbroker__StoreReply

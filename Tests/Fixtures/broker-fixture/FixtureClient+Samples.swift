@@ -75,6 +75,28 @@ extension FixtureClient {
       madvise(memory.base + block * pageSize, min(4, pages - block) * pageSize, MADV_DONTNEED)
     }
     gate("dropped", client: client)
+    return verifyDropped(memory, file: fd, client: client, dropped: dropped)
+  }
+
+  /// The snapshot file's region, registered with a plugin that has the broker
+  /// stream it in the background; at once, while the stream runs, every other
+  /// 4-page block is dropped (MADV_DONTNEED), none touched before. Then every
+  /// page is read and compared: a dropped page must read zeros (the stream must
+  /// not bring it back), the others the file. Prints as `snapshot-dropped`.
+  func snapshotStreamDrops() throws -> Int32 {
+    guard let (path, fd, size) = snapshotFile() else { return 2 }
+    let memory = try AnonymousMemory(length: max(size, mib << 20, pageSize) / pageSize * pageSize)
+    let client = try BrokerClient(regions: [RegionSpec(id: 1, base: memory.address, length: memory.length, plugin: plugin, argument: path)], name: "fixture-snapshot-stream-drops")
+    let pages = memory.length / pageSize
+    for block in stride(from: 4, to: pages, by: 8) {
+      madvise(memory.base + block * pageSize, min(4, pages - block) * pageSize, MADV_DONTNEED)
+    }
+    return verifyDropped(memory, file: fd, client: client, dropped: { page in page / 4 % 2 == 1 })
+  }
+
+  /// Reads every page of `memory` and compares it with the file (zeros for `dropped` pages); prints the count.
+  private func verifyDropped(_ memory: AnonymousMemory, file fd: CInt, client: BrokerClient, dropped: (Int) -> Bool) -> Int32 {
+    let pages = memory.length / pageSize
     let expected = UnsafeMutableRawBufferPointer.allocate(byteCount: pageSize, alignment: pageSize)
     defer { expected.deallocate() }
     var wrong = 0

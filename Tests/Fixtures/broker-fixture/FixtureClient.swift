@@ -32,6 +32,7 @@ struct FixtureClient {
       case "swap-once": return try swapOnce()
       case "snapshot": return try snapshot()
       case "snapshot-dropped": return try snapshotDropped()
+      case "snapshot-stream-drops": return try snapshotStreamDrops()
       case "swap-corrupt": return try swapCorrupt()
       case "guarded": return try guarded()
       case "foreign-uid": return foreignUID()
