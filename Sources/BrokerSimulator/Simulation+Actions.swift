@@ -164,6 +164,9 @@ extension Simulation {
       case .bytes(let bytes):
         let start = Int(page - range.lowerBound)
         content = Self.decode(UnsafeRawBufferPointer(rebasing: bytes[start..<start + order.pageSize]))
+      case .file(let file, let offset):
+        // A delegated file holds its region's data at region offsets (`delegate`).
+        content = .data(.init(region: file.rawValue, offset: offset + UInt64(page - range.lowerBound)))
       default:
         failure = "unexpected shared-memory fill from \(order.source)"
         return

@@ -121,7 +121,7 @@ public final class Simulation {
   var snapshotCache: Set<UInt64> = []
   /// Handles of the snapshot file the broker holds (one per Register), and the next one.
   var sharedFiles: Set<FileHandle> = []
-  var nextSharedFile: UInt64 = 1
+  var nextSharedFile: UInt64 = 1 << 32  // apart from the delegated files' handles (their region ids), as the runtime numbers all files from one counter
 
   static let wakeLimit = 10
   /// Pages of each client's two regions: the second large enough for a
