@@ -46,4 +46,6 @@ mutate "a prefetch filled over pages no one can vouch for" Sources/BrokerCore/En
   "      range = page..<page + UInt(pageSize)" ""
 mutate "a re-attaching client ignores its read journal (drops of a read the killed broker never told)" Sources/BrokerProtocol/Messages/UnsettledRead.swift \
   "    case .removes(let ranges): removes = ranges" "    case .removes: removes = []"
+mutate "a delegation covering pages the client dropped or no one can vouch for" Sources/BrokerCore/Engine/BrokerEngine+Plugins.swift \
+  "for excluded in [client.droppedPages[spec.id], client.lostPages[spec.id]] {" "for excluded in [OffsetRanges?.none] {"
 echo "every planted bug was caught"

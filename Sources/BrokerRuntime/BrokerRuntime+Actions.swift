@@ -24,6 +24,15 @@ extension BrokerRuntime {
     case .reply(let id, let reply):
       guard let link = clients[id], let socket = link.socket else { return }
       if link.vmm != nil { return vmmCannotBeTold(link, reply) }
+      switch reply.body {
+      case .ack: link.acked = true
+      case .error where !link.acked:
+        // A refusal before the Ack ends the connection. Its uffd goes first: while a copy
+        // lives the range stays registered, and a client retrying at once would get EBUSY.
+        link.uffd = nil
+        if registering != nil && readingClient == id { (registering, registeringMemory) = (nil, nil) }
+      default: break
+      }
       // The Ack of its Register carries its read journal.
       let journal = link.journal.flatMap { journal in
         if case .ack = reply.body, !journal.handedOver { journal } else { nil }

@@ -161,8 +161,10 @@ extension BrokerRuntime {
           return
         }
         let descriptors = attached(&fds, to: request)
+        readingClient = link.id
         engine.clientRequest(link.id, request, descriptors: descriptors, now: loopTime)
         perform()  // `.adoptUffd` takes `registering` (and `registeringMemory`)
+        readingClient = nil
         registering = nil
         registeringMemory = nil
       }

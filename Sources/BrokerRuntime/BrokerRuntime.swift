@@ -60,6 +60,8 @@ public final class BrokerRuntime: @unchecked Sendable {
   var registering: UserfaultFD?
   /// A Register's shared-memory file, while the engine decides on the request.
   var registeringMemory: (handle: FileHandle, mapping: SharedMemoryMapping)?
+  /// The client whose request the engine is deciding on (`registering` is its).
+  var readingClient: ClientID?
   /// Clients' shared-memory files, by the handle the engine knows them by (numbered with `files`).
   var memoryFiles: [FileHandle: SharedMemoryMapping] = [:]
   /// The broker's own userfaultfd, which registers its mappings of shared-memory

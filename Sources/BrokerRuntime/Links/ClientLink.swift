@@ -13,6 +13,8 @@ final class ClientLink {
   var vmm: VMMHandshake?
   /// Where its uffd is read (a client speaking our protocol: its SDK recovers from it).
   var journal: ReadJournal?
+  /// Its Register was answered with an Ack: from then on a refusal does not end the connection.
+  var acked = false
 
   init(id: ClientID, socket: PacketSocket?, uffd: UserfaultFD? = nil) {
     self.id = id
