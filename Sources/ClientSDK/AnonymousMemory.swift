@@ -5,7 +5,7 @@ import LinuxSupport
 /// have served by the broker, of small pages or of huge ones (`MAP_HUGETLB`).
 /// Release it only once no thread touches it, and before the `BrokerClient`
 /// that serves it.
-public final class AnonymousMemory: @unchecked Sendable {
+public final class AnonymousMemory: Mapped, @unchecked Sendable {
   // @unchecked: the pointer is immutable; what threads do with the bytes is theirs to order.
   /// The first byte (page aligned); valid while this object lives.
   public let base: UnsafeMutableRawPointer
@@ -35,9 +35,19 @@ public final class AnonymousMemory: @unchecked Sendable {
   }
 
   deinit { munmap(base, length) }
+}
 
+/// Memory this SDK maps for regions: where it lies and how long it is.
+public protocol Mapped {
+  /// The first byte.
+  var base: UnsafeMutableRawPointer { get }
+  /// Bytes mapped, a multiple of the page size.
+  var length: Int { get }
+}
+
+extension Mapped {
   /// `base` as an address (`RegionSpec.base`).
   public var address: UInt { UInt(bitPattern: base) }
-  /// The whole mapping, for reading and writing; valid while this object lives.
+  /// The whole mapping, for reading and writing; valid while the mapping lives.
   public var bytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base, count: length) }
 }

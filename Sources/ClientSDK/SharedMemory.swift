@@ -13,7 +13,7 @@ import SystemPackage
 /// write copies the page into this process alone, and `MADV_DONTNEED` drops
 /// that copy (the page reads the file again). Shared (`MAP_SHARED`): writes go
 /// to the file, for every mapping of it to see.
-public final class SharedMemory: @unchecked Sendable {
+public final class SharedMemory: Mapped, @unchecked Sendable {
   // @unchecked: the pointer is immutable; what threads do with the bytes is theirs to order.
   /// The first byte (page aligned); valid while this object lives.
   public let base: UnsafeMutableRawPointer
@@ -37,11 +37,6 @@ public final class SharedMemory: @unchecked Sendable {
   }
 
   deinit { munmap(base, length) }
-
-  /// `base` as an address (`RegionSpec.base`).
-  public var address: UInt { UInt(bitPattern: base) }
-  /// The whole mapping, for reading and writing; valid while this object lives.
-  public var bytes: UnsafeMutableRawBufferPointer { UnsafeMutableRawBufferPointer(start: base, count: length) }
 
   /// The region of this mapping, served by `plugin`.
   public func region(id: UInt64, plugin: String, argument: String = "", backingOffset: UInt64 = 0) -> RegionSpec {
