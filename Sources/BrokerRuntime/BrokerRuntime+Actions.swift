@@ -214,66 +214,50 @@ extension BrokerRuntime {
     case .retry:
       return .notNow
     case .copy:
-      let copy = { (bytes: UnsafeRawBufferPointer) in
-        uffd.copy(to: range.lowerBound, from: bytes.baseAddress!, length: range.count, writeProtect: order.writeProtect)
-      }
-      switch order.source {
-      case .none, .pageCache:
-        return .failed(.invalidArgument)
-      case .bytes(let bytes):
-        return copy(bytes)
-      case .zeros:
-        // A page at a time (a small or a huge one): the first one not filled says why.
-        for page in stride(from: range.lowerBound, to: range.upperBound, by: order.pageSize) {
-          let outcome = uffd.copy(to: page, from: zeroPage.baseAddress!, length: order.pageSize, writeProtect: order.writeProtect)
-          if !outcome.isResolved { return outcome }
-        }
-        return .done
-      case .sharedArea(let plugin, let offset):
-        guard let area = plugins[plugin]?.sharedArea, offset + UInt64(range.count) <= UInt64(area.bytes.count) else { return .notNow }
-        return copy(UnsafeRawBufferPointer(rebasing: area.bytes[Int(offset)..<Int(offset) + range.count]))
-      case .file(let handle, let offset):
-        // A file that cannot be read sends the fault to its plugin (the engine's answer to EIO).
-        guard let file = files[handle] else { return .failed(.ioError) }
-        let buffer = UnsafeMutableRawBufferPointer(rebasing: localBuffer[..<range.count])
-        if let mapped = file.bytes(at: offset..<offset + UInt64(range.count)) {
-          let outcome = copy(mapped)
-          // The file shrank under the mapping: what is gone now reads as zeros.
-          guard case .failed(.badAddress) = outcome else { return outcome }
-        }
-        guard let read = file.read(at: offset, into: buffer) else { return .failed(.ioError) }
-        return copy(read)
+      // A page at a time for zeros (a small or a huge one).
+      return withBytes(of: order.source, count: range.count, zeroChunk: order.pageSize) { bytes, at in
+        uffd.copy(to: range.lowerBound + UInt(at), from: bytes.baseAddress!, length: bytes.count, writeProtect: order.writeProtect)
       }
     }
   }
 
-  /// Adds what `order` fills to a shared-memory file's page cache at `offset`.
+  /// Adds what `order` fills to a shared-memory file's page cache at `offset`
+  /// (zeros in chunks as large as the zero page: pages already there are kept).
   private func store(_ order: FillOrder, into memory: SharedMemoryMapping, at offset: UInt64) -> IoctlOutcome {
-    let count = order.range.count
-    switch order.source {
-    case .pageCache:
-      return .done
-    case .none:
+    if case .pageCache = order.source { return .done }
+    return withBytes(of: order.source, count: order.range.count, zeroChunk: zeroPage.count) { bytes, at in
+      memory.store(bytes, at: offset + UInt64(at), pageSize: systemPageSize)
+    }
+  }
+
+  /// Hands `write` the `count` bytes `source` names, with where they go (a byte
+  /// offset into the fill): all at once, or zeros `zeroChunk` bytes at a time
+  /// (the first chunk not filled says why).
+  private func withBytes(of source: FillOrder.Source, count: Int, zeroChunk: Int, _ write: (UnsafeRawBufferPointer, Int) -> IoctlOutcome) -> IoctlOutcome {
+    switch source {
+    case .none, .pageCache:
       return .failed(.invalidArgument)
     case .bytes(let bytes):
-      return memory.store(bytes, at: offset, pageSize: systemPageSize)
+      return write(bytes, 0)
     case .zeros:
-      for page in stride(from: 0, to: count, by: zeroPage.count) {
-        let stored = memory.store(UnsafeRawBufferPointer(rebasing: zeroPage[..<min(zeroPage.count, count - page)]), at: offset + UInt64(page), pageSize: systemPageSize)
-        if stored != .done { return stored }
+      for at in stride(from: 0, to: count, by: zeroChunk) {
+        let outcome = write(UnsafeRawBufferPointer(rebasing: zeroPage[..<min(zeroChunk, count - at)]), at)
+        if !outcome.isResolved { return outcome }
       }
       return .done
-    case .sharedArea(let plugin, let areaOffset):
-      guard let area = plugins[plugin]?.sharedArea, areaOffset + UInt64(count) <= UInt64(area.bytes.count) else { return .notNow }
-      return memory.store(UnsafeRawBufferPointer(rebasing: area.bytes[Int(areaOffset)..<Int(areaOffset) + count]), at: offset, pageSize: systemPageSize)
-    case .file(let handle, let fileOffset):
+    case .sharedArea(let plugin, let offset):
+      guard let area = plugins[plugin]?.sharedArea, offset + UInt64(count) <= UInt64(area.bytes.count) else { return .notNow }
+      return write(UnsafeRawBufferPointer(rebasing: area.bytes[Int(offset)..<Int(offset) + count]), 0)
+    case .file(let handle, let offset):
+      // A file that cannot be read sends the fault to its plugin (the engine's answer to EIO).
       guard let file = files[handle] else { return .failed(.ioError) }
-      if let mapped = file.bytes(at: fileOffset..<fileOffset + UInt64(count)) {
-        let stored = memory.store(mapped, at: offset, pageSize: systemPageSize)
-        guard case .failed(.badAddress) = stored else { return stored }  // the file shrank: read the rest as zeros
+      if let mapped = file.bytes(at: offset..<offset + UInt64(count)) {
+        let outcome = write(mapped, 0)
+        // The file shrank under the mapping: what is gone now reads as zeros.
+        guard case .failed(.badAddress) = outcome else { return outcome }
       }
-      guard let read = file.read(at: fileOffset, into: UnsafeMutableRawBufferPointer(rebasing: localBuffer[..<count])) else { return .failed(.ioError) }
-      return memory.store(read, at: offset, pageSize: systemPageSize)
+      guard let read = file.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: localBuffer[..<count])) else { return .failed(.ioError) }
+      return write(read, 0)
     }
   }
 

@@ -13,8 +13,6 @@ struct DelegatedStream {
   /// A chunk to take again before anything else (after EAGAIN, or the rest of a block cut short).
   var retry: Range<UInt64>?
 
-  var isDone: Bool { retry == nil && nextFirst >= first.count && sweep.isEmpty }
-
   /// The next offsets to fill, cut to the delegated range serving them, or nil
   /// when the stream is done: for a working-set offset the block a fault there
   /// would fill, for the sweep an aligned block of `block` bytes (a power of two).
