@@ -51,4 +51,11 @@ struct UnsettledReadTests {
     #expect(record.dropped == [0..<Self.page])
     #expect(record.unknown == [0..<64 * Self.page])
   }
+
+  @Test("shared memory is left as it is: a page dropped there reads its file again, so nothing is added, not even on overflow")
+  func sharedMemoryUntouched() {
+    let region = RegionSpec(id: 1, base: 0x10_0000, length: 64 << 12, plugin: "p", backing: .sharedMemory(fileOffset: 0))
+    #expect(UnsettledRead.removes([0x10_0000..<0x10_2000]).dropRecord(of: region, nil, pieces: nil) == ([], []))
+    #expect(UnsettledRead.overflowed.dropRecord(of: region, nil, pieces: nil) == ([], []))
+  }
 }

@@ -15,8 +15,10 @@ public enum UnsettledRead: Sendable, Equatable {
   /// region lies (`pieces`; nil: at its base). A remove's pages are dropped
   /// (they read zeros), except over swapped-out pages (the swap-out's own drop
   /// or a later one: no one can tell which) and past the extent limit: there
-  /// they are covered as unknown and fail closed.
+  /// they are covered as unknown and fail closed. Shared memory is left as it is.
   public func dropRecord(of region: RegionSpec, _ record: DropRecord?, pieces: [RegionPiece]?) -> DropRecord {
+    // Shared memory has no drops: a dropped page reads its file again.
+    if region.isSharedMemory { return record ?? (region.dropped, region.unknown) }
     var dropped = OffsetRanges(record?.dropped ?? region.dropped)
     var unknown = OffsetRanges(record?.unknown ?? region.unknown)
     let removes: [Range<UInt>]
